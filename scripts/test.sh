@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets everything up and runs all tests: release unit tests, the ASan+UBSan build of the unit
+# tests, and a bounded libFuzzer run of each fuzz target. Ends with ctest's summary line and a
+# non-zero exit on any failure.
+# Environment: FUZZ_SECONDS (default 60 per target), SKIP_ASAN=1, SKIP_FUZZ=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh release || exit 1
+[ "${SKIP_ASAN:-0}" = 1 ] || bash scripts/setup.sh asan || exit 1
+[ "${SKIP_FUZZ:-0}" = 1 ] || bash scripts/setup.sh fuzz || exit 1
+
+failed=0
+if [ "${SKIP_FUZZ:-0}" != 1 ]; then
+  for target in build/fuzz/fuzz/fuzz_*; do
+    [ -x "$target" ] || continue
+    name=$(basename "$target")
+    corpus=$(mktemp -d)
+    cp fuzz/corpus/"${name#fuzz_}"/* "$corpus"/ 2>/dev/null || true
+    echo "fuzz: $name for ${FUZZ_SECONDS:-60}s"
+    if ! "$target" -max_total_time="${FUZZ_SECONDS:-60}" -rss_limit_mb=2048 -timeout=10 \
+        -print_final_stats=0 "$corpus" >"/tmp/$name.log" 2>&1; then
+      echo "fuzz: $name FAILED"; tail -n 40 "/tmp/$name.log"; failed=1
+    fi
+    rm -rf "$corpus"
+  done
+fi
+if [ "${SKIP_ASAN:-0}" != 1 ]; then
+  echo "== ASan+UBSan unit tests"
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir build/asan --output-on-failure -j "$(nproc)" -L unit || failed=1
+fi
+echo "== release tests"
+ctest --test-dir build/release --output-on-failure -j "$(nproc)" || failed=1
+exit $failed

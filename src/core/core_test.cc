@@ -1,0 +1,115 @@
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <random>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "cachette/status.h"
+#include "core/fp16.h"
+#include "core/hash.h"
+#include "core/thread_pool.h"
+
+namespace cachette {
+namespace {
+
+Result<int> Half(int x) {
+  if (x % 2) return InvalidArgument("odd: " + std::to_string(x));
+  return x / 2;
+}
+
+Result<int> Quarter(int x) {
+  CT_ASSIGN_OR_RETURN(int h, Half(x));
+  CT_ASSIGN_OR_RETURN(int q, Half(h));
+  return q;
+}
+
+TEST(StatusTest, ResultPropagatesErrors) {
+  EXPECT_EQ(*Quarter(8), 2);
+  Result<int> r = Quarter(6);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.status().ToString(), "InvalidArgument: odd: 3");
+  EXPECT_EQ(r.status().WithContext("quarter").message(), "quarter: odd: 3");
+}
+
+__attribute__((target("f16c"))) uint16_t HwToHalf(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+__attribute__((target("f16c"))) float HwFromHalf(uint16_t h) { return _cvtsh_ss(h); }
+
+TEST(Fp16Test, AllHalvesRoundTripAndMatchHardware) {
+  if (!__builtin_cpu_supports("f16c")) GTEST_SKIP() << "no F16C on this CPU";
+  for (uint32_t h = 0; h < 65536; ++h) {
+    float f = Fp16ToFp32(static_cast<uint16_t>(h));
+    float hw = HwFromHalf(static_cast<uint16_t>(h));
+    if (f != f) {
+      ASSERT_NE(hw, hw);
+      continue;
+    }
+    ASSERT_EQ(f, hw) << h;
+    ASSERT_EQ(Fp32ToFp16(f), h);
+  }
+}
+
+TEST(Fp16Test, RandomFloatsRoundLikeHardware) {
+  if (!__builtin_cpu_supports("f16c")) GTEST_SKIP() << "no F16C on this CPU";
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 1000000; ++i) {
+    uint32_t b = bits(rng);
+    float f;
+    std::memcpy(&f, &b, 4);
+    if (f != f) continue;
+    ASSERT_EQ(Fp32ToFp16(f), HwToHalf(f)) << std::hex << b;
+  }
+}
+
+TEST(Bf16Test, RoundsToNearestEven) {
+  EXPECT_EQ(Bf16ToFp32(Fp32ToBf16(1.0f)), 1.0f);
+  EXPECT_EQ(Fp32ToBf16(1.00390625f), 0x3f80);  // exactly half an ulp above 1: ties to even
+  EXPECT_EQ(Fp32ToBf16(1.01171875f), 0x3f82);  // 1.5 ulp: ties to even (up)
+}
+
+TEST(HashTest, DeterministicAndIncrementalMatchesOneShot) {
+  std::string s = "the same bytes hash the same everywhere";
+  ByteSpan bytes(reinterpret_cast<const std::byte*>(s.data()), s.size());
+  Hasher128 h;
+  h.Update(s.data(), 10);
+  h.Update(s.data() + 10, s.size() - 10);
+  EXPECT_EQ(h.Digest(), Hash128Of(bytes));
+  EXPECT_EQ(Hash64(bytes), Hash64(bytes));
+  EXPECT_EQ(Hash128Of(bytes).ToHex().size(), 32u);
+}
+
+TEST(ThreadPoolTest, ParallelForCoversRangeOnce) {
+  for (int threads : {1, 2, 3, 5}) {
+    ThreadPool pool(threads);
+    for (int64_t n : {0, 1, 7, 64, 1000}) {
+      for (int64_t grain : {1, 4, 16}) {
+        std::vector<std::atomic<int>> hits(n);
+        pool.ParallelFor(
+            n,
+            [&](int64_t b, int64_t e, int) {
+              EXPECT_TRUE(b % grain == 0);
+              for (int64_t i = b; i < e; ++i) hits[i]++;
+            },
+            grain);
+        for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << i;
+      }
+    }
+  }
+}
+
+TEST(ThreadPoolTest, ManyShortJobs) {
+  ThreadPool pool(2);
+  std::atomic<int64_t> total{0};
+  for (int j = 0; j < 20000; ++j) {
+    pool.RunOnAll([&](int t, int nt) { total += t + 1; });
+  }
+  EXPECT_EQ(total.load(), 20000 * 3);
+}
+
+}  // namespace
+}  // namespace cachette

@@ -1,0 +1,102 @@
+#include "core/thread_pool.h"
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define CT_PAUSE() _mm_pause()
+#else
+#define CT_PAUSE() std::this_thread::yield()
+#endif
+
+namespace cachette {
+namespace {
+constexpr int kSpinIterations = 1 << 16;  // ~100-300 us of polling before sleeping
+std::atomic<int> g_default_threads{0};
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) {
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads_ = n_threads;
+  workers_.reserve(n_threads - 1);
+  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_.store(true);
+    generation_.fetch_add(1);
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::WorkerLoop(int index) {
+  uint64_t seen = 0;
+  for (;;) {
+    uint64_t gen = generation_.load(std::memory_order_acquire);
+    for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
+      CT_PAUSE();
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    if (gen == seen) {
+      std::unique_lock<std::mutex> lock(mu_);
+      sleepers_.fetch_add(1);
+      cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      sleepers_.fetch_sub(1);
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    seen = gen;
+    if (stop_.load()) return;
+    (*job_)(index, n_threads_);
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::RunOnAll(const std::function<void(int, int)>& fn) {
+  if (n_threads_ == 1) {
+    fn(0, 1);
+    return;
+  }
+  std::lock_guard<std::mutex> call_lock(call_mu_);
+  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  {
+    // job_ is published before the generation bump; workers read it after seeing the bump.
+    std::lock_guard<std::mutex> lock(mu_);
+    job_ = &fn;
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  if (sleepers_.load() > 0) cv_.notify_all();
+  fn(0, n_threads_);
+  while (pending_.load(std::memory_order_acquire) != 0) CT_PAUSE();
+}
+
+void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t units = (n + grain - 1) / grain;
+  const int threads = static_cast<int>(std::min<int64_t>(n_threads_, units));
+  if (threads <= 1) {
+    fn(0, n, 0);
+    return;
+  }
+  RunOnAll([&](int t, int nt) {
+    const int64_t per = units / nt, extra = units % nt;
+    const int64_t u0 = t * per + std::min<int64_t>(t, extra);
+    const int64_t u1 = u0 + per + (t < extra ? 1 : 0);
+    const int64_t b = std::min(n, u0 * grain), e = std::min(n, u1 * grain);
+    if (b < e) fn(b, e, t);
+  });
+}
+
+ThreadPool& ThreadPool::Default() {
+  static ThreadPool pool(g_default_threads.load());
+  return pool;
+}
+
+void ThreadPool::SetDefaultThreads(int n_threads) { g_default_threads.store(n_threads); }
+
+}  // namespace cachette

@@ -1,0 +1,60 @@
+// A persistent fork-join thread pool for compute kernels.
+//
+// ParallelFor(n, fn) splits [0, n) into one contiguous range per thread and runs
+// fn(begin, end, thread_index) on the caller plus the workers, returning when all are done.
+// Workers spin briefly after each job before sleeping, because a decode step issues hundreds
+// of short jobs back to back and a futex wake per job would cost more than the work.
+// Not reentrant: fn must not call ParallelFor on the same pool. One caller at a time
+// (calls from several threads are serialized by a mutex).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace cachette {
+
+class ThreadPool {
+ public:
+  // n_threads counts the calling thread: ThreadPool(1) runs everything inline.
+  // n_threads <= 0 means one per online CPU.
+  explicit ThreadPool(int n_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return n_threads_; }
+
+  using RangeFn = std::function<void(int64_t begin, int64_t end, int thread_index)>;
+  // Runs fn over [0, n) split into size() contiguous ranges whose boundaries are multiples of
+  // `grain` (except the last). Ranges may be empty; empty ranges are not called.
+  void ParallelFor(int64_t n, const RangeFn& fn, int64_t grain = 1);
+
+  // Runs fn(thread_index, size()) once on every thread.
+  void RunOnAll(const std::function<void(int thread_index, int n_threads)>& fn);
+
+  // The process-wide pool used by the engine; sized by SetDefaultThreads() before first use.
+  static ThreadPool& Default();
+  static void SetDefaultThreads(int n_threads);
+
+ private:
+  void WorkerLoop(int index);
+
+  int n_threads_;
+  std::vector<std::thread> workers_;
+  std::mutex call_mu_;  // serializes callers
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  const std::function<void(int, int)>* job_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
+};
+
+}  // namespace cachette

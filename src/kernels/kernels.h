@@ -1,0 +1,144 @@
+// CPU math for the forward pass, with runtime ISA dispatch.
+//
+// Every entry point here has a scalar reference implementation (kernels_scalar.cc) and may
+// have faster ones (AVX2, AVX-512, VNNI/AMX) selected once at start-up from what the CPU
+// reports (cpuid + OS xsave support); CACHETTE_ISA=scalar|avx2|avx512|amx caps the choice, and
+// SetIsa() lets tests compare every level against the scalar one on random inputs.
+//
+// Shapes are given in brackets, fastest-varying dimension last. All float buffers are f32
+// unless said otherwise. Functions that take a ThreadPool& split work over it; the rest are
+// single-threaded and the caller parallelizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "core/thread_pool.h"
+
+namespace cachette::kernels {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+std::string_view IsaName(Isa isa);
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false, avx512fp16 = false, avxvnni = false;
+  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;  // and OS permission granted
+};
+const CpuFeatures& Cpu();
+
+// The best ISA this CPU supports, capped by CACHETTE_ISA.
+Isa BestIsa();
+// The ISA kernels currently dispatch to. Defaults to BestIsa().
+Isa ActiveIsa();
+// Caps dispatch at `isa` (clamped to BestIsa()). For tests and benchmarks; not thread-safe
+// against concurrent kernel calls.
+void SetIsa(Isa isa);
+
+// ---- Weight matrices -------------------------------------------------------------------
+
+// Weight element types, with ggml's block layouts:
+//   kF32  : float
+//   kF16  : IEEE half
+//   kBF16 : bfloat16
+//   kQ8_0 : blocks of 32: { f16 d; int8 q[32]; }          x = d * q          (34 bytes)
+//   kQ4_0 : blocks of 32: { f16 d; uint8 qs[16]; }        x = d * (nib - 8)  (18 bytes)
+//           element j < 16 is the low nibble of qs[j], element j + 16 its high nibble.
+enum class WType : int { kF32, kF16, kBF16, kQ8_0, kQ4_0 };
+std::string_view WTypeName(WType t);
+int64_t WTypeBlockElems(WType t);  // 1 or 32
+int64_t WTypeBlockBytes(WType t);  // 4, 2, 2, 34, 18
+// Bytes of one row of `cols` elements (cols must be a multiple of the block size).
+size_t WTypeRowBytes(WType t, int64_t cols);
+
+// A row-major weight matrix [rows][cols] in one of the layouts above; rows are `row_bytes`
+// apart. For a linear layer, rows = output features and cols = input features.
+struct WeightMatrix {
+  WType type = WType::kF32;
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  size_t row_bytes = 0;
+};
+
+// y[m][rows] = x[m][cols] . W^T, i.e. y[i][r] = sum_c x[i][c] * W[r][c].
+// For quantized W the activations are quantized to 8 bits per block of 32 (as ggml does) before
+// the integer dot products, so results differ from the float product by that rounding.
+// m == 1 is the decode (matrix-vector) case. Parallel over `pool`.
+void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool);
+
+// out[cols] = W[row] converted to f32 (embedding lookup).
+void DequantizeRow(const WeightMatrix& w, int64_t row, float* out);
+
+// ---- Elementwise and normalization ------------------------------------------------------
+
+// y[i][:] = x[i][:] / sqrt(mean(x[i][:]^2) + eps) * weight[:], for i in [0, rows). x may alias y.
+void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps);
+
+// x[:] = softmax(x[:]) in place, numerically stable (max subtracted).
+void Softmax(float* x, int64_t n);
+
+// out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.
+void SwiGlu(const float* gate, const float* up, float* out, int64_t n);
+
+// y[i] += x[i].
+void Add(const float* x, float* y, int64_t n);
+
+// ---- RoPE --------------------------------------------------------------------------------
+
+// kNormal: rotate adjacent pairs (x[2i], x[2i+1])      (GGUF `llama`)
+// kNeox:   rotate pairs (x[i], x[i + head_dim/2])      (GGUF `qwen2`)
+enum class RopeStyle : int { kNormal = 0, kNeox = 1 };
+
+struct RopeParams {
+  RopeStyle style = RopeStyle::kNormal;
+  int head_dim = 0;
+  float theta_base = 10000.0f;
+  float freq_scale = 1.0f;  // linear scaling: position is multiplied by freq_scale
+};
+
+// Rotates x[n_tok][n_head][head_dim] in place; token t is at position pos[t].
+// Angle for pair i at position p: p * freq_scale * theta_base^(-2i/head_dim).
+void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopeParams& p);
+
+// ---- KV storage and attention ------------------------------------------------------------
+
+// Element types of stored K/V:
+//   kF32, kF16 : plain
+//   kQ8_0      : blocks of 32 along head_dim, ggml block_q8_0 layout (head_dim % 32 == 0)
+enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2 };
+std::string_view KvTypeName(KvType t);
+// Bytes of one head vector of `head_dim` elements.
+size_t KvHeadBytes(KvType t, int head_dim);
+
+// Converts `n_vec` f32 vectors of `head_dim` to KV storage at dst (packed, KvHeadBytes apart).
+void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst);
+// The inverse (for tests, codecs and reference paths).
+void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst);
+
+// One layer's K and V of one sequence, in blocks of `block_tokens` tokens. Block b holds
+// tokens [b*block_tokens, (b+1)*block_tokens); within a block, K is laid out
+// [block_tokens][n_kv_head][head_dim] starting at k_blocks[b], V likewise at v_blocks[b].
+// A contiguous per-sequence cache is one block with block_tokens = capacity.
+struct KvView {
+  KvType type = KvType::kF32;
+  int n_kv_head = 0;
+  int head_dim = 0;
+  int block_tokens = 0;
+  const void* const* k_blocks = nullptr;
+  const void* const* v_blocks = nullptr;
+  int64_t n_tokens = 0;  // valid tokens: the keys attended over are [0, n_tokens)
+};
+
+// Causal attention with grouped-query heads.
+//   q   [n_q][n_head][head_dim]  query i sits at position q_pos0 + i and attends to keys
+//                                 [0, q_pos0 + i] (which must be < kv.n_tokens)
+//   out [n_q][n_head][head_dim]
+// Query head h uses KV head h / (n_head / n_kv_head). scale is usually 1/sqrt(head_dim).
+// Parallel over (query, head) on `pool`.
+void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const KvView& kv,
+               float scale, float* out, ThreadPool& pool);
+
+}  // namespace cachette::kernels
