@@ -1,1 +1,65 @@
-int main() { return 0; }
+// cachette: an LLM inference server whose heart is a KV-cache engine.
+#include <cstdio>
+#include <filesystem>
+#include <vector>
+
+#include "cli/cli.h"
+
+namespace cachette::cli {
+
+std::string DefaultModelPath() {
+  if (const char* e = std::getenv("CACHETTE_MODEL"); e != nullptr && *e) return e;
+  const std::string bundled = "models/cachette-tiny-q8_0.gguf";
+  for (const std::string& dir : {std::string(CACHETTE_SOURCE_DIR), std::string(".")}) {
+    std::filesystem::path p = std::filesystem::path(dir) / bundled;
+    if (std::filesystem::exists(p)) return p.string();
+  }
+  return bundled;
+}
+
+Result<kernels::WType> ParseWType(const std::string& s) {
+  for (auto t : {kernels::WType::kF32, kernels::WType::kF16, kernels::WType::kBF16,
+                 kernels::WType::kQ8_0, kernels::WType::kQ4_0}) {
+    if (s == kernels::WTypeName(t)) return t;
+  }
+  return InvalidArgument("unknown weight type '" + s + "' (f32, f16, bf16, q8_0, q4_0)");
+}
+
+Result<kernels::KvType> ParseKvType(const std::string& s) {
+  for (auto t : {kernels::KvType::kF32, kernels::KvType::kF16, kernels::KvType::kQ8_0}) {
+    if (s == kernels::KvTypeName(t)) return t;
+  }
+  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0)");
+}
+
+int Fail(const Status& s) {
+  std::fprintf(stderr, "error: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+}  // namespace cachette::cli
+
+int main(int argc, char** argv) {
+  using namespace cachette::cli;
+  CLI::App app{"cachette: an LLM inference server whose heart is a KV-cache engine"};
+  app.require_subcommand(1);
+  std::vector<std::pair<CLI::App*, Runner>> commands;
+  auto add = [&](Runner (*fn)(CLI::App&)) {
+    const size_t before = app.get_subcommands({}).size();
+    Runner r = fn(app);
+    commands.emplace_back(app.get_subcommands({})[before], std::move(r));
+  };
+  add(AddRunCommand);
+  add(AddTokenizeCommand);
+  add(AddModelCommand);
+  add(AddBenchCommand);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  for (auto& [cmd, run] : commands) {
+    if (cmd->parsed()) return run();
+  }
+  return 1;
+}

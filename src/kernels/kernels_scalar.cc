@@ -1,1 +1,203 @@
-// placeholder
+// Scalar reference kernels: the plain definition every faster path is tested against.
+// Written for obviousness, not speed; compiled for baseline x86-64.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/check.h"
+#include "core/fp16.h"
+#include "kernels/kernels_internal.h"
+
+namespace cachette::kernels::internal {
+namespace {
+
+uint16_t LoadU16(const void* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+const uint8_t* RowPtr(const WeightMatrix& w, int64_t r) {
+  return static_cast<const uint8_t*>(w.data) + static_cast<size_t>(r) * w.row_bytes;
+}
+
+// W[r][c] as a float, for the float weight types.
+float FloatWeight(const WeightMatrix& w, const uint8_t* row, int64_t c) {
+  switch (w.type) {
+    case WType::kF32: {
+      float f;
+      std::memcpy(&f, row + 4 * c, 4);
+      return f;
+    }
+    case WType::kF16: return Fp16ToFp32(LoadU16(row + 2 * c));
+    case WType::kBF16: return Bf16ToFp32(LoadU16(row + 2 * c));
+    default: CT_CHECK(false) << "not a float type"; return 0;
+  }
+}
+
+// The 32 integer weights of block b of a quantized row, and its scale.
+void QuantBlock(WType t, const uint8_t* row, int64_t b, int8_t q[32], float* d) {
+  if (t == WType::kQ8_0) {
+    const uint8_t* blk = row + b * 34;
+    *d = Fp16ToFp32(LoadU16(blk));
+    for (int j = 0; j < 32; ++j) q[j] = static_cast<int8_t>(blk[2 + j]);
+  } else {
+    const uint8_t* blk = row + b * 18;
+    *d = Fp16ToFp32(LoadU16(blk));
+    for (int j = 0; j < 16; ++j) {
+      q[j] = static_cast<int8_t>((blk[2 + j] & 0x0f) - 8);
+      q[j + 16] = static_cast<int8_t>((blk[2 + j] >> 4) - 8);
+    }
+  }
+}
+
+void QuantizeAct(const float* x, int64_t t0, int64_t t1, const ActQ8& a) {
+  const int64_t nb = a.cols / 32;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* s = x + t * a.cols + b * 32;
+      int8_t* q = a.q + t * a.cols + b * 32;
+      float amax = 0;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(s[j]));
+      // 127 / amax (not 1 / d) so that the largest element maps to exactly +-127.
+      const float id = amax > 0 ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        q[j] = static_cast<int8_t>(std::nearbyint(s[j] * id));
+        sum += q[j];
+      }
+      a.d[t * nb + b] = amax / 127.0f;
+      a.sum[t * nb + b] = sum;
+    }
+  }
+}
+
+void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  const WeightMatrix& w = *a.w;
+  const int64_t cols = w.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = RowPtr(w, r);
+    for (int64_t t = 0; t < a.m; ++t) {
+      float acc = 0;
+      if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
+        const int64_t nb = cols / 32;
+        for (int64_t b = 0; b < nb; ++b) {
+          int8_t q[32];
+          float dw;
+          QuantBlock(w.type, row, b, q, &dw);
+          const int8_t* xq = a.act.q + t * cols + b * 32;
+          int32_t dot = 0;
+          for (int j = 0; j < 32; ++j) dot += q[j] * xq[j];
+          acc += static_cast<float>(dot) * (dw * a.act.d[t * nb + b]);
+        }
+      } else {
+        const float* xr = a.x + t * cols;
+        for (int64_t c = 0; c < cols; ++c) acc += xr[c] * FloatWeight(w, row, c);
+      }
+      a.y[t * w.rows + r] = acc;
+    }
+  }
+}
+
+int64_t RowGrain(WType, int64_t) { return 1; }
+
+void DequantizeRow(const WeightMatrix& w, int64_t r, float* out) {
+  const uint8_t* row = RowPtr(w, r);
+  if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
+    for (int64_t b = 0; b < w.cols / 32; ++b) {
+      int8_t q[32];
+      float d;
+      QuantBlock(w.type, row, b, q, &d);
+      for (int j = 0; j < 32; ++j) out[b * 32 + j] = d * q[j];
+    }
+  } else {
+    for (int64_t c = 0; c < w.cols; ++c) out[c] = FloatWeight(w, row, c);
+  }
+}
+
+void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * dim;
+    float* yi = y + i * dim;
+    float ss = 0;
+    for (int64_t c = 0; c < dim; ++c) ss += xi[c] * xi[c];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    for (int64_t c = 0; c < dim; ++c) yi[c] = xi[c] * inv * weight[c];
+  }
+}
+
+void Softmax(float* x, int64_t n) {
+  if (n <= 0) return;
+  float mx = x[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  float sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void Add(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+float KvElem(const void* p, int i, KvType t) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  switch (t) {
+    case KvType::kF32: {
+      float f;
+      std::memcpy(&f, b + 4 * i, 4);
+      return f;
+    }
+    case KvType::kF16: return Fp16ToFp32(LoadU16(b + 2 * i));
+    case KvType::kQ8_0: {
+      const uint8_t* blk = b + (i / 32) * 34;
+      return Fp16ToFp32(LoadU16(blk)) * static_cast<int8_t>(blk[2 + i % 32]);
+    }
+  }
+  return 0;
+}
+
+float KvDot(const float* q, const void* k, int head_dim, KvType t) {
+  float acc = 0;
+  for (int i = 0; i < head_dim; ++i) acc += q[i] * KvElem(k, i, t);
+  return acc;
+}
+
+void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
+  for (int i = 0; i < head_dim; ++i) acc[i] += a * KvElem(v, i, t);
+}
+
+Ops MakeOps() {
+  Ops o{};
+  o.isa = Isa::kScalar;
+  o.quantize_act = QuantizeAct;
+  o.matmul_rows = MatMulRows;
+  o.row_grain = RowGrain;
+  o.dequantize_row = DequantizeRow;
+  o.rms_norm = RmsNorm;
+  o.softmax = Softmax;
+  o.swiglu = SwiGlu;
+  o.add = Add;
+  o.kv_dot = KvDot;
+  o.kv_axpy = KvAxpy;
+  return o;
+}
+
+}  // namespace
+
+const Ops& ScalarOps() {
+  static const Ops ops = MakeOps();
+  return ops;
+}
+
+}  // namespace cachette::kernels::internal

@@ -18,6 +18,10 @@
 //   "GGUF: tensor 'blk.0.attn_q.weight': data [1234, 5678) extends past end of file (4096)".
 // Never crashes or hangs on any input (fuzzed by fuzz/fuzz_gguf.cc).
 //
+// Limits on otherwise valid files, so that hostile files cannot make the reader allocate or
+// recurse without bound (kInvalidArgument): arrays nested at most kMaxArrayDepth deep, at most
+// kMaxArrayElements array elements in the whole file.
+//
 // Thread-safety: a GgufFile is immutable after Open(); concurrent readers are safe.
 #pragma once
 
@@ -25,6 +29,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "cachette/status.h"
@@ -47,7 +52,10 @@ enum class ValueType : uint32_t {
   kInt64 = 11,
   kFloat64 = 12,
 };
-std::string_view ValueTypeName(ValueType t);
+std::string_view ValueTypeName(ValueType t);  // "uint8", ..., or "unknown"
+
+inline constexpr int kMaxArrayDepth = 8;                // an array of arrays has depth 2
+inline constexpr uint64_t kMaxArrayElements = 1 << 23;  // ~88 bytes of Value each
 
 // ggml tensor types. Values are ggml's enum values as written in files.
 enum class TensorType : uint32_t {
@@ -174,6 +182,9 @@ class GgufFile {
   uint64_t data_offset_ = 0;
   std::vector<KeyValue> kvs_;
   std::vector<TensorInfo> tensors_;
+  // Name -> index into kvs_ / tensors_, for Find/FindTensor. Keys point into the mapping.
+  std::unordered_map<std::string_view, size_t> kv_index_;
+  std::unordered_map<std::string_view, size_t> tensor_index_;
 };
 
 // Builds a GGUF v3 file in memory and writes it atomically (temp file + rename). Used by
@@ -191,6 +202,13 @@ class GgufWriter {
   void AddInt32Array(std::string key, std::vector<int32_t> v);
   // Copies any metadata value (e.g. from another GgufFile), arrays included.
   void AddValue(std::string key, const Value& v);
+  // Data alignment, a power of two up to 2^30 (default 32; CT_CHECK-fails on anything else,
+  // a caller bug). `general.alignment` is written only when it
+  // differs from 32. Adding an integer `general.alignment` that is a power of two through the
+  // Add* calls sets it the same way; any other `general.alignment` is written as given (a
+  // deliberately broken file). Keys and tensor names are not checked for duplicates, for the
+  // same reason.
+  void SetAlignment(uint32_t alignment);
 
   // `data` must hold exactly the bytes of a tensor of `type` with dims `dims` (ne order).
   // Returns kInvalidArgument otherwise.
@@ -211,6 +229,8 @@ class GgufWriter {
     std::vector<int64_t> dims;
     std::vector<std::byte> data;
   };
+  std::vector<std::byte> SerializeHeader() const;  // up to the data section
+
   std::vector<Entry> kvs_;
   std::vector<Tensor> tensors_;
   uint64_t alignment_ = 32;

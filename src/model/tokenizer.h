@@ -7,9 +7,11 @@
 // Thread-safety: immutable after construction; Encode/Decode are safe to call concurrently.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "cachette/status.h"
@@ -79,4 +81,100 @@ class StreamingDetokenizer {
   std::string pending_;
 };
 
+// ---------------------------------------------------------------------------------------------
+// Internals shared by tokenizer.cc, tokenizer_bpe.cc and tokenizer_spm.cc (and their tests).
+// Not part of the API: other modules use only Tokenizer and StreamingDetokenizer above.
+namespace tokenizer_internal {
+
+// `tokenizer.ggml.token_type` values.
+enum TokenType : uint8_t {
+  kTypeUndefined = 0,
+  kTypeNormal = 1,
+  kTypeUnknown = 2,
+  kTypeControl = 3,
+  kTypeUserDefined = 4,
+  kTypeUnused = 5,
+  kTypeByte = 6,
+};
+
+// The vocabulary as read from GGUF. Immutable once built.
+struct Vocab {
+  std::vector<std::string> text;  // [n_vocab] token texts (empty ones renamed "[EMPTY_<id>]")
+  std::vector<float> score;       // [n_vocab] (0 when the file has no scores)
+  std::vector<uint8_t> type;      // [n_vocab] TokenType (kTypeNormal when the file has none)
+  // text -> id; views into `text` (stable: the strings are never moved after the map is
+  // built, and moving the vector keeps its elements in place). Later duplicates win.
+  std::unordered_map<std::string_view, TokenId> to_id;
+  // Control, user-defined and unknown tokens, longest text first (ties: lower id first).
+  std::vector<TokenId> specials;
+  std::vector<TokenId> eog;  // sorted, unique
+  TokenId unk = -1;
+  TokenId eot = -1;
+  bool add_eos = false;
+  bool add_space_prefix = false;
+
+  int32_t size() const { return static_cast<int32_t>(text.size()); }
+  // -1 when absent.
+  TokenId Find(std::string_view s) const {
+    auto it = to_id.find(s);
+    return it == to_id.end() ? -1 : it->second;
+  }
+};
+
+// A piece of the input: raw text [begin, end), or one special token (token >= 0).
+struct Fragment {
+  TokenId token = -1;
+  uint32_t begin = 0;
+  uint32_t end = 0;
+};
+
+// Splits `text` around the special tokens it spells, as llama.cpp does: special tokens are
+// tried longest first, each splitting every raw fragment at all its non-overlapping
+// occurrences from left to right. User-defined tokens are always split out; control and
+// unknown tokens only when `parse_special`.
+std::vector<Fragment> PartitionSpecial(const Vocab& vocab, std::string_view text,
+                                       bool parse_special);
+
+// Common behaviour of both tokenizers; subclasses supply the raw-text algorithm and the
+// rendering of normal tokens.
+class VocabTokenizer : public Tokenizer {
+ public:
+  VocabTokenizer(Vocab vocab, TokenId bos, TokenId eos, bool add_bos);
+
+  int32_t vocab_size() const override { return vocab_.size(); }
+  std::vector<TokenId> Encode(std::string_view text, bool add_bos,
+                              bool parse_special) const override;
+  std::string TokenToPiece(TokenId id, bool render_special = false) const override;
+  std::string_view TokenText(TokenId id) const override;
+  bool IsEog(TokenId id) const override;
+  bool IsControl(TokenId id) const override;
+
+  const Vocab& vocab() const { return vocab_; }
+
+ protected:
+  // Tokenizes one raw fragment. `after_special` is true for the first fragment and for one
+  // that follows a special token (SentencePiece adds its space prefix there).
+  virtual void EncodeRaw(std::string_view raw, bool after_special,
+                         std::vector<TokenId>* out) const = 0;
+  // The bytes of a normal token's text.
+  virtual std::string NormalPiece(std::string_view text) const = 0;
+  // The byte of a byte-type token (`<0xXX>`), or -1 if it has none.
+  int ByteOf(TokenId id) const;
+
+  Vocab vocab_;
+};
+
+// Pre-tokenizer named by `tokenizer.ggml.pre`.
+enum class BpePre { kGpt2, kLlama3, kQwen2 };
+
+// Builds the byte-level BPE tokenizer. `merges` are the `tokenizer.ggml.merges` strings; a
+// malformed merge or one naming (or producing) a token not in the vocabulary gives
+// kInvalidArgument naming the key.
+Result<std::unique_ptr<Tokenizer>> NewBpeTokenizer(Vocab vocab, BpePre pre,
+                                                   const std::vector<std::string_view>& merges,
+                                                   TokenId bos, TokenId eos, bool add_bos);
+Result<std::unique_ptr<Tokenizer>> NewSpmTokenizer(Vocab vocab, TokenId bos, TokenId eos,
+                                                   bool add_bos);
+
+}  // namespace tokenizer_internal
 }  // namespace cachette

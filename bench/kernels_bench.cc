@@ -1,0 +1,248 @@
+// MatMul microbenchmarks: GFLOP/s for prefill (m = 512 tokens) and GB/s of weight bytes for
+// decode (m = 1), per weight type and qwen2.5-0.5b shape, at the best ISA and at the scalar
+// reference in the same run; a summary table with the ratio is printed at the end.
+//
+//   build/h-kernels/bench/kernels_bench [--threads=N] [--benchmark_filter=...]
+//
+// Shapes are [cols -> rows] of y[m][rows] = x[m][cols] . W^T. The "model" rows run all seven
+// matmuls of the 24 layers of qwen2.5-0.5b (without the LM head) on distinct weights, ~380 MB
+// for q8_0, so decode there reads from DRAM as a real forward pass does, and report tokens/s.
+// The scalar prefill baseline runs at m = 16 instead of 512 (its rate does not depend on m and
+// m = 512 would take seconds per iteration).
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/fp16.h"
+#include "core/thread_pool.h"
+#include "kernels/kernels.h"
+
+namespace cachette::kernels {
+namespace {
+
+int g_threads = 2;
+
+ThreadPool& Pool() {
+  static ThreadPool pool(g_threads);
+  return pool;
+}
+
+// Weight bytes with plausible values: random f16 scales in [0.001, 0.02] for quantized blocks,
+// random values in [-1, 1] for float types (no denormals or NaNs to slow anything down).
+std::vector<uint8_t> RandomWeights(WType t, int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const size_t row_bytes = WTypeRowBytes(t, cols);
+  std::vector<uint8_t> b(row_bytes * rows);
+  for (auto& v : b) v = static_cast<uint8_t>(rng());
+  auto put16 = [&](size_t off, uint16_t v) { std::memcpy(b.data() + off, &v, 2); };
+  std::uniform_real_distribution<float> val(-1, 1), scale(0.001f, 0.02f);
+  const size_t n = rows * cols;
+  switch (t) {
+    case WType::kF32:
+      for (size_t i = 0; i < n; ++i) {
+        const float f = val(rng);
+        std::memcpy(b.data() + 4 * i, &f, 4);
+      }
+      break;
+    case WType::kF16:
+      for (size_t i = 0; i < n; ++i) put16(2 * i, Fp32ToFp16(val(rng)));
+      break;
+    case WType::kBF16:
+      for (size_t i = 0; i < n; ++i) put16(2 * i, Fp32ToBf16(val(rng)));
+      break;
+    case WType::kQ8_0:
+    case WType::kQ4_0:
+      for (size_t blk = 0; blk < n / 32; ++blk) {
+        put16(blk * WTypeBlockBytes(t), Fp32ToFp16(scale(rng)));
+      }
+      break;
+  }
+  return b;
+}
+
+WeightMatrix Matrix(WType t, int64_t rows, int64_t cols, const std::vector<uint8_t>& b) {
+  return WeightMatrix{t, b.data(), rows, cols, WTypeRowBytes(t, cols)};
+}
+
+std::vector<float> RandomActivations(int64_t n) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> d(-1, 1);
+  std::vector<float> x(n);
+  for (auto& v : x) v = d(rng);
+  return x;
+}
+
+struct Shape {
+  int64_t cols, rows;
+};
+constexpr Shape kShapes[] = {{896, 896}, {896, 128}, {896, 4864}, {4864, 896}};
+constexpr WType kTypes[] = {WType::kQ8_0, WType::kF16, WType::kQ4_0, WType::kBF16, WType::kF32};
+
+void BM_MatMul(benchmark::State& state, WType t, Shape s, int64_t m, Isa isa) {
+  SetIsa(isa);
+  if (ActiveIsa() != isa) {
+    state.SkipWithError("ISA not supported here");
+    return;
+  }
+  const std::vector<uint8_t> wb = RandomWeights(t, s.rows, s.cols, 1);
+  const WeightMatrix w = Matrix(t, s.rows, s.cols, wb);
+  const std::vector<float> x = RandomActivations(m * s.cols);
+  std::vector<float> y(m * s.rows);
+  for (auto _ : state) {
+    MatMul(x.data(), m, w, y.data(), Pool());
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double flops = 2.0 * m * s.rows * s.cols;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(wb.size()) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+  SetIsa(BestIsa());
+}
+
+// The seven matmuls of every layer of qwen2.5-0.5b, distinct weights per layer.
+void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
+  SetIsa(isa);
+  constexpr int kLayers = 24;
+  constexpr int64_t kD = 896, kFf = 4864, kKv = 128;
+  const Shape shapes[] = {{kD, kD}, {kD, kKv}, {kD, kKv}, {kD, kD}, {kD, kFf}, {kD, kFf}, {kFf, kD}};
+  struct Layer {
+    std::vector<std::vector<uint8_t>> bytes;
+    std::vector<WeightMatrix> w;
+  };
+  static std::map<int, std::unique_ptr<std::vector<Layer>>> cache;  // built once per type
+  auto& layers = cache[static_cast<int>(t)];
+  if (!layers) {
+    layers = std::make_unique<std::vector<Layer>>(kLayers);
+    for (int l = 0; l < kLayers; ++l) {
+      for (const Shape& s : shapes) {
+        (*layers)[l].bytes.push_back(RandomWeights(t, s.rows, s.cols, 100 + l));
+        (*layers)[l].w.push_back(Matrix(t, s.rows, s.cols, (*layers)[l].bytes.back()));
+      }
+    }
+  }
+  double bytes = 0;
+  for (const Layer& l : *layers)
+    for (const auto& b : l.bytes) bytes += static_cast<double>(b.size());
+  const std::vector<float> x = RandomActivations(m * kFf);
+  std::vector<float> y(m * kFf);
+  for (auto _ : state) {
+    for (const Layer& l : *layers) {
+      for (const WeightMatrix& w : l.w) MatMul(x.data(), m, w, y.data(), Pool());
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(m), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GB/s"] =
+      benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  SetIsa(BestIsa());
+}
+
+// Collects every run's counters for the summary table.
+class SummaryReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      std::map<std::string, double> c;
+      for (const auto& [k, v] : r.counters) c[k] = v.value;
+      std::string name = r.benchmark_name();
+      const std::string suffix = "/real_time";
+      if (name.size() > suffix.size() && name.ends_with(suffix)) name.resize(name.size() - suffix.size());
+      results_[name] = c;
+    }
+  }
+  double Get(const std::string& name, const std::string& counter) const {
+    auto it = results_.find(name);
+    if (it == results_.end()) return 0;
+    auto jt = it->second.find(counter);
+    return jt == it->second.end() ? 0 : jt->second;
+  }
+
+ private:
+  std::map<std::string, std::map<std::string, double>> results_;
+};
+
+std::string MatMulName(WType t, Shape s, int64_t m, Isa isa) {
+  return "MatMul/" + std::string(WTypeName(t)) + "/" + std::to_string(s.cols) + "->" +
+         std::to_string(s.rows) + "/m" + std::to_string(m) + "/" + std::string(IsaName(isa));
+}
+std::string ModelName(WType t, int64_t m, Isa isa) {
+  return "Model/" + std::string(WTypeName(t)) + "/m" + std::to_string(m) + "/" +
+         std::string(IsaName(isa));
+}
+
+constexpr int64_t kPrefill = 512, kScalarPrefill = 16;
+
+}  // namespace
+}  // namespace cachette::kernels
+
+int main(int argc, char** argv) {
+  using namespace cachette::kernels;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--threads=", 10) == 0) g_threads = std::atoi(argv[i] + 10);
+  }
+  const Isa best = BestIsa();
+  for (WType t : kTypes) {
+    for (Shape s : kShapes) {
+      for (Isa isa : {best, Isa::kScalar}) {
+        const int64_t pm = isa == Isa::kScalar ? kScalarPrefill : kPrefill;
+        benchmark::RegisterBenchmark(MatMulName(t, s, pm, isa).c_str(), BM_MatMul, t, s, pm, isa)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(MatMulName(t, s, 1, isa).c_str(), BM_MatMul, t, s, 1, isa)
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
+    }
+  }
+  for (WType t : {WType::kQ8_0, WType::kF16, WType::kQ4_0}) {
+    for (int64_t m : {int64_t{1}, kPrefill}) {
+      benchmark::RegisterBenchmark(ModelName(t, m, best).c_str(), BM_Model, t, m, best)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(m == 1 ? 1.0 : 3.0);
+    }
+  }
+  benchmark::Initialize(&argc, argv);
+  SummaryReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+
+  std::printf("\nthreads=%d best=%s (scalar prefill measured at m=%lld)\n", g_threads,
+              std::string(IsaName(best)).c_str(), static_cast<long long>(kScalarPrefill));
+  std::printf("%-6s %-11s %12s %12s %8s   %10s %10s %8s\n", "type", "shape", "prefill", "scalar",
+              "ratio", "decode", "scalar", "ratio");
+  std::printf("%-6s %-11s %12s %12s %8s   %10s %10s %8s\n", "", "", "GFLOP/s", "GFLOP/s", "",
+              "GB/s", "GB/s", "");
+  for (WType t : kTypes) {
+    for (Shape s : kShapes) {
+      const double pf = reporter.Get(MatMulName(t, s, kPrefill, best), "GFLOP/s");
+      const double ps = reporter.Get(MatMulName(t, s, kScalarPrefill, Isa::kScalar), "GFLOP/s");
+      const double df = reporter.Get(MatMulName(t, s, 1, best), "GB/s");
+      const double ds = reporter.Get(MatMulName(t, s, 1, Isa::kScalar), "GB/s");
+      if (pf == 0 && df == 0) continue;
+      const std::string shape = std::to_string(s.cols) + "->" + std::to_string(s.rows);
+      std::printf("%-6s %-11s %12.1f %12.2f %7.1fx   %10.2f %10.3f %7.1fx\n",
+                  std::string(WTypeName(t)).c_str(), shape.c_str(), pf, ps, ps > 0 ? pf / ps : 0,
+                  df, ds, ds > 0 ? df / ds : 0);
+    }
+  }
+  for (WType t : {WType::kQ8_0, WType::kF16, WType::kQ4_0}) {
+    const double d = reporter.Get(ModelName(t, 1, best), "tok/s");
+    const double p = reporter.Get(ModelName(t, kPrefill, best), "tok/s");
+    if (d == 0 && p == 0) continue;
+    std::printf("model %-5s matmuls only: decode %.1f tok/s (%.1f GB/s), prefill-512 %.1f tok/s\n",
+                std::string(WTypeName(t)).c_str(), d, reporter.Get(ModelName(t, 1, best), "GB/s"),
+                p);
+  }
+  benchmark::Shutdown();
+  return 0;
+}

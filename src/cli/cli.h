@@ -1,0 +1,31 @@
+// The `cachette` command: shared helpers for the subcommands.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <memory>
+#include <string>
+
+#include "cachette/status.h"
+#include "kernels/kernels.h"
+
+namespace cachette::cli {
+
+// The model used when no -m is given: $CACHETTE_MODEL, else the bundled
+// models/cachette-tiny-q8_0.gguf (found beside the source tree or the working directory).
+std::string DefaultModelPath();
+
+Result<kernels::WType> ParseWType(const std::string& s);
+Result<kernels::KvType> ParseKvType(const std::string& s);
+
+// Prints "error: <status>" to stderr and returns exit code 1.
+int Fail(const Status& s);
+
+// Each adds its subcommand to `app` and returns the function that runs it.
+using Runner = std::function<int()>;
+Runner AddRunCommand(CLI::App& app);
+Runner AddTokenizeCommand(CLI::App& app);
+Runner AddModelCommand(CLI::App& app);
+Runner AddBenchCommand(CLI::App& app);
+
+}  // namespace cachette::cli

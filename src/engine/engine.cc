@@ -1,0 +1,229 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <unordered_set>
+
+#include "core/check.h"
+
+namespace cachette {
+
+namespace {
+
+// A float buffer that grows and never shrinks (activations are reused across steps).
+class Buffer {
+ public:
+  float* Get(size_t n) {
+    if (n > size_) {
+      data_ = std::make_unique<float[]>(n);
+      size_ = n;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<float[]> data_;
+  size_t size_ = 0;
+};
+
+}  // namespace
+
+struct Engine::Scratch {
+  Buffer x, h, q, k, v, att, gate, up, logits_rows, logits;
+  std::vector<int32_t> pos;
+  std::vector<int64_t> logit_rows;  // which rows of this micro-batch need logits
+};
+
+Engine::Engine(const Model& model, const EngineOptions& options)
+    : model_(model),
+      options_(options),
+      pool_(std::make_unique<ThreadPool>(options.threads)),
+      scratch_(std::make_unique<Scratch>()) {
+  CT_CHECK(options_.max_batch_tokens > 0);
+}
+
+Engine::~Engine() = default;
+
+KvShape Engine::kv_shape() const {
+  const ModelConfig& c = model_.config();
+  return KvShape{c.n_layer, c.n_kv_head, c.head_dim, options_.kv_type};
+}
+
+std::unique_ptr<ContiguousKv> Engine::NewSequence(int64_t capacity) const {
+  if (capacity <= 0) capacity = model_.config().n_ctx_train;
+  return std::make_unique<ContiguousKv>(kv_shape(), capacity);
+}
+
+Status Engine::Forward(SequenceKv& kv, std::span<const TokenId> tokens, float* logits) {
+  Item item{&kv, tokens, logits ? Logits::kLast : Logits::kNone, logits};
+  return Forward(std::span<Item>(&item, 1));
+}
+
+Status Engine::Forward(std::span<Item> batch) {
+  const ModelConfig& c = model_.config();
+  std::unordered_set<SequenceKv*> seen;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Item& it = batch[i];
+    const std::string where = "batch item " + std::to_string(i);
+    if (it.kv == nullptr) return InvalidArgument(where + ": no KV cache");
+    if (!seen.insert(it.kv).second) return InvalidArgument(where + ": sequence appears twice");
+    if (it.tokens.empty()) return InvalidArgument(where + ": no tokens");
+    if (it.logits != Logits::kNone && it.logits_out == nullptr) {
+      return InvalidArgument(where + ": logits requested without an output buffer");
+    }
+    for (TokenId t : it.tokens) {
+      if (t < 0 || t >= c.n_vocab) {
+        return InvalidArgument(where + ": token id " + std::to_string(t) +
+                               " is outside the vocabulary [0, " + std::to_string(c.n_vocab) +
+                               ")");
+      }
+    }
+    const int64_t need = it.kv->n_tokens() + static_cast<int64_t>(it.tokens.size());
+    if (need > c.n_ctx_train) {
+      return InvalidArgument(where + ": " + std::to_string(need) +
+                             " tokens exceed the model's context of " +
+                             std::to_string(c.n_ctx_train));
+    }
+    CT_RETURN_IF_ERROR(it.kv->Reserve(need).WithContext(where));
+  }
+  // Split into micro-batches of at most max_batch_tokens, taking items in order and chunking
+  // long ones. begin[i]/count[i]: the slice of item i's tokens in this micro-batch.
+  std::vector<int64_t> done(batch.size(), 0);
+  std::vector<int64_t> begin(batch.size()), count(batch.size());
+  for (;;) {
+    int64_t budget = options_.max_batch_tokens;
+    bool any = false;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const int64_t left = static_cast<int64_t>(batch[i].tokens.size()) - done[i];
+      const int64_t take = std::min(left, budget);
+      begin[i] = done[i];
+      count[i] = take;
+      budget -= take;
+      any |= take > 0;
+    }
+    if (!any) break;
+    CT_RETURN_IF_ERROR(ForwardMicroBatch(batch, begin, count));
+    for (size_t i = 0; i < batch.size(); ++i) done[i] += count[i];
+  }
+  return Status::Ok();
+}
+
+Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_t>& begin,
+                                 const std::vector<int64_t>& count) {
+  const ModelConfig& c = model_.config();
+  const int64_t d = c.d_model, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.d_ff;
+  Scratch& s = *scratch_;
+  ThreadPool& pool = *pool_;
+
+  int64_t n = 0;
+  for (size_t i = 0; i < batch.size(); ++i) n += count[i];
+  float* x = s.x.Get(n * d);       // [n][d] residual stream
+  float* h = s.h.Get(n * d);       // [n][d] normalized
+  float* q = s.q.Get(n * qd);      // [n][n_head][head_dim]
+  float* k = s.k.Get(n * kvd);     // [n][n_kv_head][head_dim]
+  float* v = s.v.Get(n * kvd);     // [n][n_kv_head][head_dim]
+  float* att = s.att.Get(n * qd);  // [n][n_head][head_dim]
+  float* gate = s.gate.Get(n * ff);
+  float* up = s.up.Get(n * ff);
+  s.pos.resize(n);
+
+  // Rows of the micro-batch in item order; pos0[i] = position of item i's first new row.
+  std::vector<int64_t> row0(batch.size()), pos0(batch.size());
+  int64_t r = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    row0[i] = r;
+    pos0[i] = batch[i].kv->n_tokens();
+    for (int64_t j = 0; j < count[i]; ++j, ++r) {
+      s.pos[r] = static_cast<int32_t>(pos0[i] + j);
+      kernels::DequantizeRow(model_.tok_embd(), batch[i].tokens[begin[i] + j], x + r * d);
+    }
+  }
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  for (int layer = 0; layer < c.n_layer; ++layer) {
+    const LayerWeights& w = model_.layers()[layer];
+    kernels::RmsNorm(x, w.attn_norm, h, n, d, c.norm_eps);
+    kernels::MatMul(h, n, w.wq, q, pool);
+    kernels::MatMul(h, n, w.wk, k, pool);
+    kernels::MatMul(h, n, w.wv, v, pool);
+    if (w.bq != nullptr) {
+      for (int64_t t = 0; t < n; ++t) {
+        kernels::Add(w.bq, q + t * qd, qd);
+        kernels::Add(w.bk, k + t * kvd, kvd);
+        kernels::Add(w.bv, v + t * kvd, kvd);
+      }
+    }
+    kernels::Rope(q, n, c.n_head, s.pos.data(), c.rope);
+    kernels::Rope(k, n, c.n_kv_head, s.pos.data(), c.rope);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      SequenceKv& kv = *batch[i].kv;
+      for (int64_t j = 0; j < count[i]; ++j) {
+        const int64_t row = row0[i] + j;
+        kernels::StoreKv(k + row * kvd, c.n_kv_head, c.head_dim, kv_shape().type,
+                         kv.KSlot(layer, pos0[i] + j));
+        kernels::StoreKv(v + row * kvd, c.n_kv_head, c.head_dim, kv_shape().type,
+                         kv.VSlot(layer, pos0[i] + j));
+      }
+    }
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (count[i] == 0) continue;
+      const kernels::KvView view = batch[i].kv->View(layer, pos0[i] + count[i]);
+      kernels::Attention(q + row0[i] * qd, count[i], c.n_head, pos0[i], view, scale,
+                         att + row0[i] * qd, pool);
+    }
+    kernels::MatMul(att, n, w.wo, h, pool);
+    kernels::Add(h, x, n * d);
+    kernels::RmsNorm(x, w.ffn_norm, h, n, d, c.norm_eps);
+    kernels::MatMul(h, n, w.w_gate, gate, pool);
+    kernels::MatMul(h, n, w.w_up, up, pool);
+    kernels::SwiGlu(gate, up, gate, n * ff);
+    kernels::MatMul(gate, n, w.w_down, h, pool);
+    kernels::Add(h, x, n * d);
+  }
+
+  // Logits only for the rows that asked for them: the final norm and the vocabulary
+  // projection are the most expensive matmul per row.
+  s.logit_rows.clear();
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (count[i] == 0) continue;
+    const Item& it = batch[i];
+    const bool last_chunk = begin[i] + count[i] == static_cast<int64_t>(it.tokens.size());
+    if (it.logits == Logits::kAll) {
+      for (int64_t j = 0; j < count[i]; ++j) s.logit_rows.push_back(row0[i] + j);
+    } else if (it.logits == Logits::kLast && last_chunk) {
+      s.logit_rows.push_back(row0[i] + count[i] - 1);
+    }
+  }
+  if (!s.logit_rows.empty()) {
+    const int64_t nr = static_cast<int64_t>(s.logit_rows.size());
+    float* rows = s.logits_rows.Get(nr * d);
+    for (int64_t j = 0; j < nr; ++j) {
+      kernels::RmsNorm(x + s.logit_rows[j] * d, model_.output_norm(), rows + j * d, 1, d,
+                       c.norm_eps);
+    }
+    const int64_t nv = c.n_vocab;
+    float* out = s.logits.Get(nr * nv);
+    kernels::MatMul(rows, nr, model_.output(), out, pool);
+    int64_t j = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (count[i] == 0) continue;
+      const Item& it = batch[i];
+      const bool last_chunk = begin[i] + count[i] == static_cast<int64_t>(it.tokens.size());
+      if (it.logits == Logits::kAll) {
+        std::memcpy(it.logits_out + begin[i] * nv, out + j * nv, count[i] * nv * sizeof(float));
+        j += count[i];
+      } else if (it.logits == Logits::kLast && last_chunk) {
+        std::memcpy(it.logits_out, out + j * nv, nv * sizeof(float));
+        j += 1;
+      }
+    }
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (count[i] > 0) batch[i].kv->SetTokens(pos0[i] + count[i]);
+  }
+  return Status::Ok();
+}
+
+}  // namespace cachette

@@ -1,0 +1,296 @@
+#include "engine/engine.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "engine/generate.h"
+#include "engine/reference_forward.h"
+#include "engine/sampler.h"
+#include "model/synth.h"
+
+namespace cachette {
+namespace {
+
+namespace fs = std::filesystem;
+using kernels::KvType;
+using kernels::WType;
+
+const std::string kShared = CACHETTE_SHARED_DIR;
+
+// Synthesizes (once per process) and loads a tiny model of the given type and architecture.
+const Model& TinyModel(WType type, const std::string& arch = "llama") {
+  static std::map<std::pair<int, std::string>, std::unique_ptr<Model>> cache;
+  auto key = std::make_pair(static_cast<int>(type), arch);
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  const fs::path dir = fs::temp_directory_path() / ("cachette_engine_test_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  const std::string path =
+      (dir / ("tiny-" + arch + "-" + std::string(kernels::WTypeName(type)) + ".gguf")).string();
+  SynthOptions o;
+  o.shape = "tiny";
+  o.type = type;
+  o.arch = arch;
+  o.vocab_path = kShared + "/testdata/tokenizer/ggml-vocab-gpt-2.gguf";
+  Status s = SynthesizeModel(o, path);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  auto m = Model::Load(path);
+  EXPECT_TRUE(m.ok()) << m.status().ToString();
+  fs::remove(path);
+  return *(cache[key] = std::move(*m));
+}
+
+std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<TokenId> t(n);
+  for (auto& x : t) x = static_cast<TokenId>(rng() % vocab);
+  return t;
+}
+
+// All-position logits from the engine, prefilled in one call.
+std::vector<std::vector<float>> EngineLogits(Engine& engine, const std::vector<TokenId>& toks) {
+  const int nv = engine.model().config().n_vocab;
+  auto kv = engine.NewSequence(toks.size() + 1);
+  std::vector<float> all(toks.size() * nv);
+  Engine::Item item{kv.get(), toks, Engine::Logits::kAll, all.data()};
+  Status s = engine.Forward(std::span<Engine::Item>(&item, 1));
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  std::vector<std::vector<float>> out(toks.size());
+  for (size_t t = 0; t < toks.size(); ++t) {
+    out[t].assign(all.begin() + t * nv, all.begin() + (t + 1) * nv);
+  }
+  return out;
+}
+
+struct RefCase {
+  WType type;
+  std::string arch;
+  KvType kv;
+  double tol;  // relative L2 bound on every position's logits
+};
+
+class ReferenceTest : public ::testing::TestWithParam<RefCase> {};
+
+// The engine against the float64 reference, at prompt lengths below and above a matmul tile
+// and above the engine's micro-batch (so chunked prefill is covered).
+TEST_P(ReferenceTest, LogitsMatchFloat64Reference) {
+  const RefCase& rc = GetParam();
+  const Model& model = TinyModel(rc.type, rc.arch);
+  EngineOptions eo;
+  eo.threads = 2;
+  eo.kv_type = rc.kv;
+  eo.max_batch_tokens = 128;
+  Engine engine(model, eo);
+  for (int n : {1, 7, 33, 200}) {
+    const auto toks = RandomTokens(n, model.config().n_vocab, 100 + n);
+    const auto ref = testing::ReferenceForward(model, toks);
+    const auto got = EngineLogits(engine, toks);
+    double worst = 0;
+    for (int t = 0; t < n; ++t) worst = std::max(worst, testing::RelativeL2(got[t], ref[t]));
+    EXPECT_LT(worst, rc.tol) << "n=" << n;
+    std::printf("  n=%3d worst relative L2 %.2e (bound %.0e)\n", n, worst, rc.tol);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Types, ReferenceTest,
+    ::testing::Values(RefCase{WType::kF32, "llama", KvType::kF32, 1e-4},
+                      RefCase{WType::kF32, "qwen2", KvType::kF32, 1e-4},
+                      RefCase{WType::kF16, "llama", KvType::kF32, 1e-4},
+                      RefCase{WType::kBF16, "qwen2", KvType::kF32, 1e-4},
+                      RefCase{WType::kQ8_0, "llama", KvType::kF32, 2e-2},
+                      RefCase{WType::kQ8_0, "qwen2", KvType::kF32, 2e-2},
+                      RefCase{WType::kQ4_0, "llama", KvType::kF32, 2e-2},
+                      RefCase{WType::kF32, "llama", KvType::kF16, 1e-3},
+                      RefCase{WType::kF32, "qwen2", KvType::kQ8_0, 2e-2}),
+    [](const auto& info) {
+      return std::string(kernels::WTypeName(info.param.type)) + "_" + info.param.arch + "_kv" +
+             std::string(kernels::KvTypeName(info.param.kv));
+    });
+
+// Feeding a prompt one token at a time, or in uneven chunks, gives the same logits as one
+// prefill (f32 KV: only summation order differs).
+TEST(EngineTest, IncrementalDecodeMatchesPrefill) {
+  const Model& model = TinyModel(WType::kF32);
+  EngineOptions eo;
+  eo.threads = 2;
+  eo.kv_type = KvType::kF32;
+  Engine engine(model, eo);
+  const auto toks = RandomTokens(70, model.config().n_vocab, 5);
+  const auto full = EngineLogits(engine, toks);
+  for (int chunk : {1, 3, 16}) {
+    auto kv = engine.NewSequence(128);
+    std::vector<float> logits(model.config().n_vocab);
+    for (size_t i = 0; i < toks.size(); i += chunk) {
+      const size_t len = std::min<size_t>(chunk, toks.size() - i);
+      ASSERT_TRUE(engine.Forward(*kv, std::span(toks).subspan(i, len), logits.data()).ok());
+      std::vector<double> want(full[i + len - 1].begin(), full[i + len - 1].end());
+      ASSERT_LT(testing::RelativeL2(logits, want), 1e-5) << "chunk " << chunk << " at " << i;
+    }
+    EXPECT_EQ(kv->n_tokens(), 70);
+  }
+}
+
+// Several sequences of different lengths in one call, mixing a prefill chunk and decode
+// tokens, give the same logits as running each alone.
+TEST(EngineTest, BatchedForwardMatchesSeparateRuns) {
+  const Model& model = TinyModel(WType::kQ8_0, "qwen2");
+  const int nv = model.config().n_vocab;
+  EngineOptions eo;
+  eo.threads = 2;
+  eo.kv_type = KvType::kF32;
+  Engine engine(model, eo);
+  const auto a = RandomTokens(40, nv, 1), b = RandomTokens(9, nv, 2), c = RandomTokens(1, nv, 3);
+  std::vector<std::vector<float>> alone;
+  for (const auto* t : {&a, &b, &c}) {
+    auto kv = engine.NewSequence(64);
+    std::vector<float> l(nv);
+    ASSERT_TRUE(engine.Forward(*kv, *t, l.data()).ok());
+    alone.push_back(l);
+  }
+  auto ka = engine.NewSequence(64), kb = engine.NewSequence(64), kc = engine.NewSequence(64);
+  std::vector<float> la(nv), lb(nv), lc(nv);
+  std::vector<Engine::Item> batch = {{ka.get(), a, Engine::Logits::kLast, la.data()},
+                                     {kb.get(), b, Engine::Logits::kLast, lb.data()},
+                                     {kc.get(), c, Engine::Logits::kLast, lc.data()}};
+  ASSERT_TRUE(engine.Forward(batch).ok());
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<float>& got = i == 0 ? la : i == 1 ? lb : lc;
+    std::vector<double> want(alone[i].begin(), alone[i].end());
+    EXPECT_LT(testing::RelativeL2(got, want), 1e-5) << i;
+  }
+}
+
+TEST(EngineTest, RejectsBadTokensAndOverlongPrompts) {
+  const Model& model = TinyModel(WType::kF32);
+  EngineOptions eo;
+  eo.threads = 1;
+  Engine engine(model, eo);
+  auto kv = engine.NewSequence(16);
+  std::vector<float> logits(model.config().n_vocab);
+  std::vector<TokenId> bad = {1, model.config().n_vocab};
+  Status s = engine.Forward(*kv, bad, logits.data());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("outside the vocabulary"), std::string::npos) << s.ToString();
+  EXPECT_EQ(kv->n_tokens(), 0);
+  std::vector<TokenId> longp(17, 5);
+  s = engine.Forward(*kv, longp, logits.data());
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
+  auto big = engine.NewSequence();
+  std::vector<TokenId> too_long(model.config().n_ctx_train + 1, 5);
+  s = engine.Forward(*big, too_long, logits.data());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("exceed the model's context"), std::string::npos) << s.ToString();
+  EXPECT_EQ(big->n_tokens(), 0);
+}
+
+// The trained model reproduces greedy continuations recorded with an independent runtime
+// (llama.cpp, f32 KV), up to the first step whose top-1/top-2 margin is below 0.05.
+TEST(GoldenTest, TrainedModelMatchesIndependentRuntime) {
+  std::ifstream in(kShared + "/models/cachette-tiny.golden.json");
+  ASSERT_TRUE(in) << "missing golden file in " << kShared;
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  auto model = Model::Load(kShared + "/models/cachette-tiny-f32.gguf");
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  EngineOptions eo;
+  eo.threads = 2;
+  eo.kv_type = KvType::kF32;
+  Engine engine(**model, eo);
+  int compared = 0;
+  for (const auto& c : golden["cases"]) {
+    const std::vector<TokenId> prompt = c["prompt_ids"].get<std::vector<TokenId>>();
+    const std::vector<TokenId> want = c["greedy_ids"].get<std::vector<TokenId>>();
+    const std::vector<double> margins = c["margins"].get<std::vector<double>>();
+    auto kv = engine.NewSequence(prompt.size() + want.size() + 1);
+    std::vector<float> logits((*model)->config().n_vocab);
+    ASSERT_TRUE(engine.Forward(*kv, prompt, logits.data()).ok());
+    for (size_t i = 0; i < want.size(); ++i) {
+      if (margins[i] < 0.05) break;
+      const TokenId got = Sampler::Argmax(logits);
+      ASSERT_EQ(got, want[i]) << "case with " << prompt.size() << " prompt tokens, step " << i;
+      ++compared;
+      const TokenId next[1] = {want[i]};
+      ASSERT_TRUE(engine.Forward(*kv, next, logits.data()).ok());
+    }
+  }
+  EXPECT_GT(compared, 100);
+}
+
+TEST(GenerateTest, StopsOnStopStringAndMaxTokens) {
+  const Model& model = TinyModel(WType::kF32);
+  EngineOptions eo;
+  eo.threads = 2;
+  Engine engine(model, eo);
+  const auto prompt = RandomTokens(8, model.config().n_vocab - 1, 9);
+  GenerateOptions go;
+  go.max_tokens = 24;
+  go.ignore_eos = true;
+  auto kv = engine.NewSequence(64);
+  auto full = Generate(engine, *kv, prompt, go);
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  EXPECT_EQ(full->tokens.size(), 24u);
+  EXPECT_EQ(full->finish, GenerateResult::Finish::kLength);
+  ASSERT_GT(full->text.size(), 6u);
+  // A stop string taken from the middle of the text cuts the output right before it.
+  GenerateOptions gs = go;
+  gs.stop = {full->text.substr(full->text.size() / 2, 3)};
+  const size_t at = full->text.find(gs.stop[0]);
+  auto kv2 = engine.NewSequence(64);
+  auto cut = Generate(engine, *kv2, prompt, gs);
+  ASSERT_TRUE(cut.ok());
+  EXPECT_EQ(cut->finish, GenerateResult::Finish::kStop);
+  EXPECT_EQ(cut->text, full->text.substr(0, at));
+  // Determinism with sampling: the same seed gives the same tokens.
+  GenerateOptions gt = go;
+  gt.sampling.temperature = 0.9f;
+  gt.sampling.top_k = 40;
+  gt.sampling.top_p = 0.9f;
+  gt.sampling.seed = 42;
+  auto kv3 = engine.NewSequence(64), kv4 = engine.NewSequence(64);
+  auto s1 = Generate(engine, *kv3, prompt, gt), s2 = Generate(engine, *kv4, prompt, gt);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  EXPECT_EQ(s1->tokens, s2->tokens);
+}
+
+TEST(SamplerTest, GreedyTopKAndDistribution) {
+  std::vector<float> logits = {0.1f, 3.0f, 2.9f, -1.0f};
+  Sampler greedy(SamplingParams{});
+  EXPECT_EQ(greedy.Sample(logits, {}), 1);
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_k = 1;
+  Sampler topk1(p);
+  for (int i = 0; i < 20; ++i) {
+    std::vector<float> l = logits;
+    EXPECT_EQ(topk1.Sample(l, {}), 1);
+  }
+  // Repetition penalty pushes a repeated token below its rival.
+  SamplingParams rp;
+  rp.repetition_penalty = 1.5f;
+  Sampler rep(rp);
+  std::vector<float> l = logits;
+  const TokenId hist[] = {1};
+  EXPECT_EQ(rep.Sample(l, hist), 2);
+  // Temperature 1 over two equal logits draws both about equally.
+  SamplingParams t1;
+  t1.temperature = 1.0f;
+  t1.seed = 3;
+  Sampler s(t1);
+  int ones = 0;
+  for (int i = 0; i < 4000; ++i) {
+    std::vector<float> two = {1.0f, 1.0f};
+    ones += s.Sample(two, {});
+  }
+  EXPECT_NEAR(ones / 4000.0, 0.5, 0.05);
+  SamplingParams bad;
+  bad.top_p = 0;
+  EXPECT_EQ(bad.Validate().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace cachette

@@ -1,0 +1,445 @@
+// Front end of the kernels: CPU feature detection, ISA dispatch, the parallel MatMul and
+// Attention drivers, and the kernels that are not worth an ISA-specific version (RoPE, KV
+// conversion). Compiled for baseline x86-64: nothing here may use AVX.
+#include "kernels/kernels.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/check.h"
+#include "core/fp16.h"
+#include "kernels/kernels_internal.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace cachette::kernels {
+namespace {
+
+#if defined(__x86_64__)
+uint64_t ReadXcr0() {
+  uint32_t lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+CpuFeatures DetectCpu() {
+  CpuFeatures f;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
+  if (!osxsave || !avx) return f;
+  const uint64_t xcr0 = ReadXcr0();
+  // The OS must save the YMM state (bits 1, 2) for AVX and the opmask/ZMM state (5, 6, 7)
+  // for AVX-512, or the registers are clobbered on a context switch.
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;
+  const bool os_zmm = os_ymm && (xcr0 & 0xe0) == 0xe0;
+  const bool fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+  unsigned b7 = 0, c7 = 0, d7 = 0, a71 = 0;
+  if (__get_cpuid_count(7, 0, &a, &b7, &c7, &d7)) {
+    unsigned b71 = 0, c71 = 0, d71 = 0;
+    if (a >= 1) __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);
+  }
+  if (os_ymm) {
+    f.avx2 = (b7 >> 5) & 1;
+    f.fma = fma;
+    f.f16c = f16c;
+    f.avxvnni = (a71 >> 4) & 1;
+  }
+  if (os_zmm) {
+    f.avx512f = (b7 >> 16) & 1;
+    f.avx512dq = (b7 >> 17) & 1;
+    f.avx512bw = (b7 >> 30) & 1;
+    f.avx512vl = (b7 >> 31) & 1;
+    f.avx512vnni = (c7 >> 11) & 1;
+    f.avx512bf16 = (a71 >> 5) & 1;
+    f.avx512fp16 = (d7 >> 23) & 1;
+  }
+  // AMX: the OS must enable the tile state in XCR0 (bits 17, 18) and, on Linux, grant this
+  // process permission to use the large XTILEDATA state before the first tile instruction.
+  const bool amx_cpu = (d7 >> 24) & 1;
+  if (amx_cpu && (xcr0 & 0x60000) == 0x60000) {
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) {
+      f.amx_tile = true;
+      f.amx_int8 = (d7 >> 25) & 1;
+      f.amx_bf16 = (d7 >> 22) & 1;
+    }
+  }
+  return f;
+}
+#else
+CpuFeatures DetectCpu() { return {}; }
+#endif
+
+Isa HardwareIsa(const CpuFeatures& f) {
+  const bool avx2 = f.avx2 && f.fma && f.f16c;
+  // WART: the AVX-512 level requires VNNI (Cascade Lake and later); Skylake-X falls back to
+  // AVX2 rather than carrying a third integer dot-product variant.
+  const bool avx512 =
+      avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+  if (avx512 && f.amx_int8) return Isa::kAmx;
+  if (avx512) return Isa::kAvx512;
+  if (avx2) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
+Isa ComputeBestIsa() {
+  Isa isa = HardwareIsa(Cpu());
+  if (const char* env = std::getenv("CACHETTE_ISA")) {
+    std::string s(env);
+    Isa cap = isa;
+    if (s == "scalar") cap = Isa::kScalar;
+    else if (s == "avx2") cap = Isa::kAvx2;
+    else if (s == "avx512") cap = Isa::kAvx512;
+    else if (s == "amx") cap = Isa::kAmx;
+    isa = std::min(isa, cap);
+  }
+  return isa;
+}
+
+const internal::Ops& OpsFor(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return internal::ScalarOps();
+    case Isa::kAvx2: return internal::Avx2Ops();
+    // WART: no AMX kernels yet; the AMX level runs the AVX-512 ones (AMX-INT8 only pays if
+    // it beats VNNI by enough to cover the tile repacking, not measured yet).
+    case Isa::kAvx512:
+    case Isa::kAmx: return internal::Avx512Ops();
+  }
+  return internal::ScalarOps();
+}
+
+std::atomic<Isa> g_active{BestIsa()};
+std::atomic<const internal::Ops*> g_ops{&OpsFor(BestIsa())};
+
+const internal::Ops& ActiveOps() { return *g_ops.load(std::memory_order_relaxed); }
+
+// Quantizing activations is O(m * cols), tiny next to the O(m * cols * rows) product, so
+// only large calls split it over threads (a fork-join costs a few microseconds).
+constexpr int64_t kParallelQuantizeElems = 1 << 16;
+
+}  // namespace
+
+std::string_view IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAmx: return "amx";
+  }
+  return "?";
+}
+
+const CpuFeatures& Cpu() {
+  static const CpuFeatures f = DetectCpu();
+  return f;
+}
+
+Isa BestIsa() {
+  static const Isa isa = ComputeBestIsa();
+  return isa;
+}
+
+Isa ActiveIsa() { return g_active.load(std::memory_order_relaxed); }
+
+void SetIsa(Isa isa) {
+  isa = std::min(isa, BestIsa());
+  g_active.store(isa);
+  g_ops.store(&OpsFor(isa));
+}
+
+std::string_view WTypeName(WType t) {
+  switch (t) {
+    case WType::kF32: return "f32";
+    case WType::kF16: return "f16";
+    case WType::kBF16: return "bf16";
+    case WType::kQ8_0: return "q8_0";
+    case WType::kQ4_0: return "q4_0";
+  }
+  return "?";
+}
+
+int64_t WTypeBlockElems(WType t) { return t == WType::kQ8_0 || t == WType::kQ4_0 ? 32 : 1; }
+
+int64_t WTypeBlockBytes(WType t) {
+  switch (t) {
+    case WType::kF32: return 4;
+    case WType::kF16: return 2;
+    case WType::kBF16: return 2;
+    case WType::kQ8_0: return 34;
+    case WType::kQ4_0: return 18;
+  }
+  return 0;
+}
+
+size_t WTypeRowBytes(WType t, int64_t cols) {
+  return static_cast<size_t>(cols / WTypeBlockElems(t) * WTypeBlockBytes(t));
+}
+
+// ---- Scratch -----------------------------------------------------------------------------
+
+namespace internal {
+namespace {
+struct ScratchSlot {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~ScratchSlot() { std::free(p); }
+};
+constexpr int kScratchSlots = 4;
+}  // namespace
+
+void* ThreadScratch(int slot, size_t bytes) {
+  thread_local ScratchSlot slots[kScratchSlots];
+  CT_CHECK(slot >= 0 && slot < kScratchSlots) << "scratch slot " << slot;
+  ScratchSlot& s = slots[slot];
+  if (s.bytes < bytes) {
+    std::free(s.p);
+    // Round up so that slightly growing shapes do not reallocate every call.
+    const size_t want = std::max<size_t>(bytes + bytes / 4, 4096);
+    const size_t rounded = (want + 63) / 64 * 64;
+    s.p = std::aligned_alloc(64, rounded);
+    CT_CHECK(s.p != nullptr) << "out of memory for " << rounded << " scratch bytes";
+    s.bytes = rounded;
+  }
+  return s.p;
+}
+
+size_t ActQ8Bytes(int64_t m, int64_t cols) {
+  const int64_t nb = cols / 32;
+  const size_t q = (static_cast<size_t>(m * cols) + 63) / 64 * 64;
+  return q + static_cast<size_t>(m * nb) * (sizeof(float) + sizeof(int32_t)) + 64;
+}
+
+ActQ8 ActQ8View(void* buf, int64_t m, int64_t cols) {
+  const int64_t nb = cols / 32;
+  auto* p = static_cast<std::byte*>(buf);
+  const size_t q = (static_cast<size_t>(m * cols) + 63) / 64 * 64;
+  ActQ8 a;
+  a.q = reinterpret_cast<int8_t*>(p);
+  a.d = reinterpret_cast<float*>(p + q);
+  a.sum = reinterpret_cast<int32_t*>(p + q + static_cast<size_t>(m * nb) * sizeof(float));
+  a.m = m;
+  a.cols = cols;
+  return a;
+}
+}  // namespace internal
+
+// ---- MatMul ------------------------------------------------------------------------------
+
+void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool) {
+  if (m <= 0 || w.rows <= 0) return;
+  CT_CHECK(w.cols % WTypeBlockElems(w.type) == 0) << "cols " << w.cols << " for " << WTypeName(w.type);
+  CT_CHECK(w.row_bytes >= WTypeRowBytes(w.type, w.cols)) << "row_bytes " << w.row_bytes;
+  const internal::Ops& ops = ActiveOps();
+  internal::MatMulArgs a;
+  a.x = x;
+  a.m = m;
+  a.w = &w;
+  a.y = y;
+  if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
+    // The caller's thread owns the activation buffer; workers only read it.
+    a.act = internal::ActQ8View(internal::ThreadScratch(0, internal::ActQ8Bytes(m, w.cols)), m,
+                                w.cols);
+    if (m * w.cols >= kParallelQuantizeElems && pool.size() > 1) {
+      pool.ParallelFor(m, [&](int64_t t0, int64_t t1, int) { ops.quantize_act(x, t0, t1, a.act); });
+    } else {
+      ops.quantize_act(x, 0, m, a.act);
+    }
+  }
+  pool.ParallelFor(
+      w.rows, [&](int64_t r0, int64_t r1, int) { ops.matmul_rows(a, r0, r1); },
+      ops.row_grain(w.type, m));
+}
+
+void DequantizeRow(const WeightMatrix& w, int64_t row, float* out) {
+  CT_CHECK(row >= 0 && row < w.rows) << "row " << row << " of " << w.rows;
+  ActiveOps().dequantize_row(w, row, out);
+}
+
+void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) {
+  ActiveOps().rms_norm(x, weight, y, rows, dim, eps);
+}
+
+void Softmax(float* x, int64_t n) { ActiveOps().softmax(x, n); }
+
+void SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
+  ActiveOps().swiglu(gate, up, out, n);
+}
+
+void Add(const float* x, float* y, int64_t n) { ActiveOps().add(x, y, n); }
+
+// ---- RoPE --------------------------------------------------------------------------------
+
+// One implementation for all ISAs: per token the cos/sin table [head_dim/2] is computed once in
+// double and shared by all heads; the rotation itself is a few flops per element, far below
+// the matmuls around it, so a vector version is not worth its test surface.
+void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopeParams& p) {
+  const int hd = p.head_dim;
+  CT_CHECK(hd > 0 && hd % 2 == 0) << "head_dim " << hd;
+  const int half = hd / 2;
+  auto* tab = static_cast<double*>(internal::ThreadScratch(1, sizeof(double) * 3 * half));
+  double* inv_freq = tab;       // [half]
+  double* cs = tab + half;      // [half] cos
+  double* sn = tab + 2 * half;  // [half] sin
+  for (int i = 0; i < half; ++i) {
+    inv_freq[i] = std::pow(static_cast<double>(p.theta_base), -2.0 * i / hd);
+  }
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const double position = static_cast<double>(pos[t]) * p.freq_scale;
+    for (int i = 0; i < half; ++i) {
+      const double angle = position * inv_freq[i];
+      cs[i] = std::cos(angle);
+      sn[i] = std::sin(angle);
+    }
+    for (int h = 0; h < n_head; ++h) {
+      float* v = x + (t * n_head + h) * hd;
+      // kNormal pairs are (2i, 2i+1); kNeox pairs are (i, i + half).
+      const int stride = p.style == RopeStyle::kNormal ? 2 : 1;
+      const int offset = p.style == RopeStyle::kNormal ? 1 : half;
+      for (int i = 0; i < half; ++i) {
+        float* a = v + i * stride;
+        float* b = a + offset;
+        const double x0 = *a, x1 = *b;
+        *a = static_cast<float>(x0 * cs[i] - x1 * sn[i]);
+        *b = static_cast<float>(x0 * sn[i] + x1 * cs[i]);
+      }
+    }
+  }
+}
+
+// ---- KV storage --------------------------------------------------------------------------
+
+std::string_view KvTypeName(KvType t) {
+  switch (t) {
+    case KvType::kF32: return "f32";
+    case KvType::kF16: return "f16";
+    case KvType::kQ8_0: return "q8_0";
+  }
+  return "?";
+}
+
+size_t KvHeadBytes(KvType t, int head_dim) {
+  switch (t) {
+    case KvType::kF32: return static_cast<size_t>(head_dim) * 4;
+    case KvType::kF16: return static_cast<size_t>(head_dim) * 2;
+    case KvType::kQ8_0: return static_cast<size_t>(head_dim / 32) * 34;
+  }
+  return 0;
+}
+
+// Scalar at every ISA level: StoreKv converts one token's K/V (n_kv_head * head_dim, ~100s of
+// values) per layer per step, noise next to the matmuls.
+void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst) {
+  auto* out = static_cast<uint8_t*>(dst);
+  const int64_t n = n_vec * head_dim;
+  switch (t) {
+    case KvType::kF32:
+      std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+      return;
+    case KvType::kF16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = Fp32ToFp16(src[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+      return;
+    case KvType::kQ8_0: {
+      CT_CHECK(head_dim % 32 == 0) << "q8_0 KV needs head_dim % 32 == 0, got " << head_dim;
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const float* s = src + b * 32;
+        uint8_t* blk = out + b * 34;
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(s[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0 ? 1.0f / d : 0.0f;
+        const uint16_t dh = Fp32ToFp16(d);
+        std::memcpy(blk, &dh, 2);
+        for (int j = 0; j < 32; ++j) {
+          const float q = std::nearbyint(s[j] * id);
+          blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f)));
+        }
+      }
+      return;
+    }
+  }
+}
+
+void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) {
+  const auto* in = static_cast<const uint8_t*>(src);
+  const int64_t n = n_vec * head_dim;
+  switch (t) {
+    case KvType::kF32:
+      std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+      return;
+    case KvType::kF16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, in + 2 * i, 2);
+        dst[i] = Fp16ToFp32(h);
+      }
+      return;
+    case KvType::kQ8_0:
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const uint8_t* blk = in + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const float d = Fp16ToFp32(dh);
+        for (int j = 0; j < 32; ++j) dst[b * 32 + j] = d * static_cast<int8_t>(blk[2 + j]);
+      }
+      return;
+  }
+}
+
+// ---- Attention ---------------------------------------------------------------------------
+
+void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const KvView& kv,
+               float scale, float* out, ThreadPool& pool) {
+  if (n_q <= 0) return;
+  CT_CHECK(kv.n_kv_head > 0 && n_head % kv.n_kv_head == 0)
+      << "n_head " << n_head << " n_kv_head " << kv.n_kv_head;
+  CT_CHECK(q_pos0 + n_q <= kv.n_tokens)
+      << "queries reach position " << q_pos0 + n_q - 1 << " but kv holds " << kv.n_tokens;
+  CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
+  const internal::Ops& ops = ActiveOps();
+  const int hd = kv.head_dim;
+  const int group = n_head / kv.n_kv_head;
+  const size_t head_bytes = KvHeadBytes(kv.type, hd);
+  const size_t tok_bytes = head_bytes * kv.n_kv_head;
+  // Two passes per (query, head): scores into scratch [n_keys], softmax, then the weighted sum
+  // of V. WART: query heads of one GQA group each reread the group's K/V; sharing the loads
+  // would only matter for long contexts, where the matmuls still dominate at this model size.
+  pool.ParallelFor(n_q * n_head, [&](int64_t u0, int64_t u1, int) {
+    const int64_t max_keys = q_pos0 + n_q;
+    auto* scores = static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * max_keys));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i = u / n_head;
+      const int h = static_cast<int>(u % n_head);
+      const int kvh = h / group;
+      const float* qv = q + (i * n_head + h) * hd;
+      float* ov = out + (i * n_head + h) * hd;
+      const int64_t n_keys = q_pos0 + i + 1;
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const auto* blk = static_cast<const uint8_t*>(kv.k_blocks[j / kv.block_tokens]);
+        const uint8_t* k = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
+        scores[j] = ops.kv_dot(qv, k, hd, kv.type) * scale;
+      }
+      ops.softmax(scores, n_keys);
+      std::memset(ov, 0, sizeof(float) * hd);
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const auto* blk = static_cast<const uint8_t*>(kv.v_blocks[j / kv.block_tokens]);
+        const uint8_t* v = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
+        ops.kv_axpy(scores[j], v, hd, kv.type, ov);
+      }
+    }
+  });
+}
+
+}  // namespace cachette::kernels

@@ -1,0 +1,422 @@
+// AVX2 + FMA + F16C kernels (Haswell and later, Zen). This TU alone is compiled with -mavx2;
+// helpers stay in the anonymous namespace and no std template is instantiated here (see
+// kernels_internal.h).
+//
+// MatMul uses "dot" tiles of R rows x T tokens for every weight type: each accumulator is a
+// ymm over 8 input features, reduced horizontally at the end. Quantized weights use the sign
+// trick (|w| unsigned x sign(x, w) signed) for VPMADDUBSW, whose pairwise 16-bit sums cannot
+// saturate since |w| <= 128 and |x| <= 127. Only 16 ymm registers: tiles stay small.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels_internal.h"
+
+namespace cachette::kernels::internal {
+namespace {
+
+constexpr int kF32 = static_cast<int>(WType::kF32);
+constexpr int kF16 = static_cast<int>(WType::kF16);
+constexpr int kQ8 = static_cast<int>(WType::kQ8_0);
+
+constexpr int kTileR = 4, kTileT = 2;
+constexpr int64_t kKc = 512;  // K block for float tiles when several tokens reuse the weights
+
+int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+float HalfToFloat(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+float Reduce8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+int32_t Reduce8i(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i s2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+float Max8(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// exp(x): x = n ln2 + r, degree-7 Taylor polynomial for e^r (|r| <= ln2/2, error < 1e-8),
+// times 2^n built in the exponent field. Inputs below ln(FLT_MIN) give 0 (no denormals),
+// above ln(FLT_MAX) give +inf.
+__m256 Exp(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.7228f), lo = _mm256_set1_ps(-87.3365f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // n in [-126, 128]: 2^n for n = 128 would overflow the exponent field, so scale in two steps.
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  res = _mm256_blendv_ps(res, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  // NaN in, NaN out.
+  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// ---- Activation quantization (bit-identical to the scalar one) ---------------------------
+
+void QuantizeAct(const float* x, int64_t t0, int64_t t1, const ActQ8& a) {
+  const int64_t nb = a.cols / 32;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* s = x + t * a.cols + b * 32;
+      __m256 v[4];
+      __m256 m = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(s + 8 * i);
+        m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+      }
+      const float amax = Max8(m);
+      const float id = amax > 0 ? 127.0f / amax : 0.0f;
+      const __m256 vid = _mm256_set1_ps(id);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+      const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      // packs interleave 128-bit lanes: [q0l q1l q0h q1h] -> fix with a dword permute.
+      const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
+      const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+      const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + t * a.cols + b * 32), ordered);
+      a.d[t * nb + b] = amax / 127.0f;
+      a.sum[t * nb + b] = Reduce8i(sum);
+    }
+  }
+}
+
+// ---- MatMul tiles ------------------------------------------------------------------------
+
+template <int kT>
+__m256 LoadW8(const uint8_t* row, int64_t k) {
+  if constexpr (kT == kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row + 4 * k));
+  } else if constexpr (kT == kF16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <int kT>
+float LoadW1(const uint8_t* row, int64_t k) {
+  if constexpr (kT == kF32) {
+    float f;
+    std::memcpy(&f, row + 4 * k, 4);
+    return f;
+  } else if constexpr (kT == kF16) {
+    return HalfToFloat(row + 2 * k);
+  } else {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * k, 2);
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+}
+
+template <int kT, int R, int T>
+void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx, int64_t k0,
+               int64_t k1, float* y, int64_t ldy, bool accumulate) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) {
+      float s = Reduce8(acc[r][t]);
+      for (int64_t kk = k; kk < k1; ++kk) s += LoadW1<kT>(w0 + r * row_bytes, kk) * x[t * ldx + kk];
+      float& out = y[t * ldy + r];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+using FloatTileFn = void (*)(const uint8_t*, size_t, const float*, int64_t, int64_t, int64_t,
+                             float*, int64_t, bool);
+
+template <int kT>
+void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  static constexpr FloatTileFn kTiles[kTileR][kTileT] = {
+      {FloatTile<kT, 1, 1>, FloatTile<kT, 1, 2>}, {FloatTile<kT, 2, 1>, FloatTile<kT, 2, 2>},
+      {FloatTile<kT, 3, 1>, FloatTile<kT, 3, 2>}, {FloatTile<kT, 4, 1>, FloatTile<kT, 4, 2>}};
+  const WeightMatrix& w = *a.w;
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  const int64_t cols = w.cols, m = a.m;
+  const int64_t kc = m <= kTileT ? cols : kKc;
+  constexpr int64_t kPanel = 16;
+  for (int64_t k0 = 0; k0 < cols; k0 += kc) {
+    const int64_t k1 = Min64(cols, k0 + kc);
+    for (int64_t p0 = r0; p0 < r1; p0 += kPanel) {
+      const int64_t p1 = Min64(r1, p0 + kPanel);
+      for (int64_t t0 = 0; t0 < m; t0 += kTileT) {
+        const int64_t nt = Min64(kTileT, m - t0);
+        for (int64_t g = p0; g < p1; g += kTileR) {
+          const int64_t nr = Min64(kTileR, p1 - g);
+          kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.x + t0 * cols, cols, k0,
+                                 k1, a.y + t0 * w.rows + g, w.rows, k0 > 0);
+        }
+      }
+    }
+  }
+}
+
+template <int kT>
+__m256i LoadQBlock(const uint8_t* row, int64_t b) {
+  if constexpr (kT == kQ8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 34 + 2));
+  } else {
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 18 + 2));
+    const __m128i lo = _mm_and_si128(qs, _mm_set1_epi8(0x0f));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
+    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+  }
+}
+
+template <int kT, int R, int T>
+void QuantTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t t0, float* y,
+               int64_t ldy) {
+  const int64_t nb = act.cols / 32;
+  const int64_t bb = kT == kQ8 ? 34 : 18;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wv[R];
+    float dw[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = LoadQBlock<kT>(w0 + r * row_bytes, b);
+      dw[r] = HalfToFloat(w0 + r * row_bytes + b * bb);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i xq =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
+      const float dx = act.d[(t0 + t) * nb + b];
+      for (int r = 0; r < R; ++r) {
+        const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xq, wv[r]));
+        const __m256i p32 = _mm256_madd_epi16(p16, ones);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) y[t * ldy + r] = Reduce8(acc[r][t]);
+}
+
+using QuantTileFn = void (*)(const uint8_t*, size_t, const ActQ8&, int64_t, float*, int64_t);
+
+template <int kT>
+void QuantMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  static constexpr QuantTileFn kTiles[kTileR][kTileT] = {
+      {QuantTile<kT, 1, 1>, QuantTile<kT, 1, 2>}, {QuantTile<kT, 2, 1>, QuantTile<kT, 2, 2>},
+      {QuantTile<kT, 3, 1>, QuantTile<kT, 3, 2>}, {QuantTile<kT, 4, 1>, QuantTile<kT, 4, 2>}};
+  const WeightMatrix& w = *a.w;
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  // Rows in panels of 16 so that a panel's weights stay in L1/L2 while all tokens pass.
+  constexpr int64_t kPanel = 16;
+  for (int64_t p0 = r0; p0 < r1; p0 += kPanel) {
+    const int64_t p1 = Min64(r1, p0 + kPanel);
+    for (int64_t t0 = 0; t0 < a.m; t0 += kTileT) {
+      const int64_t nt = Min64(kTileT, a.m - t0);
+      for (int64_t g = p0; g < p1; g += kTileR) {
+        const int64_t nr = Min64(kTileR, p1 - g);
+        kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.act, t0,
+                               a.y + t0 * w.rows + g, w.rows);
+      }
+    }
+  }
+}
+
+void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  switch (a.w->type) {
+    case WType::kF32: return FloatMatMulRows<kF32>(a, r0, r1);
+    case WType::kF16: return FloatMatMulRows<kF16>(a, r0, r1);
+    case WType::kBF16: return FloatMatMulRows<static_cast<int>(WType::kBF16)>(a, r0, r1);
+    case WType::kQ8_0: return QuantMatMulRows<kQ8>(a, r0, r1);
+    case WType::kQ4_0: return QuantMatMulRows<static_cast<int>(WType::kQ4_0)>(a, r0, r1);
+  }
+}
+
+int64_t RowGrain(WType, int64_t m) { return m <= kTileT ? kTileR : 16; }
+
+// ---- Elementwise -------------------------------------------------------------------------
+
+void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * dim;
+    float* yi = y + i * dim;
+    __m256 ss = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= dim; c += 8) {
+      const __m256 v = _mm256_loadu_ps(xi + c);
+      ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    float s = Reduce8(ss);
+    for (; c < dim; ++c) s += xi[c] * xi[c];
+    const float inv = 1.0f / __builtin_sqrtf(s / static_cast<float>(dim) + eps);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (c = 0; c + 8 <= dim; c += 8) {
+      _mm256_storeu_ps(yi + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + c), vinv),
+                                             _mm256_loadu_ps(weight + c)));
+    }
+    for (; c < dim; ++c) yi[c] = xi[c] * inv * weight[c];
+  }
+}
+
+// Scalar tails go through the vector exp too (one lane used) so that every element gets the
+// same function.
+float Exp1(float x) { return _mm256_cvtss_f32(Exp(_mm256_set1_ps(x))); }
+
+void Softmax(float* x, int64_t n) {
+  if (n <= 0) return;
+  __m256 vmax = _mm256_set1_ps(-__builtin_inff());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+  float mx = Max8(vmax);
+  for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx));
+    _mm256_storeu_ps(x + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = Reduce8(vsum);
+  for (; i < n; ++i) sum += (x[i] = Exp1(x[i] - mx));
+  const float inv = 1.0f / sum;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+  for (; i < n; ++i) x[i] *= inv;
+}
+
+void SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                            _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + Exp1(-gate[i])) * up[i];
+}
+
+void Add(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+  }
+  for (; i < n; ++i) y[i] += x[i];
+}
+
+// ---- Attention inner loops ---------------------------------------------------------------
+
+float KvElem(const uint8_t* p, int i, KvType t) {
+  switch (t) {
+    case KvType::kF32: return LoadW1<kF32>(p, i);
+    case KvType::kF16: return HalfToFloat(p + 2 * i);
+    case KvType::kQ8_0: {
+      const uint8_t* blk = p + (i / 32) * 34;
+      return HalfToFloat(blk) * static_cast<int8_t>(blk[2 + i % 32]);
+    }
+  }
+  return 0;
+}
+
+// 8 elements starting at i (i % 8 == 0).
+__m256 LoadKv8(const uint8_t* p, int i, KvType t) {
+  switch (t) {
+    case KvType::kF32: return _mm256_loadu_ps(reinterpret_cast<const float*>(p + 4 * i));
+    case KvType::kF16: return LoadW8<kF16>(p, i);
+    case KvType::kQ8_0: {
+      const uint8_t* blk = p + (i / 32) * 34;
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + i % 32));
+      return _mm256_mul_ps(_mm256_set1_ps(HalfToFloat(blk)),
+                           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+  }
+  return _mm256_setzero_ps();
+}
+
+float KvDot(const float* q, const void* k, int head_dim, KvType t) {
+  const auto* p = static_cast<const uint8_t*>(k);
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= head_dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LoadKv8(p, i, t), acc);
+  float s = Reduce8(acc);
+  for (; i < head_dim; ++i) s += q[i] * KvElem(p, i, t);
+  return s;
+}
+
+void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
+  const auto* p = static_cast<const uint8_t*>(v);
+  const __m256 va = _mm256_set1_ps(a);
+  int i = 0;
+  for (; i + 8 <= head_dim; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(va, LoadKv8(p, i, t), _mm256_loadu_ps(acc + i)));
+  }
+  for (; i < head_dim; ++i) acc[i] += a * KvElem(p, i, t);
+}
+
+Ops MakeOps() {
+  Ops o{};
+  o.isa = Isa::kAvx2;
+  o.quantize_act = QuantizeAct;
+  o.matmul_rows = MatMulRows;
+  o.row_grain = RowGrain;
+  o.dequantize_row = ScalarOps().dequantize_row;
+  o.rms_norm = RmsNorm;
+  o.softmax = Softmax;
+  o.swiglu = SwiGlu;
+  o.add = Add;
+  o.kv_dot = KvDot;
+  o.kv_axpy = KvAxpy;
+  return o;
+}
+
+}  // namespace
+
+const Ops& Avx2Ops() {
+  static const Ops ops = MakeOps();
+  return ops;
+}
+
+}  // namespace cachette::kernels::internal

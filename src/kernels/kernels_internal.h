@@ -1,0 +1,74 @@
+// Internal seam between the dispatching front end (kernels.cc) and the per-ISA translation
+// units (kernels_scalar.cc, kernels_avx2.cc, kernels_avx512.cc).
+//
+// Each ISA TU exports one function returning a table of plain function pointers. Nothing in
+// this header is inline or a template on purpose: an ISA TU is compiled with -mavx512*, and an
+// inline function or template instantiated there could be merged by the linker with the
+// baseline copy, putting AVX-512 code on the path of a CPU without it. ISA TUs keep their
+// helpers in anonymous namespaces for the same reason.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace cachette::kernels::internal {
+
+// Activations quantized for the integer dot products of kQ8_0 / kQ4_0 weights, one call's
+// worth, in one buffer (all ISAs produce the same bytes, see QuantizeActRows):
+//   q   [m][cols]  int8, per block of 32: q = nearbyint(x * 127 / amax)
+//   d   [m][nb]    float, amax / 127 (the block's scale; 0 for an all-zero block)
+//   sum [m][nb]    int32, sum of the block's q (for the unsigned-weight offset correction)
+// nb = cols / 32. The float scale (not f16 as in ggml) keeps one rounding step out.
+struct ActQ8 {
+  int8_t* q = nullptr;
+  float* d = nullptr;
+  int32_t* sum = nullptr;
+  int64_t m = 0;
+  int64_t cols = 0;
+};
+size_t ActQ8Bytes(int64_t m, int64_t cols);
+ActQ8 ActQ8View(void* buf, int64_t m, int64_t cols);
+
+// Everything one MatMul call needs, shared read-only by all threads.
+struct MatMulArgs {
+  const float* x = nullptr;  // [m][cols]
+  ActQ8 act;                  // valid for quantized weight types
+  int64_t m = 0;
+  const WeightMatrix* w = nullptr;
+  float* y = nullptr;  // [m][rows]
+};
+
+// An aggregate without member initializers on purpose: a non-trivial constructor would be an
+// inline function emitted by every TU that builds a table, ISA TUs included. Build with Ops{}.
+struct Ops {
+  Isa isa;
+  // Quantizes tokens [t0, t1) of x into a (bit-identical across ISAs).
+  void (*quantize_act)(const float* x, int64_t t0, int64_t t1, const ActQ8& a);
+  // y[0:m][r0:r1] for the call described by a. Called concurrently on disjoint row ranges.
+  void (*matmul_rows)(const MatMulArgs& a, int64_t r0, int64_t r1);
+  // Row ranges handed to matmul_rows are multiples of this (except the last).
+  int64_t (*row_grain)(WType t, int64_t m);
+
+  void (*dequantize_row)(const WeightMatrix& w, int64_t row, float* out);
+  void (*rms_norm)(const float* x, const float* weight, float* y, int64_t rows, int64_t dim,
+                   float eps);
+  void (*softmax)(float* x, int64_t n);
+  void (*swiglu)(const float* gate, const float* up, float* out, int64_t n);
+  void (*add)(const float* x, float* y, int64_t n);
+  // Attention inner loops over one stored head vector (KvHeadBytes(t, head_dim) bytes).
+  float (*kv_dot)(const float* q, const void* k, int head_dim, KvType t);
+  void (*kv_axpy)(float a, const void* v, int head_dim, KvType t, float* acc);
+};
+
+const Ops& ScalarOps();
+const Ops& Avx2Ops();
+const Ops& Avx512Ops();
+
+// A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across
+// calls (grows, never shrinks). `slot` tells independent buffers of one thread apart:
+// slot 0 is the MatMul front end's activation buffer, 1..3 are free for kernels.
+void* ThreadScratch(int slot, size_t bytes);
+
+}  // namespace cachette::kernels::internal

@@ -1,0 +1,505 @@
+// Every kernel at every ISA level this CPU supports, checked against the scalar reference on
+// fresh random inputs of odd sizes, and the scalar reference itself checked against naive
+// double-precision formulas written from the documentation in kernels.h.
+//
+// Tolerances. Float sums of n terms in different orders differ by at most 2 * n * u * sum|terms|
+// (u = 2^-24, the bound for recursive summation, which blocked/vector sums only improve), so
+// MatMul outputs are compared against kSumTol(n) * sum_c |x_c w_c|. Dropping or repeating one
+// term would change an output by about sum|terms| / n, above that bound for the sizes used
+// here (n < 2900), so the bound still catches indexing bugs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/fp16.h"
+#include "core/thread_pool.h"
+#include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
+
+namespace cachette::kernels {
+namespace {
+
+constexpr double kU = 1.0 / (1 << 24);
+double SumTol(int64_t n) { return 2.0 * static_cast<double>(n) * kU; }
+
+std::vector<Isa> Levels() {
+  std::vector<Isa> v;
+  for (int i = 0; i <= static_cast<int>(BestIsa()); ++i) v.push_back(static_cast<Isa>(i));
+  return v;
+}
+
+// Restores the best ISA after a test that changed it.
+class IsaTest : public ::testing::Test {
+ protected:
+  void TearDown() override { SetIsa(BestIsa()); }
+  std::mt19937 rng_{12345};
+  ThreadPool pool_{2};
+
+  std::vector<float> RandomFloats(int64_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::uniform_real_distribution<float> dist(lo, hi);
+    std::vector<float> v(n);
+    for (auto& f : v) f = dist(rng_);
+    return v;
+  }
+};
+
+void PutU16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
+uint16_t GetU16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// A random weight matrix with `pad` spare bytes per row (rows are row_bytes apart).
+struct TestMatrix {
+  std::vector<uint8_t> bytes;
+  WeightMatrix w;
+};
+
+TestMatrix RandomMatrix(WType t, int64_t rows, int64_t cols, std::mt19937& rng) {
+  constexpr size_t kPad = 18;
+  TestMatrix m;
+  m.w.type = t;
+  m.w.rows = rows;
+  m.w.cols = cols;
+  m.w.row_bytes = WTypeRowBytes(t, cols) + kPad;
+  m.bytes.assign(m.w.row_bytes * rows, 0xcd);
+  std::uniform_real_distribution<float> val(-1.0f, 1.0f);
+  std::uniform_real_distribution<float> scale(0.001f, 0.02f);
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* row = m.bytes.data() + r * m.w.row_bytes;
+    for (int64_t c = 0; c < cols; ++c) {
+      switch (t) {
+        case WType::kF32: {
+          const float f = val(rng);
+          std::memcpy(row + 4 * c, &f, 4);
+          break;
+        }
+        case WType::kF16: PutU16(row + 2 * c, Fp32ToFp16(val(rng))); break;
+        case WType::kBF16: PutU16(row + 2 * c, Fp32ToBf16(val(rng))); break;
+        default: break;
+      }
+    }
+    if (t == WType::kQ8_0) {
+      for (int64_t b = 0; b < cols / 32; ++b) {
+        PutU16(row + b * 34, Fp32ToFp16(scale(rng)));
+        // -128 is legal in the format (ggml never writes it); include it.
+        for (int j = 0; j < 32; ++j) row[b * 34 + 2 + j] = static_cast<uint8_t>(byte(rng));
+      }
+    } else if (t == WType::kQ4_0) {
+      for (int64_t b = 0; b < cols / 32; ++b) {
+        PutU16(row + b * 18, Fp32ToFp16(scale(rng)));
+        for (int j = 0; j < 16; ++j) row[b * 18 + 2 + j] = static_cast<uint8_t>(byte(rng));
+      }
+    }
+  }
+  m.w.data = m.bytes.data();
+  return m;
+}
+
+// W[r][c] decoded straight from the layouts documented in kernels.h.
+double DocWeight(const WeightMatrix& w, int64_t r, int64_t c) {
+  const auto* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
+  switch (w.type) {
+    case WType::kF32: {
+      float f;
+      std::memcpy(&f, row + 4 * c, 4);
+      return f;
+    }
+    case WType::kF16: return Fp16ToFp32(GetU16(row + 2 * c));
+    case WType::kBF16: return Bf16ToFp32(GetU16(row + 2 * c));
+    case WType::kQ8_0: {
+      const uint8_t* blk = row + (c / 32) * 34;
+      return static_cast<double>(Fp16ToFp32(GetU16(blk))) * static_cast<int8_t>(blk[2 + c % 32]);
+    }
+    case WType::kQ4_0: {
+      const uint8_t* blk = row + (c / 32) * 18;
+      const int j = static_cast<int>(c % 32);
+      const int nib = j < 16 ? (blk[2 + j] & 0x0f) : (blk[2 + j - 16] >> 4);
+      return static_cast<double>(Fp16ToFp32(GetU16(blk))) * (nib - 8);
+    }
+  }
+  return 0;
+}
+
+bool Quantized(WType t) { return t == WType::kQ8_0 || t == WType::kQ4_0; }
+
+// x as the quantized kernels see it: per block of 32, d = amax / 127, q = round(x * 127 / amax).
+std::vector<double> DocQuantizeActivations(const std::vector<float>& x) {
+  std::vector<double> out(x.size());
+  for (size_t b = 0; b < x.size() / 32; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const float id = amax > 0 ? 127.0f / amax : 0.0f;
+    const float d = amax / 127.0f;
+    for (int j = 0; j < 32; ++j) out[b * 32 + j] = d * std::nearbyint(x[b * 32 + j] * id);
+  }
+  return out;
+}
+
+const WType kAllTypes[] = {WType::kF32, WType::kF16, WType::kBF16, WType::kQ8_0, WType::kQ4_0};
+
+struct MatMulShape {
+  int64_t rows, cols;
+  std::vector<int64_t> ms;
+};
+
+TEST_F(IsaTest, MatMulMatchesScalarAndDocumentedMath) {
+  const std::vector<MatMulShape> shapes = {
+      {33, 96, {1, 2, 3, 7, 17, 64, 129}},
+      {97, 160, {1, 2, 3, 7, 17, 64, 129}},
+      {1000, 288, {1, 7, 64}},
+      {45, 1056, {1, 3, 17}},  // crosses the float kernels' K blocks
+  };
+  ThreadPool single(1);
+  for (WType t : kAllTypes) {
+    for (const MatMulShape& s : shapes) {
+      TestMatrix tm = RandomMatrix(t, s.rows, s.cols, rng_);
+      const WeightMatrix& w = tm.w;
+      for (int64_t m : s.ms) {
+        SCOPED_TRACE(std::string(WTypeName(t)) + " rows=" + std::to_string(s.rows) +
+                     " cols=" + std::to_string(s.cols) + " m=" + std::to_string(m));
+        std::vector<float> x = RandomFloats(m * s.cols);
+        // Reference: the documented math in double, and sum|x w| for the tolerance.
+        std::vector<double> exact(m * s.rows), mag(m * s.rows);
+        for (int64_t i = 0; i < m; ++i) {
+          std::vector<float> xi(x.begin() + i * s.cols, x.begin() + (i + 1) * s.cols);
+          std::vector<double> xe = Quantized(t) ? DocQuantizeActivations(xi)
+                                                : std::vector<double>(xi.begin(), xi.end());
+          for (int64_t r = 0; r < s.rows; ++r) {
+            double acc = 0, a = 0;
+            for (int64_t c = 0; c < s.cols; ++c) {
+              const double p = xe[c] * DocWeight(w, r, c);
+              acc += p;
+              a += std::fabs(p);
+            }
+            exact[i * s.rows + r] = acc;
+            mag[i * s.rows + r] = a;
+          }
+        }
+        const double tol = SumTol(s.cols);
+        for (Isa isa : Levels()) {
+          SetIsa(isa);
+          SCOPED_TRACE(std::string(IsaName(isa)));
+          std::vector<float> y(m * s.rows, std::numeric_limits<float>::quiet_NaN());
+          MatMul(x.data(), m, w, y.data(), (m & 1) ? pool_ : single);
+          int bad = 0;
+          for (int64_t i = 0; i < m * s.rows && bad < 5; ++i) {
+            if (!(std::fabs(y[i] - exact[i]) <= tol * mag[i] + 1e-30)) {
+              ADD_FAILURE() << "y[" << i / s.rows << "][" << i % s.rows << "] = " << y[i]
+                            << " want " << exact[i] << " tol " << tol * mag[i];
+              ++bad;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(IsaTest, ActivationQuantizationIsBitIdenticalAcrossIsas) {
+  const int64_t m = 5, cols = 32 * 7;
+  std::vector<float> x = RandomFloats(m * cols, -3.0f, 3.0f);
+  std::fill(x.begin() + 32, x.begin() + 64, 0.0f);  // an all-zero block
+  x[70] = 0.5f;                                     // ties for round-to-nearest-even
+  x[71] = -0.5f;
+  using internal::ActQ8;
+  std::vector<uint8_t> ref(internal::ActQ8Bytes(m, cols) + 64), got(ref.size());
+  auto align = [](std::vector<uint8_t>& v) {
+    return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+  };
+  const ActQ8 a_ref = internal::ActQ8View(align(ref), m, cols);
+  internal::ScalarOps().quantize_act(x.data(), 0, m, a_ref);
+  const internal::Ops* levels[] = {&internal::Avx2Ops(), &internal::Avx512Ops()};
+  for (int l = 0; l < 2 && l < static_cast<int>(BestIsa()); ++l) {
+    const ActQ8 a = internal::ActQ8View(align(got), m, cols);
+    levels[l]->quantize_act(x.data(), 0, m, a);
+    EXPECT_EQ(0, std::memcmp(a.q, a_ref.q, m * cols)) << l;
+    EXPECT_EQ(0, std::memcmp(a.d, a_ref.d, m * cols / 32 * 4)) << l;
+    EXPECT_EQ(0, std::memcmp(a.sum, a_ref.sum, m * cols / 32 * 4)) << l;
+  }
+}
+
+TEST_F(IsaTest, QuantizedBlockLayoutsDecodeAsDocumented) {
+  // q8_0: { f16 d; int8 q[32] }, x = d * q.
+  uint8_t q8[34];
+  PutU16(q8, Fp32ToFp16(0.5f));
+  for (int j = 0; j < 32; ++j) q8[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(j - 16));
+  // q4_0: { f16 d; uint8 qs[16] }, element j < 16 low nibble of qs[j], j + 16 its high nibble.
+  uint8_t q4[18];
+  PutU16(q4, Fp32ToFp16(2.0f));
+  for (int j = 0; j < 16; ++j) q4[2 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  for (Isa isa : Levels()) {
+    SetIsa(isa);
+    float out[32];
+    WeightMatrix w{WType::kQ8_0, q8, 1, 32, 34};
+    DequantizeRow(w, 0, out);
+    for (int j = 0; j < 32; ++j) EXPECT_EQ(out[j], 0.5f * (j - 16)) << j;
+    w = WeightMatrix{WType::kQ4_0, q4, 1, 32, 18};
+    DequantizeRow(w, 0, out);
+    for (int j = 0; j < 16; ++j) {
+      EXPECT_EQ(out[j], 2.0f * (j - 8)) << j;
+      EXPECT_EQ(out[16 + j], 2.0f * (15 - j - 8)) << j;
+    }
+  }
+  EXPECT_EQ(WTypeRowBytes(WType::kQ8_0, 96), 102u);
+  EXPECT_EQ(WTypeRowBytes(WType::kQ4_0, 96), 54u);
+  EXPECT_EQ(WTypeRowBytes(WType::kBF16, 7), 14u);
+}
+
+TEST_F(IsaTest, DequantizeRowMatchesLayout) {
+  for (WType t : kAllTypes) {
+    TestMatrix tm = RandomMatrix(t, 5, 96, rng_);
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      std::vector<float> out(96);
+      DequantizeRow(tm.w, 3, out.data());
+      for (int c = 0; c < 96; ++c) ASSERT_EQ(out[c], static_cast<float>(DocWeight(tm.w, 3, c))) << c;
+    }
+  }
+}
+
+const int64_t kLengths[] = {1, 15, 16, 17, 33, 896, 4867};
+
+TEST_F(IsaTest, RmsNormAddSwiGluSoftmax) {
+  for (int64_t n : kLengths) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const int64_t rows = 3;
+    std::vector<float> x = RandomFloats(rows * n, -4, 4), w = RandomFloats(n, 0.5f, 1.5f);
+    std::vector<float> g = RandomFloats(n, -20, 20), u = RandomFloats(n, -2, 2);
+    g[0] = -100.0f;  // exp(100) overflows to inf inside silu; the result must still be ~0.
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      SCOPED_TRACE(std::string(IsaName(isa)));
+      // RmsNorm, in place. Error: the mean of squares is a sum of n positive terms (relative
+      // error n * u), halved by the square root, plus a few roundings per output.
+      std::vector<float> y = x;
+      RmsNorm(y.data(), w.data(), y.data(), rows, n, 1e-6f);
+      for (int64_t i = 0; i < rows; ++i) {
+        double ss = 0;
+        for (int64_t c = 0; c < n; ++c) ss += double(x[i * n + c]) * x[i * n + c];
+        const double inv = 1.0 / std::sqrt(ss / n + 1e-6);
+        for (int64_t c = 0; c < n; ++c) {
+          const double want = x[i * n + c] * inv * w[c];
+          ASSERT_NEAR(y[i * n + c], want, (n * kU + 8 * kU) * std::fabs(want) + 1e-30) << c;
+        }
+      }
+      // Add: exact.
+      std::vector<float> acc = u;
+      Add(g.data(), acc.data(), n);
+      for (int64_t c = 0; c < n; ++c) ASSERT_EQ(acc[c], u[c] + g[c]);
+      // SwiGlu, out aliasing gate. exp is accurate to a few ulp; 16 ulp covers the division
+      // and products.
+      std::vector<float> out = g;
+      SwiGlu(out.data(), u.data(), out.data(), n);
+      for (int64_t c = 0; c < n; ++c) {
+        const double want = g[c] / (1.0 + std::exp(-double(g[c]))) * u[c];
+        ASSERT_NEAR(out[c], want, 16 * kU * std::fabs(want) + 1e-30) << g[c];
+      }
+      // Softmax: each output within (n + 16) u relative (the normalizing sum has n terms).
+      std::vector<float> sm(x.begin(), x.begin() + n);
+      sm[0] = 80.0f;  // would overflow exp without the max subtraction
+      std::vector<float> sx = sm;
+      Softmax(sm.data(), n);
+      double mx = *std::max_element(sx.begin(), sx.end()), sum = 0;
+      for (float v : sx) sum += std::exp(double(v) - mx);
+      for (int64_t c = 0; c < n; ++c) {
+        const double want = std::exp(double(sx[c]) - mx) / sum;
+        ASSERT_NEAR(sm[c], want, (n + 16) * kU * want + 1e-38) << c;
+      }
+    }
+  }
+}
+
+TEST_F(IsaTest, RopeMatchesFormulaBothStyles) {
+  for (RopeStyle style : {RopeStyle::kNormal, RopeStyle::kNeox}) {
+    RopeParams p;
+    p.style = style;
+    p.head_dim = 64;
+    p.theta_base = 1000000.0f;
+    p.freq_scale = 0.5f;
+    const int64_t n_tok = 5;
+    const int n_head = 3;
+    std::vector<int32_t> pos = {0, 1, 17, 4095, 32767};
+    std::vector<float> x = RandomFloats(n_tok * n_head * p.head_dim);
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      std::vector<float> y = x;
+      Rope(y.data(), n_tok, n_head, pos.data(), p);
+      for (int64_t t = 0; t < n_tok; ++t) {
+        for (int h = 0; h < n_head; ++h) {
+          const float* v = x.data() + (t * n_head + h) * p.head_dim;
+          const float* o = y.data() + (t * n_head + h) * p.head_dim;
+          for (int i = 0; i < p.head_dim / 2; ++i) {
+            const double theta =
+                pos[t] * double(p.freq_scale) * std::pow(double(p.theta_base), -2.0 * i / p.head_dim);
+            const int a = style == RopeStyle::kNormal ? 2 * i : i;
+            const int b = style == RopeStyle::kNormal ? 2 * i + 1 : i + p.head_dim / 2;
+            const double want_a = v[a] * std::cos(theta) - v[b] * std::sin(theta);
+            const double want_b = v[a] * std::sin(theta) + v[b] * std::cos(theta);
+            // Computed in double, rounded once to float: half an ulp of values <= sqrt(2).
+            ASSERT_NEAR(o[a], want_a, 2e-7) << t << " " << h << " " << i;
+            ASSERT_NEAR(o[b], want_b, 2e-7) << t << " " << h << " " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(IsaTest, StoreLoadKvLayouts) {
+  const int hd = 64;
+  const int64_t n_vec = 3;
+  std::vector<float> x = RandomFloats(n_vec * hd, -3, 3);
+  // f16: exactly the scalar conversion.
+  std::vector<uint8_t> buf(KvHeadBytes(KvType::kF16, hd) * n_vec);
+  StoreKv(x.data(), n_vec, hd, KvType::kF16, buf.data());
+  std::vector<float> back(n_vec * hd);
+  LoadKv(buf.data(), n_vec, hd, KvType::kF16, back.data());
+  for (int64_t i = 0; i < n_vec * hd; ++i) {
+    ASSERT_EQ(GetU16(buf.data() + 2 * i), Fp32ToFp16(x[i]));
+    ASSERT_EQ(back[i], Fp16ToFp32(Fp32ToFp16(x[i])));
+  }
+  // q8_0: blocks { f16 d; int8 q[32] }, d = amax / 127, so |x - d q| <= d / 2 (+ f16 rounding
+  // of d, relative 2^-11, times |q| <= 127).
+  ASSERT_EQ(KvHeadBytes(KvType::kQ8_0, hd), 68u);
+  buf.assign(KvHeadBytes(KvType::kQ8_0, hd) * n_vec, 0);
+  StoreKv(x.data(), n_vec, hd, KvType::kQ8_0, buf.data());
+  LoadKv(buf.data(), n_vec, hd, KvType::kQ8_0, back.data());
+  for (int64_t b = 0; b < n_vec * hd / 32; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const float d = Fp16ToFp32(GetU16(buf.data() + b * 34));
+    ASSERT_NEAR(d, amax / 127, amax / 127 / 1024);
+    for (int j = 0; j < 32; ++j) {
+      const int8_t q = static_cast<int8_t>(buf[b * 34 + 2 + j]);
+      ASSERT_EQ(back[b * 32 + j], d * q);
+      ASSERT_NEAR(back[b * 32 + j], x[b * 32 + j], d / 2 + 127 * d / 1024);
+    }
+  }
+}
+
+// A paged KV cache for one layer, with NaN in every slot attention must not read.
+struct TestKv {
+  std::vector<std::vector<uint8_t>> k_store, v_store;
+  std::vector<const void*> k_ptrs, v_ptrs;
+  std::vector<float> k_f32, v_f32;  // [n_tokens][n_kv_head][head_dim] as stored (dequantized)
+  KvView view;
+};
+
+TestKv MakeKv(KvType type, int n_kv_head, int hd, int block_tokens, int64_t n_valid,
+              int64_t n_tokens, std::mt19937& rng) {
+  TestKv kv;
+  const size_t tok_bytes = KvHeadBytes(type, hd) * n_kv_head;
+  const int64_t n_blocks = (n_tokens + block_tokens - 1) / block_tokens;
+  std::uniform_real_distribution<float> dist(-1, 1);
+  std::vector<float> nan_tok(n_kv_head * hd, std::numeric_limits<float>::quiet_NaN());
+  kv.k_f32.resize(n_tokens * n_kv_head * hd);
+  kv.v_f32.resize(n_tokens * n_kv_head * hd);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    kv.k_store.emplace_back(tok_bytes * block_tokens);
+    kv.v_store.emplace_back(tok_bytes * block_tokens);
+    for (int j = 0; j < block_tokens; ++j) {
+      const int64_t tok = b * block_tokens + j;
+      for (auto* store : {&kv.k_store.back(), &kv.v_store.back()}) {
+        std::vector<float> vals(n_kv_head * hd);
+        for (auto& f : vals) f = dist(rng);
+        const bool valid = tok < n_valid;
+        StoreKv(valid ? vals.data() : nan_tok.data(), n_kv_head, hd, type,
+                store->data() + j * tok_bytes);
+        if (valid) {
+          auto& dst = store == &kv.k_store.back() ? kv.k_f32 : kv.v_f32;
+          LoadKv(store->data() + j * tok_bytes, n_kv_head, hd, type,
+                 dst.data() + tok * n_kv_head * hd);
+        }
+      }
+    }
+  }
+  for (auto& s : kv.k_store) kv.k_ptrs.push_back(s.data());
+  for (auto& s : kv.v_store) kv.v_ptrs.push_back(s.data());
+  kv.view = KvView{type, n_kv_head, hd, block_tokens, kv.k_ptrs.data(), kv.v_ptrs.data(),
+                   n_tokens};
+  return kv;
+}
+
+TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
+  struct Case {
+    int n_head, n_kv_head, hd, block_tokens;
+    int64_t n_q, q_pos0;
+  };
+  const Case cases[] = {
+      {6, 2, 64, 16, 1, 52},   // decode, GQA 3:1, 4 blocks, the last holding 5 tokens
+      {6, 2, 64, 16, 7, 30},   // prefill chunk after a cached prefix
+      {4, 4, 96, 8, 5, 0},     // MHA, from position 0
+      {14, 2, 64, 256, 3, 9},  // qwen2.5-0.5b head layout, one contiguous block
+  };
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0}) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(KvTypeName(type)) + " n_head=" + std::to_string(c.n_head) +
+                   " n_q=" + std::to_string(c.n_q) + " q_pos0=" + std::to_string(c.q_pos0));
+      const int64_t n_valid = c.q_pos0 + c.n_q;
+      // Two more tokens than the queries may see: causal masking must skip them (they are NaN).
+      TestKv kv = MakeKv(type, c.n_kv_head, c.hd, c.block_tokens, n_valid, n_valid + 2, rng_);
+      std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -2, 2);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+      const int group = c.n_head / c.n_kv_head;
+      std::vector<double> want(q.size());
+      for (int64_t i = 0; i < c.n_q; ++i) {
+        for (int h = 0; h < c.n_head; ++h) {
+          const int kvh = h / group;
+          const int64_t n_keys = c.q_pos0 + i + 1;
+          std::vector<double> s(n_keys);
+          double mx = -1e300, sum = 0;
+          for (int64_t j = 0; j < n_keys; ++j) {
+            double dot = 0;
+            for (int d = 0; d < c.hd; ++d) {
+              dot += double(q[(i * c.n_head + h) * c.hd + d]) *
+                     kv.k_f32[(j * c.n_kv_head + kvh) * c.hd + d];
+            }
+            s[j] = dot * scale;
+            mx = std::max(mx, s[j]);
+          }
+          for (auto& v : s) sum += (v = std::exp(v - mx));
+          for (int d = 0; d < c.hd; ++d) {
+            double o = 0;
+            for (int64_t j = 0; j < n_keys; ++j) o += s[j] / sum * kv.v_f32[(j * c.n_kv_head + kvh) * c.hd + d];
+            want[(i * c.n_head + h) * c.hd + d] = o;
+          }
+        }
+      }
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        SCOPED_TRACE(std::string(IsaName(isa)));
+        std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+        Attention(q.data(), c.n_q, c.n_head, c.q_pos0, kv.view, scale, out.data(), pool_);
+        // Scores carry float dot-product error ~hd * u * |q||k| (< 1e-4 absolute here), which
+        // moves probabilities by that much relative; outputs are convex combinations of values
+        // in [-1, 1], so 1e-4 absolute is a safe bound that still catches a wrong key or head.
+        for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want[e], 1e-4) << e;
+      }
+    }
+  }
+}
+
+TEST(KernelsDispatchTest, SetIsaClampsAndNamesAreStable) {
+  SetIsa(Isa::kAmx);
+  EXPECT_EQ(ActiveIsa(), BestIsa());
+  SetIsa(Isa::kScalar);
+  EXPECT_EQ(ActiveIsa(), Isa::kScalar);
+  SetIsa(BestIsa());
+  EXPECT_EQ(IsaName(Isa::kAvx512), "avx512");
+  EXPECT_EQ(WTypeName(WType::kQ4_0), "q4_0");
+  const CpuFeatures& f = Cpu();
+  if (f.avx512f) EXPECT_TRUE(f.avx2);
+  std::printf("best ISA: %s\n", std::string(IsaName(BestIsa())).c_str());
+}
+
+}  // namespace
+}  // namespace cachette::kernels
