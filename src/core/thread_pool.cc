@@ -39,7 +39,11 @@ void ThreadPool::WorkerLoop(int index) {
   for (;;) {
     uint64_t gen = generation_.load(std::memory_order_acquire);
     for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
-      CT_PAUSE();
+      if (spin < kSpinIterations / 16) {
+        CT_PAUSE();
+      } else {
+        std::this_thread::yield();
+      }
       gen = generation_.load(std::memory_order_acquire);
     }
     if (gen == seen) {
@@ -71,7 +75,15 @@ void ThreadPool::RunOnAll(const std::function<void(int, int)>& fn) {
   }
   if (sleepers_.load() > 0) cv_.notify_all();
   fn(0, n_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) CT_PAUSE();
+  // Spin while the workers are likely running; yield once they may have been descheduled (an
+  // oversubscribed machine), so a waiting caller does not burn the core a worker needs.
+  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+    if (spin < kSpinIterations / 16) {
+      CT_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {

@@ -158,9 +158,8 @@ class Cursor {
  private:
   Status Truncated(uint64_t need, std::string_view what, std::string_view field) const {
     return Err(StatusCode::kCorruption, std::string(what) + std::string(field) +
-                                            ": truncated at offset " +
-                                            std::to_string(pos_) + " (need " +
-                                            std::to_string(need) + " bytes, file is " +
+                                            ": truncated at offset " + std::to_string(pos_) +
+                                            " (need " + std::to_string(need) + " bytes, file is " +
                                             std::to_string(bytes_.size()) + ")");
   }
 
@@ -176,21 +175,30 @@ class ValueParser {
   Status Parse(ValueType type, int depth, const std::string& what, Value* out) {
     out->type = type;
     switch (type) {
-      case ValueType::kUint8: return ReadUnsigned<uint8_t>(what, out);
-      case ValueType::kUint16: return ReadUnsigned<uint16_t>(what, out);
-      case ValueType::kUint32: return ReadUnsigned<uint32_t>(what, out);
-      case ValueType::kUint64: return ReadUnsigned<uint64_t>(what, out);
-      case ValueType::kInt8: return ReadSigned<int8_t>(what, out);
-      case ValueType::kInt16: return ReadSigned<int16_t>(what, out);
-      case ValueType::kInt32: return ReadSigned<int32_t>(what, out);
-      case ValueType::kInt64: return ReadSigned<int64_t>(what, out);
+      case ValueType::kUint8:
+        return ReadUnsigned<uint8_t>(what, out);
+      case ValueType::kUint16:
+        return ReadUnsigned<uint16_t>(what, out);
+      case ValueType::kUint32:
+        return ReadUnsigned<uint32_t>(what, out);
+      case ValueType::kUint64:
+        return ReadUnsigned<uint64_t>(what, out);
+      case ValueType::kInt8:
+        return ReadSigned<int8_t>(what, out);
+      case ValueType::kInt16:
+        return ReadSigned<int16_t>(what, out);
+      case ValueType::kInt32:
+        return ReadSigned<int32_t>(what, out);
+      case ValueType::kInt64:
+        return ReadSigned<int64_t>(what, out);
       case ValueType::kFloat32: {
         float f = 0;
         CT_RETURN_IF_ERROR(cur_->Read(&f, what));
         out->f64 = f;
         return Status::Ok();
       }
-      case ValueType::kFloat64: return cur_->Read(&out->f64, what);
+      case ValueType::kFloat64:
+        return cur_->Read(&out->f64, what);
       case ValueType::kBool: {
         uint8_t b = 0;
         CT_RETURN_IF_ERROR(cur_->Read(&b, what));
@@ -201,11 +209,13 @@ class ValueParser {
         out->b = b != 0;
         return Status::Ok();
       }
-      case ValueType::kString: return cur_->ReadString(&out->str, what);
-      case ValueType::kArray: return ParseArray(depth + 1, what, out);
+      case ValueType::kString:
+        return cur_->ReadString(&out->str, what);
+      case ValueType::kArray:
+        return ParseArray(depth + 1, what, out);
     }
-    return Err(StatusCode::kCorruption, what + ": unknown value type " +
-                                            std::to_string(static_cast<uint32_t>(type)));
+    return Err(StatusCode::kCorruption,
+               what + ": unknown value type " + std::to_string(static_cast<uint32_t>(type)));
   }
 
  private:
@@ -227,8 +237,8 @@ class ValueParser {
   // `depth` is this array's nesting level (1 for an array directly under a key).
   Status ParseArray(int depth, const std::string& what, Value* out) {
     if (depth > kMaxArrayDepth) {
-      return Err(StatusCode::kInvalidArgument, what + ": arrays nested deeper than " +
-                                                   std::to_string(kMaxArrayDepth));
+      return Err(StatusCode::kInvalidArgument,
+                 what + ": arrays nested deeper than " + std::to_string(kMaxArrayDepth));
     }
     uint32_t elem_type = 0;
     uint64_t count = 0;
@@ -241,17 +251,17 @@ class ValueParser {
     out->array_type = static_cast<ValueType>(elem_type);
     uint64_t min_bytes = MinElementBytes(out->array_type);
     if (count > cur_->remaining() / min_bytes) {
-      return Err(StatusCode::kCorruption,
-                 what + ": array count " + std::to_string(count) + " of " +
-                     std::string(ValueTypeName(out->array_type)) + " needs at least " +
-                     std::to_string(min_bytes) + " bytes each, but only " +
-                     std::to_string(cur_->remaining()) + " bytes remain");
+      return Err(StatusCode::kCorruption, what + ": array count " + std::to_string(count) + " of " +
+                                              std::string(ValueTypeName(out->array_type)) +
+                                              " needs at least " + std::to_string(min_bytes) +
+                                              " bytes each, but only " +
+                                              std::to_string(cur_->remaining()) + " bytes remain");
     }
     total_elements_ += count;
     if (total_elements_ > kMaxArrayElements) {
-      return Err(StatusCode::kInvalidArgument,
-                 what + ": more than " + std::to_string(kMaxArrayElements) +
-                     " array elements in the file");
+      return Err(StatusCode::kInvalidArgument, what + ": more than " +
+                                                   std::to_string(kMaxArrayElements) +
+                                                   " array elements in the file");
     }
     out->array.resize(count);
     for (Value& v : out->array) {
@@ -264,26 +274,43 @@ class ValueParser {
   uint64_t total_elements_ = 0;
 };
 
-bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
-bool AddOverflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_add_overflow(a, b, out); }
+bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+bool AddOverflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_add_overflow(a, b, out);
+}
 
 }  // namespace
 
 std::string_view ValueTypeName(ValueType t) {
   switch (t) {
-    case ValueType::kUint8: return "uint8";
-    case ValueType::kInt8: return "int8";
-    case ValueType::kUint16: return "uint16";
-    case ValueType::kInt16: return "int16";
-    case ValueType::kUint32: return "uint32";
-    case ValueType::kInt32: return "int32";
-    case ValueType::kFloat32: return "float32";
-    case ValueType::kBool: return "bool";
-    case ValueType::kString: return "string";
-    case ValueType::kArray: return "array";
-    case ValueType::kUint64: return "uint64";
-    case ValueType::kInt64: return "int64";
-    case ValueType::kFloat64: return "float64";
+    case ValueType::kUint8:
+      return "uint8";
+    case ValueType::kInt8:
+      return "int8";
+    case ValueType::kUint16:
+      return "uint16";
+    case ValueType::kInt16:
+      return "int16";
+    case ValueType::kUint32:
+      return "uint32";
+    case ValueType::kInt32:
+      return "int32";
+    case ValueType::kFloat32:
+      return "float32";
+    case ValueType::kBool:
+      return "bool";
+    case ValueType::kString:
+      return "string";
+    case ValueType::kArray:
+      return "array";
+    case ValueType::kUint64:
+      return "uint64";
+    case ValueType::kInt64:
+      return "int64";
+    case ValueType::kFloat64:
+      return "float64";
   }
   return "unknown";
 }
@@ -396,16 +423,14 @@ Status GgufFile::Parse() {
   // Both sections must fit in what is left; checked up front so that reserve() below is
   // bounded by the file size.
   if (n_kv > cur.remaining() / kMinKvBytes) {
-    return Err(StatusCode::kCorruption, "metadata count " + std::to_string(n_kv) +
-                                            " cannot fit in the " +
-                                            std::to_string(cur.remaining()) +
-                                            " bytes after the header");
+    return Err(StatusCode::kCorruption,
+               "metadata count " + std::to_string(n_kv) + " cannot fit in the " +
+                   std::to_string(cur.remaining()) + " bytes after the header");
   }
   if (n_tensors > cur.remaining() / kMinTensorInfoBytes) {
-    return Err(StatusCode::kCorruption, "tensor count " + std::to_string(n_tensors) +
-                                            " cannot fit in the " +
-                                            std::to_string(cur.remaining()) +
-                                            " bytes after the header");
+    return Err(StatusCode::kCorruption,
+               "tensor count " + std::to_string(n_tensors) + " cannot fit in the " +
+                   std::to_string(cur.remaining()) + " bytes after the header");
   }
 
   // Metadata.
@@ -474,9 +499,9 @@ Status GgufFile::Parse() {
       uint64_t ne = 0;
       CT_RETURN_IF_ERROR(cur.Read(&ne, what, ": dims"));
       if (ne == 0 || ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        return Err(StatusCode::kCorruption,
-                   what + ": dim " + std::to_string(d) + " is " + std::to_string(ne) +
-                       " (must be >= 1 and fit in int64)");
+        return Err(StatusCode::kCorruption, what + ": dim " + std::to_string(d) + " is " +
+                                                std::to_string(ne) +
+                                                " (must be >= 1 and fit in int64)");
       }
       if (MulOverflows(n_elements, ne, &n_elements) ||
           n_elements > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
@@ -493,10 +518,10 @@ Status GgufFile::Parse() {
                  what + ": unknown tensor type id " + std::to_string(type));
     }
     if (t.dims[0] % traits->block_elems != 0) {
-      return Err(StatusCode::kCorruption,
-                 what + ": ne[0] = " + std::to_string(t.dims[0]) +
-                     " is not a multiple of the " + std::string(traits->name) + " block size " +
-                     std::to_string(traits->block_elems));
+      return Err(StatusCode::kCorruption, what + ": ne[0] = " + std::to_string(t.dims[0]) +
+                                              " is not a multiple of the " +
+                                              std::string(traits->name) + " block size " +
+                                              std::to_string(traits->block_elems));
     }
     // n_elements / block_elems blocks; ne[0] divisible implies the total is too.
     uint64_t n_blocks = n_elements / static_cast<uint64_t>(traits->block_elems);
@@ -505,9 +530,9 @@ Status GgufFile::Parse() {
     }
     CT_RETURN_IF_ERROR(cur.Read(&t.offset, what, ": offset"));
     if (t.offset % alignment_ != 0) {
-      return Err(StatusCode::kCorruption,
-                 what + ": offset " + std::to_string(t.offset) +
-                     " is not a multiple of the alignment " + std::to_string(alignment_));
+      return Err(StatusCode::kCorruption, what + ": offset " + std::to_string(t.offset) +
+                                              " is not a multiple of the alignment " +
+                                              std::to_string(alignment_));
     }
     if (!tensor_index_.emplace(t.name, tensors_.size()).second) {
       return Err(StatusCode::kCorruption, "duplicate " + what);
@@ -527,10 +552,10 @@ Status GgufFile::Parse() {
     uint64_t end = 0;
     if (AddOverflows(data_offset_, t.offset, &begin) || AddOverflows(begin, t.n_bytes, &end) ||
         end > size) {
-      return Err(StatusCode::kCorruption,
-                 "tensor " + Quote(t.name) + ": data [" + std::to_string(begin) + ", " +
-                     std::to_string(end) + ") extends past end of file (" +
-                     std::to_string(size) + ")");
+      return Err(StatusCode::kCorruption, "tensor " + Quote(t.name) + ": data [" +
+                                              std::to_string(begin) + ", " + std::to_string(end) +
+                                              ") extends past end of file (" +
+                                              std::to_string(size) + ")");
     }
     t.data = bytes_.data() + begin;
   }
@@ -538,18 +563,16 @@ Status GgufFile::Parse() {
   std::vector<const TensorInfo*> by_offset;
   by_offset.reserve(tensors_.size());
   for (const TensorInfo& t : tensors_) by_offset.push_back(&t);
-  std::sort(by_offset.begin(), by_offset.end(), [](const TensorInfo* a, const TensorInfo* b) {
-    return a->offset < b->offset;
-  });
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const TensorInfo* a, const TensorInfo* b) { return a->offset < b->offset; });
   for (size_t i = 1; i < by_offset.size(); ++i) {
     const TensorInfo* prev = by_offset[i - 1];
     const TensorInfo* cur_t = by_offset[i];
     if (prev->offset + prev->n_bytes > cur_t->offset) {  // no overflow: both inside the file
       return Err(StatusCode::kCorruption,
                  "tensor " + Quote(cur_t->name) + " at offset " + std::to_string(cur_t->offset) +
-                     " overlaps tensor " + Quote(prev->name) + " [" +
-                     std::to_string(prev->offset) + ", " +
-                     std::to_string(prev->offset + prev->n_bytes) + ")");
+                     " overlaps tensor " + Quote(prev->name) + " [" + std::to_string(prev->offset) +
+                     ", " + std::to_string(prev->offset + prev->n_bytes) + ")");
     }
   }
   return Status::Ok();

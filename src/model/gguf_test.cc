@@ -52,13 +52,19 @@ std::vector<std::pair<std::string, Value>> EveryValue() {
   v = Scalar(ValueType::kString), v.str = "h\xc3\xa9llo\0x"sv, add("t.str", v);
   v = Scalar(ValueType::kString), v.str = "", add("t.str_empty", v);
   // Arrays of each scalar element type, two elements each.
-  for (auto [name, t] : std::vector<std::pair<std::string, ValueType>>{
-           {"u8", ValueType::kUint8},   {"i8", ValueType::kInt8},
-           {"u16", ValueType::kUint16}, {"i16", ValueType::kInt16},
-           {"u32", ValueType::kUint32}, {"i32", ValueType::kInt32},
-           {"u64", ValueType::kUint64}, {"i64", ValueType::kInt64},
-           {"f32", ValueType::kFloat32}, {"f64", ValueType::kFloat64},
-           {"bool", ValueType::kBool},  {"str", ValueType::kString}}) {
+  for (auto [name, t] :
+       std::vector<std::pair<std::string, ValueType>>{{"u8", ValueType::kUint8},
+                                                      {"i8", ValueType::kInt8},
+                                                      {"u16", ValueType::kUint16},
+                                                      {"i16", ValueType::kInt16},
+                                                      {"u32", ValueType::kUint32},
+                                                      {"i32", ValueType::kInt32},
+                                                      {"u64", ValueType::kUint64},
+                                                      {"i64", ValueType::kInt64},
+                                                      {"f32", ValueType::kFloat32},
+                                                      {"f64", ValueType::kFloat64},
+                                                      {"bool", ValueType::kBool},
+                                                      {"str", ValueType::kString}}) {
     Value a = Scalar(ValueType::kArray);
     a.array_type = t;
     for (int i = 0; i < 2; ++i) {
@@ -211,10 +217,8 @@ TEST(GgufRoundTrip, ConvenienceAdders) {
   EXPECT_EQ(g.GetFloat("a.bool").status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(g.GetBool("a.u32").status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(g.GetString("a.u32").status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(g.GetArray("a.strs", ValueType::kInt32).status().code(),
-            StatusCode::kInvalidArgument);
-  EXPECT_EQ(g.GetArray("a.str", ValueType::kString).status().code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(g.GetArray("a.strs", ValueType::kInt32).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(g.GetArray("a.str", ValueType::kString).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(*g.GetIntOr("nope", 42), 42);
   EXPECT_EQ(*g.GetFloatOr("nope", 0.5), 0.5);
   EXPECT_EQ(*g.GetBoolOr("nope", true), true);
@@ -460,8 +464,8 @@ TEST(GgufRealFiles, CopyThroughWriter) {
   GgufWriter w;
   for (const KeyValue& kv : (*f)->metadata()) w.AddValue(std::string(kv.key), kv.value);
   for (const TensorInfo& t : (*f)->tensors()) {
-    ASSERT_TRUE(w.AddTensor(std::string(t.name), t.type, t.dims, {t.data, t.data + t.n_bytes})
-                    .ok());
+    ASSERT_TRUE(
+        w.AddTensor(std::string(t.name), t.type, t.dims, {t.data, t.data + t.n_bytes}).ok());
   }
   std::vector<std::byte> bytes = w.Serialize();
   auto g = GgufFile::FromMemory(bytes);
@@ -492,8 +496,7 @@ class Raw {
   }
   // A key with a u32 value.
   Raw& KvU32(std::string_view key, uint32_t v) { return Str(key).U32(4).U32(v); }
-  Raw& Tensor(std::string_view name, std::vector<uint64_t> dims, uint32_t type,
-              uint64_t offset) {
+  Raw& Tensor(std::string_view name, std::vector<uint64_t> dims, uint32_t type, uint64_t offset) {
     Str(name).U32(static_cast<uint32_t>(dims.size()));
     for (uint64_t d : dims) U64(d);
     return U32(type).U64(offset);
@@ -548,8 +551,8 @@ std::vector<BadCase> BadCases() {
   const uint64_t kHuge = uint64_t{1} << 60;
   std::vector<BadCase> c;
   c.push_back({"empty file", {}, StatusCode::kCorruption, "too small for a header"});
-  c.push_back({"short header", Raw().Put("GGUF", 4).U32(3).bytes(), StatusCode::kCorruption,
-               "too small"});
+  c.push_back(
+      {"short header", Raw().Put("GGUF", 4).U32(3).bytes(), StatusCode::kCorruption, "too small"});
   c.push_back({"bad magic", Raw().Put("GGML", 4).U32(3).U64(0).U64(0).bytes(),
                StatusCode::kCorruption, "bad magic"});
   c.push_back({"version 0", Raw().Header(0, 0, 0).bytes(), StatusCode::kCorruption,
@@ -562,13 +565,12 @@ std::vector<BadCase> BadCases() {
                StatusCode::kCorruption, "metadata count 1152921504606846976 cannot fit"});
   c.push_back({"huge tensor count", Raw().Header(3, kHuge, 0).Zeros(100).bytes(),
                StatusCode::kCorruption, "tensor count 1152921504606846976 cannot fit"});
-  c.push_back({"huge string array count",
-               Raw().Header(3, 0, 1).Str("a.strs").U32(kArray).U32(kString).U64(kHuge)
-                   .Zeros(64).bytes(),
-               StatusCode::kCorruption, "key 'a.strs': array count 1152921504606846976"});
+  c.push_back(
+      {"huge string array count",
+       Raw().Header(3, 0, 1).Str("a.strs").U32(kArray).U32(kString).U64(kHuge).Zeros(64).bytes(),
+       StatusCode::kCorruption, "key 'a.strs': array count 1152921504606846976"});
   c.push_back({"huge nested array count",
-               Raw().Header(3, 0, 1).Str("a").U32(kArray).U32(kArray).U64(kHuge).Zeros(64)
-                   .bytes(),
+               Raw().Header(3, 0, 1).Str("a").U32(kArray).U32(kArray).U64(kHuge).Zeros(64).bytes(),
                StatusCode::kCorruption, "array count"});
   c.push_back({"string length past end",
                Raw().Header(3, 0, 1).Str("k").U32(kString).U64(1000).Put("abc", 3).bytes(),
@@ -591,11 +593,16 @@ std::vector<BadCase> BadCases() {
   c.push_back({"duplicate key", Raw().Header(3, 0, 2).KvU32("k", 1).KvU32("k", 2).bytes(),
                StatusCode::kCorruption, "duplicate key 'k'"});
   c.push_back({"duplicate tensor name",
-               Raw().Header(3, 2, 0).Tensor("w", {8}, kF32, 0).Tensor("w", {8}, kF32, 32)
-                   .PadTo(32).Zeros(64).bytes(),
+               Raw()
+                   .Header(3, 2, 0)
+                   .Tensor("w", {8}, kF32, 0)
+                   .Tensor("w", {8}, kF32, 32)
+                   .PadTo(32)
+                   .Zeros(64)
+                   .bytes(),
                StatusCode::kCorruption, "duplicate tensor 'w'"});
-  c.push_back({"empty tensor name", Raw().Header(3, 1, 0).Tensor("", {8}, kF32, 0).PadTo(32)
-                                        .Zeros(32).bytes(),
+  c.push_back({"empty tensor name",
+               Raw().Header(3, 1, 0).Tensor("", {8}, kF32, 0).PadTo(32).Zeros(32).bytes(),
                StatusCode::kCorruption, "tensor #0: empty name"});
   c.push_back({"n_dims 0", OneTensor({}, kF32, 0, 32), StatusCode::kCorruption,
                "tensor 't': n_dims 0 not in [1, 4]"});
@@ -625,25 +632,40 @@ std::vector<BadCase> BadCases() {
   c.push_back({"offset wraps around", OneTensor({8}, kF32, ~uint64_t{31}, 32),
                StatusCode::kCorruption, "extends past end of file"});
   c.push_back({"overlapping tensors",
-               Raw().Header(3, 2, 0).Tensor("a", {16}, kF32, 0).Tensor("b", {8}, kF32, 32)
-                   .PadTo(32).Zeros(64).bytes(),
+               Raw()
+                   .Header(3, 2, 0)
+                   .Tensor("a", {16}, kF32, 0)
+                   .Tensor("b", {8}, kF32, 32)
+                   .PadTo(32)
+                   .Zeros(64)
+                   .bytes(),
                StatusCode::kCorruption, "tensor 'b' at offset 32 overlaps tensor 'a' [0, 64)"});
-  c.push_back({"same offset", Raw().Header(3, 2, 0).Tensor("a", {8}, kF32, 0)
-                                  .Tensor("b", {8}, kF32, 0).PadTo(32).Zeros(32).bytes(),
+  c.push_back({"same offset",
+               Raw()
+                   .Header(3, 2, 0)
+                   .Tensor("a", {8}, kF32, 0)
+                   .Tensor("b", {8}, kF32, 0)
+                   .PadTo(32)
+                   .Zeros(32)
+                   .bytes(),
                StatusCode::kCorruption, "overlaps"});
   c.push_back({"alignment 0", Raw().Header(3, 0, 1).KvU32("general.alignment", 0).bytes(),
                StatusCode::kCorruption, "general.alignment must be a nonzero power of two"});
   c.push_back({"alignment 48", Raw().Header(3, 0, 1).KvU32("general.alignment", 48).bytes(),
                StatusCode::kCorruption, "got 48"});
-  c.push_back({"alignment 2^31",
-               Raw().Header(3, 0, 1).KvU32("general.alignment", 1u << 31).bytes(),
+  c.push_back({"alignment 2^31", Raw().Header(3, 0, 1).KvU32("general.alignment", 1u << 31).bytes(),
                StatusCode::kCorruption, "general.alignment"});
   c.push_back({"alignment not an integer",
                Raw().Header(3, 0, 1).Str("general.alignment").U32(kString).Str("32").bytes(),
                StatusCode::kCorruption, "got string"});
   c.push_back({"offset misaligned for a custom alignment",
-               Raw().Header(3, 1, 1).KvU32("general.alignment", 64).Tensor("t", {8}, kF32, 32)
-                   .PadTo(64).Zeros(64).bytes(),
+               Raw()
+                   .Header(3, 1, 1)
+                   .KvU32("general.alignment", 64)
+                   .Tensor("t", {8}, kF32, 32)
+                   .PadTo(64)
+                   .Zeros(64)
+                   .bytes(),
                StatusCode::kCorruption, "not a multiple of the alignment 64"});
   return c;
 }
@@ -669,11 +691,21 @@ TEST(GgufMalformed, ControlCasesAreValid) {
       {"version 2", Raw().Header(2, 0, 1).KvU32("k", 1).bytes()},
       {"one tensor", OneTensor({8}, kF32, 0, 32)},
       {"q8_0 block", OneTensor({32, 2}, kQ8_0, 0, 68)},
-      {"adjacent tensors", Raw().Header(3, 2, 0).Tensor("a", {8}, kF32, 0)
-                               .Tensor("b", {8}, kF32, 32).PadTo(32).Zeros(64).bytes()},
+      {"adjacent tensors", Raw()
+                               .Header(3, 2, 0)
+                               .Tensor("a", {8}, kF32, 0)
+                               .Tensor("b", {8}, kF32, 32)
+                               .PadTo(32)
+                               .Zeros(64)
+                               .bytes()},
       {"depth 8", DepthBomb(kMaxArrayDepth - 1)},
-      {"alignment 64", Raw().Header(3, 1, 1).KvU32("general.alignment", 64)
-                           .Tensor("t", {8}, kF32, 64).PadTo(64).Zeros(96).bytes()},
+      {"alignment 64", Raw()
+                           .Header(3, 1, 1)
+                           .KvU32("general.alignment", 64)
+                           .Tensor("t", {8}, kF32, 64)
+                           .PadTo(64)
+                           .Zeros(96)
+                           .bytes()},
   };
   for (const auto& [name, bytes] : good) {
     SCOPED_TRACE(name);
@@ -712,9 +744,14 @@ TEST(GgufMalformed, TruncatedAtEveryByte) {
 
 TEST(GgufMalformed, HugeCountFailsFast) {
   // 2^60 strings in a 100-byte file: rejected from the count alone, nothing reserved.
-  std::vector<std::byte> b =
-      Raw().Header(3, 0, 1).Str("s").U32(kArray).U32(kString).U64(uint64_t{1} << 60).Zeros(50)
-          .bytes();
+  std::vector<std::byte> b = Raw()
+                                 .Header(3, 0, 1)
+                                 .Str("s")
+                                 .U32(kArray)
+                                 .U32(kString)
+                                 .U64(uint64_t{1} << 60)
+                                 .Zeros(50)
+                                 .bytes();
   auto f = GgufFile::FromMemory(b);
   EXPECT_EQ(f.status().code(), StatusCode::kCorruption);
 }

@@ -49,18 +49,42 @@ void PutPadding(std::vector<std::byte>* out, uint64_t alignment) {
 // The value of `v` as type `type`, without the leading type tag.
 void PutPayload(std::vector<std::byte>* out, ValueType type, const Value& v) {
   switch (type) {
-    case ValueType::kUint8: Put<uint8_t>(out, static_cast<uint8_t>(v.u64)); break;
-    case ValueType::kUint16: Put<uint16_t>(out, static_cast<uint16_t>(v.u64)); break;
-    case ValueType::kUint32: Put<uint32_t>(out, static_cast<uint32_t>(v.u64)); break;
-    case ValueType::kUint64: Put<uint64_t>(out, v.u64); break;
-    case ValueType::kInt8: Put<int8_t>(out, static_cast<int8_t>(v.i64)); break;
-    case ValueType::kInt16: Put<int16_t>(out, static_cast<int16_t>(v.i64)); break;
-    case ValueType::kInt32: Put<int32_t>(out, static_cast<int32_t>(v.i64)); break;
-    case ValueType::kInt64: Put<int64_t>(out, v.i64); break;
-    case ValueType::kFloat32: Put<float>(out, static_cast<float>(v.f64)); break;
-    case ValueType::kFloat64: Put<double>(out, v.f64); break;
-    case ValueType::kBool: Put<uint8_t>(out, v.b ? 1 : 0); break;
-    case ValueType::kString: PutString(out, v.str); break;
+    case ValueType::kUint8:
+      Put<uint8_t>(out, static_cast<uint8_t>(v.u64));
+      break;
+    case ValueType::kUint16:
+      Put<uint16_t>(out, static_cast<uint16_t>(v.u64));
+      break;
+    case ValueType::kUint32:
+      Put<uint32_t>(out, static_cast<uint32_t>(v.u64));
+      break;
+    case ValueType::kUint64:
+      Put<uint64_t>(out, v.u64);
+      break;
+    case ValueType::kInt8:
+      Put<int8_t>(out, static_cast<int8_t>(v.i64));
+      break;
+    case ValueType::kInt16:
+      Put<int16_t>(out, static_cast<int16_t>(v.i64));
+      break;
+    case ValueType::kInt32:
+      Put<int32_t>(out, static_cast<int32_t>(v.i64));
+      break;
+    case ValueType::kInt64:
+      Put<int64_t>(out, v.i64);
+      break;
+    case ValueType::kFloat32:
+      Put<float>(out, static_cast<float>(v.f64));
+      break;
+    case ValueType::kFloat64:
+      Put<double>(out, v.f64);
+      break;
+    case ValueType::kBool:
+      Put<uint8_t>(out, v.b ? 1 : 0);
+      break;
+    case ValueType::kString:
+      PutString(out, v.str);
+      break;
     case ValueType::kArray:
       Put<uint32_t>(out, static_cast<uint32_t>(v.array_type));
       Put<uint64_t>(out, v.array.size());

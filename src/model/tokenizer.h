@@ -36,8 +36,10 @@ class Tokenizer {
 
   // Tokenizes `text`. add_bos prepends BOS (when the vocab has one). parse_special: text that
   // spells a control/user-defined special token (e.g. "<|endoftext|>") becomes that token;
-  // otherwise it is tokenized as plain text. Invalid UTF-8 is tokenized byte-wise, never an
-  // error. Matches llama.cpp's llama_tokenize(text, add_special=add_bos, parse_special).
+  // otherwise it is tokenized as plain text (WART: user-defined tokens, type 4, are matched
+  // even without parse_special, because llama.cpp does so). Invalid UTF-8 is tokenized
+  // byte-wise, never an error. Matches llama.cpp's llama_tokenize(text, add_special=add_bos,
+  // parse_special).
   virtual std::vector<TokenId> Encode(std::string_view text, bool add_bos,
                                       bool parse_special) const = 0;
 

@@ -52,7 +52,10 @@ const Tokenizer& Load(const std::string& path) {
 
 std::string Join(const std::vector<TokenId>& ids) {
   std::string s;
-  for (TokenId id : ids) s += " " + std::to_string(id);
+  for (TokenId id : ids) {
+    s.push_back(' ');
+    s += std::to_string(id);
+  }
   return s;
 }
 
@@ -309,7 +312,7 @@ TEST(StreamingDetokenizerTest, HoldsPartialCharacters) {
     streamed += detok.Flush();
     EXPECT_GT(empty_pushes, 1) << path;  // some tokens held back half a character
     // Streaming keeps SentencePiece's leading space (there is no "first token" in a stream).
-    EXPECT_EQ(streamed, path == kSpmVocab ? " " + text : text) << path;
+    EXPECT_EQ(streamed, path == kSpmVocab ? std::string(" ").append(text) : text) << path;
   }
 }
 

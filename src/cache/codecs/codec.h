@@ -1,0 +1,54 @@
+// KV codecs: how a chunk's raw KV bytes (see chunk.h for the layout) are encoded for storage.
+//
+// Each codec has a stable id and a format version, both stored in every chunk record, so a
+// reader can refuse (a miss, not garbage) what it does not understand. Lossless codecs
+// reproduce the raw bytes exactly; lossy ones (int8, int4) are opt-in and documented with
+// their error bound and measured quality.
+// Thread-safety: codecs are stateless; Encode/Decode may be called concurrently.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "cache/chunk.h"
+#include "cachette/status.h"
+
+namespace cachette::cache {
+
+enum class CodecId : uint32_t {
+  kRaw = 0,         // the raw bytes
+  kInt8 = 1,        // per (token, head) symmetric int8 with an f16 scale
+  kInt4Kivi = 2,    // KIVI-style 4-bit: K grouped per channel, V per token, group 32
+  kInt4G64 = 3,     // affine 4-bit, groups of 64 with f16 scale and min (agent memory layout)
+  kZstd = 0x100,    // flag: zstd over the inner codec's output (lossless); OR-ed with one above
+};
+
+class Codec {
+ public:
+  virtual ~Codec() = default;
+  virtual std::string name() const = 0;  // "raw", "int8", "int4", "int4-g64", "zstd+int8", ...
+  virtual uint32_t id() const = 0;       // CodecId value (with the zstd flag where used)
+  virtual uint32_t version() const = 0;
+  virtual bool lossless() const = 0;
+
+  // Encodes raw chunk bytes of `layout` (raw.size() == layout.raw_bytes()). kInvalidArgument
+  // if the layout is not supported by this codec (e.g. int4 of a q8_0 chunk).
+  virtual Result<std::vector<std::byte>> Encode(const ChunkLayout& layout,
+                                                std::span<const std::byte> raw) const = 0;
+  // Decodes into `raw` (raw.size() == layout.raw_bytes()). kCorruption for malformed input
+  // (wrong length, bad header); never reads or writes out of bounds.
+  virtual Status Decode(const ChunkLayout& layout, std::span<const std::byte> encoded,
+                        std::span<std::byte> raw) const = 0;
+};
+
+// "raw", "int8", "int4" (= KIVI), "int4-g64", and any of them prefixed "zstd+" (e.g.
+// "zstd+raw"). kInvalidArgument naming the codec otherwise.
+Result<std::unique_ptr<Codec>> MakeCodec(std::string_view name);
+// The codec for a stored (id, version), or kNotFound/kUnimplemented.
+Result<std::unique_ptr<Codec>> CodecFor(uint32_t id, uint32_t version);
+
+}  // namespace cachette::cache
