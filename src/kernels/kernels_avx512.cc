@@ -233,36 +233,86 @@ float QScale(const uint8_t* row, int64_t b) {
   return HalfToFloat(row + b * (kT == kQ8 ? 34 : 18));
 }
 
+// [dw_b x 8, dw_{b+1} x 8] from the f16 scales of blocks b and b + 1 of a row.
+template <int kT>
+__m512 PairScales(const uint8_t* row, int64_t b) {
+  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
+  int16_t h0, h1;
+  std::memcpy(&h0, row + b * kBB, 2);
+  std::memcpy(&h1, row + (b + 1) * kBB, 2);
+  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1), _mm_set1_epi16(h0)));
+}
+
+// Blocks b and b + 1 of a quantized row as 64 signed weights.
+template <int kT>
+__m512i LoadQPair(const uint8_t* row, int64_t b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(LoadQBlock<kT>(row, b)), LoadQBlock<kT>(row, b + 1), 1);
+}
+
+// Dot tiles for few tokens: two blocks per zmm. The per-block scale is applied to the 8 int32
+// lanes of each block (cvt + fma) rather than after a horizontal sum, which would cost more.
 template <int kT, int R, int T>
 void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t t0, float* y,
                   int64_t ldy) {
+  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
+  // Prefetch this far ahead in every row: R rows stream at once, more than the hardware
+  // prefetchers track well.
+  constexpr int64_t kAhead = 12 * kBB;
   const int64_t nb = act.cols / 32;
-  __m256 acc[R][T];
+  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wv[R], wabs[R];
-    float dw[R];
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m512i wv[R], wabs[R];
+    __m512 dw[R];
+    __mmask64 neg[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w0 + r * row_bytes;
-      wv[r] = LoadQBlock<kT>(row, b);
-      wabs[r] = _mm256_abs_epi8(wv[r]);
-      dw[r] = QScale<kT>(row, b);
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBB + kAhead), _MM_HINT_T0);
+      wv[r] = LoadQPair<kT>(row, b);
+      wabs[r] = _mm512_abs_epi8(wv[r]);
+      neg[r] = _mm512_movepi8_mask(wv[r]);
+      dw[r] = PairScales<kT>(row, b);
     }
     for (int t = 0; t < T; ++t) {
-      const __m256i xq =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
-      const float dx = act.d[(t0 + t) * nb + b];
+      const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
+      double dx2;
+      std::memcpy(&dx2, act.d + (t0 + t) * nb + b, 8);
+      const __m512 dx = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(dx2))));
       for (int r = 0; r < R; ++r) {
         // sign(x, w) * |w| == x * w, with |w| in the unsigned operand VPDPBUSD wants.
-        const __m256i dot =
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs[r], _mm256_sign_epi8(xq, wv[r]));
-        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
+        const __m512i xs = _mm512_mask_sub_epi8(xq, neg[r], _mm512_setzero_si512(), xq);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs[r], xs);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], dx), acc[r][t]);
       }
     }
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) y[t * ldy + r] = Reduce8(acc[r][t]);
+  float tail[R][T] = {};
+  if (b < nb) {  // odd block count
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w0 + r * row_bytes;
+      const __m256i w = LoadQBlock<kT>(row, b);
+      const float dw = QScale<kT>(row, b);
+      for (int t = 0; t < T; ++t) {
+        const __m256i xq = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
+        const __m256i dot =
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+        tail[r][t] = Reduce8(_mm256_cvtepi32_ps(dot)) * (dw * act.d[(t0 + t) * nb + b]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    if constexpr (R == 4) {
+      __m128 s = Reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+      s = _mm_add_ps(s, _mm_setr_ps(tail[0][t], tail[1][t], tail[2][t], tail[3][t]));
+      _mm_storeu_ps(y + t * ldy, s);
+    } else {
+      for (int r = 0; r < R; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]) + tail[r][t];
+    }
+  }
 }
 
 using QuantDotTileFn = void (*)(const uint8_t*, size_t, const ActQ8&, int64_t, float*, int64_t);
