@@ -1,0 +1,258 @@
+#include "kv/kv_manager.h"
+
+#include <chrono>
+#include <cstring>
+#include <string>
+
+#include "core/check.h"
+#include "core/timer.h"
+
+namespace cachette {
+
+Hash128 KvNamespace(const Hash128& model_fingerprint, kernels::KvType kv_type,
+                    std::string_view tenant_salt) {
+  Hasher128 h;
+  const std::string head = "cachette-kv-ns-v1|" + model_fingerprint.ToHex() + "|" +
+                           std::string(kernels::KvTypeName(kv_type)) + "|";
+  h.Update(head.data(), head.size());
+  const uint64_t salt_len = tenant_salt.size();
+  h.Update(&salt_len, sizeof salt_len);
+  h.Update(tenant_salt.data(), tenant_salt.size());
+  return h.Digest();
+}
+
+// ---- PagedSequence -------------------------------------------------------------------------
+
+PagedSequence::PagedSequence(KvManager* m, const Hash128& ns, int64_t capacity)
+    : manager_(m), ns_(ns), capacity_(capacity) {
+  k_ptr_.resize(m->shape().n_layer);
+  v_ptr_.resize(m->shape().n_layer);
+}
+
+PagedSequence::~PagedSequence() {
+  if (finished_) return;
+  std::lock_guard<std::mutex> lock(manager_->mu_);
+  for (PageId p : pages_) manager_->pool_.Unref(p);
+}
+
+void PagedSequence::SetPage(size_t block, PageId p) {
+  if (block == pages_.size()) {
+    pages_.push_back(p);
+    for (auto& v : k_ptr_) v.push_back(nullptr);
+    for (auto& v : v_ptr_) v.push_back(nullptr);
+  }
+  pages_[block] = p;
+  PagePool& pool = manager_->pool_;
+  for (size_t l = 0; l < k_ptr_.size(); ++l) {
+    k_ptr_[l][block] = pool.K(p, static_cast<int>(l));
+    v_ptr_[l][block] = pool.V(p, static_cast<int>(l));
+  }
+}
+
+Status PagedSequence::Reserve(int64_t n) {
+  if (finished_) return InvalidArgument("sequence already finished");
+  if (n > capacity_) {
+    return ResourceExhausted("sequence needs " + std::to_string(n) +
+                             " tokens of KV but its context holds " + std::to_string(capacity_));
+  }
+  if (n <= n_tokens_) return Status::Ok();
+  const int64_t P = manager_->page_tokens();
+  std::lock_guard<std::mutex> lock(manager_->mu_);
+  PagePool& pool = manager_->pool_;
+  // The first position written lies in block b; if that page is shared, copy it first.
+  const size_t b = static_cast<size_t>(n_tokens_ / P);
+  const bool cow = b < pages_.size() && pool.RefCount(pages_[b]) > 1;
+  const size_t blocks = static_cast<size_t>((n + P - 1) / P);
+  const size_t need = (blocks > pages_.size() ? blocks - pages_.size() : 0) + (cow ? 1 : 0);
+  if (pool.pages_free() < need) {
+    manager_->evictions_ += manager_->index_.Evict(need - pool.pages_free());
+  }
+  if (pool.pages_free() < need) {
+    return ResourceExhausted("KV pool exhausted: need " + std::to_string(need) +
+                             " pages, " + std::to_string(pool.pages_free()) + " free of " +
+                             std::to_string(pool.pages_total()) +
+                             " (the rest are used by running sequences or pinned)");
+  }
+  if (cow) {
+    PageId fresh;
+    CT_CHECK(pool.Allocate(&fresh));
+    std::memcpy(pool.Data(fresh), pool.Data(pages_[b]), pool.page_bytes());
+    pool.Unref(pages_[b]);
+    SetPage(b, fresh);
+    ++manager_->cow_copies_;
+  }
+  while (pages_.size() < blocks) {
+    PageId p;
+    CT_CHECK(pool.Allocate(&p));
+    SetPage(pages_.size(), p);
+  }
+  return Status::Ok();
+}
+
+void* PagedSequence::KSlot(int layer, int64_t pos) {
+  const int64_t P = manager_->page_tokens();
+  return static_cast<std::byte*>(const_cast<void*>(k_ptr_[layer][pos / P])) +
+         static_cast<size_t>(pos % P) * manager_->shape().token_bytes();
+}
+
+void* PagedSequence::VSlot(int layer, int64_t pos) {
+  const int64_t P = manager_->page_tokens();
+  return static_cast<std::byte*>(const_cast<void*>(v_ptr_[layer][pos / P])) +
+         static_cast<size_t>(pos % P) * manager_->shape().token_bytes();
+}
+
+kernels::KvView PagedSequence::View(int layer, int64_t n) const {
+  const KvShape& s = manager_->shape();
+  kernels::KvView v;
+  v.type = s.type;
+  v.n_kv_head = s.n_kv_head;
+  v.head_dim = s.head_dim;
+  v.block_tokens = manager_->page_tokens();
+  v.k_blocks = k_ptr_[layer].data();
+  v.v_blocks = v_ptr_[layer].data();
+  v.n_tokens = n;
+  return v;
+}
+
+void PagedSequence::SetTokens(int64_t n) {
+  if (n < n_tokens_) {
+    // Drop the pages past the new end (shrinking, e.g. to recompute the last prompt token).
+    const int64_t P = manager_->page_tokens();
+    const size_t keep = static_cast<size_t>((n + P - 1) / P);
+    std::lock_guard<std::mutex> lock(manager_->mu_);
+    while (pages_.size() > keep) {
+      manager_->pool_.Unref(pages_.back());
+      pages_.pop_back();
+      for (auto& v : k_ptr_) v.pop_back();
+      for (auto& v : v_ptr_) v.pop_back();
+    }
+  }
+  n_tokens_ = n;
+}
+
+// ---- KvManager ------------------------------------------------------------------------------
+
+Status KvManager::Validate(const KvManagerOptions& o) {
+  if (o.page_tokens <= 0 || o.page_tokens > 4096) {
+    return InvalidArgument("page size must be in [1, 4096] tokens");
+  }
+  const size_t page = PagePool::PageBytes(o.shape, o.page_tokens);
+  if (page == 0) return InvalidArgument("KV shape has zero bytes per page");
+  if (o.budget_bytes / page < 1) {
+    return InvalidArgument("KV budget of " + std::to_string(o.budget_bytes) +
+                           " bytes is smaller than one page (" + std::to_string(page) +
+                           " bytes)");
+  }
+  return Status::Ok();
+}
+
+namespace {
+RadixIndex::ClockFn OrSteady(RadixIndex::ClockFn f) {
+  if (f) return f;
+  return [] { return NowNanos(); };
+}
+}  // namespace
+
+KvManager::KvManager(const KvManagerOptions& options)
+    : options_(options),
+      pool_(options.shape, options.page_tokens, options.budget_bytes),
+      index_(pool_, OrSteady(options.clock), options.priority) {}
+
+KvManager::~KvManager() = default;
+
+std::unique_ptr<PagedSequence> KvManager::Start(const Hash128& ns,
+                                                std::span<const TokenId> prompt,
+                                                int64_t capacity) {
+  std::unique_ptr<PagedSequence> seq(new PagedSequence(this, ns, capacity));
+  std::lock_guard<std::mutex> lock(mu_);
+  RadixIndex::Match m = index_.Lookup(ns, prompt.first(std::min<size_t>(prompt.size(), capacity)));
+  ++lookups_;
+  lookup_tokens_ += prompt.size();
+  hit_tokens_ += m.n_tokens;
+  for (PageId p : m.pages) seq->SetPage(seq->pages_.size(), p);
+  seq->n_tokens_ = m.n_tokens;
+  seq->cached_tokens_ = m.n_tokens;
+  return seq;
+}
+
+void KvManager::Commit(PagedSequence& seq, std::span<const TokenId> tokens, bool include_partial) {
+  CT_CHECK(seq.manager_ == this);
+  const int64_t P = options_.page_tokens;
+  const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.n_tokens_);
+  const int64_t len = include_partial ? n : n / P * P;
+  if (len <= 0) return;
+  const size_t pages = static_cast<size_t>((len + P - 1) / P);
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.Insert(seq.ns_, tokens.first(len), std::span<const PageId>(seq.pages_).first(pages));
+}
+
+void KvManager::Finish(PagedSequence& seq, std::span<const TokenId> tokens) {
+  if (seq.finished_) return;
+  Commit(seq, tokens, /*include_partial=*/true);
+  std::lock_guard<std::mutex> lock(mu_);
+  for (PageId p : seq.pages_) pool_.Unref(p);
+  seq.pages_.clear();
+  for (auto& v : seq.k_ptr_) v.clear();
+  for (auto& v : seq.v_ptr_) v.clear();
+  seq.n_tokens_ = 0;
+  seq.finished_ = true;
+}
+
+int64_t KvManager::CachedPrefix(const Hash128& ns, std::span<const TokenId> tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RadixIndex::Match m = index_.Lookup(ns, tokens);
+  for (PageId p : m.pages) pool_.Unref(p);
+  return m.n_tokens;
+}
+
+KvManager::Pin& KvManager::Pin::operator=(Pin&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    m_ = o.m_;
+    id_ = o.id_;
+    tokens_ = o.tokens_;
+    o.m_ = nullptr;
+  }
+  return *this;
+}
+
+void KvManager::Pin::Reset() {
+  if (m_ == nullptr) return;
+  std::lock_guard<std::mutex> lock(m_->mu_);
+  m_->index_.Unpin(id_);
+  m_ = nullptr;
+}
+
+KvManager::Pin KvManager::PinPrefix(const Hash128& ns, std::span<const TokenId> tokens,
+                                    int64_t ttl_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t pinned = 0;
+  const uint64_t id = index_.Pin(ns, tokens, ttl_ms * 1000000, &pinned);
+  return Pin(this, id, pinned);
+}
+
+void KvManager::Clear(const Hash128& ns) {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.Clear(ns);
+}
+
+KvManager::Stats KvManager::GetStats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stats s;
+  s.pages_total = pool_.pages_total();
+  s.pages_free = pool_.pages_free();
+  s.pages_used = pool_.pages_used();
+  s.pages_cached_unreferenced = static_cast<uint32_t>(index_.pages_cached_unreferenced());
+  s.pages_pinned = static_cast<uint32_t>(index_.pages_pinned());
+  s.page_bytes = pool_.page_bytes();
+  s.budget_bytes = options_.budget_bytes;
+  s.bytes_reserved = pool_.bytes_reserved();
+  s.evictions = evictions_;
+  s.cow_copies = cow_copies_;
+  s.lookups = lookups_;
+  s.lookup_tokens = lookup_tokens_;
+  s.hit_tokens = hit_tokens_;
+  return s;
+}
+
+}  // namespace cachette

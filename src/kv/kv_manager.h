@@ -1,0 +1,157 @@
+// Paged KV memory with an exact prefix cache: the page pool, the radix index over it, and the
+// sequences that read and write pages through block tables.
+//
+// Life of a sequence:
+//   1. Start(ns, prompt): the longest cached prefix of the prompt is looked up; the sequence
+//      begins with those pages in its block table and n_tokens() = the matched length. (The
+//      caller then prefills only prompt[n_tokens():].)
+//   2. The engine calls Reserve(n) before writing positions [n_tokens(), n): pages are
+//      allocated (evicting unreferenced cached pages if the pool is full), and a shared page
+//      about to be written is first copied (copy-on-write), so a referenced page is never
+//      overwritten.
+//   3. Commit(seq, tokens): after prefill and from time to time during decode, the sequence's
+//      full pages are added to the index, so concurrent and later requests can share them.
+//   4. The sequence is destroyed (or Finish()ed): its pages, the last partial one included,
+//      are committed, and its references dropped; pages only the index holds stay cached.
+// When the pool is exhausted by pinned or running pages, Reserve() fails with
+// kResourceExhausted and nothing is overwritten. Memory use is the budget, fixed at start.
+//
+// Thread-safety: all methods, of the manager and of its sequences, are safe to call from
+// several threads (one mutex); a single sequence must not be used by two threads at once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <vector>
+
+#include "cachette/status.h"
+#include "core/hash.h"
+#include "engine/kv_cache.h"
+#include "kv/page_pool.h"
+#include "kv/radix_index.h"
+
+namespace cachette {
+
+class KvManager;
+
+struct KvManagerOptions {
+  KvShape shape;
+  int page_tokens = 16;
+  size_t budget_bytes = size_t{512} << 20;
+  RadixIndex::Priority priority = RadixIndex::Lru;
+  RadixIndex::ClockFn clock;  // default: steady clock
+};
+
+// The namespace of cached KV: model weights identity, KV element type and an optional tenant
+// salt. Different namespaces never share entries.
+Hash128 KvNamespace(const Hash128& model_fingerprint, kernels::KvType kv_type,
+                    std::string_view tenant_salt = {});
+
+class PagedSequence final : public SequenceKv {
+ public:
+  ~PagedSequence() override;  // Finish()es if not done
+
+  int64_t n_tokens() const override { return n_tokens_; }
+  int64_t capacity() const override { return capacity_; }
+  Status Reserve(int64_t n) override;
+  void* KSlot(int layer, int64_t pos) override;
+  void* VSlot(int layer, int64_t pos) override;
+  kernels::KvView View(int layer, int64_t n) const override;
+  void SetTokens(int64_t n) override;
+
+  const Hash128& ns() const { return ns_; }
+  // Tokens reused from the cache when the sequence started.
+  int64_t cached_tokens() const { return cached_tokens_; }
+  const std::vector<PageId>& block_table() const { return pages_; }
+
+ private:
+  friend class KvManager;
+  PagedSequence(KvManager* m, const Hash128& ns, int64_t capacity);
+  void SetPage(size_t block, PageId p);  // updates the per-layer pointer tables
+
+  KvManager* manager_;
+  Hash128 ns_;
+  int64_t capacity_;
+  int64_t n_tokens_ = 0;
+  int64_t cached_tokens_ = 0;
+  bool finished_ = false;
+  std::vector<PageId> pages_;                    // block table
+  std::vector<std::vector<const void*>> k_ptr_;  // [n_layer][block]
+  std::vector<std::vector<const void*>> v_ptr_;
+};
+
+class KvManager {
+ public:
+  explicit KvManager(const KvManagerOptions& options);
+  ~KvManager();
+
+  // kInvalidArgument if the budget does not hold one page.
+  static Status Validate(const KvManagerOptions& options);
+
+  // A sequence of up to `capacity` tokens that starts with the longest cached prefix of
+  // `prompt` in `ns` (at most prompt.size() - 0 tokens; callers that need logits of the last
+  // prompt token recompute it, see Generate()).
+  std::unique_ptr<PagedSequence> Start(const Hash128& ns, std::span<const TokenId> prompt,
+                                       int64_t capacity);
+
+  // Adds the sequence's full pages (and, with include_partial, its last partial page) for
+  // `tokens` (its token ids, tokens.size() <= seq.n_tokens()) to the index.
+  void Commit(PagedSequence& seq, std::span<const TokenId> tokens, bool include_partial = false);
+
+  // Commits everything (partial page included) and releases the sequence's pages; the
+  // sequence is empty afterwards. Idempotent.
+  void Finish(PagedSequence& seq, std::span<const TokenId> tokens);
+
+  // Cached tokens of `tokens` in `ns` without taking references (for admission and stats).
+  int64_t CachedPrefix(const Hash128& ns, std::span<const TokenId> tokens);
+
+  // A move-only handle keeping a cached prefix from eviction; unpins when destroyed.
+  class Pin {
+   public:
+    Pin() = default;
+    Pin(Pin&& o) noexcept : m_(o.m_), id_(o.id_), tokens_(o.tokens_) { o.m_ = nullptr; }
+    Pin& operator=(Pin&& o) noexcept;
+    ~Pin() { Reset(); }
+    void Reset();
+    int64_t tokens() const { return tokens_; }  // how much of the prefix was cached and pinned
+
+   private:
+    friend class KvManager;
+    Pin(KvManager* m, uint64_t id, int64_t tokens) : m_(m), id_(id), tokens_(tokens) {}
+    KvManager* m_ = nullptr;
+    uint64_t id_ = 0;
+    int64_t tokens_ = 0;
+  };
+  // Pins the cached part of `tokens` for ttl_ms (0 = until the handle is destroyed).
+  Pin PinPrefix(const Hash128& ns, std::span<const TokenId> tokens, int64_t ttl_ms = 0);
+
+  void Clear(const Hash128& ns);
+
+  struct Stats {
+    uint32_t pages_total = 0, pages_free = 0, pages_used = 0;
+    uint32_t pages_cached_unreferenced = 0;  // held only by the index: reusable and evictable
+    uint32_t pages_pinned = 0;
+    size_t page_bytes = 0, budget_bytes = 0, bytes_reserved = 0;
+    uint64_t evictions = 0, cow_copies = 0;
+    uint64_t lookups = 0, lookup_tokens = 0, hit_tokens = 0;
+  };
+  Stats GetStats();
+
+  const KvShape& shape() const { return options_.shape; }
+  int page_tokens() const { return options_.page_tokens; }
+
+ private:
+  friend class PagedSequence;
+  // Allocates a page, evicting cached pages when the pool is empty. REQUIRES mu_.
+  Status AllocateLocked(PageId* out);
+
+  KvManagerOptions options_;
+  std::mutex mu_;
+  PagePool pool_;    // GUARDED_BY(mu_)
+  RadixIndex index_;  // GUARDED_BY(mu_)
+  uint64_t evictions_ = 0, cow_copies_ = 0, lookups_ = 0, lookup_tokens_ = 0, hit_tokens_ = 0;
+};
+
+}  // namespace cachette
