@@ -113,3 +113,26 @@ TEST(ThreadPoolTest, ManyShortJobs) {
 
 }  // namespace
 }  // namespace cachette
+
+#include "core/units.h"
+
+namespace cachette {
+namespace {
+
+TEST(UnitsTest, ParseBytes) {
+  EXPECT_EQ(*ParseBytes("512MiB"), 512ull << 20);
+  EXPECT_EQ(*ParseBytes("4GiB"), 4ull << 30);
+  EXPECT_EQ(*ParseBytes("4g"), 4ull << 30);
+  EXPECT_EQ(*ParseBytes("1.5K"), 1536u);
+  EXPECT_EQ(*ParseBytes("65536"), 65536u);
+  for (const char* bad : {"", "MiB", "-1G", "0", "12 parsecs", "1e30T", "nan"}) {
+    Result<uint64_t> r = ParseBytes(bad);
+    EXPECT_FALSE(r.ok()) << bad;
+    if (!r.ok()) EXPECT_NE(r.status().message().find("byte size"), std::string::npos);
+  }
+  EXPECT_EQ(FormatBytes(1536), "1.5 KiB");
+  EXPECT_EQ(FormatBytes(100), "100 B");
+}
+
+}  // namespace
+}  // namespace cachette
