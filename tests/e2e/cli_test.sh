@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# End-to-end checks of the `cachette` binary: the main commands work on the bundled model and
+# on a synthesized one, and bad input gets a clear error (exit 1, a message naming the
+# problem), never a crash. Usage: cli_test.sh BINARY SHARED_DIR
+set -u
+bin=$1
+shared=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+
+check() {  # check NAME WANT_EXIT WANT_TEXT -- command...
+  local name=$1 want_exit=$2 want_text=$3
+  shift 4
+  local out
+  out=$("$@" 2>&1)
+  local rc=$?
+  if [ "$rc" -eq "$want_exit" ] && grep -qF -- "$want_text" <<<"$out"; then
+    pass=$((pass + 1))
+  else
+    fail=$((fail + 1))
+    echo "FAIL: $name (exit $rc, want $want_exit; want text '$want_text')"
+    echo "$out" | tail -n 5
+  fi
+}
+
+check "run bundled model" 0 '"generated_ids"' -- "$bin" run -p "The history of the" -n 8 --json
+check "run prompt ids" 0 '"prompt_ids":[8191,464,2106,286,262]' -- \
+  "$bin" run --prompt-ids 8191,464,2106,286,262 -n 4 --json
+check "tokenize ids" 0 '[464, 2106, 286, 262]' -- "$bin" tokenize --ids -p "The history of the"
+check "tokenize with bos" 0 '[8191, 464' -- "$bin" tokenize --ids --bos -p "The history"
+check "synth tiny" 0 'wrote' -- "$bin" model synth --shape tiny --type q8_0 -o "$tmp/tiny.gguf"
+check "info synth" 0 'arch llama' -- "$bin" model info -m "$tmp/tiny.gguf"
+check "run synth" 0 '"finish_reason"' -- "$bin" run -m "$tmp/tiny.gguf" -p "hello" -n 4 --json
+check "bench engine" 0 '"decode_tok_s"' -- "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 \
+  --reps 1 --json
+
+# Bad input.
+check "missing model" 1 'cannot open' -- "$bin" run -m "$tmp/nope.gguf" -p hi
+printf 'GGUX\3\0\0\0' >"$tmp/magic.gguf"
+check "bad magic" 1 'magic' -- "$bin" run -m "$tmp/magic.gguf" -p hi
+head -c 5000 "$tmp/tiny.gguf" >"$tmp/trunc.gguf"
+check "truncated" 1 'GGUF' -- "$bin" run -m "$tmp/trunc.gguf" -p hi
+check "vocab only" 1 "unknown architecture 'gpt2'" -- "$bin" run -m "$shared/testdata/tokenizer/ggml-vocab-gpt-2.gguf" -p hi
+check "bad token id" 1 'outside the vocabulary' -- "$bin" run --prompt-ids 1,999999 -n 2
+check "bad id text" 1 'is not a token id' -- "$bin" run --prompt-ids 1,x -n 2
+long=$(python3 -c 'print(",".join(["464"] * 2100))')
+check "prompt longer than context" 1 'context' -- "$bin" run --prompt-ids "$long" -n 2
+check "bad kv type" 1 'unknown KV type' -- "$bin" run -p hi --kv-type q3
+check "bad temperature" 1 'temperature' -- "$bin" run -p hi --temp -1
+check "bad synth type" 1 'unknown weight type' -- "$bin" model synth --type q5 -o "$tmp/x.gguf"
+check "bad shape" 1 'unknown shape' -- "$bin" model synth --shape huge -o "$tmp/x.gguf"
+check "bad budget" 1 'byte size' -- "$bin" bench prefix --kv-budget lots -p 16
+
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
