@@ -1,0 +1,550 @@
+// Tests of the KV codecs: exact round trips of the lossless ones, the per-element error bound of
+// the lossy ones (derived from the data, independently of the payload), the fast kernels
+// against the scalar reference, and a table of malformed payloads.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cache/codecs/codec.h"
+#include "cache/codecs/codec_internal.h"
+#include "cache/codecs/quant_kernels.h"
+#include "core/fp16.h"
+
+namespace cachette::cache {
+namespace {
+
+using codecs::kHeaderBytes;
+
+std::vector<std::byte> RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::byte> v(n);
+  for (auto& b : v) b = static_cast<std::byte>(rng() & 0xFF);
+  return v;
+}
+
+// KV-like values: N(0, 1), a few outlier channels (x 30, as keys have) and rare spikes.
+std::vector<float> KvLikeValues(const ChunkLayout& l, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> spike(0, 199);
+  const size_t n = l.raw_bytes() / (l.kv_type == 0 ? 4 : 2);
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t d = i % l.head_dim;
+    float x = normal(rng);
+    if (d % 17 == 3) x *= 30.0f;
+    if (spike(rng) == 0) x *= 100.0f;
+    v[i] = x;
+  }
+  return v;
+}
+
+std::vector<std::byte> ToRaw(const ChunkLayout& l, const std::vector<float>& v) {
+  std::vector<std::byte> raw(l.raw_bytes());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (l.kv_type == 0) {
+      std::memcpy(raw.data() + 4 * i, &v[i], 4);
+    } else {
+      const uint16_t h = Fp32ToFp16(v[i]);
+      std::memcpy(raw.data() + 2 * i, &h, 2);
+    }
+  }
+  return raw;
+}
+
+std::vector<float> FromRaw(const ChunkLayout& l, std::span<const std::byte> raw) {
+  const size_t n = raw.size() / (l.kv_type == 0 ? 4 : 2);
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (l.kv_type == 0) {
+      std::memcpy(&v[i], raw.data() + 4 * i, 4);
+    } else {
+      uint16_t h;
+      std::memcpy(&h, raw.data() + 2 * i, 2);
+      v[i] = Fp16ToFp32(h);
+    }
+  }
+  return v;
+}
+
+std::unique_ptr<Codec> Make(const std::string& name) {
+  auto c = MakeCodec(name);
+  EXPECT_TRUE(c.ok()) << name << ": " << c.status().ToString();
+  return std::move(c).value();
+}
+
+ChunkLayout Layout(uint32_t n_layer, uint32_t n_kv_head, uint32_t head_dim, uint32_t n_tokens,
+                   uint32_t kv_type) {
+  return ChunkLayout{n_layer, n_kv_head, head_dim, n_tokens, kv_type};
+}
+
+const std::vector<ChunkLayout>& Shapes() {
+  static const std::vector<ChunkLayout> shapes = {
+      Layout(2, 2, 64, 256, 1),  // qwen2.5-0.5b-like, f16
+      Layout(1, 2, 64, 45, 1),   // n_tokens not a multiple of 32
+      Layout(2, 1, 128, 33, 0),  // f32, one token in the last key group
+      Layout(1, 3, 80, 7, 1),    // head_dim not a multiple of 16/32/64: scalar fallbacks
+      Layout(1, 1, 2, 1, 0),     // tiny
+      Layout(3, 2, 64, 32, 0),
+      Layout(1, 2, 64, 0, 1),    // empty chunk
+  };
+  return shapes;
+}
+
+std::string ShapeName(const ChunkLayout& l) {
+  // snprintf rather than a chain of string +: GCC 12 reports a false -Wrestrict on the latter.
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), "L%uH%uD%uT%uk%u", l.n_layer, l.n_kv_head, l.head_dim,
+                l.n_tokens, l.kv_type);
+  return buf;
+}
+
+// ---- lossless ----
+
+TEST(CodecsTest, LosslessRoundTripIsExact) {
+  std::vector<ChunkLayout> shapes = Shapes();
+  shapes.push_back(Layout(2, 2, 64, 16, 2));  // q8_0: raw and zstd+raw only
+  for (const char* name : {"raw", "zstd+raw"}) {
+    auto codec = Make(name);
+    EXPECT_TRUE(codec->lossless());
+    for (const ChunkLayout& l : shapes) {
+      SCOPED_TRACE(std::string(name) + " " + ShapeName(l));
+      const auto raw = RandomBytes(l.raw_bytes(), 7);
+      auto enc = codec->Encode(l, raw);
+      ASSERT_TRUE(enc.ok()) << enc.status().ToString();
+      std::vector<std::byte> out(raw.size(), std::byte{0x5a});
+      ASSERT_TRUE(codec->Decode(l, *enc, out).ok());
+      EXPECT_EQ(out, raw);
+    }
+  }
+}
+
+TEST(CodecsTest, ZstdIsLosslessOverLossyCodecs) {
+  const ChunkLayout l = Layout(2, 2, 64, 45, 1);
+  const auto raw = ToRaw(l, KvLikeValues(l, 3));
+  for (const char* inner : {"int8", "int4", "int4-g64"}) {
+    SCOPED_TRACE(inner);
+    auto plain = Make(inner), zstd = Make(std::string("zstd+") + inner);
+    std::vector<std::byte> a(raw.size()), b(raw.size());
+    auto ea = plain->Encode(l, raw);
+    auto eb = zstd->Encode(l, raw);
+    ASSERT_TRUE(ea.ok() && eb.ok());
+    ASSERT_TRUE(plain->Decode(l, *ea, a).ok());
+    ASSERT_TRUE(zstd->Decode(l, *eb, b).ok());
+    EXPECT_EQ(a, b);
+    EXPECT_FALSE(zstd->lossless());
+  }
+}
+
+TEST(CodecsTest, ZstdCompressesALowEntropyChunk) {
+  // f16 KV of a repetitive prompt: a few distinct vectors repeated over the tokens.
+  const ChunkLayout l = Layout(4, 2, 64, 256, 1);
+  std::vector<float> v(l.raw_bytes() / 2);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>((i / 128) % 4) * 0.25f;
+  const auto raw = ToRaw(l, v);
+  auto enc = Make("zstd+raw")->Encode(l, raw);
+  ASSERT_TRUE(enc.ok());
+  EXPECT_LT(enc->size(), raw.size() / 20) << "zstd+raw: " << enc->size() << " of " << raw.size();
+  // And random bytes do not grow by more than zstd's framing.
+  const auto noise = RandomBytes(l.raw_bytes(), 11);
+  auto enc_noise = Make("zstd+raw")->Encode(l, noise);
+  ASSERT_TRUE(enc_noise.ok());
+  EXPECT_LT(enc_noise->size(), noise.size() + noise.size() / 100 + 2 * kHeaderBytes);
+}
+
+// ---- lossy: error bounds ----
+
+// The group every element belongs to, per codec (docs/formats/codecs.md), as a map key.
+uint64_t GroupOf(const std::string& codec, const ChunkLayout& l, uint64_t layer, int kv,
+                 uint64_t t, uint64_t h, uint64_t d) {
+  const uint64_t plane = layer * 2 + kv;
+  const uint64_t vec = (plane * l.n_tokens + t) * l.n_kv_head + h;
+  if (codec == "int8") return vec;
+  if (codec == "int4-g64") return vec * 1000 + d / 64;
+  // int4 (KIVI): keys per channel over 32 tokens, values per token over 32 elements.
+  if (kv == 0) return ((plane * 1000 + t / 32) * l.n_kv_head + h) * 100000 + d + (1ull << 62);
+  return vec * 1000 + d / 32;
+}
+
+struct GroupStats {
+  float lo = INFINITY, hi = -INFINITY, amax = 0.0f;
+};
+
+// The bound of docs/formats/codecs.md, from the group's data only. f16 rounding of a parameter
+// moves it by at most 2^-10 relative (normal range) or 2^-24 absolute (subnormals).
+double Bound(const std::string& codec, const GroupStats& g, float decoded, bool f16_out) {
+  const double kUlp = std::ldexp(1.0, -10), kSub = std::ldexp(1.0, -24);
+  double b;
+  if (codec == "int8") {
+    const double s = g.amax / 127.0 * (1 + kUlp) + kSub;
+    b = s / 2 * (1 + std::ldexp(1.0, -14)) + g.amax * std::ldexp(1.0, -22);
+  } else {
+    const double m = g.lo - std::fabs(g.lo) * kUlp - kSub;
+    const double s = (g.hi - m) / 15 * (1 + kUlp) + kSub;
+    b = s / 2 * (1 + std::ldexp(1.0, -14)) + (std::fabs(m) + 15 * s) * std::ldexp(1.0, -22);
+  }
+  if (f16_out) b += std::max(std::fabs(decoded) * std::ldexp(1.0, -11), std::ldexp(1.0, -25));
+  return b;
+}
+
+void CheckBound(const std::string& name, const std::string& base, const ChunkLayout& l,
+                uint32_t seed) {
+  SCOPED_TRACE(name + " " + ShapeName(l));
+  auto codec = Make(name);
+  const std::vector<float> x_exact = KvLikeValues(l, seed);
+  const auto raw = ToRaw(l, x_exact);
+  const std::vector<float> x = FromRaw(l, raw);  // what the codec sees (f16-rounded for f16)
+  auto enc = codec->Encode(l, raw);
+  ASSERT_TRUE(enc.ok()) << enc.status().ToString();
+  std::vector<std::byte> out(raw.size());
+  ASSERT_TRUE(codec->Decode(l, *enc, out).ok());
+  const std::vector<float> y = FromRaw(l, out);
+
+  std::map<uint64_t, GroupStats> groups;
+  auto for_each = [&](auto&& fn) {
+    size_t i = 0;
+    for (uint64_t layer = 0; layer < l.n_layer; ++layer) {
+      for (int kv = 0; kv < 2; ++kv) {
+        for (uint64_t t = 0; t < l.n_tokens; ++t) {
+          for (uint64_t h = 0; h < l.n_kv_head; ++h) {
+            for (uint64_t d = 0; d < l.head_dim; ++d, ++i) {
+              fn(GroupOf(base, l, layer, kv, t, h, d), i);
+            }
+          }
+        }
+      }
+    }
+  };
+  for_each([&](uint64_t g, size_t i) {
+    GroupStats& s = groups[g];
+    s.lo = std::min(s.lo, x[i]);
+    s.hi = std::max(s.hi, x[i]);
+    s.amax = std::max(s.amax, std::fabs(x[i]));
+  });
+  double worst_ratio = 0;
+  int failures = 0;
+  for_each([&](uint64_t g, size_t i) {
+    const double err = std::fabs(static_cast<double>(x[i]) - y[i]);
+    const double bound = Bound(base, groups[g], y[i], l.kv_type == 1);
+    worst_ratio = std::max(worst_ratio, err / bound);
+    if (err > bound && ++failures <= 5) {
+      ADD_FAILURE() << "element " << i << ": x " << x[i] << " decoded " << y[i] << " error "
+                    << err << " > bound " << bound;
+    }
+  });
+  // The bound is tight: some element gets close to it (else the test checks nothing).
+  if (x.size() > 1000) {
+    EXPECT_GT(worst_ratio, 0.5);
+  }
+}
+
+TEST(CodecsTest, LossyCodecsMeetTheirErrorBound) {
+  for (const char* base : {"int8", "int4", "int4-g64"}) {
+    for (const ChunkLayout& l : Shapes()) {
+      CheckBound(base, base, l, 100 + l.n_tokens);
+      CheckBound(std::string("zstd+") + base, base, l, 200 + l.n_tokens);
+    }
+  }
+}
+
+TEST(CodecsTest, LossyCodecsAreExactOnTheirGrid) {
+  // Values an int8 codec can represent exactly (q * 2^-4 with a group amax of 127 * 2^-4)
+  // come back bit-exact, f16 in and out.
+  const ChunkLayout l = Layout(1, 1, 64, 4, 1);
+  std::vector<float> v(l.raw_bytes() / 2);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = (static_cast<int>(i % 64) - 32) / 16.0f;
+  for (size_t t = 0; t < v.size(); t += 64) v[t] = 127 / 16.0f;
+  const auto raw = ToRaw(l, v);
+  auto codec = Make("int8");
+  auto enc = codec->Encode(l, raw);
+  ASSERT_TRUE(enc.ok());
+  std::vector<std::byte> out(raw.size());
+  ASSERT_TRUE(codec->Decode(l, *enc, out).ok());
+  EXPECT_EQ(out, raw);
+}
+
+TEST(CodecsTest, PayloadSizesMatchTheSpec) {
+  // qwen2.5-0.5b chunk: 24 layers, 2 KV heads, head_dim 64, 256 tokens, f16.
+  const ChunkLayout l = Layout(24, 2, 64, 256, 1);
+  const auto raw = ToRaw(l, KvLikeValues(l, 5));
+  const std::map<std::string, uint64_t> body = {
+      {"raw", l.raw_bytes()},
+      {"int8", 24ull * 2 * 256 * 2 * (2 + 64)},
+      {"int4", 24ull * (4 * 8 * 128 + 256 * 64 + 4 * 256 * 2 * 2 + 256 * 64)},
+      {"int4-g64", 24ull * 2 * 256 * 2 * (4 + 32)},
+  };
+  for (const auto& [name, bytes] : body) {
+    auto enc = Make(name)->Encode(l, raw);
+    ASSERT_TRUE(enc.ok());
+    EXPECT_EQ(enc->size(), kHeaderBytes + bytes) << name;
+  }
+}
+
+TEST(CodecsTest, LossyCodecsRefuseWhatTheyCannotRepresent) {
+  const ChunkLayout l = Layout(1, 1, 64, 2, 0);
+  for (const char* name : {"int8", "int4", "int4-g64", "zstd+int4"}) {
+    SCOPED_TRACE(name);
+    auto codec = Make(name);
+    for (float bad : {NAN, INFINITY, 1e6f}) {
+      std::vector<float> v(128, 1.0f);
+      v[77] = bad;
+      auto enc = codec->Encode(l, ToRaw(l, v));
+      ASSERT_FALSE(enc.ok());
+      EXPECT_EQ(enc.status().code(), StatusCode::kInvalidArgument);
+      EXPECT_NE(enc.status().message().find("f16"), std::string::npos)
+          << enc.status().message();
+    }
+    // q8_0 chunks are not re-quantized.
+    const ChunkLayout q8 = Layout(1, 1, 64, 2, 2);
+    auto enc = codec->Encode(q8, RandomBytes(q8.raw_bytes(), 1));
+    EXPECT_EQ(enc.status().code(), StatusCode::kInvalidArgument);
+  }
+  const ChunkLayout odd = Layout(1, 1, 3, 2, 0);
+  for (const char* name : {"int4", "int4-g64"}) {
+    auto enc = Make(name)->Encode(odd, std::vector<std::byte>(odd.raw_bytes()));
+    EXPECT_EQ(enc.status().code(), StatusCode::kInvalidArgument) << name;
+  }
+  // int8 handles any head_dim.
+  auto enc = Make("int8")->Encode(odd, std::vector<std::byte>(odd.raw_bytes()));
+  EXPECT_TRUE(enc.ok());
+}
+
+// ---- fast kernels against the scalar reference ----
+
+TEST(CodecsTest, FastKernelsMatchScalarBitForBit) {
+  const codecs::QuantKernels* fast = codecs::Avx512QuantKernels();
+  if (fast == nullptr) GTEST_SKIP() << "no AVX-512 on this CPU";
+  const codecs::QuantKernels& ref = codecs::ScalarQuantKernels();
+  using Factory = std::unique_ptr<Codec> (*)(const codecs::QuantKernels&);
+  const std::pair<const char*, Factory> factories[] = {
+      {"int8", codecs::MakeInt8Codec},
+      {"int4", codecs::MakeInt4KiviCodec},
+      {"int4-g64", codecs::MakeInt4G64Codec},
+  };
+  std::vector<ChunkLayout> shapes = Shapes();
+  shapes.push_back(Layout(1, 2, 128, 300, 1));
+  uint32_t seed = 1;
+  for (const auto& [name, make] : factories) {
+    auto a = make(ref), b = make(*fast);
+    for (const ChunkLayout& l : shapes) {
+      for (int trial = 0; trial < 3; ++trial) {
+        SCOPED_TRACE(std::string(name) + " " + ShapeName(l) + " trial " + std::to_string(trial));
+        std::vector<float> v = KvLikeValues(l, ++seed);
+        if (trial == 2) {  // zeros of both signs, ties, tiny (subnormal-scale) groups
+          for (size_t i = 0; i < v.size(); ++i) {
+            v[i] = (i % 3 == 0) ? -0.0f : (i % 3 == 1 ? 0.0f : v[i] * 1e-6f);
+          }
+        }
+        const auto raw = ToRaw(l, v);
+        auto ea = a->Encode(l, raw), eb = b->Encode(l, raw);
+        ASSERT_TRUE(ea.ok() && eb.ok());
+        ASSERT_EQ(*ea, *eb);
+        std::vector<std::byte> da(raw.size()), db(raw.size());
+        ASSERT_TRUE(a->Decode(l, *ea, da).ok());
+        ASSERT_TRUE(b->Decode(l, *ea, db).ok());
+        ASSERT_EQ(da, db);
+      }
+    }
+  }
+  // f16 <-> f32 conversions, including a tail that is not a multiple of 16.
+  const auto halves = RandomBytes(2 * 1001, 9);
+  std::vector<float> fa(1001), fb(1001);
+  ref.f16_to_f32(halves.data(), fa.data(), 1001);
+  fast->f16_to_f32(halves.data(), fb.data(), 1001);
+  for (size_t i = 0; i < fa.size(); ++i) {
+    if (std::isnan(fa[i])) {
+      EXPECT_TRUE(std::isnan(fb[i]));
+    } else {
+      EXPECT_EQ(fa[i], fb[i]) << i;
+    }
+  }
+  std::vector<float> f(1001);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-70000.0f, 70000.0f);
+  for (size_t i = 0; i < f.size(); ++i) f[i] = u(rng) * (i % 2 ? 1.0f : 1e-8f);
+  std::vector<std::byte> ha(2 * 1001), hb(2 * 1001);
+  ref.f32_to_f16(f.data(), ha.data(), 1001);
+  fast->f32_to_f16(f.data(), hb.data(), 1001);
+  EXPECT_EQ(ha, hb);
+}
+
+// ---- bad input ----
+
+const std::vector<std::string>& AllCodecs() {
+  static const std::vector<std::string> names = {"raw",      "int8",      "int4",
+                                                 "int4-g64", "zstd+raw",  "zstd+int8",
+                                                 "zstd+int4", "zstd+int4-g64"};
+  return names;
+}
+
+void PutU32(std::vector<std::byte>& v, size_t at, uint32_t x) {
+  for (int i = 0; i < 4; ++i) v[at + i] = static_cast<std::byte>(x >> (8 * i));
+}
+void PutU64(std::vector<std::byte>& v, size_t at, uint64_t x) {
+  for (int i = 0; i < 8; ++i) v[at + i] = static_cast<std::byte>(x >> (8 * i));
+}
+
+TEST(CodecsTest, MalformedPayloadsAreCorruption) {
+  const ChunkLayout l = Layout(2, 2, 64, 45, 1);
+  const auto raw = ToRaw(l, KvLikeValues(l, 21));
+  struct Case {
+    std::string what;
+    std::function<void(std::vector<std::byte>&)> mutate;
+    std::string message;  // a substring of the error
+    ChunkLayout layout;
+  };
+  const ChunkLayout other = Layout(2, 2, 64, 46, 1);
+  const std::vector<Case> cases = {
+      {"truncated header", [](auto& p) { p.resize(10); }, "truncated", l},
+      {"empty", [](auto& p) { p.clear(); }, "truncated", l},
+      {"truncated body", [](auto& p) { p.pop_back(); }, "wrong length", l},
+      {"extra byte", [](auto& p) { p.push_back(std::byte{0}); }, "wrong length", l},
+      {"bad magic", [](auto& p) { p[0] = std::byte{'X'}; }, "magic", l},
+      {"wrong id", [](auto& p) { p[4] ^= std::byte{1}; }, "codec id", l},
+      {"wrong version", [](auto& p) { PutU32(p, 8, 77); }, "version", l},
+      {"reserved", [](auto& p) { p[14] = std::byte{1}; }, "reserved", l},
+      {"other layout", [](auto&) {}, "layout mismatch", other},
+      {"tampered huge length", [](auto& p) { PutU64(p, 32, ~uint64_t{0} >> 4); },
+       "wrong length", l},
+      {"body size inconsistent with layout",
+       [](auto& p) {
+         p.resize(p.size() + 2);
+         PutU64(p, 32, p.size() - kHeaderBytes);
+       },
+       "", l},  // raw / lossy: "wrong length"; zstd: trailing bytes
+  };
+  for (const std::string& name : AllCodecs()) {
+    auto codec = Make(name);
+    auto enc = codec->Encode(l, raw);
+    ASSERT_TRUE(enc.ok());
+    for (const Case& c : cases) {
+      SCOPED_TRACE(name + ": " + c.what);
+      std::vector<std::byte> payload = *enc;
+      c.mutate(payload);
+      std::vector<std::byte> out(c.layout.raw_bytes());
+      const Status s = codec->Decode(c.layout, payload, out);
+      EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+      EXPECT_NE(s.message().find(c.message), std::string::npos) << s.ToString();
+      EXPECT_NE(s.message().find(codec->name()), std::string::npos) << s.ToString();
+    }
+  }
+}
+
+TEST(CodecsTest, GarbageZstdFramesAreCorruption) {
+  const ChunkLayout l = Layout(1, 2, 64, 32, 1);
+  const auto raw = RandomBytes(l.raw_bytes(), 5);
+  for (const char* name : {"zstd+raw", "zstd+int8", "zstd+int4", "zstd+int4-g64"}) {
+    SCOPED_TRACE(name);
+    auto codec = Make(name);
+    const bool is_raw = name == std::string("zstd+raw");
+    auto enc = codec->Encode(l, is_raw ? raw : ToRaw(l, KvLikeValues(l, 1)));
+    ASSERT_TRUE(enc.ok());
+    std::vector<std::byte> out(raw.size());
+    // Random bytes where the frame should be.
+    std::vector<std::byte> garbage = *enc;
+    auto noise = RandomBytes(garbage.size() - kHeaderBytes, 77);
+    std::copy(noise.begin(), noise.end(), garbage.begin() + kHeaderBytes);
+    Status s = codec->Decode(l, garbage, out);
+    EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+    EXPECT_NE(s.message().find("zstd"), std::string::npos) << s.ToString();
+    // A flipped byte inside the frame: zstd's checksum or its structure catches it.
+    for (size_t at : {kHeaderBytes + 6, enc->size() / 2, enc->size() - 5}) {
+      std::vector<std::byte> flipped = *enc;
+      flipped[at] ^= std::byte{0x10};
+      s = codec->Decode(l, flipped, out);
+      EXPECT_EQ(s.code(), StatusCode::kCorruption) << at << ": " << s.ToString();
+    }
+    // A valid frame around the wrong content (an inner payload of another layout).
+    const ChunkLayout l31 = Layout(1, 2, 64, 31, 1);
+    auto other = codec->Encode(l31, std::vector<std::byte>(l31.raw_bytes()));
+    if (other.ok()) {
+      std::vector<std::byte> swapped = *other;
+      PutU32(swapped, 28, 32);  // outer header claims 32 tokens
+      s = codec->Decode(l, swapped, out);
+      EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+    }
+  }
+}
+
+TEST(CodecsTest, EveryTruncationAndRandomFlipsAreSafe) {
+  // Under ASan this is the bounds check: no prefix reads out of bounds, and a flipped body
+  // byte either decodes (lossy bodies carry no checksum; the record around them does) or is
+  // refused.
+  const ChunkLayout l = Layout(1, 1, 64, 33, 1);
+  const auto raw = ToRaw(l, KvLikeValues(l, 8));
+  std::mt19937 rng(12);
+  for (const std::string& name : AllCodecs()) {
+    SCOPED_TRACE(name);
+    auto codec = Make(name);
+    auto enc = codec->Encode(l, raw);
+    ASSERT_TRUE(enc.ok());
+    std::vector<std::byte> out(raw.size());
+    for (size_t n = 0; n < enc->size(); ++n) {
+      const Status s = codec->Decode(l, std::span(enc->data(), n), out);
+      ASSERT_EQ(s.code(), StatusCode::kCorruption) << n;
+    }
+    for (int i = 0; i < 300; ++i) {
+      std::vector<std::byte> p = *enc;
+      p[rng() % p.size()] ^= static_cast<std::byte>(1 + rng() % 255);
+      (void)codec->Decode(l, p, out);
+    }
+  }
+}
+
+TEST(CodecsTest, WrongOutputSizeIsInvalidArgument) {
+  const ChunkLayout l = Layout(1, 1, 64, 4, 1);
+  const auto raw = ToRaw(l, KvLikeValues(l, 2));
+  for (const std::string& name : AllCodecs()) {
+    auto codec = Make(name);
+    auto enc = codec->Encode(l, raw);
+    ASSERT_TRUE(enc.ok());
+    std::vector<std::byte> small(raw.size() - 2);
+    EXPECT_EQ(codec->Decode(l, *enc, small).code(), StatusCode::kInvalidArgument) << name;
+    EXPECT_EQ(codec->Encode(l, small).status().code(), StatusCode::kInvalidArgument) << name;
+  }
+  // A layout whose byte count overflows is refused, not wrapped.
+  const ChunkLayout huge = Layout(0xFFFFFFFF, 0xFFFFFFFF, 64, 0xFFFFFFFF, 0);
+  EXPECT_EQ(Make("raw")->Encode(huge, {}).status().code(), StatusCode::kInvalidArgument);
+}
+
+// ---- registry ----
+
+TEST(CodecsTest, MakeCodecNamesAndUnknownNames) {
+  for (const std::string& name : AllCodecs()) EXPECT_EQ(Make(name)->name(), name);
+  for (const char* bad : {"nope", "", "zstd+", "zstd+nope", "zstd+zstd+raw", "INT8", "int4-g32"}) {
+    auto c = MakeCodec(bad);
+    ASSERT_FALSE(c.ok()) << bad;
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(c.status().message().find(std::string("\"") + bad + "\""), std::string::npos)
+        << c.status().message();
+  }
+}
+
+TEST(CodecsTest, CodecForRoundTrips) {
+  for (const std::string& name : AllCodecs()) {
+    auto codec = Make(name);
+    auto again = CodecFor(codec->id(), codec->version());
+    ASSERT_TRUE(again.ok()) << name << ": " << again.status().ToString();
+    EXPECT_EQ((*again)->name(), name);
+    EXPECT_EQ((*again)->id(), codec->id());
+    EXPECT_EQ((*again)->version(), codec->version());
+    EXPECT_EQ(CodecFor(codec->id(), codec->version() + 1).status().code(),
+              StatusCode::kUnimplemented)
+        << name;
+  }
+  EXPECT_EQ(Make("zstd+int4")->id(), 0x102u);
+  EXPECT_EQ(Make("zstd+int4")->version(), 0x10001u);
+  EXPECT_EQ(CodecFor(4, 1).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(CodecFor(0x200, 1).status().code(), StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace cachette::cache
