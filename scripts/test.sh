@@ -11,6 +11,13 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   cmake --preset fuzz >/dev/null && cmake --build --preset fuzz -j "$(nproc)" --target fuzzers || exit 1
 fi
 
+# Real Redis for the Redis tier tests: a standalone server and a 3-master cluster on loopback
+# (scripts/redis.sh), stopped when this script exits.
+bash scripts/redis.sh start || exit 1
+trap 'bash scripts/redis.sh stop' EXIT
+export CACHETTE_REDIS_URL=redis://127.0.0.1:6390
+export CACHETTE_REDIS_CLUSTER_URL=redis+cluster://127.0.0.1:7001
+
 failed=0
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   for target in build/fuzz/fuzz/fuzz_*; do
