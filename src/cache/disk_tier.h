@@ -1,0 +1,106 @@
+// The disk tier: one chunk record per file under a directory, crash-safe and recovered at
+// start-up. The directory format (FORMAT, LOCK, tmp/, chunks/xx/<key>.ctk), the atomic
+// publication protocol and the recovery rules are specified in docs/formats/chunk.md.
+//
+// Records are verified on every read (both checksums, the key against the file name); a
+// corrupt or truncated record is deleted, counted and reported as kCorruption, never served.
+// The tier enforces its byte budget only as a safety net; eviction is the store's decision.
+//
+// Thread-safety: every method is safe to call concurrently. File contents are written and read
+// outside the lock; publication (rename) and removal (unlink) happen under it, so the index and
+// the set of published files always agree.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cache/ram_tier.h"
+#include "cache/record.h"
+#include "cache/tier.h"
+
+namespace cachette::cache {
+
+struct DiskTierOptions {
+  std::string dir;             // created if absent
+  uint64_t budget_bytes = 0;   // 0 = unbounded
+  bool sync = true;            // fdatasync each record and fsync its directory (durability)
+  // Inspect without owning: no LOCK, no temp-file cleanup, nothing deleted (corrupt records
+  // are counted and skipped). Put/Erase/Clear return kInvalidArgument.
+  bool read_only = false;
+};
+
+// What the index knows of a published record (from its header).
+struct DiskEntry {
+  ChunkKey key;
+  Hash128 ns;
+  uint32_t n_tokens = 0;
+  uint32_t chunk_index = 0;
+  uint32_t codec_id = 0;
+  uint64_t bytes = 0;      // file size = record size
+  int64_t mtime_ns = 0;    // last modification (write) time
+};
+
+// What Open found and did.
+struct DiskRecovery {
+  uint64_t records = 0;             // published records indexed
+  uint64_t temp_files_removed = 0;  // left in tmp/ by a crash
+  uint64_t corrupt_removed = 0;     // bad name, header, key or size (counted, not removed if
+                                    // read_only)
+  uint64_t foreign_files = 0;       // files that are not ours; left alone
+};
+
+class DiskTier final : public Tier {
+ public:
+  // Opens (creating if needed) and recovers `options.dir`. kUnavailable if another process
+  // owns it; kInvalidArgument if it holds another FORMAT; kIOError on file system errors.
+  static Result<std::unique_ptr<DiskTier>> Open(const DiskTierOptions& options);
+  ~DiskTier() override;
+
+  std::string_view name() const override { return "disk"; }
+  // Publishes `record` atomically (temp file, fdatasync, rename). The record must be a valid
+  // chunk record for `key` (kInvalidArgument otherwise: the tier never publishes what its reader
+  // would refuse). kResourceExhausted past the budget; kIOError on write errors.
+  Status Put(const ChunkKey& key, std::span<const std::byte> record,
+             uint32_t ttl_seconds = 0) override;
+  // The verified record; kNotFound, or kCorruption (the file is then deleted and counted).
+  // Local disk reads are not interruptible: `deadline` is checked before the read only.
+  Result<std::vector<std::byte>> Get(const ChunkKey& key, Deadline deadline) override;
+  std::vector<bool> ContainsMany(std::span<const ChunkKey> keys, Deadline deadline) override;
+  Status Erase(const ChunkKey& key) override;
+  TierStats Stats() const override;
+
+  // A snapshot of the index.
+  std::vector<DiskEntry> Entries() const;
+  const DiskRecovery& recovery() const { return recovery_; }
+  const std::string& dir() const { return options_.dir; }
+  // Path of the published file for `key` (whether or not it exists).
+  std::string PathOf(const ChunkKey& key) const;
+  // Reads and fully verifies the record of `key` (as Get, counting and removing corruption).
+  Status Verify(const ChunkKey& key);
+  // Removes every published record (of namespace `ns` only, if given).
+  Status Clear(const Hash128* ns = nullptr);
+
+ private:
+  explicit DiskTier(DiskTierOptions options) : options_(std::move(options)) {}
+  Status Recover();
+  // Deletes the published file of `key` if it is still the inode `ino` that was found corrupt.
+  void RemoveCorrupt(const ChunkKey& key, uint64_t ino);
+
+  const DiskTierOptions options_;
+  int lock_fd_ = -1;
+  DiskRecovery recovery_;
+
+  mutable std::mutex mu_;
+  std::unordered_map<ChunkKey, DiskEntry, ChunkKeyHash> index_;  // GUARDED_BY(mu_)
+  uint64_t reserved_bytes_ = 0;  // GUARDED_BY(mu_): being written, not yet published
+  uint64_t temp_seq_ = 0;        // GUARDED_BY(mu_)
+  TierStats stats_;              // GUARDED_BY(mu_)
+};
+
+// Parses 32 lowercase hex digits (Hash128::ToHex) into a key.
+bool ParseKeyHex(std::string_view hex, ChunkKey* key);
+
+}  // namespace cachette::cache

@@ -1,0 +1,185 @@
+#include "cache/record.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "cache/test_util.h"
+
+namespace cachette::cache {
+namespace {
+
+using testing::Bytes;
+using testing::SmallLayout;
+using testing::Tokens;
+
+struct Fixture {
+  RecordMeta meta;
+  std::vector<TokenId> tokens = Tokens(16, 1);
+  std::vector<std::byte> payload;
+  std::vector<std::byte> record;
+  Fixture() {
+    meta.ns = Hash128{11, 22};
+    meta.parent = Hash128{33, 44};
+    meta.layout = SmallLayout(16);
+    meta.raw_bytes = meta.layout.raw_bytes();
+    meta.chunk_index = 5;
+    meta.key = ChainKey(meta.parent, meta.ns, tokens);
+    payload = Bytes(meta.raw_bytes, 2);
+    record = EncodeRecord(meta, tokens, payload).value();
+  }
+};
+
+TEST(RecordTest, RoundTrip) {
+  Fixture f;
+  EXPECT_EQ(f.record.size(), RecordHeaderBytes(16) + f.payload.size());
+  auto v = DecodeRecord(f.record);
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(v->header.meta, f.meta);
+  EXPECT_EQ(v->header.tokens, f.tokens);
+  ASSERT_EQ(v->payload.size(), f.payload.size());
+  EXPECT_EQ(std::memcmp(v->payload.data(), f.payload.data(), f.payload.size()), 0);
+  auto h = DecodeRecordHeader(ByteSpan(f.record).first(RecordHeaderBytes(16)), f.record.size());
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  EXPECT_EQ(h->meta, f.meta);
+  EXPECT_EQ(RecordHeaderBytesNeeded(ByteSpan(f.record).first(16)), RecordHeaderBytes(16));
+}
+
+TEST(RecordTest, ChainKeyMatchesComputeChunkKeys) {
+  const Hash128 ns{1, 2};
+  auto tokens = Tokens(48, 3);
+  auto keys = ComputeChunkKeys(ns, tokens, 16);
+  ASSERT_EQ(keys.size(), 3u);
+  ChunkKey parent{};
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(ChainKey(parent, ns, std::span(tokens).subspan(16 * i, 16)), keys[i]);
+    parent = keys[i];
+  }
+}
+
+TEST(RecordTest, EncodeRefusesInconsistentMeta) {
+  Fixture f;
+  RecordMeta m = f.meta;
+  m.key.lo ^= 1;
+  EXPECT_EQ(EncodeRecord(m, f.tokens, f.payload).status().code(), StatusCode::kInvalidArgument);
+  m = f.meta;
+  m.raw_bytes += 1;
+  EXPECT_EQ(EncodeRecord(m, f.tokens, f.payload).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(EncodeRecord(f.meta, f.tokens, ByteSpan(f.payload).first(10)).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(EncodeRecord(f.meta, {}, f.payload).status().code(), StatusCode::kInvalidArgument);
+}
+
+// Writes a little-endian u32/u64 at `off` and re-seals the header checksum, so the field check
+// itself (not the checksum) is what must refuse the record.
+void SetU32(std::vector<std::byte>& r, size_t off, uint32_t v, bool reseal) {
+  for (int i = 0; i < 4; ++i) r[off + i] = static_cast<std::byte>(v >> (8 * i));
+  if (!reseal) return;
+  uint32_t n = 0;
+  for (int i = 0; i < 4; ++i) n |= std::to_integer<uint32_t>(r[12 + i]) << (8 * i);
+  const size_t checked = 120 + 4 * size_t{n};
+  if (checked + 8 > r.size()) return;
+  const uint64_t h = Hash64(ByteSpan(r.data(), checked));
+  for (int i = 0; i < 8; ++i) r[checked + i] = static_cast<std::byte>(h >> (8 * i));
+}
+void SetU64(std::vector<std::byte>& r, size_t off, uint64_t v) {
+  for (int i = 0; i < 8; ++i) r[off + i] = static_cast<std::byte>(v >> (8 * i));
+  SetU32(r, 12, static_cast<uint32_t>(std::to_integer<uint32_t>(r[12]) |
+                                      std::to_integer<uint32_t>(r[13]) << 8 |
+                                      std::to_integer<uint32_t>(r[14]) << 16 |
+                                      std::to_integer<uint32_t>(r[15]) << 24),
+         true);
+}
+
+struct CorruptCase {
+  const char* name;
+  void (*mutate)(std::vector<std::byte>&);
+  const char* field;  // expected in the message
+};
+
+const CorruptCase kCases[] = {
+    {"empty", [](std::vector<std::byte>& r) { r.clear(); }, "record header"},
+    {"short_header", [](std::vector<std::byte>& r) { r.resize(100); }, "record header"},
+    {"magic", [](std::vector<std::byte>& r) { r[0] = std::byte{'X'}; }, "record magic"},
+    {"version", [](std::vector<std::byte>& r) { r[4] = std::byte{2}; }, "record version"},
+    {"flags", [](std::vector<std::byte>& r) { r[6] = std::byte{1}; }, "record flags"},
+    {"n_tokens_zero", [](std::vector<std::byte>& r) { SetU32(r, 12, 0, false); },
+     "record n_tokens"},
+    {"n_tokens_huge", [](std::vector<std::byte>& r) { SetU32(r, 12, 1u << 30, false); },
+     "record n_tokens"},
+    {"header_bytes", [](std::vector<std::byte>& r) { SetU32(r, 8, 999, false); },
+     "record header_bytes"},
+    {"header_truncated", [](std::vector<std::byte>& r) { r.resize(150); }, "record header"},
+    {"header_checksum", [](std::vector<std::byte>& r) { r[20] ^= std::byte{1}; },
+     "record header checksum"},
+    {"token_flip", [](std::vector<std::byte>& r) { r[121] ^= std::byte{4}; },
+     "record header checksum"},
+    {"layout_n_tokens", [](std::vector<std::byte>& r) { SetU32(r, 84, 17, true); },
+     "record layout"},
+    {"layout_kv_type", [](std::vector<std::byte>& r) { SetU32(r, 88, 9, true); },
+     "record layout"},
+    {"layout_zero_layers", [](std::vector<std::byte>& r) { SetU32(r, 72, 0, true); },
+     "record layout"},
+    {"raw_bytes", [](std::vector<std::byte>& r) { SetU64(r, 96, 12345); }, "record raw_bytes"},
+    {"key", [](std::vector<std::byte>& r) { SetU32(r, 32, 7, true); }, "record key"},
+    {"namespace", [](std::vector<std::byte>& r) { SetU32(r, 16, 7, true); }, "record key"},
+    {"parent", [](std::vector<std::byte>& r) { SetU32(r, 48, 7, true); }, "record key"},
+    {"huge_payload_len", [](std::vector<std::byte>& r) { SetU64(r, 104, ~uint64_t{0}); },
+     "record payload_bytes"},
+    {"payload_truncated", [](std::vector<std::byte>& r) { r.resize(r.size() - 1); },
+     "record payload"},
+    {"trailing_bytes", [](std::vector<std::byte>& r) { r.push_back(std::byte{0}); },
+     "record payload"},
+    {"payload_flip", [](std::vector<std::byte>& r) { r.back() ^= std::byte{0x80}; },
+     "record payload checksum"},
+    {"payload_checksum", [](std::vector<std::byte>& r) { SetU64(r, 112, 1); },
+     "record payload checksum"},
+};
+
+class RecordCorruptionTest : public ::testing::TestWithParam<CorruptCase> {};
+
+TEST_P(RecordCorruptionTest, IsRefusedNamingTheField) {
+  Fixture f;
+  GetParam().mutate(f.record);
+  auto v = DecodeRecord(f.record);
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.status().code(), StatusCode::kCorruption) << v.status().ToString();
+  EXPECT_NE(v.status().message().find(GetParam().field), std::string::npos)
+      << v.status().ToString();
+}
+
+INSTANTIATE_TEST_SUITE_P(All, RecordCorruptionTest, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// A non-raw codec may store any payload length; the payload checks still hold.
+TEST(RecordTest, NonRawCodecPayloadLength) {
+  Fixture f;
+  RecordMeta m = f.meta;
+  m.codec_id = 1;
+  auto small = Bytes(17, 9);
+  auto r = EncodeRecord(m, f.tokens, small);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  auto v = DecodeRecord(*r);
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(v->payload.size(), 17u);
+  EXPECT_EQ(v->header.meta.codec_id, 1u);
+}
+
+// Every single-byte flip of a record is refused (exhaustive over a small record).
+TEST(RecordTest, EveryByteFlipIsDetected) {
+  RecordMeta m;
+  m.ns = Hash128{1, 1};
+  auto tokens = Tokens(2, 4);
+  m.layout = SmallLayout(2);
+  m.raw_bytes = m.layout.raw_bytes();
+  m.key = ChainKey(m.parent, m.ns, tokens);
+  auto rec = EncodeRecord(m, tokens, Bytes(m.raw_bytes, 5)).value();
+  for (size_t i = 0; i < rec.size(); ++i) {
+    auto bad = rec;
+    bad[i] ^= std::byte{0x10};
+    EXPECT_FALSE(DecodeRecord(bad).ok()) << "flip at byte " << i;
+  }
+}
+
+}  // namespace
+}  // namespace cachette::cache

@@ -1,0 +1,158 @@
+// TieredStore: the implementation of cachette::Cache (include/cachette/cache.h).
+//
+// Shape. The store owns a RAM tier and a disk tier and borrows or owns a remote (Redis) tier.
+// Tiers are dumb byte stores; the store holds the one index of what the local tiers contain
+// (`entries_`), the policy statistics, pins and quotas, and decides every eviction,
+// promotion and demotion. Budgets are kept by planning first (SelectVictims over the unpinned
+// entries of a tier), evicting, then inserting, so a tier's used bytes never exceed its budget.
+//
+// Life of an entry (one per chunk key held by a local tier or being written to disk):
+//   1. created by Put (RAM insert, optional write-behind job) or by a promotion from Redis;
+//   2. in RAM and/or on disk; `disk_pending` while the io executor writes it;
+//   3. RAM eviction -> demoted (disk/Redis job) or dropped; disk eviction -> file removed;
+//   4. erased from `entries_` once in no local tier and not pending. A write job that finds
+//      its entry gone or re-created (generation mismatch) removes the file it wrote.
+//
+// Threads: callers; `io` (one thread: all disk and Redis writes, so disk eviction planning is
+// serialized); `load` (disk and Redis reads). Lock order: mu_ -> tier locks -> executor locks.
+// No file I/O is done under mu_ except unlinks on Erase and on stale write jobs.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "cache/codecs/codec.h"
+#include "cache/disk_tier.h"
+#include "cache/executor.h"
+#include "cache/policy.h"
+#include "cache/ram_tier.h"
+#include "cachette/cache.h"
+
+namespace cachette::cache {
+
+class TieredStore final : public Cache {
+ public:
+  static Result<std::unique_ptr<TieredStore>> Create(const CacheOptions& options);
+  ~TieredStore() override;
+
+  int chunk_tokens() const override { return chunk_tokens_; }
+  LookupResult Lookup(std::span<const TokenId> tokens, const Hash128& ns) override;
+  std::unique_ptr<LoadHandle> Get(const Hash128& ns, std::span<const TokenId> tokens,
+                                  size_t first_chunk, size_t n_chunks,
+                                  std::chrono::steady_clock::time_point deadline) override;
+  Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
+             const ChunkLayout& layout, std::span<const ByteSpan> chunks) override;
+  Result<PinId> Pin(std::span<const TokenId> tokens, const Hash128& ns,
+                    std::chrono::milliseconds ttl) override;
+  Status Unpin(PinId pin) override;
+  Status Erase(std::span<const TokenId> tokens, const Hash128& ns) override;
+  Status Clear(const Hash128& ns) override;
+  Status Flush() override;
+  CacheStats Stats() const override;
+
+  // For tests and tools.
+  RamTier* ram_tier() { return ram_.get(); }
+  DiskTier* disk_tier() { return disk_.get(); }
+
+  struct LoadState;  // shared by a LoadHandle and its load job
+
+ private:
+  static constexpr int kRam = 0, kDisk = 1, kRemote = 2;
+
+  struct Entry {
+    Hash128 ns;
+    uint32_t n_tokens = 0;
+    uint32_t chunk_index = 0;
+    uint64_t gen = 0;            // distinguishes re-creations of the same key
+    uint64_t ram_bytes = 0;      // record bytes in RAM; 0 = absent
+    uint64_t disk_bytes = 0;     // record bytes on disk; 0 = absent
+    bool disk_pending = false;   // a write job for the disk is queued or running
+    bool remote_written = false;
+    uint64_t hits = 0;
+    uint64_t insert_tick = 0, last_tick = 0, main_tick = 0;
+  };
+  struct WriteJob {
+    ChunkKey key;
+    uint64_t gen = 0;
+    SharedBytes raw_record;  // the RAM form (codec raw)
+    bool to_disk = false;
+    bool to_remote = false;
+  };
+  // One chunk to load, with what verifies it.
+  struct ChunkRequest {
+    Hash128 ns;
+    ChunkKey key, parent;
+    uint32_t chunk_index = 0;
+    std::vector<TokenId> tokens;
+  };
+
+  explicit TieredStore(const CacheOptions& options);
+  int64_t NowNanos() const;
+
+  // All REQUIRES(mu_).
+  bool Pinned(const ChunkKey& key) const;
+  void ExpirePins();
+  uint64_t QuotaOf(const Hash128& ns, int tier) const;
+  EntryStats StatsOf(const Entry& e, int tier) const;
+  bool PlanRoom(int tier, const Hash128& ns, uint64_t bytes, const ChunkKey& incoming,
+                std::vector<ChunkKey>* victims);
+  void EvictFromRam(const std::vector<ChunkKey>& victims);
+  bool InsertRam(const ChunkKey& key, Entry& e, SharedBytes record);
+  void Touch(const ChunkKey& key, Entry& e, const SharedBytes& record);
+  void SubmitWrite(WriteJob job, Entry* e);
+  void MaybeForget(const ChunkKey& key);
+
+  void RunWrite(const WriteJob& job);  // on the io executor
+  void RunLoad(const std::shared_ptr<LoadState>& st, std::vector<ChunkRequest> reqs,
+               size_t first);       // on the load executor
+  ChunkData LoadOne(const ChunkRequest& r, std::chrono::steady_clock::time_point deadline);
+  // Verifies `record` against the request and produces the raw chunk; sets `raw_record` to the
+  // RAM form for promotion. kNotFound (collision) or kCorruption/kUnimplemented.
+  Status Accept(const ChunkRequest& r, SharedBytes record, ChunkData* out,
+                SharedBytes* raw_record, bool trusted);
+  void Promote(const ChunkRequest& r, const SharedBytes& raw_record);
+  void RecordLatency(int64_t start_ns);
+
+  const CacheOptions options_;
+  const int chunk_tokens_;
+  PolicyKind policy_ = PolicyKind::kLru;
+  std::unique_ptr<Codec> codec_;  // null = raw
+  std::unique_ptr<RamTier> ram_;
+  std::unique_ptr<DiskTier> disk_;
+  std::unique_ptr<Tier> remote_owned_;
+  Tier* remote_ = nullptr;
+
+  mutable std::mutex mu_;
+  std::unordered_map<ChunkKey, Entry, ChunkKeyHash> entries_;  // GUARDED_BY(mu_)
+  struct NsUsage {
+    uint64_t bytes[2] = {0, 0};
+  };
+  std::unordered_map<Hash128, NsUsage, ChunkKeyHash> ns_usage_;  // GUARDED_BY(mu_)
+  uint64_t used_[2] = {0, 0};       // GUARDED_BY(mu_): RAM, disk (disk includes reserved)
+  uint64_t tick_ = 0, gen_ = 0;     // GUARDED_BY(mu_)
+  struct PinInfo {
+    std::vector<ChunkKey> keys;
+    int64_t expiry_ns = 0;  // 0 = none
+  };
+  std::map<PinId, PinInfo> pins_;                                // GUARDED_BY(mu_)
+  std::unordered_map<ChunkKey, int, ChunkKeyHash> pin_count_;    // GUARDED_BY(mu_)
+  PinId next_pin_ = 1;                                           // GUARDED_BY(mu_)
+  std::deque<ChunkKey> ghost_fifo_;                              // GUARDED_BY(mu_)
+  std::unordered_set<ChunkKey, ChunkKeyHash> ghost_;             // GUARDED_BY(mu_)
+  std::vector<ChunkKey> ram_evicted_scratch_;                    // GUARDED_BY(mu_)
+  CacheStats counters_;                                          // GUARDED_BY(mu_)
+  std::shared_ptr<std::atomic<uint64_t>> deadline_misses_ =
+      std::make_shared<std::atomic<uint64_t>>(0);
+
+  // Declared last: destroyed first, so queued jobs run while every member above is alive.
+  std::unique_ptr<ThreadExecutor> io_;
+  std::unique_ptr<ThreadExecutor> load_;
+};
+
+}  // namespace cachette::cache

@@ -1,0 +1,513 @@
+#include "cache/store.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "cache/test_util.h"
+
+namespace cachette::cache {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Bytes;
+using testing::SmallLayout;
+using testing::TempDir;
+using testing::Tokens;
+
+constexpr int kC = 16;  // chunk tokens
+const Hash128 kNs1{1, 1}, kNs2{2, 2};
+
+// Deterministic KV bytes of chunk `ci` of `tokens` in `ns`.
+std::vector<std::byte> ChunkBytes(const Hash128& ns, std::span<const TokenId> tokens, size_t ci) {
+  uint32_t seed = static_cast<uint32_t>(ns.lo * 31 + ci);
+  for (int i = 0; i < kC; ++i) seed = seed * 131 + static_cast<uint32_t>(tokens[ci * kC + i]);
+  return Bytes(SmallLayout(kC).raw_bytes(), seed);
+}
+
+Status PutChunks(Cache& c, const Hash128& ns, const std::vector<TokenId>& tokens,
+                 size_t first, size_t n) {
+  std::vector<std::vector<std::byte>> data;
+  std::vector<ByteSpan> spans;
+  for (size_t i = first; i < first + n; ++i) data.push_back(ChunkBytes(ns, tokens, i));
+  for (auto& d : data) spans.emplace_back(d);
+  return c.Put(ns, tokens, first, SmallLayout(kC), spans);
+}
+
+uint64_t RecordSize() { return RecordHeaderBytes(kC) + SmallLayout(kC).raw_bytes(); }
+
+CacheOptions Options(uint64_t ram_chunks, const std::string& dir = "", uint64_t disk_chunks = 0) {
+  CacheOptions o;
+  o.chunk_tokens = kC;
+  o.ram_budget_bytes = ram_chunks * RecordSize();
+  o.disk_dir = dir;
+  o.disk_budget_bytes = disk_chunks * RecordSize();
+  o.disk_sync = false;
+  return o;
+}
+
+std::unique_ptr<TieredStore> Open(const CacheOptions& o) {
+  auto s = TieredStore::Create(o);
+  EXPECT_TRUE(s.ok()) << s.status().ToString();
+  return s.ok() ? std::move(s).value() : nullptr;
+}
+
+// Loads chunks [first, first+n) and checks each OK chunk's bytes; returns the tiers.
+std::vector<CacheTier> GetAndCheck(Cache& c, const Hash128& ns, const std::vector<TokenId>& t,
+                                   size_t first, size_t n, size_t* ok_tokens = nullptr) {
+  auto h = c.Get(ns, t, first, n, std::chrono::steady_clock::now() + 5s);
+  h->Wait();
+  std::vector<CacheTier> tiers;
+  for (size_t i = 0; i < h->size(); ++i) {
+    const ChunkData& d = h->chunk(i);
+    if (!d.status.ok()) break;
+    auto want = ChunkBytes(ns, t, first + i);
+    EXPECT_EQ(d.bytes().size(), want.size());
+    EXPECT_EQ(std::memcmp(d.bytes().data(), want.data(), want.size()), 0) << "chunk " << i;
+    EXPECT_EQ(d.layout, SmallLayout(kC));
+    tiers.push_back(d.tier);
+  }
+  if (ok_tokens != nullptr) *ok_tokens = h->ready_tokens();
+  return tiers;
+}
+
+TEST(StoreTest, PutLookupGetFromRam) {
+  auto c = Open(Options(100));
+  auto t = Tokens(4 * kC + 5, 1);
+  EXPECT_EQ(c->Lookup(t, kNs1).tokens, 0u);
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 4).ok());
+  LookupResult r = c->Lookup(t, kNs1);
+  EXPECT_EQ(r.tokens, 4u * kC);
+  EXPECT_EQ(r.chunk_tiers, std::vector<CacheTier>(4, CacheTier::kRam));
+  EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 4), std::vector<CacheTier>(4, CacheTier::kRam));
+  EXPECT_EQ(GetAndCheck(*c, kNs1, t, 2, 2), std::vector<CacheTier>(2, CacheTier::kRam));
+  CacheStats s = c->Stats();
+  EXPECT_EQ(s.tier[0].hit_chunks, 6u);
+  EXPECT_EQ(s.tier[0].hit_tokens, 6u * kC);
+  EXPECT_EQ(s.load_latency.count, 6u);
+}
+
+TEST(StoreTest, BadPutsAreInvalidArgument) {
+  auto c = Open(Options(100));
+  auto t = Tokens(2 * kC, 1);
+  std::vector<std::byte> small(10);
+  ByteSpan spans[] = {ByteSpan(small)};
+  EXPECT_EQ(c->Put(kNs1, t, 0, SmallLayout(kC), spans).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->Put(kNs1, t, 0, SmallLayout(kC + 1), spans).code(), StatusCode::kInvalidArgument);
+  auto ok = ChunkBytes(kNs1, t, 0);
+  ByteSpan spans3[] = {ok, ok, ok};
+  EXPECT_EQ(c->Put(kNs1, t, 0, SmallLayout(kC), spans3).code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(TieredStore::Create(Options(1)).value()->Get(kNs1, t, 1, 5, {})->chunk(0).status.ok());
+  CacheOptions o = Options(1);
+  o.policy = "random";
+  EXPECT_EQ(TieredStore::Create(o).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(StoreTest, LookupAndGetStopAtTheFirstGap) {
+  auto c = Open(Options(100));
+  auto t = Tokens(5 * kC, 2);
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 2).ok());
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 3, 2).ok());  // chunk 2 missing
+  EXPECT_EQ(c->Lookup(t, kNs1).tokens, 2u * kC);
+  auto h = c->Get(kNs1, t, 0, 5, std::chrono::steady_clock::now() + 5s);
+  h->Wait();
+  EXPECT_TRUE(h->chunk(1).status.ok());
+  EXPECT_EQ(h->chunk(2).status.code(), StatusCode::kNotFound);
+  EXPECT_EQ(h->chunk(3).status.code(), StatusCode::kNotFound);  // after the gap: not loaded
+  EXPECT_EQ(h->ready_tokens(), 2u * kC);
+}
+
+TEST(StoreTest, DemotionToDiskAndPromotionBack) {
+  TempDir d;
+  CacheOptions o = Options(2, d.path(), 100);
+  o.disk_write_through = false;  // only RAM evictions reach the disk
+  auto c = Open(o);
+  auto t = Tokens(6 * kC, 3);
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 6).ok());
+  ASSERT_TRUE(c->Flush().ok());
+  CacheStats s = c->Stats();
+  EXPECT_EQ(s.tier[0].entries, 2u);
+  EXPECT_EQ(s.demotions, 4u);
+  EXPECT_EQ(s.tier[1].entries, 4u);
+  LookupResult r = c->Lookup(t, kNs1);
+  EXPECT_EQ(r.tokens, 6u * kC);
+  EXPECT_EQ(r.chunk_tiers[0], CacheTier::kDisk);
+  EXPECT_EQ(r.chunk_tiers[5], CacheTier::kRam);
+  auto tiers = GetAndCheck(*c, kNs1, t, 0, 1);
+  EXPECT_EQ(tiers, std::vector<CacheTier>{CacheTier::kDisk});
+  EXPECT_EQ(c->Stats().promotions, 1u);
+  EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 1), std::vector<CacheTier>{CacheTier::kRam});
+  EXPECT_LE(c->Stats().tier[0].bytes_used, o.ram_budget_bytes);
+}
+
+TEST(StoreTest, DiskSurvivesRestart) {
+  TempDir d;
+  auto t = Tokens(3 * kC, 4);
+  {
+    auto c = Open(Options(10, d.path(), 10));
+    ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 3).ok());
+    ASSERT_TRUE(c->Flush().ok());
+  }
+  auto c = Open(Options(10, d.path(), 10));
+  LookupResult r = c->Lookup(t, kNs1);
+  EXPECT_EQ(r.tokens, 3u * kC);
+  EXPECT_EQ(r.chunk_tiers, std::vector<CacheTier>(3, CacheTier::kDisk));
+  EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kDisk));
+  EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRam));
+}
+
+TEST(StoreTest, CorruptDiskChunkIsAMissAndCounted) {
+  TempDir d;
+  auto t = Tokens(2 * kC, 5);
+  auto c = Open(Options(0, d.path(), 10));  // disk only
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 2).ok());
+  ASSERT_TRUE(c->Flush().ok());
+  const ChunkKey k1 = ComputeChunkKeys(kNs1, t, kC)[1];
+  {
+    FILE* f = std::fopen(c->disk_tier()->PathOf(k1).c_str(), "r+b");
+    ASSERT_NE(f, nullptr);
+    std::fseek(f, -1, SEEK_END);
+    std::fputc(0x5a, f);
+    std::fclose(f);
+  }
+  size_t ok_tokens = 0;
+  auto tiers = GetAndCheck(*c, kNs1, t, 0, 2, &ok_tokens);
+  EXPECT_EQ(tiers, std::vector<CacheTier>{CacheTier::kDisk});
+  EXPECT_EQ(ok_tokens, size_t{kC});
+  EXPECT_EQ(c->Stats().corruptions, 1u);
+  EXPECT_EQ(c->Lookup(t, kNs1).tokens, size_t{kC});
+}
+
+TEST(StoreTest, BudgetsAreNeverExceeded) {
+  TempDir d;
+  CacheOptions o = Options(5, d.path(), 12);
+  o.ram_budget_bytes += RecordSize() / 2;  // budgets that are not multiples of a record
+  o.disk_budget_bytes += 7;
+  auto c = Open(o);
+  for (uint32_t i = 0; i < 60; ++i) {
+    auto t = Tokens(2 * kC, 100 + i);
+    ASSERT_TRUE(PutChunks(*c, i % 2 ? kNs1 : kNs2, t, 0, 2).ok());
+    CacheStats s = c->Stats();
+    ASSERT_LE(s.tier[0].bytes_used, o.ram_budget_bytes);
+    ASSERT_LE(s.tier[1].bytes_used, o.disk_budget_bytes);
+    ASSERT_LE(c->ram_tier()->bytes_used(), o.ram_budget_bytes);
+  }
+  ASSERT_TRUE(c->Flush().ok());
+  CacheStats s = c->Stats();
+  EXPECT_LE(s.tier[1].bytes_used, o.disk_budget_bytes);
+  EXPECT_EQ(s.tier[1].entries, 12u);
+  EXPECT_GT(s.tier[0].evictions, 0u);
+  EXPECT_GT(s.tier[1].evictions, 0u);
+}
+
+TEST(StoreTest, PinsAreRespectedUntilTheirTtl) {
+  std::atomic<int64_t> now{1'000'000'000};
+  CacheOptions o = Options(3);
+  o.now_nanos = [&] { return now.load(); };
+  auto c = Open(o);
+  auto pinned = Tokens(kC, 7);
+  ASSERT_TRUE(PutChunks(*c, kNs1, pinned, 0, 1).ok());
+  auto pin = c->Pin(pinned, kNs1, 1000ms);
+  ASSERT_TRUE(pin.ok());
+  for (uint32_t i = 0; i < 10; ++i) ASSERT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 200 + i), 0, 1).ok());
+  EXPECT_EQ(c->Lookup(pinned, kNs1).tokens, size_t{kC});  // the oldest, yet kept
+  EXPECT_EQ(c->Stats().pins_active, 1u);
+  now += 2'000'000'000;  // past the TTL
+  for (uint32_t i = 0; i < 3; ++i) ASSERT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 300 + i), 0, 1).ok());
+  EXPECT_EQ(c->Lookup(pinned, kNs1).tokens, 0u);
+  EXPECT_EQ(c->Unpin(*pin).code(), StatusCode::kNotFound);  // expired
+  // Pinned before being put, unpinned explicitly; everything pinned = new chunks skip RAM.
+  auto a = Tokens(kC, 8), b = Tokens(kC, 9), x = Tokens(kC, 10), y = Tokens(kC, 11);
+  auto pa = c->Pin(a, kNs1, 0ms), pb = c->Pin(b, kNs1, 0ms), px = c->Pin(x, kNs1, 0ms);
+  for (auto* t : {&a, &b, &x, &y}) ASSERT_TRUE(PutChunks(*c, kNs1, *t, 0, 1).ok());
+  EXPECT_EQ(c->Lookup(y, kNs1).tokens, 0u);
+  EXPECT_EQ(c->Stats().puts_rejected, 1u);
+  ASSERT_TRUE(c->Unpin(*pb).ok());
+  ASSERT_TRUE(PutChunks(*c, kNs1, y, 0, 1).ok());
+  EXPECT_EQ(c->Lookup(y, kNs1).tokens, size_t{kC});
+  EXPECT_EQ(c->Lookup(b, kNs1).tokens, 0u);
+  EXPECT_EQ(c->Lookup(a, kNs1).tokens, size_t{kC});
+  (void)pa;
+  (void)px;
+}
+
+// Each policy through the store, on one hand-made sequence over a RAM tier of 3 chunks:
+//   put A, put B, put C, get A, get A, get C, put D  -> which of A, B, C does D push out?
+//   and then put E -> which next?
+struct PolicyCase {
+  const char* policy;
+  char first, second;
+};
+
+class StorePolicyTest : public ::testing::TestWithParam<PolicyCase> {};
+
+TEST_P(StorePolicyTest, EvictionOrder) {
+  CacheOptions o = Options(3);
+  o.policy = GetParam().policy;
+  auto c = Open(o);
+  std::map<char, std::vector<TokenId>> t;
+  for (char n : {'A', 'B', 'C', 'D', 'E'}) t[n] = Tokens(kC, static_cast<uint32_t>(n));
+  for (char n : {'A', 'B', 'C'}) ASSERT_TRUE(PutChunks(*c, kNs1, t[n], 0, 1).ok());
+  for (char n : {'A', 'A', 'C'}) GetAndCheck(*c, kNs1, t[n], 0, 1);
+  auto gone = [&]() {
+    std::string s;
+    for (char n : {'A', 'B', 'C', 'D', 'E'}) {
+      if (c->Lookup(t[n], kNs1).tokens == 0) s += n;
+    }
+    return s;
+  };
+  ASSERT_TRUE(PutChunks(*c, kNs1, t['D'], 0, 1).ok());
+  EXPECT_EQ(gone(), std::string{GetParam().first} + "E");
+  ASSERT_TRUE(PutChunks(*c, kNs1, t['E'], 0, 1).ok());
+  std::string both{GetParam().first, GetParam().second};
+  std::sort(both.begin(), both.end());
+  EXPECT_EQ(gone(), both);
+}
+
+// lru: B (oldest use), then A (used at t5, before C at t6).
+// lfu: B (0 hits), then D (0 hits, newer than B but older than E).
+// s3fifo: B (small queue), then D (small queue; A and C are in main).
+// cost: all chunks cost the same per byte here, hits decide: B, then D.
+INSTANTIATE_TEST_SUITE_P(All, StorePolicyTest,
+                         ::testing::Values(PolicyCase{"lru", 'B', 'A'},
+                                           PolicyCase{"lfu", 'B', 'D'},
+                                           PolicyCase{"s3fifo", 'B', 'D'},
+                                           PolicyCase{"cost", 'B', 'D'}),
+                         [](const auto& info) { return std::string(info.param.policy); });
+
+// A fake remote tier: a RamTier that can be told to be slow.
+class FakeRemote final : public Tier {
+ public:
+  std::string_view name() const override { return "fake-redis"; }
+  Status Put(const ChunkKey& k, std::span<const std::byte> r, uint32_t ttl) override {
+    return ram.Put(k, r, ttl);
+  }
+  Result<std::vector<std::byte>> Get(const ChunkKey& k, Deadline d) override {
+    if (delay.count() > 0) std::this_thread::sleep_for(delay);
+    return ram.Get(k, d);
+  }
+  std::vector<bool> ContainsMany(std::span<const ChunkKey> k, Deadline d) override {
+    return ram.ContainsMany(k, d);
+  }
+  Status Erase(const ChunkKey& k) override { return ram.Erase(k); }
+  TierStats Stats() const override { return ram.Stats(); }
+  RamTier ram{0};
+  std::chrono::milliseconds delay{0};
+};
+
+TEST(StoreTest, RemoteTierIsSharedAndPromotes) {
+  FakeRemote remote;
+  auto t = Tokens(3 * kC, 12);
+  {
+    CacheOptions o = Options(10);
+    o.remote_tier = &remote;
+    auto c = Open(o);
+    ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 3).ok());
+    ASSERT_TRUE(c->Flush().ok());
+    EXPECT_EQ(remote.ram.Stats().entries, 3u);
+  }
+  CacheOptions o = Options(10);  // another "process" sharing the remote tier
+  o.remote_tier = &remote;
+  auto c = Open(o);
+  LookupResult r = c->Lookup(t, kNs1);
+  EXPECT_EQ(r.chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRedis));
+  EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kRedis));
+  EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRam));
+  EXPECT_EQ(c->Stats().tier[2].hit_chunks, 3u);
+}
+
+TEST(StoreTest, CollisionIsAMissNeverWrongData) {
+  FakeRemote remote;
+  CacheOptions o = Options(10);
+  o.remote_tier = &remote;
+  auto c = Open(o);
+  auto t = Tokens(kC, 13), other = Tokens(kC, 14);
+  // A valid record of other tokens, filed under the key of `t` (what a collision looks like).
+  auto rec = testing::MakeRecord(kNs1, other, 1);
+  const ChunkKey k = ComputeChunkKeys(kNs1, t, kC)[0];
+  ASSERT_TRUE(remote.Put(k, rec, 0).ok());
+  EXPECT_EQ(c->Lookup(t, kNs1).tokens, size_t{kC});  // a hint only
+  auto h = c->Get(kNs1, t, 0, 1, std::chrono::steady_clock::now() + 5s);
+  h->Wait();
+  EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kNotFound);
+  EXPECT_EQ(c->Stats().collisions, 1u);
+  // A corrupt remote value: a miss, counted, and removed from the remote tier.
+  rec = testing::MakeRecord(kNs1, t, 1);
+  rec.back() ^= std::byte{1};
+  ASSERT_TRUE(remote.Put(k, rec, 0).ok());
+  h = c->Get(kNs1, t, 0, 1, std::chrono::steady_clock::now() + 5s);
+  h->Wait();
+  EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kNotFound);
+  EXPECT_EQ(c->Stats().tier[2].corruptions, 1u);
+  EXPECT_EQ(remote.ram.Stats().entries, 0u);
+}
+
+TEST(StoreTest, SlowRemoteMeetsTheDeadline) {
+  FakeRemote remote;
+  auto t = Tokens(2 * kC, 15);
+  {
+    CacheOptions o = Options(10);
+    o.remote_tier = &remote;
+    auto c = Open(o);
+    ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 2).ok());
+  }
+  remote.delay = 300ms;
+  CacheOptions o = Options(10);
+  o.remote_tier = &remote;
+  auto c = Open(o);
+  const auto start = std::chrono::steady_clock::now();
+  auto h = c->Get(kNs1, t, 0, 2, start + 50ms);
+  h->Wait();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 250ms);
+  EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(h->ready_tokens(), 0u);
+  EXPECT_EQ(c->Stats().deadline_misses, 2u);
+}
+
+TEST(StoreTest, AdmissionAfterHits) {
+  TempDir d;
+  CacheOptions o = Options(10, d.path(), 10);
+  o.admit_after_hits = 2;
+  auto c = Open(o);
+  auto t = Tokens(kC, 16);
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 1).ok());
+  ASSERT_TRUE(c->Flush().ok());
+  EXPECT_EQ(c->Stats().tier[1].entries, 0u);
+  GetAndCheck(*c, kNs1, t, 0, 1);
+  ASSERT_TRUE(c->Flush().ok());
+  EXPECT_EQ(c->Stats().tier[1].entries, 0u);
+  GetAndCheck(*c, kNs1, t, 0, 1);
+  ASSERT_TRUE(c->Flush().ok());
+  EXPECT_EQ(c->Stats().tier[1].entries, 1u);
+}
+
+TEST(StoreTest, NamespaceQuota) {
+  CacheOptions o = Options(10);
+  o.quotas.push_back({kNs1, 2 * RecordSize(), 0});
+  auto c = Open(o);
+  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 400 + i), 0, 1).ok());
+  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs2, Tokens(kC, 500 + i), 0, 1).ok());
+  int ns1 = 0, ns2 = 0;
+  for (uint32_t i = 0; i < 5; ++i) {
+    ns1 += c->Lookup(Tokens(kC, 400 + i), kNs1).tokens != 0;
+    ns2 += c->Lookup(Tokens(kC, 500 + i), kNs2).tokens != 0;
+  }
+  EXPECT_EQ(ns1, 2);
+  EXPECT_EQ(ns2, 5);
+}
+
+TEST(StoreTest, NamespacesAreIsolated) {
+  TempDir d;
+  auto c = Open(Options(10, d.path(), 10));
+  auto t = Tokens(2 * kC, 17);
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 2).ok());
+  EXPECT_EQ(c->Lookup(t, kNs2).tokens, 0u);
+  ASSERT_TRUE(PutChunks(*c, kNs2, t, 0, 2).ok());
+  ASSERT_TRUE(c->Flush().ok());
+  GetAndCheck(*c, kNs1, t, 0, 2);  // checks the bytes are ns1's
+  GetAndCheck(*c, kNs2, t, 0, 2);
+  ASSERT_TRUE(c->Clear(kNs1).ok());
+  EXPECT_EQ(c->Lookup(t, kNs1).tokens, 0u);
+  EXPECT_EQ(c->Lookup(t, kNs2).tokens, 2u * kC);
+  auto h = c->Get(kNs1, t, 0, 2, std::chrono::steady_clock::now() + 5s);
+  h->Wait();
+  EXPECT_EQ(h->ready_tokens(), 0u);
+  EXPECT_EQ(c->Stats().tier[1].entries, 2u);
+  ASSERT_TRUE(c->Erase(t, kNs2).ok());
+  EXPECT_EQ(c->Lookup(t, kNs2).tokens, 0u);
+  EXPECT_EQ(c->Stats().tier[1].entries, 0u);
+}
+
+TEST(StoreTest, ConcurrentPutGetLookup) {
+  TempDir d;
+  CacheOptions o = Options(20, d.path(), 40);
+  o.policy = "s3fifo";
+  auto c = Open(o);
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int th = 0; th < 4; ++th) {
+    threads.emplace_back([&, th] {
+      for (int i = 0; i < 150; ++i) {
+        const uint32_t seq = static_cast<uint32_t>((i * 7 + th) % 30);
+        auto t = Tokens(3 * kC, seq);
+        const Hash128& ns = seq % 2 ? kNs1 : kNs2;
+        switch ((i + th) % 3) {
+          case 0:
+            if (!PutChunks(*c, ns, t, 0, 3).ok()) ++bad;
+            break;
+          case 1: {
+            auto h = c->Get(ns, t, 0, 3, std::chrono::steady_clock::now() + 5s);
+            h->Wait();
+            for (size_t k = 0; k < 3; ++k) {
+              const ChunkData& cd = h->chunk(k);
+              if (!cd.status.ok()) break;
+              auto want = ChunkBytes(ns, t, k);
+              if (cd.bytes().size() != want.size() ||
+                  std::memcmp(cd.bytes().data(), want.data(), want.size()) != 0) {
+                ++bad;
+              }
+            }
+            break;
+          }
+          default:
+            if (c->Lookup(t, ns).tokens > 3u * kC) ++bad;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(c->Flush().ok());
+  EXPECT_EQ(bad.load(), 0);
+  CacheStats s = c->Stats();
+  EXPECT_LE(s.tier[0].bytes_used, o.ram_budget_bytes);
+  EXPECT_LE(s.tier[1].bytes_used, o.disk_budget_bytes);
+}
+
+TEST(StoreTest, PrometheusText) {
+  auto c = Open(Options(10));
+  auto t = Tokens(kC, 18);
+  ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 1).ok());
+  GetAndCheck(*c, kNs1, t, 0, 1);
+  const std::string text = PrometheusText(c->Stats());
+  EXPECT_NE(text.find("cachette_cache_hit_chunks_total{tier=\"ram\"} 1\n"), std::string::npos);
+  EXPECT_NE(text.find("# TYPE cachette_cache_load_latency_seconds histogram"), std::string::npos);
+  EXPECT_NE(text.find("cachette_cache_load_latency_seconds_bucket{le=\"+Inf\"} 1\n"),
+            std::string::npos);
+  EXPECT_EQ(text.find("tier=\"disk\""), std::string::npos);  // not enabled
+}
+
+}  // namespace
+}  // namespace cachette::cache
+
+namespace cachette::cache {
+namespace {
+
+// The real Redis tier behind the store, when a server is given (scripts/redis.sh starts one).
+TEST(StoreRedisTest, WriteThroughAndSharedAcrossStores) {
+  const char* url = std::getenv("CACHETTE_REDIS_URL");
+  if (url == nullptr || *url == '\0') GTEST_SKIP() << "set CACHETTE_REDIS_URL to run";
+  // A fresh namespace per run, so earlier runs' chunks do not count.
+  const Hash128 ns{static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()), 99};
+  auto t = Tokens(3 * kC, 77);
+  {
+    CacheOptions o = Options(10);
+    o.redis_urls = {url};
+    auto c = Open(o);
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(PutChunks(*c, ns, t, 0, 3).ok());
+    ASSERT_TRUE(c->Flush().ok());
+  }
+  CacheOptions o = Options(10);
+  o.redis_urls = {url};
+  auto c = Open(o);
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->Lookup(t, ns).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRedis));
+  EXPECT_EQ(GetAndCheck(*c, ns, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kRedis));
+  ASSERT_TRUE(c->Erase(t, ns).ok());
+}
+
+}  // namespace
+}  // namespace cachette::cache
