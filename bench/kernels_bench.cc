@@ -114,7 +114,8 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
   SetIsa(isa);
   constexpr int kLayers = 24;
   constexpr int64_t kD = 896, kFf = 4864, kKv = 128;
-  const Shape shapes[] = {{kD, kD}, {kD, kKv}, {kD, kKv}, {kD, kD}, {kD, kFf}, {kD, kFf}, {kFf, kD}};
+  const Shape shapes[] = {{kD, kD},  {kD, kKv}, {kD, kKv}, {kD, kD},
+                          {kD, kFf}, {kD, kFf}, {kFf, kD}};
   struct Layer {
     std::vector<std::vector<uint8_t>> bytes;
     std::vector<WeightMatrix> w;
@@ -146,6 +147,53 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
   state.counters["GB/s"] =
       benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   SetIsa(BestIsa());
+}
+
+// One layer's attention for qwen2.5-0.5b heads (14 query heads, 2 KV heads, head_dim 64) over a
+// paged cache of 32-token blocks: n_q queries ending at position ctx - 1.
+void BM_Attention(benchmark::State& state, KvType type, int64_t n_q, int64_t ctx) {
+  constexpr int kHead = 14, kKvHead = 2, kHd = 64, kBlock = 32;
+  const size_t tok_bytes = KvHeadBytes(type, kHd) * kKvHead;
+  const int64_t n_blocks = (ctx + kBlock - 1) / kBlock;
+  std::vector<std::vector<uint8_t>> k(n_blocks), v(n_blocks);
+  std::vector<const void*> kp, vp;
+  const std::vector<float> vals = RandomActivations(kBlock * kKvHead * kHd);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    for (auto* s : {&k[b], &v[b]}) {
+      s->resize(tok_bytes * kBlock);
+      StoreKv(vals.data(), kBlock * kKvHead, kHd, type, s->data());
+    }
+    kp.push_back(k[b].data());
+    vp.push_back(v[b].data());
+  }
+  const KvView kv{type, kKvHead, kHd, kBlock, kp.data(), vp.data(), ctx};
+  const std::vector<float> q = RandomActivations(n_q * kHead * kHd);
+  std::vector<float> out(q.size());
+  for (auto _ : state) {
+    Attention(q.data(), n_q, kHead, ctx - n_q, kv, 0.125f, out.data(), Pool());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(n_q), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// RoPE over one layer's queries of a 512-token prefill chunk (qwen2 style, 14 heads x 64).
+void BM_Rope(benchmark::State& state) {
+  constexpr int kHead = 14;
+  constexpr int64_t kTok = 512;
+  RopeParams p;
+  p.style = RopeStyle::kNeox;
+  p.head_dim = 64;
+  p.theta_base = 1000000.0f;
+  std::vector<float> x = RandomActivations(kTok * kHead * p.head_dim);
+  std::vector<int32_t> pos(kTok);
+  for (int64_t i = 0; i < kTok; ++i) pos[i] = static_cast<int32_t>(i);
+  for (auto _ : state) {
+    Rope(x.data(), kTok, kHead, pos.data(), p);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(kTok), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // Collects every run's counters for the summary table.
@@ -205,13 +253,22 @@ int main(int argc, char** argv) {
     for (Shape s : kShapes) {
       for (Isa isa : {best, Isa::kScalar}) {
         const int64_t pm = isa == Isa::kScalar ? kScalarPrefill : kPrefill;
-        timing(benchmark::RegisterBenchmark(MatMulName(t, s, pm, isa).c_str(), BM_MatMul, t, s,
-                                            pm, isa))
-            ->Unit(benchmark::kMillisecond);
-        timing(benchmark::RegisterBenchmark(MatMulName(t, s, 1, isa).c_str(), BM_MatMul, t, s, 1,
+        timing(benchmark::RegisterBenchmark(MatMulName(t, s, pm, isa).c_str(), BM_MatMul, t, s, pm,
                                             isa))
+            ->Unit(benchmark::kMillisecond);
+        timing(
+            benchmark::RegisterBenchmark(MatMulName(t, s, 1, isa).c_str(), BM_MatMul, t, s, 1, isa))
             ->Unit(benchmark::kMicrosecond);
       }
+    }
+  }
+  // Small batches (several sequences decoding together, short prompts): where the quantized
+  // kernels switch from dot tiles to repacked panels.
+  for (WType t : {WType::kQ8_0, WType::kF16, WType::kQ4_0}) {
+    for (int64_t m : {2, 4, 6, 8, 12, 16, 32, 64}) {
+      timing(benchmark::RegisterBenchmark(MatMulName(t, {896, 4864}, m, best).c_str(), BM_MatMul, t,
+                                          Shape{896, 4864}, m, best))
+          ->Unit(benchmark::kMicrosecond);
     }
   }
   for (WType t : {WType::kQ8_0, WType::kF16, WType::kQ4_0}) {
@@ -221,6 +278,16 @@ int main(int argc, char** argv) {
           ->MinTime(m == 1 ? 1.0 : 3.0);
     }
   }
+  for (KvType kt : {KvType::kF16, KvType::kQ8_0, KvType::kF32}) {
+    for (auto [n_q, ctx] : {std::pair<int64_t, int64_t>{512, 512}, {1, 512}, {1, 4096}}) {
+      const std::string name = "Attention/" + std::string(KvTypeName(kt)) + "/q" +
+                               std::to_string(n_q) + "/ctx" + std::to_string(ctx);
+      timing(benchmark::RegisterBenchmark(name.c_str(), BM_Attention, kt, n_q, ctx))
+          ->Unit(benchmark::kMicrosecond);
+    }
+  }
+  timing(benchmark::RegisterBenchmark("Rope/neox/512x14x64", BM_Rope))
+      ->Unit(benchmark::kMicrosecond);
   benchmark::Initialize(&argc, argv);
   SummaryReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

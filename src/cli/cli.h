@@ -27,5 +27,9 @@ Runner AddRunCommand(CLI::App& app);
 Runner AddTokenizeCommand(CLI::App& app);
 Runner AddModelCommand(CLI::App& app);
 Runner AddBenchCommand(CLI::App& app);
+// `bench cache`, a subcommand of `bench`; its runner returns -1 unless it was the one parsed.
+Runner AddBenchCacheSubcommand(CLI::App* bench);
+Runner AddCacheCommand(CLI::App& app);
+Runner AddServeCommand(CLI::App& app);
 
 }  // namespace cachette::cli

@@ -276,7 +276,12 @@ Runner AddBenchCommand(CLI::App& app) {
   p->add_option("--kv-budget", pa->kv_budget, "Paged KV memory, e.g. 512MiB, 4GiB");
   p->add_option("--page-tokens", pa->page_tokens, "Tokens per page")->check(CLI::Range(1, 4096));
   p->add_flag("--json", pa->json, "Print one JSON object");
-  return [a, e, pa] { return e->parsed() ? BenchEngine(*a) : BenchPrefix(*pa); };
+  Runner cache = AddBenchCacheSubcommand(c);
+  return [a, e, pa, p, cache] {
+    if (e->parsed()) return BenchEngine(*a);
+    if (p->parsed()) return BenchPrefix(*pa);
+    return cache();
+  };
 }
 
 }  // namespace cachette::cli

@@ -53,6 +53,8 @@ int main(int argc, char** argv) {
   add(AddTokenizeCommand);
   add(AddModelCommand);
   add(AddBenchCommand);
+  add(AddCacheCommand);
+  add(AddServeCommand);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

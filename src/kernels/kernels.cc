@@ -84,8 +84,7 @@ Isa HardwareIsa(const CpuFeatures& f) {
   const bool avx2 = f.avx2 && f.fma && f.f16c;
   // WART: the AVX-512 level requires VNNI (Cascade Lake and later); Skylake-X falls back to
   // AVX2 rather than carrying a third integer dot-product variant.
-  const bool avx512 =
-      avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+  const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
   if (avx512 && f.amx_int8) return Isa::kAmx;
   if (avx512) return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
@@ -97,10 +96,14 @@ Isa ComputeBestIsa() {
   if (const char* env = std::getenv("CACHETTE_ISA")) {
     std::string s(env);
     Isa cap = isa;
-    if (s == "scalar") cap = Isa::kScalar;
-    else if (s == "avx2") cap = Isa::kAvx2;
-    else if (s == "avx512") cap = Isa::kAvx512;
-    else if (s == "amx") cap = Isa::kAmx;
+    if (s == "scalar")
+      cap = Isa::kScalar;
+    else if (s == "avx2")
+      cap = Isa::kAvx2;
+    else if (s == "avx512")
+      cap = Isa::kAvx512;
+    else if (s == "amx")
+      cap = Isa::kAmx;
     isa = std::min(isa, cap);
   }
   return isa;
@@ -108,12 +111,15 @@ Isa ComputeBestIsa() {
 
 const internal::Ops& OpsFor(Isa isa) {
   switch (isa) {
-    case Isa::kScalar: return internal::ScalarOps();
-    case Isa::kAvx2: return internal::Avx2Ops();
+    case Isa::kScalar:
+      return internal::ScalarOps();
+    case Isa::kAvx2:
+      return internal::Avx2Ops();
     // WART: no AMX kernels yet; the AMX level runs the AVX-512 ones (AMX-INT8 only pays if
     // it beats VNNI by enough to cover the tile repacking, not measured yet).
     case Isa::kAvx512:
-    case Isa::kAmx: return internal::Avx512Ops();
+    case Isa::kAmx:
+      return internal::Avx512Ops();
   }
   return internal::ScalarOps();
 }
@@ -131,10 +137,14 @@ constexpr int64_t kParallelQuantizeElems = 1 << 16;
 
 std::string_view IsaName(Isa isa) {
   switch (isa) {
-    case Isa::kScalar: return "scalar";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAmx: return "amx";
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAmx:
+      return "amx";
   }
   return "?";
 }
@@ -159,11 +169,16 @@ void SetIsa(Isa isa) {
 
 std::string_view WTypeName(WType t) {
   switch (t) {
-    case WType::kF32: return "f32";
-    case WType::kF16: return "f16";
-    case WType::kBF16: return "bf16";
-    case WType::kQ8_0: return "q8_0";
-    case WType::kQ4_0: return "q4_0";
+    case WType::kF32:
+      return "f32";
+    case WType::kF16:
+      return "f16";
+    case WType::kBF16:
+      return "bf16";
+    case WType::kQ8_0:
+      return "q8_0";
+    case WType::kQ4_0:
+      return "q4_0";
   }
   return "?";
 }
@@ -172,11 +187,16 @@ int64_t WTypeBlockElems(WType t) { return t == WType::kQ8_0 || t == WType::kQ4_0
 
 int64_t WTypeBlockBytes(WType t) {
   switch (t) {
-    case WType::kF32: return 4;
-    case WType::kF16: return 2;
-    case WType::kBF16: return 2;
-    case WType::kQ8_0: return 34;
-    case WType::kQ4_0: return 18;
+    case WType::kF32:
+      return 4;
+    case WType::kF16:
+      return 2;
+    case WType::kBF16:
+      return 2;
+    case WType::kQ8_0:
+      return 34;
+    case WType::kQ4_0:
+      return 18;
   }
   return 0;
 }
@@ -237,7 +257,8 @@ ActQ8 ActQ8View(void* buf, int64_t m, int64_t cols) {
 
 void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool) {
   if (m <= 0 || w.rows <= 0) return;
-  CT_CHECK(w.cols % WTypeBlockElems(w.type) == 0) << "cols " << w.cols << " for " << WTypeName(w.type);
+  CT_CHECK(w.cols % WTypeBlockElems(w.type) == 0)
+      << "cols " << w.cols << " for " << WTypeName(w.type);
   CT_CHECK(w.row_bytes >= WTypeRowBytes(w.type, w.cols)) << "row_bytes " << w.row_bytes;
   const internal::Ops& ops = ActiveOps();
   internal::MatMulArgs a;
@@ -247,8 +268,8 @@ void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPo
   a.y = y;
   if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
     // The caller's thread owns the activation buffer; workers only read it.
-    a.act = internal::ActQ8View(internal::ThreadScratch(0, internal::ActQ8Bytes(m, w.cols)), m,
-                                w.cols);
+    a.act =
+        internal::ActQ8View(internal::ThreadScratch(0, internal::ActQ8Bytes(m, w.cols)), m, w.cols);
     if (m * w.cols >= kParallelQuantizeElems && pool.size() > 1) {
       pool.ParallelFor(m, [&](int64_t t0, int64_t t1, int) { ops.quantize_act(x, t0, t1, a.act); });
     } else {
@@ -320,18 +341,24 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
 
 std::string_view KvTypeName(KvType t) {
   switch (t) {
-    case KvType::kF32: return "f32";
-    case KvType::kF16: return "f16";
-    case KvType::kQ8_0: return "q8_0";
+    case KvType::kF32:
+      return "f32";
+    case KvType::kF16:
+      return "f16";
+    case KvType::kQ8_0:
+      return "q8_0";
   }
   return "?";
 }
 
 size_t KvHeadBytes(KvType t, int head_dim) {
   switch (t) {
-    case KvType::kF32: return static_cast<size_t>(head_dim) * 4;
-    case KvType::kF16: return static_cast<size_t>(head_dim) * 2;
-    case KvType::kQ8_0: return static_cast<size_t>(head_dim / 32) * 34;
+    case KvType::kF32:
+      return static_cast<size_t>(head_dim) * 4;
+    case KvType::kF16:
+      return static_cast<size_t>(head_dim) * 2;
+    case KvType::kQ8_0:
+      return static_cast<size_t>(head_dim / 32) * 34;
   }
   return 0;
 }
@@ -413,30 +440,41 @@ void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const Kv
   const int group = n_head / kv.n_kv_head;
   const size_t head_bytes = KvHeadBytes(kv.type, hd);
   const size_t tok_bytes = head_bytes * kv.n_kv_head;
-  // Two passes per (query, head): scores into scratch [n_keys], softmax, then the weighted sum
-  // of V. WART: query heads of one GQA group each reread the group's K/V; sharing the loads
-  // would only matter for long contexts, where the matmuls still dominate at this model size.
-  pool.ParallelFor(n_q * n_head, [&](int64_t u0, int64_t u1, int) {
+  // Work units are (query, KV head): the query heads of one GQA group share every K/V load.
+  // Causal queries late in the chunk see more keys, so units are visited in the order
+  // 0, n-1, 1, n-2, ... of queries to give both halves of the contiguous split equal work.
+  // Per unit: scores into scratch [group][n_keys], softmax, then the weighted sum of V.
+  const int64_t n_units = n_q * kv.n_kv_head;
+  pool.ParallelFor(n_units, [&](int64_t u0, int64_t u1, int) {
     const int64_t max_keys = q_pos0 + n_q;
-    auto* scores = static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * max_keys));
+    auto* scores =
+        static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * group * max_keys));
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t i = u / n_head;
-      const int h = static_cast<int>(u % n_head);
-      const int kvh = h / group;
-      const float* qv = q + (i * n_head + h) * hd;
-      float* ov = out + (i * n_head + h) * hd;
+      const int64_t k = u / kv.n_kv_head;
+      const int64_t i = (k % 2 == 0) ? k / 2 : n_q - 1 - k / 2;
+      const int kvh = static_cast<int>(u % kv.n_kv_head);
+      const float* qg = q + (i * n_head + kvh * group) * hd;  // [group][hd]
+      float* og = out + (i * n_head + kvh * group) * hd;
       const int64_t n_keys = q_pos0 + i + 1;
-      for (int64_t j = 0; j < n_keys; ++j) {
-        const auto* blk = static_cast<const uint8_t*>(kv.k_blocks[j / kv.block_tokens]);
-        const uint8_t* k = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
-        scores[j] = ops.kv_dot(qv, k, hd, kv.type) * scale;
+      if (ops.attend_group != nullptr) {
+        ops.attend_group(qg, group, kv, kvh, n_keys, scale, scores, og);
+        continue;
       }
-      ops.softmax(scores, n_keys);
-      std::memset(ov, 0, sizeof(float) * hd);
-      for (int64_t j = 0; j < n_keys; ++j) {
-        const auto* blk = static_cast<const uint8_t*>(kv.v_blocks[j / kv.block_tokens]);
-        const uint8_t* v = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
-        ops.kv_axpy(scores[j], v, hd, kv.type, ov);
+      for (int g = 0; g < group; ++g) {
+        const float* qv = qg + g * hd;
+        float* ov = og + g * hd;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          const auto* blk = static_cast<const uint8_t*>(kv.k_blocks[j / kv.block_tokens]);
+          const uint8_t* kp = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
+          scores[j] = ops.kv_dot(qv, kp, hd, kv.type) * scale;
+        }
+        ops.softmax(scores, n_keys);
+        std::memset(ov, 0, sizeof(float) * hd);
+        for (int64_t j = 0; j < n_keys; ++j) {
+          const auto* blk = static_cast<const uint8_t*>(kv.v_blocks[j / kv.block_tokens]);
+          const uint8_t* vp = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
+          ops.kv_axpy(scores[j], vp, hd, kv.type, ov);
+        }
       }
     }
   });

@@ -71,8 +71,10 @@ __m256 Exp(__m256 x) {
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(ni, 1);
   const __m256i n2 = _mm256_sub_epi32(ni, n1);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  const __m256 s1 =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
   __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
   res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
   res = _mm256_blendv_ps(res, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
@@ -99,12 +101,14 @@ void QuantizeAct(const float* x, int64_t t0, int64_t t1, const ActQ8& a) {
       const __m256 vid = _mm256_set1_ps(id);
       __m256i q[4];
       for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
-      const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      const __m256i sum =
+          _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
       // packs interleave 128-bit lanes: [q0l q1l q0h q1h] -> fix with a dword permute.
       const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
       const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
       const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-      const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      const __m256i ordered =
+          _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + t * a.cols + b * 32), ordered);
       a.d[t * nb + b] = amax / 127.0f;
       a.sum[t * nb + b] = Reduce8i(sum);
@@ -175,8 +179,10 @@ using FloatTileFn = void (*)(const uint8_t*, size_t, const float*, int64_t, int6
 template <int kT>
 void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   static constexpr FloatTileFn kTiles[kTileR][kTileT] = {
-      {FloatTile<kT, 1, 1>, FloatTile<kT, 1, 2>}, {FloatTile<kT, 2, 1>, FloatTile<kT, 2, 2>},
-      {FloatTile<kT, 3, 1>, FloatTile<kT, 3, 2>}, {FloatTile<kT, 4, 1>, FloatTile<kT, 4, 2>}};
+      {FloatTile<kT, 1, 1>, FloatTile<kT, 1, 2>},
+      {FloatTile<kT, 2, 1>, FloatTile<kT, 2, 2>},
+      {FloatTile<kT, 3, 1>, FloatTile<kT, 3, 2>},
+      {FloatTile<kT, 4, 1>, FloatTile<kT, 4, 2>}};
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
   const int64_t cols = w.cols, m = a.m;
@@ -190,8 +196,8 @@ void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
         const int64_t nt = Min64(kTileT, m - t0);
         for (int64_t g = p0; g < p1; g += kTileR) {
           const int64_t nr = Min64(kTileR, p1 - g);
-          kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.x + t0 * cols, cols, k0,
-                                 k1, a.y + t0 * w.rows + g, w.rows, k0 > 0);
+          kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.x + t0 * cols, cols, k0, k1,
+                                 a.y + t0 * w.rows + g, w.rows, k0 > 0);
         }
       }
     }
@@ -227,11 +233,12 @@ void QuantTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t t0
       dw[r] = HalfToFloat(w0 + r * row_bytes + b * bb);
     }
     for (int t = 0; t < T; ++t) {
-      const __m256i xq =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
+      const __m256i xq = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
       const float dx = act.d[(t0 + t) * nb + b];
       for (int r = 0; r < R; ++r) {
-        const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xq, wv[r]));
+        const __m256i p16 =
+            _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xq, wv[r]));
         const __m256i p32 = _mm256_madd_epi16(p16, ones);
         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
       }
@@ -246,8 +253,10 @@ using QuantTileFn = void (*)(const uint8_t*, size_t, const ActQ8&, int64_t, floa
 template <int kT>
 void QuantMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   static constexpr QuantTileFn kTiles[kTileR][kTileT] = {
-      {QuantTile<kT, 1, 1>, QuantTile<kT, 1, 2>}, {QuantTile<kT, 2, 1>, QuantTile<kT, 2, 2>},
-      {QuantTile<kT, 3, 1>, QuantTile<kT, 3, 2>}, {QuantTile<kT, 4, 1>, QuantTile<kT, 4, 2>}};
+      {QuantTile<kT, 1, 1>, QuantTile<kT, 1, 2>},
+      {QuantTile<kT, 2, 1>, QuantTile<kT, 2, 2>},
+      {QuantTile<kT, 3, 1>, QuantTile<kT, 3, 2>},
+      {QuantTile<kT, 4, 1>, QuantTile<kT, 4, 2>}};
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
   // Rows in panels of 16 so that a panel's weights stay in L1/L2 while all tokens pass.
@@ -267,11 +276,16 @@ void QuantMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 
 void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   switch (a.w->type) {
-    case WType::kF32: return FloatMatMulRows<kF32>(a, r0, r1);
-    case WType::kF16: return FloatMatMulRows<kF16>(a, r0, r1);
-    case WType::kBF16: return FloatMatMulRows<static_cast<int>(WType::kBF16)>(a, r0, r1);
-    case WType::kQ8_0: return QuantMatMulRows<kQ8>(a, r0, r1);
-    case WType::kQ4_0: return QuantMatMulRows<static_cast<int>(WType::kQ4_0)>(a, r0, r1);
+    case WType::kF32:
+      return FloatMatMulRows<kF32>(a, r0, r1);
+    case WType::kF16:
+      return FloatMatMulRows<kF16>(a, r0, r1);
+    case WType::kBF16:
+      return FloatMatMulRows<static_cast<int>(WType::kBF16)>(a, r0, r1);
+    case WType::kQ8_0:
+      return QuantMatMulRows<kQ8>(a, r0, r1);
+    case WType::kQ4_0:
+      return QuantMatMulRows<static_cast<int>(WType::kQ4_0)>(a, r0, r1);
   }
 }
 
@@ -323,7 +337,8 @@ void Softmax(float* x, int64_t n) {
   for (; i < n; ++i) sum += (x[i] = Exp1(x[i] - mx));
   const float inv = 1.0f / sum;
   const __m256 vinv = _mm256_set1_ps(inv);
-  for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
   for (; i < n; ++i) x[i] *= inv;
 }
 
@@ -333,8 +348,8 @@ void SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
   for (; i + 8 <= n; i += 8) {
     const __m256 g = _mm256_loadu_ps(gate + i);
     const __m256 e = Exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
-                                            _mm256_loadu_ps(up + i)));
+    _mm256_storeu_ps(
+        out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
   }
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + Exp1(-gate[i])) * up[i];
 }
@@ -351,8 +366,10 @@ void Add(const float* x, float* y, int64_t n) {
 
 float KvElem(const uint8_t* p, int i, KvType t) {
   switch (t) {
-    case KvType::kF32: return LoadW1<kF32>(p, i);
-    case KvType::kF16: return HalfToFloat(p + 2 * i);
+    case KvType::kF32:
+      return LoadW1<kF32>(p, i);
+    case KvType::kF16:
+      return HalfToFloat(p + 2 * i);
     case KvType::kQ8_0: {
       const uint8_t* blk = p + (i / 32) * 34;
       return HalfToFloat(blk) * static_cast<int8_t>(blk[2 + i % 32]);
@@ -364,8 +381,10 @@ float KvElem(const uint8_t* p, int i, KvType t) {
 // 8 elements starting at i (i % 8 == 0).
 __m256 LoadKv8(const uint8_t* p, int i, KvType t) {
   switch (t) {
-    case KvType::kF32: return _mm256_loadu_ps(reinterpret_cast<const float*>(p + 4 * i));
-    case KvType::kF16: return LoadW8<kF16>(p, i);
+    case KvType::kF32:
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p + 4 * i));
+    case KvType::kF16:
+      return LoadW8<kF16>(p, i);
     case KvType::kQ8_0: {
       const uint8_t* blk = p + (i / 32) * 34;
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + i % 32));
@@ -380,7 +399,8 @@ float KvDot(const float* q, const void* k, int head_dim, KvType t) {
   const auto* p = static_cast<const uint8_t*>(k);
   __m256 acc = _mm256_setzero_ps();
   int i = 0;
-  for (; i + 8 <= head_dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LoadKv8(p, i, t), acc);
+  for (; i + 8 <= head_dim; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LoadKv8(p, i, t), acc);
   float s = Reduce8(acc);
   for (; i < head_dim; ++i) s += q[i] * KvElem(p, i, t);
   return s;

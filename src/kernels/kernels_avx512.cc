@@ -3,17 +3,23 @@
 // kernels_internal.h for why).
 //
 // MatMul strategies:
-//  * Float weights (f32/f16/bf16), any m: "dot" tiles of R rows x T tokens; each accumulator
-//    is a zmm over 16 input features, reduced horizontally once per K block. Weights are read
-//    in place (f16/bf16 widened in registers), so m == 1 streams each weight once and large m
-//    reuses each loaded weight vector T times from L1.
-//  * Quantized weights, small m: the same dot tiles over ymm blocks of 32 with the sign trick
-//    (|w| unsigned x sign(x, w) signed) for VPDPBUSD.
-//  * Quantized weights, m >= kPackMinM: a panel of 32 rows is repacked once per call into the
-//    VNNI layout [block][group of 4 features][32 rows][4 bytes] with unsigned weights
-//    (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with a broadcast 4 activation
-//    bytes advances 16 rows at once and no horizontal sums are needed; the offset is removed
-//    with the per-block activation sums precomputed at quantization.
+//  * Float weights (f32/f16/bf16): "dot" tiles of R = 4 rows x T = 6 tokens; each accumulator
+//    is a zmm over 16 input features, reduced horizontally once per K block. For few tokens
+//    the weights are read in place (f16/bf16 widened in registers), so m == 1 streams each
+//    weight once; for many tokens each [16 rows][512] panel block is widened to f32 once into
+//    scratch and reused by all token tiles.
+//  * Quantized weights, m < PackMinM() (decode): dot tiles over pairs of blocks (64 weights per
+//    zmm); q8_0 uses the sign trick (|w| unsigned x sign(x, w) signed) for VPDPBUSD, q4_0 feeds
+//    the raw nibbles as the unsigned operand and starts each block's sum at -8 * sum(x_q).
+//  * Quantized weights, m >= PackMinM() (prefill): a panel of 32 rows is repacked once per call
+//    (gathers) into the VNNI layout [block][group of 4 features][32 rows][4 bytes] with
+//    unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with 4
+//    broadcast activation bytes advances 16 rows at once and no horizontal sums are needed; the
+//    offset is removed with the per-block activation sums precomputed at quantization.
+// Attention handles all query heads of a GQA group per K/V load (AttendGroup).
+//
+// WART: AMX-INT8 (TDPBUSD on 16x64 tiles) is detected but not used: the VNNI panels already
+// run at 3-5x the prefill target; AMX would need per-block scale handling between tile ops.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -31,12 +37,14 @@ constexpr int kQ8 = static_cast<int>(WType::kQ8_0);
 constexpr int kQ4 = static_cast<int>(WType::kQ4_0);
 
 // Quantized weights switch to the repacked kernel at this many tokens: below it the repack
-// (one pass over the panel) costs more than the reuse gains.
-constexpr int64_t kPackMinM = 8;
-// K block for the float tiles [T tokens][kKc] of x stay in L1 while R-row groups sweep a panel.
+// (one gather pass over the panel) costs more than the reuse gains. Measured on [896 -> 4864]
+// (Sapphire Rapids): q8_0 m=2 dot 225 us vs packed 257 us, m=4 340 vs 275; q4_0 m=2 195 vs 163.
+int64_t PackMinM(WType t) { return t == WType::kQ8_0 ? 3 : 2; }
+// K block of the float tiles: [T tokens][kKc] of x stays in L1 while R-row groups sweep a panel.
 constexpr int64_t kKc = 512;
 constexpr int64_t kFloatPanel = 16;  // rows per panel (4 groups of kFloatR)
 constexpr int kFloatR = 4, kFloatT = 6;
+constexpr int64_t kFloatPanelOuterMaxM = 64;
 constexpr int kQDotR = 4, kQDotT = 4;  // quantized small-m tiles
 constexpr int kQPackT = 6;             // quantized packed tiles: 32 rows x 6 tokens
 
@@ -58,8 +66,9 @@ __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   // Per 128-bit lane: [a, b, c, d] partial sums.
   const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
                                     _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  const __m256 h =
+      _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
@@ -183,35 +192,82 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
 using FloatTileFn = void (*)(const uint8_t*, size_t, const float*, int64_t, int64_t, int64_t,
                              float*, int64_t, bool);
 
-#define CT_FLOAT_TILES(R) \
-  {FloatTile<kT, R, 1>, FloatTile<kT, R, 2>, FloatTile<kT, R, 3>, FloatTile<kT, R, 4>, \
-   FloatTile<kT, R, 5>, FloatTile<kT, R, 6>}
+#define CT_FLOAT_TILES(R)                                                               \
+  {                                                                                     \
+    FloatTile<kT, R, 1>, FloatTile<kT, R, 2>, FloatTile<kT, R, 3>, FloatTile<kT, R, 4>, \
+        FloatTile<kT, R, 5>, FloatTile<kT, R, 6>                                        \
+  }
+
+#define CT_F32_TILES(R)                                                                         \
+  {                                                                                             \
+    FloatTile<kF32, R, 1>, FloatTile<kF32, R, 2>, FloatTile<kF32, R, 3>, FloatTile<kF32, R, 4>, \
+        FloatTile<kF32, R, 5>, FloatTile<kF32, R, 6>                                            \
+  }
 
 template <int kT>
 void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
-  static constexpr FloatTileFn kTiles[kFloatR][kFloatT] = {
-      CT_FLOAT_TILES(1), CT_FLOAT_TILES(2), CT_FLOAT_TILES(3), CT_FLOAT_TILES(4)};
+  static constexpr FloatTileFn kTiles[kFloatR][kFloatT] = {CT_FLOAT_TILES(1), CT_FLOAT_TILES(2),
+                                                           CT_FLOAT_TILES(3), CT_FLOAT_TILES(4)};
+  static constexpr FloatTileFn kF32Tiles[kFloatR][kFloatT] = {CT_F32_TILES(1), CT_F32_TILES(2),
+                                                              CT_F32_TILES(3), CT_F32_TILES(4)};
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
   const int64_t cols = w.cols, m = a.m;
   // Few tokens: no K blocking, so each weight row streams contiguously once.
   const int64_t kc = m <= kFloatT ? cols : kKc;
-  for (int64_t k0 = 0; k0 < cols; k0 += kc) {
+  // With many token blocks, f16/bf16 weights are widened to f32 once per panel block
+  // [kFloatPanel][kc] so the tiles do pure FMAs (VCVTPH2PS competes for the FMA ports). With
+  // few, the extra pass costs more than it saves (m = 8: 70 vs 95 GFLOP/s).
+  const bool widen = kT != kF32 && m > kFloatPanelOuterMaxM;
+  float* wide =
+      widen ? static_cast<float*>(ThreadScratch(1, kFloatPanel * kc * sizeof(float))) : nullptr;
+  auto run_panel_block = [&](int64_t p0, int64_t k0) {
+    const int64_t p1 = Min64(r1, p0 + kFloatPanel);
     const int64_t k1 = Min64(cols, k0 + kc);
-    for (int64_t p0 = r0; p0 < r1; p0 += kFloatPanel) {
-      const int64_t p1 = Min64(r1, p0 + kFloatPanel);
+    if (widen) {
+      const int64_t kn = k1 - k0;
+      for (int64_t r = p0; r < p1; ++r) {
+        const uint8_t* row = base + r * w.row_bytes;
+        float* out = wide + (r - p0) * kc;
+        int64_t k = 0;
+        for (; k + 16 <= kn; k += 16) _mm512_storeu_ps(out + k, LoadW<kT>(row, k0 + k));
+        if (k < kn)
+          _mm512_mask_storeu_ps(out + k, TailMask(kn - k),
+                                LoadWMasked<kT>(row, k0 + k, TailMask(kn - k)));
+      }
       for (int64_t t0 = 0; t0 < m; t0 += kFloatT) {
         const int64_t nt = Min64(kFloatT, m - t0);
         for (int64_t g = p0; g < p1; g += kFloatR) {
           const int64_t nr = Min64(kFloatR, p1 - g);
-          kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.x + t0 * cols, cols, k0,
-                                 k1, a.y + t0 * w.rows + g, w.rows, k0 > 0);
+          kF32Tiles[nr - 1][nt - 1](reinterpret_cast<const uint8_t*>(wide + (g - p0) * kc),
+                                    kc * sizeof(float), a.x + t0 * cols + k0, cols, 0, kn,
+                                    a.y + t0 * w.rows + g, w.rows, k0 > 0);
         }
       }
+      return;
     }
+    for (int64_t t0 = 0; t0 < m; t0 += kFloatT) {
+      const int64_t nt = Min64(kFloatT, m - t0);
+      for (int64_t g = p0; g < p1; g += kFloatR) {
+        const int64_t nr = Min64(kFloatR, p1 - g);
+        kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.x + t0 * cols, cols, k0, k1,
+                               a.y + t0 * w.rows + g, w.rows, k0 > 0);
+      }
+    }
+  };
+  if (m <= kFloatPanelOuterMaxM) {
+    // x [m][cols] fits in L2: finish each panel over all of K so that the weights stream from
+    // memory row by row (K-outer order would revisit every row once per K block).
+    for (int64_t p0 = r0; p0 < r1; p0 += kFloatPanel)
+      for (int64_t k0 = 0; k0 < cols; k0 += kc) run_panel_block(p0, k0);
+  } else {
+    // x does not fit: keep its [m][kc] slice in L2 while all panels pass over it.
+    for (int64_t k0 = 0; k0 < cols; k0 += kc)
+      for (int64_t p0 = r0; p0 < r1; p0 += kFloatPanel) run_panel_block(p0, k0);
   }
 }
 #undef CT_FLOAT_TILES
+#undef CT_F32_TILES
 
 // ---- Quantized weights, small m ----------------------------------------------------------
 
@@ -246,7 +302,15 @@ __m512 PairScales(const uint8_t* row, int64_t b) {
 // Blocks b and b + 1 of a quantized row as 64 signed weights.
 template <int kT>
 __m512i LoadQPair(const uint8_t* row, int64_t b) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(LoadQBlock<kT>(row, b)), LoadQBlock<kT>(row, b + 1), 1);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(LoadQBlock<kT>(row, b)),
+                            LoadQBlock<kT>(row, b + 1), 1);
+}
+
+// [d[0] x 8, d[1] x 8].
+__m512 PairDx(const float* d, __m512i pair_idx) {
+  double d2;
+  std::memcpy(&d2, d, 8);
+  return _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(d2))));
 }
 
 // Dot tiles for few tokens: two blocks per zmm. The per-block scale is applied to the 8 int32
@@ -260,32 +324,63 @@ void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t
   constexpr int64_t kAhead = 12 * kBB;
   const int64_t nb = act.cols / 32;
   const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i nib_idx = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    __m512i wv[R], wabs[R];
     __m512 dw[R];
-    __mmask64 neg[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w0 + r * row_bytes;
       _mm_prefetch(reinterpret_cast<const char*>(row + b * kBB + kAhead), _MM_HINT_T0);
-      wv[r] = LoadQPair<kT>(row, b);
-      wabs[r] = _mm512_abs_epi8(wv[r]);
-      neg[r] = _mm512_movepi8_mask(wv[r]);
       dw[r] = PairScales<kT>(row, b);
     }
-    for (int t = 0; t < T; ++t) {
-      const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
-      double dx2;
-      std::memcpy(&dx2, act.d + (t0 + t) * nb + b, 8);
-      const __m512 dx = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(dx2))));
+    if constexpr (kT == kQ8) {
+      __m512i wabs[R];
+      __mmask64 neg[R];
       for (int r = 0; r < R; ++r) {
-        // sign(x, w) * |w| == x * w, with |w| in the unsigned operand VPDPBUSD wants.
-        const __m512i xs = _mm512_mask_sub_epi8(xq, neg[r], _mm512_setzero_si512(), xq);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs[r], xs);
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], dx), acc[r][t]);
+        const __m512i wv = LoadQPair<kT>(w0 + r * row_bytes, b);
+        wabs[r] = _mm512_abs_epi8(wv);
+        neg[r] = _mm512_movepi8_mask(wv);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
+        const __m512 dx = PairDx(act.d + (t0 + t) * nb + b, pair_idx);
+        for (int r = 0; r < R; ++r) {
+          // sign(x, w) * |w| == x * w, with |w| in the unsigned operand VPDPBUSD wants.
+          const __m512i xs = _mm512_mask_sub_epi8(xq, neg[r], _mm512_setzero_si512(), xq);
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs[r], xs);
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], dx), acc[r][t]);
+        }
+      }
+    } else {
+      // q4_0: the raw nibbles (w + 8) are already unsigned; the 8 * sum(x_q) they add is
+      // subtracted by starting lane 0 of each block at -8 * sum(x_q).
+      __m512i nib[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* row = w0 + r * row_bytes;
+        const __m256i qs = _mm256_set_m128i(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (b + 1) * kBB + 2)),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBB + 2)));
+        const __m256i lo = _mm256_and_si256(qs, _mm256_set1_epi8(0x0f));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), _mm256_set1_epi8(0x0f));
+        // [lo_b, hi_b, lo_b+1, hi_b+1] in 16-byte units = element order of x.
+        nib[r] = _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), nib_idx,
+                                           _mm512_castsi256_si512(hi));
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
+        const __m512 dx = PairDx(act.d + (t0 + t) * nb + b, pair_idx);
+        const __m128i sums =
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(act.sum + (t0 + t) * nb + b));
+        const __m512i init = _mm512_maskz_permutexvar_epi32(
+            0x0101, pair_idx,
+            _mm512_castsi128_si512(_mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(sums, 3))));
+        for (int r = 0; r < R; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(init, nib[r], xq);
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], dx), acc[r][t]);
+        }
       }
     }
   }
@@ -298,8 +393,8 @@ void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t
       for (int t = 0; t < T; ++t) {
         const __m256i xq = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
-        const __m256i dot =
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w),
+                                                _mm256_sign_epi8(xq, w));
         tail[r][t] = Reduce8(_mm256_cvtepi32_ps(dot)) * (dw * act.d[(t0 + t) * nb + b]);
       }
     }
@@ -318,20 +413,20 @@ void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t
 using QuantDotTileFn = void (*)(const uint8_t*, size_t, const ActQ8&, int64_t, float*, int64_t);
 
 #define CT_QDOT_TILES(R) \
-  {QuantDotTile<kT, R, 1>, QuantDotTile<kT, R, 2>, QuantDotTile<kT, R, 3>, QuantDotTile<kT, R, 4>}
+  { QuantDotTile<kT, R, 1>, QuantDotTile<kT, R, 2>, QuantDotTile<kT, R, 3>, QuantDotTile<kT, R, 4> }
 
 template <int kT>
 void QuantDotRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
-  static constexpr QuantDotTileFn kTiles[kQDotR][kQDotT] = {
-      CT_QDOT_TILES(1), CT_QDOT_TILES(2), CT_QDOT_TILES(3), CT_QDOT_TILES(4)};
+  static constexpr QuantDotTileFn kTiles[kQDotR][kQDotT] = {CT_QDOT_TILES(1), CT_QDOT_TILES(2),
+                                                            CT_QDOT_TILES(3), CT_QDOT_TILES(4)};
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t g = r0; g < r1; g += kQDotR) {
     const int64_t nr = Min64(kQDotR, r1 - g);
     for (int64_t t0 = 0; t0 < a.m; t0 += kQDotT) {
       const int64_t nt = Min64(kQDotT, a.m - t0);
-      kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.act, t0,
-                             a.y + t0 * w.rows + g, w.rows);
+      kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.act, t0, a.y + t0 * w.rows + g,
+                             w.rows);
     }
   }
 }
@@ -345,33 +440,44 @@ constexpr int64_t kPanelBlockBytes = 32 * kPanelRows;  // [8 groups][32 rows][4 
 // Repacks rows [p0, p1) (p1 - p0 <= 32; missing rows are zero) of W into
 //   wp  [nb][8][32] uint32: 4 unsigned weight bytes of features 4g..4g+3 of each row
 //   dwp [nb][32]    float : block scales
+// with gathers of one dword from each of 16 rows, i.e. a transpose at dword granularity.
 template <int kT>
 void PackQuantPanel(const WeightMatrix& w, int64_t p0, int64_t p1, uint32_t* wp, float* dwp) {
+  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
   const int64_t nb = w.cols / 32;
   const auto* base = static_cast<const uint8_t*>(w.data);
-  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
-  for (int64_t rr = 0; rr < kPanelRows; ++rr) {
-    if (p0 + rr >= p1) {
-      for (int64_t b = 0; b < nb; ++b) {
-        dwp[b * kPanelRows + rr] = 0;
-        for (int g = 0; g < 8; ++g) wp[(b * 8 + g) * kPanelRows + rr] = 0;
-      }
-      continue;
-    }
-    const uint8_t* row = base + (p0 + rr) * w.row_bytes;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t h0 = p0 + 16 * half;
+    const int64_t n = p1 - h0;
+    const __mmask16 valid = n >= 16 ? 0xffff : n <= 0 ? 0 : TailMask(n);
+    const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(w.row_bytes)));
+    // Rows past p1 gather nothing and stay zero (scale 0, weights 0).
+    const uint8_t* rows = base + (valid ? h0 * w.row_bytes : 0);
     for (int64_t b = 0; b < nb; ++b) {
-      __m256i u;
+      const uint8_t* blk = rows + b * kBB;
+      uint32_t* out = wp + b * 8 * kPanelRows + 16 * half;
+      const __m512i zero = _mm512_setzero_si512();
+      const __m512i dbits = _mm512_mask_i32gather_epi32(zero, valid, offs, blk, 1);
+      _mm512_store_ps(dwp + b * kPanelRows + 16 * half,
+                      _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dbits)));
       if constexpr (kT == kQ8) {
-        // q + 128 as an unsigned byte.
-        u = _mm256_xor_si256(LoadQBlock<kQ8>(row, b), bias);
+        for (int g = 0; g < 8; ++g) {
+          const __m512i q = _mm512_mask_i32gather_epi32(zero, valid, offs, blk + 2 + 4 * g, 1);
+          // q + 128 as unsigned bytes; padded rows stay 0.
+          _mm512_store_si512(out + g * kPanelRows, _mm512_maskz_xor_epi32(valid, q, bias));
+        }
       } else {
-        // The raw nibble: q + 8.
-        u = _mm256_add_epi8(LoadQBlock<kQ4>(row, b), _mm256_set1_epi8(8));
+        for (int g = 0; g < 4; ++g) {
+          const __m512i qs = _mm512_mask_i32gather_epi32(zero, valid, offs, blk + 2 + 4 * g, 1);
+          // Features 4g.. are the low nibbles, 16 + 4g.. the high ones: raw nibble = q + 8.
+          _mm512_store_si512(out + g * kPanelRows, _mm512_and_si512(qs, low4));
+          _mm512_store_si512(out + (g + 4) * kPanelRows,
+                             _mm512_and_si512(_mm512_srli_epi16(qs, 4), low4));
+        }
       }
-      alignas(32) uint32_t g4[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(g4), u);
-      for (int g = 0; g < 8; ++g) wp[(b * 8 + g) * kPanelRows + rr] = g4[g];
-      dwp[b * kPanelRows + rr] = QScale<kT>(row, b);
     }
   }
 }
@@ -411,8 +517,10 @@ void QuantPanelTile(const uint32_t* wp, const float* dwp, const ActQ8& act, int6
     const __m512 dw1 = _mm512_load_ps(dwp + b * kPanelRows + 16);
     for (int t = 0; t < T; ++t) {
       const __m512 s = _mm512_set1_ps(dx[t][b]);
-      facc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][t]), _mm512_mul_ps(dw0, s), facc[0][t]);
-      facc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[1][t]), _mm512_mul_ps(dw1, s), facc[1][t]);
+      facc[0][t] =
+          _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][t]), _mm512_mul_ps(dw0, s), facc[0][t]);
+      facc[1][t] =
+          _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[1][t]), _mm512_mul_ps(dw1, s), facc[1][t]);
     }
   }
   const __mmask16 m0 = n_rows >= 16 ? 0xffff : TailMask(n_rows);
@@ -448,18 +556,23 @@ void QuantPackedRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 
 void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   switch (a.w->type) {
-    case WType::kF32: return FloatMatMulRows<kF32>(a, r0, r1);
-    case WType::kF16: return FloatMatMulRows<kF16>(a, r0, r1);
-    case WType::kBF16: return FloatMatMulRows<kBF16>(a, r0, r1);
+    case WType::kF32:
+      return FloatMatMulRows<kF32>(a, r0, r1);
+    case WType::kF16:
+      return FloatMatMulRows<kF16>(a, r0, r1);
+    case WType::kBF16:
+      return FloatMatMulRows<kBF16>(a, r0, r1);
     case WType::kQ8_0:
-      return a.m >= kPackMinM ? QuantPackedRows<kQ8>(a, r0, r1) : QuantDotRows<kQ8>(a, r0, r1);
+      return a.m >= PackMinM(WType::kQ8_0) ? QuantPackedRows<kQ8>(a, r0, r1)
+                                           : QuantDotRows<kQ8>(a, r0, r1);
     case WType::kQ4_0:
-      return a.m >= kPackMinM ? QuantPackedRows<kQ4>(a, r0, r1) : QuantDotRows<kQ4>(a, r0, r1);
+      return a.m >= PackMinM(WType::kQ4_0) ? QuantPackedRows<kQ4>(a, r0, r1)
+                                           : QuantDotRows<kQ4>(a, r0, r1);
   }
 }
 
 int64_t RowGrain(WType t, int64_t m) {
-  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= kPackMinM ? kPanelRows : kQDotR;
+  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= PackMinM(t) ? kPanelRows : kQDotR;
   return m <= kFloatT ? kFloatR : kFloatPanel;
 }
 
@@ -479,7 +592,8 @@ void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_
       const __m512 v = _mm512_maskz_loadu_ps(TailMask(dim - c), xi + c);
       ss = _mm512_fmadd_ps(v, v, ss);
     }
-    const float inv = 1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / static_cast<float>(dim) + eps);
+    const float inv =
+        1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / static_cast<float>(dim) + eps);
     const __m512 vinv = _mm512_set1_ps(inv);
     for (c = 0; c + 16 <= dim; c += 16) {
       _mm512_storeu_ps(yi + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xi + c), vinv),
@@ -499,7 +613,9 @@ void Softmax(float* x, int64_t n) {
   __m512 vmax = _mm512_set1_ps(-__builtin_inff());
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + i));
-  if (i < n) vmax = _mm512_mask_max_ps(vmax, TailMask(n - i), vmax, _mm512_maskz_loadu_ps(TailMask(n - i), x + i));
+  if (i < n)
+    vmax = _mm512_mask_max_ps(vmax, TailMask(n - i), vmax,
+                              _mm512_maskz_loadu_ps(TailMask(n - i), x + i));
   const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
   __m512 vsum = _mm512_setzero_ps();
   for (i = 0; i + 16 <= n; i += 16) {
@@ -514,7 +630,8 @@ void Softmax(float* x, int64_t n) {
     vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+  for (i = 0; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
   if (i < n) {
     const __mmask16 m = TailMask(n - i);
     _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
@@ -533,8 +650,8 @@ void SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
   }
   if (i < n) {
     const __mmask16 m = TailMask(n - i);
-    _mm512_mask_storeu_ps(out + i, m,
-                          SwiGlu16(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
+    _mm512_mask_storeu_ps(
+        out + i, m, SwiGlu16(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
   }
 }
 
@@ -545,8 +662,8 @@ void Add(const float* x, float* y, int64_t n) {
   }
   if (i < n) {
     const __mmask16 m = TailMask(n - i);
-    _mm512_mask_storeu_ps(y + i, m,
-                          _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
+    _mm512_mask_storeu_ps(
+        y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
   }
 }
 
@@ -555,8 +672,10 @@ void Add(const float* x, float* y, int64_t n) {
 // 16 elements of a stored head vector starting at i (i % 16 == 0), masked to `mask`.
 __m512 LoadKv16(const uint8_t* p, int i, KvType t, __mmask16 mask) {
   switch (t) {
-    case KvType::kF32: return _mm512_maskz_loadu_ps(mask, p + 4 * i);
-    case KvType::kF16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p + 2 * i));
+    case KvType::kF32:
+      return _mm512_maskz_loadu_ps(mask, p + 4 * i);
+    case KvType::kF16:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p + 2 * i));
     case KvType::kQ8_0: {
       const uint8_t* blk = p + (i / 32) * 34;
       const __m128i q = _mm_maskz_loadu_epi8(mask, blk + 2 + i % 32);
@@ -582,8 +701,80 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
   const __m512 va = _mm512_set1_ps(a);
   for (int i = 0; i < head_dim; i += 16) {
     const __mmask16 m = head_dim - i >= 16 ? 0xffff : TailMask(head_dim - i);
-    _mm512_mask_storeu_ps(acc + i, m,
-                          _mm512_fmadd_ps(va, LoadKv16(p, i, t, m), _mm512_maskz_loadu_ps(m, acc + i)));
+    _mm512_mask_storeu_ps(
+        acc + i, m, _mm512_fmadd_ps(va, LoadKv16(p, i, t, m), _mm512_maskz_loadu_ps(m, acc + i)));
+  }
+}
+
+// Up to 8 query heads of a GQA group at once (G accumulators stay in registers).
+constexpr int kMaxAttnHeads = 8;
+
+template <int G>
+void AttendHeads(const float* q, int hd, const KvView& kv, int kvh, int64_t n_keys, float scale,
+                 float* scores, float* out) {
+  const size_t head_bytes = KvHeadBytes(kv.type, hd);
+  const size_t tok_bytes = head_bytes * kv.n_kv_head;
+  const int nc = (hd + 15) / 16;
+  const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
+  // Scores [G][n_keys]: one K load/convert per key for all G heads.
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kv.block_tokens) {
+    const auto* blk =
+        static_cast<const uint8_t*>(kv.k_blocks[j0 / kv.block_tokens]) + kvh * head_bytes;
+    const int64_t jn = Min64(kv.block_tokens, n_keys - j0);
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      const uint8_t* kp = blk + jj * tok_bytes;
+      __m512 acc[G];
+      for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
+      for (int c = 0; c < nc; ++c) {
+        const __mmask16 m = c == nc - 1 ? last : 0xffff;
+        const __m512 kc = LoadKv16(kp, 16 * c, kv.type, m);
+        for (int h = 0; h < G; ++h) {
+          acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + h * hd + 16 * c), kc, acc[h]);
+        }
+      }
+      // Horizontal sums four heads at a time (about half the shuffles of one at a time).
+      float* sj = scores + j0 + jj;
+      int h = 0;
+      for (; h + 4 <= G; h += 4) {
+        alignas(16) float s4[4];
+        _mm_store_ps(s4, _mm_mul_ps(Reduce4(acc[h], acc[h + 1], acc[h + 2], acc[h + 3]),
+                                    _mm_set1_ps(scale)));
+        for (int i = 0; i < 4; ++i) sj[(h + i) * n_keys] = s4[i];
+      }
+      for (; h < G; ++h) sj[h * n_keys] = _mm512_reduce_add_ps(acc[h]) * scale;
+    }
+  }
+  for (int h = 0; h < G; ++h) Softmax(scores + h * n_keys, n_keys);
+  // out[h] = sum_j p[h][j] V[j], 16 features at a time so the G accumulators stay in registers.
+  for (int c = 0; c < nc; ++c) {
+    const __mmask16 m = c == nc - 1 ? last : 0xffff;
+    __m512 acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kv.block_tokens) {
+      const auto* blk =
+          static_cast<const uint8_t*>(kv.v_blocks[j0 / kv.block_tokens]) + kvh * head_bytes;
+      const int64_t jn = Min64(kv.block_tokens, n_keys - j0);
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        const __m512 vc = LoadKv16(blk + jj * tok_bytes, 16 * c, kv.type, m);
+        for (int h = 0; h < G; ++h) {
+          acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * n_keys + j0 + jj]), vc, acc[h]);
+        }
+      }
+    }
+    for (int h = 0; h < G; ++h) _mm512_mask_storeu_ps(out + h * hd + 16 * c, m, acc[h]);
+  }
+}
+
+void AttendGroup(const float* q, int group, const KvView& kv, int kvh, int64_t n_keys, float scale,
+                 float* scores, float* out) {
+  using Fn = void (*)(const float*, int, const KvView&, int, int64_t, float, float*, float*);
+  static constexpr Fn kFns[kMaxAttnHeads] = {AttendHeads<1>, AttendHeads<2>, AttendHeads<3>,
+                                             AttendHeads<4>, AttendHeads<5>, AttendHeads<6>,
+                                             AttendHeads<7>, AttendHeads<8>};
+  const int hd = kv.head_dim;
+  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
+    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
+    kFns[g - 1](q + h0 * hd, hd, kv, kvh, n_keys, scale, scores, out + h0 * hd);
   }
 }
 
@@ -601,6 +792,7 @@ Ops MakeOps() {
   o.add = Add;
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
+  o.attend_group = AttendGroup;
   return o;
 }
 

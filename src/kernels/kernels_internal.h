@@ -34,7 +34,7 @@ ActQ8 ActQ8View(void* buf, int64_t m, int64_t cols);
 // Everything one MatMul call needs, shared read-only by all threads.
 struct MatMulArgs {
   const float* x = nullptr;  // [m][cols]
-  ActQ8 act;                  // valid for quantized weight types
+  ActQ8 act;                 // valid for quantized weight types
   int64_t m = 0;
   const WeightMatrix* w = nullptr;
   float* y = nullptr;  // [m][rows]
@@ -60,6 +60,12 @@ struct Ops {
   // Attention inner loops over one stored head vector (KvHeadBytes(t, head_dim) bytes).
   float (*kv_dot)(const float* q, const void* k, int head_dim, KvType t);
   void (*kv_axpy)(float a, const void* v, int head_dim, KvType t, float* acc);
+  // Optional (null: the front end loops over kv_dot / kv_axpy). One query position against
+  // keys [0, n_keys) for the `group` query heads that share KV head `kvh`, so each K/V vector
+  // is loaded and converted once per group:
+  //   q [group][head_dim], out [group][head_dim], scores: scratch [group][n_keys]
+  void (*attend_group)(const float* q, int group, const KvView& kv, int kvh, int64_t n_keys,
+                       float scale, float* scores, float* out);
 };
 
 const Ops& ScalarOps();

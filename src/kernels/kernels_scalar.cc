@@ -29,9 +29,13 @@ float FloatWeight(const WeightMatrix& w, const uint8_t* row, int64_t c) {
       std::memcpy(&f, row + 4 * c, 4);
       return f;
     }
-    case WType::kF16: return Fp16ToFp32(LoadU16(row + 2 * c));
-    case WType::kBF16: return Bf16ToFp32(LoadU16(row + 2 * c));
-    default: CT_CHECK(false) << "not a float type"; return 0;
+    case WType::kF16:
+      return Fp16ToFp32(LoadU16(row + 2 * c));
+    case WType::kBF16:
+      return Bf16ToFp32(LoadU16(row + 2 * c));
+    default:
+      CT_CHECK(false) << "not a float type";
+      return 0;
   }
 }
 
@@ -158,7 +162,8 @@ float KvElem(const void* p, int i, KvType t) {
       std::memcpy(&f, b + 4 * i, 4);
       return f;
     }
-    case KvType::kF16: return Fp16ToFp32(LoadU16(b + 2 * i));
+    case KvType::kF16:
+      return Fp16ToFp32(LoadU16(b + 2 * i));
     case KvType::kQ8_0: {
       const uint8_t* blk = b + (i / 32) * 34;
       return Fp16ToFp32(LoadU16(blk)) * static_cast<int8_t>(blk[2 + i % 32]);

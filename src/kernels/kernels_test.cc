@@ -7,6 +7,8 @@
 // MatMul outputs are compared against kSumTol(n) * sum_c |x_c w_c|. Dropping or repeating one
 // term would change an output by about sum|terms| / n, above that bound for the sizes used
 // here (n < 2900), so the bound still catches indexing bugs.
+#include "kernels/kernels.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -19,7 +21,6 @@
 
 #include "core/fp16.h"
 #include "core/thread_pool.h"
-#include "kernels/kernels.h"
 #include "kernels/kernels_internal.h"
 
 namespace cachette::kernels {
@@ -82,9 +83,14 @@ TestMatrix RandomMatrix(WType t, int64_t rows, int64_t cols, std::mt19937& rng) 
           std::memcpy(row + 4 * c, &f, 4);
           break;
         }
-        case WType::kF16: PutU16(row + 2 * c, Fp32ToFp16(val(rng))); break;
-        case WType::kBF16: PutU16(row + 2 * c, Fp32ToBf16(val(rng))); break;
-        default: break;
+        case WType::kF16:
+          PutU16(row + 2 * c, Fp32ToFp16(val(rng)));
+          break;
+        case WType::kBF16:
+          PutU16(row + 2 * c, Fp32ToBf16(val(rng)));
+          break;
+        default:
+          break;
       }
     }
     if (t == WType::kQ8_0) {
@@ -113,8 +119,10 @@ double DocWeight(const WeightMatrix& w, int64_t r, int64_t c) {
       std::memcpy(&f, row + 4 * c, 4);
       return f;
     }
-    case WType::kF16: return Fp16ToFp32(GetU16(row + 2 * c));
-    case WType::kBF16: return Bf16ToFp32(GetU16(row + 2 * c));
+    case WType::kF16:
+      return Fp16ToFp32(GetU16(row + 2 * c));
+    case WType::kBF16:
+      return Bf16ToFp32(GetU16(row + 2 * c));
     case WType::kQ8_0: {
       const uint8_t* blk = row + (c / 32) * 34;
       return static_cast<double>(Fp16ToFp32(GetU16(blk))) * static_cast<int8_t>(blk[2 + c % 32]);
@@ -171,8 +179,8 @@ TEST_F(IsaTest, MatMulMatchesScalarAndDocumentedMath) {
         std::vector<double> exact(m * s.rows), mag(m * s.rows);
         for (int64_t i = 0; i < m; ++i) {
           std::vector<float> xi(x.begin() + i * s.cols, x.begin() + (i + 1) * s.cols);
-          std::vector<double> xe = Quantized(t) ? DocQuantizeActivations(xi)
-                                                : std::vector<double>(xi.begin(), xi.end());
+          std::vector<double> xe =
+              Quantized(t) ? DocQuantizeActivations(xi) : std::vector<double>(xi.begin(), xi.end());
           for (int64_t r = 0; r < s.rows; ++r) {
             double acc = 0, a = 0;
             for (int64_t c = 0; c < s.cols; ++c) {
@@ -261,7 +269,8 @@ TEST_F(IsaTest, DequantizeRowMatchesLayout) {
       SetIsa(isa);
       std::vector<float> out(96);
       DequantizeRow(tm.w, 3, out.data());
-      for (int c = 0; c < 96; ++c) ASSERT_EQ(out[c], static_cast<float>(DocWeight(tm.w, 3, c))) << c;
+      for (int c = 0; c < 96; ++c)
+        ASSERT_EQ(out[c], static_cast<float>(DocWeight(tm.w, 3, c))) << c;
     }
   }
 }
@@ -338,8 +347,8 @@ TEST_F(IsaTest, RopeMatchesFormulaBothStyles) {
           const float* v = x.data() + (t * n_head + h) * p.head_dim;
           const float* o = y.data() + (t * n_head + h) * p.head_dim;
           for (int i = 0; i < p.head_dim / 2; ++i) {
-            const double theta =
-                pos[t] * double(p.freq_scale) * std::pow(double(p.theta_base), -2.0 * i / p.head_dim);
+            const double theta = pos[t] * double(p.freq_scale) *
+                                 std::pow(double(p.theta_base), -2.0 * i / p.head_dim);
             const int a = style == RopeStyle::kNormal ? 2 * i : i;
             const int b = style == RopeStyle::kNormal ? 2 * i + 1 : i + p.head_dim / 2;
             const double want_a = v[a] * std::cos(theta) - v[b] * std::sin(theta);
@@ -424,8 +433,7 @@ TestKv MakeKv(KvType type, int n_kv_head, int hd, int block_tokens, int64_t n_va
   }
   for (auto& s : kv.k_store) kv.k_ptrs.push_back(s.data());
   for (auto& s : kv.v_store) kv.v_ptrs.push_back(s.data());
-  kv.view = KvView{type, n_kv_head, hd, block_tokens, kv.k_ptrs.data(), kv.v_ptrs.data(),
-                   n_tokens};
+  kv.view = KvView{type, n_kv_head, hd, block_tokens, kv.k_ptrs.data(), kv.v_ptrs.data(), n_tokens};
   return kv;
 }
 
@@ -439,9 +447,11 @@ TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
       {6, 2, 64, 16, 7, 30},   // prefill chunk after a cached prefix
       {4, 4, 96, 8, 5, 0},     // MHA, from position 0
       {14, 2, 64, 256, 3, 9},  // qwen2.5-0.5b head layout, one contiguous block
+      {10, 1, 40, 8, 3, 5},    // group > 8 heads, head_dim not a multiple of 16 (float KV only)
   };
   for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0}) {
     for (const Case& c : cases) {
+      if (type == KvType::kQ8_0 && c.hd % 32 != 0) continue;
       SCOPED_TRACE(std::string(KvTypeName(type)) + " n_head=" + std::to_string(c.n_head) +
                    " n_q=" + std::to_string(c.n_q) + " q_pos0=" + std::to_string(c.q_pos0));
       const int64_t n_valid = c.q_pos0 + c.n_q;
@@ -469,7 +479,8 @@ TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
           for (auto& v : s) sum += (v = std::exp(v - mx));
           for (int d = 0; d < c.hd; ++d) {
             double o = 0;
-            for (int64_t j = 0; j < n_keys; ++j) o += s[j] / sum * kv.v_f32[(j * c.n_kv_head + kvh) * c.hd + d];
+            for (int64_t j = 0; j < n_keys; ++j)
+              o += s[j] / sum * kv.v_f32[(j * c.n_kv_head + kvh) * c.hd + d];
             want[(i * c.n_head + h) * c.hd + d] = o;
           }
         }
