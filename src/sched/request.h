@@ -1,0 +1,95 @@
+// What an HTTP thread hands the scheduler (SchedRequest) and what it gets back: a RequestStream,
+// the thread-safe channel through which the scheduler loop pushes tokens and the final usage.
+//
+// Life of a request, as the stream sees it:
+//   1. Scheduler::Submit() queues it and returns the stream (or an error: queue full, bad input).
+//   2. The loop pushes zero or more kToken events, then exactly one terminal event: kDone (with
+//      the finish reason and usage) or kError (with a Status). Nothing follows a terminal event.
+//   3. The HTTP side may Cancel() at any time (client gone); the loop then finishes the sequence
+//      and frees its pages at its next step, and pushes kDone with finish "cancelled".
+//
+// Thread-safety: Push is called by the scheduler loop only; Next/Cancel by the one HTTP thread
+// that owns the request. Both sides may hold the shared_ptr; whoever drops it last frees it.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cachette/status.h"
+#include "cachette/types.h"
+#include "engine/generate.h"
+
+namespace cachette::sched {
+
+struct SchedRequest {
+  std::vector<TokenId> prompt;    // BOS and chat template already applied
+  GenerateOptions gen;            // max_tokens (0 = prefill only), sampling, stop, ignore_eos
+  std::string cache_salt;         // tenant: another salt never hits these pages
+  int priority = 0;               // higher is admitted first; ties in arrival order
+  int64_t pin_ttl_ms = 0;         // > 0: pin the prompt prefix after prefill (cache_control)
+  std::string session_id;         // non-empty: keep the conversation pinned between turns
+  int64_t session_ttl_ms = 0;     // 0 = the scheduler's default
+};
+
+// Tokens of the prompt that came from one place instead of being prefilled.
+struct TierTokens {
+  std::string tier;  // "memory" (the radix index), then the PrefixSource's tiers
+  int64_t tokens = 0;
+};
+
+struct RequestUsage {
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  // Prompt tokens whose KV was reused (not prefilled). When the whole prompt is cached its last
+  // token is still recomputed (its logits are needed), so this is at most prompt_tokens - 1.
+  int64_t cached_tokens = 0;
+  std::vector<TierTokens> cached_by_tier;  // sums to cached_tokens
+  uint64_t pin_id = 0;                     // the cache_control pin taken, if any
+  double queue_seconds = 0;                // submit -> admitted
+  double ttft_seconds = 0;                 // submit -> first token (or end of prefill)
+  double decode_seconds = 0;               // first token -> finish
+};
+
+struct StreamEvent {
+  enum class Kind { kToken, kDone, kError } kind = Kind::kToken;
+  TokenId token = -1;       // kToken
+  std::string text;         // kToken: newly completed text (may be empty)
+  std::string finish;       // kDone: "stop" (eos or stop string), "length", "cancelled"
+  RequestUsage usage;       // kDone
+  Status error;             // kError
+};
+
+class RequestStream {
+ public:
+  RequestStream() = default;
+  RequestStream(const RequestStream&) = delete;
+  RequestStream& operator=(const RequestStream&) = delete;
+
+  // Waits up to `timeout` for the next event; false on timeout.
+  bool Next(StreamEvent* out, std::chrono::milliseconds timeout);
+
+  // Asks the scheduler to stop this request and free its pages. Idempotent.
+  void Cancel();
+  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+
+  // Scheduler side.
+  void Push(StreamEvent e);
+  void set_on_cancel(std::function<void()> fn) { on_cancel_ = std::move(fn); }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<StreamEvent> events_;  // GUARDED_BY(mu_)
+  std::atomic<bool> cancelled_{false};
+  std::function<void()> on_cancel_;  // set before the stream is shared; wakes the loop
+};
+
+}  // namespace cachette::sched

@@ -1,0 +1,497 @@
+#include "sched/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/check.h"
+#include "core/log.h"
+#include "core/timer.h"
+#include "engine/sampler.h"
+#include "model/tokenizer.h"
+
+namespace cachette::sched {
+
+struct Scheduler::Seq {
+  // See the state machine in scheduler.h.
+  enum class State { kQueued = 1, kPrefill = 2, kDecode = 3, kFinished = 4 };
+
+  uint64_t id = 0;
+  SchedRequest req;
+  std::shared_ptr<RequestStream> stream;
+  Hash128 ns;
+  State state = State::kQueued;
+  int64_t prompt_len = 0;
+  int64_t capacity = 0;         // prompt + max_tokens, within the context
+  int64_t forecast_blocks = 0;  // pages the block table will have at most
+  bool cow_pending = false;     // its first write lands in a shared page (one more page)
+  std::unique_ptr<PagedSequence> kv;
+  std::vector<TokenId> tokens;  // prompt, then generated tokens
+  std::vector<float> logits;    // [n_vocab] of the last computed position
+  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<StreamingDetokenizer> detok;
+  std::string text;             // generated text so far (for stop strings)
+  size_t max_stop = 0;
+  int64_t generated = 0;
+  TokenId next = -1;            // last sampled token, fed at the next decode step
+  RequestUsage usage;
+  int64_t submit_ns = 0, admit_ns = 0, first_ns = 0;
+};
+
+namespace {
+constexpr int64_t kSweepEveryMs = 1000;
+constexpr size_t kMaxRememberedSalts = 10000;
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+}  // namespace
+
+Scheduler::Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& options,
+                     PrefixSource* source)
+    : engine_(engine),
+      kv_(kv),
+      options_(options),
+      source_(source != nullptr ? source : &no_source_),
+      pins_(kv),
+      fingerprint_(engine.model().Fingerprint()),
+      n_ctx_(engine.model().config().n_ctx_train) {
+  options_.max_running = std::max(1, options_.max_running);
+  options_.step_tokens = std::max<int64_t>(options_.step_tokens, options_.max_running);
+  loop_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  Drain(0);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  loop_.join();
+}
+
+Hash128 Scheduler::Namespace(const std::string& cache_salt) {
+  const kernels::KvType type = engine_.options().kv_type;
+  if (!options_.prefix_cache) {
+    // Nothing is ever committed here, so nothing is ever reused.
+    return KvNamespace(fingerprint_, type, std::string("\x01no-prefix-cache|") + cache_salt);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (salts_.size() < kMaxRememberedSalts) salts_.insert(cache_salt);
+  }
+  return KvNamespace(fingerprint_, type, cache_salt);
+}
+
+size_t Scheduler::ClearAll() {
+  std::set<std::string> salts;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    salts = salts_;
+  }
+  salts.insert("");
+  for (const std::string& s : salts) {
+    pins_.RemoveTenant(s);
+    kv_.Clear(Namespace(s));
+  }
+  return salts.size();
+}
+
+Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
+  const int32_t n_vocab = engine_.model().config().n_vocab;
+  const int64_t n = static_cast<int64_t>(request.prompt.size());
+  if (n == 0) return InvalidArgument("the prompt is empty");
+  for (TokenId t : request.prompt) {
+    if (t < 0 || t >= n_vocab) {
+      return InvalidArgument("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                             std::to_string(n_vocab) + ")");
+    }
+  }
+  CT_RETURN_IF_ERROR(request.gen.sampling.Validate());
+  if (request.gen.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
+  if (n + request.gen.max_tokens > n_ctx_) {
+    return InvalidArgument("this model's maximum context length is " + std::to_string(n_ctx_) +
+                           " tokens, but " + std::to_string(n + request.gen.max_tokens) +
+                           " were requested (" + std::to_string(n) + " in the prompt, " +
+                           std::to_string(request.gen.max_tokens) + " in the completion)");
+  }
+  const int64_t P = kv_.page_tokens();
+  const int64_t blocks = CeilDiv(n + request.gen.max_tokens, P);
+  const uint32_t total = kv_.GetStats().pages_total;
+  if (blocks > total) {
+    return InvalidArgument("the prompt and max_tokens need " + std::to_string(blocks) +
+                           " pages of KV but the pool holds " + std::to_string(total) +
+                           " (raise --kv-budget or lower max_tokens)");
+  }
+
+  auto s = std::make_unique<Seq>();
+  s->ns = Namespace(request.cache_salt);
+  s->req = std::move(request);
+  s->prompt_len = n;
+  s->capacity = std::min<int64_t>(n_ctx_, n + s->req.gen.max_tokens);
+  s->capacity = std::max<int64_t>(s->capacity, n);
+  s->forecast_blocks = CeilDiv(s->capacity, P);
+  s->tokens = s->req.prompt;
+  s->submit_ns = NowNanos();
+  s->stream = std::make_shared<RequestStream>();
+  s->stream->set_on_cancel([this] {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      wake_ = true;
+    }
+    cv_.notify_all();
+  });
+  std::shared_ptr<RequestStream> out = s->stream;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_) return Unavailable("the server is shutting down");
+    if (stats_.queued >= options_.max_queue) {
+      ++stats_.rejected;
+      return ResourceExhausted("the queue is full (" + std::to_string(options_.max_queue) +
+                               " requests waiting); retry later");
+    }
+    s->id = next_id_++;
+    ++stats_.submitted;
+    ++stats_.queued;
+    inbox_.push_back(std::move(s));
+  }
+  cv_.notify_all();
+  return out;
+}
+
+void Scheduler::Drain(int64_t timeout_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  draining_ = true;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  auto idle = [&] { return stats_.queued == 0 && stats_.running == 0; };
+  if (cv_.wait_until(lock, deadline, idle)) return;
+  // Out of time: cancel what is left and wait for the loop to release it.
+  stop_ = true;
+  wake_ = true;
+  cv_.notify_all();
+  cv_.wait(lock, idle);
+}
+
+SchedulerStats Scheduler::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Scheduler::Loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // Wake for work; with nothing running, also every sweep period (pins expire).
+      cv_.wait_for(lock, std::chrono::milliseconds(kSweepEveryMs), [&] {
+        return stop_ || wake_ || !inbox_.empty() || !running_.empty() ||
+               (!queue_.empty() && admission_dirty_);
+      });
+      wake_ = false;
+      if (stop_ && inbox_.empty() && queue_.empty() && running_.empty()) break;
+    }
+    TakeSubmissions();
+    ReapCancelled();
+    Admit();
+    if (!running_.empty()) Step();
+    const int64_t now_ms = NowNanos() / 1000000;
+    if (now_ms - last_sweep_ms_ >= kSweepEveryMs) {
+      last_sweep_ms_ = now_ms;
+      if (pins_.Sweep() > 0) admission_dirty_ = true;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.running = static_cast<int64_t>(running_.size());
+      stats_.queued = static_cast<int64_t>(queue_.size() + inbox_.size());
+    }
+    cv_.notify_all();  // Drain() waits on the counts
+  }
+}
+
+void Scheduler::TakeSubmissions() {
+  std::vector<std::unique_ptr<Seq>> in;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in.swap(inbox_);
+  }
+  if (in.empty()) return;
+  for (auto& s : in) queue_.push_back(std::move(s));
+  std::stable_sort(queue_.begin(), queue_.end(), [](const auto& a, const auto& b) {
+    if (a->req.priority != b->req.priority) return a->req.priority > b->req.priority;
+    return a->id < b->id;
+  });
+  admission_dirty_ = true;
+}
+
+void Scheduler::ReapCancelled() {
+  bool stop;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop = stop_;
+  }
+  auto reap = [&](std::vector<std::unique_ptr<Seq>>& v) {
+    for (auto& s : v) {
+      if (stop || s->stream->cancelled()) Finish(*s, "cancelled");
+    }
+    std::erase_if(v, [](const auto& s) { return s->state == Seq::State::kFinished; });
+  };
+  reap(queue_);
+  reap(running_);
+}
+
+int64_t Scheduler::Outstanding(const Seq& s) const {
+  const int64_t held = s.kv ? static_cast<int64_t>(s.kv->block_table().size()) : 0;
+  return std::max<int64_t>(0, s.forecast_blocks - held) + (s.cow_pending ? 1 : 0);
+}
+
+bool Scheduler::Fits(Seq& s) {
+  const int64_t P = kv_.page_tokens();
+  s.kv = kv_.Start(s.ns, s.req.prompt, s.capacity);
+  // The whole prompt cached: its last token is recomputed (see Step), into a shared page.
+  const int64_t reused = std::min(s.kv->n_tokens(), s.prompt_len - 1);
+  const int64_t shared_full = reused / P;
+  s.cow_pending = s.kv->n_tokens() > 0 && (s.kv->n_tokens() % P != 0 || reused < s.kv->n_tokens());
+  const int64_t need = s.forecast_blocks - shared_full + (s.cow_pending ? 1 : 0);
+  const KvManager::Stats st = kv_.GetStats();
+  int64_t available = static_cast<int64_t>(st.pages_free) +
+                      std::max<int64_t>(0, static_cast<int64_t>(st.pages_cached_unreferenced) -
+                                               static_cast<int64_t>(st.pages_pinned));
+  for (const auto& r : running_) available -= Outstanding(*r);
+  if (need <= available) return true;
+  s.kv.reset();  // drops the references Start took; the cached pages stay cached
+  return false;
+}
+
+void Scheduler::Admit() {
+  if (!admission_dirty_) return;
+  while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
+    Seq& s = *queue_.front();
+    if (!Fits(s)) {
+      admission_dirty_ = false;  // retried when a sequence finishes or a pin goes
+      return;
+    }
+    s.admit_ns = NowNanos();
+    s.usage.queue_seconds = static_cast<double>(s.admit_ns - s.submit_ns) * 1e-9;
+    const int64_t memory = std::min(s.kv->n_tokens(), s.prompt_len - 1);
+    s.usage.cached_by_tier.push_back({"memory", memory});
+    int64_t cached = memory;
+    if (options_.prefix_cache) {
+      for (TierTokens& t : source_->Restore(*s.kv, s.req.prompt)) {
+        t.tokens = std::min(t.tokens, s.prompt_len - 1 - cached);
+        cached += t.tokens;
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.restored_tokens += static_cast<uint64_t>(t.tokens);
+        s.usage.cached_by_tier.push_back(std::move(t));
+      }
+    }
+    s.usage.cached_tokens = cached;
+    s.usage.prompt_tokens = s.prompt_len;
+    s.logits.resize(engine_.model().config().n_vocab);
+    s.sampler = std::make_unique<Sampler>(s.req.gen.sampling);
+    s.detok = std::make_unique<StreamingDetokenizer>(engine_.model().tokenizer());
+    for (const auto& stop : s.req.gen.stop) s.max_stop = std::max(s.max_stop, stop.size());
+    s.state = Seq::State::kPrefill;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prompt_tokens += static_cast<uint64_t>(s.prompt_len);
+      stats_.cached_tokens += static_cast<uint64_t>(cached);
+    }
+    running_.push_back(std::move(queue_.front()));
+    queue_.erase(queue_.begin());
+  }
+}
+
+void Scheduler::Step() {
+  struct Planned {
+    Seq* seq;
+    int64_t n;
+  };
+  std::vector<Planned> plan;
+  int64_t budget = options_.step_tokens;
+  for (auto& s : running_) {
+    if (s->state == Seq::State::kDecode) {
+      plan.push_back({s.get(), 1});
+      --budget;
+    }
+  }
+  // At least one page of prefill per step, so prompts always advance.
+  int64_t left = std::max<int64_t>(budget, kv_.page_tokens());
+  for (auto& s : running_) {
+    if (s->state != Seq::State::kPrefill || left <= 0) continue;
+    int64_t done = s->kv->n_tokens();
+    if (done >= s->prompt_len) {
+      done = s->prompt_len - 1;  // fully cached: recompute the last token for its logits
+      s->kv->SetTokens(done);
+    }
+    const int64_t n = std::min(s->prompt_len - done, left);
+    left -= n;
+    plan.push_back({s.get(), n});
+  }
+
+  // Plan, then apply: reserve every item's pages first; an item that cannot get them waits.
+  std::vector<Engine::Item> items;
+  std::vector<Seq*> owners;
+  uint64_t reserve_failures = 0;
+  for (const Planned& p : plan) {
+    Seq& s = *p.seq;
+    if (!s.kv->Reserve(s.kv->n_tokens() + p.n).ok()) {
+      ++reserve_failures;
+      continue;
+    }
+    Engine::Item it;
+    it.kv = s.kv.get();
+    if (s.state == Seq::State::kDecode) {
+      it.tokens = std::span<const TokenId>(&s.next, 1);
+      it.logits = Engine::Logits::kLast;
+    } else {
+      const int64_t done = s.kv->n_tokens();
+      it.tokens = std::span<const TokenId>(s.req.prompt).subspan(done, p.n);
+      it.logits = done + p.n == s.prompt_len ? Engine::Logits::kLast : Engine::Logits::kNone;
+    }
+    it.logits_out = s.logits.data();
+    items.push_back(it);
+    owners.push_back(&s);
+  }
+  if (reserve_failures > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.reserve_failures += reserve_failures;
+  }
+  if (items.empty()) {
+    // Nothing can progress (pins taken since admission hold the pages): give up the newest.
+    Finish(*running_.back(), "", ResourceExhausted("the KV pool is exhausted; retry later"));
+    running_.pop_back();
+    return;
+  }
+  const Status st = engine_.Forward(items);
+  uint64_t prefill = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    Seq& s = *owners[i];
+    if (!st.ok()) {
+      Finish(s, "", st);
+      continue;
+    }
+    s.cow_pending = false;
+    if (s.state == Seq::State::kPrefill) prefill += items[i].tokens.size();
+    if (items[i].logits == Engine::Logits::kNone) continue;
+    if (s.state == Seq::State::kPrefill) {
+      // Prompt complete: share its full pages now; pin it if asked (cache_control).
+      s.state = Seq::State::kDecode;
+      if (options_.prefix_cache) {
+        // A pinned prompt is committed with its last partial page too (so all of it is
+        // pinned); the next decode then copies that page before writing (one more page).
+        const bool partial = s.req.pin_ttl_ms > 0 && s.prompt_len % kv_.page_tokens() != 0;
+        kv_.Commit(*s.kv, s.req.prompt, partial);
+        s.cow_pending = partial;
+        if (s.req.pin_ttl_ms > 0) {
+          s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, s.req.prompt, s.req.pin_ttl_ms).id;
+        }
+      }
+    }
+    Emit(s);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.steps;
+    stats_.prefill_tokens += prefill;
+  }
+  std::erase_if(running_, [](const auto& s) { return s->state == Seq::State::kFinished; });
+}
+
+bool Scheduler::Emit(Seq& s) {
+  const int64_t now = NowNanos();
+  if (s.first_ns == 0) {
+    s.first_ns = now;
+    s.usage.ttft_seconds = static_cast<double>(now - s.submit_ns) * 1e-9;
+  }
+  if (s.generated >= s.req.gen.max_tokens) {
+    Finish(s, "length");
+    return false;
+  }
+  const Tokenizer& tok = engine_.model().tokenizer();
+  const TokenId id = s.sampler->Sample(s.logits, s.tokens);
+  if (!s.req.gen.ignore_eos && tok.IsEog(id)) {
+    Finish(s, "stop");
+    return false;
+  }
+  s.tokens.push_back(id);
+  ++s.generated;
+  std::string piece = s.detok->Push(id);
+  const size_t old_size = s.text.size();
+  s.text += piece;
+  bool stopped = false;
+  if (s.max_stop > 0) {
+    // Only the region the new text could complete needs searching.
+    const size_t start = old_size >= s.max_stop ? old_size - s.max_stop + 1 : 0;
+    size_t cut = std::string::npos;
+    for (const auto& stop : s.req.gen.stop) {
+      if (stop.empty()) continue;
+      const size_t at = s.text.find(stop, start);
+      if (at != std::string::npos) cut = std::min(cut, at);
+    }
+    if (cut != std::string::npos) {
+      piece = cut > old_size ? s.text.substr(old_size, cut - old_size) : std::string();
+      s.text.resize(cut);
+      stopped = true;
+    }
+  }
+  StreamEvent e;
+  e.kind = StreamEvent::Kind::kToken;
+  e.token = id;
+  e.text = std::move(piece);
+  s.stream->Push(std::move(e));
+  if (stopped) {
+    Finish(s, "stop");
+    return false;
+  }
+  if (s.generated >= s.req.gen.max_tokens || s.kv->n_tokens() + 1 > s.capacity) {
+    Finish(s, "length");
+    return false;
+  }
+  s.next = id;
+  return true;
+}
+
+void Scheduler::Finish(Seq& s, const std::string& reason, const Status& error) {
+  if (s.state == Seq::State::kFinished) return;
+  if (s.kv) {
+    const int64_t fed = std::min<int64_t>(s.kv->n_tokens(), static_cast<int64_t>(s.tokens.size()));
+    const std::span<const TokenId> kept(s.tokens.data(), static_cast<size_t>(fed));
+    if (options_.prefix_cache && error.ok()) {
+      source_->Save(*s.kv, kept);
+      kv_.Finish(*s.kv, kept);
+      if (!s.req.session_id.empty() && fed > 0) {
+        const int64_t ttl =
+            s.req.session_ttl_ms > 0 ? s.req.session_ttl_ms : options_.session_ttl_ms;
+        pins_.SetSession(s.req.session_id, s.ns, s.req.cache_salt, kept, ttl);
+      }
+    }
+    s.kv.reset();  // releases whatever Finish did not
+  }
+  // WART: an incomplete UTF-8 character at the very end (StreamingDetokenizer::Flush) is dropped
+  // rather than sent as invalid text.
+  const int64_t now = NowNanos();
+  s.usage.prompt_tokens = s.prompt_len;
+  s.usage.completion_tokens = s.generated;
+  if (s.first_ns != 0) s.usage.decode_seconds = static_cast<double>(now - s.first_ns) * 1e-9;
+  StreamEvent e;
+  if (error.ok()) {
+    e.kind = StreamEvent::Kind::kDone;
+    e.finish = reason;
+    e.usage = s.usage;
+  } else {
+    e.kind = StreamEvent::Kind::kError;
+    e.error = error;
+    e.usage = s.usage;
+  }
+  s.stream->Push(std::move(e));
+  s.state = Seq::State::kFinished;
+  admission_dirty_ = true;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!error.ok()) {
+    ++stats_.failed;
+  } else if (reason == "cancelled") {
+    ++stats_.cancelled;
+  } else {
+    ++stats_.finished;
+  }
+  stats_.generated_tokens += static_cast<uint64_t>(s.generated);
+}
+
+}  // namespace cachette::sched

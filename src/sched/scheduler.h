@@ -1,0 +1,141 @@
+// The scheduler loop: one thread owns the Engine and drives every request through the paged KV
+// (KvManager) with continuous batching.
+//
+// Each step of the loop:
+//   a. reaps cancelled requests (their sequences are finished and their pages released at once),
+//   b. admits queued requests, highest priority first, while fewer than max_running run and the
+//      KV forecast fits (below),
+//   c. runs ONE Engine::Forward over every decoding sequence (one token each) plus prefill
+//      chunks of the admitted prompts, up to step_tokens tokens in all, so a long prompt is
+//      prefilled over several steps and never starves the running decodes,
+//   d. samples the next token of every sequence whose logits were computed and streams it.
+//
+// A request's states (numbered as in the code):
+//   1 kQueued  --admit-->  2 kPrefill  --prompt in KV, first token sampled-->  3 kDecode
+//   2, 3  --eos / stop string / max_tokens / context full / cancel / error-->  4 kFinished
+//   1  --cancel-->  4 kFinished.
+//
+// Admission never overcommits KV memory: a request is admitted only when the pages it may still
+// allocate (prompt + max_tokens, less the full pages it shares from the cache) plus those every
+// running sequence may still allocate fit in the free pages plus the cached pages that can be
+// evicted. Otherwise it waits in the queue. If a Reserve still fails (pins taken meanwhile),
+// the item skips that step; a step where nothing can progress fails the newest sequence with
+// kResourceExhausted instead of deadlocking.
+//
+// Prefix reuse: KvManager::Start() reuses the longest cached prefix in the request's namespace
+// (model fingerprint, KV type, cache_salt), then the PrefixSource may restore more; the prompt's
+// full pages are committed after prefill (concurrent requests share them) and everything is
+// committed when the request finishes (later requests hit).
+//
+// Thread-safety: Submit, Stats, Drain and the accessors are safe from any thread; the engine
+// is touched by the loop thread only.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cachette/status.h"
+#include "engine/engine.h"
+#include "kv/kv_manager.h"
+#include "sched/pin_registry.h"
+#include "sched/prefix_source.h"
+#include "sched/request.h"
+
+namespace cachette::sched {
+
+struct SchedulerOptions {
+  int max_running = 16;             // sequences in the running batch
+  int max_queue = 256;              // waiting requests; Submit fails beyond
+  int64_t step_tokens = 256;        // tokens per Forward (decodes first, then prefill chunks)
+  bool prefix_cache = true;         // false: no reuse and no commits (the no-cache baseline)
+  int64_t session_ttl_ms = 300000;  // default TTL of a session's pin
+};
+
+struct SchedulerStats {
+  int64_t queued = 0, running = 0;
+  uint64_t submitted = 0, finished = 0, cancelled = 0, rejected = 0, failed = 0;
+  uint64_t steps = 0, prompt_tokens = 0, prefill_tokens = 0, generated_tokens = 0;
+  uint64_t cached_tokens = 0;  // prompt tokens reused from memory (+ restored, below)
+  uint64_t restored_tokens = 0;
+  uint64_t reserve_failures = 0;
+};
+
+class Scheduler {
+ public:
+  // `engine`, `kv` and `source` (may be null: nothing beyond memory) must outlive the
+  // scheduler. The loop thread starts here.
+  Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& options,
+            PrefixSource* source = nullptr);
+  ~Scheduler();  // Drain()s, then joins the loop
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Queues a request. kInvalidArgument for an empty prompt, a token outside the vocabulary,
+  // bad sampling parameters or a prompt + max_tokens beyond the context; kResourceExhausted
+  // when max_queue requests wait already, or when the request alone needs more pages than the
+  // pool holds; kUnavailable while draining.
+  Result<std::shared_ptr<RequestStream>> Submit(SchedRequest request);
+
+  // Stops accepting requests, lets queued and running ones finish, and returns when none is
+  // left or after timeout_ms (the rest are then cancelled). Idempotent.
+  void Drain(int64_t timeout_ms);
+
+  SchedulerStats Stats() const;
+  PinRegistry& pins() { return pins_; }
+  KvManager& kv() { return kv_; }
+  PrefixSource& source() { return *source_; }
+  const SchedulerOptions& options() const { return options_; }
+  // The namespace of a tenant (cache_salt "" = the shared one). Remembers it for ClearAll.
+  Hash128 Namespace(const std::string& cache_salt);
+  // Drops every cached prefix and pin of every namespace seen so far; returns how many.
+  size_t ClearAll();
+
+ private:
+  struct Seq;
+  void Loop();
+  void TakeSubmissions();
+  void ReapCancelled();
+  void Admit();
+  bool Fits(Seq& s);
+  void Step();
+  // Samples and streams the token after `s`'s logits; returns false when `s` is finished.
+  bool Emit(Seq& s);
+  void Finish(Seq& s, const std::string& reason, const Status& error = Status::Ok());
+  int64_t Outstanding(const Seq& s) const;
+
+  Engine& engine_;
+  KvManager& kv_;
+  SchedulerOptions options_;
+  NoPrefixSource no_source_;
+  PrefixSource* source_;
+  PinRegistry pins_;
+  Hash128 fingerprint_;
+  int64_t n_ctx_ = 0;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool draining_ = false;                      // GUARDED_BY(mu_)
+  bool stop_ = false;                          // GUARDED_BY(mu_)
+  bool wake_ = false;                          // GUARDED_BY(mu_)
+  std::vector<std::unique_ptr<Seq>> inbox_;    // GUARDED_BY(mu_): submitted, not yet queued
+  std::set<std::string> salts_;                // GUARDED_BY(mu_)
+  uint64_t next_id_ = 1;                       // GUARDED_BY(mu_)
+  SchedulerStats stats_;                       // GUARDED_BY(mu_)
+
+  // Loop thread only.
+  std::vector<std::unique_ptr<Seq>> queue_;    // sorted: priority desc, then id asc
+  std::vector<std::unique_ptr<Seq>> running_;  // admission order
+  bool admission_dirty_ = true;                // something changed since the last failed try
+  int64_t last_sweep_ms_ = 0;
+
+  std::thread loop_;  // the scheduler loop; joined in the destructor
+};
+
+}  // namespace cachette::sched

@@ -1,0 +1,161 @@
+// The cache admin API: stats, lookup, pin, unpin, clear (see docs/serving.md).
+#include <httplib.h>
+
+#include "server/server.h"
+
+namespace cachette::server {
+
+using nlohmann::json;
+
+void HttpServer::CacheStats(httplib::Response& res) {
+  sched::Scheduler& s = *backend_.scheduler;
+  const KvManager::Stats k = s.kv().GetStats();
+  const sched::SchedulerStats st = s.Stats();
+  json pins = json::array();
+  for (const auto& p : s.pins().List()) {
+    pins.push_back({{"pin_id", p.id},
+                    {"session_id", p.session},
+                    {"cache_salt", p.cache_salt},
+                    {"tokens", p.tokens}});
+  }
+  json j = {
+      {"kv",
+       {{"page_tokens", s.kv().page_tokens()},
+        {"page_bytes", k.page_bytes},
+        {"budget_bytes", k.budget_bytes},
+        {"pages_total", k.pages_total},
+        {"pages_free", k.pages_free},
+        {"pages_used", k.pages_used},
+        {"pages_active", k.pages_used - k.pages_cached_unreferenced},
+        {"pages_cached", k.pages_cached_unreferenced},
+        {"pages_pinned", k.pages_pinned},
+        {"evictions", k.evictions},
+        {"cow_copies", k.cow_copies},
+        {"lookups", k.lookups},
+        {"lookup_tokens", k.lookup_tokens},
+        {"hit_tokens", k.hit_tokens}}},
+      {"scheduler",
+       {{"queued", st.queued},
+        {"running", st.running},
+        {"submitted", st.submitted},
+        {"finished", st.finished},
+        {"cancelled", st.cancelled},
+        {"rejected", st.rejected},
+        {"failed", st.failed},
+        {"steps", st.steps},
+        {"prompt_tokens", st.prompt_tokens},
+        {"prefill_tokens", st.prefill_tokens},
+        {"cached_tokens", st.cached_tokens},
+        {"generated_tokens", st.generated_tokens},
+        {"hit_rate", st.prompt_tokens ? static_cast<double>(st.cached_tokens) /
+                                            static_cast<double>(st.prompt_tokens)
+                                      : 0.0}}},
+      {"prefix_cache", s.options().prefix_cache},
+      {"pins", pins},
+      {"sessions", s.pins().sessions()},
+      {"tiers", s.source().Stats()}};
+  Json(res, 200, Dump(j), "admin");
+}
+
+void HttpServer::CacheLookup(const httplib::Request& req, httplib::Response& res) {
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true);
+  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  sched::Scheduler& s = *backend_.scheduler;
+  const Hash128 ns = s.Namespace(ref->cache_salt);
+  const int64_t memory = s.kv().CachedPrefix(ns, ref->tokens);
+  json tiers = {{"memory", memory}};
+  int64_t total = memory;
+  for (const auto& t : s.source().Lookup(ns, ref->tokens)) {
+    tiers[t.tier] = t.tokens;
+    total = std::max(total, t.tokens);
+  }
+  Json(res, 200,
+       Dump({{"prompt_tokens", ref->tokens.size()}, {"cached_tokens", total}, {"tiers", tiers}}),
+       "admin");
+}
+
+void HttpServer::CachePin(const httplib::Request& req, httplib::Response& res) {
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true);
+  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  const json& b = ref->body;
+  int64_t ttl_s = 300;
+  if (b.contains("ttl_s")) {
+    if (!b["ttl_s"].is_number_integer() || b["ttl_s"].get<int64_t>() < 1 ||
+        b["ttl_s"].get<int64_t>() > 7 * 24 * 3600) {
+      return Error(res, InvalidArgument("'ttl_s' must be an integer in [1, 604800]"), "admin");
+    }
+    ttl_s = b["ttl_s"].get<int64_t>();
+  }
+  bool prefill = true;
+  if (b.contains("prefill")) {
+    if (!b["prefill"].is_boolean()) {
+      return Error(res, InvalidArgument("'prefill' must be a boolean"), "admin");
+    }
+    prefill = b["prefill"].get<bool>();
+  }
+  sched::Scheduler& s = *backend_.scheduler;
+  uint64_t pin_id = 0;
+  if (prefill) {
+    // Prefill what is missing through the scheduler (max_tokens 0), which pins it afterwards.
+    sched::SchedRequest r;
+    r.prompt = ref->tokens;
+    r.gen.max_tokens = 0;
+    r.cache_salt = ref->cache_salt;
+    r.pin_ttl_ms = ttl_s * 1000;
+    auto stream = s.Submit(std::move(r));
+    if (!stream.ok()) return Error(res, stream.status(), "admin");
+    sched::StreamEvent e;
+    while (!(*stream)->Next(&e, std::chrono::milliseconds(1000)) ||
+           e.kind == sched::StreamEvent::Kind::kToken) {
+    }
+    if (e.kind == sched::StreamEvent::Kind::kError) return Error(res, e.error, "admin");
+    pin_id = e.usage.pin_id;
+  } else {
+    pin_id = s.pins().Add(s.Namespace(ref->cache_salt), ref->cache_salt, ref->tokens,
+                          ttl_s * 1000).id;
+  }
+  int64_t pinned = 0;
+  for (const auto& p : s.pins().List()) {
+    if (p.id == pin_id) pinned = p.tokens;
+  }
+  Json(res, 200,
+       Dump({{"pin_id", pin_id},
+             {"pinned_tokens", pinned},
+             {"prompt_tokens", ref->tokens.size()},
+             {"ttl_s", ttl_s}}),
+       "admin");
+}
+
+void HttpServer::CacheUnpin(const httplib::Request& req, httplib::Response& res) {
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/false);
+  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  const json& b = ref->body;
+  sched::Scheduler& s = *backend_.scheduler;
+  bool removed = false;
+  if (b.contains("pin_id") && b["pin_id"].is_number_unsigned()) {
+    removed = s.pins().Remove(b["pin_id"].get<uint64_t>());
+  } else if (b.contains("session_id") && b["session_id"].is_string()) {
+    removed = s.pins().RemoveSession(b["session_id"].get<std::string>());
+  } else {
+    return Error(res, InvalidArgument("give 'pin_id' (integer) or 'session_id' (string)"),
+                 "admin");
+  }
+  if (!removed) return Error(res, NotFound("no such pin or session"), "admin");
+  Json(res, 200, Dump({{"unpinned", true}}), "admin");
+}
+
+void HttpServer::CacheClear(const httplib::Request& req, httplib::Response& res) {
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/false);
+  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  sched::Scheduler& s = *backend_.scheduler;
+  const json& b = ref->body;
+  if (b.contains("all") && b["all"].is_boolean() && b["all"].get<bool>()) {
+    const size_t n = s.ClearAll();
+    return Json(res, 200, Dump({{"cleared", true}, {"namespaces", n}}), "admin");
+  }
+  s.pins().RemoveTenant(ref->cache_salt);
+  s.kv().Clear(s.Namespace(ref->cache_salt));
+  Json(res, 200, Dump({{"cleared", true}, {"namespaces", 1}}), "admin");
+}
+
+}  // namespace cachette::server

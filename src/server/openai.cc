@@ -1,0 +1,376 @@
+#include "server/openai.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace cachette::server {
+namespace {
+
+using nlohmann::json;
+
+// Parses JSON, turning the library's exceptions into a Status (they never leave this file).
+Result<json> ParseJson(std::string_view body) {
+  try {
+    json j = json::parse(body.begin(), body.end());
+    if (!j.is_object()) return InvalidArgument("the request body must be a JSON object");
+    return j;
+  } catch (const json::exception& e) {
+    return InvalidArgument(std::string("the request body is not valid JSON: ") + e.what());
+  }
+}
+
+// Field readers: absent (or null) keeps the default; a wrong type is an error naming the field.
+Status GetNumber(const json& j, const char* key, double lo, double hi, float* out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return Status::Ok();
+  if (!it->is_number()) return InvalidArgument(std::string("'") + key + "' must be a number");
+  const double v = it->get<double>();
+  if (!(v >= lo && v <= hi)) {
+    return InvalidArgument(std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " +
+                           std::to_string(hi) + "]");
+  }
+  *out = static_cast<float>(v);
+  return Status::Ok();
+}
+
+Status GetInt(const json& j, const char* key, int64_t lo, int64_t hi, int64_t* out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return Status::Ok();
+  if (!it->is_number_integer()) {
+    return InvalidArgument(std::string("'") + key + "' must be an integer");
+  }
+  // Unsigned values beyond int64 read as negative or huge: both fail the range check.
+  const int64_t v = it->is_number_unsigned() && it->get<uint64_t>() > INT64_MAX
+                        ? INT64_MAX
+                        : it->get<int64_t>();
+  if (v < lo || v > hi) {
+    return InvalidArgument(std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " +
+                           std::to_string(hi) + "]");
+  }
+  *out = v;
+  return Status::Ok();
+}
+
+Status GetBool(const json& j, const char* key, bool* out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return Status::Ok();
+  if (!it->is_boolean()) return InvalidArgument(std::string("'") + key + "' must be a boolean");
+  *out = it->get<bool>();
+  return Status::Ok();
+}
+
+Status GetString(const json& j, const char* key, std::string* out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return Status::Ok();
+  if (!it->is_string()) return InvalidArgument(std::string("'") + key + "' must be a string");
+  *out = it->get<std::string>();
+  return Status::Ok();
+}
+
+// "5m", "1h", "30s", "300" or a number: seconds.
+Result<int64_t> ParseTtlSeconds(const json& v) {
+  if (v.is_number()) {
+    const double s = v.get<double>();
+    if (s > 0 && s <= 7 * 24 * 3600) return static_cast<int64_t>(std::ceil(s));
+  } else if (v.is_string()) {
+    std::string s = v.get<std::string>();
+    int64_t mult = 1;
+    if (!s.empty() && (s.back() == 's' || s.back() == 'm' || s.back() == 'h')) {
+      mult = s.back() == 'h' ? 3600 : s.back() == 'm' ? 60 : 1;
+      s.pop_back();
+    }
+    char* end = nullptr;
+    const long long n = std::strtoll(s.c_str(), &end, 10);
+    if (!s.empty() && *end == '\0' && n > 0 && n <= 7 * 24 * 3600 / mult) return n * mult;
+  }
+  return InvalidArgument("'cache_control.ttl' must be a duration such as \"5m\", \"1h\" or a "
+                         "number of seconds (at most a week)");
+}
+
+// Message content: a string, or an array of {"type": "text", "text": ...} parts.
+Result<std::string> ContentText(const json& m, size_t i) {
+  auto it = m.find("content");
+  if (it == m.end() || it->is_null()) return std::string();
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_array()) {
+    std::string out;
+    for (const json& part : *it) {
+      if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+          !part["text"].is_string()) {
+        return InvalidArgument("messages[" + std::to_string(i) +
+                               "].content parts must be {\"type\": \"text\", \"text\": string}");
+      }
+      out += part["text"].get<std::string>();
+    }
+    return out;
+  }
+  return InvalidArgument("messages[" + std::to_string(i) + "].content must be a string or an "
+                         "array of text parts");
+}
+
+Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, bool* present) {
+  *present = false;
+  const Tokenizer& tok = *ctx.tokenizer;
+  if (auto it = j.find("messages"); it != j.end() && !it->is_null()) {
+    *present = true;
+    if (!it->is_array()) return InvalidArgument("'messages' must be an array");
+    std::vector<ChatTemplate::Message> msgs;
+    for (size_t i = 0; i < it->size(); ++i) {
+      const json& m = (*it)[i];
+      if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+        return InvalidArgument("messages[" + std::to_string(i) +
+                               "] must be an object with a string 'role'");
+      }
+      CT_ASSIGN_OR_RETURN(std::string content, ContentText(m, i));
+      msgs.push_back({m["role"].get<std::string>(), std::move(content)});
+    }
+    CT_ASSIGN_OR_RETURN(auto segs, ctx.chat_template->Render(msgs));
+    return ChatTemplate::Tokenize(tok, segs);
+  }
+  if (auto it = j.find("prompt"); it != j.end() && !it->is_null()) {
+    *present = true;
+    const json* p = &*it;
+    if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
+    if (p->is_string()) {
+      const std::string text = p->get<std::string>();
+      if (text.empty()) return InvalidArgument("'prompt' must not be empty");
+      return tok.Encode(text, tok.add_bos(), /*parse_special=*/true);
+    }
+    if (p->is_array()) {
+      std::vector<TokenId> ids;
+      for (const json& v : *p) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= ctx.n_vocab) {
+          return InvalidArgument("'prompt' as an array must hold token ids in [0, " +
+                                 std::to_string(ctx.n_vocab) + ") (batched prompts are not "
+                                 "supported)");
+        }
+        ids.push_back(static_cast<TokenId>(v.get<int64_t>()));
+      }
+      if (ids.empty()) return InvalidArgument("'prompt' must not be empty");
+      return ids;
+    }
+    return InvalidArgument("'prompt' must be a string or an array of token ids");
+  }
+  return std::vector<TokenId>{};
+}
+
+}  // namespace
+
+Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint,
+                                   const ApiContext& ctx) {
+  CT_ASSIGN_OR_RETURN(json j, ParseJson(body));
+  GenerateCall call;
+  call.endpoint = endpoint;
+  sched::SchedRequest& r = call.request;
+
+  std::string model;
+  CT_RETURN_IF_ERROR(GetString(j, "model", &model));
+  if (!model.empty() && model != ctx.model_id) {
+    return NotFound("the model '" + model + "' does not exist; this server serves '" +
+                    ctx.model_id + "'");
+  }
+  const char* need = endpoint == Endpoint::kChat ? "messages" : "prompt";
+  if (!j.contains(need)) return InvalidArgument(std::string("'") + need + "' is required");
+  if (endpoint == Endpoint::kChat && j.contains("prompt")) {
+    return InvalidArgument("use 'messages' (not 'prompt') with /v1/chat/completions");
+  }
+  if (endpoint == Endpoint::kCompletion && j.contains("messages")) {
+    return InvalidArgument("use 'prompt' (not 'messages') with /v1/completions");
+  }
+  bool present = false;
+  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, ctx, &present));
+  if (r.prompt.empty()) return InvalidArgument(std::string("'") + need + "' is empty");
+
+  SamplingParams& sp = r.gen.sampling;
+  sp.temperature = 1.0f;  // OpenAI's default
+  CT_RETURN_IF_ERROR(GetNumber(j, "temperature", 0, 2, &sp.temperature));
+  CT_RETURN_IF_ERROR(GetNumber(j, "top_p", 0, 1, &sp.top_p));
+  CT_RETURN_IF_ERROR(GetNumber(j, "min_p", 0, 1, &sp.min_p));
+  CT_RETURN_IF_ERROR(GetNumber(j, "repetition_penalty", 0.01, 10, &sp.repetition_penalty));
+  float ignored = 0;
+  CT_RETURN_IF_ERROR(GetNumber(j, "presence_penalty", -2, 2, &ignored));
+  CT_RETURN_IF_ERROR(GetNumber(j, "frequency_penalty", -2, 2, &ignored));
+  int64_t v = 0;
+  CT_RETURN_IF_ERROR(GetInt(j, "top_k", 0, 1 << 20, &v));
+  sp.top_k = static_cast<int>(v);
+  v = 0;
+  CT_RETURN_IF_ERROR(GetInt(j, "seed", INT64_MIN, INT64_MAX, &v));
+  sp.seed = static_cast<uint64_t>(v);
+  int64_t n = 1;
+  CT_RETURN_IF_ERROR(GetInt(j, "n", 1, 1, &n));
+  bool logprobs = false;
+  if (j.contains("logprobs") && j["logprobs"].is_boolean()) {
+    CT_RETURN_IF_ERROR(GetBool(j, "logprobs", &logprobs));
+  }
+  if (logprobs) return InvalidArgument("'logprobs' is not supported");
+
+  // max_tokens: within what the context leaves after the prompt.
+  const int64_t prompt_len = static_cast<int64_t>(r.prompt.size());
+  if (prompt_len >= ctx.n_ctx) {
+    return InvalidArgument("the prompt has " + std::to_string(prompt_len) +
+                           " tokens but this model's maximum context length is " +
+                           std::to_string(ctx.n_ctx) + " tokens (context_length_exceeded)");
+  }
+  int64_t max_tokens = -1;
+  CT_RETURN_IF_ERROR(GetInt(j, "max_tokens", 0, INT64_MAX, &max_tokens));
+  CT_RETURN_IF_ERROR(GetInt(j, "max_completion_tokens", 0, INT64_MAX, &max_tokens));
+  if (max_tokens < 0) {
+    max_tokens = std::min<int64_t>(ctx.default_max_tokens, ctx.n_ctx - prompt_len);
+  } else if (prompt_len + max_tokens > ctx.n_ctx) {
+    return InvalidArgument("this model's maximum context length is " + std::to_string(ctx.n_ctx) +
+                           " tokens, but " + std::to_string(prompt_len + max_tokens) +
+                           " were requested (" + std::to_string(prompt_len) + " in the prompt, " +
+                           std::to_string(max_tokens) + " in 'max_tokens')");
+  }
+  r.gen.max_tokens = static_cast<int>(max_tokens);
+
+  if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      r.gen.stop.push_back(it->get<std::string>());
+    } else if (it->is_array() && it->size() <= 4 &&
+               std::all_of(it->begin(), it->end(), [](const json& s) { return s.is_string(); })) {
+      for (const json& s : *it) r.gen.stop.push_back(s.get<std::string>());
+    } else {
+      return InvalidArgument("'stop' must be a string or an array of up to 4 strings");
+    }
+  }
+  if (endpoint == Endpoint::kChat) {
+    for (auto& s : ctx.chat_template->DefaultStops()) r.gen.stop.push_back(s);
+  }
+  CT_RETURN_IF_ERROR(GetBool(j, "ignore_eos", &r.gen.ignore_eos));
+  CT_RETURN_IF_ERROR(GetBool(j, "stream", &call.stream));
+  if (auto it = j.find("stream_options"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return InvalidArgument("'stream_options' must be an object");
+    CT_RETURN_IF_ERROR(GetBool(*it, "include_usage", &call.include_usage));
+  }
+
+  // cachette extensions.
+  CT_RETURN_IF_ERROR(GetString(j, "cache_salt", &r.cache_salt));
+  int64_t prio = 0;
+  CT_RETURN_IF_ERROR(GetInt(j, "priority", -1000000, 1000000, &prio));
+  r.priority = static_cast<int>(prio);
+  CT_RETURN_IF_ERROR(GetString(j, "session_id", &r.session_id));
+  int64_t session_ttl_s = 0;
+  CT_RETURN_IF_ERROR(GetInt(j, "session_ttl_s", 1, 7 * 24 * 3600, &session_ttl_s));
+  r.session_ttl_ms = session_ttl_s * 1000;
+  if (auto it = j.find("cache_control"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return InvalidArgument("'cache_control' must be an object");
+    r.pin_ttl_ms = ctx.default_pin_ttl_ms;
+    const json* ttl = it->contains("ttl_s") ? &(*it)["ttl_s"]
+                      : it->contains("ttl") ? &(*it)["ttl"]
+                                            : nullptr;
+    if (ttl != nullptr) {
+      CT_ASSIGN_OR_RETURN(int64_t s, ParseTtlSeconds(*ttl));
+      r.pin_ttl_ms = s * 1000;
+    }
+  }
+  CT_RETURN_IF_ERROR(sp.Validate());
+  return call;
+}
+
+Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required) {
+  PromptRef ref;
+  CT_ASSIGN_OR_RETURN(ref.body, ParseJson(body.empty() ? std::string_view("{}") : body));
+  CT_RETURN_IF_ERROR(GetString(ref.body, "cache_salt", &ref.cache_salt));
+  bool present = false;
+  CT_ASSIGN_OR_RETURN(ref.tokens, PromptTokens(ref.body, ctx, &present));
+  if (required && ref.tokens.empty()) {
+    return InvalidArgument("give the prefix as 'prompt' (text or token ids) or 'messages'");
+  }
+  return ref;
+}
+
+int HttpStatusFor(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kInvalidArgument: return 400;
+    case StatusCode::kNotFound: return 404;
+    case StatusCode::kResourceExhausted: return 429;
+    case StatusCode::kUnavailable: return 503;
+    case StatusCode::kDeadlineExceeded: return 504;
+    default: return 500;
+  }
+}
+
+std::string ErrorBody(const Status& s) {
+  const int http = HttpStatusFor(s);
+  const char* type = http == 400   ? "invalid_request_error"
+                     : http == 404 ? "invalid_request_error"
+                     : http == 429 ? "rate_limit_error"
+                     : http == 503 ? "service_unavailable"
+                                   : "server_error";
+  std::string code = http == 404 ? "model_not_found" : std::string(StatusCodeName(s.code()));
+  if (s.message().find("context_length_exceeded") != std::string::npos ||
+      s.message().find("maximum context length") != std::string::npos) {
+    code = "context_length_exceeded";
+  }
+  json j = {{"error", {{"message", s.message()}, {"type", type}, {"param", nullptr},
+                       {"code", code}}}};
+  return Dump(j);
+}
+
+json UsageJson(const sched::RequestUsage& u) {
+  json tiers = json::object();
+  for (const auto& t : u.cached_by_tier) tiers[t.tier] = t.tokens;
+  json ext = {{"cached_tokens_by_tier", tiers},
+              {"queue_ms", u.queue_seconds * 1e3},
+              {"ttft_ms", u.ttft_seconds * 1e3},
+              {"decode_ms", u.decode_seconds * 1e3}};
+  if (u.pin_id != 0) ext["pin_id"] = u.pin_id;
+  return {{"prompt_tokens", u.prompt_tokens},
+          {"completion_tokens", u.completion_tokens},
+          {"total_tokens", u.prompt_tokens + u.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}},
+          {"cachette", ext}};
+}
+
+json CompletionJson(const GenerateCall& call, const std::string& id, int64_t created,
+                    const std::string& model, const std::string& text, const std::string& finish,
+                    const sched::RequestUsage& usage) {
+  json choice = {{"index", 0}, {"finish_reason", finish}};
+  if (call.endpoint == Endpoint::kChat) {
+    choice["message"] = {{"role", "assistant"}, {"content", text}};
+  } else {
+    choice["text"] = text;
+    choice["logprobs"] = nullptr;
+  }
+  return {{"id", id},
+          {"object", call.endpoint == Endpoint::kChat ? "chat.completion" : "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array({choice})},
+          {"usage", UsageJson(usage)}};
+}
+
+json ChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
+               const std::string& model, const std::string& text, bool first,
+               const std::string* finish) {
+  json choice = {{"index", 0}, {"finish_reason", finish ? json(*finish) : json(nullptr)}};
+  if (call.endpoint == Endpoint::kChat) {
+    json delta = json::object();
+    if (first) delta["role"] = "assistant";
+    if (!finish) delta["content"] = text;
+    choice["delta"] = delta;
+  } else {
+    choice["text"] = text;
+    choice["logprobs"] = nullptr;
+  }
+  return {{"id", id},
+          {"object", call.endpoint == Endpoint::kChat ? "chat.completion.chunk" : "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array({choice})}};
+}
+
+json UsageChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
+                    const std::string& model, const sched::RequestUsage& usage) {
+  json j = ChunkJson(call, id, created, model, "", false, nullptr);
+  j["choices"] = json::array();
+  j["usage"] = UsageJson(usage);
+  return j;
+}
+
+std::string Dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+}  // namespace cachette::server

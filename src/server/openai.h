@@ -1,0 +1,82 @@
+// The OpenAI API surface: request bodies to scheduler requests (with validation), scheduler
+// results to response bodies, and the error object.
+//
+// Accepted request fields (anything else is ignored, as OpenAI does):
+//   model (string; must name the served model), messages (chat) or prompt (completions: a
+//   string, a one-string array or an array of token ids), max_tokens / max_completion_tokens,
+//   temperature, top_p, top_k, min_p, repetition_penalty, seed, stop (string or up to 4),
+//   stream, stream_options.include_usage, n (only 1), logprobs (only false), ignore_eos, and the
+//   cachette extensions cache_salt (tenant), priority, session_id, session_ttl_s,
+//   cache_control {"ttl_s": N} or {"type": "ephemeral", "ttl": "5m" | "1h" | N}.
+// A wrong type, an out-of-range value, a prompt longer than the context or max_tokens beyond it
+// gives kInvalidArgument with a message naming the field; an unknown model kNotFound.
+//
+// Thread-safety: stateless functions; ApiContext is read-only.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+
+#include "cachette/status.h"
+#include "model/tokenizer.h"
+#include "sched/request.h"
+#include "server/chat_template.h"
+
+namespace cachette::server {
+
+struct ApiContext {
+  std::string model_id;          // what /v1/models lists and requests must name
+  const Tokenizer* tokenizer = nullptr;
+  const ChatTemplate* chat_template = nullptr;
+  int32_t n_vocab = 0;
+  int64_t n_ctx = 0;
+  int default_max_tokens = 256;  // when a request gives none (capped by the context)
+  int64_t default_pin_ttl_ms = 300000;
+};
+
+enum class Endpoint { kChat, kCompletion };
+
+struct GenerateCall {
+  Endpoint endpoint = Endpoint::kChat;
+  sched::SchedRequest request;
+  bool stream = false;
+  bool include_usage = false;
+};
+
+// Parses and validates a /v1/chat/completions or /v1/completions body.
+Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint,
+                                   const ApiContext& ctx);
+
+// Prompt tokens for the admin API: a body with "prompt" (string or ids) or "messages" (rendered
+// with the chat template, generation prompt included), plus its "cache_salt".
+struct PromptRef {
+  std::vector<TokenId> tokens;
+  std::string cache_salt;
+  nlohmann::json body;  // the parsed body, for endpoint-specific fields
+};
+Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required);
+
+// The HTTP status for a Status code: InvalidArgument 400, NotFound 404, ResourceExhausted 429,
+// Unavailable 503, DeadlineExceeded 504, anything else 500.
+int HttpStatusFor(const Status& s);
+// {"error": {"message", "type", "param": null, "code"}}.
+std::string ErrorBody(const Status& s);
+
+// Response pieces. `id` is "chatcmpl-N" / "cmpl-N"; `created` is Unix seconds.
+nlohmann::json UsageJson(const sched::RequestUsage& u);
+nlohmann::json CompletionJson(const GenerateCall& call, const std::string& id, int64_t created,
+                              const std::string& model, const std::string& text,
+                              const std::string& finish, const sched::RequestUsage& usage);
+// One streamed chunk: a delta of text (first chunk of a chat also carries the role), or the
+// final chunk with finish_reason (text empty).
+nlohmann::json ChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
+                         const std::string& model, const std::string& text, bool first,
+                         const std::string* finish);
+nlohmann::json UsageChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
+                              const std::string& model, const sched::RequestUsage& usage);
+// JSON text that never throws: invalid UTF-8 in generated text becomes U+FFFD.
+std::string Dump(const nlohmann::json& j);
+
+}  // namespace cachette::server
