@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Sets everything up and runs all tests: release unit tests, the ASan+UBSan build of the unit
-# tests, and a bounded libFuzzer run of each fuzz target. Ends with ctest's summary line and a
-# non-zero exit on any failure.
-# Environment: FUZZ_SECONDS (default 60 per target), SKIP_ASAN=1, SKIP_FUZZ=1.
+# Sets everything up and runs all tests: a bounded libFuzzer run of each fuzz target, the
+# ASan+UBSan build of the unit tests, a TSan build of the concurrent components' tests, then
+# every release test (unit and end to end, against real Redis servers on loopback). Ends with
+# ctest's summary line and a non-zero exit on any failure.
+# Environment: FUZZ_SECONDS (default 60 per target), SKIP_ASAN=1, SKIP_TSAN=1, SKIP_FUZZ=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh release || exit 1
 [ "${SKIP_ASAN:-0}" = 1 ] || bash scripts/setup.sh asan || exit 1
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   cmake --preset fuzz >/dev/null && cmake --build --preset fuzz -j "$(nproc)" --target fuzzers || exit 1
+fi
+# The components with threads of their own (paged KV manager, chunk store, Redis tier,
+# scheduler): their tests under ThreadSanitizer.
+TSAN_TESTS=(src/kv/kv_test src/cache/cache_store_test src/cache/redis/redis_test src/sched/sched_test)
+if [ "${SKIP_TSAN:-0}" != 1 ]; then
+  cmake --preset tsan >/dev/null &&
+    cmake --build --preset tsan -j "$(nproc)" --target "${TSAN_TESTS[@]##*/}" || exit 1
 fi
 
 # Real Redis for the Redis tier tests: a standalone server and a 3-master cluster on loopback
@@ -37,6 +45,17 @@ if [ "${SKIP_ASAN:-0}" != 1 ]; then
   echo "== ASan+UBSan unit tests"
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build/asan --output-on-failure -j "$(nproc)" -L unit || failed=1
+fi
+if [ "${SKIP_TSAN:-0}" != 1 ]; then
+  echo "== TSan tests"
+  for t in "${TSAN_TESTS[@]}"; do
+    if ! TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "build/tsan/$t" \
+        --gtest_brief=1 >"/tmp/tsan_${t##*/}.log" 2>&1; then
+      echo "tsan: ${t##*/} FAILED"; tail -n 60 "/tmp/tsan_${t##*/}.log"; failed=1
+    else
+      echo "tsan: ${t##*/} passed"
+    fi
+  done
 fi
 echo "== release tests"
 ctest --test-dir build/release --output-on-failure -j "$(nproc)" || failed=1

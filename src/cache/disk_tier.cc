@@ -338,6 +338,22 @@ void DiskTier::RemoveCorrupt(const ChunkKey& key, uint64_t ino) {
 }
 
 Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadline) {
+  return Get(key, deadline, nullptr);
+}
+
+void DiskTier::Prefetch(const ChunkKey& key) {
+  {
+    std::lock_guard lock(mu_);
+    if (index_.count(key) == 0) return;
+  }
+  const std::string path = PathOf(key);
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return;  // erased since: the Get will miss
+  (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_WILLNEED);
+}
+
+Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadline,
+                                             BufferPool* pool) {
   {
     std::lock_guard lock(mu_);
     ++stats_.gets;
@@ -359,7 +375,8 @@ Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadl
     ++stats_.misses;
     return NotFound("disk tier: " + key.ToHex());
   }
-  std::vector<std::byte> bytes(static_cast<size_t>(st.st_size));
+  const size_t size = static_cast<size_t>(st.st_size);
+  std::vector<std::byte> bytes = pool != nullptr ? pool->Take(size) : std::vector<std::byte>(size);
   auto n = ReadAt(fd.get(), bytes.data(), bytes.size(), 0, path);
   if (!n.ok()) {
     std::lock_guard lock(mu_);

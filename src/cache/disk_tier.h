@@ -68,6 +68,14 @@ class DiskTier final : public Tier {
   // The verified record; kNotFound, or kCorruption (the file is then deleted and counted).
   // Local disk reads are not interruptible: `deadline` is checked before the read only.
   Result<std::vector<std::byte>> Get(const ChunkKey& key, Deadline deadline) override;
+  // As Get, reading into a buffer taken from `pool` (null: a new one), so the caller can
+  // publish it with pool->Share and have it recycled.
+  Result<std::vector<std::byte>> Get(const ChunkKey& key, Deadline deadline, BufferPool* pool);
+  // Asks the kernel to start reading the record of `key` into the page cache and returns
+  // without waiting (posix_fadvise WILLNEED). A loader that will read chunks in order calls it
+  // for the next few, so several reads are in flight while it verifies the current one. A
+  // no-op for keys not indexed; best effort (errors are ignored: the later Get reports them).
+  void Prefetch(const ChunkKey& key);
   std::vector<bool> ContainsMany(std::span<const ChunkKey> keys, Deadline deadline) override;
   Status Erase(const ChunkKey& key) override;
   TierStats Stats() const override;

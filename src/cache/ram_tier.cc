@@ -1,12 +1,17 @@
 #include "cache/ram_tier.h"
 
+#include <algorithm>
 #include <string>
 
 namespace cachette::cache {
 
+RamTier::RamTier(uint64_t budget_bytes)
+    : budget_bytes_(budget_bytes),
+      pool_(BufferPool::Create(budget_bytes == 0 ? kMaxIdleBytes
+                                                 : std::min(budget_bytes / 4, kMaxIdleBytes))) {}
+
 Status RamTier::Put(const ChunkKey& key, std::span<const std::byte> record, uint32_t) {
-  return PutShared(key, std::make_shared<const std::vector<std::byte>>(record.begin(),
-                                                                       record.end()));
+  return PutShared(key, pool_->Share(pool_->TakeCopy(record)));
 }
 
 Status RamTier::PutShared(const ChunkKey& key, SharedBytes record) {

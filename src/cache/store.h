@@ -64,6 +64,9 @@ class TieredStore final : public Cache {
 
  private:
   static constexpr int kRam = 0, kDisk = 1, kRemote = 2;
+  // Disk chunks a load asks the kernel to read ahead of the one it verifies (RunLoad). 8 x 3 MiB
+  // keeps a virtio disk busy; more only fills the page cache sooner. See docs/benchmarks.md.
+  static constexpr size_t kReadAheadChunks = 8;
 
   struct Entry {
     Hash128 ns;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cachette/status.h"
+#include "cachette/types.h"
 #include "kernels/kernels.h"
 
 namespace cachette::cli {
@@ -17,6 +18,11 @@ std::string DefaultModelPath();
 
 Result<kernels::WType> ParseWType(const std::string& s);
 Result<kernels::KvType> ParseKvType(const std::string& s);
+
+// Benchmark helpers: the median of `v` (mean of the middle two for even sizes), and a fixed
+// pseudo-random prompt of ids in [0, vocab - 1) (the last id, often end-of-text, excluded).
+double Median(std::vector<double> v);
+std::vector<TokenId> PseudoRandomTokens(int n, int vocab, uint64_t seed);
 
 // Prints "error: <status>" to stderr and returns exit code 1.
 int Fail(const Status& s);
@@ -31,5 +37,6 @@ Runner AddBenchCommand(CLI::App& app);
 Runner AddBenchCacheSubcommand(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
+Runner AddEvalCommand(CLI::App& app);
 
 }  // namespace cachette::cli

@@ -12,6 +12,23 @@
 #include "kv/kv_manager.h"
 
 namespace cachette::cli {
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::vector<TokenId> PseudoRandomTokens(int n, int vocab, uint64_t seed) {
+  std::vector<TokenId> t(n);
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (auto& v : t) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    v = static_cast<TokenId>((x >> 33) % static_cast<uint64_t>(std::max(1, vocab - 1)));
+  }
+  return t;
+}
+
 namespace {
 
 struct BenchArgs {
@@ -23,12 +40,6 @@ struct BenchArgs {
   std::string kv_type = "f16";
   bool json = false;
 };
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 int BenchEngine(const BenchArgs& a) {
   const std::string path = a.model.empty() ? DefaultModelPath() : a.model;
@@ -48,12 +59,7 @@ int BenchEngine(const BenchArgs& a) {
   Engine engine(model, eo);
 
   // A fixed pseudo-random prompt (the same every run).
-  std::vector<TokenId> prompt(a.n_prompt);
-  uint64_t x = 12345;
-  for (auto& t : prompt) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    t = static_cast<TokenId>((x >> 33) % static_cast<uint64_t>(std::max(1, c.n_vocab - 1)));
-  }
+  const std::vector<TokenId> prompt = PseudoRandomTokens(a.n_prompt, c.n_vocab, 12345);
   std::vector<float> logits(c.n_vocab);
   std::vector<double> prefill_tps, decode_tps;
   // One untimed warm-up pass pages the weights in and sizes the scratch buffers.
@@ -118,16 +124,6 @@ struct PrefixArgs {
   int page_tokens = 16;
   bool json = false;
 };
-
-std::vector<TokenId> PseudoRandomTokens(int n, int vocab, uint64_t seed) {
-  std::vector<TokenId> t(n);
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (auto& v : t) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    v = static_cast<TokenId>((x >> 33) % static_cast<uint64_t>(std::max(1, vocab - 1)));
-  }
-  return t;
-}
 
 // Time to first token for a long prompt, cold vs fully cached in the paged prefix cache, and
 // batched decode throughput with 1..N concurrent sequences over the paged KV.

@@ -26,21 +26,6 @@ struct BenchCacheArgs {
   bool json = false;
 };
 
-std::vector<TokenId> Prompt(int n, int vocab) {
-  std::vector<TokenId> t(n);
-  uint64_t x = 424242;
-  for (auto& v : t) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    v = static_cast<TokenId>((x >> 33) % static_cast<uint64_t>(std::max(1, vocab - 1)));
-  }
-  return t;
-}
-
-double MedianOf(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 int BenchCache(const BenchCacheArgs& a) {
   const std::string path = a.model.empty() ? DefaultModelPath() : a.model;
   auto model_or = Model::Load(path);
@@ -59,7 +44,7 @@ int BenchCache(const BenchCacheArgs& a) {
   ko.shape = engine.kv_shape();
   ko.page_tokens = 16;
   ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * ((a.n_prompt + 15) / 16 * 2 + 4);
-  const auto prompt = Prompt(a.n_prompt, model.config().n_vocab);
+  const auto prompt = PseudoRandomTokens(a.n_prompt, model.config().n_vocab, 424242);
   const Hash128 kv_ns = KvNamespace(model.Fingerprint(), *kv_type);
   const Hash128 store_ns = CacheNamespace(model, *kv_type);
   std::vector<float> logits(model.config().n_vocab);
@@ -139,7 +124,7 @@ int BenchCache(const BenchCacheArgs& a) {
       times.push_back(sw.Seconds());
       restored = r.tokens;
     }
-    rows.push_back({name, MedianOf(times), restored});
+    rows.push_back({name, Median(times), restored});
     return Status::Ok();
   };
   Status s = measure("ram", true, true, false);
@@ -147,7 +132,7 @@ int BenchCache(const BenchCacheArgs& a) {
   if (s.ok() && !a.redis.empty()) s = measure("redis", false, false, true);
   if (own_dir) std::filesystem::remove_all(dir);
   if (!s.ok()) return Fail(s);
-  const double cold = MedianOf(cold_s);
+  const double cold = Median(cold_s);
   if (a.json) {
     nlohmann::json j = {{"model", path}, {"n_prompt", a.n_prompt}, {"kv_type", a.kv_type},
                         {"codec", a.codec}, {"chunk_tokens", a.chunk_tokens},

@@ -55,6 +55,7 @@ int main(int argc, char** argv) {
   add(AddBenchCommand);
   add(AddCacheCommand);
   add(AddServeCommand);
+  add(AddEvalCommand);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

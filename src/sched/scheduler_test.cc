@@ -195,6 +195,10 @@ TEST_F(SchedulerTest, CancelFreesTheSequenceAtOnce) {
   EXPECT_EQ(rest.last.finish, "cancelled");
   const KvManager::Stats ks = kv_->GetStats();
   EXPECT_EQ(ks.pages_used, ks.pages_cached_unreferenced);  // no running sequence holds a page
+  // The counts are published at the end of the loop iteration that pushed the event.
+  for (int i = 0; i < 500 && sched_->Stats().running != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   EXPECT_EQ(sched_->Stats().running, 0);
   EXPECT_EQ(sched_->Stats().cancelled, 1u);
 }

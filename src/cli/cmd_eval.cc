@@ -1,0 +1,338 @@
+// `cachette eval ppl` and `cachette eval retrieval`: quality of the engine with the KV cache
+// passed through a store codec, beside the exact-KV baseline measured in the same run.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cli/cli.h"
+#include "core/timer.h"
+#include "engine/engine.h"
+#include "eval/perplexity.h"
+#include "eval/retrieval.h"
+#include "eval/synthetic.h"
+
+namespace cachette::cli {
+namespace {
+
+struct CommonArgs {
+  std::string model;
+  int threads = 0;
+  std::string kv_type = "f16";
+  std::vector<std::string> codecs;
+  int chunk_tokens = 256;
+  bool json = false;
+  bool quiet = false;
+};
+
+struct PplArgs {
+  CommonArgs c;
+  std::string text;
+  int ctx = 1024;
+  uint64_t bytes = 0;
+};
+
+struct RetrievalArgs {
+  CommonArgs c;
+  std::string data;
+  int n = 0;
+  std::vector<std::string> kinds;
+  int64_t synthetic_seed = -1;
+  int synthetic_chars = 2400;
+  std::string filler;
+  bool details = false;
+};
+
+std::string SharedPath(const std::string& rel) { return std::string(CACHETTE_SHARED_DIR) + rel; }
+
+Result<std::string> ReadFile(const std::string& path, uint64_t max_bytes) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return IOError("cannot open " + path);
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  std::string s = ss.str();
+  if (max_bytes > 0 && s.size() > max_bytes) s.resize(max_bytes);
+  return s;
+}
+
+// Loads the model and builds the engine the eval runs on.
+struct Loaded {
+  std::string path;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Engine> engine;
+};
+
+Result<Loaded> Load(const CommonArgs& a) {
+  Loaded l;
+  l.path = a.model.empty() ? DefaultModelPath() : a.model;
+  CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path));
+  CT_ASSIGN_OR_RETURN(kernels::KvType kv_type, ParseKvType(a.kv_type));
+  EngineOptions eo;
+  eo.threads = a.threads;
+  eo.kv_type = kv_type;
+  l.engine = std::make_unique<Engine>(*l.model, eo);
+  return l;
+}
+
+// Progress on stderr, only for a person watching a terminal.
+std::function<void(int, int)> Progress(const CommonArgs& a, const char* what) {
+  if (a.quiet || !isatty(2)) return nullptr;
+  return [what](int done, int total) {
+    std::fprintf(stderr, "\r%s %d/%d", what, done, total);
+    if (done == total) std::fprintf(stderr, "\n");
+  };
+}
+
+nlohmann::json Header(const Loaded& l, const CommonArgs& a) {
+  const ModelConfig& c = l.model->config();
+  return {{"model", l.path},
+          {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
+          {"kv_type", a.kv_type},
+          {"threads", l.engine->pool().size()},
+          {"chunk_tokens", a.chunk_tokens}};
+}
+
+int EvalPpl(const PplArgs& a) {
+  auto l = Load(a.c);
+  if (!l.ok()) return Fail(l.status());
+  auto text = ReadFile(a.text, a.bytes);
+  if (!text.ok()) return Fail(text.status());
+  const Tokenizer& tok = l->model->tokenizer();
+  const std::vector<TokenId> tokens = tok.Encode(*text, tok.add_bos(), false);
+  eval::PerplexityOptions o;
+  o.ctx = a.ctx;
+  o.codecs = a.c.codecs;
+  o.chunk_tokens = a.c.chunk_tokens;
+  o.bos = tok.add_bos() ? tok.bos() : -1;
+  o.progress = Progress(a.c, "windows");
+  Stopwatch sw;
+  auto r = eval::EvalPerplexity(*l->engine, tokens, o);
+  if (!r.ok()) return Fail(r.status());
+  const double seconds = sw.Seconds();
+  const eval::PerplexityFigure& base = r->figures[0];
+  if (a.c.json) {
+    nlohmann::json j = Header(*l, a.c);
+    j["eval"] = "ppl";
+    j["text"] = a.text;
+    j["text_bytes"] = text->size();
+    j["ctx"] = r->ctx;
+    j["scoring"] = "second-half";  // llama.cpp perplexity: positions [ctx/2, ctx-1) of a window
+    j["n_tokens"] = r->n_input_tokens;
+    j["n_windows"] = r->n_windows;
+    j["n_scored"] = base.n_scored;
+    j["seconds"] = seconds;
+    j["prefill_seconds"] = r->prefill_seconds;
+    nlohmann::json rows = nlohmann::json::array();
+    for (const auto& f : r->figures) {
+      nlohmann::json row = {{"codec", f.codec.empty() ? "none" : f.codec},
+                            {"baseline", f.codec.empty()},
+                            {"ppl", f.ppl()},
+                            {"mean_nll", f.mean_nll()},
+                            {"delta_ppl", f.ppl() - base.ppl()},
+                            {"ppl_ratio", f.ppl() / base.ppl()},
+                            {"bytes_per_token", f.bytes_per_token},
+                            {"bytes_ratio", f.bytes_per_token / base.bytes_per_token},
+                            {"seconds", f.seconds}};
+      if (!f.codec.empty()) {
+        row["encode_seconds"] = f.roundtrip.encode_seconds;
+        row["decode_seconds"] = f.roundtrip.decode_seconds;
+      }
+      rows.push_back(row);
+    }
+    j["results"] = rows;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s, %s KV, %d threads; %s: %zu bytes, %lld tokens\n", l->path.c_str(),
+              a.c.kv_type.c_str(), l->engine->pool().size(), a.text.c_str(), text->size(),
+              static_cast<long long>(r->n_input_tokens));
+  std::printf("%d windows of %d tokens, second half of each scored (as llama.cpp perplexity): "
+              "%lld tokens; prefix KV through the codec in chunks of %d\n",
+              r->n_windows, r->ctx, static_cast<long long>(base.n_scored), a.c.chunk_tokens);
+  std::printf("%-10s %12s %7s %10s %9s %8s\n", "kv codec", "bytes/token", "of raw", "ppl",
+              "delta", "s");
+  for (const auto& f : r->figures) {
+    std::printf("%-10s %12.1f %6.1f%% %10.4f %+9.4f %8.1f\n",
+                f.codec.empty() ? "none" : f.codec.c_str(), f.bytes_per_token,
+                100.0 * f.bytes_per_token / base.bytes_per_token, f.ppl(), f.ppl() - base.ppl(),
+                f.seconds);
+  }
+  std::printf("total %.1f s\n", seconds);
+  return 0;
+}
+
+int EvalRetrieval(const RetrievalArgs& a) {
+  auto l = Load(a.c);
+  if (!l.ok()) return Fail(l.status());
+  std::vector<eval::QaItem> items;
+  std::string source;
+  if (a.synthetic_seed >= 0) {
+    eval::SyntheticOptions so;
+    so.seed = static_cast<uint64_t>(a.synthetic_seed);
+    so.n = a.n > 0 ? a.n : 24;
+    if (!a.kinds.empty()) so.kinds = a.kinds;
+    so.approx_chars = a.synthetic_chars;
+    std::string filler;
+    if (std::find(so.kinds.begin(), so.kinds.end(), "needle") != so.kinds.end()) {
+      auto f = ReadFile(a.filler.empty() ? SharedPath("/eval/heldout-text.txt") : a.filler, 0);
+      if (!f.ok()) return Fail(f.status().WithContext("--filler"));
+      filler = std::move(*f);
+    }
+    so.filler = filler;
+    auto gen = eval::GenerateSyntheticTasks(so);
+    if (!gen.ok()) return Fail(gen.status());
+    items = std::move(*gen);
+    source = "synthetic seed " + std::to_string(a.synthetic_seed);
+  } else {
+    source = a.data.empty() ? SharedPath("/eval/longctx-qa.jsonl") : a.data;
+    auto text = ReadFile(source, 0);
+    if (!text.ok()) return Fail(text.status());
+    auto parsed = eval::ParseQaJsonl(*text, source);
+    if (!parsed.ok()) return Fail(parsed.status());
+    for (auto& it : *parsed) {
+      if (!a.kinds.empty() && std::find(a.kinds.begin(), a.kinds.end(), it.kind) == a.kinds.end()) {
+        continue;
+      }
+      if (a.n > 0 && static_cast<int>(items.size()) >= a.n) break;
+      items.push_back(std::move(it));
+    }
+  }
+  if (items.empty()) return Fail(InvalidArgument("no questions selected from " + source));
+  eval::RetrievalOptions o;
+  o.codecs = a.c.codecs;
+  o.chunk_tokens = a.c.chunk_tokens;
+  o.progress = Progress(a.c, "questions");
+  auto r = eval::EvalRetrieval(*l->engine, items, o);
+  if (!r.ok()) return Fail(r.status());
+  const auto by = r->ByKind();
+  auto name = [&](size_t i) { return r->configs[i].empty() ? std::string("none") : r->configs[i]; };
+  if (a.c.json) {
+    nlohmann::json j = Header(*l, a.c);
+    j["eval"] = "retrieval";
+    j["source"] = source;
+    j["n_items"] = items.size();
+    j["n_scored"] = by.at("all").n;
+    j["n_skipped"] = r->n_skipped();
+    j["prefill_tokens"] = r->prefill_tokens;
+    j["decode_steps"] = r->decode_steps;
+    j["seconds"] = r->seconds;
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < r->configs.size(); ++i) {
+      nlohmann::json kinds = nlohmann::json::object();
+      for (const auto& [kind, s] : by) {
+        kinds[kind] = {{"n", s.n},
+                       {"correct", s.correct[i]},
+                       {"accuracy", s.n ? static_cast<double>(s.correct[i]) / s.n : 0.0}};
+      }
+      const auto& all = by.at("all");
+      rows.push_back({{"codec", name(i)},
+                      {"baseline", i == 0},
+                      {"bytes_per_token", r->bytes_per_token[i]},
+                      {"bytes_ratio", r->bytes_per_token[i] / r->bytes_per_token[0]},
+                      {"correct", all.correct[i]},
+                      {"accuracy", all.n ? static_cast<double>(all.correct[i]) / all.n : 0.0},
+                      {"kinds", kinds}});
+    }
+    j["results"] = rows;
+    if (a.details) {
+      nlohmann::json details = nlohmann::json::array();
+      for (const auto& oc : r->outcomes) {
+        nlohmann::json d = {{"index", oc.index},
+                            {"kind", oc.kind},
+                            {"prompt_tokens", oc.prompt_tokens},
+                            {"expected", eval::AnswerLine(items[oc.index].answer)},
+                            {"skipped", oc.skipped}};
+        if (!oc.skipped) {
+          d["answers"] = oc.answers;
+          d["correct"] = oc.correct;
+        }
+        details.push_back(d);
+      }
+      j["items"] = details;
+    }
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s, %s KV, %d threads; %s: %zu questions (%d skipped: too long)\n",
+              l->path.c_str(), a.c.kv_type.c_str(), l->engine->pool().size(), source.c_str(),
+              items.size(), r->n_skipped());
+  std::printf("greedy answers, exact match up to the end of the line; prompt KV (all but the "
+              "last token) through the codec in chunks of %d\n", a.c.chunk_tokens);
+  std::printf("%-10s %12s", "kv codec", "bytes/token");
+  for (const auto& [kind, s] : by) std::printf(" %14s", kind.c_str());
+  std::printf("\n");
+  for (size_t i = 0; i < r->configs.size(); ++i) {
+    std::printf("%-10s %12.1f", name(i).c_str(), r->bytes_per_token[i]);
+    for (const auto& [kind, s] : by) {
+      char cell[32];
+      std::snprintf(cell, sizeof(cell), "%d/%d %.1f%%", s.correct[i], s.n,
+                    s.n ? 100.0 * s.correct[i] / s.n : 0.0);
+      std::printf(" %14s", cell);
+    }
+    std::printf("\n");
+  }
+  std::printf("prefilled %lld tokens (after prefix reuse), %lld decode steps, %.1f s\n",
+              static_cast<long long>(r->prefill_tokens), static_cast<long long>(r->decode_steps),
+              r->seconds);
+  return 0;
+}
+
+void AddCommon(CLI::App* c, CommonArgs& a) {
+  c->add_option("-m,--model", a.model, "GGUF model (default: the bundled cachette-tiny)");
+  c->add_option("--threads", a.threads, "Compute threads (0 = one per core)");
+  c->add_option("--kv-type", a.kv_type, "KV element type: f32, f16 (lossy codecs refuse q8_0)");
+  c->add_option("--kv-codec", a.codecs,
+                "Codecs to pass the KV through, comma-separated: raw, int8, int4, int4-g64, "
+                "zstd+X (the exact-KV baseline always runs beside them)")
+      ->delimiter(',');
+  c->add_option("--chunk-tokens", a.chunk_tokens, "Store chunk size the KV is cut into")
+      ->check(CLI::Range(1, 1 << 16));
+  c->add_flag("--json", a.json, "Print one JSON object");
+  c->add_flag("-q,--quiet", a.quiet, "No progress on stderr");
+}
+
+}  // namespace
+
+Runner AddEvalCommand(CLI::App& app) {
+  CLI::App* c = app.add_subcommand("eval", "Quality: perplexity and retrieval, KV through codecs");
+  c->require_subcommand(1);
+  auto pa = std::make_shared<PplArgs>();
+  CLI::App* p = c->add_subcommand(
+      "ppl",
+      "Perplexity over non-overlapping windows of --ctx tokens, scoring the second half of "
+      "each window (as llama.cpp perplexity) with the first half's KV passed through the codec");
+  AddCommon(p, pa->c);
+  p->add_option("-f,--file", pa->text, "Text file")->required();
+  p->add_option("--ctx", pa->ctx, "Window length in tokens")->check(CLI::Range(4, 1 << 20));
+  p->add_option("--bytes", pa->bytes, "Use only the first B bytes of the file (0 = all)");
+  auto ra = std::make_shared<RetrievalArgs>();
+  CLI::App* r = c->add_subcommand(
+      "retrieval",
+      "Long-context QA accuracy (greedy, exact match) with the prompt KV through the codec");
+  AddCommon(r, ra->c);
+  r->add_option("--data", ra->data,
+                "JSONL of {kind, prompt, answer} (default ../shared/eval/longctx-qa.jsonl)");
+  r->add_option("--n", ra->n, "Questions: the first N of the selected kinds (0 = all; "
+                              "synthetic: default 24)")
+      ->check(CLI::Range(0, 1 << 24));
+  r->add_option("--kinds", ra->kinds, "Kinds to keep, comma-separated (kv, needle, facts, "
+                                      "recall)")
+      ->delimiter(',');
+  r->add_option("--synthetic", ra->synthetic_seed,
+                "Generate tasks (kv, needle, facts) from this seed instead of --data")
+      ->check(CLI::Range(int64_t{0}, INT64_MAX));
+  r->add_option("--synthetic-chars", ra->synthetic_chars, "Synthetic prompt length in bytes")
+      ->check(CLI::Range(200, 1 << 20));
+  r->add_option("--filler", ra->filler,
+                "Natural text for needle haystacks (default ../shared/eval/heldout-text.txt)");
+  r->add_flag("--details", ra->details, "With --json: every question's answers");
+  return [pa, p, ra, r] {
+    if (p->parsed()) return EvalPpl(*pa);
+    return EvalRetrieval(*ra);
+  };
+}
+
+}  // namespace cachette::cli

@@ -1,0 +1,95 @@
+// Long-context retrieval accuracy with the KV cache passed through a codec
+// (`cachette eval retrieval`).
+//
+// Each item is a prompt ending in "Answer:" and the expected answer text. The prompt is
+// tokenized (with BOS when the vocabulary adds one); all of it but the last token is
+// prefilled, that KV is round-tripped through the codec in store chunks (the worst case for a
+// restore: every prompt position but the last comes back from the store, a trailing partial
+// chunk included), and the answer is decoded greedily from the last prompt token on, until a
+// newline, an end-of-generation token, or the expected answer's token count + 8. Scoring is
+// exact match (see ExactMatch). The exact-KV baseline shares the prefill and decodes in the
+// same batch as the codecs.
+//
+// Consecutive items often extend the previous prompt (multi-question episodes), so the
+// prefill reuses the longest common token prefix with the previous item; codec sequences
+// re-encode from the start of the chunk where the prompts diverge, so figures do not depend on
+// the order of items.
+//
+// Thread-safety: uses the engine (one call at a time per Engine).
+#pragma once
+
+#include <functional>
+#include <map>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "cachette/status.h"
+#include "engine/engine.h"
+#include "eval/kv_roundtrip.h"
+
+namespace cachette::eval {
+
+struct QaItem {
+  std::string kind;    // "kv", "needle", "facts", "recall", ...
+  std::string prompt;  // ends with "Answer:"
+  std::string answer;  // the expected text up to the end of the line
+  int line = 0;        // 1-based line in its JSONL source (0 for generated items)
+};
+
+// Parses JSON lines of objects with string fields `kind`, `prompt` and `answer` (other fields
+// ignored; blank lines skipped). kInvalidArgument "<source>:<line>: <why>" for the first line
+// that is not such an object.
+Result<std::vector<QaItem>> ParseQaJsonl(std::string_view text, std::string_view source);
+
+// The answer a generation gives: its text up to the first newline, without leading and
+// trailing whitespace (spaces, tabs, CR).
+std::string AnswerLine(std::string_view generated);
+// Whether `generated` answers `expected`: AnswerLine(generated) == AnswerLine(expected),
+// case and punctuation included (a trailing period is a wrong answer).
+bool ExactMatch(std::string_view generated, std::string_view expected);
+
+struct RetrievalOptions {
+  std::vector<std::string> codecs;  // MakeCodec names, measured beside the exact baseline
+  int chunk_tokens = 256;           // store chunk size the prompt KV is cut into
+  int extra_answer_tokens = 8;      // decode budget beyond the expected answer's tokens
+  // Called after each item with (items done, items in all).
+  std::function<void(int, int)> progress;
+};
+
+// One item's outcome for every configuration ([0] the baseline, then the codecs).
+struct QaOutcome {
+  int index = 0;  // into the items given
+  std::string kind;
+  int64_t prompt_tokens = 0;
+  bool skipped = false;              // prompt + answer budget beyond the model's context
+  std::vector<std::string> answers;  // AnswerLine of each configuration's generation
+  std::vector<bool> correct;
+};
+
+struct RetrievalResult {
+  std::vector<std::string> configs;     // "" (the exact baseline), then the codec names
+  std::vector<double> bytes_per_token;  // per config (baseline: raw KV bytes/token)
+  std::vector<RoundTripStats> roundtrip;  // per config ([0] unused)
+  std::vector<QaOutcome> outcomes;
+  int64_t prefill_tokens = 0;   // tokens actually prefilled (after prefix reuse)
+  int64_t decode_steps = 0;
+  double seconds = 0;
+
+  // Per kind (sorted), then "all": {n scored, correct per config}.
+  struct Score {
+    int n = 0;
+    std::vector<int> correct;
+  };
+  std::map<std::string, Score> ByKind() const;
+  int n_skipped() const;
+};
+
+// Runs every item. kInvalidArgument for an unknown codec name; engine and codec errors
+// otherwise. Items whose prompt plus answer budget exceed the model's context are skipped and
+// counted, not failed.
+Result<RetrievalResult> EvalRetrieval(Engine& engine, std::span<const QaItem> items,
+                                      const RetrievalOptions& options);
+
+}  // namespace cachette::eval
