@@ -85,7 +85,8 @@ Isa HardwareIsa(const CpuFeatures& f) {
   // WART: the AVX-512 level requires VNNI (Cascade Lake and later); Skylake-X falls back to
   // AVX2 rather than carrying a third integer dot-product variant.
   const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
-  if (avx512 && f.amx_int8) return Isa::kAmx;
+  // AMX is detected (Cpu().amx_int8) but has no kernels of its own yet, so the best level on an
+  // AMX machine is AVX-512: what the kernels run, and what benchmarks report.
   if (avx512) return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
   return Isa::kScalar;
