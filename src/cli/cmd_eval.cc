@@ -149,11 +149,12 @@ int EvalPpl(const PplArgs& a) {
   std::printf("model %s, %s KV, %d threads; %s: %zu bytes, %lld tokens\n", l->path.c_str(),
               a.c.kv_type.c_str(), l->engine->pool().size(), a.text.c_str(), text->size(),
               static_cast<long long>(r->n_input_tokens));
-  std::printf("%d windows of %d tokens, second half of each scored (as llama.cpp perplexity): "
-              "%lld tokens; prefix KV through the codec in chunks of %d\n",
-              r->n_windows, r->ctx, static_cast<long long>(base.n_scored), a.c.chunk_tokens);
-  std::printf("%-10s %12s %7s %10s %9s %8s\n", "kv codec", "bytes/token", "of raw", "ppl",
-              "delta", "s");
+  std::printf(
+      "%d windows of %d tokens, second half of each scored (as llama.cpp perplexity): "
+      "%lld tokens; prefix KV through the codec in chunks of %d\n",
+      r->n_windows, r->ctx, static_cast<long long>(base.n_scored), a.c.chunk_tokens);
+  std::printf("%-10s %12s %7s %10s %9s %8s\n", "kv codec", "bytes/token", "of raw", "ppl", "delta",
+              "s");
   for (const auto& f : r->figures) {
     std::printf("%-10s %12.1f %6.1f%% %10.4f %+9.4f %8.1f\n",
                 f.codec.empty() ? "none" : f.codec.c_str(), f.bytes_per_token,
@@ -259,8 +260,10 @@ int EvalRetrieval(const RetrievalArgs& a) {
   std::printf("model %s, %s KV, %d threads; %s: %zu questions (%d skipped: too long)\n",
               l->path.c_str(), a.c.kv_type.c_str(), l->engine->pool().size(), source.c_str(),
               items.size(), r->n_skipped());
-  std::printf("greedy answers, exact match up to the end of the line; prompt KV (all but the "
-              "last token) through the codec in chunks of %d\n", a.c.chunk_tokens);
+  std::printf(
+      "greedy answers, exact match up to the end of the line; prompt KV (all but the "
+      "last token) through the codec in chunks of %d\n",
+      a.c.chunk_tokens);
   std::printf("%-10s %12s", "kv codec", "bytes/token");
   for (const auto& [kind, s] : by) std::printf(" %14s", kind.c_str());
   std::printf("\n");
@@ -315,11 +318,13 @@ Runner AddEvalCommand(CLI::App& app) {
   AddCommon(r, ra->c);
   r->add_option("--data", ra->data,
                 "JSONL of {kind, prompt, answer} (default ../shared/eval/longctx-qa.jsonl)");
-  r->add_option("--n", ra->n, "Questions: the first N of the selected kinds (0 = all; "
-                              "synthetic: default 24)")
+  r->add_option("--n", ra->n,
+                "Questions: the first N of the selected kinds (0 = all; "
+                "synthetic: default 24)")
       ->check(CLI::Range(0, 1 << 24));
-  r->add_option("--kinds", ra->kinds, "Kinds to keep, comma-separated (kv, needle, facts, "
-                                      "recall)")
+  r->add_option("--kinds", ra->kinds,
+                "Kinds to keep, comma-separated (kv, needle, facts, "
+                "recall)")
       ->delimiter(',');
   r->add_option("--synthetic", ra->synthetic_seed,
                 "Generate tasks (kv, needle, facts) from this seed instead of --data")

@@ -15,6 +15,7 @@
 #include "core/units.h"
 #include "kv/kv_manager.h"
 #include "sched/scheduler.h"
+#include "sched/tiered_source.h"
 #include "server/chat_template.h"
 #include "server/config.h"
 #include "server/server.h"
@@ -120,11 +121,40 @@ int Serve(ServeFlags& f) {
                 << " tokens (" << FormatBytes(ks.bytes_reserved) << ", "
                 << kernels::KvTypeName(*kv_type) << "), prefix cache "
                 << (cfg.prefix_cache ? "on" : "off") << "; fingerprinting weights";
-  if (!cfg.ram_budget.empty() || !cfg.disk_dir.empty() || !cfg.redis.empty()) {
-    // WART: the tiered store is wired in through sched::PrefixSource by the cache layer.
-    CT_LOG(kWarning) << "tier settings stored but not active yet (ram_budget=" << cfg.ram_budget
-                     << " disk_dir=" << cfg.disk_dir << " redis=" << cfg.redis.size()
-                     << " chunk_tokens=" << cfg.chunk_tokens << " codec=" << cfg.codec << ")";
+  // The tiered chunk store behind the radix index, when any tier is configured: RAM (default
+  // 1 GiB once tiers are on), disk, Redis. Restores wait at most kTierLoadBudget for slow tiers;
+  // what is late is recomputed.
+  constexpr std::chrono::milliseconds kTierLoadBudget{1000};
+  std::unique_ptr<Cache> store;
+  std::unique_ptr<sched::TieredSource> tiers;
+  if (cfg.prefix_cache &&
+      (!cfg.ram_budget.empty() || !cfg.disk_dir.empty() || !cfg.redis.empty())) {
+    CacheOptions co;
+    co.chunk_tokens = cfg.chunk_tokens;
+    auto ram = ParseBytes(cfg.ram_budget.empty() ? "1GiB" : cfg.ram_budget);
+    if (!ram.ok()) return Fail(ram.status().WithContext("--ram-budget"));
+    co.ram_budget_bytes = *ram;
+    co.disk_dir = cfg.disk_dir;
+    if (!cfg.disk_budget.empty()) {
+      auto disk = ParseBytes(cfg.disk_budget);
+      if (!disk.ok()) return Fail(disk.status().WithContext("--disk-budget"));
+      co.disk_budget_bytes = *disk;
+    }
+    co.redis_urls = cfg.redis;
+    co.codec = cfg.codec;
+    auto opened = Cache::Open(co);
+    if (!opened.ok()) return Fail(opened.status().WithContext("chunk store"));
+    store = std::move(*opened);
+    if (Status v = TieredPrefix::Validate(*store, kv); !v.ok()) return Fail(v);
+    tiers = std::make_unique<sched::TieredSource>(model, kv, *store, kTierLoadBudget);
+    CT_LOG(kInfo) << "chunk store: RAM " << FormatBytes(co.ram_budget_bytes)
+                  << (co.disk_dir.empty() ? std::string(", no disk")
+                                          : ", disk " + co.disk_dir + " (" +
+                                                FormatBytes(co.disk_budget_bytes) + ")")
+                  << (co.redis_urls.empty() ? ", no Redis"
+                                            : ", Redis " + std::to_string(co.redis_urls.size()) +
+                                                  " URL(s)")
+                  << ", chunks of " << co.chunk_tokens << " tokens, codec " << co.codec;
   }
   sched::SchedulerOptions sopt;
   sopt.max_running = cfg.max_running;
@@ -132,7 +162,7 @@ int Serve(ServeFlags& f) {
   sopt.step_tokens = cfg.step_tokens;
   sopt.prefix_cache = cfg.prefix_cache;
   sopt.session_ttl_ms = int64_t{cfg.session_ttl_s} * 1000;
-  sched::Scheduler scheduler(engine, kv, sopt);
+  sched::Scheduler scheduler(engine, kv, sopt, tiers.get());
 
   server::HttpServer::Backend b;
   b.model = &model;
@@ -160,6 +190,10 @@ int Serve(ServeFlags& f) {
   // The scheduler is idle; let the HTTP threads finish writing what it produced.
   http.WaitIdle(std::max<int64_t>(1000, drain_ms - static_cast<int64_t>(drain.Millis())));
   http.Stop();
+  if (store != nullptr) {
+    Status flushed = store->Flush();  // write-behind chunks reach the disk tier before exit
+    if (!flushed.ok()) CT_LOG(kWarning) << "flushing the chunk store: " << flushed.ToString();
+  }
   const sched::SchedulerStats st = scheduler.Stats();
   CT_LOG(kInfo) << "stopped: " << st.finished << " requests served, " << st.cancelled
                 << " cancelled, " << st.rejected << " rejected";

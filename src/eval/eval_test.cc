@@ -51,8 +51,7 @@ std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed) {
 
 // The reference: each window prefilled in one call with every position's logits, NLL of the
 // second half computed here.
-double DirectPerplexity(Engine& engine, const std::vector<TokenId>& tokens, int ctx,
-                        TokenId bos) {
+double DirectPerplexity(Engine& engine, const std::vector<TokenId>& tokens, int ctx, TokenId bos) {
   const int nv = engine.model().config().n_vocab;
   double nll = 0;
   int64_t n = 0;
@@ -184,16 +183,16 @@ struct MatchCase {
 
 TEST(RetrievalScorerTest, ExactMatchRules) {
   const MatchCase cases[] = {
-      {" pink\n", "pink", true},                        // leading space, ends at newline
-      {" pink", "pink", true},                          // budget ran out right after it
-      {" pink\r\nQuestion: what", "pink", true},        // only the first line counts
+      {" pink\n", "pink", true},                  // leading space, ends at newline
+      {" pink", "pink", true},                    // budget ran out right after it
+      {" pink\r\nQuestion: what", "pink", true},  // only the first line counts
       {"\tDeasdeas Nixchinkait \n", "Deasdeas Nixchinkait", true},
-      {" pink is", "pink", false},                      // more on the line
-      {" Pink\n", "pink", false},                       // case matters
-      {" 1181.\n", "1181", false},                      // punctuation matters
-      {" 118\n", "1181", false},                        // a prefix is not the answer
-      {"\n pink", "pink", false},                       // the answer line is empty
-      {" 767661\n", " 767661 ", true},                  // the expected text is trimmed too
+      {" pink is", "pink", false},      // more on the line
+      {" Pink\n", "pink", false},       // case matters
+      {" 1181.\n", "1181", false},      // punctuation matters
+      {" 118\n", "1181", false},        // a prefix is not the answer
+      {"\n pink", "pink", false},       // the answer line is empty
+      {" 767661\n", " 767661 ", true},  // the expected text is trimmed too
   };
   for (const auto& c : cases) {
     EXPECT_EQ(ExactMatch(c.generated, c.expected), c.match)

@@ -28,8 +28,8 @@ void CopyKvChunk(SequenceKv& kv, const KvShape& shape, int64_t begin, int64_t n,
     for (int kv_i = 0; kv_i < 2; ++kv_i) {
       std::byte* plane = chunk.data() + static_cast<size_t>(2 * l + kv_i) * n * tb;
       for (int64_t t = 0; t < n; ++t) {
-        auto* slot = static_cast<std::byte*>(kv_i == 0 ? kv.KSlot(l, begin + t)
-                                                       : kv.VSlot(l, begin + t));
+        auto* slot =
+            static_cast<std::byte*>(kv_i == 0 ? kv.KSlot(l, begin + t) : kv.VSlot(l, begin + t));
         std::byte* c = plane + static_cast<size_t>(t) * tb;
         if (to_kv) {
           std::memcpy(slot, c, tb);
@@ -50,8 +50,10 @@ Status RoundTripKv(const cache::Codec& codec, const KvShape& shape, int chunk_to
   if (begin < 0 || begin > end || end > src.n_tokens() || begin > dst.n_tokens()) {
     return InvalidArgument("round-trip range [" + std::to_string(begin) + ", " +
                            std::to_string(end) + ") outside the source (" +
-                           std::to_string(src.n_tokens()) + " tokens) or past the end of the "
-                           "destination (" + std::to_string(dst.n_tokens()) + " tokens)");
+                           std::to_string(src.n_tokens()) +
+                           " tokens) or past the end of the "
+                           "destination (" +
+                           std::to_string(dst.n_tokens()) + " tokens)");
   }
   CT_RETURN_IF_ERROR(dst.Reserve(end));
   std::vector<std::byte> raw, decoded;
@@ -67,8 +69,8 @@ Status RoundTripKv(const cache::Codec& codec, const KvShape& shape, int chunk_to
     if (!encoded.ok()) return encoded.status().WithContext("codec " + codec.name());
     const double enc_s = sw.Seconds();
     sw.Reset();
-    CT_RETURN_IF_ERROR(codec.Decode(layout, *encoded, decoded).WithContext("codec " +
-                                                                            codec.name()));
+    CT_RETURN_IF_ERROR(
+        codec.Decode(layout, *encoded, decoded).WithContext("codec " + codec.name()));
     const double dec_s = sw.Seconds();
     CopyKvChunk(dst, shape, p, n, decoded, /*to_kv=*/true);
     if (stats != nullptr) {

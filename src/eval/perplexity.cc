@@ -41,6 +41,11 @@ Status ScoreHalf(Engine& engine, SequenceKv& kv, std::span<const TokenId> tokens
 
 Result<PerplexityResult> EvalPerplexity(Engine& engine, std::span<const TokenId> tokens,
                                         const PerplexityOptions& options) {
+  std::vector<std::unique_ptr<cache::Codec>> codecs;
+  for (const std::string& name : options.codecs) {
+    CT_ASSIGN_OR_RETURN(auto c, cache::MakeCodec(name));
+    codecs.push_back(std::move(c));
+  }
   const ModelConfig& cfg = engine.model().config();
   const int ctx = options.ctx;
   if (ctx < 4 || ctx > cfg.n_ctx_train) {
@@ -50,11 +55,6 @@ Result<PerplexityResult> EvalPerplexity(Engine& engine, std::span<const TokenId>
   if (static_cast<int64_t>(tokens.size()) < ctx) {
     return InvalidArgument("the text has " + std::to_string(tokens.size()) +
                            " tokens, fewer than one window of " + std::to_string(ctx));
-  }
-  std::vector<std::unique_ptr<cache::Codec>> codecs;
-  for (const std::string& name : options.codecs) {
-    CT_ASSIGN_OR_RETURN(auto c, cache::MakeCodec(name));
-    codecs.push_back(std::move(c));
   }
   const KvShape shape = engine.kv_shape();
   PerplexityResult r;

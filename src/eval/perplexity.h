@@ -28,10 +28,10 @@
 namespace cachette::eval {
 
 struct PerplexityOptions {
-  int ctx = 1024;                    // window length in tokens (>= 4, <= the KV capacity)
-  std::vector<std::string> codecs;   // MakeCodec names, measured beside the exact baseline
-  int chunk_tokens = 256;            // store chunk size the prefix is cut into
-  TokenId bos = -1;                  // replaces each window's first token; -1 = keep it
+  int ctx = 1024;                   // window length in tokens (>= 4, <= the KV capacity)
+  std::vector<std::string> codecs;  // MakeCodec names, measured beside the exact baseline
+  int chunk_tokens = 256;           // store chunk size the prefix is cut into
+  TokenId bos = -1;                 // replaces each window's first token; -1 = keep it
   // Called after each window with (windows done, windows in all).
   std::function<void(int, int)> progress;
 };
@@ -39,22 +39,22 @@ struct PerplexityOptions {
 // One configuration's figure. The baseline has codec "" (exact KV, never encoded).
 struct PerplexityFigure {
   std::string codec;
-  double nll_sum = 0;             // sum over scored tokens of -ln p(token), in nats
+  double nll_sum = 0;  // sum over scored tokens of -ln p(token), in nats
   int64_t n_scored = 0;
-  double bytes_per_token = 0;     // encoded KV bytes per token (baseline: raw KV bytes/token)
-  RoundTripStats roundtrip;       // codec only
-  double seconds = 0;             // forward passes of the scored halves (+ codec time)
+  double bytes_per_token = 0;  // encoded KV bytes per token (baseline: raw KV bytes/token)
+  RoundTripStats roundtrip;    // codec only
+  double seconds = 0;          // forward passes of the scored halves (+ codec time)
 
   double mean_nll() const { return n_scored > 0 ? nll_sum / static_cast<double>(n_scored) : 0; }
-  double ppl() const;             // exp(mean_nll())
+  double ppl() const;  // exp(mean_nll())
 };
 
 struct PerplexityResult {
   int ctx = 0;
   int n_windows = 0;
   int64_t n_input_tokens = 0;
-  double prefill_seconds = 0;               // the shared first halves
-  std::vector<PerplexityFigure> figures;    // [0] = the exact baseline, then options.codecs
+  double prefill_seconds = 0;             // the shared first halves
+  std::vector<PerplexityFigure> figures;  // [0] = the exact baseline, then options.codecs
 };
 
 // -ln softmax(logits)[target], computed in double with the max subtracted.

@@ -76,8 +76,8 @@ std::map<std::string, RetrievalResult::Score> RetrievalResult::ByKind() const {
 }
 
 int RetrievalResult::n_skipped() const {
-  return static_cast<int>(
-      std::count_if(outcomes.begin(), outcomes.end(), [](const QaOutcome& o) { return o.skipped; }));
+  return static_cast<int>(std::count_if(outcomes.begin(), outcomes.end(),
+                                        [](const QaOutcome& o) { return o.skipped; }));
 }
 
 namespace {
@@ -100,8 +100,8 @@ Status DecodeAnswers(Engine& engine, std::span<const std::unique_ptr<ContiguousK
     std::vector<size_t> who;
     for (size_t i = 0; i < k; ++i) {
       if (done[i]) continue;
-      batch.push_back({seqs[i].get(), std::span<const TokenId>(&next[i], 1),
-                       Engine::Logits::kLast, logits.data() + i * nv});
+      batch.push_back({seqs[i].get(), std::span<const TokenId>(&next[i], 1), Engine::Logits::kLast,
+                       logits.data() + i * nv});
       who.push_back(i);
     }
     if (batch.empty()) break;
@@ -156,9 +156,11 @@ Result<RetrievalResult> EvalRetrieval(Engine& engine, std::span<const QaItem> it
     o.index = static_cast<int>(idx);
     o.kind = item.kind;
     const std::vector<TokenId> toks = tok.Encode(item.prompt, tok.add_bos(), false);
-    const int budget =
-        static_cast<int>(tok.Encode(" " + AnswerLine(item.answer), false, false).size()) +
-        options.extra_answer_tokens;
+    // The answer as the model would write it after "Answer:" (with its leading space).
+    std::string spaced = AnswerLine(item.answer);
+    spaced.insert(spaced.begin(), ' ');
+    const int budget = static_cast<int>(tok.Encode(spaced, false, false).size()) +
+                       options.extra_answer_tokens;
     o.prompt_tokens = static_cast<int64_t>(toks.size());
     if (toks.empty() || o.prompt_tokens + budget > cfg.n_ctx_train) {
       o.skipped = true;

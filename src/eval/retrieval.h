@@ -69,11 +69,11 @@ struct QaOutcome {
 };
 
 struct RetrievalResult {
-  std::vector<std::string> configs;     // "" (the exact baseline), then the codec names
-  std::vector<double> bytes_per_token;  // per config (baseline: raw KV bytes/token)
+  std::vector<std::string> configs;       // "" (the exact baseline), then the codec names
+  std::vector<double> bytes_per_token;    // per config (baseline: raw KV bytes/token)
   std::vector<RoundTripStats> roundtrip;  // per config ([0] unused)
   std::vector<QaOutcome> outcomes;
-  int64_t prefill_tokens = 0;   // tokens actually prefilled (after prefix reuse)
+  int64_t prefill_tokens = 0;  // tokens actually prefilled (after prefix reuse)
   int64_t decode_steps = 0;
   double seconds = 0;
 

@@ -20,27 +20,29 @@ class Rng {
   // Uniform in [0, n) (n > 0; the modulo bias is irrelevant at these sizes).
   size_t Below(size_t n) { return static_cast<size_t>(Next() % n); }
   template <typename T, size_t N>
-  const T& Pick(const std::array<T, N>& a) { return a[Below(N)]; }
+  const T& Pick(const std::array<T, N>& a) {
+    return a[Below(N)];
+  }
 
  private:
   uint64_t x_;
 };
 
 constexpr std::array<std::string_view, 24> kOnsets = {
-    "b", "br", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k",
-    "kl", "l", "m", "n", "qu", "r", "sh", "sk", "st", "th", "tr", "z"};
-constexpr std::array<std::string_view, 12> kVowels = {"a",  "e",  "i",  "o",  "u",  "ai",
-                                                      "ea", "ie", "ou", "y",  "oa", "ei"};
-constexpr std::array<std::string_view, 12> kCodas = {"",   "n",  "r",  "l",  "x",  "sh",
-                                                     "rk", "nd", "m",  "ll", "th", "s"};
+    "b",  "br", "ch", "d", "dr", "f", "fl", "g",  "gr", "h",  "j",  "k",
+    "kl", "l",  "m",  "n", "qu", "r", "sh", "sk", "st", "th", "tr", "z"};
+constexpr std::array<std::string_view, 12> kVowels = {"a",  "e",  "i",  "o", "u",  "ai",
+                                                      "ea", "ie", "ou", "y", "oa", "ei"};
+constexpr std::array<std::string_view, 12> kCodas = {"",   "n",  "r", "l",  "x",  "sh",
+                                                     "rk", "nd", "m", "ll", "th", "s"};
 constexpr std::array<std::string_view, 14> kColours = {
-    "red",    "blue",  "green",  "yellow", "purple", "orange", "black",
-    "white",  "brown", "silver", "golden", "amber",  "teal",   "crimson"};
-constexpr std::array<std::string_view, 8> kAnimals = {"cat",   "dog",   "parrot", "horse",
-                                                      "goat",  "ferret", "canary", "rabbit"};
-constexpr std::array<std::string_view, 8> kJobs = {"pilot", "baker",  "teacher", "doctor",
+    "red",   "blue",  "green",  "yellow", "purple", "orange", "black",
+    "white", "brown", "silver", "golden", "amber",  "teal",   "crimson"};
+constexpr std::array<std::string_view, 8> kAnimals = {"cat",  "dog",    "parrot", "horse",
+                                                      "goat", "ferret", "canary", "rabbit"};
+constexpr std::array<std::string_view, 8> kJobs = {"pilot",  "baker",  "teacher", "doctor",
                                                    "farmer", "sailor", "weaver",  "miller"};
-constexpr std::array<std::string_view, 10> kGoods = {"rope",  "lace",    "violins", "pottery",
+constexpr std::array<std::string_view, 10> kGoods = {"rope",  "lace",    "violins",   "pottery",
                                                      "glass", "cheese",  "umbrellas", "clocks",
                                                      "bells", "lanterns"};
 constexpr std::array<std::string_view, 3> kWaters = {"lake", "river", "sea"};
@@ -120,12 +122,19 @@ QaItem FactsTask(Rng& rng, int approx_chars) {
   const size_t n_firms = n_records - n_towns - n_people;
   const auto towns = Distinct(n_towns, [&] { return Name(rng); });
   const auto people = Distinct(n_people, [&] { return Name(rng) + " " + Name(rng); });
-  const auto firms = Distinct(n_firms, [&] {
-    return Name(rng) + " " + std::string(rng.Pick(kFirmSuffix));
-  });
-  struct Town { std::string good, year; };
-  struct Person { size_t town; bool she; std::string colour; };
-  struct Firm { size_t founder; };
+  const auto firms =
+      Distinct(n_firms, [&] { return Name(rng) + " " + std::string(rng.Pick(kFirmSuffix)); });
+  struct Town {
+    std::string good, year;
+  };
+  struct Person {
+    size_t town;
+    bool she;
+    std::string colour;
+  };
+  struct Firm {
+    size_t founder;
+  };
   std::vector<Town> town(n_towns);
   std::vector<Person> person(n_people);
   std::vector<Firm> firm(n_firms);

@@ -24,10 +24,10 @@ namespace cachette::eval {
 
 struct SyntheticOptions {
   uint64_t seed = 1;
-  int n = 24;                                                // tasks, round-robin over kinds
+  int n = 24;  // tasks, round-robin over kinds
   std::vector<std::string> kinds = {"kv", "needle", "facts"};
-  int approx_chars = 2400;                                   // prompt length (~4 chars/token)
-  std::string_view filler;                                   // natural text for haystacks
+  int approx_chars = 2400;  // prompt length (~4 chars/token)
+  std::string_view filler;  // natural text for haystacks
 };
 
 // kInvalidArgument for an unknown kind, n < 0, approx_chars < 200, or needle tasks without
