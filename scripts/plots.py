@@ -44,9 +44,11 @@ def series_label(j):
 
 
 def annotate(ax, rows, xkey, ykey):
-    for r in rows:
+    # Alternate above and below, so neighbours (X and zstd+X share a quality) stay legible.
+    for i, r in enumerate(rows):
         ax.annotate(r["codec"] if not r["baseline"] else "exact", (r[xkey], r[ykey]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+                    textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -12),
+                    fontsize=8)
 
 
 def plot_ppl(runs, out):
@@ -87,7 +89,7 @@ def plot_accuracy(runs, out):
     ax.set_ylim(-2, 102)
     ax.set_title("Long-context QA accuracy vs KV bytes/token per codec")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 0.12))  # the empty band
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

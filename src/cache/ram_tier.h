@@ -31,7 +31,8 @@ class RamTier final : public Tier {
   static constexpr uint64_t kMaxIdleBytes = uint64_t{256} << 20;
 
   std::string_view name() const override { return "ram"; }
-  // Copies `record` into a pooled buffer. kResourceExhausted if it would take the tier past its budget.
+  // Copies `record` into a pooled buffer. kResourceExhausted if it would take the tier past
+  // its budget.
   Status Put(const ChunkKey& key, std::span<const std::byte> record,
              uint32_t ttl_seconds = 0) override;
   // Returns a copy of the record, or kNotFound. Never blocks on I/O, so `deadline` is unused.

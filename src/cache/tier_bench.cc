@@ -141,7 +141,9 @@ int Main(int argc, char** argv) {
     auto h = store->Get(ns, tokens, 0, n, std::chrono::steady_clock::now() + std::chrono::hours(1));
     h->Wait();
     Report("store get (ram, verified, 0-copy)", total, sw.Seconds(), memcpy_gbs, "memcpy");
-    if (h->ready_tokens() != n * 256) std::printf("  (store get: only %zu tokens)\n", h->ready_tokens());
+    if (h->ready_tokens() != n * 256) {
+      std::printf("  (store get: only %zu tokens)\n", h->ready_tokens());
+    }
   }
   {
     // At budget: the store evicts (no disk: drops) one chunk per put after the first kWindow.
@@ -252,7 +254,9 @@ int Main(int argc, char** argv) {
       auto h = store->Get(ns, tokens, 0, n, std::chrono::steady_clock::now() + std::chrono::hours(1));
       h->Wait();
       add(f_store, sw.Seconds());
-      if (h->ready_tokens() != n * 256) std::printf("  (store get: only %zu tokens)\n", h->ready_tokens());
+      if (h->ready_tokens() != n * 256) {
+      std::printf("  (store get: only %zu tokens)\n", h->ready_tokens());
+    }
     }
   }
   auto median = [](std::vector<double> v) {
