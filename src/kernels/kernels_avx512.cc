@@ -319,9 +319,6 @@ template <int kT, int R, int T>
 void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t t0, float* y,
                   int64_t ldy) {
   constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
-  // Prefetch this far ahead in every row: R rows stream at once, more than the hardware
-  // prefetchers track well.
-  constexpr int64_t kAhead = 12 * kBB;
   const int64_t nb = act.cols / 32;
   const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i nib_idx = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
@@ -333,7 +330,10 @@ void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t
     __m512 dw[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w0 + r * row_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBB + kAhead), _MM_HINT_T0);
+      // The tile's rows are one contiguous region; rows are short (a few hundred bytes to a few
+      // KiB), too short for the hardware prefetchers to ramp up on, so fetch the same offset of
+      // the next tile's rows, which is the next stretch of memory in address order.
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBB + R * row_bytes), _MM_HINT_T0);
       dw[r] = PairScales<kT>(row, b);
     }
     if constexpr (kT == kQ8) {
