@@ -160,6 +160,15 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
   for (; k + 16 <= k1; k += 16) {
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = LoadW<kT>(w0 + r * row_bytes, k);
+    if constexpr (T <= 2) {
+      // Decode streams each weight once: fetch the next tile's rows at the same offset (the next
+      // stretch of memory), as rows are too short for the hardware prefetchers (see QuantDotTile).
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes) +
+                         k * static_cast<int64_t>(kT == kF32 ? 4 : 2),
+                     _MM_HINT_T0);
+      }
+    }
     for (int t = 0; t < T; ++t) {
       const __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
