@@ -1,10 +1,15 @@
 // `cachette bench cache`: time to first token for a long prompt restored from each tier of the
 // chunk store (RAM, disk, Redis) against a cold prefill, measured in one run.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "cli/cli.h"
+#include "core/fp16.h"
 #include "core/timer.h"
 #include "core/units.h"
 #include "engine/engine.h"
@@ -24,7 +29,139 @@ struct BenchCacheArgs {
   std::vector<std::string> redis;
   int reps = 3;
   bool json = false;
+  int tp_chunks = 64;  // chunks per throughput figure; 0 skips the throughput part
+  std::vector<std::string> tp_codecs = {"raw", "int8", "int4", "zstd+raw"};
 };
+
+// Put/get throughput of each tier and codec over `n` chunks of KV-like f16 data (N(0,1)-ish
+// values with a few outlier channels), beside the limits measured in the same run: memcpy into
+// a pre-faulted buffer (RAM), sequential write+fdatasync and read of one file (disk).
+// Disk figures read files the OS has cached (warm page cache); cold-read figures are in
+// cache_tier_bench. Returns the figures as JSON and prints a table unless `quiet`.
+Result<nlohmann::json> Throughput(const BenchCacheArgs& a, const KvShape& shape,
+                                  const std::string& dir, bool quiet) {
+  const int C = a.chunk_tokens, n = a.tp_chunks;
+  ChunkLayout layout;
+  layout.n_layer = shape.n_layer;
+  layout.n_kv_head = shape.n_kv_head;
+  layout.head_dim = shape.head_dim;
+  layout.n_tokens = C;
+  layout.kv_type = static_cast<uint32_t>(shape.type);
+  const size_t chunk_bytes = layout.raw_bytes();
+  const double total = static_cast<double>(chunk_bytes) * n;
+  std::vector<std::vector<std::byte>> chunks(n, std::vector<std::byte>(chunk_bytes));
+  uint64_t x = 99;
+  for (auto& c : chunks) {
+    for (size_t i = 0; i + 1 < c.size(); i += 2) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      // Sum of 4 uniforms ~ N(0, 1/3); every 64th element x20 as an outlier channel.
+      float v = 0;
+      for (int k = 0; k < 4; ++k) v += static_cast<float>((x >> (16 * k)) & 0xffff) / 65536.0f;
+      v = (v - 2.0f) * ((i / 2) % 64 == 0 ? 20.0f : 1.0f);
+      uint16_t h = shape.type == kernels::KvType::kF16 ? Fp32ToFp16(v) : 0;
+      std::memcpy(&c[i], &h, 2);
+    }
+  }
+  std::vector<ByteSpan> spans;
+  for (const auto& c : chunks) spans.emplace_back(c.data(), c.size());
+  const auto tokens = PseudoRandomTokens(n * C, 50000, 777);
+  const Hash128 ns{0x5eed, 0xbe4c};
+
+  nlohmann::json out;
+  {  // memcpy into a pre-faulted destination
+    std::vector<std::byte> dst(chunk_bytes * n, std::byte{1});
+    Stopwatch sw;
+    for (int i = 0; i < n; ++i) std::memcpy(dst.data() + i * chunk_bytes, chunks[i].data(), chunk_bytes);
+    out["memcpy_gb_s"] = total / sw.Seconds() / 1e9;
+  }
+  {  // sequential file write (+ fdatasync) and read
+    const std::string f = dir + "/seq.bin";
+    int fd = ::open(f.c_str(), O_CREAT | O_TRUNC | O_WRONLY, 0644);
+    if (fd < 0) return IOError("cannot create " + f);
+    Stopwatch sw;
+    for (const auto& c : chunks) {
+      if (::write(fd, c.data(), c.size()) != static_cast<ssize_t>(c.size())) {
+        ::close(fd);
+        return IOError("write to " + f + " failed");
+      }
+    }
+    ::fdatasync(fd);
+    out["disk_seq_write_gb_s"] = total / sw.Seconds() / 1e9;
+    ::close(fd);
+    fd = ::open(f.c_str(), O_RDONLY);
+    std::vector<std::byte> buf(chunk_bytes);
+    sw.Reset();
+    while (::read(fd, buf.data(), buf.size()) > 0) {
+    }
+    out["disk_seq_read_warm_gb_s"] = total / sw.Seconds() / 1e9;
+    ::close(fd);
+    std::filesystem::remove(f);
+  }
+  struct Config {
+    std::string tier, codec;
+  };
+  std::vector<Config> configs = {{"ram", "raw"}};
+  for (const auto& c : a.tp_codecs) configs.push_back({"disk", c});
+  if (!a.redis.empty()) {
+    for (const auto& c : a.tp_codecs) configs.push_back({"redis", c});
+  }
+  if (!quiet) {
+    std::printf("chunk store throughput: %d chunks of %d tokens (%s each)\n", n, C,
+                FormatBytes(chunk_bytes).c_str());
+    std::printf("  memcpy %.2f GB/s; disk sequential write+fdatasync %.2f GB/s, read (warm) "
+                "%.2f GB/s\n",
+                out["memcpy_gb_s"].get<double>(), out["disk_seq_write_gb_s"].get<double>(),
+                out["disk_seq_read_warm_gb_s"].get<double>());
+  }
+  int run = 0;
+  for (const Config& cfg : configs) {
+    CacheOptions o;
+    o.chunk_tokens = C;
+    o.ram_budget_bytes = cfg.tier == "ram" ? chunk_bytes * (n + 8) : 0;
+    const std::string sub = dir + "/tp" + std::to_string(run++);
+    if (cfg.tier == "disk") {
+      std::filesystem::create_directories(sub);
+      o.disk_dir = sub;
+      o.disk_budget_bytes = chunk_bytes * (n + 8) * 2;
+    }
+    if (cfg.tier == "redis") o.redis_urls = a.redis;
+    o.codec = cfg.codec;
+    o.io_queue_capacity = static_cast<size_t>(n) + 16;
+    o.remote_lookup_timeout = std::chrono::milliseconds(5000);
+    CT_ASSIGN_OR_RETURN(auto store, Cache::Open(o));
+    const Hash128 cns{ns.lo + static_cast<uint64_t>(run), ns.hi};  // fresh keys per config
+    Stopwatch sw;
+    CT_RETURN_IF_ERROR(store->Put(cns, tokens, 0, layout, spans));
+    CT_RETURN_IF_ERROR(store->Flush());
+    const double put_s = sw.Seconds();
+    sw.Reset();
+    auto load = store->Get(cns, tokens, 0, n,
+                           std::chrono::steady_clock::now() + std::chrono::seconds(60));
+    load->Wait();
+    const double get_s = sw.Seconds();
+    const size_t got = load->ready_tokens() / C;
+    const CacheStats st = store->Stats();
+    const int ti = cfg.tier == "ram" ? 0 : cfg.tier == "disk" ? 1 : 2;
+    const double stored = static_cast<double>(st.tier[ti].bytes_in);  // written to the tier
+    nlohmann::json row = {{"tier", cfg.tier},
+                          {"codec", cfg.codec},
+                          {"put_gb_s", total / put_s / 1e9},
+                          {"get_gb_s", total / get_s / 1e9},
+                          {"chunks_read", got},
+                          {"stored_bytes_per_token", stored / (static_cast<double>(n) * C)}};
+    if (!quiet) {
+      std::printf("  %-5s %-9s put %7.2f GB/s  get %8.2f GB/s  %6.0f stored bytes/token%s\n",
+                  cfg.tier.c_str(), cfg.codec.c_str(), row["put_gb_s"].get<double>(),
+                  row["get_gb_s"].get<double>(), row["stored_bytes_per_token"].get<double>(),
+                  got == static_cast<size_t>(n) ? "" : "  (INCOMPLETE READ)");
+    }
+    out["tiers"].push_back(row);
+    if (cfg.tier == "redis") CT_RETURN_IF_ERROR(store->Clear(cns));
+    store.reset();
+    std::filesystem::remove_all(sub);
+  }
+  return out;
+}
 
 int BenchCache(const BenchCacheArgs& a) {
   const std::string path = a.model.empty() ? DefaultModelPath() : a.model;
@@ -127,6 +264,12 @@ int BenchCache(const BenchCacheArgs& a) {
     rows.push_back({name, Median(times), restored});
     return Status::Ok();
   };
+  nlohmann::json throughput;
+  if (a.tp_chunks > 0) {
+    auto tp = Throughput(a, ko.shape, dir, a.json);
+    if (!tp.ok()) return Fail(tp.status().WithContext("throughput"));
+    throughput = *tp;
+  }
   Status s = measure("ram", true, true, false);
   if (s.ok()) s = measure("disk", false, true, false);
   if (s.ok() && !a.redis.empty()) s = measure("redis", false, false, true);
@@ -136,7 +279,7 @@ int BenchCache(const BenchCacheArgs& a) {
   if (a.json) {
     nlohmann::json j = {{"model", path}, {"n_prompt", a.n_prompt}, {"kv_type", a.kv_type},
                         {"codec", a.codec}, {"chunk_tokens", a.chunk_tokens},
-                        {"cold_ttft_ms", cold * 1e3}};
+                        {"cold_ttft_ms", cold * 1e3}, {"throughput", throughput}};
     for (const auto& r : rows) {
       j["restored"][r.tier] = {{"ttft_ms", r.ttft_s * 1e3},
                                {"of_cold", r.ttft_s / cold},
@@ -172,6 +315,9 @@ Runner AddBenchCacheSubcommand(CLI::App* bench) {
   c->add_option("--redis", a->redis, "Redis URL (repeatable; redis+cluster:// for a cluster)");
   c->add_option("--reps", a->reps, "Repetitions (the median is reported)")
       ->check(CLI::Range(1, 100));
+  c->add_option("--tp-chunks", a->tp_chunks, "Chunks per put/get throughput figure (0: skip)")
+      ->check(CLI::Range(0, 100000));
+  c->add_option("--tp-codecs", a->tp_codecs, "Codecs for the throughput figures")->delimiter(',');
   c->add_flag("--json", a->json, "Print one JSON object");
   return [a, c]() -> int { return c->parsed() ? BenchCache(*a) : -1; };
 }
