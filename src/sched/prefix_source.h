@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "cachette/types.h"
@@ -34,6 +35,8 @@ class PrefixSource {
     return {};
   }
   virtual nlohmann::json Stats() { return nlohmann::json::object(); }
+  // Prometheus text exposition lines of the source's own metrics ("" when none).
+  virtual std::string PrometheusText() { return {}; }
 };
 
 class NoPrefixSource final : public PrefixSource {

@@ -31,6 +31,7 @@ class TieredSource final : public PrefixSource {
   void Save(PagedSequence& seq, std::span<const TokenId> tokens) override;
   std::vector<TierTokens> Lookup(const Hash128& ns, std::span<const TokenId> prompt) override;
   nlohmann::json Stats() override;
+  std::string PrometheusText() override { return cachette::PrometheusText(cache_.Stats()); }
 
   Hash128 StoreNamespace(const Hash128& kv_ns) const;
   Cache& cache() { return cache_; }

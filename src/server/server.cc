@@ -193,7 +193,11 @@ void HttpServer::Routes() {
                }
                metrics_.CountRequest("metrics", 200);
                r.status = 200;
-               r.set_content(metrics_.Render(g), "text/plain; version=0.0.4");
+               std::string text = metrics_.Render(g);
+               // The chunk store's own families (hits, bytes, evictions, corruptions and load
+               // latency per tier), when a tiered source is configured.
+               if (p != Phase::kLoading) text += backend_.scheduler->source().PrometheusText();
+               r.set_content(text, "text/plain; version=0.0.4");
              }));
   http_->Get("/v1/cache/stats", guard("admin", [this](const Request&, Response& r) {
                if (Serving(r, "admin", true)) CacheStats(r);

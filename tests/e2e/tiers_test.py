@@ -62,6 +62,9 @@ def test_restart_hits_disk(binary, model, tmp):
         check(u["prompt_tokens_details"]["cached_tokens"] == sum(tiers.values()),
               "cached_tokens equals the sum over tiers: %s" % u)
         check(text == cold_text, "disk-restored answer %r equals the cold one %r" % (text, cold_text))
+        status, metrics = b.get("/metrics")
+        check(status == 200 and "cachette_cache_" in metrics and 'tier="disk"' in metrics,
+              "/metrics exports the chunk store's per-tier families")
     finally:
         b.stop()
 
