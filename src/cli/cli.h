@@ -35,6 +35,8 @@ Runner AddModelCommand(CLI::App& app);
 Runner AddBenchCommand(CLI::App& app);
 // `bench cache`, a subcommand of `bench`; its runner returns -1 unless it was the one parsed.
 Runner AddBenchCacheSubcommand(CLI::App* bench);
+// `bench serve` and `bench workload`: the OpenAI API client; same convention as above.
+Runner AddBenchServeSubcommands(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddEvalCommand(CLI::App& app);

@@ -273,10 +273,12 @@ Runner AddBenchCommand(CLI::App& app) {
   p->add_option("--page-tokens", pa->page_tokens, "Tokens per page")->check(CLI::Range(1, 4096));
   p->add_flag("--json", pa->json, "Print one JSON object");
   Runner cache = AddBenchCacheSubcommand(c);
-  return [a, e, pa, p, cache] {
+  Runner serve = AddBenchServeSubcommands(c);
+  return [a, e, pa, p, cache, serve] {
     if (e->parsed()) return BenchEngine(*a);
     if (p->parsed()) return BenchPrefix(*pa);
-    return cache();
+    const int rc = cache();
+    return rc != -1 ? rc : serve();
   };
 }
 

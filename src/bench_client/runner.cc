@@ -1,0 +1,97 @@
+#include "bench_client/runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
+
+namespace cachette::bench_client {
+namespace {
+
+void SleepUntil(double run_start_s, double t_s) {
+  const double wait = run_start_s + t_s - SteadySeconds();
+  if (wait > 0) std::this_thread::sleep_for(std::chrono::duration<double>(wait));
+}
+
+// Sends one program's turns in order; writes its records into `out` (one per turn).
+void RunProgram(const Program& p, int program_index, const ServerUrl& url,
+                const std::string& model, const RunOptions& o, double run_start_s,
+                double phase_start_s, std::mutex& mu, std::vector<RequestRecord>* out) {
+  std::vector<ChatMessage> history;
+  if (!p.system.empty()) history.push_back({"system", p.system});
+  double prev_end_s = phase_start_s;
+  bool past_cap = false;
+  for (size_t i = 0; i < p.turns.size(); ++i) {
+    const Turn& t = p.turns[i];
+    RequestRecord& r = (*out)[i];
+    r.program = program_index;
+    r.turn = static_cast<int>(i);
+    r.phase = p.phase;
+    r.tag = t.tag;
+    r.measured = t.measured;
+    r.scheduled_s = t.at_s >= 0 ? phase_start_s + t.at_s : prev_end_s + t.after_prev_s;
+    const double send_s = std::max(r.scheduled_s, prev_end_s + t.after_prev_s);
+    if (past_cap || (o.duration_s > 0 && send_s > o.duration_s)) {
+      past_cap = true;
+      r.status = "skipped";
+      continue;
+    }
+    SleepUntil(run_start_s, send_s);
+    std::vector<ChatMessage> messages;
+    if (p.keep_history) {
+      history.push_back({"user", t.user});
+      messages = history;
+    } else {
+      messages = history;  // the system prompt only
+      messages.push_back({"user", t.user});
+    }
+    StreamChat(url, model, messages, t.max_tokens, run_start_s, &r);
+    // The answer joins the history even after an error (then empty), so later turns keep
+    // their shape and the comparison between servers stays turn for turn.
+    if (p.keep_history) history.push_back({"assistant", r.answer});
+    prev_end_s = r.sent_s + r.e2e_s;
+    if (o.on_record) {
+      std::lock_guard<std::mutex> lock(mu);
+      o.on_record(r);
+    }
+  }
+}
+
+}  // namespace
+
+Result<RunResult> RunWorkload(const Workload& w, const RunOptions& o) {
+  CT_ASSIGN_OR_RETURN(const ServerUrl url, ParseServerUrl(o.url));
+  RunResult result;
+  if (o.model.empty()) {
+    CT_ASSIGN_OR_RETURN(result.model, FetchModelId(url));
+  } else {
+    result.model = o.model;
+  }
+  std::vector<std::vector<RequestRecord>> per_program(w.programs.size());
+  for (size_t i = 0; i < w.programs.size(); ++i) {
+    per_program[i].resize(w.programs[i].turns.size());
+  }
+  std::set<int> phases;
+  for (const Program& p : w.programs) phases.insert(p.phase);
+  std::mutex mu;
+  const double run_start_s = SteadySeconds();
+  for (int phase : phases) {
+    const double phase_start_s = SteadySeconds() - run_start_s;
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < w.programs.size(); ++i) {
+      if (w.programs[i].phase != phase) continue;
+      threads.emplace_back(RunProgram, std::cref(w.programs[i]), static_cast<int>(i),
+                           std::cref(url), std::cref(result.model), std::cref(o), run_start_s,
+                           phase_start_s, std::ref(mu), &per_program[i]);
+    }
+    for (auto& t : threads) t.join();
+  }
+  result.wall_s = SteadySeconds() - run_start_s;
+  for (auto& recs : per_program) {
+    for (auto& r : recs) result.records.push_back(std::move(r));
+  }
+  return result;
+}
+
+}  // namespace cachette::bench_client
