@@ -10,8 +10,13 @@ Recognized today (one figure per kind of data present; nothing is drawn for data
   - `cachette eval ppl --json`       -> eval-ppl-vs-bytes.png: perplexity vs KV bytes/token
   - `cachette eval retrieval --json` -> eval-accuracy-vs-bytes.png: accuracy vs KV bytes/token,
                                         overall and per task kind
-Other objects are reported as skipped, so workload JSON lines can be added here as their
-plots are written.
+  - `cachette bench workload|serve --out FILE` lines (one per request)
+                                     -> workload-ttft-cdf.png: TTFT CDF per file and server
+                                     -> workload-hit-rate.png: cumulative hit rate over time
+  - `cachette bench cache --json` at several -p
+                                     -> cache-ttft-vs-context.png: TTFT vs prompt length, cold
+                                        and restored from each tier
+Other objects are reported as skipped.
 """
 import argparse
 import json
@@ -95,6 +100,77 @@ def plot_accuracy(runs, out):
     plt.close(fig)
 
 
+def workload_series(objs):
+    # (file, server) -> records in arrival order; only measured, successful requests.
+    series = {}
+    for path, j in objs:
+        if j.get("status") != "ok" or not j.get("measured", True):
+            continue
+        key = f"{os.path.basename(path)}: {j.get('target', '?')}"
+        series.setdefault(key, []).append(j)
+    for rows in series.values():
+        rows.sort(key=lambda r: r["arrival_s"])
+    return series
+
+
+def plot_ttft_cdf(series, out):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, rows in sorted(series.items()):
+        t = sorted(r["ttft_ms"] for r in rows)
+        ax.step(t, [(i + 1) / len(t) for i in range(len(t))], where="post", label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TTFT distribution per workload and server")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_hit_rate(series, out):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, rows in sorted(series.items()):
+        cached = prompt = 0
+        xs, ys = [], []
+        for r in rows:
+            cached += r.get("cached_tokens", 0)
+            prompt += r.get("prompt_tokens", 0)
+            xs.append(r["arrival_s"])
+            ys.append(100.0 * cached / max(prompt, 1))
+        ax.plot(xs, ys, label=key)
+    ax.set_xlabel("arrival time (s)")
+    ax.set_ylabel("cumulative hit rate (% of prompt tokens cached)")
+    ax.set_title("Prefix hit rate over time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_cache_ttft(runs, out):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    runs = sorted(runs, key=lambda j: j["n_prompt"])
+    xs = [j["n_prompt"] for j in runs]
+    ax.plot(xs, [j["cold_ttft_ms"] for j in runs], "o-", label="cold prefill")
+    for tier in ("ram", "disk", "redis"):
+        pts = [(j["n_prompt"], j["restored"][tier]["ttft_ms"]) for j in runs
+               if tier in j.get("restored", {})]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"restored from {tier}")
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token (ms, log scale)")
+    ax.set_title(f"TTFT vs context: {os.path.basename(runs[0]['model'])}, codec {runs[0]['codec']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/img", help="folder for the PNG files")
@@ -103,7 +179,9 @@ def main():
     objs = load(a.inputs)
     ppl = [j for _, j in objs if isinstance(j, dict) and j.get("eval") == "ppl"]
     ret = [j for _, j in objs if isinstance(j, dict) and j.get("eval") == "retrieval"]
-    skipped = len(objs) - len(ppl) - len(ret)
+    work = [(p, j) for p, j in objs if isinstance(j, dict) and "ttft_ms" in j and "arrival_s" in j]
+    cache = [j for _, j in objs if isinstance(j, dict) and "cold_ttft_ms" in j]
+    skipped = len(objs) - len(ppl) - len(ret) - len(work) - len(cache)
     os.makedirs(a.out, exist_ok=True)
     written = []
     if ppl:
@@ -112,6 +190,15 @@ def main():
     if ret:
         written.append(os.path.join(a.out, "eval-accuracy-vs-bytes.png"))
         plot_accuracy(ret, written[-1])
+    if work:
+        series = workload_series(work)
+        written.append(os.path.join(a.out, "workload-ttft-cdf.png"))
+        plot_ttft_cdf(series, written[-1])
+        written.append(os.path.join(a.out, "workload-hit-rate.png"))
+        plot_hit_rate(series, written[-1])
+    if cache:
+        written.append(os.path.join(a.out, "cache-ttft-vs-context.png"))
+        plot_cache_ttft(cache, written[-1])
     for w in written:
         print(w)
     if skipped:
