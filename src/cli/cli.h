@@ -8,7 +8,9 @@
 
 #include "cachette/status.h"
 #include "cachette/types.h"
+#include "engine/engine.h"
 #include "kernels/kernels.h"
+#include "model/model.h"
 
 namespace cachette::cli {
 
@@ -17,6 +19,18 @@ namespace cachette::cli {
 std::string DefaultModelPath();
 
 Result<kernels::WType> ParseWType(const std::string& s);
+
+// The model named by -m (the bundled one when empty) and an engine over it with the given KV
+// type (f32, f16, q8_0) and threads: what every command that computes starts with. Errors name
+// the file, the problem in it, or the unknown KV type.
+struct LoadedEngine {
+  std::string path;
+  std::unique_ptr<Model> model;
+  kernels::KvType kv_type = kernels::KvType::kF16;
+  std::unique_ptr<Engine> engine;
+};
+Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_type,
+                                int threads);
 Result<kernels::KvType> ParseKvType(const std::string& s);
 
 // Benchmark helpers: the median of `v` (mean of the middle two for even sizes), and a fixed

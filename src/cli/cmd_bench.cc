@@ -42,21 +42,17 @@ struct BenchArgs {
 };
 
 int BenchEngine(const BenchArgs& a) {
-  const std::string path = a.model.empty() ? DefaultModelPath() : a.model;
-  auto model_or = Model::Load(path);
-  if (!model_or.ok()) return Fail(model_or.status());
-  const Model& model = **model_or;
-  auto kv_type = ParseKvType(a.kv_type);
-  if (!kv_type.ok()) return Fail(kv_type.status());
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const std::string& path = loaded->path;
+  const Model& model = *loaded->model;
+  Engine& engine = *loaded->engine;
+  const kernels::KvType kv_type = loaded->kv_type;
   const ModelConfig& c = model.config();
   if (a.n_prompt + a.n_gen > c.n_ctx_train) {
     return Fail(InvalidArgument("-p + -n exceed the model's context of " +
                                 std::to_string(c.n_ctx_train)));
   }
-  EngineOptions eo;
-  eo.threads = a.threads;
-  eo.kv_type = *kv_type;
-  Engine engine(model, eo);
 
   // A fixed pseudo-random prompt (the same every run).
   const std::vector<TokenId> prompt = PseudoRandomTokens(a.n_prompt, c.n_vocab, 12345);
@@ -128,12 +124,12 @@ struct PrefixArgs {
 // Time to first token for a long prompt, cold vs fully cached in the paged prefix cache, and
 // batched decode throughput with 1..N concurrent sequences over the paged KV.
 int BenchPrefix(const PrefixArgs& a) {
-  const std::string path = a.model.empty() ? DefaultModelPath() : a.model;
-  auto model_or = Model::Load(path);
-  if (!model_or.ok()) return Fail(model_or.status());
-  const Model& model = **model_or;
-  auto kv_type = ParseKvType(a.kv_type);
-  if (!kv_type.ok()) return Fail(kv_type.status());
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const std::string& path = loaded->path;
+  const Model& model = *loaded->model;
+  Engine& engine = *loaded->engine;
+  const kernels::KvType kv_type = loaded->kv_type;
   auto budget = ParseBytes(a.kv_budget);
   if (!budget.ok()) return Fail(budget.status().WithContext("--kv-budget"));
   const ModelConfig& c = model.config();
@@ -141,10 +137,6 @@ int BenchPrefix(const PrefixArgs& a) {
     return Fail(InvalidArgument("-p + --gen exceed the model's context of " +
                                 std::to_string(c.n_ctx_train)));
   }
-  EngineOptions eo;
-  eo.threads = a.threads;
-  eo.kv_type = *kv_type;
-  Engine engine(model, eo);
   KvManagerOptions ko;
   ko.shape = engine.kv_shape();
   ko.page_tokens = a.page_tokens;
@@ -152,7 +144,7 @@ int BenchPrefix(const PrefixArgs& a) {
   Status valid = KvManager::Validate(ko);
   if (!valid.ok()) return Fail(valid);
   KvManager kvm(ko);
-  const Hash128 ns = KvNamespace(model.Fingerprint(), *kv_type);
+  const Hash128 ns = KvNamespace(model.Fingerprint(), kv_type);
   std::vector<float> logits(c.n_vocab);
 
   // 1. TTFT: a cold prefill of the whole prompt, then the same prompt fully cached (only the

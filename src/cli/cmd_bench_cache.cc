@@ -164,26 +164,22 @@ Result<nlohmann::json> Throughput(const BenchCacheArgs& a, const KvShape& shape,
 }
 
 int BenchCache(const BenchCacheArgs& a) {
-  const std::string path = a.model.empty() ? DefaultModelPath() : a.model;
-  auto model_or = Model::Load(path);
-  if (!model_or.ok()) return Fail(model_or.status());
-  const Model& model = **model_or;
-  auto kv_type = ParseKvType(a.kv_type);
-  if (!kv_type.ok()) return Fail(kv_type.status());
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const std::string& path = loaded->path;
+  const Model& model = *loaded->model;
+  Engine& engine = *loaded->engine;
+  const kernels::KvType kv_type = loaded->kv_type;
   if (a.n_prompt > model.config().n_ctx_train) {
     return Fail(InvalidArgument("-p exceeds the model's context"));
   }
-  EngineOptions eo;
-  eo.threads = a.threads;
-  eo.kv_type = *kv_type;
-  Engine engine(model, eo);
   KvManagerOptions ko;
   ko.shape = engine.kv_shape();
   ko.page_tokens = 16;
   ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * ((a.n_prompt + 15) / 16 * 2 + 4);
   const auto prompt = PseudoRandomTokens(a.n_prompt, model.config().n_vocab, 424242);
-  const Hash128 kv_ns = KvNamespace(model.Fingerprint(), *kv_type);
-  const Hash128 store_ns = CacheNamespace(model, *kv_type);
+  const Hash128 kv_ns = KvNamespace(model.Fingerprint(), kv_type);
+  const Hash128 store_ns = CacheNamespace(model, kv_type);
   std::vector<float> logits(model.config().n_vocab);
   std::string dir = a.disk_dir;
   const bool own_dir = dir.empty();

@@ -59,23 +59,7 @@ Result<std::string> ReadFile(const std::string& path, uint64_t max_bytes) {
 }
 
 // Loads the model and builds the engine the eval runs on.
-struct Loaded {
-  std::string path;
-  std::unique_ptr<Model> model;
-  std::unique_ptr<Engine> engine;
-};
-
-Result<Loaded> Load(const CommonArgs& a) {
-  Loaded l;
-  l.path = a.model.empty() ? DefaultModelPath() : a.model;
-  CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path));
-  CT_ASSIGN_OR_RETURN(kernels::KvType kv_type, ParseKvType(a.kv_type));
-  EngineOptions eo;
-  eo.threads = a.threads;
-  eo.kv_type = kv_type;
-  l.engine = std::make_unique<Engine>(*l.model, eo);
-  return l;
-}
+Result<LoadedEngine> Load(const CommonArgs& a) { return LoadEngine(a.model, a.kv_type, a.threads); }
 
 // Progress on stderr, only for a person watching a terminal.
 std::function<void(int, int)> Progress(const CommonArgs& a, const char* what) {
@@ -86,7 +70,7 @@ std::function<void(int, int)> Progress(const CommonArgs& a, const char* what) {
   };
 }
 
-nlohmann::json Header(const Loaded& l, const CommonArgs& a) {
+nlohmann::json Header(const LoadedEngine& l, const CommonArgs& a) {
   const ModelConfig& c = l.model->config();
   return {{"model", l.path},
           {"weight_type", std::string(kernels::WTypeName(c.weight_type))},

@@ -48,11 +48,12 @@ Result<std::vector<TokenId>> ParseIds(const std::string& s) {
 }
 
 int Run(const RunArgs& a) {
-  auto model_or = Model::Load(a.model.empty() ? DefaultModelPath() : a.model);
-  if (!model_or.ok()) return Fail(model_or.status());
-  const Model& model = **model_or;
-  auto kv_type = ParseKvType(a.kv_type);
-  if (!kv_type.ok()) return Fail(kv_type.status());
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const std::string& path = loaded->path;
+  const Model& model = *loaded->model;
+  Engine& engine = *loaded->engine;
+  const kernels::KvType kv_type = loaded->kv_type;
 
   std::vector<TokenId> prompt;
   if (!a.prompt_ids.empty()) {
@@ -65,10 +66,6 @@ int Run(const RunArgs& a) {
   }
   if (prompt.empty()) return Fail(InvalidArgument("the prompt is empty"));
 
-  EngineOptions eo;
-  eo.threads = a.threads;
-  eo.kv_type = *kv_type;
-  Engine engine(model, eo);
   const int64_t ctx = model.config().n_ctx_train;
   if (static_cast<int64_t>(prompt.size()) > ctx) {
     return Fail(InvalidArgument("the prompt has " + std::to_string(prompt.size()) +
@@ -100,7 +97,7 @@ int Run(const RunArgs& a) {
   const double decode_tps = decoded / std::max(res->decode_seconds, 1e-9);
   if (a.json) {
     nlohmann::json j;
-    j["model"] = a.model.empty() ? DefaultModelPath() : a.model;
+    j["model"] = path;
     j["prompt_ids"] = prompt;
     j["generated_ids"] = res->tokens;
     j["text"] = res->text;

@@ -32,6 +32,19 @@ Result<kernels::KvType> ParseKvType(const std::string& s) {
   return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0)");
 }
 
+Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_type,
+                                int threads) {
+  LoadedEngine l;
+  l.path = model.empty() ? DefaultModelPath() : model;
+  CT_ASSIGN_OR_RETURN(l.kv_type, ParseKvType(kv_type));
+  CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path));
+  EngineOptions eo;
+  eo.threads = threads;
+  eo.kv_type = l.kv_type;
+  l.engine = std::make_unique<Engine>(*l.model, eo);
+  return l;
+}
+
 int Fail(const Status& s) {
   std::fprintf(stderr, "error: %s\n", s.ToString().c_str());
   return 1;
