@@ -9,65 +9,15 @@ ratios; an unreachable URL must fail cleanly.
 Usage: bench_client_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
 """
 import argparse
-import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-FAILURES = []
-
-
-def check(cond, what):
-    if not cond:
-        FAILURES.append(what)
-        print("FAIL: " + what, flush=True)
-    return cond
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Server:
-    def __init__(self, binary, model, *extra):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                     "cachette-bench-serve-%d.log" % self.port), "w+")
-        self.proc = subprocess.Popen(
-            [binary, "serve", "-m", model, "--port", str(self.port), "--threads", "2"] +
-            list(extra), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("server did not become healthy:\n" + self.logs())
-
-    def logs(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_test import FAILURES, Server, check, free_port  # noqa: E402,F401
 
 
 SUMMARY_FIELDS = ("requests", "ok", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",

@@ -40,6 +40,7 @@ def free_port():
 class Server:
     def __init__(self, binary, model, *extra):
         self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
         self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                      "cachette-serve-%d.log" % self.port), "w+")
         self.proc = subprocess.Popen(
