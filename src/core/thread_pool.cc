@@ -14,7 +14,6 @@
 namespace cachette {
 namespace {
 constexpr int kSpinIterations = 1 << 16;  // ~100-300 us of polling before sleeping
-std::atomic<int> g_default_threads{0};
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
@@ -103,12 +102,5 @@ void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
     if (b < e) fn(b, e, t);
   });
 }
-
-ThreadPool& ThreadPool::Default() {
-  static ThreadPool pool(g_default_threads.load());
-  return pool;
-}
-
-void ThreadPool::SetDefaultThreads(int n_threads) { g_default_threads.store(n_threads); }
 
 }  // namespace cachette

@@ -37,10 +37,6 @@ class ThreadPool {
   // Runs fn(thread_index, size()) once on every thread.
   void RunOnAll(const std::function<void(int thread_index, int n_threads)>& fn);
 
-  // The process-wide pool used by the engine; sized by SetDefaultThreads() before first use.
-  static ThreadPool& Default();
-  static void SetDefaultThreads(int n_threads);
-
  private:
   void WorkerLoop(int index);
 
