@@ -17,7 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_test import FAILURES, Server, check, free_port  # noqa: E402,F401
+from serve_test import FAILURES, Server, check, free_port, report  # noqa: E402,F401
 
 
 SUMMARY_FIELDS = ("requests", "ok", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
@@ -123,13 +123,8 @@ def main():
                            capture_output=True, text=True, timeout=60)
         check(p.returncode == 1 and "error" in p.stderr, "unreachable URL: " + p.stderr)
     finally:
-        s.stop()
-        if FAILURES:
-            print("---- server log ----\n" + s.logs()[-6000:])
-        else:
-            os.unlink(s.log.name)
-    print("%d failures in %.1f s" % (len(FAILURES), time.time() - t0))
-    return 1 if FAILURES else 0
+        s.close()
+    return report(t0)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,20 @@ class Server:
             self.proc.kill()
             self.proc.wait()
 
+    def close(self):
+        """Stops the server; prints the tail of its log if any check failed, else removes it."""
+        self.stop()
+        if FAILURES:
+            print("---- server log ----\n" + self.logs()[-6000:])
+        else:
+            os.unlink(self.log.name)
+
+
+def report(t0):
+    """Prints the closing line and returns the exit code."""
+    print("%d failures in %.1f s" % (len(FAILURES), time.time() - t0))
+    return 1 if FAILURES else 0
+
 
 def chat_body(text, **kw):
     b = {"model": "cachette-tiny-q8_0", "messages": [{"role": "user", "content": text}],
@@ -401,13 +415,8 @@ def main():
         test_queue_full(a.binary, a.model)
         test_sigterm(s)
     finally:
-        s.stop()
-        if FAILURES:
-            print("---- server log ----\n" + s.logs()[-6000:])
-        else:
-            os.unlink(s.log.name)
-    print("%d failures in %.1f s" % (len(FAILURES), time.time() - t0))
-    return 1 if FAILURES else 0
+        s.close()
+    return report(t0)
 
 
 if __name__ == "__main__":
