@@ -15,6 +15,7 @@ PinRegistry::Info PinRegistry::Add(const Hash128& ns, const std::string& cache_s
   info.tokens = pin.tokens();
   if (info.tokens == 0) return info;  // nothing cached: the empty pin is released here
   info.cache_salt = cache_salt;
+  info.ns = ns;
   info.expires_at_ms = Now() + ttl_ms;
   std::lock_guard<std::mutex> lock(mu_);
   info.id = next_id_++;

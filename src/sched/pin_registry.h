@@ -31,7 +31,8 @@ class PinRegistry {
   struct Info {
     uint64_t id = 0;
     std::string session;     // empty for plain pins
-    std::string cache_salt;  // the tenant the pin belongs to
+    std::string cache_salt;  // the tenant the pin belongs to (never shown: print ns)
+    Hash128 ns;              // the namespace the pin holds pages in
     int64_t tokens = 0;      // tokens of the prefix actually cached and pinned
     int64_t expires_at_ms = 0;
   };

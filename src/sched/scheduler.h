@@ -56,6 +56,18 @@ struct SchedulerOptions {
   int64_t step_tokens = 256;        // tokens per Forward (decodes first, then prefill chunks)
   bool prefix_cache = true;         // false: no reuse and no commits (the no-cache baseline)
   int64_t session_ttl_ms = 300000;  // default TTL of a session's pin
+  // Bounds (issue 9). A tier restore waits at most load_deadline_ms for chunks (the rest is
+  // recomputed); a request queued longer than queue_timeout_ms (> 0) fails with
+  // kDeadlineExceeded; pins (cache_control, sessions, admin) hold at most max_pinned_fraction
+  // of the page pool, each for at most max_pin_ttl_ms; at most max_sessions sessions, max_pins
+  // plain pins and max_tenants remembered namespaces (idle ones are reclaimed).
+  int64_t load_deadline_ms = 1000;
+  int64_t queue_timeout_ms = 0;
+  double max_pinned_fraction = 0.5;
+  int64_t max_pin_ttl_ms = 3600000;
+  size_t max_sessions = 10000;
+  size_t max_pins = 10000;
+  size_t max_tenants = 10000;
 };
 
 struct SchedulerStats {
