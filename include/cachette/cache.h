@@ -123,6 +123,9 @@ class LoadHandle {
   virtual const ChunkData& chunk(size_t i) const = 0;
   // Tokens covered by the leading run of OK chunks. Only after Wait().
   virtual size_t ready_tokens() const = 0;
+  // How many leading chunks are resolved (OK or a miss) so far, without blocking: chunk(i) may
+  // be read for i below it before IsReady(), so a caller can use chunks as they arrive.
+  virtual size_t resolved_chunks() const = 0;
 };
 
 // Latency of loads (Get to resolution, per chunk), in microsecond buckets.
@@ -215,8 +218,13 @@ class Cache {
 
   // Removes the full chunks of `tokens` from every tier. OK if absent.
   virtual Status Erase(std::span<const TokenId> tokens, const Hash128& ns) = 0;
-  // Removes every chunk of namespace `ns` from RAM and disk, and the Redis copies this process
-  // wrote. WART: Redis copies written by other processes expire by TTL only.
+  // Removes every chunk of namespace `ns` from RAM, disk and Redis, including the Redis copies
+  // other processes wrote (the namespace is part of every Redis key; see
+  // docs/formats/redis-record.md). Pins stay (they protect chunks of `ns` put again). Errors:
+  // kIOError from the disk; kUnavailable / kDeadlineExceeded when a Redis node does not answer
+  // (what could be reached is cleared). WART: another process's copy of `ns` in RAM or on its
+  // own disk stays until that process clears or evicts it, and a chunk written to Redis while
+  // the clear runs may survive it.
   virtual Status Clear(const Hash128& ns) = 0;
 
   // Waits until every write-behind job queued before the call is done.

@@ -2,20 +2,35 @@
 //
 // Shape. The store owns a RAM tier and a disk tier and borrows or owns a remote (Redis) tier.
 // Tiers are dumb byte stores; the store holds the one index of what the local tiers contain
-// (`entries_`), the policy statistics, pins and quotas, and decides every eviction,
-// promotion and demotion. Budgets are kept by planning first (SelectVictims over the unpinned
-// entries of a tier), evicting, then inserting, so a tier's used bytes never exceed its budget.
+// (StoreIndex, store_index.h, with all byte accounting), the policy statistics, pins and
+// quotas, and decides every eviction, promotion and demotion. Budgets are kept by planning
+// first (SelectVictims over the unpinned entries of a tier), evicting, then inserting, so a
+// tier's used bytes never exceed its budget.
+//
+// The class is spread over files by concern:
+//   store.cc            Open, Put, pins, Erase, Clear, Flush, Stats
+//   store_placement.cc  where chunks go: WriteTargetsFor (the one decision of which slower
+//                       tiers a write goes to), room planning and eviction, demotion,
+//                       admission, and the write-behind job (RunWrite)
+//   store_load.cc       Lookup and Get: the load path (RunLoad, LoadOne, Accept, Promote)
+//   store_index.{h,cc}  entries and byte accounting
 //
 // Life of an entry (one per chunk key held by a local tier or being written to disk):
 //   1. created by Put (RAM insert, optional write-behind job) or by a promotion from Redis;
 //   2. in RAM and/or on disk; `disk_pending` while the io executor writes it;
 //   3. RAM eviction -> demoted (disk/Redis job) or dropped; disk eviction -> file removed;
-//   4. erased from `entries_` once in no local tier and not pending. A write job that finds
+//   4. erased from the index once in no local tier and not pending. A write job that finds
 //      its entry gone or re-created (generation mismatch) removes the file it wrote.
+//
+// Namespaces in Redis: the remote tier is reached through Tier's *In methods, so a shared
+// tier (Redis) files every chunk under its namespace and Clear(ns) removes the namespace's
+// chunks whoever wrote them (Tier::ClearNamespace).
 //
 // Threads: callers; `io` (one thread: all disk and Redis writes, so disk eviction planning is
 // serialized); `load` (disk and Redis reads). Lock order: mu_ -> tier locks -> executor locks.
-// No file I/O is done under mu_ except unlinks on Erase and on stale write jobs.
+// No file I/O is done under mu_ except unlinks on Erase and on stale write jobs. The store's
+// own jobs (RunWrite, RunLoad) catch every exception at their boundary: a failure there
+// (std::bad_alloc included) is a failed chunk and a counted error, never the end of a thread.
 #pragma once
 
 #include <atomic>
@@ -32,6 +47,7 @@
 #include "cache/executor.h"
 #include "cache/policy.h"
 #include "cache/ram_tier.h"
+#include "cache/store_index.h"
 #include "cachette/cache.h"
 
 namespace cachette::cache {
@@ -63,29 +79,30 @@ class TieredStore final : public Cache {
   struct LoadState;  // shared by a LoadHandle and its load job
 
  private:
-  static constexpr int kRam = 0, kDisk = 1, kRemote = 2;
+  static constexpr int kRam = kStoreRam, kDisk = kStoreDisk, kRemote = 2;
   // Disk chunks a load asks the kernel to read ahead of the one it verifies (RunLoad). 8 x 3 MiB
   // keeps a virtio disk busy; more only fills the page cache sooner. See docs/benchmarks.md.
   static constexpr size_t kReadAheadChunks = 8;
 
-  struct Entry {
-    Hash128 ns;
-    uint32_t n_tokens = 0;
-    uint32_t chunk_index = 0;
-    uint64_t gen = 0;            // distinguishes re-creations of the same key
-    uint64_t ram_bytes = 0;      // record bytes in RAM; 0 = absent
-    uint64_t disk_bytes = 0;     // record bytes on disk; 0 = absent
-    bool disk_pending = false;   // a write job for the disk is queued or running
-    bool remote_written = false;
-    uint64_t hits = 0;
-    uint64_t insert_tick = 0, last_tick = 0, main_tick = 0;
+  using Entry = StoreEntry;
+  // Why a chunk is being written to the slower tiers (WriteTargetsFor).
+  enum class WriteCause {
+    kPut,          // a Put that RAM took
+    kPutRamFull,   // a Put that RAM could not take: a slower tier must, or it is lost
+    kAdmitted,     // reached admit_after_hits
+    kDemoted,      // evicted from RAM
+  };
+  struct WriteTargets {
+    bool disk = false;
+    bool remote = false;
+    bool any() const { return disk || remote; }
   };
   struct WriteJob {
+    Hash128 ns;
     ChunkKey key;
     uint64_t gen = 0;
     SharedBytes raw_record;  // the RAM form (codec raw)
-    bool to_disk = false;
-    bool to_remote = false;
+    WriteTargets to;
   };
   // One chunk to load, with what verifies it.
   struct ChunkRequest {
@@ -102,19 +119,28 @@ class TieredStore final : public Cache {
   bool Pinned(const ChunkKey& key) const;
   void ExpirePins();
   uint64_t QuotaOf(const Hash128& ns, int tier) const;
-  EntryStats StatsOf(const Entry& e, int tier) const;
+  WriteTargets WriteTargetsFor(const Entry& e, WriteCause cause) const;
   bool PlanRoom(int tier, const Hash128& ns, uint64_t bytes, const ChunkKey& incoming,
                 std::vector<ChunkKey>* victims);
   void EvictFromRam(const std::vector<ChunkKey>& victims);
   bool InsertRam(const ChunkKey& key, Entry& e, SharedBytes record);
   void Touch(const ChunkKey& key, Entry& e, const SharedBytes& record);
-  void SubmitWrite(WriteJob job, Entry* e);
-  void MaybeForget(const ChunkKey& key);
+  // Queues a write of `record` to `cause`'s targets, if any (counted as dropped when full).
+  void SubmitWrite(const ChunkKey& key, Entry& e, const SharedBytes& record, WriteCause cause);
 
-  void RunWrite(const WriteJob& job);  // on the io executor
+  void RunWrite(const WriteJob& job);  // on the io executor; never throws
+  SharedBytes EncodeForSlowTiers(const SharedBytes& raw_record);
+  void WriteToDisk(const WriteJob& job, const SharedBytes& bytes);
   void RunLoad(const std::shared_ptr<LoadState>& st, std::vector<ChunkRequest> reqs,
-               size_t first);       // on the load executor
+               size_t first);       // on the load executor; never throws
   ChunkData LoadOne(const ChunkRequest& r, std::chrono::steady_clock::time_point deadline);
+  // LoadOne, with an exception turned into a failed chunk and a counted error. Used by RunLoad
+  // and by Get's synchronous RAM path, so no exception leaves the store.
+  ChunkData LoadOneNoThrow(const ChunkRequest& r,
+                           std::chrono::steady_clock::time_point deadline);
+  // One slower tier's attempt at `r` (part of LoadOne): OK with `d` filled, or why not.
+  Status LoadFrom(int tier, const ChunkRequest& r,
+                  std::chrono::steady_clock::time_point deadline, ChunkData* d);
   // Verifies `record` against the request and produces the raw chunk; sets `raw_record` to the
   // RAM form for promotion. kNotFound (collision) or kCorruption/kUnimplemented.
   Status Accept(const ChunkRequest& r, SharedBytes record, ChunkData* out,
@@ -132,13 +158,7 @@ class TieredStore final : public Cache {
   Tier* remote_ = nullptr;
 
   mutable std::mutex mu_;
-  std::unordered_map<ChunkKey, Entry, ChunkKeyHash> entries_;  // GUARDED_BY(mu_)
-  struct NsUsage {
-    uint64_t bytes[2] = {0, 0};
-  };
-  std::unordered_map<Hash128, NsUsage, ChunkKeyHash> ns_usage_;  // GUARDED_BY(mu_)
-  uint64_t used_[2] = {0, 0};       // GUARDED_BY(mu_): RAM, disk (disk includes reserved)
-  uint64_t tick_ = 0, gen_ = 0;     // GUARDED_BY(mu_)
+  StoreIndex index_;                                             // GUARDED_BY(mu_)
   struct PinInfo {
     std::vector<ChunkKey> keys;
     int64_t expiry_ns = 0;  // 0 = none
@@ -148,7 +168,6 @@ class TieredStore final : public Cache {
   PinId next_pin_ = 1;                                           // GUARDED_BY(mu_)
   std::deque<ChunkKey> ghost_fifo_;                              // GUARDED_BY(mu_)
   std::unordered_set<ChunkKey, ChunkKeyHash> ghost_;             // GUARDED_BY(mu_)
-  std::vector<ChunkKey> ram_evicted_scratch_;                    // GUARDED_BY(mu_)
   CacheStats counters_;                                          // GUARDED_BY(mu_)
   std::shared_ptr<std::atomic<uint64_t>> deadline_misses_ =
       std::make_shared<std::atomic<uint64_t>>(0);

@@ -345,6 +345,51 @@ TEST(StoreTest, CollisionIsAMissNeverWrongData) {
   EXPECT_EQ(remote.ram.Stats().entries, 0u);
 }
 
+// A remote tier whose calls throw, as a hostile value's huge allocation would (bad_alloc).
+class ThrowingRemote final : public Tier {
+ public:
+  std::string_view name() const override { return "throwing"; }
+  Status Put(const ChunkKey&, std::span<const std::byte>, uint32_t) override {
+    ++puts;
+    throw std::bad_alloc();
+  }
+  Result<std::vector<std::byte>> Get(const ChunkKey&, Deadline) override {
+    ++gets;
+    throw std::bad_alloc();
+  }
+  std::vector<bool> ContainsMany(std::span<const ChunkKey> k, Deadline) override {
+    return std::vector<bool>(k.size(), true);
+  }
+  Status Erase(const ChunkKey&) override { return Status::Ok(); }
+  TierStats Stats() const override { return {}; }
+  std::atomic<int> puts{0}, gets{0};
+};
+
+TEST(StoreTest, ExceptionInALoadOrWriteJobIsAFailedChunkNotACrash) {
+  ThrowingRemote remote;
+  CacheOptions o = Options(10);
+  o.remote_tier = &remote;
+  auto a = Open(o);
+  auto t = Tokens(2 * kC, 21);
+  ASSERT_TRUE(PutChunks(*a, kNs1, t, 0, 2).ok());
+  ASSERT_TRUE(a->Flush().ok());
+  EXPECT_EQ(remote.puts.load(), 2);
+  EXPECT_EQ(a->Stats().tier[2].errors, 2u);  // both write jobs threw, were caught and counted
+  EXPECT_EQ(GetAndCheck(*a, kNs1, t, 0, 2), std::vector<CacheTier>(2, CacheTier::kRam));
+  auto b = Open(o);  // nothing in RAM: the load job asks the throwing tier
+  for (int round = 1; round <= 2; ++round) {  // the load thread survives the first
+    auto h = b->Get(kNs1, t, 0, 2, std::chrono::steady_clock::now() + 5s);
+    h->Wait();
+    EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kNotFound) << h->chunk(0).status.ToString();
+    EXPECT_EQ(h->ready_tokens(), 0u);
+    EXPECT_EQ(remote.gets.load(), round);
+    EXPECT_EQ(b->Stats().tier[2].errors, static_cast<uint64_t>(round));
+  }
+  ASSERT_TRUE(PutChunks(*b, kNs1, t, 0, 2).ok());  // and the io thread too
+  ASSERT_TRUE(b->Flush().ok());
+  EXPECT_EQ(remote.puts.load(), 4);
+}
+
 TEST(StoreTest, SlowRemoteMeetsTheDeadline) {
   FakeRemote remote;
   auto t = Tokens(2 * kC, 15);
@@ -508,6 +553,54 @@ TEST(StoreRedisTest, WriteThroughAndSharedAcrossStores) {
   EXPECT_EQ(GetAndCheck(*c, ns, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kRedis));
   ASSERT_TRUE(c->Erase(t, ns).ok());
 }
+
+// Clear(ns) reaches the Redis copies another store (another process) wrote; other namespaces
+// stay. Standalone and cluster.
+class StoreRedisClearTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(StoreRedisClearTest, ClearRemovesEveryProcesssCopiesOfTheNamespace) {
+  const char* url = std::getenv(GetParam());
+  if (url == nullptr || *url == '\0') GTEST_SKIP() << "set " << GetParam() << " to run";
+  const uint64_t run = static_cast<uint64_t>(
+      std::chrono::steady_clock::now().time_since_epoch().count());
+  const Hash128 x{run, 1}, y{run, 2};
+  auto tx = Tokens(3 * kC, 81), ty = Tokens(2 * kC, 82);
+  CacheOptions o = Options(10);
+  o.redis_urls = {url};
+  auto a = Open(o);
+  auto b = Open(o);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(PutChunks(*a, x, tx, 0, 3).ok());
+  ASSERT_TRUE(PutChunks(*a, y, ty, 0, 2).ok());
+  ASSERT_TRUE(a->Flush().ok());
+  auto pin = a->Pin(tx, x, 0ms);  // pins protect RAM and disk, not Redis: Clear still clears
+  ASSERT_TRUE(pin.ok());
+  ASSERT_EQ(b->Lookup(tx, x).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRedis));
+  ASSERT_TRUE(b->Clear(x).ok());  // b never wrote x: only the shared tier can find it
+  EXPECT_EQ(b->Lookup(tx, x).tokens, 0u);
+  EXPECT_TRUE(GetAndCheck(*b, x, tx, 0, 3).empty());
+  // a still has x in RAM; a fresh store (a restart of a) must not find it in Redis.
+  auto a2 = Open(o);
+  ASSERT_TRUE(a2);
+  EXPECT_EQ(a2->Lookup(tx, x).tokens, 0u);
+  EXPECT_TRUE(GetAndCheck(*a2, x, tx, 0, 3).empty());
+  EXPECT_EQ(GetAndCheck(*a2, y, ty, 0, 2), std::vector<CacheTier>(2, CacheTier::kRedis));
+  EXPECT_EQ(GetAndCheck(*b, y, ty, 0, 2), std::vector<CacheTier>(2, CacheTier::kRedis));
+  // a's own Clear empties its RAM too; the pin is still there and harmless.
+  ASSERT_TRUE(a->Clear(x).ok());
+  EXPECT_EQ(a->Lookup(tx, x).tokens, 0u);
+  EXPECT_TRUE(a->Unpin(*pin).ok());
+  ASSERT_TRUE(a->Clear(y).ok());
+  EXPECT_EQ(a2->Lookup(ty, y).chunk_tiers.size(), 2u);  // a2's RAM copies are its own
+  auto a3 = Open(o);
+  EXPECT_EQ(a3->Lookup(ty, y).tokens, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, StoreRedisClearTest,
+                         ::testing::Values("CACHETTE_REDIS_URL", "CACHETTE_REDIS_CLUSTER_URL"),
+                         [](const auto& info) {
+                           return std::string(info.index == 0 ? "Standalone" : "Cluster");
+                         });
 
 }  // namespace
 }  // namespace cachette::cache

@@ -61,6 +61,37 @@ class Tier {
   virtual Status Erase(const ChunkKey& key) = 0;
 
   virtual TierStats Stats() const = 0;
+
+  // ---- Namespaces, for tiers shared between processes (Redis) ----
+  // The store knows which keys its own process put in RAM and on disk, but not what other
+  // processes wrote to a shared tier, so a shared tier keeps each namespace findable by itself
+  // (Redis: the namespace is part of every key). The store reaches its remote tier through the
+  // *In forms. Defaults, for tiers keyed by chunk key alone: ignore `ns`; ClearNamespace is
+  // kUnimplemented (the store then erases the keys it knows).
+  virtual Status PutIn(const Hash128& ns, const ChunkKey& key, std::span<const std::byte> record,
+                       uint32_t ttl_seconds) {
+    (void)ns;
+    return Put(key, record, ttl_seconds);
+  }
+  virtual Result<std::vector<std::byte>> GetIn(const Hash128& ns, const ChunkKey& key,
+                                               Deadline deadline) {
+    (void)ns;
+    return Get(key, deadline);
+  }
+  virtual std::vector<bool> ContainsManyIn(const Hash128& ns, std::span<const ChunkKey> keys,
+                                           Deadline deadline) {
+    (void)ns;
+    return ContainsMany(keys, deadline);
+  }
+  virtual Status EraseIn(const Hash128& ns, const ChunkKey& key) {
+    (void)ns;
+    return Erase(key);
+  }
+  // Removes every record of `ns`, whoever wrote it. OK when none exist.
+  virtual Status ClearNamespace(const Hash128& ns) {
+    (void)ns;
+    return Unimplemented("tier " + std::string(name()) + " cannot list a namespace");
+  }
 };
 
 }  // namespace cachette::cache

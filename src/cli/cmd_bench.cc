@@ -144,7 +144,7 @@ int BenchPrefix(const PrefixArgs& a) {
   Status valid = KvManager::Validate(ko);
   if (!valid.ok()) return Fail(valid);
   KvManager kvm(ko);
-  const Hash128 ns = KvNamespace(model.Fingerprint(), kv_type);
+  const Hash128 ns = KvNamespace(model, kv_type);
   std::vector<float> logits(c.n_vocab);
 
   // 1. TTFT: a cold prefill of the whole prompt, then the same prompt fully cached (only the
@@ -266,11 +266,13 @@ Runner AddBenchCommand(CLI::App& app) {
   p->add_flag("--json", pa->json, "Print one JSON object");
   Runner cache = AddBenchCacheSubcommand(c);
   Runner serve = AddBenchServeSubcommands(c);
-  return [a, e, pa, p, cache, serve] {
+  Runner soak = AddBenchSoakSubcommand(c);
+  return [a, e, pa, p, cache, serve, soak] {
     if (e->parsed()) return BenchEngine(*a);
     if (p->parsed()) return BenchPrefix(*pa);
-    const int rc = cache();
-    return rc != -1 ? rc : serve();
+    int rc = cache();
+    if (rc == -1) rc = serve();
+    return rc != -1 ? rc : soak();
   };
 }
 

@@ -13,7 +13,7 @@
 #include "core/timer.h"
 #include "core/units.h"
 #include "engine/engine.h"
-#include "kv/tiered_prefix.h"
+#include "sched/tier_bridge.h"
 
 namespace cachette::cli {
 namespace {
@@ -178,8 +178,7 @@ int BenchCache(const BenchCacheArgs& a) {
   ko.page_tokens = 16;
   ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * ((a.n_prompt + 15) / 16 * 2 + 4);
   const auto prompt = PseudoRandomTokens(a.n_prompt, model.config().n_vocab, 424242);
-  const Hash128 kv_ns = KvNamespace(model.Fingerprint(), kv_type);
-  const Hash128 store_ns = CacheNamespace(model, kv_type);
+  const Hash128 kv_ns = KvNamespace(model, kv_type);
   std::vector<float> logits(model.config().n_vocab);
   std::string dir = a.disk_dir;
   const bool own_dir = dir.empty();
@@ -217,8 +216,8 @@ int BenchCache(const BenchCacheArgs& a) {
       if (!s.ok()) return Fail(s);
       cold_s.push_back(sw.Seconds());
       if (rep == 0) {
-        TieredPrefix tiers(**cache, kvm);
-        tiers.Save(*seq, prompt, store_ns);
+        sched::TierBridge tiers(kvm, **cache);
+        tiers.Save(*seq, prompt, 0);
       }
     }
     Status f = (*cache)->Flush();
@@ -240,22 +239,21 @@ int BenchCache(const BenchCacheArgs& a) {
       CT_ASSIGN_OR_RETURN(auto cache, open(ram, disk, redis));
       if (ram) {
         KvManager warm(ko);
-        TieredPrefix t(*cache, warm);
+        sched::TierBridge t(warm, *cache);
         auto s0 = warm.Start(kv_ns, prompt, a.n_prompt + 1);
-        t.Restore(*s0, prompt, store_ns,
-                  std::chrono::steady_clock::now() + std::chrono::seconds(30));
+        t.RestoreNow(*s0, prompt, std::chrono::steady_clock::now() + std::chrono::seconds(30));
       }
       KvManager kvm(ko);
-      TieredPrefix tiers(*cache, kvm);
+      sched::TierBridge tiers(kvm, *cache);
       Stopwatch sw;
       auto seq = kvm.Start(kv_ns, prompt, a.n_prompt + 1);
-      auto r = tiers.Restore(*seq, prompt, store_ns,
-                             std::chrono::steady_clock::now() + std::chrono::seconds(30));
+      const int64_t radix = seq->n_tokens();
+      tiers.RestoreNow(*seq, prompt, std::chrono::steady_clock::now() + std::chrono::seconds(30));
       int64_t from = seq->n_tokens();
       if (from == a.n_prompt) seq->SetTokens(--from);
       CT_RETURN_IF_ERROR(engine.Forward(*seq, std::span(prompt).subspan(from), logits.data()));
       times.push_back(sw.Seconds());
-      restored = r.tokens;
+      restored = seq->n_tokens() - radix;
     }
     rows.push_back({name, Median(times), restored});
     return Status::Ok();

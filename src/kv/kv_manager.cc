@@ -4,21 +4,28 @@
 #include <cstring>
 #include <string>
 
+#include "cache/chunk.h"
 #include "core/check.h"
 #include "core/timer.h"
 
 namespace cachette {
 
-Hash128 KvNamespace(const Hash128& model_fingerprint, kernels::KvType kv_type,
-                    std::string_view tenant_salt) {
-  Hasher128 h;
-  const std::string head = "cachette-kv-ns-v1|" + model_fingerprint.ToHex() + "|" +
-                           std::string(kernels::KvTypeName(kv_type)) + "|";
-  h.Update(head.data(), head.size());
-  const uint64_t salt_len = tenant_salt.size();
-  h.Update(&salt_len, sizeof salt_len);
-  h.Update(tenant_salt.data(), tenant_salt.size());
-  return h.Digest();
+Hash128 KvNamespace(const Model& model, kernels::KvType kv_type, std::string_view tenant_salt,
+                    std::string_view adapter) {
+  const ModelConfig& c = model.config();
+  cache::NamespaceSpec s;
+  s.model_fingerprint = model.Fingerprint();
+  s.arch = c.arch_name;
+  s.n_layer = static_cast<uint32_t>(c.n_layer);
+  s.n_kv_head = static_cast<uint32_t>(c.n_kv_head);
+  s.head_dim = static_cast<uint32_t>(c.head_dim);
+  s.kv_type = std::string(kernels::KvTypeName(kv_type));
+  s.rope = std::string(c.rope.style == kernels::RopeStyle::kNeox ? "neox" : "normal") +
+           " theta=" + std::to_string(c.rope.theta_base) +
+           " scale=" + std::to_string(c.rope.freq_scale);
+  s.adapter = std::string(adapter);
+  s.tenant_salt = std::string(tenant_salt);
+  return cache::NamespaceId(s);
 }
 
 // ---- PagedSequence -------------------------------------------------------------------------

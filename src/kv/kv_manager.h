@@ -31,6 +31,7 @@
 #include "engine/kv_cache.h"
 #include "kv/page_pool.h"
 #include "kv/radix_index.h"
+#include "model/model.h"
 
 namespace cachette {
 
@@ -44,10 +45,13 @@ struct KvManagerOptions {
   RadixIndex::ClockFn clock;  // default: steady clock
 };
 
-// The namespace of cached KV: model weights identity, KV element type and an optional tenant
-// salt. Different namespaces never share entries.
-Hash128 KvNamespace(const Hash128& model_fingerprint, kernels::KvType kv_type,
-                    std::string_view tenant_salt = {});
+// The one namespace of a request's KV, used by the radix index, the chunk store (every tier)
+// and the admin API alike: the chunk store's NamespaceId over every field that changes the
+// bytes (model weights fingerprint, architecture and dims, KV type and layout, RoPE settings,
+// adapter) plus the tenant salt. Different namespaces never share entries; two processes with
+// the same model and salt compute the same id (so servers sharing Redis share chunks).
+Hash128 KvNamespace(const Model& model, kernels::KvType kv_type,
+                    std::string_view tenant_salt = {}, std::string_view adapter = {});
 
 class PagedSequence final : public SequenceKv {
  public:

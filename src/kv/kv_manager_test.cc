@@ -157,11 +157,10 @@ TEST(KvManagerTest, PinsHoldUntilReleasedOrExpired) {
 TEST(KvManagerTest, TenantsDoNotShare) {
   int64_t now = 0;
   KvManager m(Options(8, &now));
-  const Hash128 fp{7, 7};
-  const Hash128 a = KvNamespace(fp, kernels::KvType::kF16, "tenant-a");
-  const Hash128 b = KvNamespace(fp, kernels::KvType::kF16, "tenant-b");
-  EXPECT_NE(a, b);
-  EXPECT_NE(KvNamespace(fp, kernels::KvType::kF16), KvNamespace(fp, kernels::KvType::kQ8_0));
+  // Namespace ids come from KvNamespace (tested with a model in tier_bridge_test); the manager
+  // only needs them to differ.
+  const Hash128 a{7, 1};
+  const Hash128 b{7, 2};
   const auto t = Iota(32);
   auto s = m.Start(a, t, 100);
   ASSERT_TRUE(s->Reserve(32).ok());

@@ -75,7 +75,7 @@ class PrefixCacheTest : public ::testing::TestWithParam<KvType> {
     ko.page_tokens = 16;
     ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 256;
     KvManager kvm(ko);
-    const Hash128 ns = KvNamespace(model.Fingerprint(), kv_type);
+    const Hash128 ns = KvNamespace(model, kv_type);
     const int nv = model.config().n_vocab;
     std::mt19937 rng(11);
     auto random = [&](int n) {

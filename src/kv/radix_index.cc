@@ -245,6 +245,8 @@ size_t RadixIndex::Evict(size_t n_pages) {
     ++freed;
     if (Evictable(parent, now)) heap.emplace(priority_(stats(parent)), parent);
   }
+  // A namespace whose last page went is forgotten, so idle tenants cost nothing.
+  if (freed > 0) std::erase_if(roots_, [](const auto& r) { return r.second->children.empty(); });
   return freed;
 }
 

@@ -85,6 +85,7 @@ class RadixIndex {
 
   // Accounting.
   size_t nodes() const { return n_nodes_; }
+  size_t namespaces() const { return roots_.size(); }  // with at least one cached page
   size_t pages_cached_unreferenced() const;  // nodes whose page only the index holds
   size_t pages_pinned() const;
 

@@ -314,5 +314,25 @@ TEST(RadixIndexTest, NamespacesNeverCross) {
   EXPECT_EQ(pool.pages_used(), 0u);
 }
 
+// Regression: every tenant's radix root stayed forever once created, so request input (random
+// cache_salt values) grew the index without bound.
+TEST(RadixIndexTest, EvictingANamespacesLastPageForgetsTheNamespace) {
+  PagePool pool(TinyShape(), kP, PagePool::PageBytes(TinyShape(), kP) * 16);
+  int64_t now = 0;
+  RadixIndex index(pool, [&] { return now; });
+  for (uint64_t tenant = 1; tenant <= 5; ++tenant) {
+    const std::vector<TokenId> t = {static_cast<TokenId>(tenant), 2, 3, 4};
+    std::vector<PageId> pages(1);
+    ASSERT_TRUE(pool.Allocate(&pages[0]));
+    index.Insert(Hash128{tenant, tenant}, t, pages);
+    pool.Unref(pages[0]);  // the index holds the only reference
+    ++now;
+  }
+  EXPECT_EQ(index.namespaces(), 5u);
+  EXPECT_EQ(index.Evict(3), 3u);  // the three least recently used tenants
+  EXPECT_EQ(index.namespaces(), 2u);
+  EXPECT_EQ(index.Lookup(Hash128{5, 5}, std::vector<TokenId>{5, 2, 3, 4}).n_tokens, 4);
+}
+
 }  // namespace
 }  // namespace cachette

@@ -1,11 +1,19 @@
 // Named pins on cached prefixes: the pins taken by `cache_control`, by the admin API and by
 // sessions, each a KvManager::Pin handle kept here until it is removed or its TTL passes.
+// One pin model: a pin protects the prefix's pages in the page pool AND its chunks in every
+// tier of the PrefixSource (RAM and disk of the chunk store); removal and expiry release both.
+//
+// Bounds (Limits): TTLs are cut to max_ttl_ms; at most max_pins plain pins (more are refused)
+// and max_sessions sessions (a new one replaces the session that expires first); pinned pages
+// never exceed max_pinned_fraction of the pool (a pin that would pass it is refused: the
+// prefix stays cached, just not protected). A refused pin has id 0 and a non-OK status.
 //
 // A session (session_id) holds at most one pin: each turn pins the whole conversation so far
 // (prompt + reply) and then drops the previous turn's pin, so the shared prefix is never
 // unpinned in between. Expiry only unpins (the radix index stops protecting the path when the
 // TTL passes; Sweep() then drops the handle). WART: demotion of an expired session to the disk
-// tier belongs here once the tiered store is wired in.
+// tier happens through the chunk store: a session's chunks are written behind when its turn
+// finishes, so an expired session is restored from RAM or disk on its next turn.
 //
 // Thread-safety: all methods are safe to call concurrently (one mutex); KvManager is
 // synchronized on its own.
@@ -19,14 +27,27 @@
 #include <string>
 #include <vector>
 
+#include "cachette/status.h"
 #include "kv/kv_manager.h"
 
 namespace cachette::sched {
 
+class PrefixSource;
+
+struct PinLimits {
+  double max_pinned_fraction = 0.5;
+  int64_t max_ttl_ms = 3600000;
+  size_t max_sessions = 10000;
+  size_t max_pins = 10000;
+};
+
 class PinRegistry {
  public:
   using ClockMs = std::function<int64_t()>;  // monotonic milliseconds
-  explicit PinRegistry(KvManager& kv, ClockMs clock = nullptr);
+  using Limits = PinLimits;
+  // `source` (may be null) receives the tier side of every pin; it must outlive the registry.
+  explicit PinRegistry(KvManager& kv, Limits limits = {}, ClockMs clock = nullptr,
+                       PrefixSource* source = nullptr);
 
   struct Info {
     uint64_t id = 0;
@@ -35,6 +56,7 @@ class PinRegistry {
     Hash128 ns;              // the namespace the pin holds pages in
     int64_t tokens = 0;      // tokens of the prefix actually cached and pinned
     int64_t expires_at_ms = 0;
+    Status status;           // why nothing was pinned, when id == 0 (kResourceExhausted: a cap)
   };
 
   // Pins the cached part of `tokens` in `ns` for ttl_ms (> 0). Returns the pin's info (id 0 and
@@ -61,11 +83,26 @@ class PinRegistry {
   struct Entry {
     Info info;
     KvManager::Pin pin;
+    uint64_t source_pin = 0;  // the chunk store's pin, 0 = none
+  };
+  // What a removed entry still holds; released outside the lock (the store has its own).
+  struct Released {
+    std::vector<KvManager::Pin> pins;
+    std::vector<uint64_t> source_pins;
   };
   int64_t Now() const { return clock_(); }
+  // Add; a session's pin does not count against max_pins (sessions have their own cap).
+  Info AddPin(const Hash128& ns, const std::string& cache_salt, std::span<const TokenId> tokens,
+              int64_t ttl_ms, bool session);
+  // Takes entry `it` out of the maps into `out`. REQUIRES(mu_).
+  std::map<uint64_t, Entry>::iterator Take(std::map<uint64_t, Entry>::iterator it,
+                                           Released* out);
+  void Release(Released& r);
 
   KvManager& kv_;
+  Limits limits_;
   ClockMs clock_;
+  PrefixSource* source_;
   std::mutex mu_;
   uint64_t next_id_ = 1;                            // GUARDED_BY(mu_)
   std::map<uint64_t, Entry> pins_;                  // GUARDED_BY(mu_)

@@ -1,23 +1,36 @@
 // The hook through which the scheduler reaches KV beyond the in-memory radix index (the tiered
-// chunk store: RAM, disk, Redis). The scheduler calls, on its loop thread only:
-//   Restore() after KvManager::Start() and before prefill: load whatever of prompt[n_tokens():]
-//             the source holds into the sequence's pages (Reserve, write, SetTokens) and return
-//             how many tokens it added, per tier. A late or failed load restores less: never an
-//             error, never a wrong answer.
-//   Save()    when a request finishes, before its pages are released: write behind whatever of
-//             `tokens` (all of them hold KV in `seq`) the source wants to keep.
-//   Lookup()  for the admin API: how much of `prompt` each tier could restore (no loading).
+// chunk store: RAM, disk, Redis). Nothing here may block the scheduler loop: lookups and loads
+// run on the source's own threads, and the loop only polls.
+//
+// A restore, as the scheduler drives it (loop thread):
+//   1. StartLoad(ns, prompt, have, deadline) right after admission, with `have` tokens already
+//      in the sequence from the radix index. Returns null when the source has nothing to offer
+//      (no tiers); otherwise a PendingLoad whose lookup and reads run in the background.
+//   2. ApplyLoad(load, seq) once per loop iteration while the request is loading: copies the
+//      chunks that have arrived, in prompt order, into the sequence's pages and reports them.
+//      It says `done` after the last chunk, at the first miss, when pages cannot be reserved,
+//      or once `deadline` passed; whatever was not copied by then is recomputed by prefill.
+//      Never an error, never a wrong answer.
+//   3. Save(seq, tokens, skip) when the request finishes, before its pages are released:
+//      writes behind the full chunks of `tokens` past the first `skip` tokens (those the tiers
+//      already held, LoadProgress::tier_tokens).
+// Pins and clears reach every tier: Pin/Unpin protect a prefix's chunks, Clear(ns) removes a
+// namespace's chunks from every tier (including copies other processes wrote to Redis).
 // The default (NoPrefixSource) does nothing, so the scheduler serves from memory alone.
 //
-// Thread-safety: Restore/Save come from the scheduler loop; Lookup and Stats from HTTP threads.
+// Thread-safety: StartLoad/ApplyLoad/Save come from the scheduler loop; Lookup, Pin, Unpin,
+// Clear and Stats may come from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "cachette/status.h"
 #include "cachette/types.h"
 #include "core/hash.h"
 #include "kv/kv_manager.h"
@@ -25,15 +38,43 @@
 
 namespace cachette::sched {
 
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+// One request's restore in flight; owned by the scheduler, opaque to it. Destroying it before
+// it is done is fine: late results are discarded.
+class PendingLoad {
+ public:
+  virtual ~PendingLoad() = default;
+};
+
+struct LoadProgress {
+  bool done = false;              // nothing more will be copied: the request may prefill
+  std::vector<TierTokens> added;  // tokens this call copied into the sequence, per tier
+  int64_t tier_tokens = 0;        // once known: leading prompt tokens the tiers hold (Save skip)
+};
+
 class PrefixSource {
  public:
   virtual ~PrefixSource() = default;
-  // Tokens added to `seq` (seq.n_tokens() grew by their sum), per tier, in restore order.
-  virtual std::vector<TierTokens> Restore(PagedSequence& seq, std::span<const TokenId> prompt) = 0;
-  virtual void Save(PagedSequence& seq, std::span<const TokenId> tokens) = 0;
+  virtual std::unique_ptr<PendingLoad> StartLoad(const Hash128& ns,
+                                                 std::span<const TokenId> prompt, int64_t have,
+                                                 SteadyTime deadline) = 0;
+  virtual LoadProgress ApplyLoad(PendingLoad& load, PagedSequence& seq) = 0;
+  virtual void Save(PagedSequence& seq, std::span<const TokenId> tokens, int64_t skip_tokens) = 0;
+
+  // For the admin API: how much of `prompt` each tier could restore (no loading). May wait for
+  // a remote tier up to its lookup timeout, so never call it on the scheduler loop.
   virtual std::vector<TierTokens> Lookup(const Hash128& ns, std::span<const TokenId> prompt) {
     return {};
   }
+  // Protects the full chunks of `tokens` in every local tier for ttl_ms (> 0); returns a pin id
+  // for Unpin (0 when the source holds nothing to pin).
+  virtual uint64_t Pin(const Hash128& ns, std::span<const TokenId> tokens, int64_t ttl_ms) {
+    return 0;
+  }
+  virtual void Unpin(uint64_t pin) {}
+  // Removes every chunk of `ns` from every tier.
+  virtual Status Clear(const Hash128& ns) { return Status::Ok(); }
   virtual nlohmann::json Stats() { return nlohmann::json::object(); }
   // Prometheus text exposition lines of the source's own metrics ("" when none).
   virtual std::string PrometheusText() { return {}; }
@@ -41,10 +82,12 @@ class PrefixSource {
 
 class NoPrefixSource final : public PrefixSource {
  public:
-  std::vector<TierTokens> Restore(PagedSequence&, std::span<const TokenId>) override {
-    return {};
+  std::unique_ptr<PendingLoad> StartLoad(const Hash128&, std::span<const TokenId>, int64_t,
+                                         SteadyTime) override {
+    return nullptr;
   }
-  void Save(PagedSequence&, std::span<const TokenId>) override {}
+  LoadProgress ApplyLoad(PendingLoad&, PagedSequence&) override { return {true, {}, 0}; }
+  void Save(PagedSequence&, std::span<const TokenId>, int64_t) override {}
 };
 
 }  // namespace cachette::sched

@@ -13,7 +13,7 @@ namespace cachette::sched {
 
 struct Scheduler::Seq {
   // See the state machine in scheduler.h.
-  enum class State { kQueued = 1, kPrefill = 2, kDecode = 3, kFinished = 4 };
+  enum class State { kQueued = 1, kLoading = 2, kPrefill = 3, kDecode = 4, kFinished = 5 };
 
   uint64_t id = 0;
   SchedRequest req;
@@ -25,6 +25,8 @@ struct Scheduler::Seq {
   int64_t forecast_blocks = 0;  // pages the block table will have at most
   bool cow_pending = false;     // its first write lands in a shared page (one more page)
   std::unique_ptr<PagedSequence> kv;
+  std::unique_ptr<PendingLoad> load;  // kLoading: the tier restore in flight
+  int64_t tier_tokens = 0;            // leading prompt tokens the tiers hold (Save skips them)
   std::vector<TokenId> tokens;  // prompt, then generated tokens
   std::vector<float> logits;    // [n_vocab] of the last computed position
   std::unique_ptr<Sampler> sampler;
@@ -39,7 +41,8 @@ struct Scheduler::Seq {
 
 namespace {
 constexpr int64_t kSweepEveryMs = 1000;
-constexpr size_t kMaxRememberedSalts = 10000;
+// While requests wait for tier loads and nothing else runs, the loop polls them this often.
+constexpr auto kLoadPoll = std::chrono::milliseconds(1);
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
@@ -50,8 +53,9 @@ Scheduler::Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& opti
       kv_(kv),
       options_(options),
       source_(source != nullptr ? source : &no_source_),
-      pins_(kv),
-      fingerprint_(engine.model().Fingerprint()),
+      pins_(kv, PinRegistry::Limits{options.max_pinned_fraction, options.max_pin_ttl_ms,
+                                    options.max_sessions, options.max_pins},
+            nullptr, source),
       n_ctx_(engine.model().config().n_ctx_train) {
   options_.max_running = std::max(1, options_.max_running);
   options_.step_tokens = std::max<int64_t>(options_.step_tokens, options_.max_running);
@@ -72,27 +76,57 @@ Hash128 Scheduler::Namespace(const std::string& cache_salt) {
   const kernels::KvType type = engine_.options().kv_type;
   if (!options_.prefix_cache) {
     // Nothing is ever committed here, so nothing is ever reused.
-    return KvNamespace(fingerprint_, type, std::string("\x01no-prefix-cache|") + cache_salt);
+    return KvNamespace(engine_.model(), type, std::string("\x01no-prefix-cache|") + cache_salt);
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (salts_.size() < kMaxRememberedSalts) salts_.insert(cache_salt);
+  const Hash128 ns = KvNamespace(engine_.model(), type, cache_salt);
+  RememberTenant(cache_salt, ns);
+  return ns;
+}
+
+void Scheduler::RememberTenant(const std::string& cache_salt, const Hash128& ns) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now_ms = NowNanos() / 1000000;
+  auto it = tenants_.find(cache_salt);
+  if (it != tenants_.end()) {
+    it->second.last_used_ms = now_ms;
+    return;
   }
-  return KvNamespace(fingerprint_, type, cache_salt);
+  // Bounded: past max_tenants the least recently used tenant is forgotten (its cached pages
+  // stay until evicted; ClearAll no longer reaches it by name, but Clear of its salt still does).
+  if (tenants_.size() >= std::max<size_t>(1, options_.max_tenants)) {
+    auto oldest = std::min_element(tenants_.begin(), tenants_.end(), [](const auto& a, const auto& b) {
+      return a.second.last_used_ms < b.second.last_used_ms;
+    });
+    tenants_.erase(oldest);
+  }
+  tenants_.emplace(cache_salt, Tenant{ns, now_ms});
+}
+
+Status Scheduler::ClearTenant(const std::string& cache_salt) {
+  const Hash128 ns = Namespace(cache_salt);
+  pins_.RemoveTenant(cache_salt);
+  kv_.Clear(ns);
+  return source_->Clear(ns);
 }
 
 size_t Scheduler::ClearAll() {
-  std::set<std::string> salts;
+  std::vector<std::string> salts = {""};
   {
     std::lock_guard<std::mutex> lock(mu_);
-    salts = salts_;
+    for (const auto& [salt, t] : tenants_) {
+      if (!salt.empty()) salts.push_back(salt);
+    }
   }
-  salts.insert("");
   for (const std::string& s : salts) {
-    pins_.RemoveTenant(s);
-    kv_.Clear(Namespace(s));
+    Status st = ClearTenant(s);
+    if (!st.ok()) CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
   }
   return salts.size();
+}
+
+size_t Scheduler::tenants() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return tenants_.size();
 }
 
 Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
@@ -179,9 +213,20 @@ void Scheduler::Loop() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      // Wake for work; with nothing running, also every sweep period (pins expire).
-      cv_.wait_for(lock, std::chrono::milliseconds(kSweepEveryMs), [&] {
-        return stop_ || wake_ || !inbox_.empty() || !running_.empty() ||
+      // Wake for work; with nothing running, also every sweep period (pins expire, queued
+      // requests time out). Requests waiting for tier loads are polled every kLoadPoll.
+      const bool only_loading =
+          !running_.empty() && std::all_of(running_.begin(), running_.end(), [](const auto& s) {
+            return s->state == Seq::State::kLoading;
+          });
+      const bool queue_timeouts = options_.queue_timeout_ms > 0 && !queue_.empty();
+      const auto wait = only_loading ? std::chrono::milliseconds(kLoadPoll)
+                        : queue_timeouts
+                            ? std::chrono::milliseconds(
+                                  std::min<int64_t>(kSweepEveryMs, options_.queue_timeout_ms))
+                            : std::chrono::milliseconds(kSweepEveryMs);
+      cv_.wait_for(lock, wait, [&] {
+        return stop_ || wake_ || !inbox_.empty() || (!running_.empty() && !only_loading) ||
                (!queue_.empty() && admission_dirty_);
       });
       wake_ = false;
@@ -189,7 +234,9 @@ void Scheduler::Loop() {
     }
     TakeSubmissions();
     ReapCancelled();
+    ExpireQueued();
     Admit();
+    PollLoads();
     if (!running_.empty()) Step();
     const int64_t now_ms = NowNanos() / 1000000;
     if (now_ms - last_sweep_ms_ >= kSweepEveryMs) {
@@ -271,30 +318,77 @@ void Scheduler::Admit() {
     s.usage.queue_seconds = static_cast<double>(s.admit_ns - s.submit_ns) * 1e-9;
     const int64_t memory = std::min(s.kv->n_tokens(), s.prompt_len - 1);
     s.usage.cached_by_tier.push_back({"memory", memory});
-    int64_t cached = memory;
-    if (options_.prefix_cache) {
-      for (TierTokens& t : source_->Restore(*s.kv, s.req.prompt)) {
-        t.tokens = std::min(t.tokens, s.prompt_len - 1 - cached);
-        cached += t.tokens;
-        std::lock_guard<std::mutex> lock(mu_);
-        stats_.restored_tokens += static_cast<uint64_t>(t.tokens);
-        s.usage.cached_by_tier.push_back(std::move(t));
-      }
-    }
-    s.usage.cached_tokens = cached;
+    s.usage.cached_tokens = memory;
     s.usage.prompt_tokens = s.prompt_len;
     s.logits.resize(engine_.model().config().n_vocab);
     s.sampler = std::make_unique<Sampler>(s.req.gen.sampling);
     s.detok = std::make_unique<StreamingDetokenizer>(engine_.model().tokenizer());
     for (const auto& stop : s.req.gen.stop) s.max_stop = std::max(s.max_stop, stop.size());
     s.state = Seq::State::kPrefill;
+    if (options_.prefix_cache) {
+      // The tiers are asked off this thread; the request waits in kLoading meanwhile.
+      s.load = source_->StartLoad(
+          s.ns, s.req.prompt, s.kv->n_tokens(),
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms));
+      if (s.load != nullptr) s.state = Seq::State::kLoading;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.prompt_tokens += static_cast<uint64_t>(s.prompt_len);
-      stats_.cached_tokens += static_cast<uint64_t>(cached);
+      stats_.cached_tokens += static_cast<uint64_t>(memory);
     }
     running_.push_back(std::move(queue_.front()));
     queue_.erase(queue_.begin());
+  }
+}
+
+void Scheduler::ExpireQueued() {
+  if (options_.queue_timeout_ms <= 0 || queue_.empty()) return;
+  const int64_t cutoff = NowNanos() - options_.queue_timeout_ms * 1000000;
+  bool expired = false;
+  for (auto& s : queue_) {
+    if (s->submit_ns < cutoff) {
+      Finish(*s, "", DeadlineExceeded("the request waited in the queue longer than " +
+                                      std::to_string(options_.queue_timeout_ms) +
+                                      " ms (--queue-timeout); retry later"));
+      expired = true;
+    }
+  }
+  if (expired) {
+    std::erase_if(queue_, [](const auto& s) { return s->state == Seq::State::kFinished; });
+  }
+}
+
+void Scheduler::PollLoads() {
+  for (auto& sp : running_) {
+    Seq& s = *sp;
+    if (s.state != Seq::State::kLoading) continue;
+    LoadProgress p = source_->ApplyLoad(*s.load, *s.kv);
+    s.tier_tokens = p.tier_tokens;
+    uint64_t restored = 0;
+    for (TierTokens& t : p.added) {
+      // Usage counts at most prompt_len - 1 cached tokens (the last one is always recomputed).
+      t.tokens = std::min(t.tokens, s.prompt_len - 1 - s.usage.cached_tokens);
+      if (t.tokens <= 0) continue;
+      s.usage.cached_tokens += t.tokens;
+      restored += static_cast<uint64_t>(t.tokens);
+      auto same = std::find_if(s.usage.cached_by_tier.begin(), s.usage.cached_by_tier.end(),
+                               [&](const TierTokens& u) { return u.tier == t.tier; });
+      if (same != s.usage.cached_by_tier.end()) {
+        same->tokens += t.tokens;
+      } else {
+        s.usage.cached_by_tier.push_back(std::move(t));
+      }
+    }
+    if (restored > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.restored_tokens += restored;
+      stats_.cached_tokens += restored;
+    }
+    if (p.done) {
+      s.load.reset();
+      s.state = Seq::State::kPrefill;
+    }
   }
 }
 
@@ -354,6 +448,7 @@ void Scheduler::Step() {
     stats_.reserve_failures += reserve_failures;
   }
   if (items.empty()) {
+    if (plan.empty()) return;  // every running request is still loading from the tiers
     // Nothing can progress (pins taken since admission hold the pages): give up the newest.
     Finish(*running_.back(), "", ResourceExhausted("the KV pool is exhausted; retry later"));
     running_.pop_back();
@@ -454,7 +549,8 @@ void Scheduler::Finish(Seq& s, const std::string& reason, const Status& error) {
     const int64_t fed = std::min<int64_t>(s.kv->n_tokens(), static_cast<int64_t>(s.tokens.size()));
     const std::span<const TokenId> kept(s.tokens.data(), static_cast<size_t>(fed));
     if (options_.prefix_cache && error.ok()) {
-      source_->Save(*s.kv, kept);
+      s.load.reset();  // a restore still in flight is abandoned (its late chunks are dropped)
+      source_->Save(*s.kv, kept, s.tier_tokens);
       kv_.Finish(*s.kv, kept);
       if (!s.req.session_id.empty() && fed > 0) {
         const int64_t ttl =

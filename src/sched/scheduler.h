@@ -11,9 +11,15 @@
 //   d. samples the next token of every sequence whose logits were computed and streams it.
 //
 // A request's states (numbered as in the code):
-//   1 kQueued  --admit-->  2 kPrefill  --prompt in KV, first token sampled-->  3 kDecode
-//   2, 3  --eos / stop string / max_tokens / context full / cancel / error-->  4 kFinished
-//   1  --cancel-->  4 kFinished.
+//   1 kQueued  --admit, the tiers may hold more of the prompt-->  2 kLoading
+//   1 kQueued  --admit, nothing to load-->  3 kPrefill
+//   2 kLoading --every chunk copied, a miss, or the load deadline-->  3 kPrefill
+//   3 kPrefill --prompt in KV, first token sampled-->  4 kDecode
+//   2, 3, 4  --eos / stop string / max_tokens / context full / cancel / error-->  5 kFinished
+//   1  --cancel, or queued longer than queue_timeout_ms-->  5 kFinished.
+// A loading request holds its admitted pages but takes no part in the batch: the loop polls
+// its restore (PrefixSource::ApplyLoad copies chunks into pages as they arrive) between steps,
+// so running sequences keep decoding whatever a slow disk or Redis does.
 //
 // Admission never overcommits KV memory: a request is admitted only when the pages it may still
 // allocate (prompt + max_tokens, less the full pages it shares from the cache) plus those every
@@ -23,7 +29,8 @@
 // kResourceExhausted instead of deadlocking.
 //
 // Prefix reuse: KvManager::Start() reuses the longest cached prefix in the request's namespace
-// (model fingerprint, KV type, cache_salt), then the PrefixSource may restore more; the prompt's
+// (KvNamespace: model, KV layout, RoPE, adapter, cache_salt: one value for the radix index, the
+// tiers and the admin API), then the PrefixSource may restore more; the prompt's
 // full pages are committed after prefill (concurrent requests share them) and everything is
 // committed when the request finishes (later requests hit).
 //
@@ -39,6 +46,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "cachette/status.h"
@@ -104,17 +112,24 @@ class Scheduler {
   KvManager& kv() { return kv_; }
   PrefixSource& source() { return *source_; }
   const SchedulerOptions& options() const { return options_; }
-  // The namespace of a tenant (cache_salt "" = the shared one). Remembers it for ClearAll.
+  // The namespace of a tenant (cache_salt "" = the shared one). Remembers it (up to
+  // max_tenants, least recently used forgotten first) for ClearAll.
   Hash128 Namespace(const std::string& cache_salt);
-  // Drops every cached prefix and pin of every namespace seen so far; returns how many.
+  // Drops the tenant's pins and its cached KV from memory and from every tier of the source.
+  Status ClearTenant(const std::string& cache_salt);
+  // ClearTenant for every remembered tenant and the shared namespace; returns how many.
   size_t ClearAll();
+  size_t tenants() const;  // remembered tenants
 
  private:
   struct Seq;
   void Loop();
   void TakeSubmissions();
   void ReapCancelled();
+  void ExpireQueued();
   void Admit();
+  void PollLoads();
+  void RememberTenant(const std::string& cache_salt, const Hash128& ns);
   bool Fits(Seq& s);
   void Step();
   // Samples and streams the token after `s`'s logits; returns false when `s` is finished.
@@ -128,7 +143,6 @@ class Scheduler {
   NoPrefixSource no_source_;
   PrefixSource* source_;
   PinRegistry pins_;
-  Hash128 fingerprint_;
   int64_t n_ctx_ = 0;
 
   mutable std::mutex mu_;
@@ -137,7 +151,11 @@ class Scheduler {
   bool stop_ = false;                          // GUARDED_BY(mu_)
   bool wake_ = false;                          // GUARDED_BY(mu_)
   std::vector<std::unique_ptr<Seq>> inbox_;    // GUARDED_BY(mu_): submitted, not yet queued
-  std::set<std::string> salts_;                // GUARDED_BY(mu_)
+  struct Tenant {
+    Hash128 ns;
+    int64_t last_used_ms = 0;
+  };
+  std::unordered_map<std::string, Tenant> tenants_;  // GUARDED_BY(mu_)
   uint64_t next_id_ = 1;                       // GUARDED_BY(mu_)
   SchedulerStats stats_;                       // GUARDED_BY(mu_)
 

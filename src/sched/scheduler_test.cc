@@ -6,10 +6,12 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <thread>
 
 #include "core/check.h"
+#include "core/timer.h"
 #include "engine/generate.h"
 
 namespace cachette::sched {
@@ -58,7 +60,7 @@ Collected Collect(RequestStream& s) {
 
 class SchedulerTest : public ::testing::Test {
  protected:
-  void Build(size_t pages, SchedulerOptions so) {
+  void Build(size_t pages, SchedulerOptions so, PrefixSource* source = nullptr) {
     EngineOptions eo;
     eo.threads = 2;
     eo.kv_type = KvType::kF32;
@@ -69,7 +71,7 @@ class SchedulerTest : public ::testing::Test {
     ko.page_tokens = 16;
     ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * pages;
     kv_ = std::make_unique<KvManager>(ko);
-    sched_ = std::make_unique<Scheduler>(*engine_, *kv_, so);
+    sched_ = std::make_unique<Scheduler>(*engine_, *kv_, so, source);
   }
   void TearDown() override {
     sched_.reset();
@@ -251,6 +253,140 @@ TEST_F(SchedulerTest, SessionsAndCacheControlPin) {
   EXPECT_TRUE(sched_->pins().RemoveSession("agent-1"));
   EXPECT_TRUE(sched_->pins().Remove(c.last.usage.pin_id));
   EXPECT_EQ(kv_->GetStats().pages_pinned, 0u);
+}
+
+// A source whose loads finish only when the test opens the gate (a frozen tier), and which
+// records the namespaces it was asked to clear.
+class GateSource final : public PrefixSource {
+ public:
+  struct Load final : PendingLoad {};
+  std::unique_ptr<PendingLoad> StartLoad(const Hash128&, std::span<const TokenId>, int64_t,
+                                         SteadyTime) override {
+    ++started;
+    return std::make_unique<Load>();
+  }
+  LoadProgress ApplyLoad(PendingLoad&, PagedSequence&) override {
+    return {open.load(), {}, 0};
+  }
+  void Save(PagedSequence&, std::span<const TokenId>, int64_t) override { ++saves; }
+  Status Clear(const Hash128& ns) override {
+    std::lock_guard<std::mutex> lock(mu);
+    cleared.push_back(ns);
+    return Status::Ok();
+  }
+  std::atomic<bool> open{false};
+  std::atomic<int> started{0}, saves{0};
+  std::mutex mu;
+  std::vector<Hash128> cleared;
+};
+
+TEST_F(SchedulerTest, LoadingRequestDoesNotStallRunningDecodes) {
+  GateSource gate;
+  SchedulerOptions so;
+  so.max_running = 4;
+  Build(512, so, &gate);
+  const auto pa = Text("Once upon a time");
+  auto a = sched_->Submit(Req(pa, 40, "a"));
+  ASSERT_TRUE(a.ok());
+  StreamEvent e;
+  std::vector<TokenId> got;
+  auto next_token = [&] {
+    EXPECT_TRUE((*a)->Next(&e, std::chrono::milliseconds(30000)));
+    EXPECT_EQ(e.kind, StreamEvent::Kind::kToken);
+    got.push_back(e.token);
+  };
+  // `a` is admitted while the gate is closed too: it waits for its own load first.
+  gate.open = true;
+  for (int i = 0; i < 3; ++i) next_token();
+  gate.open = false;
+  // `b` waits for a tier that does not answer; `a` keeps decoding meanwhile.
+  const auto pb = Text("A dictionary defines the word");
+  auto b = sched_->Submit(Req(pb, 8, "b"));
+  ASSERT_TRUE(b.ok());
+  for (int i = 0; i < 20; ++i) next_token();
+  EXPECT_EQ(gate.started.load(), 2);
+  EXPECT_FALSE((*b)->Next(&e, std::chrono::milliseconds(0))) << "b produced while loading";
+  gate.open = true;
+  Collected cb = Collect(**b);
+  ASSERT_EQ(cb.last.kind, StreamEvent::Kind::kDone) << cb.last.error.ToString();
+  EXPECT_EQ(cb.tokens, Reference(pb, 8));
+  Collected ca = Collect(**a);
+  got.insert(got.end(), ca.tokens.begin(), ca.tokens.end());
+  EXPECT_EQ(got, Reference(pa, 40));
+  EXPECT_EQ(gate.saves.load(), 2);
+}
+
+TEST_F(SchedulerTest, QueuedRequestTimesOut) {
+  SchedulerOptions so;
+  so.max_running = 1;
+  so.queue_timeout_ms = 150;
+  Build(512, so);
+  auto blocker = sched_->Submit(Req(Text("The history of the"), 400));
+  ASSERT_TRUE(blocker.ok());
+  auto waiting = sched_->Submit(Req(Text("Once upon a time"), 4));
+  ASSERT_TRUE(waiting.ok());
+  Collected c = Collect(**waiting);
+  EXPECT_EQ(c.last.kind, StreamEvent::Kind::kError);
+  EXPECT_EQ(c.last.error.code(), StatusCode::kDeadlineExceeded) << c.last.error.ToString();
+  EXPECT_TRUE(c.tokens.empty());
+  (*blocker)->Cancel();
+  Collect(**blocker);
+}
+
+TEST_F(SchedulerTest, PinsSessionsAndTenantsAreBounded) {
+  GateSource gate;
+  gate.open = true;
+  SchedulerOptions so;
+  so.max_pinned_fraction = 0.1;  // 6 of 64 pages
+  so.max_pin_ttl_ms = 1000;
+  so.max_pins = 1;
+  so.max_sessions = 2;
+  so.max_tenants = 3;
+  Build(64, so, &gate);
+  auto run = [&](SchedRequest r) {
+    auto s = sched_->Submit(std::move(r));
+    CT_CHECK(s.ok()) << s.status().ToString();
+    return Collect(**s);
+  };
+  // 8 pages of prompt: over the pinned-pages cap, so the pin is refused (the request is served).
+  std::vector<TokenId> big = Text("x");
+  while (big.size() < 8 * 16) big.push_back(static_cast<TokenId>(100 + big.size()));
+  SchedRequest r = Req(big, 1, "t1");
+  r.pin_ttl_ms = 60000;
+  Collected c = run(std::move(r));
+  EXPECT_EQ(c.last.kind, StreamEvent::Kind::kDone);
+  EXPECT_EQ(c.last.usage.pin_id, 0u);
+  EXPECT_EQ(kv_->GetStats().pages_pinned, 0u);
+  // A small prompt is pinned, with its TTL cut to max_pin_ttl_ms; a second pin is refused.
+  r = Req(Text("Once upon a time there was a"), 1, "t1");
+  r.pin_ttl_ms = 60000;
+  c = run(std::move(r));
+  ASSERT_NE(c.last.usage.pin_id, 0u);
+  const auto pins = sched_->pins().List();
+  ASSERT_EQ(pins.size(), 1u);
+  EXPECT_LE(pins[0].expires_at_ms - NowNanos() / 1000000, 1000);
+  EXPECT_EQ(pins[0].ns, sched_->Namespace("t1"));
+  r = Req(Text("The history of the"), 1, "t1");
+  r.pin_ttl_ms = 60000;
+  EXPECT_EQ(run(std::move(r)).last.usage.pin_id, 0u);
+  // Three sessions, at most two kept.
+  for (const char* id : {"s1", "s2", "s3"}) {
+    SchedRequest sr = Req(Text(std::string("Session ") + id), 2, "t2");
+    sr.session_id = id;
+    run(std::move(sr));
+  }
+  EXPECT_EQ(sched_->pins().sessions(), 2u);
+  // Tenants are remembered up to max_tenants.
+  for (const char* t : {"t3", "t4", "t5", "t6"}) run(Req(Text("Hello"), 1, t));
+  EXPECT_EQ(sched_->tenants(), 3u);
+  // Clearing a tenant drops its pins and reaches the source.
+  ASSERT_TRUE(sched_->ClearTenant("t1").ok());
+  EXPECT_TRUE(sched_->pins().List().size() == 2u);  // the two sessions of t2 stay
+  {
+    std::lock_guard<std::mutex> lock(gate.mu);
+    ASSERT_EQ(gate.cleared.size(), 1u);
+    EXPECT_EQ(gate.cleared[0], sched_->Namespace("t1"));
+  }
 }
 
 }  // namespace

@@ -5,17 +5,23 @@
   - a session restored from disk after a restart continues with the same tokens as an
     uninterrupted server (raw codec);
   - two servers sharing a Redis server share chunks;
-  - killing Redis fails no request (it becomes a miss and a counter).
+  - killing Redis fails no request (it becomes a miss and a counter);
+  - clearing a tenant removes its KV from every tier, across a restart and across servers;
+  - a frozen Redis (SIGSTOP) stalls no running stream, and requests restoring from it answer
+    like cold ones once their load deadline passes.
 
 Usage: tiers_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
 """
 import argparse
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -147,13 +153,201 @@ def test_redis_shared_and_dead(binary, model, tmp):
                 s.stop()
 
 
+class FreezingProxy:
+    """A TCP proxy in front of a real Redis that stops it (SIGSTOP) at the moment the first
+    GET of a record passes through once armed: the restore has looked its chunks up (EXISTS)
+    and is reading them when Redis freezes, the worst moment for a loop that would wait."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self.armed = False
+        self.frozen_at = None
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self):
+        return "redis://127.0.0.1:%d" % self.port
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.redis.port))
+            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+
+    def _pipe(self, src, dst, to_redis):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if to_redis and self.armed and b"$3\r\nGET\r\n" in data:
+                    self.armed = False
+                    os.kill(self.redis.proc.pid, signal.SIGSTOP)
+                    self.frozen_at = time.time()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (src, dst):
+                try:
+                    x.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_frozen_redis_never_stalls_streams(binary, model, tmp):
+    """Redis stopped (SIGSTOP) while requests restore from it, between the lookup of their chunks
+    and the read: a running stream keeps its inter-token gap, and the restoring requests answer
+    like cold ones once their load deadline passes."""
+    if shutil.which("redis-server") is None:
+        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+        return
+    redis = Redis(tmp)
+    a = b = None
+    docs = [LONG + " Document %d says:" % i for i in range(3)]
+    try:
+        a = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32")
+        cold = [complete(a, d)[0] for d in docs]
+        graceful_stop(a)  # flushes write-behind to Redis
+        a = None
+        proxy = FreezingProxy(redis)
+        b = Server(binary, model, "--redis", proxy.url(), "--chunk-tokens", "32",
+                   "--load-deadline-ms", "1000")
+        stamps = []  # arrival time of each streamed token of the long request
+
+        def long_stream():
+            c = b.conn()
+            try:
+                c.request("POST", "/v1/completions", body=json.dumps(
+                    {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0,
+                     "ignore_eos": True, "stream": True}),
+                    headers={"Content-Type": "application/json"})
+                r = c.getresponse()
+                while True:
+                    line = r.fp.readline()
+                    if not line or line.startswith(b"data: [DONE]"):
+                        break
+                    if line.startswith(b"data: "):
+                        stamps.append(time.time())
+            finally:
+                c.close()
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        deadline = time.time() + 30
+        while len(stamps) < 20 and time.time() < deadline:
+            time.sleep(0.01)
+        proxy.armed = True
+        results = [None] * len(docs)
+
+        def restore(i):
+            results[i] = complete(b, docs[i])
+
+        workers = [threading.Thread(target=restore, args=(i,)) for i in range(len(docs))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        thawed_at = time.time()
+        frozen_at = proxy.frozen_at or thawed_at
+        check(proxy.frozen_at is not None, "Redis was stopped while a restore read from it")
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        t.join(120)
+        before = [y - x for x, y in zip(stamps, stamps[1:]) if y < frozen_at]
+        # Every gap that overlaps the window, including the one in progress when Redis froze.
+        during = [y - x for x, y in zip(stamps, stamps[1:]) if y > frozen_at and x < thawed_at]
+        normal = sorted(before)[len(before) // 2] if before else 0
+        worst = max(during) if during else 0
+        print("  inter-token gap: median %.1f ms before, worst %.1f ms while Redis was stopped "
+              "(%d gaps over %.2f s)" % (normal * 1e3, worst * 1e3, len(during),
+                                         thawed_at - frozen_at))
+        check(len(during) >= 10, "the long stream ran while Redis was stopped (%d gaps)" %
+              len(during))
+        # A restore that waited on the loop thread would stall it for the whole 1 s load
+        # deadline; batching the restoring requests' prefill (256 tokens a step) is the rest.
+        check(worst < max(0.7, 10 * normal),
+              "no stream stalls on a frozen Redis: worst gap %.0f ms (median before %.1f ms)" %
+              (worst * 1e3, normal * 1e3))
+        for i, r in enumerate(results):
+            check(r is not None and r[0] == cold[i],
+                  "request %d restoring from a frozen Redis answers like a cold one" % i)
+        check(b.healthy(), "server healthy after Redis thawed")
+    finally:
+        try:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
+        redis.kill()
+        for s in (a, b):
+            if s is not None:
+                s.stop()
+
+
+def test_clear_reaches_every_tier(binary, model, tmp):
+    """POST /v1/cache/clear removes a tenant's KV from memory, RAM, disk and Redis: neither a
+    restarted server nor another server sharing Redis restores it; other tenants keep theirs."""
+    if shutil.which("redis-server") is None:
+        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+        return
+    redis = Redis(tmp)
+    d = os.path.join(tmp, "disk-clear")
+    a = b = None
+    try:
+        args = ("--redis", redis.url(), "--disk-dir", d, "--chunk-tokens", "32")
+        a = Server(binary, model, *args)
+        cold_x, _ = complete(a, LONG, cache_salt="tenant-x")
+        cold_y, _ = complete(a, LONG, cache_salt="tenant-y")
+        graceful_stop(a)  # chunks reach disk and Redis
+        a = Server(binary, model, *args)
+        _, u = complete(a, LONG, cache_salt="tenant-x")
+        check(u["prompt_tokens_details"]["cached_tokens"] > 0,
+              "before the clear, a restarted server restores tenant-x: %s" % u)
+        status, r = a.post("/v1/cache/clear", {"cache_salt": "tenant-x"})
+        check(status == 200, "clear answers 200: %s %s" % (status, r))
+        graceful_stop(a)
+        a = Server(binary, model, *args)
+        text, u = complete(a, LONG, cache_salt="tenant-x")
+        check(u["prompt_tokens_details"]["cached_tokens"] == 0,
+              "after the clear and a restart, tenant-x restores nothing: %s" % u)
+        check(text == cold_x, "tenant-x answers like a cold run after the clear")
+        graceful_stop(a)
+        a = None
+        # Another server sharing only Redis (its own empty disk): tenant-x was cleared there too
+        # (the run above wrote it again, so clear once more, from this server), tenant-y not.
+        b = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32")
+        status, _ = b.post("/v1/cache/clear", {"cache_salt": "tenant-x"})
+        check(status == 200, "clear from a second server")
+        _, ux = complete(b, LONG, cache_salt="tenant-x")
+        check(by_tier(ux).get("redis", 0) == 0, "cleared tenant-x is gone from Redis: %s" % ux)
+        text_y, uy = complete(b, LONG, cache_salt="tenant-y")
+        check(by_tier(uy).get("redis", 0) >= 32, "tenant-y still restores from Redis: %s" % uy)
+        check(text_y == cold_y, "tenant-y restored from Redis answers like a cold run")
+    finally:
+        redis.kill()
+        for s in (a, b):
+            if s is not None:
+                s.stop()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", required=True)
     p.add_argument("--model", required=True)
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cachette-tiers-")
-    tests = [test_restart_hits_disk, test_session_restored_from_disk, test_redis_shared_and_dead]
+    tests = [test_restart_hits_disk, test_session_restored_from_disk, test_redis_shared_and_dead,
+             test_frozen_redis_never_stalls_streams, test_clear_reaches_every_tier]
     failed = 0
     try:
         for t in tests:

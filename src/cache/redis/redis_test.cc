@@ -19,7 +19,26 @@
 #include <vector>
 
 #include "cache/redis/redis_conn.h"
+#include "cache/redis/redis_record.h"
 #include "cache/redis/redis_tier.h"
+#include "core/hash.h"
+
+// The largest single C++ allocation since the last reset: hostile heads must not make the reader
+// allocate what they claim. (hiredis's own buffers hold only bytes the server really sent.)
+// GCC sees free() of memory from the replaced operator new as a mismatch (it is not): silence it.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+static std::atomic<size_t> g_largest_alloc{0};
+void* operator new(size_t n) {
+  size_t seen = g_largest_alloc.load(std::memory_order_relaxed);
+  while (n > seen && !g_largest_alloc.compare_exchange_weak(seen, n)) {
+  }
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace cachette::cache {
 namespace {
@@ -225,6 +244,134 @@ TEST(RedisOpenTest, RejectsBadOptions) {
   o.urls = {g_url};
   o.key_prefix = "a{b";
   EXPECT_EQ(RedisTier::Open(o).status().code(), StatusCode::kInvalidArgument);
+}
+
+
+// ---- The head parser and part assembly, without a server ----------------------------------
+
+// A head value with every field chosen by the test.
+std::string HeadBytes(uint32_t n_parts, uint32_t part_bytes, uint64_t total, uint64_t checksum,
+                      uint16_t version = kRedisHeadVersion, uint16_t flags = 0,
+                      std::string magic = "CTRH") {
+  std::string v = magic.substr(0, 4);
+  auto put = [&](uint64_t x, int n) {
+    for (int i = 0; i < n; ++i) v.push_back(static_cast<char>((x >> (8 * i)) & 0xff));
+  };
+  put(version, 2);
+  put(flags, 2);
+  put(n_parts, 4);
+  put(part_bytes, 4);
+  put(total, 8);
+  put(checksum, 8);
+  return v;
+}
+
+ByteSpan Span(const std::string& s) {
+  return ByteSpan(reinterpret_cast<const std::byte*>(s.data()), s.size());
+}
+
+struct HostileHead {
+  const char* name;
+  std::string value;
+  StatusCode code;
+};
+
+std::vector<HostileHead> HostileHeads() {
+  constexpr uint64_t kHuge = uint64_t{1} << 40;
+  return {
+      {"billions_of_parts", HeadBytes(4000000000u, 1, 4000000000u, 0), StatusCode::kCorruption},
+      {"billions_of_parts_of_1mib", HeadBytes(4000000000u, 1 << 20, kHuge, 0),
+       StatusCode::kCorruption},
+      {"parts_over_the_limit", HeadBytes(100000, 64, 6400000, 0), StatusCode::kCorruption},
+      {"huge_total_inline", HeadBytes(0, 0, kHuge, 0), StatusCode::kCorruption},
+      {"max_total", HeadBytes(2, 1 << 20, UINT64_MAX, 0), StatusCode::kCorruption},
+      {"total_mismatch", HeadBytes(3, 1000, 5000, 0), StatusCode::kCorruption},
+      {"total_zero_with_parts", HeadBytes(3, 1000, 0, 0), StatusCode::kCorruption},
+      {"part_bytes_zero", HeadBytes(5, 0, 5000, 0), StatusCode::kCorruption},
+      {"part_bytes_over_split", HeadBytes(2, 1 << 30, (uint64_t{1} << 30) + 1, 0),
+       StatusCode::kCorruption},
+      {"inline_part_bytes", HeadBytes(0, 7, 0, 0), StatusCode::kCorruption},
+      {"inline_longer_than_head_says", HeadBytes(0, 0, 3, 0) + "abcd", StatusCode::kCorruption},
+      {"inline_shorter_than_head_says", HeadBytes(0, 0, 30, 0) + "abcd",
+       StatusCode::kCorruption},
+      {"bytes_after_split_head", HeadBytes(2, 1 << 20, 3 << 19, 0) + "x",
+       StatusCode::kCorruption},
+      {"truncated", HeadBytes(2, 1 << 20, 3 << 19, 0).substr(0, 20), StatusCode::kCorruption},
+      {"empty", "", StatusCode::kCorruption},
+      {"bad_magic", HeadBytes(0, 0, 0, 0, kRedisHeadVersion, 0, "XTRH"), StatusCode::kCorruption},
+      {"old_version", HeadBytes(0, 0, 0, 0, 1), StatusCode::kNotFound},
+      {"future_version", HeadBytes(0, 0, 0, 0, 0xffff), StatusCode::kNotFound},
+      {"unknown_flags", HeadBytes(0, 0, 0, 0, kRedisHeadVersion, 4), StatusCode::kNotFound},
+  };
+}
+
+// A reader of records up to 64 MiB in parts of 1 MiB: at most 64 parts.
+RedisRecordLimits TestLimits() { return RedisLimitsFor(uint64_t{64} << 20, 1 << 20); }
+
+TEST(RedisRecordTest, LimitsFollowFromRecordAndSplitSize) {
+  RedisRecordLimits l = TestLimits();
+  EXPECT_EQ(l.max_parts, 64u);
+  EXPECT_EQ(l.max_part_bytes, uint64_t{1} << 20);
+  EXPECT_EQ(RedisLimitsFor(1000, 300).max_parts, 4u);
+  EXPECT_EQ(RedisLimitsFor(10, 300).max_parts, 1u);
+}
+
+TEST(RedisRecordTest, HostileHeadsAreRejectedBeforeAnyAllocation) {
+  for (const HostileHead& h : HostileHeads()) {
+    SCOPED_TRACE(h.name);
+    g_largest_alloc = 0;
+    Result<RedisHead> got = ParseRedisHead(Span(h.value), TestLimits());
+    const size_t largest = g_largest_alloc.load();
+    ASSERT_FALSE(got.ok());
+    EXPECT_EQ(got.status().code(), h.code) << got.status().ToString();
+    EXPECT_LT(largest, size_t{4096}) << "a rejected head allocated " << largest << " bytes";
+  }
+}
+
+TEST(RedisRecordTest, EncodeParseAssembleRoundTrip) {
+  for (size_t size : {size_t{0}, size_t{1}, size_t{1000}, size_t{1024}, size_t{1025},
+                      size_t{3 * 1024 + 7}}) {
+    SCOPED_TRACE(size);
+    std::vector<std::byte> rec = MakeRecord(size, size + 1);
+    RedisHead written;
+    const std::string value = EncodeRedisHead(rec, 1024, &written);
+    Result<RedisHead> h = ParseRedisHead(Span(value), RedisLimitsFor(1 << 20, 1024));
+    ASSERT_TRUE(h.ok()) << h.status().ToString();
+    EXPECT_EQ(h->n_parts, written.n_parts);
+    EXPECT_EQ(h->n_parts, size > 1024 ? (size + 1023) / 1024 : 0u);
+    EXPECT_EQ(h->total_bytes, size);
+    std::vector<ByteSpan> parts;
+    for (uint32_t i = 0; i < h->n_parts; ++i) {
+      parts.push_back(ByteSpan(rec).subspan(uint64_t{i} * 1024, h->PartLength(i)));
+    }
+    auto out = AssembleRedisRecord(*h, parts);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    EXPECT_EQ(*out, rec);
+  }
+}
+
+TEST(RedisRecordTest, PartsThatDisagreeWithTheHeadAreCorrupt) {
+  std::vector<std::byte> rec = MakeRecord(2500, 5);
+  const std::string value = EncodeRedisHead(rec, 1000, nullptr);
+  Result<RedisHead> h = ParseRedisHead(Span(value), RedisLimitsFor(1 << 20, 1000));
+  ASSERT_TRUE(h.ok());
+  ASSERT_EQ(h->n_parts, 3u);
+  const ByteSpan all(rec);
+  std::vector<std::byte> flipped(rec.begin() + 2000, rec.end());
+  flipped[7] ^= std::byte{1};
+  const std::vector<std::pair<const char*, std::vector<ByteSpan>>> cases = {
+      {"too_few", {all.subspan(0, 1000), all.subspan(1000, 1000)}},
+      {"too_many", {all.subspan(0, 1000), all.subspan(1000, 1000), all.subspan(2000),
+                    all.subspan(0, 1)}},
+      {"short_part", {all.subspan(0, 999), all.subspan(1000, 1000), all.subspan(2000)}},
+      {"long_last_part", {all.subspan(0, 1000), all.subspan(1000, 1000), all.subspan(1500)}},
+      {"other_bytes", {all.subspan(0, 1000), all.subspan(1000, 1000), ByteSpan(flipped)}},
+  };
+  for (const auto& [name, parts] : cases) {
+    SCOPED_TRACE(name);
+    auto out = AssembleRedisRecord(*h, parts);
+    EXPECT_EQ(out.status().code(), StatusCode::kCorruption);
+  }
 }
 
 class RedisModeTest : public ::testing::TestWithParam<bool> {
@@ -453,6 +600,109 @@ TEST_P(RedisModeTest, ThroughputLog) {
                 mb / std::chrono::duration<double>(t2 - t1).count());
     for (const ChunkKey& k : keys) ASSERT_TRUE(tier->Erase(k).ok());
   }
+}
+
+// Every hostile head of the table above, stored where a record's head lives: a miss, counted,
+// and no allocation of what it claims, in both modes.
+TEST_P(RedisModeTest, HostileValuesAreMissesWithoutBigAllocations) {
+  RedisTierOptions o = Options(cluster());
+  o.max_record_bytes = uint64_t{64} << 20;
+  auto tier = OpenOrDie(o);
+  ASSERT_NE(tier, nullptr);
+  const Hash128 ns{7, RandomKey().lo};
+  for (const HostileHead& h : HostileHeads()) {
+    SCOPED_TRACE(h.name);
+    const ChunkKey key = RandomKey();
+    ASSERT_NE(Raw(cluster(), {"SET", tier->HeadKey(ns, key), h.value}), nullptr);
+    g_largest_alloc = 0;
+    auto got = tier->GetIn(ns, key, In(2000ms));
+    EXPECT_EQ(got.status().code(), StatusCode::kNotFound) << got.status().ToString();
+    EXPECT_LT(g_largest_alloc.load(), size_t{1} << 20);
+    EXPECT_TRUE(tier->EraseIn(ns, key).ok());
+    EXPECT_EQ(Raw(cluster(), {"EXISTS", tier->HeadKey(ns, key)})->integer, 0);
+  }
+  // A valid head whose parts are another length than it says.
+  const ChunkKey key = RandomKey();
+  std::vector<std::byte> rec = MakeRecord(3 << 20, 11);
+  ASSERT_TRUE(tier->PutIn(ns, key, rec, 0).ok());
+  ASSERT_NE(Raw(cluster(), {"SET", tier->PartKey(ns, key, 1), std::string(100, 'x')}), nullptr);
+  g_largest_alloc = 0;
+  EXPECT_EQ(tier->GetIn(ns, key, In(2000ms)).status().code(), StatusCode::kNotFound);
+  EXPECT_LT(g_largest_alloc.load(), size_t{1} << 20);
+  EXPECT_EQ(tier->Stats().hits, 0u);
+  EXPECT_GE(tier->Stats().corruptions, 10u);
+  EXPECT_TRUE(tier->EraseIn(ns, key).ok());
+}
+
+// Every key of the SCAN pattern of `ns`, over every master.
+size_t CountNamespaceKeys(bool cluster, const RedisTier& tier, const Hash128& ns) {
+  std::vector<std::string> nodes;
+  if (cluster) {
+    nodes = ClusterMasters();
+  } else {
+    auto [host, port] = HostPort(g_url);
+    nodes = {host + ":" + std::to_string(port)};
+  }
+  size_t n = 0;
+  for (const std::string& a : nodes) {
+    const size_t colon = a.rfind(':');
+    std::string cursor = "0";
+    do {
+      ReplyPtr r = RawAt(a.substr(0, colon), std::stoi(a.substr(colon + 1)),
+                         {"SCAN", cursor, "MATCH", tier.NamespacePattern(ns), "COUNT", "1000"});
+      if (r == nullptr || r->type != REDIS_REPLY_ARRAY) return SIZE_MAX;
+      cursor = std::string(r->element[0]->str, r->element[0]->len);
+      n += r->element[1]->elements;
+    } while (cursor != "0");
+  }
+  return n;
+}
+
+// Two tiers (two processes' worth) sharing one Redis: A writes namespaces X and Y, B clears X.
+TEST_P(RedisModeTest, ClearNamespaceRemovesEveryWritersKeys) {
+  RedisTierOptions o = Options(cluster());
+  o.split_bytes = 4096;
+  auto a = OpenOrDie(o);
+  auto b = OpenOrDie(o);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  const Hash128 x{1, RandomKey().lo}, y{2, RandomKey().lo};
+  std::vector<ChunkKey> keys;
+  for (int i = 0; i < 20; ++i) keys.push_back(RandomKey());
+  const std::vector<std::byte> small = MakeRecord(100, 1), split = MakeRecord(3 * 4096 + 5, 2);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const auto& rec = i % 2 == 0 ? small : split;
+    ASSERT_TRUE(a->PutIn(x, keys[i], rec, 0).ok());
+    ASSERT_TRUE(a->PutIn(y, keys[i], rec, 0).ok());  // same chunk keys, another namespace
+  }
+  EXPECT_EQ(CountNamespaceKeys(cluster(), *a, x), 10u + 10u * 5u);  // heads + 4 parts each
+  ASSERT_TRUE(b->ClearNamespace(x).ok());
+  EXPECT_EQ(CountNamespaceKeys(cluster(), *a, x), 0u);
+  for (const ChunkKey& k : keys) {
+    EXPECT_EQ(a->GetIn(x, k, In(2000ms)).status().code(), StatusCode::kNotFound);
+    EXPECT_EQ(b->GetIn(x, k, In(2000ms)).status().code(), StatusCode::kNotFound);
+    EXPECT_TRUE(b->GetIn(y, k, In(2000ms)).ok());
+  }
+  EXPECT_EQ(a->ContainsManyIn(x, keys, In(2000ms)), std::vector<bool>(keys.size(), false));
+  EXPECT_EQ(a->ContainsManyIn(y, keys, In(2000ms)), std::vector<bool>(keys.size(), true));
+  // An empty namespace clears fine; then Y goes too.
+  EXPECT_TRUE(b->ClearNamespace(x).ok());
+  ASSERT_TRUE(a->ClearNamespace(y).ok());
+  EXPECT_EQ(CountNamespaceKeys(cluster(), *a, y), 0u);
+}
+
+TEST(RedisKeysTest, NamespaceIsInEveryKeyAndGlobsAreEscaped) {
+  RedisTierOptions o = Options(false);
+  o.key_prefix = "t*[x]?:";
+  auto tier = OpenOrDie(o);
+  ASSERT_NE(tier, nullptr);
+  const Hash128 ns{0x1111, 0x2222};
+  const ChunkKey k{3, 4};
+  EXPECT_EQ(tier->HeadKey(ns, k), "t*[x]?:" + ns.ToHex() + ":{" + k.ToHex() + "}");
+  EXPECT_EQ(tier->PartKey(ns, k, 2), tier->HeadKey(ns, k) + ":2");
+  EXPECT_EQ(tier->NamespacePattern(ns), "t\\*\\[x\\]\\?:" + ns.ToHex() + ":{*");
+  EXPECT_EQ(redis::KeySlot(tier->HeadKey(ns, k)), redis::KeySlot(tier->PartKey(ns, k, 9)));
+  EXPECT_EQ(redis::KeySlot(tier->HeadKey(ns, k)), redis::KeySlot(tier->HeadKey(Hash128{}, k)));
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, RedisModeTest, ::testing::Values(false, true),

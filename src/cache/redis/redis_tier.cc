@@ -17,55 +17,11 @@ using redis::Node;
 using redis::Redirect;
 using redis::ReplyPtr;
 
-constexpr char kHeadMagic[4] = {'C', 'T', 'R', 'H'};
-constexpr uint16_t kHeadVersion = 1;
-constexpr size_t kHeadBytes = 32;
-// Larger than any chunk cachette writes; a head claiming more is treated as corrupt rather
-// than trusted with an allocation.
-constexpr uint64_t kMaxRecordBytes = uint64_t{1} << 36;
-// Redis's own default proto-max-bulk-len is 512 MiB; parts must stay below it.
-constexpr uint64_t kMaxSplitBytes = uint64_t{256} << 20;
+// Commands per SCAN page and per UNLINK pipeline in ClearNamespace.
+constexpr int kScanCount = 1000;
 
-struct Head {
-  uint32_t n_parts = 0;
-  uint32_t part_bytes = 0;
-  uint64_t total_bytes = 0;
-  uint64_t checksum = 0;
-};
-
-template <typename T>
-void PutLe(char* p, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
-}
-template <typename T>
-T GetLe(const char* p) {
-  T v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= T(static_cast<uint8_t>(p[i])) << (8 * i);
-  return v;
-}
-
-void EncodeHead(const Head& h, char* out) {
-  std::memcpy(out, kHeadMagic, 4);
-  PutLe<uint16_t>(out + 4, kHeadVersion);
-  PutLe<uint16_t>(out + 6, 0);
-  PutLe<uint32_t>(out + 8, h.n_parts);
-  PutLe<uint32_t>(out + 12, h.part_bytes);
-  PutLe<uint64_t>(out + 16, h.total_bytes);
-  PutLe<uint64_t>(out + 24, h.checksum);
-}
-
-// Parses and sanity-checks a head (its first kHeadBytes; `len` is the whole value's length).
-bool DecodeHead(const char* p, size_t len, Head* h) {
-  if (len < kHeadBytes || std::memcmp(p, kHeadMagic, 4) != 0) return false;
-  if (GetLe<uint16_t>(p + 4) != kHeadVersion) return false;
-  h->n_parts = GetLe<uint32_t>(p + 8);
-  h->part_bytes = GetLe<uint32_t>(p + 12);
-  h->total_bytes = GetLe<uint64_t>(p + 16);
-  h->checksum = GetLe<uint64_t>(p + 24);
-  if (h->total_bytes > kMaxRecordBytes) return false;
-  if (h->n_parts == 0) return true;
-  return h->part_bytes > 0 &&
-         h->n_parts == (h->total_bytes + h->part_bytes - 1) / h->part_bytes;
+ByteSpan AsBytes(const redisReply* r) {
+  return ByteSpan(reinterpret_cast<const std::byte*>(r->str), r->len);
 }
 
 bool ParseUrl(std::string_view url, bool* cluster, std::string* host, int* port) {
@@ -110,14 +66,19 @@ bool IsOk(const redisReply* r) {
 }  // namespace
 
 RedisTier::RedisTier(const RedisTierOptions& options, bool cluster)
-    : options_(options), cluster_(cluster) {}
+    : options_(options),
+      limits_(RedisLimitsFor(options.max_record_bytes, options.split_bytes)),
+      cluster_(cluster) {}
 
 RedisTier::~RedisTier() = default;
 
 Result<std::unique_ptr<RedisTier>> RedisTier::Open(const RedisTierOptions& options) {
   if (options.urls.empty()) return InvalidArgument("redis tier: no URL");
-  if (options.split_bytes == 0 || options.split_bytes > kMaxSplitBytes) {
+  if (options.split_bytes == 0 || options.split_bytes > kRedisMaxPartBytes) {
     return InvalidArgument("redis tier: split_bytes must be in (0, 256 MiB]");
+  }
+  if (options.max_record_bytes == 0) {
+    return InvalidArgument("redis tier: max_record_bytes must be positive");
   }
   if (options.key_prefix.find_first_of("{}") != std::string::npos) {
     return InvalidArgument("redis tier: key_prefix must not contain '{' or '}'");
@@ -159,12 +120,21 @@ Result<std::unique_ptr<RedisTier>> RedisTier::Open(const RedisTierOptions& optio
   return tier;
 }
 
-std::string RedisTier::HeadKey(const ChunkKey& key) const {
-  return options_.key_prefix + "{" + key.ToHex() + "}";
+std::string RedisTier::HeadKey(const Hash128& ns, const ChunkKey& key) const {
+  return options_.key_prefix + ns.ToHex() + ":{" + key.ToHex() + "}";
 }
 
-std::string RedisTier::PartKey(const ChunkKey& key, uint32_t part) const {
-  return HeadKey(key) + ":" + std::to_string(part);
+std::string RedisTier::PartKey(const Hash128& ns, const ChunkKey& key, uint32_t part) const {
+  return HeadKey(ns, key) + ":" + std::to_string(part);
+}
+
+std::string RedisTier::NamespacePattern(const Hash128& ns) const {
+  std::string p;
+  for (char c : options_.key_prefix) {
+    if (c == '*' || c == '?' || c == '[' || c == ']' || c == '\\') p.push_back('\\');
+    p.push_back(c);
+  }
+  return p + ns.ToHex() + ":{*";
 }
 
 Node* RedisTier::NodeFor(const std::string& address) {
@@ -358,22 +328,30 @@ Status RedisTier::CountFailure(const Status& s) {
 
 Status RedisTier::Put(const ChunkKey& key, std::span<const std::byte> record,
                       uint32_t ttl_seconds) {
-  if (record.size() > kMaxRecordBytes) return InvalidArgument("redis tier: record too large");
+  return PutIn(Hash128{}, key, record, ttl_seconds);
+}
+Result<std::vector<std::byte>> RedisTier::Get(const ChunkKey& key, Deadline deadline) {
+  return GetIn(Hash128{}, key, deadline);
+}
+std::vector<bool> RedisTier::ContainsMany(std::span<const ChunkKey> keys, Deadline deadline) {
+  return ContainsManyIn(Hash128{}, keys, deadline);
+}
+Status RedisTier::Erase(const ChunkKey& key) { return EraseIn(Hash128{}, key); }
+
+Status RedisTier::PutIn(const Hash128& ns, const ChunkKey& key,
+                        std::span<const std::byte> record, uint32_t ttl_seconds) {
+  if (record.size() > options_.max_record_bytes) {
+    return InvalidArgument("redis tier: record of " + std::to_string(record.size()) +
+                           " bytes above max_record_bytes " +
+                           std::to_string(options_.max_record_bytes));
+  }
   const uint32_t ttl = ttl_seconds != 0 ? ttl_seconds : options_.default_ttl_seconds;
   const std::string ttl_text = std::to_string(ttl);
   const std::string_view data(reinterpret_cast<const char*>(record.data()), record.size());
-  const std::string head_key = HeadKey(key);
+  const std::string head_key = HeadKey(ns, key);
 
-  Head h;
-  h.total_bytes = record.size();
-  h.checksum = Hash64(record);
-  if (record.size() > options_.split_bytes) {
-    h.part_bytes = static_cast<uint32_t>(options_.split_bytes);
-    h.n_parts = static_cast<uint32_t>((record.size() + h.part_bytes - 1) / h.part_bytes);
-  }
-  std::string head_value(kHeadBytes, '\0');
-  EncodeHead(h, head_value.data());
-  if (h.n_parts == 0) head_value.append(data);
+  RedisHead h;
+  const std::string head_value = EncodeRedisHead(record, options_.split_bytes, &h);
 
   std::vector<std::string> part_keys;
   part_keys.reserve(h.n_parts);
@@ -386,7 +364,7 @@ Status RedisTier::Put(const ChunkKey& key, std::span<const std::byte> record,
       commands.push_back({"SET", k, v});
     }
   };
-  for (uint32_t i = 0; i < h.n_parts; ++i) part_keys.push_back(PartKey(key, i));
+  for (uint32_t i = 0; i < h.n_parts; ++i) part_keys.push_back(PartKey(ns, key, i));
   for (uint32_t i = 0; i < h.n_parts; ++i) {
     add_set(part_keys[i], data.substr(uint64_t{i} * h.part_bytes, h.part_bytes));
   }
@@ -423,65 +401,74 @@ Status RedisTier::Put(const ChunkKey& key, std::span<const std::byte> record,
   return Status::Ok();
 }
 
-Result<std::vector<std::byte>> RedisTier::Get(const ChunkKey& key, Deadline deadline) {
+Result<std::vector<std::byte>> RedisTier::GetIn(const Hash128& ns, const ChunkKey& key,
+                                                Deadline deadline) {
   counters_.gets.fetch_add(1, std::memory_order_relaxed);
   auto miss = [this](std::atomic<uint64_t>* why_counter, std::string why) {
     counters_.misses.fetch_add(1, std::memory_order_relaxed);
     if (why_counter != nullptr) why_counter->fetch_add(1, std::memory_order_relaxed);
     return NotFound(std::move(why));
   };
-  const std::string head_key = HeadKey(key);
+  const std::string head_key = HeadKey(ns, key);
   const int slot = redis::KeySlot(head_key);
   auto head_replies = Execute(slot, {{"GET", head_key}}, false, deadline);
   if (!head_replies.ok()) return CountFailure(head_replies.status().WithContext("redis get"));
   const redisReply* hr = (*head_replies)[0].get();
   if (hr->type == REDIS_REPLY_NIL) return miss(nullptr, "redis get: no such key");
-  Head h;
-  if (hr->type != REDIS_REPLY_STRING || !DecodeHead(hr->str, hr->len, &h)) {
-    return miss(&counters_.corruptions, "redis get: corrupt head " + head_key);
+  if (hr->type != REDIS_REPLY_STRING) {
+    return miss(&counters_.corruptions, "redis get: " + head_key + " is not a string");
   }
-  std::vector<std::byte> out;
-  if (h.n_parts == 0) {
-    if (hr->len - kHeadBytes != h.total_bytes) {
-      return miss(&counters_.corruptions, "redis get: head length mismatch " + head_key);
-    }
-    out.resize(h.total_bytes);
-    if (h.total_bytes > 0) std::memcpy(out.data(), hr->str + kHeadBytes, h.total_bytes);
+  // Nothing the head claims is used before ParseRedisHead checked it against limits_.
+  Result<RedisHead> h = ParseRedisHead(AsBytes(hr), limits_);
+  if (!h.ok()) {
+    return miss(h.status().code() == StatusCode::kCorruption ? &counters_.corruptions : nullptr,
+                "redis get " + head_key + ": " + std::string(h.status().message()));
+  }
+  Result<std::vector<std::byte>> out = Corruption("unset");
+  if (h->n_parts == 0) {
+    out = AssembleRedisRecord(*h, {});
   } else {
     std::vector<std::string> part_keys;
     std::vector<Command> commands;
-    part_keys.reserve(h.n_parts);
-    for (uint32_t i = 0; i < h.n_parts; ++i) part_keys.push_back(PartKey(key, i));
+    part_keys.reserve(h->n_parts);
+    commands.reserve(h->n_parts);
+    for (uint32_t i = 0; i < h->n_parts; ++i) part_keys.push_back(PartKey(ns, key, i));
     for (const std::string& k : part_keys) commands.push_back({"GET", k});
     head_replies->clear();  // free the head before holding all the parts
     auto parts = Execute(slot, commands, false, deadline);
     if (!parts.ok()) return CountFailure(parts.status().WithContext("redis get parts"));
-    out.resize(h.total_bytes);
-    for (uint32_t i = 0; i < h.n_parts; ++i) {
+    if (parts->size() != h->n_parts) {
+      return CountFailure(IOError("redis get parts: " + std::to_string(parts->size()) +
+                                  " replies to " + std::to_string(h->n_parts) + " commands"));
+    }
+    std::vector<ByteSpan> views;
+    views.reserve(h->n_parts);
+    for (uint32_t i = 0; i < h->n_parts; ++i) {
       const redisReply* pr = (*parts)[i].get();
-      const uint64_t offset = uint64_t{i} * h.part_bytes;
-      const uint64_t want = std::min<uint64_t>(h.part_bytes, h.total_bytes - offset);
-      if (pr->type != REDIS_REPLY_STRING || pr->len != want) {
+      if (pr->type != REDIS_REPLY_STRING || pr->len != h->PartLength(i)) {
         // Expired, evicted or partly written by hand: the record is incomplete.
         return miss(&counters_.errors, "redis get: part " + std::to_string(i) + " of " +
                                            head_key + " missing or short");
       }
-      std::memcpy(out.data() + offset, pr->str, want);
+      views.push_back(AsBytes(pr));
     }
+    out = AssembleRedisRecord(*h, views);
   }
-  if (Hash64(out) != h.checksum) {
-    return miss(&counters_.corruptions, "redis get: checksum mismatch " + head_key);
+  if (!out.ok()) {
+    return miss(&counters_.corruptions,
+                "redis get " + head_key + ": " + std::string(out.status().message()));
   }
   counters_.hits.fetch_add(1, std::memory_order_relaxed);
-  counters_.bytes_out.fetch_add(out.size(), std::memory_order_relaxed);
+  counters_.bytes_out.fetch_add(out->size(), std::memory_order_relaxed);
   return out;
 }
 
-std::vector<bool> RedisTier::ContainsMany(std::span<const ChunkKey> keys, Deadline deadline) {
+std::vector<bool> RedisTier::ContainsManyIn(const Hash128& ns, std::span<const ChunkKey> keys,
+                                            Deadline deadline) {
   std::vector<bool> found(keys.size(), false);
   std::vector<std::string> head_keys;
   head_keys.reserve(keys.size());
-  for (const ChunkKey& k : keys) head_keys.push_back(HeadKey(k));
+  for (const ChunkKey& k : keys) head_keys.push_back(HeadKey(ns, k));
   // Group by owning node: one pipeline each.
   std::vector<std::pair<Node*, std::vector<size_t>>> groups;
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -528,19 +515,22 @@ std::vector<bool> RedisTier::ContainsMany(std::span<const ChunkKey> keys, Deadli
   return found;
 }
 
-Status RedisTier::Erase(const ChunkKey& key) {
-  const std::string head_key = HeadKey(key);
+Status RedisTier::EraseIn(const Hash128& ns, const ChunkKey& key) {
+  const std::string head_key = HeadKey(ns, key);
   const int slot = redis::KeySlot(head_key);
-  auto head = Execute(slot, {{"GETRANGE", head_key, "0", std::to_string(kHeadBytes - 1)}}, false,
-                      NoDeadline());
+  auto head = Execute(slot, {{"GETRANGE", head_key, "0", std::to_string(kRedisHeadBytes - 1)}},
+                      false, NoDeadline());
   if (!head.ok()) return CountFailure(head.status().WithContext("redis erase"));
   const redisReply* hr = (*head)[0].get();
-  Head h;
   std::vector<std::string> keys = {head_key};
-  // A corrupt head still gets deleted; its parts, unknowable, are left to their TTL.
-  if (hr->type == REDIS_REPLY_STRING && hr->len == kHeadBytes &&
-      DecodeHead(hr->str, hr->len, &h)) {
-    for (uint32_t i = 0; i < h.n_parts; ++i) keys.push_back(PartKey(key, i));
+  // The part count comes from the head, checked like a reader's; a head that fails the checks
+  // is still deleted, and its parts (unknowable) are left to their TTL or ClearNamespace.
+  // Only the first 32 bytes were read, so an inline head parses as a split one with no parts.
+  if (hr->type == REDIS_REPLY_STRING && hr->len == kRedisHeadBytes) {
+    Result<RedisHead> h = ParseRedisHead(AsBytes(hr), limits_);
+    if (h.ok()) {
+      for (uint32_t i = 0; i < h->n_parts; ++i) keys.push_back(PartKey(ns, key, i));
+    }
   }
   Command del = {"DEL"};
   for (const std::string& k : keys) del.push_back(k);
@@ -550,6 +540,66 @@ Status RedisTier::Erase(const ChunkKey& key) {
     return CountFailure(IOError("redis erase: " + std::string(ReplyText((*replies)[0].get()))));
   }
   return Status::Ok();
+}
+
+std::vector<Node*> RedisTier::Masters() {
+  // A fresh slot map, so a master added since the last refresh is scanned too. A failed
+  // refresh keeps the map we have.
+  if (cluster_) (void)RefreshSlots(nullptr);
+  std::vector<Node*> masters;
+  std::shared_lock lock(topology_mu_);
+  for (Node* n : slots_) {
+    if (n != nullptr && std::find(masters.begin(), masters.end(), n) == masters.end()) {
+      masters.push_back(n);
+    }
+  }
+  return masters;
+}
+
+Status RedisTier::ClearNamespace(const Hash128& ns) {
+  const std::string pattern = NamespacePattern(ns);
+  const std::string count = std::to_string(kScanCount);
+  Status result;
+  for (Node* node : Masters()) {
+    std::string cursor = "0";
+    do {
+      auto deadline = [&] {
+        return Clock::now() + std::chrono::milliseconds(options_.command_timeout_ms);
+      };
+      auto page = node->Pipeline({{"SCAN", cursor, "MATCH", pattern, "COUNT", count}}, deadline());
+      if (!page.ok()) {
+        result = CountFailure(page.status().WithContext("redis clear " + node->address()));
+        break;
+      }
+      const redisReply* r = (*page)[0].get();
+      if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+          r->element[0]->type != REDIS_REPLY_STRING ||
+          r->element[1]->type != REDIS_REPLY_ARRAY) {
+        result = CountFailure(IOError("redis clear " + node->address() + ": SCAN replied " +
+                                      (r->type == REDIS_REPLY_ERROR ? std::string(ReplyText(r))
+                                                                    : "an unexpected shape")));
+        break;
+      }
+      cursor = std::string(ReplyText(r->element[0]));
+      const redisReply* keys = r->element[1];
+      std::vector<Command> unlinks;
+      unlinks.reserve(keys->elements);
+      for (size_t i = 0; i < keys->elements; ++i) {
+        if (keys->element[i]->type == REDIS_REPLY_STRING) {
+          unlinks.push_back({"UNLINK", ReplyText(keys->element[i])});
+        }
+      }
+      if (unlinks.empty()) continue;
+      // One key per UNLINK: keys of different slots may not share a command in a cluster. A
+      // key that moved away since the SCAN answers MOVED and is left for its new owner's pass.
+      auto done = node->Pipeline(unlinks, deadline());
+      if (!done.ok()) {
+        result = CountFailure(done.status().WithContext("redis clear " + node->address()));
+        break;
+      }
+    } while (cursor != "0");
+  }
+  return result;
 }
 
 TierStats RedisTier::Stats() const {

@@ -1,23 +1,23 @@
 // The Redis tier: chunk records in Redis or Redis Cluster, shared by every cachette instance
 // that points at the same servers.
 //
-// Keys (prefix default "ct:"; the 32 hex digits are ChunkKey::ToHex()):
-//   <prefix>{<32 hex>}        the head
-//   <prefix>{<32 hex>}:<n>    part n (0-based), only for records above split_bytes
-// The braces are a cluster hash tag, so a record's head and parts share one slot (one node,
-// one pipeline, one MULTI/EXEC).
+// Keys, layout version 2 (prefix default "ct:"; <ns> and <chunk> are 32 hex digits each,
+// Hash128::ToHex() of the namespace and of the ChunkKey):
+//   <prefix><ns>:{<chunk>}        the head
+//   <prefix><ns>:{<chunk>}:<n>    part n (0-based), only for records above split_bytes
+// The braces are a cluster hash tag over the chunk key alone, so a record's head and parts
+// share one slot (one node, one pipeline, one MULTI/EXEC) while a namespace spreads over all.
+// The namespace in front makes a namespace findable without any index: ClearNamespace runs
+// SCAN MATCH <prefix><ns>:{* on every master (standalone: the one server) and deletes what it
+// finds, whichever process wrote it. The Tier methods without a namespace use the zero one.
 //
-// Head value, version 1 (little-endian):
-//   [0, 4)   magic "CTRH"
-//   [4, 6)   u16 version = 1
-//   [6, 8)   u16 flags = 0
-//   [8, 12)  u32 n_parts      (0: the record follows the header inline)
-//   [12, 16) u32 part_bytes   (every part but the last holds exactly this many bytes)
-//   [16, 24) u64 total_bytes  (record length)
-//   [24, 32) u64 XXH3-64 of the record
-//   [32, ..) the record when n_parts == 0
-// A reader checks the part count, every part length, the total and the checksum, so a missing,
-// short, expired or mixed-up part (two writers of one key) is a miss, never partial data.
+// Head value (docs/formats/redis-record.md; parsed by redis_record.h, which trusts no length):
+//   magic "CTRH", u16 version = 2, u16 flags = 0, u32 n_parts, u32 part_bytes,
+//   u64 total_bytes, u64 XXH3-64 of the record, then the record itself when n_parts == 0.
+// A reader checks the head against its limits (max_record_bytes, split_bytes) before it names a
+// part key or allocates, then every part length, the total and the checksum, so a missing,
+// short, expired, mixed-up (two writers of one key) or hostile value is a miss, never partial
+// data and never an allocation of what the value claims.
 //
 // Publication: a Put sends its parts and then its head inside one MULTI/EXEC (legal in a
 // cluster because all keys share the slot), so readers see the old record or the new one.
@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cache/redis/redis_conn.h"
+#include "cache/redis/redis_record.h"
 #include "cache/tier.h"
 
 namespace cachette::cache {
@@ -52,6 +53,9 @@ struct RedisTierOptions {
   int connect_timeout_ms = 200;
   int command_timeout_ms = 1000;  // per socket read/write; Get's Deadline can only shorten it
   uint64_t split_bytes = 1 << 20;  // records above this are stored as parts of this size
+  // Largest record Put stores and Get believes a head about; above it a head is corrupt. Also
+  // bounds the part count a head may claim (ceil(max_record_bytes / split_bytes)).
+  uint64_t max_record_bytes = uint64_t{256} << 20;
   uint32_t default_ttl_seconds = 0;  // used when Put's ttl is 0; 0 = no expiry
   std::string key_prefix = "ct:";  // must not contain '{' or '}' (the hash tag is ours)
   int max_connections_per_node = 8;
@@ -86,6 +90,20 @@ class RedisTier final : public Tier {
   // One pipeline per node.
   std::vector<bool> ContainsMany(std::span<const ChunkKey> keys, Deadline deadline) override;
   Status Erase(const ChunkKey& key) override;
+
+  // The same in namespace `ns` (the forms above use the zero namespace). Same errors.
+  Status PutIn(const Hash128& ns, const ChunkKey& key, std::span<const std::byte> record,
+               uint32_t ttl_seconds) override;
+  Result<std::vector<std::byte>> GetIn(const Hash128& ns, const ChunkKey& key,
+                                       Deadline deadline) override;
+  std::vector<bool> ContainsManyIn(const Hash128& ns, std::span<const ChunkKey> keys,
+                                   Deadline deadline) override;
+  Status EraseIn(const Hash128& ns, const ChunkKey& key) override;
+  // Deletes every key of `ns` on every master (SCAN MATCH, then UNLINK), including records
+  // other processes wrote. A record being written while it runs may survive. Errors:
+  // kUnavailable / kDeadlineExceeded when a master does not answer (the others are still
+  // cleared); kIOError for an error reply.
+  Status ClearNamespace(const Hash128& ns) override;
   // entries / bytes_used stay 0: the server owns them (and maxmemory is its capacity).
   // bytes_in counts record bytes stored, bytes_out record bytes returned by Get.
   TierStats Stats() const override;
@@ -93,9 +111,15 @@ class RedisTier final : public Tier {
   RedisTierStats RedisStats() const;
   bool cluster_mode() const { return cluster_; }
 
-  // The key names of a record (see the header comment).
-  std::string HeadKey(const ChunkKey& key) const;
-  std::string PartKey(const ChunkKey& key, uint32_t part) const;
+  // The key names of a record (see the header comment); without `ns`, the zero namespace.
+  std::string HeadKey(const Hash128& ns, const ChunkKey& key) const;
+  std::string PartKey(const Hash128& ns, const ChunkKey& key, uint32_t part) const;
+  std::string HeadKey(const ChunkKey& key) const { return HeadKey(Hash128{}, key); }
+  std::string PartKey(const ChunkKey& key, uint32_t part) const {
+    return PartKey(Hash128{}, key, part);
+  }
+  // The SCAN MATCH pattern of every key of `ns` (glob characters of the prefix escaped).
+  std::string NamespacePattern(const Hash128& ns) const;
 
   // Test hook: route every slot to the node at `address` ("host:port"), as a stale slot map
   // would after a resharding; the next MOVED must repair it.
@@ -115,8 +139,11 @@ class RedisTier final : public Tier {
                                                const std::vector<redis::Command>& commands,
                                                bool transaction, Deadline deadline);
   Status CountFailure(const Status& s);
+  // Every master node the slot map names (standalone: the one server).
+  std::vector<redis::Node*> Masters();
 
   const RedisTierOptions options_;
+  const RedisRecordLimits limits_;
   const bool cluster_;
   std::vector<std::pair<std::string, int>> seeds_;
 

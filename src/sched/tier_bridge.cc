@@ -1,0 +1,299 @@
+#include "sched/tier_bridge.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "core/log.h"
+
+namespace cachette::sched {
+
+// A restore in flight. States, in order:
+//   1. queued: the lookup task has not run (looked_up false);
+//   2. looked up: tier_tokens known; `handle` set when there is something to load;
+//   3. applying: ApplyLoad copies chunks [0, next) of the handle into the sequence;
+//   4. done: the last chunk, a miss, a failed reservation or the deadline (finished true).
+// The lookup task holds `shared` only, so the Load may be destroyed at any state.
+struct TierBridge::Load final : PendingLoad {
+  struct Shared {
+    std::mutex mu;
+    bool looked_up = false;               // GUARDED_BY(mu)
+    int64_t tier_tokens = 0;              // GUARDED_BY(mu)
+    size_t first_chunk = 0;               // GUARDED_BY(mu)
+    std::unique_ptr<LoadHandle> handle;   // GUARDED_BY(mu); null: nothing to load
+  };
+  std::shared_ptr<Shared> shared = std::make_shared<Shared>();
+  SteadyTime deadline;
+  size_t next = 0;        // loop thread only
+  bool finished = false;  // loop thread only
+  int64_t tier_tokens = 0;
+};
+
+namespace {
+
+// Copies positions [from, to) of one chunk (starting at position `chunk_start`) between the
+// chunk's layer-major bytes and the sequence's pages. to_pages selects the direction.
+void CopyChunk(PagedSequence& seq, const KvShape& shape, int page_tokens, int chunk_tokens,
+               int64_t chunk_start, int64_t from, int64_t to, std::byte* chunk, bool to_pages) {
+  const size_t tb = shape.token_bytes();
+  for (int l = 0; l < shape.n_layer; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      std::byte* block = chunk + (static_cast<size_t>(2 * l + kv) * chunk_tokens) * tb;
+      for (int64_t p = from; p < to;) {
+        // A run of positions inside one page is contiguous on both sides.
+        const int64_t run = std::min<int64_t>(to - p, page_tokens - p % page_tokens);
+        auto* slot = static_cast<std::byte*>(kv == 0 ? seq.KSlot(l, p) : seq.VSlot(l, p));
+        std::byte* c = block + static_cast<size_t>(p - chunk_start) * tb;
+        if (to_pages) {
+          std::memcpy(slot, c, run * tb);
+        } else {
+          std::memcpy(c, slot, run * tb);
+        }
+        p += run;
+      }
+    }
+  }
+}
+
+std::vector<TierTokens> ByTier(const int64_t (&tokens)[kCacheTierCount]) {
+  std::vector<TierTokens> out;
+  for (int t = 0; t < kCacheTierCount; ++t) {
+    if (tokens[t] > 0) {
+      out.push_back({std::string(CacheTierName(static_cast<CacheTier>(t))), tokens[t]});
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TierBridge::TierBridge(KvManager& kv, Cache& cache, int lookup_threads)
+    : kv_(kv),
+      cache_(cache),
+      chunk_tokens_(cache.chunk_tokens()),
+      lookups_(std::make_unique<cache::ThreadExecutor>("ct-lookup", std::max(1, lookup_threads),
+                                                       1024)) {}
+
+TierBridge::~TierBridge() = default;
+
+Status TierBridge::Validate(const Cache& cache, const KvManager& kv) {
+  if (cache.chunk_tokens() <= 0 || cache.chunk_tokens() % kv.page_tokens() != 0) {
+    return InvalidArgument("chunk size " + std::to_string(cache.chunk_tokens()) +
+                           " tokens must be a multiple of the page size " +
+                           std::to_string(kv.page_tokens()));
+  }
+  return Status::Ok();
+}
+
+ChunkLayout TierBridge::Layout() const {
+  const KvShape& s = kv_.shape();
+  ChunkLayout l;
+  l.n_layer = static_cast<uint32_t>(s.n_layer);
+  l.n_kv_head = static_cast<uint32_t>(s.n_kv_head);
+  l.head_dim = static_cast<uint32_t>(s.head_dim);
+  l.n_tokens = static_cast<uint32_t>(chunk_tokens_);
+  l.kv_type = static_cast<uint32_t>(s.type);
+  return l;
+}
+
+std::unique_ptr<PendingLoad> TierBridge::StartLoad(const Hash128& ns,
+                                                   std::span<const TokenId> prompt, int64_t have,
+                                                   SteadyTime deadline) {
+  auto load = std::make_unique<Load>();
+  load->deadline = deadline;
+  // Only whole chunks can come from the tiers; a prompt shorter than one has nothing to load.
+  if (static_cast<int64_t>(prompt.size()) < chunk_tokens_) {
+    load->finished = true;
+    return load;
+  }
+  auto tokens = std::make_shared<std::vector<TokenId>>(prompt.begin(), prompt.end());
+  const int64_t C = chunk_tokens_;
+  const bool queued = lookups_->TrySubmit([this, shared = load->shared, tokens, ns, have, C,
+                                           deadline] {
+    // Runs on a lookup thread: the only place a restore may wait for a tier.
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::lock_guard lock(shared->mu);
+      shared->looked_up = true;
+      return;
+    }
+    const LookupResult hit = cache_.Lookup(*tokens, ns);
+    std::unique_ptr<LoadHandle> handle;
+    const size_t first = static_cast<size_t>(have / C);
+    const int64_t tier_tokens = static_cast<int64_t>(hit.tokens);
+    if (tier_tokens > have) {
+      const size_t n_chunks = static_cast<size_t>(tier_tokens / C) - first;
+      handle = cache_.Get(ns, *tokens, first, n_chunks, deadline);
+    }
+    std::lock_guard lock(shared->mu);
+    shared->tier_tokens = tier_tokens;
+    shared->first_chunk = first;
+    shared->handle = std::move(handle);
+    shared->looked_up = true;
+  });
+  if (!queued) {
+    CT_LOG(kWarning) << "tier restore skipped: the lookup queue is full";
+    load->finished = true;
+  }
+  return load;
+}
+
+LoadProgress TierBridge::ApplyLoad(PendingLoad& pending, PagedSequence& seq) {
+  Load& load = static_cast<Load&>(pending);
+  LoadProgress p;
+  p.tier_tokens = load.tier_tokens;
+  if (load.finished) {
+    p.done = true;
+    return p;
+  }
+  const bool late = std::chrono::steady_clock::now() >= load.deadline;
+  std::unique_lock lock(load.shared->mu);
+  if (!load.shared->looked_up) {
+    p.done = load.finished = late;  // a lookup that misses the deadline: recompute everything
+    return p;
+  }
+  load.tier_tokens = p.tier_tokens = load.shared->tier_tokens;
+  LoadHandle* handle = load.shared->handle.get();
+  const size_t first = load.shared->first_chunk;
+  lock.unlock();  // the handle has its own lock; the task no longer touches `shared`
+  if (handle == nullptr) {
+    p.done = load.finished = true;
+    return p;
+  }
+
+  const int64_t C = chunk_tokens_;
+  const ChunkLayout layout = Layout();
+  int64_t added[kCacheTierCount] = {};
+  const size_t resolved = handle->resolved_chunks();
+  bool stop = false;
+  while (load.next < resolved) {
+    const ChunkData& d = handle->chunk(load.next);
+    if (!d.status.ok() || !(d.layout == layout) || d.tier == CacheTier::kNone) {
+      stop = true;
+      break;
+    }
+    const int64_t start = static_cast<int64_t>(first + load.next) * C;
+    const int64_t have = seq.n_tokens();
+    const int64_t to = std::min(start + C, seq.capacity());
+    if (start > have || to <= have) {  // not contiguous with the sequence (cannot happen)
+      stop = true;
+      break;
+    }
+    if (Status s = seq.Reserve(to); !s.ok()) {
+      CT_LOG(kWarning) << "tier restore stopped: " << s.ToString();
+      stop = true;
+      break;
+    }
+    CopyChunk(seq, kv_.shape(), kv_.page_tokens(), static_cast<int>(C), start, have, to,
+              const_cast<std::byte*>(d.bytes().data()), /*to_pages=*/true);
+    seq.SetTokens(to);
+    added[static_cast<int>(d.tier)] += to - have;
+    ++load.next;
+  }
+  p.added = ByTier(added);
+  if (stop || load.next == handle->size()) {
+    p.done = load.finished = true;
+  } else if (late) {
+    handle->Wait();  // the deadline passed: marks the unresolved chunks as misses and counts them
+    p.done = load.finished = true;
+  }
+  return p;
+}
+
+LoadProgress TierBridge::RestoreNow(PagedSequence& seq, std::span<const TokenId> prompt,
+                                    SteadyTime deadline) {
+  LoadProgress total;
+  std::unique_ptr<PendingLoad> load = StartLoad(seq.ns(), prompt, seq.n_tokens(), deadline);
+  int64_t by_tier[kCacheTierCount] = {};
+  for (;;) {
+    LoadProgress p = ApplyLoad(*load, seq);
+    for (const TierTokens& t : p.added) {
+      for (int i = 0; i < kCacheTierCount; ++i) {
+        if (t.tier == CacheTierName(static_cast<CacheTier>(i))) by_tier[i] += t.tokens;
+      }
+    }
+    total.tier_tokens = p.tier_tokens;
+    if (p.done) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  total.added = ByTier(by_tier);
+  total.done = true;
+  return total;
+}
+
+void TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens, int64_t skip_tokens) {
+  last_saved_chunks_ = 0;
+  const int64_t C = chunk_tokens_;
+  const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.n_tokens());
+  const size_t first = static_cast<size_t>(std::max<int64_t>(0, skip_tokens) / C);
+  const size_t last = static_cast<size_t>(n / C);
+  if (last <= first) return;
+  const ChunkLayout layout = Layout();
+  std::vector<std::vector<std::byte>> bufs(last - first,
+                                           std::vector<std::byte>(layout.raw_bytes()));
+  std::vector<ByteSpan> spans;
+  for (size_t i = first; i < last; ++i) {
+    const int64_t start = static_cast<int64_t>(i) * C;
+    CopyChunk(seq, kv_.shape(), kv_.page_tokens(), static_cast<int>(C), start, start, start + C,
+              bufs[i - first].data(), /*to_pages=*/false);
+    spans.emplace_back(bufs[i - first].data(), bufs[i - first].size());
+  }
+  Status s = cache_.Put(seq.ns(), tokens.first(last * C), first, layout, spans);
+  if (!s.ok()) {
+    CT_LOG(kWarning) << "tier save failed: " << s.ToString();
+    return;
+  }
+  last_saved_chunks_ = last - first;
+}
+
+std::vector<TierTokens> TierBridge::Lookup(const Hash128& ns, std::span<const TokenId> prompt) {
+  LookupResult r = cache_.Lookup(prompt, ns);
+  int64_t by_tier[kCacheTierCount] = {};
+  for (CacheTier t : r.chunk_tiers) {
+    if (t != CacheTier::kNone) by_tier[static_cast<int>(t)] += cache_.chunk_tokens();
+  }
+  return ByTier(by_tier);
+}
+
+uint64_t TierBridge::Pin(const Hash128& ns, std::span<const TokenId> tokens, int64_t ttl_ms) {
+  if (static_cast<int64_t>(tokens.size()) < chunk_tokens_ || ttl_ms <= 0) return 0;
+  Result<Cache::PinId> id = cache_.Pin(tokens, ns, std::chrono::milliseconds(ttl_ms));
+  return id.ok() ? *id : 0;
+}
+
+void TierBridge::Unpin(uint64_t pin) {
+  if (pin != 0) (void)cache_.Unpin(pin);  // kNotFound once its TTL passed: nothing to do
+}
+
+Status TierBridge::Clear(const Hash128& ns) { return cache_.Clear(ns); }
+
+std::string TierBridge::PrometheusText() { return cachette::PrometheusText(cache_.Stats()); }
+
+nlohmann::json TierBridge::Stats() {
+  const CacheStats s = cache_.Stats();
+  nlohmann::json j;
+  for (int t = 0; t < kCacheTierCount; ++t) {
+    const CacheTierMetrics& m = s.tier[t];
+    if (!m.enabled) continue;
+    j["tiers"][std::string(CacheTierName(static_cast<CacheTier>(t)))] = {
+        {"hit_chunks", m.hit_chunks},     {"hit_tokens", m.hit_tokens},
+        {"miss_chunks", m.miss_chunks},   {"miss_tokens", m.miss_tokens},
+        {"bytes_in", m.bytes_in},         {"bytes_out", m.bytes_out},
+        {"entries", m.entries},           {"bytes_used", m.bytes_used},
+        {"bytes_budget", m.bytes_budget}, {"evictions", m.evictions},
+        {"corruptions", m.corruptions},   {"errors", m.errors}};
+  }
+  j["puts"] = s.puts;
+  j["puts_dropped"] = s.puts_dropped;
+  j["promotions"] = s.promotions;
+  j["demotions"] = s.demotions;
+  j["collisions"] = s.collisions;
+  j["corruptions"] = s.corruptions;
+  j["deadline_misses"] = s.deadline_misses;
+  j["io_queue_depth"] = s.io_queue_depth;
+  j["lookup_queue_depth"] = lookups_->queued();
+  return j;
+}
+
+}  // namespace cachette::sched
