@@ -171,11 +171,9 @@ int Serve(ServeFlags& f) {
         cfg.redis_write == "back" ? RedisWriteMode::kOnEviction : RedisWriteMode::kWriteThrough;
     co.redis_ttl_seconds = static_cast<uint32_t>(cfg.redis_ttl_s);
     if (!cfg.tenant_quota.empty()) {
-      // WART: the store takes quotas per namespace id only (CacheOptions::quotas); a default for
-      // every tenant needs a store-side field. Until then the value is checked, not used.
-      CT_LOG(kWarning) << "--tenant-quota " << cfg.tenant_quota
-                       << " is not enforced yet: the chunk store has no "
-                          "per-tenant default quota";
+      auto quota = ParseBytes(cfg.tenant_quota);
+      if (!quota.ok()) return Fail(quota.status().WithContext("--tenant-quota"));
+      co.default_quota_bytes = *quota;
     }
     auto opened = Cache::Open(co);
     if (!opened.ok()) return Fail(opened.status().WithContext("chunk store"));
@@ -237,7 +235,9 @@ int Serve(ServeFlags& f) {
   http.Stop();
   if (store != nullptr) {
     Status flushed = store->Flush();  // write-behind chunks reach the disk tier before exit
-    if (!flushed.ok()) CT_LOG(kWarning) << "flushing the chunk store: " << flushed.ToString();
+    if (!flushed.ok()) {
+      CT_LOG(kWarning) << "flushing the chunk store: " << flushed.ToString();
+    }
   }
   const sched::SchedulerStats st = scheduler.Stats();
   CT_LOG(kInfo) << "stopped: " << st.finished << " requests served, " << st.cancelled
@@ -318,7 +318,7 @@ Runner AddServeCommand(CLI::App& app) {
   Flag(c, p, kStore, "--admit-after-hits", &ServeConfig::admit_after_hits,
        "Slower tiers take a chunk once it was hit N times (0)");
   Flag(c, p, kStore, "--tenant-quota", &ServeConfig::tenant_quota,
-       "Store bytes per tenant namespace (not enforced yet)");
+       "RAM and disk bytes (each) one tenant may hold in the store (0 = no quota)");
   Flag(c, p, kStore, "--load-deadline-ms", &ServeConfig::load_deadline_ms,
        "How long a restore waits for a slow tier before recomputing (1000)");
   Flag(c, p, kAuth, "--api-key", &ServeConfig::api_keys,

@@ -1,4 +1,6 @@
-// The cache admin API: stats, lookup, pin, unpin, clear (see docs/serving.md).
+// The cache admin API: stats, lookup, pin, unpin, clear (see docs/serving.md). Access is checked
+// before these run (auth.h). The stats name tenants by namespace id and sessions by a digest, never
+// by their salt or id.
 #include <httplib.h>
 
 #include "server/server.h"
@@ -14,8 +16,8 @@ void HttpServer::CacheStats(httplib::Response& res) {
   json pins = json::array();
   for (const auto& p : s.pins().List()) {
     pins.push_back({{"pin_id", p.id},
-                    {"session_id", p.session},
-                    {"cache_salt", p.cache_salt},
+                    {"ns", p.ns.ToHex()},
+                    {"session", p.session.empty() ? json(nullptr) : json(SessionDigest(p.session))},
                     {"tokens", p.tokens}});
   }
   json j = {
@@ -58,8 +60,9 @@ void HttpServer::CacheStats(httplib::Response& res) {
 }
 
 void HttpServer::CacheLookup(const httplib::Request& req, httplib::Response& res) {
-  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true);
-  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  ErrorDetail detail;
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true, &detail);
+  if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
   sched::Scheduler& s = *backend_.scheduler;
   const Hash128 ns = s.Namespace(ref->cache_salt);
   const int64_t memory = s.kv().CachedPrefix(ns, ref->tokens);
@@ -75,8 +78,9 @@ void HttpServer::CacheLookup(const httplib::Request& req, httplib::Response& res
 }
 
 void HttpServer::CachePin(const httplib::Request& req, httplib::Response& res) {
-  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true);
-  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  ErrorDetail detail;
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true, &detail);
+  if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
   const json& b = ref->body;
   int64_t ttl_s = 300;
   if (b.contains("ttl_s")) {
@@ -127,8 +131,9 @@ void HttpServer::CachePin(const httplib::Request& req, httplib::Response& res) {
 }
 
 void HttpServer::CacheUnpin(const httplib::Request& req, httplib::Response& res) {
-  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/false);
-  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  ErrorDetail detail;
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/false, &detail);
+  if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
   const json& b = ref->body;
   sched::Scheduler& s = *backend_.scheduler;
   bool removed = false;
@@ -145,16 +150,17 @@ void HttpServer::CacheUnpin(const httplib::Request& req, httplib::Response& res)
 }
 
 void HttpServer::CacheClear(const httplib::Request& req, httplib::Response& res) {
-  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/false);
-  if (!ref.ok()) return Error(res, ref.status(), "admin");
+  ErrorDetail detail;
+  auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/false, &detail);
+  if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
   sched::Scheduler& s = *backend_.scheduler;
   const json& b = ref->body;
   if (b.contains("all") && b["all"].is_boolean() && b["all"].get<bool>()) {
     const size_t n = s.ClearAll();
     return Json(res, 200, Dump({{"cleared", true}, {"namespaces", n}}), "admin");
   }
-  s.pins().RemoveTenant(ref->cache_salt);
-  s.kv().Clear(s.Namespace(ref->cache_salt));
+  // Pins, pages and the chunks in every tier (RAM, disk, Redis: other processes' copies too).
+  if (Status st = s.ClearTenant(ref->cache_salt); !st.ok()) return Error(res, st, "admin");
   Json(res, 200, Dump({{"cleared", true}, {"namespaces", 1}}), "admin");
 }
 

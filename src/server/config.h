@@ -8,12 +8,21 @@
 //   # the tiered store (stored; wired by the cache layer):
 //   ram_budget = "4GiB"       disk_dir = "/var/cache/cachette"                disk_budget = "64GiB"
 //   redis = ["redis://127.0.0.1:6379"]   chunk_tokens = 256                   codec = "raw"
+//   policy = "lru"            admit_after_hits = 0  redis_write = "through"   redis_ttl_s = 0
+//   tenant_quota = "1GiB"
+//   # scheduler bounds:
+//   queue_timeout_s = 0       max_pinned = 0.5 (or "50%")                     max_pin_ttl_s = 3600
+//   max_sessions = 10000      max_pins = 10000      max_tenants = 10000     load_deadline_ms = 1000
+//   # access control and request limits:
+//   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
+//   max_body = "16MiB"        max_messages = 1024
 //
 // An unknown key or a value of the wrong type is kInvalidArgument naming it (typos must not be
 // silently ignored).
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cachette/status.h"
@@ -44,10 +53,38 @@ struct ServeConfig {
   std::vector<std::string> redis;
   int chunk_tokens = 256;
   std::string codec = "raw";
+  std::string policy = "lru";           // lru | lfu | s3fifo | cost
+  int admit_after_hits = 0;             // slower tiers take a chunk once it was hit N times
+  std::string redis_write = "through";  // through | back (= when RAM evicts the chunk)
+  int redis_ttl_s = 0;                  // 0: no expiry
+  std::string tenant_quota;             // bytes per tenant namespace; empty: none
+  // Scheduler bounds.
+  int queue_timeout_s = 0;         // 0: a queued request waits as long as it takes
+  std::string max_pinned = "0.5";  // fraction of the KV pool pins may hold: "0.5" or "50%"
+  int max_pin_ttl_s = 3600;
+  int max_sessions = 10000;
+  int max_pins = 10000;
+  int max_tenants = 10000;
+  int load_deadline_ms = 1000;  // how long a restore waits for a slow tier
+  // Access control (docs/serving.md "Access control").
+  std::vector<std::string> api_keys;  // TOML key and flag: api_key
+  std::string api_key_file;           // one key a line; '#' comments and blank lines skipped
+  std::string admin_key;
+  // Request limits.
+  std::string max_body = "16MiB";
+  int max_messages = 1024;
 };
 
-// Reads `path` into `cfg`, overwriting the keys the file sets.
+// Reads `path` into `cfg`, overwriting the keys the file sets. kIOError when it cannot be read;
+// otherwise as ParseConfigText, with the path in the message.
 Status LoadConfigFile(const std::string& path, ServeConfig* cfg);
+
+// Parses TOML text into `cfg`, overwriting the keys it sets. kInvalidArgument for a syntax error
+// (line:column), an unknown key or a value of the wrong type. Never throws.
+Status ParseConfigText(std::string_view toml, ServeConfig* cfg);
+
+// "0.5", "50%" -> 0.5. kInvalidArgument unless it is a number in [0, 1] (or [0, 100]%).
+Result<double> ParseFraction(std::string_view text);
 
 // Range checks that do not need the model: kInvalidArgument naming the field.
 Status ValidateConfig(const ServeConfig& cfg);

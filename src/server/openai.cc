@@ -67,6 +67,31 @@ Status GetString(const json& j, const char* key, std::string* out) {
   return Status::Ok();
 }
 
+// Names the field at fault when `s` is an error.
+Status Param(ErrorDetail* d, const char* key, Status s) {
+  if (!s.ok() && d != nullptr && d->param.empty()) d->param = key;
+  return s;
+}
+
+// The cheap bound of openai.h: can `bytes` of text possibly fit the context?
+Status CheckTextBytes(const ApiContext& ctx, size_t bytes, const char* field) {
+  if (ctx.max_token_bytes <= 0 || ctx.n_ctx <= 0) return Status::Ok();
+  const uint64_t bound =
+      static_cast<uint64_t>(ctx.n_ctx) * static_cast<uint64_t>(ctx.max_token_bytes) * 2;
+  if (bytes <= bound) return Status::Ok();
+  return InvalidArgument(std::string("'") + field + "' has " + std::to_string(bytes) +
+                         " bytes of text, more than can fit this model's maximum context "
+                         "length of " +
+                         std::to_string(ctx.n_ctx) + " tokens");
+}
+
+Status CheckIdBytes(const std::string& v, const char* field) {
+  if (v.size() <= kMaxIdBytes) return Status::Ok();
+  return InvalidArgument(std::string("'") + field + "' must be at most " +
+                         std::to_string(kMaxIdBytes) + " bytes (got " + std::to_string(v.size()) +
+                         ")");
+}
+
 // "5m", "1h", "30s", "300" or a number: seconds.
 Result<int64_t> ParseTtlSeconds(const json& v) {
   if (v.is_number()) {
@@ -108,13 +133,21 @@ Result<std::string> ContentText(const json& m, size_t i) {
                          "array of text parts");
 }
 
-Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, bool* present) {
+Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, bool* present,
+                                          ErrorDetail* d) {
   *present = false;
   const Tokenizer& tok = *ctx.tokenizer;
   if (auto it = j.find("messages"); it != j.end() && !it->is_null()) {
     *present = true;
+    if (d != nullptr) d->param = "messages";  // every error below is about them
     if (!it->is_array()) return InvalidArgument("'messages' must be an array");
+    if (it->size() > static_cast<size_t>(std::max(ctx.max_messages, 1))) {
+      return InvalidArgument("'messages' holds " + std::to_string(it->size()) +
+                             " messages; at most " + std::to_string(ctx.max_messages) +
+                             " are accepted");
+    }
     std::vector<ChatTemplate::Message> msgs;
+    size_t content_bytes = 0;
     for (size_t i = 0; i < it->size(); ++i) {
       const json& m = (*it)[i];
       if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
@@ -122,21 +155,39 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
                                "] must be an object with a string 'role'");
       }
       CT_ASSIGN_OR_RETURN(std::string content, ContentText(m, i));
+      content_bytes += content.size();
       msgs.push_back({m["role"].get<std::string>(), std::move(content)});
     }
+    if (Status s = CheckTextBytes(ctx, content_bytes, "messages"); !s.ok()) {
+      if (d != nullptr) d->code = "context_length_exceeded";
+      return s;
+    }
     CT_ASSIGN_OR_RETURN(auto segs, ctx.chat_template->Render(msgs));
+    if (d != nullptr) d->param.clear();
     return ChatTemplate::Tokenize(tok, segs);
   }
   if (auto it = j.find("prompt"); it != j.end() && !it->is_null()) {
     *present = true;
+    if (d != nullptr) d->param = "prompt";
     const json* p = &*it;
     if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
     if (p->is_string()) {
-      const std::string text = p->get<std::string>();
+      const std::string& text = p->get_ref<const std::string&>();
       if (text.empty()) return InvalidArgument("'prompt' must not be empty");
+      if (Status s = CheckTextBytes(ctx, text.size(), "prompt"); !s.ok()) {
+        if (d != nullptr) d->code = "context_length_exceeded";
+        return s;
+      }
+      if (d != nullptr) d->param.clear();
       return tok.Encode(text, tok.add_bos(), /*parse_special=*/true);
     }
     if (p->is_array()) {
+      if (ctx.n_ctx > 0 && p->size() >= static_cast<size_t>(ctx.n_ctx)) {
+        if (d != nullptr) d->code = "context_length_exceeded";
+        return InvalidArgument("'prompt' has " + std::to_string(p->size()) +
+                               " tokens but this model's maximum context length is " +
+                               std::to_string(ctx.n_ctx) + " tokens");
+      }
       std::vector<TokenId> ids;
       for (const json& v : *p) {
         if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= ctx.n_vocab) {
@@ -147,6 +198,7 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
         ids.push_back(static_cast<TokenId>(v.get<int64_t>()));
       }
       if (ids.empty()) return InvalidArgument("'prompt' must not be empty");
+      if (d != nullptr) d->param.clear();
       return ids;
     }
     return InvalidArgument("'prompt' must be a string or an array of token ids");
@@ -156,67 +208,90 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
 
 }  // namespace
 
-Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint,
-                                   const ApiContext& ctx) {
+Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, const ApiContext& ctx,
+                                   ErrorDetail* d) {
+  ErrorDetail unused;
+  if (d == nullptr) d = &unused;
   CT_ASSIGN_OR_RETURN(json j, ParseJson(body));
   GenerateCall call;
   call.endpoint = endpoint;
   sched::SchedRequest& r = call.request;
 
   std::string model;
-  CT_RETURN_IF_ERROR(GetString(j, "model", &model));
+  CT_RETURN_IF_ERROR(Param(d, "model", GetString(j, "model", &model)));
   if (!model.empty() && model != ctx.model_id) {
+    d->param = "model";
+    d->code = "model_not_found";
     return NotFound("the model '" + model + "' does not exist; this server serves '" +
                     ctx.model_id + "'");
   }
   const char* need = endpoint == Endpoint::kChat ? "messages" : "prompt";
-  if (!j.contains(need)) return InvalidArgument(std::string("'") + need + "' is required");
+  if (!j.contains(need)) {
+    return Param(d, need, InvalidArgument(std::string("'") + need + "' is required"));
+  }
   if (endpoint == Endpoint::kChat && j.contains("prompt")) {
-    return InvalidArgument("use 'messages' (not 'prompt') with /v1/chat/completions");
+    return Param(d, "prompt",
+                 InvalidArgument("use 'messages' (not 'prompt') with /v1/chat/completions"));
   }
   if (endpoint == Endpoint::kCompletion && j.contains("messages")) {
-    return InvalidArgument("use 'prompt' (not 'messages') with /v1/completions");
+    return Param(d, "messages",
+                 InvalidArgument("use 'prompt' (not 'messages') with /v1/completions"));
   }
+  // The short identifiers first: they are cheap and bound what follows.
+  CT_RETURN_IF_ERROR(Param(d, "cache_salt", GetString(j, "cache_salt", &r.cache_salt)));
+  CT_RETURN_IF_ERROR(Param(d, "cache_salt", CheckIdBytes(r.cache_salt, "cache_salt")));
+  CT_RETURN_IF_ERROR(Param(d, "session_id", GetString(j, "session_id", &r.session_id)));
+  CT_RETURN_IF_ERROR(Param(d, "session_id", CheckIdBytes(r.session_id, "session_id")));
   bool present = false;
-  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, ctx, &present));
-  if (r.prompt.empty()) return InvalidArgument(std::string("'") + need + "' is empty");
+  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, ctx, &present, d));
+  if (r.prompt.empty()) {
+    return Param(d, need, InvalidArgument(std::string("'") + need + "' is empty"));
+  }
 
   SamplingParams& sp = r.gen.sampling;
   sp.temperature = 1.0f;  // OpenAI's default
-  CT_RETURN_IF_ERROR(GetNumber(j, "temperature", 0, 2, &sp.temperature));
-  CT_RETURN_IF_ERROR(GetNumber(j, "top_p", 0, 1, &sp.top_p));
-  CT_RETURN_IF_ERROR(GetNumber(j, "min_p", 0, 1, &sp.min_p));
-  CT_RETURN_IF_ERROR(GetNumber(j, "repetition_penalty", 0.01, 10, &sp.repetition_penalty));
+  CT_RETURN_IF_ERROR(Param(d, "temperature", GetNumber(j, "temperature", 0, 2, &sp.temperature)));
+  CT_RETURN_IF_ERROR(Param(d, "top_p", GetNumber(j, "top_p", 0, 1, &sp.top_p)));
+  CT_RETURN_IF_ERROR(Param(d, "min_p", GetNumber(j, "min_p", 0, 1, &sp.min_p)));
+  CT_RETURN_IF_ERROR(Param(d, "repetition_penalty",
+                           GetNumber(j, "repetition_penalty", 0.01, 10, &sp.repetition_penalty)));
   float ignored = 0;
-  CT_RETURN_IF_ERROR(GetNumber(j, "presence_penalty", -2, 2, &ignored));
-  CT_RETURN_IF_ERROR(GetNumber(j, "frequency_penalty", -2, 2, &ignored));
+  CT_RETURN_IF_ERROR(
+      Param(d, "presence_penalty", GetNumber(j, "presence_penalty", -2, 2, &ignored)));
+  CT_RETURN_IF_ERROR(
+      Param(d, "frequency_penalty", GetNumber(j, "frequency_penalty", -2, 2, &ignored)));
   int64_t v = 0;
-  CT_RETURN_IF_ERROR(GetInt(j, "top_k", 0, 1 << 20, &v));
+  CT_RETURN_IF_ERROR(Param(d, "top_k", GetInt(j, "top_k", 0, 1 << 20, &v)));
   sp.top_k = static_cast<int>(v);
   v = 0;
-  CT_RETURN_IF_ERROR(GetInt(j, "seed", INT64_MIN, INT64_MAX, &v));
+  CT_RETURN_IF_ERROR(Param(d, "seed", GetInt(j, "seed", INT64_MIN, INT64_MAX, &v)));
   sp.seed = static_cast<uint64_t>(v);
   int64_t n = 1;
-  CT_RETURN_IF_ERROR(GetInt(j, "n", 1, 1, &n));
+  CT_RETURN_IF_ERROR(Param(d, "n", GetInt(j, "n", 1, 1, &n)));
   bool logprobs = false;
   if (j.contains("logprobs") && j["logprobs"].is_boolean()) {
     CT_RETURN_IF_ERROR(GetBool(j, "logprobs", &logprobs));
   }
-  if (logprobs) return InvalidArgument("'logprobs' is not supported");
+  if (logprobs) return Param(d, "logprobs", InvalidArgument("'logprobs' is not supported"));
 
   // max_tokens: within what the context leaves after the prompt.
   const int64_t prompt_len = static_cast<int64_t>(r.prompt.size());
   if (prompt_len >= ctx.n_ctx) {
+    d->param = need;
+    d->code = "context_length_exceeded";
     return InvalidArgument("the prompt has " + std::to_string(prompt_len) +
                            " tokens but this model's maximum context length is " +
                            std::to_string(ctx.n_ctx) + " tokens (context_length_exceeded)");
   }
   int64_t max_tokens = -1;
-  CT_RETURN_IF_ERROR(GetInt(j, "max_tokens", 0, INT64_MAX, &max_tokens));
-  CT_RETURN_IF_ERROR(GetInt(j, "max_completion_tokens", 0, INT64_MAX, &max_tokens));
+  CT_RETURN_IF_ERROR(Param(d, "max_tokens", GetInt(j, "max_tokens", 0, INT64_MAX, &max_tokens)));
+  CT_RETURN_IF_ERROR(Param(d, "max_completion_tokens",
+                           GetInt(j, "max_completion_tokens", 0, INT64_MAX, &max_tokens)));
   if (max_tokens < 0) {
     max_tokens = std::min<int64_t>(ctx.default_max_tokens, ctx.n_ctx - prompt_len);
   } else if (prompt_len + max_tokens > ctx.n_ctx) {
+    d->param = "max_tokens";
+    d->code = "context_length_exceeded";
     return InvalidArgument("this model's maximum context length is " + std::to_string(ctx.n_ctx) +
                            " tokens, but " + std::to_string(prompt_len + max_tokens) +
                            " were requested (" + std::to_string(prompt_len) + " in the prompt, " +
@@ -231,29 +306,32 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint,
                std::all_of(it->begin(), it->end(), [](const json& s) { return s.is_string(); })) {
       for (const json& s : *it) r.gen.stop.push_back(s.get<std::string>());
     } else {
-      return InvalidArgument("'stop' must be a string or an array of up to 4 strings");
+      return Param(d, "stop",
+                   InvalidArgument("'stop' must be a string or an array of up to 4 strings"));
     }
   }
   if (endpoint == Endpoint::kChat) {
     for (auto& s : ctx.chat_template->DefaultStops()) r.gen.stop.push_back(s);
   }
-  CT_RETURN_IF_ERROR(GetBool(j, "ignore_eos", &r.gen.ignore_eos));
-  CT_RETURN_IF_ERROR(GetBool(j, "stream", &call.stream));
+  CT_RETURN_IF_ERROR(Param(d, "ignore_eos", GetBool(j, "ignore_eos", &r.gen.ignore_eos)));
+  CT_RETURN_IF_ERROR(Param(d, "stream", GetBool(j, "stream", &call.stream)));
   if (auto it = j.find("stream_options"); it != j.end() && !it->is_null()) {
+    d->param = "stream_options";
     if (!it->is_object()) return InvalidArgument("'stream_options' must be an object");
     CT_RETURN_IF_ERROR(GetBool(*it, "include_usage", &call.include_usage));
+    d->param.clear();
   }
 
-  // cachette extensions.
-  CT_RETURN_IF_ERROR(GetString(j, "cache_salt", &r.cache_salt));
+  // cachette extensions (cache_salt and session_id are read above).
   int64_t prio = 0;
-  CT_RETURN_IF_ERROR(GetInt(j, "priority", -1000000, 1000000, &prio));
+  CT_RETURN_IF_ERROR(Param(d, "priority", GetInt(j, "priority", -1000000, 1000000, &prio)));
   r.priority = static_cast<int>(prio);
-  CT_RETURN_IF_ERROR(GetString(j, "session_id", &r.session_id));
   int64_t session_ttl_s = 0;
-  CT_RETURN_IF_ERROR(GetInt(j, "session_ttl_s", 1, 7 * 24 * 3600, &session_ttl_s));
+  CT_RETURN_IF_ERROR(
+      Param(d, "session_ttl_s", GetInt(j, "session_ttl_s", 1, 7 * 24 * 3600, &session_ttl_s)));
   r.session_ttl_ms = session_ttl_s * 1000;
   if (auto it = j.find("cache_control"); it != j.end() && !it->is_null()) {
+    d->param = "cache_control";
     if (!it->is_object()) return InvalidArgument("'cache_control' must be an object");
     r.pin_ttl_ms = ctx.default_pin_ttl_ms;
     const json* ttl = it->contains("ttl_s") ? &(*it)["ttl_s"]
@@ -263,17 +341,23 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint,
       CT_ASSIGN_OR_RETURN(int64_t s, ParseTtlSeconds(*ttl));
       r.pin_ttl_ms = s * 1000;
     }
+    d->param.clear();
   }
   CT_RETURN_IF_ERROR(sp.Validate());
   return call;
 }
 
-Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required) {
+Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required,
+                                 ErrorDetail* d) {
   PromptRef ref;
   CT_ASSIGN_OR_RETURN(ref.body, ParseJson(body.empty() ? std::string_view("{}") : body));
-  CT_RETURN_IF_ERROR(GetString(ref.body, "cache_salt", &ref.cache_salt));
+  CT_RETURN_IF_ERROR(Param(d, "cache_salt", GetString(ref.body, "cache_salt", &ref.cache_salt)));
+  CT_RETURN_IF_ERROR(Param(d, "cache_salt", CheckIdBytes(ref.cache_salt, "cache_salt")));
+  if (auto it = ref.body.find("session_id"); it != ref.body.end() && it->is_string()) {
+    CT_RETURN_IF_ERROR(Param(d, "session_id", CheckIdBytes(it->get<std::string>(), "session_id")));
+  }
   bool present = false;
-  CT_ASSIGN_OR_RETURN(ref.tokens, PromptTokens(ref.body, ctx, &present));
+  CT_ASSIGN_OR_RETURN(ref.tokens, PromptTokens(ref.body, ctx, &present, d));
   if (required && ref.tokens.empty()) {
     return InvalidArgument("give the prefix as 'prompt' (text or token ids) or 'messages'");
   }
@@ -287,25 +371,50 @@ int HttpStatusFor(const Status& s) {
     case StatusCode::kResourceExhausted: return 429;
     case StatusCode::kUnavailable: return 503;
     case StatusCode::kDeadlineExceeded: return 504;
+    case StatusCode::kUnimplemented:
+      return 501;
+    case StatusCode::kCancelled:
+      return 499;
     default: return 500;
   }
 }
 
-std::string ErrorBody(const Status& s) {
-  const int http = HttpStatusFor(s);
-  const char* type = http == 400   ? "invalid_request_error"
-                     : http == 404 ? "invalid_request_error"
-                     : http == 429 ? "rate_limit_error"
-                     : http == 503 ? "service_unavailable"
-                                   : "server_error";
-  std::string code = http == 404 ? "model_not_found" : std::string(StatusCodeName(s.code()));
-  if (s.message().find("context_length_exceeded") != std::string::npos ||
-      s.message().find("maximum context length") != std::string::npos) {
-    code = "context_length_exceeded";
+std::string ErrorBody(const Status& s, const ErrorDetail& detail) {
+  const char* type = "server_error";
+  switch (s.code()) {
+    case StatusCode::kInvalidArgument:
+    case StatusCode::kNotFound:
+      type = "invalid_request_error";
+      break;
+    case StatusCode::kResourceExhausted:
+      type = "rate_limit_error";
+      break;
+    case StatusCode::kUnavailable:
+      type = "service_unavailable";
+      break;
+    case StatusCode::kDeadlineExceeded:
+      type = "timeout_error";
+      break;
+    default:
+      break;
   }
-  json j = {{"error", {{"message", s.message()}, {"type", type}, {"param", nullptr},
-                       {"code", code}}}};
+  const std::string code =
+      detail.code.empty() ? std::string(StatusCodeName(s.code())) : detail.code;
+  json j = {{"error",
+             {{"message", s.message()},
+              {"type", type},
+              {"param", detail.param.empty() ? json(nullptr) : json(detail.param)},
+              {"code", code}}}};
   return Dump(j);
+}
+
+int64_t MaxTokenBytes(const Tokenizer& tok) {
+  size_t longest = 0;
+  for (int32_t id = 0; id < tok.vocab_size(); ++id) {
+    longest = std::max(
+        {longest, tok.TokenText(id).size(), tok.TokenToPiece(id, /*render_special=*/true).size()});
+  }
+  return static_cast<int64_t>(longest);
 }
 
 json UsageJson(const sched::RequestUsage& u) {

@@ -11,6 +11,12 @@
 // A wrong type, an out-of-range value, a prompt longer than the context or max_tokens beyond it
 // gives kInvalidArgument with a message naming the field; an unknown model kNotFound.
 //
+// Limits checked before any tokenization (each a 400 naming the field): cache_salt and session_id
+// at most kMaxIdBytes bytes; at most ApiContext::max_messages messages; prompt text (or the
+// messages' contents together) at most n_ctx * max_token_bytes * 2 bytes: no token stands for more
+// input bytes than the longest token text of the vocabulary, so a longer text cannot fit the
+// context (the factor 2 is margin for normalizers); an id array at most n_ctx.
+//
 // Thread-safety: stateless functions; ApiContext is read-only.
 #pragma once
 
@@ -34,6 +40,23 @@ struct ApiContext {
   int64_t n_ctx = 0;
   int default_max_tokens = 256;  // when a request gives none (capped by the context)
   int64_t default_pin_ttl_ms = 300000;
+  // The longest token text of the vocabulary in bytes (MaxTokenBytes); 0: no byte bound.
+  int64_t max_token_bytes = 0;
+  int max_messages = 1024;
+};
+
+// Longest cache_salt and session_id accepted.
+inline constexpr size_t kMaxIdBytes = 256;
+
+// The longest token of `tok` in bytes: its stored text or its piece, whichever is longer.
+int64_t MaxTokenBytes(const Tokenizer& tok);
+
+// What an OpenAI error body says beyond the Status: the request field at fault ("param") and an
+// OpenAI error code such as "context_length_exceeded" or "model_not_found" (empty: the Status
+// code's name).
+struct ErrorDetail {
+  std::string param;
+  std::string code;
 };
 
 enum class Endpoint { kChat, kCompletion };
@@ -45,9 +68,10 @@ struct GenerateCall {
   bool include_usage = false;
 };
 
-// Parses and validates a /v1/chat/completions or /v1/completions body.
-Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint,
-                                   const ApiContext& ctx);
+// Parses and validates a /v1/chat/completions or /v1/completions body. On failure, `detail` (when
+// given) names the field at fault. Never throws, whatever the bytes.
+Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, const ApiContext& ctx,
+                                   ErrorDetail* detail = nullptr);
 
 // Prompt tokens for the admin API: a body with "prompt" (string or ids) or "messages" (rendered
 // with the chat template, generation prompt included), plus its "cache_salt".
@@ -56,13 +80,16 @@ struct PromptRef {
   std::string cache_salt;
   nlohmann::json body;  // the parsed body, for endpoint-specific fields
 };
-Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required);
+Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required,
+                                 ErrorDetail* detail = nullptr);
 
-// The HTTP status for a Status code: InvalidArgument 400, NotFound 404, ResourceExhausted 429,
-// Unavailable 503, DeadlineExceeded 504, anything else 500.
+// The HTTP status for a Status code (never for its message): InvalidArgument 400, NotFound 404,
+// Cancelled 499, ResourceExhausted 429, Unavailable 503, DeadlineExceeded 504, Unimplemented 501,
+// anything else 500.
 int HttpStatusFor(const Status& s);
-// {"error": {"message", "type", "param": null, "code"}}.
-std::string ErrorBody(const Status& s);
+// {"error": {"message", "type", "param", "code"}}: type from the Status code (as HttpStatusFor),
+// param and code from `detail` (param null when empty; code the Status code's name when empty).
+std::string ErrorBody(const Status& s, const ErrorDetail& detail = {});
 
 // Response pieces. `id` is "chatcmpl-N" / "cmpl-N"; `created` is Unix seconds.
 nlohmann::json UsageJson(const sched::RequestUsage& u);

@@ -1,9 +1,18 @@
 #include "server/server.h"
 
+#include <dirent.h>
 #include <httplib.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 
+#include <cerrno>
 #include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <ctime>
+#include <map>
+#include <mutex>
 
 #include "core/log.h"
 #include "core/timer.h"
@@ -25,11 +34,164 @@ struct StreamState {
   std::string finish;
   sched::RequestUsage usage;
   Status error;
+  std::atomic<int64_t>* slot = nullptr;  // the generation slot held; released with the state
+
+  StreamState() = default;
+  StreamState(const StreamState&) = delete;
+  StreamState& operator=(const StreamState&) = delete;
+  ~StreamState() {
+    if (slot != nullptr) slot->fetch_sub(1, std::memory_order_acq_rel);
+  }
 };
 
 namespace {
 
 constexpr auto kPoll = std::chrono::milliseconds(1000);
+// How often a non-streaming request checks that its client is still connected.
+constexpr auto kDisconnectPoll = std::chrono::milliseconds(100);
+
+// httplib's TaskQueue as one thread per connection, started at once: a connection never waits in a
+// queue nobody can see. Only at max_threads live ones does enqueue (the accept loop) wait for one
+// to end; the connections behind then wait in the kernel's listen backlog.
+//
+// A thread's states (numbered, one way):
+//   1 running fn  --fn returns-->  2 finished (its id in finished_)
+//   2  --the next enqueue, or shutdown-->  3 joined.
+class ConnectionThreads : public httplib::TaskQueue {
+ public:
+  explicit ConnectionThreads(int max_threads) : max_(std::max(1, max_threads)) {}
+  ~ConnectionThreads() override { shutdown(); }
+
+  void enqueue(std::function<void()> fn) override {
+    // Shared so that a failed thread start keeps the task (it owns the socket) for a retry.
+    auto task = std::make_shared<std::function<void()>>(std::move(fn));
+    bool warned = false;
+    for (;;) {
+      std::vector<std::thread> done;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return live_ < max_; });
+        TakeFinished(&done);
+        try {
+          std::thread t([this, task] { Run(*task); });
+          const std::thread::id id = t.get_id();
+          threads_.emplace(id, std::move(t));
+          ++live_;
+          task.reset();
+        } catch (const std::system_error& e) {
+          if (!warned) {
+            CT_LOG(kWarning) << "cannot start a connection thread: " << e.what();
+          }
+          warned = true;
+        }
+      }
+      for (std::thread& t : done) t.join();
+      if (task == nullptr) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // out of threads: retry
+    }
+  }
+
+  void shutdown() override {
+    for (;;) {
+      std::vector<std::thread> all;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto& [id, t] : threads_) all.push_back(std::move(t));
+        threads_.clear();
+        finished_.clear();
+      }
+      if (all.empty()) return;
+      for (std::thread& t : all) t.join();
+    }
+  }
+
+ private:
+  void Run(const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      CT_LOG(kError) << "connection thread: " << e.what();
+    } catch (...) {
+      CT_LOG(kError) << "connection thread: unknown exception";
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    finished_.push_back(std::this_thread::get_id());
+    --live_;
+    cv_.notify_all();
+  }
+
+  void TakeFinished(std::vector<std::thread>* out) {
+    for (const std::thread::id& id : finished_) {
+      auto it = threads_.find(id);
+      if (it == threads_.end()) continue;  // already taken by shutdown()
+      out->push_back(std::move(it->second));
+      threads_.erase(it);
+    }
+    finished_.clear();
+  }
+
+  const int max_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int live_ = 0;                                    // GUARDED_BY(mu_)
+  std::map<std::thread::id, std::thread> threads_;  // GUARDED_BY(mu_)
+  std::vector<std::thread::id> finished_;           // GUARDED_BY(mu_)
+};
+
+std::string NumericHost(const sockaddr_storage& a, socklen_t len, int* port) {
+  char host[NI_MAXHOST] = {0};
+  char serv[NI_MAXSERV] = {0};
+  if (getnameinfo(reinterpret_cast<const sockaddr*>(&a), len, host, sizeof host, serv, sizeof serv,
+                  NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+    return {};
+  }
+  *port = std::atoi(serv);
+  return host;
+}
+
+// The socket of the connection `req` arrived on, or -1.
+// WART: cpp-httplib 0.11.4 does not hand the socket to handlers (and its process_and_close_socket
+// cannot be wrapped: it is private), so the socket is found by its address pair among the
+// process's descriptors. Runs once per non-streaming request; the match is exact because the
+// connection stays open while its handler runs.
+int FindConnectionFd(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  while (dirent* ent = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(ent->d_name, &end, 10);
+    if (end == ent->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    struct stat sb;
+    if (fstat(static_cast<int>(fd), &sb) != 0 || !S_ISSOCK(sb.st_mode)) continue;
+    sockaddr_storage peer{}, local{};
+    socklen_t peer_len = sizeof peer, local_len = sizeof local;
+    if (getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+        getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &local_len) != 0) {
+      continue;
+    }
+    int peer_port = -1, local_port = -1;
+    if (NumericHost(peer, peer_len, &peer_port) == req.remote_addr &&
+        peer_port == req.remote_port &&
+        NumericHost(local, local_len, &local_port) == req.local_addr &&
+        local_port == req.local_port) {
+      found = static_cast<int>(fd);
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// True when the peer of `fd` has closed its side (or the connection broke). Data waiting to be read
+// (a pipelined request) counts as connected.
+bool PeerClosed(int fd) {
+  char c;
+  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (n > 0) return false;
+  if (n == 0) return true;
+  return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+}
 
 int64_t UnixSeconds() { return static_cast<int64_t>(std::time(nullptr)); }
 
@@ -49,7 +211,8 @@ void Absorb(StreamState& st, sched::StreamEvent& e, Metrics& m) {
       break;
     case sched::StreamEvent::Kind::kDone:
       st.finished = true;
-      st.finish = e.finish == "cancelled" ? "stop" : e.finish;
+      // OpenAI knows "stop" and "length"; a cancelled request's client is gone anyway.
+      st.finish = e.finish == GenerateResult::Finish::kLength ? "length" : "stop";
       st.usage = e.usage;
       break;
     case sched::StreamEvent::Kind::kError:
@@ -68,9 +231,9 @@ HttpServer::HttpServer(const ServerOptions& options)
 HttpServer::~HttpServer() { Stop(); }
 
 Status HttpServer::Start() {
-  const int threads = std::max(4, options_.http_threads);
+  const int threads = std::max(4, options_.max_connections);
   // WART: httplib takes ownership of a raw TaskQueue pointer.
-  http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  http_->new_task_queue = [threads] { return new ConnectionThreads(threads); };
   http_->set_payload_max_length(options_.max_body_bytes);
   http_->set_read_timeout(30, 0);
   http_->set_write_timeout(10, 0);
@@ -129,8 +292,22 @@ void HttpServer::Json(httplib::Response& res, int status, const std::string& bod
   metrics_.CountRequest(endpoint, status);
 }
 
-void HttpServer::Error(httplib::Response& res, const Status& s, const std::string& endpoint) {
-  Json(res, HttpStatusFor(s), ErrorBody(s), endpoint);
+void HttpServer::Error(httplib::Response& res, const Status& s, const std::string& endpoint,
+                       const ErrorDetail& detail) {
+  if (s.code() == StatusCode::kResourceExhausted || s.code() == StatusCode::kUnavailable) {
+    res.set_header("Retry-After", "1");
+  }
+  Json(res, HttpStatusFor(s), ErrorBody(s, detail), endpoint);
+}
+
+bool HttpServer::Allowed(const httplib::Request& req, httplib::Response& res, Access access,
+                         const std::string& endpoint) {
+  const AuthDecision d =
+      Authorize(options_.access, access, req.get_header_value("Authorization"), req.remote_addr);
+  if (d.allowed()) return true;
+  if (d.http == 401) res.set_header("WWW-Authenticate", "Bearer");
+  Json(res, d.http, AuthErrorBody(d), endpoint);
+  return false;
 }
 
 bool HttpServer::Serving(httplib::Response& res, const std::string& endpoint,
@@ -147,10 +324,11 @@ bool HttpServer::Serving(httplib::Response& res, const std::string& endpoint,
 void HttpServer::Routes() {
   using httplib::Request;
   using httplib::Response;
-  // Every handler is wrapped: no exception reaches httplib.
-  auto guard = [this](const std::string& endpoint, auto fn) {
-    return [this, endpoint, fn](const Request& req, Response& res) {
+  // Every handler is wrapped: access is checked first, and no exception reaches httplib.
+  auto guard = [this](const std::string& endpoint, Access access, auto fn) {
+    return [this, endpoint, access, fn](const Request& req, Response& res) {
       try {
+        if (!Allowed(req, res, access, endpoint)) return;
         fn(req, res);
       } catch (const std::exception& e) {
         Error(res, Status(StatusCode::kIOError, std::string("internal error: ") + e.what()),
@@ -158,30 +336,30 @@ void HttpServer::Routes() {
       }
     };
   };
-  http_->Post("/v1/chat/completions", guard("chat", [this](const Request& q, Response& r) {
-                Generate(q, r, Endpoint::kChat);
-              }));
-  http_->Post("/v1/completions", guard("completions", [this](const Request& q, Response& r) {
+  http_->Post("/v1/chat/completions",
+              guard("chat", Access::kApi,
+                    [this](const Request& q, Response& r) { Generate(q, r, Endpoint::kChat); }));
+  http_->Post("/v1/completions",
+              guard("completions", Access::kApi, [this](const Request& q, Response& r) {
                 Generate(q, r, Endpoint::kCompletion);
               }));
-  http_->Get("/v1/models", guard("models", [this](const Request&, Response& r) {
-               if (!Serving(r, "models", true)) return;
-               nlohmann::json m = {{"id", backend_.api.model_id},
-                                   {"object", "model"},
-                                   {"created", UnixSeconds()},
-                                   {"owned_by", "cachette"},
-                                   {"max_model_len", backend_.api.n_ctx}};
-               Json(r, 200, Dump({{"object", "list"}, {"data", nlohmann::json::array({m})}}),
-                    "models");
-             }));
-  http_->Get("/health", guard("health", [this](const Request&, Response& r) {
-               const Phase p = phase_.load(std::memory_order_acquire);
-               const char* s = p == Phase::kReady     ? "ok"
-                               : p == Phase::kLoading ? "loading"
-                                                      : "draining";
-               Json(r, p == Phase::kReady ? 200 : 503, Dump({{"status", s}}), "health");
-             }));
-  http_->Get("/metrics", guard("metrics", [this](const Request&, Response& r) {
+  http_->Get(
+      "/v1/models", guard("models", Access::kApi, [this](const Request&, Response& r) {
+        if (!Serving(r, "models", true)) return;
+        nlohmann::json m = {{"id", backend_.api.model_id},
+                            {"object", "model"},
+                            {"created", UnixSeconds()},
+                            {"owned_by", "cachette"},
+                            {"max_model_len", backend_.api.n_ctx}};
+        Json(r, 200, Dump({{"object", "list"}, {"data", nlohmann::json::array({m})}}), "models");
+      }));
+  http_->Get(
+      "/health", guard("health", Access::kOpen, [this](const Request&, Response& r) {
+        const Phase p = phase_.load(std::memory_order_acquire);
+        const char* s = p == Phase::kReady ? "ok" : p == Phase::kLoading ? "loading" : "draining";
+        Json(r, p == Phase::kReady ? 200 : 503, Dump({{"status", s}}), "health");
+      }));
+  http_->Get("/metrics", guard("metrics", Access::kOpen, [this](const Request&, Response& r) {
                Metrics::Gauges g;
                const Phase p = phase_.load(std::memory_order_acquire);
                g.ready = p == Phase::kReady;
@@ -199,19 +377,23 @@ void HttpServer::Routes() {
                if (p != Phase::kLoading) text += backend_.scheduler->source().PrometheusText();
                r.set_content(text, "text/plain; version=0.0.4");
              }));
-  http_->Get("/v1/cache/stats", guard("admin", [this](const Request&, Response& r) {
+  http_->Get("/v1/cache/stats", guard("admin", Access::kAdmin, [this](const Request&, Response& r) {
                if (Serving(r, "admin", true)) CacheStats(r);
              }));
-  http_->Post("/v1/cache/lookup", guard("admin", [this](const Request& q, Response& r) {
+  http_->Post("/v1/cache/lookup",
+              guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
                 if (Serving(r, "admin", true)) CacheLookup(q, r);
               }));
-  http_->Post("/v1/cache/pin", guard("admin", [this](const Request& q, Response& r) {
+  http_->Post("/v1/cache/pin",
+              guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
                 if (Serving(r, "admin", false)) CachePin(q, r);
               }));
-  http_->Post("/v1/cache/unpin", guard("admin", [this](const Request& q, Response& r) {
+  http_->Post("/v1/cache/unpin",
+              guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
                 if (Serving(r, "admin", true)) CacheUnpin(q, r);
               }));
-  http_->Post("/v1/cache/clear", guard("admin", [this](const Request& q, Response& r) {
+  http_->Post("/v1/cache/clear",
+              guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
                 if (Serving(r, "admin", true)) CacheClear(q, r);
               }));
   // Unknown routes and httplib's own errors (413, 400) get an OpenAI error body.
@@ -238,13 +420,25 @@ void HttpServer::Generate(const httplib::Request& req, httplib::Response& res,
   const std::string ep = endpoint == Endpoint::kChat ? "chat" : "completions";
   if (!Serving(res, ep, false)) return;
   auto st = std::make_shared<StreamState>();
+  // The generation slot: taken before the body is parsed, so a request beyond max_running +
+  // max_queue costs nothing but this answer.
+  const int64_t busy = generations_.fetch_add(1, std::memory_order_acq_rel);
+  st->slot = &generations_;
+  if (options_.max_generations > 0 && busy >= options_.max_generations) {
+    return Error(
+        res,
+        ResourceExhausted("the server is at capacity (" + std::to_string(options_.max_generations) +
+                          " requests running or queued); retry later"),
+        ep);
+  }
   st->start_ns = NowNanos();
   st->endpoint = ep;
   st->created = UnixSeconds();
   st->id = (endpoint == Endpoint::kChat ? "chatcmpl-" : "cmpl-") +
            std::to_string(next_id_.fetch_add(1));
-  auto call = ParseGenerate(req.body, endpoint, backend_.api);
-  if (!call.ok()) return Error(res, call.status(), ep);
+  ErrorDetail detail;
+  auto call = ParseGenerate(req.body, endpoint, backend_.api, &detail);
+  if (!call.ok()) return Error(res, call.status(), ep, detail);
   st->call = std::move(*call);
   auto stream = backend_.scheduler->Submit(st->call.request);
   if (!stream.ok()) return Error(res, stream.status(), ep);
@@ -252,13 +446,28 @@ void HttpServer::Generate(const httplib::Request& req, httplib::Response& res,
   in_flight_.fetch_add(1, std::memory_order_acq_rel);
   if (st->call.stream) return StreamResponse(res, st);  // the releaser ends the flight
 
-  // WART: a non-streaming client that disconnects is not noticed (httplib gives no socket
-  // event); its request runs to max_tokens.
+  // A client that disconnects while it waits is noticed by polling its socket, and its request is
+  // cancelled (freeing its queue slot or sequence at once).
+  const int fd = FindConnectionFd(req);
+  bool client_gone = false;
+  int64_t next_check_ns = 0;
   sched::StreamEvent e;
   while (!st->finished) {
-    if (st->stream->Next(&e, kPoll)) Absorb(*st, e, metrics_);
+    if (st->stream->Next(&e, kDisconnectPoll)) Absorb(*st, e, metrics_);
+    const int64_t now = NowNanos();
+    if (st->finished || client_gone || fd < 0 || now < next_check_ns) continue;
+    next_check_ns = now + std::chrono::nanoseconds(kDisconnectPoll).count();
+    if (PeerClosed(fd)) {
+      client_gone = true;
+      st->stream->Cancel();
+    }
   }
   in_flight_.fetch_sub(1, std::memory_order_acq_rel);
+  if (client_gone) {
+    CT_LOG(kInfo) << "request " << st->id << " " << ep << " client disconnected after "
+                  << st->tokens << " tokens; cancelled";
+    return Error(res, Cancelled("the client closed the connection"), ep);
+  }
   if (!st->error.ok()) {
     LogAndRecord(*st, HttpStatusFor(st->error));
     return Error(res, st->error, ep);

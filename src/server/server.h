@@ -11,8 +11,19 @@
 // GET /v1/cache/stats; POST /v1/cache/lookup, /v1/cache/pin, /v1/cache/unpin, /v1/cache/clear.
 // See docs/serving.md for the bodies.
 //
-// Thread-safety: handlers run on httplib's worker threads (http_threads of them); the scheduler
-// and KvManager are synchronized on their own; Metrics has its own lock.
+// Connections and overload: every accepted connection gets its own thread at once (no hidden queue
+// inside the HTTP library), up to max_connections; only beyond that does the accept loop wait for
+// one to end (the kernel's backlog holds the rest). So /health, /metrics and the admin API answer
+// while every generation slot is busy. Generation requests beyond max_generations (max_running +
+// max_queue) in flight get 429 before their body is parsed. A non-streaming client that disconnects
+// while its request waits or runs is noticed within kDisconnectPoll and its request is cancelled (a
+// streaming one is noticed by the next write).
+//
+// Access control: see auth.h (API keys for generation and /v1/models, admin key or loopback for
+// /v1/cache/*; /health and /metrics open).
+//
+// Thread-safety: handlers run on the connection threads; the scheduler and KvManager are
+// synchronized on their own; Metrics has its own lock.
 #pragma once
 
 #include <atomic>
@@ -23,6 +34,7 @@
 #include "cachette/status.h"
 #include "model/model.h"
 #include "sched/scheduler.h"
+#include "server/auth.h"
 #include "server/metrics.h"
 #include "server/openai.h"
 
@@ -39,8 +51,10 @@ struct StreamState;  // one generation request in flight (server.cc)
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;                        // 0: any free port (see port())
-  int http_threads = 32;                  // each open streaming response holds one
+  int max_connections = 1024;             // connection threads at most (each open one holds one)
+  int max_generations = 0;                // generation requests in flight at most; 0: no bound
   size_t max_body_bytes = size_t{16} << 20;
+  AccessPolicy access;
 };
 
 class HttpServer {
@@ -72,6 +86,9 @@ class HttpServer {
  private:
   enum class Phase { kLoading = 1, kReady = 2, kDraining = 3 };
   void Routes();
+  // Access check of a route; false (with a 401/403 set) when refused.
+  bool Allowed(const httplib::Request& req, httplib::Response& res, Access access,
+               const std::string& endpoint);
   // Generation and admin handlers (admin ones live in admin_api.cc).
   void Generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint);
   void StreamResponse(httplib::Response& res, std::shared_ptr<StreamState> state);
@@ -81,7 +98,8 @@ class HttpServer {
   void CacheUnpin(const httplib::Request& req, httplib::Response& res);
   void CacheClear(const httplib::Request& req, httplib::Response& res);
   // Sets an OpenAI error body and its status; counts it.
-  void Error(httplib::Response& res, const Status& s, const std::string& endpoint);
+  void Error(httplib::Response& res, const Status& s, const std::string& endpoint,
+             const ErrorDetail& detail = {});
   void Json(httplib::Response& res, int status, const std::string& body,
             const std::string& endpoint);
   // Serving phase check: false (with a 503 set) while loading or draining.
@@ -97,6 +115,7 @@ class HttpServer {
   Metrics metrics_;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<int64_t> in_flight_{0};  // generation responses not yet fully written
+  std::atomic<int64_t> generations_{0};  // generation requests in a handler or being written
 };
 
 }  // namespace cachette::server

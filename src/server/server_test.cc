@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "core/check.h"
+#include "server/auth.h"
 #include "server/chat_template.h"
 #include "server/config.h"
 #include "server/metrics.h"
@@ -160,6 +161,267 @@ TEST(ConfigTest, FileThenValidation) {
   c.redis = {"http://x"};
   EXPECT_FALSE(ValidateConfig(c).ok());
   std::remove(path.c_str());
+}
+
+TEST(OpenAiTest, RejectsOverlongIdsAndPromptsBeforeTokenizingAndNamesTheField) {
+  ApiContext ctx = Ctx();
+  ctx.max_token_bytes = 8;  // bound: 64 tokens * 8 bytes * 2 = 1024 bytes
+  ctx.max_messages = 3;
+  const std::string salt(300, 's');
+  struct Case {
+    std::string body;
+    Endpoint ep;
+    const char* param;
+    const char* code;
+  } cases[] = {
+      {R"({"prompt":"hi","cache_salt":")" + salt + "\"}", Endpoint::kCompletion, "cache_salt",
+       "InvalidArgument"},
+      {R"({"prompt":"hi","session_id":")" + salt + "\"}", Endpoint::kCompletion, "session_id",
+       "InvalidArgument"},
+      {R"({"prompt":")" + std::string(1025, 'a') + "\"}", Endpoint::kCompletion, "prompt",
+       "context_length_exceeded"},
+      {R"({"messages":[{"role":"user","content":")" + std::string(1025, 'a') + "\"}]}",
+       Endpoint::kChat, "messages", "context_length_exceeded"},
+      {R"({"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"},
+           {"role":"user","content":"c"},{"role":"user","content":"d"}]})",
+       Endpoint::kChat, "messages", "InvalidArgument"},
+      {R"({"prompt":"hi","top_p":7})", Endpoint::kCompletion, "top_p", "InvalidArgument"},
+      {R"({"prompt":"hi","model":"other"})", Endpoint::kCompletion, "model", "model_not_found"},
+  };
+  for (const auto& c : cases) {
+    ErrorDetail d;
+    auto r = ParseGenerate(c.body, c.ep, ctx, &d);
+    ASSERT_FALSE(r.ok()) << c.body.substr(0, 80);
+    EXPECT_EQ(d.param, c.param) << c.body.substr(0, 80);
+    const auto j = nlohmann::json::parse(ErrorBody(r.status(), d));
+    EXPECT_EQ(j["error"]["param"], c.param);
+    EXPECT_EQ(j["error"]["code"], c.code) << r.status().ToString();
+  }
+  // At the limits: a 256-byte salt and exactly 3 messages are accepted.
+  auto ok = ParseGenerate(
+      R"({"messages":[{"role":"user","content":"a"},{"role":"assistant",
+      "content":"b"},{"role":"user","content":"c"}],"max_tokens":1,"cache_salt":")" +
+          std::string(256, 's') + "\"}",
+      Endpoint::kChat, ctx);
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
+// Regression (issue 9, item 8): the error code comes from the Status code and the parser's detail,
+// never from words in the message.
+TEST(OpenAiTest, ErrorCodeIgnoresMessageText) {
+  const Status s = InvalidArgument("this model's maximum context length is nice");
+  const auto j = nlohmann::json::parse(ErrorBody(s));
+  EXPECT_EQ(j["error"]["code"], "InvalidArgument");
+  EXPECT_TRUE(j["error"]["param"].is_null());
+  EXPECT_EQ(j["error"]["type"], "invalid_request_error");
+  struct Case {
+    Status s;
+    int http;
+    const char* type;
+  } cases[] = {
+      {NotFound("x"), 404, "invalid_request_error"},
+      {ResourceExhausted("x"), 429, "rate_limit_error"},
+      {Unavailable("x"), 503, "service_unavailable"},
+      {DeadlineExceeded("x"), 504, "timeout_error"},
+      {Cancelled("x"), 499, "server_error"},
+      {IOError("not found"), 500, "server_error"},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(HttpStatusFor(c.s), c.http) << c.s.ToString();
+    EXPECT_EQ(nlohmann::json::parse(ErrorBody(c.s))["error"]["type"], c.type);
+  }
+}
+
+TEST(AuthTest, DecidesByRouteKeyAndAddress) {
+  AccessPolicy open;
+  AccessPolicy keyed{{"k1", "k2"}, "adm"};
+  AccessPolicy api_only{{"k1"}, ""};
+  struct Case {
+    const AccessPolicy* p;
+    Access access;
+    const char* header;
+    const char* addr;
+    int http;
+  } cases[] = {
+      {&open, Access::kApi, "", "10.0.0.1", 0},
+      {&open, Access::kAdmin, "", "127.0.0.1", 0},
+      {&open, Access::kAdmin, "", "::1", 0},
+      {&open, Access::kAdmin, "", "::ffff:127.0.0.5", 0},
+      {&open, Access::kAdmin, "", "10.0.0.1", 403},
+      {&open, Access::kAdmin, "", "128.0.0.1", 403},
+      {&keyed, Access::kOpen, "", "10.0.0.1", 0},
+      {&keyed, Access::kApi, "", "127.0.0.1", 401},
+      {&keyed, Access::kApi, "Bearer k3", "127.0.0.1", 401},
+      {&keyed, Access::kApi, "Bearer k", "127.0.0.1", 401},
+      {&keyed, Access::kApi, "Bearer k22", "127.0.0.1", 401},
+      {&keyed, Access::kApi, "Basic k1", "127.0.0.1", 401},
+      {&keyed, Access::kApi, "Bearer k2", "10.0.0.1", 0},
+      {&keyed, Access::kApi, "bearer  k1 ", "10.0.0.1", 0},
+      {&keyed, Access::kApi, "Bearer adm", "10.0.0.1", 0},      // the admin key opens everything
+      {&keyed, Access::kAdmin, "Bearer k1", "127.0.0.1", 401},  // API keys are not admin keys
+      {&keyed, Access::kAdmin, "", "127.0.0.1", 401},
+      {&keyed, Access::kAdmin, "Bearer adm", "10.0.0.1", 0},
+      {&api_only, Access::kAdmin, "Bearer k1", "10.0.0.1", 403},
+      {&api_only, Access::kAdmin, "", "127.0.0.1", 0},
+  };
+  for (const auto& c : cases) {
+    const AuthDecision d = Authorize(*c.p, c.access, c.header, c.addr);
+    EXPECT_EQ(d.http, c.http) << c.header << " from " << c.addr;
+    if (d.http != 0) {
+      const auto j = nlohmann::json::parse(AuthErrorBody(d));
+      EXPECT_EQ(j["error"]["code"], d.http == 401 ? "invalid_api_key" : "permission_denied");
+      EXPECT_EQ(j["error"]["message"].get<std::string>().find("k3"), std::string::npos);
+    }
+  }
+}
+
+TEST(AuthTest, ConstantTimeEqualsIsEquality) {
+  EXPECT_TRUE(ConstantTimeEquals("", ""));
+  EXPECT_TRUE(ConstantTimeEquals("secret", "secret"));
+  EXPECT_FALSE(ConstantTimeEquals("secreT", "secret"));
+  EXPECT_FALSE(ConstantTimeEquals("secret", "secret2"));
+  EXPECT_FALSE(ConstantTimeEquals("secret2", "secret"));
+  EXPECT_FALSE(ConstantTimeEquals("", "a"));
+  EXPECT_FALSE(ConstantTimeEquals(std::string("a\0", 2), "a"));
+}
+
+TEST(AuthTest, KeyFileAndSessionDigest) {
+  const std::string path = testing::TempDir() + "/keys.txt";
+  {
+    std::ofstream f(path);
+    f << "# comment\n\n  key-one  \nkey-two\r\n";
+  }
+  std::vector<std::string> keys;
+  ASSERT_TRUE(LoadApiKeyFile(path, &keys).ok());
+  EXPECT_EQ(keys, (std::vector<std::string>{"key-one", "key-two"}));
+  {
+    std::ofstream f(path);
+    f << "# only a comment\n";
+  }
+  EXPECT_EQ(LoadApiKeyFile(path, &keys).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(LoadApiKeyFile(path + ".missing", &keys).code(), StatusCode::kIOError);
+  std::remove(path.c_str());
+  const std::string d = SessionDigest("user-42-session");
+  EXPECT_EQ(d.size(), 16u);
+  EXPECT_EQ(d, SessionDigest("user-42-session"));
+  EXPECT_NE(d, SessionDigest("user-43-session"));
+  EXPECT_EQ(d.find("user"), std::string::npos);
+}
+
+TEST(ConfigTest, StoreSchedulerAndAccessKeys) {
+  ServeConfig c;
+  ASSERT_TRUE(ParseConfigText(R"(
+policy = "s3fifo"
+admit_after_hits = 2
+redis_write = "back"
+redis_ttl_s = 600
+tenant_quota = "1GiB"
+queue_timeout_s = 30
+max_pinned = "25%"
+max_pin_ttl_s = 120
+max_sessions = 7
+max_pins = 8
+max_tenants = 9
+load_deadline_ms = 250
+api_key = ["a", "b"]
+admin_key = "adm"
+max_body = "1MiB"
+max_messages = 16
+)",
+                              &c)
+                  .ok());
+  EXPECT_EQ(c.policy, "s3fifo");
+  EXPECT_EQ(c.admit_after_hits, 2);
+  EXPECT_EQ(c.redis_write, "back");
+  EXPECT_EQ(c.redis_ttl_s, 600);
+  EXPECT_EQ(c.tenant_quota, "1GiB");
+  EXPECT_EQ(c.queue_timeout_s, 30);
+  EXPECT_EQ(c.max_pinned, "25%");
+  EXPECT_EQ(c.max_pin_ttl_s, 120);
+  EXPECT_EQ(c.max_sessions, 7);
+  EXPECT_EQ(c.max_pins, 8);
+  EXPECT_EQ(c.max_tenants, 9);
+  EXPECT_EQ(c.load_deadline_ms, 250);
+  EXPECT_EQ(c.api_keys, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(c.admin_key, "adm");
+  EXPECT_EQ(c.max_messages, 16);
+  EXPECT_TRUE(ValidateConfig(c).ok()) << ValidateConfig(c).ToString();
+  ASSERT_TRUE(ParseConfigText("max_pinned = 0.75\napi_key = \"solo\"\n", &c).ok());
+  EXPECT_DOUBLE_EQ(*ParseFraction(c.max_pinned), 0.75);
+  EXPECT_EQ(c.api_keys, (std::vector<std::string>{"solo"}));
+
+  // Each bad value is refused, naming its flag.
+  struct Bad {
+    const char* toml;
+    const char* names;
+  } bad[] = {
+      {"policy = \"fifo\"", "--policy"},
+      {"redis_write = \"sometimes\"", "--redis-write"},
+      {"max_pinned = \"150%\"", "--max-pinned"},
+      {"max_pinned = 2", "--max-pinned"},
+      {"load_deadline_ms = -1", "--load-deadline-ms"},
+      {"queue_timeout_s = -5", "--queue-timeout"},
+      {"max_sessions = 0", "--max-sessions"},
+      {"tenant_quota = \"lots\"", "--tenant-quota"},
+      {"api_key = [\"has space\"]", "--api-key"},
+      {"max_body = \"1\"", "--max-body"},
+      {"admit_after_hits = -1", "--admit-after-hits"},
+  };
+  for (const auto& b : bad) {
+    ServeConfig x;
+    ASSERT_TRUE(ParseConfigText(b.toml, &x).ok()) << b.toml;
+    const Status s = ValidateConfig(x);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << b.toml;
+    EXPECT_NE(s.ToString().find(b.names), std::string::npos) << s.ToString();
+  }
+  // Type errors and syntax errors are refused by the parser.
+  ServeConfig x;
+  EXPECT_EQ(ParseConfigText("max_pinned = true", &x).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseConfigText("api_key = [1]", &x).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseConfigText("port = ", &x).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseConfigText("[table]\nx = 1", &x).code(), StatusCode::kInvalidArgument);
+}
+
+// Regression (fuzz_serve_config): toml++ hits undefined behaviour on some non-ASCII characters;
+// they are refused, with their line, before it sees them. Other non-ASCII text stays fine.
+TEST(ConfigTest, NonAsciiThatTrapsTheTomlLibraryIsRefusedFirst) {
+  ServeConfig c;
+  const std::string fuzz_input(
+      "\xEF\xBB\xBE_pinned = 0.757_77777=)\x01\x00o\x00.\x02\n[table]\nx = 1\n", 47);
+  const Status crash = ParseConfigText(fuzz_input, &c);
+  EXPECT_EQ(crash.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(crash.ToString().find("line 1"), std::string::npos) << crash.ToString();
+  const Status e_acute = ParseConfigText("port = 1\ndisk_dir = \"/caf\xC3\xA9\"\n", &c);
+  EXPECT_EQ(e_acute.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(e_acute.ToString().find("line 2: the character U+00E9"), std::string::npos)
+      << e_acute.ToString();
+  // U+65E5 U+672C, a BOM, literal and multi-line strings and comments are fine.
+  const Status ok = ParseConfigText(
+      "\xEF\xBB\xBF# \xE6\x97\xA5\ndisk_dir = \"/var/\xE6\x97\xA5\xE6\x9C\xAC\"\n"
+      "admin_key = 'k\xE6\x97\xA5'\ncodec = '''x''''\nmodel = \"\"\"y\\\\\"\"\"\n",
+      &c);
+  ASSERT_TRUE(ok.ok()) << ok.ToString();
+  EXPECT_EQ(c.disk_dir, "/var/\xE6\x97\xA5\xE6\x9C\xAC");
+  EXPECT_EQ(c.codec, "x'");
+  EXPECT_EQ(c.model, "y\\");
+}
+
+TEST(ConfigTest, ParseFraction) {
+  struct Case {
+    const char* text;
+    double want;  // < 0: refused
+  } cases[] = {{"0.5", 0.5},     {"50%", 0.5}, {"0", 0},    {"1", 1},    {"100%", 1},
+               {"12.5%", 0.125}, {"", -1},     {"%", -1},   {"1.5", -1}, {"-0.1", -1},
+               {"abc", -1},      {"0.5x", -1}, {"nan", -1}, {"101%", -1}};
+  for (const auto& c : cases) {
+    auto r = ParseFraction(c.text);
+    if (c.want < 0) {
+      EXPECT_FALSE(r.ok()) << c.text;
+    } else {
+      ASSERT_TRUE(r.ok()) << c.text;
+      EXPECT_DOUBLE_EQ(*r, c.want) << c.text;
+    }
+  }
 }
 
 TEST(MetricsTest, RendersPrometheusText) {

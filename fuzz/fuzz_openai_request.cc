@@ -1,0 +1,66 @@
+// Feeds arbitrary bytes as the body of /v1/chat/completions, /v1/completions and the cache admin
+// API into the OpenAI request parser (src/server/openai.*), with the bundled model's tokenizer
+// (loaded once). The parser must return a request or an error, never crash; an accepted request
+// must stay within the context, and every outcome must render to JSON.
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+
+#include "core/check.h"
+#include "model/model.h"
+#include "server/chat_template.h"
+#include "server/openai.h"
+
+namespace {
+
+using namespace cachette;
+using namespace cachette::server;
+
+struct Fixture {
+  std::unique_ptr<Model> model;
+  ChatTemplate chatml = *ChatTemplate::ByName("chatml");
+  ApiContext ctx;
+
+  Fixture() {
+    auto m = Model::Load(CACHETTE_FUZZ_MODEL);
+    CT_CHECK(m.ok()) << m.status().ToString();
+    model = std::move(*m);
+    ctx.model_id = "tiny";
+    ctx.tokenizer = &model->tokenizer();
+    ctx.chat_template = &chatml;
+    ctx.n_vocab = model->config().n_vocab;
+    ctx.n_ctx = 128;  // small, so that the context checks are reached often
+    ctx.max_token_bytes = MaxTokenBytes(model->tokenizer());
+    ctx.max_messages = 64;
+  }
+};
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  static Fixture* f = new Fixture();  // never freed: lives for the whole run
+  const std::string_view body(reinterpret_cast<const char*>(data), size);
+  for (Endpoint ep : {Endpoint::kChat, Endpoint::kCompletion}) {
+    ErrorDetail detail;
+    auto call = ParseGenerate(body, ep, f->ctx, &detail);
+    if (!call.ok()) {
+      CT_CHECK(!ErrorBody(call.status(), detail).empty());
+      CT_CHECK(HttpStatusFor(call.status()) >= 400);
+      continue;
+    }
+    const sched::SchedRequest& r = call->request;
+    CT_CHECK(!r.prompt.empty());
+    CT_CHECK(static_cast<int64_t>(r.prompt.size()) + r.gen.max_tokens <= f->ctx.n_ctx);
+    CT_CHECK(r.cache_salt.size() <= kMaxIdBytes && r.session_id.size() <= kMaxIdBytes);
+    for (TokenId t : r.prompt) CT_CHECK(t >= 0 && t < f->ctx.n_vocab);
+    sched::RequestUsage usage;
+    CT_CHECK(!Dump(CompletionJson(*call, "id", 0, "tiny", "text", "stop", usage)).empty());
+  }
+  ErrorDetail detail;
+  auto ref = ParsePromptRef(body, f->ctx, /*required=*/false, &detail);
+  if (ref.ok()) {
+    for (TokenId t : ref->tokens) CT_CHECK(t >= 0 && t < f->ctx.n_vocab);
+  }
+  return 0;
+}
