@@ -31,14 +31,14 @@ export CACHETTE_REDIS_CLUSTER_URL=redis+cluster://127.0.0.1:7001
 failed=0
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   # Every target, each for FUZZ_SECONDS (about 7 targets: 30 s each keeps the total near 4
-  # minutes). Seeds come from fuzz/corpus/<name without fuzz_>/ (or fuzz/corpus/<name>/) and
+  # minutes). Seeds come from fuzz/corpus/<name without fuzz_>/ and
   # are copied, so the committed corpus never grows; a crashing input is kept as
   # /tmp/<name>-crash-* and named in the log.
   for target in build/fuzz/fuzz/fuzz_*; do
     [ -f "$target" ] && [ -x "$target" ] || continue
     name=$(basename "$target")
     corpus=$(mktemp -d)
-    cp fuzz/corpus/"${name#fuzz_}"/* fuzz/corpus/"$name"/* "$corpus"/ 2>/dev/null || true
+    cp fuzz/corpus/"${name#fuzz_}"/* "$corpus"/ 2>/dev/null || true
     echo "fuzz: $name for ${FUZZ_SECONDS:-30}s"
     if ! "$target" -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 -timeout=10 \
         -artifact_prefix="/tmp/$name-" -print_final_stats=0 "$corpus" >"/tmp/$name.log" 2>&1; then

@@ -18,6 +18,12 @@
  *
  * Thread-safety: calls on one ct_cache may be made from several threads at once; a ct_load is
  * used by one thread at a time. Errors are returned as ct_status codes, never by aborting.
+ *
+ * Arguments are checked before anything is allocated: a NULL handle or out-pointer, a NULL
+ * array with a nonzero length, a layout that is invalid or not of the cache's chunk size, and
+ * chunk ranges whose end (first_chunk + n_chunks, times chunk_tokens) overflows or lies past
+ * n_tokens all give CT_INVALID_ARGUMENT. No C++ exception crosses this API: one raised inside
+ * a call becomes CT_RESOURCE_EXHAUSTED (out of memory) or another error code.
  */
 #ifndef CACHETTE_CACHETTE_H_
 #define CACHETTE_CACHETTE_H_
@@ -81,7 +87,8 @@ void ct_cache_close(ct_cache* cache);
 
 /* The namespace of a fingerprint (any bytes that identify the KV's producer). */
 ct_namespace ct_namespace_of(const void* fingerprint, size_t size);
-/* Bytes of one raw chunk of `layout` (0 if the layout is invalid). */
+/* Bytes of one raw chunk of `layout` (0 if the layout is invalid: NULL, a zero dimension, an
+ * unknown kv_type, a q8_0 head_dim not a multiple of 32, or a size that overflows 64 bits). */
 uint64_t ct_layout_raw_bytes(const ct_chunk_layout* layout);
 
 /* Stores chunks [first_chunk, first_chunk + n_chunks) of `tokens`; chunks[i] points to
@@ -97,7 +104,8 @@ ct_status ct_cache_lookup(ct_cache* cache, ct_namespace ns, const int32_t* token
                           size_t n_tokens, size_t* cached_tokens, uint8_t* chunk_tiers);
 
 /* Starts loading chunks [first_chunk, first_chunk + n_chunks) into *out, with a deadline of
- * `timeout_ms` from now. Free *out with ct_load_free. */
+ * `timeout_ms` from now (>= 0; values beyond a year are treated as a year). Free *out with
+ * ct_load_free. On failure *out is NULL. */
 ct_status ct_cache_get(ct_cache* cache, ct_namespace ns, const int32_t* tokens, size_t n_tokens,
                        size_t first_chunk, size_t n_chunks, int64_t timeout_ms, ct_load** out);
 /* Waits for the load (or its deadline). */
@@ -110,7 +118,7 @@ ct_status ct_load_chunk(const ct_load* load, size_t i, const void** data, size_t
                         int* tier);
 void ct_load_free(ct_load* load);
 
-/* Pins the full chunks of `tokens` for ttl_ms (0 = until unpinned) into *pin. */
+/* Pins the full chunks of `tokens` for ttl_ms (>= 0; 0 = until unpinned) into *pin. */
 ct_status ct_cache_pin(ct_cache* cache, ct_namespace ns, const int32_t* tokens, size_t n_tokens,
                        int64_t ttl_ms, uint64_t* pin);
 ct_status ct_cache_unpin(ct_cache* cache, uint64_t pin);

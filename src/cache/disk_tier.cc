@@ -354,6 +354,7 @@ void DiskTier::Prefetch(const ChunkKey& key) {
 
 Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadline,
                                              BufferPool* pool) {
+  uint64_t indexed_bytes;
   {
     std::lock_guard lock(mu_);
     ++stats_.gets;
@@ -361,10 +362,12 @@ Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadl
       ++stats_.deadline_misses;
       return DeadlineExceeded("disk tier: deadline passed before the read");
     }
-    if (index_.count(key) == 0) {
+    auto it = index_.find(key);
+    if (it == index_.end()) {
       ++stats_.misses;
       return NotFound("disk tier: " + key.ToHex());
     }
+    indexed_bytes = it->second.bytes;
   }
   const std::string path = PathOf(key);
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -375,7 +378,28 @@ Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadl
     ++stats_.misses;
     return NotFound("disk tier: " + key.ToHex());
   }
-  const size_t size = static_cast<size_t>(st.st_size);
+  // The buffer is sized from the file only once the file is the size the index recorded from
+  // its verified header: a file replaced or grown behind our back (or a huge foreign file
+  // under a record's name) is never read whole into memory.
+  const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
+  if (file_bytes != indexed_bytes) {
+    {
+      std::lock_guard lock(mu_);
+      auto it = index_.find(key);
+      // A Put published a new record (or an Erase removed it) since we looked: a miss, unless
+      // the file we opened is still the one published under the name.
+      struct stat now {};
+      const bool still_ours = ::stat(path.c_str(), &now) == 0 && now.st_ino == st.st_ino;
+      if (!still_ours || it == index_.end()) {
+        ++stats_.misses;
+        return NotFound("disk tier: " + key.ToHex() + " changed during the read");
+      }
+    }
+    RemoveCorrupt(key, static_cast<uint64_t>(st.st_ino));
+    return Corruption("disk tier " + path + ": file is " + std::to_string(file_bytes) +
+                      " bytes, its record was " + std::to_string(indexed_bytes));
+  }
+  const size_t size = static_cast<size_t>(file_bytes);
   std::vector<std::byte> bytes = pool != nullptr ? pool->Take(size) : std::vector<std::byte>(size);
   auto n = ReadAt(fd.get(), bytes.data(), bytes.size(), 0, path);
   if (!n.ok()) {

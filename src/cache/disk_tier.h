@@ -66,6 +66,8 @@ class DiskTier final : public Tier {
   Status Put(const ChunkKey& key, std::span<const std::byte> record,
              uint32_t ttl_seconds = 0) override;
   // The verified record; kNotFound, or kCorruption (the file is then deleted and counted).
+  // Nothing is allocated from what the file says until it is checked: a file whose size is
+  // not the one indexed from its verified header is corruption before any of it is read.
   // Local disk reads are not interruptible: `deadline` is checked before the read only.
   Result<std::vector<std::byte>> Get(const ChunkKey& key, Deadline deadline) override;
   // As Get, reading into a buffer taken from `pool` (null: a new one), so the caller can

@@ -85,6 +85,34 @@ TEST(DiskTierTest, RefusesInvalidRecordsAndWrongKeys) {
   EXPECT_EQ(t->Stats().entries, 0u);
 }
 
+// Regression: Get sized its read buffer from the file as it found it, so a record file grown
+// behind the tier's back (or replaced by a huge foreign file) was read whole into memory. The
+// size is now checked against the index, which recorded it from a verified header.
+TEST(DiskTierTest, FileThatGrewSinceIndexedIsCorruptionWithoutReadingIt) {
+  TempDir d;
+  ChunkKey k;
+  auto r = MakeRecord(Hash128{1, 2}, Tokens(8, 1), 1, &k);
+  auto t = OpenDir(d.path());
+  ASSERT_TRUE(t->Put(k, r).ok());
+  const std::string path = t->PathOf(k);
+  // A sparse 1 GiB tail: cheap to make, and a buffer that size is what must not be allocated.
+  ASSERT_EQ(::truncate(path.c_str(), off_t{1} << 30), 0);
+  auto got = t->Get(k, NoDeadline());
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.status().code(), StatusCode::kCorruption) << got.status().ToString();
+  EXPECT_NE(got.status().message().find("its record was"), std::string::npos)
+      << got.status().ToString();
+  EXPECT_FALSE(std::filesystem::exists(path));  // removed and counted, as any corrupt record
+  EXPECT_EQ(t->Stats().corruptions, 1u);
+  EXPECT_EQ(t->Stats().entries, 0u);
+  EXPECT_EQ(t->Get(k, NoDeadline()).status().code(), StatusCode::kNotFound);
+  // Shrunk (truncated in place): also caught by size before the checksums run.
+  ASSERT_TRUE(t->Put(k, r).ok());
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(r.size() / 2)), 0);
+  EXPECT_EQ(t->Get(k, NoDeadline()).status().code(), StatusCode::kCorruption);
+  EXPECT_EQ(t->Stats().corruptions, 2u);
+}
+
 TEST(DiskTierTest, BudgetIsNeverExceeded) {
   TempDir d;
   ChunkKey k;

@@ -2,6 +2,11 @@
 
 #include <pthread.h>
 
+#include <exception>
+#include <typeinfo>
+
+#include "core/log.h"
+
 namespace cachette::cache {
 
 ThreadExecutor::ThreadExecutor(std::string name, int threads, size_t queue_capacity)
@@ -36,6 +41,45 @@ void ThreadExecutor::Drain() {
   idle_cv_.wait(lock, [&] { return queue_.empty() && running_ == 0; });
 }
 
+uint64_t ThreadExecutor::tasks_failed() const {
+  std::lock_guard lock(mu_);
+  return tasks_failed_;
+}
+
+bool ThreadExecutor::RunGuarded(const std::function<void()>& task) {
+  const char* kind = "an exception not derived from std::exception";
+  std::string what;
+  try {
+    task();
+    return true;
+  } catch (const std::exception& e) {
+    kind = typeid(e).name();
+    try {
+      what = e.what();
+    } catch (...) {  // out of memory while copying the message: log without it
+    }
+  } catch (...) {
+  }
+  uint64_t failed;
+  {
+    std::lock_guard lock(mu_);
+    failed = ++tasks_failed_;
+  }
+  // The first failure is loud; a task that throws on every call must not flood the log. The
+  // log line allocates: if that throws too (std::bad_alloc), the failure stays counted.
+  try {
+    if (failed == 1) {
+      CT_LOG(kError) << "executor " << name_ << ": a task threw " << kind << " (" << what
+                     << "); caught and counted, the thread goes on";
+    } else {
+      CT_LOG(kDebug) << "executor " << name_ << ": a task threw " << kind << " (" << what
+                     << "), failure " << failed;
+    }
+  } catch (...) {
+  }
+  return false;
+}
+
 size_t ThreadExecutor::queued() const {
   std::lock_guard lock(mu_);
   return queue_.size() + static_cast<size_t>(running_);
@@ -50,7 +94,7 @@ void ThreadExecutor::Loop() {
     queue_.pop_front();
     ++running_;
     lock.unlock();
-    task();
+    (void)RunGuarded(task);
     task = nullptr;  // destroy captures outside the lock
     lock.lock();
     --running_;

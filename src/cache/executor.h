@@ -4,12 +4,19 @@
 // serialized and a full queue sheds load instead of growing) and loads on a `load` executor.
 // TrySubmit never blocks: when the queue is full it returns false and the caller counts a drop.
 // Threads are joined by the destructor after the queue is drained; nothing is detached.
+//
+// A task that throws does not end the process: the exception stops at the task boundary, is
+// logged (once per executor at kError, then at kDebug) and counted in tasks_failed(); the
+// thread goes on with the next task. Tasks should still report errors as Status values to
+// whoever waits on them: a task that throws has not run to its end, so anything it was to
+// complete (a promise, a load handle) must be completed by the caller's own guard.
 // Thread-safety: all methods are safe to call concurrently, except that a task must not call
 // Drain() on its own executor (it would wait for itself).
 #pragma once
 
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -32,9 +39,13 @@ class ThreadExecutor {
   // Waits until every task queued before the call has run.
   void Drain();
   size_t queued() const;
+  // Tasks that ended by throwing (caught, logged and counted; see above).
+  uint64_t tasks_failed() const;
 
  private:
   void Loop();
+  // Runs `task`, catching whatever it throws. False if it threw.
+  bool RunGuarded(const std::function<void()>& task);
 
   const std::string name_;
   const size_t capacity_;
@@ -44,6 +55,7 @@ class ThreadExecutor {
   std::deque<std::function<void()>> queue_;  // GUARDED_BY(mu_)
   int running_ = 0;                          // GUARDED_BY(mu_)
   bool stop_ = false;                        // GUARDED_BY(mu_)
+  uint64_t tasks_failed_ = 0;                // GUARDED_BY(mu_)
   std::vector<std::thread> threads_;
 };
 

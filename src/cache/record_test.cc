@@ -126,6 +126,39 @@ const CorruptCase kCases[] = {
     {"parent", [](std::vector<std::byte>& r) { SetU32(r, 48, 7, true); }, "record key"},
     {"huge_payload_len", [](std::vector<std::byte>& r) { SetU64(r, 104, ~uint64_t{0}); },
      "record payload_bytes"},
+    // Hostile lengths that a reader trusting them would allocate (regressions: each is refused
+    // by its check before any buffer is sized from it).
+    {"header_bytes_max_u32", [](std::vector<std::byte>& r) { SetU32(r, 8, ~0u, false); },
+     "record header_bytes"},
+    {"n_tokens_max_u32", [](std::vector<std::byte>& r) { SetU32(r, 12, ~0u, false); },
+     "record n_tokens"},
+    {"n_tokens_one_past_cap",
+     [](std::vector<std::byte>& r) { SetU32(r, 12, kRecordMaxTokens + 1, false); },
+     "record n_tokens"},
+    {"layout_head_dim_max_u32", [](std::vector<std::byte>& r) { SetU32(r, 80, ~0u, true); },
+     "record layout"},
+    {"layout_n_layer_max_u32", [](std::vector<std::byte>& r) { SetU32(r, 72, ~0u, true); },
+     "record layout"},
+    {"layout_n_kv_head_max_u32", [](std::vector<std::byte>& r) { SetU32(r, 76, ~0u, true); },
+     "record layout"},
+    // A self-consistent layout of 2^46 bytes (f16): every dimension in range and raw_bytes
+    // equal to it, so only the cap on raw_bytes stands between it and a 64 TiB decode buffer.
+    {"raw_bytes_over_cap",
+     [](std::vector<std::byte>& r) {
+       ChunkLayout l;
+       l.n_layer = 4096;
+       l.n_kv_head = 4096;
+       l.head_dim = 65536;
+       l.n_tokens = 16;
+       l.kv_type = std::to_integer<uint32_t>(r[88]);
+       SetU32(r, 72, l.n_layer, false);
+       SetU32(r, 76, l.n_kv_head, false);
+       SetU32(r, 80, l.head_dim, false);
+       SetU64(r, 96, l.raw_bytes());
+     },
+     "record raw_bytes"},
+    {"raw_bytes_wraps_to_small", [](std::vector<std::byte>& r) { SetU64(r, 96, ~uint64_t{0}); },
+     "record raw_bytes"},
     {"payload_truncated", [](std::vector<std::byte>& r) { r.resize(r.size() - 1); },
      "record payload"},
     {"trailing_bytes", [](std::vector<std::byte>& r) { r.push_back(std::byte{0}); },
@@ -163,6 +196,26 @@ TEST(RecordTest, NonRawCodecPayloadLength) {
   ASSERT_TRUE(v.ok()) << v.status().ToString();
   EXPECT_EQ(v->payload.size(), 17u);
   EXPECT_EQ(v->header.meta.codec_id, 1u);
+}
+
+// However large the n_tokens a file claims, a reader asks for a bounded header prefix; and a
+// prefix shorter than the header it claims is refused, not read past.
+TEST(RecordTest, HeaderBytesNeededIsBoundedWhateverTheFileSays) {
+  Fixture f;
+  EXPECT_EQ(RecordHeaderBytesNeeded(f.record), RecordHeaderBytes(16));
+  EXPECT_EQ(RecordHeaderBytesNeeded(ByteSpan(f.record).first(10)), RecordHeaderBytes(0));
+  for (uint32_t n : {kRecordMaxTokens, kRecordMaxTokens + 1, 1u << 31, ~0u}) {
+    auto r = f.record;
+    SetU32(r, 12, n, false);
+    EXPECT_EQ(RecordHeaderBytesNeeded(r), RecordHeaderBytes(kRecordMaxTokens)) << n;
+  }
+  auto h = DecodeRecordHeader(ByteSpan(f.record).first(RecordHeaderBytes(0)), f.record.size());
+  ASSERT_FALSE(h.ok());
+  EXPECT_EQ(h.status().code(), StatusCode::kInvalidArgument) << h.status().ToString();
+  // A record size smaller than the header it claims is a truncated header.
+  h = DecodeRecordHeader(f.record, RecordHeaderBytes(16) - 1);
+  ASSERT_FALSE(h.ok());
+  EXPECT_EQ(h.status().code(), StatusCode::kCorruption);
 }
 
 // Every single-byte flip of a record is refused (exhaustive over a small record).

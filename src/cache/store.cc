@@ -7,9 +7,7 @@
 #include "core/check.h"
 #include "core/timer.h"
 
-#if CACHETTE_HAVE_REDIS
 #include "cache/redis/redis_tier.h"
-#endif
 
 namespace cachette {
 
@@ -32,12 +30,7 @@ Result<std::unique_ptr<TieredStore>> TieredStore::Create(const CacheOptions& opt
   std::unique_ptr<TieredStore> s(new TieredStore(options));
   CT_ASSIGN_OR_RETURN(s->policy_, ParsePolicy(options.policy));
   if (options.codec != "raw") {
-#if CACHETTE_HAVE_CODECS
     CT_ASSIGN_OR_RETURN(s->codec_, MakeCodec(options.codec));
-#else
-    return Unimplemented("cache: codec '" + options.codec +
-                         "' needs the codecs library, not built yet");
-#endif
   }
   if (options.ram_budget_bytes > 0) s->ram_ = std::make_unique<RamTier>(options.ram_budget_bytes);
   if (!options.disk_dir.empty()) {
@@ -59,14 +52,10 @@ Result<std::unique_ptr<TieredStore>> TieredStore::Create(const CacheOptions& opt
   if (options.remote_tier != nullptr) {
     s->remote_ = options.remote_tier;
   } else if (!options.redis_urls.empty()) {
-#if CACHETTE_HAVE_REDIS
     RedisTierOptions r;
     r.urls = options.redis_urls;
     CT_ASSIGN_OR_RETURN(s->remote_owned_, RedisTier::Open(r));
     s->remote_ = s->remote_owned_.get();
-#else
-    return Unimplemented("cache: Redis URLs given but the Redis tier is not built yet");
-#endif
   }
   s->io_ = std::make_unique<ThreadExecutor>("ct-io", 1, std::max<size_t>(options.io_queue_capacity, 1));
   s->load_ = std::make_unique<ThreadExecutor>("ct-load", std::max(options.load_threads, 1), 4096);

@@ -83,6 +83,9 @@ class TieredStore final : public Cache {
   // Disk chunks a load asks the kernel to read ahead of the one it verifies (RunLoad). 8 x 3 MiB
   // keeps a virtio disk busy; more only fills the page cache sooner. See docs/benchmarks.md.
   static constexpr size_t kReadAheadChunks = 8;
+  // The largest raw chunk a load accepts from a tier (a 256-token chunk of a 70B-class model
+  // with an 8-head GQA cache in F16 is about 84 MiB).
+  static constexpr uint64_t kMaxChunkRawBytes = uint64_t{1} << 30;
 
   using Entry = StoreEntry;
   // Why a chunk is being written to the slower tiers (WriteTargetsFor).

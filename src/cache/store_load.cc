@@ -164,8 +164,18 @@ Status TieredStore::Accept(const ChunkRequest& r, SharedBytes record, ChunkData*
     *raw_record = std::move(record);
     return Status::Ok();
   }
-#if CACHETTE_HAVE_CODECS
   CT_ASSIGN_OR_RETURN(std::unique_ptr<Codec> codec, CodecFor(m.codec_id, m.codec_version));
+  // The record's own claims bound what is allocated below, so check them against what this
+  // store writes (its chunk size, a sane chunk size) and let the codec check the payload's
+  // headers, before anything is allocated.
+  if (m.layout.n_tokens != static_cast<uint32_t>(chunk_tokens_) ||
+      m.raw_bytes > kMaxChunkRawBytes) {
+    return Corruption("record claims a chunk of " + std::to_string(m.layout.n_tokens) +
+                      " tokens and " + std::to_string(m.raw_bytes) + " bytes; this store's " +
+                      "chunks are " + std::to_string(chunk_tokens_) + " tokens, at most " +
+                      std::to_string(kMaxChunkRawBytes) + " bytes");
+  }
+  CT_RETURN_IF_ERROR(codec->CheckPayload(m.layout, payload));
   RecordMeta raw_meta = m;
   raw_meta.codec_id = 0;
   raw_meta.codec_version = 1;
@@ -182,9 +192,6 @@ Status TieredStore::Accept(const ChunkRequest& r, SharedBytes record, ChunkData*
   out->bytes_ = ByteSpan(*raw).subspan(h.header_bytes, m.raw_bytes);
   *raw_record = std::move(raw);
   return Status::Ok();
-#else
-  return Unimplemented("codec " + std::to_string(m.codec_id) + " not built");
-#endif
 }
 
 void TieredStore::Promote(const ChunkRequest& r, const SharedBytes& raw_record) {

@@ -13,7 +13,7 @@ uint64_t TieredStore::QuotaOf(const Hash128& ns, int tier) const {
   for (const NamespaceQuota& q : options_.quotas) {
     if (q.ns == ns) return tier == kRam ? q.ram_bytes : q.disk_bytes;
   }
-  return 0;
+  return options_.default_quota_bytes;
 }
 
 // The slower tiers a chunk is written to, by why it is written:

@@ -444,6 +444,22 @@ TEST(StoreTest, NamespaceQuota) {
   EXPECT_EQ(ns2, 5);
 }
 
+TEST(StoreTest, DefaultQuotaBoundsEveryTenantWithoutItsOwn) {
+  CacheOptions o = Options(10);
+  o.default_quota_bytes = 2 * RecordSize();
+  o.quotas.push_back({kNs2, 4 * RecordSize(), 0});
+  auto c = Open(o);
+  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 400 + i), 0, 1).ok());
+  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs2, Tokens(kC, 500 + i), 0, 1).ok());
+  int ns1 = 0, ns2 = 0;
+  for (uint32_t i = 0; i < 5; ++i) {
+    ns1 += c->Lookup(Tokens(kC, 400 + i), kNs1).tokens != 0;
+    ns2 += c->Lookup(Tokens(kC, 500 + i), kNs2).tokens != 0;
+  }
+  EXPECT_EQ(ns1, 2);  // the default
+  EXPECT_EQ(ns2, 4);  // its own quota wins
+}
+
 TEST(StoreTest, NamespacesAreIsolated) {
   TempDir d;
   auto c = Open(Options(10, d.path(), 10));

@@ -72,6 +72,14 @@ Status ReadBool(const gguf::GgufFile& file, std::string_view key, bool* b) {
 
 }  // namespace
 
+size_t CutAtCharBoundary(std::string_view s, size_t max_bytes) {
+  if (s.size() <= max_bytes) return s.size();
+  for (size_t cut = max_bytes; cut > 0 && cut + 4 > max_bytes; --cut) {
+    if ((static_cast<uint8_t>(s[cut]) & 0xC0) != 0x80) return cut;  // s[cut] starts a character
+  }
+  return max_bytes;
+}
+
 std::vector<Fragment> PartitionSpecial(const Vocab& vocab, std::string_view text,
                                        bool parse_special) {
   std::vector<Fragment> frags;
@@ -119,15 +127,23 @@ std::vector<TokenId> VocabTokenizer::Encode(std::string_view text, bool add_bos,
   std::vector<TokenId> out;
   out.reserve(text.size() / 3 + 2);
   if (add_bos && bos_ >= 0) out.push_back(bos_);
+  // Offsets inside the tokenizer are 32-bit: a text of 4 GiB or more is encoded in slices of
+  // at most 1 GiB (cut at a character boundary), each as if it followed the previous one.
+  constexpr size_t kMaxSlice = size_t{1} << 30;
   bool after_special = true;
-  for (const Fragment& f : PartitionSpecial(vocab_, text, parse_special)) {
-    if (f.token >= 0) {
-      out.push_back(f.token);
-      after_special = true;
-    } else {
-      EncodeRaw(text.substr(f.begin, f.end - f.begin), after_special, &out);
-      after_special = false;
+  while (!text.empty()) {
+    const std::string_view slice =
+        text.size() < (size_t{1} << 32) ? text : text.substr(0, CutAtCharBoundary(text, kMaxSlice));
+    for (const Fragment& f : PartitionSpecial(vocab_, slice, parse_special)) {
+      if (f.token >= 0) {
+        out.push_back(f.token);
+        after_special = true;
+      } else {
+        EncodeRaw(slice.substr(f.begin, f.end - f.begin), after_special, &out);
+        after_special = false;
+      }
     }
+    text.remove_prefix(slice.size());
   }
   if (add_bos && vocab_.add_eos && eos_ >= 0) out.push_back(eos_);
   return out;

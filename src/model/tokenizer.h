@@ -123,6 +123,21 @@ struct Vocab {
   }
 };
 
+// The longest run of text merged as one problem (bytes for BPE pre-tokens, characters for
+// SentencePiece words). Longer runs are cut into pieces of at most this size (at a character
+// boundary where there is one) and each piece is merged on its own, so the merge state of one
+// problem (symbols, candidate heap) stays bounded whatever the input: a 16 MiB word with no
+// spaces costs 16 MiB / kMaxMergeRun small problems, not one 16M-symbol heap.
+// WART: llama.cpp merges a run of any length at once, so on a run longer than this the tokens
+// near each cut can differ from its output. Natural-language and code pre-tokens are far
+// shorter (the golden vectors pass unchanged); only such a pathological input differs.
+inline constexpr size_t kMaxMergeRun = 4096;
+
+// Where to cut `s` (longer than `max_bytes`) so the first piece has at most `max_bytes` bytes
+// and does not end inside a UTF-8 character: the last character start among the bytes
+// s[max_bytes - 3 .. max_bytes], or `max_bytes` itself when none starts one (invalid UTF-8).
+size_t CutAtCharBoundary(std::string_view s, size_t max_bytes);
+
 // A piece of the input: raw text [begin, end), or one special token (token >= 0).
 struct Fragment {
   TokenId token = -1;

@@ -7,6 +7,8 @@
 //      byte is one initial symbol whose token is that code point's text;
 //   3. repeatedly merge the adjacent pair with the lowest merge rank (leftmost on ties), using
 //      a min-heap of candidate pairs over a linked list of symbols: O(n log n) per word.
+//      A word longer than kMaxMergeRun bytes is merged in pieces of at most that many bytes
+//      (tokenizer.h), so the symbols and heap of one merge stay bounded.
 // With ignore_merges (llama-bpe), a word that is itself a token is emitted without merging.
 #include <algorithm>
 #include <array>
@@ -172,6 +174,16 @@ class BpeTokenizer final : public VocabTokenizer {
   }
 
   void EncodeWord(std::string_view word, Scratch* s, std::vector<TokenId>* out) const {
+    while (word.size() > kMaxMergeRun) {
+      const size_t cut = CutAtCharBoundary(word, kMaxMergeRun);
+      MergeWord(word.substr(0, cut), s, out);
+      word.remove_prefix(cut);
+    }
+    MergeWord(word, s, out);
+  }
+
+  // One bounded merge problem (at most kMaxMergeRun bytes).
+  void MergeWord(std::string_view word, Scratch* s, std::vector<TokenId>* out) const {
     if (word.empty()) return;
     if (pre_ == BpePre::kLlama3) {  // ignore_merges: whole words that are tokens win
       s->encoded.clear();

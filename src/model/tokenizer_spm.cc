@@ -15,7 +15,9 @@
 // contains U+2581 right after another character (true of SentencePiece vocabularies, which
 // split on whitespace), no merge can cross the start of a word, so each word (a maximal run of
 // "U+2581...U+2581 non-space...") is merged on its own with a small heap. The result is the
-// same as merging the whole text at once: a merge never spans two words either way.
+// same as merging the whole text at once: a merge never spans two words either way. A word
+// longer than kMaxMergeRun characters (tokenizer.h) is merged in pieces of at most that many,
+// so one heap stays bounded even for a text with no spaces.
 #include <algorithm>
 #include <array>
 #include <string>
@@ -123,9 +125,14 @@ class SpmTokenizer final : public VocabTokenizer {
     size_t start = 0;
     for (size_t i = 1; i <= units.size(); ++i) {
       // A word starts at a U+2581 that follows some other character.
-      const bool boundary =
-          i == units.size() ||
-          (split_words_ && units[i].cp == 0x2581 && units[i - 1].cp != 0x2581);
+      const bool word_start =
+          i < units.size() && units[i].cp == 0x2581 && units[i - 1].cp != 0x2581;
+      // Without split_words_ a merge may cross a word start, so an over-long run is cut at one
+      // where it can (WART in tokenizer.h), and anywhere only at 4x the bound.
+      const size_t run = i - start;
+      const bool boundary = i == units.size() || (split_words_ && word_start) ||
+                            (run >= kMaxMergeRun && (split_words_ || word_start)) ||
+                            run >= 4 * kMaxMergeRun;
       if (!boundary) continue;
       const uint32_t begin = units[start].offset;
       const uint32_t end = i < units.size() ? units[i].offset : static_cast<uint32_t>(text.size());

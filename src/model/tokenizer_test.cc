@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -689,6 +690,148 @@ TEST(SpmTest, WordSplitMatchesWholeTextMerge) {
 
 // ---------------------------------------------------------------------------------------------
 // Speed: 1 MB of English.
+
+// ---------------------------------------------------------------------------------------------
+// Pathological inputs: bounded time and memory (issue 9, item 4).
+
+TEST(CutAtCharBoundaryTest, NeverSplitsACharacterOfValidUtf8) {
+  struct Case {
+    std::string s;
+    size_t max_bytes;
+    size_t cut;
+  };
+  const Case cases[] = {
+      {"abcdef", 4, 4},
+      {"abc", 4, 3},                      // short enough: no cut
+      {"ab\xc3\xa9z", 3, 2},              // é would straddle the cut
+      {"a\xe2\x96\x81zz", 2, 1},          // U+2581 (3 bytes)
+      {"a\xe2\x96\x81zz", 4, 4},          // the cut falls after it
+      {"\xf0\x9f\xa6\x99\xf0\x9f\xa6\x99", 6, 4},  // two 4-byte characters
+      {"\x80\x80\x80\x80\x80\x80", 4, 4},  // continuation bytes only: cut anyway
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(tokenizer_internal::CutAtCharBoundary(c.s, c.max_bytes), c.cut) << c.s;
+  }
+}
+
+// A word far longer than kMaxMergeRun is merged piece by piece: its tokens are those of its
+// pieces, each tokenized alone (so the merge state never holds the whole word), and the text
+// still round-trips.
+TEST(TokenizerTest, OverlongWordIsMergedInBoundedPieces) {
+  const size_t kRun = tokenizer_internal::kMaxMergeRun;
+  const std::string word(3 * kRun + 123, 'a');
+  const Tokenizer& tok = Load(kGpt2Vocab);
+  std::vector<TokenId> expected;
+  for (size_t off = 0; off < word.size(); off += kRun) {
+    const auto part = tok.Encode(word.substr(off, kRun), false, false);
+    expected.insert(expected.end(), part.begin(), part.end());
+  }
+  const auto ids = tok.Encode(word, false, false);
+  EXPECT_EQ(ids, expected);
+  EXPECT_EQ(tok.Decode(ids), word);
+  // A multi-byte character at the cut stays whole (no byte-fallback pieces of it).
+  std::string accents;
+  while (accents.size() < 2 * kRun) accents += "\xc3\xa9";  // é é é ...
+  accents = "x" + accents;  // shifts every character so one straddles kRun
+  EXPECT_EQ(tok.Decode(tok.Encode(accents, false, false)), accents);
+  for (const std::string& path : {kSpmVocab, kTinyVocab}) {
+    const Tokenizer& t = Load(path);
+    EXPECT_EQ(t.Decode(t.Encode(word, false, false)), word) << path;
+    EXPECT_EQ(t.Decode(t.Encode(accents, false, false)), accents) << path;
+  }
+}
+
+// Input of about `n` bytes for each pathological shape. `special` is the text of one of the
+// vocabulary's control tokens (which with parse_special splits the text into fragments).
+std::string Pathological(int shape, size_t n, const std::string& special) {
+  const size_t half = special.size() / 2;
+  const std::string units[] = {
+      "a",                                  // one word with no spaces
+      "<|im_start|>",                       // chat-template text (a special in some vocabs)
+      special,                              // repeated special-token text
+      special.substr(0, half) + special + special.substr(half),  // nested special text
+      "\xff\xfe",                           // invalid UTF-8
+      "\xe2\x96\x81",                       // U+2581, SentencePiece's own space mark
+      " ",                                  // one run of spaces
+      "\n \n\t",                            // whitespace with line breaks
+  };
+  std::string s;
+  s.reserve(n + 64);
+  while (s.size() < n) s += units[shape];
+  return s;
+}
+constexpr int kShapes = 8;
+bool IsSpecialShape(int shape) { return shape >= 1 && shape <= 3; }
+
+// The fastest of two runs: noise (another process, a page fault) only ever adds time.
+double FastestEncodeSeconds(const Tokenizer& tok, const std::string& text, bool parse_special) {
+  double best = 1e9;
+  for (int i = 0; i < 2; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto ids = tok.Encode(text, false, parse_special);
+    best = std::min(
+        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    EXPECT_FALSE(ids.empty());
+  }
+  return best;
+}
+
+// Not a timing test: only the ratio matters. Linear (or n log n) work takes ~4x for 4x the
+// input; quadratic work takes ~16x. The bound of 10x leaves room for a noisy machine; each size
+// is the fastest of two runs, and the small input is timed alone first so a quadratic
+// regression fails quickly instead of running for minutes. The inputs are large enough
+// (256 KiB) that both sizes miss the caches alike. Skipped under sanitizers, whose overhead
+// is not proportional to the work.
+TEST(TokenizerTest, PathologicalInputIsNotQuadratic) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "ratios are meaningless under sanitizers";
+#endif
+  const size_t kSmall = 256 << 10;
+  // One vocabulary per algorithm: the bundled model's BPE (qwen2 pre-tokenizer) and SPM.
+  for (const std::string& path : {kTinyVocab, kSpmVocab}) {
+    const Tokenizer& tok = Load(path);
+    const std::string special(tok.TokenText(tok.eos()));
+    for (int shape = 0; shape < kShapes; ++shape) {
+      // parse_special changes the work only for the special-token shapes.
+      for (bool parse_special : {false, true}) {
+        if (parse_special && !IsSpecialShape(shape)) continue;
+        const double small =
+            FastestEncodeSeconds(tok, Pathological(shape, kSmall, special), parse_special);
+        ASSERT_LT(small, 5.0) << path << " shape " << shape;
+        const double large =
+            FastestEncodeSeconds(tok, Pathological(shape, 4 * kSmall, special), parse_special);
+        // The floor: for the cheap shapes (~20 ns a byte) the 256 KiB working set fits the
+        // caches and the 1 MiB one does not, which alone gives ~12x. Any quadratic term at
+        // 256 KiB (3.4e10 pair steps; even a memmove of the rest per token moves 34 GB) costs
+        // seconds, so a 20 ms floor keeps the test able to fail.
+        EXPECT_LT(large, 10 * std::max(small, 20e-3))
+            << path << " shape " << shape << " parse_special " << parse_special << ": "
+            << small * 1e3 << " ms for 256 KiB, " << large * 1e3 << " ms for 1 MiB";
+      }
+    }
+  }
+}
+
+// The shapes above at 16 MiB (one word) and 1 MiB (special-token text) finish, and round-trip.
+TEST(TokenizerTest, SixteenMebibyteWordAndOneMebibyteOfSpecialsFinish) {
+  const Tokenizer& tok = Load(kTinyVocab);
+  const std::string special(tok.TokenText(tok.eos()));
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  const size_t kWord = 2 << 20;  // sanitizers are ~5x slower; the shape is what matters
+#else
+  const size_t kWord = 16 << 20;
+#endif
+  const std::string word = Pathological(0, kWord, special);
+  EXPECT_EQ(tok.Decode(tok.Encode(word, false, false)), word);
+  for (int shape : {1, 2, 3}) {
+    const std::string text = Pathological(shape, 1 << 20, special);
+    const auto ids = tok.Encode(text, false, true);
+    if (shape == 2) {  // nothing but the special token, once per copy
+      EXPECT_EQ(ids, std::vector<TokenId>(text.size() / special.size(), tok.eos()));
+    }
+    EXPECT_EQ(tok.Decode(tok.Encode(text, false, false)), text);
+  }
+}
 
 TEST(TokenizerSpeedTest, OneMegabyteOfEnglish) {
   std::string text = ReadFile(kShared + "/eval/heldout-text.txt");

@@ -54,6 +54,16 @@ class RawCodec final : public Codec {
     if (!body.empty()) std::memcpy(raw.data(), body.data(), body.size());
     return Status::Ok();
   }
+
+  uint64_t FixedEncodedBytes(const ChunkLayout& layout) const override {
+    return kHeaderBytes + layout.raw_bytes();
+  }
+
+  Status CheckPayload(const ChunkLayout& layout,
+                      std::span<const std::byte> encoded) const override {
+    CT_RETURN_IF_ERROR(CheckLayout(layout, layout.raw_bytes(), "raw"));
+    return ParseHeader(encoded, id(), version(), layout, layout.raw_bytes(), "raw").status();
+  }
 };
 
 }  // namespace

@@ -40,9 +40,27 @@ class Codec {
   virtual Result<std::vector<std::byte>> Encode(const ChunkLayout& layout,
                                                 std::span<const std::byte> raw) const = 0;
   // Decodes into `raw` (raw.size() == layout.raw_bytes()). kCorruption for malformed input
-  // (wrong length, bad header); never reads or writes out of bounds.
+  // (wrong length, bad header); never reads or writes out of bounds. Every size the input
+  // claims (its header's body length, a zstd frame's content size) is checked against what
+  // `layout` implies before anything is allocated, so a hostile payload costs at most the
+  // scratch of one plane of `layout`, never memory it names itself.
   virtual Status Decode(const ChunkLayout& layout, std::span<const std::byte> encoded,
                         std::span<std::byte> raw) const = 0;
+
+  // The checks Decode makes before it allocates anything, without decoding: the payload
+  // header against `layout`, its length, and for zstd the frame's size and declared content
+  // size. A caller that must allocate the raw chunk (layout.raw_bytes(), which a hostile record
+  // can make large) calls this first, so the allocation only happens for a payload whose sizes
+  // agree with the layout. OK does not promise Decode succeeds (zstd's checksum and the inner
+  // payload are checked only by decoding). kInvalidArgument for a layout the codec does not
+  // support; kCorruption as Decode.
+  virtual Status CheckPayload(const ChunkLayout& layout,
+                              std::span<const std::byte> encoded) const = 0;
+
+  // The exact size of this codec's payload for any chunk of `layout` (header included), or 0
+  // when it depends on the bytes (zstd). `layout` must have passed Encode's or Decode's checks
+  // (sizes below 2^48), so the answer cannot overflow.
+  virtual uint64_t FixedEncodedBytes(const ChunkLayout& /*layout*/) const { return 0; }
 };
 
 // "raw", "int8", "int4" (= KIVI), "int4-g64", and any of them prefixed "zstd+" (e.g.

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <zstd.h>
+
 #include "cache/codecs/codec.h"
 #include "cache/codecs/codec_internal.h"
 #include "cache/codecs/quant_kernels.h"
@@ -434,7 +436,10 @@ TEST(CodecsTest, MalformedPayloadsAreCorruption) {
       EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
       EXPECT_NE(s.message().find(c.message), std::string::npos) << s.ToString();
       EXPECT_NE(s.message().find(codec->name()), std::string::npos) << s.ToString();
+      // Each of these is a header or size fault: found without decoding or allocating.
+      EXPECT_EQ(codec->CheckPayload(c.layout, payload), s);
     }
+    EXPECT_TRUE(codec->CheckPayload(l, *enc).ok());
   }
 }
 
@@ -470,6 +475,45 @@ TEST(CodecsTest, GarbageZstdFramesAreCorruption) {
       PutU32(swapped, 28, 32);  // outer header claims 32 tokens
       s = codec->Decode(l, swapped, out);
       EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+    }
+  }
+}
+
+// Regression: a zstd frame could claim up to 4x the raw chunk and was decompressed into a
+// buffer of its claimed size before the inner codec saw the length was wrong. Every inner
+// payload has a size fixed by the layout; a frame claiming any other is refused first.
+TEST(CodecsTest, ZstdFrameOfAnyOtherContentSizeIsRefusedBeforeDecompressing) {
+  const ChunkLayout l = Layout(1, 2, 64, 33, 1);
+  const auto raw = ToRaw(l, KvLikeValues(l, 3));
+  for (const char* inner_name : {"raw", "int8", "int4", "int4-g64"}) {
+    SCOPED_TRACE(inner_name);
+    auto inner = Make(inner_name);
+    auto zstd = Make(std::string("zstd+") + inner_name);
+    auto inner_payload = inner->Encode(l, raw);
+    ASSERT_TRUE(inner_payload.ok());
+    EXPECT_EQ(inner->FixedEncodedBytes(l), inner_payload->size());
+    EXPECT_EQ(zstd->FixedEncodedBytes(l), 0u);  // depends on the bytes
+    const uint64_t fixed = inner_payload->size();
+    for (uint64_t claimed : {fixed - 1, fixed + 1, 3 * uint64_t{raw.size()}}) {
+      SCOPED_TRACE(claimed);
+      // A well-formed frame (checksum and all) of `claimed` bytes: the inner payload, cut or
+      // padded with zeros.
+      std::vector<std::byte> content(claimed);
+      std::memcpy(content.data(), inner_payload->data(), std::min<uint64_t>(claimed, fixed));
+      std::vector<std::byte> frame(ZSTD_compressBound(claimed));
+      ZSTD_CCtx* cctx = ZSTD_createCCtx();
+      ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 1);
+      const size_t n = ZSTD_compress2(cctx, frame.data(), frame.size(), content.data(), claimed);
+      ZSTD_freeCCtx(cctx);
+      ASSERT_FALSE(ZSTD_isError(n));
+      std::vector<std::byte> payload(kHeaderBytes + n);
+      codecs::WriteHeader(zstd->id(), zstd->version(), l, n, payload.data());
+      std::memcpy(payload.data() + kHeaderBytes, frame.data(), n);
+      std::vector<std::byte> out(raw.size());
+      const Status s = zstd->Decode(l, payload, out);
+      EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+      EXPECT_NE(s.message().find("frame claims"), std::string::npos) << s.ToString();
+      EXPECT_EQ(zstd->CheckPayload(l, payload), s);
     }
   }
 }

@@ -34,6 +34,14 @@ class LossyCodec : public Codec {
   uint32_t id() const override { return id_; }
   uint32_t version() const override { return version_; }
   bool lossless() const override { return false; }
+  uint64_t FixedEncodedBytes(const ChunkLayout& layout) const override {
+    return kHeaderBytes + BodyBytes(layout);
+  }
+  Status CheckPayload(const ChunkLayout& layout,
+                      std::span<const std::byte> encoded) const override {
+    CT_RETURN_IF_ERROR(CheckSupported(layout, layout.raw_bytes()));
+    return ParseHeader(encoded, id_, version_, layout, BodyBytes(layout), name_).status();
+  }
 
   Result<std::vector<std::byte>> Encode(const ChunkLayout& layout,
                                         std::span<const std::byte> raw) const override {

@@ -57,6 +57,31 @@ class ZstdCodec final : public Codec {
   Status Decode(const ChunkLayout& layout, std::span<const std::byte> encoded,
                 std::span<std::byte> raw) const override {
     CT_RETURN_IF_ERROR(CheckLayout(layout, raw.size(), name()));
+    CT_ASSIGN_OR_RETURN(const uint64_t content, CheckFrame(layout, encoded));
+    const std::span<const std::byte> frame = encoded.subspan(kHeaderBytes);
+    ZSTD_DCtx* dctx = Contexts().dctx;
+    if (dctx == nullptr) return ResourceExhausted(name() + ": cannot allocate a zstd context");
+    std::vector<std::byte> inner(content);
+    const size_t n =
+        ZSTD_decompressDCtx(dctx, inner.data(), inner.size(), frame.data(), frame.size());
+    if (ZSTD_isError(n)) {
+      return Corruption(name() + ": zstd: " + ZSTD_getErrorName(n));
+    }
+    if (n != content) return Corruption(name() + ": zstd frame shorter than it declares");
+    return inner_->Decode(layout, inner, raw);
+  }
+
+  Status CheckPayload(const ChunkLayout& layout,
+                      std::span<const std::byte> encoded) const override {
+    CT_RETURN_IF_ERROR(CheckLayout(layout, layout.raw_bytes(), name()));
+    return CheckFrame(layout, encoded).status();
+  }
+
+ private:
+  // Everything Decode checks before allocating (layout already checked); the frame's declared
+  // content size.
+  Result<uint64_t> CheckFrame(const ChunkLayout& layout,
+                              std::span<const std::byte> encoded) const {
     CT_ASSIGN_OR_RETURN(std::span<const std::byte> frame,
                         ParseHeader(encoded, id(), version(), layout, kAnyBodySize, name()));
     const size_t frame_bytes = ZSTD_findFrameCompressedSize(frame.data(), frame.size());
@@ -71,26 +96,20 @@ class ZstdCodec final : public Codec {
     if (content == ZSTD_CONTENTSIZE_ERROR || content == ZSTD_CONTENTSIZE_UNKNOWN) {
       return Corruption(name() + ": zstd frame does not declare its content size");
     }
-    // Every inner payload is at most a few times the raw chunk (int4 of a one-token chunk with
-    // head_dim 2 is the worst, ~2.25x); a larger claim is a tampered frame, refused before
-    // allocating. The inner codec checks the exact size.
-    if (content > 4 * uint64_t{raw.size()} + 4 * kHeaderBytes) {
+    // The inner payload's size follows from the layout (every inner codec has a fixed size);
+    // any other claim is a tampered frame, refused before allocating it. The fallback bound,
+    // for an inner codec of variable size, is a few times the raw chunk (int4 of a one-token
+    // chunk with head_dim 2 is the worst fixed codec, ~2.25x).
+    const uint64_t fixed = inner_->FixedEncodedBytes(layout);
+    if (fixed != 0 ? content != fixed
+                   : content > 4 * layout.raw_bytes() + 4 * kHeaderBytes) {
       return Corruption(name() + ": zstd frame claims " + std::to_string(content) +
-                        " bytes, too many for the layout");
+                        " bytes, the layout's " + inner_->name() + " payload is " +
+                        (fixed != 0 ? std::to_string(fixed) : "smaller"));
     }
-    ZSTD_DCtx* dctx = Contexts().dctx;
-    if (dctx == nullptr) return ResourceExhausted(name() + ": cannot allocate a zstd context");
-    std::vector<std::byte> inner(content);
-    const size_t n =
-        ZSTD_decompressDCtx(dctx, inner.data(), inner.size(), frame.data(), frame.size());
-    if (ZSTD_isError(n)) {
-      return Corruption(name() + ": zstd: " + ZSTD_getErrorName(n));
-    }
-    if (n != content) return Corruption(name() + ": zstd frame shorter than it declares");
-    return inner_->Decode(layout, inner, raw);
+    return uint64_t{content};
   }
 
- private:
   std::unique_ptr<Codec> inner_;
   int level_;
 };
