@@ -80,6 +80,9 @@ struct CacheOptions {
   std::string policy = "lru";       // lru | lfu | s3fifo | cost (see src/cache/policy.h)
   uint32_t admit_after_hits = 0;    // slower tiers take a chunk only once it was hit N times
   std::vector<NamespaceQuota> quotas;
+  // The RAM and disk quota (each) of every namespace without an entry in `quotas`; 0 = none.
+  // With one namespace per tenant, no tenant can fill a tier and evict everyone else.
+  uint64_t default_quota_bytes = 0;
 
   size_t io_queue_capacity = 256;   // pending write-behind jobs; beyond it puts are dropped
   int load_threads = 2;

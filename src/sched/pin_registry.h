@@ -11,7 +11,7 @@
 // A session (session_id) holds at most one pin: each turn pins the whole conversation so far
 // (prompt + reply) and then drops the previous turn's pin, so the shared prefix is never
 // unpinned in between. Expiry only unpins (the radix index stops protecting the path when the
-// TTL passes; Sweep() then drops the handle). WART: demotion of an expired session to the disk
+// TTL passes; Sweep() then drops the handle). Demotion of an expired session to the disk
 // tier happens through the chunk store: a session's chunks are written behind when its turn
 // finishes, so an expired session is restored from RAM or disk on its next turn.
 //

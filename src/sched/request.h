@@ -6,7 +6,7 @@
 //   2. The loop pushes zero or more kToken events, then exactly one terminal event: kDone (with
 //      the finish reason and usage) or kError (with a Status). Nothing follows a terminal event.
 //   3. The HTTP side may Cancel() at any time (client gone); the loop then finishes the sequence
-//      and frees its pages at its next step, and pushes kDone with finish "cancelled".
+//      and frees its pages at its next step, and pushes kDone with finish kCancelled.
 //
 // Thread-safety: Push is called by the scheduler loop only; Next/Cancel by the one HTTP thread
 // that owns the request. Both sides may hold the shared_ptr; whoever drops it last frees it.
@@ -62,7 +62,8 @@ struct StreamEvent {
   enum class Kind { kToken, kDone, kError } kind = Kind::kToken;
   TokenId token = -1;       // kToken
   std::string text;         // kToken: newly completed text (may be empty)
-  std::string finish;       // kDone: "stop" (eos or stop string), "length", "cancelled"
+  // kDone: why it ended (kEos, kStop: a stop string, kLength, kCancelled).
+  GenerateResult::Finish finish = GenerateResult::Finish::kLength;
   RequestUsage usage;       // kDone
   Status error;             // kError
 };

@@ -177,7 +177,10 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (draining_) return Unavailable("the server is shutting down");
-    if (stats_.queued >= options_.max_queue) {
+    // Up to max_queue wait beyond the free running slots (a burst on an idle server is not
+    // refused just because the loop has not admitted its first requests yet).
+    const int64_t free_slots = std::max<int64_t>(0, options_.max_running - stats_.running);
+    if (stats_.queued >= options_.max_queue + free_slots) {
       ++stats_.rejected;
       return ResourceExhausted("the queue is full (" + std::to_string(options_.max_queue) +
                                " requests waiting); retry later");
@@ -275,7 +278,7 @@ void Scheduler::ReapCancelled() {
   }
   auto reap = [&](std::vector<std::unique_ptr<Seq>>& v) {
     for (auto& s : v) {
-      if (stop || s->stream->cancelled()) Finish(*s, "cancelled");
+      if (stop || s->stream->cancelled()) Finish(*s, Reason::kCancelled);
     }
     std::erase_if(v, [](const auto& s) { return s->state == Seq::State::kFinished; });
   };
@@ -348,9 +351,10 @@ void Scheduler::ExpireQueued() {
   bool expired = false;
   for (auto& s : queue_) {
     if (s->submit_ns < cutoff) {
-      Finish(*s, "", DeadlineExceeded("the request waited in the queue longer than " +
-                                      std::to_string(options_.queue_timeout_ms) +
-                                      " ms (--queue-timeout); retry later"));
+      Finish(*s, Reason::kCancelled,
+             DeadlineExceeded("the request waited in the queue longer than " +
+                              std::to_string(options_.queue_timeout_ms) +
+                              " ms (--queue-timeout); retry later"));
       expired = true;
     }
   }
@@ -450,7 +454,8 @@ void Scheduler::Step() {
   if (items.empty()) {
     if (plan.empty()) return;  // every running request is still loading from the tiers
     // Nothing can progress (pins taken since admission hold the pages): give up the newest.
-    Finish(*running_.back(), "", ResourceExhausted("the KV pool is exhausted; retry later"));
+    Finish(*running_.back(), Reason::kCancelled,
+           ResourceExhausted("the KV pool is exhausted; retry later"));
     running_.pop_back();
     return;
   }
@@ -459,7 +464,7 @@ void Scheduler::Step() {
   for (size_t i = 0; i < items.size(); ++i) {
     Seq& s = *owners[i];
     if (!st.ok()) {
-      Finish(s, "", st);
+      Finish(s, Reason::kCancelled, st);
       continue;
     }
     s.cow_pending = false;
@@ -496,13 +501,13 @@ bool Scheduler::Emit(Seq& s) {
     s.usage.ttft_seconds = static_cast<double>(now - s.submit_ns) * 1e-9;
   }
   if (s.generated >= s.req.gen.max_tokens) {
-    Finish(s, "length");
+    Finish(s, Reason::kLength);
     return false;
   }
   const Tokenizer& tok = engine_.model().tokenizer();
   const TokenId id = s.sampler->Sample(s.logits, s.tokens);
   if (!s.req.gen.ignore_eos && tok.IsEog(id)) {
-    Finish(s, "stop");
+    Finish(s, Reason::kEos);
     return false;
   }
   s.tokens.push_back(id);
@@ -532,18 +537,18 @@ bool Scheduler::Emit(Seq& s) {
   e.text = std::move(piece);
   s.stream->Push(std::move(e));
   if (stopped) {
-    Finish(s, "stop");
+    Finish(s, Reason::kStop);
     return false;
   }
   if (s.generated >= s.req.gen.max_tokens || s.kv->n_tokens() + 1 > s.capacity) {
-    Finish(s, "length");
+    Finish(s, Reason::kLength);
     return false;
   }
   s.next = id;
   return true;
 }
 
-void Scheduler::Finish(Seq& s, const std::string& reason, const Status& error) {
+void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   if (s.state == Seq::State::kFinished) return;
   if (s.kv) {
     const int64_t fed = std::min<int64_t>(s.kv->n_tokens(), static_cast<int64_t>(s.tokens.size()));
@@ -582,7 +587,7 @@ void Scheduler::Finish(Seq& s, const std::string& reason, const Status& error) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!error.ok()) {
     ++stats_.failed;
-  } else if (reason == "cancelled") {
+  } else if (reason == Reason::kCancelled) {
     ++stats_.cancelled;
   } else {
     ++stats_.finished;

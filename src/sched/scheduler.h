@@ -134,7 +134,9 @@ class Scheduler {
   void Step();
   // Samples and streams the token after `s`'s logits; returns false when `s` is finished.
   bool Emit(Seq& s);
-  void Finish(Seq& s, const std::string& reason, const Status& error = Status::Ok());
+  using Reason = GenerateResult::Finish;
+  // Ends `s` with `reason` (ignored when `error` is not OK: the stream gets kError).
+  void Finish(Seq& s, Reason reason, const Status& error = Status::Ok());
   int64_t Outstanding(const Seq& s) const;
 
   Engine& engine_;

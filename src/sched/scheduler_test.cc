@@ -194,7 +194,7 @@ TEST_F(SchedulerTest, CancelFreesTheSequenceAtOnce) {
   (*s)->Cancel();
   Collected rest = Collect(**s);
   EXPECT_EQ(rest.last.kind, StreamEvent::Kind::kDone);
-  EXPECT_EQ(rest.last.finish, "cancelled");
+  EXPECT_EQ(rest.last.finish, GenerateResult::Finish::kCancelled);
   const KvManager::Stats ks = kv_->GetStats();
   EXPECT_EQ(ks.pages_used, ks.pages_cached_unreferenced);  // no running sequence holds a page
   // The counts are published at the end of the loop iteration that pushed the event.
