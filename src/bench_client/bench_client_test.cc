@@ -5,7 +5,10 @@
 #include <cmath>
 #include <set>
 
+#include <unistd.h>
+
 #include "bench_client/openai_client.h"
+#include "bench_client/soak.h"
 #include "bench_client/stats.h"
 #include "bench_client/workload.h"
 
@@ -294,6 +297,360 @@ TEST(SseRecorderTest, ErrorEventMarksTheRequest) {
   sse.Feed("data: {\"error\":{\"message\":\"boom\"}}\n\ndata: [DONE]\n\n", 0);
   EXPECT_EQ(r.status, "error");
   EXPECT_EQ(r.error, "boom");
+}
+
+// ---- The soak client's pure pieces (soak.h) ----------------------------------------------
+
+TEST(SoakMixTest, EveryDrawMapsToAnActionInProportionToItsWeight) {
+  SoakMix mix = SoakMix::Default();
+  mix.weights[static_cast<int>(SoakAction::kMetrics)] = 0;  // a zero weight is never drawn
+  std::array<int, kSoakActionCount> seen{};
+  for (int u = 0; u < mix.Total(); ++u) ++seen[static_cast<int>(mix.Pick(u))];
+  EXPECT_EQ(seen, mix.weights);
+  EXPECT_EQ(seen[static_cast<int>(SoakAction::kMetrics)], 0);
+  // The default mix uses every action, a fifth or so malformed.
+  const SoakMix d = SoakMix::Default();
+  for (int i = 0; i < kSoakActionCount; ++i) EXPECT_GT(d.weights[i], 0) << i;
+  const double malformed =
+      static_cast<double>(d.weights[static_cast<int>(SoakAction::kMalformed)]) / d.Total();
+  EXPECT_GT(malformed, 0.15);
+  EXPECT_LT(malformed, 0.3);
+}
+
+bool SamePlan(const SoakRequest& a, const SoakRequest& b) {
+  return a.action == b.action && a.malformed == b.malformed && a.transport == b.transport &&
+         a.method == b.method && a.path == b.path && a.body == b.body && a.raw == b.raw &&
+         a.admin == b.admin;
+}
+
+TEST(SoakPlanTest, SameSeedSamePlansOtherSeedDiffers) {
+  const SoakMix mix = SoakMix::Default();
+  const SoakPools pools = SoakPools::Default();
+  SoakClientState st;
+  Rng a(5), b(5), c(6);
+  int differ = 0;
+  for (int i = 0; i < 300; ++i) {
+    const SoakRequest qa = PlanSoakRequest(a, mix, pools, st);
+    const SoakRequest qb = PlanSoakRequest(b, mix, pools, st);
+    EXPECT_TRUE(SamePlan(qa, qb)) << i;
+    differ += !SamePlan(qa, PlanSoakRequest(c, mix, pools, st));
+  }
+  EXPECT_GT(differ, 250);
+}
+
+TEST(SoakPlanTest, ManyDrawsFollowTheMixAndReachEveryMalformedKind) {
+  const SoakMix mix = SoakMix::Default();
+  const SoakPools pools = SoakPools::Default();
+  SoakClientState st;
+  Rng rng(11);
+  constexpr int kDraws = 20000;
+  std::array<int, kSoakActionCount> actions{};
+  std::array<int, kSoakMalformedCount> kinds{};
+  std::set<std::string> salts;
+  for (int i = 0; i < kDraws; ++i) {
+    const SoakRequest q = PlanSoakRequest(rng, mix, pools, st);
+    ++actions[static_cast<int>(q.action)];
+    if (q.action == SoakAction::kMalformed) {
+      ASSERT_LT(q.malformed, SoakMalformed::kCount);
+      ++kinds[static_cast<int>(q.malformed)];
+    } else {
+      EXPECT_EQ(q.malformed, SoakMalformed::kCount);
+    }
+    if (q.action == SoakAction::kChat) {
+      salts.insert(nlohmann::json::parse(q.body).value("cache_salt", std::string()));
+    }
+  }
+  for (int i = 0; i < kSoakActionCount; ++i) {
+    const double expected = static_cast<double>(kDraws) * mix.weights[i] / mix.Total();
+    EXPECT_NEAR(actions[i], expected, 0.2 * expected + 10)
+        << SoakActionName(static_cast<SoakAction>(i));
+  }
+  for (int k = 0; k < kSoakMalformedCount; ++k) {
+    EXPECT_GT(kinds[k], 0) << SoakMalformedName(static_cast<SoakMalformed>(k));
+  }
+  // Tenants reach the 256-byte boundary from both sides; "" is "no cache_salt".
+  std::set<size_t> sizes;
+  for (const auto& s : salts) sizes.insert(s.size());
+  EXPECT_TRUE(sizes.count(0) && sizes.count(255) && sizes.count(256) && sizes.count(257) &&
+              sizes.count(300));
+}
+
+TEST(SoakPlanTest, WellFormedActionsCarryValidJsonOfTheirShape) {
+  const SoakPools pools = SoakPools::Default();
+  SoakClientState st;
+  st.model = "m";
+  Rng rng(3);
+  for (int i = 0; i < 400; ++i) {
+    const auto a = static_cast<SoakAction>(i % kSoakActionCount);
+    if (a == SoakAction::kMalformed) continue;
+    const SoakRequest q = PlanSoakAction(a, SoakMalformed::kCount, rng, pools, st);
+    SCOPED_TRACE(std::string(SoakActionName(a)));
+    if (q.method == "GET") {
+      EXPECT_TRUE(q.body.empty());
+      continue;
+    }
+    const nlohmann::json b = nlohmann::json::parse(q.body);  // throws (fails) when invalid
+    const bool generates = q.path == "/v1/chat/completions" || q.path == "/v1/completions";
+    EXPECT_EQ(q.admin, !generates);
+    if (generates) {
+      EXPECT_EQ(b["model"], "m");
+      const int mt = b["max_tokens"].get<int>();
+      EXPECT_GE(mt, 1);
+      EXPECT_LE(mt, a == SoakAction::kStreamDisconnect ? 64 : 24);
+    }
+    switch (a) {
+      case SoakAction::kChatStream:
+      case SoakAction::kCompletionStream:
+        EXPECT_EQ(q.transport, SoakTransport::kStream);
+        EXPECT_TRUE(b["stream"].get<bool>());
+        break;
+      case SoakAction::kStreamDisconnect:
+        EXPECT_EQ(q.transport, SoakTransport::kStreamDisconnect);
+        EXPECT_TRUE(b["ignore_eos"].get<bool>());
+        break;
+      case SoakAction::kChatPin:
+        EXPECT_EQ(b["cache_control"]["type"], "ephemeral");
+        break;
+      case SoakAction::kAbandon:
+        EXPECT_EQ(q.transport, SoakTransport::kRawAbandon);
+        EXPECT_EQ(q.raw.rfind("POST /v1/chat/completions HTTP/1.1\r\n", 0), 0u);
+        EXPECT_EQ(q.raw.substr(q.raw.size() - q.body.size()), q.body);
+        break;
+      case SoakAction::kAdminPin:
+        EXPECT_EQ(q.path, "/v1/cache/pin");
+        EXPECT_GE(b["ttl_s"].get<int>(), 5);
+        break;
+      default:
+        EXPECT_EQ(q.transport, SoakTransport::kHttp);
+    }
+  }
+}
+
+TEST(SoakPlanTest, UnpinUsesAPinIdTheClientHoldsOrASession) {
+  const SoakPools pools = SoakPools::Default();
+  SoakClientState st;
+  st.pin_ids = {17, 23};
+  Rng rng(9);
+  int by_id = 0, by_session = 0;
+  for (int i = 0; i < 200; ++i) {
+    const auto b = nlohmann::json::parse(
+        PlanSoakAction(SoakAction::kAdminUnpin, SoakMalformed::kCount, rng, pools, st).body);
+    if (b.contains("pin_id")) {
+      ++by_id;
+      EXPECT_TRUE(b["pin_id"] == 17 || b["pin_id"] == 23);
+    } else {
+      ++by_session;
+      EXPECT_EQ(b["session_id"].get<std::string>().rfind("soak-session-", 0), 0u);
+    }
+  }
+  EXPECT_GT(by_id, by_session);
+  EXPECT_GT(by_session, 0);
+}
+
+TEST(SoakPlanTest, MalformedRequestsAreMalformedTheWayTheyClaim) {
+  const SoakPools pools = SoakPools::Default();
+  SoakClientState st;
+  st.api_key = "k1";
+  st.host = "h:1";
+  Rng rng(4);
+  auto plan = [&](SoakMalformed m) {
+    return PlanSoakAction(SoakAction::kMalformed, m, rng, pools, st);
+  };
+  auto parses = [](const std::string& s) {
+    return !nlohmann::json::parse(s, nullptr, /*allow_exceptions=*/false).is_discarded();
+  };
+  for (int k = 0; k < kSoakMalformedCount; ++k) {
+    const auto m = static_cast<SoakMalformed>(k);
+    const SoakRequest q = plan(m);
+    SCOPED_TRACE(std::string(SoakMalformedName(m)));
+    EXPECT_EQ(q.raw.rfind(q.method + " " + q.path + " HTTP/1.1\r\nHost: h:1\r\n", 0), 0u);
+    EXPECT_EQ(q.raw.substr(q.raw.size() - q.body.size()), q.body);
+    const bool bad_key = m == SoakMalformed::kBadAuth;
+    EXPECT_EQ(q.raw.find("Authorization: Bearer k1\r\n") != std::string::npos, !bad_key);
+    EXPECT_EQ(q.transport, m == SoakMalformed::kPartialBody ? SoakTransport::kRawAbandon
+                                                             : SoakTransport::kRaw);
+  }
+  for (int i = 0; i < 20; ++i) EXPECT_FALSE(parses(plan(SoakMalformed::kBadJson).body));
+  EXPECT_FALSE(parses(plan(SoakMalformed::kInvalidUtf8).body));
+  EXPECT_NE(plan(SoakMalformed::kEmptyBody).raw.find("Content-Length: 0\r\n\r\n"),
+            std::string::npos);
+  EXPECT_NE(plan(SoakMalformed::kBadContentLength).raw.find("Content-Length: abc\r\n"),
+            std::string::npos);
+  const SoakRequest partial = plan(SoakMalformed::kPartialBody);
+  EXPECT_NE(partial.raw.find("Content-Length: " + std::to_string(partial.body.size() + 100)),
+            std::string::npos);
+  EXPECT_EQ(nlohmann::json::parse(plan(SoakMalformed::kOversizeMaxTokens).body)["max_tokens"],
+            1000000000);
+  EXPECT_EQ(nlohmann::json::parse(plan(SoakMalformed::kNegativeMaxTokens).body)["max_tokens"], -5);
+  EXPECT_EQ(plan(SoakMalformed::kWrongMethod).method, "GET");
+  EXPECT_EQ(plan(SoakMalformed::kUnknownRoute).path, "/v1/nonexistent");
+  EXPECT_GT(plan(SoakMalformed::kHugePrompt).body.size(), 60000u);
+  const auto ext = nlohmann::json::parse(plan(SoakMalformed::kBadExtensions).body);
+  EXPECT_TRUE(ext["cache_salt"].is_number() && ext["cache_control"].is_string());
+  EXPECT_TRUE(nlohmann::json::parse(plan(SoakMalformed::kUnknownFields).body).contains(
+      "frobnicate"));
+}
+
+TEST(SoakClassifyTest, Table) {
+  struct Case {
+    SoakOutcome o;
+    SoakClass want;
+  };
+  auto status = [](int s) {
+    SoakOutcome o;
+    o.http_status = s;
+    return o;
+  };
+  auto with = [](SoakOutcome o, auto fn) {
+    fn(o);
+    return o;
+  };
+  const Case cases[] = {
+      {status(200), SoakClass::k2xx},
+      {status(204), SoakClass::k2xx},
+      {status(400), SoakClass::k4xx},
+      {status(404), SoakClass::k4xx},
+      {status(413), SoakClass::k4xx},
+      {status(429), SoakClass::k429},
+      {status(500), SoakClass::k5xx},
+      {status(503), SoakClass::k5xx},
+      {with(status(503), [](SoakOutcome& o) { o.draining = true; }), SoakClass::k503Draining},
+      {with(status(500), [](SoakOutcome& o) { o.draining = true; }), SoakClass::k5xx},
+      {status(0), SoakClass::kConnectionError},
+      {with(status(200), [](SoakOutcome& o) { o.transport_error = true; }),
+       SoakClass::kConnectionError},
+      {with(status(0), [](SoakOutcome& o) { o.abandoned = true; }), SoakClass::kAbandoned},
+      {with(status(200), [](SoakOutcome& o) { o.stream_error_type = "server_error"; }),
+       SoakClass::kStreamError},
+      {with(status(200), [](SoakOutcome& o) { o.stream_error_type = "rate_limit_error"; }),
+       SoakClass::k429},
+      {with(status(200), [](SoakOutcome& o) { o.stream_error_type = "invalid_request_error"; }),
+       SoakClass::k4xx},
+      {with(status(200), [](SoakOutcome& o) { o.stream_incomplete = true; }),
+       SoakClass::kStreamError},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(Classify(c.o), c.want) << "status " << c.o.http_status << " -> "
+                                     << SoakClassName(Classify(c.o));
+  }
+  EXPECT_TRUE(IsSoakFailure(SoakClass::k5xx));
+  EXPECT_TRUE(IsSoakFailure(SoakClass::kConnectionError));
+  EXPECT_TRUE(IsSoakFailure(SoakClass::kStreamError));
+  for (SoakClass ok : {SoakClass::k2xx, SoakClass::k4xx, SoakClass::k429,
+                       SoakClass::k503Draining, SoakClass::kAbandoned}) {
+    EXPECT_FALSE(IsSoakFailure(ok)) << SoakClassName(ok);
+  }
+}
+
+TEST(SoakTallyTest, CountsPerClassStatusAndActionAndMerges) {
+  SoakTally a, b;
+  SoakOutcome ok, bad, e500, gone;
+  ok.http_status = 200;
+  bad.http_status = 400;
+  e500.http_status = 500;
+  e500.detail = "boom";
+  gone.abandoned = true;
+  a.Add(SoakAction::kChat, ok);
+  a.Add(SoakAction::kChat, bad);
+  a.Add(SoakAction::kMalformed, bad);
+  b.Add(SoakAction::kAbandon, gone);
+  b.Add(SoakAction::kChatStream, e500);
+  EXPECT_EQ(a.failures(), 0);
+  EXPECT_EQ(b.failures(), 1);
+  a.Merge(b);
+  EXPECT_EQ(a.requests(), 5);
+  EXPECT_EQ(a.count(SoakClass::k2xx), 1);
+  EXPECT_EQ(a.count(SoakClass::k4xx), 2);
+  EXPECT_EQ(a.count(SoakClass::k5xx), 1);
+  EXPECT_EQ(a.count(SoakClass::kAbandoned), 1);
+  EXPECT_EQ(a.failures(), 1);
+  EXPECT_EQ(a.by_status().at(400), 2);
+  EXPECT_EQ(a.by_status().count(0), 0u);  // abandoned requests have no status
+  EXPECT_EQ(a.action_count(SoakAction::kChat), 2);
+  ASSERT_EQ(a.failure_notes().size(), 1u);
+  EXPECT_EQ(a.failure_notes()[0], "chat_stream: 5xx boom");
+  const nlohmann::json j = a.ToJson();
+  EXPECT_EQ(j["classes"]["4xx"], 2);
+  EXPECT_EQ(j["statuses"]["500"], 1);
+  // Notes stop at the cap; counts do not.
+  for (int i = 0; i < 20; ++i) a.Add(SoakAction::kChat, e500);
+  EXPECT_EQ(a.failure_notes().size(), SoakTally::kMaxFailureNotes);
+  EXPECT_EQ(a.failures(), 21);
+}
+
+TEST(SoakRssTest, ParsesVmRssFromProcStatus) {
+  const std::string status =
+      "Name:\tcachette\nVmPeak:\t  999999 kB\nVmSize:\t  888888 kB\nVmRSS:\t   51200 kB\n"
+      "RssAnon:\t   10000 kB\n";
+  auto b = ParseVmRssBytes(status);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(*b, 51200u * 1024);
+  EXPECT_FALSE(ParseVmRssBytes("Name:\tx\nVmSize:\t 1 kB\n").ok());  // a kernel thread
+  EXPECT_FALSE(ParseVmRssBytes("VmRSS:\t   kB\n").ok());
+  EXPECT_FALSE(ParseVmRssBytes("VmRSS:\t 12 MB\n").ok());
+  EXPECT_FALSE(ParseVmRssBytes("VmRSS:\t 99999999999999999999999 kB\n").ok());
+  EXPECT_EQ(*ParseVmRssBytes("VmRSS: 7 kB"), 7u * 1024);  // no final newline
+  // This test process has a resident set; a process that does not exist is kNotFound.
+  auto self = ReadProcessRssBytes(static_cast<int>(getpid()));
+  ASSERT_TRUE(self.ok()) << self.status().ToString();
+  EXPECT_GT(*self, 1u << 20);
+  EXPECT_EQ(ReadProcessRssBytes(0x3fffffff).status().code(), StatusCode::kNotFound);
+}
+
+TEST(SoakRssTest, SummaryGivesStartMaxEndAndTheSlopeOfTheLastHalf) {
+  EXPECT_EQ(SummarizeRss({}).samples, 0);
+  std::vector<RssSample> flat;
+  // A spike early on, then flat: the max sees the spike, the late slope does not.
+  for (int t = 0; t <= 100; ++t) flat.push_back({double(t), t == 10 ? 900u : 500u});
+  RssSummary s = SummarizeRss(flat);
+  EXPECT_EQ(s.samples, 101);
+  EXPECT_EQ(s.start_bytes, 500u);
+  EXPECT_EQ(s.max_bytes, 900u);
+  EXPECT_EQ(s.end_bytes, 500u);
+  EXPECT_DOUBLE_EQ(s.late_slope_bytes_per_s, 0);
+  // Growth of 1 MiB/s over the second half only (a leak that starts late).
+  std::vector<RssSample> leak;
+  for (int t = 0; t <= 100; ++t) {
+    leak.push_back({double(t), uint64_t{100} << 20 | 0});
+    if (t > 50) leak.back().bytes += static_cast<uint64_t>(t - 50) << 20;
+  }
+  s = SummarizeRss(leak);
+  EXPECT_NEAR(s.late_slope_bytes_per_s, 1 << 20, 0.05 * (1 << 20));
+  EXPECT_EQ(s.end_bytes, (uint64_t{150}) << 20);
+  // One sample: no slope.
+  EXPECT_DOUBLE_EQ(SummarizeRss({{5, 7}}).late_slope_bytes_per_s, 0);
+}
+
+TEST(SoakMetricsTest, PrometheusValueMatchesTheWholeSeriesName) {
+  const std::string text =
+      "# HELP cachette_pins Pins held.\n# TYPE cachette_pins gauge\n"
+      "cachette_pins_total 99\ncachette_pins 3\n"
+      "cachette_kv_pages{state=\"total\"} 64\ncachette_kv_pages{state=\"used\"} 12\n"
+      "cachette_broken nan-ish\n";
+  EXPECT_EQ(PrometheusValue(text, "cachette_pins"), 3.0);
+  EXPECT_EQ(PrometheusValue(text, "cachette_pins_total"), 99.0);
+  EXPECT_EQ(PrometheusValue(text, "cachette_kv_pages{state=\"used\"}"), 12.0);
+  EXPECT_FALSE(PrometheusValue(text, "cachette_kv_pages").has_value());
+  EXPECT_FALSE(PrometheusValue(text, "cachette_sessions").has_value());
+}
+
+TEST(SoakDurationTest, Table) {
+  EXPECT_EQ(*ParseDurationSeconds("45"), 45);
+  EXPECT_EQ(*ParseDurationSeconds("45s"), 45);
+  EXPECT_EQ(*ParseDurationSeconds("10m"), 600);
+  EXPECT_EQ(*ParseDurationSeconds("1.5m"), 90);
+  EXPECT_EQ(*ParseDurationSeconds("2h"), 7200);
+  for (const char* bad : {"", "0", "-3", "m", "10x", "1e999", "ten"}) {
+    EXPECT_FALSE(ParseDurationSeconds(bad).ok()) << bad;
+  }
+}
+
+TEST(SoakRawTest, RequestBytesAreExact) {
+  EXPECT_EQ(RawHttpRequest("POST", "/p", "h:1", {"A: b"}, "xyz"),
+            "POST /p HTTP/1.1\r\nHost: h:1\r\nConnection: close\r\nA: b\r\n"
+            "Content-Length: 3\r\n\r\nxyz");
+  EXPECT_EQ(RawHttpRequest("GET", "/", "h", {}, "", "7"),
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Length: 7\r\n\r\n");
 }
 
 }  // namespace

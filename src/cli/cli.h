@@ -51,6 +51,8 @@ Runner AddBenchCommand(CLI::App& app);
 Runner AddBenchCacheSubcommand(CLI::App* bench);
 // `bench serve` and `bench workload`: the OpenAI API client; same convention as above.
 Runner AddBenchServeSubcommands(CLI::App* bench);
+// `bench soak`: the soak test client; same convention as above.
+Runner AddBenchSoakSubcommand(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddEvalCommand(CLI::App& app);
