@@ -15,7 +15,9 @@
 namespace cachette::cli {
 
 // The model used when no -m is given: $CACHETTE_MODEL, else the bundled
-// models/cachette-tiny-q8_0.gguf (found beside the source tree or the working directory).
+// cachette-tiny-q8_0.gguf, looked for in order: the installed copy (<exe dir>/../share/cachette/
+// models/, as `cmake --install` and the Debian package lay it out), the source tree's models/,
+// then ./models/.
 std::string DefaultModelPath();
 
 Result<kernels::WType> ParseWType(const std::string& s);

@@ -47,7 +47,6 @@ int BenchEngine(const BenchArgs& a) {
   const std::string& path = loaded->path;
   const Model& model = *loaded->model;
   Engine& engine = *loaded->engine;
-  const kernels::KvType kv_type = loaded->kv_type;
   const ModelConfig& c = model.config();
   if (a.n_prompt + a.n_gen > c.n_ctx_train) {
     return Fail(InvalidArgument("-p + -n exceed the model's context of " +

@@ -53,7 +53,6 @@ int Run(const RunArgs& a) {
   const std::string& path = loaded->path;
   const Model& model = *loaded->model;
   Engine& engine = *loaded->engine;
-  const kernels::KvType kv_type = loaded->kv_type;
 
   std::vector<TokenId> prompt;
   if (!a.prompt_ids.empty()) {

@@ -203,6 +203,9 @@ int Serve(ServeFlags& f) {
   sopt.max_sessions = static_cast<size_t>(cfg.max_sessions);
   sopt.max_pins = static_cast<size_t>(cfg.max_pins);
   sopt.max_tenants = static_cast<size_t>(cfg.max_tenants);
+  sopt.order = cfg.sched == "lpm" ? sched::QueueOrder::kLpm : sched::QueueOrder::kFcfs;
+  sopt.admission = cfg.admission == "past-future" ? sched::AdmissionPolicy::kPastFuture
+                                                  : sched::AdmissionPolicy::kForecast;
   sched::Scheduler scheduler(engine, kv, sopt, tiers.get());
 
   server::HttpServer::Backend b;
@@ -299,6 +302,10 @@ Runner AddServeCommand(CLI::App& app) {
   Flag(c, p, kSched, "--max-pins", &ServeConfig::max_pins, "Plain pins at most (10000)");
   Flag(c, p, kSched, "--max-tenants", &ServeConfig::max_tenants,
        "Tenant namespaces remembered at most (10000)");
+  Flag(c, p, kSched, "--sched", &ServeConfig::sched,
+       "Queue order: fcfs, or lpm (longest cached prefix first, bounded skips)");
+  Flag(c, p, kSched, "--admission", &ServeConfig::admission,
+       "forecast (worst case, never preempts) or past-future (likely peak; preempts if wrong)");
   Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
        "RAM tier budget of the chunk store");
   Flag(c, p, kStore, "--disk-dir", &ServeConfig::disk_dir, "Directory of the disk tier");

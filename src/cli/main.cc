@@ -9,10 +9,20 @@ namespace cachette::cli {
 
 std::string DefaultModelPath() {
   if (const char* e = std::getenv("CACHETTE_MODEL"); e != nullptr && *e) return e;
-  const std::string bundled = "models/cachette-tiny-q8_0.gguf";
+  const std::string file = "cachette-tiny-q8_0.gguf";
+  namespace fs = std::filesystem;
+  // Installed: <prefix>/bin/cachette next to <prefix>/share/cachette/models/ (the relative path
+  // comes from CMake's install dirs), found through /proc/self/exe wherever it is run from.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const fs::path p = exe.parent_path() / CACHETTE_INSTALL_MODEL_DIR / file;
+    if (fs::exists(p, ec)) return p.lexically_normal().string();
+  }
+  const std::string bundled = "models/" + file;
   for (const std::string& dir : {std::string(CACHETTE_SOURCE_DIR), std::string(".")}) {
-    std::filesystem::path p = std::filesystem::path(dir) / bundled;
-    if (std::filesystem::exists(p)) return p.string();
+    fs::path p = fs::path(dir) / bundled;
+    if (fs::exists(p, ec)) return p.string();
   }
   return bundled;
 }

@@ -128,7 +128,9 @@ TEST(UnitsTest, ParseBytes) {
   for (const char* bad : {"", "MiB", "-1G", "0", "12 parsecs", "1e30T", "nan"}) {
     Result<uint64_t> r = ParseBytes(bad);
     EXPECT_FALSE(r.ok()) << bad;
-    if (!r.ok()) EXPECT_NE(r.status().message().find("byte size"), std::string::npos);
+    if (!r.ok()) {
+      EXPECT_NE(r.status().message().find("byte size"), std::string::npos);
+    }
   }
   EXPECT_EQ(FormatBytes(1536), "1.5 KiB");
   EXPECT_EQ(FormatBytes(100), "100 B");

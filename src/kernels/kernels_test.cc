@@ -508,7 +508,9 @@ TEST(KernelsDispatchTest, SetIsaClampsAndNamesAreStable) {
   EXPECT_EQ(IsaName(Isa::kAvx512), "avx512");
   EXPECT_EQ(WTypeName(WType::kQ4_0), "q4_0");
   const CpuFeatures& f = Cpu();
-  if (f.avx512f) EXPECT_TRUE(f.avx2);
+  if (f.avx512f) {
+    EXPECT_TRUE(f.avx2);
+  }
   std::printf("best ISA: %s\n", std::string(IsaName(BestIsa())).c_str());
 }
 

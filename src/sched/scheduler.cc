@@ -20,7 +20,11 @@ struct Scheduler::Seq {
   std::shared_ptr<RequestStream> stream;
   Hash128 ns;
   State state = State::kQueued;
-  int64_t prompt_len = 0;
+  int64_t prompt_len = 0;        // tokens to prefill: the prompt, or after a preemption the
+                                 // prompt and every token generated so far
+  int64_t orig_prompt_len = 0;   // the request's prompt (usage and the output budget)
+  bool resumed = false;          // preempted once: usage and tiers were already accounted
+  int skips = 0;                 // times a later request was admitted first (kLpm)
   int64_t capacity = 0;         // prompt + max_tokens, within the context
   int64_t forecast_blocks = 0;  // pages the block table will have at most
   bool cow_pending = false;     // its first write lands in a shared page (one more page)
@@ -119,7 +123,9 @@ size_t Scheduler::ClearAll() {
   }
   for (const std::string& s : salts) {
     Status st = ClearTenant(s);
-    if (!st.ok()) CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
+    if (!st.ok()) {
+      CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
+    }
   }
   return salts.size();
 }
@@ -160,6 +166,7 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   s->ns = Namespace(request.cache_salt);
   s->req = std::move(request);
   s->prompt_len = n;
+  s->orig_prompt_len = n;
   s->capacity = std::min<int64_t>(n_ctx_, n + s->req.gen.max_tokens);
   s->capacity = std::max<int64_t>(s->capacity, n);
   s->forecast_blocks = CeilDiv(s->capacity, P);
@@ -286,6 +293,37 @@ void Scheduler::ReapCancelled() {
   reap(running_);
 }
 
+SeqLoad Scheduler::LoadOf(const Seq& s) const {
+  SeqLoad l;
+  l.tokens = std::max(s.kv ? s.kv->n_tokens() : 0, s.prompt_len);
+  l.generated = s.generated;
+  l.max_output = std::max<int64_t>(s.capacity - s.orig_prompt_len, s.generated + 1);
+  l.held_pages = s.kv ? static_cast<int64_t>(s.kv->block_table().size()) : 0;
+  return l;
+}
+
+void Scheduler::Preempt(Seq& v) {
+  // Recompute on resume: what the sequence computed goes to the radix index (so the resume
+  // is mostly a cache hit), its pages are released, and it waits at the front of its priority.
+  const int64_t fed = std::min<int64_t>(v.kv->n_tokens(), static_cast<int64_t>(v.tokens.size()));
+  kv_.Finish(*v.kv, std::span<const TokenId>(v.tokens.data(), static_cast<size_t>(fed)));
+  v.kv.reset();
+  v.load.reset();
+  if (v.state == Seq::State::kDecode) {
+    // tokens = prompt + every sampled token; the last one (next) is not in the KV yet, so the
+    // resume's prefill feeds it and its logits give the next token, as a decode step would.
+    v.req.prompt = v.tokens;
+    v.prompt_len = static_cast<int64_t>(v.tokens.size());
+  }
+  v.state = Seq::State::kQueued;
+  v.resumed = true;
+  v.cow_pending = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.preemptions;
+  }
+}
+
 int64_t Scheduler::Outstanding(const Seq& s) const {
   const int64_t held = s.kv ? static_cast<int64_t>(s.kv->block_table().size()) : 0;
   return std::max<int64_t>(0, s.forecast_blocks - held) + (s.cow_pending ? 1 : 0);
@@ -303,19 +341,58 @@ bool Scheduler::Fits(Seq& s) {
   int64_t available = static_cast<int64_t>(st.pages_free) +
                       std::max<int64_t>(0, static_cast<int64_t>(st.pages_cached_unreferenced) -
                                                static_cast<int64_t>(st.pages_pinned));
+  if (options_.admission == AdmissionPolicy::kPastFuture) {
+    std::vector<SeqLoad> loads;
+    for (const auto& r : running_) loads.push_back(LoadOf(*r));
+    loads.push_back(LoadOf(s));
+    const int64_t extra = past_future_.EstimateExtraPages(loads, static_cast<int>(P));
+    if (extra >= 0) {  // else: too little history yet, the worst case below decides
+      if (extra + (s.cow_pending ? 1 : 0) <= available) return true;
+      s.kv.reset();
+      return false;
+    }
+  }
   for (const auto& r : running_) available -= Outstanding(*r);
   if (need <= available) return true;
   s.kv.reset();  // drops the references Start took; the cached pages stay cached
   return false;
 }
 
+size_t Scheduler::PickNext() {
+  if (options_.order != QueueOrder::kLpm || queue_.size() < 2) return 0;
+  // Starvation bound: a request passed over lpm_max_skips times goes next.
+  if (queue_.front()->skips >= options_.lpm_max_skips) return 0;
+  // Longest cached prefix first, among the requests of the front's priority; ties by arrival.
+  const int priority = queue_.front()->req.priority;
+  size_t best = 0;
+  int64_t best_len = -1;
+  for (size_t i = 0; i < queue_.size() && queue_[i]->req.priority == priority; ++i) {
+    const Seq& q = *queue_[i];
+    const int64_t len = kv_.CachedPrefix(q.ns, q.req.prompt);
+    if (len > best_len) {
+      best = i;
+      best_len = len;
+    }
+  }
+  for (size_t i = 0; i < best; ++i) ++queue_[i]->skips;
+  return best;
+}
+
 void Scheduler::Admit() {
   if (!admission_dirty_) return;
   while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
-    Seq& s = *queue_.front();
+    const size_t pick = PickNext();
+    Seq& s = *queue_[pick];
     if (!Fits(s)) {
       admission_dirty_ = false;  // retried when a sequence finishes or a pin goes
       return;
+    }
+    if (s.resumed) {
+      // A preempted request: prefill what is not cached any more, then decode on.
+      s.state = Seq::State::kPrefill;
+      running_.push_back(std::move(queue_[pick]));
+      queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(pick));
+      continue;
     }
     s.admit_ns = NowNanos();
     s.usage.queue_seconds = static_cast<double>(s.admit_ns - s.submit_ns) * 1e-9;
@@ -340,8 +417,8 @@ void Scheduler::Admit() {
       stats_.prompt_tokens += static_cast<uint64_t>(s.prompt_len);
       stats_.cached_tokens += static_cast<uint64_t>(memory);
     }
-    running_.push_back(std::move(queue_.front()));
-    queue_.erase(queue_.begin());
+    running_.push_back(std::move(queue_[pick]));
+    queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(pick));
   }
 }
 
@@ -350,7 +427,7 @@ void Scheduler::ExpireQueued() {
   const int64_t cutoff = NowNanos() - options_.queue_timeout_ms * 1000000;
   bool expired = false;
   for (auto& s : queue_) {
-    if (s->submit_ns < cutoff) {
+    if (s->submit_ns < cutoff && !s->resumed) {  // a preempted request has streamed already
       Finish(*s, Reason::kCancelled,
              DeadlineExceeded("the request waited in the queue longer than " +
                               std::to_string(options_.queue_timeout_ms) +
@@ -429,7 +506,28 @@ void Scheduler::Step() {
   uint64_t reserve_failures = 0;
   for (const Planned& p : plan) {
     Seq& s = *p.seq;
-    if (!s.kv->Reserve(s.kv->n_tokens() + p.n).ok()) {
+    if (s.state == Seq::State::kQueued) continue;  // preempted for an earlier item
+    bool reserved = s.kv->Reserve(s.kv->n_tokens() + p.n).ok();
+    // Past-Future admits on an estimate: when it was wrong, the newest request admitted after
+    // this one that has no item in this step yet makes room (recompute preemption). Only newer
+    // ones: the oldest request always progresses, so preemptions never cycle.
+    while (!reserved && options_.admission == AdmissionPolicy::kPastFuture) {
+      Seq* victim = nullptr;
+      for (auto it = running_.rbegin(); it != running_.rend() && it->get() != &s; ++it) {
+        Seq* c = it->get();
+        if (c->kv == nullptr || c->state == Seq::State::kLoading ||
+            c->state == Seq::State::kQueued ||
+            std::find(owners.begin(), owners.end(), c) != owners.end()) {
+          continue;
+        }
+        victim = c;
+        break;
+      }
+      if (victim == nullptr) break;
+      Preempt(*victim);
+      reserved = s.kv->Reserve(s.kv->n_tokens() + p.n).ok();
+    }
+    if (!reserved) {
       ++reserve_failures;
       continue;
     }
@@ -452,7 +550,9 @@ void Scheduler::Step() {
     stats_.reserve_failures += reserve_failures;
   }
   if (items.empty()) {
+    Requeue();
     if (plan.empty()) return;  // every running request is still loading from the tiers
+    if (running_.empty()) return;
     // Nothing can progress (pins taken since admission hold the pages): give up the newest.
     Finish(*running_.back(), Reason::kCancelled,
            ResourceExhausted("the KV pool is exhausted; retry later"));
@@ -479,7 +579,7 @@ void Scheduler::Step() {
         const bool partial = s.req.pin_ttl_ms > 0 && s.prompt_len % kv_.page_tokens() != 0;
         kv_.Commit(*s.kv, s.req.prompt, partial);
         s.cow_pending = partial;
-        if (s.req.pin_ttl_ms > 0) {
+        if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
           s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, s.req.prompt, s.req.pin_ttl_ms).id;
         }
       }
@@ -492,6 +592,24 @@ void Scheduler::Step() {
     stats_.prefill_tokens += prefill;
   }
   std::erase_if(running_, [](const auto& s) { return s->state == Seq::State::kFinished; });
+  Requeue();
+}
+
+void Scheduler::Requeue() {
+  bool any = false;
+  for (auto& s : running_) {
+    if (s->state != Seq::State::kQueued) continue;
+    queue_.push_back(std::move(s));
+    any = true;
+  }
+  if (!any) return;
+  std::erase_if(running_, [](const auto& s) { return s == nullptr; });
+  // Preempted requests keep their arrival order (by id), so they go back ahead of newcomers.
+  std::stable_sort(queue_.begin(), queue_.end(), [](const auto& a, const auto& b) {
+    if (a->req.priority != b->req.priority) return a->req.priority > b->req.priority;
+    return a->id < b->id;
+  });
+  admission_dirty_ = true;
 }
 
 bool Scheduler::Emit(Seq& s) {
@@ -568,7 +686,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   // WART: an incomplete UTF-8 character at the very end (StreamingDetokenizer::Flush) is dropped
   // rather than sent as invalid text.
   const int64_t now = NowNanos();
-  s.usage.prompt_tokens = s.prompt_len;
+  s.usage.prompt_tokens = s.orig_prompt_len;
   s.usage.completion_tokens = s.generated;
   if (s.first_ns != 0) s.usage.decode_seconds = static_cast<double>(now - s.first_ns) * 1e-9;
   StreamEvent e;
@@ -591,6 +709,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
     ++stats_.cancelled;
   } else {
     ++stats_.finished;
+    past_future_.Finished(s.generated);  // the past the admission estimates from
   }
   stats_.generated_tokens += static_cast<uint64_t>(s.generated);
 }

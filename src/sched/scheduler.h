@@ -10,6 +10,12 @@
 //      prefilled over several steps and never starves the running decodes,
 //   d. samples the next token of every sequence whose logits were computed and streams it.
 //
+// Preemption (AdmissionPolicy::kPastFuture only): when a step cannot reserve pages for a
+// request, the newest running request without an item in that step goes back to the queue
+// (2, 3, 4 --preempt--> 1): its KV is committed to the radix index and released, and on
+// re-admission it prefills its prompt plus what it generated (mostly a cache hit) and decodes
+// on; its stream sees only a pause.
+//
 // A request's states (numbered as in the code):
 //   1 kQueued  --admit, the tiers may hold more of the prompt-->  2 kLoading
 //   1 kQueued  --admit, nothing to load-->  3 kPrefill
@@ -52,11 +58,24 @@
 #include "cachette/status.h"
 #include "engine/engine.h"
 #include "kv/kv_manager.h"
+#include "sched/admission.h"
 #include "sched/pin_registry.h"
 #include "sched/prefix_source.h"
 #include "sched/request.h"
 
 namespace cachette::sched {
+
+// The order in which waiting requests are admitted, within a priority.
+enum class QueueOrder {
+  kFcfs,  // arrival order
+  kLpm,   // longest cached prefix first (SGLang), no request passed over more than
+          // lpm_max_skips times
+};
+// How admission decides that a request's KV fits (see admission.h).
+enum class AdmissionPolicy {
+  kForecast,    // every request's worst case (prompt + max_tokens): never preempts
+  kPastFuture,  // the likely peak from past output lengths; preempts (recompute) when wrong
+};
 
 struct SchedulerOptions {
   int max_running = 16;             // sequences in the running batch
@@ -76,6 +95,9 @@ struct SchedulerOptions {
   size_t max_sessions = 10000;
   size_t max_pins = 10000;
   size_t max_tenants = 10000;
+  QueueOrder order = QueueOrder::kFcfs;
+  int lpm_max_skips = 16;
+  AdmissionPolicy admission = AdmissionPolicy::kForecast;
 };
 
 struct SchedulerStats {
@@ -85,6 +107,7 @@ struct SchedulerStats {
   uint64_t cached_tokens = 0;  // prompt tokens reused from memory (+ restored, below)
   uint64_t restored_tokens = 0;
   uint64_t reserve_failures = 0;
+  uint64_t preemptions = 0;  // running requests sent back to the queue (kPastFuture)
 };
 
 class Scheduler {
@@ -127,7 +150,11 @@ class Scheduler {
   void TakeSubmissions();
   void ReapCancelled();
   void ExpireQueued();
+  size_t PickNext();  // index in queue_ of the request to admit next
   void Admit();
+  SeqLoad LoadOf(const Seq& s) const;
+  void Preempt(Seq& victim);  // loop thread; the victim moves to the queue at Requeue
+  void Requeue();
   void PollLoads();
   void RememberTenant(const std::string& cache_salt, const Hash128& ns);
   bool Fits(Seq& s);
@@ -145,6 +172,7 @@ class Scheduler {
   NoPrefixSource no_source_;
   PrefixSource* source_;
   PinRegistry pins_;
+  PastFutureAdmission past_future_;  // loop thread only
   int64_t n_ctx_ = 0;
 
   mutable std::mutex mu_;

@@ -79,10 +79,12 @@ class SchedulerTest : public ::testing::Test {
     engine_.reset();
     ref_engine_.reset();
   }
-  std::vector<TokenId> Reference(const std::vector<TokenId>& prompt, int n) {
+  std::vector<TokenId> Reference(const std::vector<TokenId>& prompt, int n,
+                                 bool ignore_eos = false) {
     auto kv = ref_engine_->NewSequence(static_cast<int64_t>(prompt.size()) + n + 1);
     GenerateOptions go;
     go.max_tokens = n;
+    go.ignore_eos = ignore_eos;
     auto r = Generate(*ref_engine_, *kv, prompt, go);
     CT_CHECK(r.ok()) << r.status().ToString();
     return r->tokens;
@@ -387,6 +389,78 @@ TEST_F(SchedulerTest, PinsSessionsAndTenantsAreBounded) {
     ASSERT_EQ(gate.cleared.size(), 1u);
     EXPECT_EQ(gate.cleared[0], sched_->Namespace("t1"));
   }
+}
+
+TEST_F(SchedulerTest, LpmAdmitsTheCachedPrefixFirstWithinItsBound) {
+  for (int max_skips : {16, 0}) {
+    SchedulerOptions so;
+    so.max_running = 1;
+    so.order = QueueOrder::kLpm;
+    so.lpm_max_skips = max_skips;
+    Build(512, so);
+    const std::string shared =
+        "The kernel documentation describes how to configure the build of modules for a "
+        "system with many devices and drivers";
+    auto run = [&](const std::string& text, int n) {
+      auto st = sched_->Submit(Req(Text(text), n));
+      CT_CHECK(st.ok());
+      return *st;
+    };
+    Collect(*run(shared, 1));  // now cached
+    auto blocker = run("Once upon a time", 40);
+    StreamEvent e;
+    ASSERT_TRUE(blocker->Next(&e, std::chrono::milliseconds(30000)));  // it runs
+    auto cold = run("A dictionary defines the word", 4);  // arrives first, nothing cached
+    auto warm = run(shared + " and their options", 4);   // arrives second, prefix cached
+    Collect(*blocker);
+    const Collected c = Collect(*cold), w = Collect(*warm);
+    ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone);
+    ASSERT_EQ(w.last.kind, StreamEvent::Kind::kDone);
+    EXPECT_GT(w.last.usage.cached_tokens, 10);
+    if (max_skips > 0) {
+      EXPECT_LT(w.last.usage.queue_seconds, c.last.usage.queue_seconds)
+          << "the cached prefix is admitted first";
+    } else {
+      EXPECT_LT(c.last.usage.queue_seconds, w.last.usage.queue_seconds)
+          << "a request may not be passed over at all with lpm_max_skips 0";
+    }
+    EXPECT_EQ(w.tokens, Reference(Text(shared + " and their options"), 4));
+    TearDown();
+  }
+}
+
+TEST_F(SchedulerTest, PastFutureAdmitsMoreThanTheWorstCaseAndPreemptsExactly) {
+  SchedulerOptions so;
+  so.max_running = 4;
+  so.admission = AdmissionPolicy::kPastFuture;
+  Build(16, so);  // 16 pages of 16 tokens: the worst case of each request below is 7 pages
+  // The past: ten short answers.
+  for (int i = 0; i < 10; ++i) {
+    auto st = sched_->Submit(Req(Text("Hello " + std::to_string(i)), 4, "h" + std::to_string(i)));
+    ASSERT_TRUE(st.ok());
+    Collect(**st);
+  }
+  // Four long ones at once (distinct tenants: no sharing): admitted on the short past, they
+  // outgrow the pool, and the newest are preempted and resumed.
+  const int n = 90;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (int i = 0; i < 4; ++i) {
+    SchedRequest r = Req(Text(kPrompts[i]), n, "t" + std::to_string(i));
+    r.gen.ignore_eos = true;  // long for sure, unlike the past
+    auto st = sched_->Submit(std::move(r));
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    streams.push_back(*st);
+  }
+  for (int i = 0; i < 4; ++i) {
+    Collected c = Collect(*streams[i]);
+    ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+    EXPECT_EQ(c.tokens, Reference(Text(kPrompts[i]), n, /*ignore_eos=*/true)) << kPrompts[i];
+    EXPECT_EQ(c.last.usage.prompt_tokens, static_cast<int64_t>(Text(kPrompts[i]).size()));
+    EXPECT_EQ(c.last.usage.completion_tokens, n);
+  }
+  const SchedulerStats st = sched_->Stats();
+  EXPECT_GT(st.preemptions, 0u) << "more were admitted than the worst case allows";
+  EXPECT_EQ(st.failed, 0u);
 }
 
 }  // namespace

@@ -44,6 +44,7 @@ void HttpServer::CacheStats(httplib::Response& res) {
         {"cancelled", st.cancelled},
         {"rejected", st.rejected},
         {"failed", st.failed},
+        {"preemptions", st.preemptions},
         {"steps", st.steps},
         {"prompt_tokens", st.prompt_tokens},
         {"prefill_tokens", st.prefill_tokens},

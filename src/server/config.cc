@@ -119,6 +119,8 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"max_sessions", Int(&cfg->max_sessions)},
       {"max_pins", Int(&cfg->max_pins)},
       {"max_tenants", Int(&cfg->max_tenants)},
+      {"sched", Str(&cfg->sched)},
+      {"admission", Str(&cfg->admission)},
       {"load_deadline_ms", Int(&cfg->load_deadline_ms)},
       {"api_key", StrList(&cfg->api_keys)},
       {"api_key_file", Str(&cfg->api_key_file)},
@@ -272,6 +274,12 @@ Status ValidateConfig(const ServeConfig& c) {
   if (c.max_sessions < 1) return InvalidArgument("--max-sessions must be >= 1");
   if (c.max_pins < 1) return InvalidArgument("--max-pins must be >= 1");
   if (c.max_tenants < 1) return InvalidArgument("--max-tenants must be >= 1");
+  if (c.sched != "fcfs" && c.sched != "lpm") {
+    return InvalidArgument("--sched '" + c.sched + "' must be fcfs or lpm");
+  }
+  if (c.admission != "forecast" && c.admission != "past-future") {
+    return InvalidArgument("--admission '" + c.admission + "' must be forecast or past-future");
+  }
   if (c.load_deadline_ms < 0 || c.load_deadline_ms > 600000) {
     return InvalidArgument("--load-deadline-ms must be in [0, 600000]");
   }

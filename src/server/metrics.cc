@@ -104,6 +104,9 @@ std::string Metrics::Render(const Gauges& g) {
   Sample(&out, "cachette_requests_rejected_total", static_cast<double>(g.sched.rejected));
   Family(&out, "cachette_requests_cancelled_total", "counter", "Requests whose client left.");
   Sample(&out, "cachette_requests_cancelled_total", static_cast<double>(g.sched.cancelled));
+  Family(&out, "cachette_preemptions_total", "counter",
+         "Running requests sent back to the queue to free KV pages (--admission past-future).");
+  Sample(&out, "cachette_preemptions_total", static_cast<double>(g.sched.preemptions));
   Family(&out, "cachette_kv_pages", "gauge",
          "KV pages: total, used (running or cached), active (held by running sequences), "
          "cached (held only by the index), pinned, free.");

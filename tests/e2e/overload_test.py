@@ -123,8 +123,11 @@ def test_overload(s):
     for path, xs in lat.items():
         print("    %-8s n=%d p50=%.1f ms max=%.1f ms" % (path, len(xs), 1e3 * pct(xs, 0.5),
                                                        1e3 * max(xs)))
-        check(pct(xs, 0.5) < 0.1 and max(xs) < 0.1,
-              "%s answers in < 100 ms under load (max %.0f ms)" % (path, 1e3 * max(xs)))
+        # Behind a queue inside the HTTP library these wait for a generation to end (seconds);
+        # the margin covers a loaded 2-core CI machine running other tests beside this one.
+        check(pct(xs, 0.5) < 0.05 and max(xs) < 0.25,
+              "%s answers in milliseconds under load (p50 %.0f ms, max %.0f ms)" %
+              (path, 1e3 * pct(xs, 0.5), 1e3 * max(xs)))
     # Every cancelled stream frees its slot: the server is idle again soon.
     deadline = time.time() + 10
     while time.time() < deadline:
