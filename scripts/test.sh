@@ -3,7 +3,7 @@
 # ASan+UBSan build of the unit tests, a TSan build of the concurrent components' tests, then
 # every release test (unit and end to end, against real Redis servers on loopback). Ends with
 # ctest's summary line and a non-zero exit on any failure.
-# Environment: FUZZ_SECONDS (default 30 per target), SKIP_ASAN=1, SKIP_TSAN=1, SKIP_FUZZ=1.
+# Environment: FUZZ_SECONDS (default 20 per target), SKIP_ASAN=1, SKIP_TSAN=1, SKIP_FUZZ=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh release || exit 1
@@ -29,8 +29,9 @@ export CACHETTE_REDIS_URL=redis://127.0.0.1:6390
 export CACHETTE_REDIS_CLUSTER_URL=redis+cluster://127.0.0.1:7001
 
 failed=0
+echo "== builds done after ${SECONDS}s"
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
-  # Every target, each for FUZZ_SECONDS (about 7 targets: 30 s each keeps the total near 4
+  # Every target, each for FUZZ_SECONDS (7 targets: 20 s each keeps the total under 3
   # minutes). Seeds come from fuzz/corpus/<name without fuzz_>/ and
   # are copied, so the committed corpus never grows; a crashing input is kept as
   # /tmp/<name>-crash-* and named in the log.
@@ -39,8 +40,8 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
     name=$(basename "$target")
     corpus=$(mktemp -d)
     cp fuzz/corpus/"${name#fuzz_}"/* "$corpus"/ 2>/dev/null || true
-    echo "fuzz: $name for ${FUZZ_SECONDS:-30}s"
-    if ! "$target" -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 -timeout=10 \
+    echo "fuzz: $name for ${FUZZ_SECONDS:-20}s"
+    if ! "$target" -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -timeout=10 \
         -artifact_prefix="/tmp/$name-" -print_final_stats=0 "$corpus" >"/tmp/$name.log" 2>&1; then
       echo "fuzz: $name FAILED"; tail -n 40 "/tmp/$name.log"; failed=1
     fi
@@ -48,12 +49,12 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   done
 fi
 if [ "${SKIP_ASAN:-0}" != 1 ]; then
-  echo "== ASan+UBSan unit tests"
+  echo "== ASan+UBSan unit tests (${SECONDS}s)"
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build/asan --output-on-failure -j "$(nproc)" -L unit || failed=1
 fi
 if [ "${SKIP_TSAN:-0}" != 1 ]; then
-  echo "== TSan tests"
+  echo "== TSan tests (${SECONDS}s)"
   for t in "${TSAN_TESTS[@]}"; do
     filter="*"
     [ "${t##*/}" = tier_bridge_test ] && filter="TierBridgeBytesTest.*"
@@ -65,6 +66,6 @@ if [ "${SKIP_TSAN:-0}" != 1 ]; then
     fi
   done
 fi
-echo "== release tests"
+echo "== release tests (${SECONDS}s)"
 ctest --test-dir build/release --output-on-failure -j "$(nproc)" || failed=1
 exit $failed
