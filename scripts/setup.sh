@@ -12,6 +12,7 @@ PACKAGES=(
   libxxhash-dev libzstd-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev
   libhiredis-dev redis-server liburing-dev libtomlplusplus-dev
   python3 python3-matplotlib
+  dpkg-dev file
   libicu-dev
 )
 

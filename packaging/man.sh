@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Writes cachette(1), a man page made of the --help of `cachette` and of every subcommand (found
+# recursively from the "Subcommands:" sections), so the page and --help never disagree.
+# Usage: man.sh CACHETTE_BINARY VERSION OUTPUT (run by packaging/CMakeLists.txt at build time)
+set -euo pipefail
+bin=$1
+version=$2
+exec >"$3.tmp"
+trap 'rm -f "$3.tmp"' ERR
+
+# roff: a backslash is \e; a line starting with . or ' would be a request, so \& goes first.
+roff_text() { sed -e 's/\\/\\e/g' -e "s/^\([.']\)/\\\\\&\1/"; }
+
+section() {
+  local out subs
+  out=$("$bin" "$@" --help | sed "s|^Usage: [^ ]*|Usage: cachette|")
+  if (($# > 0)); then printf '.SS "cachette %s"\n' "$*"; fi
+  printf '.nf\n'
+  roff_text <<<"$out"
+  printf '.fi\n'
+  subs=$(awk '/^Subcommands:/ { on = 1; next }
+              on && /^  [a-z]/ { print $1 }
+              on && /^$/ { on = 0 }' <<<"$out")
+  for s in $subs; do section "$@" "$s"; done
+}
+
+cat <<HEAD
+.TH CACHETTE 1 "" "cachette $version" "User Commands"
+.SH NAME
+cachette \\- an LLM inference server whose heart is a KV-cache engine
+.SH SYNOPSIS
+.B cachette
+.I subcommand
+[\\fIoptions\\fR]
+.SH DESCRIPTION
+The OpenAI-compatible server (\\fBcachette serve\\fR), its tools, and its tiered KV cache (RAM,
+local disk, Redis). \\fBcachette serve \\-\\-config\\fR \\fIFILE\\fR reads the same settings as
+TOML (keys are the flag names with _ for \\-); the Debian package runs it as the systemd unit
+\\fBcachette.service\\fR with \\fI/etc/cachette/serve.toml\\fR. Without \\fB\\-m\\fR, commands use
+the bundled model, \\fIshare/cachette/models/cachette\\-tiny\\-q8_0.gguf\\fR beside the
+installed binary, or \\fB\$CACHETTE_MODEL\\fR.
+.SH COMMANDS
+HEAD
+section
+cat <<'TAIL'
+.SH EXIT STATUS
+0 on success; 1 when a command fails (the reason is printed as "error: ..."); other non-zero
+values for command-line errors (an unknown flag, a missing \-\-config file).
+.SH SEE ALSO
+The README, docs/serving.md and docs/c-api.md of the cachette sources.
+TAIL
+mv "$3.tmp" "$3"
