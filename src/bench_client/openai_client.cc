@@ -78,16 +78,19 @@ Result<ServerUrl> ParseServerUrl(const std::string& url) {
   return u;
 }
 
-Result<std::string> FetchModelId(const ServerUrl& url) {
+Result<std::string> FetchModelId(const ServerUrl& url, const std::string& api_key) {
   try {
     httplib::Client cli(url.host, url.port);
     ConfigureClient(cli);
-    auto res = cli.Get(url.base_path + "/v1/models");
+    httplib::Headers h;
+    if (!api_key.empty()) h.emplace("Authorization", "Bearer " + api_key);
+    auto res = cli.Get(url.base_path + "/v1/models", h);
     if (!res) {
       return Unavailable("GET " + url.ToString() + "/v1/models: " + httplib::to_string(res.error()));
     }
     if (res->status != 200) {
-      return Unavailable("GET /v1/models: HTTP " + std::to_string(res->status));
+      return Unavailable("GET /v1/models: HTTP " + std::to_string(res->status) +
+                         (res->status == 401 ? " (give --api-key)" : ""));
     }
     const json j = json::parse(res->body);
     if (!j.contains("data") || !j["data"].is_array() || j["data"].empty()) {

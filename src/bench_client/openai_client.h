@@ -22,8 +22,9 @@ struct ServerUrl {
 // InvalidArgument for anything but http:// URLs with a host (https needs TLS, not built in).
 Result<ServerUrl> ParseServerUrl(const std::string& url);
 
-// The first model id of GET /v1/models. Unavailable when the server does not answer.
-Result<std::string> FetchModelId(const ServerUrl& url);
+// The first model id of GET /v1/models, sent with `api_key` as a Bearer token when given.
+// Unavailable when the server does not answer or refuses (a 401 says to give an API key).
+Result<std::string> FetchModelId(const ServerUrl& url, const std::string& api_key = {});
 
 struct ChatMessage {
   std::string role;

@@ -913,32 +913,6 @@ SoakOutcome Send(Shared& sh, const SoakRequest& q, SoakClientState* st) {
   return out;
 }
 
-// The first model id of GET /v1/models, sent with the API key (FetchModelId sends none).
-Result<std::string> FetchModelWithKey(const ServerUrl& url, const std::string& api_key) {
-  try {
-    httplib::Client cli(url.host, url.port);
-    Configure(cli, 30);
-    httplib::Headers h;
-    if (!api_key.empty()) h.emplace("Authorization", "Bearer " + api_key);
-    auto res = cli.Get(url.base_path + "/v1/models", h);
-    if (!res) {
-      return Unavailable("GET " + url.ToString() +
-                         "/v1/models: " + httplib::to_string(res.error()));
-    }
-    if (res->status != 200) {
-      return Unavailable("GET /v1/models: HTTP " + std::to_string(res->status) +
-                         (res->status == 401 ? " (give --api-key)" : ""));
-    }
-    const json j = json::parse(res->body);
-    if (!j.contains("data") || !j["data"].is_array() || j["data"].empty()) {
-      return Unavailable("GET /v1/models listed no model");
-    }
-    return j["data"][0].at("id").get<std::string>();
-  } catch (const std::exception& e) {
-    return Unavailable(std::string("GET /v1/models: ") + e.what());
-  }
-}
-
 void ClientLoop(Shared& sh, int index, SoakTally* tally) {
   const SoakOptions& o = *sh.o;
   Rng rng(o.seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(index) * 0x2545f4914f6cdd1dull +
@@ -985,7 +959,7 @@ Result<SoakReport> RunSoak(const SoakOptions& o) {
   rep.clients = o.clients;
   rep.seed = o.seed;
   rep.rss_limit_bytes = o.rss_limit_bytes;
-  CT_ASSIGN_OR_RETURN(rep.model, FetchModelWithKey(sh.url, o.api_key));
+  CT_ASSIGN_OR_RETURN(rep.model, FetchModelId(sh.url, o.api_key));
   sh.model = rep.model;
 
   std::vector<RssSample> rss;

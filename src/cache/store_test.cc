@@ -429,17 +429,24 @@ TEST(StoreTest, AdmissionAfterHits) {
   EXPECT_EQ(c->Stats().tier[1].entries, 1u);
 }
 
-TEST(StoreTest, NamespaceQuota) {
-  CacheOptions o = Options(10);
-  o.quotas.push_back({kNs1, 2 * RecordSize(), 0});
+// Puts 5 chunks in each of kNs1 and kNs2 through a store opened with `o`, and returns how many
+// of each the store kept.
+std::pair<int, int> KeptOfFivePerNamespace(const CacheOptions& o) {
   auto c = Open(o);
-  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 400 + i), 0, 1).ok());
-  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs2, Tokens(kC, 500 + i), 0, 1).ok());
+  for (uint32_t i = 0; i < 5; ++i) EXPECT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 400 + i), 0, 1).ok());
+  for (uint32_t i = 0; i < 5; ++i) EXPECT_TRUE(PutChunks(*c, kNs2, Tokens(kC, 500 + i), 0, 1).ok());
   int ns1 = 0, ns2 = 0;
   for (uint32_t i = 0; i < 5; ++i) {
     ns1 += c->Lookup(Tokens(kC, 400 + i), kNs1).tokens != 0;
     ns2 += c->Lookup(Tokens(kC, 500 + i), kNs2).tokens != 0;
   }
+  return {ns1, ns2};
+}
+
+TEST(StoreTest, NamespaceQuota) {
+  CacheOptions o = Options(10);
+  o.quotas.push_back({kNs1, 2 * RecordSize(), 0});
+  const auto [ns1, ns2] = KeptOfFivePerNamespace(o);
   EXPECT_EQ(ns1, 2);
   EXPECT_EQ(ns2, 5);
 }
@@ -448,14 +455,7 @@ TEST(StoreTest, DefaultQuotaBoundsEveryTenantWithoutItsOwn) {
   CacheOptions o = Options(10);
   o.default_quota_bytes = 2 * RecordSize();
   o.quotas.push_back({kNs2, 4 * RecordSize(), 0});
-  auto c = Open(o);
-  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs1, Tokens(kC, 400 + i), 0, 1).ok());
-  for (uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(PutChunks(*c, kNs2, Tokens(kC, 500 + i), 0, 1).ok());
-  int ns1 = 0, ns2 = 0;
-  for (uint32_t i = 0; i < 5; ++i) {
-    ns1 += c->Lookup(Tokens(kC, 400 + i), kNs1).tokens != 0;
-    ns2 += c->Lookup(Tokens(kC, 500 + i), kNs2).tokens != 0;
-  }
+  const auto [ns1, ns2] = KeptOfFivePerNamespace(o);
   EXPECT_EQ(ns1, 2);  // the default
   EXPECT_EQ(ns2, 4);  // its own quota wins
 }

@@ -262,6 +262,14 @@ void Scheduler::Loop() {
   }
 }
 
+void Scheduler::SortQueue() {
+  std::stable_sort(queue_.begin(), queue_.end(), [](const auto& a, const auto& b) {
+    if (a->req.priority != b->req.priority) return a->req.priority > b->req.priority;
+    return a->id < b->id;
+  });
+  admission_dirty_ = true;
+}
+
 void Scheduler::TakeSubmissions() {
   std::vector<std::unique_ptr<Seq>> in;
   {
@@ -270,11 +278,7 @@ void Scheduler::TakeSubmissions() {
   }
   if (in.empty()) return;
   for (auto& s : in) queue_.push_back(std::move(s));
-  std::stable_sort(queue_.begin(), queue_.end(), [](const auto& a, const auto& b) {
-    if (a->req.priority != b->req.priority) return a->req.priority > b->req.priority;
-    return a->id < b->id;
-  });
-  admission_dirty_ = true;
+  SortQueue();
 }
 
 void Scheduler::ReapCancelled() {
@@ -604,12 +608,7 @@ void Scheduler::Requeue() {
   }
   if (!any) return;
   std::erase_if(running_, [](const auto& s) { return s == nullptr; });
-  // Preempted requests keep their arrival order (by id), so they go back ahead of newcomers.
-  std::stable_sort(queue_.begin(), queue_.end(), [](const auto& a, const auto& b) {
-    if (a->req.priority != b->req.priority) return a->req.priority > b->req.priority;
-    return a->id < b->id;
-  });
-  admission_dirty_ = true;
+  SortQueue();  // preempted requests keep their ids, so they go back ahead of newcomers
 }
 
 bool Scheduler::Emit(Seq& s) {

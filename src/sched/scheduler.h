@@ -148,6 +148,7 @@ class Scheduler {
   struct Seq;
   void Loop();
   void TakeSubmissions();
+  void SortQueue();  // priority desc, then id (arrival) asc
   void ReapCancelled();
   void ExpireQueued();
   size_t PickNext();  // index in queue_ of the request to admit next
