@@ -150,8 +150,9 @@ int Serve(ServeFlags& f) {
   // scheduler's load deadline for slow tiers; what is late is recomputed.
   std::unique_ptr<Cache> store;
   std::unique_ptr<sched::TierBridge> tiers;
-  if (cfg.prefix_cache &&
-      (!cfg.ram_budget.empty() || !cfg.disk_dir.empty() || !cfg.redis.empty())) {
+  // Swap preemption keeps preempted KV in the RAM tier, so it turns the store on.
+  if (cfg.prefix_cache && (!cfg.ram_budget.empty() || !cfg.disk_dir.empty() ||
+                           !cfg.redis.empty() || cfg.preempt == "swap")) {
     CacheOptions co;
     co.chunk_tokens = cfg.chunk_tokens;
     auto ram = ParseBytes(cfg.ram_budget.empty() ? "1GiB" : cfg.ram_budget);
@@ -203,7 +204,11 @@ int Serve(ServeFlags& f) {
   sopt.max_sessions = static_cast<size_t>(cfg.max_sessions);
   sopt.max_pins = static_cast<size_t>(cfg.max_pins);
   sopt.max_tenants = static_cast<size_t>(cfg.max_tenants);
-  sopt.order = cfg.sched == "lpm" ? sched::QueueOrder::kLpm : sched::QueueOrder::kFcfs;
+  sopt.order = cfg.sched == "lpm"       ? sched::QueueOrder::kLpm
+               : cfg.sched == "program" ? sched::QueueOrder::kProgram
+                                        : sched::QueueOrder::kFcfs;
+  sopt.preempt = cfg.preempt == "swap" ? sched::PreemptMode::kSwap : sched::PreemptMode::kRecompute;
+  sopt.itl_target_ms = cfg.itl_target_ms;
   sopt.admission = cfg.admission == "past-future" ? sched::AdmissionPolicy::kPastFuture
                                                   : sched::AdmissionPolicy::kForecast;
   sched::Scheduler scheduler(engine, kv, sopt, tiers.get());
@@ -303,9 +308,15 @@ Runner AddServeCommand(CLI::App& app) {
   Flag(c, p, kSched, "--max-tenants", &ServeConfig::max_tenants,
        "Tenant namespaces remembered at most (10000)");
   Flag(c, p, kSched, "--sched", &ServeConfig::sched,
-       "Queue order: fcfs, or lpm (longest cached prefix first, bounded skips)");
+       "Queue order: fcfs, lpm (longest cached prefix first, bounded skips) or program "
+       "(program-level FCFS with tool-aware pins, Continuum)");
   Flag(c, p, kSched, "--admission", &ServeConfig::admission,
        "forecast (worst case, never preempts) or past-future (likely peak; preempts if wrong)");
+  Flag(c, p, kSched, "--preempt", &ServeConfig::preempt,
+       "A preempted request's KV: recompute (released, re-prefilled) or swap (kept in the RAM "
+       "tier, restored)");
+  Flag(c, p, kSched, "--itl-target-ms", &ServeConfig::itl_target_ms,
+       "Inter-token latency objective: each step's prefill share is sized to it (0: off)");
   Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
        "RAM tier budget of the chunk store");
   Flag(c, p, kStore, "--disk-dir", &ServeConfig::disk_dir, "Directory of the disk tier");

@@ -37,6 +37,9 @@ struct SchedRequest {
   int64_t pin_ttl_ms = 0;         // > 0: pin the prompt prefix after prefill (cache_control)
   std::string session_id;         // non-empty: keep the conversation pinned between turns
   int64_t session_ttl_ms = 0;     // 0 = the scheduler's default
+  int64_t deadline_ms = 0;        // > 0: time-to-first-token objective from submission
+  std::string program_id;         // agent program (Continuum); empty: session_id
+  std::string tool;               // the tool whose result the program's next turn carries
 };
 
 // Tokens of the prompt that came from one place instead of being prefilled.

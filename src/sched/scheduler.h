@@ -70,6 +70,15 @@ enum class QueueOrder {
   kFcfs,  // arrival order
   kLpm,   // longest cached prefix first (SGLang), no request passed over more than
           // lpm_max_skips times
+  kProgram,  // program-level FCFS (Continuum): by the arrival of the request's program
+             // (program_id, else session_id), so a program's next turn waits behind no newcomer
+};
+// What happens to a preempted request's KV.
+enum class PreemptMode {
+  kRecompute,  // committed to the radix index and released; the resume re-prefills what was
+               // evicted meanwhile
+  kSwap,       // also copied to the PrefixSource's tiers (RAM first) in whole chunks, copies
+               // kept, so a resume restores instead of recomputing (FastSwitch)
 };
 // How admission decides that a request's KV fits (see admission.h).
 enum class AdmissionPolicy {
@@ -98,6 +107,10 @@ struct SchedulerOptions {
   QueueOrder order = QueueOrder::kFcfs;
   int lpm_max_skips = 16;
   AdmissionPolicy admission = AdmissionPolicy::kForecast;
+  PreemptMode preempt = PreemptMode::kRecompute;
+  // > 0: size each step's prefill share so that a step with decodes takes about this long
+  // (Sarathi-Serve's chunked-prefill budget), from the measured step cost; 0: step_tokens.
+  double itl_target_ms = 0;
 };
 
 struct SchedulerStats {

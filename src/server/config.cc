@@ -121,6 +121,8 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"max_tenants", Int(&cfg->max_tenants)},
       {"sched", Str(&cfg->sched)},
       {"admission", Str(&cfg->admission)},
+      {"preempt", Str(&cfg->preempt)},
+      {"itl_target_ms", Int(&cfg->itl_target_ms)},
       {"load_deadline_ms", Int(&cfg->load_deadline_ms)},
       {"api_key", StrList(&cfg->api_keys)},
       {"api_key_file", Str(&cfg->api_key_file)},
@@ -274,8 +276,17 @@ Status ValidateConfig(const ServeConfig& c) {
   if (c.max_sessions < 1) return InvalidArgument("--max-sessions must be >= 1");
   if (c.max_pins < 1) return InvalidArgument("--max-pins must be >= 1");
   if (c.max_tenants < 1) return InvalidArgument("--max-tenants must be >= 1");
-  if (c.sched != "fcfs" && c.sched != "lpm") {
-    return InvalidArgument("--sched '" + c.sched + "' must be fcfs or lpm");
+  if (c.sched != "fcfs" && c.sched != "lpm" && c.sched != "program") {
+    return InvalidArgument("--sched '" + c.sched + "' must be fcfs, lpm or program");
+  }
+  if (c.preempt != "recompute" && c.preempt != "swap") {
+    return InvalidArgument("--preempt '" + c.preempt + "' must be recompute or swap");
+  }
+  if (c.preempt == "swap" && !c.prefix_cache) {
+    return InvalidArgument("--preempt swap keeps KV in the chunk store: it needs the prefix cache");
+  }
+  if (c.itl_target_ms < 0 || c.itl_target_ms > 60000) {
+    return InvalidArgument("--itl-target-ms must be in [0, 60000] (0: off)");
   }
   if (c.admission != "forecast" && c.admission != "past-future") {
     return InvalidArgument("--admission '" + c.admission + "' must be forecast or past-future");

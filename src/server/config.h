@@ -13,7 +13,7 @@
 //   # scheduler bounds:
 //   queue_timeout_s = 0       max_pinned = 0.5 (or "50%")                     max_pin_ttl_s = 3600
 //   max_sessions = 10000      max_pins = 10000      max_tenants = 10000     load_deadline_ms = 1000
-//   sched = "fcfs"            admission = "forecast"
+//   sched = "fcfs"            admission = "forecast"  preempt = "recompute"  itl_target_ms = 0
 //   # access control and request limits:
 //   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
 //   max_body = "16MiB"        max_messages = 1024
@@ -67,8 +67,10 @@ struct ServeConfig {
   int max_pins = 10000;
   int max_tenants = 10000;
   int load_deadline_ms = 1000;  // how long a restore waits for a slow tier
-  std::string sched = "fcfs";           // fcfs | lpm (longest cached prefix first)
+  std::string sched = "fcfs";           // fcfs | lpm (longest cached prefix first) | program
   std::string admission = "forecast";   // forecast (worst case) | past-future
+  std::string preempt = "recompute";    // recompute | swap (needs the RAM tier: on by default)
+  int itl_target_ms = 0;                // > 0: prefill share per step sized to this ITL
   // Access control (docs/serving.md "Access control").
   std::vector<std::string> api_keys;  // TOML key and flag: api_key
   std::string api_key_file;           // one key a line; '#' comments and blank lines skipped

@@ -242,6 +242,10 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   CT_RETURN_IF_ERROR(Param(d, "cache_salt", CheckIdBytes(r.cache_salt, "cache_salt")));
   CT_RETURN_IF_ERROR(Param(d, "session_id", GetString(j, "session_id", &r.session_id)));
   CT_RETURN_IF_ERROR(Param(d, "session_id", CheckIdBytes(r.session_id, "session_id")));
+  CT_RETURN_IF_ERROR(Param(d, "program_id", GetString(j, "program_id", &r.program_id)));
+  CT_RETURN_IF_ERROR(Param(d, "program_id", CheckIdBytes(r.program_id, "program_id")));
+  CT_RETURN_IF_ERROR(Param(d, "tool", GetString(j, "tool", &r.tool)));
+  CT_RETURN_IF_ERROR(Param(d, "tool", CheckIdBytes(r.tool, "tool")));
   bool present = false;
   CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, ctx, &present, d));
   if (r.prompt.empty()) {
@@ -330,6 +334,8 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   CT_RETURN_IF_ERROR(
       Param(d, "session_ttl_s", GetInt(j, "session_ttl_s", 1, 7 * 24 * 3600, &session_ttl_s)));
   r.session_ttl_ms = session_ttl_s * 1000;
+  CT_RETURN_IF_ERROR(
+      Param(d, "deadline_ms", GetInt(j, "deadline_ms", 1, 24 * 3600 * 1000, &r.deadline_ms)));
   if (auto it = j.find("cache_control"); it != j.end() && !it->is_null()) {
     d->param = "cache_control";
     if (!it->is_object()) return InvalidArgument("'cache_control' must be an object");

@@ -7,15 +7,18 @@
 //   temperature, top_p, top_k, min_p, repetition_penalty, seed, stop (string or up to 4),
 //   stream, stream_options.include_usage, n (only 1), logprobs (only false), ignore_eos, and the
 //   cachette extensions cache_salt (tenant), priority, session_id, session_ttl_s,
-//   cache_control {"ttl_s": N} or {"type": "ephemeral", "ttl": "5m" | "1h" | N}.
+//   cache_control {"ttl_s": N} or {"type": "ephemeral", "ttl": "5m" | "1h" | N}, deadline_ms
+//   (time-to-first-token objective), program_id (agent program; default session_id) and tool
+//   (the tool the program calls after this turn; its result is the next turn).
 // A wrong type, an out-of-range value, a prompt longer than the context or max_tokens beyond it
 // gives kInvalidArgument with a message naming the field; an unknown model kNotFound.
 //
-// Limits checked before any tokenization (each a 400 naming the field): cache_salt and session_id
-// at most kMaxIdBytes bytes; at most ApiContext::max_messages messages; prompt text (or the
-// messages' contents together) at most n_ctx * max_token_bytes * 2 bytes: no token stands for more
-// input bytes than the longest token text of the vocabulary, so a longer text cannot fit the
-// context (the factor 2 is margin for normalizers); an id array at most n_ctx.
+// Limits checked before any tokenization (each a 400 naming the field): cache_salt, session_id,
+// program_id and tool at most kMaxIdBytes bytes; at most ApiContext::max_messages messages;
+// prompt text (or the messages' contents together) at most n_ctx * max_token_bytes * 2 bytes:
+// no token stands for more input bytes than the longest token text of the vocabulary, so a
+// longer text cannot fit the context (the factor 2 is margin for normalizers); an id array at
+// most n_ctx.
 //
 // Thread-safety: stateless functions; ApiContext is read-only.
 #pragma once
