@@ -11,9 +11,10 @@
 //      It says `done` after the last chunk, at the first miss, when pages cannot be reserved,
 //      or once `deadline` passed; whatever was not copied by then is recomputed by prefill.
 //      Never an error, never a wrong answer.
-//   3. Save(seq, tokens, skip) when the request finishes, before its pages are released:
-//      writes behind the full chunks of `tokens` past the first `skip` tokens (those the tiers
-//      already held, LoadProgress::tier_tokens).
+//   3. Save(seq, tokens, skip) when the request finishes (or is preempted with swap), before
+//      its pages are released: writes the full chunks of `tokens` past the first `skip` tokens
+//      (those the tiers already held, LoadProgress::tier_tokens). Returns how many leading
+//      tokens the tiers hold afterwards (`skip` when nothing was written), the next skip.
 // Pins and clears reach every tier: Pin/Unpin protect a prefix's chunks, Clear(ns) removes a
 // namespace's chunks from every tier (including copies other processes wrote to Redis).
 // The default (NoPrefixSource) does nothing, so the scheduler serves from memory alone.
@@ -60,7 +61,8 @@ class PrefixSource {
                                                  std::span<const TokenId> prompt, int64_t have,
                                                  SteadyTime deadline) = 0;
   virtual LoadProgress ApplyLoad(PendingLoad& load, PagedSequence& seq) = 0;
-  virtual void Save(PagedSequence& seq, std::span<const TokenId> tokens, int64_t skip_tokens) = 0;
+  virtual int64_t Save(PagedSequence& seq, std::span<const TokenId> tokens,
+                       int64_t skip_tokens) = 0;
 
   // For the admin API: how much of `prompt` each tier could restore (no loading). May wait for
   // a remote tier up to its lookup timeout, so never call it on the scheduler loop.
@@ -87,7 +89,7 @@ class NoPrefixSource final : public PrefixSource {
     return nullptr;
   }
   LoadProgress ApplyLoad(PendingLoad&, PagedSequence&) override { return {true, {}, 0}; }
-  void Save(PagedSequence&, std::span<const TokenId>, int64_t) override {}
+  int64_t Save(PagedSequence&, std::span<const TokenId>, int64_t skip) override { return skip; }
 };
 
 }  // namespace cachette::sched

@@ -25,6 +25,9 @@ struct Scheduler::Seq {
   int64_t orig_prompt_len = 0;   // the request's prompt (usage and the output budget)
   bool resumed = false;          // preempted once: usage and tiers were already accounted
   int skips = 0;                 // times a later request was admitted first (kLpm)
+  std::string program;           // program_id, else session_id ("" = none)
+  int64_t program_ns = 0;        // its program's arrival (kProgram order), else submit_ns
+  int64_t deadline_ns = 0;       // submit + deadline_ms (0: no objective)
   int64_t capacity = 0;         // prompt + max_tokens, within the context
   int64_t forecast_blocks = 0;  // pages the block table will have at most
   bool cow_pending = false;     // its first write lands in a shared page (one more page)
@@ -47,6 +50,12 @@ namespace {
 constexpr int64_t kSweepEveryMs = 1000;
 // While requests wait for tier loads and nothing else runs, the loop polls them this often.
 constexpr auto kLoadPoll = std::chrono::milliseconds(1);
+// A program with no turn for this long is forgotten (its statistics stay in the tool's).
+constexpr int64_t kProgramIdleNs = int64_t{600} * 1000000000;
+// Before the step cost model is ready: what re-prefilling one token is assumed to cost.
+constexpr double kDefaultPrefillTokenS = 1e-3;
+// Pin keys of programs, apart from user session ids.
+constexpr std::string_view kProgramPinPrefix = "\x01program:";
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
@@ -172,6 +181,9 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   s->forecast_blocks = CeilDiv(s->capacity, P);
   s->tokens = s->req.prompt;
   s->submit_ns = NowNanos();
+  s->program_ns = s->submit_ns;
+  s->program = !s->req.program_id.empty() ? s->req.program_id : s->req.session_id;
+  if (s->req.deadline_ms > 0) s->deadline_ns = s->submit_ns + s->req.deadline_ms * 1000000;
   s->stream = std::make_shared<RequestStream>();
   s->stream->set_on_cancel([this] {
     {
@@ -219,6 +231,24 @@ SchedulerStats Scheduler::Stats() const {
   return stats_;
 }
 
+nlohmann::json Scheduler::SchedJson() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return sched_json_.is_null() ? nlohmann::json::object() : sched_json_;
+}
+
+void Scheduler::PublishSchedJson() {
+  nlohmann::json j = tool_ttl_.Stats();
+  j["programs"] = programs_.size();
+  j["queue_delay_mean_s"] = queue_delay_s_;
+  j["step_cost"] = {{"ready", step_cost_.ready()},
+                    {"fixed_ms", step_cost_.fixed_s() * 1e3},
+                    {"decode_ms", step_cost_.decode_s() * 1e3},
+                    {"prefill_token_ms", step_cost_.prefill_token_s() * 1e3},
+                    {"itl_target_ms", options_.itl_target_ms}};
+  std::lock_guard<std::mutex> lock(mu_);
+  sched_json_ = std::move(j);
+}
+
 void Scheduler::Loop() {
   for (;;) {
     {
@@ -252,6 +282,8 @@ void Scheduler::Loop() {
     if (now_ms - last_sweep_ms_ >= kSweepEveryMs) {
       last_sweep_ms_ = now_ms;
       if (pins_.Sweep() > 0) admission_dirty_ = true;
+      ForgetIdlePrograms(now_ms * 1000000);
+      PublishSchedJson();
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -263,11 +295,92 @@ void Scheduler::Loop() {
 }
 
 void Scheduler::SortQueue() {
-  std::stable_sort(queue_.begin(), queue_.end(), [](const auto& a, const auto& b) {
+  const bool by_program = options_.order == QueueOrder::kProgram;
+  std::stable_sort(queue_.begin(), queue_.end(), [by_program](const auto& a, const auto& b) {
     if (a->req.priority != b->req.priority) return a->req.priority > b->req.priority;
+    if (by_program && a->program_ns != b->program_ns) return a->program_ns < b->program_ns;
     return a->id < b->id;
   });
   admission_dirty_ = true;
+}
+
+void Scheduler::ProgramArrived(Seq& s) {
+  if (s.program.empty()) return;
+  auto [it, fresh] = programs_.try_emplace(s.program);
+  Program& p = it->second;
+  if (fresh) p.first_ns = s.submit_ns;
+  p.last_seen_ns = s.submit_ns;
+  ++p.turns;
+  if (options_.order == QueueOrder::kProgram) s.program_ns = p.first_ns;
+  if (!p.last_tool.empty() && p.last_end_ns > 0) {
+    // The tool call took from the end of the last turn to this arrival.
+    const double took_s = static_cast<double>(s.submit_ns - p.last_end_ns) * 1e-9;
+    tool_ttl_.Observe(p.last_tool, took_s);
+    const bool hit = p.pin_ttl_s > 0 && took_s <= p.pin_ttl_s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.program_turns;
+      if (hit) ++stats_.program_pin_hits;
+    }
+    PublishSchedJson();
+  }
+  p.last_tool.clear();
+  p.last_end_ns = 0;
+}
+
+void Scheduler::ProgramTurnEnded(Seq& s, std::span<const TokenId> kept) {
+  if (s.program.empty()) return;
+  auto it = programs_.find(s.program);
+  if (it == programs_.end()) return;
+  Program& p = it->second;
+  const int64_t now = NowNanos();
+  p.last_seen_ns = now;
+  p.last_end_ns = now;
+  p.last_tool = s.req.tool;
+  p.pin_ttl_s = 0;
+  if (options_.order != QueueOrder::kProgram || !options_.prefix_cache || kept.empty()) return;
+  // A program named by its session_id shares the session's pin; otherwise it has its own.
+  const bool is_session = s.req.program_id.empty();
+  const std::string key = is_session ? s.req.session_id : std::string(kProgramPinPrefix) + s.req.program_id;
+  if (s.req.tool.empty()) {
+    // The program ended (or is an ordinary chat): a session keeps its fixed TTL (Finish pinned
+    // it), a program's pin goes; its KV stays cached until evicted.
+    if (!is_session) pins_.RemoveSession(key);
+    return;
+  }
+  const KvManager::Stats ks = kv_.GetStats();
+  const double total = std::max<double>(1, ks.pages_total);
+  const double pages = static_cast<double>((static_cast<int64_t>(kept.size()) +
+                                            kv_.page_tokens() - 1) / kv_.page_tokens());
+  const double others = static_cast<double>(running_.size() + queue_.size()) - 1;
+  const double utilisation = static_cast<double>(ks.pages_used) / total;
+  const double hold_rate = pages / total * std::max(0.0, others) * utilisation;
+  const double token_s =
+      step_cost_.ready() ? step_cost_.prefill_token_s() : kDefaultPrefillTokenS;
+  const double benefit = static_cast<double>(kept.size()) * token_s + queue_delay_s_;
+  const double ttl = tool_ttl_.Ttl(s.req.tool, benefit, hold_rate,
+                                   static_cast<double>(options_.max_pin_ttl_ms) * 1e-3);
+  tool_ttl_.NoteTtl(s.req.tool, ttl);
+  if (ttl > 0) {
+    const PinRegistry::Info pin =
+        pins_.SetSession(key, s.ns, s.req.cache_salt, kept, static_cast<int64_t>(ttl * 1e3));
+    if (pin.id != 0) p.pin_ttl_s = ttl;
+  } else {
+    pins_.RemoveSession(key);
+  }
+}
+
+void Scheduler::ForgetIdlePrograms(int64_t now_ns) {
+  std::erase_if(programs_, [&](const auto& kv) {
+    return kv.second.last_end_ns > 0 && now_ns - kv.second.last_seen_ns > kProgramIdleNs;
+  });
+  // Bounded like sessions: past max_sessions programs, the least recently seen go.
+  while (programs_.size() > std::max<size_t>(1, options_.max_sessions)) {
+    auto oldest = std::min_element(programs_.begin(), programs_.end(), [](const auto& a, const auto& b) {
+      return a.second.last_seen_ns < b.second.last_seen_ns;
+    });
+    programs_.erase(oldest);
+  }
 }
 
 void Scheduler::TakeSubmissions() {
@@ -277,7 +390,11 @@ void Scheduler::TakeSubmissions() {
     in.swap(inbox_);
   }
   if (in.empty()) return;
-  for (auto& s : in) queue_.push_back(std::move(s));
+  for (auto& s : in) {
+    ProgramArrived(*s);
+    queue_.push_back(std::move(s));
+  }
+  if (programs_.size() > options_.max_sessions) ForgetIdlePrograms(NowNanos());
   SortQueue();
 }
 
@@ -307,10 +424,20 @@ SeqLoad Scheduler::LoadOf(const Seq& s) const {
 }
 
 void Scheduler::Preempt(Seq& v) {
-  // Recompute on resume: what the sequence computed goes to the radix index (so the resume
-  // is mostly a cache hit), its pages are released, and it waits at the front of its priority.
+  // What the sequence computed goes to the radix index (so the resume is a cache hit while the
+  // pages last), its pages are released, and it waits at the front of its priority. With swap,
+  // its full chunks are copied to the tiers first (only those not copied before).
   const int64_t fed = std::min<int64_t>(v.kv->n_tokens(), static_cast<int64_t>(v.tokens.size()));
-  kv_.Finish(*v.kv, std::span<const TokenId>(v.tokens.data(), static_cast<size_t>(fed)));
+  const std::span<const TokenId> kept(v.tokens.data(), static_cast<size_t>(fed));
+  uint64_t swapped = 0;
+  if (options_.preempt == PreemptMode::kSwap && options_.prefix_cache) {
+    const int64_t held = source_->Save(*v.kv, kept, v.tier_tokens);
+    if (held > v.tier_tokens) {
+      swapped = static_cast<uint64_t>(held - v.tier_tokens);
+      v.tier_tokens = held;
+    }
+  }
+  kv_.Finish(*v.kv, kept);
   v.kv.reset();
   v.load.reset();
   if (v.state == Seq::State::kDecode) {
@@ -325,7 +452,35 @@ void Scheduler::Preempt(Seq& v) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.preemptions;
+    stats_.swapped_out_tokens += swapped;
   }
+}
+
+bool Scheduler::Outranks(const Seq& a, const Seq& b, int64_t now_ns) const {
+  if (a.req.priority != b.req.priority) return a.req.priority > b.req.priority;
+  return a.deadline_ns > now_ns && b.deadline_ns == 0;
+}
+
+bool Scheduler::PreemptFor(const Seq& s, int64_t short_pages) {
+  const int64_t now = NowNanos();
+  std::vector<Seq*> victims;
+  for (auto& r : running_) {
+    if (r->kv != nullptr && r->state != Seq::State::kQueued && Outranks(s, *r, now)) {
+      victims.push_back(r.get());
+    }
+  }
+  // Lowest priority first, then the newest (admitted last): the least lost work first.
+  std::stable_sort(victims.begin(), victims.end(), [](const Seq* a, const Seq* b) {
+    if (a->req.priority != b->req.priority) return a->req.priority < b->req.priority;
+    return a->id > b->id;
+  });
+  // A victim gives back its pages and what it may still allocate: its whole forecast.
+  int64_t freed = 0;
+  size_t take = 0;
+  while (take < victims.size() && freed < short_pages) freed += victims[take++]->forecast_blocks;
+  if (freed < short_pages) return false;  // not enough to make room: nobody is preempted
+  for (size_t i = 0; i < take; ++i) Preempt(*victims[i]);
+  return true;
 }
 
 int64_t Scheduler::Outstanding(const Seq& s) const {
@@ -333,7 +488,7 @@ int64_t Scheduler::Outstanding(const Seq& s) const {
   return std::max<int64_t>(0, s.forecast_blocks - held) + (s.cow_pending ? 1 : 0);
 }
 
-bool Scheduler::Fits(Seq& s) {
+bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
   const int64_t P = kv_.page_tokens();
   s.kv = kv_.Start(s.ns, s.req.prompt, s.capacity);
   // The whole prompt cached: its last token is recomputed (see Step), into a shared page.
@@ -352,18 +507,32 @@ bool Scheduler::Fits(Seq& s) {
     const int64_t extra = past_future_.EstimateExtraPages(loads, static_cast<int>(P));
     if (extra >= 0) {  // else: too little history yet, the worst case below decides
       if (extra + (s.cow_pending ? 1 : 0) <= available) return true;
+      if (short_pages != nullptr) *short_pages = extra + (s.cow_pending ? 1 : 0) - available;
       s.kv.reset();
       return false;
     }
   }
   for (const auto& r : running_) available -= Outstanding(*r);
   if (need <= available) return true;
+  if (short_pages != nullptr) *short_pages = need - available;
   s.kv.reset();  // drops the references Start took; the cached pages stay cached
   return false;
 }
 
 size_t Scheduler::PickNext() {
-  if (options_.order != QueueOrder::kLpm || queue_.size() < 2) return 0;
+  if (queue_.size() < 2) return 0;
+  // Earliest deadline first among the front priority's requests that can still meet theirs.
+  const int64_t now = NowNanos();
+  size_t edf = queue_.size();
+  for (size_t i = 0; i < queue_.size() && queue_[i]->req.priority == queue_.front()->req.priority;
+       ++i) {
+    const Seq& q = *queue_[i];
+    if (q.deadline_ns > now && (edf == queue_.size() || q.deadline_ns < queue_[edf]->deadline_ns)) {
+      edf = i;
+    }
+  }
+  if (edf < queue_.size()) return edf;
+  if (options_.order != QueueOrder::kLpm) return 0;
   // Starvation bound: a request passed over lpm_max_skips times goes next.
   if (queue_.front()->skips >= options_.lpm_max_skips) return 0;
   // Longest cached prefix first, among the requests of the front's priority; ties by arrival.
@@ -387,19 +556,33 @@ void Scheduler::Admit() {
   while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
     const size_t pick = PickNext();
     Seq& s = *queue_[pick];
-    if (!Fits(s)) {
+    int64_t short_pages = 0;
+    if (!Fits(s, &short_pages)) {
+      // A request that outranks running ones takes their room (they resume later).
+      if (short_pages > 0 && PreemptFor(s, short_pages)) {
+        Requeue();
+        continue;
+      }
       admission_dirty_ = false;  // retried when a sequence finishes or a pin goes
       return;
     }
     if (s.resumed) {
-      // A preempted request: prefill what is not cached any more, then decode on.
+      // A preempted request: restore what memory lost from the tiers (swap), prefill the rest,
+      // then decode on.
       s.state = Seq::State::kPrefill;
+      if (options_.prefix_cache) {
+        s.load = source_->StartLoad(s.ns, s.req.prompt, s.kv->n_tokens(),
+                                    std::chrono::steady_clock::now() +
+                                        std::chrono::milliseconds(options_.load_deadline_ms));
+        if (s.load != nullptr) s.state = Seq::State::kLoading;
+      }
       running_.push_back(std::move(queue_[pick]));
       queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(pick));
       continue;
     }
     s.admit_ns = NowNanos();
     s.usage.queue_seconds = static_cast<double>(s.admit_ns - s.submit_ns) * 1e-9;
+    queue_delay_s_ = 0.9 * queue_delay_s_ + 0.1 * s.usage.queue_seconds;
     const int64_t memory = std::min(s.kv->n_tokens(), s.prompt_len - 1);
     s.usage.cached_by_tier.push_back({"memory", memory});
     s.usage.cached_tokens = memory;
@@ -449,7 +632,21 @@ void Scheduler::PollLoads() {
     Seq& s = *sp;
     if (s.state != Seq::State::kLoading) continue;
     LoadProgress p = source_->ApplyLoad(*s.load, *s.kv);
-    s.tier_tokens = p.tier_tokens;
+    s.tier_tokens = std::max(s.tier_tokens, p.tier_tokens);
+    if (s.resumed) {
+      // A preempted request: its usage was accounted at its first admission.
+      uint64_t back = 0;
+      for (const TierTokens& t : p.added) back += static_cast<uint64_t>(std::max<int64_t>(0, t.tokens));
+      if (back > 0) {
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.resume_restored_tokens += back;
+      }
+      if (p.done) {
+        s.load.reset();
+        s.state = Seq::State::kPrefill;
+      }
+      continue;
+    }
     uint64_t restored = 0;
     for (TierTokens& t : p.added) {
       // Usage counts at most prompt_len - 1 cached tokens (the last one is always recomputed).
@@ -484,14 +681,23 @@ void Scheduler::Step() {
   };
   std::vector<Planned> plan;
   int64_t budget = options_.step_tokens;
+  int64_t decodes = 0;
   for (auto& s : running_) {
     if (s->state == Seq::State::kDecode) {
       plan.push_back({s.get(), 1});
       --budget;
+      ++decodes;
     }
   }
   // At least one page of prefill per step, so prompts always advance.
   int64_t left = std::max<int64_t>(budget, kv_.page_tokens());
+  if (options_.itl_target_ms > 0 && decodes > 0) {
+    // Decodes wait for this step: give prefill only what the inter-token objective leaves.
+    left = step_cost_.PrefillBudget(decodes, options_.itl_target_ms * 1e-3, kv_.page_tokens(),
+                                    left);
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.prefill_budget = left;
+  }
   for (auto& s : running_) {
     if (s->state != Seq::State::kPrefill || left <= 0) continue;
     int64_t done = s->kv->n_tokens();
@@ -563,8 +769,10 @@ void Scheduler::Step() {
     running_.pop_back();
     return;
   }
+  const int64_t step_start = NowNanos();
   const Status st = engine_.Forward(items);
   uint64_t prefill = 0;
+  int64_t step_decodes = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     Seq& s = *owners[i];
     if (!st.ok()) {
@@ -572,7 +780,11 @@ void Scheduler::Step() {
       continue;
     }
     s.cow_pending = false;
-    if (s.state == Seq::State::kPrefill) prefill += items[i].tokens.size();
+    if (s.state == Seq::State::kPrefill) {
+      prefill += items[i].tokens.size();
+    } else {
+      ++step_decodes;
+    }
     if (items[i].logits == Engine::Logits::kNone) continue;
     if (s.state == Seq::State::kPrefill) {
       // Prompt complete: share its full pages now; pin it if asked (cache_control).
@@ -589,6 +801,10 @@ void Scheduler::Step() {
       }
     }
     Emit(s);
+  }
+  if (st.ok()) {
+    step_cost_.Observe(step_decodes, static_cast<int64_t>(prefill),
+                       static_cast<double>(NowNanos() - step_start) * 1e-9);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -616,6 +832,10 @@ bool Scheduler::Emit(Seq& s) {
   if (s.first_ns == 0) {
     s.first_ns = now;
     s.usage.ttft_seconds = static_cast<double>(now - s.submit_ns) * 1e-9;
+    if (s.deadline_ns > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++(now <= s.deadline_ns ? stats_.deadline_met : stats_.deadline_missed);
+    }
   }
   if (s.generated >= s.req.gen.max_tokens) {
     Finish(s, Reason::kLength);
@@ -667,6 +887,7 @@ bool Scheduler::Emit(Seq& s) {
 
 void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   if (s.state == Seq::State::kFinished) return;
+  bool program_noted = false;
   if (s.kv) {
     const int64_t fed = std::min<int64_t>(s.kv->n_tokens(), static_cast<int64_t>(s.tokens.size()));
     const std::span<const TokenId> kept(s.tokens.data(), static_cast<size_t>(fed));
@@ -674,14 +895,20 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
       s.load.reset();  // a restore still in flight is abandoned (its late chunks are dropped)
       source_->Save(*s.kv, kept, s.tier_tokens);
       kv_.Finish(*s.kv, kept);
-      if (!s.req.session_id.empty() && fed > 0) {
+      // A program's turn that called a tool gets Continuum's TTL instead of the session's.
+      const bool program_pin = options_.order == QueueOrder::kProgram && !s.req.tool.empty() &&
+                               s.req.program_id.empty();
+      if (!s.req.session_id.empty() && fed > 0 && !program_pin) {
         const int64_t ttl =
             s.req.session_ttl_ms > 0 ? s.req.session_ttl_ms : options_.session_ttl_ms;
         pins_.SetSession(s.req.session_id, s.ns, s.req.cache_salt, kept, ttl);
       }
+      if (reason != Reason::kCancelled) ProgramTurnEnded(s, kept);
+      program_noted = true;
     }
     s.kv.reset();  // releases whatever Finish did not
   }
+  if (!program_noted && error.ok() && reason != Reason::kCancelled) ProgramTurnEnded(s, {});
   // WART: an incomplete UTF-8 character at the very end (StreamingDetokenizer::Flush) is dropped
   // rather than sent as invalid text.
   const int64_t now = NowNanos();

@@ -10,11 +10,32 @@
 //      prefilled over several steps and never starves the running decodes,
 //   d. samples the next token of every sequence whose logits were computed and streams it.
 //
-// Preemption (AdmissionPolicy::kPastFuture only): when a step cannot reserve pages for a
-// request, the newest running request without an item in that step goes back to the queue
-// (2, 3, 4 --preempt--> 1): its KV is committed to the radix index and released, and on
-// re-admission it prefills its prompt plus what it generated (mostly a cache hit) and decodes
-// on; its stream sees only a pause.
+// Preemption: a running request goes back to the queue (2, 3, 4 --preempt--> 1) when
+//   - Past-Future admission guessed wrong: a step cannot reserve pages for a request, so the
+//     newest running request without an item in that step makes room; or
+//   - a waiting request outranks running ones and does not fit: a higher priority, or the same
+//     priority with a time-to-first-token objective still meetable against one without any.
+//     The lowest-ranked, newest running requests go first, and only when they free enough.
+// The victim's KV is committed to the radix index and released (--preempt recompute); with
+// --preempt swap its full chunks are also copied to the PrefixSource's tiers (the RAM tier in
+// chunk-sized block groups, the copy kept: a later preemption of the same conversation writes
+// only new chunks). On re-admission it restores what memory lost from the tiers, prefills the
+// rest of its prompt plus what it generated, and decodes on; its stream sees only a pause.
+//
+// Ordering. Within a priority, waiting requests are served: earliest deadline first among
+// those whose objective (deadline_ms) can still be met; then by QueueOrder: arrival (fcfs),
+// longest cached prefix (lpm), or the arrival of the request's program (program: Continuum's
+// program-level FCFS, so an agent's next turn never waits behind programs that came later).
+//
+// Continuum (QueueOrder::kProgram): when a turn of a program ends with a `tool` call, its
+// conversation is pinned for a TTL chosen by ToolTtlEstimator (program_ttl.h) from the tool's
+// observed call durations (answer to next turn), the measured cost of re-prefilling the
+// context (StepCostModel), the mean queueing delay and how much the pin would cost the other
+// requests; the program's last turn (no tool) unpins it.
+//
+// Step size. Each step adds prefill chunks to the running decodes, up to step_tokens tokens;
+// with itl_target_ms the prefill share is sized from the measured step cost (step_cost.h) so
+// that a step with decodes takes about the target (at least one page of prefill per step).
 //
 // A request's states (numbered as in the code):
 //   1 kQueued  --admit, the tiers may hold more of the prompt-->  2 kLoading
@@ -49,7 +70,9 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <set>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -61,7 +84,9 @@
 #include "sched/admission.h"
 #include "sched/pin_registry.h"
 #include "sched/prefix_source.h"
+#include "sched/program_ttl.h"
 #include "sched/request.h"
+#include "sched/step_cost.h"
 
 namespace cachette::sched {
 
@@ -120,7 +145,13 @@ struct SchedulerStats {
   uint64_t cached_tokens = 0;  // prompt tokens reused from memory (+ restored, below)
   uint64_t restored_tokens = 0;
   uint64_t reserve_failures = 0;
-  uint64_t preemptions = 0;  // running requests sent back to the queue (kPastFuture)
+  uint64_t preemptions = 0;  // running requests sent back to the queue
+  uint64_t swapped_out_tokens = 0;  // written to the tiers by swap preemptions
+  uint64_t resume_restored_tokens = 0;  // restored from the tiers by preempted requests
+  uint64_t deadline_met = 0, deadline_missed = 0;  // first token within deadline_ms or not
+  uint64_t program_turns = 0;       // turns that followed a tool call of their program
+  uint64_t program_pin_hits = 0;    // ... that arrived while the program's pin held
+  int64_t prefill_budget = 0;       // prefill tokens the last step with decodes allowed
 };
 
 class Scheduler {
@@ -144,6 +175,8 @@ class Scheduler {
   void Drain(int64_t timeout_ms);
 
   SchedulerStats Stats() const;
+  // Programs, tools and their TTLs, the step cost model: {"programs", "tools", "step_cost"}.
+  nlohmann::json SchedJson() const;
   PinRegistry& pins() { return pins_; }
   KvManager& kv() { return kv_; }
   PrefixSource& source() { return *source_; }
@@ -168,10 +201,19 @@ class Scheduler {
   void Admit();
   SeqLoad LoadOf(const Seq& s) const;
   void Preempt(Seq& victim);  // loop thread; the victim moves to the queue at Requeue
+  // Preempts running requests `s` outranks, lowest first, when they free `short_pages`.
+  bool PreemptFor(const Seq& s, int64_t short_pages);
+  bool Outranks(const Seq& a, const Seq& b, int64_t now_ns) const;
   void Requeue();
   void PollLoads();
   void RememberTenant(const std::string& cache_salt, const Hash128& ns);
-  bool Fits(Seq& s);
+  // Whether `s` fits now; else `short_pages` (when given) says by how many pages.
+  bool Fits(Seq& s, int64_t* short_pages = nullptr);
+  // Continuum: a new turn of a program (tool statistics, pin hit), and the end of one.
+  void ProgramArrived(Seq& s);
+  void ProgramTurnEnded(Seq& s, std::span<const TokenId> kept);
+  void ForgetIdlePrograms(int64_t now_ns);
+  void PublishSchedJson();
   void Step();
   // Samples and streams the token after `s`'s logits; returns false when `s` is finished.
   bool Emit(Seq& s);
@@ -187,6 +229,18 @@ class Scheduler {
   PrefixSource* source_;
   PinRegistry pins_;
   PastFutureAdmission past_future_;  // loop thread only
+  StepCostModel step_cost_;          // loop thread only
+  ToolTtlEstimator tool_ttl_;        // loop thread only
+  struct Program {
+    int64_t first_ns = 0;        // arrival of its first turn (program-level FCFS)
+    int64_t last_seen_ns = 0;
+    int64_t last_end_ns = 0;     // end of its last turn (0: one is running)
+    std::string last_tool;       // the tool that turn called
+    double pin_ttl_s = 0;        // the pin it got
+    uint64_t turns = 0;
+  };
+  std::unordered_map<std::string, Program> programs_;  // loop thread only
+  double queue_delay_s_ = 0;  // moving mean of queueing delays (loop thread)
   int64_t n_ctx_ = 0;
 
   mutable std::mutex mu_;
@@ -202,6 +256,7 @@ class Scheduler {
   std::unordered_map<std::string, Tenant> tenants_;  // GUARDED_BY(mu_)
   uint64_t next_id_ = 1;                       // GUARDED_BY(mu_)
   SchedulerStats stats_;                       // GUARDED_BY(mu_)
+  nlohmann::json sched_json_;                  // GUARDED_BY(mu_): SchedJson()'s snapshot
 
   // Loop thread only.
   std::vector<std::unique_ptr<Seq>> queue_;    // sorted: priority desc, then id asc

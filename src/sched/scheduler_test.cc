@@ -10,9 +10,11 @@
 #include <random>
 #include <thread>
 
+#include "cachette/cache.h"
 #include "core/check.h"
 #include "core/timer.h"
 #include "engine/generate.h"
+#include "sched/tier_bridge.h"
 
 namespace cachette::sched {
 namespace {
@@ -270,7 +272,10 @@ class GateSource final : public PrefixSource {
   LoadProgress ApplyLoad(PendingLoad&, PagedSequence&) override {
     return {open.load(), {}, 0};
   }
-  void Save(PagedSequence&, std::span<const TokenId>, int64_t) override { ++saves; }
+  int64_t Save(PagedSequence&, std::span<const TokenId>, int64_t skip) override {
+    ++saves;
+    return skip;
+  }
   Status Clear(const Hash128& ns) override {
     std::lock_guard<std::mutex> lock(mu);
     cleared.push_back(ns);
@@ -461,6 +466,191 @@ TEST_F(SchedulerTest, PastFutureAdmitsMoreThanTheWorstCaseAndPreemptsExactly) {
   const SchedulerStats st = sched_->Stats();
   EXPECT_GT(st.preemptions, 0u) << "more were admitted than the worst case allows";
   EXPECT_EQ(st.failed, 0u);
+}
+
+TEST_F(SchedulerTest, ItlTargetShrinksThePrefillShareAndStaysExact) {
+  SchedulerOptions so;
+  so.max_running = 4;
+  so.step_tokens = 256;
+  so.itl_target_ms = 0.001;  // nothing fits beside a decode: one page of prefill per step
+  Build(512, so);
+  // Warm the step cost model with steps of both kinds.
+  for (int i = 0; i < 6; ++i) {
+    auto st = sched_->Submit(Req(Text(kPrompts[i % 6]), 3, "w" + std::to_string(i)));
+    ASSERT_TRUE(st.ok());
+    Collect(**st);
+  }
+  SchedRequest r = Req(Text("Once upon a time"), 60);
+  r.gen.ignore_eos = true;
+  auto decoding = sched_->Submit(std::move(r));
+  ASSERT_TRUE(decoding.ok());
+  StreamEvent e;
+  ASSERT_TRUE((*decoding)->Next(&e, std::chrono::milliseconds(30000)));  // it decodes
+  std::string long_text;
+  for (int i = 0; i < 6; ++i) long_text += std::string(kPrompts[i]) + " ";
+  const std::vector<TokenId> prompt = Text(long_text);
+  ASSERT_GT(prompt.size(), 48u);
+  auto st = sched_->Submit(Req(prompt, 8));
+  ASSERT_TRUE(st.ok());
+  const Collected c = Collect(**st);
+  Collect(**decoding);
+  ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone);
+  EXPECT_EQ(c.tokens, Reference(prompt, 8));
+  EXPECT_EQ(sched_->Stats().prefill_budget, 16) << "a page per step beside the decode";
+  // The statistics are published at the loop's sweeps (every second).
+  nlohmann::json j;
+  for (int i = 0; i < 40; ++i) {
+    j = sched_->SchedJson();
+    if (j.contains("step_cost") && j["step_cost"]["ready"].get<bool>()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(j.contains("step_cost")) << j.dump();
+  EXPECT_TRUE(j["step_cost"]["ready"].get<bool>()) << j.dump();
+  EXPECT_GT(j["step_cost"]["prefill_token_ms"].get<double>(), 0);
+}
+
+TEST_F(SchedulerTest, DeadlinesGoFirstWhileTheyCanBeMet) {
+  SchedulerOptions so;
+  so.max_running = 1;
+  Build(512, so);
+  SchedRequest b = Req(Text("Once upon a time"), 30);
+  b.gen.ignore_eos = true;
+  auto blocker = sched_->Submit(std::move(b));
+  ASSERT_TRUE(blocker.ok());
+  StreamEvent e;
+  ASSERT_TRUE((*blocker)->Next(&e, std::chrono::milliseconds(30000)));
+  auto plain = sched_->Submit(Req(Text("A dictionary defines the word"), 4));
+  SchedRequest d = Req(Text("The history of the"), 4);
+  d.deadline_ms = 60000;
+  auto urgent = sched_->Submit(std::move(d));
+  SchedRequest m = Req(Text("In the beginning"), 4);
+  m.deadline_ms = 1;  // already missed when admission comes: no precedence
+  auto missed = sched_->Submit(std::move(m));
+  ASSERT_TRUE(plain.ok() && urgent.ok() && missed.ok());
+  Collect(**blocker);
+  const Collected p = Collect(**plain), u = Collect(**urgent), x = Collect(**missed);
+  EXPECT_LT(u.last.usage.queue_seconds, p.last.usage.queue_seconds) << "EDF within a priority";
+  EXPECT_LT(p.last.usage.queue_seconds, x.last.usage.queue_seconds) << "then arrival order";
+  const SchedulerStats st = sched_->Stats();
+  EXPECT_EQ(st.deadline_met, 1u);
+  EXPECT_EQ(st.deadline_missed, 1u);
+}
+
+// A RAM-only chunk store behind the scheduler, for swap preemption.
+std::unique_ptr<Cache> RamStore() {
+  CacheOptions o;
+  o.chunk_tokens = 32;
+  o.ram_budget_bytes = 64 << 20;
+  auto c = Cache::Open(o);
+  CT_CHECK(c.ok()) << c.status().ToString();
+  return std::move(*c);
+}
+
+TEST_F(SchedulerTest, PriorityPreemptsAndTheVictimResumesExactly) {
+  for (PreemptMode mode : {PreemptMode::kRecompute, PreemptMode::kSwap}) {
+    SCOPED_TRACE(mode == PreemptMode::kSwap ? "swap" : "recompute");
+    SchedulerOptions so;
+    so.max_running = 4;
+    so.preempt = mode;
+    std::unique_ptr<Cache> store = RamStore();
+    EngineOptions eo;
+    eo.threads = 2;
+    eo.kv_type = KvType::kF32;
+    Engine probe(Trained(), eo);
+    KvManagerOptions ko;
+    ko.shape = probe.kv_shape();
+    ko.page_tokens = 16;
+    ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 12;
+    KvManager kv(ko);
+    TierBridge bridge(kv, *store);
+    ref_engine_ = std::make_unique<Engine>(Trained(), eo);
+    {
+      Scheduler sched(probe, kv, so, &bridge);
+      // Low priority, long: 8 pages at most; it runs alone first.
+      const std::vector<TokenId> low_prompt = Text(std::string(kPrompts[1]) + " " + kPrompts[4]);
+      SchedRequest lo = Req(low_prompt, 80, "lo");
+      lo.gen.ignore_eos = true;
+      auto low = sched.Submit(std::move(lo));
+      ASSERT_TRUE(low.ok());
+      StreamEvent e;
+      for (int i = 0; i < 40; ++i) ASSERT_TRUE((*low)->Next(&e, std::chrono::milliseconds(30000)));
+      // High priority, 10 pages at most: it needs most of the low one's pages, so the victim
+      // loses some of its cached KV while it waits (a swap brings them back from RAM).
+      SchedRequest hi = Req(Text(kPrompts[2]), 140, "hi");
+      hi.gen.ignore_eos = true;
+      hi.priority = 5;
+      auto high = sched.Submit(std::move(hi));
+      ASSERT_TRUE(high.ok());
+      const Collected h = Collect(**high);
+      Collected l = Collect(**low);
+      ASSERT_EQ(h.last.kind, StreamEvent::Kind::kDone) << h.last.error.ToString();
+      ASSERT_EQ(l.last.kind, StreamEvent::Kind::kDone) << l.last.error.ToString();
+      EXPECT_EQ(h.tokens, Reference(Text(kPrompts[2]), 140, true));
+      EXPECT_EQ(l.tokens.size(), 40u);
+      const std::vector<TokenId> ref = Reference(low_prompt, 80, true);
+      EXPECT_TRUE(std::equal(l.tokens.begin(), l.tokens.end(), ref.begin() + 40))
+          << "the resumed request continues exactly";
+      EXPECT_EQ(l.last.usage.completion_tokens, 80);
+      EXPECT_LT(h.last.usage.ttft_seconds, 5.0);
+      const SchedulerStats st = sched.Stats();
+      EXPECT_GE(st.preemptions, 1u);
+      EXPECT_EQ(st.failed, 0u);
+      if (mode == PreemptMode::kSwap) {
+        EXPECT_GE(st.swapped_out_tokens, 64u) << "the victim's full chunks went to RAM";
+        EXPECT_GT(st.resume_restored_tokens, 0u) << "and came back from there";
+      } else {
+        EXPECT_EQ(st.swapped_out_tokens, 0u);
+      }
+    }
+    ref_engine_.reset();
+  }
+}
+
+TEST_F(SchedulerTest, ProgramOrderAndToolPins) {
+  SchedulerOptions so;
+  so.max_running = 1;
+  so.order = QueueOrder::kProgram;
+  Build(512, so);
+  auto turn = [&](const std::string& program, const std::string& text, const std::string& tool,
+                  int n) {
+    SchedRequest r = Req(Text(text), n);
+    r.program_id = program;
+    r.tool = tool;
+    auto st = sched_->Submit(std::move(r));
+    CT_CHECK(st.ok()) << st.status().ToString();
+    return *st;
+  };
+  const std::string first = "The kernel documentation describes how to configure the build";
+  Collected p1 = Collect(*turn("P", first, "search", 4));  // program P arrives, calls a tool
+  ASSERT_EQ(p1.last.kind, StreamEvent::Kind::kDone);
+  bool pinned = false;
+  for (const PinRegistry::Info& i : sched_->pins().List()) {
+    pinned |= i.session == std::string("\x01program:P") && i.tokens > 0;
+  }
+  EXPECT_TRUE(pinned) << "the paused program's KV is pinned for the tool call";
+  SchedRequest b = Req(Text("Once upon a time"), 30);
+  b.gen.ignore_eos = true;
+  auto blocker = sched_->Submit(std::move(b));
+  ASSERT_TRUE(blocker.ok());
+  StreamEvent e;
+  ASSERT_TRUE((*blocker)->Next(&e, std::chrono::milliseconds(30000)));
+  auto newcomer = turn("Q", "A dictionary defines the word", "", 4);  // a program after P
+  auto p2 = turn("P", first + " of modules", "", 4);                   // P's next turn
+  Collect(**blocker);
+  const Collected q = Collect(*newcomer), second = Collect(*p2);
+  EXPECT_LT(second.last.usage.queue_seconds, q.last.usage.queue_seconds)
+      << "program-level FCFS: P arrived before Q";
+  EXPECT_GT(second.last.usage.cached_tokens, 8);
+  EXPECT_EQ(second.tokens, Reference(Text(first + " of modules"), 4));
+  const SchedulerStats st = sched_->Stats();
+  EXPECT_EQ(st.program_turns, 1u);
+  EXPECT_EQ(st.program_pin_hits, 1u);
+  for (const PinRegistry::Info& i : sched_->pins().List()) {
+    EXPECT_NE(i.session, std::string("\x01program:P")) << "its last turn unpins the program";
+  }
+  const nlohmann::json j = sched_->SchedJson();  // published when the call was observed
+  ASSERT_TRUE(j.contains("tools") && j["tools"].contains("search")) << j.dump();
+  EXPECT_EQ(j["tools"]["search"]["calls"], 1) << j.dump();
 }
 
 }  // namespace

@@ -222,13 +222,14 @@ LoadProgress TierBridge::RestoreNow(PagedSequence& seq, std::span<const TokenId>
   return total;
 }
 
-void TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens, int64_t skip_tokens) {
+int64_t TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens,
+                         int64_t skip_tokens) {
   last_saved_chunks_ = 0;
   const int64_t C = chunk_tokens_;
   const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.n_tokens());
   const size_t first = static_cast<size_t>(std::max<int64_t>(0, skip_tokens) / C);
   const size_t last = static_cast<size_t>(n / C);
-  if (last <= first) return;
+  if (last <= first) return skip_tokens;
   const ChunkLayout layout = Layout();
   std::vector<std::vector<std::byte>> bufs(last - first,
                                            std::vector<std::byte>(layout.raw_bytes()));
@@ -242,9 +243,10 @@ void TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens, int64
   Status s = cache_.Put(seq.ns(), tokens.first(last * C), first, layout, spans);
   if (!s.ok()) {
     CT_LOG(kWarning) << "tier save failed: " << s.ToString();
-    return;
+    return skip_tokens;
   }
   last_saved_chunks_ = last - first;
+  return static_cast<int64_t>(last) * C;
 }
 
 std::vector<TierTokens> TierBridge::Lookup(const Hash128& ns, std::span<const TokenId> prompt) {

@@ -44,7 +44,8 @@ class TierBridge final : public PrefixSource {
   std::unique_ptr<PendingLoad> StartLoad(const Hash128& ns, std::span<const TokenId> prompt,
                                          int64_t have, SteadyTime deadline) override;
   LoadProgress ApplyLoad(PendingLoad& load, PagedSequence& seq) override;
-  void Save(PagedSequence& seq, std::span<const TokenId> tokens, int64_t skip_tokens) override;
+  int64_t Save(PagedSequence& seq, std::span<const TokenId> tokens,
+               int64_t skip_tokens) override;
   std::vector<TierTokens> Lookup(const Hash128& ns, std::span<const TokenId> prompt) override;
   uint64_t Pin(const Hash128& ns, std::span<const TokenId> tokens, int64_t ttl_ms) override;
   void Unpin(uint64_t pin) override;

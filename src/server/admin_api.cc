@@ -45,6 +45,13 @@ void HttpServer::CacheStats(httplib::Response& res) {
         {"rejected", st.rejected},
         {"failed", st.failed},
         {"preemptions", st.preemptions},
+        {"swapped_out_tokens", st.swapped_out_tokens},
+        {"resume_restored_tokens", st.resume_restored_tokens},
+        {"deadline_met", st.deadline_met},
+        {"deadline_missed", st.deadline_missed},
+        {"program_turns", st.program_turns},
+        {"program_pin_hits", st.program_pin_hits},
+        {"prefill_budget", st.prefill_budget},
         {"steps", st.steps},
         {"prompt_tokens", st.prompt_tokens},
         {"prefill_tokens", st.prefill_tokens},
@@ -53,6 +60,7 @@ void HttpServer::CacheStats(httplib::Response& res) {
         {"hit_rate", st.prompt_tokens ? static_cast<double>(st.cached_tokens) /
                                             static_cast<double>(st.prompt_tokens)
                                       : 0.0}}},
+      {"policies", s.SchedJson()},
       {"prefix_cache", s.options().prefix_cache},
       {"pins", pins},
       {"sessions", s.pins().sessions()},

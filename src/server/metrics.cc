@@ -105,8 +105,33 @@ std::string Metrics::Render(const Gauges& g) {
   Family(&out, "cachette_requests_cancelled_total", "counter", "Requests whose client left.");
   Sample(&out, "cachette_requests_cancelled_total", static_cast<double>(g.sched.cancelled));
   Family(&out, "cachette_preemptions_total", "counter",
-         "Running requests sent back to the queue to free KV pages (--admission past-future).");
+         "Running requests sent back to the queue to free KV pages (a wrong Past-Future estimate "
+         "or a higher-ranked request).");
   Sample(&out, "cachette_preemptions_total", static_cast<double>(g.sched.preemptions));
+  Family(&out, "cachette_swapped_out_tokens_total", "counter",
+         "Tokens of KV copied to the tiers by swap preemptions (--preempt swap).");
+  Sample(&out, "cachette_swapped_out_tokens_total",
+         static_cast<double>(g.sched.swapped_out_tokens));
+  Family(&out, "cachette_resume_restored_tokens_total", "counter",
+         "Tokens of KV restored from the tiers by preempted requests when they resumed.");
+  Sample(&out, "cachette_resume_restored_tokens_total",
+         static_cast<double>(g.sched.resume_restored_tokens));
+  Family(&out, "cachette_deadline_requests_total", "counter",
+         "Requests with a deadline_ms, by whether their first token met it.");
+  Sample(&out, "cachette_deadline_requests_total", static_cast<double>(g.sched.deadline_met),
+         "result=\"met\"");
+  Sample(&out, "cachette_deadline_requests_total", static_cast<double>(g.sched.deadline_missed),
+         "result=\"missed\"");
+  Family(&out, "cachette_program_turns_total", "counter",
+         "Agent turns that followed a tool call, by whether the program's pin still held.");
+  Sample(&out, "cachette_program_turns_total",
+         static_cast<double>(g.sched.program_pin_hits), "pin=\"held\"");
+  Sample(&out, "cachette_program_turns_total",
+         static_cast<double>(g.sched.program_turns - g.sched.program_pin_hits),
+         "pin=\"expired\"");
+  Family(&out, "cachette_prefill_budget_tokens", "gauge",
+         "Prefill tokens the last step with decodes allowed (--itl-target-ms).");
+  Sample(&out, "cachette_prefill_budget_tokens", static_cast<double>(g.sched.prefill_budget));
   Family(&out, "cachette_kv_pages", "gauge",
          "KV pages: total, used (running or cached), active (held by running sequences), "
          "cached (held only by the index), pinned, free.");
