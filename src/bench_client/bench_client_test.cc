@@ -1,13 +1,23 @@
 // Workload generators (determinism from a seed, sizes, shapes), percentile math, the summary,
-// URL parsing and the SSE recorder. No server needed: e2e tests drive a real one.
+// URL parsing and the SSE recorder; the scheduling workloads and figures (goodput, programs,
+// /metrics parsing), and the runner against an in-process fake server that records what it
+// was sent. No cachette server needed: e2e tests drive a real one.
 #include <gtest/gtest.h>
+#include <httplib.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <set>
+#include <thread>
 
 #include <unistd.h>
 
 #include "bench_client/openai_client.h"
+#include "bench_client/runner.h"
+#include "bench_client/server_metrics.h"
 #include "bench_client/soak.h"
 #include "bench_client/stats.h"
 #include "bench_client/workload.h"
@@ -33,6 +43,8 @@ WorkloadOptions Small(const std::string& kind) {
   o.requests = 5;
   o.chunks = 8;
   o.chunk_tokens = 30;
+  o.groups = 3;
+  o.prompts_per_group = 4;
   return o;
 }
 
@@ -40,13 +52,15 @@ bool SameWorkload(const Workload& a, const Workload& b) {
   if (a.programs.size() != b.programs.size()) return false;
   for (size_t i = 0; i < a.programs.size(); ++i) {
     const Program &p = a.programs[i], &q = b.programs[i];
-    if (p.system != q.system || p.phase != q.phase || p.turns.size() != q.turns.size()) {
+    if (p.system != q.system || p.phase != q.phase || p.turns.size() != q.turns.size() ||
+        p.id != q.id || p.keep_history != q.keep_history) {
       return false;
     }
     for (size_t k = 0; k < p.turns.size(); ++k) {
       const Turn &s = p.turns[k], &t = q.turns[k];
       if (s.user != t.user || s.at_s != t.at_s || s.after_prev_s != t.after_prev_s ||
-          s.tag != t.tag) {
+          s.tag != t.tag || s.max_tokens != t.max_tokens || s.priority != t.priority ||
+          s.deadline_ms != t.deadline_ms || s.tool != t.tool) {
         return false;
       }
     }
@@ -71,7 +85,7 @@ TEST_P(KindTest, SameSeedSameWorkloadOtherSeedDiffers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllKinds, KindTest,
-                         ::testing::Values("multi-round-qa", "long-doc-qa", "agentic", "rag"));
+                         ::testing::ValuesIn(kWorkloadKinds));
 
 TEST(WorkloadTest, MultiRoundQaShape) {
   auto w = GenerateWorkload(Small("multi-round-qa"));
@@ -297,6 +311,532 @@ TEST(SseRecorderTest, ErrorEventMarksTheRequest) {
   sse.Feed("data: {\"error\":{\"message\":\"boom\"}}\n\ndata: [DONE]\n\n", 0);
   EXPECT_EQ(r.status, "error");
   EXPECT_EQ(r.error, "boom");
+}
+
+// ---- The scheduling workloads (shared-prefix, deadline-mix, agentic with tools) ----------
+
+TEST(SharedPrefixTest, GroupsShareTheirOwnSystemPromptInAShuffledBurst) {
+  WorkloadOptions o = Small("shared-prefix");  // 3 groups x 4 prompts
+  o.qps = 0;                                   // the burst (the CLI's default for this kind)
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  ASSERT_EQ(w->programs.size(), 12u);
+  std::map<std::string, std::string> system_of;  // tag -> system prompt
+  std::map<std::string, int> count;
+  std::set<std::string> questions;
+  std::vector<std::string> order;
+  for (size_t k = 0; k < w->programs.size(); ++k) {
+    const Program& p = w->programs[k];
+    EXPECT_FALSE(p.keep_history);
+    EXPECT_TRUE(p.id.empty());
+    ASSERT_EQ(p.turns.size(), 1u);
+    const Turn& t = p.turns[0];
+    EXPECT_DOUBLE_EQ(t.at_s, 1e-3 * static_cast<double>(k));  // a burst, 1 ms apart, in order
+    EXPECT_EQ(t.max_tokens, o.max_tokens);
+    EXPECT_EQ(CountWords(t.user), o.question_tokens);
+    EXPECT_EQ(t.deadline_ms, 0);
+    EXPECT_TRUE(t.tool.empty());
+    questions.insert(t.user);
+    const auto it = system_of.emplace(t.tag, p.system).first;
+    EXPECT_EQ(it->second, p.system) << "one system prompt per group: " << t.tag;
+    ++count[t.tag];
+    order.push_back(t.tag);
+  }
+  EXPECT_EQ(questions.size(), 12u);  // every request has its own question
+  EXPECT_EQ(count, (std::map<std::string, int>{{"group-0", 4}, {"group-1", 4}, {"group-2", 4}}));
+  // Distinct between groups from the first word on: no group's prompt is another's prefix.
+  std::set<std::string> first_words;
+  for (const auto& [tag, system] : system_of) {
+    EXPECT_NEAR(CountWords(system), o.system_tokens, 3);
+    first_words.insert(system.substr(0, system.find('.')));
+    for (const auto& [tag2, system2] : system_of) {
+      if (tag != tag2) {
+        EXPECT_NE(system2.rfind(system.substr(0, 20), 0), 0u);
+      }
+    }
+  }
+  EXPECT_EQ(first_words.size(), 3u);
+  // Shuffled: FCFS over this order does not meet the groups one after another.
+  int changes = 0;
+  for (size_t k = 1; k < order.size(); ++k) changes += order[k] != order[k - 1];
+  EXPECT_GT(changes, 2) << "the groups arrive contiguously";
+  WorkloadOptions other = o;
+  other.seed = 8;
+  auto w2 = GenerateWorkload(other);
+  ASSERT_TRUE(w2.ok());
+  std::vector<std::string> order2;
+  for (const Program& p : w2->programs) order2.push_back(p.turns[0].tag);
+  EXPECT_NE(order, order2) << "the order depends on the seed";
+}
+
+TEST(SharedPrefixTest, QpsSpreadsTheArrivalsAndZeroIsOnlyForSharedPrefix) {
+  WorkloadOptions o = Small("shared-prefix");
+  o.qps = 0;
+  ASSERT_TRUE(GenerateWorkload(o).ok());
+  o.qps = 2;
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(w->programs[0].turns[0].at_s, 0.0);
+  EXPECT_GT(w->programs.back().turns[0].at_s, 1.0);  // 11 gaps of mean 0.5 s
+  for (const char* kind : {"multi-round-qa", "agentic", "rag", "deadline-mix"}) {
+    WorkloadOptions bad = Small(kind);
+    bad.qps = 0;
+    EXPECT_EQ(GenerateWorkload(bad).status().code(), StatusCode::kInvalidArgument) << kind;
+  }
+  o.groups = 0;
+  EXPECT_EQ(GenerateWorkload(o).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(DeadlineMixTest, OnlyInteractiveRequestsCarryADeadline) {
+  WorkloadOptions o = Small("deadline-mix");
+  o.requests = 400;
+  o.deadline_ms = 700;
+  o.background_tokens = 120;
+  o.background_max_tokens = 64;
+  o.interactive_share = 0.25;
+  for (bool with_priority : {false, true}) {
+    o.deadline_priority = with_priority;
+    auto w = GenerateWorkload(o);
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    ASSERT_EQ(w->programs.size(), 400u);
+    int interactive = 0;
+    double last_at = -1;
+    for (const Program& p : w->programs) {
+      ASSERT_EQ(p.turns.size(), 1u);
+      EXPECT_TRUE(p.system.empty());
+      const Turn& t = p.turns[0];
+      EXPECT_GE(t.at_s, last_at);
+      last_at = t.at_s;
+      if (t.tag == "interactive") {
+        ++interactive;
+        EXPECT_EQ(t.deadline_ms, 700);
+        EXPECT_EQ(t.priority, with_priority ? 1 : 0);
+        EXPECT_EQ(t.max_tokens, o.max_tokens);
+        EXPECT_LT(CountWords(t.user), o.question_tokens + 5);
+      } else {
+        ASSERT_EQ(t.tag, "background");
+        EXPECT_EQ(t.deadline_ms, 0);
+        EXPECT_EQ(t.priority, 0);
+        EXPECT_EQ(t.max_tokens, 64);
+        EXPECT_NEAR(CountWords(t.user), 120, 6);
+      }
+    }
+    EXPECT_NEAR(interactive, 100, 30);  // a quarter of 400
+  }
+  for (double share : {0.0, 1.0}) {
+    o.interactive_share = share;
+    auto w = GenerateWorkload(o);
+    ASSERT_TRUE(w.ok());
+    for (const Program& p : w->programs) {
+      EXPECT_EQ(p.turns[0].tag, share == 0 ? "background" : "interactive");
+    }
+  }
+  o.interactive_share = 1.5;
+  EXPECT_EQ(GenerateWorkload(o).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(AgenticToolsTest, EveryTurnButTheLastNamesTheToolItsNextTurnWaitsFor) {
+  WorkloadOptions o = Small("agentic");
+  o.programs = 200;
+  o.turns = 5;
+  o.tool_output_tokens = 3;
+  o.tools = "search:300,code:1500,browse:800";
+  const std::map<std::string, double> mean_ms = {
+      {"search", 300}, {"code", 1500}, {"browse", 800}};
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  std::set<std::string> ids;
+  std::map<std::string, std::vector<double>> pauses_ms;
+  for (const Program& p : w->programs) {
+    ids.insert(p.id);
+    ASSERT_EQ(p.turns.size(), 5u);
+    EXPECT_TRUE(p.turns.back().tool.empty()) << "the last turn calls no tool";
+    for (size_t k = 0; k + 1 < p.turns.size(); ++k) {
+      const std::string& tool = p.turns[k].tool;
+      ASSERT_EQ(mean_ms.count(tool), 1u) << "'" << tool << "'";
+      const double pause_ms = p.turns[k + 1].after_prev_s * 1e3;
+      EXPECT_GE(pause_ms, 0);
+      EXPECT_LE(pause_ms, 4 * mean_ms.at(tool) + 1e-6);  // capped per tool
+      pauses_ms[tool].push_back(pause_ms);
+    }
+  }
+  EXPECT_EQ(ids.size(), 200u);
+  EXPECT_EQ(ids.count("s7-p0"), 1u);
+  EXPECT_EQ(ids.count("s7-p199"), 1u);
+  // 800 draws: each tool about a third of them, with its own mean (the 4x cap takes ~2%).
+  for (const auto& [tool, v] : pauses_ms) {
+    EXPECT_NEAR(static_cast<double>(v.size()), 800.0 / 3, 60) << tool;
+    double sum = 0;
+    for (double x : v) sum += x;
+    EXPECT_NEAR(sum / v.size(), mean_ms.at(tool), 0.2 * mean_ms.at(tool)) << tool;
+  }
+}
+
+TEST(AgenticToolsTest, OneNamedToolGivesTheWorkloadOfToolMs) {
+  WorkloadOptions plain = Small("agentic");
+  plain.tool_ms = 250;
+  WorkloadOptions named = plain;
+  named.tools = "tool:250";
+  auto a = GenerateWorkload(plain);
+  auto b = GenerateWorkload(named);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_TRUE(SameWorkload(*a, *b));
+  EXPECT_EQ(a->programs[0].turns[0].tool, "tool");
+}
+
+TEST(AgenticToolsTest, ParseToolsTable) {
+  auto t = ParseTools("search:300,code:1500.5,a_b-c.d:0");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  ASSERT_EQ(t->size(), 3u);
+  EXPECT_EQ((*t)[1].name, "code");
+  EXPECT_DOUBLE_EQ((*t)[1].mean_ms, 1500.5);
+  EXPECT_DOUBLE_EQ((*t)[2].mean_ms, 0);
+  for (const char* bad : {"", "search", ":5", "a:", "a:x", "a:-1", "a:5,a:6", "a b:5", "a:5,",
+                          "a:1e9", "a:5ms"}) {
+    auto r = ParseTools(bad);
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << "'" << bad << "'";
+  }
+  WorkloadOptions o = Small("agentic");
+  o.tools = "search:fast";
+  EXPECT_EQ(GenerateWorkload(o).status().code(), StatusCode::kInvalidArgument);
+}
+
+// ---- Goodput, priority classes, programs and tools (stats.h) ------------------------------
+
+RequestRecord Done(double sent_s, double ttft_s, double e2e_s, int64_t tokens) {
+  RequestRecord r;
+  r.sent_s = sent_s;
+  r.ttft_s = ttft_s;
+  r.e2e_s = e2e_s;
+  r.completion_tokens = tokens;
+  return r;
+}
+
+TEST(GoodputTest, CountsRequestsThatMetTheirObjective) {
+  std::vector<RequestRecord> rs = {
+      Done(0, 0.05, 1, 10),   // deadline 250, met
+      Done(1, 0.25, 1, 20),   // deadline 250, met exactly
+      Done(2, 0.30, 1, 40),   // deadline 250, late
+      Done(3, 2.00, 1, 80),   // no deadline, ok: met
+      Done(4, 0.01, 1, 160),  // no deadline, error: not met
+      Done(5, 0.01, 1, 320),  // skipped: not counted
+      Done(6, 0.01, 4, 640),  // warm-up: not counted
+  };
+  for (int i = 0; i < 3; ++i) {
+    rs[i].deadline_ms = 250;
+    rs[i].priority = 1;
+  }
+  rs[4].status = "error";
+  rs[5].status = "skipped";
+  rs[6].measured = false;
+  const Summary s = Summarize(rs);
+  EXPECT_EQ(s.requests, 5);
+  EXPECT_DOUBLE_EQ(s.wall_s, 5);  // 0 .. 4 + 1
+  EXPECT_EQ(s.met_objective, 3);
+  EXPECT_EQ(s.with_deadline, 3);
+  EXPECT_EQ(s.met_deadline, 2);
+  EXPECT_DOUBLE_EQ(s.goodput_fraction, 3.0 / 5);
+  EXPECT_DOUBLE_EQ(s.goodput_req_per_s, 3.0 / 5);
+  EXPECT_DOUBLE_EQ(s.goodput_tok_per_s, (10 + 20 + 80) / 5.0);
+  ASSERT_EQ(s.by_priority.size(), 2u);
+  const PrioritySummary& hi = s.by_priority.at(1);
+  EXPECT_EQ(hi.requests, 3);
+  EXPECT_DOUBLE_EQ(hi.ttft_p50_ms, 250);
+  EXPECT_NEAR(hi.ttft_p99_ms, 250 + 0.98 * 50, 1e-9);  // between 250 and 300, numpy-style
+  EXPECT_DOUBLE_EQ(hi.goodput_fraction, 2.0 / 3);
+  const PrioritySummary& lo = s.by_priority.at(0);
+  EXPECT_EQ(lo.requests, 2);
+  EXPECT_DOUBLE_EQ(lo.ttft_p50_ms, 2000);  // only the OK request has a TTFT
+  EXPECT_DOUBLE_EQ(lo.goodput_fraction, 0.5);
+  EXPECT_TRUE(rs[1].MetObjective());
+  EXPECT_FALSE(rs[2].MetObjective());
+  RequestRecord no_token = Done(0, -1, 1, 0);
+  no_token.deadline_ms = 100;
+  EXPECT_FALSE(no_token.MetObjective()) << "no first token, no deadline met";
+  const nlohmann::json j = SummaryJson(s);
+  EXPECT_EQ(j["met_objective"], 3);
+  EXPECT_EQ(j["by_priority"]["1"]["requests"], 3);
+  EXPECT_EQ(j["ttft_p50_ms"], s.ttft_p50_ms);  // the old fields stay
+  const nlohmann::json r = RecordJson(rs[2]);
+  EXPECT_EQ(r["deadline_ms"], 250);
+  EXPECT_EQ(r["priority"], 1);
+  EXPECT_EQ(r["met_objective"], false);
+  EXPECT_FALSE(RecordJson(rs[3]).contains("deadline_ms"));
+  EXPECT_FALSE(RecordJson(rs[3]).contains("program_id"));
+}
+
+TEST(ProgramSummaryTest, CompletionTimeSpansFirstSendToLastAnswerOfCompletePrograms) {
+  auto turn = [](const std::string& id, int k, double sent_s, double e2e_s, std::string tool,
+                 double pause_s) {
+    RequestRecord r = Done(sent_s, 0.1, e2e_s, 5);
+    r.program_id = id;
+    r.turn = k;
+    r.tool = std::move(tool);
+    r.tool_pause_s = pause_s;
+    return r;
+  };
+  std::vector<RequestRecord> rs = {
+      turn("a", 0, 0.0, 1.0, "search", 0.5),   // a: 0 .. 1, pause, 1.5 .. 2, pause, 4 .. 5
+      turn("a", 1, 1.5, 0.5, "code", 2.0),
+      turn("a", 2, 4.0, 1.0, "", -1),
+      turn("b", 0, 1.0, 1.0, "search", 1.5),   // b: 1 .. 2, pause, 3.5 .. 4
+      turn("b", 1, 3.5, 0.5, "", -1),
+      turn("c", 0, 0.0, 1.0, "code", -1),      // c: its second turn failed: not complete
+      turn("c", 1, 2.0, 1.0, "", -1),
+  };
+  rs[6].status = "error";
+  const Summary s = Summarize(rs);
+  EXPECT_EQ(s.programs_completed, 2);
+  EXPECT_DOUBLE_EQ(s.program_completion_mean_ms, (5000.0 + 3000.0) / 2);
+  EXPECT_DOUBLE_EQ(s.program_completion_p50_ms, 4000);
+  EXPECT_NEAR(s.program_completion_p90_ms, 3000 + 0.9 * 2000, 1e-9);
+  ASSERT_EQ(s.by_tool.size(), 2u);
+  EXPECT_EQ(s.by_tool.at("search").calls, 2);
+  EXPECT_DOUBLE_EQ(s.by_tool.at("search").pause_mean_ms, 1000);
+  EXPECT_EQ(s.by_tool.at("code").calls, 2);  // c's call counts; its pause is unknown
+  EXPECT_DOUBLE_EQ(s.by_tool.at("code").pause_mean_ms, 2000);
+  // Without program ids (every other kind) there are no program figures.
+  for (auto& r : rs) r.program_id.clear();
+  EXPECT_EQ(Summarize(rs).programs_completed, 0);
+  EXPECT_TRUE(Summarize(rs).by_tool.empty());
+}
+
+// ---- /metrics: preemptions and KV pages (server_metrics.h) --------------------------------
+
+TEST(ServerMetricsTest, ReadsTheSchedulingSeriesFromPrometheusText) {
+  const std::string text =
+      "# HELP cachette_preemptions_total Running requests sent back to the queue.\n"
+      "# TYPE cachette_preemptions_total counter\n"
+      "cachette_preemptions_total 7\n"
+      "# TYPE cachette_kv_pages gauge\n"
+      "cachette_kv_pages{state=\"total\"} 256\n"
+      "cachette_kv_pages{state=\"used\"} 96\n"
+      "cachette_kv_pages{state=\"used_extra\"} 1\n";
+  const MetricsSnapshot m = ParseMetricsSnapshot(text);
+  EXPECT_EQ(m.preemptions, 7.0);
+  EXPECT_EQ(m.kv_used, 96.0);
+  EXPECT_EQ(m.kv_total, 256.0);
+}
+
+TEST(ServerMetricsTest, MalformedTextGivesMissingValuesNotACrash) {
+  const std::string cases[] = {
+      "",
+      "<html>404 not found</html>",
+      "cachette_preemptions_total\ncachette_kv_pages{state=\"used\"}\n",
+      "cachette_preemptions_total abc\ncachette_kv_pages{state=\"used\"} \n",
+      "cachette_preemptions_total NaN\ncachette_kv_pages{state=\"used\"} +Inf\n",
+      "cachette_preemptions_total{} 3\ncachette_kv_pages{state=\"used\" 5\n",
+      std::string("cachette_preemptions_total \0 9\n", 31) + "\xff\xfe\n\n\n",
+      "cachette_kv_pages{state=\"used\"} 5",  // cut before the newline: still a value
+  };
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    const MetricsSnapshot m = ParseMetricsSnapshot(cases[i]);
+    EXPECT_FALSE(m.preemptions.has_value()) << i;
+    EXPECT_FALSE(m.kv_total.has_value()) << i;
+    if (i + 1 < std::size(cases)) {
+      EXPECT_FALSE(m.kv_used.has_value()) << i;
+    }
+  }
+  EXPECT_EQ(ParseMetricsSnapshot(cases[std::size(cases) - 1]).kv_used, 5.0);
+}
+
+TEST(ServerMetricsTest, PreemptionsAreTheCounterIncreaseOrANote) {
+  MetricsSnapshot a, b;
+  a.preemptions = 3;
+  b.preemptions = 10;
+  ServerFigures f;
+  AddPreemptions(a, b, &f);
+  EXPECT_TRUE(f.preemptions_known);
+  EXPECT_DOUBLE_EQ(f.preemptions, 7);
+  EXPECT_TRUE(f.notes.empty());
+
+  ServerFigures missing;
+  b.preemptions.reset();
+  AddPreemptions(a, b, &missing);
+  EXPECT_FALSE(missing.preemptions_known);
+  EXPECT_DOUBLE_EQ(missing.preemptions, 0);
+  ASSERT_EQ(missing.notes.size(), 1u);
+  EXPECT_NE(missing.notes[0].find("cachette_preemptions_total"), std::string::npos);
+
+  ServerFigures unreachable;
+  AddPreemptions(Unavailable("GET /metrics: HTTP 404"), a, &unreachable);
+  EXPECT_FALSE(unreachable.preemptions_known);
+  ASSERT_EQ(unreachable.notes.size(), 1u);
+  EXPECT_NE(unreachable.notes[0].find("HTTP 404"), std::string::npos);
+}
+
+TEST(ServerMetricsTest, KvSummarySkipsMissingSamples) {
+  std::vector<KvSample> samples(5);
+  samples[0].used = 10;
+  samples[0].total = 100;
+  samples[1].used = 30;
+  // samples[2]: a failed read
+  samples[3].used = 20;
+  samples[3].total = 120;
+  samples[4].total = 120;
+  ServerFigures f;
+  SummarizeKv(samples, &f);
+  EXPECT_EQ(f.kv_samples, 3);
+  EXPECT_DOUBLE_EQ(f.kv_used_peak, 30);
+  EXPECT_DOUBLE_EQ(f.kv_used_mean, 20);
+  EXPECT_DOUBLE_EQ(f.kv_total, 120);
+  SummarizeKv({}, &f);
+  EXPECT_EQ(f.kv_samples, 0);
+  EXPECT_DOUBLE_EQ(f.kv_used_peak, 0);
+}
+
+// ---- The runner against an in-process fake server ----------------------------------------
+
+// An OpenAI-style server on a loopback port that answers every chat completion with one
+// content chunk and usage, counts /metrics reads (each raises the preemption counter by one
+// and reports `used` = reads) and keeps every request body it was sent.
+class FakeServer {
+ public:
+  explicit FakeServer(bool with_metrics) {
+    srv_.Get("/v1/models", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(R"({"data":[{"id":"fake"}]})", "application/json");
+    });
+    srv_.Post("/v1/chat/completions", [this](const httplib::Request& req,
+                                             httplib::Response& res) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        bodies_.push_back(nlohmann::json::parse(req.body));
+      }
+      res.set_content(
+          "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\n"
+          "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n"
+          "data: [DONE]\n\n",
+          "text/event-stream");
+    });
+    if (with_metrics) {
+      srv_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+        const int n = ++metrics_reads_;
+        res.set_content("cachette_preemptions_total " + std::to_string(n) +
+                            "\ncachette_kv_pages{state=\"total\"} 64\n"
+                            "cachette_kv_pages{state=\"used\"} " + std::to_string(n) + "\n",
+                        "text/plain");
+      });
+    }
+    port_ = srv_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { srv_.listen_after_bind(); });
+    while (!srv_.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ~FakeServer() {
+    srv_.stop();
+    thread_.join();
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  std::vector<nlohmann::json> bodies() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bodies_;
+  }
+
+ private:
+  httplib::Server srv_;
+  int port_ = 0;
+  std::thread thread_;
+  std::mutex mu_;
+  std::vector<nlohmann::json> bodies_;
+  std::atomic<int> metrics_reads_{0};
+};
+
+TEST(RunnerTest, SendsTheSchedulingFieldsAndReadsMetricsAroundTheRun) {
+  FakeServer server(/*with_metrics=*/true);
+  WorkloadOptions o = Small("agentic");
+  o.programs = 2;
+  o.turns = 3;
+  o.qps = 1000;
+  o.tools = "search:20,code:40";
+  o.max_tokens = 2;
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok());
+  RunOptions ro;
+  ro.url = server.url();
+  ro.metrics_every_s = 0.02;
+  ro.run_nonce = "n1";
+  auto run = RunWorkload(*w, ro);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  EXPECT_EQ(run->run_nonce, "n1");
+  ASSERT_EQ(run->records.size(), 6u);
+  for (const RequestRecord& r : run->records) {
+    EXPECT_EQ(r.status, "ok") << r.error;
+    EXPECT_EQ(r.program_id, "s7-p" + std::to_string(r.program) + "-n1");
+    EXPECT_EQ(r.tool.empty(), r.turn == 2);
+    EXPECT_EQ(r.tool_pause_s >= 0, r.turn < 2);  // the pause after each tool call
+  }
+  // The server saw each program's id on every turn and a tool on all but the last turn.
+  std::map<std::string, std::vector<std::string>> tools_by_program;
+  for (const nlohmann::json& b : server.bodies()) {
+    EXPECT_FALSE(b.contains("priority"));
+    EXPECT_FALSE(b.contains("deadline_ms"));
+    tools_by_program[b.at("program_id").get<std::string>()].push_back(b.value("tool", ""));
+  }
+  ASSERT_EQ(tools_by_program.size(), 2u);
+  for (const auto& [id, tools] : tools_by_program) {
+    ASSERT_EQ(tools.size(), 3u) << id;
+    EXPECT_FALSE(tools[0].empty());
+    EXPECT_FALSE(tools[1].empty());
+    EXPECT_TRUE(tools[2].empty());
+  }
+  // Every read raised the fake counter by one: before, the samples, after.
+  const ServerFigures& f = run->server;
+  EXPECT_TRUE(f.preemptions_known) << (f.notes.empty() ? "" : f.notes[0]);
+  EXPECT_DOUBLE_EQ(f.preemptions, static_cast<double>(run->kv_timeline.size()) + 1);
+  EXPECT_GE(f.kv_samples, 1);
+  EXPECT_DOUBLE_EQ(f.kv_total, 64);
+  EXPECT_DOUBLE_EQ(f.kv_used_peak, static_cast<double>(run->kv_timeline.size()) + 1);
+  for (size_t i = 1; i < run->kv_timeline.size(); ++i) {
+    EXPECT_GE(run->kv_timeline[i].t_s, run->kv_timeline[i - 1].t_s);
+  }
+  // A fresh nonce per run when none is given.
+  ro.run_nonce.clear();
+  auto a = RunWorkload(*w, ro);
+  auto b = RunWorkload(*w, ro);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NE(a->run_nonce, b->run_nonce);
+  EXPECT_NE(a->records[0].program_id, b->records[0].program_id);
+}
+
+TEST(RunnerTest, DeadlineMixSendsPriorityAndDeadlineOnlyOnInteractiveRequests) {
+  FakeServer server(/*with_metrics=*/false);
+  WorkloadOptions o = Small("deadline-mix");
+  o.requests = 12;
+  o.qps = 1000;
+  o.deadline_priority = true;
+  o.deadline_ms = 5000;
+  o.background_tokens = 20;
+  o.background_max_tokens = 3;
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok());
+  RunOptions ro;
+  ro.url = server.url();
+  auto run = RunWorkload(*w, ro);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  int interactive = 0;
+  for (const nlohmann::json& b : server.bodies()) {
+    EXPECT_FALSE(b.contains("program_id"));
+    EXPECT_FALSE(b.contains("tool"));
+    if (b.contains("deadline_ms")) {
+      ++interactive;
+      EXPECT_EQ(b["deadline_ms"], 5000);
+      EXPECT_EQ(b["priority"], 1);
+      EXPECT_EQ(b["max_tokens"], o.max_tokens);
+    } else {
+      EXPECT_FALSE(b.contains("priority"));
+      EXPECT_EQ(b["max_tokens"], 3);
+    }
+  }
+  EXPECT_GT(interactive, 0);
+  EXPECT_LT(interactive, 12);
+  // No /metrics (HTTP 404): figures missing with notes, the run itself fine.
+  const Summary s = Summarize(run->records, run->server);
+  EXPECT_EQ(s.ok, 12);
+  EXPECT_EQ(s.met_objective, 12);  // a fake answer is well within 5 s
+  EXPECT_FALSE(s.server.preemptions_known);
+  EXPECT_EQ(s.server.kv_samples, 0);
+  ASSERT_EQ(s.server.notes.size(), 2u);
+  EXPECT_NE(s.server.notes[0].find("404"), std::string::npos) << s.server.notes[0];
+  EXPECT_TRUE(run->kv_timeline.empty());
 }
 
 // ---- The soak client's pure pieces (soak.h) ----------------------------------------------

@@ -193,12 +193,18 @@ void StreamChat(const ServerUrl& url, const std::string& model,
   try {
     json msgs = json::array();
     for (const auto& m : messages) msgs.push_back({{"role", m.role}, {"content", m.content}});
-    const json body = {{"model", model},
-                       {"messages", msgs},
-                       {"max_tokens", max_tokens},
-                       {"temperature", 0},
-                       {"stream", true},
-                       {"stream_options", {{"include_usage", true}}}};
+    json body = {{"model", model},
+                 {"messages", msgs},
+                 {"max_tokens", max_tokens},
+                 {"temperature", 0},
+                 {"stream", true},
+                 {"stream_options", {{"include_usage", true}}}};
+    // Other servers may refuse fields they do not know (vLLM refuses a non-zero priority
+    // without its priority policy), so a plain request carries none of them.
+    if (r->priority != 0) body["priority"] = r->priority;
+    if (r->deadline_ms > 0) body["deadline_ms"] = r->deadline_ms;
+    if (!r->program_id.empty()) body["program_id"] = r->program_id;
+    if (!r->tool.empty()) body["tool"] = r->tool;
     httplib::Client cli(url.host, url.port);
     ConfigureClient(cli);
     httplib::Request req;

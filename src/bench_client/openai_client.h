@@ -56,7 +56,9 @@ class SseRecorder {
 // `r`: sent time, TTFT (first content chunk; the first chunk of any kind if no content came),
 // the gaps between content chunks, usage (cached tokens in total and per tier when the server
 // reports them) and status "ok" or "error" with the HTTP status and message. `run_start_s` is
-// the run's origin on the steady clock (seconds). Never throws.
+// the run's origin on the steady clock (seconds). The scheduling fields already set in `*r`
+// are sent as cachette's request fields, each only when set: "priority" (non-zero),
+// "deadline_ms" (> 0), "program_id" and "tool" (non-empty). Never throws.
 void StreamChat(const ServerUrl& url, const std::string& model,
                 const std::vector<ChatMessage>& messages, int max_tokens, double run_start_s,
                 RequestRecord* r);

@@ -1,8 +1,18 @@
 // Per-request records of a benchmark run and the summary computed from them.
+//
+// Besides latency and cache figures the summary carries the scheduling figures:
+//   goodput      requests (and generated tokens) per second of the requests that met their
+//                objective: TTFT <= deadline_ms when the request had one, finished OK when not.
+//   by priority  TTFT per priority class, when a workload sends more than one.
+//   programs     agent programs' completion time, the first send of a program to its last
+//                answer (Continuum's metric), and per tool the calls and the pause after them.
+//   server       what the server's /metrics said during the run (ServerFigures): preemptions
+//                and KV pages in use over time. The runner fills it; Summarize() copies it.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,8 +41,19 @@ struct RequestRecord {
   std::string status = "ok";  // "ok", "error", or "skipped" (past the duration cap)
   std::string error;
   std::string answer;         // the generated text (kept for the next turn, not logged)
+  // The scheduling fields as sent (0 / empty: not sent); see Turn in workload.h.
+  int priority = 0;
+  int deadline_ms = 0;
+  std::string program_id;     // with the run's nonce
+  std::string tool;
+  // For a turn with a tool: the program's pause between this answer and the next turn's send
+  // (the tool's run time as the server saw it); < 0 when no next turn was sent.
+  double tool_pause_s = -1;
 
   double ItlMeanSeconds() const;  // mean of gaps_s; 0 without gaps
+  // True when the request finished OK and, if it had a deadline, its first token came within
+  // it. The definition of goodput.
+  bool MetObjective() const;
 };
 
 // One JSON object per request: the line written to --out.
@@ -45,8 +66,42 @@ double Percentile(std::vector<double> v, double p);
 struct TagSummary {
   int requests = 0;
   double ttft_p50_ms = 0;
+  double ttft_p99_ms = 0;
   double hit_rate = 0;
 };
+
+// One priority class (requests sent with the same "priority").
+struct PrioritySummary {
+  int requests = 0;           // sent (ok + errors)
+  double ttft_p50_ms = 0, ttft_p99_ms = 0;
+  double goodput_fraction = 0;  // met their objective / requests
+};
+
+struct ToolSummary {
+  int calls = 0;              // answered turns that called the tool
+  double pause_mean_ms = 0;   // mean tool_pause_s over calls followed by a sent turn; NaN if none
+};
+
+// KV pages in use, sampled from the server's /metrics during the run.
+struct KvSample {
+  double t_s = 0;                    // since the run's start
+  std::optional<double> used, total; // cachette_kv_pages{state="used"|"total"}; absent: missing
+};
+
+// What the server's /metrics said about the run; every figure is optional because servers other
+// than cachette (or an older cachette) do not export it.
+struct ServerFigures {
+  bool preemptions_known = false;    // the counter was read before and after the run
+  double preemptions = 0;            // increase of cachette_preemptions_total over the run
+  int kv_samples = 0;                // samples with a used-pages value
+  double kv_used_peak = 0, kv_used_mean = 0;
+  double kv_total = 0;               // the last total seen; 0 when never seen
+  std::vector<std::string> notes;    // why a figure is missing
+};
+
+// Peak and mean of the samples' used pages and the last total (samples without a value are
+// skipped); fills the kv_* fields of `f`.
+void SummarizeKv(const std::vector<KvSample>& samples, ServerFigures* f);
 
 struct Summary {
   int requests = 0;           // measured requests sent (ok + errors)
@@ -66,10 +121,28 @@ struct Summary {
   std::map<std::string, int64_t> cached_by_tier;
   std::map<std::string, TagSummary> by_tag;
   std::vector<std::string> first_errors;  // up to 3 distinct error messages
+
+  // Goodput: see MetObjective(). Rates are over wall_s.
+  int met_objective = 0;
+  int with_deadline = 0;             // requests sent with a deadline_ms
+  int met_deadline = 0;              // of those, the ones that met it
+  double goodput_req_per_s = 0;
+  double goodput_tok_per_s = 0;      // completion tokens of the requests that met it / wall_s
+  double goodput_fraction = 0;       // met_objective / requests
+  std::map<int, PrioritySummary> by_priority;
+
+  // Agent programs (records with a program_id); only programs whose measured turns all
+  // finished OK count.
+  int programs_completed = 0;
+  double program_completion_mean_ms = 0, program_completion_p50_ms = 0,
+         program_completion_p90_ms = 0;
+  std::map<std::string, ToolSummary> by_tool;
+
+  ServerFigures server;
 };
 
-// Summarizes the measured records (warm-up ones are left out).
-Summary Summarize(const std::vector<RequestRecord>& records);
+// Summarizes the measured records (warm-up ones are left out); `server` is copied in as is.
+Summary Summarize(const std::vector<RequestRecord>& records, const ServerFigures& server = {});
 nlohmann::json SummaryJson(const Summary& s);
 
 }  // namespace cachette::bench_client

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string_view>
 
 namespace cachette::bench_client {
@@ -55,7 +56,10 @@ Status CheckRange(const char* name, double v, double lo, double hi) {
 }
 
 Status CheckCommon(const WorkloadOptions& o) {
-  CT_RETURN_IF_ERROR(CheckRange("qps", o.qps, 1e-3, 1e4));
+  // qps 0 is shared-prefix's burst; every other kind needs a rate.
+  if (!(o.kind == "shared-prefix" && o.qps == 0)) {
+    CT_RETURN_IF_ERROR(CheckRange("qps", o.qps, 1e-3, 1e4));
+  }
   CT_RETURN_IF_ERROR(CheckRange("max_tokens", o.max_tokens, 1, 1 << 16));
   CT_RETURN_IF_ERROR(CheckRange("system_tokens", o.system_tokens, 0, 1 << 20));
   CT_RETURN_IF_ERROR(CheckRange("question_tokens", o.question_tokens, 1, 1 << 20));
@@ -135,7 +139,7 @@ Result<Workload> LongDocQa(const WorkloadOptions& o, Rng& rng) {
   return w;
 }
 
-Workload Agentic(const WorkloadOptions& o, Rng& rng) {
+Workload Agentic(const WorkloadOptions& o, const std::vector<ToolSpec>& tools, Rng& rng) {
   Workload w;
   const std::string system = "You are an agent. Call one tool per turn; tools: " +
                              Words(rng, o.system_tokens);
@@ -143,15 +147,20 @@ Workload Agentic(const WorkloadOptions& o, Rng& rng) {
   for (int i = 0; i < o.programs; ++i) {
     Program p;
     p.system = system;
+    p.id = "s" + std::to_string(o.seed) + "-p" + std::to_string(i);
     for (int k = 0; k < o.turns; ++k) {
       Turn t;
       if (k == 0) {
         t.user = "Task: " + Words(rng, o.question_tokens) + ".";
         t.at_s = start[i];
       } else {
+        // The tool the previous turn called. With one tool nothing is drawn, so a workload
+        // without --tools has the prompts and pauses it had before tools had names.
+        const ToolSpec& tool = tools.size() == 1 ? tools[0] : tools[rng.Below(tools.size())];
+        p.turns.back().tool = tool.name;
         t.user = "Tool result: " + Words(rng, o.tool_output_tokens) + ".";
         // The tool's run time; the cap keeps a rare long draw from dominating a short run.
-        t.after_prev_s = std::min(rng.Exponential(o.tool_ms), 4 * o.tool_ms) / 1e3;
+        t.after_prev_s = std::min(rng.Exponential(tool.mean_ms), 4 * tool.mean_ms) / 1e3;
       }
       t.max_tokens = o.max_tokens;
       t.tag = "turn-" + std::to_string(k + 1);
@@ -197,7 +206,118 @@ Workload Rag(const WorkloadOptions& o, Rng& rng) {
   return w;
 }
 
+// A single-turn program without history: the unit of the request-level kinds.
+Program SingleRequest(std::string system, Turn t) {
+  Program p;
+  p.system = std::move(system);
+  p.keep_history = false;
+  p.turns.push_back(std::move(t));
+  return p;
+}
+
+// "7" -> "07" when the largest index has two digits: tags then sort as numbers do.
+std::string ZeroPadded(int v, int largest) {
+  std::string s = std::to_string(v);
+  const size_t width = std::to_string(largest).size();
+  return std::string(width > s.size() ? width - s.size() : 0, '0') + s;
+}
+
+Workload SharedPrefix(const WorkloadOptions& o, Rng& rng) {
+  Workload w;
+  // Each group's prompt opens with its number, so two groups differ from their first word on
+  // and share nothing beyond the chat template's own header.
+  std::vector<std::string> systems;
+  for (int g = 0; g < o.groups; ++g) {
+    systems.push_back("Group " + std::to_string(g) + " assistant. " +
+                      Words(rng, o.system_tokens));
+  }
+  struct Slot {
+    int group;
+    std::string question;
+  };
+  std::vector<Slot> slots;
+  for (int g = 0; g < o.groups; ++g) {
+    for (int q = 0; q < o.prompts_per_group; ++q) {
+      slots.push_back({g, Words(rng, o.question_tokens) + "?"});
+    }
+  }
+  // Fisher-Yates: FCFS over this order interleaves the groups.
+  for (size_t i = slots.size(); i > 1; --i) std::swap(slots[i - 1], slots[rng.Below(i)]);
+  const int n = static_cast<int>(slots.size());
+  // A burst is 1 ms apart rather than simultaneous: the server then queues the requests in the
+  // seeded order, not in whatever order the client threads happen to win the race.
+  std::vector<double> at(n);
+  if (o.qps > 0) {
+    at = PoissonArrivals(rng, n, o.qps);
+  } else {
+    for (int k = 0; k < n; ++k) at[k] = 1e-3 * k;
+  }
+  for (int k = 0; k < n; ++k) {
+    Turn t;
+    t.user = std::move(slots[k].question);
+    t.at_s = at[k];
+    t.max_tokens = o.max_tokens;
+    t.tag = "group-" + ZeroPadded(slots[k].group, o.groups - 1);
+    w.programs.push_back(SingleRequest(systems[slots[k].group], std::move(t)));
+  }
+  return w;
+}
+
+Workload DeadlineMix(const WorkloadOptions& o, Rng& rng) {
+  Workload w;
+  const std::vector<double> at = PoissonArrivals(rng, o.requests, o.qps);
+  for (int r = 0; r < o.requests; ++r) {
+    Turn t;
+    t.at_s = at[r];
+    if (rng.Uniform() < o.interactive_share) {
+      t.user = "Quick question: " + Words(rng, o.question_tokens) + "?";
+      t.max_tokens = o.max_tokens;
+      t.deadline_ms = o.deadline_ms;
+      t.priority = o.deadline_priority ? 1 : 0;
+      t.tag = "interactive";
+    } else {
+      t.user = "Summarize this report in detail: " + Words(rng, o.background_tokens);
+      t.max_tokens = o.background_max_tokens;
+      t.tag = "background";
+    }
+    w.programs.push_back(SingleRequest("", std::move(t)));
+  }
+  return w;
+}
+
 }  // namespace
+
+Result<std::vector<ToolSpec>> ParseTools(const std::string& spec) {
+  std::vector<ToolSpec> tools;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    size_t comma = spec.find(',', pos);
+    if (comma == std::string::npos) comma = spec.size();
+    const std::string entry = spec.substr(pos, comma - pos);
+    pos = comma + 1;
+    const size_t colon = entry.rfind(':');
+    const std::string why = "--tools entry '" + entry + "' must be name:mean_ms";
+    if (colon == std::string::npos || colon == 0 || colon > 64) return InvalidArgument(why);
+    ToolSpec t;
+    t.name = entry.substr(0, colon);
+    for (char c : t.name) {
+      const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                      (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-';
+      if (!ok) return InvalidArgument(why + " (name of letters, digits, _ . -)");
+    }
+    const std::string ms = entry.substr(colon + 1);
+    char* end = nullptr;
+    t.mean_ms = ms.empty() ? -1 : std::strtod(ms.c_str(), &end);
+    if (ms.empty() || *end != '\0' || !(t.mean_ms >= 0 && t.mean_ms <= 1e7)) {
+      return InvalidArgument(why + " (mean_ms a number in [0, 1e7])");
+    }
+    for (const ToolSpec& u : tools) {
+      if (u.name == t.name) return InvalidArgument("--tools names '" + t.name + "' twice");
+    }
+    tools.push_back(std::move(t));
+  }
+  return tools;
+}
 
 uint64_t Rng::Next() {
   uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
@@ -250,8 +370,9 @@ Result<Workload> GenerateWorkload(const WorkloadOptions& o) {
   uint64_t kind_hash = 1469598103934665603ull;  // FNV-1a: std::hash differs between libraries
   for (char c : o.kind) kind_hash = (kind_hash ^ static_cast<uint8_t>(c)) * 1099511628211ull;
   Rng rng(o.seed * 0x2545f4914f6cdd1dull + kind_hash);
-  Result<Workload> w = InvalidArgument("unknown workload kind '" + o.kind +
-                                       "' (multi-round-qa, long-doc-qa, agentic, rag)");
+  std::string known;
+  for (const char* k : kWorkloadKinds) known += (known.empty() ? "" : ", ") + std::string(k);
+  Result<Workload> w = InvalidArgument("unknown workload kind '" + o.kind + "' (" + known + ")");
   if (o.kind == "multi-round-qa") {
     CT_RETURN_IF_ERROR(CheckRange("users", o.users, 1, 1 << 16));
     CT_RETURN_IF_ERROR(CheckRange("rounds", o.rounds, 1, 1 << 16));
@@ -267,7 +388,11 @@ Result<Workload> GenerateWorkload(const WorkloadOptions& o) {
     CT_RETURN_IF_ERROR(CheckRange("turns", o.turns, 1, 1 << 12));
     CT_RETURN_IF_ERROR(CheckRange("tool_ms", o.tool_ms, 0, 1e7));
     CT_RETURN_IF_ERROR(CheckRange("tool_output_tokens", o.tool_output_tokens, 0, 1 << 20));
-    w = Agentic(o, rng);
+    std::vector<ToolSpec> tools = {{"tool", o.tool_ms}};
+    if (!o.tools.empty()) {
+      CT_ASSIGN_OR_RETURN(tools, ParseTools(o.tools));
+    }
+    w = Agentic(o, tools, rng);
   } else if (o.kind == "rag") {
     CT_RETURN_IF_ERROR(CheckRange("requests", o.requests, 1, 1 << 16));
     CT_RETURN_IF_ERROR(CheckRange("chunks", o.chunks, 1, 1 << 16));
@@ -275,6 +400,20 @@ Result<Workload> GenerateWorkload(const WorkloadOptions& o) {
     CT_RETURN_IF_ERROR(CheckRange("min_retrieved", o.min_retrieved, 1, o.chunks));
     CT_RETURN_IF_ERROR(CheckRange("max_retrieved", o.max_retrieved, o.min_retrieved, o.chunks));
     w = Rag(o, rng);
+  } else if (o.kind == "shared-prefix") {
+    CT_RETURN_IF_ERROR(CheckRange("groups", o.groups, 1, 1 << 12));
+    CT_RETURN_IF_ERROR(CheckRange("prompts_per_group", o.prompts_per_group, 1, 1 << 12));
+    CT_RETURN_IF_ERROR(CheckRange("groups x prompts_per_group",
+                                  static_cast<double>(o.groups) * o.prompts_per_group, 1,
+                                  1 << 16));
+    w = SharedPrefix(o, rng);
+  } else if (o.kind == "deadline-mix") {
+    CT_RETURN_IF_ERROR(CheckRange("requests", o.requests, 1, 1 << 16));
+    CT_RETURN_IF_ERROR(CheckRange("deadline_ms", o.deadline_ms, 1, 24 * 3600 * 1000));
+    CT_RETURN_IF_ERROR(CheckRange("interactive_share", o.interactive_share, 0, 1));
+    CT_RETURN_IF_ERROR(CheckRange("background_tokens", o.background_tokens, 1, 1 << 20));
+    CT_RETURN_IF_ERROR(CheckRange("background_max_tokens", o.background_max_tokens, 1, 1 << 16));
+    w = DeadlineMix(o, rng);
   }
   if (w.ok()) {
     w->kind = o.kind;
