@@ -188,7 +188,7 @@ void SseRecorder::Event(std::string_view payload, double now_s) {
 
 void StreamChat(const ServerUrl& url, const std::string& model,
                 const std::vector<ChatMessage>& messages, int max_tokens, double run_start_s,
-                RequestRecord* r) {
+                RequestRecord* r, const std::vector<std::string>& stop) {
   r->status = "ok";
   try {
     json msgs = json::array();
@@ -205,6 +205,7 @@ void StreamChat(const ServerUrl& url, const std::string& model,
     if (r->deadline_ms > 0) body["deadline_ms"] = r->deadline_ms;
     if (!r->program_id.empty()) body["program_id"] = r->program_id;
     if (!r->tool.empty()) body["tool"] = r->tool;
+    if (!stop.empty()) body["stop"] = stop;
     httplib::Client cli(url.host, url.port);
     ConfigureClient(cli);
     httplib::Request req;

@@ -54,7 +54,7 @@ void RunProgram(const Program& p, int program_index, const ServerUrl& url,
       messages = history;  // the system prompt only
       messages.push_back({"user", t.user});
     }
-    StreamChat(url, model, messages, t.max_tokens, run_start_s, &r);
+    StreamChat(url, model, messages, t.max_tokens, run_start_s, &r, o.stop);
     // The previous turn's tool ran from its answer until this send.
     if (i > 0 && !p.turns[i - 1].tool.empty()) {
       (*out)[i - 1].tool_pause_s = r.sent_s - prev_end_s;

@@ -18,6 +18,9 @@ struct RunOptions {
   std::string url;           // http://host:port
   std::string model;         // empty: the first id of GET /v1/models
   double duration_s = 0;     // > 0: no turn is sent later than this after the start (skipped)
+  // Stop strings sent with every request (up to 4): answers then end at the first one, well
+  // before max_tokens, as real answers do (what Past-Future admission bets on).
+  std::vector<std::string> stop;
   // Period of the KV-pages sampler reading /metrics; 0 reads no /metrics at all.
   double metrics_every_s = 0.25;
   // Appended to every program id sent ("<id>-<nonce>"); empty: a fresh random one per run, so

@@ -31,6 +31,7 @@ struct BenchServeArgs {
   std::string label = "A";
   std::string compare_label = "B";
   double duration_s = 0;
+  std::vector<std::string> stop;
   std::string out;
   std::string kv_timeline;
   double metrics_every_ms = 250;
@@ -234,6 +235,7 @@ int BenchServe(BenchServeArgs a) {
     ro.url = url;
     ro.model = a.model;
     ro.duration_s = a.duration_s;
+    ro.stop = a.stop;
     ro.metrics_every_s = a.metrics_every_ms / 1e3;
     int done = 0;
     const int total = workload->TurnCount();
@@ -349,6 +351,11 @@ void AddFlags(CLI::App* c, BenchServeArgs* a, bool with_kind) {
   c->add_option("--background-max-tokens", w.background_max_tokens,
                 "deadline-mix: tokens generated per background request");
   c->add_option("--duration", a->duration_s, "Send nothing after this many seconds (0: no cap)");
+  c->add_option("--stop", a->stop,
+                "Stop string sent with every request (repeatable, up to 4): answers end early, "
+                "as real ones do")
+      ->expected(1)
+      ->check([](const std::string& s) { return s.empty() ? "--stop must not be empty" : ""; });
   c->add_option("--out", a->out, "Write one JSON line per request to this file");
   c->add_option("--kv-timeline", a->kv_timeline,
                 "Write the KV-pages samples from /metrics, one JSON line each, to this file");
