@@ -57,6 +57,7 @@ Runner AddBenchServeSubcommands(CLI::App* bench);
 Runner AddBenchSoakSubcommand(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
+Runner AddBatchCommand(CLI::App& app);
 Runner AddEvalCommand(CLI::App& app);
 
 }  // namespace cachette::cli

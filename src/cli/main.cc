@@ -78,6 +78,7 @@ int main(int argc, char** argv) {
   add(AddBenchCommand);
   add(AddCacheCommand);
   add(AddServeCommand);
+  add(AddBatchCommand);
   add(AddEvalCommand);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,257 @@
+#include "cli/serving_stack.h"
+
+#include <filesystem>
+
+#include "core/log.h"
+#include "core/timer.h"
+#include "core/units.h"
+
+namespace cachette::cli {
+
+using server::ServeConfig;
+
+void AddStackFlags(CLI::App* c, ServeFlags* p) {
+  constexpr const char* kModel = "Model and engine";
+  constexpr const char* kSched = "Scheduler";
+  constexpr const char* kStore = "Cache store";
+  Flag(c, p, kModel, "-m,--model", &ServeConfig::model, "GGUF model (default: the bundled one)");
+  Flag(c, p, kModel, "--model-alias", &ServeConfig::model_alias,
+       "Model id in the API (default: file)");
+  Flag(c, p, kModel, "--threads", &ServeConfig::threads, "Compute threads (0 = one per core)");
+  Flag(c, p, kModel, "--kv-budget", &ServeConfig::kv_budget,
+       "Memory for in-memory KV pages (512MiB)");
+  Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type, "KV element type: f32, f16, q8_0");
+  Flag(c, p, kModel, "--chat-template", &ServeConfig::chat_template,
+       "plain, chatml, llama3, gemma, llama2 (default: detected from the "
+       "model)");
+  Flag(c, p, kModel, "--max-tokens", &ServeConfig::max_tokens,
+       "Default max_tokens of a request (256)");
+  c->add_flag("--no-prefix-cache", p->no_prefix_cache,
+              "Turn prefix reuse off (the baseline for benchmarks)")
+      ->group(kModel);
+  Flag(c, p, kSched, "--max-running", &ServeConfig::max_running, "Sequences decoded together (16)");
+  Flag(c, p, kSched, "--max-queue", &ServeConfig::max_queue, "Waiting requests before 429 (256)");
+  Flag(c, p, kSched, "--step-tokens", &ServeConfig::step_tokens, "Tokens per batched step (256)");
+  Flag(c, p, kSched, "--queue-timeout", &ServeConfig::queue_timeout_s,
+       "Seconds a request may wait in the queue before it fails (0 = no limit)");
+  Flag(c, p, kSched, "--session-ttl", &ServeConfig::session_ttl_s,
+       "Seconds a session stays pinned (300)");
+  Flag(c, p, kSched, "--max-pinned", &ServeConfig::max_pinned,
+       "Share of the KV pool pins may hold: 0.5 or 50% (0.5)");
+  Flag(c, p, kSched, "--max-pin-ttl", &ServeConfig::max_pin_ttl_s,
+       "Longest pin or session TTL in seconds (3600)");
+  Flag(c, p, kSched, "--max-sessions", &ServeConfig::max_sessions, "Sessions at most (10000)");
+  Flag(c, p, kSched, "--max-pins", &ServeConfig::max_pins, "Plain pins at most (10000)");
+  Flag(c, p, kSched, "--max-tenants", &ServeConfig::max_tenants,
+       "Tenant namespaces remembered at most (10000)");
+  Flag(c, p, kSched, "--sched", &ServeConfig::sched,
+       "Queue order: fcfs, lpm (longest cached prefix first, bounded skips) or program "
+       "(program-level FCFS with tool-aware pins, Continuum)");
+  Flag(c, p, kSched, "--admission", &ServeConfig::admission,
+       "forecast (worst case, never preempts) or past-future (likely peak; preempts if wrong)");
+  Flag(c, p, kSched, "--preempt", &ServeConfig::preempt,
+       "A preempted request's KV: recompute (released, re-prefilled) or swap (kept in the RAM "
+       "tier, restored)");
+  Flag(c, p, kSched, "--itl-target-ms", &ServeConfig::itl_target_ms,
+       "Inter-token latency objective: each step's prefill share is sized to it (0: off)");
+  Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
+       "RAM tier budget of the chunk store");
+  Flag(c, p, kStore, "--disk-dir", &ServeConfig::disk_dir, "Directory of the disk tier");
+  Flag(c, p, kStore, "--disk-budget", &ServeConfig::disk_budget, "Disk tier budget");
+  Flag(c, p, kStore, "--redis", &ServeConfig::redis,
+       "Redis URL (repeatable; several seeds or redis+cluster:// mean a "
+       "cluster)");
+  Flag(c, p, kStore, "--redis-write", &ServeConfig::redis_write,
+       "When chunks reach Redis: through (every put) or back (when RAM evicts "
+       "them)");
+  Flag(c, p, kStore, "--redis-ttl", &ServeConfig::redis_ttl_s,
+       "Seconds a chunk lives in Redis (0 = no expiry)");
+  Flag(c, p, kStore, "--chunk-tokens", &ServeConfig::chunk_tokens, "Tokens per stored chunk (256)");
+  Flag(c, p, kStore, "--codec", &ServeConfig::codec,
+       "Chunk codec of the store (raw, int8, int4, ...)");
+  Flag(c, p, kStore, "--policy", &ServeConfig::policy, "Eviction policy: lru, lfu, s3fifo, cost");
+  Flag(c, p, kStore, "--admit-after-hits", &ServeConfig::admit_after_hits,
+       "Slower tiers take a chunk once it was hit N times (0)");
+  Flag(c, p, kStore, "--tenant-quota", &ServeConfig::tenant_quota,
+       "RAM and disk bytes (each) one tenant may hold in the store (0 = no quota)");
+  Flag(c, p, kStore, "--load-deadline-ms", &ServeConfig::load_deadline_ms,
+       "How long a restore waits for a slow tier before recomputing (1000)");
+}
+
+Result<ServeConfig> ResolveServeConfig(const ServeFlags& f) {
+  ServeConfig cfg;
+  if (!f.config_path.empty()) CT_RETURN_IF_ERROR(server::LoadConfigFile(f.config_path, &cfg));
+  for (auto& [opt, copy] : f.apply) {
+    if (opt->count() > 0) copy(cfg);
+  }
+  if (f.no_prefix_cache) cfg.prefix_cache = false;
+  if (cfg.model.empty()) cfg.model = DefaultModelPath();
+  CT_RETURN_IF_ERROR(server::ValidateConfig(cfg));
+  return cfg;
+}
+
+Status CheckStackConfig(const ServeConfig& cfg) {
+  CT_RETURN_IF_ERROR(ParseKvType(cfg.kv_type).status());
+  if (auto b = ParseBytes(cfg.kv_budget); !b.ok()) return b.status().WithContext("--kv-budget");
+  if (!cfg.chat_template.empty()) {
+    CT_RETURN_IF_ERROR(server::ChatTemplate::ByName(cfg.chat_template).status());
+  }
+  return Status::Ok();
+}
+
+ServingStack::~ServingStack() {
+  // Members go in reverse declaration order anyway; spelled out because the order matters: the
+  // scheduler's loop uses the bridge, the pool and the engine until it is joined.
+  scheduler.reset();
+  tiers.reset();
+  store.reset();
+  kv.reset();
+  engine.reset();
+}
+
+namespace {
+
+// The tiered chunk store for `cfg` and its bridge over `kv`, or nulls when no tier is asked for.
+Status OpenStore(const ServeConfig& cfg, KvManager& kv, std::unique_ptr<Cache>* store,
+                 std::unique_ptr<sched::TierBridge>* tiers) {
+  // Swap preemption keeps preempted KV in the RAM tier, so it turns the store on.
+  if (!cfg.prefix_cache || (cfg.ram_budget.empty() && cfg.disk_dir.empty() && cfg.redis.empty() &&
+                            cfg.preempt != "swap")) {
+    return Status::Ok();
+  }
+  // RAM defaults to 1 GiB once tiers are on. Restores run off the scheduler loop and wait at
+  // most the scheduler's load deadline for slow tiers; what is late is recomputed.
+  CacheOptions co;
+  co.chunk_tokens = cfg.chunk_tokens;
+  auto ram = ParseBytes(cfg.ram_budget.empty() ? "1GiB" : cfg.ram_budget);
+  if (!ram.ok()) return ram.status().WithContext("--ram-budget");
+  co.ram_budget_bytes = *ram;
+  co.disk_dir = cfg.disk_dir;
+  if (!cfg.disk_budget.empty()) {
+    auto disk = ParseBytes(cfg.disk_budget);
+    if (!disk.ok()) return disk.status().WithContext("--disk-budget");
+    co.disk_budget_bytes = *disk;
+  }
+  co.redis_urls = cfg.redis;
+  co.codec = cfg.codec;
+  co.policy = cfg.policy;
+  co.admit_after_hits = static_cast<uint32_t>(cfg.admit_after_hits);
+  co.redis_write =
+      cfg.redis_write == "back" ? RedisWriteMode::kOnEviction : RedisWriteMode::kWriteThrough;
+  co.redis_ttl_seconds = static_cast<uint32_t>(cfg.redis_ttl_s);
+  if (!cfg.tenant_quota.empty()) {
+    auto quota = ParseBytes(cfg.tenant_quota);
+    if (!quota.ok()) return quota.status().WithContext("--tenant-quota");
+    co.default_quota_bytes = *quota;
+  }
+  auto opened = Cache::Open(co);
+  if (!opened.ok()) return opened.status().WithContext("chunk store");
+  CT_RETURN_IF_ERROR(sched::TierBridge::Validate(**opened, kv));
+  *store = std::move(*opened);
+  *tiers = std::make_unique<sched::TierBridge>(kv, **store);
+  CT_LOG(kInfo) << "chunk store: RAM " << FormatBytes(co.ram_budget_bytes)
+                << (co.disk_dir.empty()
+                        ? std::string(", no disk")
+                        : ", disk " + co.disk_dir + " (" + FormatBytes(co.disk_budget_bytes) + ")")
+                << (co.redis_urls.empty()
+                        ? ", no Redis"
+                        : ", Redis " + std::to_string(co.redis_urls.size()) + " URL(s)")
+                << ", chunks of " << co.chunk_tokens << " tokens, codec " << co.codec << ", policy "
+                << co.policy << ", Redis write-" << cfg.redis_write;
+  return Status::Ok();
+}
+
+sched::SchedulerOptions SchedulerOptionsFor(const ServeConfig& cfg) {
+  sched::SchedulerOptions sopt;
+  sopt.max_running = cfg.max_running;
+  sopt.max_queue = cfg.max_queue;
+  sopt.step_tokens = cfg.step_tokens;
+  sopt.prefix_cache = cfg.prefix_cache;
+  sopt.session_ttl_ms = int64_t{cfg.session_ttl_s} * 1000;
+  sopt.load_deadline_ms = cfg.load_deadline_ms;
+  sopt.queue_timeout_ms = int64_t{cfg.queue_timeout_s} * 1000;
+  sopt.max_pinned_fraction = *server::ParseFraction(cfg.max_pinned);  // ValidateConfig checked
+  sopt.max_pin_ttl_ms = int64_t{cfg.max_pin_ttl_s} * 1000;
+  sopt.max_sessions = static_cast<size_t>(cfg.max_sessions);
+  sopt.max_pins = static_cast<size_t>(cfg.max_pins);
+  sopt.max_tenants = static_cast<size_t>(cfg.max_tenants);
+  sopt.order = cfg.sched == "lpm"       ? sched::QueueOrder::kLpm
+               : cfg.sched == "program" ? sched::QueueOrder::kProgram
+                                        : sched::QueueOrder::kFcfs;
+  sopt.preempt = cfg.preempt == "swap" ? sched::PreemptMode::kSwap : sched::PreemptMode::kRecompute;
+  sopt.itl_target_ms = cfg.itl_target_ms;
+  sopt.admission = cfg.admission == "past-future" ? sched::AdmissionPolicy::kPastFuture
+                                                  : sched::AdmissionPolicy::kForecast;
+  return sopt;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) {
+  CT_RETURN_IF_ERROR(CheckStackConfig(cfg));
+  auto st = std::make_unique<ServingStack>();
+  st->config = cfg;
+
+  // 1. The model.
+  std::error_code ec;
+  const auto file_bytes = std::filesystem::file_size(cfg.model, ec);
+  CT_LOG(kInfo) << "loading model " << cfg.model << " ("
+                << (ec ? std::string("size unknown") : FormatBytes(file_bytes)) << ")";
+  Stopwatch sw;
+  CT_ASSIGN_OR_RETURN(st->model, Model::Load(cfg.model));
+  const ModelConfig& mc = st->model->config();
+  CT_LOG(kInfo) << "loaded " << mc.arch_name << ": " << mc.n_layer << " layers, d_model "
+                << mc.d_model << ", vocab " << mc.n_vocab << ", context " << mc.n_ctx_train << ", "
+                << mc.n_params << " parameters in " << sw.Millis() << " ms";
+
+  // 2. The chat template.
+  const bool forced = !cfg.chat_template.empty();
+  if (forced) {
+    CT_ASSIGN_OR_RETURN(auto t, server::ChatTemplate::ByName(cfg.chat_template));
+    st->chat_template = std::make_unique<server::ChatTemplate>(std::move(t));
+  } else {
+    auto jinja = st->model->file().GetString("tokenizer.chat_template");
+    CT_ASSIGN_OR_RETURN(auto t,
+                        server::ChatTemplate::Detect(jinja.ok() ? *jinja : std::string_view()));
+    st->chat_template = std::make_unique<server::ChatTemplate>(std::move(t));
+  }
+  CT_LOG(kInfo) << "chat template: " << st->chat_template->name()
+                << (st->chat_template->name() == "plain" && !forced ? " (the model has none)" : "");
+
+  // 3-4. Engine and KV pool.
+  EngineOptions eo;
+  eo.threads = cfg.threads;
+  eo.kv_type = *ParseKvType(cfg.kv_type);  // CheckStackConfig parsed both
+  st->engine = std::make_unique<Engine>(*st->model, eo);
+  KvManagerOptions ko;
+  ko.shape = st->engine->kv_shape();
+  ko.budget_bytes = *ParseBytes(cfg.kv_budget);
+  if (Status s = KvManager::Validate(ko); !s.ok()) return s.WithContext("--kv-budget");
+  st->kv = std::make_unique<KvManager>(ko);
+  const KvManager::Stats ks = st->kv->GetStats();
+  CT_LOG(kInfo) << "KV pool: " << ks.pages_total << " pages of " << ko.page_tokens << " tokens ("
+                << FormatBytes(ks.bytes_reserved) << ", " << kernels::KvTypeName(eo.kv_type)
+                << "), prefix cache " << (cfg.prefix_cache ? "on" : "off")
+                << "; fingerprinting weights";
+
+  // 5. The tiered chunk store behind the radix index, when any tier is configured.
+  CT_RETURN_IF_ERROR(OpenStore(cfg, *st->kv, &st->store, &st->tiers));
+
+  // 6. The scheduler.
+  st->scheduler = std::make_unique<sched::Scheduler>(*st->engine, *st->kv, SchedulerOptionsFor(cfg),
+                                                     st->tiers.get());
+
+  server::ApiContext& api = st->api;
+  api.model_id =
+      cfg.model_alias.empty() ? std::filesystem::path(cfg.model).stem().string() : cfg.model_alias;
+  api.tokenizer = &st->model->tokenizer();
+  api.chat_template = st->chat_template.get();
+  api.n_vocab = mc.n_vocab;
+  api.n_ctx = mc.n_ctx_train;
+  api.default_max_tokens = cfg.max_tokens;
+  api.max_token_bytes = server::MaxTokenBytes(st->model->tokenizer());
+  api.max_messages = cfg.max_messages;
+  return st;
+}
+
+}  // namespace cachette::cli
