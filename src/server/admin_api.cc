@@ -45,6 +45,7 @@ void HttpServer::CacheStats(httplib::Response& res) {
         {"rejected", st.rejected},
         {"failed", st.failed},
         {"preemptions", st.preemptions},
+        {"reserve_failures", st.reserve_failures},
         {"swapped_out_tokens", st.swapped_out_tokens},
         {"resume_restored_tokens", st.resume_restored_tokens},
         {"deadline_met", st.deadline_met},
