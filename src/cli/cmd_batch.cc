@@ -86,8 +86,7 @@ std::string ResultLine(const Line& l, const std::string& model, const JobResult&
   call.endpoint = l.endpoint;
   const std::string id =
       (l.endpoint == server::Endpoint::kChat ? "chatcmpl-" : "cmpl-") + std::to_string(l.number);
-  // OpenAI knows "stop" and "length" (as the server answers).
-  const std::string finish = r.finish == GenerateResult::Finish::kLength ? "length" : "stop";
+  const std::string finish = server::FinishReasonName(r.finish);
   const json j = {
       {"id", "batch_req_" + std::to_string(l.number)},
       {"custom_id", l.custom_id},

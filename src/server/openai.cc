@@ -353,6 +353,10 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   return call;
 }
 
+const char* FinishReasonName(GenerateResult::Finish finish) {
+  return finish == GenerateResult::Finish::kLength ? "length" : "stop";
+}
+
 Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required,
                                  ErrorDetail* d) {
   PromptRef ref;

@@ -94,6 +94,10 @@ int HttpStatusFor(const Status& s);
 // param and code from `detail` (param null when empty; code the Status code's name when empty).
 std::string ErrorBody(const Status& s, const ErrorDetail& detail = {});
 
+// The OpenAI finish_reason of a finished request: "length" when max_tokens (or the context) cut
+// it, else "stop" (EOS, a stop string; a cancelled request's client is gone anyway).
+const char* FinishReasonName(GenerateResult::Finish finish);
+
 // Response pieces. `id` is "chatcmpl-N" / "cmpl-N"; `created` is Unix seconds.
 nlohmann::json UsageJson(const sched::RequestUsage& u);
 nlohmann::json CompletionJson(const GenerateCall& call, const std::string& id, int64_t created,

@@ -211,8 +211,7 @@ void Absorb(StreamState& st, sched::StreamEvent& e, Metrics& m) {
       break;
     case sched::StreamEvent::Kind::kDone:
       st.finished = true;
-      // OpenAI knows "stop" and "length"; a cancelled request's client is gone anyway.
-      st.finish = e.finish == GenerateResult::Finish::kLength ? "length" : "stop";
+      st.finish = FinishReasonName(e.finish);
       st.usage = e.usage;
       break;
     case sched::StreamEvent::Kind::kError:
