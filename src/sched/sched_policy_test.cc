@@ -50,6 +50,21 @@ TEST(StepCostModelTest, FollowsADriftingCost) {
   EXPECT_NEAR(m.prefill_token_s(), 3e-4, 2e-5) << "old steps are forgotten";
 }
 
+TEST(StepCostModelTest, NeverFitsANegativeCost) {
+  // Steps where more decodes look cheaper (noise, or a machine warming up): the per-decode cost
+  // is dropped, not used negative, and the others still fit.
+  StepCostModel m;
+  for (int i = 0; i < 100; ++i) {
+    const int d = i % 5, p = (i % 3) * 64;
+    m.Observe(d, p, 0.010 - 0.001 * d + 0.0002 * p);
+  }
+  ASSERT_TRUE(m.ready());
+  EXPECT_EQ(m.decode_s(), 0.0);
+  EXPECT_GE(m.fixed_s(), 0.0);
+  EXPECT_NEAR(m.prefill_token_s(), 0.0002, 2e-5);
+  EXPECT_GE(m.Predict(16, 0), m.Predict(0, 0));
+}
+
 // The objective, computed the slow way.
 double Net(const std::vector<double>& d, double tau, double benefit, double hold) {
   double p = 0, held = 0;

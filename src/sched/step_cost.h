@@ -7,7 +7,10 @@
 // (a: fixed cost per Forward and sampling; b: a decode's weights-and-attention share; c: a
 // prompt token's). It is fitted by least squares with exponential forgetting (each new step
 // weighs 1, one k steps old lambda^k), so it follows the context growing and the machine's
-// load. Attention cost that grows with the context is absorbed by the drift of b and c; the
+// load; a cost that comes out negative (the steps seen do not separate a from b) is dropped
+// and the rest refitted. The model is linear where the machine is not: a prompt token costs
+// more in a small chunk than in a large one (smaller matrix products), so c fitted while
+// chunks are small is higher than the engine's bulk prefill rate. Attention cost that grows with the context is absorbed by the drift of b and c; the
 // objective is a target, not a guarantee.
 //
 // PrefillBudget(d, target) = (target - a - b*d) / c, clamped to [min, max]: the prefill tokens
