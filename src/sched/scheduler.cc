@@ -50,6 +50,8 @@ namespace {
 constexpr int64_t kSweepEveryMs = 1000;
 // While requests wait for tier loads and nothing else runs, the loop polls them this often.
 constexpr auto kLoadPoll = std::chrono::milliseconds(1);
+// PickNext: every candidate waits for a page a running request is prefilling.
+constexpr size_t kWaitForPrefill = static_cast<size_t>(-1);
 // A program with no turn for this long is forgotten (its statistics stay in the tool's).
 constexpr int64_t kProgramIdleNs = int64_t{600} * 1000000000;
 // Before the step cost model is ready: what re-prefilling one token is assumed to cost.
@@ -520,7 +522,7 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
 }
 
 size_t Scheduler::PickNext() {
-  if (queue_.size() < 2) return 0;
+  if (queue_.size() < 2 && options_.order != QueueOrder::kLpm) return 0;
   // Earliest deadline first among the front priority's requests that can still meet theirs.
   const int64_t now = NowNanos();
   size_t edf = queue_.size();
@@ -536,17 +538,37 @@ size_t Scheduler::PickNext() {
   // Starvation bound: a request passed over lpm_max_skips times goes next.
   if (queue_.front()->skips >= options_.lpm_max_skips) return 0;
   // Longest cached prefix first, among the requests of the front's priority; ties by arrival.
+  // A request whose next uncached page a running request is prefilling right now waits for it
+  // (the page is committed after that step, see Step) instead of computing it a second time.
   const int priority = queue_.front()->req.priority;
-  size_t best = 0;
+  const int64_t P = kv_.page_tokens();
+  std::vector<const Seq*> prefilling;
+  for (const auto& r : running_) {
+    if (r->state == Seq::State::kPrefill && r->kv && r->kv->n_tokens() < r->prompt_len) {
+      prefilling.push_back(r.get());
+    }
+  }
+  auto in_flight = [&](const Seq& q, int64_t cached) {
+    for (const Seq* r : prefilling) {
+      if (r->ns != q.ns) continue;
+      const size_t n = std::min(q.req.prompt.size(), r->req.prompt.size());
+      size_t common = 0;
+      while (common < n && q.req.prompt[common] == r->req.prompt[common]) ++common;
+      if (static_cast<int64_t>(common) >= cached + P) return true;
+    }
+    return false;
+  };
+  size_t best = queue_.size();
   int64_t best_len = -1;
   for (size_t i = 0; i < queue_.size() && queue_[i]->req.priority == priority; ++i) {
     const Seq& q = *queue_[i];
     const int64_t len = kv_.CachedPrefix(q.ns, q.req.prompt);
-    if (len > best_len) {
+    if (len > best_len && !in_flight(q, len)) {
       best = i;
       best_len = len;
     }
   }
+  if (best == queue_.size()) return kWaitForPrefill;
   for (size_t i = 0; i < best; ++i) ++queue_[i]->skips;
   return best;
 }
@@ -555,6 +577,7 @@ void Scheduler::Admit() {
   if (!admission_dirty_) return;
   while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
     const size_t pick = PickNext();
+    if (pick == kWaitForPrefill) return;  // retried after the next step commits its pages
     Seq& s = *queue_[pick];
     int64_t short_pages = 0;
     if (!Fits(s, &short_pages)) {
@@ -785,7 +808,12 @@ void Scheduler::Step() {
     } else {
       ++step_decodes;
     }
-    if (items[i].logits == Engine::Logits::kNone) continue;
+    if (items[i].logits == Engine::Logits::kNone) {
+      // A prompt part-way through prefill: its full pages are final, so concurrent requests
+      // with the same prefix may share them from now on.
+      if (options_.prefix_cache) kv_.Commit(*s.kv, s.req.prompt);
+      continue;
+    }
     if (s.state == Seq::State::kPrefill) {
       // Prompt complete: share its full pages now; pin it if asked (cache_control).
       s.state = Seq::State::kDecode;

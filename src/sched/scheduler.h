@@ -26,6 +26,8 @@
 // those whose objective (deadline_ms) can still be met; then by QueueOrder: arrival (fcfs),
 // longest cached prefix (lpm), or the arrival of the request's program (program: Continuum's
 // program-level FCFS, so an agent's next turn never waits behind programs that came later).
+// lpm also holds back a request whose next uncached page a running request is prefilling (it
+// waits a step for that page rather than computing it twice), within the same skip bound.
 //
 // Continuum (QueueOrder::kProgram): when a turn of a program ends with a `tool` call, its
 // conversation is pinned for a TTL chosen by ToolTtlEstimator (program_ttl.h) from the tool's
@@ -57,9 +59,10 @@
 //
 // Prefix reuse: KvManager::Start() reuses the longest cached prefix in the request's namespace
 // (KvNamespace: model, KV layout, RoPE, adapter, cache_salt: one value for the radix index, the
-// tiers and the admin API), then the PrefixSource may restore more; the prompt's
-// full pages are committed after prefill (concurrent requests share them) and everything is
-// committed when the request finishes (later requests hit).
+// tiers and the admin API), then the PrefixSource may restore more; the prompt's full pages
+// are committed after every prefill chunk (concurrent requests share them while the rest is
+// still being computed) and everything is committed when the request finishes (later
+// requests hit).
 //
 // Thread-safety: Submit, Stats, Drain and the accessors are safe from any thread; the engine
 // is touched by the loop thread only.

@@ -434,6 +434,28 @@ TEST_F(SchedulerTest, LpmAdmitsTheCachedPrefixFirstWithinItsBound) {
   }
 }
 
+TEST_F(SchedulerTest, LpmWaitsForAPrefixBeingPrefilledInsteadOfComputingItTwice) {
+  SchedulerOptions so;
+  so.max_running = 4;
+  so.step_tokens = 16;  // a page per step: the shared prefix takes several steps
+  so.order = QueueOrder::kLpm;
+  Build(512, so);
+  std::string shared;
+  for (const char* p : kPrompts) shared += std::string(p) + " ";
+  const std::vector<TokenId> a = Text(shared + "First question");
+  const std::vector<TokenId> b = Text(shared + "Second question");
+  ASSERT_GT(a.size(), 64u);
+  auto sa = sched_->Submit(Req(a, 4));
+  auto sb = sched_->Submit(Req(b, 4));  // same burst: both wait in the queue together
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  const Collected ca = Collect(**sa), cb = Collect(**sb);
+  ASSERT_EQ(cb.last.kind, StreamEvent::Kind::kDone);
+  EXPECT_EQ(ca.tokens, Reference(a, 4));
+  EXPECT_EQ(cb.tokens, Reference(b, 4));
+  // b waited while a prefilled the shared part, then reused its committed pages.
+  EXPECT_GE(cb.last.usage.cached_tokens, 48) << "the shared prefix was computed once";
+}
+
 TEST_F(SchedulerTest, PastFutureAdmitsMoreThanTheWorstCaseAndPreemptsExactly) {
   SchedulerOptions so;
   so.max_running = 4;
