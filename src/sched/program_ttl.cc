@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/map_util.h"
+
 namespace cachette::sched {
 
 void ToolTtlEstimator::Observe(const std::string& tool, double seconds) {
@@ -10,10 +12,7 @@ void ToolTtlEstimator::Observe(const std::string& tool, double seconds) {
   auto it = tools_.find(tool);
   if (it == tools_.end()) {
     if (tools_.size() >= std::max<size_t>(1, o_.max_tools)) {
-      auto oldest = std::min_element(tools_.begin(), tools_.end(), [](const auto& a, const auto& b) {
-        return a.second.last_use < b.second.last_use;
-      });
-      tools_.erase(oldest);
+      EraseSmallest(tools_, &Tool::last_use);
     }
     it = tools_.emplace(tool, Tool{}).first;
   }

@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "core/check.h"
+#include "core/map_util.h"
 #include "core/log.h"
 #include "core/timer.h"
 #include "engine/sampler.h"
@@ -109,10 +110,7 @@ void Scheduler::RememberTenant(const std::string& cache_salt, const Hash128& ns)
   // Bounded: past max_tenants the least recently used tenant is forgotten (its cached pages
   // stay until evicted; ClearAll no longer reaches it by name, but Clear of its salt still does).
   if (tenants_.size() >= std::max<size_t>(1, options_.max_tenants)) {
-    auto oldest = std::min_element(tenants_.begin(), tenants_.end(), [](const auto& a, const auto& b) {
-      return a.second.last_used_ms < b.second.last_used_ms;
-    });
-    tenants_.erase(oldest);
+    EraseSmallest(tenants_, &Tenant::last_used_ms);
   }
   tenants_.emplace(cache_salt, Tenant{ns, now_ms});
 }
@@ -312,7 +310,6 @@ void Scheduler::ProgramArrived(Seq& s) {
   Program& p = it->second;
   if (fresh) p.first_ns = s.submit_ns;
   p.last_seen_ns = s.submit_ns;
-  ++p.turns;
   if (options_.order == QueueOrder::kProgram) s.program_ns = p.first_ns;
   if (!p.last_tool.empty() && p.last_end_ns > 0) {
     // The tool call took from the end of the last turn to this arrival.
@@ -343,7 +340,8 @@ void Scheduler::ProgramTurnEnded(Seq& s, std::span<const TokenId> kept) {
   if (options_.order != QueueOrder::kProgram || !options_.prefix_cache || kept.empty()) return;
   // A program named by its session_id shares the session's pin; otherwise it has its own.
   const bool is_session = s.req.program_id.empty();
-  const std::string key = is_session ? s.req.session_id : std::string(kProgramPinPrefix) + s.req.program_id;
+  const std::string key =
+      is_session ? s.req.session_id : std::string(kProgramPinPrefix) + s.req.program_id;
   if (s.req.tool.empty()) {
     // The program ended (or is an ordinary chat): a session keeps its fixed TTL (Finish pinned
     // it), a program's pin goes; its KV stays cached until evicted.
@@ -352,8 +350,8 @@ void Scheduler::ProgramTurnEnded(Seq& s, std::span<const TokenId> kept) {
   }
   const KvManager::Stats ks = kv_.GetStats();
   const double total = std::max<double>(1, ks.pages_total);
-  const double pages = static_cast<double>((static_cast<int64_t>(kept.size()) +
-                                            kv_.page_tokens() - 1) / kv_.page_tokens());
+  const double pages =
+      static_cast<double>(CeilDiv(static_cast<int64_t>(kept.size()), kv_.page_tokens()));
   const double others = static_cast<double>(running_.size() + queue_.size()) - 1;
   const double utilisation = static_cast<double>(ks.pages_used) / total;
   const double hold_rate = pages / total * std::max(0.0, others) * utilisation;
@@ -378,10 +376,7 @@ void Scheduler::ForgetIdlePrograms(int64_t now_ns) {
   });
   // Bounded like sessions: past max_sessions programs, the least recently seen go.
   while (programs_.size() > std::max<size_t>(1, options_.max_sessions)) {
-    auto oldest = std::min_element(programs_.begin(), programs_.end(), [](const auto& a, const auto& b) {
-      return a.second.last_seen_ns < b.second.last_seen_ns;
-    });
-    programs_.erase(oldest);
+    EraseSmallest(programs_, &Program::last_seen_ns);
   }
 }
 
@@ -592,13 +587,7 @@ void Scheduler::Admit() {
     if (s.resumed) {
       // A preempted request: restore what memory lost from the tiers (swap), prefill the rest,
       // then decode on.
-      s.state = Seq::State::kPrefill;
-      if (options_.prefix_cache) {
-        s.load = source_->StartLoad(s.ns, s.req.prompt, s.kv->n_tokens(),
-                                    std::chrono::steady_clock::now() +
-                                        std::chrono::milliseconds(options_.load_deadline_ms));
-        if (s.load != nullptr) s.state = Seq::State::kLoading;
-      }
+      StartTierLoad(s);
       running_.push_back(std::move(queue_[pick]));
       queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(pick));
       continue;
@@ -614,14 +603,7 @@ void Scheduler::Admit() {
     s.sampler = std::make_unique<Sampler>(s.req.gen.sampling);
     s.detok = std::make_unique<StreamingDetokenizer>(engine_.model().tokenizer());
     for (const auto& stop : s.req.gen.stop) s.max_stop = std::max(s.max_stop, stop.size());
-    s.state = Seq::State::kPrefill;
-    if (options_.prefix_cache) {
-      // The tiers are asked off this thread; the request waits in kLoading meanwhile.
-      s.load = source_->StartLoad(
-          s.ns, s.req.prompt, s.kv->n_tokens(),
-          std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms));
-      if (s.load != nullptr) s.state = Seq::State::kLoading;
-    }
+    StartTierLoad(s);
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.prompt_tokens += static_cast<uint64_t>(s.prompt_len);
@@ -630,6 +612,16 @@ void Scheduler::Admit() {
     running_.push_back(std::move(queue_[pick]));
     queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(pick));
   }
+}
+
+void Scheduler::StartTierLoad(Seq& s) {
+  s.state = Seq::State::kPrefill;
+  if (!options_.prefix_cache) return;
+  // The tiers are asked off this thread; the request waits in kLoading meanwhile.
+  s.load = source_->StartLoad(
+      s.ns, s.req.prompt, s.kv->n_tokens(),
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms));
+  if (s.load != nullptr) s.state = Seq::State::kLoading;
 }
 
 void Scheduler::ExpireQueued() {
@@ -656,22 +648,13 @@ void Scheduler::PollLoads() {
     if (s.state != Seq::State::kLoading) continue;
     LoadProgress p = source_->ApplyLoad(*s.load, *s.kv);
     s.tier_tokens = std::max(s.tier_tokens, p.tier_tokens);
-    if (s.resumed) {
-      // A preempted request: its usage was accounted at its first admission.
-      uint64_t back = 0;
-      for (const TierTokens& t : p.added) back += static_cast<uint64_t>(std::max<int64_t>(0, t.tokens));
-      if (back > 0) {
-        std::lock_guard<std::mutex> lock(mu_);
-        stats_.resume_restored_tokens += back;
-      }
-      if (p.done) {
-        s.load.reset();
-        s.state = Seq::State::kPrefill;
-      }
-      continue;
-    }
     uint64_t restored = 0;
     for (TierTokens& t : p.added) {
+      if (s.resumed) {
+        // A preempted request: its usage was accounted at its first admission.
+        restored += static_cast<uint64_t>(std::max<int64_t>(0, t.tokens));
+        continue;
+      }
       // Usage counts at most prompt_len - 1 cached tokens (the last one is always recomputed).
       t.tokens = std::min(t.tokens, s.prompt_len - 1 - s.usage.cached_tokens);
       if (t.tokens <= 0) continue;
@@ -687,8 +670,12 @@ void Scheduler::PollLoads() {
     }
     if (restored > 0) {
       std::lock_guard<std::mutex> lock(mu_);
-      stats_.restored_tokens += restored;
-      stats_.cached_tokens += restored;
+      if (s.resumed) {
+        stats_.resume_restored_tokens += restored;
+      } else {
+        stats_.restored_tokens += restored;
+        stats_.cached_tokens += restored;
+      }
     }
     if (p.done) {
       s.load.reset();

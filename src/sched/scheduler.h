@@ -202,6 +202,9 @@ class Scheduler {
   void ExpireQueued();
   size_t PickNext();  // index in queue_ of the request to admit next
   void Admit();
+  // Admitted `s` (fresh or resumed) starts its restore from the tiers (kLoading) or, with
+  // nothing to load, goes straight to kPrefill.
+  void StartTierLoad(Seq& s);
   SeqLoad LoadOf(const Seq& s) const;
   void Preempt(Seq& victim);  // loop thread; the victim moves to the queue at Requeue
   // Preempts running requests `s` outranks, lowest first, when they free `short_pages`.
@@ -240,7 +243,6 @@ class Scheduler {
     int64_t last_end_ns = 0;     // end of its last turn (0: one is running)
     std::string last_tool;       // the tool that turn called
     double pin_ttl_s = 0;        // the pin it got
-    uint64_t turns = 0;
   };
   std::unordered_map<std::string, Program> programs_;  // loop thread only
   double queue_delay_s_ = 0;  // moving mean of queueing delays (loop thread)

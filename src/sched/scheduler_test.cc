@@ -62,7 +62,10 @@ Collected Collect(RequestStream& s) {
 
 class SchedulerTest : public ::testing::Test {
  protected:
-  void Build(size_t pages, SchedulerOptions so, PrefixSource* source = nullptr) {
+  // A scheduler over `pages` pages of 16 tokens. `source` (borrowed) sits behind the radix
+  // index; or, with ram_tier, a RAM-only chunk store (chunks of 32 tokens) through a TierBridge.
+  void Build(size_t pages, SchedulerOptions so, PrefixSource* source = nullptr,
+             bool ram_tier = false) {
     EngineOptions eo;
     eo.threads = 2;
     eo.kv_type = KvType::kF32;
@@ -73,10 +76,32 @@ class SchedulerTest : public ::testing::Test {
     ko.page_tokens = 16;
     ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * pages;
     kv_ = std::make_unique<KvManager>(ko);
+    if (ram_tier) {
+      CacheOptions co;
+      co.chunk_tokens = 32;
+      co.ram_budget_bytes = 64 << 20;
+      auto c = Cache::Open(co);
+      CT_CHECK(c.ok()) << c.status().ToString();
+      store_ = std::move(*c);
+      bridge_ = std::make_unique<TierBridge>(*kv_, *store_);
+      source = bridge_.get();
+    }
     sched_ = std::make_unique<Scheduler>(*engine_, *kv_, so, source);
+  }
+  // A long request that has started streaming, so the requests submitted next wait for it.
+  std::shared_ptr<RequestStream> Blocker(int n = 30) {
+    SchedRequest r = Req(Text("Once upon a time"), n);
+    r.gen.ignore_eos = true;
+    auto st = sched_->Submit(std::move(r));
+    CT_CHECK(st.ok()) << st.status().ToString();
+    StreamEvent e;
+    CT_CHECK((*st)->Next(&e, std::chrono::milliseconds(30000)));
+    return *st;
   }
   void TearDown() override {
     sched_.reset();
+    bridge_.reset();
+    store_.reset();
     kv_.reset();
     engine_.reset();
     ref_engine_.reset();
@@ -101,6 +126,8 @@ class SchedulerTest : public ::testing::Test {
 
   std::unique_ptr<Engine> engine_, ref_engine_;
   std::unique_ptr<KvManager> kv_;
+  std::unique_ptr<Cache> store_;
+  std::unique_ptr<TierBridge> bridge_;
   std::unique_ptr<Scheduler> sched_;
 };
 
@@ -535,12 +562,7 @@ TEST_F(SchedulerTest, DeadlinesGoFirstWhileTheyCanBeMet) {
   SchedulerOptions so;
   so.max_running = 1;
   Build(512, so);
-  SchedRequest b = Req(Text("Once upon a time"), 30);
-  b.gen.ignore_eos = true;
-  auto blocker = sched_->Submit(std::move(b));
-  ASSERT_TRUE(blocker.ok());
-  StreamEvent e;
-  ASSERT_TRUE((*blocker)->Next(&e, std::chrono::milliseconds(30000)));
+  auto blocker = Blocker();
   auto plain = sched_->Submit(Req(Text("A dictionary defines the word"), 4));
   SchedRequest d = Req(Text("The history of the"), 4);
   d.deadline_ms = 60000;
@@ -549,7 +571,7 @@ TEST_F(SchedulerTest, DeadlinesGoFirstWhileTheyCanBeMet) {
   m.deadline_ms = 1;  // already missed when admission comes: no precedence
   auto missed = sched_->Submit(std::move(m));
   ASSERT_TRUE(plain.ok() && urgent.ok() && missed.ok());
-  Collect(**blocker);
+  Collect(*blocker);
   const Collected p = Collect(**plain), u = Collect(**urgent), x = Collect(**missed);
   EXPECT_LT(u.last.usage.queue_seconds, p.last.usage.queue_seconds) << "EDF within a priority";
   EXPECT_LT(p.last.usage.queue_seconds, x.last.usage.queue_seconds) << "then arrival order";
@@ -558,73 +580,49 @@ TEST_F(SchedulerTest, DeadlinesGoFirstWhileTheyCanBeMet) {
   EXPECT_EQ(st.deadline_missed, 1u);
 }
 
-// A RAM-only chunk store behind the scheduler, for swap preemption.
-std::unique_ptr<Cache> RamStore() {
-  CacheOptions o;
-  o.chunk_tokens = 32;
-  o.ram_budget_bytes = 64 << 20;
-  auto c = Cache::Open(o);
-  CT_CHECK(c.ok()) << c.status().ToString();
-  return std::move(*c);
-}
-
 TEST_F(SchedulerTest, PriorityPreemptsAndTheVictimResumesExactly) {
   for (PreemptMode mode : {PreemptMode::kRecompute, PreemptMode::kSwap}) {
     SCOPED_TRACE(mode == PreemptMode::kSwap ? "swap" : "recompute");
     SchedulerOptions so;
     so.max_running = 4;
     so.preempt = mode;
-    std::unique_ptr<Cache> store = RamStore();
-    EngineOptions eo;
-    eo.threads = 2;
-    eo.kv_type = KvType::kF32;
-    Engine probe(Trained(), eo);
-    KvManagerOptions ko;
-    ko.shape = probe.kv_shape();
-    ko.page_tokens = 16;
-    ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 12;
-    KvManager kv(ko);
-    TierBridge bridge(kv, *store);
-    ref_engine_ = std::make_unique<Engine>(Trained(), eo);
-    {
-      Scheduler sched(probe, kv, so, &bridge);
-      // Low priority, long: 8 pages at most; it runs alone first.
-      const std::vector<TokenId> low_prompt = Text(std::string(kPrompts[1]) + " " + kPrompts[4]);
-      SchedRequest lo = Req(low_prompt, 80, "lo");
-      lo.gen.ignore_eos = true;
-      auto low = sched.Submit(std::move(lo));
-      ASSERT_TRUE(low.ok());
-      StreamEvent e;
-      for (int i = 0; i < 40; ++i) ASSERT_TRUE((*low)->Next(&e, std::chrono::milliseconds(30000)));
-      // High priority, 10 pages at most: it needs most of the low one's pages, so the victim
-      // loses some of its cached KV while it waits (a swap brings them back from RAM).
-      SchedRequest hi = Req(Text(kPrompts[2]), 140, "hi");
-      hi.gen.ignore_eos = true;
-      hi.priority = 5;
-      auto high = sched.Submit(std::move(hi));
-      ASSERT_TRUE(high.ok());
-      const Collected h = Collect(**high);
-      Collected l = Collect(**low);
-      ASSERT_EQ(h.last.kind, StreamEvent::Kind::kDone) << h.last.error.ToString();
-      ASSERT_EQ(l.last.kind, StreamEvent::Kind::kDone) << l.last.error.ToString();
-      EXPECT_EQ(h.tokens, Reference(Text(kPrompts[2]), 140, true));
-      EXPECT_EQ(l.tokens.size(), 40u);
-      const std::vector<TokenId> ref = Reference(low_prompt, 80, true);
-      EXPECT_TRUE(std::equal(l.tokens.begin(), l.tokens.end(), ref.begin() + 40))
-          << "the resumed request continues exactly";
-      EXPECT_EQ(l.last.usage.completion_tokens, 80);
-      EXPECT_LT(h.last.usage.ttft_seconds, 5.0);
-      const SchedulerStats st = sched.Stats();
-      EXPECT_GE(st.preemptions, 1u);
-      EXPECT_EQ(st.failed, 0u);
-      if (mode == PreemptMode::kSwap) {
-        EXPECT_GE(st.swapped_out_tokens, 64u) << "the victim's full chunks went to RAM";
-        EXPECT_GT(st.resume_restored_tokens, 0u) << "and came back from there";
-      } else {
-        EXPECT_EQ(st.swapped_out_tokens, 0u);
-      }
+    Build(12, so, nullptr, /*ram_tier=*/true);  // both modes have the RAM tier: only swap differs
+    // Low priority, long: 8 pages at most; it runs alone first.
+    const std::vector<TokenId> low_prompt = Text(std::string(kPrompts[1]) + " " + kPrompts[4]);
+    SchedRequest lo = Req(low_prompt, 80, "lo");
+    lo.gen.ignore_eos = true;
+    auto low = sched_->Submit(std::move(lo));
+    ASSERT_TRUE(low.ok());
+    StreamEvent e;
+    for (int i = 0; i < 40; ++i) ASSERT_TRUE((*low)->Next(&e, std::chrono::milliseconds(30000)));
+    // High priority, 10 pages at most: it needs most of the low one's pages, so the victim
+    // loses some of its cached KV while it waits (a swap brings them back from RAM).
+    SchedRequest hi = Req(Text(kPrompts[2]), 140, "hi");
+    hi.gen.ignore_eos = true;
+    hi.priority = 5;
+    auto high = sched_->Submit(std::move(hi));
+    ASSERT_TRUE(high.ok());
+    const Collected h = Collect(**high);
+    Collected l = Collect(**low);
+    ASSERT_EQ(h.last.kind, StreamEvent::Kind::kDone) << h.last.error.ToString();
+    ASSERT_EQ(l.last.kind, StreamEvent::Kind::kDone) << l.last.error.ToString();
+    EXPECT_EQ(h.tokens, Reference(Text(kPrompts[2]), 140, true));
+    EXPECT_EQ(l.tokens.size(), 40u);
+    const std::vector<TokenId> ref = Reference(low_prompt, 80, true);
+    EXPECT_TRUE(std::equal(l.tokens.begin(), l.tokens.end(), ref.begin() + 40))
+        << "the resumed request continues exactly";
+    EXPECT_EQ(l.last.usage.completion_tokens, 80);
+    EXPECT_LT(h.last.usage.ttft_seconds, 5.0);
+    const SchedulerStats st = sched_->Stats();
+    EXPECT_GE(st.preemptions, 1u);
+    EXPECT_EQ(st.failed, 0u);
+    if (mode == PreemptMode::kSwap) {
+      EXPECT_GE(st.swapped_out_tokens, 64u) << "the victim's full chunks went to RAM";
+      EXPECT_GT(st.resume_restored_tokens, 0u) << "and came back from there";
+    } else {
+      EXPECT_EQ(st.swapped_out_tokens, 0u);
     }
-    ref_engine_.reset();
+    TearDown();
   }
 }
 
@@ -650,15 +648,10 @@ TEST_F(SchedulerTest, ProgramOrderAndToolPins) {
     pinned |= i.session == std::string("\x01program:P") && i.tokens > 0;
   }
   EXPECT_TRUE(pinned) << "the paused program's KV is pinned for the tool call";
-  SchedRequest b = Req(Text("Once upon a time"), 30);
-  b.gen.ignore_eos = true;
-  auto blocker = sched_->Submit(std::move(b));
-  ASSERT_TRUE(blocker.ok());
-  StreamEvent e;
-  ASSERT_TRUE((*blocker)->Next(&e, std::chrono::milliseconds(30000)));
+  auto blocker = Blocker();
   auto newcomer = turn("Q", "A dictionary defines the word", "", 4);  // a program after P
   auto p2 = turn("P", first + " of modules", "", 4);                   // P's next turn
-  Collect(**blocker);
+  Collect(*blocker);
   const Collected q = Collect(*newcomer), second = Collect(*p2);
   EXPECT_LT(second.last.usage.queue_seconds, q.last.usage.queue_seconds)
       << "program-level FCFS: P arrived before Q";

@@ -224,7 +224,6 @@ LoadProgress TierBridge::RestoreNow(PagedSequence& seq, std::span<const TokenId>
 
 int64_t TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens,
                          int64_t skip_tokens) {
-  last_saved_chunks_ = 0;
   const int64_t C = chunk_tokens_;
   const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.n_tokens());
   const size_t first = static_cast<size_t>(std::max<int64_t>(0, skip_tokens) / C);
@@ -245,7 +244,6 @@ int64_t TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens,
     CT_LOG(kWarning) << "tier save failed: " << s.ToString();
     return skip_tokens;
   }
-  last_saved_chunks_ = last - first;
   return static_cast<int64_t>(last) * C;
 }
 

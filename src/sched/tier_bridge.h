@@ -57,8 +57,6 @@ class TierBridge final : public PrefixSource {
   // Returns the tokens added per tier (summed) and tier_tokens.
   LoadProgress RestoreNow(PagedSequence& seq, std::span<const TokenId> prompt,
                           SteadyTime deadline);
-  // Chunks handed to the store by the last Save (for tests and tools).
-  size_t last_saved_chunks() const { return last_saved_chunks_; }
   Cache& cache() { return cache_; }
 
  private:
@@ -68,7 +66,6 @@ class TierBridge final : public PrefixSource {
   KvManager& kv_;
   Cache& cache_;
   const int chunk_tokens_;
-  size_t last_saved_chunks_ = 0;  // loop thread only
   // Declared last: destroyed (drained and joined) first, while the members above are alive.
   std::unique_ptr<cache::ThreadExecutor> lookups_;
 };

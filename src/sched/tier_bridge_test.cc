@@ -113,8 +113,7 @@ TEST_P(TierBridgeTest, RestoredFromRamAndDiskEqualsCold) {
     EXPECT_EQ(Added(r), 0);
     const Out first = Greedy(engine, *seq, prompt, n_gen);
     EXPECT_EQ(first.tokens, cold.tokens);
-    tiers.Save(*seq, prompt, 0);
-    EXPECT_EQ(tiers.last_saved_chunks(), 3u);
+    EXPECT_EQ(tiers.Save(*seq, prompt, 0), 3 * 32) << "three chunks of 32 tokens";
     ASSERT_TRUE(cache->Flush().ok());
 
     // A fresh radix index (as after its pages were evicted): restored from RAM.
@@ -213,8 +212,7 @@ TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
         }
       }
       seq->SetTokens(n);
-      bridge.Save(*seq, prompt, 0);
-      EXPECT_EQ(bridge.last_saved_chunks(), 3u);
+      EXPECT_EQ(bridge.Save(*seq, prompt, 0), 3 * 32) << "three chunks of 32 tokens";
     }
     ASSERT_TRUE((*cache)->Flush().ok());
   }
