@@ -89,7 +89,7 @@ TEST(OpenAiTest, ParsesAChatRequest) {
       R"({"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":5,
           "temperature":0,"stream":true,"stream_options":{"include_usage":true},
           "cache_salt":"t1","priority":3,"session_id":"s","cache_control":{"ttl":"2m"},
-          "stop":["\n\n"]})",
+          "stop":["\n\n"],"deadline_ms":1500,"program_id":"agent-7","tool":"search"})",
       Endpoint::kChat, Ctx());
   ASSERT_TRUE(call.ok()) << call.status().ToString();
   EXPECT_TRUE(call->stream);
@@ -98,6 +98,9 @@ TEST(OpenAiTest, ParsesAChatRequest) {
   EXPECT_EQ(call->request.cache_salt, "t1");
   EXPECT_EQ(call->request.priority, 3);
   EXPECT_EQ(call->request.pin_ttl_ms, 120000);
+  EXPECT_EQ(call->request.deadline_ms, 1500);
+  EXPECT_EQ(call->request.program_id, "agent-7");
+  EXPECT_EQ(call->request.tool, "search");
   EXPECT_EQ(call->request.gen.stop.size(), 2u);  // "\n\n" and the plain template's "\nUser:"
 }
 
@@ -186,6 +189,15 @@ TEST(OpenAiTest, RejectsOverlongIdsAndPromptsBeforeTokenizingAndNamesTheField) {
            {"role":"user","content":"c"},{"role":"user","content":"d"}]})",
        Endpoint::kChat, "messages", "InvalidArgument"},
       {R"({"prompt":"hi","top_p":7})", Endpoint::kCompletion, "top_p", "InvalidArgument"},
+      {R"({"prompt":"hi","program_id":")" + salt + "\"}", Endpoint::kCompletion, "program_id",
+       "InvalidArgument"},
+      {R"({"prompt":"hi","tool":")" + salt + "\"}", Endpoint::kCompletion, "tool",
+       "InvalidArgument"},
+      {R"({"prompt":"hi","tool":7})", Endpoint::kCompletion, "tool", "InvalidArgument"},
+      {R"({"prompt":"hi","deadline_ms":0})", Endpoint::kCompletion, "deadline_ms",
+       "InvalidArgument"},
+      {R"({"prompt":"hi","deadline_ms":"soon"})", Endpoint::kCompletion, "deadline_ms",
+       "InvalidArgument"},
       {R"({"prompt":"hi","model":"other"})", Endpoint::kCompletion, "model", "model_not_found"},
   };
   for (const auto& c : cases) {
@@ -366,6 +378,11 @@ max_messages = 16
       {"api_key = [\"has space\"]", "--api-key"},
       {"max_body = \"1\"", "--max-body"},
       {"admit_after_hits = -1", "--admit-after-hits"},
+      {"sched = \"sjf\"", "--sched"},
+      {"preempt = \"drop\"", "--preempt"},
+      {"preempt = \"swap\"\nprefix_cache = false", "--preempt"},
+      {"itl_target_ms = -1", "--itl-target-ms"},
+      {"itl_target_ms = 60001", "--itl-target-ms"},
   };
   for (const auto& b : bad) {
     ServeConfig x;
