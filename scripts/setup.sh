@@ -11,6 +11,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libxxhash-dev libzstd-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev
   libhiredis-dev redis-server liburing-dev libtomlplusplus-dev
+  libzmq3-dev libmsgpack-dev
   python3 python3-matplotlib
   dpkg-dev file
   libicu-dev

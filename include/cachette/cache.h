@@ -38,6 +38,7 @@ namespace cachette {
 namespace cache {
 class Tier;
 }  // namespace cache
+class KvEventSink;  // core/kv_events.h (not installed: engine authors leave event_sink null)
 
 using cache::ChunkLayout;
 
@@ -88,6 +89,10 @@ struct CacheOptions {
   int load_threads = 2;
   // Clock for pin TTLs (nanoseconds, monotonic); empty = steady_clock. Tests inject one.
   std::function<int64_t()> now_nanos;
+  // Where the store reports chunks entering and leaving RAM, disk and (the writes and erases
+  // of this process) Redis, as KV events (core/kv_events.h); borrowed, must outlive the Cache.
+  // Null = no events.
+  KvEventSink* event_sink = nullptr;
 };
 
 // Which leading tokens of a sequence the cache holds.

@@ -7,7 +7,7 @@
 #include <exception>
 #include <utility>
 
-#include "bench_client/soak.h"  // PrometheusValue: one reader of the text format for both
+#include "core/prometheus.h"
 #include "core/check.h"
 
 namespace cachette::bench_client {

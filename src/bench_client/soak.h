@@ -31,6 +31,7 @@
 
 #include "bench_client/openai_client.h"
 #include "bench_client/workload.h"
+#include "core/prometheus.h"
 #include "cachette/status.h"
 
 namespace cachette::bench_client {
@@ -222,10 +223,6 @@ struct RssSummary {
 };
 RssSummary SummarizeRss(const std::vector<RssSample>& samples);
 
-// The value of the first sample line of a Prometheus text exposition whose name and labels
-// are exactly `series` (e.g. `cachette_kv_pages{state="used"}` or `cachette_pins`); nullopt
-// when absent or unparsable.
-std::optional<double> PrometheusValue(std::string_view text, std::string_view series);
 
 // "45", "45s", "10m", "2h", "1.5m": seconds (> 0). kInvalidArgument otherwise.
 Result<double> ParseDurationSeconds(std::string_view text);

@@ -35,25 +35,39 @@ void PutU64(std::byte* p, uint64_t v) {
 }
 }  // namespace
 
+namespace {
+// Serializes one chain step into `buf` (32 + 4 * tokens.size() bytes) and hashes it.
+ChunkKey ChainStep(std::vector<std::byte>& buf, const ChunkKey& prev, const Hash128& ns,
+                   std::span<const TokenId> tokens) {
+  buf.resize(32 + 4 * tokens.size());
+  PutU64(buf.data(), prev.lo);
+  PutU64(buf.data() + 8, prev.hi);
+  PutU64(buf.data() + 16, ns.lo);
+  PutU64(buf.data() + 24, ns.hi);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const uint32_t t = static_cast<uint32_t>(tokens[i]);
+    std::byte* p = buf.data() + 32 + 4 * i;
+    for (int b = 0; b < 4; ++b) p[b] = static_cast<std::byte>(t >> (8 * b));
+  }
+  return Hash128Of(ByteSpan(buf.data(), buf.size()));
+}
+}  // namespace
+
+ChunkKey NextChunkKey(const ChunkKey& prev, const Hash128& ns, std::span<const TokenId> tokens) {
+  std::vector<std::byte> buf;
+  return ChainStep(buf, prev, ns, tokens);
+}
+
 std::vector<ChunkKey> ComputeChunkKeys(const Hash128& ns, std::span<const TokenId> tokens,
                                        int chunk_tokens) {
   std::vector<ChunkKey> keys;
   if (chunk_tokens <= 0) return keys;
   const size_t n_chunks = tokens.size() / chunk_tokens;
   keys.reserve(n_chunks);
-  std::vector<std::byte> buf(32 + 4 * static_cast<size_t>(chunk_tokens));
+  std::vector<std::byte> buf;
   ChunkKey prev{};  // zero before the first chunk
   for (size_t c = 0; c < n_chunks; ++c) {
-    PutU64(buf.data(), prev.lo);
-    PutU64(buf.data() + 8, prev.hi);
-    PutU64(buf.data() + 16, ns.lo);
-    PutU64(buf.data() + 24, ns.hi);
-    for (int i = 0; i < chunk_tokens; ++i) {
-      const uint32_t t = static_cast<uint32_t>(tokens[c * chunk_tokens + i]);
-      std::byte* p = buf.data() + 32 + 4 * i;
-      for (int b = 0; b < 4; ++b) p[b] = static_cast<std::byte>(t >> (8 * b));
-    }
-    prev = Hash128Of(ByteSpan(buf.data(), buf.size()));
+    prev = ChainStep(buf, prev, ns, tokens.subspan(c * chunk_tokens, chunk_tokens));
     keys.push_back(prev);
   }
   return keys;

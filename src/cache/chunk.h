@@ -44,6 +44,10 @@ struct NamespaceSpec {
 // change of the serialization changes every id rather than aliasing old ones).
 Hash128 NamespaceId(const NamespaceSpec& spec);
 
+// The key of the block `tokens` that follows the block keyed `prev` (zero before the first):
+// the chain step above. Radix pages (KV events) use it with page-sized blocks.
+ChunkKey NextChunkKey(const ChunkKey& prev, const Hash128& ns, std::span<const TokenId> tokens);
+
 // Keys of the full chunks of `tokens` (a trailing partial chunk gets no key).
 std::vector<ChunkKey> ComputeChunkKeys(const Hash128& ns, std::span<const TokenId> tokens,
                                        int chunk_tokens);

@@ -28,6 +28,7 @@ Result<std::unique_ptr<TieredStore>> TieredStore::Create(const CacheOptions& opt
                            " not in 1.." + std::to_string(kRecordMaxTokens));
   }
   std::unique_ptr<TieredStore> s(new TieredStore(options));
+  s->index_.SetEventSink(options.event_sink);  // before the disk's survivors are indexed
   CT_ASSIGN_OR_RETURN(s->policy_, ParsePolicy(options.policy));
   if (options.codec != "raw") {
     CT_ASSIGN_OR_RETURN(s->codec_, MakeCodec(options.codec));
@@ -203,8 +204,19 @@ Status TieredStore::Erase(std::span<const TokenId> tokens, const Hash128& ns) {
   }
   if (remote_ != nullptr) {
     for (const ChunkKey& k : keys) (void)remote_->EraseIn(ns, k);
+    EmitRemote(KvEvent::Kind::kRemoved, keys);
   }
   return result;
+}
+
+void TieredStore::EmitRemote(KvEvent::Kind kind, const std::vector<ChunkKey>& keys) {
+  if (options_.event_sink == nullptr || keys.empty()) return;
+  KvEvent ev;
+  ev.kind = kind;
+  ev.medium = KvMedium::kRedis;
+  for (const ChunkKey& k : keys) ev.block_hashes.push_back(KvBlockHash(k));
+  ev.block_size = chunk_tokens_;
+  options_.event_sink->Emit(std::move(ev));
 }
 
 Status TieredStore::Clear(const Hash128& ns) {
@@ -234,6 +246,8 @@ Status TieredStore::Clear(const Hash128& ns) {
     } else if (!s.ok() && result.ok()) {
       result = s.WithContext("cache clear: remote tier");
     }
+    // Only the keys this process wrote are known here; other writers' go unreported.
+    EmitRemote(KvEvent::Kind::kRemoved, remote_keys);
   }
   return result;
 }

@@ -150,6 +150,8 @@ class TieredStore final : public Cache {
                 SharedBytes* raw_record, bool trusted);
   void Promote(const ChunkRequest& r, const SharedBytes& raw_record);
   void RecordLatency(int64_t start_ns);
+  // Reports `keys` stored in or removed from Redis by this process (no-op without a sink).
+  void EmitRemote(KvEvent::Kind kind, const std::vector<ChunkKey>& keys);
 
   const CacheOptions options_;
   const int chunk_tokens_;

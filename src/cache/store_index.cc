@@ -31,6 +31,7 @@ StoreEntry& StoreIndex::FindOrCreate(const ChunkKey& key, const Hash128& ns, uin
   auto [it, fresh] = entries_.try_emplace(key);
   StoreEntry& e = it->second;
   if (fresh) {
+    e.key = key;
     e.ns = ns;
     e.n_tokens = n_tokens;
     e.chunk_index = chunk_index;
@@ -50,7 +51,15 @@ void StoreIndex::Charge(const Hash128& ns, int tier, int64_t delta) {
 
 void StoreIndex::SetBytes(StoreEntry& e, int tier, uint64_t bytes) {
   Charge(e.ns, tier, static_cast<int64_t>(bytes) - static_cast<int64_t>(e.bytes[tier]));
+  const bool was = e.bytes[tier] != 0;
   e.bytes[tier] = bytes;
+  if (events_ == nullptr || was == (bytes != 0)) return;
+  KvEvent ev;
+  ev.kind = bytes != 0 ? KvEvent::Kind::kStored : KvEvent::Kind::kRemoved;
+  ev.medium = tier == kStoreRam ? KvMedium::kRam : KvMedium::kDisk;
+  ev.block_hashes.push_back(KvBlockHash(e.key));
+  ev.block_size = static_cast<int32_t>(e.n_tokens);
+  events_->Emit(std::move(ev));
 }
 
 void StoreIndex::Reserve(const Hash128& ns, int tier, uint64_t bytes) {

@@ -25,6 +25,7 @@
 #include "cache/chunk.h"
 #include "cache/policy.h"
 #include "cache/ram_tier.h"  // ChunkKeyHash
+#include "core/kv_events.h"
 
 namespace cachette::cache {
 
@@ -32,6 +33,7 @@ namespace cachette::cache {
 inline constexpr int kStoreRam = 0, kStoreDisk = 1;
 
 struct StoreEntry {
+  ChunkKey key;
   Hash128 ns;
   uint32_t n_tokens = 0;
   uint32_t chunk_index = 0;
@@ -59,7 +61,8 @@ class StoreIndex {
                            uint32_t chunk_index, bool* created);
 
   // Sets `e`'s bytes in `tier` (0 = absent), moving the tier's and namespace's totals by the
-  // difference. The only way entry bytes change.
+  // difference. The only way entry bytes change, so the one place a chunk enters or leaves a
+  // local tier: with an event sink, it reports each such change as a KV event.
   void SetBytes(StoreEntry& e, int tier, uint64_t bytes);
   // Charges / uncharges bytes no entry holds yet (a disk write in flight).
   void Reserve(const Hash128& ns, int tier, uint64_t bytes);
@@ -71,6 +74,9 @@ class StoreIndex {
   StoreEntry Remove(const ChunkKey& key);
   // Drops every entry of `ns`, releasing their bytes; returns them.
   std::vector<std::pair<ChunkKey, StoreEntry>> RemoveNamespace(const Hash128& ns);
+
+  // Where SetBytes reports chunks entering and leaving RAM and disk (null = nowhere).
+  void SetEventSink(KvEventSink* sink) { events_ = sink; }
 
   uint64_t used(int tier) const { return used_[tier]; }
   uint64_t ns_used(const Hash128& ns, int tier) const;
@@ -87,6 +93,7 @@ class StoreIndex {
   std::unordered_map<Hash128, NsUsage, ChunkKeyHash> ns_usage_;
   uint64_t used_[2] = {0, 0};  // RAM, disk (disk includes reservations)
   uint64_t tick_ = 0, gen_ = 0;
+  KvEventSink* events_ = nullptr;
 };
 
 }  // namespace cachette::cache

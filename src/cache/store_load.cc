@@ -339,6 +339,7 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
     }
     if (tier == kRemote && s.code() == StatusCode::kCorruption) {
       (void)remote_->EraseIn(r.ns, r.key);
+      EmitRemote(KvEvent::Kind::kRemoved, {r.key});
     }
     return s;
   }

@@ -236,9 +236,12 @@ void TieredStore::RunWrite(const WriteJob& job) {
     if (job.to.disk) WriteToDisk(job, bytes);
     tier = kRemote;
     if (job.to.remote && remote_->PutIn(job.ns, job.key, *bytes, options_.redis_ttl_seconds).ok()) {
-      std::lock_guard lock(mu_);
-      Entry* e = index_.Find(job.key);
-      if (e != nullptr && e->gen == job.gen) e->remote_written = true;
+      {
+        std::lock_guard lock(mu_);
+        Entry* e = index_.Find(job.key);
+        if (e != nullptr && e->gen == job.gen) e->remote_written = true;
+      }
+      EmitRemote(KvEvent::Kind::kStored, {job.key});
     }
   } catch (const std::exception&) {
     std::lock_guard lock(mu_);

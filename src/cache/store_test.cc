@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 #include <thread>
 
 #include "cache/test_util.h"
@@ -317,6 +318,87 @@ TEST(StoreTest, RemoteTierIsSharedAndPromotes) {
   EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kRedis));
   EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRam));
   EXPECT_EQ(c->Stats().tier[2].hit_chunks, 3u);
+}
+
+// Replays the store's KV events into the set of (medium, block) they say is held, counting
+// protocol errors (stored twice, removed while not held, a wrong block size).
+struct EventSet final : KvEventSink {
+  std::mutex mu;
+  std::set<std::pair<KvMedium, uint64_t>> live;
+  int errors = 0;
+  void Emit(KvEvent e) override {
+    std::lock_guard lock(mu);
+    for (uint64_t h : e.block_hashes) {
+      if (e.kind == KvEvent::Kind::kStored) {
+        if (!live.emplace(e.medium, h).second || e.block_size != kC) ++errors;
+      } else if (e.kind == KvEvent::Kind::kRemoved && live.erase({e.medium, h}) == 0) {
+        ++errors;
+      }
+    }
+  }
+  size_t count(KvMedium m) {
+    std::lock_guard lock(mu);
+    size_t n = 0;
+    for (const auto& [medium, h] : live) n += medium == m ? 1 : 0;
+    return n;
+  }
+};
+
+TEST(StoreTest, EventsReportEveryChunkEnteringAndLeavingEachTier) {
+  TempDir dir;
+  FakeRemote remote;
+  EventSet events;
+  CacheOptions o = Options(4, dir.path(), 6);  // RAM 4 chunks, disk 6: both evict
+  o.event_sink = &events;
+  o.remote_tier = &remote;
+  std::vector<std::vector<TokenId>> seqs;
+  for (uint32_t s = 0; s < 5; ++s) seqs.push_back(Tokens(3 * kC, 100 + s));
+  {
+    auto c = Open(o);
+    for (const auto& t : seqs) {
+      ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 3).ok());
+      ASSERT_TRUE(c->Flush().ok());
+      GetAndCheck(*c, kNs1, seqs[0], 0, 3);  // promotions and demotions too
+    }
+    ASSERT_TRUE(c->Flush().ok());
+    // The events' view equals each tier's contents, block for block.
+    std::set<uint64_t> on_disk;
+    for (const DiskEntry& d : c->disk_tier()->Entries()) on_disk.insert(KvBlockHash(d.key));
+    size_t in_ram = 0;
+    for (const auto& t : seqs) {
+      for (const ChunkKey& k : ComputeChunkKeys(kNs1, t, kC)) {
+        const bool ram = c->ram_tier()->GetShared(k) != nullptr;
+        in_ram += ram ? 1 : 0;
+        std::lock_guard lock(events.mu);
+        EXPECT_EQ(events.live.count({KvMedium::kRam, KvBlockHash(k)}) != 0, ram);
+        EXPECT_EQ(events.live.count({KvMedium::kDisk, KvBlockHash(k)}) != 0,
+                  on_disk.count(KvBlockHash(k)) != 0);
+        EXPECT_EQ(events.live.count({KvMedium::kRedis, KvBlockHash(k)}) != 0,
+                  remote.ram.GetShared(k) != nullptr);
+      }
+    }
+    EXPECT_EQ(events.count(KvMedium::kRam), in_ram);
+    EXPECT_EQ(events.count(KvMedium::kDisk), on_disk.size());
+    EXPECT_GT(in_ram, 0u);
+    EXPECT_GT(on_disk.size(), 0u);
+    EXPECT_EQ(events.count(KvMedium::kRedis), 15u);  // every put reached the remote tier
+    EXPECT_EQ(events.errors, 0);
+  }
+  // A restarted store reports the disk's survivors as stored when it opens them.
+  EventSet reopened;
+  o.event_sink = &reopened;
+  {
+    auto c = Open(o);
+    std::set<uint64_t> on_disk;
+    for (const DiskEntry& d : c->disk_tier()->Entries()) on_disk.insert(KvBlockHash(d.key));
+    EXPECT_EQ(reopened.count(KvMedium::kDisk), on_disk.size());
+    EXPECT_GT(on_disk.size(), 0u);
+    // Clear leaves nothing held anywhere, Redis included.
+    ASSERT_TRUE(c->Clear(kNs1).ok());
+    ASSERT_TRUE(c->Flush().ok());
+    EXPECT_EQ(reopened.count(KvMedium::kRam) + reopened.count(KvMedium::kDisk), 0u);
+    EXPECT_EQ(reopened.errors, 0);
+  }
 }
 
 TEST(StoreTest, CollisionIsAMissNeverWrongData) {

@@ -58,6 +58,7 @@ Runner AddBenchSoakSubcommand(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddBatchCommand(CLI::App& app);
+Runner AddRouteCommand(CLI::App& app);
 Runner AddEvalCommand(CLI::App& app);
 
 }  // namespace cachette::cli

@@ -76,6 +76,7 @@ int Serve(ServeFlags& f) {
   b.model = stack->model.get();
   b.scheduler = stack->scheduler.get();
   b.api = stack->api;
+  b.kv_events_info = [st = stack.get()] { return st->KvEventsInfo(); };
   http.SetReady(b);
   CT_LOG(kInfo) << "ready: model '" << b.api.model_id << "' on http://" << cfg.host << ":"
                 << http.port() << " (" << sw.Millis() << " ms after start of loading)";
@@ -122,6 +123,11 @@ Runner AddServeCommand(CLI::App& app) {
        "Most chat messages in one request (1024)");
   Flag(c, p, kNet, "--drain-timeout", &ServeConfig::drain_timeout_s,
        "Seconds to drain on SIGTERM (30)");
+  Flag(c, p, kNet, "--kv-events", &ServeConfig::kv_events,
+       "Publish KV block events (ZeroMQ PUB, vLLM layout) on tcp://HOST:PORT, for "
+       "`cachette route` and other KV-aware routers");
+  Flag(c, p, kNet, "--kv-events-replay", &ServeConfig::kv_events_replay,
+       "Replay and snapshot endpoint of the KV events (default: --kv-events' port + 1)");
   c->add_option("--config", p->config_path, "TOML file with the same settings (flags win)")
       ->check(CLI::ExistingFile)
       ->group(kNet);

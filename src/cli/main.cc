@@ -79,6 +79,7 @@ int main(int argc, char** argv) {
   add(AddCacheCommand);
   add(AddServeCommand);
   add(AddBatchCommand);
+  add(AddRouteCommand);
   add(AddEvalCommand);
   try {
     app.parse(argc, argv);

@@ -106,14 +106,39 @@ ServingStack::~ServingStack() {
   tiers.reset();
   store.reset();
   kv.reset();
+  events.reset();  // after everything that reports into it
   engine.reset();
+}
+
+nlohmann::json ServingStack::KvEventsInfo() const {
+  const auto kv_type = *ParseKvType(config.kv_type);  // CheckStackConfig parsed it
+  nlohmann::json j = {
+      {"enabled", events != nullptr},
+      {"page_tokens", kv->page_tokens()},
+      {"chunk_tokens", store != nullptr ? store->chunk_tokens() : 0},
+      {"pages_total", kv->GetStats().pages_total},
+      {"kv_type", kernels::KvTypeName(kv_type)},
+      // The shared namespace (no cache_salt): a router that computes another id for the same
+      // model and KV type would never match this server's blocks.
+      {"namespace", KvNamespace(*model, kv_type).ToHex()}};
+  if (events != nullptr) {
+    const events::KvEventPublisherStats st = events->stats();
+    j["endpoint"] = events->endpoint();
+    j["replay_endpoint"] = events->replay_endpoint();
+    j["topic"] = events::KvEventPublisherOptions().topic;
+    j["last_seq"] = st.last_seq;
+    j["batches"] = st.batches;
+    j["events"] = st.events;
+    j["dropped"] = st.dropped;
+  }
+  return j;
 }
 
 namespace {
 
 // The tiered chunk store for `cfg` and its bridge over `kv`, or nulls when no tier is asked for.
-Status OpenStore(const ServeConfig& cfg, KvManager& kv, std::unique_ptr<Cache>* store,
-                 std::unique_ptr<sched::TierBridge>* tiers) {
+Status OpenStore(const ServeConfig& cfg, KvManager& kv, KvEventSink* events,
+                 std::unique_ptr<Cache>* store, std::unique_ptr<sched::TierBridge>* tiers) {
   // Swap preemption keeps preempted KV in the RAM tier, so it turns the store on.
   if (!cfg.prefix_cache || (cfg.ram_budget.empty() && cfg.disk_dir.empty() && cfg.redis.empty() &&
                             cfg.preempt != "swap")) {
@@ -123,6 +148,7 @@ Status OpenStore(const ServeConfig& cfg, KvManager& kv, std::unique_ptr<Cache>* 
   // most the scheduler's load deadline for slow tiers; what is late is recomputed.
   CacheOptions co;
   co.chunk_tokens = cfg.chunk_tokens;
+  co.event_sink = events;
   auto ram = ParseBytes(cfg.ram_budget.empty() ? "1GiB" : cfg.ram_budget);
   if (!ram.ok()) return ram.status().WithContext("--ram-budget");
   co.ram_budget_bytes = *ram;
@@ -223,8 +249,18 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   eo.threads = cfg.threads;
   eo.kv_type = *ParseKvType(cfg.kv_type);  // CheckStackConfig parsed both
   st->engine = std::make_unique<Engine>(*st->model, eo);
+  if (!cfg.kv_events.empty()) {
+    events::KvEventPublisherOptions po;
+    po.endpoint = cfg.kv_events;
+    CT_ASSIGN_OR_RETURN(po.replay_endpoint,
+                        server::ReplayEndpointFor(cfg.kv_events, cfg.kv_events_replay));
+    CT_ASSIGN_OR_RETURN(st->events, events::KvEventPublisher::Start(po));
+    CT_LOG(kInfo) << "KV events on " << st->events->endpoint() << ", replay and snapshots on "
+                  << st->events->replay_endpoint();
+  }
   KvManagerOptions ko;
   ko.shape = st->engine->kv_shape();
+  ko.events = st->events.get();
   ko.budget_bytes = *ParseBytes(cfg.kv_budget);
   if (Status s = KvManager::Validate(ko); !s.ok()) return s.WithContext("--kv-budget");
   st->kv = std::make_unique<KvManager>(ko);
@@ -235,7 +271,7 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
                 << "; fingerprinting weights";
 
   // 5. The tiered chunk store behind the radix index, when any tier is configured.
-  CT_RETURN_IF_ERROR(OpenStore(cfg, *st->kv, &st->store, &st->tiers));
+  CT_RETURN_IF_ERROR(OpenStore(cfg, *st->kv, st->events.get(), &st->store, &st->tiers));
 
   // 6. The scheduler.
   st->scheduler = std::make_unique<sched::Scheduler>(*st->engine, *st->kv, SchedulerOptionsFor(cfg),

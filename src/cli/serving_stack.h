@@ -14,6 +14,7 @@
 // Objects, built by BuildServingStack in this order (each borrows the ones before it):
 //   1. the model (GGUF file), 2. the chat template (forced by --chat-template, else detected
 //   from the model's tokenizer.chat_template, else "plain"), 3. the engine, 4. the KV pool,
+//   4a. the KV event publisher (--kv-events), which the pool and the store report to,
 //   5. the tiered chunk store and its bridge to the scheduler (only when a tier is configured,
 //   or --preempt swap, which keeps preempted KV in the RAM tier; and never without the prefix
 //   cache), 6. the scheduler, whose loop thread starts here.
@@ -32,6 +33,7 @@
 
 #include "cachette/cache.h"
 #include "cli/cli.h"
+#include "events/publisher.h"
 #include "kv/kv_manager.h"
 #include "sched/scheduler.h"
 #include "sched/tier_bridge.h"
@@ -81,10 +83,16 @@ struct ServingStack {
   std::unique_ptr<Model> model;
   std::unique_ptr<server::ChatTemplate> chat_template;
   std::unique_ptr<Engine> engine;
+  // KV events (--kv-events), null without; the KV pool and the store report into it, so it
+  // outlives both.
+  std::unique_ptr<events::KvEventPublisher> events;
   std::unique_ptr<KvManager> kv;
   std::unique_ptr<Cache> store;              // null: no tier configured
   std::unique_ptr<sched::TierBridge> tiers;  // non-null exactly when store is
   std::unique_ptr<sched::Scheduler> scheduler;
+  // What GET /v1/cache/events says: whether and where the events are published, and how to
+  // name this server's blocks (page and chunk sizes, KV type, shared namespace).
+  nlohmann::json KvEventsInfo() const;
   // What server::ParseGenerate needs, filled as `serve` serves it (model id: --model-alias, else
   // the file name without .gguf; default max_tokens: --max-tokens). Points into this stack.
   server::ApiContext api;

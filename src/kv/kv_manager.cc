@@ -163,7 +163,9 @@ RadixIndex::ClockFn OrSteady(RadixIndex::ClockFn f) {
 KvManager::KvManager(const KvManagerOptions& options)
     : options_(options),
       pool_(options.shape, options.page_tokens, options.budget_bytes),
-      index_(pool_, OrSteady(options.clock), options.priority) {}
+      index_(pool_, OrSteady(options.clock), options.priority) {
+  index_.SetEventSink(options.events);
+}
 
 KvManager::~KvManager() = default;
 

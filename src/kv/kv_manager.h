@@ -43,6 +43,8 @@ struct KvManagerOptions {
   size_t budget_bytes = size_t{512} << 20;
   RadixIndex::Priority priority = RadixIndex::Lru;
   RadixIndex::ClockFn clock;  // default: steady clock
+  // Where the index reports full pages entering and leaving it (borrowed; null = nowhere).
+  KvEventSink* events = nullptr;
 };
 
 // The one namespace of a request's KV, used by the radix index, the chunk store (every tier)

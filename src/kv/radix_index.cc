@@ -4,6 +4,7 @@
 #include <limits>
 #include <queue>
 
+#include "cache/chunk.h"  // NextChunkKey: page keys chain like chunk keys
 #include "core/check.h"
 
 namespace cachette {
@@ -19,6 +20,9 @@ struct RadixIndex::Node {
   uint64_t hits = 0;
   int pin_count = 0;
   int64_t pin_until_ns = 0;  // the latest expiry of the pins applied (max = no expiry)
+  // The chained content key of the prefix ending with this full page (with an event sink;
+  // zero for roots, partial pages and without a sink).
+  Hash128 key;
 
   bool is_root() const { return parent == nullptr; }
 };
@@ -141,6 +145,8 @@ void RadixIndex::Insert(const Hash128& ns, std::span<const TokenId> tokens,
   CT_CHECK_EQ(pages.size(), (tokens.size() + P - 1) / P);
   Node* n = Root(ns, true);
   const int64_t now = clock_();
+  KvEvent stored;  // the new full pages, consecutive blocks of one sequence
+  stored.block_size = page_tokens_;
   for (size_t i = 0; i < pages.size(); ++i) {
     std::span<const TokenId> chunk = tokens.subspan(i * P, std::min(P, tokens.size() - i * P));
     const bool full = chunk.size() == P;
@@ -177,11 +183,27 @@ void RadixIndex::Insert(const Hash128& ns, std::span<const TokenId> tokens,
     pool_.Ref(pages[i]);
     Node* c = child.get();
     if (full) n->full_children.emplace(HashTokens(chunk), c);
+    if (full && events_ != nullptr) {
+      c->key = cache::NextChunkKey(n->key, ns, chunk);
+      if (stored.block_hashes.empty() && !n->is_root()) stored.parent = KvBlockHash(n->key);
+      stored.block_hashes.push_back(KvBlockHash(c->key));
+      stored.token_ids.insert(stored.token_ids.end(), chunk.begin(), chunk.end());
+    }
     n->children.push_back(std::move(child));
     ++n_nodes_;
     n = c;
     if (!full) break;  // a partial page is always a leaf
   }
+  if (!stored.block_hashes.empty()) events_->Emit(std::move(stored));
+}
+
+void RadixIndex::EmitRemoved() {
+  if (removed_.empty()) return;
+  KvEvent ev;
+  ev.kind = KvEvent::Kind::kRemoved;
+  ev.block_hashes = std::move(removed_);
+  removed_.clear();
+  events_->Emit(std::move(ev));
 }
 
 bool RadixIndex::Pinned(const Node* n, int64_t now) const {
@@ -210,6 +232,9 @@ void RadixIndex::RemoveLeaf(Node* leaf) {
         break;
       }
     }
+  }
+  if (events_ != nullptr && leaf->tokens.size() == static_cast<size_t>(page_tokens_)) {
+    removed_.push_back(KvBlockHash(leaf->key));
   }
   pool_.Unref(leaf->page);
   auto& ch = parent->children;
@@ -247,6 +272,7 @@ size_t RadixIndex::Evict(size_t n_pages) {
   }
   // A namespace whose last page went is forgotten, so idle tenants cost nothing.
   if (freed > 0) std::erase_if(roots_, [](const auto& r) { return r.second->children.empty(); });
+  EmitRemoved();
   return freed;
 }
 
@@ -301,10 +327,14 @@ void RadixIndex::Clear(const Hash128& ns) {
   for (const Node* n : all) {
     if (n->is_root()) continue;
     DropPinRefsTo(n);
+    if (events_ != nullptr && n->tokens.size() == static_cast<size_t>(page_tokens_)) {
+      removed_.push_back(KvBlockHash(n->key));
+    }
     pool_.Unref(n->page);
     --n_nodes_;
   }
   roots_.erase(it);
+  if (events_ != nullptr) EmitRemoved();
 }
 
 size_t RadixIndex::pages_cached_unreferenced() const {

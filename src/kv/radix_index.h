@@ -19,6 +19,10 @@
 // Namespaces: every node lives under the root of one namespace (a Hash128 of model fingerprint,
 // KV type and tenant salt); lookups and inserts never cross namespaces.
 //
+// Events: with a sink, every full page that enters the index is reported as a stored block and
+// every one that leaves (eviction, Clear) as a removed block, medium "memory", named by the
+// chained content key of its prefix (core/kv_events.h); partial pages are not reported.
+//
 // Thread-safety: not synchronized (KvManager serializes access).
 #pragma once
 
@@ -31,6 +35,7 @@
 #include <vector>
 
 #include "core/hash.h"
+#include "core/kv_events.h"
 #include "kv/page_pool.h"
 
 namespace cachette {
@@ -56,6 +61,10 @@ class RadixIndex {
   ~RadixIndex();  // releases the index's page references
   RadixIndex(const RadixIndex&) = delete;
   RadixIndex& operator=(const RadixIndex&) = delete;
+
+  // Where inserts and removals of full pages are reported (borrowed; null = nowhere). Set
+  // before the first Insert: pages inserted earlier carry no key and are never reported.
+  void SetEventSink(KvEventSink* sink) { events_ = sink; }
 
   struct Match {
     std::vector<PageId> pages;  // one reference each, owned by the caller
@@ -98,6 +107,7 @@ class RadixIndex {
   Node* FindFull(Node* n, std::span<const TokenId> page_tokens) const;
   Node* BestPartial(Node* n, std::span<const TokenId> rest, size_t* len) const;
   void RemoveLeaf(Node* leaf);
+  void EmitRemoved();  // reports removed_ as one event and empties it
   bool Pinned(const Node* n, int64_t now) const;
   bool Evictable(const Node* n, int64_t now) const;
   void DropPinRefsTo(const Node* n);
@@ -112,6 +122,8 @@ class RadixIndex {
   size_t n_nodes_ = 0;
   uint64_t next_pin_ = 1;
   std::unordered_map<uint64_t, std::vector<Node*>> pins_;
+  KvEventSink* events_ = nullptr;
+  std::vector<uint64_t> removed_;  // block hashes removed since the last EmitRemoved
 };
 
 }  // namespace cachette

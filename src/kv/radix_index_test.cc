@@ -11,6 +11,8 @@
 #include <random>
 #include <set>
 
+#include "cache/chunk.h"
+
 namespace cachette {
 namespace {
 
@@ -184,6 +186,38 @@ std::set<std::pair<Hash128, std::vector<TokenId>>> IndexPaths(const RadixIndex& 
   return s;
 }
 
+// Replays KV events into the set of blocks they say are held; counts what would be a protocol
+// error (a block stored twice, or removed while not held).
+struct RecordingSink final : KvEventSink {
+  std::set<uint64_t> live;
+  int duplicate_stores = 0, unknown_removals = 0, bad_shapes = 0;
+  void Emit(KvEvent e) override {
+    if (e.medium != KvMedium::kMemory) ++bad_shapes;
+    for (uint64_t h : e.block_hashes) {
+      if (e.kind == KvEvent::Kind::kStored) {
+        if (!live.insert(h).second) ++duplicate_stores;
+      } else if (live.erase(h) == 0) {
+        ++unknown_removals;
+      }
+    }
+    if (e.kind == KvEvent::Kind::kStored &&
+        (e.block_size != kP || e.token_ids.size() != e.block_hashes.size() * kP)) {
+      ++bad_shapes;
+    }
+  }
+};
+
+// The blocks the index holds, by the documented naming: the chained key of every full page's
+// whole path, computed from the tokens alone.
+std::set<uint64_t> ExpectedBlocks(const RadixIndex& idx) {
+  std::set<uint64_t> s;
+  idx.ForEachPath([&](const Hash128& ns, const std::vector<TokenId>& p) {
+    if (p.empty() || p.size() % kP != 0) return;  // partial pages are not reported
+    s.insert(KvBlockHash(cache::ComputeChunkKeys(ns, p, kP).back()));
+  });
+  return s;
+}
+
 TEST(RadixIndexTest, RandomOperationsMatchNaiveReference) {
   // Two pools of pages so the index and the reference hold their own references; the test
   // plays the sequences that allocate pages and hand them to both.
@@ -192,6 +226,8 @@ TEST(RadixIndexTest, RandomOperationsMatchNaiveReference) {
     PagePool pool_b(TinyShape(), kP, PagePool::PageBytes(TinyShape(), kP) * 4000);
     int64_t now = 0;
     RadixIndex index(pool_a, [&] { return now; });
+    RecordingSink events;
+    index.SetEventSink(&events);
     NaiveIndex naive(pool_b);
     std::mt19937 rng(seed);
     const Hash128 ns[2] = {Hash128{1, 2}, Hash128{3, 4}};
@@ -287,6 +323,9 @@ TEST(RadixIndexTest, RandomOperationsMatchNaiveReference) {
         FAIL() << "op " << op << " (kind " << kind << ") seed " << seed << "\n" << diff;
       }
       ASSERT_EQ(pool_a.pages_used(), pool_b.pages_used()) << "op " << op;
+      // The events say exactly what the index holds, in the names a router computes.
+      ASSERT_EQ(events.live, ExpectedBlocks(index)) << "op " << op << " kind " << kind;
+      ASSERT_EQ(events.duplicate_stores + events.unknown_removals + events.bad_shapes, 0);
     }
     for (auto& h : held) {
       for (PageId p : h.a) pool_a.Unref(p);
@@ -332,6 +371,28 @@ TEST(RadixIndexTest, EvictingANamespacesLastPageForgetsTheNamespace) {
   EXPECT_EQ(index.Evict(3), 3u);  // the three least recently used tenants
   EXPECT_EQ(index.namespaces(), 2u);
   EXPECT_EQ(index.Lookup(Hash128{5, 5}, std::vector<TokenId>{5, 2, 3, 4}).n_tokens, 4);
+}
+
+TEST(RadixIndexTest, ClearReportsEveryFullPageRemoved) {
+  PagePool pool(TinyShape(), kP, PagePool::PageBytes(TinyShape(), kP) * 16);
+  RadixIndex index(pool, [] { return int64_t{0}; });
+  RecordingSink events;
+  index.SetEventSink(&events);
+  const Hash128 a{1, 1}, b{2, 2};
+  std::vector<TokenId> t = {1, 2, 3, 4, 5, 6, 7, 8, 9};  // two full pages and a partial one
+  std::vector<PageId> pages(3);
+  for (int ns = 0; ns < 2; ++ns) {
+    for (PageId& p : pages) ASSERT_TRUE(pool.Allocate(&p));
+    index.Insert(ns == 0 ? a : b, t, pages);
+    for (PageId p : pages) pool.Unref(p);
+  }
+  EXPECT_EQ(events.live.size(), 4u);  // 2 full pages x 2 namespaces
+  // The first stored event of a namespace has no parent and carries both pages' tokens.
+  EXPECT_EQ(events.live, ExpectedBlocks(index));
+  index.Clear(a);
+  EXPECT_EQ(events.live, ExpectedBlocks(index));
+  EXPECT_EQ(events.live.size(), 2u);
+  EXPECT_EQ(events.unknown_removals, 0);
 }
 
 }  // namespace

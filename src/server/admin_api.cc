@@ -9,6 +9,11 @@ namespace cachette::server {
 
 using nlohmann::json;
 
+void HttpServer::CacheEvents(httplib::Response& res) {
+  const json j = backend_.kv_events_info ? backend_.kv_events_info() : json{{"enabled", false}};
+  Json(res, 200, Dump(j), "admin");
+}
+
 void HttpServer::CacheStats(httplib::Response& res) {
   sched::Scheduler& s = *backend_.scheduler;
   const KvManager::Stats k = s.kv().GetStats();

@@ -113,6 +113,8 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"redis_write", Str(&cfg->redis_write)},
       {"redis_ttl_s", Int(&cfg->redis_ttl_s)},
       {"tenant_quota", Str(&cfg->tenant_quota)},
+      {"kv_events", Str(&cfg->kv_events)},
+      {"kv_events_replay", Str(&cfg->kv_events_replay)},
       {"queue_timeout_s", Int(&cfg->queue_timeout_s)},
       {"max_pinned", Fraction(&cfg->max_pinned)},
       {"max_pin_ttl_s", Int(&cfg->max_pin_ttl_s)},
@@ -298,6 +300,7 @@ Status ValidateConfig(const ServeConfig& c) {
     return InvalidArgument("--max-messages must be in [1, 1000000]");
   }
   if (c.http_threads < 0) return InvalidArgument("--http-threads must be >= 0 (0: auto)");
+  CT_RETURN_IF_ERROR(ReplayEndpointFor(c.kv_events, c.kv_events_replay).status());
   for (const std::string& k : c.api_keys) {
     if (k.empty() || k.find_first_of(" \t\r\n") != std::string::npos) {
       return InvalidArgument("--api-key must be non-empty and hold no whitespace");
@@ -312,6 +315,37 @@ Status ValidateConfig(const ServeConfig& c) {
     }
   }
   return Status::Ok();
+}
+
+Result<std::string> ReplayEndpointFor(const std::string& pub, const std::string& replay) {
+  auto check = [](const std::string& e, const char* flag) -> Status {
+    const size_t colon = e.rfind(':');
+    int port = -1;
+    if (e.rfind("tcp://", 0) == 0 && colon != std::string::npos && colon > 6) {
+      const std::string p = e.substr(colon + 1);
+      if (!p.empty() && p.size() <= 5 && p.find_first_not_of("0123456789") == std::string::npos) {
+        port = std::stoi(p);
+      }
+    }
+    if (port < 1 || port > 65535) {
+      return InvalidArgument(std::string(flag) + " '" + e + "' must be tcp://HOST:PORT");
+    }
+    return Status::Ok();
+  };
+  if (pub.empty()) {
+    if (!replay.empty()) return InvalidArgument("--kv-events-replay needs --kv-events");
+    return std::string();
+  }
+  CT_RETURN_IF_ERROR(check(pub, "--kv-events"));
+  if (!replay.empty()) {
+    CT_RETURN_IF_ERROR(check(replay, "--kv-events-replay"));
+    if (replay == pub) return InvalidArgument("--kv-events-replay must differ from --kv-events");
+    return replay;
+  }
+  const size_t colon = pub.rfind(':');
+  const int port = std::stoi(pub.substr(colon + 1));
+  if (port == 65535) return InvalidArgument("--kv-events port 65535 leaves no port + 1 for replay");
+  return pub.substr(0, colon + 1) + std::to_string(port + 1);
 }
 
 }  // namespace cachette::server

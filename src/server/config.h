@@ -17,6 +17,8 @@
 //   # access control and request limits:
 //   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
 //   max_body = "16MiB"        max_messages = 1024
+//   # KV events for routers (docs/formats/kv-events.md):
+//   kv_events = "tcp://127.0.0.1:5557"   kv_events_replay = "tcp://127.0.0.1:5558"
 //
 // An unknown key or a value of the wrong type is kInvalidArgument naming it (typos must not be
 // silently ignored).
@@ -59,6 +61,10 @@ struct ServeConfig {
   std::string redis_write = "through";  // through | back (= when RAM evicts the chunk)
   int redis_ttl_s = 0;                  // 0: no expiry
   std::string tenant_quota;             // bytes per tenant namespace; empty: none
+  // KV events: the ZeroMQ PUB endpoint ("tcp://HOST:PORT"; empty: none) and the replay/snapshot
+  // endpoint (empty: the PUB endpoint's host with port + 1).
+  std::string kv_events;
+  std::string kv_events_replay;
   // Scheduler bounds.
   int queue_timeout_s = 0;         // 0: a queued request waits as long as it takes
   std::string max_pinned = "0.5";  // fraction of the KV pool pins may hold: "0.5" or "50%"
@@ -93,5 +99,10 @@ Result<double> ParseFraction(std::string_view text);
 
 // Range checks that do not need the model: kInvalidArgument naming the field.
 Status ValidateConfig(const ServeConfig& cfg);
+
+// The replay endpoint of the KV events: `replay` when given, else the PUB endpoint's host with
+// its port + 1; "" when there are no events. kInvalidArgument naming the flag when either is
+// not tcp://HOST:PORT.
+Result<std::string> ReplayEndpointFor(const std::string& pub, const std::string& replay);
 
 }  // namespace cachette::server

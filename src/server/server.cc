@@ -379,6 +379,10 @@ void HttpServer::Routes() {
   http_->Get("/v1/cache/stats", guard("admin", Access::kAdmin, [this](const Request&, Response& r) {
                if (Serving(r, "admin", true)) CacheStats(r);
              }));
+  // Open like /metrics: a router must find the events; nothing tenant-specific is in it.
+  http_->Get("/v1/cache/events", guard("admin", Access::kOpen, [this](const Request&, Response& r) {
+               if (Serving(r, "admin", true)) CacheEvents(r);
+             }));
   http_->Post("/v1/cache/lookup",
               guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
                 if (Serving(r, "admin", true)) CacheLookup(q, r);

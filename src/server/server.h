@@ -8,7 +8,7 @@
 // Stop() then closes the listener and joins its threads (in-flight handlers finish first).
 //
 // Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models, /health, /metrics;
-// GET /v1/cache/stats; POST /v1/cache/lookup, /v1/cache/pin, /v1/cache/unpin, /v1/cache/clear.
+// GET /v1/cache/stats, /v1/cache/events; POST /v1/cache/lookup, /v1/cache/pin, /v1/cache/unpin, /v1/cache/clear.
 // See docs/serving.md for the bodies.
 //
 // Connections and overload: every accepted connection gets its own thread at once (no hidden queue
@@ -27,6 +27,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -72,6 +73,8 @@ class HttpServer {
     const Model* model = nullptr;
     sched::Scheduler* scheduler = nullptr;
     ApiContext api;
+    // GET /v1/cache/events: where this server publishes its KV events (empty: not published).
+    std::function<nlohmann::json()> kv_events_info;
   };
   // Phase 2. The backend's objects must outlive Stop().
   void SetReady(const Backend& backend);
@@ -97,6 +100,7 @@ class HttpServer {
   void CachePin(const httplib::Request& req, httplib::Response& res);
   void CacheUnpin(const httplib::Request& req, httplib::Response& res);
   void CacheClear(const httplib::Request& req, httplib::Response& res);
+  void CacheEvents(httplib::Response& res);
   // Sets an OpenAI error body and its status; counts it.
   void Error(httplib::Response& res, const Status& s, const std::string& endpoint,
              const ErrorDetail& detail = {});

@@ -2,6 +2,8 @@
 // validation, configuration files and the metrics text. (tests/e2e drives the real binary.)
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 #include <cstdio>
 #include <fstream>
 
@@ -421,6 +423,33 @@ TEST(ConfigTest, NonAsciiThatTrapsTheTomlLibraryIsRefusedFirst) {
   EXPECT_EQ(c.disk_dir, "/var/\xE6\x97\xA5\xE6\x9C\xAC");
   EXPECT_EQ(c.codec, "x'");
   EXPECT_EQ(c.model, "y\\");
+}
+
+TEST(ConfigTest, KvEventEndpoints) {
+  // The replay endpoint defaults to the PUB port + 1; both must be tcp://HOST:PORT.
+  EXPECT_EQ(*ReplayEndpointFor("", ""), "");
+  EXPECT_EQ(*ReplayEndpointFor("tcp://127.0.0.1:5557", ""), "tcp://127.0.0.1:5558");
+  EXPECT_EQ(*ReplayEndpointFor("tcp://*:7000", "tcp://*:9000"), "tcp://*:9000");
+  for (const auto& [pub, replay, flag] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"udp://x:1", "", "--kv-events"},
+           {"tcp://host", "", "--kv-events"},
+           {"tcp://host:0", "", "--kv-events"},
+           {"tcp://host:99999", "", "--kv-events"},
+           {"tcp://host:65535", "", "--kv-events"},
+           {"tcp://h:1", "tcp://h:1", "--kv-events-replay"},
+           {"tcp://h:1", "ipc://x", "--kv-events-replay"},
+           {"", "tcp://h:2", "--kv-events-replay"}}) {
+    auto r = ReplayEndpointFor(pub, replay);
+    ASSERT_FALSE(r.ok()) << pub << " " << replay;
+    EXPECT_NE(r.status().message().find(flag), std::string::npos) << r.status().ToString();
+  }
+  ServeConfig c;
+  c.model = "m.gguf";
+  c.kv_events = "tcp://127.0.0.1:notaport";
+  const Status s = ValidateConfig(c);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--kv-events"), std::string::npos);
 }
 
 TEST(ConfigTest, ParseFraction) {

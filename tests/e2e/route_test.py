@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""End-to-end test of `cachette route` (issue 14) over three real `cachette serve` backends that
+publish KV events, on loopback ports, with the bundled model (stdlib only).
+
+Checks: the backends advertise their events (GET /v1/cache/events); with --policy kv a second
+turn goes to the backend that holds the first (cached_tokens reported, /v1/router/explain ranks
+it first) while round-robin misses; tenants (cache_salt) never share; answers through the router
+equal answers from a backend directly (greedy); a backend killed while the router still thinks
+it is up costs no request (retried before any byte was sent), streamed or not; a stream whose
+backend dies mid-way ends with an error event and no [DONE]; SIGHUP re-reads --backends-file;
+/metrics and /v1/router/backends say what happened.
+
+Usage: route_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
+"""
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_test import FAILURES, Server, check, free_port, report  # noqa: E402
+
+MODEL_ID = "cachette-tiny-q8_0"
+
+
+def free_port_pair():
+    """A port p with p + 1 free too (the events' PUB and replay endpoints)."""
+    for _ in range(200):
+        p = free_port()
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port pair")
+
+
+def backend(binary, model):
+    p = free_port_pair()
+    return Server(binary, model, "--kv-budget", "32MiB", "--max-running", "4",
+                  "--kv-events", "tcp://127.0.0.1:%d" % p)
+
+
+class Router(Server):
+    """`cachette route` in front of `urls`, on a free port (the Server helpers, another command)."""
+
+    def __init__(self, binary, model, urls=(), *extra):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                     "cachette-route-%d.log" % self.port), "w+")
+        cmd = [binary, "route", "-m", model, "--port", str(self.port),
+               "--health-interval-ms", "100"]
+        for u in urls:
+            cmd += ["--backend", u]
+        self.proc = subprocess.Popen(cmd + list(extra), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("router did not become healthy:\n" + self.logs())
+
+    def backends(self):
+        return self.get("/v1/router/backends")[1]["backends"]
+
+    def wait_synced(self, n, timeout=10):
+        """Until n backends are up and their event subscriptions synchronised."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            bs = self.backends()
+            if sum(1 for b in bs if b["up"] and b.get("events", {}).get("synced")) >= n:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def doc(k, words=220):
+    return " ".join("doc%d word%d is here" % (k, i) for i in range(words // 4))
+
+
+def chat(text, **kw):
+    b = {"model": MODEL_ID, "messages": [{"role": "user", "content": text}],
+         "max_tokens": 4, "temperature": 0}
+    b.update(kw)
+    return b
+
+
+def cached(resp):
+    return resp["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def requests_by_backend(router):
+    return {b["url"]: b["requests"] for b in router.backends()}
+
+
+def explain(router, body):
+    return router.post("/v1/router/explain", body)[1]
+
+
+def settle(router, body, timeout=5):
+    """Waits until the router's index shows some backend holding `body`'s prompt (the events of
+    the request just answered arrive asynchronously)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        e = explain(router, body)
+        if e["order"] and e["order"][0]["held_tokens"] > 0:
+            return e
+        time.sleep(0.05)
+    return explain(router, body)
+
+
+def test_events_info(backends):
+    st, info = backends[0].get("/v1/cache/events")
+    check(st == 200 and info.get("enabled"), "backend advertises its events: %s" % info)
+    check(info.get("endpoint", "").startswith("tcp://127.0.0.1:"), "events endpoint: %s" % info)
+    check(info.get("page_tokens") == 16 and len(info.get("namespace", "")) == 32,
+          "page size and namespace advertised: %s" % info)
+    st, info = backends[0].get("/health")
+    check(st == 200, "backend healthy")
+
+
+def test_kv_routing_follows_the_cache(kv, rr, backends):
+    # Turn 1 of six documents through the kv router; turn 2 must go where turn 1 went and hit.
+    hits_kv = hits_rr = 0
+    for k in range(6):
+        first = chat(doc(k))
+        st, r1 = kv.post("/v1/chat/completions", first)
+        check(st == 200, "kv turn 1 of doc %d: %s" % (k, r1))
+        second = chat(doc(k) + " and then a follow-up question %d" % k)
+        e = settle(kv, second)
+        order = e["order"]
+        check(order[0]["held_tokens"] >= 160 and all(c["held_tokens"] == 0 for c in order[1:]),
+              "explain: one backend holds doc %d's prefix: %s" % (k, order))
+        before = requests_by_backend(kv)
+        st, r2 = kv.post("/v1/chat/completions", second)
+        check(st == 200, "kv turn 2 of doc %d" % k)
+        after = requests_by_backend(kv)
+        went = [u for u in after if after[u] != before.get(u, 0)]
+        check(went == [order[0]["backend"]], "turn 2 went to the predicted backend %s (%s)" %
+              (order[0]["backend"], went))
+        hits_kv += cached(r2)
+        check(cached(r2) >= 160, "kv turn 2 of doc %d hit: %d cached" % (k, cached(r2)))
+    # The same through round-robin (other documents, so nothing is cached yet).
+    for k in range(100, 106):
+        st, _ = rr.post("/v1/chat/completions", chat(doc(k)))
+        st, r2 = rr.post("/v1/chat/completions", chat(doc(k) + " and then a follow-up %d" % k))
+        check(st == 200, "rr turn 2")
+        hits_rr += cached(r2)
+    print("cached tokens of the second turns: kv %d, round-robin %d" % (hits_kv, hits_rr))
+    check(hits_kv > 2 * hits_rr, "kv routing hits more than round-robin: %d vs %d cached tokens" %
+          (hits_kv, hits_rr))
+    m = kv.get("/metrics")[1]
+    for series in ("cachette_route_backend_requests_total", "cachette_route_decision_seconds",
+                   "cachette_route_backend_cached_tokens_total",
+                   "cachette_route_backend_predicted_hit_tokens_total",
+                   "cachette_route_index_blocks"):
+        check(series in m, "router /metrics has " + series)
+
+
+def test_tenants_never_share(kv):
+    body = chat(doc(0))  # cached on some backend by the previous test
+    e = explain(kv, body)
+    check(e["order"][0]["held_tokens"] > 0, "the shared namespace holds doc 0")
+    e = explain(kv, chat(doc(0), cache_salt="tenant-b"))
+    check(all(c["held_tokens"] == 0 for c in e["order"]),
+          "another cache_salt holds nothing of it: %s" % e["order"])
+
+
+def test_answers_equal_direct(kv, backends):
+    body = chat("Tell me about the quiet river and the old mill.", max_tokens=16)
+    st, direct = backends[2].post("/v1/chat/completions", body)
+    st2, routed = kv.post("/v1/chat/completions", body)
+    check(st == 200 and st2 == 200, "both answered")
+    check(direct["choices"][0]["message"]["content"] == routed["choices"][0]["message"]["content"],
+          "greedy answer through the router equals the backend's")
+    st, events, done = kv.stream("/v1/chat/completions", dict(body, stream=True))
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
+    check(st == 200 and done and text == direct["choices"][0]["message"]["content"],
+          "streamed through the router: same text and [DONE]")
+
+
+def test_killed_backend_costs_no_request(kv, backends):
+    # Put a document on some backend, then kill that backend before the router notices.
+    body = chat(doc(42))
+    kv.post("/v1/chat/completions", body)
+    second = chat(doc(42) + " and a question after the crash")
+    order = settle(kv, second)["order"]
+    victim = next(b for b in backends if b.url == order[0]["backend"])
+    victim.stop()  # SIGKILL: no drain, connections refused from now on
+    st, r = kv.post("/v1/chat/completions", second)
+    check(st == 200, "request whose backend died is answered by another: %s %s" % (st, r))
+    st, events, done = kv.stream("/v1/chat/completions", dict(second, stream=True))
+    check(st == 200 and done, "a streamed one too")
+    bs = {b["url"]: b for b in kv.backends()}
+    check(not bs[victim.url]["up"], "the dead backend is marked down")
+    m = kv.get("/metrics")[1]
+    check("cachette_route_failures_total 0" in m, "no request failed")
+    # Ten more requests: none fails while one backend is gone.
+    ok = sum(kv.post("/v1/chat/completions", chat(doc(200 + i)))[0] == 200 for i in range(10))
+    check(ok == 10, "10/10 answered with a backend down (%d)" % ok)
+    return victim
+
+
+def test_mid_stream_failure_is_visible(binary, model, tmp):
+    b = backend(binary, model)
+    r = Router(binary, model, [b.url])
+    try:
+        if not check(r.wait_synced(1), "router synced with its one backend"):
+            return
+        result = {"events": [], "done": False, "status": 0}
+        started = threading.Event()
+
+        def run():
+            c = http.client.HTTPConnection("127.0.0.1", r.port, timeout=60)
+            c.request("POST", "/v1/chat/completions",
+                      body=json.dumps(chat("Write a long story.", max_tokens=1900,
+                                           ignore_eos=True, stream=True)),
+                      headers={"Content-Type": "application/json"})
+            resp = c.getresponse()
+            result["status"] = resp.status
+            while True:
+                line = resp.fp.readline()
+                if not line:
+                    break
+                line = line.decode().rstrip("\r\n")
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    result["done"] = True
+                    break
+                result["events"].append(json.loads(line[len("data: "):]))
+                if len(result["events"]) >= 10:
+                    started.set()
+            started.set()
+            c.close()
+
+        t = threading.Thread(target=run)
+        t.start()
+        check(started.wait(30), "the long stream started")
+        b.stop()  # SIGKILL while it streams
+        t.join(60)
+        result["v"] = (result["status"], result["events"], result["done"])
+        st, events, done = result.get("v", (0, [], True))
+        print("stream cut after %d events; last: %s" % (len(events), events[-1:]))
+        check(st == 200 and not done, "a stream cut by its backend has no [DONE]")
+        check(any("error" in e for e in events),
+              "and ends with an error event: %s" % (events[-1:] if events else events))
+    finally:
+        r.close()
+        b.close()
+
+
+def test_sighup_rereads_backends(binary, model, backends, tmp):
+    path = os.path.join(tmp, "backends.txt")
+    with open(path, "w") as f:
+        f.write("# two to start\n%s\n%s\n" % (backends[0].url, backends[1].url))
+    r = Router(binary, model, [], "--backends-file", path)
+    try:
+        check(len(r.backends()) == 2, "two backends from the file")
+        with open(path, "w") as f:
+            f.write("%s\n" % backends[1].url)
+        r.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 5
+        while time.time() < deadline and len(r.backends()) != 1:
+            time.sleep(0.05)
+        check([b["url"] for b in r.backends()] == [backends[1].url], "SIGHUP dropped one")
+        with open(path, "w") as f:
+            f.write("not a url\n")
+        r.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        check(r.proc.poll() is None and len(r.backends()) == 1,
+              "a bad file on SIGHUP keeps the backends as they were")
+    finally:
+        r.close()
+
+
+def test_bad_flags(binary, model):
+    for args, word in ((["--policy", "random", "--backend", "http://127.0.0.1:1"], "--policy"),
+                       (["--backend", "ftp://x"], "http://"),
+                       ([], "--backend")):
+        p = subprocess.run([binary, "route", "-m", model, "--port", "0"] + args,
+                           capture_output=True, text=True, timeout=60)
+        check(p.returncode != 0 and word in p.stderr, "route %s fails naming %s: %s" %
+              (args, word, p.stderr[-300:]))
+    p = subprocess.run([binary, "serve", "-m", model, "--kv-events", "udp://x"],
+                       capture_output=True, text=True, timeout=60)
+    check(p.returncode != 0 and "--kv-events" in p.stderr,
+          "serve --kv-events udp://x fails naming the flag: %s" % p.stderr[-300:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--model", required=True)
+    a = ap.parse_args()
+    t0 = time.time()
+    tmp = tempfile.mkdtemp(prefix="cachette-route-")
+    test_bad_flags(a.binary, a.model)
+    backends = [backend(a.binary, a.model) for _ in range(3)]
+    kv = rr = None
+    try:
+        urls = [b.url for b in backends]
+        kv = Router(a.binary, a.model, urls)
+        rr = Router(a.binary, a.model, urls, "--policy", "round-robin")
+        check(kv.wait_synced(3), "kv router subscribed to all three backends: %s" % kv.backends())
+        test_events_info(backends)
+        test_kv_routing_follows_the_cache(kv, rr, backends)
+        test_tenants_never_share(kv)
+        test_answers_equal_direct(kv, backends)
+        test_sighup_rereads_backends(a.binary, a.model, backends, tmp)
+        test_killed_backend_costs_no_request(kv, backends)
+        test_mid_stream_failure_is_visible(a.binary, a.model, tmp)
+    finally:
+        for x in (kv, rr):
+            if x is not None:
+                x.close()
+        for b in backends:
+            b.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return report(t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
