@@ -8,8 +8,9 @@
      p50/p99, requests/s, and the router's predicted vs the backends' reported cached tokens.
   2. The same with --policy kv while one backend is killed (SIGKILL) mid-run: failed requests.
   3. The router's own cost: sequential one-token requests direct to a backend and through the
-     router (added latency p50), concurrent ones (requests/s both ways), and the router's
-     decision time p50 (its /metrics).
+     router (added latency p50), concurrent ones (requests/s both ways, and the router's CPU
+     time per request: its capacity per core), and the router's decision time p50 (its
+     /metrics).
 
 Usage: scripts/bench_route.py [--binary build/release/src/cli/cachette] [--users 24] [--rounds 8]
        [--qps 4] [--kv-budget 24MiB] [--json out.json]
@@ -164,7 +165,7 @@ def overhead(a, logdir):
                "routed_p50_ms": statistics.median(routed) * 1e3}
         out["added_p50_ms"] = out["routed_p50_ms"] - out["direct_p50_ms"]
 
-        def rate(url, n=400, threads=16):
+        def rate(url, n, threads=16):
             done = [0]
             lock = threading.Lock()
 
@@ -184,8 +185,17 @@ def overhead(a, logdir):
                 x.join()
             return n / (time.perf_counter() - t)
 
-        out["direct_req_per_s"] = rate(b.url)
-        out["routed_req_per_s"] = rate(r.url)
+        def cpu_s(proc):  # user + system CPU seconds of a process so far
+            f = open("/proc/%d/stat" % proc.proc.pid).read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+        n = 600
+        out["direct_req_per_s"] = rate(b.url, n)
+        before = cpu_s(r)
+        out["routed_req_per_s"] = rate(r.url, n)
+        # The router's own capacity: its CPU time per request (the rates above are bounded by
+        # the backend and the Python client sharing the same cores).
+        out["router_cpu_ms_per_request"] = (cpu_s(r) - before) / n * 1e3
         m = get(r.url, "/metrics")
         out["decision_p50_us"] = metric(m, 'cachette_route_decision_seconds{quantile="0.5"}') * 1e6
         return out
@@ -271,10 +281,13 @@ def main():
     o = overhead(a, logdir)
     results["overhead"] = o
     print("\nrouter overhead (1 backend, one-token completions): p50 %.2f ms direct, %.2f ms "
-          "routed (+%.2f ms); decision p50 %.0f us; %.0f req/s direct, %.0f routed (%.2fx)" %
+          "routed (+%.2f ms); decision p50 %.0f us; %.0f req/s direct, %.0f routed (%.2fx); "
+          "router CPU %.3f ms per request (%.0f req/s per core)" %
           (o["direct_p50_ms"], o["routed_p50_ms"], o["added_p50_ms"], o["decision_p50_us"],
            o["direct_req_per_s"], o["routed_req_per_s"],
-           o["routed_req_per_s"] / max(o["direct_req_per_s"], 1e-9)), flush=True)
+           o["routed_req_per_s"] / max(o["direct_req_per_s"], 1e-9),
+           o["router_cpu_ms_per_request"], 1e3 / max(o["router_cpu_ms_per_request"], 1e-9)),
+          flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
