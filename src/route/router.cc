@@ -41,6 +41,7 @@ struct BackendInfo {
   std::atomic<int> chunk_tokens{0};
   std::atomic<int64_t> pages_total{0};
   std::atomic<bool> ns_mismatch{false};  // its blocks are of another model or KV type
+  std::atomic<bool> has_events{false};   // a subscription to its KV events is running
 
   std::atomic<uint64_t> requests{0}, retries{0}, errors{0}, prompt_tokens{0};
   std::atomic<uint64_t> predicted_tokens{0}, cached_tokens{0}, reported_requests{0};
@@ -284,6 +285,7 @@ void Router::MarkDown(const std::shared_ptr<BackendInfo>& b, const std::string& 
     std::lock_guard lock(b->mu);
     b->down_reason = why;
     sub = std::move(b->sub);
+    b->has_events = false;
   }
   sub.reset();  // joins its thread outside the lock
   // What it held is unknown until it is back (a restart empties its memory).
@@ -349,10 +351,12 @@ void Router::CheckBackend(const std::shared_ptr<BackendInfo>& b) {
       std::lock_guard lock(b->mu);
       b->sub = std::move(*sub);
       b->events_endpoint = so.endpoint;
+      b->has_events = true;
     }
   } else if (options_.policy == Policy::kKv) {
     CT_LOG(kWarning) << "route: backend " << b->url
-                     << " publishes no KV events (serve --kv-events): routed by load only";
+                     << " publishes no KV events (serve --kv-events): routed by the router's "
+                        "own record of what it sent there (as --policy approx)";
   }
   {
     std::lock_guard lock(b->mu);
@@ -566,8 +570,10 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
         sessions_[session_id] = b->id;
       }
     };
-    if (options_.policy == Policy::kApprox && parsed.ok) {
-      // The router's own record: the backend will hold this prompt's pages.
+    // approx, and kv for a backend without events (none published, or not reachable): the
+    // router's own record that the backend will hold this prompt's pages.
+    if (parsed.ok && (options_.policy == Policy::kApprox ||
+                      (options_.policy == Policy::kKv && !b->has_events))) {
       const size_t cap = b->pages_total > 0 ? static_cast<size_t>(b->pages_total.load()) : 65536;
       index_.Record(b->id, BlockHashes(parsed.ns, parsed.tokens, b->page_tokens), cap);
     }

@@ -17,7 +17,8 @@
 //                  prompt per request b's /metrics shows running or queued beyond the
 //                  router's own (other clients).
 //      Lowest cost wins. --policy approx scores from the router's own record of where
-//      it sent what; round-robin and least-loaded ignore the cache (baselines).
+//      it sent what (and so does kv for a backend that publishes no events: the fallback);
+//      round-robin and least-loaded ignore the cache (baselines).
 //      With kv and approx, a session_id sticks to its backend while that backend is up.
 //   3. Forward, with retries: nothing is written to the client before the backend's first body
 //      bytes arrive (for a stream: its first event, after queueing and prefill). A backend that

@@ -291,6 +291,27 @@ def test_sighup_rereads_backends(binary, model, backends, tmp):
         r.close()
 
 
+def test_kv_without_events_falls_back_to_its_own_record(binary, model):
+    plain = [Server(binary, model, "--kv-budget", "32MiB") for _ in range(2)]  # no --kv-events
+    r = None
+    try:
+        r = Router(binary, model, [b.url for b in plain])
+        bs = r.backends()
+        check(all(b["up"] and "events" not in b for b in bs), "two backends up, no events: %s" % bs)
+        st, _ = r.post("/v1/chat/completions", chat(doc(7)))
+        second = chat(doc(7) + " and a follow-up")
+        order = explain(r, second)["order"]
+        check(order[0]["held_tokens"] >= 160 and order[1]["held_tokens"] == 0,
+              "the router's record says where doc 7 went: %s" % order)
+        st, r2 = r.post("/v1/chat/completions", second)
+        check(st == 200 and cached(r2) >= 160, "and the follow-up hits there: %s" % r2.get("usage"))
+    finally:
+        if r is not None:
+            r.close()
+        for b in plain:
+            b.close()
+
+
 def test_bad_flags(binary, model):
     for args, word in ((["--policy", "random", "--backend", "http://127.0.0.1:1"], "--policy"),
                        (["--backend", "ftp://x"], "http://"),
@@ -327,6 +348,7 @@ def main():
         test_sighup_rereads_backends(a.binary, a.model, backends, tmp)
         test_killed_backend_costs_no_request(kv, backends)
         test_mid_stream_failure_is_visible(a.binary, a.model, tmp)
+        test_kv_without_events_falls_back_to_its_own_record(a.binary, a.model)
     finally:
         for x in (kv, rr):
             if x is not None:
