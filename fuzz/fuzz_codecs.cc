@@ -1,9 +1,10 @@
 // Feeds arbitrary bytes to every codec's decoder (docs/formats/codecs.md), and uses them as raw
 // KV for the round trips that must hold.
 //
-// Input: [codec selector][layout selector][bytes...]. The selectors pick one of the eight codecs
-// (raw, int8, int4, int4-g64, each with and without zstd) and one of a few fixed small layouts
-// (f32, f16 and q8_0; even and odd head_dim; token counts across the KIVI group of 32).
+// Input: [codec selector][layout selector][bytes...]. The selectors pick one of the eleven
+// codecs (raw, int8, int4, int4-g64, each with and without zstd; cachegen at its three levels)
+// and one of a few fixed small layouts (f32, f16 and q8_0; even and odd head_dim; token counts
+// across the KIVI group of 32 and the cachegen group of 16).
 //   1. Decode(bytes) into a buffer of exactly layout.raw_bytes(): any answer is fine, but never
 //      an out-of-bounds access (ASan) or a buffer sized from the input (-rss_limit_mb); and
 //      CheckPayload never accepts less than Decode does.
@@ -24,8 +25,10 @@ namespace {
 using cachette::cache::ChunkLayout;
 using cachette::cache::Codec;
 
-constexpr const char* kCodecNames[] = {"raw",      "int8",      "int4",      "int4-g64",
-                                       "zstd+raw", "zstd+int8", "zstd+int4", "zstd+int4-g64"};
+// New codecs go at the end, so the selector bytes of the existing seeds keep their codec.
+constexpr const char* kCodecNames[] = {"raw",      "int8",          "int4",        "int4-g64",
+                                       "zstd+raw", "zstd+int8",     "zstd+int4",   "zstd+int4-g64",
+                                       "cachegen", "cachegen-high", "cachegen-low"};
 constexpr size_t kCodecs = sizeof(kCodecNames) / sizeof(kCodecNames[0]);
 
 // {n_layer, n_kv_head, head_dim, n_tokens, kv_type (0 f32, 1 f16, 2 q8_0)}
@@ -36,6 +39,7 @@ const ChunkLayout kLayouts[] = {
     {1, 1, 32, 2, 2},  // q8_0: raw and zstd+raw only
     {2, 1, 6, 5, 0},   // head_dim not a multiple of any group
     {1, 1, 3, 2, 1},   // odd head_dim: the int4 codecs refuse it
+    {3, 2, 4, 20, 1},  // cachegen: three layer bands, a group of 16 tokens and a partial one
 };
 constexpr size_t kNumLayouts = sizeof(kLayouts) / sizeof(kLayouts[0]);
 

@@ -273,7 +273,8 @@ void AddCommon(CLI::App* c, CommonArgs& a) {
   c->add_option("--kv-type", a.kv_type, "KV element type: f32, f16 (lossy codecs refuse q8_0)");
   c->add_option("--kv-codec", a.codecs,
                 "Codecs to pass the KV through, comma-separated: raw, int8, int4, int4-g64, "
-                "zstd+X (the exact-KV baseline always runs beside them)")
+                "cachegen-high, cachegen, cachegen-low, zstd+X (the exact-KV baseline always "
+                "runs beside them)")
       ->delimiter(',');
   c->add_option("--chunk-tokens", a.chunk_tokens, "Store chunk size the KV is cut into")
       ->check(CLI::Range(1, 1 << 16));

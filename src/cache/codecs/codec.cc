@@ -169,9 +169,16 @@ Result<std::unique_ptr<Codec>> MakeCodec(std::string_view name) {
     codec = codecs::MakeInt4KiviCodec(k);
   } else if (name == "int4-g64") {
     codec = codecs::MakeInt4G64Codec(k);
+  } else if (!zstd && name == "cachegen") {
+    codec = codecs::MakeCacheGenCodec(codecs::CacheGenLevel::kMedium, k);
+  } else if (!zstd && name == "cachegen-high") {
+    codec = codecs::MakeCacheGenCodec(codecs::CacheGenLevel::kHigh, k);
+  } else if (!zstd && name == "cachegen-low") {
+    codec = codecs::MakeCacheGenCodec(codecs::CacheGenLevel::kLow, k);
   } else {
     return InvalidArgument("unknown codec \"" + std::string(full) +
-                           "\" (known: raw, int8, int4, int4-g64, each optionally zstd+)");
+                           "\" (known: raw, int8, int4, int4-g64, each optionally zstd+; "
+                           "cachegen, cachegen-high, cachegen-low)");
   }
   if (zstd) codec = codecs::MakeZstdCodec(std::move(codec), codecs::kZstdDefaultLevel);
   return codec;
@@ -180,8 +187,9 @@ Result<std::unique_ptr<Codec>> MakeCodec(std::string_view name) {
 Result<std::unique_ptr<Codec>> CodecFor(uint32_t id, uint32_t version) {
   const bool zstd = (id & static_cast<uint32_t>(CodecId::kZstd)) != 0;
   const uint32_t base = id & ~static_cast<uint32_t>(CodecId::kZstd);
-  const char* names[] = {"raw", "int8", "int4", "int4-g64"};
-  if (base >= std::size(names)) {
+  const char* names[] = {"raw", "int8", "int4", "int4-g64", "cachegen"};
+  const bool zstd_of_cachegen = zstd && base == static_cast<uint32_t>(CodecId::kCacheGen);
+  if (base >= std::size(names) || zstd_of_cachegen) {
     return NotFound("no codec with id " + std::to_string(id));
   }
   auto made = MakeCodec(std::string(zstd ? "zstd+" : "") + names[base]);

@@ -2,8 +2,8 @@
 //
 // Each codec has a stable id and a format version, both stored in every chunk record, so a
 // reader can refuse (a miss, not garbage) what it does not understand. Lossless codecs
-// reproduce the raw bytes exactly; lossy ones (int8, int4) are opt-in and documented with
-// their error bound and measured quality.
+// reproduce the raw bytes exactly; lossy ones (int8, int4, cachegen) are opt-in and documented
+// with their error bound and measured quality.
 // Thread-safety: codecs are stateless; Encode/Decode may be called concurrently.
 #pragma once
 
@@ -24,6 +24,8 @@ enum class CodecId : uint32_t {
   kInt8 = 1,        // per (token, head) symmetric int8 with an f16 scale
   kInt4Kivi = 2,    // KIVI-style 4-bit: K grouped per channel, V per token, group 32
   kInt4G64 = 3,     // affine 4-bit, groups of 64 with f16 scale and min (agent memory layout)
+  kCacheGen = 4,    // token groups with anchor and deltas, layer-banded bins, rANS; every
+                    // quality level (the level is in the payload); no zstd+ variant
   kZstd = 0x100,    // flag: zstd over the inner codec's output (lossless); OR-ed with one above
 };
 
@@ -64,9 +66,11 @@ class Codec {
 };
 
 // "raw", "int8", "int4" (= KIVI), "int4-g64", and any of them prefixed "zstd+" (e.g.
-// "zstd+raw"). kInvalidArgument naming the codec otherwise.
+// "zstd+raw"); "cachegen" (medium quality), "cachegen-high", "cachegen-low" (no zstd+: their
+// payload is entropy-coded already). kInvalidArgument naming the codec otherwise.
 Result<std::unique_ptr<Codec>> MakeCodec(std::string_view name);
-// The codec for a stored (id, version), or kNotFound/kUnimplemented.
+// The codec for a stored (id, version), or kNotFound/kUnimplemented. For cachegen that is
+// "cachegen", which decodes payloads of every level.
 Result<std::unique_ptr<Codec>> CodecFor(uint32_t id, uint32_t version);
 
 }  // namespace cachette::cache

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cache/chunk.h"
+#include "cache/codecs/cachegen.h"
 #include "cache/codecs/codec.h"
 #include "cache/codecs/quant_kernels.h"
 #include "cachette/status.h"
@@ -20,6 +21,7 @@ inline constexpr uint32_t kRawVersion = 1;
 inline constexpr uint32_t kInt8Version = 1;
 inline constexpr uint32_t kInt4KiviVersion = 1;
 inline constexpr uint32_t kInt4G64Version = 1;
+inline constexpr uint32_t kCacheGenVersion = 1;
 // The zstd layer's own version, in the high 16 bits of a zstd+X version.
 inline constexpr uint32_t kZstdLayerVersion = 1;
 inline constexpr int kZstdDefaultLevel = 3;
@@ -45,6 +47,8 @@ std::unique_ptr<Codec> MakeRawCodec();
 std::unique_ptr<Codec> MakeInt8Codec(const QuantKernels& kernels);
 std::unique_ptr<Codec> MakeInt4KiviCodec(const QuantKernels& kernels);
 std::unique_ptr<Codec> MakeInt4G64Codec(const QuantKernels& kernels);
+// cachegen at `level` (the level it encodes; it decodes every level).
+std::unique_ptr<Codec> MakeCacheGenCodec(CacheGenLevel level, const QuantKernels& kernels);
 // zstd at `level` over `inner`'s payload.
 std::unique_ptr<Codec> MakeZstdCodec(std::unique_ptr<Codec> inner, int level);
 
