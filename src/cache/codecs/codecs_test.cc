@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -93,7 +94,7 @@ const std::vector<ChunkLayout>& Shapes() {
       Layout(2, 2, 64, 256, 1),  // qwen2.5-0.5b-like, f16
       Layout(1, 2, 64, 45, 1),   // n_tokens not a multiple of 32
       Layout(2, 1, 128, 33, 0),  // f32, one token in the last key group
-      Layout(1, 3, 80, 7, 1),    // head_dim not a multiple of 16/32/64: scalar fallbacks
+      Layout(1, 3, 80, 7, 1),    // head_dim not a multiple of 16/32/64: tails and fallbacks
       Layout(1, 1, 2, 1, 0),     // tiny
       Layout(3, 2, 64, 32, 0),
       Layout(1, 2, 64, 0, 1),    // empty chunk
@@ -321,11 +322,30 @@ TEST(CodecsTest, LossyCodecsRefuseWhatTheyCannotRepresent) {
 
 // ---- fast kernels against the scalar reference ----
 
+using codecs::QuantKernels;
+
+// Every fast table this CPU runs (AVX-512, AVX2); each must match the scalar one bit for bit.
+std::vector<const QuantKernels*> FastTables() {
+  std::vector<const QuantKernels*> tables;
+  for (const QuantKernels* k : {codecs::Avx512QuantKernels(), codecs::Avx2QuantKernels()}) {
+    if (k != nullptr) tables.push_back(k);
+  }
+  return tables;
+}
+
+// Fresh inputs every run; CACHETTE_TEST_SEED=<n> replays the run that printed seed n.
+uint32_t TestSeed() {
+  if (const char* s = std::getenv("CACHETTE_TEST_SEED")) {
+    return static_cast<uint32_t>(std::atoll(s));
+  }
+  return std::random_device{}();
+}
+
 TEST(CodecsTest, FastKernelsMatchScalarBitForBit) {
-  const codecs::QuantKernels* fast = codecs::Avx512QuantKernels();
-  if (fast == nullptr) GTEST_SKIP() << "no AVX-512 on this CPU";
-  const codecs::QuantKernels& ref = codecs::ScalarQuantKernels();
-  using Factory = std::unique_ptr<Codec> (*)(const codecs::QuantKernels&);
+  const std::vector<const QuantKernels*> tables = FastTables();
+  if (tables.empty()) GTEST_SKIP() << "no AVX2 or AVX-512 on this CPU";
+  const QuantKernels& ref = codecs::ScalarQuantKernels();
+  using Factory = std::unique_ptr<Codec> (*)(const QuantKernels&);
   const std::pair<const char*, Factory> factories[] = {
       {"int8", codecs::MakeInt8Codec},
       {"int4", codecs::MakeInt4KiviCodec},
@@ -333,49 +353,304 @@ TEST(CodecsTest, FastKernelsMatchScalarBitForBit) {
   };
   std::vector<ChunkLayout> shapes = Shapes();
   shapes.push_back(Layout(1, 2, 128, 300, 1));
-  uint32_t seed = 1;
-  for (const auto& [name, make] : factories) {
-    auto a = make(ref), b = make(*fast);
-    for (const ChunkLayout& l : shapes) {
-      for (int trial = 0; trial < 3; ++trial) {
-        SCOPED_TRACE(std::string(name) + " " + ShapeName(l) + " trial " + std::to_string(trial));
-        std::vector<float> v = KvLikeValues(l, ++seed);
-        if (trial == 2) {  // zeros of both signs, ties, tiny (subnormal-scale) groups
-          for (size_t i = 0; i < v.size(); ++i) {
-            v[i] = (i % 3 == 0) ? -0.0f : (i % 3 == 1 ? 0.0f : v[i] * 1e-6f);
+  for (const QuantKernels* fast : tables) {
+    SCOPED_TRACE(fast->name);
+    uint32_t seed = 1;
+    for (const auto& [name, make] : factories) {
+      auto a = make(ref), b = make(*fast);
+      for (const ChunkLayout& l : shapes) {
+        for (int trial = 0; trial < 3; ++trial) {
+          SCOPED_TRACE(std::string(name) + " " + ShapeName(l) + " trial " +
+                       std::to_string(trial));
+          std::vector<float> v = KvLikeValues(l, ++seed);
+          if (trial == 2) {  // zeros of both signs, ties, tiny (subnormal-scale) groups
+            for (size_t i = 0; i < v.size(); ++i) {
+              v[i] = (i % 3 == 0) ? -0.0f : (i % 3 == 1 ? 0.0f : v[i] * 1e-6f);
+            }
           }
+          const auto raw = ToRaw(l, v);
+          auto ea = a->Encode(l, raw), eb = b->Encode(l, raw);
+          ASSERT_TRUE(ea.ok() && eb.ok());
+          ASSERT_EQ(*ea, *eb);
+          std::vector<std::byte> da(raw.size()), db(raw.size());
+          ASSERT_TRUE(a->Decode(l, *ea, da).ok());
+          ASSERT_TRUE(b->Decode(l, *ea, db).ok());
+          ASSERT_EQ(da, db);
         }
-        const auto raw = ToRaw(l, v);
-        auto ea = a->Encode(l, raw), eb = b->Encode(l, raw);
-        ASSERT_TRUE(ea.ok() && eb.ok());
-        ASSERT_EQ(*ea, *eb);
-        std::vector<std::byte> da(raw.size()), db(raw.size());
-        ASSERT_TRUE(a->Decode(l, *ea, da).ok());
-        ASSERT_TRUE(b->Decode(l, *ea, db).ok());
-        ASSERT_EQ(da, db);
+      }
+    }
+    // f16 <-> f32 conversions, including a tail that is not a multiple of 8 or 16.
+    const auto halves = RandomBytes(2 * 1001, 9);
+    std::vector<float> fa(1001), fb(1001);
+    ref.f16_to_f32(halves.data(), fa.data(), 1001);
+    fast->f16_to_f32(halves.data(), fb.data(), 1001);
+    for (size_t i = 0; i < fa.size(); ++i) {
+      if (std::isnan(fa[i])) {
+        EXPECT_TRUE(std::isnan(fb[i]));
+      } else {
+        EXPECT_EQ(fa[i], fb[i]) << i;
+      }
+    }
+    std::vector<float> f(1001);
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> u(-70000.0f, 70000.0f);
+    for (size_t i = 0; i < f.size(); ++i) f[i] = u(rng) * (i % 2 ? 1.0f : 1e-8f);
+    std::vector<std::byte> ha(2 * 1001), hb(2 * 1001);
+    ref.f32_to_f16(f.data(), ha.data(), 1001);
+    fast->f32_to_f16(f.data(), hb.data(), 1001);
+    EXPECT_EQ(ha, hb);
+  }
+}
+
+// A kernel argument of n elements that starts `offset` elements into its storage (so vector
+// loads and stores are unaligned) and is followed by 40 bytes of slack. Storage starts filled
+// with 0xA5, so comparing the whole storage of two runs also catches a write out of bounds.
+template <typename T>
+struct Guarded {
+  Guarded(size_t n, size_t offset) : offset(offset), v(offset + n + 40 / sizeof(T)) {
+    std::memset(v.data(), 0xA5, v.size() * sizeof(T));
+  }
+  T* data() { return v.data() + offset; }
+  size_t offset;
+  std::vector<T> v;
+};
+
+// The first byte where a and b differ, or -1 (floats compared as bits: -0 != +0).
+template <typename T>
+int64_t FirstDiff(const Guarded<T>& a, const Guarded<T>& b) {
+  const auto* pa = reinterpret_cast<const unsigned char*>(a.v.data());
+  const auto* pb = reinterpret_cast<const unsigned char*>(b.v.data());
+  if (a.v.size() != b.v.size()) return 0;
+  for (size_t i = 0; i < a.v.size() * sizeof(T); ++i) {
+    if (pa[i] != pb[i]) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+// n values in one of 4 styles that reach the kernels' edge cases:
+//   0: normal values at a random magnitude in [1e-6, 300], with rare 30x outliers
+//   1: multiples of 0.25 in [-8, 8] (many ties once scaled)
+//   2: zeros of both signs, with a few equal constants (zero and constant groups)
+//   3: extremes: +-65504, subnormal floats, 1e-8, mixed with normal values
+std::vector<float> EdgeValues(size_t n, int style, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> exponent(-6.0f, 2.5f);
+  const float magnitude = std::pow(10.0f, exponent(rng));
+  std::vector<float> v(n);
+  for (float& x : v) {
+    switch (style) {
+      case 0:
+        x = normal(rng) * magnitude * (rng() % 50 == 0 ? 30.0f : 1.0f);
+        break;
+      case 1:
+        x = static_cast<float>(static_cast<int>(rng() % 65) - 32) * 0.25f;
+        break;
+      case 2: {
+        const uint32_t r = rng() % 8;
+        x = r < 3 ? 0.0f : (r < 6 ? -0.0f : 1.5f);
+        break;
+      }
+      default: {
+        const float extremes[] = {65504.0f, -65504.0f, 1e-40f, -1e-40f, 1e-8f, -3e-8f, 0.0f};
+        const uint32_t r = rng() % 10;
+        x = r < 7 ? extremes[r] : normal(rng) * 100.0f;
+        break;
       }
     }
   }
-  // f16 <-> f32 conversions, including a tail that is not a multiple of 16.
-  const auto halves = RandomBytes(2 * 1001, 9);
-  std::vector<float> fa(1001), fb(1001);
-  ref.f16_to_f32(halves.data(), fa.data(), 1001);
-  fast->f16_to_f32(halves.data(), fb.data(), 1001);
-  for (size_t i = 0; i < fa.size(); ++i) {
-    if (std::isnan(fa[i])) {
-      EXPECT_TRUE(std::isnan(fb[i]));
-    } else {
-      EXPECT_EQ(fa[i], fb[i]) << i;
+  return v;
+}
+
+// Copies x into a Guarded input that starts one float past 32-byte alignment.
+Guarded<float> Input(const std::vector<float>& x) {
+  Guarded<float> g(x.size(), 1);
+  std::copy(x.begin(), x.end(), g.data());
+  return g;
+}
+
+// int8_encode and int8_decode of fast against ref on in-range x [n_vec][dim]; decode reads
+// the reference scales with random codes (all 256 values, -128 included).
+void CheckInt8(const QuantKernels& ref, const QuantKernels& fast, const std::vector<float>& x,
+               size_t n_vec, size_t dim, std::mt19937& rng) {
+  Guarded<float> in = Input(x);
+  Guarded<std::byte> sa(2 * n_vec, 1), sb(2 * n_vec, 1);
+  Guarded<int8_t> ca(n_vec * dim, 3), cb(n_vec * dim, 3);
+  const bool ok_a = ref.int8_encode(in.data(), n_vec, dim, sa.data(), ca.data());
+  const bool ok_b = fast.int8_encode(in.data(), n_vec, dim, sb.data(), cb.data());
+  ASSERT_TRUE(ok_a) << "in-range input refused";
+  ASSERT_EQ(ok_a, ok_b);
+  ASSERT_EQ(FirstDiff(sa, sb), -1) << "scales";
+  ASSERT_EQ(FirstDiff(ca, cb), -1) << "codes";
+  for (size_t i = 0; i < n_vec * dim; ++i) ca.data()[i] = static_cast<int8_t>(rng());
+  Guarded<float> oa(n_vec * dim, 1), ob(n_vec * dim, 1);
+  ref.int8_decode(sa.data(), ca.data(), n_vec, dim, oa.data());
+  fast.int8_decode(sa.data(), ca.data(), n_vec, dim, ob.data());
+  ASSERT_EQ(FirstDiff(oa, ob), -1) << "decoded";
+}
+
+// affine4_rows_encode / _decode on x [n_rows][dim] in groups of `group`.
+void CheckRows(const QuantKernels& ref, const QuantKernels& fast, const std::vector<float>& x,
+               size_t n_rows, size_t dim, size_t group, std::mt19937& rng) {
+  const size_t n_params = n_rows * ((dim + group - 1) / group), n_codes = n_rows * dim / 2;
+  Guarded<float> in = Input(x);
+  Guarded<std::byte> sa(2 * n_params, 1), sb(2 * n_params, 1), ma(2 * n_params, 3),
+      mb(2 * n_params, 3);
+  Guarded<uint8_t> ca(n_codes, 5), cb(n_codes, 5);
+  const bool ok_a =
+      ref.affine4_rows_encode(in.data(), n_rows, dim, group, sa.data(), ma.data(), ca.data());
+  const bool ok_b =
+      fast.affine4_rows_encode(in.data(), n_rows, dim, group, sb.data(), mb.data(), cb.data());
+  ASSERT_TRUE(ok_a) << "in-range input refused";
+  ASSERT_EQ(ok_a, ok_b);
+  ASSERT_EQ(FirstDiff(sa, sb), -1) << "scales";
+  ASSERT_EQ(FirstDiff(ma, mb), -1) << "mins";
+  ASSERT_EQ(FirstDiff(ca, cb), -1) << "codes";
+  for (size_t i = 0; i < n_codes; ++i) ca.data()[i] = static_cast<uint8_t>(rng());
+  Guarded<float> oa(n_rows * dim, 1), ob(n_rows * dim, 1);
+  ref.affine4_rows_decode(sa.data(), ma.data(), ca.data(), n_rows, dim, group, oa.data());
+  fast.affine4_rows_decode(sa.data(), ma.data(), ca.data(), n_rows, dim, group, ob.data());
+  ASSERT_EQ(FirstDiff(oa, ob), -1) << "decoded";
+}
+
+// affine4_cols_encode / _decode on x [n_rows][n_cols].
+void CheckCols(const QuantKernels& ref, const QuantKernels& fast, const std::vector<float>& x,
+               size_t n_rows, size_t n_cols, std::mt19937& rng) {
+  const size_t n_codes = n_rows * n_cols / 2;
+  Guarded<float> in = Input(x);
+  Guarded<std::byte> sa(2 * n_cols, 1), sb(2 * n_cols, 1), ma(2 * n_cols, 3), mb(2 * n_cols, 3);
+  Guarded<uint8_t> ca(n_codes, 5), cb(n_codes, 5);
+  const bool ok_a =
+      ref.affine4_cols_encode(in.data(), n_rows, n_cols, sa.data(), ma.data(), ca.data());
+  const bool ok_b =
+      fast.affine4_cols_encode(in.data(), n_rows, n_cols, sb.data(), mb.data(), cb.data());
+  ASSERT_TRUE(ok_a) << "in-range input refused";
+  ASSERT_EQ(ok_a, ok_b);
+  ASSERT_EQ(FirstDiff(sa, sb), -1) << "scales";
+  ASSERT_EQ(FirstDiff(ma, mb), -1) << "mins";
+  ASSERT_EQ(FirstDiff(ca, cb), -1) << "codes";
+  for (size_t i = 0; i < n_codes; ++i) ca.data()[i] = static_cast<uint8_t>(rng());
+  Guarded<float> oa(n_rows * n_cols, 1), ob(n_rows * n_cols, 1);
+  ref.affine4_cols_decode(sa.data(), ma.data(), ca.data(), n_rows, n_cols, oa.data());
+  fast.affine4_cols_decode(sa.data(), ma.data(), ca.data(), n_rows, n_cols, ob.data());
+  ASSERT_EQ(FirstDiff(oa, ob), -1) << "decoded";
+}
+
+TEST(CodecsTest, FastKernelsMatchScalarAtOddSizesAndOffsets) {
+  const std::vector<const QuantKernels*> tables = FastTables();
+  if (tables.empty()) GTEST_SKIP() << "no AVX2 or AVX-512 on this CPU";
+  const QuantKernels& ref = codecs::ScalarQuantKernels();
+  const uint32_t seed = TestSeed();
+  SCOPED_TRACE("CACHETTE_TEST_SEED=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  char what[128];
+  for (const QuantKernels* fast : tables) {
+    SCOPED_TRACE(fast->name);
+    // int8: every dim in [1, 130] (tails of 1..7 after 8 and 32 lanes), n_vec across the
+    // 8- and 16-vector scale batches.
+    for (size_t dim = 1; dim <= 130; ++dim) {
+      for (size_t n_vec : {1, 2, 7, 9, 17}) {
+        const int style = static_cast<int>(rng() % 4);
+        std::snprintf(what, sizeof(what), "int8 n_vec %zu dim %zu style %d", n_vec, dim, style);
+        SCOPED_TRACE(what);
+        CheckInt8(ref, *fast, EdgeValues(n_vec * dim, style, rng), n_vec, dim, rng);
+        if (HasFatalFailure()) return;
+      }
+    }
+    // affine4 rows: every even dim in [2, 130], whole and partial groups, odd groups (the
+    // scalar fallback), a group wider than the row.
+    for (size_t dim = 2; dim <= 130; dim += 2) {
+      for (size_t group : {2, 4, 6, 8, 10, 16, 24, 32, 64, 3, 7}) {
+        for (size_t n_rows : {1, 3, 9}) {
+          const int style = static_cast<int>(rng() % 4);
+          std::snprintf(what, sizeof(what), "rows n_rows %zu dim %zu group %zu style %d",
+                        n_rows, dim, group, style);
+          SCOPED_TRACE(what);
+          CheckRows(ref, *fast, EdgeValues(n_rows * dim, style, rng), n_rows, dim, group, rng);
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+    // affine4 cols: every even n_cols in [2, 130] (partial 8- and 16-column blocks), every
+    // n_rows of a KIVI key group, 1..32.
+    for (size_t n_cols = 2; n_cols <= 130; n_cols += 2) {
+      for (size_t n_rows = 1; n_rows <= 32; ++n_rows) {
+        const int style = static_cast<int>(rng() % 4);
+        std::snprintf(what, sizeof(what), "cols n_rows %zu n_cols %zu style %d", n_rows, n_cols,
+                      style);
+        SCOPED_TRACE(what);
+        CheckCols(ref, *fast, EdgeValues(n_rows * n_cols, style, rng), n_rows, n_cols, rng);
+        if (HasFatalFailure()) return;
+      }
+    }
+    // f16 <-> f32 at every n in [0, 70], unaligned (no NaN: the two round NaN payloads
+    // differently, and no codec stores one).
+    for (size_t n = 0; n <= 70; ++n) {
+      SCOPED_TRACE("conversions n " + std::to_string(n));
+      std::vector<float> x = EdgeValues(n, static_cast<int>(rng() % 4), rng);
+      for (size_t i = 0; i < n; i += 5) x[i] = (i % 2 ? 1.0f : -1.0f) * 70000.0f;  // -> inf
+      Guarded<float> in = Input(x);
+      Guarded<std::byte> ha(2 * n, 1), hb(2 * n, 1);
+      ref.f32_to_f16(in.data(), ha.data(), n);
+      fast->f32_to_f16(in.data(), hb.data(), n);
+      ASSERT_EQ(FirstDiff(ha, hb), -1);
+      Guarded<float> fa(n, 1), fb(n, 1);
+      ref.f16_to_f32(ha.data(), fa.data(), n);
+      fast->f16_to_f32(ha.data(), fb.data(), n);
+      ASSERT_EQ(FirstDiff(fa, fb), -1);
     }
   }
-  std::vector<float> f(1001);
-  std::mt19937 rng(3);
-  std::uniform_real_distribution<float> u(-70000.0f, 70000.0f);
-  for (size_t i = 0; i < f.size(); ++i) f[i] = u(rng) * (i % 2 ? 1.0f : 1e-8f);
-  std::vector<std::byte> ha(2 * 1001), hb(2 * 1001);
-  ref.f32_to_f16(f.data(), ha.data(), 1001);
-  fast->f32_to_f16(f.data(), hb.data(), 1001);
-  EXPECT_EQ(ha, hb);
+}
+
+TEST(CodecsTest, FastKernelsRefuseOutOfRangeInputLikeScalar) {
+  const std::vector<const QuantKernels*> tables = FastTables();
+  if (tables.empty()) GTEST_SKIP() << "no AVX2 or AVX-512 on this CPU";
+  const QuantKernels& ref = codecs::ScalarQuantKernels();
+  std::mt19937 rng(17);
+  const float bad_values[] = {NAN, -NAN, INFINITY, -INFINITY, 70000.0f, -70000.0f,
+                              std::nextafter(codecs::kF16Max, INFINITY)};
+  for (const QuantKernels* fast : tables) {
+    SCOPED_TRACE(fast->name);
+    for (const float bad : bad_values) {
+      // Shapes with a vector body and a tail; the bad value goes first, in the body, at the
+      // last element, and in the tail of a middle vector / group / column block.
+      struct Shape {
+        size_t rows, cols, group;
+      };
+      for (const Shape s : {Shape{3, 37, 16}, Shape{9, 64, 32}, Shape{5, 38, 6}}) {
+        const size_t n = s.rows * s.cols;
+        for (const size_t at : {size_t{0}, size_t{9}, n - 1, s.cols + s.cols - 2}) {
+          char what[96];
+          std::snprintf(what, sizeof(what), "bad %g at %zu of [%zu][%zu]", bad, at, s.rows,
+                        s.cols);
+          SCOPED_TRACE(what);
+          std::vector<float> x = EdgeValues(n, 0, rng);
+          x[at] = bad;
+          Guarded<float> in = Input(x);
+          Guarded<std::byte> sc(2 * n, 0), mn(2 * n, 0);
+          Guarded<int8_t> c8(n, 0);
+          Guarded<uint8_t> c4(n, 0);
+          for (const QuantKernels* k : {&ref, fast}) {
+            EXPECT_FALSE(k->int8_encode(in.data(), s.rows, s.cols, sc.data(), c8.data()))
+                << k->name;
+            if (s.cols % 2 == 0) {
+              EXPECT_FALSE(k->affine4_rows_encode(in.data(), s.rows, s.cols, s.group, sc.data(),
+                                                  mn.data(), c4.data()))
+                  << k->name;
+              EXPECT_FALSE(k->affine4_cols_encode(in.data(), s.rows, s.cols, sc.data(),
+                                                  mn.data(), c4.data()))
+                  << k->name;
+            }
+          }
+        }
+      }
+    }
+    // The boundary itself is representable: +-65504 in every position is accepted alike.
+    std::vector<float> x(9 * 38);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = (i % 3 == 0 ? -1.0f : 1.0f) * 65504.0f;
+    CheckInt8(ref, *fast, x, 9, 38, rng);
+    CheckRows(ref, *fast, x, 9, 38, 6, rng);
+    CheckCols(ref, *fast, x, 9, 38, rng);
+  }
 }
 
 // ---- bad input ----

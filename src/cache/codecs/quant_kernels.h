@@ -1,8 +1,8 @@
-// Inner loops of the lossy KV codecs (docs/formats/codecs.md), in a scalar reference and an
-// AVX-512 version picked at run time. Both compute bit-identical outputs: the same f32
+// Inner loops of the lossy KV codecs (docs/formats/codecs.md), in a scalar reference and AVX2
+// and AVX-512 versions picked at run time. All compute bit-identical outputs: the same f32
 // operations in the same order (no FMA contraction: the project builds with -std=c++20, which
 // implies -ffp-contract=off), round-half-even everywhere, directed f16 rounding for scales and
-// minima. quant_kernels_test checks the fast table against the scalar one on random input.
+// minima. codecs_test checks each fast table against the scalar one on random input.
 //
 // Pointers to f16 parameters and codes are byte pointers with no alignment requirement: the
 // sections of a payload start wherever the previous one ended.
@@ -17,7 +17,7 @@ namespace cachette::cache::codecs {
 inline constexpr float kF16Max = 65504.0f;
 
 struct QuantKernels {
-  const char* name;  // "scalar", "avx512"
+  const char* name;  // "scalar", "avx2", "avx512"
 
   void (*f16_to_f32)(const std::byte* src, float* dst, size_t n);
   // Round to nearest even (the decoded f16 output).
@@ -51,7 +51,12 @@ struct QuantKernels {
 const QuantKernels& ScalarQuantKernels();
 // The AVX-512 (F+BW) table, or nullptr if this CPU lacks it.
 const QuantKernels* Avx512QuantKernels();
-// The fastest table this CPU runs: AVX-512 when present, else scalar. Chosen once.
+// The AVX2 (+F16C, no FMA) table, or nullptr if this CPU lacks AVX2 or F16C.
+const QuantKernels* Avx2QuantKernels();
+// The AVX2 table without the CPU check (quant_kernels_avx2.cc; call Avx2QuantKernels()).
+const QuantKernels& Avx2QuantKernelsTable();
+// The fastest table this CPU runs: AVX-512, else AVX2, else scalar. Chosen once, on first
+// call; safe to call concurrently.
 const QuantKernels& BestQuantKernels();
 
 }  // namespace cachette::cache::codecs

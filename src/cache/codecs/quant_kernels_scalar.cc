@@ -1,5 +1,7 @@
 // Scalar reference of the lossy codec loops (quant_kernels.h). Plain, obviously-correct code:
-// the AVX-512 table must match it bit for bit.
+// the AVX2 and AVX-512 tables must match it bit for bit.
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -141,10 +143,21 @@ const QuantKernels& ScalarQuantKernels() {
   return k;
 }
 
+const QuantKernels* Avx2QuantKernels() {
+  static const bool supported = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    // CPUID leaf 1, ECX bit 29: F16C. AVX2 (with the OS saving the YMM state) from the compiler.
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+    return f16c && __builtin_cpu_supports("avx2");
+  }();
+  return supported ? &Avx2QuantKernelsTable() : nullptr;
+}
+
 const QuantKernels& BestQuantKernels() {
   static const QuantKernels& best = [&]() -> const QuantKernels& {
-    const QuantKernels* fast = Avx512QuantKernels();
-    return fast != nullptr ? *fast : ScalarQuantKernels();
+    if (const QuantKernels* avx512 = Avx512QuantKernels()) return *avx512;
+    if (const QuantKernels* avx2 = Avx2QuantKernels()) return *avx2;
+    return ScalarQuantKernels();
   }();
   return best;
 }
