@@ -11,6 +11,7 @@
 #include "cli/cli.h"
 #include "core/timer.h"
 #include "engine/engine.h"
+#include "eval/kv_policy_eval.h"
 #include "eval/perplexity.h"
 #include "eval/retrieval.h"
 #include "eval/synthetic.h"
@@ -24,8 +25,20 @@ struct CommonArgs {
   std::string kv_type = "f16";
   std::vector<std::string> codecs;
   int chunk_tokens = 256;
+  std::vector<std::string> kv_policies;
+  std::vector<double> budgets = {0.05, 0.1, 0.2, 0.5};
+  int step = 16;
   bool json = false;
   bool quiet = false;
+};
+
+struct StreamArgs {
+  CommonArgs c;
+  std::string text;
+  std::string policy = "streamingllm";
+  int cache = 2048;
+  int64_t tokens = 20000;
+  int report = 2048;
 };
 
 struct PplArgs {
@@ -79,13 +92,99 @@ nlohmann::json Header(const LoadedEngine& l, const CommonArgs& a) {
           {"chunk_tokens", a.chunk_tokens}};
 }
 
+// One config per (policy, budget), validated; empty when no --kv-policy was given.
+Result<std::vector<KvPolicyConfig>> PolicyConfigs(const CommonArgs& a) {
+  std::vector<KvPolicyConfig> out;
+  if (a.kv_policies.empty()) return out;
+  if (!a.codecs.empty()) {
+    return InvalidArgument("--kv-codec and --kv-policy are measured in separate runs");
+  }
+  for (const std::string& name : a.kv_policies) {
+    for (double b : a.budgets) {
+      KvPolicyConfig c;
+      c.name = name;
+      c.budget = b;
+      CT_RETURN_IF_ERROR(ValidateKvPolicy(c).WithContext("--kv-policy/--budget"));
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+nlohmann::json PolicyJson(const KvPolicyConfig* c) {
+  if (c == nullptr) return {{"kv_policy", "full"}, {"budget", nullptr}, {"baseline", true}};
+  return {{"kv_policy", c->name}, {"budget", c->budget}, {"baseline", false}};
+}
+
+int EvalPolicyPpl(const PplArgs& a, const LoadedEngine& l, const std::string& text,
+                  const std::vector<TokenId>& tokens, const std::vector<KvPolicyConfig>& pcs) {
+  const Tokenizer& tok = l.model->tokenizer();
+  eval::PolicyPplOptions o;
+  o.ctx = a.ctx;
+  o.policies = pcs;
+  o.step = a.c.step;
+  o.bos = tok.add_bos() ? tok.bos() : -1;
+  o.progress = Progress(a.c, "windows");
+  Stopwatch sw;
+  auto r = eval::EvalPolicyPerplexity(*l.engine, tokens, o);
+  if (!r.ok()) return Fail(r.status());
+  const eval::PolicyPplFigure& base = r->figures[0];
+  if (a.c.json) {
+    nlohmann::json j = Header(l, a.c);
+    j["eval"] = "ppl";
+    j["text"] = a.text;
+    j["text_bytes"] = text.size();
+    j["ctx"] = r->ctx;
+    j["scoring"] = "second-half";
+    j["step"] = a.c.step;
+    j["n_tokens"] = r->n_input_tokens;
+    j["n_windows"] = r->n_windows;
+    j["n_scored"] = base.n_scored;
+    j["seconds"] = sw.Seconds();
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < r->figures.size(); ++i) {
+      const auto& f = r->figures[i];
+      nlohmann::json row = PolicyJson(i == 0 ? nullptr : &pcs[i - 1]);
+      row.update({{"ppl", f.ppl()},
+                  {"mean_nll", f.mean_nll()},
+                  {"ppl_ratio", f.ppl() / base.ppl()},
+                  {"mean_kv_tokens", f.mean_kept()},
+                  {"peak_kv_tokens", f.peak_kept},
+                  {"seconds", f.seconds}});
+      rows.push_back(row);
+    }
+    j["results"] = rows;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s, %s KV, %d threads; %s: %zu bytes, %lld tokens\n", l.path.c_str(),
+              a.c.kv_type.c_str(), l.engine->pool().size(), a.text.c_str(), text.size(),
+              static_cast<long long>(r->n_input_tokens));
+  std::printf(
+      "%d windows of %d tokens, second half scored in steps of %d; the first half's KV is "
+      "compacted to the budget (a fraction of %d tokens) and kept there\n",
+      r->n_windows, r->ctx, a.c.step, r->ctx / 2);
+  std::printf("%-18s %10s %9s %10s %10s %8s\n", "kv policy", "ppl", "vs full", "mean kv",
+              "peak kv", "s");
+  for (const auto& f : r->figures) {
+    std::printf("%-18s %10.4f %+8.2f%% %10.1f %10lld %8.1f\n", f.label.c_str(), f.ppl(),
+                100.0 * (f.ppl() / base.ppl() - 1), f.mean_kept(),
+                static_cast<long long>(f.peak_kept), f.seconds);
+  }
+  std::printf("total %.1f s\n", sw.Seconds());
+  return 0;
+}
+
 int EvalPpl(const PplArgs& a) {
+  auto pcs = PolicyConfigs(a.c);
+  if (!pcs.ok()) return Fail(pcs.status());
   auto l = Load(a.c);
   if (!l.ok()) return Fail(l.status());
   auto text = ReadFile(a.text, a.bytes);
   if (!text.ok()) return Fail(text.status());
   const Tokenizer& tok = l->model->tokenizer();
   const std::vector<TokenId> tokens = tok.Encode(*text, tok.add_bos(), false);
+  if (!pcs->empty()) return EvalPolicyPpl(a, *l, *text, tokens, *pcs);
   eval::PerplexityOptions o;
   o.ctx = a.ctx;
   o.codecs = a.c.codecs;
@@ -149,7 +248,125 @@ int EvalPpl(const PplArgs& a) {
   return 0;
 }
 
+int EvalPolicyRetrieval(const RetrievalArgs& a, const LoadedEngine& l,
+                        const std::vector<eval::QaItem>& items, const std::string& source,
+                        const std::vector<KvPolicyConfig>& pcs) {
+  eval::PolicyRetrievalOptions o;
+  o.policies = pcs;
+  o.progress = Progress(a.c, "questions");
+  auto res = eval::EvalPolicyRetrieval(*l.engine, items, o);
+  if (!res.ok()) return Fail(res.status());
+  const eval::RetrievalResult& r = res->r;
+  const auto by = r.ByKind();
+  const int n_all = by.at("all").n;
+  if (a.c.json) {
+    nlohmann::json j = Header(l, a.c);
+    j["eval"] = "retrieval";
+    j["source"] = source;
+    j["n_items"] = items.size();
+    j["n_scored"] = n_all;
+    j["n_skipped"] = r.n_skipped();
+    j["seconds"] = r.seconds;
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < r.configs.size(); ++i) {
+      nlohmann::json kinds = nlohmann::json::object();
+      for (const auto& [kind, s] : by) {
+        kinds[kind] = {{"n", s.n},
+                       {"correct", s.correct[i]},
+                       {"accuracy", s.n ? static_cast<double>(s.correct[i]) / s.n : 0.0}};
+      }
+      nlohmann::json row = PolicyJson(i == 0 ? nullptr : &pcs[i - 1]);
+      row.update({{"correct", by.at("all").correct[i]},
+                  {"accuracy", n_all ? static_cast<double>(by.at("all").correct[i]) / n_all : 0.0},
+                  {"mean_kv_tokens", n_all ? res->kept_sum[i] / n_all : 0.0},
+                  {"peak_kv_tokens", res->peak_kept[i]},
+                  {"kinds", kinds}});
+      rows.push_back(row);
+    }
+    j["results"] = rows;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s, %s KV, %d threads; %s: %zu questions (%d skipped: too long)\n",
+              l.path.c_str(), a.c.kv_type.c_str(), l.engine->pool().size(), source.c_str(),
+              items.size(), r.n_skipped());
+  std::printf("greedy answers, exact match; the prompt's KV compacted to the budget (a fraction "
+              "of the prompt) before decoding\n");
+  std::printf("%-18s %9s", "kv policy", "mean kv");
+  for (const auto& [kind, s] : by) std::printf(" %14s", kind.c_str());
+  std::printf("\n");
+  for (size_t i = 0; i < r.configs.size(); ++i) {
+    std::printf("%-18s %9.1f", r.configs[i].c_str(), n_all ? res->kept_sum[i] / n_all : 0.0);
+    for (const auto& [kind, s] : by) {
+      char cell[32];
+      std::snprintf(cell, sizeof(cell), "%d/%d %.1f%%", s.correct[i], s.n,
+                    s.n ? 100.0 * s.correct[i] / s.n : 0.0);
+      std::printf(" %14s", cell);
+    }
+    std::printf("\n");
+  }
+  std::printf("%.1f s\n", r.seconds);
+  return 0;
+}
+
+int EvalStream(const StreamArgs& a) {
+  KvPolicyConfig pc;
+  pc.name = a.policy;
+  pc.budget = a.cache;
+  if (Status s = ValidateKvPolicy(pc); !s.ok()) return Fail(s);
+  auto l = Load(a.c);
+  if (!l.ok()) return Fail(l.status());
+  auto text = ReadFile(a.text, 0);
+  if (!text.ok()) return Fail(text.status());
+  const Tokenizer& tok = l->model->tokenizer();
+  std::vector<TokenId> tokens = tok.Encode(*text, tok.add_bos(), false);
+  if (a.tokens > 0 && static_cast<int64_t>(tokens.size()) > a.tokens) tokens.resize(a.tokens);
+  eval::StreamingOptions o;
+  o.policy = pc;
+  o.cache = a.cache;
+  o.step = a.c.step;
+  o.report = a.report;
+  auto r = eval::EvalStreaming(*l->engine, tokens, o);
+  if (!r.ok()) return Fail(r.status());
+  const double total_ppl = std::exp(r->nll_sum / static_cast<double>(std::max<int64_t>(1, r->n_scored)));
+  if (a.c.json) {
+    nlohmann::json j = Header(*l, a.c);
+    j["eval"] = "stream";
+    j["text"] = a.text;
+    j["kv_policy"] = a.policy;
+    j["cache"] = a.cache;
+    j["step"] = a.c.step;
+    j["n_scored"] = r->n_scored;
+    j["ppl"] = total_ppl;
+    j["max_kv_tokens"] = r->max_kept;
+    j["seconds"] = r->seconds;
+    nlohmann::json w = nlohmann::json::array();
+    for (const auto& x : r->windows) {
+      w.push_back({{"first_token", x.first_token},
+                   {"n_scored", x.n_scored},
+                   {"ppl", x.ppl()},
+                   {"peak_rss_bytes", x.peak_rss_bytes}});
+    }
+    j["windows"] = w;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s, %s KV; %s: %lld tokens scored with %s, cache of %d tokens (steps of %d)\n",
+              l->path.c_str(), a.c.kv_type.c_str(), a.text.c_str(),
+              static_cast<long long>(r->n_scored), a.policy.c_str(), a.cache, a.c.step);
+  std::printf("%12s %10s %10s %14s\n", "from token", "scored", "ppl", "peak RSS MiB");
+  for (const auto& x : r->windows) {
+    std::printf("%12lld %10lld %10.4f %14.1f\n", static_cast<long long>(x.first_token),
+                static_cast<long long>(x.n_scored), x.ppl(), x.peak_rss_bytes / 1048576.0);
+  }
+  std::printf("all: ppl %.4f, at most %lld KV tokens per layer, %.1f s\n", total_ppl,
+              static_cast<long long>(r->max_kept), r->seconds);
+  return 0;
+}
+
 int EvalRetrieval(const RetrievalArgs& a) {
+  auto pcs = PolicyConfigs(a.c);
+  if (!pcs.ok()) return Fail(pcs.status());
   auto l = Load(a.c);
   if (!l.ok()) return Fail(l.status());
   std::vector<eval::QaItem> items;
@@ -186,6 +403,7 @@ int EvalRetrieval(const RetrievalArgs& a) {
     }
   }
   if (items.empty()) return Fail(InvalidArgument("no questions selected from " + source));
+  if (!pcs->empty()) return EvalPolicyRetrieval(a, *l, items, source, *pcs);
   eval::RetrievalOptions o;
   o.codecs = a.c.codecs;
   o.chunk_tokens = a.c.chunk_tokens;
@@ -278,6 +496,16 @@ void AddCommon(CLI::App* c, CommonArgs& a) {
       ->delimiter(',');
   c->add_option("--chunk-tokens", a.chunk_tokens, "Store chunk size the KV is cut into")
       ->check(CLI::Range(1, 1 << 16));
+  c->add_option("--kv-policy", a.kv_policies,
+                "KV budget policies to measure against full KV, comma-separated: streamingllm, "
+                "h2o, snapkv, pyramidkv, cake, lacache, elastic, blockwise")
+      ->delimiter(',');
+  c->add_option("--budget", a.budgets,
+                "With --kv-policy: budgets, comma-separated; below 1 a fraction of the prompt, "
+                "1 or more tokens (default 0.05,0.1,0.2,0.5)")
+      ->delimiter(',');
+  c->add_option("--step", a.step, "With --kv-policy: tokens scored per step (compaction slack)")
+      ->check(CLI::Range(1, 1 << 16));
   c->add_flag("--json", a.json, "Print one JSON object");
   c->add_flag("-q,--quiet", a.quiet, "No progress on stderr");
 }
@@ -319,8 +547,26 @@ Runner AddEvalCommand(CLI::App& app) {
   r->add_option("--filler", ra->filler,
                 "Natural text for needle haystacks (default ../shared/eval/heldout-text.txt)");
   r->add_flag("--details", ra->details, "With --json: every question's answers");
-  return [pa, p, ra, r] {
+  auto sa = std::make_shared<StreamArgs>();
+  sa->c.step = 64;
+  CLI::App* st = c->add_subcommand(
+      "stream",
+      "Perplexity of one long text read past the context with a policy that reassigns "
+      "positions (StreamingLLM), the KV never above --cache tokens; per window and peak RSS");
+  st->add_option("-m,--model", sa->c.model, "GGUF model (default: the bundled cachette-tiny)");
+  st->add_option("--threads", sa->c.threads, "Compute threads (0 = one per core)");
+  st->add_option("--kv-type", sa->c.kv_type, "KV element type: f32, f16, q8_0");
+  st->add_option("-f,--file", sa->text, "Text file")->required();
+  st->add_option("--kv-policy", sa->policy, "streamingllm or lacache");
+  st->add_option("--cache", sa->cache, "Most KV tokens per layer")->check(CLI::Range(2, 1 << 24));
+  st->add_option("--step", sa->c.step, "Tokens per step")->check(CLI::Range(1, 1 << 16));
+  st->add_option("--tokens", sa->tokens, "Score the first N tokens of the file (0 = all)");
+  st->add_option("--report", sa->report, "Tokens per reported window")
+      ->check(CLI::Range(1, 1 << 24));
+  st->add_flag("--json", sa->c.json, "Print one JSON object");
+  return [pa, p, ra, r, sa, st] {
     if (p->parsed()) return EvalPpl(*pa);
+    if (st->parsed()) return EvalStream(*sa);
     return EvalRetrieval(*ra);
   };
 }

@@ -34,6 +34,7 @@ struct Engine::Scratch {
   Buffer x, h, q, k, v, att, gate, up, logits_rows, logits;
   std::vector<int32_t> pos;
   std::vector<int64_t> logit_rows;  // which rows of this micro-batch need logits
+  std::vector<int64_t> stat_rows;   // rows feeding an item's attention statistics
 };
 
 Engine::Engine(const Model& model, const EngineOptions& options)
@@ -80,13 +81,18 @@ Status Engine::Forward(std::span<Item> batch) {
                                ")");
       }
     }
-    const int64_t need = it.kv->n_tokens() + static_cast<int64_t>(it.tokens.size());
-    if (need > c.n_ctx_train) {
-      return InvalidArgument(where + ": " + std::to_string(need) +
+    const int64_t n_new = static_cast<int64_t>(it.tokens.size());
+    const int64_t last_pos = it.kv->next_position() + n_new;
+    if (last_pos > c.n_ctx_train) {
+      return InvalidArgument(where + ": " + std::to_string(last_pos) +
                              " tokens exceed the model's context of " +
                              std::to_string(c.n_ctx_train));
     }
-    CT_RETURN_IF_ERROR(it.kv->Reserve(need).WithContext(where));
+    CT_RETURN_IF_ERROR(it.kv->Reserve(it.kv->n_tokens() + n_new).WithContext(where));
+    if (it.stats != nullptr && (it.stats->capacity != it.kv->capacity() ||
+                                it.stats->n_layer != c.n_layer)) {
+      it.stats->Resize(c.n_layer, c.n_kv_head, it.kv->capacity());
+    }
   }
   // Split into micro-batches of at most max_batch_tokens, taking items in order and chunking
   // long ones. begin[i]/count[i]: the slice of item i's tokens in this micro-batch.
@@ -129,12 +135,13 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
   float* up = s.up.Get(n * ff);
   s.pos.resize(n);
 
-  // Rows of the micro-batch in item order; pos0[i] = position of item i's first new row.
+  // Rows of the micro-batch in item order; pos0[i] = RoPE position of item i's first new
+  // row, slot0 = its slot in the layer at hand.
   std::vector<int64_t> row0(batch.size()), pos0(batch.size());
   int64_t r = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     row0[i] = r;
-    pos0[i] = batch[i].kv->n_tokens();
+    pos0[i] = batch[i].kv->next_position();
     for (int64_t j = 0; j < count[i]; ++j, ++r) {
       s.pos[r] = static_cast<int32_t>(pos0[i] + j);
       kernels::DequantizeRow(model_.tok_embd(), batch[i].tokens[begin[i] + j], x + r * d);
@@ -159,19 +166,50 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
     kernels::Rope(k, n, c.n_kv_head, s.pos.data(), c.rope);
     for (size_t i = 0; i < batch.size(); ++i) {
       SequenceKv& kv = *batch[i].kv;
+      const int64_t slot0 = kv.layer_tokens(layer);
       for (int64_t j = 0; j < count[i]; ++j) {
         const int64_t row = row0[i] + j;
         kernels::StoreKv(k + row * kvd, c.n_kv_head, c.head_dim, kv_shape().type,
-                         kv.KSlot(layer, pos0[i] + j));
+                         kv.KSlot(layer, slot0 + j));
         kernels::StoreKv(v + row * kvd, c.n_kv_head, c.head_dim, kv_shape().type,
-                         kv.VSlot(layer, pos0[i] + j));
+                         kv.VSlot(layer, slot0 + j));
       }
     }
     for (size_t i = 0; i < batch.size(); ++i) {
       if (count[i] == 0) continue;
-      const kernels::KvView view = batch[i].kv->View(layer, pos0[i] + count[i]);
-      kernels::Attention(q + row0[i] * qd, count[i], c.n_head, pos0[i], view, scale,
+      const Item& it = batch[i];
+      const int64_t slot0 = it.kv->layer_tokens(layer);
+      const kernels::KvView view = it.kv->View(layer, slot0 + count[i]);
+      kernels::Attention(q + row0[i] * qd, count[i], c.n_head, slot0, view, scale,
                          att + row0[i] * qd, pool);
+      if (it.stats != nullptr && (it.stats->window > 0 || it.stats->cumulative)) {
+        // Rows feeding the statistics: all of them for cumulative sums, otherwise those among
+        // the item's last `window` tokens.
+        const int64_t first_win = static_cast<int64_t>(it.tokens.size()) - it.stats->window;
+        s.stat_rows.clear();
+        bool any_window = false;
+        for (int64_t j = 0; j < count[i]; ++j) {
+          const bool in_window = it.stats->window > 0 && begin[i] + j >= first_win;
+          any_window |= in_window;
+          if (in_window || it.stats->cumulative) s.stat_rows.push_back(row0[i] + j);
+        }
+        if (!s.stat_rows.empty()) {
+          // Window rows are a suffix of the micro-batch slice: accumulate the cumulative
+          // sums over every row, then the window sums over the suffix.
+          if (it.stats->cumulative) {
+            AccumulateAttention(q, c.n_head, s.stat_rows, row0[i], slot0, view, scale, layer,
+                                false, true, *it.stats, pool);
+          }
+          if (any_window) {
+            std::vector<int64_t> win;
+            for (int64_t row : s.stat_rows) {
+              if (begin[i] + (row - row0[i]) >= first_win) win.push_back(row);
+            }
+            AccumulateAttention(q, c.n_head, win, row0[i], slot0, view, scale, layer, true,
+                                false, *it.stats, pool);
+          }
+        }
+      }
     }
     kernels::MatMul(att, n, w.wo, h, pool);
     kernels::Add(h, x, n * d);
@@ -221,7 +259,7 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
     }
   }
   for (size_t i = 0; i < batch.size(); ++i) {
-    if (count[i] > 0) batch[i].kv->SetTokens(pos0[i] + count[i]);
+    if (count[i] > 0) batch[i].kv->Append(count[i]);
   }
   return Status::Ok();
 }

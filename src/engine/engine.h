@@ -3,9 +3,10 @@
 //
 // All new tokens of the batch go through the matrix multiplies together (weights are read once
 // per step, whatever the batch size); attention runs per sequence over that sequence's own
-// causal range, through its SequenceKv. Each item's new tokens occupy positions
-// [kv->n_tokens(), kv->n_tokens() + tokens.size()), and after a successful call
-// kv->n_tokens() has grown by tokens.size().
+// causal range, through its SequenceKv. Each item's new tokens occupy slots
+// [kv->layer_tokens(l), + tokens.size()) of every layer l, at RoPE positions from
+// kv->next_position() on (both n_tokens() for a sequence that never evicts), and after a
+// successful call every layer has grown by tokens.size().
 //
 // Thread-safety: one Forward() at a time per Engine (the scheduler loop owns it); it uses the
 // engine's thread pool internally.
@@ -17,6 +18,7 @@
 
 #include "cachette/status.h"
 #include "core/thread_pool.h"
+#include "engine/kv_budget.h"
 #include "engine/kv_cache.h"
 #include "model/model.h"
 
@@ -49,6 +51,9 @@ class Engine {
     Logits logits = Logits::kLast;
     // kLast: [n_vocab]; kAll: [tokens.size()][n_vocab]. Owned by the caller.
     float* logits_out = nullptr;
+    // Attention statistics for a KV budget policy (engine/kv_budget.h); null = none. Sized by
+    // the engine to the sequence's capacity.
+    AttentionStats* stats = nullptr;
   };
 
   // Runs the batch. kInvalidArgument for an empty item, a token id outside the vocabulary, or

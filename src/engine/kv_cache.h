@@ -42,6 +42,19 @@ class SequenceKv {
   virtual kernels::KvView View(int layer, int64_t n) const = 0;
   // Marks positions [0, n) as stored (after a forward pass) or drops those past n (n smaller).
   virtual void SetTokens(int64_t n) = 0;
+
+  // A KV budget policy (engine/kv_budget.h) may evict tokens, so that a sequence's slots and
+  // positions part ways and its layers hold different numbers of slots. The defaults are those
+  // of a sequence that never evicts: every layer holds n_tokens() slots, slot == position.
+  // Slots in use in `layer`; n_tokens() is the largest over the layers.
+  virtual int64_t layer_tokens(int layer) const {
+    (void)layer;
+    return n_tokens();
+  }
+  // RoPE position of the next token.
+  virtual int64_t next_position() const { return n_tokens(); }
+  // After a forward pass wrote `count` new tokens after every layer's last slot.
+  virtual void Append(int64_t count) { SetTokens(n_tokens() + count); }
 };
 
 // One contiguous buffer per layer and per K/V, laid out [capacity][n_kv_head][head_dim].

@@ -1,0 +1,373 @@
+#include "engine/kv_budget.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "core/check.h"
+
+namespace cachette {
+
+// ---- AttentionStats ------------------------------------------------------------------------
+
+void AttentionStats::Resize(int layers, int kv_heads, int64_t cap) {
+  auto resize = [&](std::vector<std::vector<float>>& a) {
+    std::vector<std::vector<float>> out(layers, std::vector<float>(kv_heads * cap, 0.0f));
+    const int64_t keep = std::min(cap, capacity);
+    for (int l = 0; l < std::min<int>(layers, static_cast<int>(a.size())); ++l) {
+      for (int h = 0; h < std::min(kv_heads, n_kv_head); ++h) {
+        std::copy_n(a[l].begin() + h * capacity, keep, out[l].begin() + h * cap);
+      }
+    }
+    a = std::move(out);
+  };
+  resize(win_sum);
+  resize(win_sq);
+  resize(cum);
+  win_rows.resize(layers, 0);
+  n_layer = layers;
+  n_kv_head = kv_heads;
+  capacity = cap;
+}
+
+void AttentionStats::ClearWindow() {
+  for (auto& a : win_sum) std::fill(a.begin(), a.end(), 0.0f);
+  for (auto& a : win_sq) std::fill(a.begin(), a.end(), 0.0f);
+  std::fill(win_rows.begin(), win_rows.end(), 0);
+}
+
+// ---- AccumulateAttention -------------------------------------------------------------------
+
+void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>& rows,
+                         int64_t rows_base, int64_t slot0, const kernels::KvView& view,
+                         float scale, int layer, bool window, bool cumulative,
+                         AttentionStats& stats, ThreadPool& pool) {
+  if (rows.empty() || (!window && !cumulative)) return;
+  const int hd = view.head_dim;
+  const int n_kv = view.n_kv_head;
+  const int group = n_head / n_kv;
+  const size_t head_bytes = kernels::KvHeadBytes(view.type, hd);
+  const int64_t n_keys = slot0 + (rows.back() - rows_base) + 1;  // rows are increasing
+  CT_CHECK(n_keys <= view.n_tokens && n_keys <= stats.capacity)
+      << n_keys << " keys, view " << view.n_tokens << ", stats " << stats.capacity;
+  pool.ParallelFor(n_kv, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> keys(static_cast<size_t>(n_keys) * hd);
+    std::vector<double> p(static_cast<size_t>(n_keys));
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t s = 0; s < n_keys; ++s) {
+        const auto* block = static_cast<const std::byte*>(view.k_blocks[s / view.block_tokens]);
+        const std::byte* src =
+            block + ((s % view.block_tokens) * n_kv + g) * static_cast<int64_t>(head_bytes);
+        kernels::LoadKv(src, 1, hd, view.type, keys.data() + s * hd);
+      }
+      float* wsum = stats.WinSum(layer, static_cast<int>(g));
+      float* wsq = stats.WinSq(layer, static_cast<int>(g));
+      float* csum = stats.Cum(layer, static_cast<int>(g));
+      for (int64_t row : rows) {
+        const int64_t last = slot0 + (row - rows_base);  // the query's own slot
+        for (int hq = 0; hq < group; ++hq) {
+          const float* qv = q + (row * n_head + g * group + hq) * hd;
+          double mx = -INFINITY;
+          for (int64_t s = 0; s <= last; ++s) {
+            const float* kv = keys.data() + s * hd;
+            double dot = 0;
+            for (int d = 0; d < hd; ++d) dot += static_cast<double>(qv[d]) * kv[d];
+            p[s] = dot * scale;
+            mx = std::max(mx, p[s]);
+          }
+          double z = 0;
+          for (int64_t s = 0; s <= last; ++s) z += (p[s] = std::exp(p[s] - mx));
+          for (int64_t s = 0; s <= last; ++s) {
+            const float pr = static_cast<float>(p[s] / z);
+            if (window) {
+              wsum[s] += pr;
+              wsq[s] += pr * pr;
+            }
+            if (cumulative) csum[s] += pr;
+          }
+        }
+      }
+    }
+  });
+  if (window) stats.win_rows[layer] += static_cast<int64_t>(rows.size()) * group;
+}
+
+// ---- KeepPlan ------------------------------------------------------------------------------
+
+Status KeepPlan::Validate(const std::vector<int64_t>& layer_tokens, int n_kv_head) const {
+  if (slots.size() != layer_tokens.size()) {
+    return InvalidArgument("keep plan has " + std::to_string(slots.size()) + " layers, the KV " +
+                           std::to_string(layer_tokens.size()));
+  }
+  if (!merge_into.empty() && merge_into.size() != slots.size()) {
+    return InvalidArgument("keep plan merges over " + std::to_string(merge_into.size()) +
+                           " layers, not " + std::to_string(slots.size()));
+  }
+  int64_t common = -1;
+  for (size_t l = 0; l < slots.size(); ++l) {
+    const std::string where = "keep plan layer " + std::to_string(l);
+    if (static_cast<int>(slots[l].size()) != n_kv_head) {
+      return InvalidArgument(where + ": " + std::to_string(slots[l].size()) + " heads, not " +
+                             std::to_string(n_kv_head));
+    }
+    const int64_t n = layer_tokens[l];
+    for (int h = 0; h < n_kv_head; ++h) {
+      const auto& s = slots[l][h];
+      if (s.size() != slots[l][0].size()) {
+        return InvalidArgument(where + " head " + std::to_string(h) + ": keeps " +
+                               std::to_string(s.size()) + " slots, head 0 keeps " +
+                               std::to_string(slots[l][0].size()));
+      }
+      for (size_t i = 0; i < s.size(); ++i) {
+        if (s[i] < 0 || s[i] >= n) {
+          return InvalidArgument(where + " head " + std::to_string(h) + ": slot " +
+                                 std::to_string(s[i]) + " outside [0, " + std::to_string(n) +
+                                 ")");
+        }
+        if (i > 0 && s[i] <= s[i - 1]) {
+          return InvalidArgument(where + " head " + std::to_string(h) +
+                                 ": slots not strictly increasing at " + std::to_string(i));
+        }
+      }
+      if (!merge_into.empty() && !merge_into[l].empty()) {
+        if (static_cast<int>(merge_into[l].size()) != n_kv_head ||
+            static_cast<int64_t>(merge_into[l][h].size()) != n) {
+          return InvalidArgument(where + " head " + std::to_string(h) +
+                                 ": merge list does not cover the layer's slots");
+        }
+        for (int64_t e = 0; e < n; ++e) {
+          const int64_t t = merge_into[l][h][e];
+          if (t < 0) continue;
+          if (!std::binary_search(s.begin(), s.end(), t)) {
+            return InvalidArgument(where + " head " + std::to_string(h) + ": slot " +
+                                   std::to_string(e) + " merges into slot " + std::to_string(t) +
+                                   ", which is not kept");
+          }
+        }
+      }
+    }
+    if (reassign_positions) {
+      if (common >= 0 && kept(static_cast<int>(l)) != common) {
+        return InvalidArgument(where + ": reassigning positions needs the same count in every "
+                               "layer");
+      }
+      common = kept(static_cast<int>(l));
+    }
+  }
+  return Status::Ok();
+}
+
+// ---- BudgetKv ------------------------------------------------------------------------------
+
+BudgetKv::BudgetKv(const KvShape& shape, int64_t capacity)
+    : shape_(shape), capacity_(capacity), layer_n_(shape.n_layer, 0) {
+  CT_CHECK(capacity > 0) << "capacity " << capacity;
+  const size_t bytes = shape.token_bytes() * capacity;
+  for (int l = 0; l < shape.n_layer; ++l) {
+    k_.push_back(std::make_unique<std::byte[]>(bytes));
+    v_.push_back(std::make_unique<std::byte[]>(bytes));
+    k_ptr_.push_back(k_.back().get());
+    v_ptr_.push_back(v_.back().get());
+    weight_.emplace_back(static_cast<size_t>(shape.n_kv_head * capacity), 1.0f);
+  }
+}
+
+Status BudgetKv::Reserve(int64_t n) {
+  if (n > capacity_) {
+    return ResourceExhausted("sequence needs " + std::to_string(n) +
+                             " slots of KV but its budget holds " + std::to_string(capacity_));
+  }
+  return Status::Ok();
+}
+
+void* BudgetKv::KSlot(int layer, int64_t slot) {
+  return k_[layer].get() + shape_.token_bytes() * slot;
+}
+
+void* BudgetKv::VSlot(int layer, int64_t slot) {
+  return v_[layer].get() + shape_.token_bytes() * slot;
+}
+
+kernels::KvView BudgetKv::View(int layer, int64_t n) const {
+  kernels::KvView v;
+  v.type = shape_.type;
+  v.n_kv_head = shape_.n_kv_head;
+  v.head_dim = shape_.head_dim;
+  v.block_tokens = static_cast<int>(capacity_);
+  v.k_blocks = &k_ptr_[layer];
+  v.v_blocks = &v_ptr_[layer];
+  v.n_tokens = n;
+  return v;
+}
+
+void BudgetKv::SetTokens(int64_t n) {
+  if (n == 0) {
+    std::fill(layer_n_.begin(), layer_n_.end(), 0);
+    n_max_ = next_pos_ = seen_ = 0;
+    compacted_ = false;
+    for (auto& w : weight_) std::fill(w.begin(), w.end(), 1.0f);
+    return;
+  }
+  CT_CHECK(!compacted_ && n <= capacity_) << "SetTokens(" << n << ") on a compacted sequence";
+  std::fill(layer_n_.begin(), layer_n_.end(), n);
+  n_max_ = next_pos_ = seen_ = n;
+}
+
+void BudgetKv::Append(int64_t count) {
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    for (int h = 0; h < shape_.n_kv_head; ++h) {
+      std::fill_n(weight_[l].begin() + h * capacity_ + layer_n_[l], count, 1.0f);
+    }
+    layer_n_[l] += count;
+  }
+  n_max_ = *std::max_element(layer_n_.begin(), layer_n_.end());
+  next_pos_ += count;
+  seen_ += count;
+}
+
+int64_t BudgetKv::total_slots() const {
+  int64_t t = 0;
+  for (int64_t n : layer_n_) t += n;
+  return t;
+}
+
+void BudgetKv::Grow(int64_t capacity) {
+  if (capacity <= capacity_) return;
+  const size_t tb = shape_.token_bytes();
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    auto k = std::make_unique<std::byte[]>(tb * capacity);
+    auto v = std::make_unique<std::byte[]>(tb * capacity);
+    std::memcpy(k.get(), k_[l].get(), tb * n_max_);
+    std::memcpy(v.get(), v_[l].get(), tb * n_max_);
+    k_[l] = std::move(k);
+    v_[l] = std::move(v);
+    k_ptr_[l] = k_[l].get();
+    v_ptr_[l] = v_[l].get();
+    std::vector<float> w(static_cast<size_t>(shape_.n_kv_head * capacity), 1.0f);
+    for (int h = 0; h < shape_.n_kv_head; ++h) {
+      std::copy_n(weight_[l].begin() + h * capacity_, n_max_, w.begin() + h * capacity);
+    }
+    weight_[l] = std::move(w);
+  }
+  capacity_ = capacity;
+}
+
+Status BudgetKv::CopyFrom(const SequenceKv& src, int64_t n) {
+  if (n_max_ != 0) return InvalidArgument("CopyFrom into a sequence that is not empty");
+  if (n > capacity_) return ResourceExhausted("CopyFrom of " + std::to_string(n) + " tokens");
+  const size_t tb = shape_.token_bytes();
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    if (src.layer_tokens(l) < n) return InvalidArgument("CopyFrom source is shorter");
+    const kernels::KvView view = src.View(l, n);
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t off = static_cast<int64_t>(tb) * (s % view.block_tokens);
+      std::memcpy(k_[l].get() + tb * s,
+                  static_cast<const std::byte*>(view.k_blocks[s / view.block_tokens]) + off, tb);
+      std::memcpy(v_[l].get() + tb * s,
+                  static_cast<const std::byte*>(view.v_blocks[s / view.block_tokens]) + off, tb);
+    }
+  }
+  std::fill(layer_n_.begin(), layer_n_.end(), n);
+  n_max_ = n;
+  next_pos_ = seen_ = src.next_position() - src.n_tokens() + n;
+  return Status::Ok();
+}
+
+Status BudgetKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
+                         AttentionStats* stats) {
+  CT_RETURN_IF_ERROR(plan.Validate(layer_n_, shape_.n_kv_head));
+  const int hd = shape_.head_dim;
+  const int n_kv = shape_.n_kv_head;
+  const size_t hb = kernels::KvHeadBytes(shape_.type, hd);
+  const size_t tb = shape_.token_bytes();
+  const bool with_stats = stats != nullptr && stats->capacity == capacity_ &&
+                          stats->n_layer == shape_.n_layer;
+  std::vector<float> a(hd), b(hd);
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    const int64_t n = layer_n_[l];
+    const int64_t m = plan.kept(l);
+    std::byte* kb = k_[l].get();
+    std::byte* vb = v_[l].get();
+    auto head_ptr = [&](std::byte* base, int64_t slot, int h) { return base + tb * slot + hb * h; };
+    for (int h = 0; h < n_kv; ++h) {
+      const std::vector<int64_t>& keep = plan.slots[l][h];
+      float* w = weight_[l].data() + h * capacity_;
+      // Merges first, while every slot is still where it was: anchor = weighted mean.
+      if (!plan.merge_into.empty() && !plan.merge_into[l].empty()) {
+        const std::vector<int64_t>& into = plan.merge_into[l][h];
+        std::vector<std::vector<float>> ksum, vsum;  // per kept index, allocated when merged
+        std::vector<float> wsum(m, 0.0f);
+        ksum.resize(m);
+        vsum.resize(m);
+        for (int64_t e = 0; e < n; ++e) {
+          const int64_t t = into[e];
+          if (t < 0 || std::binary_search(keep.begin(), keep.end(), t) == false) continue;
+          if (std::binary_search(keep.begin(), keep.end(), e)) continue;  // e itself is kept
+          const int64_t ti = std::lower_bound(keep.begin(), keep.end(), t) - keep.begin();
+          if (ksum[ti].empty()) {
+            ksum[ti].resize(hd);
+            vsum[ti].resize(hd);
+            kernels::LoadKv(head_ptr(kb, t, h), 1, hd, shape_.type, ksum[ti].data());
+            kernels::LoadKv(head_ptr(vb, t, h), 1, hd, shape_.type, vsum[ti].data());
+            for (int d = 0; d < hd; ++d) {
+              ksum[ti][d] *= w[t];
+              vsum[ti][d] *= w[t];
+            }
+            wsum[ti] = w[t];
+          }
+          kernels::LoadKv(head_ptr(kb, e, h), 1, hd, shape_.type, a.data());
+          kernels::LoadKv(head_ptr(vb, e, h), 1, hd, shape_.type, b.data());
+          for (int d = 0; d < hd; ++d) {
+            ksum[ti][d] += w[e] * a[d];
+            vsum[ti][d] += w[e] * b[d];
+          }
+          wsum[ti] += w[e];
+        }
+        for (int64_t ti = 0; ti < m; ++ti) {
+          if (ksum[ti].empty()) continue;
+          for (int d = 0; d < hd; ++d) {
+            ksum[ti][d] /= wsum[ti];
+            vsum[ti][d] /= wsum[ti];
+          }
+          kernels::StoreKv(ksum[ti].data(), 1, hd, shape_.type, head_ptr(kb, keep[ti], h));
+          kernels::StoreKv(vsum[ti].data(), 1, hd, shape_.type, head_ptr(vb, keep[ti], h));
+          w[keep[ti]] = wsum[ti];
+        }
+      }
+      // Move kept slots down in increasing order (destination <= source, so in place).
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t src = keep[i];
+        if (src != i) {
+          std::memmove(head_ptr(kb, i, h), head_ptr(kb, src, h), hb);
+          std::memmove(head_ptr(vb, i, h), head_ptr(vb, src, h), hb);
+          w[i] = w[src];
+          if (with_stats) {
+            stats->WinSum(l, h)[i] = stats->WinSum(l, h)[src];
+            stats->WinSq(l, h)[i] = stats->WinSq(l, h)[src];
+            stats->Cum(l, h)[i] = stats->Cum(l, h)[src];
+          }
+        }
+        if (plan.reassign_positions && src != i) {
+          // Slot src held position src; its key moves to position i.
+          const int32_t delta = static_cast<int32_t>(i - src);
+          kernels::LoadKv(head_ptr(kb, i, h), 1, hd, shape_.type, a.data());
+          kernels::Rope(a.data(), 1, 1, &delta, rope);
+          kernels::StoreKv(a.data(), 1, hd, shape_.type, head_ptr(kb, i, h));
+        }
+      }
+      if (with_stats) {
+        std::fill(stats->WinSum(l, h) + m, stats->WinSum(l, h) + capacity_, 0.0f);
+        std::fill(stats->WinSq(l, h) + m, stats->WinSq(l, h) + capacity_, 0.0f);
+        std::fill(stats->Cum(l, h) + m, stats->Cum(l, h) + capacity_, 0.0f);
+      }
+    }
+    layer_n_[l] = m;
+  }
+  n_max_ = *std::max_element(layer_n_.begin(), layer_n_.end());
+  if (plan.reassign_positions) next_pos_ = n_max_;
+  compacted_ = true;
+  return Status::Ok();
+}
+
+}  // namespace cachette

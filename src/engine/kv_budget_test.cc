@@ -1,0 +1,318 @@
+// BudgetKv, compaction and attention statistics (engine/kv_budget.h), on the trained model.
+#include "engine/kv_budget.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "engine/engine.h"
+
+namespace cachette {
+namespace {
+
+const Model& Trained() {
+  static std::unique_ptr<Model> m = [] {
+    auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-f32.gguf");
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return std::move(*r);
+  }();
+  return *m;
+}
+
+std::vector<TokenId> RandomTokens(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<TokenId> t(n);
+  for (auto& x : t) x = static_cast<TokenId>(1 + rng() % 8000);
+  return t;
+}
+
+std::vector<float> HeadK(BudgetKv& kv, int layer, int64_t slot, int head) {
+  const KvShape& s = kv.shape();
+  std::vector<float> out(s.head_dim);
+  const auto* p = static_cast<const std::byte*>(kv.KSlot(layer, slot)) +
+                  head * kernels::KvHeadBytes(s.type, s.head_dim);
+  kernels::LoadKv(p, 1, s.head_dim, s.type, out.data());
+  return out;
+}
+
+KeepPlan Uniform(int n_layer, int n_kv_head, const std::vector<int64_t>& keep) {
+  KeepPlan p;
+  p.slots.assign(n_layer, std::vector<std::vector<int64_t>>(n_kv_head, keep));
+  return p;
+}
+
+TEST(KvBudgetTest, FreshBudgetKvGivesTheSameLogitsAsContiguous) {
+  for (auto type : {kernels::KvType::kF32, kernels::KvType::kF16}) {
+    Engine engine(Trained(), {.threads = 2, .kv_type = type});
+    const auto toks = RandomTokens(40, 1);
+    const int nv = Trained().config().n_vocab;
+    auto a = engine.NewSequence(64);
+    BudgetKv b(engine.kv_shape(), 64);
+    std::vector<float> la(nv), lb(nv);
+    ASSERT_TRUE(engine.Forward(*a, std::span(toks).first(30), la.data()).ok());
+    ASSERT_TRUE(engine.Forward(b, std::span(toks).first(30), lb.data()).ok());
+    EXPECT_EQ(la, lb);
+    ASSERT_TRUE(engine.Forward(*a, std::span(toks).subspan(30), la.data()).ok());
+    ASSERT_TRUE(engine.Forward(b, std::span(toks).subspan(30), lb.data()).ok());
+    EXPECT_EQ(la, lb);
+    EXPECT_EQ(b.next_position(), 40);
+    EXPECT_EQ(b.tokens_seen(), 40);
+  }
+}
+
+TEST(KvBudgetTest, KeepAllCompactionChangesNothing) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
+  const auto& c = Trained().config();
+  const auto toks = RandomTokens(33, 2);
+  auto a = engine.NewSequence(64);
+  BudgetKv b(engine.kv_shape(), 64);
+  ASSERT_TRUE(engine.Forward(*a, std::span(toks).first(32), nullptr).ok());
+  ASSERT_TRUE(engine.Forward(b, std::span(toks).first(32), nullptr).ok());
+  std::vector<int64_t> all(32);
+  for (int i = 0; i < 32; ++i) all[i] = i;
+  ASSERT_TRUE(b.Compact(Uniform(c.n_layer, c.n_kv_head, all), c.rope, nullptr).ok());
+  std::vector<float> la(c.n_vocab), lb(c.n_vocab);
+  ASSERT_TRUE(engine.Forward(*a, std::span(toks).subspan(32), la.data()).ok());
+  ASSERT_TRUE(engine.Forward(b, std::span(toks).subspan(32), lb.data()).ok());
+  EXPECT_EQ(la, lb);
+}
+
+TEST(KvBudgetTest, CompactionMovesEachHeadsSlotsAndStats) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF16});
+  const auto& c = Trained().config();
+  BudgetKv kv(engine.kv_shape(), 64);
+  AttentionStats stats;
+  stats.window = 8;
+  stats.cumulative = true;
+  const auto toks = RandomTokens(48, 3);
+  Engine::Item item{&kv, toks, Engine::Logits::kNone, nullptr, &stats};
+  ASSERT_TRUE(engine.Forward(std::span(&item, 1)).ok());
+  // Different slots per head, different counts per layer.
+  KeepPlan plan;
+  std::mt19937 rng(4);
+  std::vector<std::vector<std::vector<float>>> want_k(c.n_layer);
+  std::vector<std::vector<float>> want_cum(c.n_layer);
+  for (int l = 0; l < c.n_layer; ++l) {
+    plan.slots.emplace_back();
+    const int m = 10 + l;
+    for (int h = 0; h < c.n_kv_head; ++h) {
+      std::vector<int64_t> all(48);
+      for (int i = 0; i < 48; ++i) all[i] = i;
+      std::shuffle(all.begin(), all.end(), rng);
+      std::vector<int64_t> keep(all.begin(), all.begin() + m);
+      std::sort(keep.begin(), keep.end());
+      plan.slots[l].push_back(keep);
+      for (int64_t s : keep) {
+        want_k[l].push_back(HeadK(kv, l, s, h));
+        want_cum[l].push_back(stats.Cum(l, h)[s]);
+      }
+    }
+  }
+  ASSERT_TRUE(kv.Compact(plan, c.rope, &stats).ok());
+  EXPECT_EQ(kv.n_tokens(), 10 + c.n_layer - 1);
+  EXPECT_EQ(kv.next_position(), 48);  // positions kept
+  for (int l = 0; l < c.n_layer; ++l) {
+    EXPECT_EQ(kv.layer_tokens(l), 10 + l);
+    size_t idx = 0;
+    for (int h = 0; h < c.n_kv_head; ++h) {
+      for (int i = 0; i < 10 + l; ++i, ++idx) {
+        EXPECT_EQ(HeadK(kv, l, i, h), want_k[l][idx]) << l << " " << h << " " << i;
+        EXPECT_EQ(stats.Cum(l, h)[i], want_cum[l][idx]);
+      }
+      EXPECT_EQ(stats.Cum(l, h)[10 + l], 0.0f);
+    }
+  }
+  // The engine keeps working over layers of different lengths, at the kept positions.
+  std::vector<float> logits(c.n_vocab);
+  ASSERT_TRUE(engine.Forward(kv, std::span(toks).first(3), logits.data()).ok());
+  EXPECT_EQ(kv.layer_tokens(0), 13);
+  EXPECT_EQ(kv.next_position(), 51);
+  for (float x : logits) ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST(KvBudgetTest, ReassignedKeysEqualKeysComputedAtTheNewPositions) {
+  // Layer 0's keys depend only on the token and its position, so after StreamingLLM-style
+  // compaction (sinks + recent, positions reassigned) they must equal a fresh prefill of the
+  // kept tokens, to float rounding; and the next token continues at the slot count.
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
+  const auto& c = Trained().config();
+  const auto toks = RandomTokens(60, 5);
+  BudgetKv kv(engine.kv_shape(), 64);
+  ASSERT_TRUE(engine.Forward(kv, toks, nullptr).ok());
+  std::vector<int64_t> keep = {0, 1, 2, 3};
+  std::vector<TokenId> kept_toks(toks.begin(), toks.begin() + 4);
+  for (int64_t s = 40; s < 60; ++s) {
+    keep.push_back(s);
+    kept_toks.push_back(toks[s]);
+  }
+  KeepPlan plan = Uniform(c.n_layer, c.n_kv_head, keep);
+  plan.reassign_positions = true;
+  ASSERT_TRUE(kv.Compact(plan, c.rope, nullptr).ok());
+  EXPECT_EQ(kv.next_position(), 24);
+  BudgetKv fresh(engine.kv_shape(), 64);
+  ASSERT_TRUE(engine.Forward(fresh, kept_toks, nullptr).ok());
+  for (int h = 0; h < c.n_kv_head; ++h) {
+    for (int i = 0; i < 24; ++i) {
+      const auto a = HeadK(kv, 0, i, h), b = HeadK(fresh, 0, i, h);
+      for (int d = 0; d < c.head_dim; ++d) {
+        ASSERT_NEAR(a[d], b[d], 1e-4f * (1 + std::fabs(b[d]))) << h << " " << i << " " << d;
+      }
+    }
+  }
+}
+
+TEST(KvBudgetTest, RopeByDeltaThenMinusDeltaIsIdentity) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> nd;
+  for (auto style : {kernels::RopeStyle::kNormal, kernels::RopeStyle::kNeox}) {
+    kernels::RopeParams p;
+    p.style = style;
+    p.head_dim = 64;
+    std::vector<float> x(64), y;
+    for (auto& v : x) v = nd(rng);
+    y = x;
+    const int32_t plus = 1234, minus = -1234;
+    kernels::Rope(y.data(), 1, 1, &plus, p);
+    kernels::Rope(y.data(), 1, 1, &minus, p);
+    for (int d = 0; d < 64; ++d) EXPECT_NEAR(x[d], y[d], 1e-5f);
+  }
+}
+
+TEST(KvBudgetTest, MergeAveragesIntoTheAnchorWeightedByTokens) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
+  const auto& c = Trained().config();
+  BudgetKv kv(engine.kv_shape(), 16);
+  ASSERT_TRUE(engine.Forward(kv, RandomTokens(8, 7), nullptr).ok());
+  auto k = [&](int64_t s) { return HeadK(kv, 1, s, 0); };
+  const auto k2 = k(2), k3 = k(3), k4 = k(4), k5 = k(5);
+  // Keep {0, 2, 5}; 3 and 4 merge into 2 (anchor of 3 tokens); the rest are dropped.
+  KeepPlan plan = Uniform(c.n_layer, c.n_kv_head, {0, 2, 5});
+  plan.merge_into.assign(c.n_layer, std::vector<std::vector<int64_t>>(
+                                        c.n_kv_head, {-1, -1, -1, 2, 2, -1, -1, -1}));
+  ASSERT_TRUE(kv.Compact(plan, c.rope, nullptr).ok());
+  const auto anchor = k(1);
+  for (int d = 0; d < c.head_dim; ++d) {
+    EXPECT_NEAR(anchor[d], (k2[d] + k3[d] + k4[d]) / 3, 1e-5f);
+  }
+  EXPECT_EQ(k(2), k5);
+  // A second merge into the same anchor weighs it as the 3 tokens it stands for.
+  const auto k_last = k(2);
+  KeepPlan again = Uniform(c.n_layer, c.n_kv_head, {0, 1});
+  again.merge_into.assign(c.n_layer,
+                          std::vector<std::vector<int64_t>>(c.n_kv_head, {-1, -1, 1}));
+  ASSERT_TRUE(kv.Compact(again, c.rope, nullptr).ok());
+  const auto merged = k(1);
+  for (int d = 0; d < c.head_dim; ++d) {
+    EXPECT_NEAR(merged[d], (3 * anchor[d] + k_last[d]) / 4, 1e-5f);
+  }
+}
+
+TEST(KvBudgetTest, StatisticsEqualANaiveSoftmax) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
+  const auto& c = Trained().config();
+  BudgetKv kv(engine.kv_shape(), 32);
+  ASSERT_TRUE(engine.Forward(kv, RandomTokens(20, 8), nullptr).ok());
+  // Random queries for 3 rows at slots 17..19 against the stored keys of layer 2.
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(3 * c.n_head * c.head_dim);
+  for (auto& v : q) v = nd(rng);
+  AttentionStats st;
+  st.Resize(c.n_layer, c.n_kv_head, 32);
+  const float scale = 0.125f;
+  const auto view = kv.View(2, 20);
+  AccumulateAttention(q.data(), c.n_head, {0, 1, 2}, 0, 17, view, scale, 2, true, true, st,
+                      engine.pool());
+  const int group = c.n_head / c.n_kv_head;
+  for (int g = 0; g < c.n_kv_head; ++g) {
+    std::vector<double> want(20, 0), want_sq(20, 0);
+    for (int r = 0; r < 3; ++r) {
+      for (int hq = 0; hq < group; ++hq) {
+        const float* qv = q.data() + (r * c.n_head + g * group + hq) * c.head_dim;
+        std::vector<double> p;
+        for (int s = 0; s <= 17 + r; ++s) {
+          const auto kk = HeadK(kv, 2, s, g);
+          double dot = 0;
+          for (int d = 0; d < c.head_dim; ++d) dot += qv[d] * kk[d];
+          p.push_back(std::exp(dot * scale));
+        }
+        double z = 0;
+        for (double x : p) z += x;
+        for (size_t s = 0; s < p.size(); ++s) {
+          want[s] += p[s] / z;
+          want_sq[s] += (p[s] / z) * (p[s] / z);
+        }
+      }
+    }
+    for (int s = 0; s < 20; ++s) {
+      EXPECT_NEAR(st.WinSum(2, g)[s], want[s], 1e-5) << g << " " << s;
+      EXPECT_NEAR(st.WinSq(2, g)[s], want_sq[s], 1e-5);
+      EXPECT_NEAR(st.Cum(2, g)[s], want[s], 1e-5);
+    }
+  }
+  EXPECT_EQ(st.win_rows[2], 3 * group);
+  EXPECT_EQ(st.win_rows[1], 0);
+}
+
+TEST(KvBudgetTest, EngineCollectsTheWindowOfTheLastTokensOnly) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32,
+                            .max_batch_tokens = 16});  // the window spans micro-batches
+  const auto& c = Trained().config();
+  BudgetKv kv(engine.kv_shape(), 64);
+  AttentionStats st;
+  st.window = 20;
+  Engine::Item item{&kv, RandomTokens(40, 10), Engine::Logits::kNone, nullptr, &st};
+  const auto toks = RandomTokens(40, 10);
+  item.tokens = toks;
+  ASSERT_TRUE(engine.Forward(std::span(&item, 1)).ok());
+  const int group = c.n_head / c.n_kv_head;
+  for (int l = 0; l < c.n_layer; ++l) {
+    EXPECT_EQ(st.win_rows[l], 20 * group);
+    // Each window query's probabilities sum to 1: the total is the row count.
+    double total = 0;
+    for (int h = 0; h < c.n_kv_head; ++h) {
+      for (int s = 0; s < 40; ++s) total += st.WinSum(l, h)[s];
+    }
+    EXPECT_NEAR(total, 20.0 * group * c.n_kv_head, 1e-3);
+    for (int h = 0; h < c.n_kv_head; ++h) EXPECT_EQ(st.Cum(l, h)[0], 0.0f);  // not asked
+  }
+}
+
+TEST(KvBudgetTest, ValidateNamesTheProblem) {
+  const std::vector<int64_t> n = {10, 10};
+  KeepPlan p = Uniform(2, 2, {0, 3, 3});
+  EXPECT_NE(p.Validate(n, 2).message().find("not strictly increasing"), std::string::npos);
+  p = Uniform(2, 2, {0, 10});
+  EXPECT_NE(p.Validate(n, 2).message().find("outside [0, 10)"), std::string::npos);
+  p = Uniform(2, 2, {0, 1});
+  p.slots[1][1] = {0};
+  EXPECT_NE(p.Validate(n, 2).message().find("head 0 keeps 2"), std::string::npos);
+  p = Uniform(2, 2, {0, 1});
+  p.merge_into.assign(2, std::vector<std::vector<int64_t>>(2, std::vector<int64_t>(10, 4)));
+  EXPECT_NE(p.Validate(n, 2).message().find("not kept"), std::string::npos);
+  p = Uniform(2, 2, {0, 1});
+  p.slots[1] = {{0}, {1}};
+  p.reassign_positions = true;
+  EXPECT_NE(p.Validate(n, 2).message().find("same count"), std::string::npos);
+  EXPECT_TRUE(Uniform(2, 2, {1, 9}).Validate(n, 2).ok());
+}
+
+TEST(KvBudgetTest, GrowKeepsTheContents) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF16});
+  const auto& c = Trained().config();
+  const auto toks = RandomTokens(24, 11);
+  BudgetKv a(engine.kv_shape(), 16), b(engine.kv_shape(), 64);
+  ASSERT_TRUE(engine.Forward(a, std::span(toks).first(16), nullptr).ok());
+  ASSERT_TRUE(engine.Forward(b, std::span(toks).first(16), nullptr).ok());
+  EXPECT_FALSE(engine.Forward(a, std::span(toks).subspan(16), nullptr).ok());
+  a.Grow(40);
+  std::vector<float> la(c.n_vocab), lb(c.n_vocab);
+  ASSERT_TRUE(engine.Forward(a, std::span(toks).subspan(16), la.data()).ok());
+  ASSERT_TRUE(engine.Forward(b, std::span(toks).subspan(16), lb.data()).ok());
+  EXPECT_EQ(la, lb);
+}
+
+}  // namespace
+}  // namespace cachette

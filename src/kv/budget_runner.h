@@ -1,0 +1,86 @@
+// One sequence read and extended under a KV budget policy: the loop that gathers attention
+// statistics, asks the policy which slots to keep, and compacts the KV.
+//
+//   Prefill(prompt): the budget is fixed from the prompt's length (a fraction B < 1 applies to
+//     it). A policy with block-wise prefill, or any prompt longer than the context under a
+//     policy that reassigns positions, is read in blocks of the budget, compacting after each
+//     block (peak KV: budget + block); otherwise the whole prompt is read with full attention
+//     and compacted once at the end (the SnapKV family's observation window is then the
+//     prompt's last tokens).
+//   Step(tokens): decode (or score) tokens after the prompt; once `slack` tokens have been
+//     added since the last compaction the policy runs again, so the KV stays within budget +
+//     slack.
+//
+// Statistics are collected only as the policy asks (window, cumulative). The window sums are
+// cleared after each compaction, so a decode-time selection sees the queries since the last.
+//
+// Thread-safety: one caller; uses the engine (one Forward at a time per Engine).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "cachette/status.h"
+#include "engine/engine.h"
+#include "engine/kv_budget.h"
+#include "kv/kv_policy.h"
+
+namespace cachette {
+
+class BudgetRunner {
+ public:
+  // kInvalidArgument for a bad config (ValidateKvPolicy's message).
+  static Result<std::unique_ptr<BudgetRunner>> Create(Engine& engine,
+                                                      const KvPolicyConfig& config,
+                                                      int slack = 16);
+
+  // Reads the prompt (see above) into a fresh sequence, reserving room for `max_new` more
+  // tokens when the policy never compacts them away. `last_logits` (may be null) receives the
+  // last prompt token's logits. kInvalidArgument when the prompt is longer than the context
+  // and the policy cannot read it.
+  Status Prefill(std::span<const TokenId> prompt, float* last_logits);
+
+  // Adds tokens after the prompt (a decode step or a scoring block) with logits per `mode`,
+  // then compacts if due. The tokens must fit in `slack` (one block) plus what is free.
+  Status Step(std::span<const TokenId> tokens, Engine::Logits mode, float* logits);
+
+  // Starts over with an already computed prefix: copies `src`'s first n tokens, with the
+  // statistics gathered while computing them (may be null), and compacts to the budget for
+  // that length. Used by the evaluation harness to share one exact prefill between policies.
+  Status StartFrom(const SequenceKv& src, int64_t n, const AttentionStats* stats);
+
+  const KvPolicy& policy() const { return *policy_; }
+  const KvPolicyConfig& config() const { return config_; }
+  BudgetKv* kv() { return kv_.get(); }
+  int64_t budget_tokens() const { return budget_; }
+  // Slots held now, summed over layers, divided by the layer count (the kept size a client
+  // sees as kv_tokens_kept), and the largest that has been held.
+  int64_t kept_tokens() const;
+  int64_t peak_kept_tokens() const { return peak_; }
+  int64_t compactions() const { return compactions_; }
+  // Statistics a caller must collect for this policy during an exact prefill it will hand to
+  // StartFrom: window (0 = none) and cumulative.
+  int stats_window() const { return policy_->stats_window(); }
+  bool stats_cumulative() const { return policy_->stats_cumulative(); }
+
+ private:
+  BudgetRunner(Engine& engine, const KvPolicyConfig& config, std::unique_ptr<KvPolicy> policy,
+               int slack);
+  Status Forward(std::span<const TokenId> tokens, Engine::Logits mode, float* logits);
+  Status Compact();
+  void NewSequence(int64_t capacity);
+
+  Engine& engine_;
+  KvPolicyConfig config_;
+  std::unique_ptr<KvPolicy> policy_;
+  int slack_;
+  std::unique_ptr<BudgetKv> kv_;
+  AttentionStats stats_;
+  int64_t budget_ = 0;
+  int64_t since_compaction_ = 0;
+  int64_t peak_ = 0;
+  int64_t compactions_ = 0;
+};
+
+}  // namespace cachette
