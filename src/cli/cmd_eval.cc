@@ -345,6 +345,7 @@ int EvalStream(const StreamArgs& a) {
       w.push_back({{"first_token", x.first_token},
                    {"n_scored", x.n_scored},
                    {"ppl", x.ppl()},
+                   {"full_restart_ppl", x.full_ppl()},
                    {"peak_rss_bytes", x.peak_rss_bytes}});
     }
     j["windows"] = w;
@@ -354,11 +355,15 @@ int EvalStream(const StreamArgs& a) {
   std::printf("model %s, %s KV; %s: %lld tokens scored with %s, cache of %d tokens (steps of %d)\n",
               l->path.c_str(), a.c.kv_type.c_str(), a.text.c_str(),
               static_cast<long long>(r->n_scored), a.policy.c_str(), a.cache, a.c.step);
-  std::printf("%12s %10s %10s %14s\n", "from token", "scored", "ppl", "peak RSS MiB");
+  std::printf("%12s %10s %10s %12s %14s\n", "from token", "scored", "ppl", "full restart",
+              "peak RSS MiB");
   for (const auto& x : r->windows) {
-    std::printf("%12lld %10lld %10.4f %14.1f\n", static_cast<long long>(x.first_token),
-                static_cast<long long>(x.n_scored), x.ppl(), x.peak_rss_bytes / 1048576.0);
+    std::printf("%12lld %10lld %10.4f %12.4f %14.1f\n", static_cast<long long>(x.first_token),
+                static_cast<long long>(x.n_scored), x.ppl(), x.full_ppl(),
+                x.peak_rss_bytes / 1048576.0);
   }
+  std::printf("full restart: the same windows with full KV, the context starting afresh at "
+              "each window\n");
   std::printf("all: ppl %.4f, at most %lld KV tokens per layer, %.1f s\n", total_ppl,
               static_cast<long long>(r->max_kept), r->seconds);
   return 0;

@@ -5,6 +5,7 @@
 #include "cli/cli.h"
 #include "core/thread_pool.h"
 #include "engine/generate.h"
+#include "kv/budget_runner.h"
 
 namespace cachette::cli {
 namespace {
@@ -25,6 +26,8 @@ struct RunArgs {
   std::vector<std::string> stop;
   bool json = false;
   bool no_bos = false;
+  std::string kv_policy;
+  double kv_policy_budget = 0.2;
 };
 
 Result<std::vector<TokenId>> ParseIds(const std::string& s) {
@@ -66,11 +69,22 @@ int Run(const RunArgs& a) {
   if (prompt.empty()) return Fail(InvalidArgument("the prompt is empty"));
 
   const int64_t ctx = model.config().n_ctx_train;
-  if (static_cast<int64_t>(prompt.size()) > ctx) {
+  std::unique_ptr<BudgetRunner> runner;
+  if (!a.kv_policy.empty()) {
+    KvPolicyConfig pc;
+    pc.name = a.kv_policy;
+    pc.budget = a.kv_policy_budget;
+    auto r = BudgetRunner::Create(engine, pc);
+    if (!r.ok()) return Fail(r.status());
+    runner = std::move(*r);
+  } else if (static_cast<int64_t>(prompt.size()) > ctx) {
     return Fail(InvalidArgument("the prompt has " + std::to_string(prompt.size()) +
                                 " tokens but the model's context is " + std::to_string(ctx)));
   }
-  auto kv = engine.NewSequence(std::min<int64_t>(ctx, prompt.size() + std::max(a.n, 0)));
+  std::unique_ptr<ContiguousKv> kv;
+  if (!runner) {
+    kv = engine.NewSequence(std::min<int64_t>(ctx, prompt.size() + std::max(a.n, 0)));
+  }
 
   GenerateOptions go;
   go.max_tokens = a.n;
@@ -89,7 +103,22 @@ int Run(const RunArgs& a) {
       return true;
     };
   }
-  auto res = Generate(engine, *kv, prompt, go, stream);
+  Result<GenerateResult> res = InvalidArgument("no generation");
+  if (runner) {
+    // Under a KV budget policy: its runner reads the prompt and each token; a policy that
+    // reassigns positions generates past the context.
+    LogitSource src;
+    src.prefill = [&](float* logits) { return runner->Prefill(prompt, logits); };
+    src.step = [&](TokenId id, float* logits) {
+      return runner->Step(std::span<const TokenId>(&id, 1), Engine::Logits::kLast, logits);
+    };
+    src.room = [&] {
+      return runner->policy().reassigns_positions() || runner->kv()->next_position() < ctx;
+    };
+    res = Generate(model, prompt, go, src, stream);
+  } else {
+    res = Generate(engine, *kv, prompt, go, stream);
+  }
   if (!res.ok()) return Fail(res.status());
   const double prefill_tps = res->prompt_tokens / std::max(res->prefill_seconds, 1e-9);
   const int64_t decoded = std::max<int64_t>(0, static_cast<int64_t>(res->tokens.size()) - 1);
@@ -107,6 +136,14 @@ int Run(const RunArgs& a) {
                     {"decode_tokens", decoded},
                     {"decode_seconds", res->decode_seconds},
                     {"decode_tok_s", decode_tps}};
+    if (runner) {
+      j["kv_policy"] = {{"name", a.kv_policy},
+                        {"budget", a.kv_policy_budget},
+                        {"budget_tokens", runner->budget_tokens()},
+                        {"kv_tokens_kept", runner->kept_tokens()},
+                        {"peak_kv_tokens", runner->peak_kept_tokens()},
+                        {"compactions", runner->compactions()}};
+    }
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("\n");
@@ -142,6 +179,12 @@ Runner AddRunCommand(CLI::App& app) {
   c->add_option("--stop", a->stop, "Stop string (repeatable)");
   c->add_flag("--json", a->json, "Print prompt ids, generated ids and timings as JSON");
   c->add_flag("--no-bos", a->no_bos, "Do not prepend BOS to a text prompt");
+  c->add_option("--kv-policy", a->kv_policy,
+                "Keep the KV within a budget: streamingllm, h2o, snapkv, pyramidkv, cake, "
+                "lacache, elastic, blockwise (streamingllm and lacache read and generate past "
+                "the context)");
+  c->add_option("--kv-policy-budget", a->kv_policy_budget,
+                "Budget: below 1 a fraction of the prompt, 1 or more tokens (default 0.2)");
   return [a] {
     if (a->prompt.empty() && a->prompt_ids.empty()) {
       return Fail(InvalidArgument("give a prompt with -p TEXT or --prompt-ids 1,2,3"));

@@ -19,11 +19,7 @@ std::string_view FinishName(GenerateResult::Finish f) {
 Result<GenerateResult> Generate(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
                                 const GenerateOptions& options, const TokenCallback& on_token) {
   const Model& model = engine.model();
-  const Tokenizer& tok = model.tokenizer();
-  const int64_t n_vocab = model.config().n_vocab;
-  CT_RETURN_IF_ERROR(options.sampling.Validate());
   if (prompt.empty()) return InvalidArgument("the prompt is empty");
-  if (options.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
   const int64_t cached = kv.n_tokens();
   if (cached > static_cast<int64_t>(prompt.size())) {
     return InvalidArgument("the KV cache holds more tokens than the prompt");
@@ -33,19 +29,39 @@ Result<GenerateResult> Generate(Engine& engine, SequenceKv& kv, std::span<const 
     return InvalidArgument("the prompt has " + std::to_string(prompt.size()) +
                            " tokens but the context holds " + std::to_string(ctx));
   }
+  LogitSource source;
+  source.prefill = [&](float* logits) {
+    // With the whole prompt cached, the last prompt token is recomputed for its logits.
+    int64_t from = cached;
+    if (from == static_cast<int64_t>(prompt.size())) {
+      from -= 1;
+      kv.SetTokens(from);
+    }
+    return engine.Forward(kv, prompt.subspan(from), logits);
+  };
+  source.step = [&](TokenId id, float* logits) {
+    const TokenId next[1] = {id};
+    return engine.Forward(kv, next, logits);
+  };
+  source.room = [&] { return kv.n_tokens() + 1 <= ctx; };
+  return Generate(model, prompt, options, source, on_token);
+}
+
+Result<GenerateResult> Generate(const Model& model, std::span<const TokenId> prompt,
+                                const GenerateOptions& options, const LogitSource& source,
+                                const TokenCallback& on_token) {
+  const Tokenizer& tok = model.tokenizer();
+  const int64_t n_vocab = model.config().n_vocab;
+  CT_RETURN_IF_ERROR(options.sampling.Validate());
+  if (prompt.empty()) return InvalidArgument("the prompt is empty");
+  if (options.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
 
   GenerateResult res;
   res.prompt_tokens = static_cast<int64_t>(prompt.size());
   std::vector<float> logits(n_vocab);
   std::vector<TokenId> history(prompt.begin(), prompt.end());
   Stopwatch sw;
-  // With the whole prompt cached, the last prompt token is recomputed for its logits.
-  int64_t from = cached;
-  if (from == static_cast<int64_t>(prompt.size())) {
-    from -= 1;
-    kv.SetTokens(from);
-  }
-  CT_RETURN_IF_ERROR(engine.Forward(kv, prompt.subspan(from), logits.data()));
+  CT_RETURN_IF_ERROR(source.prefill(logits.data()));
   res.prefill_seconds = sw.Seconds();
   sw.Reset();
 
@@ -89,9 +105,8 @@ Result<GenerateResult> Generate(Engine& engine, SequenceKv& kv, std::span<const 
       break;
     }
     if (i + 1 == options.max_tokens) break;
-    if (kv.n_tokens() + 1 > ctx) break;  // context full: finish as kLength
-    const TokenId next[1] = {id};
-    CT_RETURN_IF_ERROR(engine.Forward(kv, next, logits.data()));
+    if (!source.room()) break;  // context full: finish as kLength
+    CT_RETURN_IF_ERROR(source.step(id, logits.data()));
   }
   if (res.finish == GenerateResult::Finish::kLength || res.finish == GenerateResult::Finish::kEos) {
     res.text += detok.Flush();  // an incomplete UTF-8 tail, kept as is

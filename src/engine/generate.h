@@ -42,4 +42,18 @@ Result<GenerateResult> Generate(Engine& engine, SequenceKv& kv, std::span<const 
                                 const GenerateOptions& options,
                                 const TokenCallback& on_token = nullptr);
 
+// The same loop over another way of computing logits (e.g. a KV budget policy's runner):
+// `prefill` reads the prompt and writes its last token's logits [n_vocab]; `step` feeds one
+// generated token and writes its logits; `room` says whether one more token fits (false ends
+// generation as kLength). Validation of sampling and max_tokens as above; the prompt's length
+// is the logits source's business.
+struct LogitSource {
+  std::function<Status(float* logits)> prefill;
+  std::function<Status(TokenId id, float* logits)> step;
+  std::function<bool()> room;
+};
+Result<GenerateResult> Generate(const Model& model, std::span<const TokenId> prompt,
+                                const GenerateOptions& options, const LogitSource& source,
+                                const TokenCallback& on_token = nullptr);
+
 }  // namespace cachette

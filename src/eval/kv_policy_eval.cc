@@ -24,6 +24,9 @@ double PolicyPplFigure::ppl() const { return std::exp(mean_nll()); }
 double StreamingWindow::ppl() const {
   return n_scored > 0 ? std::exp(nll_sum / static_cast<double>(n_scored)) : 0;
 }
+double StreamingWindow::full_ppl() const {
+  return n_scored > 0 ? std::exp(full_nll_sum / static_cast<double>(n_scored)) : 0;
+}
 
 namespace {
 
@@ -237,7 +240,15 @@ Result<PolicyRetrievalResult> EvalPolicyRetrieval(Engine& engine, std::span<cons
 
 Result<StreamingResult> EvalStreaming(Engine& engine, std::span<const TokenId> tokens,
                                       const StreamingOptions& options) {
-  if (options.step < 1 || options.report < 1) return InvalidArgument("step and report must be >= 1");
+  if (options.step < 1 || options.report < 1) {
+    return InvalidArgument("step and report must be >= 1");
+  }
+  if (options.baseline && options.report > engine.model().config().n_ctx_train) {
+    return InvalidArgument("report windows of " + std::to_string(options.report) +
+                           " tokens do not fit the model's context of " +
+                           std::to_string(engine.model().config().n_ctx_train) +
+                           " for the full-KV baseline");
+  }
   if (options.cache <= options.step) {
     return InvalidArgument("the cache (" + std::to_string(options.cache) +
                            " tokens) must exceed the step (" + std::to_string(options.step) + ")");
@@ -288,6 +299,21 @@ Result<StreamingResult> EvalStreaming(Engine& engine, std::span<const TokenId> t
     res.windows.push_back(win);
   }
   res.seconds = sw.Seconds();
+  if (options.baseline) {
+    // Window w's scored tokens are [a, a + n): feed [a - 1, a + n - 1) to a fresh sequence.
+    std::vector<float> all;
+    for (StreamingWindow& w : res.windows) {
+      const int64_t a = w.first_token, m = w.n_scored;
+      auto kv = engine.NewSequence(m);
+      all.resize(static_cast<size_t>(m) * nv);
+      Engine::Item item{kv.get(), tokens.subspan(a - 1, m), Engine::Logits::kAll, all.data()};
+      CT_RETURN_IF_ERROR(engine.Forward(std::span<Engine::Item>(&item, 1)));
+      for (int64_t t = 0; t < m; ++t) {
+        w.full_nll_sum += NegLogLikelihood(std::span<const float>(all.data() + t * nv, nv),
+                                           tokens[a + t]);
+      }
+    }
+  }
   return res;
 }
 

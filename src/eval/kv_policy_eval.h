@@ -16,7 +16,9 @@
 //
 // Streaming: one long text scored with a policy that reassigns positions (StreamingLLM), in
 // steps, with the cache never above `cache` slots: perplexity per window of `report` tokens and
-// the process's peak RSS.
+// the process's peak RSS; beside it, the same windows scored with full KV and the context
+// restarting at each window's first token (the alternative for a model that cannot read past
+// its context).
 //
 // Thread-safety: uses the engine (one call at a time per Engine).
 #pragma once
@@ -90,7 +92,10 @@ struct StreamingOptions {
   KvPolicyConfig policy;  // must reassign positions (streamingllm, lacache)
   int cache = 2048;       // most KV slots per layer at any time
   int step = 64;          // tokens per step (and compaction slack)
-  int report = 2048;      // tokens per reported window
+  int report = 2048;      // tokens per reported window (at most the model's context)
+  // Also score each window with full KV over that window alone (the context restarting at
+  // its first token): what a model limited to its context does without a policy.
+  bool baseline = true;
   std::function<void(int64_t, int64_t)> progress;
 };
 
@@ -99,7 +104,9 @@ struct StreamingWindow {
   int64_t n_scored = 0;
   double nll_sum = 0;
   int64_t peak_rss_bytes = 0;  // of the process, after the window
+  double full_nll_sum = 0;     // the restarting full-KV baseline over the same tokens
   double ppl() const;
+  double full_ppl() const;
 };
 
 struct StreamingResult {

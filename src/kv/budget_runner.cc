@@ -67,11 +67,17 @@ Status BudgetRunner::Compact() {
   return Status::Ok();
 }
 
+int64_t BudgetRunner::ResolveBudget(int64_t length) const {
+  // A token budget holds from the start; a fraction applies to the length it is given.
+  if (config_.budget >= 1) return static_cast<int64_t>(config_.budget);
+  return BudgetTokens(config_.budget, length);
+}
+
 Status BudgetRunner::Prefill(std::span<const TokenId> prompt, float* last_logits) {
   const int64_t n = static_cast<int64_t>(prompt.size());
   if (n == 0) return InvalidArgument("the prompt is empty");
   const int64_t ctx = engine_.model().config().n_ctx_train;
-  budget_ = BudgetTokens(config_.budget, n);
+  budget_ = ResolveBudget(n);
   const bool past_context = n > ctx;
   if (past_context && !policy_->reassigns_positions()) {
     return InvalidArgument("the prompt has " + std::to_string(n) +
@@ -123,7 +129,7 @@ Status BudgetRunner::Step(std::span<const TokenId> tokens, Engine::Logits mode, 
 
 Status BudgetRunner::StartFrom(const SequenceKv& src, int64_t n, const AttentionStats* stats) {
   if (n <= 0) return InvalidArgument("StartFrom needs at least one token");
-  budget_ = BudgetTokens(config_.budget, n);
+  budget_ = ResolveBudget(n);
   NewSequence(n + slack_);
   CT_RETURN_IF_ERROR(kv_->CopyFrom(src, n));
   if (stats != nullptr && stats->n_layer > 0) {

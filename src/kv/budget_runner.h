@@ -1,8 +1,8 @@
 // One sequence read and extended under a KV budget policy: the loop that gathers attention
 // statistics, asks the policy which slots to keep, and compacts the KV.
 //
-//   Prefill(prompt): the budget is fixed from the prompt's length (a fraction B < 1 applies to
-//     it). A policy with block-wise prefill, or any prompt longer than the context under a
+//   Prefill(prompt): the budget is fixed: B >= 1 tokens as given, a fraction B < 1 of the
+//     prompt's length. A policy with block-wise prefill, or any prompt longer than the context under a
 //     policy that reassigns positions, is read in blocks of the budget, compacting after each
 //     block (peak KV: budget + block); otherwise the whole prompt is read with full attention
 //     and compacted once at the end (the SnapKV family's observation window is then the
@@ -69,6 +69,7 @@ class BudgetRunner {
                int slack);
   Status Forward(std::span<const TokenId> tokens, Engine::Logits mode, float* logits);
   Status Compact();
+  int64_t ResolveBudget(int64_t length) const;
   void NewSequence(int64_t capacity);
 
   Engine& engine_;
