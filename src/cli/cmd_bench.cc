@@ -1,14 +1,20 @@
 // `cachette bench engine`: prefill and decode throughput of the forward pass, with decode's
-// achieved weight-read bandwidth beside the machine's measured memory read bandwidth.
+// achieved weight-read bandwidth beside the machine's measured memory read bandwidth; with
+// --ctx-depth, decode after a long context, over full KV and under KV budget policies.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "cli/cli.h"
+#include "cli/cpu_info.h"
 #include "core/timer.h"
 #include "engine/engine.h"
 #include "engine/sampler.h"
 #include "core/units.h"
+#include "eval/kv_policy_eval.h"
+#include "kv/budget_runner.h"
 #include "kv/kv_manager.h"
 
 namespace cachette::cli {
@@ -39,9 +45,18 @@ struct BenchArgs {
   int reps = 3;
   std::string kv_type = "f16";
   bool json = false;
+  int ctx_depth = 0;                     // > 0: decode after this many tokens of context
+  std::vector<std::string> kv_policies;  // with ctx_depth: policies measured beside full KV
+  double kv_policy_budget = 0.1;
 };
 
+int BenchEngineAtDepth(const BenchArgs& a);
+
 int BenchEngine(const BenchArgs& a) {
+  if (a.ctx_depth > 0) return BenchEngineAtDepth(a);
+  if (!a.kv_policies.empty()) {
+    return Fail(InvalidArgument("--kv-policy is measured at a context depth: add --ctx-depth N"));
+  }
   auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
   if (!loaded.ok()) return Fail(loaded.status());
   const std::string& path = loaded->path;
@@ -85,6 +100,7 @@ int BenchEngine(const BenchArgs& a) {
                         {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
                         {"kv_type", a.kv_type},
                         {"threads", engine.pool().size()},
+                        {"cpu", CpuModelName()},
                         {"isa", isa},
                         {"n_prompt", a.n_prompt},
                         {"n_gen", a.n_gen},
@@ -96,14 +112,252 @@ int BenchEngine(const BenchArgs& a) {
                         {"weight_bytes_per_token", model.weight_bytes_per_token()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("model %s (%s weights, %s KV), %d threads, isa %s, median of %d\n", path.c_str(),
-                std::string(kernels::WTypeName(c.weight_type)).c_str(), a.kv_type.c_str(),
-                engine.pool().size(), isa.c_str(), a.reps);
+    std::printf("model %s (%s weights, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
+                path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
+                a.kv_type.c_str(), engine.pool().size(), CpuModelName().c_str(), isa.c_str(),
+                a.reps);
     std::printf("prefill %5d tokens: %8.1f tok/s\n", a.n_prompt, p_tps);
     std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s = %.0f%% of measured memory "
                 "read bandwidth %.2f GB/s\n",
                 a.n_gen, d_tps, d_gbs, 100.0 * d_gbs / mem_gbs, mem_gbs);
   }
+  return 0;
+}
+
+// ---- Decode at a context depth (--ctx-depth), full KV against KV budget policies ----------
+//
+// The context, N pseudo-random tokens, is read once with full attention in chunks, collecting
+// the attention statistics the policies ask for (kv/budget_runner.h); that read is not a
+// figure. Each repetition then
+//   1. decodes n tokens after a 1-token prompt (depth 1: the step without context),
+//   2. decodes n tokens over the full KV of the context (truncated back to N first),
+//   3. for each policy: copies the context into the policy's runner, which compacts it to the
+//      budget (BudgetRunner::StartFrom; a block-wise policy reads the context again), then
+//      decodes n tokens with Step, which compacts every `slack` tokens and, for the policies
+//      that score, collects the decode queries' attention: both part of the policy's cost.
+// Every decode starts from the context's last logits and feeds back the argmax. Only the
+// decode steps are timed. Right after each timed decode, kernels::Attention is timed alone on
+// the KV that decode left, as the engine calls it for one decode token (one query per layer
+// over the layer's slots, the same thread pool): the attention share is that time over the
+// decode step's.
+
+// One decode figure: a configuration's median over the repetitions.
+struct DepthFigure {
+  std::string label;     // "full" or the policy's label
+  int64_t depth = 0;     // context tokens read before the decode
+  int64_t kept = 0;      // slots per layer after the decode (average over layers)
+  double tok_s = 0;      // decode tokens per second
+  double attn_s = 0;     // seconds per decode token in kernels::Attention, timed alone
+  double step_s() const { return 1.0 / tok_s; }
+  double attn_share() const { return attn_s / step_s(); }
+};
+
+// Greedy decode of n tokens from `logits` (the context's last); `step` adds one token and
+// writes the next logits. Returns the seconds the n steps took.
+Result<double> TimeDecode(std::vector<float> logits, int n,
+                          const std::function<Status(TokenId, float*)>& step) {
+  Stopwatch sw;
+  for (int i = 0; i < n; ++i) {
+    CT_RETURN_IF_ERROR(step(Sampler::Argmax(logits), logits.data()));
+  }
+  return sw.Seconds();
+}
+
+// Seconds per decode token spent in kernels::Attention over `kv` as it stands: for every
+// layer, one pseudo-random query at the layer's last slot over all its slots, timed call by
+// call and summed over the layers; the median of `rounds` passes over the layers.
+double AttentionSecondsPerToken(Engine& engine, const SequenceKv& kv, int rounds) {
+  const ModelConfig& c = engine.model().config();
+  const size_t qd = static_cast<size_t>(c.n_head) * c.head_dim;
+  std::vector<float> q(qd), out(qd);
+  uint64_t x = 0x5eed;
+  for (float& v : q) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    v = static_cast<float>((x >> 40) % 2001) / 1000.0f - 1.0f;  // in [-1, 1]
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<double> passes;
+  for (int r = 0; r < rounds; ++r) {
+    double total = 0;
+    for (int layer = 0; layer < c.n_layer; ++layer) {
+      const int64_t n = kv.layer_tokens(layer);
+      const kernels::KvView view = kv.View(layer, n);
+      Stopwatch sw;
+      kernels::Attention(q.data(), 1, c.n_head, n - 1, view, scale, out.data(), engine.pool());
+      total += sw.Seconds();
+    }
+    passes.push_back(total);
+  }
+  return Median(passes);
+}
+
+int BenchEngineAtDepth(const BenchArgs& a) {
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const Model& model = *loaded->model;
+  Engine& engine = *loaded->engine;
+  const ModelConfig& c = model.config();
+  const int64_t depth = a.ctx_depth;
+  const int n = a.n_gen;
+  if (n < 1) return Fail(InvalidArgument("--ctx-depth needs -n >= 1 decoded tokens"));
+  if (depth + n + 1 > c.n_ctx_train) {
+    return Fail(InvalidArgument("--ctx-depth + -n exceed the model's context of " +
+                                std::to_string(c.n_ctx_train)));
+  }
+  constexpr int kSlack = 16;        // the runner's compaction slack
+  constexpr int kAttnRounds = 5;    // passes of the attention timing per decode
+  constexpr int64_t kChunk = 2048;  // context tokens per Forward while reading the context
+  std::vector<std::unique_ptr<BudgetRunner>> runners;
+  for (const std::string& name : a.kv_policies) {
+    KvPolicyConfig pc;
+    pc.name = name;
+    pc.budget = a.kv_policy_budget;
+    auto r = BudgetRunner::Create(engine, pc, kSlack);
+    if (!r.ok()) return Fail(r.status().WithContext("--kv-policy/--kv-policy-budget"));
+    runners.push_back(std::move(*r));
+  }
+
+  // The context, read once, with the statistics every policy needs: cumulative sums over all
+  // of it, window sums over its last tokens only (so the window is set for the last chunk,
+  // which is made at least a window long).
+  AttentionStats stats;
+  int window = 0;
+  for (const auto& r : runners) {
+    window = std::max(window, r->stats_window());
+    stats.cumulative |= r->stats_cumulative();
+  }
+  const std::vector<TokenId> context =
+      PseudoRandomTokens(static_cast<int>(depth), c.n_vocab, 12345);
+  std::vector<float> context_logits(c.n_vocab);
+  auto full = engine.NewSequence(depth + n + 1);
+  Stopwatch fill_sw;
+  for (int64_t i = 0; i < depth;) {
+    int64_t m = std::min(kChunk, depth - i);
+    if (depth - i - m < std::max(window, 1)) m = depth - i;
+    const bool last = i + m == depth;
+    stats.window = last ? window : 0;
+    Engine::Item item{full.get(), std::span(context).subspan(i, m),
+                      last ? Engine::Logits::kLast : Engine::Logits::kNone,
+                      last ? context_logits.data() : nullptr};
+    if (stats.window > 0 || stats.cumulative) item.stats = &stats;
+    Status s = engine.Forward(std::span<Engine::Item>(&item, 1));
+    if (!s.ok()) return Fail(s.WithContext("reading the context"));
+    i += m;
+    // Progress on stderr: a long context takes minutes.
+    std::fprintf(stderr, "\rreading the context: %lld / %lld tokens", static_cast<long long>(i),
+                 static_cast<long long>(depth));
+  }
+  std::fprintf(stderr, "\n");
+  const double fill_s = fill_sw.Seconds();
+
+  // Decode figures: [0] depth 1, [1] full KV at the depth, then one per policy.
+  std::vector<DepthFigure> figures(2 + runners.size());
+  std::vector<std::vector<double>> rates(figures.size()), attn(figures.size());
+  figures[0].label = figures[1].label = "full";
+  figures[0].depth = 1;
+  figures[1].depth = depth;
+  for (size_t p = 0; p < runners.size(); ++p) {
+    figures[2 + p].label = eval::PolicyLabel(runners[p]->config());
+    figures[2 + p].depth = depth;
+  }
+  auto shallow = engine.NewSequence(n + 2);
+  const TokenId first[1] = {context[0]};
+  std::vector<float> shallow_logits(c.n_vocab);
+  const auto forward_on = [&engine](SequenceKv& kv) {
+    return [&engine, &kv](TokenId t, float* logits) {
+      const TokenId tok[1] = {t};
+      return engine.Forward(kv, tok, logits);
+    };
+  };
+  const auto record = [&](size_t f, const Result<double>& seconds, const SequenceKv& kv) {
+    if (!seconds.ok()) return seconds.status();
+    rates[f].push_back(n / *seconds);
+    attn[f].push_back(AttentionSecondsPerToken(engine, kv, kAttnRounds));
+    int64_t slots = 0;
+    for (int layer = 0; layer < c.n_layer; ++layer) slots += kv.layer_tokens(layer);
+    figures[f].kept = (slots + c.n_layer - 1) / c.n_layer;
+    return Status::Ok();
+  };
+  for (int rep = 0; rep < a.reps; ++rep) {
+    shallow->SetTokens(0);
+    Status s = engine.Forward(*shallow, first, shallow_logits.data());
+    if (s.ok()) s = record(0, TimeDecode(shallow_logits, n, forward_on(*shallow)), *shallow);
+    if (!s.ok()) return Fail(s.WithContext("decode at depth 1"));
+    full->SetTokens(depth);
+    s = record(1, TimeDecode(context_logits, n, forward_on(*full)), *full);
+    if (!s.ok()) return Fail(s.WithContext("decode over full KV"));
+    for (size_t p = 0; p < runners.size(); ++p) {
+      BudgetRunner& r = *runners[p];
+      std::vector<float> start = context_logits;
+      s = r.policy().blockwise_prefill() ? r.Prefill(context, start.data())
+                                         : r.StartFrom(*full, depth, &stats);
+      const auto step = [&r](TokenId t, float* logits) {
+        const TokenId tok[1] = {t};
+        return r.Step(tok, Engine::Logits::kLast, logits);
+      };
+      if (s.ok()) s = record(2 + p, TimeDecode(start, n, step), *r.kv());
+      if (!s.ok()) return Fail(s.WithContext("decode under " + figures[2 + p].label));
+    }
+  }
+  for (size_t f = 0; f < figures.size(); ++f) {
+    figures[f].tok_s = Median(rates[f]);
+    figures[f].attn_s = Median(attn[f]);
+  }
+  const DepthFigure& base = figures[1];
+  // The part of a step at the depth that the context adds: attention plus everything else
+  // that grows with it (reading the KV, cache misses).
+  const double context_share = 1.0 - figures[0].step_s() / base.step_s();
+  const std::string isa(kernels::IsaName(kernels::ActiveIsa()));
+  if (a.json) {
+    nlohmann::json decode = nlohmann::json::array();
+    for (const DepthFigure& f : figures) {
+      decode.push_back({{"config", f.label},
+                        {"depth", f.depth},
+                        {"kept_per_layer", f.kept},
+                        {"decode_tok_s", f.tok_s},
+                        {"step_ms", f.step_s() * 1e3},
+                        {"attention_ms", f.attn_s * 1e3},
+                        {"attention_share", f.attn_share()},
+                        {"vs_full", f.tok_s / base.tok_s}});
+    }
+    nlohmann::json j = {{"model", loaded->path},
+                        {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
+                        {"kv_type", a.kv_type},
+                        {"threads", engine.pool().size()},
+                        {"cpu", CpuModelName()},
+                        {"isa", isa},
+                        {"ctx_depth", depth},
+                        {"n_gen", n},
+                        {"reps", a.reps},
+                        {"kv_policy_budget", a.kv_policy_budget},
+                        {"context_read_s", fill_s},
+                        {"context_share", context_share},
+                        {"decode", decode}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s (%s weights, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
+              loaded->path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
+              a.kv_type.c_str(), engine.pool().size(), CpuModelName().c_str(), isa.c_str(),
+              a.reps);
+  std::printf("context of %lld tokens read once in %.1f s (full attention, not a figure)\n",
+              static_cast<long long>(depth), fill_s);
+  std::printf("decode %d tokens:\n", n);
+  std::printf("  %-20s %6s %10s %9s %8s %12s %6s %8s\n", "config", "depth", "kept/layer",
+              "tok/s", "step ms", "attention ms", "share", "vs full");
+  for (const DepthFigure& f : figures) {
+    std::printf("  %-20s %6lld %10lld %9.2f %8.2f %12.2f %5.0f%% %7.2fx\n", f.label.c_str(),
+                static_cast<long long>(f.depth), static_cast<long long>(f.kept), f.tok_s,
+                f.step_s() * 1e3, f.attn_s * 1e3, 100 * f.attn_share(), f.tok_s / base.tok_s);
+  }
+  std::printf("attention ms = kernels::Attention for one decode token over every layer, timed "
+              "alone right after the\n  decode on the KV it left (same threads); share = that "
+              "over the decode step (1 / tok/s).\n");
+  std::printf("context cost: a step at depth %lld takes %.2f ms against %.2f ms at depth 1: "
+              "%.0f%% of it grows\n  with the context (attention and KV reads); full at depth 1 "
+              "is the ceiling any budget can reach.\n",
+              static_cast<long long>(depth), base.step_s() * 1e3, figures[0].step_s() * 1e3,
+              100 * context_share);
   return 0;
 }
 
@@ -249,6 +503,16 @@ Runner AddBenchCommand(CLI::App& app) {
       ->check(CLI::Range(1, 1000));
   e->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0");
   e->add_flag("--json", a->json, "Print one JSON object");
+  e->add_option("--ctx-depth", a->ctx_depth,
+                "Decode after this many tokens of context (read once, untimed; -p is unused), "
+                "beside decode at depth 1, with the attention share of a step")
+      ->check(CLI::Range(0, 1 << 24));
+  e->add_option("--kv-policy", a->kv_policies,
+                "With --ctx-depth: KV budget policies to decode under beside full KV, "
+                "comma-separated (one context read is shared)")
+      ->delimiter(',');
+  e->add_option("--kv-policy-budget", a->kv_policy_budget,
+                "Budget: below 1 a fraction of the context, 1 or more tokens (default 0.1)");
   auto pa = std::make_shared<PrefixArgs>();
   CLI::App* p = c->add_subcommand("prefix", "TTFT cold vs cached prefix; batched decode scaling");
   p->add_option("-m,--model", pa->model, "GGUF model (default: the bundled cachette-tiny)");

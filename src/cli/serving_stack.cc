@@ -52,6 +52,11 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
   Flag(c, p, kSched, "--preempt", &ServeConfig::preempt,
        "A preempted request's KV: recompute (released, re-prefilled) or swap (kept in the RAM "
        "tier, restored)");
+  Flag(c, p, kSched, "--kv-policy", &ServeConfig::kv_policy,
+       "KV budget policy for requests that name none: streamingllm, h2o, snapkv, pyramidkv, "
+       "cake, lacache, elastic, blockwise (default: full KV)");
+  Flag(c, p, kSched, "--kv-policy-budget", &ServeConfig::kv_policy_budget,
+       "Its budget: below 1 (or \"20%\") a fraction of each prompt, else tokens (0.2)");
   Flag(c, p, kSched, "--itl-target-ms", &ServeConfig::itl_target_ms,
        "Inter-token latency objective: each step's prefill share is sized to it (0: off)");
   Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
@@ -287,6 +292,7 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   api.default_max_tokens = cfg.max_tokens;
   api.max_token_bytes = server::MaxTokenBytes(st->model->tokenizer());
   api.max_messages = cfg.max_messages;
+  if (!cfg.kv_policy.empty()) api.default_kv_policy = *server::ServeKvPolicy(cfg);
   return st;
 }
 

@@ -274,50 +274,71 @@ Status BudgetKv::CopyFrom(const SequenceKv& src, int64_t n) {
   return Status::Ok();
 }
 
-Status BudgetKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
-                         AttentionStats* stats) {
-  CT_RETURN_IF_ERROR(plan.Validate(layer_n_, shape_.n_kv_head));
-  const int hd = shape_.head_dim;
-  const int n_kv = shape_.n_kv_head;
-  const size_t hb = kernels::KvHeadBytes(shape_.type, hd);
-  const size_t tb = shape_.token_bytes();
-  const bool with_stats = stats != nullptr && stats->capacity == capacity_ &&
-                          stats->n_layer == shape_.n_layer;
+int64_t KeepPlan::FirstChanged(const std::vector<int64_t>& layer_tokens) const {
+  int64_t first = INT64_MAX;
+  for (size_t l = 0; l < slots.size(); ++l) {
+    for (size_t h = 0; h < slots[l].size(); ++h) {
+      const auto& keep = slots[l][h];
+      int64_t i = 0;
+      const int64_t m = static_cast<int64_t>(keep.size());
+      while (i < m && keep[i] == i) ++i;
+      // Slots [0, i) stay; with every slot kept (i == n) nothing changes in this head.
+      int64_t f = i < m || m < layer_tokens[l] ? i : INT64_MAX;
+      if (!merge_into.empty() && !merge_into[l].empty()) {
+        for (int64_t e = 0; e < layer_tokens[l]; ++e) {
+          const int64_t t = merge_into[l][h][e];
+          if (t >= 0 && !std::binary_search(keep.begin(), keep.end(), e)) {
+            f = std::min(f, t);  // the anchor's bytes change (it stays in place when t < i)
+          }
+        }
+      }
+      first = std::min(first, f);
+    }
+  }
+  return first;
+}
+
+Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& layer_n,
+                    const KeepPlan& plan, const kernels::RopeParams& rope,
+                    AttentionStats* stats, std::vector<std::vector<float>>& weight,
+                    int64_t weight_stride) {
+  CT_RETURN_IF_ERROR(plan.Validate(layer_n, shape.n_kv_head));
+  const int hd = shape.head_dim;
+  const int n_kv = shape.n_kv_head;
+  const size_t hb = kernels::KvHeadBytes(shape.type, hd);
+  const bool with_stats = stats != nullptr && stats->n_layer == shape.n_layer &&
+                          stats->capacity >= *std::max_element(layer_n.begin(), layer_n.end());
   std::vector<float> a(hd), b(hd);
-  for (int l = 0; l < shape_.n_layer; ++l) {
-    const int64_t n = layer_n_[l];
+  for (int l = 0; l < shape.n_layer; ++l) {
+    const int64_t n = layer_n[l];
     const int64_t m = plan.kept(l);
-    std::byte* kb = k_[l].get();
-    std::byte* vb = v_[l].get();
-    auto head_ptr = [&](std::byte* base, int64_t slot, int h) { return base + tb * slot + hb * h; };
+    auto kp = [&](int64_t slot, int h) { return static_cast<std::byte*>(kv.KSlot(l, slot)) + hb * h; };
+    auto vp = [&](int64_t slot, int h) { return static_cast<std::byte*>(kv.VSlot(l, slot)) + hb * h; };
     for (int h = 0; h < n_kv; ++h) {
       const std::vector<int64_t>& keep = plan.slots[l][h];
-      float* w = weight_[l].data() + h * capacity_;
+      float* w = weight[l].data() + h * weight_stride;
       // Merges first, while every slot is still where it was: anchor = weighted mean.
       if (!plan.merge_into.empty() && !plan.merge_into[l].empty()) {
         const std::vector<int64_t>& into = plan.merge_into[l][h];
-        std::vector<std::vector<float>> ksum, vsum;  // per kept index, allocated when merged
+        std::vector<std::vector<float>> ksum(m), vsum(m);  // per kept index, when merged into
         std::vector<float> wsum(m, 0.0f);
-        ksum.resize(m);
-        vsum.resize(m);
         for (int64_t e = 0; e < n; ++e) {
           const int64_t t = into[e];
-          if (t < 0 || std::binary_search(keep.begin(), keep.end(), t) == false) continue;
-          if (std::binary_search(keep.begin(), keep.end(), e)) continue;  // e itself is kept
+          if (t < 0 || std::binary_search(keep.begin(), keep.end(), e)) continue;
           const int64_t ti = std::lower_bound(keep.begin(), keep.end(), t) - keep.begin();
           if (ksum[ti].empty()) {
             ksum[ti].resize(hd);
             vsum[ti].resize(hd);
-            kernels::LoadKv(head_ptr(kb, t, h), 1, hd, shape_.type, ksum[ti].data());
-            kernels::LoadKv(head_ptr(vb, t, h), 1, hd, shape_.type, vsum[ti].data());
+            kernels::LoadKv(kp(t, h), 1, hd, shape.type, ksum[ti].data());
+            kernels::LoadKv(vp(t, h), 1, hd, shape.type, vsum[ti].data());
             for (int d = 0; d < hd; ++d) {
               ksum[ti][d] *= w[t];
               vsum[ti][d] *= w[t];
             }
             wsum[ti] = w[t];
           }
-          kernels::LoadKv(head_ptr(kb, e, h), 1, hd, shape_.type, a.data());
-          kernels::LoadKv(head_ptr(vb, e, h), 1, hd, shape_.type, b.data());
+          kernels::LoadKv(kp(e, h), 1, hd, shape.type, a.data());
+          kernels::LoadKv(vp(e, h), 1, hd, shape.type, b.data());
           for (int d = 0; d < hd; ++d) {
             ksum[ti][d] += w[e] * a[d];
             vsum[ti][d] += w[e] * b[d];
@@ -330,8 +351,8 @@ Status BudgetKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
             ksum[ti][d] /= wsum[ti];
             vsum[ti][d] /= wsum[ti];
           }
-          kernels::StoreKv(ksum[ti].data(), 1, hd, shape_.type, head_ptr(kb, keep[ti], h));
-          kernels::StoreKv(vsum[ti].data(), 1, hd, shape_.type, head_ptr(vb, keep[ti], h));
+          kernels::StoreKv(ksum[ti].data(), 1, hd, shape.type, kp(keep[ti], h));
+          kernels::StoreKv(vsum[ti].data(), 1, hd, shape.type, vp(keep[ti], h));
           w[keep[ti]] = wsum[ti];
         }
       }
@@ -339,31 +360,39 @@ Status BudgetKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
       for (int64_t i = 0; i < m; ++i) {
         const int64_t src = keep[i];
         if (src != i) {
-          std::memmove(head_ptr(kb, i, h), head_ptr(kb, src, h), hb);
-          std::memmove(head_ptr(vb, i, h), head_ptr(vb, src, h), hb);
+          std::memmove(kp(i, h), kp(src, h), hb);
+          std::memmove(vp(i, h), vp(src, h), hb);
           w[i] = w[src];
           if (with_stats) {
             stats->WinSum(l, h)[i] = stats->WinSum(l, h)[src];
             stats->WinSq(l, h)[i] = stats->WinSq(l, h)[src];
             stats->Cum(l, h)[i] = stats->Cum(l, h)[src];
           }
-        }
-        if (plan.reassign_positions && src != i) {
-          // Slot src held position src; its key moves to position i.
-          const int32_t delta = static_cast<int32_t>(i - src);
-          kernels::LoadKv(head_ptr(kb, i, h), 1, hd, shape_.type, a.data());
-          kernels::Rope(a.data(), 1, 1, &delta, rope);
-          kernels::StoreKv(a.data(), 1, hd, shape_.type, head_ptr(kb, i, h));
+          if (plan.reassign_positions) {
+            // Slot src held position src; its key moves to position i.
+            const int32_t delta = static_cast<int32_t>(i - src);
+            kernels::LoadKv(kp(i, h), 1, hd, shape.type, a.data());
+            kernels::Rope(a.data(), 1, 1, &delta, rope);
+            kernels::StoreKv(a.data(), 1, hd, shape.type, kp(i, h));
+          }
         }
       }
       if (with_stats) {
-        std::fill(stats->WinSum(l, h) + m, stats->WinSum(l, h) + capacity_, 0.0f);
-        std::fill(stats->WinSq(l, h) + m, stats->WinSq(l, h) + capacity_, 0.0f);
-        std::fill(stats->Cum(l, h) + m, stats->Cum(l, h) + capacity_, 0.0f);
+        std::fill(stats->WinSum(l, h) + m, stats->WinSum(l, h) + stats->capacity, 0.0f);
+        std::fill(stats->WinSq(l, h) + m, stats->WinSq(l, h) + stats->capacity, 0.0f);
+        std::fill(stats->Cum(l, h) + m, stats->Cum(l, h) + stats->capacity, 0.0f);
       }
     }
-    layer_n_[l] = m;
+    layer_n[l] = m;
   }
+  return Status::Ok();
+}
+
+Status BudgetKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
+                         AttentionStats* stats) {
+  const bool matching = stats != nullptr && stats->capacity == capacity_;
+  CT_RETURN_IF_ERROR(CompactSlots(*this, shape_, layer_n_, plan, rope, matching ? stats : nullptr,
+                                  weight_, capacity_));
   n_max_ = *std::max_element(layer_n_.begin(), layer_n_.end());
   if (plan.reassign_positions) next_pos_ = n_max_;
   compacted_ = true;

@@ -77,10 +77,22 @@ struct KeepPlan {
   int64_t kept(int layer) const {
     return slots[layer].empty() ? 0 : static_cast<int64_t>(slots[layer][0].size());
   }
+  // The first slot whose bytes the plan changes in any layer or head (a move, a drop, a merge
+  // into it), INT64_MAX when it changes nothing: slots before it keep the exact KV.
+  int64_t FirstChanged(const std::vector<int64_t>& layer_tokens) const;
   // kInvalidArgument naming the layer/head when a list is unsorted, repeats a slot, is out of
   // [0, layer_tokens[layer]), differs in length between heads, or a merge target is not kept.
   Status Validate(const std::vector<int64_t>& layer_tokens, int n_kv_head) const;
 };
+
+// Compacts `kv` by `plan` through KSlot/VSlot (any layout): merges, moves (re-rotating keys
+// when positions are reassigned), `stats` (may be null) moved with the slots. layer_n: slots
+// per layer, updated. weight[layer][head * weight_stride + slot]: tokens each slot stands for
+// (merges weigh by it), updated. Validates the plan first; on error nothing changes.
+Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& layer_n,
+                    const KeepPlan& plan, const kernels::RopeParams& rope,
+                    AttentionStats* stats, std::vector<std::vector<float>>& weight,
+                    int64_t weight_stride);
 
 // A contiguous per-sequence KV whose layers may hold different numbers of slots, and which
 // remembers the next RoPE position (see the header comment). Capacity is fixed at creation.

@@ -5,6 +5,37 @@
 
 namespace cachette {
 
+int64_t ResolveBudgetTokens(const KvPolicyConfig& config, int64_t length) {
+  // A token budget holds from the start; a fraction applies to the length it is given.
+  if (config.budget >= 1) return static_cast<int64_t>(config.budget);
+  return BudgetTokens(config.budget, length);
+}
+
+int64_t PrefillBlock(const KvPolicy& policy, int64_t budget, int64_t prompt_len, int64_t ctx) {
+  const bool past_context = prompt_len > ctx;
+  if (!(policy.blockwise_prefill() || past_context) || prompt_len <= budget) return 0;
+  int64_t block = budget;
+  if (policy.reassigns_positions()) block = std::min(block, ctx - budget);
+  return block;
+}
+
+Status CheckPolicyPrompt(const KvPolicy& policy, int64_t budget, int64_t prompt_len,
+                         int64_t ctx) {
+  if (prompt_len <= ctx) return Status::Ok();
+  if (!policy.reassigns_positions()) {
+    return InvalidArgument("the prompt has " + std::to_string(prompt_len) +
+                           " tokens but the context holds " + std::to_string(ctx) + "; only a " +
+                           "policy that reassigns positions (streamingllm, lacache) reads past " +
+                           "the context");
+  }
+  if (budget >= ctx) {
+    return InvalidArgument("kv_policy.budget: " + std::to_string(budget) +
+                           " tokens leave no room to read a prompt longer than the context of " +
+                           std::to_string(ctx) + " in blocks");
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<BudgetRunner>> BudgetRunner::Create(Engine& engine,
                                                            const KvPolicyConfig& config,
                                                            int slack) {
@@ -68,9 +99,7 @@ Status BudgetRunner::Compact() {
 }
 
 int64_t BudgetRunner::ResolveBudget(int64_t length) const {
-  // A token budget holds from the start; a fraction applies to the length it is given.
-  if (config_.budget >= 1) return static_cast<int64_t>(config_.budget);
-  return BudgetTokens(config_.budget, length);
+  return ResolveBudgetTokens(config_, length);
 }
 
 Status BudgetRunner::Prefill(std::span<const TokenId> prompt, float* last_logits) {
@@ -78,15 +107,9 @@ Status BudgetRunner::Prefill(std::span<const TokenId> prompt, float* last_logits
   if (n == 0) return InvalidArgument("the prompt is empty");
   const int64_t ctx = engine_.model().config().n_ctx_train;
   budget_ = ResolveBudget(n);
-  const bool past_context = n > ctx;
-  if (past_context && !policy_->reassigns_positions()) {
-    return InvalidArgument("the prompt has " + std::to_string(n) +
-                           " tokens but the context holds " + std::to_string(ctx) +
-                           "; only a policy that reassigns positions (streamingllm, lacache) "
-                           "reads past the context");
-  }
-  const bool blocks = (policy_->blockwise_prefill() || past_context) && n > budget_;
-  if (!blocks) {
+  CT_RETURN_IF_ERROR(CheckPolicyPrompt(*policy_, budget_, n, ctx));
+  const int64_t block = PrefillBlock(*policy_, budget_, n, ctx);
+  if (block == 0) {
     NewSequence(n + slack_);
     CT_RETURN_IF_ERROR(Forward(prompt, last_logits ? Engine::Logits::kLast : Engine::Logits::kNone,
                                last_logits));
@@ -94,13 +117,6 @@ Status BudgetRunner::Prefill(std::span<const TokenId> prompt, float* last_logits
   }
   // Blocks of the budget (so that budget + block fits in the context when positions are
   // reassigned), compacting after each.
-  int64_t block = budget_;
-  if (policy_->reassigns_positions()) block = std::min(block, ctx - budget_);
-  if (block < 1) {
-    return InvalidArgument("kv_policy.budget: " + std::to_string(budget_) +
-                           " tokens leave no room to read the prompt within the context of " +
-                           std::to_string(ctx));
-  }
   NewSequence(budget_ + block);
   for (int64_t i = 0; i < n; i += block) {
     const int64_t m = std::min(block, n - i);

@@ -28,6 +28,20 @@
 
 namespace cachette {
 
+// The budget in tokens a config gives a prompt of `length` tokens: B >= 1 tokens as given
+// (truncated), a fraction B < 1 of the length (BudgetTokens).
+int64_t ResolveBudgetTokens(const KvPolicyConfig& config, int64_t length);
+// Tokens per prefill block, or 0 to read the whole prompt at once: blocks for a policy with
+// block-wise prefill, or a prompt longer than the context (under a policy that reassigns
+// positions; the block then leaves room for the budget within the context). A prompt within
+// the budget is always read at once.
+// (Valid once CheckPolicyPrompt passed.)
+int64_t PrefillBlock(const KvPolicy& policy, int64_t budget, int64_t prompt_len, int64_t ctx);
+// kInvalidArgument (a client's 400) for a prompt longer than the context under a policy that
+// keeps positions, or with a budget leaving no room for a block within the context.
+Status CheckPolicyPrompt(const KvPolicy& policy, int64_t budget, int64_t prompt_len,
+                         int64_t ctx);
+
 class BudgetRunner {
  public:
   // kInvalidArgument for a bad config (ValidateKvPolicy's message).

@@ -1,6 +1,8 @@
 #include "kv/kv_manager.h"
 
+#include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstring>
 #include <string>
 
@@ -122,6 +124,7 @@ kernels::KvView PagedSequence::View(int layer, int64_t n) const {
 }
 
 void PagedSequence::SetTokens(int64_t n) {
+  CT_CHECK(!compacted_) << "SetTokens on a compacted sequence";
   if (n < n_tokens_) {
     // Drop the pages past the new end (shrinking, e.g. to recompute the last prompt token).
     const int64_t P = manager_->page_tokens();
@@ -137,7 +140,92 @@ void PagedSequence::SetTokens(int64_t n) {
   n_tokens_ = n;
 }
 
+void PagedSequence::Append(int64_t count) {
+  if (!compacted_) {
+    n_tokens_ += count;
+    return;
+  }
+  const KvShape& s = manager_->shape();
+  for (int l = 0; l < s.n_layer; ++l) {
+    for (int h = 0; h < s.n_kv_head; ++h) {
+      std::fill_n(weight_[l].begin() + h * capacity_ + layer_n_[l], count, 1.0f);
+    }
+    layer_n_[l] += count;
+  }
+  n_tokens_ = *std::max_element(layer_n_.begin(), layer_n_.end());
+  next_pos_ += count;
+  seen_ += count;
+}
+
+int64_t PagedSequence::kept_tokens() const {
+  if (!compacted_) return n_tokens_;
+  int64_t t = 0;
+  for (int64_t n : layer_n_) t += n;
+  const int64_t layers = static_cast<int64_t>(layer_n_.size());
+  return (t + layers - 1) / layers;
+}
+
 // ---- KvManager ------------------------------------------------------------------------------
+
+Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
+                          const kernels::RopeParams& rope, AttentionStats* stats) {
+  CT_CHECK(seq.manager_ == this);
+  if (seq.finished_) return InvalidArgument("sequence already finished");
+  const KvShape& s = options_.shape;
+  std::vector<int64_t> layer_n = seq.compacted_
+                                     ? seq.layer_n_
+                                     : std::vector<int64_t>(s.n_layer, seq.n_tokens_);
+  CT_RETURN_IF_ERROR(plan.Validate(layer_n, s.n_kv_head));
+  const int64_t first = plan.FirstChanged(layer_n);
+  if (first == INT64_MAX) return Status::Ok();  // keeps everything as it is
+  const int64_t P = options_.page_tokens;
+  {
+    // Pages from the one holding `first` on are written: copy those the index (or another
+    // sequence) shares, all or nothing.
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<size_t> shared;
+    for (size_t b = static_cast<size_t>(first / P); b < seq.pages_.size(); ++b) {
+      if (pool_.RefCount(seq.pages_[b]) > 1) shared.push_back(b);
+    }
+    if (pool_.pages_free() < shared.size()) {
+      evictions_ += index_.Evict(shared.size() - pool_.pages_free());
+    }
+    if (pool_.pages_free() < shared.size()) {
+      return ResourceExhausted("KV pool exhausted: compacting needs " +
+                               std::to_string(shared.size()) + " pages, " +
+                               std::to_string(pool_.pages_free()) + " free");
+    }
+    for (size_t b : shared) {
+      PageId fresh;
+      CT_CHECK(pool_.Allocate(&fresh));
+      std::memcpy(pool_.Data(fresh), pool_.Data(seq.pages_[b]), pool_.page_bytes());
+      pool_.Unref(seq.pages_[b]);
+      seq.SetPage(b, fresh);
+      ++cow_copies_;
+    }
+  }
+  if (!seq.compacted_) {
+    seq.weight_.assign(s.n_layer, std::vector<float>(s.n_kv_head * seq.capacity_, 1.0f));
+    seq.next_pos_ = seq.seen_ = seq.exact_ = seq.n_tokens_;
+  }
+  // The sequence's pages are its own from `first` on: no lock needed to write them.
+  CT_RETURN_IF_ERROR(CompactSlots(seq, s, layer_n, plan, rope, stats, seq.weight_, seq.capacity_));
+  seq.compacted_ = true;
+  seq.layer_n_ = layer_n;
+  seq.n_tokens_ = *std::max_element(layer_n.begin(), layer_n.end());
+  seq.exact_ = std::min(seq.exact_, first);
+  if (plan.reassign_positions) seq.next_pos_ = seq.n_tokens_;
+  // Whole pages past the longest layer go back to the pool.
+  const size_t keep = static_cast<size_t>((seq.n_tokens_ + P - 1) / P);
+  std::lock_guard<std::mutex> lock(mu_);
+  while (seq.pages_.size() > keep) {
+    pool_.Unref(seq.pages_.back());
+    seq.pages_.pop_back();
+    for (auto& v : seq.k_ptr_) v.pop_back();
+    for (auto& v : seq.v_ptr_) v.pop_back();
+  }
+  return Status::Ok();
+}
 
 Status KvManager::Validate(const KvManagerOptions& o) {
   if (o.page_tokens <= 0 || o.page_tokens > 4096) {
@@ -187,8 +275,10 @@ std::unique_ptr<PagedSequence> KvManager::Start(const Hash128& ns,
 void KvManager::Commit(PagedSequence& seq, std::span<const TokenId> tokens, bool include_partial) {
   CT_CHECK(seq.manager_ == this);
   const int64_t P = options_.page_tokens;
-  const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.n_tokens_);
-  const int64_t len = include_partial ? n : n / P * P;
+  // A compacted sequence's slots past exact_tokens() are not the KV of its tokens; its exact
+  // part goes in whole pages only (the page holding the first changed slot differs).
+  const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.exact_tokens());
+  const int64_t len = include_partial && !seq.compacted_ ? n : n / P * P;
   if (len <= 0) return;
   const size_t pages = static_cast<size_t>((len + P - 1) / P);
   std::lock_guard<std::mutex> lock(mu_);

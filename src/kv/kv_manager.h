@@ -28,6 +28,7 @@
 
 #include "cachette/status.h"
 #include "core/hash.h"
+#include "engine/kv_budget.h"
 #include "engine/kv_cache.h"
 #include "kv/page_pool.h"
 #include "kv/radix_index.h"
@@ -65,7 +66,22 @@ class PagedSequence final : public SequenceKv {
   void* KSlot(int layer, int64_t pos) override;
   void* VSlot(int layer, int64_t pos) override;
   kernels::KvView View(int layer, int64_t n) const override;
+  // Only before a compaction (a compacted sequence's slots are not its first n tokens).
   void SetTokens(int64_t n) override;
+  int64_t layer_tokens(int layer) const override {
+    return compacted_ ? layer_n_[layer] : n_tokens_;
+  }
+  int64_t next_position() const override { return compacted_ ? next_pos_ : n_tokens_; }
+  void Append(int64_t count) override;
+
+  // KV budget policies (KvManager::Compact). Whether one has compacted the sequence; the
+  // leading slots that still hold the exact KV of the first tokens (all of them when never
+  // compacted), which alone may enter the index; tokens read so far; slots per layer held
+  // (summed over layers, divided by their count, rounded up).
+  bool compacted() const { return compacted_; }
+  int64_t exact_tokens() const { return compacted_ ? exact_ : n_tokens_; }
+  int64_t tokens_seen() const { return compacted_ ? seen_ : n_tokens_; }
+  int64_t kept_tokens() const;
 
   const Hash128& ns() const { return ns_; }
   // Tokens reused from the cache when the sequence started.
@@ -86,6 +102,13 @@ class PagedSequence final : public SequenceKv {
   std::vector<PageId> pages_;                    // block table
   std::vector<std::vector<const void*>> k_ptr_;  // [n_layer][block]
   std::vector<std::vector<const void*>> v_ptr_;
+  // After a compaction: slots per layer (n_tokens_ is their maximum), the next RoPE position,
+  // tokens read, the exact leading slots, and the tokens each slot stands for
+  // ([layer][head * capacity_ + slot]; merges weigh by it).
+  bool compacted_ = false;
+  std::vector<int64_t> layer_n_;
+  int64_t next_pos_ = 0, seen_ = 0, exact_ = 0;
+  std::vector<std::vector<float>> weight_;
 };
 
 class KvManager {
@@ -109,6 +132,15 @@ class KvManager {
   // Commits everything (partial page included) and releases the sequence's pages; the
   // sequence is empty afterwards. Idempotent.
   void Finish(PagedSequence& seq, std::span<const TokenId> tokens);
+
+  // Compacts `seq` by a KV budget policy's plan (engine/kv_budget.h). The pages it shares with
+  // the index from the plan's first changed slot on are copied first, so the index keeps the
+  // exact KV; then the plan is applied and the pages past the longest layer go back to the
+  // pool. From then on only the exact leading slots (exact_tokens()) are committed.
+  // kResourceExhausted when the copies find no free pages, kInvalidArgument for a plan that
+  // does not fit; nothing changes on error.
+  Status Compact(PagedSequence& seq, const KeepPlan& plan, const kernels::RopeParams& rope,
+                 AttentionStats* stats);
 
   // Cached tokens of `tokens` in `ns` without taking references (for admission and stats).
   int64_t CachedPrefix(const Hash128& ns, std::span<const TokenId> tokens);

@@ -321,6 +321,8 @@ std::vector<int64_t> PyramidBudgets(int n_layer, int64_t b, int window, double b
 
 class PyramidKvPolicy final : public KvPolicy {
  public:
+  // Layer 0 gets window + max, below 2 x budget.
+  int64_t MaxLayerKept(int64_t budget, int) const override { return 2 * budget; }
   explicit PyramidKvPolicy(const KvPolicyConfig& c)
       : window_(c.window), pool_(c.pool), max_pool_(c.max_pool), beta_(c.beta) {}
   std::string_view name() const override { return "pyramidkv"; }
@@ -349,6 +351,8 @@ class PyramidKvPolicy final : public KvPolicy {
 
 class CakePolicy final : public KvPolicy {
  public:
+  // One layer may take nearly the whole n_layer x budget.
+  int64_t MaxLayerKept(int64_t budget, int n_layer) const override { return budget * n_layer; }
   explicit CakePolicy(const KvPolicyConfig& c)
       : window_(c.window), tau1_(c.tau1), tau2_(c.tau2), gamma_(c.gamma) {}
   std::string_view name() const override { return "cake"; }

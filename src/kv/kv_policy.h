@@ -127,6 +127,12 @@ class KvPolicy {
   virtual bool reassigns_positions() const { return false; }
   // Whether a long prompt is read in blocks of the budget, compacting after each block.
   virtual bool blockwise_prefill() const { return false; }
+  // The most slots one layer may keep after a compaction, for a budget of `budget` tokens per
+  // layer over n_layer layers (the paged KV sizes a sequence by its longest layer).
+  virtual int64_t MaxLayerKept(int64_t budget, int n_layer) const {
+    (void)n_layer;
+    return budget;
+  }
   // The keep plan for `in`. Every layer keeps at most its budget (a per-layer policy: its
   // share); a layer already within budget may be left as it is. The plan is valid for
   // in.layer_tokens (KeepPlan::Validate).

@@ -26,6 +26,7 @@
 #include "cachette/status.h"
 #include "cachette/types.h"
 #include "engine/generate.h"
+#include "kv/kv_policy.h"
 
 namespace cachette::sched {
 
@@ -40,6 +41,7 @@ struct SchedRequest {
   int64_t deadline_ms = 0;        // > 0: time-to-first-token objective from submission
   std::string program_id;         // agent program (Continuum); empty: session_id
   std::string tool;               // the tool whose result the program's next turn carries
+  KvPolicyConfig kv_policy;       // name empty: full KV; else the budget policy (kv_policy.h)
 };
 
 // Tokens of the prompt that came from one place instead of being prefilled.
@@ -59,6 +61,8 @@ struct RequestUsage {
   double queue_seconds = 0;                // submit -> admitted
   double ttft_seconds = 0;                 // submit -> first token (or end of prefill)
   double decode_seconds = 0;               // first token -> finish
+  int64_t kv_tokens_kept = -1;             // under a KV budget policy: slots per layer held
+                                           // at the end (-1: full KV)
 };
 
 struct StreamEvent {

@@ -45,6 +45,16 @@ struct Scheduler::Seq {
   TokenId next = -1;            // last sampled token, fed at the next decode step
   RequestUsage usage;
   int64_t submit_ns = 0, admit_ns = 0, first_ns = 0;
+  // Under a KV budget policy (req.kv_policy): the policy, its budget in tokens for this prompt,
+  // the prefill block (0 = the whole prompt at once), the attention statistics it reads, and
+  // tokens added since the last compaction.
+  std::unique_ptr<KvPolicy> policy;
+  int64_t policy_budget = 0;
+  int64_t policy_block = 0;
+  AttentionStats stats;
+  int64_t since_compaction = 0;
+  // Tokens of tokens/prompt read into the KV (the slot count differs once compacted).
+  int64_t fed() const { return kv ? kv->tokens_seen() : 0; }
 };
 
 namespace {
@@ -61,6 +71,8 @@ constexpr double kDefaultPrefillTokenS = 1e-3;
 constexpr std::string_view kProgramPinPrefix = "\x01program:";
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Decode tokens a policy sequence adds before it is compacted again.
+constexpr int64_t kPolicySlack = 16;
 }  // namespace
 
 Scheduler::Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& options,
@@ -144,6 +156,36 @@ size_t Scheduler::tenants() const {
   return tenants_.size();
 }
 
+int64_t Scheduler::PolicyCapacity(const KvPolicy& policy, int64_t budget, int64_t block,
+                                  int64_t prompt_len, int64_t max_tokens) const {
+  // Slots a policy sequence may hold at once: what it reads before its first compaction (the
+  // whole prompt, or budget + a block), or what a layer keeps after one, plus the decode
+  // tokens between compactions; never more than it will ever read.
+  const int64_t first_read = block > 0 ? budget + block : prompt_len;
+  const int64_t layer_max = policy.MaxLayerKept(budget, engine_.model().config().n_layer);
+  const int64_t bound = std::max(first_read, layer_max + kPolicySlack);
+  return std::max<int64_t>(1, std::min(prompt_len + max_tokens, bound));
+}
+
+Status Scheduler::CompactPolicy(Seq& s) {
+  const ModelConfig& c = engine_.model().config();
+  KvPolicyInput in;
+  in.n_layer = c.n_layer;
+  in.n_kv_head = c.n_kv_head;
+  in.layer_tokens.resize(c.n_layer);
+  for (int l = 0; l < c.n_layer; ++l) in.layer_tokens[l] = s.kv->layer_tokens(l);
+  in.budget = s.policy_budget;
+  const bool have_stats = s.stats.n_layer == c.n_layer && s.stats.capacity >= s.kv->n_tokens();
+  in.stats = have_stats ? &s.stats : nullptr;
+  in.tokens_seen = s.kv->tokens_seen();
+  const KeepPlan plan = s.policy->Select(in);
+  CT_RETURN_IF_ERROR(kv_.Compact(*s.kv, plan, c.rope, have_stats ? &s.stats : nullptr)
+                         .WithContext("kv_policy " + std::string(s.policy->name())));
+  s.stats.ClearWindow();
+  s.since_compaction = 0;
+  return Status::Ok();
+}
+
 Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   const int32_t n_vocab = engine_.model().config().n_vocab;
   const int64_t n = static_cast<int64_t>(request.prompt.size());
@@ -156,14 +198,25 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   }
   CT_RETURN_IF_ERROR(request.gen.sampling.Validate());
   if (request.gen.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
-  if (n + request.gen.max_tokens > n_ctx_) {
+  std::unique_ptr<KvPolicy> policy;
+  int64_t budget = 0, block = 0, capacity = n + request.gen.max_tokens;
+  if (!request.kv_policy.name.empty()) {
+    CT_ASSIGN_OR_RETURN(policy, MakeKvPolicy(request.kv_policy));
+    budget = ResolveBudgetTokens(request.kv_policy, n);
+    CT_RETURN_IF_ERROR(CheckPolicyPrompt(*policy, budget, n, n_ctx_));
+    block = PrefillBlock(*policy, budget, n, n_ctx_);
+    capacity = PolicyCapacity(*policy, budget, block, n, request.gen.max_tokens);
+  }
+  if (policy != nullptr && policy->reassigns_positions()) {
+    // Positions stay within the cache: any prompt (read in blocks) and any output length.
+  } else if (n + request.gen.max_tokens > n_ctx_) {
     return InvalidArgument("this model's maximum context length is " + std::to_string(n_ctx_) +
                            " tokens, but " + std::to_string(n + request.gen.max_tokens) +
                            " were requested (" + std::to_string(n) + " in the prompt, " +
                            std::to_string(request.gen.max_tokens) + " in the completion)");
   }
   const int64_t P = kv_.page_tokens();
-  const int64_t blocks = CeilDiv(n + request.gen.max_tokens, P);
+  const int64_t blocks = CeilDiv(capacity, P);
   const uint32_t total = kv_.GetStats().pages_total;
   if (blocks > total) {
     return InvalidArgument("the prompt and max_tokens need " + std::to_string(blocks) +
@@ -178,6 +231,12 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   s->orig_prompt_len = n;
   s->capacity = std::min<int64_t>(n_ctx_, n + s->req.gen.max_tokens);
   s->capacity = std::max<int64_t>(s->capacity, n);
+  if (policy != nullptr) {
+    s->capacity = capacity;
+    s->policy = std::move(policy);
+    s->policy_budget = budget;
+    s->policy_block = block;
+  }
   s->forecast_blocks = CeilDiv(s->capacity, P);
   s->tokens = s->req.prompt;
   s->submit_ns = NowNanos();
@@ -424,11 +483,14 @@ void Scheduler::Preempt(Seq& v) {
   // What the sequence computed goes to the radix index (so the resume is a cache hit while the
   // pages last), its pages are released, and it waits at the front of its priority. With swap,
   // its full chunks are copied to the tiers first (only those not copied before).
-  const int64_t fed = std::min<int64_t>(v.kv->n_tokens(), static_cast<int64_t>(v.tokens.size()));
+  const int64_t fed = std::min<int64_t>(v.fed(), static_cast<int64_t>(v.tokens.size()));
   const std::span<const TokenId> kept(v.tokens.data(), static_cast<size_t>(fed));
+  // Only the exact part of a compacted sequence's KV may be shared.
+  const std::span<const TokenId> exact =
+      kept.first(std::min<size_t>(kept.size(), static_cast<size_t>(v.kv->exact_tokens())));
   uint64_t swapped = 0;
   if (options_.preempt == PreemptMode::kSwap && options_.prefix_cache) {
-    const int64_t held = source_->Save(*v.kv, kept, v.tier_tokens);
+    const int64_t held = source_->Save(*v.kv, exact, v.tier_tokens);
     if (held > v.tier_tokens) {
       swapped = static_cast<uint64_t>(held - v.tier_tokens);
       v.tier_tokens = held;
@@ -442,6 +504,14 @@ void Scheduler::Preempt(Seq& v) {
     // resume's prefill feeds it and its logits give the next token, as a decode step would.
     v.req.prompt = v.tokens;
     v.prompt_len = static_cast<int64_t>(v.tokens.size());
+  }
+  if (v.policy != nullptr) {
+    // The resume reads prompt and output again under the policy, as a new prompt.
+    v.policy_budget = ResolveBudgetTokens(v.req.kv_policy, v.prompt_len);
+    v.policy_block = PrefillBlock(*v.policy, v.policy_budget, v.prompt_len, n_ctx_);
+    v.capacity = PolicyCapacity(*v.policy, v.policy_budget, v.policy_block, v.prompt_len,
+                                std::max<int64_t>(1, v.req.gen.max_tokens - v.generated));
+    v.forecast_blocks = CeilDiv(v.capacity, kv_.page_tokens());
   }
   v.state = Seq::State::kQueued;
   v.resumed = true;
@@ -488,6 +558,18 @@ int64_t Scheduler::Outstanding(const Seq& s) const {
 bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
   const int64_t P = kv_.page_tokens();
   s.kv = kv_.Start(s.ns, s.req.prompt, s.capacity);
+  if (s.policy != nullptr) {
+    // The policy's observation window (the prompt's last tokens) is computed, not reused, so
+    // that its attention statistics exist; and the statistics start afresh.
+    const int64_t window = std::max(1, s.policy->stats_window());
+    int64_t limit = std::max<int64_t>(0, s.prompt_len - window);
+    // Read in blocks, the first block must end within budget + block slots.
+    if (s.policy_block > 0) limit = std::min(limit, s.policy_budget);
+    if (s.kv->n_tokens() > limit) s.kv->SetTokens(limit);
+    s.stats = AttentionStats{};
+    s.stats.cumulative = s.policy->stats_cumulative();
+    s.since_compaction = 0;
+  }
   // The whole prompt cached: its last token is recomputed (see Step), into a shared page.
   const int64_t reused = std::min(s.kv->n_tokens(), s.prompt_len - 1);
   const int64_t shared_full = reused / P;
@@ -539,7 +621,7 @@ size_t Scheduler::PickNext() {
   const int64_t P = kv_.page_tokens();
   std::vector<const Seq*> prefilling;
   for (const auto& r : running_) {
-    if (r->state == Seq::State::kPrefill && r->kv && r->kv->n_tokens() < r->prompt_len) {
+    if (r->state == Seq::State::kPrefill && r->kv && r->fed() < r->prompt_len) {
       prefilling.push_back(r.get());
     }
   }
@@ -618,8 +700,17 @@ void Scheduler::StartTierLoad(Seq& s) {
   s.state = Seq::State::kPrefill;
   if (!options_.prefix_cache) return;
   // The tiers are asked off this thread; the request waits in kLoading meanwhile.
+  std::span<const TokenId> prompt(s.req.prompt);
+  if (s.policy != nullptr) {
+    // As in Fits: the observation window is computed.
+    const int64_t window = std::max(1, s.policy->stats_window());
+    int64_t limit = std::max<int64_t>(0, s.prompt_len - window);
+    if (s.policy_block > 0) limit = std::min(limit, s.policy_budget);
+    prompt = prompt.first(static_cast<size_t>(limit));
+    if (s.kv->n_tokens() >= static_cast<int64_t>(prompt.size())) return;
+  }
   s.load = source_->StartLoad(
-      s.ns, s.req.prompt, s.kv->n_tokens(),
+      s.ns, prompt, s.kv->n_tokens(),
       std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms));
   if (s.load != nullptr) s.state = Seq::State::kLoading;
 }
@@ -710,12 +801,21 @@ void Scheduler::Step() {
   }
   for (auto& s : running_) {
     if (s->state != Seq::State::kPrefill || left <= 0) continue;
-    int64_t done = s->kv->n_tokens();
+    int64_t done = s->fed();
     if (done >= s->prompt_len) {
       done = s->prompt_len - 1;  // fully cached: recompute the last token for its logits
       s->kv->SetTokens(done);
     }
-    const int64_t n = std::min(s->prompt_len - done, left);
+    int64_t n = std::min(s->prompt_len - done, left);
+    if (s->policy != nullptr) {
+      // A chunk ends at the prompt's end or the block's, and the chunk that ends it holds the
+      // whole observation window (finishing it may overrun the step by less than a window).
+      const int64_t end = s->policy_block > 0
+                              ? std::min(s->prompt_len, (done / s->policy_block + 1) * s->policy_block)
+                              : s->prompt_len;
+      const int64_t rest = end - done;
+      n = rest <= left + s->policy->stats_window() ? rest : left;
+    }
     left -= n;
     plan.push_back({s.get(), n});
   }
@@ -757,9 +857,19 @@ void Scheduler::Step() {
       it.tokens = std::span<const TokenId>(&s.next, 1);
       it.logits = Engine::Logits::kLast;
     } else {
-      const int64_t done = s.kv->n_tokens();
+      const int64_t done = s.fed();
       it.tokens = std::span<const TokenId>(s.req.prompt).subspan(done, p.n);
       it.logits = done + p.n == s.prompt_len ? Engine::Logits::kLast : Engine::Logits::kNone;
+    }
+    if (s.policy != nullptr &&
+        (s.policy->stats_window() > 0 || s.policy->stats_cumulative())) {
+      // The window sums take the chunk that ends the prompt or a block (see the planning), and
+      // every decode token (the queries since the last compaction).
+      const int64_t end_fed = s.fed() + static_cast<int64_t>(it.tokens.size());
+      const bool ends = s.state == Seq::State::kDecode || end_fed == s.prompt_len ||
+                        (s.policy_block > 0 && end_fed % s.policy_block == 0);
+      s.stats.window = ends ? s.policy->stats_window() : 0;
+      it.stats = &s.stats;
     }
     it.logits_out = s.logits.data();
     items.push_back(it);
@@ -799,6 +909,9 @@ void Scheduler::Step() {
       // A prompt part-way through prefill: its full pages are final, so concurrent requests
       // with the same prefix may share them from now on.
       if (options_.prefix_cache) kv_.Commit(*s.kv, s.req.prompt);
+      if (s.policy != nullptr && s.policy_block > 0 && s.fed() % s.policy_block == 0) {
+        if (Status cs = CompactPolicy(s); !cs.ok()) Finish(s, Reason::kCancelled, cs);
+      }
       continue;
     }
     if (s.state == Seq::State::kPrefill) {
@@ -813,6 +926,18 @@ void Scheduler::Step() {
         if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
           s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, s.req.prompt, s.req.pin_ttl_ms).id;
         }
+      }
+      if (s.policy != nullptr) {
+        // The prompt's exact KV is in the index (above); now the sequence keeps its budget.
+        if (Status cs = CompactPolicy(s); !cs.ok()) {
+          Finish(s, Reason::kCancelled, cs);
+          continue;
+        }
+      }
+    } else if (s.policy != nullptr && ++s.since_compaction >= kPolicySlack) {
+      if (Status cs = CompactPolicy(s); !cs.ok()) {
+        Finish(s, Reason::kCancelled, cs);
+        continue;
       }
     }
     Emit(s);
@@ -892,7 +1017,8 @@ bool Scheduler::Emit(Seq& s) {
     Finish(s, Reason::kStop);
     return false;
   }
-  if (s.generated >= s.req.gen.max_tokens || s.kv->n_tokens() + 1 > s.capacity) {
+  if (s.generated >= s.req.gen.max_tokens || s.kv->n_tokens() + 1 > s.capacity ||
+      s.kv->next_position() + 1 > n_ctx_) {
     Finish(s, Reason::kLength);
     return false;
   }
@@ -904,8 +1030,11 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   if (s.state == Seq::State::kFinished) return;
   bool program_noted = false;
   if (s.kv) {
-    const int64_t fed = std::min<int64_t>(s.kv->n_tokens(), static_cast<int64_t>(s.tokens.size()));
-    const std::span<const TokenId> kept(s.tokens.data(), static_cast<size_t>(fed));
+    const int64_t fed = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
+    // Only the exact part of a compacted sequence's KV may be shared.
+    const std::span<const TokenId> kept(
+        s.tokens.data(), static_cast<size_t>(std::min(fed, s.kv->exact_tokens())));
+    if (s.policy != nullptr) s.usage.kv_tokens_kept = s.kv->kept_tokens();
     if (options_.prefix_cache && error.ok()) {
       s.load.reset();  // a restore still in flight is abandoned (its late chunks are dropped)
       source_->Save(*s.kv, kept, s.tier_tokens);

@@ -83,6 +83,7 @@
 
 #include "cachette/status.h"
 #include "engine/engine.h"
+#include "kv/budget_runner.h"
 #include "kv/kv_manager.h"
 #include "sched/admission.h"
 #include "sched/pin_registry.h"
@@ -227,6 +228,10 @@ class Scheduler {
   // Ends `s` with `reason` (ignored when `error` is not OK: the stream gets kError).
   void Finish(Seq& s, Reason reason, const Status& error = Status::Ok());
   int64_t Outstanding(const Seq& s) const;
+  // KV budget policies: slots a policy sequence may hold at once, and its compaction.
+  int64_t PolicyCapacity(const KvPolicy& policy, int64_t budget, int64_t block,
+                         int64_t prompt_len, int64_t max_tokens) const;
+  Status CompactPolicy(Seq& s);
 
   Engine& engine_;
   KvManager& kv_;

@@ -14,6 +14,7 @@
 #include "core/check.h"
 #include "core/timer.h"
 #include "engine/generate.h"
+#include "kv/budget_runner.h"
 #include "sched/tier_bridge.h"
 
 namespace cachette::sched {
@@ -666,6 +667,118 @@ TEST_F(SchedulerTest, ProgramOrderAndToolPins) {
   const nlohmann::json j = sched_->SchedJson();  // published when the call was observed
   ASSERT_TRUE(j.contains("tools") && j["tools"].contains("search")) << j.dump();
   EXPECT_EQ(j["tools"]["search"]["calls"], 1) << j.dump();
+}
+
+
+
+// ---- KV budget policies ----------------------------------------------------------------------
+
+namespace policy_test {
+
+std::vector<TokenId> LongPrompt(size_t n_tokens) {
+  // Natural text repeated until long enough; the first token is BOS.
+  std::string text;
+  for (const char* p : kPrompts) text += std::string(p) + " ";
+  std::vector<TokenId> ids = Text(text);
+  const std::vector<TokenId> more(ids.begin() + 1, ids.end());
+  while (ids.size() < n_tokens) ids.insert(ids.end(), more.begin(), more.end());
+  ids.resize(n_tokens);
+  return ids;
+}
+
+}  // namespace policy_test
+
+class SchedulerPolicyTest : public SchedulerTest {
+ protected:
+  // The same greedy decode through a BudgetRunner on a contiguous sequence.
+  std::vector<TokenId> PolicyReference(const std::vector<TokenId>& prompt, int n,
+                                       const KvPolicyConfig& pc, int64_t* kept = nullptr) {
+    auto run = BudgetRunner::Create(*ref_engine_, pc);
+    CT_CHECK(run.ok()) << run.status().ToString();
+    BudgetRunner& r = **run;
+    LogitSource src;
+    src.prefill = [&](float* logits) { return r.Prefill(prompt, logits); };
+    src.step = [&](TokenId id, float* logits) {
+      return r.Step(std::span<const TokenId>(&id, 1), Engine::Logits::kLast, logits);
+    };
+    src.room = [] { return true; };
+    GenerateOptions go;
+    go.max_tokens = n;
+    go.ignore_eos = true;
+    auto res = Generate(Trained(), prompt, go, src);
+    CT_CHECK(res.ok()) << res.status().ToString();
+    if (kept != nullptr) *kept = r.kept_tokens();
+    return res->tokens;
+  }
+};
+
+TEST_F(SchedulerPolicyTest, PolicyRequestsMatchTheRunnerAndLeaveAnExactPrefix) {
+  SchedulerOptions so;
+  so.step_tokens = 64;  // the prompt is prefilled in chunks; the last holds the window
+  Build(512, so);
+  const auto prompt = policy_test::LongPrompt(300);
+  for (const char* name : {"snapkv", "h2o", "streamingllm", "pyramidkv", "elastic"}) {
+    KvPolicyConfig pc;
+    pc.name = name;
+    pc.budget = 0.3;
+    SchedRequest r = Req(prompt, 24, name);  // a tenant per policy: no sharing between them
+    r.gen.ignore_eos = true;
+    r.kv_policy = pc;
+    auto s = sched_->Submit(std::move(r));
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    const Collected c = Collect(**s);
+    ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << name << ": " << c.last.error.ToString();
+    int64_t kept = 0;
+    EXPECT_EQ(c.tokens, PolicyReference(prompt, 24, pc, &kept)) << name;
+    EXPECT_EQ(c.last.usage.kv_tokens_kept, kept) << name;
+    EXPECT_LE(c.last.usage.kv_tokens_kept, 90 + 16) << name;
+    EXPECT_NE(c.tokens, Reference(prompt, 24, true)) << name << ": eviction changes nothing?";
+    // The prompt's exact KV went to the index before the policy touched it: a full-KV request
+    // with the same prompt reuses its full pages and gives the exact tokens.
+    const Collected warm = Collect(**sched_->Submit(Req(prompt, 8, name)));
+    EXPECT_EQ(warm.last.usage.cached_tokens, 300 / 16 * 16) << name;
+    EXPECT_EQ(warm.tokens, Reference(prompt, 8)) << name;
+    EXPECT_EQ(warm.last.usage.kv_tokens_kept, -1);
+  }
+}
+
+TEST_F(SchedulerPolicyTest, StreamingReadsAndGeneratesPastTheContext) {
+  Build(512, {});
+  const int64_t ctx = Trained().config().n_ctx_train;
+  const auto prompt = policy_test::LongPrompt(static_cast<size_t>(ctx) + 300);
+  KvPolicyConfig pc;
+  pc.name = "streamingllm";
+  pc.budget = 256;
+  SchedRequest r = Req(prompt, 24);
+  r.gen.ignore_eos = true;
+  r.kv_policy = pc;
+  auto s = sched_->Submit(std::move(r));
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  const Collected c = Collect(**s);
+  ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+  EXPECT_EQ(c.tokens, PolicyReference(prompt, 24, pc));
+  EXPECT_LE(c.last.usage.kv_tokens_kept, 256 + 16);
+  // The same prompt without a policy, or with one that keeps positions, is refused by name.
+  EXPECT_NE(sched_->Submit(Req(prompt, 4)).status().message().find("maximum context length"),
+            std::string::npos);
+  SchedRequest snap = Req(prompt, 4);
+  snap.kv_policy.name = "snapkv";
+  EXPECT_NE(sched_->Submit(std::move(snap)).status().message().find("reassigns positions"),
+            std::string::npos);
+}
+
+TEST_F(SchedulerPolicyTest, BadPoliciesAreRefusedNamingTheField) {
+  Build(64, {});
+  SchedRequest r = Req(Text("Once upon a time"), 4);
+  r.kv_policy.name = "snapk";
+  Status st = sched_->Submit(std::move(r)).status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("kv_policy.name"), std::string::npos) << st.message();
+  SchedRequest b = Req(Text("Once upon a time"), 4);
+  b.kv_policy.name = "h2o";
+  b.kv_policy.budget = -1;
+  st = sched_->Submit(std::move(b)).status();
+  EXPECT_NE(st.message().find("kv_policy.budget"), std::string::npos) << st.message();
 }
 
 }  // namespace

@@ -125,6 +125,8 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"admission", Str(&cfg->admission)},
       {"preempt", Str(&cfg->preempt)},
       {"itl_target_ms", Int(&cfg->itl_target_ms)},
+      {"kv_policy", Str(&cfg->kv_policy)},
+      {"kv_policy_budget", Fraction(&cfg->kv_policy_budget)},
       {"load_deadline_ms", Int(&cfg->load_deadline_ms)},
       {"api_key", StrList(&cfg->api_keys)},
       {"api_key_file", Str(&cfg->api_key_file)},
@@ -216,6 +218,23 @@ Status LoadConfigFile(const std::string& path, ServeConfig* cfg) {
   return ParseConfigText(text.str(), cfg).WithContext("config file " + path);
 }
 
+Result<KvPolicyConfig> ServeKvPolicy(const ServeConfig& c) {
+  KvPolicyConfig pc;
+  pc.name = c.kv_policy;
+  std::string t = c.kv_policy_budget;
+  const bool percent = !t.empty() && t.back() == '%';
+  if (percent) t.pop_back();
+  char* end = nullptr;
+  const double v = t.empty() ? NAN : std::strtod(t.c_str(), &end);
+  if (t.empty() || end == nullptr || *end != '\0' || !std::isfinite(v) ||
+      (percent && !(v > 0 && v < 100))) {
+    return InvalidArgument("--kv-policy-budget '" + c.kv_policy_budget +
+                           "' is not a budget (0.2, \"20%\" or a number of tokens such as 512)");
+  }
+  pc.budget = percent ? v / 100 : v;
+  return pc;
+}
+
 Result<double> ParseFraction(std::string_view text) {
   std::string t(text);
   const bool percent = !t.empty() && t.back() == '%';
@@ -286,6 +305,10 @@ Status ValidateConfig(const ServeConfig& c) {
   }
   if (c.preempt == "swap" && !c.prefix_cache) {
     return InvalidArgument("--preempt swap keeps KV in the chunk store: it needs the prefix cache");
+  }
+  if (!c.kv_policy.empty()) {
+    CT_ASSIGN_OR_RETURN(KvPolicyConfig pc, ServeKvPolicy(c));
+    CT_RETURN_IF_ERROR(ValidateKvPolicy(pc).WithContext("--kv-policy/--kv-policy-budget"));
   }
   if (c.itl_target_ms < 0 || c.itl_target_ms > 60000) {
     return InvalidArgument("--itl-target-ms must be in [0, 60000] (0: off)");

@@ -14,6 +14,8 @@
 //   queue_timeout_s = 0       max_pinned = 0.5 (or "50%")                     max_pin_ttl_s = 3600
 //   max_sessions = 10000      max_pins = 10000      max_tenants = 10000     load_deadline_ms = 1000
 //   sched = "fcfs"            admission = "forecast"  preempt = "recompute"  itl_target_ms = 0
+//   # KV budget policy for requests that name none (docs/kv.md "KV budget policies"):
+//   kv_policy = "snapkv"      kv_policy_budget = 0.2 (or "20%", or 512 tokens)
 //   # access control and request limits:
 //   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
 //   max_body = "16MiB"        max_messages = 1024
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "cachette/status.h"
+#include "kv/kv_policy.h"
 
 namespace cachette::server {
 
@@ -77,6 +80,8 @@ struct ServeConfig {
   std::string admission = "forecast";   // forecast (worst case) | past-future
   std::string preempt = "recompute";    // recompute | swap (needs the RAM tier: on by default)
   int itl_target_ms = 0;                // > 0: prefill share per step sized to this ITL
+  std::string kv_policy;                // "" = full KV; else a KvPolicyNames() name
+  std::string kv_policy_budget = "0.2";  // below 1 a fraction of the prompt, else tokens
   // Access control (docs/serving.md "Access control").
   std::vector<std::string> api_keys;  // TOML key and flag: api_key
   std::string api_key_file;           // one key a line; '#' comments and blank lines skipped
@@ -96,6 +101,11 @@ Status ParseConfigText(std::string_view toml, ServeConfig* cfg);
 
 // "0.5", "50%" -> 0.5. kInvalidArgument unless it is a number in [0, 1] (or [0, 100]%).
 Result<double> ParseFraction(std::string_view text);
+
+// The server's default KV budget policy from kv_policy and kv_policy_budget ("0.2", "20%" or
+// tokens); kInvalidArgument naming --kv-policy-budget when the budget does not parse (the name
+// and the range are ValidateKvPolicy's).
+Result<KvPolicyConfig> ServeKvPolicy(const ServeConfig& cfg);
 
 // Range checks that do not need the model: kInvalidArgument naming the field.
 Status ValidateConfig(const ServeConfig& cfg);

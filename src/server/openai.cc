@@ -246,8 +246,54 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   CT_RETURN_IF_ERROR(Param(d, "program_id", CheckIdBytes(r.program_id, "program_id")));
   CT_RETURN_IF_ERROR(Param(d, "tool", GetString(j, "tool", &r.tool)));
   CT_RETURN_IF_ERROR(Param(d, "tool", CheckIdBytes(r.tool, "tool")));
+  // kv_policy (cachette): {"name": NAME, "budget": B} or NAME alone (budget 0.2), "none" or
+  // null for full KV; absent: the server's default. Read before the prompt and the context
+  // checks: a policy that reassigns positions reads and generates past the context.
+  r.kv_policy = ctx.default_kv_policy;
+  if (auto it = j.find("kv_policy"); it != j.end()) {
+    d->param = "kv_policy";
+    KvPolicyConfig pc;
+    if (it->is_null()) {
+      pc.name.clear();
+    } else if (it->is_string()) {
+      pc.name = it->get<std::string>();
+    } else if (it->is_object()) {
+      for (const auto& [key, value] : it->items()) {
+        if (key != "name" && key != "budget") {
+          return InvalidArgument("'kv_policy' has an unknown field '" + key +
+                                 "' (known: name, budget)");
+        }
+      }
+      if (!it->contains("name") || !(*it)["name"].is_string()) {
+        return InvalidArgument("kv_policy.name: a string is required");
+      }
+      pc.name = (*it)["name"].get<std::string>();
+      if (it->contains("budget")) {
+        if (!(*it)["budget"].is_number()) {
+          return InvalidArgument("kv_policy.budget: must be a number");
+        }
+        pc.budget = (*it)["budget"].get<double>();
+      }
+    } else {
+      return InvalidArgument("'kv_policy' must be an object {\"name\", \"budget\"}, a name or null");
+    }
+    if (pc.name == "none") pc.name.clear();
+    if (!pc.name.empty()) CT_RETURN_IF_ERROR(ValidateKvPolicy(pc));
+    r.kv_policy = pc;
+    d->param.clear();
+  }
+  bool past_context = false;  // the policy lets positions stay within the cache
+  if (!r.kv_policy.name.empty()) {
+    auto policy = MakeKvPolicy(r.kv_policy);
+    if (!policy.ok()) return Param(d, "kv_policy", policy.status());
+    past_context = (*policy)->reassigns_positions();
+  }
+
   bool present = false;
-  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, ctx, &present, d));
+  // Past the context, the prompt's text is bounded by the body limit alone.
+  ApiContext prompt_ctx = ctx;
+  if (past_context) prompt_ctx.max_token_bytes = 0;
+  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, prompt_ctx, &present, d));
   if (r.prompt.empty()) {
     return Param(d, need, InvalidArgument(std::string("'") + need + "' is empty"));
   }
@@ -280,7 +326,7 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
 
   // max_tokens: within what the context leaves after the prompt.
   const int64_t prompt_len = static_cast<int64_t>(r.prompt.size());
-  if (prompt_len >= ctx.n_ctx) {
+  if (prompt_len >= ctx.n_ctx && !past_context) {
     d->param = need;
     d->code = "context_length_exceeded";
     return InvalidArgument("the prompt has " + std::to_string(prompt_len) +
@@ -292,8 +338,9 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   CT_RETURN_IF_ERROR(Param(d, "max_completion_tokens",
                            GetInt(j, "max_completion_tokens", 0, INT64_MAX, &max_tokens)));
   if (max_tokens < 0) {
-    max_tokens = std::min<int64_t>(ctx.default_max_tokens, ctx.n_ctx - prompt_len);
-  } else if (prompt_len + max_tokens > ctx.n_ctx) {
+    max_tokens = past_context ? ctx.default_max_tokens
+                              : std::min<int64_t>(ctx.default_max_tokens, ctx.n_ctx - prompt_len);
+  } else if (prompt_len + max_tokens > ctx.n_ctx && !past_context) {
     d->param = "max_tokens";
     d->code = "context_length_exceeded";
     return InvalidArgument("this model's maximum context length is " + std::to_string(ctx.n_ctx) +
@@ -301,7 +348,7 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
                            " were requested (" + std::to_string(prompt_len) + " in the prompt, " +
                            std::to_string(max_tokens) + " in 'max_tokens')");
   }
-  r.gen.max_tokens = static_cast<int>(max_tokens);
+  r.gen.max_tokens = static_cast<int>(std::min<int64_t>(max_tokens, INT32_MAX));
 
   if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
     if (it->is_string()) {
@@ -435,6 +482,7 @@ json UsageJson(const sched::RequestUsage& u) {
               {"ttft_ms", u.ttft_seconds * 1e3},
               {"decode_ms", u.decode_seconds * 1e3}};
   if (u.pin_id != 0) ext["pin_id"] = u.pin_id;
+  if (u.kv_tokens_kept >= 0) ext["kv_tokens_kept"] = u.kv_tokens_kept;
   return {{"prompt_tokens", u.prompt_tokens},
           {"completion_tokens", u.completion_tokens},
           {"total_tokens", u.prompt_tokens + u.completion_tokens},

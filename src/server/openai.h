@@ -29,6 +29,7 @@
 #include <string_view>
 
 #include "cachette/status.h"
+#include "kv/kv_policy.h"
 #include "model/tokenizer.h"
 #include "sched/request.h"
 #include "server/chat_template.h"
@@ -46,6 +47,8 @@ struct ApiContext {
   // The longest token text of the vocabulary in bytes (MaxTokenBytes); 0: no byte bound.
   int64_t max_token_bytes = 0;
   int max_messages = 1024;
+  // The server's KV budget policy for requests that name none (name empty: full KV).
+  KvPolicyConfig default_kv_policy;
 };
 
 // Longest cache_salt and session_id accepted.

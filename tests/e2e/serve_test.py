@@ -270,6 +270,48 @@ def test_bad_inputs(s):
     check(status == 200, "serves after bad input")
 
 
+def test_kv_policy(s):
+    """KV budget policies per request: kept size reported, errors name the field, StreamingLLM
+    reads and generates past the context, and the prompt's exact KV stays reusable."""
+    salt = "e2e-policy-%d" % os.getpid()
+    body = {"prompt": DOC * 4, "max_tokens": 6, "temperature": 0, "cache_salt": salt,
+            "kv_policy": {"name": "snapkv", "budget": 0.25}}
+    status, r = s.post("/v1/completions", body)
+    check(status == 200, "snapkv request: %s %s" % (status, r))
+    if status == 200:
+        p = r["usage"]["prompt_tokens"]
+        kept = r["usage"]["cachette"].get("kv_tokens_kept")
+        check(kept is not None and kept <= (p + 3) // 4 + 16,
+              "snapkv@0.25 keeps about a quarter of %d tokens: kv_tokens_kept %s" % (p, kept))
+        # The prompt entered the prefix cache before eviction: a full-KV request hits it.
+        status, r2 = s.post("/v1/completions", dict(body, kv_policy=None, max_tokens=1))
+        cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"] if status == 200 else -1
+        check(cached >= p - 48, "full-KV request after a policy one: cached %d of %d" % (cached, p))
+        check("kv_tokens_kept" not in r2["usage"]["cachette"], "no kv_tokens_kept without policy")
+    status, r = s.post("/v1/chat/completions", chat_body("hi", kv_policy="streamingllm"))
+    check(status == 200 and "kv_tokens_kept" in r["usage"]["cachette"],
+          "a policy named by a string: %s %s" % (status, r))
+    long_prompt = "word " * 2500  # past the model's 2048-token context
+    status, r = s.post("/v1/completions", {"prompt": long_prompt, "max_tokens": 4,
+                                           "kv_policy": {"name": "streamingllm", "budget": 512}})
+    check(status == 200 and r["usage"]["prompt_tokens"] > 2048 and
+          r["usage"]["cachette"]["kv_tokens_kept"] <= 512 + 16,
+          "streamingllm past the context: %s %s" % (status, str(r)[:300]))
+    for name, pol, want in [
+            ("unknown policy", {"name": "snapk"}, "kv_policy.name"),
+            ("zero budget", {"name": "h2o", "budget": 0}, "kv_policy.budget"),
+            ("budget not a number", {"name": "h2o", "budget": "x"}, "kv_policy.budget"),
+            ("unknown field", {"name": "h2o", "window": 3}, "unknown field"),
+            ("not an object", 7, "kv_policy"),
+            ("positions kept past the context", {"name": "snapkv"}, "context")]:
+        prompt = long_prompt if name.startswith("positions") else "hi"
+        status, r = s.post("/v1/completions", {"prompt": prompt, "max_tokens": 2,
+                                               "kv_policy": pol})
+        msg = r.get("error", {}).get("message", "") if isinstance(r, dict) else ""
+        check(status == 400 and want in msg, "%s: got %s %s, want 400 naming %s"
+              % (name, status, r, want))
+
+
 def stats(s):
     status, r = s.get("/v1/cache/stats")
     check(status == 200, "/v1/cache/stats")
@@ -405,7 +447,7 @@ def main():
     s = Server(a.binary, a.model, "--kv-budget", "64MiB", "--max-running", "8")
     try:
         for test in (test_chat, test_concurrent, test_cached_tokens, test_tenants,
-                     test_bad_inputs, test_disconnect, test_admin_and_sessions):
+                     test_bad_inputs, test_kv_policy, test_disconnect, test_admin_and_sessions):
             t = time.time()
             try:
                 test(s)
