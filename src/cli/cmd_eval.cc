@@ -569,7 +569,7 @@ Runner AddEvalCommand(CLI::App& app) {
   st->add_option("--report", sa->report, "Tokens per reported window")
       ->check(CLI::Range(1, 1 << 24));
   st->add_flag("--json", sa->c.json, "Print one JSON object");
-  return [pa, p, ra, r, sa, st] {
+  return [pa, p, ra, sa, st] {
     if (p->parsed()) return EvalPpl(*pa);
     if (st->parsed()) return EvalStream(*sa);
     return EvalRetrieval(*ra);

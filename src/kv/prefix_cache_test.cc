@@ -7,6 +7,7 @@
 #include <random>
 
 #include "engine/engine.h"
+#include "engine/kv_budget.h"
 #include "engine/reference_forward.h"
 #include "engine/sampler.h"
 #include "kv/kv_manager.h"
@@ -166,6 +167,79 @@ TEST_P(PrefixCacheTest, TrainedModelWarmEqualsCold) {
   auto model = Model::Load(kShared + "/models/cachette-tiny-f32.gguf");
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   Check(**model, kv, kv == KvType::kF32 ? 1e-5 : 1e-3, 16);
+}
+
+
+// A KV budget policy's compaction of a paged sequence: the pages the index shares are copied
+// before they are written (so the index keeps the exact KV, and a later warm run equals a cold
+// one), whole pages go back to the pool, the compacted KV equals a contiguous sequence
+// compacted by the same plan, and nothing past the first changed slot is committed afterwards.
+TEST(PagedCompactionTest, IndexStaysExactAndPagesGoBack) {
+  auto model = Model::Load(kShared + "/models/cachette-tiny-f32.gguf");
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const ModelConfig& c = (*model)->config();
+  EngineOptions eo;
+  eo.threads = 2;
+  eo.kv_type = KvType::kF32;
+  Engine engine(**model, eo);
+  KvManagerOptions ko;
+  ko.shape = engine.kv_shape();
+  ko.page_tokens = 16;
+  ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 64;
+  KvManager kvm(ko);
+  const Hash128 ns = KvNamespace(**model, KvType::kF32);
+  std::mt19937 rng(5);
+  std::vector<TokenId> prompt(100);
+  for (auto& t : prompt) t = static_cast<TokenId>(1 + rng() % 8000);
+  const GreedyRun cold = [&] {
+    auto fresh = engine.NewSequence(128);
+    return Greedy(engine, *fresh, prompt, 6);
+  }();
+
+  auto seq = kvm.Start(ns, prompt, 128);
+  BudgetKv twin(engine.kv_shape(), 128);
+  ASSERT_TRUE(engine.Forward(*seq, prompt, nullptr).ok());
+  ASSERT_TRUE(engine.Forward(twin, prompt, nullptr).ok());
+  kvm.Commit(*seq, prompt);  // 6 full pages shared with the index
+  const uint32_t used_before = kvm.GetStats().pages_used;
+  // Keep 8 sinks and the last 24, different per layer (reassigning needs equal counts: no).
+  KeepPlan plan;
+  for (int l = 0; l < c.n_layer; ++l) {
+    std::vector<int64_t> keep;
+    for (int64_t i = 0; i < 8; ++i) keep.push_back(i);
+    for (int64_t i = 100 - 24 + l; i < 100; ++i) keep.push_back(i);
+    plan.slots.emplace_back(c.n_kv_head, keep);
+  }
+  ASSERT_TRUE(kvm.Compact(*seq, plan, c.rope, nullptr).ok());
+  ASSERT_TRUE(twin.Compact(plan, c.rope, nullptr).ok());
+  EXPECT_TRUE(seq->compacted());
+  EXPECT_EQ(seq->n_tokens(), 32);
+  EXPECT_EQ(seq->layer_tokens(c.n_layer - 1), 8 + 24 - (c.n_layer - 1));
+  EXPECT_EQ(seq->next_position(), 100);
+  EXPECT_EQ(seq->exact_tokens(), 8);
+  EXPECT_EQ(seq->block_table().size(), 2u);
+  EXPECT_GT(kvm.GetStats().cow_copies, 0u);
+  // The index keeps its 6 exact pages; the sequence holds its 2 copies; the 7th page (the
+  // prompt's partial one) went back to the pool.
+  EXPECT_EQ(used_before, 7u);
+  EXPECT_EQ(kvm.GetStats().pages_used, 6u + 2u);
+  // The compacted paged KV and the compacted contiguous KV continue identically.
+  const int nv = c.n_vocab;
+  std::vector<float> la(nv), lb(nv);
+  const TokenId next[1] = {cold.tokens[0]};
+  ASSERT_TRUE(engine.Forward(*seq, next, la.data()).ok());
+  ASSERT_TRUE(engine.Forward(twin, next, lb.data()).ok());
+  EXPECT_EQ(la, lb);
+  // Finishing commits nothing past the exact part; the index still holds the exact prompt.
+  std::vector<TokenId> fed = prompt;
+  fed.push_back(next[0]);
+  kvm.Finish(*seq, fed);
+  EXPECT_EQ(kvm.CachedPrefix(ns, prompt), 96);
+  auto warm_seq = kvm.Start(ns, prompt, 128);
+  EXPECT_EQ(warm_seq->n_tokens(), 96);
+  const GreedyRun warm = Greedy(engine, *warm_seq, prompt, 6);
+  EXPECT_EQ(warm.tokens, cold.tokens);
+  for (int i = 0; i < nv; ++i) ASSERT_NEAR(warm.first_logits[i], cold.first_logits[i], 1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(KvTypes, PrefixCacheTest, ::testing::Values(KvType::kF32, KvType::kF16),
