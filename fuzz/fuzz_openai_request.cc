@@ -1,7 +1,8 @@
 // Feeds arbitrary bytes as the body of /v1/chat/completions, /v1/completions and the cache admin
 // API into the OpenAI request parser (src/server/openai.*), with the bundled model's tokenizer
 // (loaded once). The parser must return a request or an error, never crash; an accepted request
-// must stay within the context, and every outcome must render to JSON.
+// must stay within the context (or name a valid KV budget policy that reads past it), and every
+// outcome must render to JSON.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -51,7 +52,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     const sched::SchedRequest& r = call->request;
     CT_CHECK(!r.prompt.empty());
-    CT_CHECK(static_cast<int64_t>(r.prompt.size()) + r.gen.max_tokens <= f->ctx.n_ctx);
+    // Within the context, unless a KV budget policy that reassigns positions reads past it.
+    bool past_context = false;
+    if (!r.kv_policy.name.empty()) {
+      CT_CHECK(ValidateKvPolicy(r.kv_policy).ok());
+      past_context = (*MakeKvPolicy(r.kv_policy))->reassigns_positions();
+    }
+    CT_CHECK(past_context ||
+             static_cast<int64_t>(r.prompt.size()) + r.gen.max_tokens <= f->ctx.n_ctx);
+    CT_CHECK(r.gen.max_tokens >= 0);
     CT_CHECK(r.cache_salt.size() <= kMaxIdBytes && r.session_id.size() <= kMaxIdBytes);
     for (TokenId t : r.prompt) CT_CHECK(t >= 0 && t < f->ctx.n_vocab);
     sched::RequestUsage usage;

@@ -72,6 +72,35 @@ def main():
     p = run([b, "eval", "ppl", "-m", m, "-f", text, "--bytes", "2048", "--kv-codec", "int3"],
             want_rc=1)
     check("int3" in p.stderr, f"unknown codec named: {p.stderr}")
+
+    # KV budget policies against full KV: a budget above every window keeps everything, so it
+    # must equal the baseline exactly; a small one evicts and costs something.
+    j = json.loads(run([b, "eval", "ppl", "-m", m, "-f", text, "--bytes", "4096", "--ctx", "256",
+                        "--kv-policy", "snapkv,streamingllm", "--budget", "0.25,4096",
+                        "--json", "-q"]).stdout)
+    rows = {(r["kv_policy"], r["budget"]): r for r in j["results"]}
+    check(list(rows) == [("full", None), ("snapkv", 0.25), ("snapkv", 4096),
+                         ("streamingllm", 0.25), ("streamingllm", 4096)], f"policy rows {list(rows)}")
+    base = rows[("full", None)]["ppl"]
+    for name in ("snapkv", "streamingllm"):
+        check(rows[(name, 4096)]["ppl"] == base, f"{name}@4096 keeps everything: equals full KV")
+        small = rows[(name, 0.25)]
+        check(small["ppl"] >= base * 0.98 and small["peak_kv_tokens"] <= 256,
+              f"{name}@0.25: ppl {small['ppl']} vs {base}, peak {small['peak_kv_tokens']}")
+        check(small["mean_kv_tokens"] <= 128 * 0.25 + 16 + 1, f"{name}@0.25 mean kept {small}")
+    j = json.loads(run([b, "eval", "retrieval", "-m", m, "--n", "3", "--kv-policy", "h2o",
+                        "--budget", "0.5", "--json", "-q"]).stdout)
+    check([r["kv_policy"] for r in j["results"]] == ["full", "h2o"], "retrieval policy rows")
+    j = json.loads(run([b, "eval", "stream", "-m", m, "-f", text, "--tokens", "600", "--cache",
+                        "128", "--step", "32", "--report", "256", "--json"]).stdout)
+    check(j["n_scored"] == 600 - 32 and  # the first step is the prompt, not scored
+           j["max_kv_tokens"] <= 128, f"stream: {j['n_scored']} scored, "
+          f"at most {j['max_kv_tokens']} KV tokens")
+    check(all(math.isfinite(w["ppl"]) and math.isfinite(w["full_restart_ppl"])
+              for w in j["windows"]), "stream windows")
+    p = run([b, "eval", "ppl", "-m", m, "-f", text, "--bytes", "2048", "--kv-policy", "snapk"],
+            want_rc=1)
+    check("kv_policy.name" in p.stderr, f"unknown policy named: {p.stderr}")
     print("eval smoke: ok")
 
 

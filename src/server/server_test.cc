@@ -452,6 +452,31 @@ TEST(ConfigTest, KvEventEndpoints) {
   EXPECT_NE(s.message().find("--kv-events"), std::string::npos);
 }
 
+TEST(ConfigTest, KvPolicyDefault) {
+  ServeConfig c;
+  ASSERT_TRUE(ParseConfigText("kv_policy = \"snapkv\"\nkv_policy_budget = \"20%\"\n", &c).ok());
+  EXPECT_TRUE(ValidateConfig(c).ok()) << ValidateConfig(c).ToString();
+  EXPECT_EQ(ServeKvPolicy(c)->name, "snapkv");
+  EXPECT_DOUBLE_EQ(ServeKvPolicy(c)->budget, 0.2);
+  ASSERT_TRUE(ParseConfigText("kv_policy_budget = 512\n", &c).ok());  // a TOML number: tokens
+  EXPECT_DOUBLE_EQ(ServeKvPolicy(c)->budget, 512);
+  for (const auto& [name, budget, want] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"snapk", "0.2", "kv_policy.name"},
+           {"h2o", "0", "kv_policy.budget"},
+           {"h2o", "x", "--kv-policy-budget"},
+           {"h2o", "150%", "--kv-policy-budget"},
+           {"h2o", "inf", "--kv-policy-budget"}}) {
+    ServeConfig x;
+    x.model = "m.gguf";
+    x.kv_policy = name;
+    x.kv_policy_budget = budget;
+    const Status st = ValidateConfig(x);
+    EXPECT_NE(st.message().find(want), std::string::npos) << name << " " << budget << ": "
+                                                          << st.ToString();
+  }
+}
+
 TEST(ConfigTest, ParseFraction) {
   struct Case {
     const char* text;
