@@ -94,7 +94,7 @@ def main():
     j = json.loads(run([b, "eval", "stream", "-m", m, "-f", text, "--tokens", "600", "--cache",
                         "128", "--step", "32", "--report", "256", "--json"]).stdout)
     check(j["n_scored"] == 600 - 32 and  # the first step is the prompt, not scored
-           j["max_kv_tokens"] <= 128, f"stream: {j['n_scored']} scored, "
+          j["max_kv_tokens"] <= 128, f"stream: {j['n_scored']} scored, "
           f"at most {j['max_kv_tokens']} KV tokens")
     check(all(math.isfinite(w["ppl"]) and math.isfinite(w["full_restart_ppl"])
               for w in j["windows"]), "stream windows")
