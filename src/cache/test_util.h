@@ -1,16 +1,20 @@
-// Helpers shared by the cache layer's tests: synthetic chunks and temp directories.
+// Helpers shared by the cache layer's tests: synthetic chunks, raw chunk bytes and temp
+// directories.
 #pragma once
 
 #include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "cache/chunk.h"
 #include "cache/record.h"
+#include "core/fp16.h"
 
 namespace cachette::cache::testing {
 
@@ -74,5 +78,35 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// A chunk's raw bytes from floats (f32 when kv_type is 0, else f16) and back: the codec tests
+// build and read chunks through these.
+inline std::vector<std::byte> ToRaw(const ChunkLayout& l, const std::vector<float>& v) {
+  std::vector<std::byte> raw(l.raw_bytes());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (l.kv_type == 0) {
+      std::memcpy(raw.data() + 4 * i, &v[i], 4);
+    } else {
+      const uint16_t h = Fp32ToFp16(v[i]);
+      std::memcpy(raw.data() + 2 * i, &h, 2);
+    }
+  }
+  return raw;
+}
+
+inline std::vector<float> FromRaw(const ChunkLayout& l, std::span<const std::byte> raw) {
+  const size_t n = raw.size() / (l.kv_type == 0 ? 4 : 2);
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (l.kv_type == 0) {
+      std::memcpy(&v[i], raw.data() + 4 * i, 4);
+    } else {
+      uint16_t h;
+      std::memcpy(&h, raw.data() + 2 * i, 2);
+      v[i] = Fp16ToFp32(h);
+    }
+  }
+  return v;
+}
 
 }  // namespace cachette::cache::testing

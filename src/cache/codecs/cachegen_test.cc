@@ -18,11 +18,14 @@
 
 #include "cache/codecs/codec.h"
 #include "cache/codecs/codec_internal.h"
+#include "cache/test_util.h"
 #include "core/fp16.h"
 
 namespace cachette::cache {
 namespace {
 
+using testing::FromRaw;
+using testing::ToRaw;
 using codecs::kCacheGenBins;
 using codecs::kCacheGenGroupTokens;
 using codecs::kHeaderBytes;
@@ -49,34 +52,6 @@ std::string ShapeName(const ChunkLayout& l) {
 }
 
 uint64_t Channels(const ChunkLayout& l) { return uint64_t{l.n_kv_head} * l.head_dim; }
-
-std::vector<std::byte> ToRaw(const ChunkLayout& l, const std::vector<float>& v) {
-  std::vector<std::byte> raw(l.raw_bytes());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (l.kv_type == 0) {
-      std::memcpy(raw.data() + 4 * i, &v[i], 4);
-    } else {
-      const uint16_t h = Fp32ToFp16(v[i]);
-      std::memcpy(raw.data() + 2 * i, &h, 2);
-    }
-  }
-  return raw;
-}
-
-std::vector<float> FromRaw(const ChunkLayout& l, std::span<const std::byte> raw) {
-  const size_t n = raw.size() / (l.kv_type == 0 ? 4 : 2);
-  std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (l.kv_type == 0) {
-      std::memcpy(&v[i], raw.data() + 4 * i, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, raw.data() + 2 * i, 2);
-      v[i] = Fp16ToFp32(h);
-    }
-  }
-  return v;
-}
 
 // KV-like values that are smooth along tokens, as CacheGen observes real KV to be: per
 // (plane, channel) a scale drawn over two decades (100x), an offset, a slow wave (four

@@ -19,11 +19,14 @@
 #include "cache/codecs/codec.h"
 #include "cache/codecs/codec_internal.h"
 #include "cache/codecs/quant_kernels.h"
+#include "cache/test_util.h"
 #include "core/fp16.h"
 
 namespace cachette::cache {
 namespace {
 
+using testing::FromRaw;
+using testing::ToRaw;
 using codecs::kHeaderBytes;
 
 std::vector<std::byte> RandomBytes(size_t n, uint32_t seed) {
@@ -46,34 +49,6 @@ std::vector<float> KvLikeValues(const ChunkLayout& l, uint32_t seed) {
     if (d % 17 == 3) x *= 30.0f;
     if (spike(rng) == 0) x *= 100.0f;
     v[i] = x;
-  }
-  return v;
-}
-
-std::vector<std::byte> ToRaw(const ChunkLayout& l, const std::vector<float>& v) {
-  std::vector<std::byte> raw(l.raw_bytes());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (l.kv_type == 0) {
-      std::memcpy(raw.data() + 4 * i, &v[i], 4);
-    } else {
-      const uint16_t h = Fp32ToFp16(v[i]);
-      std::memcpy(raw.data() + 2 * i, &h, 2);
-    }
-  }
-  return raw;
-}
-
-std::vector<float> FromRaw(const ChunkLayout& l, std::span<const std::byte> raw) {
-  const size_t n = raw.size() / (l.kv_type == 0 ? 4 : 2);
-  std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (l.kv_type == 0) {
-      std::memcpy(&v[i], raw.data() + 4 * i, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, raw.data() + 2 * i, 2);
-      v[i] = Fp16ToFp32(h);
-    }
   }
   return v;
 }
