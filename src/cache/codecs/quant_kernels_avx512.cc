@@ -1,7 +1,7 @@
 // AVX-512 (F+BW) version of the lossy codec loops. Compiled with AVX-512 flags in its own
 // translation unit and only called after a run-time CPU check. Each loop takes the common
 // shapes (head_dim a multiple of 16, whole groups) and hands anything else to the scalar
-// reference, so both tables agree on every input; quant_kernels_test checks that.
+// reference, so both tables agree on every input; codecs_test (QuantKernels) checks that.
 #include <immintrin.h>
 
 #include <algorithm>
