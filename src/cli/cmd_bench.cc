@@ -124,7 +124,7 @@ int BenchEngine(const BenchArgs& a) {
   return 0;
 }
 
-// ---- Decode at a context depth (--ctx-depth), full KV against KV budget policies ----------
+// ---- Decode at a context depth (--ctx-depth): full KV against KV budget policies ---------
 //
 // The context, N pseudo-random tokens, is read once with full attention in chunks, collecting
 // the attention statistics the policies ask for (kv/budget_runner.h); that read is not a
@@ -135,11 +135,12 @@ int BenchEngine(const BenchArgs& a) {
 //      budget (BudgetRunner::StartFrom; a block-wise policy reads the context again), then
 //      decodes n tokens with Step, which compacts every `slack` tokens and, for the policies
 //      that score, collects the decode queries' attention: both part of the policy's cost.
-// Every decode starts from the context's last logits and feeds back the argmax. Only the
-// decode steps are timed. Right after each timed decode, kernels::Attention is timed alone on
-// the KV that decode left, as the engine calls it for one decode token (one query per layer
-// over the layer's slots, the same thread pool): the attention share is that time over the
-// decode step's.
+// Every decode starts from the context's last logits and feeds back the argmax. The decodes of
+// a repetition run interleaved, one step of each configuration in turn, so that a change in the
+// machine's load falls on every configuration alike; only the steps are timed. After the
+// decodes, kernels::Attention is timed alone on the KV each decode left, as the engine calls it
+// for one decode token (one query per layer over the layer's slots, the same thread pool):
+// the attention share is that time over the decode step's.
 
 // One decode figure: a configuration's median over the repetitions.
 struct DepthFigure {
@@ -152,15 +153,25 @@ struct DepthFigure {
   double attn_share() const { return attn_s / step_s(); }
 };
 
-// Greedy decode of n tokens from `logits` (the context's last); `step` adds one token and
-// writes the next logits. Returns the seconds the n steps took.
-Result<double> TimeDecode(std::vector<float> logits, int n,
-                          const std::function<Status(TokenId, float*)>& step) {
-  Stopwatch sw;
+// One configuration's greedy decode in progress.
+struct Decoder {
+  std::function<Status(TokenId, float*)> step;  // adds a token, writes the next logits
+  std::vector<float> logits;                    // the last step's (first: the context's)
+  const SequenceKv* kv = nullptr;               // what the steps extend
+  double seconds = 0;                           // time in `step` so far
+};
+
+// n greedy steps of every decoder, interleaved step by step, each step timed.
+Status DecodeInterleaved(std::vector<Decoder>& decoders, int n) {
   for (int i = 0; i < n; ++i) {
-    CT_RETURN_IF_ERROR(step(Sampler::Argmax(logits), logits.data()));
+    for (Decoder& d : decoders) {
+      const TokenId t = Sampler::Argmax(d.logits);
+      Stopwatch sw;
+      CT_RETURN_IF_ERROR(d.step(t, d.logits.data()));
+      d.seconds += sw.Seconds();
+    }
   }
-  return sw.Seconds();
+  return Status::Ok();
 }
 
 // Seconds per decode token spent in kernels::Attention over `kv` as it stands: for every
@@ -262,41 +273,42 @@ int BenchEngineAtDepth(const BenchArgs& a) {
   }
   auto shallow = engine.NewSequence(n + 2);
   const TokenId first[1] = {context[0]};
-  std::vector<float> shallow_logits(c.n_vocab);
   const auto forward_on = [&engine](SequenceKv& kv) {
     return [&engine, &kv](TokenId t, float* logits) {
       const TokenId tok[1] = {t};
       return engine.Forward(kv, tok, logits);
     };
   };
-  const auto record = [&](size_t f, const Result<double>& seconds, const SequenceKv& kv) {
-    if (!seconds.ok()) return seconds.status();
-    rates[f].push_back(n / *seconds);
-    attn[f].push_back(AttentionSecondsPerToken(engine, kv, kAttnRounds));
-    int64_t slots = 0;
-    for (int layer = 0; layer < c.n_layer; ++layer) slots += kv.layer_tokens(layer);
-    figures[f].kept = (slots + c.n_layer - 1) / c.n_layer;
-    return Status::Ok();
-  };
   for (int rep = 0; rep < a.reps; ++rep) {
+    std::vector<Decoder> decoders(figures.size());
     shallow->SetTokens(0);
-    Status s = engine.Forward(*shallow, first, shallow_logits.data());
-    if (s.ok()) s = record(0, TimeDecode(shallow_logits, n, forward_on(*shallow)), *shallow);
-    if (!s.ok()) return Fail(s.WithContext("decode at depth 1"));
+    decoders[0] = {forward_on(*shallow), std::vector<float>(c.n_vocab), shallow.get()};
+    Status s = engine.Forward(*shallow, first, decoders[0].logits.data());
+    if (!s.ok()) return Fail(s.WithContext("the depth-1 prompt"));
     full->SetTokens(depth);
-    s = record(1, TimeDecode(context_logits, n, forward_on(*full)), *full);
-    if (!s.ok()) return Fail(s.WithContext("decode over full KV"));
+    decoders[1] = {forward_on(*full), context_logits, full.get()};
     for (size_t p = 0; p < runners.size(); ++p) {
       BudgetRunner& r = *runners[p];
-      std::vector<float> start = context_logits;
-      s = r.policy().blockwise_prefill() ? r.Prefill(context, start.data())
+      Decoder& d = decoders[2 + p];
+      d.logits = context_logits;
+      s = r.policy().blockwise_prefill() ? r.Prefill(context, d.logits.data())
                                          : r.StartFrom(*full, depth, &stats);
-      const auto step = [&r](TokenId t, float* logits) {
+      if (!s.ok()) return Fail(s.WithContext(figures[2 + p].label));
+      d.step = [&r](TokenId t, float* logits) {
         const TokenId tok[1] = {t};
         return r.Step(tok, Engine::Logits::kLast, logits);
       };
-      if (s.ok()) s = record(2 + p, TimeDecode(start, n, step), *r.kv());
-      if (!s.ok()) return Fail(s.WithContext("decode under " + figures[2 + p].label));
+      d.kv = r.kv();
+    }
+    s = DecodeInterleaved(decoders, n);
+    if (!s.ok()) return Fail(s.WithContext("decode"));
+    for (size_t f = 0; f < figures.size(); ++f) {
+      const SequenceKv& kv = *decoders[f].kv;
+      rates[f].push_back(n / decoders[f].seconds);
+      attn[f].push_back(AttentionSecondsPerToken(engine, kv, kAttnRounds));
+      int64_t slots = 0;
+      for (int layer = 0; layer < c.n_layer; ++layer) slots += kv.layer_tokens(layer);
+      figures[f].kept = (slots + c.n_layer - 1) / c.n_layer;
     }
   }
   for (size_t f = 0; f < figures.size(); ++f) {
@@ -350,9 +362,9 @@ int BenchEngineAtDepth(const BenchArgs& a) {
                 static_cast<long long>(f.depth), static_cast<long long>(f.kept), f.tok_s,
                 f.step_s() * 1e3, f.attn_s * 1e3, 100 * f.attn_share(), f.tok_s / base.tok_s);
   }
-  std::printf("attention ms = kernels::Attention for one decode token over every layer, timed "
-              "alone right after the\n  decode on the KV it left (same threads); share = that "
-              "over the decode step (1 / tok/s).\n");
+  std::printf("steps interleaved across the configurations; attention ms = kernels::Attention "
+              "for one decode token\n  over every layer, timed alone after the decode on the KV "
+              "it left (same threads);\n  share = that over the decode step (1 / tok/s).\n");
   std::printf("context cost: a step at depth %lld takes %.2f ms against %.2f ms at depth 1: "
               "%.0f%% of it grows\n  with the context (attention and KV reads); full at depth 1 "
               "is the ceiling any budget can reach.\n",
