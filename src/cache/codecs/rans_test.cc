@@ -163,9 +163,21 @@ TEST(RansTest, SizeIsCloseToTheEntropy) {
       return t == 50000;
     }();
     if (!exact) continue;
+    // The ideal length under the coder's own table (cross entropy): what rANS should reach to
+    // within its state precision. The table's own cost (counts rounded to 2^-11 units, at
+    // least one unit per used symbol) is separate, and bounded loosely: with 50,000 symbols
+    // and rare ones it was at most 2.5% over 2,000 seeds.
+    double table_bits = 0;
+    for (int i = 0; i < runs[0].n; ++i) {
+      if (runs[0].counts[i] > 0) {
+        table_bits -= runs[0].counts[i] *
+                      std::log2(static_cast<double>(runs[0].freq[i]) / (1u << kProbBits));
+      }
+    }
     const size_t bytes = EncodeRuns(runs, 1).size();
-    // Frequencies in 2^-11 units cost a little; rANS itself ~nothing; 16 bytes of states.
-    EXPECT_LE(bytes, bits / 8 * 1.02 + 40) << "entropy " << bits / 8 << " bytes";
+    EXPECT_LE(bytes, table_bits / 8 * 1.002 + 32)  // 16 of them the four states
+        << "ideal under the table " << table_bits / 8 << " bytes";
+    EXPECT_LE(table_bits, bits * 1.08 + 400) << "entropy " << bits / 8 << " bytes";
   }
 }
 
