@@ -1,6 +1,7 @@
 // What the engine offers KV budget policies (src/kv/kv_policy.h): attention statistics
-// gathered off the fast path, a per-sequence KV whose layers may hold different numbers of
-// tokens, and compaction of that KV by a keep plan.
+// gathered off the fast path, and compaction by a keep plan of any SequenceKv: ContiguousKv
+// (engine/kv_cache.h), whose layers may then hold different numbers of slots, and the paged
+// sequences of src/kv.
 //
 // Slots and positions. A sequence's KV is a list of slots per layer; the token in slot s of
 // layer l has a RoPE position, the position its key was rotated to. Without eviction slot ==
@@ -93,56 +94,5 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
                     const KeepPlan& plan, const kernels::RopeParams& rope,
                     AttentionStats* stats, std::vector<std::vector<float>>& weight,
                     int64_t weight_stride);
-
-// A contiguous per-sequence KV whose layers may hold different numbers of slots, and which
-// remembers the next RoPE position (see the header comment). Capacity is fixed at creation.
-class BudgetKv final : public SequenceKv {
- public:
-  BudgetKv(const KvShape& shape, int64_t capacity);
-
-  int64_t n_tokens() const override { return n_max_; }
-  int64_t capacity() const override { return capacity_; }
-  Status Reserve(int64_t n) override;
-  void* KSlot(int layer, int64_t slot) override;
-  void* VSlot(int layer, int64_t slot) override;
-  kernels::KvView View(int layer, int64_t n) const override;
-  // Sets every layer to n slots; with n == 0 the sequence restarts (positions from 0).
-  // Otherwise only valid for n <= n_tokens() on a sequence that has never been compacted.
-  void SetTokens(int64_t n) override;
-  int64_t layer_tokens(int layer) const override { return layer_n_[layer]; }
-  int64_t next_position() const override { return next_pos_; }
-  void Append(int64_t count) override;
-
-  const KvShape& shape() const { return shape_; }
-  // Tokens read so far (positions handed out), evicted ones included.
-  int64_t tokens_seen() const { return seen_; }
-  // Slots summed over layers (the memory a per-layer budget actually holds).
-  int64_t total_slots() const;
-  bool compacted() const { return compacted_; }
-
-  // Compacts every layer by `plan` (validated first; on error nothing changes), moving
-  // `stats` (may be null) with the slots and re-rotating keys when the plan reassigns
-  // positions. Merged slots are averaged with their anchor in f32, weighted by how many
-  // tokens each already stands for.
-  Status Compact(const KeepPlan& plan, const kernels::RopeParams& rope, AttentionStats* stats);
-
-  // Raises the capacity to `capacity` slots (a no-op if it is not larger), keeping the
-  // contents. Attention statistics sized to the old capacity are resized by the next forward.
-  void Grow(int64_t capacity);
-
-  // Copies `src`'s first n tokens (every layer) into this empty sequence.
-  Status CopyFrom(const SequenceKv& src, int64_t n);
-
- private:
-  KvShape shape_;
-  int64_t capacity_;
-  std::vector<int64_t> layer_n_;
-  int64_t n_max_ = 0, next_pos_ = 0, seen_ = 0;
-  bool compacted_ = false;
-  // Tokens each slot stands for (1, more after merges): [layer][head * capacity + slot].
-  std::vector<std::vector<float>> weight_;
-  std::vector<std::unique_ptr<std::byte[]>> k_, v_;  // [n_layer]
-  std::vector<const void*> k_ptr_, v_ptr_;
-};
 
 }  // namespace cachette

@@ -1,4 +1,4 @@
-// BudgetKv, compaction and attention statistics (engine/kv_budget.h), on the trained model.
+// ContiguousKv under a budget, compaction and attention statistics (engine/kv_budget.h), on the trained model.
 #include "engine/kv_budget.h"
 
 #include <gtest/gtest.h>
@@ -28,7 +28,7 @@ std::vector<TokenId> RandomTokens(int n, uint32_t seed) {
   return t;
 }
 
-std::vector<float> HeadK(BudgetKv& kv, int layer, int64_t slot, int head) {
+std::vector<float> HeadK(ContiguousKv& kv, int layer, int64_t slot, int head) {
   const KvShape& s = kv.shape();
   std::vector<float> out(s.head_dim);
   const auto* p = static_cast<const std::byte*>(kv.KSlot(layer, slot)) +
@@ -43,23 +43,22 @@ KeepPlan Uniform(int n_layer, int n_kv_head, const std::vector<int64_t>& keep) {
   return p;
 }
 
-TEST(KvBudgetTest, FreshBudgetKvGivesTheSameLogitsAsContiguous) {
-  for (auto type : {kernels::KvType::kF32, kernels::KvType::kF16}) {
-    Engine engine(Trained(), {.threads = 2, .kv_type = type});
-    const auto toks = RandomTokens(40, 1);
-    const int nv = Trained().config().n_vocab;
-    auto a = engine.NewSequence(64);
-    BudgetKv b(engine.kv_shape(), 64);
-    std::vector<float> la(nv), lb(nv);
-    ASSERT_TRUE(engine.Forward(*a, std::span(toks).first(30), la.data()).ok());
-    ASSERT_TRUE(engine.Forward(b, std::span(toks).first(30), lb.data()).ok());
-    EXPECT_EQ(la, lb);
-    ASSERT_TRUE(engine.Forward(*a, std::span(toks).subspan(30), la.data()).ok());
-    ASSERT_TRUE(engine.Forward(b, std::span(toks).subspan(30), lb.data()).ok());
-    EXPECT_EQ(la, lb);
-    EXPECT_EQ(b.next_position(), 40);
-    EXPECT_EQ(b.tokens_seen(), 40);
-  }
+TEST(KvBudgetTest, AFreshSequenceCountsPositionsAndSlots) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF16});
+  const auto toks = RandomTokens(40, 1);
+  ContiguousKv b(engine.kv_shape(), 64);
+  ASSERT_TRUE(engine.Forward(b, std::span(toks).first(30), nullptr).ok());
+  ASSERT_TRUE(engine.Forward(b, std::span(toks).subspan(30), nullptr).ok());
+  const int n_layer = Trained().config().n_layer;
+  EXPECT_EQ(b.n_tokens(), 40);
+  EXPECT_EQ(b.next_position(), 40);
+  EXPECT_EQ(b.tokens_seen(), 40);
+  for (int l = 0; l < n_layer; ++l) EXPECT_EQ(b.layer_tokens(l), 40);
+  EXPECT_EQ(b.total_slots(), 40 * n_layer);
+  EXPECT_FALSE(b.compacted());
+  b.SetTokens(0);
+  EXPECT_EQ(b.next_position(), 0);
+  EXPECT_EQ(b.tokens_seen(), 0);
 }
 
 TEST(KvBudgetTest, KeepAllCompactionChangesNothing) {
@@ -67,7 +66,7 @@ TEST(KvBudgetTest, KeepAllCompactionChangesNothing) {
   const auto& c = Trained().config();
   const auto toks = RandomTokens(33, 2);
   auto a = engine.NewSequence(64);
-  BudgetKv b(engine.kv_shape(), 64);
+  ContiguousKv b(engine.kv_shape(), 64);
   ASSERT_TRUE(engine.Forward(*a, std::span(toks).first(32), nullptr).ok());
   ASSERT_TRUE(engine.Forward(b, std::span(toks).first(32), nullptr).ok());
   std::vector<int64_t> all(32);
@@ -82,7 +81,7 @@ TEST(KvBudgetTest, KeepAllCompactionChangesNothing) {
 TEST(KvBudgetTest, CompactionMovesEachHeadsSlotsAndStats) {
   Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF16});
   const auto& c = Trained().config();
-  BudgetKv kv(engine.kv_shape(), 64);
+  ContiguousKv kv(engine.kv_shape(), 64);
   AttentionStats stats;
   stats.window = 8;
   stats.cumulative = true;
@@ -139,7 +138,7 @@ TEST(KvBudgetTest, ReassignedKeysEqualKeysComputedAtTheNewPositions) {
   Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
   const auto& c = Trained().config();
   const auto toks = RandomTokens(60, 5);
-  BudgetKv kv(engine.kv_shape(), 64);
+  ContiguousKv kv(engine.kv_shape(), 64);
   ASSERT_TRUE(engine.Forward(kv, toks, nullptr).ok());
   std::vector<int64_t> keep = {0, 1, 2, 3};
   std::vector<TokenId> kept_toks(toks.begin(), toks.begin() + 4);
@@ -151,7 +150,7 @@ TEST(KvBudgetTest, ReassignedKeysEqualKeysComputedAtTheNewPositions) {
   plan.reassign_positions = true;
   ASSERT_TRUE(kv.Compact(plan, c.rope, nullptr).ok());
   EXPECT_EQ(kv.next_position(), 24);
-  BudgetKv fresh(engine.kv_shape(), 64);
+  ContiguousKv fresh(engine.kv_shape(), 64);
   ASSERT_TRUE(engine.Forward(fresh, kept_toks, nullptr).ok());
   for (int h = 0; h < c.n_kv_head; ++h) {
     for (int i = 0; i < 24; ++i) {
@@ -183,7 +182,7 @@ TEST(KvBudgetTest, RopeByDeltaThenMinusDeltaIsIdentity) {
 TEST(KvBudgetTest, MergeAveragesIntoTheAnchorWeightedByTokens) {
   Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
   const auto& c = Trained().config();
-  BudgetKv kv(engine.kv_shape(), 16);
+  ContiguousKv kv(engine.kv_shape(), 16);
   ASSERT_TRUE(engine.Forward(kv, RandomTokens(8, 7), nullptr).ok());
   auto k = [&](int64_t s) { return HeadK(kv, 1, s, 0); };
   const auto k2 = k(2), k3 = k(3), k4 = k(4), k5 = k(5);
@@ -212,7 +211,7 @@ TEST(KvBudgetTest, MergeAveragesIntoTheAnchorWeightedByTokens) {
 TEST(KvBudgetTest, StatisticsEqualANaiveSoftmax) {
   Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
   const auto& c = Trained().config();
-  BudgetKv kv(engine.kv_shape(), 32);
+  ContiguousKv kv(engine.kv_shape(), 32);
   ASSERT_TRUE(engine.Forward(kv, RandomTokens(20, 8), nullptr).ok());
   // Random queries for 3 rows at slots 17..19 against the stored keys of layer 2.
   std::mt19937 rng(9);
@@ -260,7 +259,7 @@ TEST(KvBudgetTest, EngineCollectsTheWindowOfTheLastTokensOnly) {
   Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32,
                             .max_batch_tokens = 16});  // the window spans micro-batches
   const auto& c = Trained().config();
-  BudgetKv kv(engine.kv_shape(), 64);
+  ContiguousKv kv(engine.kv_shape(), 64);
   AttentionStats st;
   st.window = 20;
   Engine::Item item{&kv, RandomTokens(40, 10), Engine::Logits::kNone, nullptr, &st};
@@ -303,7 +302,7 @@ TEST(KvBudgetTest, GrowKeepsTheContents) {
   Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF16});
   const auto& c = Trained().config();
   const auto toks = RandomTokens(24, 11);
-  BudgetKv a(engine.kv_shape(), 16), b(engine.kv_shape(), 64);
+  ContiguousKv a(engine.kv_shape(), 16), b(engine.kv_shape(), 64);
   ASSERT_TRUE(engine.Forward(a, std::span(toks).first(16), nullptr).ok());
   ASSERT_TRUE(engine.Forward(b, std::span(toks).first(16), nullptr).ok());
   EXPECT_FALSE(engine.Forward(a, std::span(toks).subspan(16), nullptr).ok());

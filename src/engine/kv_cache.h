@@ -57,25 +57,59 @@ class SequenceKv {
   virtual void Append(int64_t count) { SetTokens(n_tokens() + count); }
 };
 
+struct AttentionStats;  // engine/kv_budget.h
+struct KeepPlan;
+
 // One contiguous buffer per layer and per K/V, laid out [capacity][n_kv_head][head_dim].
+// Without a KV budget policy it is a plain sequence (slot == position, every layer full).
+// A policy may compact it (engine/kv_budget.h): its layers may then hold different numbers of
+// slots, and it remembers the next RoPE position and how many tokens it has read.
 class ContiguousKv final : public SequenceKv {
  public:
   ContiguousKv(const KvShape& shape, int64_t capacity);
 
-  int64_t n_tokens() const override { return n_tokens_; }
+  int64_t n_tokens() const override { return n_max_; }
   int64_t capacity() const override { return capacity_; }
   Status Reserve(int64_t n) override;
-  void* KSlot(int layer, int64_t pos) override;
-  void* VSlot(int layer, int64_t pos) override;
+  void* KSlot(int layer, int64_t slot) override;
+  void* VSlot(int layer, int64_t slot) override;
   kernels::KvView View(int layer, int64_t n) const override;
-  void SetTokens(int64_t n) override { n_tokens_ = n; }
+  // Sets every layer to n slots; with n == 0 the sequence restarts (positions from 0).
+  // Otherwise only valid on a sequence that has never been compacted.
+  void SetTokens(int64_t n) override;
+  int64_t layer_tokens(int layer) const override { return layer_n_[layer]; }
+  int64_t next_position() const override { return next_pos_; }
+  void Append(int64_t count) override;
 
   const KvShape& shape() const { return shape_; }
+  // Tokens read so far (positions handed out), evicted ones included.
+  int64_t tokens_seen() const { return seen_; }
+  // Slots summed over layers (the memory a per-layer budget actually holds).
+  int64_t total_slots() const;
+  bool compacted() const { return compacted_; }
+
+  // Compacts every layer by `plan` (validated first; on error nothing changes), moving
+  // `stats` (may be null) with the slots and re-rotating keys when the plan reassigns
+  // positions. Merged slots are averaged with their anchor in f32, weighted by how many
+  // tokens each already stands for.
+  Status Compact(const KeepPlan& plan, const kernels::RopeParams& rope, AttentionStats* stats);
+
+  // Raises the capacity to `capacity` slots (a no-op if it is not larger), keeping the
+  // contents. Attention statistics sized to the old capacity are resized by the next forward.
+  void Grow(int64_t capacity);
+
+  // Copies `src`'s first n tokens (every layer) into this empty sequence.
+  Status CopyFrom(const SequenceKv& src, int64_t n);
 
  private:
   KvShape shape_;
   int64_t capacity_;
-  int64_t n_tokens_ = 0;
+  std::vector<int64_t> layer_n_;  // [n_layer]
+  int64_t n_max_ = 0, next_pos_ = 0, seen_ = 0;
+  bool compacted_ = false;
+  // Tokens each slot stands for (1, more after merges): [layer][head * capacity + slot]. Empty
+  // until the first compaction (a sequence that never compacts pays nothing for it).
+  std::vector<std::vector<float>> weight_;
   std::vector<std::unique_ptr<std::byte[]>> k_, v_;  // [n_layer]
   std::vector<const void*> k_ptr_, v_ptr_;           // [n_layer], one block each
 };

@@ -50,7 +50,7 @@ BudgetRunner::BudgetRunner(Engine& engine, const KvPolicyConfig& config,
     : engine_(engine), config_(config), policy_(std::move(policy)), slack_(slack) {}
 
 void BudgetRunner::NewSequence(int64_t capacity) {
-  kv_ = std::make_unique<BudgetKv>(engine_.kv_shape(), capacity);
+  kv_ = std::make_unique<ContiguousKv>(engine_.kv_shape(), capacity);
   stats_ = AttentionStats{};
   stats_.window = policy_->stats_window();
   stats_.cumulative = policy_->stats_cumulative();

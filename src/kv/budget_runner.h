@@ -66,7 +66,7 @@ class BudgetRunner {
 
   const KvPolicy& policy() const { return *policy_; }
   const KvPolicyConfig& config() const { return config_; }
-  BudgetKv* kv() { return kv_.get(); }
+  ContiguousKv* kv() { return kv_.get(); }
   int64_t budget_tokens() const { return budget_; }
   // Slots held now, summed over layers, divided by the layer count (the kept size a client
   // sees as kv_tokens_kept), and the largest that has been held.
@@ -90,7 +90,7 @@ class BudgetRunner {
   KvPolicyConfig config_;
   std::unique_ptr<KvPolicy> policy_;
   int slack_;
-  std::unique_ptr<BudgetKv> kv_;
+  std::unique_ptr<ContiguousKv> kv_;
   AttentionStats stats_;
   int64_t budget_ = 0;
   int64_t since_compaction_ = 0;

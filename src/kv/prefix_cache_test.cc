@@ -197,7 +197,7 @@ TEST(PagedCompactionTest, IndexStaysExactAndPagesGoBack) {
   }();
 
   auto seq = kvm.Start(ns, prompt, 128);
-  BudgetKv twin(engine.kv_shape(), 128);
+  ContiguousKv twin(engine.kv_shape(), 128);
   ASSERT_TRUE(engine.Forward(*seq, prompt, nullptr).ok());
   ASSERT_TRUE(engine.Forward(twin, prompt, nullptr).ok());
   kvm.Commit(*seq, prompt);  // 6 full pages shared with the index
