@@ -1,5 +1,6 @@
 // The eval harness against direct computations: perplexity equals exp(mean NLL) from the
-// engine's logits; the raw codec changes nothing; the retrieval scorer's rules; JSONL errors.
+// engine's logits; the raw codec changes nothing; the retrieval scorer's rules; JSONL errors;
+// the window and item rules the policy evaluation shares.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -123,6 +124,33 @@ TEST(PerplexityTest, ErrorsNameTheProblem) {
   r = EvalPerplexity(engine, tokens, o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("int3"), std::string::npos);
+}
+
+// The window rules EvalPerplexity and EvalPolicyPerplexity share.
+TEST(PerplexityTest, WindowChecksAndCopies) {
+  EXPECT_TRUE(CheckWindows(4, 64, 4).ok());
+  EXPECT_TRUE(CheckWindows(64, 64, 200).ok());
+  struct Bad {
+    int ctx;
+    size_t n_tokens;
+    const char* want;
+  };
+  const Bad bad[] = {
+      {3, 100, "context 3 outside [4, 64] (the model's context)"},
+      {65, 100, "context 65 outside [4, 64]"},
+      {32, 31, "the text has 31 tokens, fewer than one window of 32"},
+  };
+  for (const auto& b : bad) {
+    const Status s = CheckWindows(b.ctx, 64, b.n_tokens);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << b.want;
+    EXPECT_NE(s.message().find(b.want), std::string::npos) << s.ToString();
+  }
+  const std::vector<TokenId> tokens = {10, 11, 12, 13, 14, 15, 16, 17, 18};
+  std::vector<TokenId> window(4);
+  CopyWindow(tokens, 1, /*bos=*/1, window);
+  EXPECT_EQ(window, (std::vector<TokenId>{1, 15, 16, 17}));
+  CopyWindow(tokens, 0, /*bos=*/-1, window);
+  EXPECT_EQ(window, (std::vector<TokenId>{10, 11, 12, 13}));
 }
 
 // On the trained model, int8 KV (per token and head, f16 scale) costs under 1% perplexity on a
@@ -260,6 +288,54 @@ TEST(SyntheticTest, DeterministicAndAnswerable) {
   auto bad = GenerateSyntheticTasks(o);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("haystack"), std::string::npos);
+}
+
+// The per-item rules EvalRetrieval and EvalPolicyRetrieval share: the budget counts the
+// answer's tokens as written after "Answer:", and an item that cannot fit is skipped.
+TEST(RetrievalTest, PrepareQaBudgetsAndSkips) {
+  const Tokenizer& tok = TinyModel().tokenizer();
+  const QaItem item{"kv", "x is red\nAnswer:", " red \n", 0};
+  const PreparedQa q = PrepareQa(tok, item, 3, /*extra_answer_tokens=*/8, 4096, 1);
+  EXPECT_EQ(q.prompt, tok.Encode(item.prompt, tok.add_bos(), false));
+  EXPECT_EQ(q.answer_budget, static_cast<int>(tok.Encode(" red", false, false).size()) + 8);
+  EXPECT_EQ(q.outcome.index, 3);
+  EXPECT_EQ(q.outcome.kind, "kv");
+  EXPECT_EQ(q.outcome.prompt_tokens, static_cast<int64_t>(q.prompt.size()));
+  EXPECT_FALSE(q.outcome.skipped);
+  const int64_t fit = q.outcome.prompt_tokens + q.answer_budget;
+  EXPECT_FALSE(PrepareQa(tok, item, 0, 8, fit, 1).outcome.skipped);
+  EXPECT_TRUE(PrepareQa(tok, item, 0, 8, fit - 1, 1).outcome.skipped);
+  EXPECT_FALSE(PrepareQa(tok, item, 0, 8, 4096, q.prompt.size()).outcome.skipped);
+  EXPECT_TRUE(PrepareQa(tok, item, 0, 8, 4096, q.prompt.size() + 1).outcome.skipped);
+}
+
+// The greedy stop rule both decoders share: a newline in the text or an end-of-generation
+// token ends the answer; the latter is not part of it.
+TEST(RetrievalTest, GreedyAnswerEndsAtNewlineOrEog) {
+  const Model& model = TinyModel();
+  const Tokenizer& tok = model.tokenizer();
+  ASSERT_GE(tok.eos(), 0);
+  auto peak = [&](TokenId id) {
+    std::vector<float> logits(model.config().n_vocab, 0.0f);
+    logits[id] = 1.0f;
+    return logits;
+  };
+  GreedyAnswer a(/*first=*/7);
+  for (TokenId t : tok.Encode(" red", false, false)) {
+    a.Take(tok, peak(t));
+    EXPECT_FALSE(a.done);
+    EXPECT_EQ(a.next, t);
+  }
+  EXPECT_EQ(a.text, " red");
+  a.Take(tok, peak(tok.Encode("\n", false, false).at(0)));
+  EXPECT_TRUE(a.done);
+  EXPECT_EQ(a.text, " red\n");
+  GreedyAnswer b(/*first=*/7);
+  b.Take(tok, peak(tok.eos()));
+  EXPECT_TRUE(b.done);
+  EXPECT_TRUE(b.ids.empty());
+  EXPECT_EQ(b.text, "");
+  EXPECT_EQ(b.next, 7);
 }
 
 // The raw codec answers exactly as the baseline, and reusing the previous item's prefix gives

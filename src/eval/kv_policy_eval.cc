@@ -8,7 +8,6 @@
 #include <memory>
 
 #include "core/timer.h"
-#include "engine/sampler.h"
 #include "eval/perplexity.h"
 #include "kv/budget_runner.h"
 
@@ -70,14 +69,7 @@ Result<PolicyPplResult> EvalPolicyPerplexity(Engine& engine, std::span<const Tok
                                              const PolicyPplOptions& options) {
   const ModelConfig& cfg = engine.model().config();
   const int ctx = options.ctx;
-  if (ctx < 4 || ctx > cfg.n_ctx_train) {
-    return InvalidArgument("context " + std::to_string(ctx) + " outside [4, " +
-                           std::to_string(cfg.n_ctx_train) + "] (the model's context)");
-  }
-  if (static_cast<int64_t>(tokens.size()) < ctx) {
-    return InvalidArgument("the text has " + std::to_string(tokens.size()) +
-                           " tokens, fewer than one window of " + std::to_string(ctx));
-  }
+  CT_RETURN_IF_ERROR(CheckWindows(ctx, cfg.n_ctx_train, tokens.size()));
   if (options.step < 1) return InvalidArgument("step must be >= 1");
   CT_ASSIGN_OR_RETURN(auto runners, Runners(engine, options.policies, options.step));
   PolicyPplResult r;
@@ -95,8 +87,7 @@ Result<PolicyPplResult> EvalPolicyPerplexity(Engine& engine, std::span<const Tok
   std::vector<float> logits(static_cast<size_t>(ctx - first) * nv);
   std::vector<TokenId> window(ctx);
   for (int w = 0; w < r.n_windows; ++w) {
-    std::copy_n(tokens.begin() + static_cast<ptrdiff_t>(w) * ctx, ctx, window.begin());
-    if (options.bos >= 0) window[0] = options.bos;
+    CopyWindow(tokens, w, options.bos, window);
     const std::span<const TokenId> head(window.data(), first);
     const std::span<const TokenId> tail(window.data() + first, ctx - first);
     const int64_t n_tail = static_cast<int64_t>(tail.size());
@@ -146,25 +137,18 @@ Result<PolicyPplResult> EvalPolicyPerplexity(Engine& engine, std::span<const Tok
 
 namespace {
 
-// Greedy answer from `first` on, through `step` (one token at a time), until a newline, an
-// end-of-generation token or max_tokens.
+// Greedy answer from `first` on, through `step` (one token at a time), until done (see
+// GreedyAnswer) or max_tokens. The unbatched twin of retrieval.cc's DecodeAnswers.
 template <typename StepFn>
 Result<std::string> DecodeGreedy(const Tokenizer& tok, int nv, TokenId first, int max_tokens,
                                  StepFn step) {
   std::vector<float> logits(nv);
-  std::vector<TokenId> ids;
-  TokenId next = first;
-  std::string text;
-  for (int i = 0; i < max_tokens; ++i) {
-    CT_RETURN_IF_ERROR(step(next, logits.data()));
-    const TokenId id = Sampler::Argmax(std::span<const float>(logits));
-    if (tok.IsEog(id)) break;
-    ids.push_back(id);
-    next = id;
-    text = tok.Decode(ids);
-    if (text.find('\n') != std::string::npos) break;
+  GreedyAnswer a(first);
+  for (int i = 0; i < max_tokens && !a.done; ++i) {
+    CT_RETURN_IF_ERROR(step(a.next, logits.data()));
+    a.Take(tok, logits);
   }
-  return text;
+  return std::move(a.text);
 }
 
 }  // namespace
@@ -186,17 +170,13 @@ Result<PolicyRetrievalResult> EvalPolicyRetrieval(Engine& engine, std::span<cons
   Stopwatch total;
   for (size_t idx = 0; idx < items.size(); ++idx) {
     const QaItem& item = items[idx];
-    QaOutcome o;
-    o.index = static_cast<int>(idx);
-    o.kind = item.kind;
-    const std::vector<TokenId> toks = tok.Encode(item.prompt, tok.add_bos(), false);
-    std::string spaced = AnswerLine(item.answer);
-    spaced.insert(spaced.begin(), ' ');
-    const int budget = static_cast<int>(tok.Encode(spaced, false, false).size()) +
-                       options.extra_answer_tokens;
-    o.prompt_tokens = static_cast<int64_t>(toks.size());
-    if (toks.size() < 2 || o.prompt_tokens + budget > cfg.n_ctx_train) {
-      o.skipped = true;
+    // Two tokens at least: a policy starts from a non-empty prefill (BudgetRunner needs one).
+    PreparedQa q = PrepareQa(tok, item, static_cast<int>(idx), options.extra_answer_tokens,
+                             cfg.n_ctx_train, /*min_prompt_tokens=*/2);
+    QaOutcome& o = q.outcome;
+    const std::vector<TokenId>& toks = q.prompt;
+    const int budget = q.answer_budget;
+    if (o.skipped) {
       r.outcomes.push_back(std::move(o));
       if (options.progress) options.progress(static_cast<int>(idx + 1), items.size());
       continue;

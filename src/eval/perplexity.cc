@@ -18,6 +18,24 @@ double NegLogLikelihood(std::span<const float> logits, TokenId target) {
   return std::log(sum) + max - static_cast<double>(logits[target]);
 }
 
+Status CheckWindows(int ctx, int n_ctx, size_t n_tokens) {
+  if (ctx < 4 || ctx > n_ctx) {
+    return InvalidArgument("context " + std::to_string(ctx) + " outside [4, " +
+                           std::to_string(n_ctx) + "] (the model's context)");
+  }
+  if (n_tokens < static_cast<size_t>(ctx)) {
+    return InvalidArgument("the text has " + std::to_string(n_tokens) +
+                           " tokens, fewer than one window of " + std::to_string(ctx));
+  }
+  return Status::Ok();
+}
+
+void CopyWindow(std::span<const TokenId> tokens, int w, TokenId bos, std::span<TokenId> window) {
+  const auto from = tokens.subspan(static_cast<size_t>(w) * window.size(), window.size());
+  std::copy(from.begin(), from.end(), window.begin());
+  if (bos >= 0) window[0] = bos;
+}
+
 namespace {
 
 // Forwards `tokens` at the end of `kv` with all-position logits into `logits` and adds the
@@ -48,14 +66,7 @@ Result<PerplexityResult> EvalPerplexity(Engine& engine, std::span<const TokenId>
   }
   const ModelConfig& cfg = engine.model().config();
   const int ctx = options.ctx;
-  if (ctx < 4 || ctx > cfg.n_ctx_train) {
-    return InvalidArgument("context " + std::to_string(ctx) + " outside [4, " +
-                           std::to_string(cfg.n_ctx_train) + "] (the model's context)");
-  }
-  if (static_cast<int64_t>(tokens.size()) < ctx) {
-    return InvalidArgument("the text has " + std::to_string(tokens.size()) +
-                           " tokens, fewer than one window of " + std::to_string(ctx));
-  }
+  CT_RETURN_IF_ERROR(CheckWindows(ctx, cfg.n_ctx_train, tokens.size()));
   const KvShape shape = engine.kv_shape();
   PerplexityResult r;
   r.ctx = ctx;
@@ -74,8 +85,7 @@ Result<PerplexityResult> EvalPerplexity(Engine& engine, std::span<const TokenId>
   // does).
   std::vector<std::byte> prefix(LayoutFor(shape, first).raw_bytes());
   for (int w = 0; w < r.n_windows; ++w) {
-    std::copy_n(tokens.begin() + static_cast<ptrdiff_t>(w) * ctx, ctx, window.begin());
-    if (options.bos >= 0) window[0] = options.bos;
+    CopyWindow(tokens, w, options.bos, window);
     const std::span<const TokenId> head(window.data(), first);
     const std::span<const TokenId> tail(window.data() + first, ctx - first);
 

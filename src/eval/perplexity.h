@@ -60,6 +60,11 @@ struct PerplexityResult {
 // -ln softmax(logits)[target], computed in double with the max subtracted.
 double NegLogLikelihood(std::span<const float> logits, TokenId target);
 
+// OK when ctx is in [4, n_ctx] and n_tokens hold one window; else kInvalidArgument naming which.
+Status CheckWindows(int ctx, int n_ctx, size_t n_tokens);
+// Copies tokens [w x ctx, (w + 1) x ctx), ctx = window.size(), into `window`; bos (if >= 0) first.
+void CopyWindow(std::span<const TokenId> tokens, int w, TokenId bos, std::span<TokenId> window);
+
 // Runs the evaluation over `tokens`. kInvalidArgument for ctx < 4 or above the model's
 // context, for fewer than ctx tokens, or for an unknown codec name; codec and engine errors
 // otherwise (a codec that refuses the engine's KV type, e.g. int4 of q8_0 KV, names itself).

@@ -80,6 +80,35 @@ int RetrievalResult::n_skipped() const {
                                         [](const QaOutcome& o) { return o.skipped; }));
 }
 
+PreparedQa PrepareQa(const Tokenizer& tok, const QaItem& item, int index, int extra_answer_tokens,
+                     int64_t n_ctx, size_t min_prompt_tokens) {
+  PreparedQa q;
+  QaOutcome& o = q.outcome;
+  o.index = index;
+  o.kind = item.kind;
+  q.prompt = tok.Encode(item.prompt, tok.add_bos(), false);
+  // The answer as the model would write it after "Answer:" (with its leading space).
+  std::string spaced = AnswerLine(item.answer);
+  spaced.insert(spaced.begin(), ' ');
+  q.answer_budget = static_cast<int>(tok.Encode(spaced, false, false).size()) + extra_answer_tokens;
+  o.prompt_tokens = static_cast<int64_t>(q.prompt.size());
+  o.skipped = q.prompt.size() < min_prompt_tokens || o.prompt_tokens + q.answer_budget > n_ctx;
+  return q;
+}
+
+void GreedyAnswer::Take(const Tokenizer& tok, std::span<const float> logits) {
+  const TokenId id = Sampler::Argmax(logits);
+  if (tok.IsEog(id)) {
+    done = true;
+    return;
+  }
+  ids.push_back(id);
+  next = id;
+  text = tok.Decode(ids);
+  // The answer is the rest of the "Answer:" line: a newline ends it.
+  if (text.find('\n') != std::string::npos) done = true;
+}
+
 namespace {
 
 // Greedy decoding of every configuration's sequence in one batch per step, each starting from
@@ -90,37 +119,26 @@ Status DecodeAnswers(Engine& engine, std::span<const std::unique_ptr<ContiguousK
   const Tokenizer& tok = engine.model().tokenizer();
   const int nv = engine.model().config().n_vocab;
   const size_t k = seqs.size();
-  std::vector<std::vector<TokenId>> ids(k);
-  std::vector<TokenId> next(k, first);
-  std::vector<bool> done(k, false);
+  std::vector<GreedyAnswer> answers(k, GreedyAnswer(first));
   std::vector<float> logits(k * nv);
-  texts.assign(k, "");
   for (int step = 0; step < max_tokens; ++step) {
     std::vector<Engine::Item> batch;
     std::vector<size_t> who;
     for (size_t i = 0; i < k; ++i) {
-      if (done[i]) continue;
-      batch.push_back({seqs[i].get(), std::span<const TokenId>(&next[i], 1), Engine::Logits::kLast,
-                       logits.data() + i * nv});
+      if (answers[i].done) continue;
+      batch.push_back({seqs[i].get(), std::span<const TokenId>(&answers[i].next, 1),
+                       Engine::Logits::kLast, logits.data() + i * nv});
       who.push_back(i);
     }
     if (batch.empty()) break;
     CT_RETURN_IF_ERROR(engine.Forward(batch));
     ++steps;
     for (size_t i : who) {
-      const TokenId id =
-          Sampler::Argmax(std::span<const float>(logits.data() + i * nv, static_cast<size_t>(nv)));
-      if (tok.IsEog(id)) {
-        done[i] = true;
-        continue;
-      }
-      ids[i].push_back(id);
-      next[i] = id;
-      texts[i] = tok.Decode(ids[i]);
-      // The answer is the rest of the "Answer:" line: a newline ends it.
-      if (texts[i].find('\n') != std::string::npos) done[i] = true;
+      answers[i].Take(tok, std::span<const float>(logits.data() + i * nv, static_cast<size_t>(nv)));
     }
   }
+  texts.clear();
+  for (GreedyAnswer& a : answers) texts.push_back(std::move(a.text));
   return Status::Ok();
 }
 
@@ -152,18 +170,12 @@ Result<RetrievalResult> EvalRetrieval(Engine& engine, std::span<const QaItem> it
   Stopwatch total;
   for (size_t idx = 0; idx < items.size(); ++idx) {
     const QaItem& item = items[idx];
-    QaOutcome o;
-    o.index = static_cast<int>(idx);
-    o.kind = item.kind;
-    const std::vector<TokenId> toks = tok.Encode(item.prompt, tok.add_bos(), false);
-    // The answer as the model would write it after "Answer:" (with its leading space).
-    std::string spaced = AnswerLine(item.answer);
-    spaced.insert(spaced.begin(), ' ');
-    const int budget = static_cast<int>(tok.Encode(spaced, false, false).size()) +
-                       options.extra_answer_tokens;
-    o.prompt_tokens = static_cast<int64_t>(toks.size());
-    if (toks.empty() || o.prompt_tokens + budget > cfg.n_ctx_train) {
-      o.skipped = true;
+    PreparedQa q = PrepareQa(tok, item, static_cast<int>(idx), options.extra_answer_tokens,
+                             cfg.n_ctx_train, /*min_prompt_tokens=*/1);
+    QaOutcome& o = q.outcome;
+    const std::vector<TokenId>& toks = q.prompt;
+    const int budget = q.answer_budget;
+    if (o.skipped) {
       r.outcomes.push_back(std::move(o));
       if (options.progress) options.progress(static_cast<int>(idx + 1), items.size());
       continue;

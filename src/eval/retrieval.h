@@ -68,6 +68,30 @@ struct QaOutcome {
   std::vector<bool> correct;
 };
 
+// One item tokenized for decoding. outcome: index, kind, prompt_tokens and skipped set.
+struct PreparedQa {
+  QaOutcome outcome;
+  std::vector<TokenId> prompt;  // with BOS when the vocabulary adds one
+  int answer_budget = 0;        // the expected answer's tokens (after "Answer:") + extra
+};
+
+// Tokenizes `item`. Skipped: under min_prompt_tokens prompt tokens, or prompt + budget > n_ctx.
+PreparedQa PrepareQa(const Tokenizer& tok, const QaItem& item, int index, int extra_answer_tokens,
+                     int64_t n_ctx, size_t min_prompt_tokens);
+
+// One greedy answer, a token at a time: feed `next`, then Take the logits it gave, until done
+// (an end-of-generation token, or a newline in the text: the "Answer:" line ended) or the
+// caller's token budget runs out.
+struct GreedyAnswer {
+  explicit GreedyAnswer(TokenId first) : next(first) {}
+  TokenId next;              // the token to feed next
+  std::vector<TokenId> ids;  // generated, without the end-of-generation token
+  std::string text;          // tok.Decode(ids)
+  bool done = false;
+  // Takes the argmax of `logits` [n_vocab], those after `next`: done on EOG, else appended.
+  void Take(const Tokenizer& tok, std::span<const float> logits);
+};
+
 struct RetrievalResult {
   std::vector<std::string> configs;       // "" (the exact baseline), then the codec names
   std::vector<double> bytes_per_token;    // per config (baseline: raw KV bytes/token)
