@@ -278,7 +278,7 @@ int main(int argc, char** argv) {
           ->MinTime(m == 1 ? 1.0 : 3.0);
     }
   }
-  for (KvType kt : {KvType::kF16, KvType::kQ8_0, KvType::kF32}) {
+  for (KvType kt : {KvType::kF16, KvType::kQ8_0, KvType::kQ4_0, KvType::kF32}) {
     for (auto [n_q, ctx] : {std::pair<int64_t, int64_t>{512, 512}, {1, 512}, {1, 4096}}) {
       const std::string name = "Attention/" + std::string(KvTypeName(kt)) + "/q" +
                                std::to_string(n_q) + "/ctx" + std::to_string(ctx);

@@ -62,7 +62,7 @@ typedef struct ct_namespace {
 
 typedef struct ct_chunk_layout {
   uint32_t n_layer, n_kv_head, head_dim, n_tokens;
-  uint32_t kv_type; /* 0 f32, 1 f16, 2 q8_0 */
+  uint32_t kv_type; /* 0 f32, 1 f16, 2 q8_0, 3 q4_0 */
 } ct_chunk_layout;
 
 typedef struct ct_cache_options {
@@ -88,7 +88,8 @@ void ct_cache_close(ct_cache* cache);
 /* The namespace of a fingerprint (any bytes that identify the KV's producer). */
 ct_namespace ct_namespace_of(const void* fingerprint, size_t size);
 /* Bytes of one raw chunk of `layout` (0 if the layout is invalid: NULL, a zero dimension, an
- * unknown kv_type, a q8_0 head_dim not a multiple of 32, or a size that overflows 64 bits). */
+ * unknown kv_type, a q8_0 / q4_0 head_dim not a multiple of 32, or a size that overflows 64
+ * bits). */
 uint64_t ct_layout_raw_bytes(const ct_chunk_layout* layout);
 
 /* Stores chunks [first_chunk, first_chunk + n_chunks) of `tokens`; chunks[i] points to

@@ -41,7 +41,8 @@ cachette::ChunkLayout Layout(const ct_chunk_layout& l) {
 }
 
 // layout.raw_bytes() computed without overflow: 0 for an invalid layout (a zero dimension, an
-// unknown kv_type, a q8_0 head_dim not a multiple of 32) or one whose size overflows 64 bits.
+// unknown kv_type, a q8_0 / q4_0 head_dim not a multiple of 32) or one whose size overflows 64
+// bits.
 uint64_t CheckedRawBytes(const cachette::ChunkLayout& l) {
   uint64_t n = l.head_bytes();
   for (uint64_t d : {uint64_t{l.n_layer}, uint64_t{2}, uint64_t{l.n_tokens},

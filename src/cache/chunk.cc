@@ -75,11 +75,12 @@ std::vector<ChunkKey> ComputeChunkKeys(const Hash128& ns, std::span<const TokenI
 
 uint64_t ChunkLayout::head_bytes() const {
   // Mirrors kernels::KvHeadBytes without depending on the kernels (the cache layer sees only
-  // core): f32, f16, and ggml q8_0 blocks of 32 elements in 34 bytes.
+  // core): f32, f16, and ggml q8_0 / q4_0 blocks of 32 elements in 34 / 18 bytes.
   switch (kv_type) {
     case 0: return 4ull * head_dim;
     case 1: return 2ull * head_dim;
     case 2: return head_dim % 32 == 0 ? head_dim / 32 * 34ull : 0;
+    case 3: return head_dim % 32 == 0 ? head_dim / 32 * 18ull : 0;
     default: return 0;
   }
 }

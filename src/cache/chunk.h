@@ -3,7 +3,7 @@
 // A chunk is the KV of `chunk_tokens` consecutive tokens (default 256) of one sequence, all
 // layers, in layer-major layout so a reader can stream layer by layer:
 //   [n_layer][2 (K, V)][n_tokens][n_kv_head][head_dim] elements of `kv_type`
-// (for q8_0, each head vector is head_dim/32 ggml blocks of 34 bytes).
+// (for q8_0 / q4_0, each head vector is head_dim/32 ggml blocks of 34 / 18 bytes).
 //
 // Keys are content addresses, chained so a key names the whole prefix up to its chunk:
 //   key[0] = XXH3-128(zero128 || namespace || token ids of chunk 0)
@@ -33,7 +33,7 @@ struct NamespaceSpec {
   Hash128 model_fingerprint;  // weights identity (Model::Fingerprint)
   std::string arch;           // "llama", "qwen2"
   uint32_t n_layer = 0, n_kv_head = 0, head_dim = 0;
-  std::string kv_type;        // element type of stored KV: "f32", "f16", "q8_0"
+  std::string kv_type;        // element type of stored KV: f32, f16, q8_0, q4_0
   std::string layout = "layer-major-v1";
   std::string rope;           // e.g. "normal theta=10000 scale=1"
   std::string adapter;        // "" when none
@@ -58,7 +58,7 @@ struct ChunkLayout {
   uint32_t n_kv_head = 0;
   uint32_t head_dim = 0;
   uint32_t n_tokens = 0;
-  uint32_t kv_type = 1;  // kernels::KvType value: 0 f32, 1 f16, 2 q8_0
+  uint32_t kv_type = 1;  // kernels::KvType value: 0 f32, 1 f16, 2 q8_0, 3 q4_0
 
   // Bytes of one head vector of the element type (0 if unknown), and of the whole raw chunk.
   uint64_t head_bytes() const;

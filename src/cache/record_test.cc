@@ -45,6 +45,32 @@ TEST(RecordTest, RoundTrip) {
   EXPECT_EQ(RecordHeaderBytesNeeded(ByteSpan(f.record).first(16)), RecordHeaderBytes(16));
 }
 
+// Every KV type's layout survives a record (q4_0: ggml blocks of 32 in 18 bytes), an unknown
+// kv_type or a head_dim that is not whole blocks does not.
+TEST(RecordTest, RoundTripsEveryKvTypeAndRefusesUnknownOnes) {
+  for (uint32_t kv_type : {0u, 1u, 2u, 3u}) {
+    Fixture f;
+    f.meta.layout.head_dim = 64;
+    f.meta.layout.kv_type = kv_type;
+    f.meta.raw_bytes = f.meta.layout.raw_bytes();
+    f.payload = Bytes(f.meta.raw_bytes, 4);
+    auto rec = EncodeRecord(f.meta, f.tokens, f.payload);
+    ASSERT_TRUE(rec.ok()) << kv_type << ": " << rec.status().ToString();
+    auto v = DecodeRecord(*rec);
+    ASSERT_TRUE(v.ok()) << kv_type << ": " << v.status().ToString();
+    EXPECT_EQ(v->header.meta, f.meta);
+  }
+  ChunkLayout q4 = SmallLayout(16);
+  q4.head_dim = 64;
+  q4.kv_type = 3;
+  EXPECT_EQ(q4.head_bytes(), 36u);
+  q4.head_dim = 48;
+  EXPECT_EQ(q4.head_bytes(), 0u);
+  q4.kv_type = 4;
+  q4.head_dim = 64;
+  EXPECT_EQ(q4.head_bytes(), 0u);
+}
+
 TEST(RecordTest, ChainKeyMatchesComputeChunkKeys) {
   const Hash128 ns{1, 2};
   auto tokens = Tokens(48, 3);

@@ -23,8 +23,9 @@ std::string DefaultModelPath();
 Result<kernels::WType> ParseWType(const std::string& s);
 
 // The model named by -m (the bundled one when empty) and an engine over it with the given KV
-// type (f32, f16, q8_0) and threads: what every command that computes starts with. Errors name
-// the file, the problem in it, or the unknown KV type.
+// type (f32, f16, q8_0, q4_0) and threads: what every command that computes starts with. Errors
+// name the file, the problem in it, the unknown KV type, or a KV type the model's head_dim does
+// not fit.
 struct LoadedEngine {
   std::string path;
   std::unique_ptr<Model> model;
@@ -34,6 +35,9 @@ struct LoadedEngine {
 Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_type,
                                 int threads);
 Result<kernels::KvType> ParseKvType(const std::string& s);
+// kInvalidArgument naming both when `model`'s head_dim is not a multiple of the KV type's
+// block (32 for q8_0 and q4_0).
+Status CheckKvTypeFits(kernels::KvType t, const Model& model);
 
 // Benchmark helpers: the median of `v` (mean of the middle two for even sizes), and a fixed
 // pseudo-random prompt of ids in [0, vocab - 1) (the last id, often end-of-text, excluded).

@@ -36,10 +36,22 @@ Result<kernels::WType> ParseWType(const std::string& s) {
 }
 
 Result<kernels::KvType> ParseKvType(const std::string& s) {
-  for (auto t : {kernels::KvType::kF32, kernels::KvType::kF16, kernels::KvType::kQ8_0}) {
+  for (auto t : {kernels::KvType::kF32, kernels::KvType::kF16, kernels::KvType::kQ8_0,
+                 kernels::KvType::kQ4_0}) {
     if (s == kernels::KvTypeName(t)) return t;
   }
-  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0)");
+  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0, q4_0)");
+}
+
+Status CheckKvTypeFits(kernels::KvType t, const Model& model) {
+  const int head_dim = model.config().head_dim;
+  if (head_dim % kernels::KvTypeBlockElems(t) != 0) {
+    return InvalidArgument(
+        "KV type " + std::string(kernels::KvTypeName(t)) + " stores head vectors in blocks of " +
+        std::to_string(kernels::KvTypeBlockElems(t)) + " but the model's head_dim is " +
+        std::to_string(head_dim) + " (use f16)");
+  }
+  return Status::Ok();
 }
 
 Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_type,
@@ -48,6 +60,7 @@ Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_
   l.path = model.empty() ? DefaultModelPath() : model;
   CT_ASSIGN_OR_RETURN(l.kv_type, ParseKvType(kv_type));
   CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path));
+  CT_RETURN_IF_ERROR(CheckKvTypeFits(l.kv_type, *l.model).WithContext(l.path));
   EngineOptions eo;
   eo.threads = threads;
   eo.kv_type = l.kv_type;

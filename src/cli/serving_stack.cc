@@ -20,7 +20,7 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
   Flag(c, p, kModel, "--threads", &ServeConfig::threads, "Compute threads (0 = one per core)");
   Flag(c, p, kModel, "--kv-budget", &ServeConfig::kv_budget,
        "Memory for in-memory KV pages (512MiB)");
-  Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type, "KV element type: f32, f16, q8_0");
+  Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type, "KV element type: f32, f16, q8_0, q4_0");
   Flag(c, p, kModel, "--chat-template", &ServeConfig::chat_template,
        "plain, chatml, llama3, gemma, llama2 (default: detected from the "
        "model)");
@@ -253,6 +253,7 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   EngineOptions eo;
   eo.threads = cfg.threads;
   eo.kv_type = *ParseKvType(cfg.kv_type);  // CheckStackConfig parsed both
+  CT_RETURN_IF_ERROR(CheckKvTypeFits(eo.kv_type, *st->model).WithContext("--kv-type"));
   st->engine = std::make_unique<Engine>(*st->model, eo);
   if (!cfg.kv_events.empty()) {
     events::KvEventPublisherOptions po;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "core/check.h"
@@ -348,9 +349,13 @@ std::string_view KvTypeName(KvType t) {
       return "f16";
     case KvType::kQ8_0:
       return "q8_0";
+    case KvType::kQ4_0:
+      return "q4_0";
   }
   return "?";
 }
+
+int KvTypeBlockElems(KvType t) { return t == KvType::kQ8_0 || t == KvType::kQ4_0 ? 32 : 1; }
 
 size_t KvHeadBytes(KvType t, int head_dim) {
   switch (t) {
@@ -360,6 +365,8 @@ size_t KvHeadBytes(KvType t, int head_dim) {
       return static_cast<size_t>(head_dim) * 2;
     case KvType::kQ8_0:
       return static_cast<size_t>(head_dim / 32) * 34;
+    case KvType::kQ4_0:
+      return static_cast<size_t>(head_dim / 32) * 18;
   }
   return 0;
 }
@@ -397,6 +404,39 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
       }
       return;
     }
+    case KvType::kQ4_0: {
+      CT_CHECK(head_dim % 32 == 0) << "q4_0 KV needs head_dim % 32 == 0, got " << head_dim;
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const float* s = src + b * 32;
+        uint8_t* blk = out + b * 18;
+        // The element of largest magnitude maps to nib 0 (-8, the wider end of [-8, 7]).
+        float amax = 0, max = 0;
+        bool nan = false;
+        for (int j = 0; j < 32; ++j) {
+          if (std::fabs(s[j]) > amax) {
+            amax = std::fabs(s[j]);
+            max = s[j];
+          }
+          nan |= std::isnan(s[j]);
+        }
+        // Unlike ggml, a NaN anywhere makes the whole block read back as NaN (d = NaN) rather
+        // than silently as numbers, as it would in f32/f16.
+        const float d = nan ? std::numeric_limits<float>::quiet_NaN() : max / -8.0f;
+        const float id = d != 0 && !nan ? 1.0f / d : 0.0f;
+        const uint16_t dh = Fp32ToFp16(d);
+        std::memcpy(blk, &dh, 2);
+        // x * id lies in [-8, 8], so + 8.5 truncated is round-half-up into [0, 16]; the
+        // comparisons also send a NaN product (inf * 0) to 15 before any float -> int cast.
+        auto nib = [&](float x) {
+          const float v = x * id + 8.5f;
+          return v < 15.0f ? static_cast<int>(v) : 15;
+        };
+        for (int j = 0; j < 16; ++j) {
+          blk[2 + j] = static_cast<uint8_t>(nib(s[j]) | (nib(s[j + 16]) << 4));
+        }
+      }
+      return;
+    }
   }
 }
 
@@ -423,6 +463,18 @@ void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) 
         for (int j = 0; j < 32; ++j) dst[b * 32 + j] = d * static_cast<int8_t>(blk[2 + j]);
       }
       return;
+    case KvType::kQ4_0:
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const uint8_t* blk = in + b * 18;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const float d = Fp16ToFp32(dh);
+        for (int j = 0; j < 16; ++j) {
+          dst[b * 32 + j] = d * ((blk[2 + j] & 0x0f) - 8);
+          dst[b * 32 + j + 16] = d * ((blk[2 + j] >> 4) - 8);
+        }
+      }
+      return;
   }
 }
 
@@ -436,6 +488,8 @@ void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const Kv
   CT_CHECK(q_pos0 + n_q <= kv.n_tokens)
       << "queries reach position " << q_pos0 + n_q - 1 << " but kv holds " << kv.n_tokens;
   CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
+  CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
+      << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
   const internal::Ops& ops = ActiveOps();
   const int hd = kv.head_dim;
   const int group = n_head / kv.n_kv_head;

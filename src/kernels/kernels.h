@@ -107,9 +107,22 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
 
 // Element types of stored K/V:
 //   kF32, kF16 : plain
-//   kQ8_0      : blocks of 32 along head_dim, ggml block_q8_0 layout (head_dim % 32 == 0)
-enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2 };
+//   kQ8_0      : blocks of 32 along head_dim, ggml block_q8_0 layout (head_dim % 32 == 0):
+//                { f16 d; int8 q[32]; }  x = d * q, d = amax / 127                 (34 bytes)
+//   kQ4_0      : blocks of 32 along head_dim, ggml block_q4_0 layout (head_dim % 32 == 0):
+//                { f16 d; uint8 qs[16]; }  x = d * (nib - 8)                       (18 bytes)
+//                element j < 16 is the low nibble of qs[j], element j + 16 its high nibble;
+//                d = m / -8 where m is the block's element of largest magnitude (sign kept),
+//                so m itself is exactly nib 0 and the others round half up to nearest,
+//                clamped to 15 (ggml's quantize_row_q4_0_ref, bit for bit on finite input;
+//                a NaN makes its whole block NaN). Error <= |d|/2, but up to |d| where an
+//                element of the sign opposite to m clamps at 15.
+// The values are stable: they are chunk layout ids in the cache layer (cache/chunk.h).
+enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2, kQ4_0 = 3 };
 std::string_view KvTypeName(KvType t);
+// Elements per block along head_dim: 1 for kF32/kF16, 32 for kQ8_0/kQ4_0. A head_dim that is
+// not a multiple of it cannot be stored in that type (StoreKv and Attention CHECK-fail).
+int KvTypeBlockElems(KvType t);
 // Bytes of one head vector of `head_dim` elements.
 size_t KvHeadBytes(KvType t, int head_dim);
 

@@ -374,6 +374,12 @@ float KvElem(const uint8_t* p, int i, KvType t) {
       const uint8_t* blk = p + (i / 32) * 34;
       return HalfToFloat(blk) * static_cast<int8_t>(blk[2 + i % 32]);
     }
+    case KvType::kQ4_0: {
+      const uint8_t* blk = p + (i / 32) * 18;
+      const int j = i % 32;
+      const int nib = j < 16 ? blk[2 + j] & 0x0f : blk[2 + j - 16] >> 4;
+      return HalfToFloat(blk) * static_cast<float>(nib - 8);
+    }
   }
   return 0;
 }
@@ -390,6 +396,19 @@ __m256 LoadKv8(const uint8_t* p, int i, KvType t) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + i % 32));
       return _mm256_mul_ps(_mm256_set1_ps(HalfToFloat(blk)),
                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+    case KvType::kQ4_0: {
+      // Elements [j, j + 8) of the block (j = i % 32) are the low nibbles of qs[j..j+8) for
+      // j < 16, the high nibbles of qs[j-16..j-8) otherwise.
+      const uint8_t* blk = p + (i / 32) * 18;
+      const int j = i % 32;
+      __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + j % 16));
+      if (j >= 16) q = _mm_srli_epi16(q, 4);
+      q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+      // d * nib - 8d: both terms and the sum are exact (= d * (nib - 8), as the scalar code).
+      const float d = HalfToFloat(blk);
+      return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)),
+                             _mm256_set1_ps(-8.0f * d));
     }
   }
   return _mm256_setzero_ps();

@@ -691,6 +691,17 @@ __m512 LoadKv16(const uint8_t* p, int i, KvType t, __mmask16 mask) {
       return _mm512_mul_ps(_mm512_set1_ps(HalfToFloat(blk)),
                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
     }
+    case KvType::kQ4_0: {
+      // i % 32 is 0 or 16: the low or the high nibbles of the block's 16 bytes.
+      const uint8_t* blk = p + (i / 32) * 18;
+      __m128i q = _mm_maskz_loadu_epi8(mask, blk + 2);
+      if (i % 32 != 0) q = _mm_srli_epi16(q, 4);
+      q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+      // d * nib - 8d: both terms and the sum are exact (= d * (nib - 8), as the scalar code).
+      const float d = HalfToFloat(blk);
+      return _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
+                             _mm512_set1_ps(-8.0f * d));
+    }
   }
   return _mm512_setzero_ps();
 }

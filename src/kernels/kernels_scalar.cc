@@ -168,6 +168,12 @@ float KvElem(const void* p, int i, KvType t) {
       const uint8_t* blk = b + (i / 32) * 34;
       return Fp16ToFp32(LoadU16(blk)) * static_cast<int8_t>(blk[2 + i % 32]);
     }
+    case KvType::kQ4_0: {
+      const uint8_t* blk = b + (i / 32) * 18;
+      const int j = i % 32;
+      const int nib = j < 16 ? blk[2 + j] & 0x0f : blk[2 + j - 16] >> 4;
+      return Fp16ToFp32(LoadU16(blk)) * static_cast<float>(nib - 8);
+    }
   }
   return 0;
 }

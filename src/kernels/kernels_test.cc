@@ -395,6 +395,113 @@ TEST_F(IsaTest, StoreLoadKvLayouts) {
   }
 }
 
+// ggml's quantize_row_q4_0_ref, transcribed: the bytes StoreKv(kQ4_0) must write.
+void GgmlQuantizeQ4_0(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b, out += 18) {
+    float amax = 0, max = 0;
+    for (int j = 0; j < 32; ++j) {
+      const float v = x[b * 32 + j];
+      if (amax < std::fabs(v)) {
+        amax = std::fabs(v);
+        max = v;
+      }
+    }
+    const float d = max / -8;
+    const float id = d ? 1.0f / d : 0.0f;
+    PutU16(out, Fp32ToFp16(d));
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t xi0 = std::min<int8_t>(15, static_cast<int8_t>(x[b * 32 + j] * id + 8.5f));
+      const uint8_t xi1 = std::min<int8_t>(15, static_cast<int8_t>(x[b * 32 + 16 + j] * id + 8.5f));
+      out[2 + j] = static_cast<uint8_t>(xi0 | (xi1 << 4));
+    }
+  }
+}
+
+TEST_F(IsaTest, StoreLoadKvQ4_0IsGgmlBlockQ4_0) {
+  const int hd = 96;
+  const int64_t n_vec = 5;
+  std::vector<float> x = RandomFloats(n_vec * hd, -3, 3);
+  // Edge blocks: all zero, a positive and a negative extreme, ties (x / d = k + 1/2), a tiny one.
+  for (int j = 0; j < 32; ++j) x[j] = 0;
+  x[32] = 4.0f;
+  x[64 + 5] = -4.0f;
+  for (int j = 0; j < 32; ++j) x[96 + j] = (j % 15 - 7) * 0.5f + 0.25f;  // x / d = k + 1/2
+  x[96] = -4.0f;                                                         // d = 0.5
+  for (int j = 0; j < 32; ++j) x[128 + j] = 1e-6f * (j - 16);
+  ASSERT_EQ(KvHeadBytes(KvType::kQ4_0, hd), 54u);
+  EXPECT_EQ(KvTypeBlockElems(KvType::kQ4_0), 32);
+  EXPECT_EQ(KvTypeName(KvType::kQ4_0), "q4_0");
+  std::vector<uint8_t> buf(KvHeadBytes(KvType::kQ4_0, hd) * n_vec, 0xAA);
+  StoreKv(x.data(), n_vec, hd, KvType::kQ4_0, buf.data());
+  std::vector<uint8_t> want(buf.size());
+  GgmlQuantizeQ4_0(x.data(), n_vec * hd, want.data());
+  ASSERT_EQ(buf, want);
+  // Reads back as d * (nib - 8), element j < 16 the low nibble of qs[j], j + 16 the high one;
+  // |x - x'| <= |d| / 2 (|d| where nib 15 clamps x in (7|d|, 8|d|] of the sign opposite to
+  // the extreme), plus the f16 rounding of d times |nib - 8| <= 8; that rounding is relative
+  // 2^-11 for normal halves, absolute 2^-25 for subnormal ones (the tiny block).
+  std::vector<float> back(n_vec * hd);
+  LoadKv(buf.data(), n_vec, hd, KvType::kQ4_0, back.data());
+  for (int64_t b = 0; b < n_vec * hd / 32; ++b) {
+    const uint8_t* blk = buf.data() + b * 18;
+    const float d = Fp16ToFp32(GetU16(blk));
+    const double d_err = std::fabs(d) / 2048 + 1.0 / (1 << 25);
+    for (int j = 0; j < 32; ++j) {
+      const int nib = j < 16 ? blk[2 + j] & 15 : blk[2 + j - 16] >> 4;
+      ASSERT_EQ(back[b * 32 + j], d * (nib - 8)) << b << " " << j;
+      const double step = (std::fabs(d) + d_err) * (nib == 15 ? 1.0 : 0.5);
+      ASSERT_NEAR(back[b * 32 + j], x[b * 32 + j], step + 8 * d_err) << b << " " << j;
+    }
+  }
+  EXPECT_EQ(back[32], 4.0f);       // the extreme is exact: nib 0, d = -0.5
+  EXPECT_EQ(back[64 + 5], -4.0f);  // nib 0, d = +0.5
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(back[j], 0.0f);
+  // A NaN poisons its block only (f32 / f16 KV would carry it too), without undefined casts.
+  x[3 * 32 + 7] = std::numeric_limits<float>::quiet_NaN();
+  StoreKv(x.data(), n_vec, hd, KvType::kQ4_0, buf.data());
+  LoadKv(buf.data(), n_vec, hd, KvType::kQ4_0, back.data());
+  for (int j = 0; j < 32; ++j) EXPECT_TRUE(std::isnan(back[3 * 32 + j])) << j;
+  for (int j = 0; j < 32; ++j) EXPECT_FALSE(std::isnan(back[4 * 32 + j])) << j;
+}
+
+// The attention inner loops of every ISA level against the scalar ones, for every KV type, at
+// head sizes with vector tails (float types) and several blocks (quantized types).
+TEST_F(IsaTest, KvDotAndAxpyMatchScalar) {
+  std::vector<const internal::Ops*> levels = {&internal::ScalarOps()};
+  if (BestIsa() >= Isa::kAvx2) levels.push_back(&internal::Avx2Ops());
+  if (BestIsa() >= Isa::kAvx512) levels.push_back(&internal::Avx512Ops());
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+    for (int hd : {32, 40, 72, 96, 160, 200}) {
+      if (hd % KvTypeBlockElems(type) != 0) continue;
+      SCOPED_TRACE(std::string(KvTypeName(type)) + " hd=" + std::to_string(hd));
+      const std::vector<float> x = RandomFloats(hd, -2, 2);
+      const std::vector<float> q = RandomFloats(hd, -2, 2);
+      std::vector<uint8_t> stored(KvHeadBytes(type, hd));
+      StoreKv(x.data(), 1, hd, type, stored.data());
+      std::vector<float> xs(hd);
+      LoadKv(stored.data(), 1, hd, type, xs.data());
+      double want = 0, abs_sum = 0;
+      for (int i = 0; i < hd; ++i) {
+        want += double(q[i]) * xs[i];
+        abs_sum += std::fabs(double(q[i]) * xs[i]);
+      }
+      const std::vector<float> acc0 = RandomFloats(hd, -1, 1);
+      for (const internal::Ops* ops : levels) {
+        SCOPED_TRACE(std::string(IsaName(ops->isa)));
+        EXPECT_NEAR(ops->kv_dot(q.data(), stored.data(), hd, type), want,
+                    SumTol(hd) * abs_sum + 1e-30);
+        std::vector<float> acc = acc0;
+        ops->kv_axpy(0.75f, stored.data(), hd, type, acc.data());
+        for (int i = 0; i < hd; ++i) {
+          // One fused or two rounded operations: within 2 ulp of the exact a * x + acc.
+          const double e = 0.75 * xs[i] + double(acc0[i]);
+          ASSERT_NEAR(acc[i], e, 2 * kU * (std::fabs(0.75 * xs[i]) + std::fabs(acc0[i]))) << i;
+        }
+      }
+    }
+  }
+}
+
 // A paged KV cache for one layer, with NaN in every slot attention must not read.
 struct TestKv {
   std::vector<std::vector<uint8_t>> k_store, v_store;
@@ -449,9 +556,9 @@ TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
       {14, 2, 64, 256, 3, 9},  // qwen2.5-0.5b head layout, one contiguous block
       {10, 1, 40, 8, 3, 5},    // group > 8 heads, head_dim not a multiple of 16 (float KV only)
   };
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0}) {
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
     for (const Case& c : cases) {
-      if (type == KvType::kQ8_0 && c.hd % 32 != 0) continue;
+      if (c.hd % KvTypeBlockElems(type) != 0) continue;
       SCOPED_TRACE(std::string(KvTypeName(type)) + " n_head=" + std::to_string(c.n_head) +
                    " n_q=" + std::to_string(c.n_q) + " q_pos0=" + std::to_string(c.q_pos0));
       const int64_t n_valid = c.q_pos0 + c.n_q;

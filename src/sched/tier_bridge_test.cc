@@ -100,6 +100,7 @@ TEST_P(TierBridgeTest, RestoredFromRamAndDiskEqualsCold) {
   const Hash128 kv_ns = KvNamespace(*model_, kv_type);
   EXPECT_NE(kv_ns, KvNamespace(*model_, kv_type, "tenant"));
   EXPECT_NE(KvNamespace(*model_, KvType::kF16), KvNamespace(*model_, KvType::kQ8_0));
+  EXPECT_NE(KvNamespace(*model_, KvType::kQ8_0), KvNamespace(*model_, KvType::kQ4_0));
   EXPECT_NE(kv_ns, KvNamespace(*model_, kv_type, "", "adapter-a"));
   auto soon = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(5); };
 
@@ -262,7 +263,10 @@ TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
   fs::remove_all(dir);
 }
 
-INSTANTIATE_TEST_SUITE_P(KvTypes, TierBridgeTest, ::testing::Values(KvType::kF32, KvType::kF16),
+// The quantized pools go through the raw codec byte for byte, like the float ones.
+INSTANTIATE_TEST_SUITE_P(KvTypes, TierBridgeTest,
+                         ::testing::Values(KvType::kF32, KvType::kF16, KvType::kQ8_0,
+                                           KvType::kQ4_0),
                          [](const auto& info) { return std::string(kernels::KvTypeName(info.param)); });
 
 }  // namespace

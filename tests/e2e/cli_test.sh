@@ -26,6 +26,8 @@ check() {  # check NAME WANT_EXIT WANT_TEXT -- command...
 }
 
 check "run bundled model" 0 '"generated_ids"' -- "$bin" run -p "The history of the" -n 8 --json
+check "run q4_0 kv" 0 '"generated_ids"' -- "$bin" run -p "The history of the" -n 8 --kv-type q4_0 \
+  --json
 check "run prompt ids" 0 '"prompt_ids":[8191,464,2106,286,262]' -- \
   "$bin" run --prompt-ids 8191,464,2106,286,262 -n 4 --json
 check "tokenize ids" 0 '[464, 2106, 286, 262]' -- "$bin" tokenize --ids -p "The history of the"

@@ -614,11 +614,13 @@ TEST(CacheGenTest, RefusesWhatItCannotRepresent) {
     EXPECT_EQ(enc.status().code(), StatusCode::kInvalidArgument);
     EXPECT_NE(enc.status().message().find("f16"), std::string::npos) << enc.status().ToString();
   }
-  const ChunkLayout q8 = Layout(1, 1, 64, 2, 2);
-  EXPECT_EQ(codec->Encode(q8, std::vector<std::byte>(q8.raw_bytes())).status().code(),
-            StatusCode::kInvalidArgument);
-  std::vector<std::byte> out(q8.raw_bytes());
-  EXPECT_EQ(codec->Decode(q8, {}, out).code(), StatusCode::kInvalidArgument);
+  for (uint32_t kv_type : {2u, 3u}) {  // q8_0, q4_0
+    const ChunkLayout q = Layout(1, 1, 64, 2, kv_type);
+    EXPECT_EQ(codec->Encode(q, std::vector<std::byte>(q.raw_bytes())).status().code(),
+              StatusCode::kInvalidArgument);
+    std::vector<std::byte> out(q.raw_bytes());
+    EXPECT_EQ(codec->Decode(q, {}, out).code(), StatusCode::kInvalidArgument);
+  }
   // An empty chunk is a header, a level and a directory of empty sections.
   const ChunkLayout empty = Layout(2, 2, 64, 0, 1);
   auto enc = codec->Encode(empty, {});

@@ -90,6 +90,7 @@ std::string ShapeName(const ChunkLayout& l) {
 TEST(CodecsTest, LosslessRoundTripIsExact) {
   std::vector<ChunkLayout> shapes = Shapes();
   shapes.push_back(Layout(2, 2, 64, 16, 2));  // q8_0: raw and zstd+raw only
+  shapes.push_back(Layout(2, 3, 96, 16, 3));  // q4_0: likewise
   for (const char* name : {"raw", "zstd+raw"}) {
     auto codec = Make(name);
     EXPECT_TRUE(codec->lossless());
@@ -280,10 +281,12 @@ TEST(CodecsTest, LossyCodecsRefuseWhatTheyCannotRepresent) {
       EXPECT_NE(enc.status().message().find("f16"), std::string::npos)
           << enc.status().message();
     }
-    // q8_0 chunks are not re-quantized.
-    const ChunkLayout q8 = Layout(1, 1, 64, 2, 2);
-    auto enc = codec->Encode(q8, RandomBytes(q8.raw_bytes(), 1));
-    EXPECT_EQ(enc.status().code(), StatusCode::kInvalidArgument);
+    // q8_0 and q4_0 chunks are not re-quantized.
+    for (uint32_t kv_type : {2u, 3u}) {
+      const ChunkLayout q = Layout(1, 1, 64, 2, kv_type);
+      auto enc = codec->Encode(q, RandomBytes(q.raw_bytes(), 1));
+      EXPECT_EQ(enc.status().code(), StatusCode::kInvalidArgument) << kv_type;
+    }
   }
   const ChunkLayout odd = Layout(1, 1, 3, 2, 0);
   for (const char* name : {"int4", "int4-g64"}) {
