@@ -32,25 +32,50 @@ trap 'bash scripts/redis.sh stop' EXIT
 export CACHETTE_REDIS_URL=redis://127.0.0.1:6390
 export CACHETTE_REDIS_CLUSTER_URL=redis+cluster://127.0.0.1:7001
 
+# Runs `fn arg` for each arg, nproc at a time (libFuzzer targets are one single-threaded process
+# each); non-zero if any failed. Each fn prints its own result.
+run_parallel() {
+  local fn=$1 status=0 running=0
+  shift
+  for arg in "$@"; do
+    if ((running >= $(nproc))); then
+      wait -n || status=1
+      running=$((running - 1))
+    fi
+    "$fn" "$arg" &
+    running=$((running + 1))
+  done
+  while ((running > 0)); do
+    wait -n || status=1
+    running=$((running - 1))
+  done
+  return $status
+}
+
 failed=0
 echo "== builds done after ${SECONDS}s"
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
-  # Every target, each for FUZZ_SECONDS (7 targets: 10 s each keeps the total under 1.5
-  # minutes). Seeds come from fuzz/corpus/<name without fuzz_>/ and
+  # Every target, each for FUZZ_SECONDS, nproc at a time (10 s each keeps the total under a
+  # minute on 2 cores). Seeds come from fuzz/corpus/<name without fuzz_>/ and
   # are copied, so the committed corpus never grows; a crashing input is kept as
   # /tmp/<name>-crash-* and named in the log.
-  for target in build/fuzz/fuzz/fuzz_*; do
-    [ -f "$target" ] && [ -x "$target" ] || continue
+  fuzz_one() {
+    local target=$1 name corpus
     name=$(basename "$target")
     corpus=$(mktemp -d)
     cp fuzz/corpus/"${name#fuzz_}"/* "$corpus"/ 2>/dev/null || true
     echo "fuzz: $name for ${FUZZ_SECONDS:-10}s"
     if ! "$target" -max_total_time="${FUZZ_SECONDS:-10}" -rss_limit_mb=2048 -timeout=10 \
         -artifact_prefix="/tmp/$name-" -print_final_stats=0 "$corpus" >"/tmp/$name.log" 2>&1; then
-      echo "fuzz: $name FAILED"; tail -n 40 "/tmp/$name.log"; failed=1
+      echo "fuzz: $name FAILED"; tail -n 40 "/tmp/$name.log"; rm -rf "$corpus"; return 1
     fi
     rm -rf "$corpus"
+  }
+  targets=()
+  for target in build/fuzz/fuzz/fuzz_*; do
+    [ -f "$target" ] && [ -x "$target" ] && targets+=("$target")
   done
+  run_parallel fuzz_one "${targets[@]}" || failed=1
 fi
 if [ "${SKIP_ASAN:-0}" != 1 ]; then
   echo "== ASan+UBSan unit tests (${SECONDS}s)"
@@ -59,6 +84,7 @@ if [ "${SKIP_ASAN:-0}" != 1 ]; then
 fi
 if [ "${SKIP_TSAN:-0}" != 1 ]; then
   echo "== TSan tests (${SECONDS}s)"
+  # One at a time: the scheduler's test alone takes most of this, with threads of its own.
   for t in "${TSAN_TESTS[@]}"; do
     filter="*"
     [ "${t##*/}" = tier_bridge_test ] && filter="TierBridgeBytesTest.*"
