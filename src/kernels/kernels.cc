@@ -392,14 +392,22 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
         const float* s = src + b * 32;
         uint8_t* blk = out + b * 34;
         float amax = 0;
-        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(s[j]));
-        const float d = amax / 127.0f;
-        const float id = d != 0 ? 1.0f / d : 0.0f;
+        bool nan = false;
+        for (int j = 0; j < 32; ++j) {
+          amax = std::max(amax, std::fabs(s[j]));
+          nan |= std::isnan(s[j]);
+        }
+        // As for q4_0: a NaN makes the whole block read back as NaN (d = NaN).
+        const float d = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+        const float id = d != 0 && !nan ? 1.0f / d : 0.0f;
         const uint16_t dh = Fp32ToFp16(d);
         std::memcpy(blk, &dh, 2);
         for (int j = 0; j < 32; ++j) {
+          // The comparisons send a NaN product (inf * 0, when amax is inf) to 0 before the
+          // float -> int cast, which would be undefined for it.
           const float q = std::nearbyint(s[j] * id);
-          blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f)));
+          const float c = q >= -127.0f ? (q <= 127.0f ? q : 127.0f) : (q < 0 ? -127.0f : 0.0f);
+          blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(c));
         }
       }
       return;

@@ -417,6 +417,25 @@ void GgmlQuantizeQ4_0(const float* x, int64_t n, uint8_t* out) {
   }
 }
 
+TEST(KvStoreTest, Q8_0NonFiniteBlocksReadBackAsNaNAndSpareTheirNeighbours) {
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    std::vector<float> x(96);
+    for (int i = 0; i < 96; ++i) x[i] = 0.25f * static_cast<float>(i % 7) - 0.5f;
+    x[40] = bad;  // the second block
+    std::vector<uint8_t> q(KvHeadBytes(KvType::kQ8_0, 96));
+    StoreKv(x.data(), 1, 96, KvType::kQ8_0, q.data());
+    std::vector<float> y(96);
+    LoadKv(q.data(), 1, 96, KvType::kQ8_0, y.data());
+    for (int i = 0; i < 96; ++i) {
+      if (i >= 32 && i < 64) {
+        EXPECT_TRUE(std::isnan(y[i])) << "element " << i << " of " << bad;
+      } else {
+        EXPECT_NEAR(y[i], x[i], 1.0f / 127) << "element " << i << " of " << bad;
+      }
+    }
+  }
+}
+
 TEST_F(IsaTest, StoreLoadKvQ4_0IsGgmlBlockQ4_0) {
   const int hd = 96;
   const int64_t n_vec = 5;
