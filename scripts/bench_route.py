@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,55 +29,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port(pair=False):
-    for _ in range(500):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        p = s.getsockname()[1]
-        s.close()
-        if not pair:
-            return p
-        t = socket.socket()
-        try:
-            t.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-        finally:
-            t.close()
-    raise RuntimeError("no free port")
-
-
-def wait_healthy(port, proc, what, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError(what + " did not become healthy")
-
-
-class Proc:
-    def __init__(self, args, port, what, logdir):
-        self.port = port
-        self.url = "http://127.0.0.1:%d" % port
-        self.log = open(os.path.join(logdir, "%s-%d.log" % (what, port)), "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_healthy(port, self.proc, what)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+from e2e_util import Process, free_port  # noqa: E402
 
 
 def get(url, path):
@@ -91,20 +43,18 @@ def get(url, path):
 def backends(a, logdir, n=3):
     out = []
     for _ in range(n):
-        port, ev = free_port(), free_port(pair=True)
-        out.append(Proc([a.binary, "serve", "--port", str(port), "--kv-budget", a.kv_budget,
-                         "--threads", "1", "--max-running", "8",
-                         "--kv-events", "tcp://127.0.0.1:%d" % ev], port, "backend", logdir))
+        ev = free_port(pair=True)
+        out.append(Process([a.binary, "serve", "--kv-budget", a.kv_budget, "--threads", "1",
+                            "--max-running", "8", "--kv-events", "tcp://127.0.0.1:%d" % ev],
+                           "backend", logdir, timeout=60))
     return out
 
 
 def router(a, urls, policy, logdir):
-    port = free_port()
-    args = [a.binary, "route", "--port", str(port), "--policy", policy,
-            "--health-interval-ms", "200"]
+    args = [a.binary, "route", "--policy", policy, "--health-interval-ms", "200"]
     for u in urls:
         args += ["--backend", u]
-    r = Proc(args, port, "route-" + policy, logdir)
+    r = Process(args, "route-" + policy, logdir, timeout=60)
     if policy == "kv":  # wait for the event subscriptions' snapshots
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -200,8 +150,8 @@ def overhead(a, logdir):
         out["decision_p50_us"] = metric(m, 'cachette_route_decision_seconds{quantile="0.5"}') * 1e6
         return out
     finally:
-        r.kill()
-        b.kill()
+        r.stop()
+        b.stop()
 
 
 def main():
@@ -243,9 +193,9 @@ def main():
                   (policy, s["hit_rate"], s["ttft_p50_ms"], s["ttft_p99_ms"], s["req_per_s"],
                    s["errors"], pred, rep), flush=True)
         finally:
-            r.kill()
+            r.stop()
             for b in bs:
-                b.kill()
+                b.stop()
     p = results["policies"]
     if "kv" in p and "round-robin" in p:
         rr, kv = p["round-robin"], p["kv"]
@@ -258,7 +208,7 @@ def main():
     bs = backends(a, logdir)
     r = router(a, [b.url for b in bs], "kv", logdir)
     try:
-        killer = threading.Timer(a.kill_after_s, bs[1].kill)
+        killer = threading.Timer(a.kill_after_s, bs[1].stop)
         killer.start()
         s = workload(a, r.url)
         killer.join()
@@ -273,9 +223,9 @@ def main():
               (a.kill_after_s, k["requests"], k["errors"], k["stream_errors"], k["retries"],
                k["hit_rate"], k["ttft_p50_ms"]), flush=True)
     finally:
-        r.kill()
+        r.stop()
         for b in bs:
-            b.kill()
+            b.stop()
 
     # 3. The router's own cost.
     o = overhead(a, logdir)

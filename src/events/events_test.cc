@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "events/block_mirror.h"
+#include "events/events_test_util.h"
 #include "events/kv_event_codec.h"
 #include "events/msgpack_scan.h"
 #include "events/publisher.h"
@@ -30,6 +31,9 @@ namespace {
 using std::chrono::milliseconds;
 using namespace std::string_literals;
 using BlockSet = std::set<std::pair<int, uint64_t>>;  // (medium, hash)
+using test::Cleared;
+using test::Removed;
+using test::Stored;
 
 // ---- Helpers --------------------------------------------------------------------------------
 
@@ -101,32 +105,6 @@ std::string Hex(std::string_view bytes) {
 
 // Fresh seed each run; printed by SCOPED_TRACE when a check fails.
 uint64_t FreshSeed() { return (uint64_t{std::random_device{}()} << 32) | std::random_device{}(); }
-
-KvEvent Stored(KvMedium medium, std::vector<uint64_t> hashes, std::optional<uint64_t> parent,
-               int32_t block_size, std::vector<int32_t> tokens = {}) {
-  KvEvent e;
-  e.kind = KvEvent::Kind::kStored;
-  e.medium = medium;
-  e.block_hashes = std::move(hashes);
-  e.parent = parent;
-  e.block_size = block_size;
-  e.token_ids = std::move(tokens);
-  return e;
-}
-
-KvEvent Removed(KvMedium medium, std::vector<uint64_t> hashes) {
-  KvEvent e;
-  e.kind = KvEvent::Kind::kRemoved;
-  e.medium = medium;
-  e.block_hashes = std::move(hashes);
-  return e;
-}
-
-KvEvent Cleared() {
-  KvEvent e;
-  e.kind = KvEvent::Kind::kAllCleared;
-  return e;
-}
 
 KvEventBatch RandomBatch(std::mt19937_64& rng) {
   std::uniform_int_distribution<int> kind(0, 9), medium(0, kKvMediums - 1), small(0, 6);

@@ -5,11 +5,18 @@
 #include <random>
 
 #include "cache/chunk.h"
+#include "events/block_mirror.h"
+#include "events/events_test_util.h"
+#include "events/kv_event_codec.h"
 #include "route/block_index.h"
 #include "route/router.h"
 
 namespace cachette::route {
 namespace {
+
+using events::test::Cleared;
+using events::test::Removed;
+using events::test::Stored;
 
 constexpr int kP = 4, kC = 8;
 
@@ -19,35 +26,30 @@ std::vector<uint64_t> Hashes(const Hash128& ns, const std::vector<TokenId>& t, i
   return out;
 }
 
-KvEvent Stored(KvMedium m, std::vector<uint64_t> hashes, int size) {
-  KvEvent e;
-  e.kind = KvEvent::Kind::kStored;
-  e.medium = m;
-  e.block_hashes = std::move(hashes);
-  e.block_size = size;
-  return e;
-}
+// A 32-token sequence and its blocks in one namespace: 8 pages of kP tokens, 4 chunks of kC.
+struct Sequence {
+  std::vector<TokenId> tokens;
+  std::vector<uint64_t> pages, chunks;
+};
 
-KvEvent Removed(KvMedium m, std::vector<uint64_t> hashes) {
-  KvEvent e;
-  e.kind = KvEvent::Kind::kRemoved;
-  e.medium = m;
-  e.block_hashes = std::move(hashes);
-  return e;
+Sequence SequenceIn(const Hash128& ns) {
+  Sequence s;
+  s.tokens.resize(32);
+  for (size_t i = 0; i < s.tokens.size(); ++i) s.tokens[i] = static_cast<TokenId>(i * 3 + 1);
+  s.pages = Hashes(ns, s.tokens, kP);
+  s.chunks = Hashes(ns, s.tokens, kC);
+  return s;
 }
 
 TEST(BlockIndexTest, ScoreWalksTheChainAndWeighsByMedium) {
   const Hash128 ns{7, 9};
-  std::vector<TokenId> t(32);
-  for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<TokenId>(i * 3 + 1);
-  const auto pages = Hashes(ns, t, kP);   // 8 pages
-  const auto chunks = Hashes(ns, t, kC);  // 4 chunks
+  const auto [t, pages, chunks] = SequenceIn(ns);
   const TierWeights w;
   BlockIndex idx;
   // Backend 0: pages 0-2 in memory, chunk 1 (pages 2-3) in RAM, chunk 2 on disk.
-  idx.Apply(0, Stored(KvMedium::kMemory, {pages[0], pages[1], pages[2]}, kP));
-  idx.Apply(0, Stored(KvMedium::kRam, {chunks[1]}, kC));
-  idx.Apply(0, Stored(KvMedium::kDisk, {chunks[2]}, kC));
+  idx.Apply(0, Stored(KvMedium::kMemory, {pages[0], pages[1], pages[2]}, std::nullopt, kP));
+  idx.Apply(0, Stored(KvMedium::kRam, {chunks[1]}, std::nullopt, kC));
+  idx.Apply(0, Stored(KvMedium::kDisk, {chunks[2]}, std::nullopt, kC));
   Overlap o = idx.Score(0, pages, kP, chunks, kC, w);
   EXPECT_EQ(o.memory_tokens, 12);
   EXPECT_EQ(o.tokens, 24);  // pages 0-5: memory x3, RAM (page 3), disk (pages 4, 5)
@@ -58,7 +60,7 @@ TEST(BlockIndexTest, ScoreWalksTheChainAndWeighsByMedium) {
   EXPECT_EQ(o.tokens, 4);
   // Another backend knows nothing; Redis is shared by all.
   EXPECT_EQ(idx.Score(1, pages, kP, chunks, kC, w).tokens, 0);
-  idx.Apply(2, Stored(KvMedium::kRedis, {chunks[0], chunks[1]}, kC));
+  idx.Apply(2, Stored(KvMedium::kRedis, {chunks[0], chunks[1]}, std::nullopt, kC));
   o = idx.Score(1, pages, kP, chunks, kC, w);
   EXPECT_EQ(o.tokens, 16);
   EXPECT_DOUBLE_EQ(o.weighted, 16 * w.redis);
@@ -67,17 +69,54 @@ TEST(BlockIndexTest, ScoreWalksTheChainAndWeighsByMedium) {
   EXPECT_EQ(idx.Score(0, Hashes(other, t, kP), kP, Hashes(other, t, kC), kC, w).tokens, 0);
 }
 
+// A stored event with no parent (nil on the wire) is a root: vLLM sends one for a sequence's first
+// blocks, and a snapshot (docs/formats/kv-events.md "Snapshots") names every block that way, in
+// no order. The index looks hashes up one by one, so each is held as any chained block is, and
+// a snapshot taken through the wire scores exactly as the live events it stands for.
+TEST(BlockIndexTest, StoredEventsWithoutAParentAreIndexedAsRoots) {
+  const auto [t, pages, chunks] = SequenceIn(Hash128{5, 8});
+  const TierWeights w;
+  const std::vector<KvEvent> live = {
+      Stored(KvMedium::kMemory, {pages[0], pages[1], pages[2]}, std::nullopt, kP),  // a root
+      Stored(KvMedium::kMemory, {pages[3]}, pages[2], kP),                          // chained
+      Stored(KvMedium::kDisk, {chunks[2]}, std::nullopt, kC),
+  };
+  BlockIndex idx;
+  events::KvBlockMirror mirror;
+  // The root alone: its pages count from position 0.
+  idx.Apply(0, live[0]);
+  EXPECT_EQ(idx.Score(0, pages, kP, chunks, kC, w).tokens, 12);
+  for (const KvEvent& e : live) mirror.Apply(e);
+  for (size_t i = 1; i < live.size(); ++i) idx.Apply(0, live[i]);
+  const Overlap want = idx.Score(0, pages, kP, chunks, kC, w);
+  EXPECT_EQ(want.tokens, 24);  // pages 0-3 in memory, 4-5 in chunk 2 on disk
+  EXPECT_EQ(want.memory_tokens, 16);
+
+  // The snapshot the router gets from a late start, encoded and decoded as on the wire.
+  Result<events::KvEventBatch> snap =
+      events::DecodeBatch(events::EncodeBatch({1.0, mirror.SnapshotEvents(), std::nullopt}));
+  ASSERT_TRUE(snap.ok()) << snap.status().ToString();
+  for (const KvEvent& e : snap->events) EXPECT_FALSE(e.parent.has_value());
+  BlockIndex restored;
+  restored.Apply(0, Stored(KvMedium::kMemory, {99}, std::nullopt, kP));  // cleared by it
+  for (const KvEvent& e : snap->events) restored.Apply(0, e);
+  EXPECT_EQ(restored.blocks(0, KvMedium::kMemory), 4u);
+  EXPECT_EQ(restored.blocks(0, KvMedium::kDisk), 1u);
+  const Overlap got = restored.Score(0, pages, kP, chunks, kC, w);
+  EXPECT_EQ(got.tokens, want.tokens);
+  EXPECT_EQ(got.memory_tokens, want.memory_tokens);
+  EXPECT_DOUBLE_EQ(got.weighted, want.weighted);
+}
+
 TEST(BlockIndexTest, ResetAndClearForgetOneBackendOnly) {
   const Hash128 ns{1, 2};
   std::vector<TokenId> t = {1, 2, 3, 4, 5, 6, 7, 8};
   const auto pages = Hashes(ns, t, kP);
   const auto chunks = Hashes(ns, t, kC);
   BlockIndex idx;
-  for (int b : {0, 1}) idx.Apply(b, Stored(KvMedium::kMemory, pages, kP));
-  idx.Apply(0, Stored(KvMedium::kRedis, chunks, kC));
-  KvEvent cleared;
-  cleared.kind = KvEvent::Kind::kAllCleared;
-  idx.Apply(0, cleared);
+  for (int b : {0, 1}) idx.Apply(b, Stored(KvMedium::kMemory, pages, std::nullopt, kP));
+  idx.Apply(0, Stored(KvMedium::kRedis, chunks, std::nullopt, kC));
+  idx.Apply(0, Cleared());
   EXPECT_EQ(idx.blocks(0, KvMedium::kMemory), 0u);
   EXPECT_EQ(idx.blocks(1, KvMedium::kMemory), 2u);
   EXPECT_EQ(idx.blocks(0, KvMedium::kRedis), 1u);  // the shared tier is not one backend's
@@ -97,7 +136,7 @@ TEST(BlockIndexTest, RandomEventsMatchANaiveSetModel) {
     std::vector<uint64_t> hs;
     for (int k = 0, n = 1 + static_cast<int>(rng() % 4); k < n; ++k) hs.push_back(rng() % 50);
     if (rng() % 2) {
-      idx.Apply(b, Stored(static_cast<KvMedium>(m), hs, kP));
+      idx.Apply(b, Stored(static_cast<KvMedium>(m), hs, std::nullopt, kP));
       model[b][m].insert(hs.begin(), hs.end());
     } else {
       idx.Apply(b, Removed(static_cast<KvMedium>(m), hs));
@@ -133,7 +172,9 @@ TEST(BlockIndexTest, ApproximateRecordKeepsTheMostRecentPagesUpToCapacity) {
 
 TEST(BlockIndexTest, SharedRedisSetIsBounded) {
   BlockIndex idx(10);
-  for (uint64_t h = 0; h < 25; ++h) idx.Apply(0, Stored(KvMedium::kRedis, {h}, kC));
+  for (uint64_t h = 0; h < 25; ++h) {
+    idx.Apply(0, Stored(KvMedium::kRedis, {h}, std::nullopt, kC));
+  }
   EXPECT_EQ(idx.blocks(0, KvMedium::kRedis), 10u);
   idx.Apply(1, Removed(KvMedium::kRedis, {24}));
   EXPECT_EQ(idx.blocks(0, KvMedium::kRedis), 9u);

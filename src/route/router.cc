@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "bench_client/openai_client.h"  // ParseServerUrl
@@ -19,6 +20,8 @@
 namespace cachette::route {
 
 using nlohmann::json;
+
+class UpstreamCall;
 
 // One backend as the router sees it. Atomics are read by request threads without a lock; `mu`
 // guards the rest.
@@ -50,6 +53,45 @@ struct BackendInfo {
   std::string down_reason;                           // GUARDED_BY(mu)
   std::unique_ptr<events::KvEventSubscriber> sub;    // GUARDED_BY(mu)
   std::string events_endpoint;                       // GUARDED_BY(mu)
+  std::set<UpstreamCall*> calls;                     // in flight here; GUARDED_BY(mu)
+};
+
+// One request sent to a backend: its client, registered with the backend while it lives, so that
+// a health check that gets no answer from the backend aborts it at once (AbortCalls). A frozen
+// backend accepts connections and never answers: without this, its requests would wait
+// for read_timeout_s.
+class UpstreamCall {
+ public:
+  UpstreamCall(std::shared_ptr<BackendInfo> b, std::unique_ptr<httplib::Client> client)
+      : backend_(std::move(b)), client_(std::move(client)) {
+    std::lock_guard lock(backend_->mu);
+    backend_->calls.insert(this);
+  }
+  ~UpstreamCall() {
+    std::lock_guard lock(backend_->mu);
+    backend_->calls.erase(this);
+  }
+  UpstreamCall(const UpstreamCall&) = delete;
+  UpstreamCall& operator=(const UpstreamCall&) = delete;
+
+  httplib::Client& client() { return *client_; }
+  // Shuts the connection down: the request ends at once with an error. Called with backend->mu
+  // held. WART: a call not yet connected is not stopped (httplib has no socket to shut down); the
+  // next health round that gets no answer aborts it again.
+  void Abort() {
+    aborted_ = true;
+    client_->stop();
+  }
+  bool aborted() const { return aborted_; }
+  // What a request that got no response says: why it was aborted, or httplib's error.
+  std::string ErrorText(httplib::Error e) const {
+    return aborted_ ? "aborted: the backend's health check got no answer" : httplib::to_string(e);
+  }
+
+ private:
+  const std::shared_ptr<BackendInfo> backend_;
+  const std::unique_ptr<httplib::Client> client_;
+  std::atomic<bool> aborted_{false};
 };
 
 namespace {
@@ -120,6 +162,27 @@ std::string Reachable(std::string endpoint, const std::string& host) {
     }
   }
   return endpoint;
+}
+
+// How an attempt at one backend ended, judged before anything is written to the client.
+enum class AttemptEnd {
+  kAnswered,     // a response to relay (any status but 503)
+  kUnavailable,  // 503 (loading, draining): another backend may serve it now
+  kFailed,       // no response (connect, send or read failed): the backend is marked down
+  kAborted,      // no response: aborted by a health check that found the backend down already
+};
+
+// Aborts every request in flight at `b`, whose health check got no answer.
+void AbortCalls(BackendInfo& b) {
+  std::lock_guard lock(b.mu);
+  for (UpstreamCall* c : b.calls) c->Abort();
+}
+
+// The retry rule, for whole and streamed responses alike. `responded`: the backend's status
+// arrived (for a stream, with its first body bytes or its end).
+AttemptEnd EndOf(bool responded, int status, const UpstreamCall& call) {
+  if (!responded) return call.aborted() ? AttemptEnd::kAborted : AttemptEnd::kFailed;
+  return status == 503 ? AttemptEnd::kUnavailable : AttemptEnd::kAnswered;
 }
 
 std::string ErrorJson(const std::string& message, const char* type) {
@@ -302,6 +365,10 @@ void Router::CheckBackend(const std::shared_ptr<BackendInfo>& b) {
   if (!health || health->status != 200) {
     MarkDown(b, health ? "/health answered " + std::to_string(health->status)
                        : "/health: " + httplib::to_string(health.error()));
+    // No answer at all (gone, or frozen: connected but silent): what is in flight there will not
+    // be answered either, so it is retried elsewhere now rather than after read_timeout_s. One
+    // that answers (503: loading, draining) finishes what it has.
+    if (!health) AbortCalls(*b);
     return;
   }
   if (auto m = c->Get(b->addr.base_path + "/metrics"); m && m->status == 200) {
@@ -493,6 +560,7 @@ struct Router::Upstream {
   std::atomic<bool> cancel{false};  // the client went away: abort the upstream request
   std::thread thread;
   std::string tail;              // the last bytes relayed (for the usage chunk)
+  std::unique_ptr<UpstreamCall> call;  // the request, registered with its backend
 };
 
 void Router::Proxy(const httplib::Request& req, httplib::Response& res,
@@ -578,16 +646,23 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
       index_.Record(b->id, BlockHashes(parsed.ns, parsed.tokens, b->page_tokens), cap);
     }
 
-    auto client = ClientFor(b->addr, options_.connect_timeout_ms, options_.read_timeout_s);
+    // Nothing reached the client from b: count the retry, drop b if it failed (not when it
+    // answered 503, nor when a health check dropped it already), and go on to the next backend.
+    auto move_on = [&](AttemptEnd end, std::string error) {
+      last_error = std::move(error);
+      b->inflight--;
+      b->retries++;
+      if (end == AttemptEnd::kFailed) MarkDown(b, "request failed: " + last_error);
+    };
+    auto call = std::make_unique<UpstreamCall>(
+        b, ClientFor(b->addr, options_.connect_timeout_ms, options_.read_timeout_s));
     const std::string upath = b->addr.base_path + path;
     if (!stream) {
-      auto r = client->Post(upath, headers, req.body, "application/json");
+      auto r = call->client().Post(upath, headers, req.body, "application/json");
       first_bytes();
-      if (!r || r->status == 503) {
-        last_error = r ? "503 " + r->body : httplib::to_string(r.error());
-        b->inflight--;
-        b->retries++;
-        if (!r) MarkDown(b, "request failed: " + last_error);
+      if (const AttemptEnd end = EndOf(static_cast<bool>(r), r ? r->status : 0, *call);
+          end != AttemptEnd::kAnswered) {
+        move_on(end, r ? "503 " + r->body : call->ErrorText(r.error()));
         continue;
       }
       res.status = r->status;
@@ -601,6 +676,7 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
     // before anything is written to the client, so a backend that fails until then (while it
     // queues or prefills the prompt) costs a retry on another backend, not the request.
     auto up = std::make_shared<Upstream>();
+    up->call = std::move(call);
     httplib::Request ureq;
     ureq.method = "POST";
     ureq.path = upath;
@@ -622,13 +698,13 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
       up->cv.notify_all();
       return true;
     };
-    up->thread = std::thread([up, ureq = std::move(ureq), client = std::move(client)]() mutable {
-      auto r = client->send(ureq);
+    up->thread = std::thread([up, ureq = std::move(ureq)] {
+      auto r = up->call->client().send(ureq);
       std::lock_guard lock(up->mu);
       up->done = true;
       if (!r && !up->cancel) {
         up->failed = true;
-        up->error = httplib::to_string(r.error());
+        up->error = up->call->ErrorText(r.error());
       }
       up->cv.notify_all();
     });
@@ -637,22 +713,18 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
       up->cv.wait(lock, [&] { return up->done || (up->headers && !up->pieces.empty()); });
     }
     first_bytes();
-    bool retry = false;
+    AttemptEnd end;
+    std::string error;
     {
       std::unique_lock lock(up->mu);
-      if (up->failed && up->pieces.empty()) {
-        last_error = up->error.empty() ? "no response" : up->error;
-        retry = true;
-      } else if (up->status == 503) {
-        last_error = "503";  // loading or draining: another backend may serve it now
-        retry = true;
-      }
+      end = EndOf(!(up->failed && up->pieces.empty()), up->status, *up->call);
+      error = end == AttemptEnd::kUnavailable ? "503"
+              : up->error.empty()             ? "no response"
+                                              : up->error;
     }
-    if (retry) {
+    if (end != AttemptEnd::kAnswered) {
       up->thread.join();
-      b->inflight--;
-      b->retries++;
-      if (last_error != "503") MarkDown(b, "request failed: " + last_error);
+      move_on(end, std::move(error));
       continue;
     }
     res.status = up->status;
@@ -694,7 +766,7 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
           if (up->thread.joinable()) up->thread.join();
           if (up->failed) {
             b->errors++;
-            MarkDown(b, "stream failed: " + up->error);
+            if (!up->call->aborted()) MarkDown(b, "stream failed: " + up->error);
           }
           finish(CachedTokensIn(up->tail));
         });

@@ -30,7 +30,10 @@
 // Backends are checked every health_interval_ms (GET /health and /metrics); one that comes
 // (back) up has its /v1/cache/events read and, with --policy kv, its events subscribed to (a
 // snapshot first, so a late or restarted router starts from the backend's true state). One that
-// goes down is dropped from routing and from the index until it answers again.
+// goes down is dropped from routing and from the index until it answers again. One whose /health
+// gets no answer at all (gone, or frozen: it accepts connections and never answers) also has the
+// requests in flight there aborted at once: retried as in 3 when nothing was written to the
+// client yet, else ended as a broken stream, instead of waiting out read_timeout_s.
 //
 // Thread-safety: the HTTP handlers run on httplib's threads; the health thread and the event
 // subscribers' threads update backends; every shared field is atomic or behind a mutex.

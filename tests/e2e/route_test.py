@@ -7,8 +7,9 @@ turn goes to the backend that holds the first (cached_tokens reported, /v1/route
 it first) while round-robin misses; tenants (cache_salt) never share; answers through the router
 equal answers from a backend directly (greedy); a backend killed while the router still thinks
 it is up costs no request (retried before any byte was sent), streamed or not; a stream whose
-backend dies mid-way ends with an error event and no [DONE]; SIGHUP re-reads --backends-file;
-/metrics and /v1/router/backends say what happened.
+backend dies mid-way ends with an error event and no [DONE]; requests in flight to a backend that
+freezes end as soon as its health check fails, not at their timeout; SIGHUP re-reads
+--backends-file; /metrics and /v1/router/backends say what happened.
 
 Usage: route_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
 """
@@ -18,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,56 +26,25 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_test import FAILURES, Server, check, free_port, report  # noqa: E402
+from e2e_util import Process, Server, check, free_port, report  # noqa: E402
 
 MODEL_ID = "cachette-tiny-q8_0"
 
 
-def free_port_pair():
-    """A port p with p + 1 free too (the events' PUB and replay endpoints)."""
-    for _ in range(200):
-        p = free_port()
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-        finally:
-            s.close()
-    raise RuntimeError("no free port pair")
-
-
 def backend(binary, model):
-    p = free_port_pair()
+    p = free_port(pair=True)
     return Server(binary, model, "--kv-budget", "32MiB", "--max-running", "4",
                   "--kv-events", "tcp://127.0.0.1:%d" % p)
 
 
-class Router(Server):
-    """`cachette route` in front of `urls`, on a free port (the Server helpers, another command)."""
+class Router(Process):
+    """`cachette route` in front of `urls`, on a free port."""
 
     def __init__(self, binary, model, urls=(), *extra):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                     "cachette-route-%d.log" % self.port), "w+")
-        cmd = [binary, "route", "-m", model, "--port", str(self.port),
-               "--health-interval-ms", "100"]
+        cmd = [binary, "route", "-m", model, "--health-interval-ms", "100"]
         for u in urls:
             cmd += ["--backend", u]
-        self.proc = subprocess.Popen(cmd + list(extra), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("router did not become healthy:\n" + self.logs())
+        super().__init__(cmd + list(extra), "cachette-route")
 
     def backends(self):
         return self.get("/v1/router/backends")[1]["backends"]
@@ -218,46 +187,47 @@ def test_killed_backend_costs_no_request(kv, backends):
     return victim
 
 
+class StreamInBackground(threading.Thread):
+    """One streamed request to `server`, read on its own thread: `result` is (status, events,
+    saw_done) once it ends, `ended` when, `last_event` when its last event came; `started` is set
+    after `after` events (or at the end)."""
+
+    def __init__(self, server, body, after=10):
+        super().__init__(daemon=True)
+        self.server, self.body, self.after = server, body, after
+        self.result, self.ended, self.last_event = (0, [], False), None, None
+        self.started = threading.Event()
+        self.count = 0
+        self.start()
+
+    def on_event(self, _):
+        self.last_event = time.time()
+        self.count += 1
+        if self.count >= self.after:
+            self.started.set()
+
+    def run(self):
+        try:
+            self.result = self.server.stream("/v1/chat/completions", self.body, self.on_event)
+        except OSError as e:
+            print("stream raised %r" % e)
+        finally:
+            self.ended = time.time()
+            self.started.set()
+
+
 def test_mid_stream_failure_is_visible(binary, model, tmp):
     b = backend(binary, model)
     r = Router(binary, model, [b.url])
     try:
         if not check(r.wait_synced(1), "router synced with its one backend"):
             return
-        result = {"events": [], "done": False, "status": 0}
-        started = threading.Event()
-
-        def run():
-            c = http.client.HTTPConnection("127.0.0.1", r.port, timeout=60)
-            c.request("POST", "/v1/chat/completions",
-                      body=json.dumps(chat("Write a long story.", max_tokens=1900,
-                                           ignore_eos=True, stream=True)),
-                      headers={"Content-Type": "application/json"})
-            resp = c.getresponse()
-            result["status"] = resp.status
-            while True:
-                line = resp.fp.readline()
-                if not line:
-                    break
-                line = line.decode().rstrip("\r\n")
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    result["done"] = True
-                    break
-                result["events"].append(json.loads(line[len("data: "):]))
-                if len(result["events"]) >= 10:
-                    started.set()
-            started.set()
-            c.close()
-
-        t = threading.Thread(target=run)
-        t.start()
-        check(started.wait(30), "the long stream started")
+        s = StreamInBackground(r, chat("Write a long story.", max_tokens=1900, ignore_eos=True,
+                                       stream=True))
+        check(s.started.wait(30), "the long stream started")
         b.stop()  # SIGKILL while it streams
-        t.join(60)
-        result["v"] = (result["status"], result["events"], result["done"])
-        st, events, done = result.get("v", (0, [], True))
+        s.join(60)
+        st, events, done = s.result
         print("stream cut after %d events; last: %s" % (len(events), events[-1:]))
         check(st == 200 and not done, "a stream cut by its backend has no [DONE]")
         check(any("error" in e for e in events),
@@ -265,6 +235,75 @@ def test_mid_stream_failure_is_visible(binary, model, tmp):
     finally:
         r.close()
         b.close()
+
+
+def test_frozen_backend_is_abandoned_when_its_health_check_fails(binary, model):
+    """A backend that freezes (SIGSTOP: its kernel still accepts connections, nothing answers)
+    with requests in flight: once the router's health check gets no answer (2 s), they are
+    aborted at once, retried on the other backend where nothing was sent to the client yet,
+    else ended with an error event, well before the router's --read-timeout (60 s here)."""
+    bs = [backend(binary, model) for _ in range(2)]
+    r = None
+    try:
+        r = Router(binary, model, [b.url for b in bs], "--read-timeout", "60")
+        if not check(r.wait_synced(2), "router synced with both backends: %s" % r.backends()):
+            return
+        st, _ = r.post("/v1/chat/completions", chat(doc(300)))
+        check(st == 200, "the document's first turn")
+        question = chat(doc(300) + " and a question while it is frozen")
+        order = settle(r, question)["order"]
+        frozen = next(b for b in bs if b.url == order[0]["backend"])
+        # A stream under way there when it freezes (it holds the document: it gets this too).
+        long = StreamInBackground(r, chat(doc(300) + " Write a long story.", max_tokens=1500,
+                                          ignore_eos=True, stream=True))
+        check(long.started.wait(30), "the long stream started")
+        check(explain(r, question)["order"][0]["backend"] == frozen.url,
+              "the question still goes to the backend that holds its document")
+        frozen.proc.send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        # A whole and a streamed request sent there now, before the health check notices.
+        whole = {"v": (0, None), "ended": float("inf")}
+
+        def ask():
+            try:
+                whole["v"] = r.post("/v1/chat/completions", question)
+            finally:
+                whole["ended"] = time.time()
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        streamed = StreamInBackground(r, dict(question, stream=True), after=1)
+        for t in (asker, streamed, long):
+            t.join(90)
+        bound = 15
+        # (The raw reader of a cut stream sees its end only when the router closes the idle
+        # connection: the error event's arrival is what counts.)
+        cut = (long.last_event or float("inf")) - t0
+        print("after the freeze: whole answered in %.1f s, stream retried in %.1f s, stream under "
+              "way cut in %.1f s" % (whole["ended"] - t0, streamed.ended - t0, cut))
+        st, resp = whole["v"]
+        check(st == 200 and whole["ended"] - t0 < bound,
+              "a request in flight to the frozen backend is answered by the other in %.1f s "
+              "(< %d): %s %s" % (whole["ended"] - t0, bound, st, resp))
+        st, events, done = streamed.result
+        check(st == 200 and done and streamed.ended - t0 < bound,
+              "a stream that had sent nothing yet is retried too, in %.1f s: %s %s" %
+              (streamed.ended - t0, st, events[-1:]))
+        st, events, done = long.result
+        check(st == 200 and not done and events and "error" in events[-1] and cut < bound,
+              "the stream under way ends with an error event and no [DONE] in %.1f s: %s" %
+              (cut, events[-1:]))
+        b = next(b for b in r.backends() if b["url"] == frozen.url)
+        check(not b["up"] and b.get("down_reason", "").startswith("/health"),
+              "the frozen backend is down for its health check: %s" % b)
+        check(b["retries"] == 2, "both requests were in flight there and moved: %s" % b)
+        m = r.get("/metrics")[1]
+        check("cachette_route_failures_total 0" in m, "no request failed")
+    finally:
+        if r is not None:
+            r.close()
+        for b in bs:
+            b.close()  # SIGKILL ends a stopped process too
 
 
 def test_sighup_rereads_backends(binary, model, backends, tmp):
@@ -348,6 +387,7 @@ def main():
         test_sighup_rereads_backends(a.binary, a.model, backends, tmp)
         test_killed_backend_costs_no_request(kv, backends)
         test_mid_stream_failure_is_visible(a.binary, a.model, tmp)
+        test_frozen_backend_is_abandoned_when_its_health_check_fails(a.binary, a.model)
         test_kv_without_events_falls_back_to_its_own_record(a.binary, a.model)
     finally:
         for x in (kv, rr):

@@ -9,7 +9,6 @@ mid-stream frees its sequence, the admin API, 429 on a full queue, and a clean S
 Usage: serve_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
 """
 import argparse
-import http.client
 import json
 import os
 import signal
@@ -19,124 +18,7 @@ import sys
 import threading
 import time
 
-FAILURES = []
-
-
-def check(cond, what):
-    if not cond:
-        FAILURES.append(what)
-        print("FAIL: " + what, flush=True)
-    return cond
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Server:
-    def __init__(self, binary, model, *extra):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                     "cachette-serve-%d.log" % self.port), "w+")
-        self.proc = subprocess.Popen(
-            [binary, "serve", "-m", model, "--port", str(self.port), "--threads", "2"] +
-            list(extra), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                status, _ = self.request("GET", "/health")
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("server did not become healthy:\n" + self.logs())
-
-    def logs(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def conn(self, timeout=60):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def request(self, method, path, body=None, raw=None):
-        c = self.conn()
-        try:
-            data = raw if raw is not None else (json.dumps(body) if body is not None else None)
-            c.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            r = c.getresponse()
-            return r.status, r.read()
-        finally:
-            c.close()
-
-    def post(self, path, body=None, raw=None):
-        status, data = self.request("POST", path, body, raw)
-        try:
-            return status, json.loads(data)
-        except ValueError:
-            return status, data
-
-    def get(self, path):
-        status, data = self.request("GET", path)
-        if path == "/metrics":
-            return status, data.decode()
-        return status, json.loads(data)
-
-    def stream(self, path, body):
-        """Returns (status, [parsed data events], saw_done)."""
-        c = self.conn()
-        try:
-            c.request("POST", path, body=json.dumps(body),
-                      headers={"Content-Type": "application/json"})
-            r = c.getresponse()
-            if r.status != 200:
-                return r.status, [json.loads(r.read())], False
-            events, done = [], False
-            while True:
-                line = r.fp.readline()
-                if not line:
-                    break
-                line = line.decode().rstrip("\r\n")
-                if not line.startswith("data: "):
-                    continue
-                payload = line[len("data: "):]
-                if payload == "[DONE]":
-                    done = True
-                    break
-                events.append(json.loads(payload))
-            return 200, events, done
-        finally:
-            c.close()
-
-    def healthy(self):
-        return self.request("GET", "/health")[0] == 200
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self):
-        """Stops the server; prints the tail of its log if any check failed, else removes it."""
-        self.stop()
-        if FAILURES:
-            print("---- server log ----\n" + self.logs()[-6000:])
-        else:
-            os.unlink(self.log.name)
-
-
-def report(t0):
-    """Prints the closing line and returns the exit code."""
-    print("%d failures in %.1f s" % (len(FAILURES), time.time() - t0))
-    return 1 if FAILURES else 0
+from e2e_util import FAILURES, Server, check, free_port, report  # noqa: F401 (re-exported)
 
 
 def chat_body(text, **kw):
