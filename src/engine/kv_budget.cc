@@ -52,14 +52,12 @@ void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>&
   CT_CHECK(n_keys <= view.n_tokens && n_keys <= stats.capacity)
       << n_keys << " keys, view " << view.n_tokens << ", stats " << stats.capacity;
   pool.ParallelFor(n_kv, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> keys(static_cast<size_t>(n_keys) * hd);
-    std::vector<double> p(static_cast<size_t>(n_keys));
+    std::vector<const void*> keys(static_cast<size_t>(n_keys));
+    std::vector<float> p(static_cast<size_t>(n_keys));
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t s = 0; s < n_keys; ++s) {
         const auto* block = static_cast<const std::byte*>(view.k_blocks[s / view.block_tokens]);
-        const std::byte* src =
-            block + ((s % view.block_tokens) * n_kv + g) * static_cast<int64_t>(head_bytes);
-        kernels::LoadKv(src, 1, hd, view.type, keys.data() + s * hd);
+        keys[s] = block + ((s % view.block_tokens) * n_kv + g) * static_cast<int64_t>(head_bytes);
       }
       float* wsum = stats.WinSum(layer, static_cast<int>(g));
       float* wsq = stats.WinSq(layer, static_cast<int>(g));
@@ -68,27 +66,20 @@ void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>&
         const int64_t last = slot0 + (row - rows_base);  // the query's own slot
         for (int hq = 0; hq < group; ++hq) {
           const float* qv = q + (row * n_head + g * group + hq) * hd;
-          // Dot products in float over 8 independent partial sums (they vectorize), the
-          // softmax in double: statistics, not the forward pass, so float rounding of the
-          // logits is plenty (the test compares with a double reference at 1e-5).
-          double mx = -INFINITY;
+          // The scores as the attention kernel computes them (the stored keys read directly,
+          // at the active ISA level), the exponentials in float with the maximum subtracted,
+          // their sum in double: statistics, not the forward pass (the test compares with a
+          // double reference at 1e-5).
+          float mx = -INFINITY;
           for (int64_t s = 0; s <= last; ++s) {
-            const float* kv = keys.data() + s * hd;
-            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int d = 0;
-            for (; d + 8 <= hd; d += 8) {
-              for (int j = 0; j < 8; ++j) part[j] += qv[d + j] * kv[d + j];
-            }
-            float dot = ((part[0] + part[1]) + (part[2] + part[3])) +
-                        ((part[4] + part[5]) + (part[6] + part[7]));
-            for (; d < hd; ++d) dot += qv[d] * kv[d];
-            p[s] = static_cast<double>(dot) * scale;
+            p[s] = kernels::KvDot(qv, keys[s], hd, view.type) * scale;
             mx = std::max(mx, p[s]);
           }
           double z = 0;
           for (int64_t s = 0; s <= last; ++s) z += (p[s] = std::exp(p[s] - mx));
+          const float inv = static_cast<float>(1.0 / z);
           for (int64_t s = 0; s <= last; ++s) {
-            const float pr = static_cast<float>(p[s] / z);
+            const float pr = p[s] * inv;
             if (window) {
               wsum[s] += pr;
               wsq[s] += pr * pr;

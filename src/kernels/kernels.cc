@@ -371,6 +371,10 @@ size_t KvHeadBytes(KvType t, int head_dim) {
   return 0;
 }
 
+float KvDot(const float* q, const void* k, int head_dim, KvType t) {
+  return ActiveOps().kv_dot(q, k, head_dim, t);
+}
+
 // Scalar at every ISA level: StoreKv converts one token's K/V (n_kv_head * head_dim, ~100s of
 // values) per layer per step, noise next to the matmuls.
 void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst) {

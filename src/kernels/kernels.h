@@ -131,6 +131,11 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
 // The inverse (for tests, codecs and reference paths).
 void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst);
 
+// q . k for one stored head vector k (KvHeadBytes(t, head_dim) bytes) at the active ISA level,
+// read as Attention reads it (for passes that need the scores themselves, e.g. the attention
+// statistics of KV budget policies). The sum's order, so its last bits, depend on the level.
+float KvDot(const float* q, const void* k, int head_dim, KvType t);
+
 // One layer's K and V of one sequence, in blocks of `block_tokens` tokens. Block b holds
 // tokens [b*block_tokens, (b+1)*block_tokens); within a block, K is laid out
 // [block_tokens][n_kv_head][head_dim] starting at k_blocks[b], V likewise at v_blocks[b].
