@@ -375,9 +375,36 @@ float KvDot(const float* q, const void* k, int head_dim, KvType t) {
   return ActiveOps().kv_dot(q, k, head_dim, t);
 }
 
+namespace {
+
+// One 32-element quantization block: its largest magnitude, the element that has it (sign
+// kept; the first on ties), and whether it holds a NaN. Unlike ggml, a block with a NaN gets a
+// NaN scale, so it reads back as NaN rather than silently as numbers (as in f32/f16).
+struct BlockScan {
+  float amax = 0, max = 0;
+  bool nan = false;
+};
+
+BlockScan ScanBlock(const float* s) {
+  BlockScan k;
+  for (int j = 0; j < 32; ++j) {
+    if (std::fabs(s[j]) > k.amax) {
+      k.amax = std::fabs(s[j]);
+      k.max = s[j];
+    }
+    k.nan |= std::isnan(s[j]);
+  }
+  return k;
+}
+
+}  // namespace
+
 // Scalar at every ISA level: StoreKv converts one token's K/V (n_kv_head * head_dim, ~100s of
 // values) per layer per step, noise next to the matmuls.
 void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst) {
+  CT_CHECK(head_dim % KvTypeBlockElems(t) == 0)
+      << KvTypeName(t) << " KV needs head_dim % " << KvTypeBlockElems(t) << " == 0, got "
+      << head_dim;
   auto* out = static_cast<uint8_t*>(dst);
   const int64_t n = n_vec * head_dim;
   switch (t) {
@@ -391,19 +418,12 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
       }
       return;
     case KvType::kQ8_0: {
-      CT_CHECK(head_dim % 32 == 0) << "q8_0 KV needs head_dim % 32 == 0, got " << head_dim;
       for (int64_t b = 0; b < n / 32; ++b) {
         const float* s = src + b * 32;
         uint8_t* blk = out + b * 34;
-        float amax = 0;
-        bool nan = false;
-        for (int j = 0; j < 32; ++j) {
-          amax = std::max(amax, std::fabs(s[j]));
-          nan |= std::isnan(s[j]);
-        }
-        // As for q4_0: a NaN makes the whole block read back as NaN (d = NaN).
-        const float d = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
-        const float id = d != 0 && !nan ? 1.0f / d : 0.0f;
+        const BlockScan k = ScanBlock(s);
+        const float d = k.nan ? std::numeric_limits<float>::quiet_NaN() : k.amax / 127.0f;
+        const float id = d != 0 && !k.nan ? 1.0f / d : 0.0f;
         const uint16_t dh = Fp32ToFp16(d);
         std::memcpy(blk, &dh, 2);
         for (int j = 0; j < 32; ++j) {
@@ -417,24 +437,13 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
       return;
     }
     case KvType::kQ4_0: {
-      CT_CHECK(head_dim % 32 == 0) << "q4_0 KV needs head_dim % 32 == 0, got " << head_dim;
       for (int64_t b = 0; b < n / 32; ++b) {
         const float* s = src + b * 32;
         uint8_t* blk = out + b * 18;
         // The element of largest magnitude maps to nib 0 (-8, the wider end of [-8, 7]).
-        float amax = 0, max = 0;
-        bool nan = false;
-        for (int j = 0; j < 32; ++j) {
-          if (std::fabs(s[j]) > amax) {
-            amax = std::fabs(s[j]);
-            max = s[j];
-          }
-          nan |= std::isnan(s[j]);
-        }
-        // Unlike ggml, a NaN anywhere makes the whole block read back as NaN (d = NaN) rather
-        // than silently as numbers, as it would in f32/f16.
-        const float d = nan ? std::numeric_limits<float>::quiet_NaN() : max / -8.0f;
-        const float id = d != 0 && !nan ? 1.0f / d : 0.0f;
+        const BlockScan k = ScanBlock(s);
+        const float d = k.nan ? std::numeric_limits<float>::quiet_NaN() : k.max / -8.0f;
+        const float id = d != 0 && !k.nan ? 1.0f / d : 0.0f;
         const uint16_t dh = Fp32ToFp16(d);
         std::memcpy(blk, &dh, 2);
         // x * id lies in [-8, 8], so + 8.5 truncated is round-half-up into [0, 16]; the
