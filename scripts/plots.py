@@ -344,31 +344,22 @@ def main():
     cache = [j for _, j in objs if isinstance(j, dict) and "cold_ttft_ms" in j]
     skipped = len(objs) - len(evals) - len(stream) - len(work) - len(cache)
     os.makedirs(a.out, exist_ok=True)
+    series = workload_series(work) if work else {}
+    plots = [  # (input objects, file, plotter), in the order they are written
+        (ppl, "eval-ppl-vs-bytes.png", plot_ppl),
+        (ret, "eval-accuracy-vs-bytes.png", plot_accuracy),
+        (policy_ppl, "kv-policy-ppl-vs-budget.png", plot_policy_ppl),
+        (policy_ret, "kv-policy-accuracy-vs-budget.png", plot_policy_accuracy),
+        (stream, "kv-policy-streaming.png", plot_streaming),
+        (work, "workload-ttft-cdf.png", lambda _, path: plot_ttft_cdf(series, path)),
+        (work, "workload-hit-rate.png", lambda _, path: plot_hit_rate(series, path)),
+        (cache, "cache-ttft-vs-context.png", plot_cache_ttft),
+    ]
     written = []
-    if ppl:
-        written.append(os.path.join(a.out, "eval-ppl-vs-bytes.png"))
-        plot_ppl(ppl, written[-1])
-    if ret:
-        written.append(os.path.join(a.out, "eval-accuracy-vs-bytes.png"))
-        plot_accuracy(ret, written[-1])
-    if policy_ppl:
-        written.append(os.path.join(a.out, "kv-policy-ppl-vs-budget.png"))
-        plot_policy_ppl(policy_ppl, written[-1])
-    if policy_ret:
-        written.append(os.path.join(a.out, "kv-policy-accuracy-vs-budget.png"))
-        plot_policy_accuracy(policy_ret, written[-1])
-    if stream:
-        written.append(os.path.join(a.out, "kv-policy-streaming.png"))
-        plot_streaming(stream, written[-1])
-    if work:
-        series = workload_series(work)
-        written.append(os.path.join(a.out, "workload-ttft-cdf.png"))
-        plot_ttft_cdf(series, written[-1])
-        written.append(os.path.join(a.out, "workload-hit-rate.png"))
-        plot_hit_rate(series, written[-1])
-    if cache:
-        written.append(os.path.join(a.out, "cache-ttft-vs-context.png"))
-        plot_cache_ttft(cache, written[-1])
+    for data, name, plot in plots:
+        if data:
+            written.append(os.path.join(a.out, name))
+            plot(data, written[-1])
     for w in written:
         print(w)
     if skipped:
