@@ -38,8 +38,12 @@ struct BackendInfo {
   std::atomic<int64_t> prefilling{0};
   std::atomic<int64_t> prefill_tokens{0};
   std::atomic<double> reported{0};      // running + queued, from its /metrics
-  // Router requests that ended there since that sample: the sample may still count them.
-  std::atomic<int64_t> finished_since_sample{0};
+  // Router requests that ended there, and how many had ended when the /metrics request behind
+  // `reported` was sent: those that ended since may still be counted in it. (Taking the mark when
+  // the sample is stored instead would forget a request that ended while the sample was in
+  // transit, and count it as phantom load until the next sample.)
+  std::atomic<int64_t> finished{0};
+  std::atomic<int64_t> finished_at_sample{0};
   std::atomic<int> page_tokens{16};
   std::atomic<int> chunk_tokens{0};
   std::atomic<int64_t> pages_total{0};
@@ -371,10 +375,11 @@ void Router::CheckBackend(const std::shared_ptr<BackendInfo>& b) {
     if (!health) AbortCalls(*b);
     return;
   }
+  const int64_t finished_before = b->finished.load();
   if (auto m = c->Get(b->addr.base_path + "/metrics"); m && m->status == 200) {
     const double running = PrometheusValue(m->body, "cachette_running_sequences").value_or(0);
     const double queued = PrometheusValue(m->body, "cachette_queue_length").value_or(0);
-    b->finished_since_sample = 0;
+    b->finished_at_sample = finished_before;
     b->reported = running + queued;
   }
   if (b->up) {
@@ -483,7 +488,8 @@ std::vector<Router::Candidate> Router::Rank(const Parsed& p) {
     c.load = static_cast<double>(std::max<int64_t>(0, b->prefill_tokens.load())) +
              kDecodeTokens * static_cast<double>(std::max<int64_t>(0, inflight - prefilling)) +
              std::max(0.0, b->reported.load() - static_cast<double>(inflight) -
-                               static_cast<double>(b->finished_since_sample.load())) *
+                               static_cast<double>(b->finished.load() -
+                                                   b->finished_at_sample.load())) *
                  mean;
     out.push_back(c);
   }
@@ -621,7 +627,7 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
     };
     auto finish = [this, b, prompt_tokens, cand, session_id](int64_t cached) {
       b->inflight--;
-      b->finished_since_sample++;
+      b->finished++;
       b->requests++;
       b->prompt_tokens += static_cast<uint64_t>(prompt_tokens);
       b->predicted_tokens += static_cast<uint64_t>(cand.overlap.tokens);
