@@ -1,5 +1,6 @@
 #include "cli/serving_stack.h"
 
+#include <chrono>
 #include <filesystem>
 
 #include "core/log.h"
@@ -108,6 +109,7 @@ ServingStack::~ServingStack() {
   // Members go in reverse declaration order anyway; spelled out because the order matters: the
   // scheduler's loop uses the bridge, the pool and the engine until it is joined.
   scheduler.reset();
+  sessions.reset();  // publishes the last session records
   tiers.reset();
   store.reset();
   kv.reset();
@@ -282,6 +284,25 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   // 6. The scheduler.
   st->scheduler = std::make_unique<sched::Scheduler>(*st->engine, *st->kv, SchedulerOptionsFor(cfg),
                                                      st->tiers.get());
+
+  // 7. Sessions of earlier runs, kept beside the disk tier: registered again before serving.
+  if (!cfg.disk_dir.empty() && cfg.prefix_cache) {
+    CT_ASSIGN_OR_RETURN(st->sessions, cache::SessionJournal::Open({cfg.disk_dir}));
+    auto scan = st->sessions->Scan();
+    if (!scan.ok()) return scan.status().WithContext("session journal");
+    for (const std::string& p : scan->problems) {
+      CT_LOG(kWarning) << "session journal: removed a bad record: " << p;
+    }
+    const auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+    const sched::PinRegistry::RestoreReport r =
+        st->scheduler->pins().AttachJournal(st->sessions.get(), scan->records, now_ms);
+    CT_LOG(kInfo) << "sessions: " << r.sessions << " restored (" << r.tokens << " tokens) from "
+                  << st->sessions->dir() << ", " << r.expired << " expired"
+                  << (r.dropped > 0 ? ", " + std::to_string(r.dropped) + " past --max-sessions"
+                                    : std::string());
+  }
 
   server::ApiContext& api = st->api;
   api.model_id =

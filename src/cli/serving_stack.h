@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "cache/session_journal.h"
 #include "cachette/cache.h"
 #include "cli/cli.h"
 #include "events/publisher.h"
@@ -89,6 +90,8 @@ struct ServingStack {
   std::unique_ptr<KvManager> kv;
   std::unique_ptr<Cache> store;              // null: no tier configured
   std::unique_ptr<sched::TierBridge> tiers;  // non-null exactly when store is
+  // Sessions kept across restarts (--disk-dir): DIR/sessions, attached to the scheduler's pins.
+  std::unique_ptr<cache::SessionJournal> sessions;
   std::unique_ptr<sched::Scheduler> scheduler;
   // What GET /v1/cache/events says: whether and where the events are published, and how to
   // name this server's blocks (page and chunk sizes, KV type, shared namespace).

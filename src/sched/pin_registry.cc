@@ -1,11 +1,26 @@
 #include "sched/pin_registry.h"
 
 #include <algorithm>
+#include <chrono>
 
+#include "core/log.h"
 #include "core/timer.h"
 #include "sched/prefix_source.h"
 
 namespace cachette::sched {
+namespace {
+
+// The scheduler's own pins (program pins) are keyed "\x01...": not sessions of a client.
+bool Journaled(const std::string& key) { return !key.empty() && key[0] != '\x01'; }
+
+// The journal keeps wall-clock times: they must mean the same after a restart.
+int64_t WallMillis() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
 
 PinRegistry::PinRegistry(KvManager& kv, Limits limits, ClockMs clock, PrefixSource* source)
     : kv_(kv), limits_(limits), clock_(std::move(clock)), source_(source) {
@@ -16,7 +31,11 @@ PinRegistry::PinRegistry(KvManager& kv, Limits limits, ClockMs clock, PrefixSour
 
 std::map<uint64_t, PinRegistry::Entry>::iterator PinRegistry::Take(
     std::map<uint64_t, Entry>::iterator it, Released* out) {
-  if (!it->second.info.session.empty()) session_to_pin_.erase(it->second.info.session);
+  const Info& info = it->second.info;
+  if (info.digest != 0) {
+    session_to_pin_.erase(info.digest);
+    if (info.restored || Journaled(info.session)) out->journaled.push_back(info.digest);
+  }
   out->pins.push_back(std::move(it->second.pin));
   if (it->second.source_pin != 0) out->source_pins.push_back(it->second.source_pin);
   return pins_.erase(it);
@@ -28,6 +47,10 @@ void PinRegistry::Release(Released& r) {
     for (uint64_t id : r.source_pins) source_->Unpin(id);
   }
   r.source_pins.clear();
+  if (journal_ != nullptr) {
+    for (uint64_t d : r.journaled) journal_->Remove(d);
+  }
+  r.journaled.clear();
 }
 
 PinRegistry::Info PinRegistry::Add(const Hash128& ns, const std::string& cache_salt,
@@ -79,10 +102,11 @@ PinRegistry::Info PinRegistry::SetSession(const std::string& session, const Hash
                                           const std::string& cache_salt,
                                           std::span<const TokenId> tokens, int64_t ttl_ms) {
   Info info = AddPin(ns, cache_salt, tokens, ttl_ms, /*session=*/true);
+  const uint64_t digest = cache::SessionDigest64(session);
   Released old;  // released after the lock, once the new pin holds the shared prefix
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = session_to_pin_.find(session);
+    auto it = session_to_pin_.find(digest);
     if (it != session_to_pin_.end()) {
       auto p = pins_.find(it->second);
       if (p != pins_.end()) {
@@ -100,12 +124,24 @@ PinRegistry::Info PinRegistry::SetSession(const std::string& session, const Hash
             });
         Take(pins_.find(victim->second), &old);
       }
-      pins_[info.id].info.session = session;
-      info.session = session;
-      session_to_pin_[session] = info.id;
+      Info& held = pins_[info.id].info;
+      held.session = info.session = session;
+      held.digest = info.digest = digest;
+      session_to_pin_[digest] = info.id;
     }
   }
-  Release(old);
+  Release(old);  // erases the replaced turn's journal record...
+  if (info.id != 0 && journal_ != nullptr && Journaled(session)) {
+    // ... and this one is written after it (the journal keeps the latest intent per session).
+    const int64_t now_unix_ms = WallMillis();
+    cache::SessionRecord r;
+    r.digest = digest;
+    r.ns = ns;
+    r.updated_unix_ms = now_unix_ms;
+    r.expires_unix_ms = now_unix_ms + (info.expires_at_ms - Now());
+    r.tokens.assign(tokens.begin(), tokens.end());
+    journal_->Write(std::move(r));
+  }
   return info;
 }
 
@@ -125,19 +161,21 @@ bool PinRegistry::RemoveSession(const std::string& session) {
   uint64_t id = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = session_to_pin_.find(session);
+    auto it = session_to_pin_.find(cache::SessionDigest64(session));
     if (it == session_to_pin_.end()) return false;
     id = it->second;
   }
   return Remove(id);
 }
 
-size_t PinRegistry::RemoveTenant(const std::string& cache_salt) {
+size_t PinRegistry::RemoveTenant(const std::string& cache_salt, const Hash128& ns) {
   Released old;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = pins_.begin(); it != pins_.end();) {
-      it = it->second.info.cache_salt == cache_salt ? Take(it, &old) : std::next(it);
+      const Info& i = it->second.info;
+      const bool theirs = i.restored ? i.ns == ns : i.cache_salt == cache_salt;
+      it = theirs ? Take(it, &old) : std::next(it);
     }
   }
   const size_t n = old.pins.size();
@@ -157,6 +195,64 @@ size_t PinRegistry::Sweep() {
   const size_t n = old.pins.size();
   Release(old);
   return n;
+}
+
+PinRegistry::RestoreReport PinRegistry::AttachJournal(
+    cache::SessionJournal* journal, const std::vector<cache::SessionRecord>& found,
+    int64_t now_unix_ms) {
+  RestoreReport rep;
+  journal_ = journal;
+  if (journal == nullptr) return rep;
+  // The latest sessions first, so the cap keeps those.
+  std::vector<const cache::SessionRecord*> order;
+  for (const auto& r : found) order.push_back(&r);
+  std::sort(order.begin(), order.end(), [](const auto* a, const auto* b) {
+    return a->updated_unix_ms > b->updated_unix_ms;
+  });
+  for (const cache::SessionRecord* r : order) {
+    const int64_t left = r->expires_unix_ms == 0 ? limits_.max_ttl_ms
+                                                 : r->expires_unix_ms - now_unix_ms;
+    if (left <= 0 || r->tokens.empty()) {
+      journal->Remove(r->digest);
+      ++rep.expired;
+      continue;
+    }
+    const int64_t ttl = std::min(left, limits_.max_ttl_ms);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (session_to_pin_.size() >= std::max<size_t>(1, limits_.max_sessions) ||
+          session_to_pin_.count(r->digest) != 0) {
+        journal->Remove(r->digest);
+        ++rep.dropped;
+        continue;
+      }
+    }
+    const uint64_t source_pin = source_ != nullptr ? source_->Pin(r->ns, r->tokens, ttl) : 0;
+    Info info;
+    info.digest = r->digest;
+    info.restored = true;
+    info.ns = r->ns;
+    info.tokens = static_cast<int64_t>(r->tokens.size());
+    info.expires_at_ms = Now() + ttl;
+    std::lock_guard<std::mutex> lock(mu_);
+    info.id = next_id_++;
+    session_to_pin_[info.digest] = info.id;
+    pins_.emplace(info.id, Entry{info, KvManager::Pin(), source_pin});
+    ++rep.sessions;
+    rep.tokens += info.tokens;
+  }
+  return rep;
+}
+
+std::vector<Hash128> PinRegistry::RestoredNamespaces() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Hash128> out;
+  for (const auto& [id, e] : pins_) {
+    if (e.info.restored && std::find(out.begin(), out.end(), e.info.ns) == out.end()) {
+      out.push_back(e.info.ns);
+    }
+  }
+  return out;
 }
 
 std::vector<PinRegistry::Info> PinRegistry::List() {

@@ -15,6 +15,16 @@
 // tier happens through the chunk store: a session's chunks are written behind when its turn
 // finishes, so an expired session is restored from RAM or disk on its next turn.
 //
+// Sessions outlive the process when a journal is attached (AttachJournal; the server does so
+// when it has a disk tier): every session pin taken is written to the journal (digest,
+// namespace, the conversation's tokens, expiry) and every session that ends (removed, expired,
+// replaced past the cap, its tenant cleared) is erased from it; shutting down erases nothing.
+// At start-up the journal's live sessions are registered again with only their chunk-store
+// pin (their pages went with the old process) for the TTL they had left, so their chunks are
+// not evicted before the next turn restores them; that turn's SetSession, found by the
+// session id's digest, replaces the restored entry as usual. Internal keys (those starting
+// with '\x01', the scheduler's program pins) are never journaled.
+//
 // Thread-safety: all methods are safe to call concurrently (one mutex); KvManager is
 // synchronized on its own.
 #pragma once
@@ -27,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/session_journal.h"
 #include "cachette/status.h"
 #include "kv/kv_manager.h"
 
@@ -51,7 +62,9 @@ class PinRegistry {
 
   struct Info {
     uint64_t id = 0;
-    std::string session;     // empty for plain pins
+    std::string session;     // the session key; empty for plain pins and restored sessions
+    uint64_t digest = 0;     // sessions: cache::SessionDigest64 of the key; 0 for plain pins
+    bool restored = false;   // registered from the journal at start-up, no turn since
     std::string cache_salt;  // the tenant the pin belongs to (never shown: print ns)
     Hash128 ns;              // the namespace the pin holds pages in
     int64_t tokens = 0;      // tokens of the prefix actually cached and pinned
@@ -70,8 +83,24 @@ class PinRegistry {
   // false when no such pin (or session) is held.
   bool Remove(uint64_t id);
   bool RemoveSession(const std::string& session);
-  // Drops every pin of tenant `cache_salt`; returns how many.
-  size_t RemoveTenant(const std::string& cache_salt);
+  // Drops every pin of tenant `cache_salt`, and the restored sessions of its namespace `ns`
+  // (their salt is not known); returns how many.
+  size_t RemoveTenant(const std::string& cache_salt, const Hash128& ns);
+
+  struct RestoreReport {
+    size_t sessions = 0;  // registered again
+    size_t expired = 0;   // past their TTL (their records are erased)
+    size_t dropped = 0;   // beyond max_sessions (erased)
+    int64_t tokens = 0;   // tokens of the sessions registered
+  };
+  // Journals sessions in `journal` from now on (it must outlive the registry; null detaches),
+  // after registering the live sessions of `found` (what journal->Scan() returned) as
+  // described above. `now_unix_ms` is the wall clock (records keep wall-clock expiry).
+  RestoreReport AttachJournal(cache::SessionJournal* journal,
+                              const std::vector<cache::SessionRecord>& found,
+                              int64_t now_unix_ms);
+  // The namespaces of the sessions restored and not yet resumed (ClearAll reaches them).
+  std::vector<Hash128> RestoredNamespaces();
 
   // Drops the handles whose TTL has passed. Returns how many.
   size_t Sweep();
@@ -89,6 +118,7 @@ class PinRegistry {
   struct Released {
     std::vector<KvManager::Pin> pins;
     std::vector<uint64_t> source_pins;
+    std::vector<uint64_t> journaled;  // digests of the journaled sessions that ended
   };
   int64_t Now() const { return clock_(); }
   // Add; a session's pin does not count against max_pins (sessions have their own cap).
@@ -103,10 +133,11 @@ class PinRegistry {
   Limits limits_;
   ClockMs clock_;
   PrefixSource* source_;
+  cache::SessionJournal* journal_ = nullptr;  // set once, before serving (AttachJournal)
   std::mutex mu_;
   uint64_t next_id_ = 1;                            // GUARDED_BY(mu_)
   std::map<uint64_t, Entry> pins_;                  // GUARDED_BY(mu_)
-  std::map<std::string, uint64_t> session_to_pin_;  // GUARDED_BY(mu_)
+  std::map<uint64_t, uint64_t> session_to_pin_;     // GUARDED_BY(mu_): digest -> pin id
 };
 
 }  // namespace cachette::sched

@@ -129,7 +129,7 @@ void Scheduler::RememberTenant(const std::string& cache_salt, const Hash128& ns)
 
 Status Scheduler::ClearTenant(const std::string& cache_salt) {
   const Hash128 ns = Namespace(cache_salt);
-  pins_.RemoveTenant(cache_salt);
+  pins_.RemoveTenant(cache_salt, ns);
   kv_.Clear(ns);
   return source_->Clear(ns);
 }
@@ -145,6 +145,15 @@ size_t Scheduler::ClearAll() {
   for (const std::string& s : salts) {
     Status st = ClearTenant(s);
     if (!st.ok()) {
+      CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
+    }
+  }
+  // Sessions restored from the journal whose tenant has sent nothing since the restart: their
+  // salt is unknown, their namespace is not.
+  for (const Hash128& ns : pins_.RestoredNamespaces()) {
+    pins_.RemoveTenant("\x01restored", ns);
+    kv_.Clear(ns);
+    if (Status st = source_->Clear(ns); !st.ok()) {
       CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
     }
   }

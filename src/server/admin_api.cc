@@ -22,7 +22,8 @@ void HttpServer::CacheStats(httplib::Response& res) {
   for (const auto& p : s.pins().List()) {
     pins.push_back({{"pin_id", p.id},
                     {"ns", p.ns.ToHex()},
-                    {"session", p.session.empty() ? json(nullptr) : json(SessionDigest(p.session))},
+                    {"session", p.digest == 0 ? json(nullptr) : json(SessionDigestHex(p.digest))},
+                    {"restored", p.restored},
                     {"tokens", p.tokens}});
   }
   json j = {

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "cache/session_journal.h"
 #include "core/hash.h"
 #include "server/openai.h"
 
@@ -110,13 +111,14 @@ Status LoadApiKeyFile(const std::string& path, std::vector<std::string>* keys) {
   return Status::Ok();
 }
 
-std::string SessionDigest(std::string_view session) {
-  const uint64_t h =
-      Hash64(ByteSpan(reinterpret_cast<const std::byte*>(session.data()), session.size()),
-             /*seed=*/0x5e5510);
+std::string SessionDigestHex(uint64_t digest) {
   char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(digest));
   return hex;
+}
+
+std::string SessionDigest(std::string_view session) {
+  return SessionDigestHex(cache::SessionDigest64(session));
 }
 
 }  // namespace cachette::server

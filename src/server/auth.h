@@ -59,7 +59,9 @@ bool IsLoopback(std::string_view addr);
 // key.
 Status LoadApiKeyFile(const std::string& path, std::vector<std::string>* keys);
 
-// What the stats show for a session id: 16 hex digits of a hash, never the id itself.
+// What the stats show for a session id: 16 hex digits of a hash, never the id itself (the
+// digest the session journal files it under, cache::SessionDigest64).
 std::string SessionDigest(std::string_view session);
+std::string SessionDigestHex(uint64_t digest);
 
 }  // namespace cachette::server

@@ -4,6 +4,10 @@
   - a restarted server finds its disk tier: the same prompt hits on disk and answers the same;
   - a session restored from disk after a restart continues with the same tokens as an
     uninterrupted server (raw codec);
+  - a session in 4-bit KV (--kv-type q4_0) survives a restart: the server registers it again
+    from its journal before any request, `cachette cache ls` lists it, its next turn restores
+    its 4-bit chunks from disk (no prefill) and answers as an uninterrupted server does, and a
+    conversation whose prefix changed restores only the part before the change;
   - two servers sharing a Redis server share chunks;
   - killing Redis fails no request (it becomes a miss and a counter);
   - clearing a tenant removes its KV from every tier, across a restart and across servers;
@@ -98,6 +102,78 @@ def test_session_restored_from_disk(binary, model, tmp):
               (got2, want))
     finally:
         r2.stop()
+
+
+def session_pins(s):
+    status, st = s.get("/v1/cache/stats")
+    check(status == 200, "stats answer: %s" % status)
+    return [p for p in st["pins"] if p["session"] is not None]
+
+
+def test_q4_session_survives_restart(binary, model, tmp):
+    q4 = ("--kv-type", "q4_0")
+    turn1 = LONG + "\nQuestion: what is long?\nAnswer:"
+    u = Server(binary, model, *q4)  # uninterrupted: the reference for the second turn
+    try:
+        a1, _ = complete(u, turn1, 16, session_id="agent-7")
+        turn2 = turn1 + a1 + "\nQuestion: and what is full?\nAnswer:"
+        want, _ = complete(u, turn2, 16, session_id="agent-7")
+    finally:
+        u.stop()
+    d = os.path.join(tmp, "disk-q4")
+    args = ("--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw") + q4
+    r1 = Server(binary, model, *args)
+    got1, u1 = complete(r1, turn1, 16, session_id="agent-7")
+    check(got1 == a1, "turn 1 matches across servers")
+    pins = session_pins(r1)
+    check(len(pins) == 1 and not pins[0]["restored"], "one live session: %s" % pins)
+    digest = pins[0]["session"] if pins else ""
+    graceful_stop(r1)
+
+    ls = subprocess.run([binary, "cache", "ls", "--dir", d, "--sessions"], capture_output=True,
+                        text=True, timeout=60)
+    rows = [line.split() for line in ls.stdout.splitlines()[1:] if line.strip()]
+    check(ls.returncode == 0 and len(rows) == 1 and rows[0][0] == digest,
+          "`cache ls --sessions` lists the session by its digest: %r" % ls.stdout)
+    if rows:
+        n = u1["prompt_tokens"] + u1["completion_tokens"]
+        check(int(rows[0][2]) == n and int(rows[0][3]) == n // 64 * 64,
+              "its conversation (%d tokens) and the part whose chunks are on disk: %r" %
+              (n, rows[0]))
+
+    r2 = Server(binary, model, *args)
+    try:
+        pins = session_pins(r2)
+        check(len(pins) == 1 and pins[0]["restored"] and pins[0]["session"] == digest,
+              "the restarted server registered the session again before any turn: %s" % pins)
+        got2, usage = complete(r2, turn2, 16, session_id="agent-7")
+        check(by_tier(usage).get("disk", 0) >= 256, "turn 2 restored from disk: %s" % usage)
+        check(got2 == want, "the restored 4-bit session continues like the uninterrupted one: "
+              "%r vs %r" % (got2, want))
+        pins = session_pins(r2)
+        check(len(pins) == 1 and not pins[0]["restored"], "its turn took the session over: %s" %
+              pins)
+    finally:
+        graceful_stop(r2)
+    # A conversation changed after its first 120 words restores only the chunks before that.
+    r3 = Server(binary, model, *args)
+    try:
+        words = turn2.split(" ")
+        changed = " ".join(words[:120] + ["Meanwhile"] + words[120:])
+        _, usage = complete(r3, changed, 4, session_id="agent-7")
+        cached = by_tier(usage).get("disk", 0)
+        check(64 <= cached < 256, "a changed prefix restores only the part before it: %s" % usage)
+    finally:
+        graceful_stop(r3)
+    clear = subprocess.run([binary, "cache", "clear", "--dir", d], capture_output=True,
+                           text=True, timeout=60)
+    check(clear.returncode == 0 and "removed 1 sessions" in clear.stdout,
+          "`cache clear` removes the session too: %r" % clear.stdout)
+    r4 = Server(binary, model, *args)
+    try:
+        check(session_pins(r4) == [], "nothing restored after the clear")
+    finally:
+        r4.stop()
 
 
 class Redis:
@@ -346,7 +422,8 @@ def main():
     p.add_argument("--model", required=True)
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cachette-tiers-")
-    tests = [test_restart_hits_disk, test_session_restored_from_disk, test_redis_shared_and_dead,
+    tests = [test_restart_hits_disk, test_session_restored_from_disk,
+             test_q4_session_survives_restart, test_redis_shared_and_dead,
              test_frozen_redis_never_stalls_streams, test_clear_reaches_every_tier]
     failed = 0
     try:
