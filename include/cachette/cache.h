@@ -78,6 +78,14 @@ struct CacheOptions {
   std::chrono::milliseconds remote_lookup_timeout{50};
 
   std::string codec = "raw";        // applied to disk and Redis records; RAM keeps raw bytes
+  // Adaptive loading (CacheGen's controller): more encodings of each chunk written to the
+  // remote tier beside the `codec` one, best quality first (e.g. {"cachegen", "cachegen-low"});
+  // empty = off. A load from the remote tier picks, per chunk, the best encoding (`codec`
+  // first, then these) whose transfer of the chunks still to load fits the time left before
+  // the load's deadline at the measured link bandwidth, and gives the chunk up (the caller
+  // recomputes it from its tokens) when even the smallest does not fit. Chunks loaded at a
+  // lower level serve that load only: they are not promoted to RAM.
+  std::vector<std::string> remote_levels;
   std::string policy = "lru";       // lru | lfu | s3fifo | cost (see src/cache/policy.h)
   uint32_t admit_after_hits = 0;    // slower tiers take a chunk only once it was hit N times
   std::vector<NamespaceQuota> quotas;
@@ -170,6 +178,10 @@ struct CacheStats {
   uint64_t collisions = 0;      // a key's record had other tokens/namespace: served as a miss
   uint64_t corruptions = 0;     // all tiers
   uint64_t deadline_misses = 0;
+  // Adaptive loading (remote_levels): chunks loaded at a level below `codec`, and chunks given
+  // up for recompute because no level's transfer fit the deadline.
+  uint64_t remote_lower_level_chunks = 0;
+  uint64_t remote_recompute_chunks = 0;
   uint64_t pins_active = 0;
   uint64_t io_queue_depth = 0;
   LatencyHistogram load_latency;

@@ -104,6 +104,12 @@ std::string PrometheusText(const CacheStats& s) {
       {"corruptions_total", "counter", "Corrupt records detected, all tiers.", s.corruptions},
       {"deadline_misses_total", "counter", "Chunks not loaded by their deadline.",
        s.deadline_misses},
+      {"remote_lower_level_chunks_total", "counter",
+       "Chunks loaded from Redis at a level below the codec's (adaptive loading).",
+       s.remote_lower_level_chunks},
+      {"remote_recompute_chunks_total", "counter",
+       "Chunks given up for recompute: no stored level fit the deadline (adaptive loading).",
+       s.remote_recompute_chunks},
       {"pins_active", "gauge", "Live pins.", s.pins_active},
       {"io_queue_depth", "gauge", "Write-behind jobs queued or running.", s.io_queue_depth},
   };

@@ -33,6 +33,12 @@ Result<std::unique_ptr<TieredStore>> TieredStore::Create(const CacheOptions& opt
   if (options.codec != "raw") {
     CT_ASSIGN_OR_RETURN(s->codec_, MakeCodec(options.codec));
   }
+  for (const std::string& name : options.remote_levels) {
+    auto c = MakeCodec(name);
+    if (!c.ok()) return c.status().WithContext("cache: remote level");
+    s->level_codecs_.push_back(std::move(*c));
+  }
+  s->level_bytes_.assign(1 + s->level_codecs_.size(), 0.0);
   if (options.ram_budget_bytes > 0) s->ram_ = std::make_unique<RamTier>(options.ram_budget_bytes);
   if (!options.disk_dir.empty()) {
     DiskTierOptions d;
@@ -203,7 +209,12 @@ Status TieredStore::Erase(std::span<const TokenId> tokens, const Hash128& ns) {
     }
   }
   if (remote_ != nullptr) {
-    for (const ChunkKey& k : keys) (void)remote_->EraseIn(ns, k);
+    for (const ChunkKey& k : keys) {
+      (void)remote_->EraseIn(ns, k);
+      for (size_t j = 1; j <= level_codecs_.size(); ++j) {
+        (void)remote_->EraseIn(ns, LevelKey(k, static_cast<int>(j)));
+      }
+    }
     EmitRemote(KvEvent::Kind::kRemoved, keys);
   }
   return result;

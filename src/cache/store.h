@@ -113,6 +113,7 @@ class TieredStore final : public Cache {
     ChunkKey key, parent;
     uint32_t chunk_index = 0;
     std::vector<TokenId> tokens;
+    size_t remaining = 1;  // chunks of its load from this one on (the adaptive controller's)
   };
 
   explicit TieredStore(const CacheOptions& options);
@@ -150,6 +151,13 @@ class TieredStore final : public Cache {
                 SharedBytes* raw_record, bool trusted);
   void Promote(const ChunkRequest& r, const SharedBytes& raw_record);
   void RecordLatency(int64_t start_ns);
+  // Adaptive loading: the remote key of `key`'s encoding at `level` (level 0: `key` itself).
+  static ChunkKey LevelKey(const ChunkKey& key, int level);
+  // The level whose transfer of `r.remaining` chunks fits before `deadline` at the measured
+  // bandwidth (0 while nothing is measured), or -1 when none does.
+  int PickRemoteLevel(const ChunkRequest& r, std::chrono::steady_clock::time_point deadline);
+  // Writes `raw_record`'s encodings at levels 1.. to the remote tier (io thread).
+  void WriteRemoteLevels(const WriteJob& job);
   // Reports `keys` stored in or removed from Redis by this process (no-op without a sink).
   void EmitRemote(KvEvent::Kind kind, const std::vector<ChunkKey>& keys);
 
@@ -157,6 +165,8 @@ class TieredStore final : public Cache {
   const int chunk_tokens_;
   PolicyKind policy_ = PolicyKind::kLru;
   std::unique_ptr<Codec> codec_;  // null = raw
+  // Adaptive loading: the codecs of levels 1.. (options_.remote_levels); level 0 is codec_.
+  std::vector<std::unique_ptr<Codec>> level_codecs_;
   std::unique_ptr<RamTier> ram_;
   std::unique_ptr<DiskTier> disk_;
   std::unique_ptr<Tier> remote_owned_;
@@ -174,6 +184,10 @@ class TieredStore final : public Cache {
   std::deque<ChunkKey> ghost_fifo_;                              // GUARDED_BY(mu_)
   std::unordered_set<ChunkKey, ChunkKeyHash> ghost_;             // GUARDED_BY(mu_)
   CacheStats counters_;                                          // GUARDED_BY(mu_)
+  // Adaptive loading estimates: mean record bytes per level (0 = none seen yet) and the remote
+  // tier's read bandwidth (bytes/s; 0 = not measured yet), each a moving average.
+  std::vector<double> level_bytes_;                              // GUARDED_BY(mu_)
+  double remote_bytes_per_s_ = 0;                                // GUARDED_BY(mu_)
   std::shared_ptr<std::atomic<uint64_t>> deadline_misses_ =
       std::make_shared<std::atomic<uint64_t>>(0);
 

@@ -295,9 +295,34 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
     const Entry* e = index_.Find(r.key);
     if (e == nullptr || e->disk_bytes() == 0) return NotFound("not on disk");
   }
+  // Adaptive loading: which encoding of the chunk to read from the remote tier.
+  int level = 0;
+  if (tier == kRemote && !level_codecs_.empty()) {
+    level = PickRemoteLevel(r, deadline);
+    if (level < 0) {
+      std::lock_guard lock(mu_);
+      ++counters_.remote_recompute_chunks;
+      return DeadlineExceeded("no stored level of the chunk loads before the deadline at the "
+                              "measured bandwidth: recomputed instead");
+    }
+  }
+  const int64_t read_start = cachette::NowNanos();
   BufferPool* pool = ram_ != nullptr ? &ram_->pool() : nullptr;
   auto got = tier == kDisk ? disk_->Get(r.key, deadline, pool)
-                           : remote_->GetIn(r.ns, r.key, deadline);
+                           : remote_->GetIn(r.ns, LevelKey(r.key, level), deadline);
+  if (level > 0 && !got.ok() && got.status().code() == StatusCode::kNotFound) {
+    level = 0;  // that level was not stored (its codec refused the chunk): the primary
+    got = remote_->GetIn(r.ns, r.key, deadline);
+  }
+  if (tier == kRemote && !level_codecs_.empty() && got.ok()) {
+    const double bytes = static_cast<double>(got->size());
+    const double s = std::max(1e-6, static_cast<double>(cachette::NowNanos() - read_start) / 1e9);
+    std::lock_guard lock(mu_);
+    double& mean = level_bytes_[static_cast<size_t>(level)];
+    mean = mean == 0 ? bytes : 0.9 * mean + 0.1 * bytes;
+    remote_bytes_per_s_ =
+        remote_bytes_per_s_ == 0 ? bytes / s : 0.7 * remote_bytes_per_s_ + 0.3 * (bytes / s);
+  }
   if (!got.ok()) {
     const StatusCode code = got.status().code();
     std::lock_guard lock(mu_);
@@ -345,8 +370,30 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
   }
   d->tier = tier == kDisk ? CacheTier::kDisk : CacheTier::kRedis;
   d->status = Status::Ok();
-  Promote(r, raw);
+  if (level == 0) {
+    Promote(r, raw);
+  } else {
+    std::lock_guard lock(mu_);
+    ++counters_.remote_lower_level_chunks;  // serves this load only: RAM keeps the best
+  }
   return Status::Ok();
+}
+
+int TieredStore::PickRemoteLevel(const ChunkRequest& r, SteadyTime deadline) {
+  std::lock_guard lock(mu_);
+  if (remote_bytes_per_s_ <= 0) return 0;  // nothing measured yet: the best, and measure it
+  const double left_s =
+      std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
+  for (size_t j = 0; j < level_bytes_.size(); ++j) {
+    const double bytes = level_bytes_[j];
+    // A level whose size this process has not seen (another process wrote the chunks) is
+    // tried when the better ones do not fit: reading it measures it.
+    if (bytes == 0) return static_cast<int>(j);
+    if (bytes * static_cast<double>(r.remaining) / remote_bytes_per_s_ <= left_s) {
+      return static_cast<int>(j);
+    }
+  }
+  return -1;
 }
 
 std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const TokenId> tokens,
@@ -430,6 +477,7 @@ void TieredStore::RunLoad(const std::shared_ptr<LoadState>& st, std::vector<Chun
       }
       if (std::chrono::steady_clock::now() > st->deadline) return;  // Wait marks the rest
       if (disk_ != nullptr) prefetch_up_to(i + 1 + kReadAheadChunks);
+      reqs[i].remaining = reqs.size() - i;
       ChunkData d = LoadOneNoThrow(reqs[i], st->deadline);
       const bool ok = d.status.ok();
       st->Resolve(i, std::move(d));

@@ -222,6 +222,41 @@ void TieredStore::WriteToDisk(const WriteJob& job, const SharedBytes& bytes) {
   }
 }
 
+ChunkKey TieredStore::LevelKey(const ChunkKey& key, int level) {
+  if (level == 0) return key;
+  // A key no chunk has: XXH3-128 of the chunk key and the level, under its own seed.
+  uint64_t words[3] = {key.lo, key.hi, static_cast<uint64_t>(level)};
+  const Hash128 h = Hash128Of(ByteSpan(reinterpret_cast<const std::byte*>(words), sizeof words),
+                              /*seed=*/0x1e7e1);
+  return h;
+}
+
+void TieredStore::WriteRemoteLevels(const WriteJob& job) {
+  auto h = DecodeRecordHeader(*job.raw_record, job.raw_record->size());
+  if (!h.ok()) return;
+  const ByteSpan raw = ByteSpan(*job.raw_record).subspan(h->header_bytes);
+  for (size_t j = 0; j < level_codecs_.size(); ++j) {
+    const Codec& codec = *level_codecs_[j];
+    auto enc = codec.Encode(h->meta.layout, raw);
+    if (!enc.ok()) continue;  // a level this chunk cannot take (e.g. its KV type): loads skip it
+    RecordMeta m = h->meta;
+    m.codec_id = codec.id();
+    m.codec_version = codec.version();
+    auto rec = EncodeRecord(m, h->tokens, *enc);
+    if (!rec.ok()) continue;
+    const int level = static_cast<int>(j + 1);
+    if (!remote_->PutIn(job.ns, LevelKey(job.key, level), *rec, options_.redis_ttl_seconds).ok()) {
+      std::lock_guard lock(mu_);
+      ++counters_.tier[kRemote].errors;
+      continue;
+    }
+    std::lock_guard lock(mu_);
+    double& mean = level_bytes_[static_cast<size_t>(level)];
+    mean = mean == 0 ? static_cast<double>(rec->size())
+                     : 0.9 * mean + 0.1 * static_cast<double>(rec->size());
+  }
+}
+
 void TieredStore::RunWrite(const WriteJob& job) {
   // No exception leaves an io job: one would end the io thread (and the process). A failure
   // here is the write not done, and an error counted against the tier.
@@ -240,8 +275,14 @@ void TieredStore::RunWrite(const WriteJob& job) {
         std::lock_guard lock(mu_);
         Entry* e = index_.Find(job.key);
         if (e != nullptr && e->gen == job.gen) e->remote_written = true;
+        if (!level_codecs_.empty()) {
+          double& m = level_bytes_[0];
+          m = m == 0 ? static_cast<double>(bytes->size())
+                     : 0.9 * m + 0.1 * static_cast<double>(bytes->size());
+        }
       }
       EmitRemote(KvEvent::Kind::kStored, {job.key});
+      if (!level_codecs_.empty()) WriteRemoteLevels(job);
     }
   } catch (const std::exception&) {
     std::lock_guard lock(mu_);

@@ -2,9 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -318,6 +320,127 @@ TEST(StoreTest, RemoteTierIsSharedAndPromotes) {
   EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kRedis));
   EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRam));
   EXPECT_EQ(c->Stats().tier[2].hit_chunks, 3u);
+}
+
+// A remote tier behind a slow link: every read takes its bytes / bytes_per_s.
+class SlowLinkRemote final : public Tier {
+ public:
+  explicit SlowLinkRemote(double bytes_per_s) : bytes_per_s_(bytes_per_s) {}
+  std::string_view name() const override { return "slow-link"; }
+  Status Put(const ChunkKey& k, std::span<const std::byte> r, uint32_t ttl) override {
+    return ram.Put(k, r, ttl);
+  }
+  Result<std::vector<std::byte>> Get(const ChunkKey& k, Deadline d) override {
+    auto got = ram.Get(k, d);
+    if (got.ok()) {
+      std::this_thread::sleep_for(std::chrono::duration<double>(got->size() / bytes_per_s_));
+    }
+    return got;
+  }
+  std::vector<bool> ContainsMany(std::span<const ChunkKey> k, Deadline d) override {
+    return ram.ContainsMany(k, d);
+  }
+  Status Erase(const ChunkKey& k) override { return ram.Erase(k); }
+  TierStats Stats() const override { return ram.Stats(); }
+  RamTier ram{0};
+
+ private:
+  const double bytes_per_s_;
+};
+
+TEST(StoreTest, AdaptiveLoadingPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
+  // KV-like chunks big enough for int4 to be ~3.5x smaller than raw: 32 KiB raw each.
+  ChunkLayout l;
+  l.n_layer = 4;
+  l.n_kv_head = 2;
+  l.head_dim = 64;
+  l.n_tokens = kC;
+  l.kv_type = 1;
+  constexpr size_t kChunks = 8;
+  const auto t = Tokens(kChunks * kC, 77);
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  std::vector<std::vector<std::byte>> raw(kChunks);
+  std::vector<ByteSpan> spans;
+  for (auto& r : raw) {
+    std::vector<float> v(l.raw_bytes() / 2);
+    for (float& x : v) x = normal(rng);
+    r = testing::ToRaw(l, v);
+    spans.emplace_back(r);
+  }
+  // Raw reads take 100 ms a chunk on this link, int4 ones about 28 ms.
+  SlowLinkRemote remote(static_cast<double>(l.raw_bytes()) / 0.100);
+  auto options = [&] {
+    CacheOptions o;
+    o.chunk_tokens = kC;
+    o.ram_budget_bytes = 64 << 20;
+    o.remote_tier = &remote;
+    o.remote_levels = {"int4"};
+    return o;
+  };
+  {
+    auto writer = Open(options());
+    ASSERT_TRUE(writer->Put(kNs1, t, 0, l, spans).ok());
+    ASSERT_TRUE(writer->Flush().ok());
+  }
+  EXPECT_EQ(remote.ram.Stats().entries, 2 * kChunks);  // raw and int4 of each chunk
+
+  auto load = [&](Cache& c, std::chrono::milliseconds deadline) {
+    auto h = c.Get(kNs1, t, 0, kChunks, std::chrono::steady_clock::now() + deadline);
+    h->Wait();
+    return h;
+  };
+  {  // Time enough for raw: every chunk exact, and promoted.
+    auto c = Open(options());
+    auto h = load(*c, 5s);
+    ASSERT_EQ(h->ready_tokens(), kChunks * kC);
+    for (size_t i = 0; i < kChunks; ++i) {
+      ASSERT_EQ(std::memcmp(h->chunk(i).bytes().data(), raw[i].data(), raw[i].size()), 0) << i;
+    }
+    EXPECT_EQ(c->Stats().remote_lower_level_chunks, 0u);
+    EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(kChunks, CacheTier::kRam));
+  }
+  auto c = Open(options());
+  {  // 600 ms where raw needs 800: the first chunk (raw: nothing measured yet) measures the
+     // link, the next ones come as int4 until the time left lets the rest come raw again (the
+     // best level whose transfer of all the remaining chunks fits). Those read as int4 are
+     // within int4's error and not promoted; the raw ones are exact and promoted.
+    const auto t0 = std::chrono::steady_clock::now();
+    auto h = load(*c, 600ms);
+    ASSERT_EQ(h->ready_tokens(), kChunks * kC);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 600ms);
+    const CacheStats s = c->Stats();
+    EXPECT_GE(s.remote_lower_level_chunks, 1u);
+    EXPECT_EQ(s.remote_recompute_chunks, 0u);
+    size_t exact = 0;
+    for (size_t i = 0; i < kChunks; ++i) {
+      if (std::memcmp(h->chunk(i).bytes().data(), raw[i].data(), raw[i].size()) == 0) {
+        ++exact;
+        continue;
+      }
+      const auto want = testing::FromRaw(l, raw[i]);
+      const auto got = testing::FromRaw(l, h->chunk(i).bytes());
+      double worst = 0;
+      for (size_t k = 0; k < want.size(); ++k) {
+        worst = std::max<double>(worst, std::abs(got[k] - want[k]));
+      }
+      EXPECT_LT(worst, 1.0) << "chunk " << i;  // int4 of N(0,1): a step of ~range/15
+    }
+    EXPECT_EQ(exact, kChunks - s.remote_lower_level_chunks);
+    const LookupResult r = c->Lookup(t, kNs1);
+    EXPECT_EQ(static_cast<size_t>(
+                  std::count(r.chunk_tiers.begin(), r.chunk_tiers.end(), CacheTier::kRam)),
+              exact);
+  }
+  {  // 30 ms for what needs ~200 even as int4: given up at once, for the caller to recompute.
+    const auto t0 = std::chrono::steady_clock::now();
+    auto h = c->Get(kNs1, t, 1, kChunks - 1, t0 + 30ms);  // chunk 0 is in RAM now
+    h->Wait();
+    EXPECT_EQ(h->ready_tokens(), 0u);
+    EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kDeadlineExceeded);
+    EXPECT_GE(c->Stats().remote_recompute_chunks, 1u);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 25ms) << "decided without reading";
+  }
 }
 
 // Replays the store's KV events into the set of (medium, block) they say is held, counting

@@ -1,13 +1,18 @@
 // `cachette bench cache`: time to first token for a long prompt restored from each tier of the
-// chunk store (RAM, disk, Redis) against a cold prefill, measured in one run.
+// chunk store (RAM, disk, Redis) against a cold prefill, measured in one run. With --link-mbps
+// the Redis reads pass through a simulated link of that bandwidth (the time the bytes would
+// take on it is slept after each read), to show where compressed chunks (--codec, or adaptive
+// --redis-levels under --load-deadline-ms) restore faster than raw ones.
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 #include <nlohmann/json.hpp>
 
+#include "cache/redis/redis_tier.h"
 #include "cli/cli.h"
 #include "core/fp16.h"
 #include "core/timer.h"
@@ -27,10 +32,56 @@ struct BenchCacheArgs {
   std::string codec = "raw";
   std::string disk_dir;
   std::vector<std::string> redis;
+  std::vector<std::string> redis_levels;
+  double link_mbps = 0;        // 0: Redis as it is
+  int load_deadline_ms = 30000;  // the Redis restore's deadline
   int reps = 3;
   bool json = false;
   int tp_chunks = 64;  // chunks per throughput figure; 0 skips the throughput part
   std::vector<std::string> tp_codecs = {"raw", "int8", "int4", "zstd+raw"};
+};
+
+// A remote tier whose reads take as long as their bytes would on a link of `bytes_per_s`.
+class SlowLink final : public cache::Tier {
+ public:
+  SlowLink(cache::Tier& inner, double bytes_per_s) : inner_(inner), bytes_per_s_(bytes_per_s) {}
+  std::string_view name() const override { return inner_.name(); }
+  Status Put(const cache::ChunkKey& k, std::span<const std::byte> r, uint32_t ttl) override {
+    return inner_.Put(k, r, ttl);
+  }
+  Result<std::vector<std::byte>> Get(const cache::ChunkKey& k, cache::Deadline d) override {
+    return Slow(inner_.Get(k, d));
+  }
+  std::vector<bool> ContainsMany(std::span<const cache::ChunkKey> k, cache::Deadline d) override {
+    return inner_.ContainsMany(k, d);
+  }
+  Status Erase(const cache::ChunkKey& k) override { return inner_.Erase(k); }
+  cache::TierStats Stats() const override { return inner_.Stats(); }
+  Status PutIn(const Hash128& ns, const cache::ChunkKey& k, std::span<const std::byte> r,
+               uint32_t ttl) override {
+    return inner_.PutIn(ns, k, r, ttl);
+  }
+  Result<std::vector<std::byte>> GetIn(const Hash128& ns, const cache::ChunkKey& k,
+                                       cache::Deadline d) override {
+    return Slow(inner_.GetIn(ns, k, d));
+  }
+  std::vector<bool> ContainsManyIn(const Hash128& ns, std::span<const cache::ChunkKey> k,
+                                   cache::Deadline d) override {
+    return inner_.ContainsManyIn(ns, k, d);
+  }
+  Status EraseIn(const Hash128& ns, const cache::ChunkKey& k) override { return inner_.EraseIn(ns, k); }
+  Status ClearNamespace(const Hash128& ns) override { return inner_.ClearNamespace(ns); }
+
+ private:
+  Result<std::vector<std::byte>> Slow(Result<std::vector<std::byte>> got) {
+    if (got.ok()) {
+      std::this_thread::sleep_for(
+          std::chrono::duration<double>(static_cast<double>(got->size()) / bytes_per_s_));
+    }
+    return got;
+  }
+  cache::Tier& inner_;
+  const double bytes_per_s_;
 };
 
 // Put/get throughput of each tier and codec over `n` chunks of KV-like f16 data (N(0,1)-ish
@@ -191,13 +242,24 @@ int BenchCache(const BenchCacheArgs& a) {
   const uint64_t chunk_bytes_total =
       static_cast<uint64_t>(a.n_prompt) * ko.shape.token_bytes() * 2 * ko.shape.n_layer;
 
+  // Redis, behind the simulated link when asked for.
+  std::unique_ptr<cache::Tier> redis_tier, link;
+  if (!a.redis.empty()) {
+    cache::RedisTierOptions ro;
+    ro.urls = a.redis;
+    auto r = cache::RedisTier::Open(ro);
+    if (!r.ok()) return Fail(r.status());
+    redis_tier = std::move(*r);
+    if (a.link_mbps > 0) link = std::make_unique<SlowLink>(*redis_tier, a.link_mbps * 1e6 / 8);
+  }
   auto open = [&](bool ram, bool disk, bool redis) -> Result<std::unique_ptr<Cache>> {
     CacheOptions o;
     o.chunk_tokens = a.chunk_tokens;
     o.ram_budget_bytes = ram ? chunk_bytes_total * 2 + (64 << 20) : 0;
     o.disk_dir = disk ? dir : "";
     o.disk_budget_bytes = chunk_bytes_total * 2 + (64 << 20);
-    if (redis) o.redis_urls = a.redis;
+    if (redis) o.remote_tier = link != nullptr ? link.get() : redis_tier.get();
+    if (redis) o.remote_levels = a.redis_levels;
     o.codec = a.codec;
     o.remote_lookup_timeout = std::chrono::milliseconds(2000);
     return Cache::Open(o);
@@ -248,12 +310,13 @@ int BenchCache(const BenchCacheArgs& a) {
       Stopwatch sw;
       auto seq = kvm.Start(kv_ns, prompt, a.n_prompt + 1);
       const int64_t radix = seq->n_tokens();
-      tiers.RestoreNow(*seq, prompt, std::chrono::steady_clock::now() + std::chrono::seconds(30));
+      const auto deadline = std::chrono::milliseconds(redis ? a.load_deadline_ms : 30000);
+      tiers.RestoreNow(*seq, prompt, std::chrono::steady_clock::now() + deadline);
+      restored = seq->n_tokens() - radix;  // what the tier gave; the rest is prefilled
       int64_t from = seq->n_tokens();
       if (from == a.n_prompt) seq->SetTokens(--from);
       CT_RETURN_IF_ERROR(engine.Forward(*seq, std::span(prompt).subspan(from), logits.data()));
       times.push_back(sw.Seconds());
-      restored = seq->n_tokens() - radix;
     }
     rows.push_back({name, Median(times), restored});
     return Status::Ok();
@@ -273,6 +336,8 @@ int BenchCache(const BenchCacheArgs& a) {
   if (a.json) {
     nlohmann::json j = {{"model", path}, {"n_prompt", a.n_prompt}, {"kv_type", a.kv_type},
                         {"codec", a.codec}, {"chunk_tokens", a.chunk_tokens},
+                        {"redis_levels", a.redis_levels}, {"link_mbps", a.link_mbps},
+                        {"load_deadline_ms", a.load_deadline_ms},
                         {"cold_ttft_ms", cold * 1e3}, {"throughput", throughput}};
     for (const auto& r : rows) {
       j["restored"][r.tier] = {{"ttft_ms", r.ttft_s * 1e3},
@@ -284,6 +349,14 @@ int BenchCache(const BenchCacheArgs& a) {
     std::printf("model %s, %d-token prompt, %s KV (%s of chunks), codec %s, median of %d\n",
                 path.c_str(), a.n_prompt, a.kv_type.c_str(),
                 FormatBytes(chunk_bytes_total).c_str(), a.codec.c_str(), a.reps);
+    if (!a.redis.empty() && (a.link_mbps > 0 || !a.redis_levels.empty())) {
+      std::string levels;
+      for (const auto& l : a.redis_levels) levels += " " + l;
+      std::printf("Redis behind a %s link, levels: %s%s, load deadline %d ms\n",
+                  a.link_mbps > 0 ? (std::to_string(a.link_mbps) + " Mbit/s").c_str()
+                                  : "loopback",
+                  a.codec.c_str(), levels.c_str(), a.load_deadline_ms);
+    }
     std::printf("cold prefill          TTFT %9.1f ms\n", cold * 1e3);
     for (const auto& r : rows) {
       std::printf("restored from %-6s  TTFT %9.1f ms = %5.1f%% of cold (%lld tokens restored)\n",
@@ -307,6 +380,15 @@ Runner AddBenchCacheSubcommand(CLI::App* bench) {
   c->add_option("--codec", a->codec, "Codec for disk and Redis: raw, int8, int4, zstd+raw, ...");
   c->add_option("--disk-dir", a->disk_dir, "Disk tier directory (default: a temporary one)");
   c->add_option("--redis", a->redis, "Redis URL (repeatable; redis+cluster:// for a cluster)");
+  c->add_option("--redis-levels", a->redis_levels,
+                "Adaptive loading: more codecs written to Redis, best first")
+      ->delimiter(',');
+  c->add_option("--link-mbps", a->link_mbps,
+                "Simulated link to Redis, Mbit/s (reads take their bytes' time on it; 0: none)")
+      ->check(CLI::Range(0.0, 1e6));
+  c->add_option("--load-deadline-ms", a->load_deadline_ms,
+                "Deadline of the Redis restore; what is not restored by then is prefilled")
+      ->check(CLI::Range(1, 3600000));
   c->add_option("--reps", a->reps, "Repetitions (the median is reported)")
       ->check(CLI::Range(1, 100));
   c->add_option("--tp-chunks", a->tp_chunks, "Chunks per put/get throughput figure (0: skip)")

@@ -75,6 +75,10 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
   Flag(c, p, kStore, "--chunk-tokens", &ServeConfig::chunk_tokens, "Tokens per stored chunk (256)");
   Flag(c, p, kStore, "--codec", &ServeConfig::codec,
        "Chunk codec of the store (raw, int8, int4, ...)");
+  Flag(c, p, kStore, "--redis-levels", &ServeConfig::redis_levels,
+       "Adaptive loading: more codecs whose encodings of each chunk go to Redis too, best "
+       "first (repeatable, e.g. cachegen cachegen-low); a restore picks per chunk the best that "
+       "loads by --load-deadline-ms at the measured bandwidth, else recomputes");
   Flag(c, p, kStore, "--policy", &ServeConfig::policy, "Eviction policy: lru, lfu, s3fifo, cost");
   Flag(c, p, kStore, "--admit-after-hits", &ServeConfig::admit_after_hits,
        "Slower tiers take a chunk once it was hit N times (0)");
@@ -167,6 +171,7 @@ Status OpenStore(const ServeConfig& cfg, KvManager& kv, KvEventSink* events,
   }
   co.redis_urls = cfg.redis;
   co.codec = cfg.codec;
+  co.remote_levels = cfg.redis_levels;
   co.policy = cfg.policy;
   co.admit_after_hits = static_cast<uint32_t>(cfg.admit_after_hits);
   co.redis_write =

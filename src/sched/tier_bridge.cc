@@ -291,6 +291,8 @@ nlohmann::json TierBridge::Stats() {
   j["collisions"] = s.collisions;
   j["corruptions"] = s.corruptions;
   j["deadline_misses"] = s.deadline_misses;
+  j["remote_lower_level_chunks"] = s.remote_lower_level_chunks;
+  j["remote_recompute_chunks"] = s.remote_recompute_chunks;
   j["io_queue_depth"] = s.io_queue_depth;
   j["lookup_queue_depth"] = lookups_->queued();
   return j;

@@ -108,6 +108,7 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"redis", StrList(&cfg->redis)},
       {"chunk_tokens", Int(&cfg->chunk_tokens)},
       {"codec", Str(&cfg->codec)},
+      {"redis_levels", StrList(&cfg->redis_levels)},
       {"policy", Str(&cfg->policy)},
       {"admit_after_hits", Int(&cfg->admit_after_hits)},
       {"redis_write", Str(&cfg->redis_write)},
@@ -266,6 +267,9 @@ Status ValidateConfig(const ServeConfig& c) {
     return InvalidArgument("--chunk-tokens must be in [1, 65536]");
   }
   if (c.codec.empty()) return InvalidArgument("--codec must not be empty");
+  if (!c.redis_levels.empty() && c.redis.empty()) {
+    return InvalidArgument("--redis-levels needs --redis (the levels are written to Redis)");
+  }
   auto bytes = [](const std::string& v, const char* flag) -> Status {
     if (v.empty()) return Status::Ok();
     auto r = ParseBytes(v);

@@ -385,6 +385,7 @@ max_messages = 16
       {"preempt = \"swap\"\nprefix_cache = false", "--preempt"},
       {"itl_target_ms = -1", "--itl-target-ms"},
       {"itl_target_ms = 60001", "--itl-target-ms"},
+      {"redis_levels = [\"int4\"]", "--redis-levels"},  // without redis
   };
   for (const auto& b : bad) {
     ServeConfig x;

@@ -229,6 +229,45 @@ def test_redis_shared_and_dead(binary, model, tmp):
                 s.stop()
 
 
+def test_redis_levels(binary, model, tmp):
+    """--redis-levels writes each chunk to Redis once per level; a second server (nothing
+    measured yet, a generous deadline) restores the best level: the answer is the cold one."""
+    if shutil.which("redis-server") is None:
+        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+        return
+    redis = Redis(tmp)
+    a = b = None
+    try:
+        args = ("--redis", redis.url(), "--chunk-tokens", "64", "--redis-levels", "int4")
+        a = Server(binary, model, *args)
+        text_a, u = complete(a, LONG)
+        graceful_stop(a)
+        a = None
+        keys = subprocess.run(["redis-cli", "-p", str(redis.port), "--scan", "--pattern", "ct:*"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        heads = [k for k in keys if k.endswith("}")]
+        chunks = u["prompt_tokens"] // 64
+        # (The finished turn's chunks: its prompt's and those its reply completed.)
+        check(len(heads) % 2 == 0 and len(heads) >= 2 * chunks,
+              "every chunk (%d of the prompt) written at 2 levels: %d records" %
+              (chunks, len(heads)))
+        b = Server(binary, model, *args)
+        text_b, u = complete(b, LONG)
+        check(by_tier(u).get("redis", 0) == chunks * 64, "restored from Redis: %s" % u)
+        check(text_b == text_a, "at the best level the answer is the cold one")
+        status, st = b.get("/v1/cache/stats")
+        tiers = st.get("tiers", {}) if status == 200 else {}
+        check(tiers.get("remote_lower_level_chunks") == 0 and
+              tiers.get("remote_recompute_chunks") == 0,
+              "no lower level and no recompute: %s" % {k: v for k, v in tiers.items()
+                                                       if k.startswith("remote")})
+    finally:
+        redis.kill()
+        for s in (a, b):
+            if s is not None:
+                s.stop()
+
+
 class FreezingProxy:
     """A TCP proxy in front of a real Redis that stops it (SIGSTOP) at the moment the first
     GET of a record passes through once armed: the restore has looked its chunks up (EXISTS)
@@ -423,7 +462,7 @@ def main():
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cachette-tiers-")
     tests = [test_restart_hits_disk, test_session_restored_from_disk,
-             test_q4_session_survives_restart, test_redis_shared_and_dead,
+             test_q4_session_survives_restart, test_redis_shared_and_dead, test_redis_levels,
              test_frozen_redis_never_stalls_streams, test_clear_reaches_every_tier]
     failed = 0
     try:
