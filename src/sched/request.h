@@ -26,6 +26,7 @@
 #include "cachette/status.h"
 #include "cachette/types.h"
 #include "engine/generate.h"
+#include "engine/logprobs.h"
 #include "kv/kv_policy.h"
 
 namespace cachette::sched {
@@ -42,6 +43,13 @@ struct SchedRequest {
   std::string program_id;         // agent program (Continuum); empty: session_id
   std::string tool;               // the tool whose result the program's next turn carries
   KvPolicyConfig kv_policy;       // name empty: full KV; else the budget policy (kv_policy.h)
+  // Log-probabilities (engine/logprobs.h): -1 none; N >= 0: every generated token's logprob
+  // with the N most likely tokens at its position (at most kMaxTopLogprobs).
+  int logprobs = -1;
+  // With logprobs >= 0: also every prompt token's after the first (echo). Cached KV has no
+  // logits, so such a request prefills its whole prompt: no reuse from the radix index or the
+  // tiers (its KV is still committed for later requests).
+  bool prompt_logprobs = false;
 };
 
 // Tokens of the prompt that came from one place instead of being prefilled.
@@ -69,6 +77,12 @@ struct StreamEvent {
   enum class Kind { kToken, kDone, kError } kind = Kind::kToken;
   TokenId token = -1;       // kToken
   std::string text;         // kToken: newly completed text (may be empty)
+  // kToken of a request with logprobs >= 0: the token's logprobs (logprobs.chosen.token ==
+  // token). chosen.token -1: none (not asked, or a stop string cut the token's text entirely).
+  PositionLogprobs logprobs;
+  // The first event (kToken or kDone) of a request with prompt_logprobs: entry i is for prompt
+  // token i + 1 (prompt_len - 1 entries; the first token has none). Empty otherwise.
+  std::vector<PositionLogprobs> prompt_logprobs;
   // kDone: why it ended (kEos, kStop: a stop string, kLength, kCancelled).
   GenerateResult::Finish finish = GenerateResult::Finish::kLength;
   RequestUsage usage;       // kDone

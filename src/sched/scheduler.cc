@@ -53,8 +53,18 @@ struct Scheduler::Seq {
   int64_t policy_block = 0;
   AttentionStats stats;
   int64_t since_compaction = 0;
+  // Prompt logprobs (req.prompt_logprobs): entry k is for prompt token k + 1, from the logits
+  // at position k; they go out with the first event (prompt_lp_sent). Their count bounds the
+  // prefix a (re)admission may reuse: positions past it need their logits computed.
+  std::vector<PositionLogprobs> prompt_lp;
+  bool prompt_lp_sent = false;
   // Tokens of tokens/prompt read into the KV (the slot count differs once compacted).
   int64_t fed() const { return kv ? kv->tokens_seen() : 0; }
+  // Whether the next prefill chunk must compute the logits of every position (kAll).
+  bool NeedsPromptLogits() const {
+    return req.prompt_logprobs && !prompt_lp_sent &&
+           static_cast<int64_t>(prompt_lp.size()) + 1 < orig_prompt_len;
+  }
 };
 
 namespace {
@@ -73,6 +83,9 @@ constexpr std::string_view kProgramPinPrefix = "\x01program:";
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Decode tokens a policy sequence adds before it is compacted again.
 constexpr int64_t kPolicySlack = 16;
+// Prompt logprobs: the logits of every position of a step's chunks ([rows][n_vocab] floats)
+// take at most this much; chunks of such prompts are cut to fit (at least one row per step).
+constexpr int64_t kPromptLogitsBytes = int64_t{32} << 20;
 }  // namespace
 
 Scheduler::Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& options,
@@ -579,6 +592,12 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
     s.stats.cumulative = s.policy->stats_cumulative();
     s.since_compaction = 0;
   }
+  if (s.NeedsPromptLogits()) {
+    // Reused KV has no logits: only the positions whose logprobs are known (a resumed request's)
+    // may come from the cache; the rest is prefilled with every position's logits.
+    const auto known = static_cast<int64_t>(s.prompt_lp.size());
+    if (s.kv->n_tokens() > known) s.kv->SetTokens(known);
+  }
   // The whole prompt cached: its last token is recomputed (see Step), into a shared page.
   const int64_t reused = std::min(s.kv->n_tokens(), s.prompt_len - 1);
   const int64_t shared_full = reused / P;
@@ -708,6 +727,7 @@ void Scheduler::Admit() {
 void Scheduler::StartTierLoad(Seq& s) {
   s.state = Seq::State::kPrefill;
   if (!options_.prefix_cache) return;
+  if (s.NeedsPromptLogits()) return;  // restored KV has no logits either (see Fits)
   // The tiers are asked off this thread; the request waits in kLoading meanwhile.
   std::span<const TokenId> prompt(s.req.prompt);
   if (s.policy != nullptr) {
@@ -808,6 +828,11 @@ void Scheduler::Step() {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.prefill_budget = left;
   }
+  // Chunks of prompts that need every position's logits share one bounded buffer.
+  const int64_t n_vocab = engine_.model().config().n_vocab;
+  int64_t logit_rows_left =
+      std::max<int64_t>(1, kPromptLogitsBytes / (n_vocab * static_cast<int64_t>(sizeof(float))));
+  int64_t logit_rows = 0;
   for (auto& s : running_) {
     if (s->state != Seq::State::kPrefill || left <= 0) continue;
     int64_t done = s->fed();
@@ -825,9 +850,24 @@ void Scheduler::Step() {
       const int64_t rest = end - done;
       n = rest <= left + s->policy->stats_window() ? rest : left;
     }
+    if (s->NeedsPromptLogits()) {
+      if (logit_rows_left <= 0) continue;  // the buffer is taken: next step
+      // A policy's chunk keeps its shape (its observation window); it is within step_tokens
+      // plus a window anyway.
+      if (s->policy == nullptr) n = std::min(n, logit_rows_left);
+      logit_rows_left -= n;
+      logit_rows += n;
+    }
     left -= n;
     plan.push_back({s.get(), n});
   }
+  // [logit_rows][n_vocab], filled by this step's kAll items; freed once no prompt needs it.
+  if (logit_rows > 0) {
+    prompt_logits_.resize(static_cast<size_t>(logit_rows * n_vocab));
+  } else if (!prompt_logits_.empty()) {
+    prompt_logits_ = std::vector<float>();
+  }
+  int64_t logit_row = 0;  // the next free row of prompt_logits_
 
   // Plan, then apply: reserve every item's pages first; an item that cannot get them waits.
   std::vector<Engine::Item> items;
@@ -862,6 +902,7 @@ void Scheduler::Step() {
     }
     Engine::Item it;
     it.kv = s.kv.get();
+    it.logits_out = s.logits.data();
     if (s.state == Seq::State::kDecode) {
       it.tokens = std::span<const TokenId>(&s.next, 1);
       it.logits = Engine::Logits::kLast;
@@ -869,6 +910,11 @@ void Scheduler::Step() {
       const int64_t done = s.fed();
       it.tokens = std::span<const TokenId>(s.req.prompt).subspan(done, p.n);
       it.logits = done + p.n == s.prompt_len ? Engine::Logits::kLast : Engine::Logits::kNone;
+      if (s.NeedsPromptLogits()) {
+        it.logits = Engine::Logits::kAll;
+        it.logits_out = prompt_logits_.data() + logit_row * n_vocab;
+        logit_row += p.n;
+      }
     }
     if (s.policy != nullptr &&
         (s.policy->stats_window() > 0 || s.policy->stats_cumulative())) {
@@ -880,7 +926,6 @@ void Scheduler::Step() {
       s.stats.window = ends ? s.policy->stats_window() : 0;
       it.stats = &s.stats;
     }
-    it.logits_out = s.logits.data();
     items.push_back(it);
     owners.push_back(&s);
   }
@@ -914,7 +959,9 @@ void Scheduler::Step() {
     } else {
       ++step_decodes;
     }
-    if (items[i].logits == Engine::Logits::kNone) {
+    if (items[i].logits == Engine::Logits::kAll) TakePromptLogits(s, items[i]);
+    if (items[i].logits == Engine::Logits::kNone ||
+        (items[i].logits == Engine::Logits::kAll && s.fed() < s.prompt_len)) {
       // A prompt part-way through prefill: its full pages are final, so concurrent requests
       // with the same prefix may share them from now on.
       if (options_.prefix_cache) kv_.Commit(*s.kv, s.req.prompt);
@@ -964,6 +1011,33 @@ void Scheduler::Step() {
   Requeue();
 }
 
+void Scheduler::TakePromptLogits(Seq& s, const Engine::Item& item) {
+  const int64_t n_vocab = engine_.model().config().n_vocab;
+  const int64_t start = item.tokens.data() - s.req.prompt.data();
+  const auto rows = static_cast<int64_t>(item.tokens.size());
+  for (int64_t j = 0; j < rows; ++j) {
+    // Position pos gives prompt token pos + 1's logprob. A resumed request may recompute
+    // positions it already has (the cache lost them meanwhile): they are skipped.
+    const int64_t pos = start + j;
+    if (pos != static_cast<int64_t>(s.prompt_lp.size()) || pos + 1 >= s.orig_prompt_len) continue;
+    s.prompt_lp.push_back(LogprobsAt(std::span<const float>(item.logits_out + j * n_vocab,
+                                                            static_cast<size_t>(n_vocab)),
+                                     s.req.prompt[static_cast<size_t>(pos + 1)],
+                                     s.req.logprobs));
+  }
+  if (start + rows == s.prompt_len) {
+    // The prompt's last row is the first output token's distribution, which Emit samples.
+    std::copy_n(item.logits_out + (rows - 1) * n_vocab, n_vocab, s.logits.begin());
+  }
+}
+
+void Scheduler::TakePromptLogprobs(Seq& s, StreamEvent& e) {
+  if (!s.req.prompt_logprobs || s.prompt_lp_sent) return;
+  e.prompt_logprobs = std::move(s.prompt_lp);
+  s.prompt_lp = {};
+  s.prompt_lp_sent = true;
+}
+
 void Scheduler::Requeue() {
   bool any = false;
   for (auto& s : running_) {
@@ -991,6 +1065,9 @@ bool Scheduler::Emit(Seq& s) {
     return false;
   }
   const Tokenizer& tok = engine_.model().tokenizer();
+  // Logprobs report the model's raw distribution; the sampler changes the logits in place
+  // (repetition penalty), so they are kept first.
+  if (s.req.logprobs >= 0) raw_logits_.assign(s.logits.begin(), s.logits.end());
   const TokenId id = s.sampler->Sample(s.logits, s.tokens);
   if (!s.req.gen.ignore_eos && tok.IsEog(id)) {
     Finish(s, Reason::kEos);
@@ -1021,6 +1098,10 @@ bool Scheduler::Emit(Seq& s) {
   e.kind = StreamEvent::Kind::kToken;
   e.token = id;
   e.text = std::move(piece);
+  if (s.req.logprobs >= 0 && !(stopped && e.text.empty())) {
+    e.logprobs = LogprobsAt(raw_logits_, id, s.req.logprobs);
+  }
+  TakePromptLogprobs(s, e);
   s.stream->Push(std::move(e));
   if (stopped) {
     Finish(s, Reason::kStop);
@@ -1073,6 +1154,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
     e.kind = StreamEvent::Kind::kDone;
     e.finish = reason;
     e.usage = s.usage;
+    TakePromptLogprobs(s, e);  // max_tokens 0, or EOS first: no token event carried them
   } else {
     e.kind = StreamEvent::Kind::kError;
     e.error = error;

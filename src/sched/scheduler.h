@@ -64,6 +64,14 @@
 // still being computed) and everything is committed when the request finishes (later
 // requests hit).
 //
+// Logprobs (SchedRequest::logprobs, engine/logprobs.h): a generated token's entry is computed in
+// Emit from the raw logits, before the sampler changes them. Prompt logprobs (echo) need the
+// logits of every prompt position, which cached KV does not have: such a request reuses no
+// cached prefix and loads nothing from the tiers (a resumed one reuses at most the positions it
+// already has); its chunks run with Engine::Logits::kAll into one step buffer of at most
+// kPromptLogitsBytes (chunks are cut to fit), each row reduced to its entry right after the
+// forward. Its KV is committed like any other.
+//
 // Thread-safety: Submit, Stats, Drain and the accessors are safe from any thread; the engine
 // is touched by the loop thread only.
 #pragma once
@@ -224,6 +232,11 @@ class Scheduler {
   void Step();
   // Samples and streams the token after `s`'s logits; returns false when `s` is finished.
   bool Emit(Seq& s);
+  // Prompt logprobs (SchedRequest::prompt_logprobs): turns a kAll item's rows into `s`'s
+  // entries right away (the rows live in prompt_logits_ for this step only) and, at the
+  // prompt's end, copies the last row to s.logits; then hands them to `s`'s first event.
+  void TakePromptLogits(Seq& s, const Engine::Item& item);
+  void TakePromptLogprobs(Seq& s, StreamEvent& e);
   using Reason = GenerateResult::Finish;
   // Ends `s` with `reason` (ignored when `error` is not OK: the stream gets kError).
   void Finish(Seq& s, Reason reason, const Status& error = Status::Ok());
@@ -272,6 +285,11 @@ class Scheduler {
   std::vector<std::unique_ptr<Seq>> queue_;    // sorted: priority desc, then id asc
   std::vector<std::unique_ptr<Seq>> running_;  // admission order
   bool admission_dirty_ = true;                // something changed since the last failed try
+  // Logprobs: the kAll logits of this step's prompt chunks, [rows][n_vocab], at most
+  // kPromptLogitsBytes (scheduler.cc) and freed after a step without any; and the raw logits
+  // of the token being sampled ([n_vocab]; the sampler modifies its copy).
+  std::vector<float> prompt_logits_;
+  std::vector<float> raw_logits_;
   int64_t last_sweep_ms_ = 0;
 
   std::thread loop_;  // the scheduler loop; joined in the destructor

@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+
+#include "model/unicode.h"
 
 namespace cachette::server {
 namespace {
@@ -206,6 +209,43 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
   return std::vector<TokenId>{};
 }
 
+// logprobs, top_logprobs and echo into `call` (its prompt tokens are parsed already).
+Status ParseLogprobs(const json& j, Endpoint endpoint, const ApiContext& ctx, GenerateCall* call,
+                     ErrorDetail* d) {
+  sched::SchedRequest& r = call->request;
+  if (endpoint == Endpoint::kChat) {
+    // Chat: logprobs is a boolean, top_logprobs the alternatives (it needs logprobs). Chat has
+    // no echo; the field is ignored like any unknown one.
+    bool want = false;
+    CT_RETURN_IF_ERROR(Param(d, "logprobs", GetBool(j, "logprobs", &want)));
+    int64_t top = -1;
+    CT_RETURN_IF_ERROR(
+        Param(d, "top_logprobs", GetInt(j, "top_logprobs", 0, kMaxTopLogprobs, &top)));
+    if (top >= 0 && !want) {
+      return Param(d, "top_logprobs",
+                   InvalidArgument("'top_logprobs' requires 'logprobs': true"));
+    }
+    if (want) r.logprobs = static_cast<int>(std::max<int64_t>(top, 0));
+    return Status::Ok();
+  }
+  // Completions (OpenAI's legacy format): logprobs is the number of alternatives; false (as
+  // some clients send) means none.
+  int64_t top = -1;
+  if (auto it = j.find("logprobs"); it == j.end() || !it->is_boolean() || it->get<bool>()) {
+    CT_RETURN_IF_ERROR(Param(d, "logprobs", GetInt(j, "logprobs", 0, kMaxTopLogprobs, &top)));
+  }
+  r.logprobs = static_cast<int>(top);
+  CT_RETURN_IF_ERROR(Param(d, "echo", GetBool(j, "echo", &call->echo)));
+  r.prompt_logprobs = call->echo && r.logprobs >= 0;
+  if (call->echo) {
+    const json* p = &*j.find("prompt");  // present: checked before the prompt was read
+    if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
+    call->prompt_text =
+        p->is_string() ? p->get<std::string>() : ctx.tokenizer->Decode(r.prompt);
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, const ApiContext& ctx,
@@ -318,11 +358,7 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   sp.seed = static_cast<uint64_t>(v);
   int64_t n = 1;
   CT_RETURN_IF_ERROR(Param(d, "n", GetInt(j, "n", 1, 1, &n)));
-  bool logprobs = false;
-  if (j.contains("logprobs") && j["logprobs"].is_boolean()) {
-    CT_RETURN_IF_ERROR(GetBool(j, "logprobs", &logprobs));
-  }
-  if (logprobs) return Param(d, "logprobs", InvalidArgument("'logprobs' is not supported"));
+  CT_RETURN_IF_ERROR(ParseLogprobs(j, endpoint, ctx, &call, d));
 
   // max_tokens: within what the context leaves after the prompt.
   const int64_t prompt_len = static_cast<int64_t>(r.prompt.size());
@@ -490,15 +526,111 @@ json UsageJson(const sched::RequestUsage& u) {
           {"cachette", ext}};
 }
 
+std::vector<LogprobEntry> PromptLogprobEntries(std::span<const TokenId> prompt,
+                                               std::vector<PositionLogprobs> lp,
+                                               const Tokenizer& tok) {
+  std::vector<LogprobEntry> out(prompt.size());
+  // Offsets in the decoded prompt: the pieces' running length, less what Decode strips at the
+  // start (SentencePiece's leading space; nothing for byte-level BPE).
+  std::vector<int64_t> at(prompt.size());
+  int64_t pieces = 0;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    at[i] = pieces;
+    pieces += static_cast<int64_t>(tok.TokenToPiece(prompt[i]).size());
+  }
+  const int64_t stripped =
+      pieces - static_cast<int64_t>(tok.Decode(std::vector<TokenId>(prompt.begin(), prompt.end()))
+                                        .size());
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    LogprobEntry& e = out[i];
+    e.text_offset = std::max<int64_t>(0, at[i] - stripped);
+    e.lp.chosen.token = prompt[i];
+    if (i == 0) {
+      e.known = false;
+    } else if (i - 1 < lp.size()) {
+      e.lp = std::move(lp[i - 1]);
+    } else {
+      e.known = false;  // not computed (a request cut short): null, never a made-up value
+    }
+  }
+  return out;
+}
+
+std::string LogprobTokenText(const Tokenizer& tok, TokenId id) {
+  const std::string piece = tok.TokenToPiece(id, /*render_special=*/true);
+  const std::vector<unicode::Unit> units = unicode::Decode(piece);
+  if (std::none_of(units.begin(), units.end(),
+                   [](const unicode::Unit& u) { return u.cp == unicode::Unit::kInvalid; })) {
+    return piece;
+  }
+  std::string out = "bytes:";
+  for (const unicode::Unit& u : units) {
+    if (u.cp != unicode::Unit::kInvalid) {
+      out.append(piece, u.offset, u.len);
+      continue;
+    }
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "\\x%02x", static_cast<unsigned char>(piece[u.offset]));
+    out += hex;
+  }
+  return out;
+}
+
+json LogprobsJson(const GenerateCall& call, std::span<const LogprobEntry> entries,
+                  const Tokenizer& tok) {
+  if (call.request.logprobs < 0) return nullptr;
+  if (call.endpoint == Endpoint::kChat) {
+    auto token_json = [&](const TokenLogprob& t) {
+      const std::string piece = tok.TokenToPiece(t.token, /*render_special=*/true);
+      json bytes = json::array();
+      for (char c : piece) bytes.push_back(static_cast<unsigned char>(c));
+      return json{{"token", LogprobTokenText(tok, t.token)},
+                  {"logprob", t.logprob},
+                  {"bytes", std::move(bytes)}};
+    };
+    json content = json::array();
+    for (const LogprobEntry& e : entries) {
+      if (!e.known) continue;
+      json item = token_json(e.lp.chosen);
+      json top = json::array();
+      for (const TokenLogprob& t : e.lp.top) top.push_back(token_json(t));
+      item["top_logprobs"] = std::move(top);
+      content.push_back(std::move(item));
+    }
+    return {{"content", std::move(content)}, {"refusal", nullptr}};
+  }
+  json tokens = json::array(), token_logprobs = json::array(), top_logprobs = json::array(),
+       offsets = json::array();
+  for (const LogprobEntry& e : entries) {
+    tokens.push_back(LogprobTokenText(tok, e.lp.chosen.token));
+    offsets.push_back(e.text_offset);
+    if (!e.known) {
+      token_logprobs.push_back(nullptr);
+      top_logprobs.push_back(nullptr);
+      continue;
+    }
+    token_logprobs.push_back(e.lp.chosen.logprob);
+    // Most likely first, so a key two tokens share keeps the likelier one's value; the chosen
+    // token last (it is there already when among the top N).
+    json top = json::object();
+    for (const TokenLogprob& t : e.lp.top) top.emplace(LogprobTokenText(tok, t.token), t.logprob);
+    top.emplace(LogprobTokenText(tok, e.lp.chosen.token), e.lp.chosen.logprob);
+    top_logprobs.push_back(std::move(top));
+  }
+  return {{"tokens", std::move(tokens)},
+          {"token_logprobs", std::move(token_logprobs)},
+          {"top_logprobs", std::move(top_logprobs)},
+          {"text_offset", std::move(offsets)}};
+}
+
 json CompletionJson(const GenerateCall& call, const std::string& id, int64_t created,
                     const std::string& model, const std::string& text, const std::string& finish,
-                    const sched::RequestUsage& usage) {
-  json choice = {{"index", 0}, {"finish_reason", finish}};
+                    const sched::RequestUsage& usage, const json& logprobs) {
+  json choice = {{"index", 0}, {"finish_reason", finish}, {"logprobs", logprobs}};
   if (call.endpoint == Endpoint::kChat) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {
     choice["text"] = text;
-    choice["logprobs"] = nullptr;
   }
   return {{"id", id},
           {"object", call.endpoint == Endpoint::kChat ? "chat.completion" : "text_completion"},
@@ -510,8 +642,10 @@ json CompletionJson(const GenerateCall& call, const std::string& id, int64_t cre
 
 json ChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
                const std::string& model, const std::string& text, bool first,
-               const std::string* finish) {
-  json choice = {{"index", 0}, {"finish_reason", finish ? json(*finish) : json(nullptr)}};
+               const std::string* finish, const json& logprobs) {
+  json choice = {{"index", 0},
+                 {"finish_reason", finish ? json(*finish) : json(nullptr)},
+                 {"logprobs", logprobs}};
   if (call.endpoint == Endpoint::kChat) {
     json delta = json::object();
     if (first) delta["role"] = "assistant";
@@ -519,7 +653,6 @@ json ChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
     choice["delta"] = delta;
   } else {
     choice["text"] = text;
-    choice["logprobs"] = nullptr;
   }
   return {{"id", id},
           {"object", call.endpoint == Endpoint::kChat ? "chat.completion.chunk" : "text_completion"},

@@ -5,7 +5,9 @@
 //   model (string; must name the served model), messages (chat) or prompt (completions: a
 //   string, a one-string array or an array of token ids), max_tokens / max_completion_tokens,
 //   temperature, top_p, top_k, min_p, repetition_penalty, seed, stop (string or up to 4),
-//   stream, stream_options.include_usage, n (only 1), logprobs (only false), ignore_eos, and the
+//   stream, stream_options.include_usage, n (only 1), ignore_eos, logprobs (chat: a boolean,
+//   with top_logprobs 0..20, which needs logprobs true; completions: an integer 0..20, or false),
+//   echo (completions: the prompt before the completion, with logprobs its tokens' too), and the
 //   cachette extensions cache_salt (tenant), priority, session_id, session_ttl_s,
 //   cache_control {"ttl_s": N} or {"type": "ephemeral", "ttl": "5m" | "1h" | N}, deadline_ms
 //   (time-to-first-token objective), program_id (agent program; default session_id) and tool
@@ -25,10 +27,13 @@
 
 #include <cstdint>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "cachette/status.h"
+#include "engine/logprobs.h"
 #include "kv/kv_policy.h"
 #include "model/tokenizer.h"
 #include "sched/request.h"
@@ -69,9 +74,11 @@ enum class Endpoint { kChat, kCompletion };
 
 struct GenerateCall {
   Endpoint endpoint = Endpoint::kChat;
-  sched::SchedRequest request;
+  sched::SchedRequest request;  // request.logprobs: -1 none, else top alternatives per token
   bool stream = false;
   bool include_usage = false;
+  bool echo = false;        // completions: the prompt's text (and logprobs) first
+  std::string prompt_text;  // echo: the prompt as given, or its token ids decoded
 };
 
 // Parses and validates a /v1/chat/completions or /v1/completions body. On failure, `detail` (when
@@ -101,16 +108,50 @@ std::string ErrorBody(const Status& s, const ErrorDetail& detail = {});
 // it, else "stop" (EOS, a stop string; a cancelled request's client is gone anyway).
 const char* FinishReasonName(GenerateResult::Finish finish);
 
-// Response pieces. `id` is "chatcmpl-N" / "cmpl-N"; `created` is Unix seconds.
+// One token of a choice's logprobs, in the order the choice lists them (echoed prompt tokens,
+// then generated ones).
+struct LogprobEntry {
+  bool known = true;        // false: the first prompt token, which has no logprob (null)
+  PositionLogprobs lp;      // lp.chosen.token is the token (also when !known)
+  int64_t text_offset = 0;  // completions: where its text starts in the choice's text
+};
+
+// The echoed prompt's entries: the first token unknown, then `lp` (entry i for token i + 1, as
+// sched::StreamEvent::prompt_logprobs). Text offsets are those of the prompt decoded
+// (Tokenizer::Decode: pieces without special tokens' text).
+std::vector<LogprobEntry> PromptLogprobEntries(std::span<const TokenId> prompt,
+                                               std::vector<PositionLogprobs> lp,
+                                               const Tokenizer& tok);
+
+// A token's text in logprobs: its bytes with special tokens rendered ("<|endoftext|>"); bytes
+// that are not valid UTF-8 (part of a character) are spelled "\xNN" after a "bytes:" prefix, as
+// OpenAI does (chat's `bytes` array carries the raw bytes).
+std::string LogprobTokenText(const Tokenizer& tok, TokenId id);
+
+// The `logprobs` object of a choice (or of one streamed chunk's tokens) in the call's format:
+//   completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"}; an unknown entry
+//     has null token_logprobs and top_logprobs; a known one's top_logprobs maps token text to
+//     logprob for the top N plus the chosen token (up to N + 1 keys, OpenAI's "logprobs + 1";
+//     a key two tokens share keeps the likelier one's value);
+//   chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
+//     "bytes"}] x N]}], "refusal": null} (unknown entries are skipped: chat has no prompt ones).
+// Null when the call asked for no logprobs.
+nlohmann::json LogprobsJson(const GenerateCall& call, std::span<const LogprobEntry> entries,
+                            const Tokenizer& tok);
+
+// Response pieces. `id` is "chatcmpl-N" / "cmpl-N"; `created` is Unix seconds. `logprobs` is
+// the choice's (LogprobsJson; null when not asked). For echo, `text` already starts with the
+// prompt.
 nlohmann::json UsageJson(const sched::RequestUsage& u);
 nlohmann::json CompletionJson(const GenerateCall& call, const std::string& id, int64_t created,
                               const std::string& model, const std::string& text,
-                              const std::string& finish, const sched::RequestUsage& usage);
+                              const std::string& finish, const sched::RequestUsage& usage,
+                              const nlohmann::json& logprobs = nullptr);
 // One streamed chunk: a delta of text (first chunk of a chat also carries the role), or the
-// final chunk with finish_reason (text empty).
+// final chunk with finish_reason (text empty), with the logprobs of the tokens it carries.
 nlohmann::json ChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
                          const std::string& model, const std::string& text, bool first,
-                         const std::string* finish);
+                         const std::string* finish, const nlohmann::json& logprobs = nullptr);
 nlohmann::json UsageChunkJson(const GenerateCall& call, const std::string& id, int64_t created,
                               const std::string& model, const sched::RequestUsage& usage);
 // JSON text that never throws: invalid UTF-8 in generated text becomes U+FFFD.

@@ -27,7 +27,13 @@ struct StreamState {
   std::string endpoint;  // "chat" or "completions"
   int64_t created = 0;
   int64_t start_ns = 0, first_ns = 0, last_ns = 0;
-  std::string text;
+  std::string text;  // the completion (an echoed prompt is not in it)
+  // Logprobs (call.request.logprobs >= 0): the echoed prompt's entries, then each generated
+  // token's; a stream has sent the first `logprobs_sent` of them.
+  std::vector<LogprobEntry> logprobs;
+  size_t logprobs_sent = 0;
+  bool prompt_seen = false;  // the first event (which carries the prompt's logprobs) arrived
+  bool echo_sent = false;    // a stream's echo chunk is out
   bool first_chunk = true;
   bool finished = false;  // a terminal event was seen
   int64_t tokens = 0;     // token events received
@@ -196,8 +202,15 @@ bool PeerClosed(int fd) {
 int64_t UnixSeconds() { return static_cast<int64_t>(std::time(nullptr)); }
 
 // Applies one event to the state; records inter-token gaps.
-void Absorb(StreamState& st, sched::StreamEvent& e, Metrics& m) {
+void Absorb(StreamState& st, sched::StreamEvent& e, Metrics& m, const Tokenizer& tok) {
   const int64_t now = NowNanos();
+  if (!st.prompt_seen && e.kind != sched::StreamEvent::Kind::kError) {
+    st.prompt_seen = true;
+    if (st.call.request.prompt_logprobs) {
+      st.logprobs =
+          PromptLogprobEntries(st.call.request.prompt, std::move(e.prompt_logprobs), tok);
+    }
+  }
   switch (e.kind) {
     case sched::StreamEvent::Kind::kToken:
       if (st.first_ns == 0) {
@@ -206,6 +219,13 @@ void Absorb(StreamState& st, sched::StreamEvent& e, Metrics& m) {
         m.ObserveInterToken(static_cast<double>(now - st.last_ns) * 1e-9);
       }
       st.last_ns = now;
+      if (st.call.request.logprobs >= 0 && e.logprobs.chosen.token >= 0) {
+        LogprobEntry entry;
+        entry.lp = std::move(e.logprobs);
+        entry.text_offset =
+            static_cast<int64_t>((st.call.echo ? st.call.prompt_text.size() : 0) + st.text.size());
+        st.logprobs.push_back(std::move(entry));
+      }
       st.text += e.text;
       ++st.tokens;
       break;
@@ -456,7 +476,7 @@ void HttpServer::Generate(const httplib::Request& req, httplib::Response& res,
   int64_t next_check_ns = 0;
   sched::StreamEvent e;
   while (!st->finished) {
-    if (st->stream->Next(&e, kDisconnectPoll)) Absorb(*st, e, metrics_);
+    if (st->stream->Next(&e, kDisconnectPoll)) Absorb(*st, e, metrics_, *backend_.api.tokenizer);
     const int64_t now = NowNanos();
     if (st->finished || client_gone || fd < 0 || now < next_check_ns) continue;
     next_check_ns = now + std::chrono::nanoseconds(kDisconnectPoll).count();
@@ -476,9 +496,11 @@ void HttpServer::Generate(const httplib::Request& req, httplib::Response& res,
     return Error(res, st->error, ep);
   }
   LogAndRecord(*st, 200);
+  const std::string text = st->call.echo ? st->call.prompt_text + st->text : st->text;
   Json(res, 200,
-       Dump(CompletionJson(st->call, st->id, st->created, backend_.api.model_id, st->text,
-                           st->finish, st->usage)),
+       Dump(CompletionJson(st->call, st->id, st->created, backend_.api.model_id, text, st->finish,
+                           st->usage,
+                           LogprobsJson(st->call, st->logprobs, *backend_.api.tokenizer))),
        ep);
 }
 
@@ -501,11 +523,32 @@ void HttpServer::StreamResponse(httplib::Response& res, std::shared_ptr<StreamSt
       }
       return true;
     }
-    Absorb(*st, e, metrics_);
+    const Tokenizer& tok = *backend_.api.tokenizer;
+    Absorb(*st, e, metrics_, tok);
+    // The logprobs entries not streamed yet, up to `end`.
+    auto unsent = [&](size_t end) {
+      const std::span<const LogprobEntry> all(st->logprobs);
+      nlohmann::json lp =
+          LogprobsJson(st->call, all.subspan(st->logprobs_sent, end - st->logprobs_sent), tok);
+      st->logprobs_sent = end;
+      return lp;
+    };
+    if (st->call.echo && !st->echo_sent && e.kind != sched::StreamEvent::Kind::kError) {
+      // The echoed prompt first, in a chunk of its own (with its tokens' logprobs).
+      st->echo_sent = true;
+      const size_t prompt_entries =
+          st->call.request.prompt_logprobs ? st->call.request.prompt.size() : 0;
+      if (!send(Dump(ChunkJson(st->call, st->id, st->created, model, st->call.prompt_text,
+                               st->first_chunk, nullptr, unsent(prompt_entries))))) {
+        st->stream->Cancel();
+        return false;
+      }
+      st->first_chunk = false;
+    }
     bool ok = true;
     if (e.kind == sched::StreamEvent::Kind::kToken) {
       ok = send(Dump(ChunkJson(st->call, st->id, st->created, model, e.text, st->first_chunk,
-                               nullptr)));
+                               nullptr, unsent(st->logprobs.size()))));
       st->first_chunk = false;
     } else if (e.kind == sched::StreamEvent::Kind::kDone) {
       ok = send(Dump(ChunkJson(st->call, st->id, st->created, model, "", st->first_chunk,

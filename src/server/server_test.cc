@@ -138,6 +138,159 @@ TEST(OpenAiTest, RejectsBadInputWithTheRightStatus) {
   EXPECT_NE(ErrorBody(r.status()).find("context_length_exceeded"), std::string::npos);
 }
 
+TEST(OpenAiLogprobsTest, ParsesBothEndpointsFormats) {
+  struct Case {
+    const char* body;
+    Endpoint ep;
+    int logprobs;
+    bool echo;
+    bool prompt_logprobs;
+  } cases[] = {
+      {R"({"prompt":"hi"})", Endpoint::kCompletion, -1, false, false},
+      {R"({"prompt":"hi","logprobs":null})", Endpoint::kCompletion, -1, false, false},
+      {R"({"prompt":"hi","logprobs":false})", Endpoint::kCompletion, -1, false, false},
+      {R"({"prompt":"hi","logprobs":0})", Endpoint::kCompletion, 0, false, false},
+      {R"({"prompt":"hi","logprobs":5,"max_tokens":3})", Endpoint::kCompletion, 5, false, false},
+      {R"({"prompt":"hi","logprobs":20})", Endpoint::kCompletion, 20, false, false},
+      {R"({"prompt":"hi","echo":true})", Endpoint::kCompletion, -1, true, false},
+      {R"({"prompt":"hi","echo":true,"logprobs":1,"max_tokens":0})", Endpoint::kCompletion, 1,
+       true, true},
+      {R"({"messages":[{"role":"user","content":"x"}]})", Endpoint::kChat, -1, false, false},
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":false})", Endpoint::kChat, -1,
+       false, false},
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":true})", Endpoint::kChat, 0,
+       false, false},
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3})",
+       Endpoint::kChat, 3, false, false},
+      // Chat has no echo: ignored like any unknown field.
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"echo":true})",
+       Endpoint::kChat, 0, false, false},
+  };
+  for (const auto& c : cases) {
+    auto r = ParseGenerate(c.body, c.ep, Ctx());
+    ASSERT_TRUE(r.ok()) << c.body << ": " << r.status().ToString();
+    EXPECT_EQ(r->request.logprobs, c.logprobs) << c.body;
+    EXPECT_EQ(r->echo, c.echo) << c.body;
+    EXPECT_EQ(r->request.prompt_logprobs, c.prompt_logprobs) << c.body;
+  }
+  auto echo = ParseGenerate(R"({"prompt":["hi there"],"echo":true,"max_tokens":0})",
+                            Endpoint::kCompletion, Ctx());
+  ASSERT_TRUE(echo.ok());
+  EXPECT_EQ(echo->prompt_text, "hi there");
+  EXPECT_EQ(echo->request.gen.max_tokens, 0);
+  // Token ids are echoed decoded (the BOS piece is empty).
+  const Tokenizer& tok = *Ctx().tokenizer;
+  std::vector<TokenId> ids = tok.Encode("Hello world", true, false);
+  std::string body = R"({"echo":true,"prompt":[)";
+  for (size_t i = 0; i < ids.size(); ++i) body += (i ? "," : "") + std::to_string(ids[i]);
+  body += "]}";
+  auto by_ids = ParseGenerate(body, Endpoint::kCompletion, Ctx());
+  ASSERT_TRUE(by_ids.ok()) << by_ids.status().ToString();
+  EXPECT_EQ(by_ids->prompt_text, "Hello world");
+}
+
+TEST(OpenAiLogprobsTest, RejectsBadValuesNamingTheField) {
+  struct Case {
+    const char* body;
+    Endpoint ep;
+    const char* param;
+  } cases[] = {
+      {R"({"prompt":"hi","logprobs":21})", Endpoint::kCompletion, "logprobs"},
+      {R"({"prompt":"hi","logprobs":-1})", Endpoint::kCompletion, "logprobs"},
+      {R"({"prompt":"hi","logprobs":true})", Endpoint::kCompletion, "logprobs"},
+      {R"({"prompt":"hi","logprobs":"5"})", Endpoint::kCompletion, "logprobs"},
+      {R"({"prompt":"hi","logprobs":1.5})", Endpoint::kCompletion, "logprobs"},
+      {R"({"prompt":"hi","echo":1})", Endpoint::kCompletion, "echo"},
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":3})", Endpoint::kChat,
+       "logprobs"},
+      {R"({"messages":[{"role":"user","content":"x"}],"top_logprobs":2})", Endpoint::kChat,
+       "top_logprobs"},
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":false,"top_logprobs":0})",
+       Endpoint::kChat, "top_logprobs"},
+      {R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21})",
+       Endpoint::kChat, "top_logprobs"},
+  };
+  for (const auto& c : cases) {
+    ErrorDetail d;
+    auto r = ParseGenerate(c.body, c.ep, Ctx(), &d);
+    ASSERT_FALSE(r.ok()) << c.body;
+    EXPECT_EQ(HttpStatusFor(r.status()), 400) << c.body;
+    EXPECT_EQ(d.param, c.param) << c.body << ": " << r.status().ToString();
+  }
+}
+
+// Two positions of a completion: the formats of both endpoints.
+TEST(OpenAiLogprobsTest, FormatsCompletionAndChatLogprobs) {
+  const Tokenizer& tok = *Ctx().tokenizer;
+  const std::vector<TokenId> prompt = tok.Encode("The cat", true, false);
+  ASSERT_GE(prompt.size(), 3u);  // BOS, "The", " cat"
+  std::vector<PositionLogprobs> lp(prompt.size() - 1);
+  for (size_t i = 0; i < lp.size(); ++i) {
+    lp[i].chosen = {prompt[i + 1], -1.5 - static_cast<double>(i)};
+    lp[i].top = {{prompt[i + 1] == 11 ? 12 : 11, -0.25}};  // another token, likelier
+  }
+  std::vector<LogprobEntry> entries = PromptLogprobEntries(prompt, lp, tok);
+  ASSERT_EQ(entries.size(), prompt.size());
+  EXPECT_FALSE(entries[0].known);
+  EXPECT_EQ(entries[0].text_offset, 0);
+  EXPECT_EQ(entries[1].text_offset, 0);  // the BOS piece is empty
+  EXPECT_EQ(entries[2].text_offset, 3);  // after "The"
+
+  GenerateCall call;
+  call.endpoint = Endpoint::kCompletion;
+  EXPECT_TRUE(LogprobsJson(call, entries, tok).is_null());  // not asked
+  call.request.logprobs = 1;
+  const nlohmann::json c = LogprobsJson(call, entries, tok);
+  ASSERT_EQ(c["tokens"].size(), prompt.size());
+  EXPECT_EQ(c["tokens"][0], "<|endoftext|>");  // special tokens rendered
+  EXPECT_EQ(c["tokens"][1], "The");
+  EXPECT_TRUE(c["token_logprobs"][0].is_null());
+  EXPECT_TRUE(c["top_logprobs"][0].is_null());
+  EXPECT_EQ(c["token_logprobs"][1], -1.5);
+  // The top N plus the chosen token: N + 1 keys when it is not among them.
+  EXPECT_EQ(c["top_logprobs"][1].size(), 2u);
+  EXPECT_EQ(c["top_logprobs"][1]["The"], -1.5);
+  EXPECT_EQ(c["text_offset"], nlohmann::json({0, 0, 3}));
+
+  call.endpoint = Endpoint::kChat;
+  const nlohmann::json h = LogprobsJson(call, entries, tok);
+  ASSERT_EQ(h["content"].size(), prompt.size() - 1);  // chat lists no unknown entry
+  EXPECT_EQ(h["content"][1]["token"], " cat");
+  EXPECT_EQ(h["content"][1]["logprob"], -2.5);
+  EXPECT_EQ(h["content"][1]["bytes"], nlohmann::json({32, 99, 97, 116}));
+  ASSERT_EQ(h["content"][1]["top_logprobs"].size(), 1u);
+  EXPECT_EQ(h["content"][1]["top_logprobs"][0]["logprob"], -0.25);
+  EXPECT_TRUE(h["refusal"].is_null());
+
+  // In a response: the choice carries it; without logprobs, null.
+  const nlohmann::json resp = CompletionJson(call, "chatcmpl-1", 0, "tiny", "x", "stop", {}, h);
+  EXPECT_EQ(resp["choices"][0]["logprobs"], h);
+  call.request.logprobs = -1;
+  EXPECT_TRUE(CompletionJson(call, "chatcmpl-1", 0, "tiny", "x", "stop", {})["choices"][0]
+                  ["logprobs"]
+                      .is_null());
+}
+
+TEST(OpenAiLogprobsTest, PartialUtf8TokensAreSpelledAsBytes) {
+  const Tokenizer& tok = *Ctx().tokenizer;
+  // Byte-level BPE: some id stands for the lone byte 0xE2 (the lead of a 3-byte character).
+  TokenId lone = -1;
+  for (TokenId id = 0; id < tok.vocab_size() && lone < 0; ++id) {
+    if (tok.TokenToPiece(id) == "\xE2") lone = id;
+  }
+  ASSERT_GE(lone, 0);
+  EXPECT_EQ(LogprobTokenText(tok, lone), "bytes:\\xe2");
+  GenerateCall call;
+  call.endpoint = Endpoint::kChat;
+  call.request.logprobs = 0;
+  LogprobEntry e;
+  e.lp.chosen = {lone, -0.5};
+  const nlohmann::json h = LogprobsJson(call, std::span<const LogprobEntry>(&e, 1), tok);
+  EXPECT_EQ(h["content"][0]["bytes"], nlohmann::json({0xE2}));
+  EXPECT_EQ(h["content"][0]["top_logprobs"], nlohmann::json::array());
+  EXPECT_EQ(Dump(h).find("\\ufffd"), std::string::npos);
+}
+
 TEST(ConfigTest, FileThenValidation) {
   const std::string path = testing::TempDir() + "/serve.toml";
   {
