@@ -40,6 +40,7 @@ const ChunkLayout kLayouts[] = {
     {2, 1, 6, 5, 0},   // head_dim not a multiple of any group
     {1, 1, 3, 2, 1},   // odd head_dim: the int4 codecs refuse it
     {3, 2, 4, 20, 1},  // cachegen: three layer bands, a group of 16 tokens and a partial one
+    {2, 2, 16, 17, 1}, // cachegen: enough channels for the 8- and 16-plane vector rANS loops
 };
 constexpr size_t kNumLayouts = sizeof(kLayouts) / sizeof(kLayouts[0]);
 

@@ -5,9 +5,16 @@
 //
 // Each plane [n_tokens][C] (C = n_kv_head * head_dim) is one section of the body with its own
 // rANS stream, found through a directory of section lengths, so planes could be decoded in
-// parallel; today they are decoded one after the other on the calling thread.
+// parallel. On the calling thread, the decoder takes them in batches of up to 16
+// (rans::Decoder::kMaxLockstep) whose streams it decodes in lockstep, run for run: the planes'
+// runs have the same lengths, and 16 streams are 64 independent rANS states, enough to fill
+// vector lanes (cachegen_kernels.h) where one stream's 4 states would leave the CPU waiting on
+// each update. A batch the fast path refuses is decoded again by the reference decoder, plane by
+// plane, so a corrupt payload's status is the reference's.
 //
-// Scratch per call is the size of one plane: f32 values, int8 codes, f32 anchors.
+// Scratch per call: the encoder's is the size of one plane (f32 values, int8 codes, f32
+// anchors); the decoder's is the int8 codes and tables of one batch of planes, and with the
+// reference one plane of f32 values.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,6 +22,7 @@
 #include <vector>
 
 #include "cache/codecs/cachegen.h"
+#include "cache/codecs/cachegen_kernels.h"
 #include "cache/codecs/codec_internal.h"
 #include "cache/codecs/quant_scalar_ops.h"
 #include "cache/codecs/rans.h"
@@ -203,34 +211,36 @@ bool ReadTable(Cursor& cur, int q, StoredTable* t, uint16_t* freq) {
 
 // ---- planes ----
 
-// Scratch for one plane, sized once per Encode/Decode call.
+// The encoder's scratch for one plane, sized once per Encode call.
 struct PlaneScratch {
   std::vector<float> values;                 // [tokens][C]
   std::vector<float> anchors;                // [groups][C], decoded
   std::vector<int8_t> anchor_q;              // [groups][C]
-  std::vector<int8_t> delta_q;               // encoder: [C][deltas]; decoder: [deltas][C]
-  std::vector<int8_t> plain_q;               // encoder: [C][deltas], the plain-mode codes
+  std::vector<int8_t> delta_q;               // [C][deltas]
+  std::vector<int8_t> plain_q;               // [C][deltas], the plain-mode codes
   std::vector<float> scale, step_a, step_d;  // [C]
   std::vector<uint8_t> plain;                // [C] 1 = plain mode
-  std::vector<StoredTable> tables;           // encoder: the anchors', then each channel's
+  std::vector<StoredTable> tables;           // the anchors', then each channel's
 
-  PlaneScratch(const PlaneShape& s, bool encoder)
+  explicit PlaneScratch(const PlaneShape& s)
       : values(s.elems()),
         anchors(s.anchors()),
         anchor_q(s.anchors()),
         delta_q(s.deltas * s.channels),
-        plain_q(encoder ? s.deltas * s.channels : 0),
+        plain_q(s.deltas * s.channels),
         scale(s.channels),
         step_a(s.channels),
         step_d(s.channels),
         plain(s.channels),
-        tables(encoder ? 1 + s.channels : 0) {}
+        tables(1 + s.channels) {}
 };
 
-void SetSteps(const PlaneShape& s, const PlaneParams& pp, PlaneScratch& w) {
-  for (uint64_t c = 0; c < s.channels; ++c) {
-    w.step_a[c] = w.scale[c] / static_cast<float>(pp.anchor_levels);
-    w.step_d[c] = w.scale[c] / static_cast<float>(pp.delta_levels);
+// A channel's steps from its scale s: s / M_a and s / M_d.
+void SetSteps(uint64_t channels, const PlaneParams& pp, const float* scale, float* step_a,
+              float* step_d) {
+  for (uint64_t c = 0; c < channels; ++c) {
+    step_a[c] = scale[c] / static_cast<float>(pp.anchor_levels);
+    step_d[c] = scale[c] / static_cast<float>(pp.delta_levels);
   }
 }
 
@@ -259,7 +269,7 @@ bool EncodePlane(const PlaneShape& s, const PlaneParams& pp, PlaneScratch& w,
     StoreU16(out.data() + scales_at + 2 * c, bits);
     w.scale[c] = Fp16ToFp32(bits);
   }
-  SetSteps(s, pp, w);
+  SetSteps(C, pp, w.scale.data(), w.step_a.data(), w.step_d.data());
   const float qa = static_cast<float>(pp.anchor_levels);
   const float qd = static_cast<float>(pp.delta_levels);
 
@@ -275,16 +285,22 @@ bool EncodePlane(const PlaneShape& s, const PlaneParams& pp, PlaneScratch& w,
   }
   std::vector<float> inv_d(C);
   for (uint64_t c = 0; c < C; ++c) inv_d[c] = w.step_d[c] > 0.0f ? 1.0f / w.step_d[c] : 0.0f;
+  // Locals, so the int8 stores (which may alias anything) do not reload the vectors' data.
+  int8_t* const delta_q = w.delta_q.data();
+  int8_t* const plain_q = w.plain_q.data();
+  const float* const inv_step_d = inv_d.data();
+  const uint64_t deltas = s.deltas;
   uint64_t j = 0;  // delta index within a channel's run
   for (uint64_t t = 0; t < s.tokens; ++t) {
     if (t % kG == 0) continue;
     const float* row = x + t * C;
     const float* anchor = w.anchors.data() + (t / kG) * C;
     for (uint64_t c = 0; c < C; ++c) {
-      const float d = ClampCode(RoundHalfEven((row[c] - anchor[c]) * inv_d[c]), -2 * qd, 2 * qd);
-      const float p = ClampCode(RoundHalfEven(row[c] * inv_d[c]), -qd, qd);
-      w.delta_q[c * s.deltas + j] = static_cast<int8_t>(d);
-      w.plain_q[c * s.deltas + j] = static_cast<int8_t>(p);
+      const float d =
+          ClampCode(RoundHalfEven((row[c] - anchor[c]) * inv_step_d[c]), -2 * qd, 2 * qd);
+      const float p = ClampCode(RoundHalfEven(row[c] * inv_step_d[c]), -qd, qd);
+      delta_q[c * deltas + j] = static_cast<int8_t>(d);
+      plain_q[c * deltas + j] = static_cast<int8_t>(p);
     }
     ++j;
   }
@@ -340,10 +356,45 @@ bool EncodePlane(const PlaneShape& s, const PlaneParams& pp, PlaneScratch& w,
   return true;
 }
 
-// Decodes one plane section into w.values ([tokens][C] f32). kCorruption naming the fault.
-Status DecodePlane(const PlaneShape& s, const PlaneParams& pp, std::span<const std::byte> section,
-                   PlaneScratch& w, std::vector<uint16_t>& freqs, std::vector<int>& ranges,
-                   rans::DecodeTable& dt) {
+// One plane's section as the decoder reads it: per-channel parameters, the tables (ranges holds
+// (lo, n) per table, freqs their frequencies at kMaxAlphabet apart; table 0 is the anchors',
+// table 1 + c channel c's), the opened stream, and the decoded codes.
+struct PlaneDecode {
+  std::vector<float> scale, step_a, step_d;  // [C]
+  std::vector<uint8_t> plain;                // [C] 1 = plain mode
+  std::vector<int> ranges;
+  std::vector<uint16_t> freqs;
+  rans::Decoder dec;
+  std::vector<int8_t> anchor_q;  // [groups][C]
+  // The reference decoder's [deltas][C]; the fast one's [C][deltas] and 3 bytes of slack
+  // (CacheGenPlaneCodes).
+  std::vector<int8_t> delta_q;
+
+  explicit PlaneDecode(const PlaneShape& s)
+      : scale(s.channels),
+        step_a(s.channels),
+        step_d(s.channels),
+        plain(s.channels),
+        anchor_q(s.anchors()),
+        delta_q(s.deltas * s.channels + 3) {}
+
+  // Table i's range and frequencies into `dt`, by the plain Build or `kernels`' twin.
+  void BuildTable(uint64_t i, rans::DecodeTable& dt) const {
+    dt.Build(ranges[2 * i], ranges[2 * i + 1], freqs.data() + i * kMaxAlphabet);
+  }
+  void BuildTable(uint64_t i, const CacheGenKernels& kernels, rans::DecodeTable& dt) const {
+    kernels.build_table(ranges[2 * i], ranges[2 * i + 1], freqs.data() + i * kMaxAlphabet, dt);
+  }
+  CacheGenPlaneCodes Codes(const PlaneShape& s) const {
+    return {s.tokens,     s.channels,    anchor_q.data(), delta_q.data(),
+            scale.data(), step_a.data(), step_d.data(),   plain.data()};
+  }
+};
+
+// Reads a section's scales, modes and tables and opens its stream. kCorruption naming the
+// fault.
+Status ParsePlane(const PlaneShape& s, const PlaneParams& pp, std::span<const std::byte> section,
+                  PlaneDecode& d) {
   const uint64_t C = s.channels;
   Cursor cur{section.data(), section.data() + section.size()};
   if (cur.left() < 2 * C + s.mode_bytes()) return Corruption("scales run past the section");
@@ -353,87 +404,130 @@ Status DecodePlane(const PlaneShape& s, const PlaneParams& pp, std::span<const s
       return Corruption("scale of channel " + std::to_string(c) +
                         " is not a finite non-negative f16");
     }
-    w.scale[c] = Fp16ToFp32(bits);
+    d.scale[c] = Fp16ToFp32(bits);
   }
   cur.p += 2 * C;
-  SetSteps(s, pp, w);
+  SetSteps(C, pp, d.scale.data(), d.step_a.data(), d.step_d.data());
   for (uint64_t c = 0; c < C; ++c) {
-    w.plain[c] = (static_cast<uint8_t>(cur.p[c / 8]) >> (c % 8)) & 1;
+    d.plain[c] = (static_cast<uint8_t>(cur.p[c / 8]) >> (c % 8)) & 1;
   }
   if (C % 8 != 0 && (static_cast<uint8_t>(cur.p[C / 8]) >> (C % 8)) != 0) {
     return Corruption("unused mode bits are set");
   }
   cur.p += s.mode_bytes();
 
-  // Tables. ranges holds (lo, n) per table, freqs their frequencies at kMaxAlphabet apart;
-  // table 0 is the anchors', table 1 + c channel c's.
   const uint64_t n_tables = 1 + (s.deltas > 0 ? C : 0);
-  ranges.resize(2 * n_tables);
-  freqs.resize(n_tables * kMaxAlphabet);
+  d.ranges.resize(2 * n_tables);
+  d.freqs.resize(n_tables * kMaxAlphabet);
   StoredTable t;
   for (uint64_t i = 0; i < n_tables; ++i) {
     const bool anchor = i == 0;
-    const int q = anchor ? pp.anchor_levels : DeltaAlphabet(pp, w.plain[i - 1]);
-    if (!ReadTable(cur, q, &t, freqs.data() + i * kMaxAlphabet)) {
+    const int q = anchor ? pp.anchor_levels : DeltaAlphabet(pp, d.plain[i - 1]);
+    if (!ReadTable(cur, q, &t, d.freqs.data() + i * kMaxAlphabet)) {
       return Corruption(anchor ? std::string("anchor table is malformed or truncated")
                                : "delta table of channel " + std::to_string(i - 1) +
                                      " is malformed or truncated");
     }
-    ranges[2 * i] = t.lo;
-    ranges[2 * i + 1] = t.n;
+    d.ranges[2 * i] = t.lo;
+    d.ranges[2 * i + 1] = t.n;
   }
+  return d.dec.Open(std::span<const std::byte>(cur.p, cur.end));
+}
 
-  rans::Decoder dec;
-  CT_RETURN_IF_ERROR(dec.Open(std::span<const std::byte>(cur.p, cur.end)));
-  dt.Build(ranges[0], ranges[1], freqs.data());
-  if (!dec.DecodeRun(dt, s.anchors(), w.anchor_q.data(), 1)) {
+// The reference decoder of one plane section, the spec's steps one after the other: parse,
+// each rANS run on its own, then the values in f32 ([tokens][C], into `values`). kCorruption
+// naming the fault.
+Status DecodePlaneReference(const PlaneShape& s, const PlaneParams& pp,
+                            std::span<const std::byte> section, PlaneDecode& d,
+                            rans::DecodeTable& dt, std::vector<float>& values) {
+  CT_RETURN_IF_ERROR(ParsePlane(s, pp, section, d));
+  const uint64_t C = s.channels;
+  d.BuildTable(0, dt);
+  if (!d.dec.DecodeRun(dt, s.anchors(), d.anchor_q.data(), 1)) {
     return Corruption("rANS stream ends inside the anchors");
-  }
-  for (uint64_t g = 0; g < s.groups; ++g) {
-    const int8_t* q = w.anchor_q.data() + g * C;
-    float* a = w.anchors.data() + g * C;
-    for (uint64_t c = 0; c < C; ++c) {
-      a[c] = std::min(std::max(q[c] * w.step_a[c], -w.scale[c]), w.scale[c]);
-    }
   }
   if (s.deltas > 0) {
     for (uint64_t c = 0; c < C; ++c) {
-      dt.Build(ranges[2 + 2 * c], ranges[3 + 2 * c], freqs.data() + (1 + c) * kMaxAlphabet);
-      if (!dec.DecodeRun(dt, s.deltas, w.delta_q.data() + c, C)) {
+      d.BuildTable(1 + c, dt);
+      if (!d.dec.DecodeRun(dt, s.deltas, d.delta_q.data() + c, C)) {
         return Corruption("rANS stream ends inside channel " + std::to_string(c));
       }
     }
   }
-  if (!dec.AtEnd()) return Corruption("rANS stream does not end where its section does");
+  if (!d.dec.AtEnd()) return Corruption("rANS stream does not end where its section does");
 
-  // Dequantize, token-major: contiguous over channels, so the loop vectorizes. ref holds each
-  // channel's reference of the current group: its anchor, or 0 in plain mode.
-  const float* scale = w.scale.data();
-  const float* step = w.step_d.data();
-  std::vector<float> ref(C);
+  // Dequantize, token-major. ref holds each channel's reference of the current group: its
+  // anchor, or 0 in plain mode.
+  std::vector<float> anchors(s.anchors()), ref(C);
+  for (uint64_t g = 0; g < s.groups; ++g) {
+    const int8_t* q = d.anchor_q.data() + g * C;
+    float* a = anchors.data() + g * C;
+    for (uint64_t c = 0; c < C; ++c) {
+      a[c] = std::min(std::max(q[c] * d.step_a[c], -d.scale[c]), d.scale[c]);
+    }
+  }
   uint64_t j = 0;
   for (uint64_t t = 0; t < s.tokens; ++t) {
-    float* out = w.values.data() + t * C;
-    const float* anchor = w.anchors.data() + (t / kG) * C;
+    float* out = values.data() + t * C;
+    const float* anchor = anchors.data() + (t / kG) * C;
     if (t % kG == 0) {
       std::memcpy(out, anchor, C * sizeof(float));
-      for (uint64_t c = 0; c < C; ++c) ref[c] = w.plain[c] ? 0.0f : anchor[c];
+      for (uint64_t c = 0; c < C; ++c) ref[c] = d.plain[c] ? 0.0f : anchor[c];
       continue;
     }
-    const int8_t* q = w.delta_q.data() + j * C;
+    const int8_t* q = d.delta_q.data() + j * C;
     for (uint64_t c = 0; c < C; ++c) {
-      const float v = ref[c] + static_cast<float>(q[c]) * step[c];
-      out[c] = std::min(std::max(v, -scale[c]), scale[c]);
+      const float v = ref[c] + static_cast<float>(q[c]) * d.step_d[c];
+      out[c] = std::min(std::max(v, -d.scale[c]), d.scale[c]);
     }
     ++j;
   }
   return Status::Ok();
 }
 
+// The fast decoder of k <= kMaxLockstep plane sections (one decode each in `d`, one table
+// each in `dt`): the same steps up to the codes, with the k streams' runs decoded in lockstep by
+// `kernels` (their runs have the same lengths: every plane has the chunk's shape), each
+// channel's deltas into its own row of delta_q. The caller writes the values. Any fault is
+// reported as a bare kCorruption: the caller then reruns the reference on these planes, which
+// names the first fault in plane order.
+Status DecodePlanesFast(const PlaneShape& s, std::span<const PlaneParams> pp,
+                        std::span<const std::span<const std::byte>> sections,
+                        const CacheGenKernels& kernels, std::span<PlaneDecode> d,
+                        std::span<rans::DecodeTable> dt) {
+  const int k = static_cast<int>(sections.size());
+  rans::Decoder* decs[rans::Decoder::kMaxLockstep];
+  int8_t* outs[rans::Decoder::kMaxLockstep];
+  for (int i = 0; i < k; ++i) {
+    CT_RETURN_IF_ERROR(ParsePlane(s, pp[i], sections[i], d[i]));
+    decs[i] = &d[i].dec;
+  }
+  const Status fault = Corruption("a plane of the batch is corrupt");
+  for (int i = 0; i < k; ++i) {
+    d[i].BuildTable(0, kernels, dt[i]);
+    outs[i] = d[i].anchor_q.data();
+  }
+  if (!kernels.decode_runs(decs, dt.data(), k, s.anchors(), outs, 1)) return fault;
+  if (s.deltas > 0) {
+    for (uint64_t c = 0; c < s.channels; ++c) {
+      for (int i = 0; i < k; ++i) {
+        d[i].BuildTable(1 + c, kernels, dt[i]);
+        outs[i] = d[i].delta_q.data() + c * s.deltas;
+      }
+      if (!kernels.decode_runs(decs, dt.data(), k, s.deltas, outs, 1)) return fault;
+    }
+  }
+  for (int i = 0; i < k; ++i) {
+    if (!d[i].dec.AtEnd()) return fault;
+  }
+  return Status::Ok();
+}
+
 class CacheGenCodec final : public Codec {
  public:
-  CacheGenCodec(CacheGenLevel level, const QuantKernels& kernels)
-      : k_(kernels), level_(static_cast<int>(level)), name_(kCacheGenBins[level_].name) {}
+  // `cg` nullptr: decode with the reference alone.
+  CacheGenCodec(CacheGenLevel level, const QuantKernels& kernels, const CacheGenKernels* cg)
+      : k_(kernels), cg_(cg), level_(static_cast<int>(level)), name_(kCacheGenBins[level_].name) {}
 
   std::string name() const override { return name_; }
   uint32_t id() const override { return static_cast<uint32_t>(CodecId::kCacheGen); }
@@ -454,7 +548,7 @@ class CacheGenCodec final : public Codec {
     std::vector<std::byte> out(kHeaderBytes + kBodyPrefixBytes + kDirEntryBytes * n_planes);
     out[kHeaderBytes] = static_cast<std::byte>(level_);
     const uint64_t elem_bytes = layout.kv_type == kF32 ? 4 : 2;
-    PlaneScratch w(s, /*encoder=*/true);
+    PlaneScratch w(s);
     for (uint64_t p = 0; p < n_planes && s.elems() > 0; ++p) {
       const std::byte* src = raw.data() + p * s.elems() * elem_bytes;
       if (layout.kv_type == kF16) {
@@ -492,26 +586,47 @@ class CacheGenCodec final : public Codec {
     if (s.elems() == 0) return Status::Ok();
     const uint64_t n_planes = uint64_t{layout.n_layer} * 2;
     const uint64_t elem_bytes = layout.kv_type == kF32 ? 4 : 2;
-    PlaneScratch w(s, /*encoder=*/false);
-    std::vector<uint16_t> freqs;
-    std::vector<int> ranges;
-    auto dt = std::make_unique<rans::DecodeTable>();
+    constexpr int kBatch = rans::Decoder::kMaxLockstep;
+    const size_t batch = std::min<uint64_t>(kBatch, n_planes);
+    std::vector<PlaneDecode> d(batch, PlaneDecode(s));
+    std::vector<rans::DecodeTable> dt(batch);
+    std::vector<float> values;  // the reference's f32 plane
     uint64_t at = kBodyPrefixBytes + kDirEntryBytes * n_planes;
-    for (uint64_t p = 0; p < n_planes; ++p) {
-      const uint64_t len = LoadU32(body.data() + kBodyPrefixBytes + kDirEntryBytes * p);
-      const Status st =
-          DecodePlane(s, ParamsOf(level, p / 2, layout.n_layer, static_cast<int>(p % 2)),
-                      body.subspan(at, len), w, freqs, ranges, *dt);
-      if (!st.ok()) {
-        return Corruption(name_ + ": layer " + std::to_string(p / 2) + (p % 2 ? " V" : " K") +
-                          ": " + st.message());
+    // Batches of up to kBatch planes: the fast decoder, or (for the reference codec, and to
+    // name the fault of a batch the fast one refused) the reference plane by plane.
+    for (uint64_t p0 = 0; p0 < n_planes; p0 += kBatch) {
+      const int k = static_cast<int>(std::min<uint64_t>(kBatch, n_planes - p0));
+      PlaneParams pp[kBatch];
+      std::span<const std::byte> sections[kBatch];
+      for (int i = 0; i < k; ++i) {
+        const uint64_t p = p0 + i;
+        const uint64_t len = LoadU32(body.data() + kBodyPrefixBytes + kDirEntryBytes * p);
+        pp[i] = ParamsOf(level, p / 2, layout.n_layer, static_cast<int>(p % 2));
+        sections[i] = body.subspan(at, len);
+        at += len;
       }
-      at += len;
-      std::byte* dst = raw.data() + p * s.elems() * elem_bytes;
-      if (layout.kv_type == kF16) {
-        k_.f32_to_f16(w.values.data(), dst, s.elems());
-      } else {
-        std::memcpy(dst, w.values.data(), s.elems() * 4);
+      auto dst = [&](int i) { return raw.data() + (p0 + i) * s.elems() * elem_bytes; };
+      if (cg_ != nullptr && DecodePlanesFast(s, std::span(pp, k), std::span(sections, k), *cg_,
+                                             std::span(d.data(), k), std::span(dt.data(), k))
+                                .ok()) {
+        for (int i = 0; i < k; ++i) {
+          cg_->reconstruct(d[i].Codes(s), layout.kv_type == kF16, dst(i));
+        }
+        continue;
+      }
+      values.resize(s.elems());
+      for (int i = 0; i < k; ++i) {
+        const uint64_t p = p0 + i;
+        const Status st = DecodePlaneReference(s, pp[i], sections[i], d[i], dt[i], values);
+        if (!st.ok()) {
+          return Corruption(name_ + ": layer " + std::to_string(p / 2) + (p % 2 ? " V" : " K") +
+                            ": " + st.message());
+        }
+        if (layout.kv_type == kF16) {
+          k_.f32_to_f16(values.data(), dst(i), s.elems());
+        } else {
+          std::memcpy(dst(i), values.data(), s.elems() * 4);
+        }
       }
     }
     return Status::Ok();
@@ -573,14 +688,27 @@ class CacheGenCodec final : public Codec {
   }
 
   const QuantKernels& k_;
+  const CacheGenKernels* cg_;
   int level_;
   std::string name_;
 };
 
 }  // namespace
 
+std::unique_ptr<Codec> MakeCacheGenCodecWith(CacheGenLevel level, const QuantKernels& quant,
+                                             const CacheGenKernels* kernels) {
+  return std::make_unique<CacheGenCodec>(level, quant, kernels);
+}
+
 std::unique_ptr<Codec> MakeCacheGenCodec(CacheGenLevel level, const QuantKernels& kernels) {
-  return std::make_unique<CacheGenCodec>(level, kernels);
+  // The cachegen table of the same ISA as `kernels` (tests pass the scalar one).
+  const CacheGenKernels* cg = &ScalarCacheGenKernels();
+  if (&kernels == Avx512QuantKernels()) {
+    cg = Avx512CacheGenKernels();
+  } else if (&kernels == Avx2QuantKernels()) {
+    cg = Avx2CacheGenKernels();
+  }
+  return MakeCacheGenCodecWith(level, kernels, cg != nullptr ? cg : &ScalarCacheGenKernels());
 }
 
 }  // namespace cachette::cache::codecs

@@ -1,7 +1,8 @@
 // Tests of the cachegen codec (docs/formats/codecs.md, "cachegen v1"): the decoded values are
 // the spec's formulas bit for bit (a straightforward twin computed here from the data), every
 // element is within its level's bound, the levels order by size and by error, the size on
-// smooth KV-like data against int8, corrupt and truncated payloads, and a decode timing.
+// smooth KV-like data against int8, corrupt and truncated payloads, every fast decoder (each
+// ISA's kernel table) against the reference decoder byte for byte, and a decode timing.
 #include "cache/codecs/cachegen.h"
 
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/codecs/cachegen_kernels.h"
 #include "cache/codecs/codec.h"
 #include "cache/codecs/codec_internal.h"
 #include "cache/test_util.h"
@@ -633,6 +635,99 @@ TEST(CacheGenTest, RefusesWhatItCannotRepresent) {
 
 // The fastest of repeated runs of fn over about `budget_s` seconds, in seconds: the machine may
 // be shared, and the fastest run is the one least disturbed.
+// ---- the fast decoder against the reference ----
+
+using codecs::CacheGenKernels;
+
+// Every kernel table this CPU runs.
+std::vector<const CacheGenKernels*> KernelTables() {
+  std::vector<const CacheGenKernels*> tables = {&codecs::ScalarCacheGenKernels()};
+  for (const CacheGenKernels* k :
+       {codecs::Avx2CacheGenKernels(), codecs::Avx512CacheGenKernels()}) {
+    if (k != nullptr) tables.push_back(k);
+  }
+  return tables;
+}
+
+// The level's codec decoding with `kernels`, or (nullptr) with the reference decoder, whose
+// f32 -> f16 conversion is `quant`'s.
+std::unique_ptr<Codec> CodecWith(int level, const CacheGenKernels* kernels,
+                                 const codecs::QuantKernels& quant = codecs::ScalarQuantKernels()) {
+  return codecs::MakeCacheGenCodecWith(static_cast<codecs::CacheGenLevel>(level), quant, kernels);
+}
+
+// Decoded bytes and status of `payload`.
+std::pair<Status, std::vector<std::byte>> DecodeOf(const Codec& codec, const ChunkLayout& l,
+                                                   const std::vector<std::byte>& payload) {
+  std::vector<std::byte> out(l.raw_bytes(), std::byte{0x5A});
+  Status s = codec.Decode(l, payload, out);
+  return {std::move(s), std::move(out)};
+}
+
+TEST(CacheGenTest, EveryKernelTableDecodesTheReferencesBytes) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " (CACHETTE_TEST_SEED replays it)");
+  // Batches of planes as the vector rANS loops take them (16 planes; 24: 16 and 8; 8) and
+  // others (10, 18: the portable loop for some or all), odd channel counts (partial vector
+  // blocks), partial and lone groups, one token (no deltas).
+  const ChunkLayout shapes[] = {Layout(8, 2, 64, 256, 1), Layout(12, 1, 40, 100, 0),
+                                Layout(4, 2, 64, 48, 1),  Layout(5, 3, 7, 45, 0),
+                                Layout(1, 1, 5, 17, 1),   Layout(3, 1, 16, 16, 0),
+                                Layout(8, 2, 8, 1, 1),    Layout(9, 1, 24, 33, 1)};
+  for (const ChunkLayout& l : shapes) {
+    for (int level = 0; level < 3; ++level) {
+      // Smooth data (anchor mode wins) and noise (plain mode wins).
+      for (const float noise : {0.05f, 3.0f}) {
+        SCOPED_TRACE(std::string(kLevels[level]) + " " + ShapeName(l) + " noise " +
+                     std::to_string(noise));
+        const auto raw = ToRaw(l, SmoothKv(l, seed + l.n_tokens, noise));
+        const auto enc = Make(kLevels[level])->Encode(l, raw);
+        ASSERT_TRUE(enc.ok()) << enc.status().ToString();
+        const auto want = DecodeOf(*CodecWith(level, nullptr), l, *enc);
+        ASSERT_TRUE(want.first.ok()) << want.first.ToString();
+        for (const CacheGenKernels* k : KernelTables()) {
+          const auto got = DecodeOf(*CodecWith(level, k), l, *enc);
+          ASSERT_TRUE(got.first.ok()) << k->name << ": " << got.first.ToString();
+          ASSERT_TRUE(got.second == want.second) << k->name;
+        }
+      }
+    }
+  }
+}
+
+TEST(CacheGenTest, CorruptPlanesGetTheReferencesStatusFromEveryKernelTable) {
+  // The fast decoder reruns the reference on a batch of planes it refuses, so the status names
+  // the same fault; and where a flip leaves a payload that decodes, both write the same bytes.
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " (CACHETTE_TEST_SEED replays it)");
+  std::mt19937 rng(seed);
+  const ChunkLayout l = Layout(13, 2, 16, 40, 1);  // 26 planes: batches of 16, 8 and 2
+  const size_t sections = kHeaderBytes + 4 + 4 * 26;
+  for (int level = 0; level < 3; ++level) {
+    SCOPED_TRACE(kLevels[level]);
+    const auto enc = Make(kLevels[level])->Encode(l, ToRaw(l, SmoothKv(l, seed))).value();
+    const auto ref = CodecWith(level, nullptr);
+    int refused = 0;
+    for (int i = 0; i < 300; ++i) {
+      std::vector<std::byte> p = enc;
+      const int flips = 1 + static_cast<int>(rng() % 3);
+      for (int f = 0; f < flips; ++f) {
+        p[sections + rng() % (p.size() - sections)] ^= static_cast<std::byte>(1 + rng() % 255);
+      }
+      const auto want = DecodeOf(*ref, l, p);
+      refused += !want.first.ok();
+      for (const CacheGenKernels* k : KernelTables()) {
+        const auto got = DecodeOf(*CodecWith(level, k), l, p);
+        ASSERT_EQ(got.first.ToString(), want.first.ToString()) << k->name << " flip " << i;
+        if (want.first.ok()) {
+          ASSERT_TRUE(got.second == want.second) << k->name << " flip " << i;
+        }
+      }
+    }
+    EXPECT_GT(refused, 100);
+  }
+}
+
 template <typename Fn>
 double FastestSeconds(Fn&& fn, double budget_s = 0.3) {
   using Clock = std::chrono::steady_clock;
@@ -661,6 +756,23 @@ TEST(CacheGenTest, DecodeSpeedPerCore) {
     const double decode_s = FastestSeconds([&] { ASSERT_TRUE(codec->Decode(l, *enc, out).ok()); });
     std::printf("  %-14s encode %6.2f GB/s   decode %6.2f GB/s\n", name,
                 raw.size() / encode_s / 1e9, raw.size() / decode_s / 1e9);
+  }
+  std::printf(
+      "cachegen decode by kernel table (the reference: one plane and one rANS run at a time, "
+      "then the %s f32 -> f16 loop, as before the kernel tables):\n",
+      codecs::BestQuantKernels().name);
+  for (int level = 2; level >= 0; --level) {
+    const auto enc = Make(kLevels[level])->Encode(l, raw);
+    ASSERT_TRUE(enc.ok());
+    std::printf("  %-14s", kLevels[level]);
+    std::vector<const CacheGenKernels*> tables = {nullptr};
+    for (const CacheGenKernels* k : KernelTables()) tables.push_back(k);
+    for (const CacheGenKernels* k : tables) {
+      auto codec = CodecWith(level, k, codecs::BestQuantKernels());
+      const double s = FastestSeconds([&] { ASSERT_TRUE(codec->Decode(l, *enc, out).ok()); });
+      std::printf("  %s %5.2f", k != nullptr ? k->name : "reference", raw.size() / s / 1e9);
+    }
+    std::printf("  GB/s\n");
   }
 }
 

@@ -53,14 +53,19 @@ struct Table {
 };
 
 // A table expanded for decoding: one packed entry per slot, so a symbol costs one lookup and
-// no division. 1 KiB, rebuilt per run, so it stays in L1.
+// no division. About 1 KiB, rebuilt per run, so it stays in L1.
 struct DecodeTable {
+  // Build (and its vector twins) fills each symbol's slots in whole blocks of kFillBlock,
+  // writing up to kFillBlock entries past its last slot (the next symbol's, which it then
+  // overwrites, or the padding): a block is a few vector stores.
+  static constexpr uint32_t kFillBlock = 16;
+
   // One symbol has every slot (`single_symbol`): decoding it is a no-op on the state.
   bool single = false;
   int single_symbol = 0;
   // Per slot: its symbol (bits 0-7), its frequency (bits 8-19) and slot - start (bits 20-31),
-  // for x' = freq * (x >> P) + (slot - start).
-  uint32_t entry[kProbScale];
+  // for x' = freq * (x >> P) + (slot - start). Entries from kProbScale on are scratch.
+  uint32_t entry[kProbScale + kFillBlock];
 
   void Build(int lo, int n, const uint16_t* freq);
 };
@@ -91,13 +96,42 @@ class Decoder {
 
   // Decodes the n symbols of one run with `table` into out[j * stride]. False if the stream
   // ends before they are all decoded (a corrupt or truncated stream); never reads past it.
+  // The plain loop: DecodeRuns is the fast one, and rans_test checks one against the other.
   bool DecodeRun(const DecodeTable& table, size_t n, int8_t* out, size_t stride);
+
+  // DecodeRun on k streams at once, k in [1, kMaxLockstep]: decs[i] decodes n symbols with
+  // tables[i] (k tables side by side) into outs[i][j * stride]. Independent streams whose runs
+  // have the same lengths (the planes of a cachegen chunk) give the CPU 4k state updates to
+  // overlap instead of 4. Each stream ends exactly as DecodeRun would leave it, bytes and
+  // states. False if some stream ends before its n symbols (the decoders' positions are then
+  // unspecified); never reads past a stream. The portable loop; cachegen_kernels.h has AVX2
+  // and AVX-512 ones.
+  static constexpr int kMaxLockstep = 16;
+  static bool DecodeRuns(Decoder* const* decs, const DecodeTable* tables, int k, size_t n,
+                         int8_t* const* outs, size_t stride);
+
+  // Where a decoder stands: its states, its next byte and its stream's end. For loops over
+  // several decoders outside this file (the vector ones), which take a position, advance it by
+  // the rules above, and set it back.
+  struct Position {
+    uint32_t x[kStates];
+    const uint8_t* p;
+    const uint8_t* end;
+  };
+  Position position() const;
+  // `pos` must come from position() of this decoder, advanced within the same stream.
+  void set_position(const Position& pos);
 
   // True when every state is back at L and every byte has been read: the mirror image of the
   // encoder's start. A stream that decodes but ends otherwise is corrupt.
   bool AtEnd() const;
 
  private:
+  // DecodeRuns for k = K (defined and instantiated in rans.cc only).
+  template <int K>
+  static bool DecodeRunsOf(Decoder* const* decs, const DecodeTable* tables, size_t n,
+                           int8_t* const* outs, size_t stride);
+
   uint32_t x_[kStates] = {};
   const uint8_t* p_ = nullptr;
   const uint8_t* end_ = nullptr;

@@ -2,7 +2,8 @@
 // under random skewed distributions (a fresh seed each run, printed on failure; set
 // CACHETTE_TEST_SEED to replay one), the edge cases, the normalization rule, and a decoder
 // written naively from the spec (docs/formats/codecs.md, "Stream") that must read what the
-// encoder writes, symbol for symbol, as the fast decoder does.
+// encoder writes, symbol for symbol, as the fast decoder does; and the lockstep decoders (the
+// portable one and each ISA table's of cachegen_kernels.h) against DecodeRun.
 #include "cache/codecs/rans.h"
 
 #include <gtest/gtest.h>
@@ -13,7 +14,11 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
+
+#include "cache/codecs/cachegen_kernels.h"
 
 namespace cachette::cache::codecs::rans {
 namespace {
@@ -317,6 +322,198 @@ TEST(RansTest, TruncatedOrBadStreamsAreRefusedWithoutReadingPastThem) {
     ASSERT_TRUE(dec.DecodeRun(dt, out.size(), out.data(), 1));
   }
   EXPECT_FALSE(dec.AtEnd());
+}
+
+// The rule of rans.h, as written there: floors by division, then the first largest frequency
+// takes the shortfall or gives up the excess.
+std::vector<uint16_t> NaiveNormalize(const std::vector<uint64_t>& counts, uint64_t total) {
+  const int n = static_cast<int>(counts.size());
+  std::vector<uint16_t> f(n);
+  uint32_t sum = 0;
+  for (int i = 0; i < n; ++i) {
+    f[i] = counts[i] == 0 ? 0 : std::max<uint64_t>(1, counts[i] * kProbScale / total);
+    sum += f[i];
+  }
+  auto first_largest = [&] {
+    return static_cast<int>(std::max_element(f.begin(), f.end()) - f.begin());
+  };
+  if (sum < kProbScale) f[first_largest()] += kProbScale - sum;
+  while (sum > kProbScale) {
+    const int i = first_largest();
+    const uint32_t give = std::min<uint32_t>(sum - kProbScale, f[i] - 1u);
+    f[i] -= give;
+    sum -= give;
+  }
+  return f;
+}
+
+TEST(RansTest, NormalizeCountsIsItsRuleExactly) {
+  // NormalizeCounts divides by multiplying with a reciprocal for totals below 2^20: exact
+  // quotients (counts that are multiples of total / 2^P), totals on either side of 2^20, and
+  // cachegen's weights (4 .. 512 each).
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  for (int trial = 0; trial < 5000; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % (trial % 2 ? 16 : kMaxSymbols));
+    std::vector<uint64_t> counts(n);
+    const int kind = trial % 4;
+    const uint64_t unit = 1 + rng() % 4096;
+    for (auto& c : counts) {
+      c = kind == 0   ? (rng() % 3) * unit                          // exact quotients
+          : kind == 1 ? (rng() % 2 ? 0 : 4u << (rng() % 8))         // cachegen weights
+          : kind == 2 ? rng() % ((uint64_t{1} << 21) / n)           // totals near 2^20
+                      : rng() % 1000;
+    }
+    uint64_t total = 0;
+    for (auto c : counts) total += c;
+    if (total == 0) counts[0] = total = unit;
+    std::vector<uint16_t> freq(n);
+    NormalizeCounts(counts.data(), n, total, freq.data());
+    ASSERT_EQ(freq, NaiveNormalize(counts, total)) << "trial " << trial << " total " << total;
+  }
+  // The hardest quotients: count * 2^P one below a multiple of an odd total up to 2^20, so
+  // count * 2^P / total is an integer less 1 / total, and an inexact reciprocal rounds it up.
+  for (int trial = 0; trial < 2000; ++trial) {
+    const uint64_t total = ((uint64_t{1} << (2 + rng() % 18)) + rng() % 4096) | 1;
+    // c = -(2^P)^-1 mod total, by Euclid on (2^P, total).
+    int64_t r0 = static_cast<int64_t>(total), r1 = kProbScale, s0 = 0, s1 = 1;
+    while (r1 != 0) {
+      const int64_t q = r0 / r1;
+      std::tie(r0, r1) = std::make_pair(r1, r0 - q * r1);
+      std::tie(s0, s1) = std::make_pair(s1, s0 - q * s1);
+    }
+    const int64_t t = static_cast<int64_t>(total);
+    const uint64_t inverse = static_cast<uint64_t>(((s0 % t) + t) % t);
+    const uint64_t c = (total - inverse) % total;
+    std::vector<uint64_t> counts = {c, total - c};
+    ASSERT_EQ((c * kProbScale) % total, c == 0 ? 0 : total - 1);
+    std::vector<uint16_t> freq(2);
+    NormalizeCounts(counts.data(), 2, total, freq.data());
+    ASSERT_EQ(freq, NaiveNormalize(counts, total)) << "total " << total << " count " << c;
+  }
+}
+
+// ---- the lockstep decoders against DecodeRun ----
+
+// Every cachegen kernel table this CPU runs; the scalar one's decode_runs is the portable
+// Decoder::DecodeRuns.
+std::vector<const CacheGenKernels*> KernelTables() {
+  std::vector<const CacheGenKernels*> tables = {&ScalarCacheGenKernels()};
+  for (const CacheGenKernels* k : {Avx2CacheGenKernels(), Avx512CacheGenKernels()}) {
+    if (k != nullptr) tables.push_back(k);
+  }
+  return tables;
+}
+
+// k streams of the same run lengths (a cachegen batch of planes), each run with its own table.
+struct Streams {
+  std::vector<size_t> lengths;                  // [run]
+  std::vector<std::vector<SymbolRun>> runs;     // [stream][run]
+  std::vector<std::vector<std::byte>> encoded;  // [stream]
+};
+
+Streams RandomStreams(std::mt19937& rng, int k) {
+  static const size_t kLengths[] = {0, 1, 2, 3, 4, 5, 7, 8, 15, 17, 240, 241, 243, 2048};
+  Streams s;
+  const int n_runs = 1 + static_cast<int>(rng() % 5);
+  for (int r = 0; r < n_runs; ++r) s.lengths.push_back(kLengths[rng() % std::size(kLengths)]);
+  s.runs.resize(k);
+  for (int i = 0; i < k; ++i) {
+    for (const size_t len : s.lengths) {
+      // Mostly small alphabets, as cachegen's; one symbol now and then (a table of one slot).
+      const int n = rng() % 8 == 0 ? 1 : 1 + static_cast<int>(rng() % (rng() % 4 == 0 ? 127 : 13));
+      s.runs[i].push_back(RandomRun(rng, n, len));
+    }
+    s.encoded.push_back(EncodeRuns(s.runs[i], 1));
+  }
+  return s;
+}
+
+TEST(RansTest, LockstepDecodersMatchDecodeRunOnEveryStream) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " (CACHETTE_TEST_SEED replays it)");
+  std::mt19937 rng(seed);
+  for (int trial = 0; trial < 60; ++trial) {
+    // The batch sizes the vector loops take (16, 8), and any other.
+    const int k = trial % 3 == 0   ? Decoder::kMaxLockstep
+                  : trial % 3 == 1 ? Decoder::kMaxLockstep / 2
+                                   : 1 + static_cast<int>(rng() % Decoder::kMaxLockstep);
+    const Streams s = RandomStreams(rng, k);
+    for (const CacheGenKernels* kernels : KernelTables()) {
+      SCOPED_TRACE(std::string(kernels->name) + " trial " + std::to_string(trial) + " k " +
+                   std::to_string(k));
+      std::vector<Decoder> decs(k);
+      std::vector<Decoder*> dec_ptrs;
+      for (int i = 0; i < k; ++i) {
+        ASSERT_TRUE(decs[i].Open(s.encoded[i]).ok());
+        dec_ptrs.push_back(&decs[i]);
+      }
+      std::vector<DecodeTable> tables(k);
+      DecodeTable plain;
+      for (size_t r = 0; r < s.lengths.size(); ++r) {
+        std::vector<std::vector<int8_t>> out(k, std::vector<int8_t>(s.lengths[r] + 1, 99));
+        std::vector<int8_t*> outs;
+        for (int i = 0; i < k; ++i) {
+          const SymbolRun& run = s.runs[i][r];
+          kernels->build_table(run.lo, run.n, run.freq.data(), tables[i]);
+          plain.Build(run.lo, run.n, run.freq.data());
+          ASSERT_EQ(0, std::memcmp(plain.entry, tables[i].entry, sizeof(uint32_t) * kProbScale));
+          ASSERT_EQ(plain.single, tables[i].single);
+          if (plain.single) {
+            ASSERT_EQ(plain.single_symbol, tables[i].single_symbol);
+          }
+          outs.push_back(out[i].data());
+        }
+        ASSERT_TRUE(
+            kernels->decode_runs(dec_ptrs.data(), tables.data(), k, s.lengths[r], outs.data(), 1));
+        for (int i = 0; i < k; ++i) {
+          const std::vector<int8_t>& want = s.runs[i][r].symbols;
+          ASSERT_TRUE(std::equal(want.begin(), want.end(), out[i].begin())) << "stream " << i;
+          ASSERT_EQ(out[i].back(), 99) << "wrote past the run";
+        }
+      }
+      for (int i = 0; i < k; ++i) EXPECT_TRUE(decs[i].AtEnd()) << "stream " << i;
+    }
+  }
+}
+
+TEST(RansTest, LockstepDecodersRefuseTruncatedStreamsWithoutReadingPastThem) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " (CACHETTE_TEST_SEED replays it)");
+  std::mt19937 rng(seed);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int k = trial % 2 == 0 ? Decoder::kMaxLockstep : Decoder::kMaxLockstep / 2;
+    const Streams s = RandomStreams(rng, k);
+    const int cut_stream = static_cast<int>(rng() % k);
+    const std::vector<std::byte>& whole = s.encoded[cut_stream];
+    if (whole.size() <= kStreamHeaderBytes) continue;
+    // Exactly `len` bytes on the heap, so ASan sees any read past them.
+    const size_t len = kStreamHeaderBytes + rng() % (whole.size() - kStreamHeaderBytes);
+    const std::vector<std::byte> cut(whole.begin(), whole.begin() + len);
+    for (const CacheGenKernels* kernels : KernelTables()) {
+      SCOPED_TRACE(std::string(kernels->name) + " trial " + std::to_string(trial));
+      std::vector<Decoder> decs(k);
+      std::vector<Decoder*> dec_ptrs;
+      for (int i = 0; i < k; ++i) {
+        ASSERT_TRUE(decs[i].Open(i == cut_stream ? cut : s.encoded[i]).ok());
+        dec_ptrs.push_back(&decs[i]);
+      }
+      std::vector<DecodeTable> tables(k);
+      bool ok = true;
+      for (size_t r = 0; r < s.lengths.size() && ok; ++r) {
+        std::vector<std::vector<int8_t>> out(k, std::vector<int8_t>(s.lengths[r]));
+        std::vector<int8_t*> outs;
+        for (int i = 0; i < k; ++i) {
+          const SymbolRun& run = s.runs[i][r];
+          kernels->build_table(run.lo, run.n, run.freq.data(), tables[i]);
+          outs.push_back(out[i].data());
+        }
+        ok = kernels->decode_runs(dec_ptrs.data(), tables.data(), k, s.lengths[r], outs.data(), 1);
+      }
+      EXPECT_FALSE(ok && decs[cut_stream].AtEnd()) << "a stream cut to " << len << " bytes";
+    }
+  }
 }
 
 }  // namespace
