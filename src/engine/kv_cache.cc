@@ -9,8 +9,45 @@
 
 namespace cachette {
 
+int64_t SlotBook::TotalSlots(int n_layer, int64_t n) const {
+  if (!compacted) return n * n_layer;
+  int64_t t = 0;
+  for (int64_t x : layer_n) t += x;
+  return t;
+}
+
+void SlotBook::Start(const KvShape& shape, int64_t stride, int64_t n) {
+  if (compacted) return;
+  layer_n.assign(shape.n_layer, n);
+  weight.assign(shape.n_layer, std::vector<float>(static_cast<size_t>(shape.n_kv_head * stride), 1.0f));
+  next_pos = seen = exact = n;
+}
+
+int64_t SlotBook::Append(int n_kv_head, int64_t stride, int64_t n, int64_t count) {
+  if (!compacted) return n + count;
+  for (size_t l = 0; l < layer_n.size(); ++l) {
+    for (int h = 0; h < n_kv_head; ++h) {
+      std::fill_n(weight[l].begin() + h * stride + layer_n[l], count, 1.0f);
+    }
+    layer_n[l] += count;
+  }
+  next_pos += count;
+  seen += count;
+  return *std::max_element(layer_n.begin(), layer_n.end());
+}
+
+void SlotBook::Restride(int n_kv_head, int64_t old_stride, int64_t stride, int64_t n) {
+  for (auto& lw : weight) {
+    std::vector<float> w(static_cast<size_t>(n_kv_head * stride), 1.0f);
+    for (int h = 0; h < n_kv_head; ++h) {
+      std::copy_n(lw.begin() + h * old_stride, n, w.begin() + h * stride);
+    }
+    lw = std::move(w);
+  }
+}
+
 ContiguousKv::ContiguousKv(const KvShape& shape, int64_t capacity)
-    : shape_(shape), capacity_(capacity), layer_n_(shape.n_layer, 0) {
+    : shape_(shape), capacity_(capacity) {
   CT_CHECK(capacity > 0) << "capacity " << capacity;
   const size_t bytes = shape.token_bytes() * capacity;
   for (int l = 0; l < shape.n_layer; ++l) {
@@ -50,49 +87,32 @@ kernels::KvView ContiguousKv::View(int layer, int64_t n) const {
 }
 
 void ContiguousKv::SetTokens(int64_t n) {
-  if (n == 0) {
-    std::fill(layer_n_.begin(), layer_n_.end(), 0);
-    n_max_ = next_pos_ = seen_ = 0;
-    compacted_ = false;
-    weight_.clear();
+  if (n == 0) {  // a restart, compacted or not
+    n_max_ = 0;
+    book_.Clear();
     return;
   }
-  CT_CHECK(!compacted_ && n <= capacity_) << "SetTokens(" << n << ") on a compacted sequence";
-  std::fill(layer_n_.begin(), layer_n_.end(), n);
-  n_max_ = next_pos_ = seen_ = n;
+  CT_CHECK(!book_.compacted && n <= capacity_) << "SetTokens(" << n << ") on a compacted sequence";
+  n_max_ = n;
 }
 
 void ContiguousKv::Append(int64_t count) {
-  for (int l = 0; l < shape_.n_layer; ++l) {
-    if (!weight_.empty()) {
-      for (int h = 0; h < shape_.n_kv_head; ++h) {
-        std::fill_n(weight_[l].begin() + h * capacity_ + layer_n_[l], count, 1.0f);
-      }
-    }
-    layer_n_[l] += count;
-  }
-  n_max_ = *std::max_element(layer_n_.begin(), layer_n_.end());
-  next_pos_ += count;
-  seen_ += count;
-}
-
-int64_t ContiguousKv::total_slots() const {
-  int64_t t = 0;
-  for (int64_t n : layer_n_) t += n;
-  return t;
+  n_max_ = book_.Append(shape_.n_kv_head, capacity_, n_max_, count);
 }
 
 Status ContiguousKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
                              AttentionStats* stats) {
-  if (weight_.empty()) {
-    weight_.assign(shape_.n_layer, std::vector<float>(shape_.n_kv_head * capacity_, 1.0f));
-  }
+  SlotBook book = book_;  // on error nothing changes
+  book.Start(shape_, capacity_, n_max_);
   const bool matching = stats != nullptr && stats->capacity == capacity_;
-  CT_RETURN_IF_ERROR(CompactSlots(*this, shape_, layer_n_, plan, rope, matching ? stats : nullptr,
-                                  weight_, capacity_));
-  n_max_ = *std::max_element(layer_n_.begin(), layer_n_.end());
-  if (plan.reassign_positions) next_pos_ = n_max_;
-  compacted_ = true;
+  const int64_t first = plan.FirstChanged(book.layer_n);
+  CT_RETURN_IF_ERROR(CompactSlots(*this, shape_, book.layer_n, plan, rope,
+                                  matching ? stats : nullptr, book.weight, capacity_));
+  book.compacted = true;
+  n_max_ = *std::max_element(book.layer_n.begin(), book.layer_n.end());
+  if (plan.reassign_positions) book.next_pos = n_max_;
+  book.exact = std::min(book.exact, first);
+  book_ = std::move(book);
   return Status::Ok();
 }
 
@@ -108,14 +128,8 @@ void ContiguousKv::Grow(int64_t capacity) {
     v_[l] = std::move(v);
     k_ptr_[l] = k_[l].get();
     v_ptr_[l] = v_[l].get();
-    if (!weight_.empty()) {
-      std::vector<float> w(static_cast<size_t>(shape_.n_kv_head * capacity), 1.0f);
-      for (int h = 0; h < shape_.n_kv_head; ++h) {
-        std::copy_n(weight_[l].begin() + h * capacity_, n_max_, w.begin() + h * capacity);
-      }
-      weight_[l] = std::move(w);
-    }
   }
+  book_.Restride(shape_.n_kv_head, capacity_, capacity, n_max_);
   capacity_ = capacity;
 }
 
@@ -134,9 +148,14 @@ Status ContiguousKv::CopyFrom(const SequenceKv& src, int64_t n) {
                   static_cast<const std::byte*>(view.v_blocks[s / view.block_tokens]) + off, tb);
     }
   }
-  std::fill(layer_n_.begin(), layer_n_.end(), n);
   n_max_ = n;
-  next_pos_ = seen_ = src.next_position() - src.n_tokens() + n;
+  // Positions continue where the source's do (a source whose positions were reassigned).
+  const int64_t pos = src.next_position() - src.n_tokens() + n;
+  if (pos != n) {
+    book_.Start(shape_, capacity_, n);
+    book_.compacted = true;
+    book_.next_pos = book_.seen = pos;
+  }
   return Status::Ok();
 }
 

@@ -60,6 +60,35 @@ class SequenceKv {
 struct AttentionStats;  // engine/kv_budget.h
 struct KeepPlan;
 
+// How a sequence's slots stand for its tokens once a KV budget policy has compacted it, kept
+// the same way by every sequence type that can be compacted (ContiguousKv, PagedSequence).
+// Until the first compaction nothing is kept (a sequence that never compacts pays nothing):
+// every layer holds the sequence's n tokens, slot == position, each slot one token. The
+// methods take that n, the sequence's own count (its longest layer once compacted).
+struct SlotBook {
+  bool compacted = false;
+  std::vector<int64_t> layer_n;  // [n_layer]: slots per layer
+  int64_t next_pos = 0;          // the RoPE position of the next token
+  int64_t seen = 0;              // tokens read, evicted ones included
+  int64_t exact = 0;             // leading slots still holding the exact KV of the first tokens
+  // Tokens each slot stands for (1, more after merges): [layer][head * stride + slot].
+  std::vector<std::vector<float>> weight;
+
+  int64_t LayerTokens(int layer, int64_t n) const { return compacted ? layer_n[layer] : n; }
+  int64_t NextPosition(int64_t n) const { return compacted ? next_pos : n; }
+  int64_t Seen(int64_t n) const { return compacted ? seen : n; }
+  int64_t Exact(int64_t n) const { return compacted ? exact : n; }
+  // Slots summed over the layers (the memory a per-layer budget actually holds).
+  int64_t TotalSlots(int n_layer, int64_t n) const;
+  // Before a first compaction of a sequence of n tokens: every layer full, each slot one token.
+  void Start(const KvShape& shape, int64_t stride, int64_t n);
+  // `count` new tokens went after every layer's last slot; returns the new longest layer.
+  int64_t Append(int n_kv_head, int64_t stride, int64_t n, int64_t count);
+  // Re-lays the weights of the first n slots for a new stride (a larger capacity).
+  void Restride(int n_kv_head, int64_t old_stride, int64_t stride, int64_t n);
+  void Clear() { *this = SlotBook(); }
+};
+
 // One contiguous buffer per layer and per K/V, laid out [capacity][n_kv_head][head_dim].
 // Without a KV budget policy it is a plain sequence (slot == position, every layer full).
 // A policy may compact it (engine/kv_budget.h): its layers may then hold different numbers of
@@ -77,16 +106,16 @@ class ContiguousKv final : public SequenceKv {
   // Sets every layer to n slots; with n == 0 the sequence restarts (positions from 0).
   // Otherwise only valid on a sequence that has never been compacted.
   void SetTokens(int64_t n) override;
-  int64_t layer_tokens(int layer) const override { return layer_n_[layer]; }
-  int64_t next_position() const override { return next_pos_; }
+  int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_max_); }
+  int64_t next_position() const override { return book_.NextPosition(n_max_); }
   void Append(int64_t count) override;
 
   const KvShape& shape() const { return shape_; }
   // Tokens read so far (positions handed out), evicted ones included.
-  int64_t tokens_seen() const { return seen_; }
+  int64_t tokens_seen() const { return book_.Seen(n_max_); }
   // Slots summed over layers (the memory a per-layer budget actually holds).
-  int64_t total_slots() const;
-  bool compacted() const { return compacted_; }
+  int64_t total_slots() const { return book_.TotalSlots(shape_.n_layer, n_max_); }
+  bool compacted() const { return book_.compacted; }
 
   // Compacts every layer by `plan` (validated first; on error nothing changes), moving
   // `stats` (may be null) with the slots and re-rotating keys when the plan reassigns
@@ -104,12 +133,8 @@ class ContiguousKv final : public SequenceKv {
  private:
   KvShape shape_;
   int64_t capacity_;
-  std::vector<int64_t> layer_n_;  // [n_layer]
-  int64_t n_max_ = 0, next_pos_ = 0, seen_ = 0;
-  bool compacted_ = false;
-  // Tokens each slot stands for (1, more after merges): [layer][head * capacity + slot]. Empty
-  // until the first compaction (a sequence that never compacts pays nothing for it).
-  std::vector<std::vector<float>> weight_;
+  int64_t n_max_ = 0;  // the longest layer's slots
+  SlotBook book_;      // weights strided by capacity_
   std::vector<std::unique_ptr<std::byte[]>> k_, v_;  // [n_layer]
   std::vector<const void*> k_ptr_, v_ptr_;           // [n_layer], one block each
 };

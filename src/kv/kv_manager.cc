@@ -124,7 +124,7 @@ kernels::KvView PagedSequence::View(int layer, int64_t n) const {
 }
 
 void PagedSequence::SetTokens(int64_t n) {
-  CT_CHECK(!compacted_) << "SetTokens on a compacted sequence";
+  CT_CHECK(!book_.compacted) << "SetTokens on a compacted sequence";
   if (n < n_tokens_) {
     // Drop the pages past the new end (shrinking, e.g. to recompute the last prompt token).
     const int64_t P = manager_->page_tokens();
@@ -141,28 +141,12 @@ void PagedSequence::SetTokens(int64_t n) {
 }
 
 void PagedSequence::Append(int64_t count) {
-  if (!compacted_) {
-    n_tokens_ += count;
-    return;
-  }
-  const KvShape& s = manager_->shape();
-  for (int l = 0; l < s.n_layer; ++l) {
-    for (int h = 0; h < s.n_kv_head; ++h) {
-      std::fill_n(weight_[l].begin() + h * capacity_ + layer_n_[l], count, 1.0f);
-    }
-    layer_n_[l] += count;
-  }
-  n_tokens_ = *std::max_element(layer_n_.begin(), layer_n_.end());
-  next_pos_ += count;
-  seen_ += count;
+  n_tokens_ = book_.Append(manager_->shape().n_kv_head, capacity_, n_tokens_, count);
 }
 
 int64_t PagedSequence::kept_tokens() const {
-  if (!compacted_) return n_tokens_;
-  int64_t t = 0;
-  for (int64_t n : layer_n_) t += n;
-  const int64_t layers = static_cast<int64_t>(layer_n_.size());
-  return (t + layers - 1) / layers;
+  const int64_t layers = manager_->shape().n_layer;
+  return (book_.TotalSlots(static_cast<int>(layers), n_tokens_) + layers - 1) / layers;
 }
 
 // ---- KvManager ------------------------------------------------------------------------------
@@ -172,11 +156,10 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
   CT_CHECK(seq.manager_ == this);
   if (seq.finished_) return InvalidArgument("sequence already finished");
   const KvShape& s = options_.shape;
-  std::vector<int64_t> layer_n = seq.compacted_
-                                     ? seq.layer_n_
-                                     : std::vector<int64_t>(s.n_layer, seq.n_tokens_);
-  CT_RETURN_IF_ERROR(plan.Validate(layer_n, s.n_kv_head));
-  const int64_t first = plan.FirstChanged(layer_n);
+  SlotBook book = seq.book_;  // on error nothing changes
+  book.Start(s, seq.capacity_, seq.n_tokens_);
+  CT_RETURN_IF_ERROR(plan.Validate(book.layer_n, s.n_kv_head));
+  const int64_t first = plan.FirstChanged(book.layer_n);
   if (first == INT64_MAX) return Status::Ok();  // keeps everything as it is
   const int64_t P = options_.page_tokens;
   {
@@ -204,17 +187,14 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
       ++cow_copies_;
     }
   }
-  if (!seq.compacted_) {
-    seq.weight_.assign(s.n_layer, std::vector<float>(s.n_kv_head * seq.capacity_, 1.0f));
-    seq.next_pos_ = seq.seen_ = seq.exact_ = seq.n_tokens_;
-  }
   // The sequence's pages are its own from `first` on: no lock needed to write them.
-  CT_RETURN_IF_ERROR(CompactSlots(seq, s, layer_n, plan, rope, stats, seq.weight_, seq.capacity_));
-  seq.compacted_ = true;
-  seq.layer_n_ = layer_n;
-  seq.n_tokens_ = *std::max_element(layer_n.begin(), layer_n.end());
-  seq.exact_ = std::min(seq.exact_, first);
-  if (plan.reassign_positions) seq.next_pos_ = seq.n_tokens_;
+  CT_RETURN_IF_ERROR(
+      CompactSlots(seq, s, book.layer_n, plan, rope, stats, book.weight, seq.capacity_));
+  book.compacted = true;
+  seq.n_tokens_ = *std::max_element(book.layer_n.begin(), book.layer_n.end());
+  book.exact = std::min(book.exact, first);
+  if (plan.reassign_positions) book.next_pos = seq.n_tokens_;
+  seq.book_ = std::move(book);
   // Whole pages past the longest layer go back to the pool.
   const size_t keep = static_cast<size_t>((seq.n_tokens_ + P - 1) / P);
   std::lock_guard<std::mutex> lock(mu_);
@@ -278,7 +258,7 @@ void KvManager::Commit(PagedSequence& seq, std::span<const TokenId> tokens, bool
   // A compacted sequence's slots past exact_tokens() are not the KV of its tokens; its exact
   // part goes in whole pages only (the page holding the first changed slot differs).
   const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.exact_tokens());
-  const int64_t len = include_partial && !seq.compacted_ ? n : n / P * P;
+  const int64_t len = include_partial && !seq.book_.compacted ? n : n / P * P;
   if (len <= 0) return;
   const size_t pages = static_cast<size_t>((len + P - 1) / P);
   std::lock_guard<std::mutex> lock(mu_);

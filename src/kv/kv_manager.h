@@ -68,19 +68,17 @@ class PagedSequence final : public SequenceKv {
   kernels::KvView View(int layer, int64_t n) const override;
   // Only before a compaction (a compacted sequence's slots are not its first n tokens).
   void SetTokens(int64_t n) override;
-  int64_t layer_tokens(int layer) const override {
-    return compacted_ ? layer_n_[layer] : n_tokens_;
-  }
-  int64_t next_position() const override { return compacted_ ? next_pos_ : n_tokens_; }
+  int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_tokens_); }
+  int64_t next_position() const override { return book_.NextPosition(n_tokens_); }
   void Append(int64_t count) override;
 
   // KV budget policies (KvManager::Compact). Whether one has compacted the sequence; the
   // leading slots that still hold the exact KV of the first tokens (all of them when never
   // compacted), which alone may enter the index; tokens read so far; slots per layer held
   // (summed over layers, divided by their count, rounded up).
-  bool compacted() const { return compacted_; }
-  int64_t exact_tokens() const { return compacted_ ? exact_ : n_tokens_; }
-  int64_t tokens_seen() const { return compacted_ ? seen_ : n_tokens_; }
+  bool compacted() const { return book_.compacted; }
+  int64_t exact_tokens() const { return book_.Exact(n_tokens_); }
+  int64_t tokens_seen() const { return book_.Seen(n_tokens_); }
   int64_t kept_tokens() const;
 
   const Hash128& ns() const { return ns_; }
@@ -102,13 +100,7 @@ class PagedSequence final : public SequenceKv {
   std::vector<PageId> pages_;                    // block table
   std::vector<std::vector<const void*>> k_ptr_;  // [n_layer][block]
   std::vector<std::vector<const void*>> v_ptr_;
-  // After a compaction: slots per layer (n_tokens_ is their maximum), the next RoPE position,
-  // tokens read, the exact leading slots, and the tokens each slot stands for
-  // ([layer][head * capacity_ + slot]; merges weigh by it).
-  bool compacted_ = false;
-  std::vector<int64_t> layer_n_;
-  int64_t next_pos_ = 0, seen_ = 0, exact_ = 0;
-  std::vector<std::vector<float>> weight_;
+  SlotBook book_;  // after a compaction (n_tokens_ is then its longest layer); stride capacity_
 };
 
 class KvManager {
