@@ -54,7 +54,7 @@ Runner AddModelCommand(CLI::App& app) {
   CLI::App* c = app.add_subcommand("model", "Make or describe models");
   c->require_subcommand(1);
   CLI::App* s = c->add_subcommand("synth", "Write a deterministic random-weight GGUF");
-  s->add_option("--shape", a->synth.shape, "tiny, qwen2.5-0.5b, llama-1b");
+  s->add_option("--shape", a->synth.shape, "tiny, tiny-hd40, qwen2.5-0.5b, llama-1b");
   s->add_option("--type", a->type, "f32, f16, bf16, q8_0, q4_0");
   s->add_option("--vocab", a->synth.vocab_path, "Vocabulary GGUF (default: GPT-2's)");
   s->add_option("--arch", a->synth.arch, "Override the shape's architecture: llama, qwen2");

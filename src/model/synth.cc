@@ -77,13 +77,17 @@ struct Shape {
 
 Result<Shape> ShapeByName(const std::string& name) {
   if (name == "tiny") return Shape{"llama", 128, 2, 4, 2, 256, 1024, 10000.f, 1e-5f, 1024, true};
+  // tiny with heads of 40 (not a multiple of the 32-element q8_0/q4_0 KV blocks).
+  if (name == "tiny-hd40") {
+    return Shape{"llama", 160, 2, 4, 2, 256, 1024, 10000.f, 1e-5f, 1024, true};
+  }
   if (name == "qwen2.5-0.5b") {
     return Shape{"qwen2", 896, 24, 14, 2, 4864, 32768, 1000000.f, 1e-6f, 0, true};
   }
   if (name == "llama-1b") {
     return Shape{"llama", 2048, 16, 32, 8, 8192, 8192, 500000.f, 1e-5f, 0, true};
   }
-  return InvalidArgument("unknown shape '" + name + "' (known: tiny, qwen2.5-0.5b, llama-1b)");
+  return InvalidArgument("unknown shape '" + name + "' (known: tiny, tiny-hd40, qwen2.5-0.5b, llama-1b)");
 }
 
 // splitmix64: a counter-based generator, so tensor contents depend only on (seed, name, index).

@@ -3,6 +3,7 @@
 // Shapes:
 //   tiny          llama, d 128, 2 layers, 4 heads of 32, 2 KV heads, FFN 256, context 1024,
 //                 vocabulary cut to its first 1023 tokens + end-of-text (under 2 MB in f32)
+//   tiny-hd40     tiny with d 160: heads of 40, which the q8_0/q4_0 KV types cannot hold
 //   qwen2.5-0.5b  qwen2, d 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, theta 1e6
 //   llama-1b      llama, d 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, theta 5e5
 // The vocabulary (tokens, merges, types, special ids, pre-tokenizer) is copied from a vocab

@@ -35,6 +35,13 @@ check "tokenize with bos" 0 '[8191, 464' -- "$bin" tokenize --ids --bos -p "The 
 check "synth tiny" 0 'wrote' -- "$bin" model synth --shape tiny --type q8_0 -o "$tmp/tiny.gguf"
 check "info synth" 0 'arch llama' -- "$bin" model info -m "$tmp/tiny.gguf"
 check "run synth" 0 '"finish_reason"' -- "$bin" run -m "$tmp/tiny.gguf" -p "hello" -n 4 --json
+# Heads of 40 do not fill the 32-element blocks of the q8_0/q4_0 KV types: refused, f16 fine.
+check "synth hd40" 0 'wrote' -- "$bin" model synth --shape tiny-hd40 --type q8_0 -o "$tmp/hd40.gguf"
+check "hd40 q4_0 kv" 1 'head_dim is 40 (use f16)' -- "$bin" run -m "$tmp/hd40.gguf" -p hi -n 2 \
+  --kv-type q4_0
+check "hd40 q8_0 kv serve" 1 'head_dim is 40 (use f16)' -- "$bin" serve -m "$tmp/hd40.gguf" \
+  --port 0 --kv-type q8_0
+check "hd40 f16 kv" 0 '"finish_reason"' -- "$bin" run -m "$tmp/hd40.gguf" -p hi -n 2 --json
 check "bench engine" 0 '"decode_tok_s"' -- "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 \
   --reps 1 --json
 
