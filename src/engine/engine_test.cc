@@ -115,56 +115,63 @@ INSTANTIATE_TEST_SUITE_P(
              std::string(kernels::KvTypeName(info.param.kv));
     });
 
-// Feeding a prompt one token at a time, or in uneven chunks, gives the same logits as one
-// prefill (f32 KV: only summation order differs).
-TEST(EngineTest, IncrementalDecodeMatchesPrefill) {
-  const Model& model = TinyModel(WType::kF32);
-  EngineOptions eo;
-  eo.threads = 2;
-  eo.kv_type = KvType::kF32;
-  Engine engine(model, eo);
-  const auto toks = RandomTokens(70, model.config().n_vocab, 5);
-  const auto full = EngineLogits(engine, toks);
-  for (int chunk : {1, 3, 16}) {
-    auto kv = engine.NewSequence(128);
-    std::vector<float> logits(model.config().n_vocab);
-    for (size_t i = 0; i < toks.size(); i += chunk) {
-      const size_t len = std::min<size_t>(chunk, toks.size() - i);
-      ASSERT_TRUE(engine.Forward(*kv, std::span(toks).subspan(i, len), logits.data()).ok());
-      std::vector<double> want(full[i + len - 1].begin(), full[i + len - 1].end());
-      ASSERT_LT(testing::RelativeL2(logits, want), 1e-5) << "chunk " << chunk << " at " << i;
+// Weight types whose matmul is batch-invariant (docs/kernels.md): the exactness tests below
+// compare logits bit for bit on each.
+const WType kExactTypes[] = {WType::kF32, WType::kQ8_0, WType::kQ4_0};
+
+// Feeding a prompt one token at a time, or in uneven chunks, gives the same logits bits as one
+// prefill: every kernel sums each token's outputs in one order whatever the chunk.
+TEST(EngineTest, IncrementalDecodeMatchesPrefillBitForBit) {
+  for (WType type : kExactTypes) {
+    SCOPED_TRACE(std::string(kernels::WTypeName(type)));
+    const Model& model = TinyModel(type);
+    EngineOptions eo;
+    eo.threads = 2;
+    eo.kv_type = KvType::kF32;
+    Engine engine(model, eo);
+    const auto toks = RandomTokens(70, model.config().n_vocab, 5);
+    const auto full = EngineLogits(engine, toks);
+    for (int chunk : {1, 3, 7, 16}) {
+      auto kv = engine.NewSequence(128);
+      std::vector<float> logits(model.config().n_vocab);
+      for (size_t i = 0; i < toks.size(); i += chunk) {
+        const size_t len = std::min<size_t>(chunk, toks.size() - i);
+        ASSERT_TRUE(engine.Forward(*kv, std::span(toks).subspan(i, len), logits.data()).ok());
+        ASSERT_EQ(logits, full[i + len - 1]) << "chunk " << chunk << " at " << i;
+      }
+      EXPECT_EQ(kv->n_tokens(), 70);
     }
-    EXPECT_EQ(kv->n_tokens(), 70);
   }
 }
 
 // Several sequences of different lengths in one call, mixing a prefill chunk and decode
-// tokens, give the same logits as running each alone.
-TEST(EngineTest, BatchedForwardMatchesSeparateRuns) {
-  const Model& model = TinyModel(WType::kQ8_0, "qwen2");
-  const int nv = model.config().n_vocab;
-  EngineOptions eo;
-  eo.threads = 2;
-  eo.kv_type = KvType::kF32;
-  Engine engine(model, eo);
-  const auto a = RandomTokens(40, nv, 1), b = RandomTokens(9, nv, 2), c = RandomTokens(1, nv, 3);
-  std::vector<std::vector<float>> alone;
-  for (const auto* t : {&a, &b, &c}) {
-    auto kv = engine.NewSequence(64);
-    std::vector<float> l(nv);
-    ASSERT_TRUE(engine.Forward(*kv, *t, l.data()).ok());
-    alone.push_back(l);
-  }
-  auto ka = engine.NewSequence(64), kb = engine.NewSequence(64), kc = engine.NewSequence(64);
-  std::vector<float> la(nv), lb(nv), lc(nv);
-  std::vector<Engine::Item> batch = {{ka.get(), a, Engine::Logits::kLast, la.data()},
-                                     {kb.get(), b, Engine::Logits::kLast, lb.data()},
-                                     {kc.get(), c, Engine::Logits::kLast, lc.data()}};
-  ASSERT_TRUE(engine.Forward(batch).ok());
-  for (int i = 0; i < 3; ++i) {
-    const std::vector<float>& got = i == 0 ? la : i == 1 ? lb : lc;
-    std::vector<double> want(alone[i].begin(), alone[i].end());
-    EXPECT_LT(testing::RelativeL2(got, want), 1e-5) << i;
+// tokens, give the same logits bits as running each alone.
+TEST(EngineTest, BatchedForwardMatchesSeparateRunsBitForBit) {
+  for (WType type : kExactTypes) {
+    SCOPED_TRACE(std::string(kernels::WTypeName(type)));
+    const Model& model = TinyModel(type, "qwen2");
+    const int nv = model.config().n_vocab;
+    EngineOptions eo;
+    eo.threads = 2;
+    eo.kv_type = KvType::kF32;
+    Engine engine(model, eo);
+    const auto a = RandomTokens(40, nv, 1), b = RandomTokens(9, nv, 2), c = RandomTokens(1, nv, 3);
+    std::vector<std::vector<float>> alone;
+    for (const auto* t : {&a, &b, &c}) {
+      auto kv = engine.NewSequence(64);
+      std::vector<float> l(nv);
+      ASSERT_TRUE(engine.Forward(*kv, *t, l.data()).ok());
+      alone.push_back(l);
+    }
+    auto ka = engine.NewSequence(64), kb = engine.NewSequence(64), kc = engine.NewSequence(64);
+    std::vector<float> la(nv), lb(nv), lc(nv);
+    std::vector<Engine::Item> batch = {{ka.get(), a, Engine::Logits::kLast, la.data()},
+                                       {kb.get(), b, Engine::Logits::kLast, lb.data()},
+                                       {kc.get(), c, Engine::Logits::kLast, lc.data()}};
+    ASSERT_TRUE(engine.Forward(batch).ok());
+    EXPECT_EQ(la, alone[0]);
+    EXPECT_EQ(lb, alone[1]);
+    EXPECT_EQ(lc, alone[2]);
   }
 }
 

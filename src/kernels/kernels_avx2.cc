@@ -5,7 +5,9 @@
 // MatMul uses "dot" tiles of R rows x T tokens for every weight type: each accumulator is a
 // ymm over 8 input features, reduced horizontally at the end. Quantized weights use the sign
 // trick (|w| unsigned x sign(x, w) signed) for VPMADDUBSW, whose pairwise 16-bit sums cannot
-// saturate since |w| <= 128 and |x| <= 127. Only 16 ymm registers: tiles stay small.
+// saturate since |w| <= 128 and |x| <= 127. Only 16 ymm registers: tiles stay small. Each
+// output's float operations do not depend on m or the tile (docs/kernels.md): float rows sum
+// in 512-wide K chunks whatever the token count.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -148,27 +150,55 @@ float LoadW1(const uint8_t* row, int64_t k) {
   }
 }
 
+// y[t][r] (+)= sum_{k in [k0, k1)} W[r][k] x[t][k] for R rows and T tokens; k0 is a multiple
+// of kKc. The batch-invariant order (docs/kernels.md): K in chunks of kKc from 0; within a
+// chunk lane j of a ymm accumulator takes k = j mod 8 in increasing k (FMA); the chunk is
+// reduced by Reduce8, then the chunk's scalar tail (only the last chunk has one) is added by
+// FMA in increasing k; chunk sums are added in order. A caller may split [0, cols) at
+// multiples of kKc and accumulate in y: the additions are the same.
 template <int kT, int R, int T>
 void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx, int64_t k0,
                int64_t k1, float* y, int64_t ldy, bool accumulate) {
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  int64_t k = k0;
-  for (; k + 8 <= k1; k += 8) {
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
+  float sum[R][T] = {};
+  for (int64_t c0 = k0; c0 < k1; c0 += kKc) {
+    const int64_t c1 = Min64(k1, c0 + kKc);
+    __m256 acc[R][T];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    int64_t k = c0;
+    for (; k + 8 <= c1; k += 8) {
+      __m256 wv[R];
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+      }
+    }
+    #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
-      const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        // An explicit FMA for the tail so that no compiler choice (contraction) enters the order.
+        __m128 s = _mm_set_ss(Reduce8(acc[r][t]));
+        for (int64_t kk = k; kk < c1; ++kk) {
+          s = _mm_fmadd_ss(_mm_set_ss(LoadW1<kT>(w0 + r * row_bytes, kk)),
+                           _mm_set_ss(x[t * ldx + kk]), s);
+        }
+        sum[r][t] = c0 == k0 ? _mm_cvtss_f32(s) : sum[r][t] + _mm_cvtss_f32(s);
+      }
     }
   }
+  #pragma GCC unroll 8
   for (int t = 0; t < T; ++t) {
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      float s = Reduce8(acc[r][t]);
-      for (int64_t kk = k; kk < k1; ++kk) s += LoadW1<kT>(w0 + r * row_bytes, kk) * x[t * ldx + kk];
       float& out = y[t * ldy + r];
-      out = accumulate ? out + s : s;
+      out = accumulate ? out + sum[r][t] : sum[r][t];
     }
   }
 }

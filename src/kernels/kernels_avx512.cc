@@ -2,15 +2,18 @@
 // lives in the anonymous namespace and no std template is instantiated here (see
 // kernels_internal.h for why).
 //
-// MatMul strategies:
+// MatMul strategies (each output's float operations are the same in all of them, whatever m,
+// the tile or the thread split: the batch-invariant orders of docs/kernels.md):
 //  * Float weights (f32/f16/bf16): "dot" tiles of R = 4 rows x T = 6 tokens; each accumulator
-//    is a zmm over 16 input features, reduced horizontally once per K block. For few tokens
-//    the weights are read in place (f16/bf16 widened in registers), so m == 1 streams each
-//    weight once; for many tokens each [16 rows][512] panel block is widened to f32 once into
-//    scratch and reused by all token tiles.
-//  * Quantized weights, m < PackMinM() (decode): dot tiles over pairs of blocks (64 weights per
-//    zmm); q8_0 uses the sign trick (|w| unsigned x sign(x, w) signed) for VPDPBUSD, q4_0 feeds
-//    the raw nibbles as the unsigned operand and starts each block's sum at -8 * sum(x_q).
+//    is a zmm over 16 input features, reduced horizontally once per 512-wide K chunk. For few
+//    tokens the weights are read in place (f16/bf16 widened in registers), so m == 1 streams
+//    each weight once; for many tokens each [16 rows][512] panel block is widened to f32 once
+//    into scratch and reused by all token tiles.
+//  * Quantized weights, m < PackMinM() (decode): tiles of 8 rows over pairs of blocks (64
+//    weights per zmm); q8_0 uses the sign trick (|w| unsigned x sign(x, w) signed) for
+//    VPDPBUSD, q4_0 feeds the raw nibbles as the unsigned operand and starts each block's sum
+//    at -8 * sum(x_q); integer horizontal sums give each row's block dot, then one FMA per
+//    block with one row per lane, as the packed panels do.
 //  * Quantized weights, m >= PackMinM() (prefill): a panel of 32 rows is repacked once per call
 //    (gathers) into the VNNI layout [block][group of 4 features][32 rows][4 bytes] with
 //    unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with 4
@@ -37,7 +40,7 @@ constexpr int kQ8 = static_cast<int>(WType::kQ8_0);
 constexpr int kQ4 = static_cast<int>(WType::kQ4_0);
 
 // Quantized weights switch to the repacked kernel at this many tokens: below it the repack
-// (one gather pass over the panel) costs more than the reuse gains. Measured on [896 -> 4864]
+// (one gather pass over the panel) costs more than the reuse gains. Both give the same bits. Measured on [896 -> 4864]
 // (Sapphire Rapids): q8_0 m=2 dot 225 us vs packed 257 us, m=4 340 vs 275; q4_0 m=2 195 vs 163.
 int64_t PackMinM(WType t) { return t == WType::kQ8_0 ? 3 : 2; }
 // K block of the float tiles: [T tokens][kKc] of x stays in L1 while R-row groups sweep a panel.
@@ -45,7 +48,7 @@ constexpr int64_t kKc = 512;
 constexpr int64_t kFloatPanel = 16;  // rows per panel (4 groups of kFloatR)
 constexpr int kFloatR = 4, kFloatT = 6;
 constexpr int64_t kFloatPanelOuterMaxM = 64;
-constexpr int kQDotR = 4, kQDotT = 4;  // quantized small-m tiles
+constexpr int kQDotT = 2;  // quantized small-m tiles: 8 rows x up to 2 tokens
 constexpr int kQPackT = 6;             // quantized packed tiles: 32 rows x 6 tokens
 
 int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -58,7 +61,9 @@ float HalfToFloat(const uint8_t* p) {
 
 __mmask16 TailMask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 
-// Sums of 4 vectors at once: lane i of the result is the total of input i.
+// Sums of 4 vectors at once: lane i of the result is the total of input i, by a fixed tree
+// that never mixes inputs: per 128-bit quarter q, Q_q = (v[4q] + v[4q+2]) + (v[4q+1] + v[4q+3]);
+// total = (Q_0 + Q_2) + (Q_1 + Q_3).
 __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
   const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
@@ -70,12 +75,6 @@ __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
       _mm256_add_ps(_mm512_castps512_ps256(abcd),
                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-float Reduce8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
 // exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
@@ -150,50 +149,80 @@ __m512 LoadWMasked(const uint8_t* row, int64_t k, __mmask16 mask) {
 }
 
 // y[t][r] (+)= sum_{k in [k0, k1)} W[r][k] x[t][k] for R rows starting at w0 and T tokens.
+// k0 is a multiple of kKc. The batch-invariant order (docs/kernels.md): K in chunks of kKc
+// from 0; within a chunk lane j of a zmm accumulator takes k = j mod 16 in increasing k (FMA,
+// the tail masked to zero); each chunk is reduced by Reduce4's tree and the chunk sums are
+// added in order. A caller may split [0, cols) at multiples of kKc and accumulate in y: the
+// additions are the same.
 template <int kT, int R, int T>
 void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx, int64_t k0,
                int64_t k1, float* y, int64_t ldy, bool accumulate) {
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  int64_t k = k0;
-  for (; k + 16 <= k1; k += 16) {
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = LoadW<kT>(w0 + r * row_bytes, k);
-    if constexpr (T <= 2) {
-      // Decode streams each weight once: fetch the next tile's rows at the same offset (the next
-      // stretch of memory), as rows are too short for the hardware prefetchers (see QuantDotTile).
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes) +
-                         k * static_cast<int64_t>(kT == kF32 ? 4 : 2),
-                     _MM_HINT_T0);
+  static_assert(R >= 1 && R <= 4, "Reduce4 takes up to 4 rows");
+  __m128 sum[T];
+  #pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) sum[t] = _mm_setzero_ps();
+  for (int64_t c0 = k0; c0 < k1; c0 += kKc) {
+    const int64_t c1 = Min64(k1, c0 + kKc);
+    __m512 acc[4][T];
+    #pragma GCC unroll 8
+    for (int r = 0; r < 4; ++r)
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    int64_t k = c0;
+    for (; k + 16 <= c1; k += 16) {
+      __m512 wv[R];
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = LoadW<kT>(w0 + r * row_bytes, k);
+      if constexpr (T <= 2) {
+        // Decode streams each weight once: fetch the next tile's rows at the same offset (the
+        // next stretch of memory), as rows are too short for the hardware prefetchers (see
+        // QuantGemvTile).
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes) +
+                           k * static_cast<int64_t>(kT == kF32 ? 4 : 2),
+                       _MM_HINT_T0);
+        }
+      }
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
       }
     }
+    if (k < c1) {
+      const __mmask16 mask = TailMask(c1 - k);
+      __m512 wv[R];
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = LoadWMasked<kT>(w0 + r * row_bytes, k, mask);
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * ldx + k);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+      }
+    }
+    // Missing rows (R < 4) reduce zeros in their own lane: Reduce4 never mixes inputs, so a
+    // row's sum does not depend on R.
+    #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
-      const __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+      const __m128 s = Reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+      sum[t] = c0 == k0 ? s : _mm_add_ps(sum[t], s);
     }
   }
-  if (k < k1) {
-    const __mmask16 mask = TailMask(k1 - k);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = LoadWMasked<kT>(w0 + r * row_bytes, k, mask);
-    for (int t = 0; t < T; ++t) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * ldx + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
+  #pragma GCC unroll 8
   for (int t = 0; t < T; ++t) {
     float* yt = y + t * ldy;
     if constexpr (R == 4) {
-      __m128 s = Reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
-      if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(yt));
+      __m128 s = sum[t];
+      if (accumulate) s = _mm_add_ps(_mm_loadu_ps(yt), s);
       _mm_storeu_ps(yt, s);
     } else {
-      for (int r = 0; r < R; ++r) {
-        const float s = _mm512_reduce_add_ps(acc[r][t]);
-        yt[r] = accumulate ? yt[r] + s : s;
-      }
+      alignas(16) float s[4];
+      _mm_store_ps(s, sum[t]);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) yt[r] = accumulate ? yt[r] + s[r] : s[r];
     }
   }
 }
@@ -222,7 +251,8 @@ void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
   const int64_t cols = w.cols, m = a.m;
-  // Few tokens: no K blocking, so each weight row streams contiguously once.
+  // Few tokens: no K blocking here, so each weight row streams contiguously once (the tile
+  // still sums in kKc chunks: same bits as the blocked path).
   const int64_t kc = m <= kFloatT ? cols : kKc;
   // With many token blocks, f16/bf16 weights are widened to f32 once per panel block
   // [kFloatPanel][kc] so the tiles do pure FMAs (VCVTPH2PS competes for the FMA ports). With
@@ -293,21 +323,6 @@ __m256i LoadQBlock(const uint8_t* row, int64_t b) {
   }
 }
 
-template <int kT>
-float QScale(const uint8_t* row, int64_t b) {
-  return HalfToFloat(row + b * (kT == kQ8 ? 34 : 18));
-}
-
-// [dw_b x 8, dw_{b+1} x 8] from the f16 scales of blocks b and b + 1 of a row.
-template <int kT>
-__m512 PairScales(const uint8_t* row, int64_t b) {
-  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
-  int16_t h0, h1;
-  std::memcpy(&h0, row + b * kBB, 2);
-  std::memcpy(&h1, row + (b + 1) * kBB, 2);
-  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1), _mm_set1_epi16(h0)));
-}
-
 // Blocks b and b + 1 of a quantized row as 64 signed weights.
 template <int kT>
 __m512i LoadQPair(const uint8_t* row, int64_t b) {
@@ -322,124 +337,153 @@ __m512 PairDx(const float* d, __m512i pair_idx) {
   return _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(d2))));
 }
 
-// Dot tiles for few tokens: two blocks per zmm. The per-block scale is applied to the 8 int32
-// lanes of each block (cvt + fma) rather than after a horizontal sum, which would cost more.
-template <int kT, int R, int T>
-void QuantDotTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t t0, float* y,
-                  int64_t ldy) {
+// The integer block dots of 8 rows for two blocks: P[r] holds row r's 4-product partial sums
+// of block b in lanes 0-7 and of block b + 1 in lanes 8-15. Returns
+// [row 0..7 of block b, row 0..7 of block b + 1] (integer sums: exact in any order).
+__m512i BlockSums8x2(const __m512i P[8]) {
+  __m512i a[4];
+  for (int i = 0; i < 4; ++i) {
+    // Per 128-bit quarter: [P2i even pair, P2i+1 even pair, P2i odd pair, P2i+1 odd pair].
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(P[2 * i], P[2 * i + 1]),
+                            _mm512_unpackhi_epi32(P[2 * i], P[2 * i + 1]));
+  }
+  // Per quarter q: [row 0, 1, 2, 3] (b0) and [row 4, 5, 6, 7] (b1) sums of that quarter.
+  const __m512i b0 = _mm512_add_epi32(_mm512_unpacklo_epi64(a[0], a[1]),
+                                      _mm512_unpackhi_epi64(a[0], a[1]));
+  const __m512i b1 = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2], a[3]),
+                                      _mm512_unpackhi_epi64(a[2], a[3]));
+  // Quarters 0 + 1 are block b, 2 + 3 block b + 1.
+  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  return _mm512_add_epi32(_mm512_permutex2var_epi64(b0, lo, b1),
+                          _mm512_permutex2var_epi64(b0, hi, b1));
+}
+
+// Decode tiles (m < PackMinM): 8 rows x T tokens, reading the weights in place. Each block's
+// integer dot is exact, so the per-output float sequence is the packed panels' one
+// (QuantPanelTile): acc = fma(float(dot_b), dw_b * dx_b, acc) for b = 0, 1, ... with one
+// output per lane; the horizontal work is integer (BlockSums8x2), once per 2 blocks x 8 rows.
+// Rows past n_rows repeat the last row and are not stored.
+template <int kT, int T>
+void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ActQ8& act,
+                   int64_t t0, float* y, int64_t ldy) {
+  constexpr int R = 8;
   constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
   const int64_t nb = act.cols / 32;
   const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i nib_idx = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const uint8_t* rows[R];
+  int32_t offs[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t rr = r < n_rows ? r : n_rows - 1;
+    rows[r] = w0 + rr * row_bytes;
+    offs[r] = static_cast<int32_t>(rr * static_cast<int64_t>(row_bytes));
+  }
+  // Gather offsets of the f16 scales: lanes 0-7 block b of rows 0-7, lanes 8-15 block b + 1.
+  const __m256i off8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offs));
+  const __m512i scale_offs = _mm512_inserti64x4(
+      _mm512_castsi256_si512(off8), _mm256_add_epi32(off8, _mm256_set1_epi32(kBB)), 1);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    __m512 dw[R];
+    const __m512i hbits = _mm512_i32gather_epi32(scale_offs, w0 + b * kBB, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hbits));
+    __m512i wv[R];
+    __mmask64 neg[R];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* row = w0 + r * row_bytes;
       // The tile's rows are one contiguous region; rows are short (a few hundred bytes to a few
       // KiB), too short for the hardware prefetchers to ramp up on, so fetch the same offset of
       // the next tile's rows, which is the next stretch of memory in address order.
-      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBB + R * row_bytes), _MM_HINT_T0);
-      dw[r] = PairScales<kT>(row, b);
-    }
-    if constexpr (kT == kQ8) {
-      __m512i wabs[R];
-      __mmask64 neg[R];
-      for (int r = 0; r < R; ++r) {
-        const __m512i wv = LoadQPair<kT>(w0 + r * row_bytes, b);
-        wabs[r] = _mm512_abs_epi8(wv);
-        neg[r] = _mm512_movepi8_mask(wv);
-      }
-      for (int t = 0; t < T; ++t) {
-        const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
-        const __m512 dx = PairDx(act.d + (t0 + t) * nb + b, pair_idx);
-        for (int r = 0; r < R; ++r) {
-          // sign(x, w) * |w| == x * w, with |w| in the unsigned operand VPDPBUSD wants.
-          const __m512i xs = _mm512_mask_sub_epi8(xq, neg[r], _mm512_setzero_si512(), xq);
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs[r], xs);
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], dx), acc[r][t]);
-        }
-      }
-    } else {
-      // q4_0: the raw nibbles (w + 8) are already unsigned; the 8 * sum(x_q) they add is
-      // subtracted by starting lane 0 of each block at -8 * sum(x_q).
-      __m512i nib[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* row = w0 + r * row_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * kBB + R * row_bytes), _MM_HINT_T0);
+      if constexpr (kT == kQ8) {
+        const __m512i q = LoadQPair<kT>(rows[r], b);
+        wv[r] = _mm512_abs_epi8(q);
+        neg[r] = _mm512_movepi8_mask(q);
+      } else {
+        // q4_0: the raw nibbles (w + 8) are already unsigned; the 8 * sum(x_q) they add is
+        // subtracted by starting lane 0 of each block at -8 * sum(x_q).
         const __m256i qs = _mm256_set_m128i(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (b + 1) * kBB + 2)),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBB + 2)));
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + (b + 1) * kBB + 2)),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + b * kBB + 2)));
         const __m256i lo = _mm256_and_si256(qs, _mm256_set1_epi8(0x0f));
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), _mm256_set1_epi8(0x0f));
         // [lo_b, hi_b, lo_b+1, hi_b+1] in 16-byte units = element order of x.
-        nib[r] = _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), nib_idx,
-                                           _mm512_castsi256_si512(hi));
+        wv[r] = _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), nib_idx,
+                                          _mm512_castsi256_si512(hi));
       }
-      for (int t = 0; t < T; ++t) {
-        const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
-        const __m512 dx = PairDx(act.d + (t0 + t) * nb + b, pair_idx);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512i xq = _mm512_loadu_si512(act.q + (t0 + t) * act.cols + b * 32);
+      __m512i p[R];
+      if constexpr (kT == kQ8) {
+        for (int r = 0; r < R; ++r) {
+          // sign(x, w) * |w| == x * w, with |w| in the unsigned operand VPDPBUSD wants.
+          const __m512i xs = _mm512_mask_sub_epi8(xq, neg[r], _mm512_setzero_si512(), xq);
+          p[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xs);
+        }
+      } else {
         const __m128i sums =
             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(act.sum + (t0 + t) * nb + b));
         const __m512i init = _mm512_maskz_permutexvar_epi32(
             0x0101, pair_idx,
             _mm512_castsi128_si512(_mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(sums, 3))));
-        for (int r = 0; r < R; ++r) {
-          const __m512i dot = _mm512_dpbusd_epi32(init, nib[r], xq);
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], dx), acc[r][t]);
-        }
+        for (int r = 0; r < R; ++r) p[r] = _mm512_dpbusd_epi32(init, wv[r], xq);
       }
+      const __m512 dot = _mm512_cvtepi32_ps(BlockSums8x2(p));
+      const __m512 s = _mm512_mul_ps(dw, PairDx(act.d + (t0 + t) * nb + b, pair_idx));
+      acc[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot), _mm512_castps512_ps256(s), acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot, 1), _mm512_extractf32x8_ps(s, 1),
+                               acc[t]);
     }
   }
-  float tail[R][T] = {};
-  if (b < nb) {  // odd block count
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* row = w0 + r * row_bytes;
-      const __m256i w = LoadQBlock<kT>(row, b);
-      const float dw = QScale<kT>(row, b);
-      for (int t = 0; t < T; ++t) {
-        const __m256i xq = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
-        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w),
-                                                _mm256_sign_epi8(xq, w));
-        tail[r][t] = Reduce8(_mm256_cvtepi32_ps(dot)) * (dw * act.d[(t0 + t) * nb + b]);
+  if (b < nb) {  // odd block count: the last block alone, in lanes 0-7 (8-15 stay zero)
+    const __m512i hbits =
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0x00ff, scale_offs, w0 + b * kBB, 1);
+    const __m256 dw = _mm512_castps512_ps256(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(hbits)));
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_castsi256_si512(LoadQBlock<kT>(rows[r], b));
+    for (int t = 0; t < T; ++t) {
+      const __m256i xq = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
+      __m512i p[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = _mm512_castsi512_si256(wv[r]);
+        p[r] = _mm512_zextsi256_si512(_mm256_dpbusd_epi32(
+            _mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xq, w)));
       }
+      const __m256 dot = _mm512_castps512_ps256(_mm512_cvtepi32_ps(BlockSums8x2(p)));
+      const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(act.d[(t0 + t) * nb + b]));
+      acc[t] = _mm256_fmadd_ps(dot, s, acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) {
-    if constexpr (R == 4) {
-      __m128 s = Reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
-      s = _mm_add_ps(s, _mm_setr_ps(tail[0][t], tail[1][t], tail[2][t], tail[3][t]));
-      _mm_storeu_ps(y + t * ldy, s);
+    if (n_rows >= R) {
+      _mm256_storeu_ps(y + t * ldy, acc[t]);
     } else {
-      for (int r = 0; r < R; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]) + tail[r][t];
+      _mm256_mask_storeu_ps(y + t * ldy, static_cast<__mmask8>((1u << n_rows) - 1), acc[t]);
     }
   }
 }
 
-using QuantDotTileFn = void (*)(const uint8_t*, size_t, const ActQ8&, int64_t, float*, int64_t);
-
-#define CT_QDOT_TILES(R) \
-  { QuantDotTile<kT, R, 1>, QuantDotTile<kT, R, 2>, QuantDotTile<kT, R, 3>, QuantDotTile<kT, R, 4> }
+using QuantGemvTileFn = void (*)(const uint8_t*, size_t, int64_t, const ActQ8&, int64_t, float*,
+                                 int64_t);
+constexpr int64_t kQGemvR = 8;
 
 template <int kT>
-void QuantDotRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
-  static constexpr QuantDotTileFn kTiles[kQDotR][kQDotT] = {CT_QDOT_TILES(1), CT_QDOT_TILES(2),
-                                                            CT_QDOT_TILES(3), CT_QDOT_TILES(4)};
+void QuantGemvRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  static constexpr QuantGemvTileFn kTiles[kQDotT] = {QuantGemvTile<kT, 1>, QuantGemvTile<kT, 2>};
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
-  for (int64_t g = r0; g < r1; g += kQDotR) {
-    const int64_t nr = Min64(kQDotR, r1 - g);
+  for (int64_t g = r0; g < r1; g += kQGemvR) {
+    const int64_t nr = Min64(kQGemvR, r1 - g);
     for (int64_t t0 = 0; t0 < a.m; t0 += kQDotT) {
       const int64_t nt = Min64(kQDotT, a.m - t0);
-      kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.act, t0, a.y + t0 * w.rows + g,
-                             w.rows);
+      kTiles[nt - 1](base + g * w.row_bytes, w.row_bytes, nr, a.act, t0, a.y + t0 * w.rows + g,
+                     w.rows);
     }
   }
 }
-#undef CT_QDOT_TILES
 
 // ---- Quantized weights, large m: repacked VNNI panels ------------------------------------
 
@@ -573,15 +617,15 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
       return FloatMatMulRows<kBF16>(a, r0, r1);
     case WType::kQ8_0:
       return a.m >= PackMinM(WType::kQ8_0) ? QuantPackedRows<kQ8>(a, r0, r1)
-                                           : QuantDotRows<kQ8>(a, r0, r1);
+                                           : QuantGemvRows<kQ8>(a, r0, r1);
     case WType::kQ4_0:
       return a.m >= PackMinM(WType::kQ4_0) ? QuantPackedRows<kQ4>(a, r0, r1)
-                                           : QuantDotRows<kQ4>(a, r0, r1);
+                                           : QuantGemvRows<kQ4>(a, r0, r1);
   }
 }
 
 int64_t RowGrain(WType t, int64_t m) {
-  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= PackMinM(t) ? kPanelRows : kQDotR;
+  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= PackMinM(t) ? kPanelRows : kQGemvR;
   return m <= kFloatT ? kFloatR : kFloatPanel;
 }
 

@@ -6,6 +6,11 @@
 // inline function or template instantiated there could be merged by the linker with the
 // baseline copy, putting AVX-512 code on the path of a CPU without it. ISA TUs keep their
 // helpers in anonymous namespaces for the same reason.
+//
+// Batch invariance: at one ISA level, matmul_rows computes each output y[t][r] by one fixed
+// sequence of float operations, whatever m, the tile, the row range it is handed or a
+// repacking; docs/kernels.md writes down that order per weight type and level, and every new
+// kernel must follow it (kernels_test checks it bit for bit).
 #pragma once
 
 #include <cstddef>

@@ -235,6 +235,76 @@ TEST_F(IsaTest, ActivationQuantizationIsBitIdenticalAcrossIsas) {
   }
 }
 
+// Batch invariance (docs/kernels.md): at each ISA level, y[t][r] is computed by one fixed
+// sequence of float operations whatever the number of tokens in the call, the tile it falls
+// in, the thread split and whether the weights were repacked. So a token's row of MatMul over
+// m tokens is bit-identical to MatMul of that token alone, and to MatMul over any chunking of
+// the m tokens. Fresh random inputs each run; the seed is printed on failure.
+TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const int64_t ms[] = {1, 2, 3, 5, 6, 7, 8, 13, 16, 17, 31, 64, 100};
+  const int64_t max_m = 100;
+  struct Shape {
+    int64_t rows, float_cols, quant_cols;
+  };
+  // Odd row counts (partial tiles, panels and thread ranges); float K with a partial vector
+  // tail, quantized K with an odd block count; the larger ones cross the 512-wide K chunks.
+  const Shape shapes[] = {{37, 101, 96}, {75, 547, 544}, {203, 1059, 1056}};
+  ThreadPool single(1);
+  auto bits_equal = [](const float* a, const float* b, int64_t n) {
+    return std::memcmp(a, b, sizeof(float) * n) == 0;
+  };
+  for (WType t : kAllTypes) {
+    for (const Shape& sh : shapes) {
+      const int64_t cols = Quantized(t) ? sh.quant_cols : sh.float_cols, rows = sh.rows;
+      TestMatrix tm = RandomMatrix(t, rows, cols, rng);
+      std::uniform_real_distribution<float> val(-2.0f, 2.0f);
+      std::vector<float> x(max_m * cols);
+      for (auto& f : x) f = val(rng);
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        SCOPED_TRACE(std::string(WTypeName(t)) + " " + std::string(IsaName(isa)) +
+                     " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols));
+        // Each token alone, on one thread: the reference rows.
+        std::vector<float> alone(max_m * rows);
+        for (int64_t i = 0; i < max_m; ++i)
+          MatMul(x.data() + i * cols, 1, tm.w, alone.data() + i * rows, single);
+        for (int64_t m : ms) {
+          for (ThreadPool* pool : {&single, &pool_}) {
+            SCOPED_TRACE("m=" + std::to_string(m) + " threads=" + std::to_string(pool->size()));
+            std::vector<float> y(m * rows, std::numeric_limits<float>::quiet_NaN());
+            MatMul(x.data(), m, tm.w, y.data(), *pool);
+            // The same tokens in random chunks.
+            std::vector<float> yc(m * rows, std::numeric_limits<float>::quiet_NaN());
+            std::string chunks;
+            for (int64_t i = 0; i < m;) {
+              const int64_t n = std::uniform_int_distribution<int64_t>(1, m - i)(rng);
+              MatMul(x.data() + i * cols, n, tm.w, yc.data() + i * rows, *pool);
+              chunks += std::to_string(n) + " ";
+              i += n;
+            }
+            int bad = 0;
+            for (int64_t i = 0; i < m && bad < 3; ++i) {
+              const float* want = alone.data() + i * rows;
+              if (!bits_equal(y.data() + i * rows, want, rows)) {
+                ADD_FAILURE() << "token " << i << " of " << m << " differs from it alone";
+                ++bad;
+              }
+              if (!bits_equal(yc.data() + i * rows, want, rows)) {
+                ADD_FAILURE() << "token " << i << " in chunks [ " << chunks
+                              << "] differs from it alone";
+                ++bad;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_F(IsaTest, QuantizedBlockLayoutsDecodeAsDocumented) {
   // q8_0: { f16 d; int8 q[32] }, x = d * q.
   uint8_t q8[34];

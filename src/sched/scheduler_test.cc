@@ -4,7 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <atomic>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -15,6 +18,7 @@
 #include "core/timer.h"
 #include "engine/generate.h"
 #include "kv/budget_runner.h"
+#include "model/synth.h"
 #include "sched/tier_bridge.h"
 
 namespace cachette::sched {
@@ -22,11 +26,42 @@ namespace {
 
 using kernels::KvType;
 
-// The F32 file: with Q8_0 weights a batched step rounds differently from a lone one (activation
-// quantization), which flips greedy near-ties (logit margins ~0.02) and hides real bugs.
+// The F32 file, the default for every test. The matmul is batch-invariant for F32, Q8_0 and
+// Q4_0 weights (docs/kernels.md), so the exactness tests also run on the trained Q8_0 file and
+// on a synthetic Q4_0 model with the same vocabulary (TrainedQ8_0, SynthQ4_0).
 const Model& Trained() {
   static std::unique_ptr<Model> m = [] {
     auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-f32.gguf");
+    CT_CHECK(r.ok()) << r.status().ToString();
+    return std::move(*r);
+  }();
+  return *m;
+}
+
+const Model& TrainedQ8_0() {
+  static std::unique_ptr<Model> m = [] {
+    auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-q8_0.gguf");
+    CT_CHECK(r.ok()) << r.status().ToString();
+    return std::move(*r);
+  }();
+  return *m;
+}
+
+// Random weights (many greedy near-ties: a sharp test of exactness) over the trained vocabulary,
+// so Text() gives valid ids.
+const Model& SynthQ4_0() {
+  static std::unique_ptr<Model> m = [] {
+    const std::string path = ::testing::TempDir() + "scheduler_test_q4_0_" +
+                             std::to_string(getpid()) + ".gguf";
+    SynthOptions o;
+    o.type = kernels::WType::kQ4_0;
+    o.arch = "llama";
+    o.vocab_path = std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-vocab.gguf";
+    o.n_vocab_cut = static_cast<int>(Trained().config().n_vocab);
+    Status st = SynthesizeModel(o, path);
+    CT_CHECK(st.ok()) << st.ToString();
+    auto r = Model::Load(path);
+    std::remove(path.c_str());
     CT_CHECK(r.ok()) << r.status().ToString();
     return std::move(*r);
   }();
@@ -70,8 +105,8 @@ class SchedulerTest : public ::testing::Test {
     EngineOptions eo;
     eo.threads = 2;
     eo.kv_type = KvType::kF32;
-    engine_ = std::make_unique<Engine>(Trained(), eo);
-    ref_engine_ = std::make_unique<Engine>(Trained(), eo);  // the loop owns engine_
+    engine_ = std::make_unique<Engine>(*model_, eo);
+    ref_engine_ = std::make_unique<Engine>(*model_, eo);  // the loop owns engine_
     KvManagerOptions ko;
     ko.shape = engine_->kv_shape();
     ko.page_tokens = 16;
@@ -125,6 +160,7 @@ class SchedulerTest : public ::testing::Test {
     return r;
   }
 
+  const Model* model_ = &Trained();  // the exactness tests also set a quantized one
   std::unique_ptr<Engine> engine_, ref_engine_;
   std::unique_ptr<KvManager> kv_;
   std::unique_ptr<Cache> store_;
@@ -132,17 +168,28 @@ class SchedulerTest : public ::testing::Test {
   std::unique_ptr<Scheduler> sched_;
 };
 
+// The exactness tests, on each batch-invariant weight type: F32 and Q8_0 (the trained files)
+// and Q4_0 (synthetic).
+class SchedulerExactTest : public SchedulerTest,
+                           public ::testing::WithParamInterface<const char*> {
+ protected:
+  void SetUp() override {
+    const std::string t = GetParam();
+    model_ = t == "q8_0" ? &TrainedQ8_0() : t == "q4_0" ? &SynthQ4_0() : &Trained();
+  }
+};
+
 const char* kPrompts[] = {
     "The history of the",
     "In the beginning God created the heaven and the earth. And the earth was without form,",
     "The kernel documentation describes how to configure the",
     "A dictionary defines the word",
-    "Python is a programming language that lets you work quickly and integrate systems more "
-    "effectively. The standard library",
+    ("Python is a programming language that lets you work quickly and integrate systems more "
+     "effectively. The standard library"),
     "Once upon a time",
 };
 
-TEST_F(SchedulerTest, BatchedGreedyMatchesGenerateAlone) {
+TEST_P(SchedulerExactTest, BatchedGreedyMatchesGenerateAlone) {
   SchedulerOptions so;
   so.max_running = 4;
   so.step_tokens = 24;  // forces prompts to be prefilled in chunks beside running decodes
@@ -163,7 +210,7 @@ TEST_F(SchedulerTest, BatchedGreedyMatchesGenerateAlone) {
   EXPECT_GT(sched_->Stats().steps, 0u);
 }
 
-TEST_F(SchedulerTest, PrefixReuseIsExactAndPerTenant) {
+TEST_P(SchedulerExactTest, PrefixReuseIsExactAndPerTenant) {
   Build(512, {});
   const auto prompt = Text("The kernel documentation describes how to configure the build of "
                            "modules for a system with many devices and drivers");
@@ -188,6 +235,9 @@ TEST_F(SchedulerTest, PrefixReuseIsExactAndPerTenant) {
   EXPECT_EQ(ext.tokens, Reference(longer, 8));
   EXPECT_EQ(run(prompt, "b", 1).last.usage.cached_tokens, 0);  // another tenant never hits
 }
+
+INSTANTIATE_TEST_SUITE_P(WeightTypes, SchedulerExactTest, ::testing::Values("f32", "q8_0", "q4_0"),
+                         [](const auto& info) { return std::string(info.param); });
 
 TEST_F(SchedulerTest, TinyBudgetQueuesInsteadOfFailing) {
   SchedulerOptions so;

@@ -8,10 +8,10 @@ greedy token on top at temperature 0, exp of the top ones summing to at most 1);
 max_tokens 0 scores the prompt (one entry per prompt token, the first null), as lm-eval's
 local-completions model asks; bad values are 400s naming the field.
 
-With the F32 model (the exactness reference: Q8_0 kernels are not batch-invariant yet): a
-request's logprobs, compared as JSON number text, are identical alone, batched with other
-requests (prefill chunks cut differently), and after an earlier request cached its prefix; and
-the prompt's logprobs sum to minus the NLL `cachette eval ppl` computes over the same tokens.
+With the F32 model and with the Q8_0 one (the matmul is batch-invariant for both): a request's
+logprobs, compared as JSON number text, are identical alone, batched with other requests
+(prefill chunks cut differently), and after an earlier request cached its prefix; and the
+prompt's logprobs sum to minus the NLL `cachette eval ppl` computes over the same tokens.
 
 Usage: logprobs_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
                         --f32-model ../shared/models/cachette-tiny-f32.gguf
@@ -292,21 +292,19 @@ def raw_stream_content(s, body):
         c.close()
 
 
-def test_exact_f32(binary, f32_model):
-    """Digit-for-digit logprobs. WART (src/kernels: kTileT 2 with AVX2, kFloatT 6 with
-    AVX-512): the float matmul sums a row over all of K when a step has at most T tokens and in
-    K blocks of 512 beyond (d_ff is 1024 here), so exactness needs every step of both runs on
-    the same side: prefill chunks of more than 6 tokens, decodes alone (1) or beside one other
-    (2). The checks keep to that (docs/serving.md, "Known warts")."""
+def test_exact(binary, model, tag):
+    """Digit-for-digit logprobs on `model` (tagged `tag` in the messages): the weight matmul
+    sums every output in one order whatever the step size (docs/kernels.md, batch invariance),
+    for F32 and Q8_0 weights alike, so alone, batched and after a prefix hit agree."""
     # Small steps, so the prefill is cut into chunks, and cut differently when other requests
     # run in the same steps.
-    s = Server(binary, f32_model, "--step-tokens", "32")
+    s = Server(binary, model, "--step-tokens", "32")
     try:
         prompt = PROMPT + " the words of the law, of the church and of the sea."
         score = {"prompt": prompt, "max_tokens": 0, "logprobs": 5, "echo": True,
                  "temperature": 0}
         status, alone = raw_post(s, "/v1/completions", dict(score, cache_salt="alone"))
-        if not check(status == 200, "f32 alone: %s %s" % (status, alone)):
+        if not check(status == 200, tag + " alone: %s %s" % (status, alone)):
             return
         ref = alone["choices"][0]["logprobs"]
         n_prompt = alone["usage"]["prompt_tokens"]
@@ -317,7 +315,7 @@ def test_exact_f32(binary, f32_model):
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write(prompt)
         try:
-            out = subprocess.run([binary, "eval", "ppl", "-m", f32_model, "-f", f.name, "--ctx",
+            out = subprocess.run([binary, "eval", "ppl", "-m", model, "-f", f.name, "--ctx",
                                   str(n_prompt), "--threads", "2", "--json", "-q"],
                                  capture_output=True, text=True, timeout=120)
         finally:
@@ -367,7 +365,7 @@ def test_exact_f32(binary, f32_model):
         status, batched = raw_post(s, "/v1/completions", dict(score, cache_salt="batched"))
         join(threads, results, "scoring")
         got = batched["choices"][0]["logprobs"] if status == 200 else {}
-        check(got == ref, "f32: prompt logprobs batched == alone, digit for digit%s"
+        check(got == ref, tag + ": prompt logprobs batched == alone, digit for digit%s"
               % first_diff(got, ref))
 
         # Echo and generation, alone and beside one decoding request.
@@ -375,12 +373,12 @@ def test_exact_f32(binary, f32_model):
         status, gen_alone = raw_post(s, "/v1/completions", dict(gen_body, cache_salt="g1"))
         gen_ref = gen_alone["choices"][0]["logprobs"]
         check(gen_ref["token_logprobs"][:n_prompt] == ref["token_logprobs"],
-              "f32: the echo's prompt part equals the scoring request's")
+              tag + ": the echo's prompt part equals the scoring request's")
         threads, results = neighbours(1, 160)
         status, gen_batched = raw_post(s, "/v1/completions", dict(gen_body, cache_salt="g2"))
         join(threads, results, "generation")
         got = gen_batched["choices"][0]["logprobs"] if status == 200 else {}
-        check(got == gen_ref, "f32: echo + generation batched == alone, digit for digit%s"
+        check(got == gen_ref, tag + ": echo + generation batched == alone, digit for digit%s"
               % first_diff(got, gen_ref))
 
         # Cached: an earlier request shares the prompt's first ~2/3; a plain (non-echo) request
@@ -393,23 +391,31 @@ def test_exact_f32(binary, f32_model):
         status, warm = raw_post(s, "/v1/completions", dict(plain, cache_salt="warm"))
         cached = int(warm["usage"]["prompt_tokens_details"]["cached_tokens"])
         check(status == 200 and 16 <= cached < n_prompt - 6,
-              "f32: the warm request reused a cached prefix: %s" % warm.get("usage"))
+              tag + ": the warm request reused a cached prefix: %s" % warm.get("usage"))
         got, want = warm["choices"][0]["logprobs"], cold["choices"][0]["logprobs"]
-        check(got == want, "f32: logprobs after a prefix hit == cold, digit for digit%s"
+        check(got == want, tag + ": logprobs after a prefix hit == cold, digit for digit%s"
+              % first_diff(got, want))
+        # A full hit: only the prompt's last token is recomputed, in a step of one token where
+        # the cold run prefilled chunks of many.
+        status, hit = raw_post(s, "/v1/completions", dict(plain, cache_salt="cold"))
+        cached = int(hit["usage"]["prompt_tokens_details"]["cached_tokens"]) if status == 200 else 0
+        check(cached == n_prompt - 1, tag + ": a full prefix hit: %s" % hit.get("usage"))
+        got = hit["choices"][0]["logprobs"] if status == 200 else {}
+        check(got == want, tag + ": logprobs after a full hit (1 token recomputed) == cold%s"
               % first_diff(got, want))
         # The generated part of the echo request (kAll logits) equals the plain one's (kLast).
         gen = {k: v[n_prompt:] for k, v in gen_ref.items()}
         want = dict(want)
         off = len(prompt.encode())
         want["text_offset"] = [o + off for o in want["text_offset"]]
-        check(gen == want, "f32: generated logprobs with echo == without%s"
+        check(gen == want, tag + ": generated logprobs with echo == without%s"
               % first_diff(gen, want))
         # Echo after the prefix is cached: no reuse, same numbers.
         status, echo_warm = raw_post(s, "/v1/completions", dict(score, cache_salt="warm"))
         check(int(echo_warm["usage"]["prompt_tokens_details"]["cached_tokens"]) == 0,
-              "f32: echo skips the cached prefix")
+              tag + ": echo skips the cached prefix")
         check(echo_warm["choices"][0]["logprobs"] == ref,
-              "f32: echo logprobs with a cached prefix == alone, digit for digit")
+              tag + ": echo logprobs with a cached prefix == alone, digit for digit")
 
         # Chat, streamed beside one decoding request: equal to a lone non-streamed run.
         cbody = {"messages": [{"role": "user", "content": "Name three animals of the sea."}],
@@ -420,7 +426,7 @@ def test_exact_f32(binary, f32_model):
         join(threads, results, "chat")
         want_c = lone["choices"][0]["logprobs"]["content"]
         check(status == 200 and len(want_c) > 0 and streamed == want_c,
-              "f32 chat: streamed beside another request == a lone run, digit for digit")
+              tag + " chat: streamed beside another request == a lone run, digit for digit")
     finally:
         s.close()
 
@@ -440,9 +446,10 @@ def main():
     finally:
         s.close()
     if os.path.exists(a.f32_model):
-        test_exact_f32(a.binary, a.f32_model)
+        test_exact(a.binary, a.f32_model, "f32")
     else:
         check(False, "the F32 model is missing: %s" % a.f32_model)
+    test_exact(a.binary, a.model, "q8_0")
     return report(t0)
 
 
