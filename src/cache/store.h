@@ -151,6 +151,11 @@ class TieredStore final : public Cache {
                 SharedBytes* raw_record, bool trusted);
   void Promote(const ChunkRequest& r, const SharedBytes& raw_record);
   void RecordLatency(int64_t start_ns);
+  // Adaptive loading: folds `x` into the moving average `mean` (0 = none yet) as
+  // keep * mean + weight * x. REQUIRES(mu_) for the store's averages.
+  static void Average(double& mean, double x, double keep, double weight) {
+    mean = mean == 0 ? x : keep * mean + weight * x;
+  }
   // Adaptive loading: the remote key of `key`'s encoding at `level` (level 0: `key` itself).
   static ChunkKey LevelKey(const ChunkKey& key, int level);
   // The level whose transfer of `r.remaining` chunks fits before `deadline` at the measured

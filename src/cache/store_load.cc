@@ -318,10 +318,8 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
     const double bytes = static_cast<double>(got->size());
     const double s = std::max(1e-6, static_cast<double>(cachette::NowNanos() - read_start) / 1e9);
     std::lock_guard lock(mu_);
-    double& mean = level_bytes_[static_cast<size_t>(level)];
-    mean = mean == 0 ? bytes : 0.9 * mean + 0.1 * bytes;
-    remote_bytes_per_s_ =
-        remote_bytes_per_s_ == 0 ? bytes / s : 0.7 * remote_bytes_per_s_ + 0.3 * (bytes / s);
+    Average(level_bytes_[static_cast<size_t>(level)], bytes, 0.9, 0.1);
+    Average(remote_bytes_per_s_, bytes / s, 0.7, 0.3);
   }
   if (!got.ok()) {
     const StatusCode code = got.status().code();

@@ -251,9 +251,7 @@ void TieredStore::WriteRemoteLevels(const WriteJob& job) {
       continue;
     }
     std::lock_guard lock(mu_);
-    double& mean = level_bytes_[static_cast<size_t>(level)];
-    mean = mean == 0 ? static_cast<double>(rec->size())
-                     : 0.9 * mean + 0.1 * static_cast<double>(rec->size());
+    Average(level_bytes_[static_cast<size_t>(level)], static_cast<double>(rec->size()), 0.9, 0.1);
   }
 }
 
@@ -276,9 +274,7 @@ void TieredStore::RunWrite(const WriteJob& job) {
         Entry* e = index_.Find(job.key);
         if (e != nullptr && e->gen == job.gen) e->remote_written = true;
         if (!level_codecs_.empty()) {
-          double& m = level_bytes_[0];
-          m = m == 0 ? static_cast<double>(bytes->size())
-                     : 0.9 * m + 0.1 * static_cast<double>(bytes->size());
+          Average(level_bytes_[0], static_cast<double>(bytes->size()), 0.9, 0.1);
         }
       }
       EmitRemote(KvEvent::Kind::kStored, {job.key});

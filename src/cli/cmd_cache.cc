@@ -7,13 +7,13 @@
 #include <cstdio>
 #include <map>
 
-#include <chrono>
 #include <unordered_set>
 
 #include "cache/chunk.h"
 #include "cache/disk_tier.h"
 #include "cache/session_journal.h"
 #include "cli/cli.h"
+#include "core/timer.h"
 
 namespace cachette::cli {
 namespace {
@@ -36,12 +36,6 @@ Result<std::unique_ptr<cache::DiskTier>> OpenDir(const std::string& dir, bool re
 Result<cache::SessionScan> ScanSessions(const std::string& dir, bool read_only) {
   CT_ASSIGN_OR_RETURN(auto j, cache::SessionJournal::Open({dir, read_only}));
   return j->Scan();
-}
-
-int64_t WallMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 // How many leading tokens of `tokens` the chunks on disk hold: the chunk keys chain every token
@@ -69,7 +63,7 @@ void PrintSessions(const cache::SessionScan& scan, const std::vector<cache::Disk
   for (const auto& r : scan.records) rs.push_back(&r);
   std::sort(rs.begin(), rs.end(),
             [](const auto* x, const auto* y) { return x->updated_unix_ms < y->updated_unix_ms; });
-  const int64_t now = WallMs();
+  const int64_t now = UnixMillis();
   std::printf("%-16s  %-32s  %7s  %7s  %10s  %10s\n", "session", "namespace", "tokens", "on_disk",
               "idle_s", "expires_s");
   for (const cache::SessionRecord* r : rs) {

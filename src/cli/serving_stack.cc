@@ -1,6 +1,5 @@
 #include "cli/serving_stack.h"
 
-#include <chrono>
 #include <filesystem>
 
 #include "core/log.h"
@@ -298,11 +297,8 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
     for (const std::string& p : scan->problems) {
       CT_LOG(kWarning) << "session journal: removed a bad record: " << p;
     }
-    const auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                            std::chrono::system_clock::now().time_since_epoch())
-                            .count();
     const sched::PinRegistry::RestoreReport r =
-        st->scheduler->pins().AttachJournal(st->sessions.get(), scan->records, now_ms);
+        st->scheduler->pins().AttachJournal(st->sessions.get(), scan->records, UnixMillis());
     CT_LOG(kInfo) << "sessions: " << r.sessions << " restored (" << r.tokens << " tokens) from "
                   << st->sessions->dir() << ", " << r.expired << " expired"
                   << (r.dropped > 0 ? ", " + std::to_string(r.dropped) + " past --max-sessions"

@@ -1,4 +1,4 @@
-// Monotonic time helpers.
+// Time helpers: monotonic (NowNanos, Stopwatch) and wall-clock (UnixMillis).
 #pragma once
 
 #include <chrono>
@@ -9,6 +9,13 @@ namespace cachette {
 inline int64_t NowNanos() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Wall-clock milliseconds since 1970: for times kept across restarts (not for durations).
+inline int64_t UnixMillis() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
       .count();
 }
 

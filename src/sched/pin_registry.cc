@@ -1,7 +1,6 @@
 #include "sched/pin_registry.h"
 
 #include <algorithm>
-#include <chrono>
 
 #include "core/log.h"
 #include "core/timer.h"
@@ -12,13 +11,6 @@ namespace {
 
 // The scheduler's own pins (program pins) are keyed "\x01...": not sessions of a client.
 bool Journaled(const std::string& key) { return !key.empty() && key[0] != '\x01'; }
-
-// The journal keeps wall-clock times: they must mean the same after a restart.
-int64_t WallMillis() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 }  // namespace
 
@@ -133,7 +125,7 @@ PinRegistry::Info PinRegistry::SetSession(const std::string& session, const Hash
   Release(old);  // erases the replaced turn's journal record...
   if (info.id != 0 && journal_ != nullptr && Journaled(session)) {
     // ... and this one is written after it (the journal keeps the latest intent per session).
-    const int64_t now_unix_ms = WallMillis();
+    const int64_t now_unix_ms = UnixMillis();  // the journal keeps wall-clock times
     cache::SessionRecord r;
     r.digest = digest;
     r.ns = ns;

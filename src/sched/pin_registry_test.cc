@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "cache/test_util.h"
+#include "core/timer.h"
 #include "sched/prefix_source.h"
 
 namespace cachette::sched {
@@ -75,11 +76,6 @@ class PinRegistryJournalTest : public ::testing::Test {
   std::unique_ptr<PinRegistry> Registry(PinLimits limits = {}) {
     return std::make_unique<PinRegistry>(*kv_, limits, [this] { return now_ms_; }, &source_);
   }
-  static int64_t WallMs() {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-               std::chrono::system_clock::now().time_since_epoch())
-        .count();
-  }
 
   cache::testing::TempDir dir_;
   int64_t now_ns_ = 0, now_ms_ = 1000;
@@ -91,10 +87,10 @@ class PinRegistryJournalTest : public ::testing::Test {
 
 TEST_F(PinRegistryJournalTest, EachTurnReplacesTheRecordAndAnEndedSessionErasesIt) {
   auto reg = Registry();
-  reg->AttachJournal(journal_.get(), {}, WallMs());
+  reg->AttachJournal(journal_.get(), {}, UnixMillis());
   const auto turn1 = Iota(40), turn2 = Iota(70);
   Cache(turn1);
-  const int64_t before = WallMs();
+  const int64_t before = UnixMillis();
   auto info = reg->SetSession("agent-1", ns_, "", turn1, 60000);
   ASSERT_NE(info.id, 0u);
   EXPECT_EQ(info.digest, cache::SessionDigest64("agent-1"));
@@ -104,7 +100,7 @@ TEST_F(PinRegistryJournalTest, EachTurnReplacesTheRecordAndAnEndedSessionErasesI
   EXPECT_EQ(recs[0].ns, ns_);
   EXPECT_EQ(recs[0].tokens, turn1);
   EXPECT_GE(recs[0].expires_unix_ms, before + 60000);
-  EXPECT_LE(recs[0].expires_unix_ms, WallMs() + 60000);
+  EXPECT_LE(recs[0].expires_unix_ms, UnixMillis() + 60000);
 
   Cache(turn2);
   reg->SetSession("agent-1", ns_, "", turn2, 60000);
@@ -129,7 +125,7 @@ TEST_F(PinRegistryJournalTest, EachTurnReplacesTheRecordAndAnEndedSessionErasesI
 }
 
 TEST_F(PinRegistryJournalTest, ARestartRegistersLiveSessionsWithTheirChunkPinsOnly) {
-  const int64_t wall = WallMs();
+  const int64_t wall = UnixMillis();
   auto rec = [&](const char* id, int n, int64_t updated, int64_t expires) {
     cache::SessionRecord r;
     r.digest = cache::SessionDigest64(id);
@@ -177,7 +173,7 @@ TEST_F(PinRegistryJournalTest, ARestartRegistersLiveSessionsWithTheirChunkPinsOn
 }
 
 TEST_F(PinRegistryJournalTest, RestoreKeepsTheLatestUpToTheCapAndATenantClearReachesThem) {
-  const int64_t wall = WallMs();
+  const int64_t wall = UnixMillis();
   for (int i = 0; i < 4; ++i) {
     cache::SessionRecord r;
     r.digest = cache::SessionDigest64("s" + std::to_string(i));
