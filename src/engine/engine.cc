@@ -119,20 +119,13 @@ Status Engine::Forward(std::span<Item> batch) {
 Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_t>& begin,
                                  const std::vector<int64_t>& count) {
   const ModelConfig& c = model_.config();
-  const int64_t d = c.d_model, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.d_ff;
+  const int64_t d = c.d_model;
   Scratch& s = *scratch_;
   ThreadPool& pool = *pool_;
 
   int64_t n = 0;
   for (size_t i = 0; i < batch.size(); ++i) n += count[i];
-  float* x = s.x.Get(n * d);       // [n][d] residual stream
-  float* h = s.h.Get(n * d);       // [n][d] normalized
-  float* q = s.q.Get(n * qd);      // [n][n_head][head_dim]
-  float* k = s.k.Get(n * kvd);     // [n][n_kv_head][head_dim]
-  float* v = s.v.Get(n * kvd);     // [n][n_kv_head][head_dim]
-  float* att = s.att.Get(n * qd);  // [n][n_head][head_dim]
-  float* gate = s.gate.Get(n * ff);
-  float* up = s.up.Get(n * ff);
+  float* x = s.x.Get(n * d);  // [n][d] residual stream
   s.pos.resize(n);
 
   // Rows of the micro-batch in item order; pos0[i] = RoPE position of item i's first new
@@ -148,77 +141,41 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
     }
   }
 
+  std::vector<Run> runs(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) runs[i] = Run{batch[i].kv, count[i], -1};
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   for (int layer = 0; layer < c.n_layer; ++layer) {
-    const LayerWeights& w = model_.layers()[layer];
-    kernels::RmsNorm(x, w.attn_norm, h, n, d, c.norm_eps);
-    kernels::MatMul(h, n, w.wq, q, pool);
-    kernels::MatMul(h, n, w.wk, k, pool);
-    kernels::MatMul(h, n, w.wv, v, pool);
-    if (w.bq != nullptr) {
-      for (int64_t t = 0; t < n; ++t) {
-        kernels::Add(w.bq, q + t * qd, qd);
-        kernels::Add(w.bk, k + t * kvd, kvd);
-        kernels::Add(w.bv, v + t * kvd, kvd);
-      }
-    }
-    kernels::Rope(q, n, c.n_head, s.pos.data(), c.rope);
-    kernels::Rope(k, n, c.n_kv_head, s.pos.data(), c.rope);
-    for (size_t i = 0; i < batch.size(); ++i) {
-      SequenceKv& kv = *batch[i].kv;
-      const int64_t slot0 = kv.layer_tokens(layer);
-      for (int64_t j = 0; j < count[i]; ++j) {
-        const int64_t row = row0[i] + j;
-        kernels::StoreKv(k + row * kvd, c.n_kv_head, c.head_dim, kv_shape().type,
-                         kv.KSlot(layer, slot0 + j));
-        kernels::StoreKv(v + row * kvd, c.n_kv_head, c.head_dim, kv_shape().type,
-                         kv.VSlot(layer, slot0 + j));
-      }
-    }
-    for (size_t i = 0; i < batch.size(); ++i) {
-      if (count[i] == 0) continue;
+    // Attention statistics for a KV budget policy, after each item's attention.
+    auto stats = [&](size_t i, int64_t slot0, const kernels::KvView& view, const float* q) {
       const Item& it = batch[i];
-      const int64_t slot0 = it.kv->layer_tokens(layer);
-      const kernels::KvView view = it.kv->View(layer, slot0 + count[i]);
-      kernels::Attention(q + row0[i] * qd, count[i], c.n_head, slot0, view, scale,
-                         att + row0[i] * qd, pool);
-      if (it.stats != nullptr && (it.stats->window > 0 || it.stats->cumulative)) {
-        // Rows feeding the statistics: all of them for cumulative sums, otherwise those among
-        // the item's last `window` tokens.
-        const int64_t first_win = static_cast<int64_t>(it.tokens.size()) - it.stats->window;
-        s.stat_rows.clear();
-        bool any_window = false;
-        for (int64_t j = 0; j < count[i]; ++j) {
-          const bool in_window = it.stats->window > 0 && begin[i] + j >= first_win;
-          any_window |= in_window;
-          if (in_window || it.stats->cumulative) s.stat_rows.push_back(row0[i] + j);
-        }
-        if (!s.stat_rows.empty()) {
-          // Window rows are a suffix of the micro-batch slice: accumulate the cumulative
-          // sums over every row, then the window sums over the suffix.
-          if (it.stats->cumulative) {
-            AccumulateAttention(q, c.n_head, s.stat_rows, row0[i], slot0, view, scale, layer,
-                                false, true, *it.stats, pool);
-          }
-          if (any_window) {
-            std::vector<int64_t> win;
-            for (int64_t row : s.stat_rows) {
-              if (begin[i] + (row - row0[i]) >= first_win) win.push_back(row);
-            }
-            AccumulateAttention(q, c.n_head, win, row0[i], slot0, view, scale, layer, true,
-                                false, *it.stats, pool);
-          }
-        }
+      if (it.stats == nullptr || (it.stats->window == 0 && !it.stats->cumulative)) return;
+      // Rows feeding the statistics: all of them for cumulative sums, otherwise those among
+      // the item's last `window` tokens.
+      const int64_t first_win = static_cast<int64_t>(it.tokens.size()) - it.stats->window;
+      s.stat_rows.clear();
+      bool any_window = false;
+      for (int64_t j = 0; j < count[i]; ++j) {
+        const bool in_window = it.stats->window > 0 && begin[i] + j >= first_win;
+        any_window |= in_window;
+        if (in_window || it.stats->cumulative) s.stat_rows.push_back(row0[i] + j);
       }
-    }
-    kernels::MatMul(att, n, w.wo, h, pool);
-    kernels::Add(h, x, n * d);
-    kernels::RmsNorm(x, w.ffn_norm, h, n, d, c.norm_eps);
-    kernels::MatMul(h, n, w.w_gate, gate, pool);
-    kernels::MatMul(h, n, w.w_up, up, pool);
-    kernels::SwiGlu(gate, up, gate, n * ff);
-    kernels::MatMul(gate, n, w.w_down, h, pool);
-    kernels::Add(h, x, n * d);
+      if (s.stat_rows.empty()) return;
+      // Window rows are a suffix of the micro-batch slice: accumulate the cumulative sums
+      // over every row, then the window sums over the suffix.
+      if (it.stats->cumulative) {
+        AccumulateAttention(q, c.n_head, s.stat_rows, row0[i], slot0, view, scale, layer, false,
+                            true, *it.stats, pool);
+      }
+      if (any_window) {
+        std::vector<int64_t> win;
+        for (int64_t row : s.stat_rows) {
+          if (begin[i] + (row - row0[i]) >= first_win) win.push_back(row);
+        }
+        AccumulateAttention(q, c.n_head, win, row0[i], slot0, view, scale, layer, true, false,
+                            *it.stats, pool);
+      }
+    };
+    RunLayer(layer, x, n, s.pos.data(), runs, stats);
   }
 
   // Logits only for the rows that asked for them: the final norm and the vocabulary
@@ -262,6 +219,118 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
     if (count[i] > 0) batch[i].kv->Append(count[i]);
   }
   return Status::Ok();
+}
+
+void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
+                      std::span<const Run> runs, const AfterAttention& after_attention,
+                      const AttentionFn& attention) {
+  const ModelConfig& c = model_.config();
+  const int64_t d = c.d_model, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.d_ff;
+  Scratch& s = *scratch_;
+  ThreadPool& pool = *pool_;
+  float* h = s.h.Get(n * d);       // [n][d] normalized
+  float* q = s.q.Get(n * qd);      // [n][n_head][head_dim]
+  float* k = s.k.Get(n * kvd);     // [n][n_kv_head][head_dim]
+  float* v = s.v.Get(n * kvd);     // [n][n_kv_head][head_dim]
+  float* att = s.att.Get(n * qd);  // [n][n_head][head_dim]
+  float* gate = s.gate.Get(n * ff);
+  float* up = s.up.Get(n * ff);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const kernels::KvType kv_type = options_.kv_type;
+
+  const LayerWeights& w = model_.layers()[layer];
+  kernels::RmsNorm(x, w.attn_norm, h, n, d, c.norm_eps);
+  Project(layer, h, n, pos, q, k, v);
+  // Each run's rows start at its slot0: the layer's slot count unless the caller placed it.
+  std::vector<int64_t> row0(runs.size()), slot0(runs.size());
+  int64_t r = 0;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    row0[i] = r;
+    slot0[i] = runs[i].slot0 >= 0 ? runs[i].slot0 : runs[i].kv->layer_tokens(layer);
+    r += runs[i].count;
+  }
+  CT_CHECK_EQ(r, n);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    SequenceKv& kv = *runs[i].kv;
+    for (int64_t j = 0; j < runs[i].count; ++j) {
+      const int64_t row = row0[i] + j;
+      kernels::StoreKv(k + row * kvd, c.n_kv_head, c.head_dim, kv_type,
+                       kv.KSlot(layer, slot0[i] + j));
+      kernels::StoreKv(v + row * kvd, c.n_kv_head, c.head_dim, kv_type,
+                       kv.VSlot(layer, slot0[i] + j));
+    }
+  }
+  if (attention) {
+    attention(layer, q, n, att);
+  } else {
+    for (size_t i = 0; i < runs.size(); ++i) {
+      if (runs[i].count == 0) continue;
+      const kernels::KvView view = runs[i].kv->View(layer, slot0[i] + runs[i].count);
+      kernels::Attention(q + row0[i] * qd, runs[i].count, c.n_head, slot0[i], view, scale,
+                         att + row0[i] * qd, pool);
+      if (after_attention) after_attention(i, slot0[i], view, q);
+    }
+  }
+  kernels::MatMul(att, n, w.wo, h, pool);
+  kernels::Add(h, x, n * d);
+  kernels::RmsNorm(x, w.ffn_norm, h, n, d, c.norm_eps);
+  kernels::MatMul(h, n, w.w_gate, gate, pool);
+  kernels::MatMul(h, n, w.w_up, up, pool);
+  kernels::SwiGlu(gate, up, gate, n * ff);
+  kernels::MatMul(gate, n, w.w_down, h, pool);
+  kernels::Add(h, x, n * d);
+}
+
+void Engine::Project(int layer, const float* h, int64_t n, const int32_t* pos, float* q, float* k,
+                     float* v) {
+  const ModelConfig& c = model_.config();
+  const int64_t qd = c.q_dim(), kvd = c.kv_dim();
+  const LayerWeights& w = model_.layers()[layer];
+  if (q != nullptr) kernels::MatMul(h, n, w.wq, q, *pool_);
+  kernels::MatMul(h, n, w.wk, k, *pool_);
+  kernels::MatMul(h, n, w.wv, v, *pool_);
+  if (w.bq != nullptr) {
+    for (int64_t t = 0; t < n; ++t) {
+      if (q != nullptr) kernels::Add(w.bq, q + t * qd, qd);
+      kernels::Add(w.bk, k + t * kvd, kvd);
+      kernels::Add(w.bv, v + t * kvd, kvd);
+    }
+  }
+  if (q != nullptr) kernels::Rope(q, n, c.n_head, pos, c.rope);
+  kernels::Rope(k, n, c.n_kv_head, pos, c.rope);
+}
+
+void Engine::ProjectKv(int layer, const float* x, int64_t n, const int32_t* pos, float* k,
+                       float* v) {
+  const ModelConfig& c = model_.config();
+  CT_CHECK(layer >= 0 && layer < c.n_layer);
+  float* h = scratch_->h.Get(n * c.d_model);
+  kernels::RmsNorm(x, model_.layers()[layer].attn_norm, h, n, c.d_model, c.norm_eps);
+  Project(layer, h, n, pos, nullptr, k, v);
+}
+
+void Engine::ForwardLayer(int layer, float* x, int64_t n, const int32_t* pos,
+                          std::span<const Run> runs, const AttentionFn& attention) {
+  CT_CHECK(layer >= 0 && layer < model_.config().n_layer);
+  for (const Run& run : runs) {
+    CT_CHECK(run.kv != nullptr && run.count >= 0 && run.slot0 >= 0);
+  }
+  RunLayer(layer, x, n, pos, runs, nullptr, attention);
+}
+
+void Engine::Embed(std::span<const TokenId> tokens, float* x) const {
+  const int64_t d = model_.config().d_model;
+  for (size_t r = 0; r < tokens.size(); ++r) {
+    CT_CHECK(tokens[r] >= 0 && tokens[r] < model_.config().n_vocab);
+    kernels::DequantizeRow(model_.tok_embd(), tokens[r], x + r * d);
+  }
+}
+
+void Engine::RowLogits(const float* x_row, float* logits) {
+  const ModelConfig& c = model_.config();
+  float* row = scratch_->logits_rows.Get(c.d_model);
+  kernels::RmsNorm(x_row, model_.output_norm(), row, 1, c.d_model, c.norm_eps);
+  kernels::MatMul(row, 1, model_.output(), logits, *pool_);
 }
 
 }  // namespace cachette

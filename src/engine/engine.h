@@ -12,6 +12,7 @@
 // engine's thread pool internally.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -64,8 +65,48 @@ class Engine {
   // Convenience: one sequence, logits of the last token into `logits` (may be null).
   Status Forward(SequenceKv& kv, std::span<const TokenId> tokens, float* logits);
 
+  // ---- The forward pass a layer at a time, for callers that compute only some of a
+  // sequence's tokens, at slots they choose (segment reuse, engine/segment_reuse.h). Forward()
+  // is these steps over every new token. The caller validates tokens, reserves slots and, at
+  // the end, sets the sequences' token counts; these CHECK-fail on what Forward() would reject.
+
+  // Rows of the layer-at-a-time pass are grouped in runs of consecutive slots of one sequence.
+  struct Run {
+    SequenceKv* kv = nullptr;
+    int64_t count = 0;  // rows in this run, following the previous run's rows
+    int64_t slot0 = 0;  // slot of its first row in every layer (-1 in Forward(): the layer's
+                        // slot count); row j's query attends to slots [0, slot0 + j]
+  };
+  // x[r][d_model] = the embedding of tokens[r].
+  void Embed(std::span<const TokenId> tokens, float* x) const;
+  // Replaces the causal attention of ForwardLayer: given the layer, the rows' queries
+  // q[n][n_head][head_dim] (RoPE applied) after their K/V went into their slots, writes the
+  // attention output out[n][n_head][head_dim] (e.g. APE's attention in two parts).
+  using AttentionFn = std::function<void(int layer, const float* q, int64_t n, float* out)>;
+  // One transformer block over the residual rows x[n][d_model], in place: each row's K and V
+  // are computed at RoPE position pos[r] and stored in its run's slot (overwriting it), its
+  // query attends over its sequence's slots up to its own (or as `attention` says), then the
+  // FFN.
+  void ForwardLayer(int layer, float* x, int64_t n, const int32_t* pos, std::span<const Run> runs,
+                    const AttentionFn& attention = {});
+  // K and V [n][n_kv_head][head_dim] in f32 (bias and RoPE applied) of the residual rows x at
+  // `layer`, as ForwardLayer computes them, without storing them or running attention: what a
+  // caller compares with cached KV to choose the tokens to recompute.
+  void ProjectKv(int layer, const float* x, int64_t n, const int32_t* pos, float* k, float* v);
+  // The logits [n_vocab] of a row of the last layer's output.
+  void RowLogits(const float* x_row, float* logits);
+
  private:
   struct Scratch;
+  // ForwardLayer's body; after_attention (may be empty) sees each run's attention: the run's
+  // index, its first slot, the view attended over and the layer's queries [n][n_head][head_dim].
+  using AfterAttention =
+      std::function<void(size_t, int64_t, const kernels::KvView&, const float*)>;
+  void RunLayer(int layer, float* x, int64_t n, const int32_t* pos, std::span<const Run> runs,
+                const AfterAttention& after_attention, const AttentionFn& attention = {});
+  // Q (if not null), K and V of the normalized rows h at `layer`: projections, biases, RoPE.
+  void Project(int layer, const float* h, int64_t n, const int32_t* pos, float* q, float* k,
+               float* v);
   Status ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_t>& begin,
                            const std::vector<int64_t>& count);
 

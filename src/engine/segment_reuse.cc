@@ -1,0 +1,314 @@
+#include "engine/segment_reuse.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+
+#include "core/check.h"
+#include "core/hash.h"
+
+namespace cachette {
+
+void RotateStoredKeys(void* k, int64_t n_tok, const KvShape& shape, int64_t delta,
+                      const kernels::RopeParams& rope) {
+  if (delta == 0 || n_tok == 0) return;
+  CT_CHECK(delta >= INT32_MIN && delta <= INT32_MAX) << "rotation by " << delta;
+  const int32_t d32 = static_cast<int32_t>(delta);
+  const size_t tb = shape.token_bytes();
+  std::vector<float> f(static_cast<size_t>(shape.n_kv_head) * shape.head_dim);
+  auto* bytes = static_cast<std::byte*>(k);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    kernels::LoadKv(bytes + t * tb, shape.n_kv_head, shape.head_dim, shape.type, f.data());
+    kernels::Rope(f.data(), 1, shape.n_kv_head, &d32, rope);
+    kernels::StoreKv(f.data(), shape.n_kv_head, shape.head_dim, shape.type, bytes + t * tb);
+  }
+}
+
+uint64_t ContextId(std::span<const TokenId> tokens) {
+  if (tokens.empty()) return 0;
+  return Hash64(ByteSpan(reinterpret_cast<const std::byte*>(tokens.data()),
+                         tokens.size() * sizeof(TokenId)));
+}
+
+size_t SegmentKv::bytes() const {
+  size_t n = 0;
+  for (const auto& b : k) n += b.size();
+  for (const auto& b : v) n += b.size();
+  return n;
+}
+
+Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> context,
+                                 std::span<const TokenId> tokens) {
+  if (tokens.empty()) return InvalidArgument("segment: no tokens");
+  const int64_t n_ctx = static_cast<int64_t>(context.size());
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  auto seq = engine.NewSequence(n_ctx + n);
+  if (n_ctx > 0) CT_RETURN_IF_ERROR(engine.Forward(*seq, context, nullptr));
+  CT_RETURN_IF_ERROR(engine.Forward(*seq, tokens, nullptr));
+  SegmentKv seg;
+  seg.tokens.assign(tokens.begin(), tokens.end());
+  seg.base_pos = n_ctx;
+  seg.context = ContextId(context);
+  seg.shape = engine.kv_shape();
+  const size_t tb = seg.shape.token_bytes();
+  seg.k.resize(seg.shape.n_layer);
+  seg.v.resize(seg.shape.n_layer);
+  for (int l = 0; l < seg.shape.n_layer; ++l) {
+    seg.k[l].resize(n * tb);
+    seg.v[l].resize(n * tb);
+    for (int64_t t = 0; t < n; ++t) {
+      std::memcpy(seg.k[l].data() + t * tb, seq->KSlot(l, n_ctx + t), tb);
+      std::memcpy(seg.v[l].data() + t * tb, seq->VSlot(l, n_ctx + t), tb);
+    }
+  }
+  return seg;
+}
+
+std::string_view ReuseModeName(ReuseMode mode) {
+  switch (mode) {
+    case ReuseMode::kFull: return "full";
+    case ReuseMode::kPrefix: return "prefix";
+    case ReuseMode::kNaive: return "naive";
+    case ReuseMode::kBlend: return "blend";
+  }
+  return "?";
+}
+
+Result<ReuseMode> ParseReuseMode(std::string_view name) {
+  for (ReuseMode m : {ReuseMode::kFull, ReuseMode::kPrefix, ReuseMode::kNaive, ReuseMode::kBlend}) {
+    if (name == ReuseModeName(m)) return m;
+  }
+  return InvalidArgument("unknown KV reuse mode '" + std::string(name) +
+                         "' (expected full, prefix, naive or blend)");
+}
+
+namespace {
+
+// The rows a layer-at-a-time pass computes: prompt positions (slot == position), ascending.
+struct Rows {
+  std::vector<int64_t> at;
+  std::vector<int32_t> pos;
+  std::vector<Engine::Run> runs;
+
+  void Build(SequenceKv& kv) {
+    pos.assign(at.begin(), at.end());
+    runs.clear();
+    for (size_t i = 0; i < at.size(); ++i) {
+      if (i > 0 && at[i] == at[i - 1] + 1) {
+        ++runs.back().count;
+      } else {
+        runs.push_back(Engine::Run{&kv, 1, at[i]});
+      }
+    }
+  }
+};
+
+// Keeps the rows `keep` (indices into rows.at, ascending) and their residual rows of x.
+void KeepRows(Rows& rows, const std::vector<size_t>& keep, std::vector<float>& x, int64_t d,
+              SequenceKv& kv) {
+  for (size_t j = 0; j < keep.size(); ++j) {
+    rows.at[j] = rows.at[keep[j]];
+    if (j != keep[j]) {
+      std::memmove(x.data() + j * d, x.data() + keep[j] * d, d * sizeof(float));
+    }
+  }
+  rows.at.resize(keep.size());
+  x.resize(keep.size() * d);
+  rows.Build(kv);
+}
+
+}  // namespace
+
+Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
+                           std::span<const SegmentUse> segments, const ReuseOptions& options,
+                           float* logits, ReuseReport* report) {
+  const ModelConfig& c = engine.model().config();
+  const KvShape shape = engine.kv_shape();
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  const int64_t n0 = kv.n_tokens();
+  ReuseReport rep;
+  if (!(options.ratio >= 0 && options.ratio <= 1)) {
+    return InvalidArgument("blend ratio " + std::to_string(options.ratio) +
+                           " is outside [0, 1]");
+  }
+  if (options.check_layer < 0 || options.check_layer >= c.n_layer) {
+    return InvalidArgument("check layer " + std::to_string(options.check_layer) +
+                           " is outside the model's " + std::to_string(c.n_layer) + " layers");
+  }
+  if (!(options.widen >= 1)) return InvalidArgument("widen must be at least 1");
+  if (n0 >= n) {
+    return InvalidArgument("the sequence already holds " + std::to_string(n0) +
+                           " tokens of a " + std::to_string(n) + "-token prompt");
+  }
+  if (kv.next_position() != n0) return InvalidArgument("the sequence has been compacted");
+  int64_t prev_end = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const SegmentUse& s = segments[i];
+    const std::string where = "segment " + std::to_string(i);
+    if (s.kv == nullptr) return InvalidArgument(where + ": no KV");
+    const int64_t len = static_cast<int64_t>(s.kv->tokens.size());
+    if (s.offset < prev_end || len == 0 || s.offset + len > n) {
+      return InvalidArgument(where + " at " + std::to_string(s.offset) + " (+" +
+                             std::to_string(len) + ") overlaps another or leaves the prompt");
+    }
+    if (!std::equal(s.kv->tokens.begin(), s.kv->tokens.end(), prompt.begin() + s.offset)) {
+      return InvalidArgument(where + ": its tokens differ from the prompt's at " +
+                             std::to_string(s.offset));
+    }
+    const KvShape& ss = s.kv->shape;
+    if (ss.n_layer != shape.n_layer || ss.n_kv_head != shape.n_kv_head ||
+        ss.head_dim != shape.head_dim || ss.type != shape.type) {
+      return InvalidArgument(where + ": its KV shape is not the engine's");
+    }
+    prev_end = s.offset + len;
+  }
+  for (TokenId t : prompt) {
+    if (t < 0 || t >= c.n_vocab) {
+      return InvalidArgument("token id " + std::to_string(t) + " is outside the vocabulary");
+    }
+  }
+  if (n > c.n_ctx_train) {
+    return InvalidArgument(std::to_string(n) + " tokens exceed the model's context of " +
+                           std::to_string(c.n_ctx_train));
+  }
+  CT_RETURN_IF_ERROR(kv.Reserve(n));
+  const size_t tb = shape.token_bytes();
+  // Copies `count` tokens of a segment from its token `from` to slot `at`, keys rotated.
+  auto place = [&](const SegmentKv& seg, int64_t from, int64_t at, int64_t count) {
+    const int64_t delta = at - (seg.base_pos + from);
+    for (int l = 0; l < shape.n_layer; ++l) {
+      for (int64_t t = 0; t < count; ++t) {
+        void* k = kv.KSlot(l, at + t);
+        std::memcpy(k, seg.k[l].data() + (from + t) * tb, tb);
+        RotateStoredKeys(k, 1, shape, delta, c.rope);
+        std::memcpy(kv.VSlot(l, at + t), seg.v[l].data() + (from + t) * tb, tb);
+      }
+    }
+  };
+
+  // The exact prefix: the sequence's own tokens, then segments in place after their own
+  // context while they follow on. The last token is always computed (it gives the logits).
+  int64_t p = n0;
+  size_t si = 0;
+  while (si < segments.size() && segments[si].offset < n0) ++si;
+  if (options.mode != ReuseMode::kFull) {
+    for (; si < segments.size(); ++si) {
+      const SegmentKv& seg = *segments[si].kv;
+      if (segments[si].offset != p || seg.base_pos != p ||
+          seg.context != ContextId(prompt.first(p))) {
+        break;
+      }
+      const int64_t take = std::min<int64_t>(seg.tokens.size(), n - 1 - p);
+      place(seg, 0, p, take);
+      p += take;
+      if (p == n - 1) {
+        ++si;
+        break;
+      }
+    }
+  }
+  rep.prefix_tokens = p;
+  if (p > n0) kv.Append(p - n0);
+  if (options.mode == ReuseMode::kFull || options.mode == ReuseMode::kPrefix ||
+      si == segments.size()) {
+    CT_RETURN_IF_ERROR(engine.Forward(kv, prompt.subspan(p), logits));
+    rep.computed_tokens = n - p;
+    if (report != nullptr) *report = rep;
+    return Status::Ok();
+  }
+
+  // Place the other segments and list the rows to compute: every token after the prefix
+  // (blend, where a layer below the check layer needs them all), or those in no segment.
+  std::vector<char> placed(n, 0);
+  for (; si < segments.size(); ++si) {
+    const SegmentKv& seg = *segments[si].kv;
+    const int64_t at = segments[si].offset;
+    const int64_t count = std::min<int64_t>(seg.tokens.size(), n - 1 - at);
+    if (count <= 0) break;
+    place(seg, 0, at, count);
+    std::fill(placed.begin() + at, placed.begin() + at + count, 1);
+    rep.reused_tokens += count;
+  }
+  const bool blend = options.mode == ReuseMode::kBlend;
+  const int64_t target = blend ? static_cast<int64_t>(std::ceil(options.ratio * rep.reused_tokens))
+                               : 0;
+  Rows rows;
+  for (int64_t t = p; t < n; ++t) {
+    if (!placed[t] || blend) rows.at.push_back(t);
+  }
+  rows.Build(kv);
+  const int64_t d = c.d_model;
+  std::vector<float> x(rows.at.size() * d);
+  {
+    std::vector<TokenId> toks(rows.at.size());
+    for (size_t i = 0; i < rows.at.size(); ++i) toks[i] = prompt[rows.at[i]];
+    engine.Embed(toks, x.data());
+  }
+
+  // Blend's selection at `layer`: projects the rows' K/V, stores them (fresh KV is better than
+  // the cached KV even where the row goes no further), and keeps the placed rows of largest
+  // deviation (`keep` of them), every other row, and the last.
+  const int64_t kvd = c.kv_dim();
+  std::vector<float> k_new, v_new, k_old(kvd), v_old(kvd);
+  auto select = [&](int layer, int64_t keep) {
+    const int64_t m = static_cast<int64_t>(rows.at.size());
+    k_new.resize(m * kvd);
+    v_new.resize(m * kvd);
+    engine.ProjectKv(layer, x.data(), m, rows.pos.data(), k_new.data(), v_new.data());
+    std::vector<std::pair<double, size_t>> dev;
+    std::vector<size_t> kept;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t t = rows.at[i];
+      void* ks = kv.KSlot(layer, t);
+      void* vs = kv.VSlot(layer, t);
+      if (placed[t] && t != n - 1) {
+        kernels::LoadKv(ks, c.n_kv_head, c.head_dim, shape.type, k_old.data());
+        kernels::LoadKv(vs, c.n_kv_head, c.head_dim, shape.type, v_old.data());
+        double e = 0;
+        for (int64_t j = 0; j < kvd; ++j) {
+          const double dk = k_new[i * kvd + j] - k_old[j];
+          const double dv = v_new[i * kvd + j] - v_old[j];
+          e += dk * dk + dv * dv;
+        }
+        dev.emplace_back(e, static_cast<size_t>(i));
+      } else {
+        kept.push_back(static_cast<size_t>(i));
+      }
+      kernels::StoreKv(k_new.data() + i * kvd, c.n_kv_head, c.head_dim, shape.type, ks);
+      kernels::StoreKv(v_new.data() + i * kvd, c.n_kv_head, c.head_dim, shape.type, vs);
+    }
+    keep = std::min<int64_t>(keep, dev.size());
+    std::partial_sort(dev.begin(), dev.begin() + keep, dev.end(),
+                      [](const auto& a, const auto& b) {
+                        return a.first != b.first ? a.first > b.first : a.second < b.second;
+                      });
+    for (int64_t j = 0; j < keep; ++j) kept.push_back(dev[j].second);
+    std::sort(kept.begin(), kept.end());
+    KeepRows(rows, kept, x, d, kv);
+  };
+
+  const bool selecting = blend && target < rep.reused_tokens;
+  const int64_t widened =
+      std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
+                                               options.widen * options.ratio * rep.reused_tokens)));
+  for (int layer = 0; layer < c.n_layer; ++layer) {
+    if (selecting && layer == options.check_layer) {
+      select(layer, layer + 1 < c.n_layer ? widened : target);
+    } else if (selecting && widened > target && layer == options.check_layer + 1) {
+      select(layer, target);
+    }
+    engine.ForwardLayer(layer, x.data(), static_cast<int64_t>(rows.at.size()), rows.pos.data(),
+                        rows.runs);
+  }
+  CT_CHECK(!rows.at.empty() && rows.at.back() == n - 1);
+  if (logits != nullptr) engine.RowLogits(x.data() + (rows.at.size() - 1) * d, logits);
+  for (int64_t t : rows.at) rep.recomputed_tokens += placed[t] ? 1 : 0;
+  rep.computed_tokens = n - p - rep.reused_tokens;
+  kv.Append(n - p);
+  if (report != nullptr) *report = rep;
+  return Status::Ok();
+}
+
+}  // namespace cachette

@@ -1,0 +1,105 @@
+// Reusing a segment's KV anywhere in a prompt, not only as an exact prefix (issue 11).
+//
+// A segment (a retrieved document, a tool's output) is computed once on its own, after some
+// context (a shared system prefix, or nothing), and its KV kept with the RoPE position it
+// started at and an id of that context (SegmentKv). A later prompt may contain the segment's
+// tokens anywhere, after other text. PrefillWithSegments builds that prompt's KV from the
+// cached segments and computes the rest, in one of these modes:
+//   full    every token computed; the caches are ignored (the quality baseline).
+//   prefix  exact prefix reuse only: the sequence's own KV, then cached segments that sit
+//           where they were computed, after the same context, as long as they follow on.
+//   naive   every cached segment is placed at its new position (keys re-rotated by the
+//           position difference), nothing of it recomputed: the cross-attention between a
+//           segment and what precedes it is simply missing (what llama.cpp's --cache-reuse
+//           does by shifting).
+//   blend   CacheBlend (Yao et al., EuroSys'25): placed as in naive, then the share `ratio` of
+//           the placed tokens whose KV deviates most from what a full prefill gives is
+//           recomputed. Every layer below `check_layer` is computed for every token (layer 0's
+//           K/V do not depend on the context, so the deviation first shows in layer 1's); at
+//           the check layer the K/V of every token are projected and compared with the cached
+//           ones, the candidates (widen x ratio of them) go on, and the next layer narrows them
+//           to `ratio` by its own deviation (gradual filtering). Tokens in no cache and the
+//           prompt's last token are computed through every layer. Ratio 1 is full prefill.
+// In every mode but full, segments in place after their own context are exact and kept as a
+// prefix; only what follows them is approximate.
+//
+// Thread-safety: uses the engine (one call at a time per Engine).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "cachette/status.h"
+#include "engine/engine.h"
+
+namespace cachette {
+
+// Rotates `n_tok` stored keys in place by `delta` positions (negative allowed): each token's
+// [n_kv_head][head_dim] elements of shape.type, shape.token_bytes() apart. Rotations compose,
+// so a key rotated to position p and then by delta is the key at p + delta up to float
+// rounding (and, for a quantized KV type, its re-quantization).
+void RotateStoredKeys(void* k, int64_t n_tok, const KvShape& shape, int64_t delta,
+                      const kernels::RopeParams& rope);
+
+// The id of the context a segment was computed after: a hash of its tokens (0 tokens: 0).
+uint64_t ContextId(std::span<const TokenId> tokens);
+
+// The KV of a segment computed on its own after `context`.
+struct SegmentKv {
+  std::vector<TokenId> tokens;
+  int64_t base_pos = 0;  // the RoPE position of its first token (the context's length)
+  uint64_t context = 0;  // ContextId of the tokens it was computed after
+  KvShape shape;
+  // [layer]: [n_tokens][n_kv_head][head_dim] elements of shape.type, keys rotated to
+  // base_pos, base_pos + 1, ...
+  std::vector<std::vector<std::byte>> k, v;
+
+  size_t bytes() const;
+};
+
+// Computes `context` then `tokens` in a fresh sequence and returns the KV of `tokens`.
+// kInvalidArgument for no tokens or what Engine::Forward rejects.
+Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> context,
+                                 std::span<const TokenId> tokens);
+
+enum class ReuseMode { kFull, kPrefix, kNaive, kBlend };
+std::string_view ReuseModeName(ReuseMode mode);
+// "full", "prefix", "naive" or "blend"; kInvalidArgument naming the accepted ones otherwise.
+Result<ReuseMode> ParseReuseMode(std::string_view name);
+
+struct ReuseOptions {
+  ReuseMode mode = ReuseMode::kPrefix;
+  double ratio = 0.15;   // blend: share of the placed tokens recomputed, in [0, 1]
+  int check_layer = 1;   // blend: the layer whose K/V deviation picks them (< n_layer)
+  double widen = 2.0;    // blend: candidates at the check layer, as a multiple of ratio (>= 1;
+                         // 1 = one-shot selection)
+};
+
+// A cached segment in a prompt: its tokens are the prompt's [offset, offset + size).
+struct SegmentUse {
+  int64_t offset = 0;
+  const SegmentKv* kv = nullptr;
+};
+
+struct ReuseReport {
+  int64_t prefix_tokens = 0;      // exact: in the sequence before, or segments in place
+  int64_t reused_tokens = 0;      // cached segment tokens placed at a new position/context
+  int64_t recomputed_tokens = 0;  // of those, recomputed through the upper layers (blend)
+  int64_t computed_tokens = 0;    // tokens in no cache (and the last one), computed in full
+};
+
+// Fills `kv` with the KV of `prompt` and writes the last token's logits [n_vocab] (may be
+// null). `kv` holds the exact KV of the prompt's first kv.n_tokens() tokens (fewer than the
+// prompt's; 0 is fine) and has never been compacted. `segments` are sorted and disjoint; a
+// segment that starts before kv.n_tokens() is not used (its later tokens are computed).
+// kInvalidArgument for a segment whose tokens differ from the prompt's or whose KV shape is
+// not the engine's, a ratio outside [0, 1], a check layer outside the model, or what
+// Engine::Forward rejects; kResourceExhausted when kv cannot hold the prompt. On error kv
+// keeps its tokens (slots past them may have been written).
+Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
+                           std::span<const SegmentUse> segments, const ReuseOptions& options,
+                           float* logits, ReuseReport* report);
+
+}  // namespace cachette

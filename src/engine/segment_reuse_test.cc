@@ -1,0 +1,318 @@
+#include "engine/segment_reuse.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <random>
+
+#include "model/synth.h"
+
+namespace cachette {
+namespace {
+
+namespace fs = std::filesystem;
+using kernels::KvType;
+using kernels::RopeStyle;
+using kernels::WType;
+
+const std::string kShared = CACHETTE_SHARED_DIR;
+
+// A synthetic tiny model of `arch` (llama: normal RoPE; qwen2: NEOX), once per process.
+const Model& Synthetic(const std::string& arch) {
+  static std::map<std::string, std::unique_ptr<Model>> cache;
+  auto it = cache.find(arch);
+  if (it != cache.end()) return *it->second;
+  const fs::path path =
+      fs::temp_directory_path() / ("cachette_segment_test_" + std::to_string(getpid()) + arch);
+  SynthOptions o;
+  o.arch = arch;
+  o.vocab_path = kShared + "/testdata/tokenizer/ggml-vocab-gpt-2.gguf";
+  Status s = SynthesizeModel(o, path.string());
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  auto m = Model::Load(path.string());
+  EXPECT_TRUE(m.ok()) << m.status().ToString();
+  fs::remove(path);
+  return *(cache[arch] = std::move(*m));
+}
+
+const Model& Trained() {
+  static std::unique_ptr<Model> m = [] {
+    auto r = Model::Load(kShared + "/models/cachette-tiny-f32.gguf");
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return std::move(*r);
+  }();
+  return *m;
+}
+
+std::vector<TokenId> RandomTokens(int n, int vocab, std::mt19937& rng) {
+  std::vector<TokenId> t(n);
+  for (auto& x : t) x = static_cast<TokenId>(rng() % vocab);
+  return t;
+}
+
+std::vector<TokenId> Concat(std::initializer_list<std::span<const TokenId>> parts) {
+  std::vector<TokenId> out;
+  for (auto p : parts) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+
+double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * double(a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+int Argmax(const std::vector<float>& v) {
+  return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+// Greedy continuation of `steps` tokens from a filled sequence whose last logits are given.
+std::vector<TokenId> Greedy(Engine& engine, SequenceKv& kv, std::vector<float> logits,
+                            int steps) {
+  std::vector<TokenId> out;
+  for (int i = 0; i < steps; ++i) {
+    const TokenId t = Argmax(logits);
+    out.push_back(t);
+    EXPECT_TRUE(engine.Forward(kv, std::span<const TokenId>(&t, 1), logits.data()).ok());
+  }
+  return out;
+}
+
+TEST(RotateStoredKeysTest, RoundTripAndComposition) {
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> nd;
+  for (RopeStyle style : {RopeStyle::kNormal, RopeStyle::kNeox}) {
+    for (KvType type : {KvType::kF32, KvType::kF16}) {
+      const KvShape shape{1, 3, 64, type};
+      const kernels::RopeParams rope{style, 64, 10000.0f, 1.0f};
+      const int n_tok = 5;
+      std::vector<float> raw(n_tok * 3 * 64);
+      for (float& f : raw) f = nd(rng);
+      std::vector<std::byte> stored(n_tok * shape.token_bytes());
+      kernels::StoreKv(raw.data(), n_tok * 3, 64, type, stored.data());
+      std::vector<float> before(raw.size()), after(raw.size());
+      kernels::LoadKv(stored.data(), n_tok * 3, 64, type, before.data());
+      const int64_t delta = 1 + rng() % 3000;
+      RotateStoredKeys(stored.data(), n_tok, shape, delta, rope);
+      RotateStoredKeys(stored.data(), n_tok, shape, -delta, rope);
+      kernels::LoadKv(stored.data(), n_tok * 3, 64, type, after.data());
+      const double tol = type == KvType::kF32 ? 1e-6 : 2e-3;
+      EXPECT_LT(RelL2(after, before), tol) << "style " << int(style) << " delta " << delta;
+
+      // Rotating to p then by delta is rotating to p + delta.
+      const int32_t p = 17, pd = static_cast<int32_t>(p + delta);
+      std::vector<float> a = raw, b = raw;
+      std::vector<int32_t> pos_a(n_tok, p), pos_b(n_tok, pd);
+      kernels::Rope(a.data(), n_tok, 3, pos_a.data(), rope);
+      kernels::Rope(b.data(), n_tok, 3, pos_b.data(), rope);
+      std::vector<std::byte> sa(stored.size());
+      kernels::StoreKv(a.data(), n_tok * 3, 64, KvType::kF32 == type ? type : type, sa.data());
+      RotateStoredKeys(sa.data(), n_tok, shape, delta, rope);
+      kernels::LoadKv(sa.data(), n_tok * 3, 64, type, a.data());
+      EXPECT_LT(RelL2(a, b), tol) << "style " << int(style);
+    }
+  }
+}
+
+// Layer 0's keys do not depend on the context, so a segment computed after one context and
+// placed after another must have, in layer 0, the keys a full prefill computes there: this
+// checks the re-rotation on real projections for both RoPE styles.
+TEST(SegmentReuseTest, PlacedLayerZeroKeysMatchFullPrefill) {
+  for (const std::string arch : {"llama", "qwen2"}) {
+    const Model& model = Synthetic(arch);
+    Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
+    std::mt19937 rng(std::random_device{}());
+    const int vocab = model.config().n_vocab;
+    const auto ctx_a = RandomTokens(3, vocab, rng), ctx_b = RandomTokens(40, vocab, rng);
+    const auto doc = RandomTokens(30, vocab, rng), tail = RandomTokens(5, vocab, rng);
+    auto seg = ComputeSegment(engine, ctx_a, doc);
+    ASSERT_TRUE(seg.ok()) << seg.status().ToString();
+    const auto prompt = Concat({ctx_b, doc, tail});
+    auto full = engine.NewSequence(prompt.size());
+    ASSERT_TRUE(engine.Forward(*full, prompt, nullptr).ok());
+    auto placed = engine.NewSequence(prompt.size());
+    ASSERT_TRUE(engine.Forward(*placed, ctx_b, nullptr).ok());
+    const SegmentUse use{static_cast<int64_t>(ctx_b.size()), &*seg};
+    ReuseReport rep;
+    ASSERT_TRUE(PrefillWithSegments(engine, *placed, prompt, {&use, 1},
+                                    ReuseOptions{.mode = ReuseMode::kNaive}, nullptr, &rep)
+                    .ok());
+    EXPECT_EQ(rep.reused_tokens, 30);
+    EXPECT_EQ(rep.computed_tokens, 5);
+    EXPECT_EQ(placed->n_tokens(), static_cast<int64_t>(prompt.size()));
+    const int64_t kvd = model.config().kv_dim();
+    std::vector<float> a(kvd), b(kvd);
+    for (int64_t t = ctx_b.size(); t < static_cast<int64_t>(ctx_b.size() + doc.size()); ++t) {
+      kernels::LoadKv(placed->KSlot(0, t), model.config().n_kv_head, model.config().head_dim,
+                      KvType::kF32, a.data());
+      kernels::LoadKv(full->KSlot(0, t), model.config().n_kv_head, model.config().head_dim,
+                      KvType::kF32, b.data());
+      EXPECT_LT(RelL2(a, b), 1e-5) << arch << " position " << t;
+    }
+  }
+}
+
+// The prompt of a retrieval-augmented query on the trained model: BOS, two documents
+// precomputed on their own after BOS, a question.
+struct RagCase {
+  std::vector<TokenId> bos, doc1, doc2, question, prompt;
+};
+
+RagCase MakeRag(const Model& model) {
+  const Tokenizer& tok = model.tokenizer();
+  RagCase r;
+  r.bos = {tok.bos()};
+  r.doc1 = tok.Encode(
+      "Document 3. Staithfar Trading is a company based in Preshwulpus. It was founded by "
+      "Brarnyx Grotpaindtho in 1978. The company makes tea.\n\n",
+      false, false);
+  r.doc2 = tok.Encode(
+      "Document 7. The town of Preshwulpus lies on the lake Tyndpraifyr. It was founded in "
+      "1254. Preshwulpus is known for its salt.\n\n",
+      false, false);
+  r.question = tok.Encode("Question: Who founded Staithfar Trading?\nAnswer:", false, false);
+  r.prompt = Concat({r.bos, r.doc2, r.doc1, r.question});
+  return r;
+}
+
+// Blend at ratio 1 recomputes every token: the same logits as a full prefill (float rounding)
+// and the same greedy tokens.
+TEST(SegmentReuseTest, BlendAtRatioOneEqualsFullPrefill) {
+  const Model& model = Trained();
+  for (KvType type : {KvType::kF32, KvType::kF16}) {
+    Engine engine(model, EngineOptions{.threads = 2, .kv_type = type});
+    const RagCase r = MakeRag(model);
+    auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+    auto s2 = ComputeSegment(engine, r.bos, r.doc2);
+    ASSERT_TRUE(s1.ok() && s2.ok());
+    const int nv = model.config().n_vocab;
+    std::vector<float> full_logits(nv), blend_logits(nv);
+    auto full = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*full, r.prompt, full_logits.data()).ok());
+    // doc2 sits at its own place (after BOS): the exact prefix; doc1 moves.
+    const SegmentUse uses[] = {{1, &*s2}, {static_cast<int64_t>(1 + r.doc2.size()), &*s1}};
+    auto seq = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
+    ReuseReport rep;
+    ASSERT_TRUE(PrefillWithSegments(engine, *seq, r.prompt, uses,
+                                    ReuseOptions{.mode = ReuseMode::kBlend, .ratio = 1.0},
+                                    blend_logits.data(), &rep)
+                    .ok());
+    EXPECT_EQ(rep.prefix_tokens, static_cast<int64_t>(1 + r.doc2.size()));
+    EXPECT_EQ(rep.reused_tokens, static_cast<int64_t>(r.doc1.size()));
+    EXPECT_EQ(rep.recomputed_tokens, rep.reused_tokens);
+    EXPECT_LT(RelL2(blend_logits, full_logits), 1e-5);
+    EXPECT_EQ(Greedy(engine, *seq, blend_logits, 8), Greedy(engine, *full, full_logits, 8));
+  }
+}
+
+// A single segment at position 0, computed with no context, is the prompt's exact prefix:
+// every mode gives prefix reuse's logits, bit for bit.
+TEST(SegmentReuseTest, SegmentAtPositionZeroIsPrefixReuseInEveryMode) {
+  const Model& model = Trained();
+  Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF16});
+  const RagCase r = MakeRag(model);
+  const auto head = Concat({r.bos, r.doc1});
+  auto seg = ComputeSegment(engine, {}, head);
+  ASSERT_TRUE(seg.ok());
+  const auto prompt = Concat({head, r.question});
+  const int nv = model.config().n_vocab;
+  std::vector<float> want(nv), got(nv);
+  auto ref = engine.NewSequence();
+  ASSERT_TRUE(engine.Forward(*ref, head, nullptr).ok());
+  ASSERT_TRUE(engine.Forward(*ref, r.question, want.data()).ok());
+  const SegmentUse use{0, &*seg};
+  for (ReuseMode mode : {ReuseMode::kPrefix, ReuseMode::kNaive, ReuseMode::kBlend}) {
+    auto seq = engine.NewSequence();
+    ReuseReport rep;
+    ASSERT_TRUE(PrefillWithSegments(engine, *seq, prompt, {&use, 1},
+                                    ReuseOptions{.mode = mode, .ratio = 0.15}, got.data(), &rep)
+                    .ok());
+    EXPECT_EQ(got, want) << ReuseModeName(mode);
+    EXPECT_EQ(rep.prefix_tokens, static_cast<int64_t>(head.size()));
+    EXPECT_EQ(rep.reused_tokens, 0);
+  }
+}
+
+// A moved document loses its attention to what now precedes it; blend recomputes the tokens
+// that deviate most and lands closer to full prefill than naive placement.
+TEST(SegmentReuseTest, BlendRecomputesItsShareAndBeatsNaive) {
+  const Model& model = Trained();
+  Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
+  const RagCase r = MakeRag(model);
+  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  // Neither document in place: a new system line comes first.
+  const auto sys = model.tokenizer().Encode("Read the documents.\n", false, false);
+  const auto prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
+  const int64_t o2 = 1 + sys.size(), o1 = o2 + r.doc2.size();
+  const SegmentUse uses[] = {{o2, &*s2}, {o1, &*s1}};
+  const int nv = model.config().n_vocab;
+  std::vector<float> full(nv);
+  {
+    auto seq = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*seq, prompt, full.data()).ok());
+  }
+  auto run = [&](ReuseMode mode, double ratio, ReuseReport* rep) {
+    std::vector<float> out(nv);
+    auto seq = engine.NewSequence();
+    // The BOS is the sequence's own exact prefix here.
+    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
+    Status s = PrefillWithSegments(engine, *seq, prompt, uses,
+                                   ReuseOptions{.mode = mode, .ratio = ratio}, out.data(), rep);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return out;
+  };
+  ReuseReport naive_rep, blend_rep, prefix_rep;
+  const auto naive = run(ReuseMode::kNaive, 0, &naive_rep);
+  const auto blend = run(ReuseMode::kBlend, 0.3, &blend_rep);
+  const auto prefix = run(ReuseMode::kPrefix, 0, &prefix_rep);
+  const int64_t reused = r.doc1.size() + r.doc2.size();
+  EXPECT_EQ(naive_rep.reused_tokens, reused);
+  EXPECT_EQ(naive_rep.recomputed_tokens, 0);
+  EXPECT_EQ(naive_rep.prefix_tokens, 1);
+  EXPECT_EQ(blend_rep.recomputed_tokens, static_cast<int64_t>(std::ceil(0.3 * reused)));
+  EXPECT_EQ(prefix_rep.reused_tokens, 0);
+  EXPECT_EQ(prefix_rep.computed_tokens, static_cast<int64_t>(prompt.size()) - 1);
+  EXPECT_LT(RelL2(prefix, full), 1e-5);
+  const double e_naive = RelL2(naive, full), e_blend = RelL2(blend, full);
+  EXPECT_GT(e_naive, 1e-3);
+  EXPECT_LT(e_blend, e_naive);
+}
+
+TEST(SegmentReuseTest, RejectsBadInput) {
+  const Model& model = Trained();
+  Engine engine(model, EngineOptions{.threads = 1, .kv_type = KvType::kF16});
+  const RagCase r = MakeRag(model);
+  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+  ASSERT_TRUE(s1.ok());
+  auto expect_error = [&](std::span<const SegmentUse> uses, ReuseOptions o,
+                          const std::string& needle) {
+    auto seq = engine.NewSequence();
+    Status s = PrefillWithSegments(engine, *seq, r.prompt, uses, o, nullptr, nullptr);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << needle;
+    EXPECT_NE(s.ToString().find(needle), std::string::npos) << s.ToString();
+    EXPECT_EQ(seq->n_tokens(), 0);
+  };
+  const int64_t o1 = 1 + r.doc2.size();
+  const SegmentUse good{o1, &*s1};
+  expect_error({&good, 1}, ReuseOptions{.mode = ReuseMode::kBlend, .ratio = 1.5}, "ratio");
+  expect_error({&good, 1}, ReuseOptions{.mode = ReuseMode::kBlend, .check_layer = 6},
+               "check layer");
+  const SegmentUse shifted{o1 + 1, &*s1};
+  expect_error({&shifted, 1}, ReuseOptions{}, "differ");
+  const SegmentUse twice[] = {good, good};
+  expect_error(twice, ReuseOptions{}, "overlaps");
+  EXPECT_EQ(ParseReuseMode("blend").value(), ReuseMode::kBlend);
+  EXPECT_EQ(ParseReuseMode("cachecraft").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(ComputeSegment(engine, r.bos, {}).status().code() == StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace cachette
