@@ -24,6 +24,9 @@ Recognized today (one figure per kind of data present; nothing is drawn for data
   - `cachette bench cache --json` at several -p
                                      -> cache-ttft-vs-context.png: TTFT vs prompt length, cold
                                         and restored from each tier
+  - `cachette eval rag --json`       -> rag-vs-recompute.png: accuracy, agreement with full
+                                        prefill and first-token KL vs the recomputed share of
+                                        the reused tokens, per reuse mode
 Other objects are reported as skipped.
 """
 import argparse
@@ -328,6 +331,42 @@ def plot_cache_ttft(runs, out):
     plt.close(fig)
 
 
+def plot_rag(runs, out):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for j in runs:
+        rows = j["results"]
+        label = series_label(j)
+        full = next((r for r in rows if r["mode"] == "full"), None)
+        panels = [("accuracy", "exact-match accuracy (%)", 100),
+                  ("agreement_with_full", "answers equal to full prefill's (%)", 100),
+                  ("first_token_kl_vs_full", "KL(full || mode), first answer token (nats)", 1)]
+        for ax, (key, ylabel, scale) in zip(axes, panels):
+            if full is not None and full.get(key) is not None:
+                ax.axhline(full[key] * scale, color="k", lw=1, ls="--", label="full prefill")
+            for mode, style in (("blend", "o-"), ("cachecraft", "s-")):
+                pts = sorted((r["recomputed_share"] * 100, r[key] * scale) for r in rows
+                             if r["mode"] == mode and r.get(key) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                            label=f"{mode}, {label}" if len(runs) > 1 else mode)
+            for mode, marker in (("naive", "x"), ("ape", "^"), ("prefix", "D")):
+                for r in rows:
+                    if r["mode"] == mode and r.get(key) is not None:
+                        ax.plot([r["recomputed_share"] * 100], [r[key] * scale], marker,
+                                markersize=9, label=mode)
+            ax.set_xlabel("recomputed share of the reused document tokens (%)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=7)
+    j = runs[0]
+    fig.suptitle(f"Documents reused anywhere in the prompt: {os.path.basename(j['model'])}, "
+                 f"{j['kv_type']} KV, {j['n_scored']} questions of {os.path.basename(j['source'])}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/img", help="folder for the PNG files")
@@ -342,7 +381,8 @@ def main():
     stream = [j for _, j in objs if isinstance(j, dict) and j.get("eval") == "stream"]
     work = [(p, j) for p, j in objs if isinstance(j, dict) and "ttft_ms" in j and "arrival_s" in j]
     cache = [j for _, j in objs if isinstance(j, dict) and "cold_ttft_ms" in j]
-    skipped = len(objs) - len(evals) - len(stream) - len(work) - len(cache)
+    rag = [j for _, j in objs if isinstance(j, dict) and j.get("eval") == "rag"]
+    skipped = len(objs) - len(evals) - len(stream) - len(work) - len(cache) - len(rag)
     os.makedirs(a.out, exist_ok=True)
     series = workload_series(work) if work else {}
     plots = [  # (input objects, file, plotter), in the order they are written
@@ -354,6 +394,7 @@ def main():
         (work, "workload-ttft-cdf.png", lambda _, path: plot_ttft_cdf(series, path)),
         (work, "workload-hit-rate.png", lambda _, path: plot_hit_rate(series, path)),
         (cache, "cache-ttft-vs-context.png", plot_cache_ttft),
+        (rag, "rag-vs-recompute.png", plot_rag),
     ]
     written = []
     for data, name, plot in plots:

@@ -1,7 +1,9 @@
-// `cachette eval ppl` and `cachette eval retrieval`: quality of the engine with the KV cache
-// passed through a store codec, beside the exact-KV baseline measured in the same run.
+// `cachette eval ppl`, `eval retrieval`, `eval stream` and `eval rag`: quality of the engine
+// with the KV cache passed through a store codec, a KV budget policy or reused from documents
+// computed on their own, beside the exact baseline measured in the same run.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -13,6 +15,7 @@
 #include "engine/engine.h"
 #include "eval/kv_policy_eval.h"
 #include "eval/perplexity.h"
+#include "eval/rag.h"
 #include "eval/retrieval.h"
 #include "eval/synthetic.h"
 
@@ -56,6 +59,18 @@ struct RetrievalArgs {
   int64_t synthetic_seed = -1;
   int synthetic_chars = 2400;
   std::string filler;
+  bool details = false;
+};
+
+struct RagArgs {
+  CommonArgs c;
+  std::string data;
+  int n = 0;
+  std::vector<std::string> kinds;
+  std::vector<std::string> modes = {"full", "prefix", "naive", "blend", "cachecraft", "ape"};
+  double ape_t = 0.9, ape_s = 0.9;
+  std::vector<double> ratios = {0.15};
+  std::vector<double> alphas = {0.2};
   bool details = false;
 };
 
@@ -490,6 +505,164 @@ int EvalRetrieval(const RetrievalArgs& a) {
   return 0;
 }
 
+int EvalRag(const RagArgs& a) {
+  std::vector<eval::RagConfig> configs;
+  for (const std::string& m : a.modes) {
+    auto mode = ParseReuseMode(m);
+    if (!mode.ok()) return Fail(mode.status().WithContext("--mode"));
+    if (*mode != ReuseMode::kBlend && *mode != ReuseMode::kCacheCraft) {
+      configs.push_back({*mode, 0});
+      continue;
+    }
+    const bool blend = *mode == ReuseMode::kBlend;
+    for (double r : blend ? a.ratios : a.alphas) {
+      if (!(r >= 0 && r <= 1)) {
+        return Fail(InvalidArgument(std::string(blend ? "--ratio " : "--alpha ") +
+                                    std::to_string(r) + " is outside [0, 1]"));
+      }
+      configs.push_back({*mode, r});
+    }
+  }
+  if (configs.empty()) return Fail(InvalidArgument("--mode: no mode given"));
+  const std::string source = a.data.empty() ? SharedPath("/eval/multidoc-qa.jsonl") : a.data;
+  auto text = ReadFile(source, 0);
+  if (!text.ok()) return Fail(text.status());
+  auto parsed = eval::ParseRagJsonl(*text, source);
+  if (!parsed.ok()) return Fail(parsed.status());
+  std::vector<eval::RagItem> items;
+  for (auto& it : *parsed) {
+    if (!a.kinds.empty() && std::find(a.kinds.begin(), a.kinds.end(), it.kind) == a.kinds.end()) {
+      continue;
+    }
+    if (a.n > 0 && static_cast<int>(items.size()) >= a.n) break;
+    items.push_back(std::move(it));
+  }
+  if (items.empty()) return Fail(InvalidArgument("no questions selected from " + source));
+  auto l = Load(a.c);
+  if (!l.ok()) return Fail(l.status());
+  eval::RagOptions o;
+  o.configs = configs;
+  o.ape.temperature = a.ape_t;
+  o.ape.scale = a.ape_s;
+  o.progress = Progress(a.c, "questions");
+  auto r = eval::EvalRag(*l->engine, items, o);
+  if (!r.ok()) return Fail(r.status());
+  const auto scores = r->Scores();
+  const auto ttft = r->MedianTtft();
+  const auto totals = r->Totals();
+  const auto agree = r->AgreementWithFull();
+  const auto kl = r->MeanKlVsFull();
+  // The TTFT baseline is full prefill when it was measured.
+  double full_ttft = 0;
+  for (size_t i = 0; i < configs.size(); ++i) {
+    if (configs[i].mode == ReuseMode::kFull) full_ttft = ttft[i];
+  }
+  auto share = [](int64_t part, int64_t whole) {
+    return whole > 0 ? static_cast<double>(part) / whole : 0.0;
+  };
+  if (a.c.json) {
+    nlohmann::json j = Header(*l, a.c);
+    j.erase("chunk_tokens");
+    j["eval"] = "rag";
+    j["source"] = source;
+    j["n_items"] = items.size();
+    j["n_scored"] = scores.count("all") ? scores.at("all").n : 0;
+    j["n_skipped"] = r->n_skipped();
+    j["seconds"] = r->seconds;
+    j["ape"] = {{"temperature", a.ape_t}, {"scale", a.ape_s}};
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < configs.size(); ++i) {
+      nlohmann::json groups = nlohmann::json::object();
+      for (const auto& [group, s] : scores) {
+        groups[group] = {{"n", s.n},
+                         {"correct", s.correct[i]},
+                         {"accuracy", s.n ? static_cast<double>(s.correct[i]) / s.n : 0.0}};
+      }
+      const ReuseReport& t = totals[i];
+      rows.push_back(
+          {{"config", r->configs[i]},
+           {"mode", std::string(ReuseModeName(configs[i].mode))},
+           {"ratio", configs[i].mode == ReuseMode::kBlend ? nlohmann::json(configs[i].ratio)
+                                                           : nlohmann::json(nullptr)},
+           {"alpha", configs[i].mode == ReuseMode::kCacheCraft
+                         ? nlohmann::json(configs[i].ratio)
+                         : nlohmann::json(nullptr)},
+           {"baseline", configs[i].mode == ReuseMode::kFull},
+           {"accuracy", groups.contains("all") ? groups["all"]["accuracy"] : nlohmann::json(0)},
+           {"groups", groups},
+           {"ttft_median_s", ttft[i]},
+           {"ttft_ratio", full_ttft > 0 ? nlohmann::json(ttft[i] / full_ttft) : nlohmann::json()},
+           {"prefix_tokens", t.prefix_tokens},
+           {"reused_tokens", t.reused_tokens},
+           {"recomputed_tokens", t.recomputed_tokens},
+           {"computed_tokens", t.computed_tokens},
+           {"recomputed_share", share(t.recomputed_tokens, t.reused_tokens)},
+           {"agreement_with_full", agree.empty() ? nlohmann::json() : nlohmann::json(agree[i])},
+           {"first_token_kl_vs_full", kl.empty() ? nlohmann::json() : nlohmann::json(kl[i])}});
+    }
+    j["results"] = rows;
+    if (a.details) {
+      nlohmann::json details = nlohmann::json::array();
+      for (const auto& oc : r->outcomes) {
+        nlohmann::json d = {{"index", oc.index},
+                            {"kind", oc.kind},
+                            {"hops", oc.hops},
+                            {"prompt_tokens", oc.prompt_tokens},
+                            {"expected", eval::AnswerLine(items[oc.index].answer)},
+                            {"skipped", oc.skipped}};
+        if (!oc.skipped) {
+          d["answers"] = oc.answers;
+          d["correct"] = oc.correct;
+          d["ttft_s"] = oc.ttft_s;
+        }
+        details.push_back(d);
+      }
+      j["items"] = details;
+    }
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model %s, %s KV, %d threads; %s: %zu questions (%d skipped: too long)\n",
+              l->path.c_str(), a.c.kv_type.c_str(), l->engine->pool().size(), source.c_str(),
+              items.size(), r->n_skipped());
+  std::printf(
+      "every document computed on its own after BOS first; greedy answers, exact match; TTFT "
+      "median from the cached documents to the first token; =full: answers equal to full "
+      "prefill's; KL: mean KL(full || mode) of the first answer token, nats\n");
+  std::printf("%-15s", "mode");
+  for (const auto& [group, s] : scores) std::printf(" %15s", group.c_str());
+  std::printf(" %10s %8s %11s %9s %8s\n", "TTFT ms", "vs full", "recomputed", "=full", "KL");
+  for (size_t i = 0; i < configs.size(); ++i) {
+    std::printf("%-15s", r->configs[i].c_str());
+    for (const auto& [group, s] : scores) {
+      char cell[32];
+      std::snprintf(cell, sizeof(cell), "%d/%d %.1f%%", s.correct[i], s.n,
+                    s.n ? 100.0 * s.correct[i] / s.n : 0.0);
+      std::printf(" %15s", cell);
+    }
+    char vs[16] = "-";
+    if (full_ttft > 0) std::snprintf(vs, sizeof vs, "%.2fx", ttft[i] / full_ttft);
+    std::printf(" %10.2f %8s %10.1f%%", ttft[i] * 1e3, vs,
+                100 * share(totals[i].recomputed_tokens, totals[i].reused_tokens));
+    if (agree.empty()) {
+      std::printf(" %9s %8s\n", "-", "-");
+    } else {
+      std::printf(" %8.1f%% %8.4f\n", 100 * agree[i], kl[i]);
+    }
+  }
+  // Prompt tokens (the same in every mode) and the most any mode served as exact prefix.
+  int64_t prompt_tokens = 0, prefix_tokens = 0;
+  for (const ReuseReport& t : totals) {
+    prompt_tokens = t.prefix_tokens + t.reused_tokens + t.computed_tokens;
+    prefix_tokens = std::max(prefix_tokens, t.prefix_tokens);
+  }
+  std::printf("(recomputed: share of the reused document tokens; %lld prompt tokens in all, "
+              "up to %lld of them an exact prefix: BOS and first documents in place)\n%.1f s\n",
+              static_cast<long long>(prompt_tokens), static_cast<long long>(prefix_tokens),
+              r->seconds);
+  return 0;
+}
+
 void AddCommon(CLI::App* c, CommonArgs& a) {
   c->add_option("-m,--model", a.model, "GGUF model (default: the bundled cachette-tiny)");
   c->add_option("--threads", a.threads, "Compute threads (0 = one per core)");
@@ -570,9 +743,41 @@ Runner AddEvalCommand(CLI::App& app) {
   st->add_option("--report", sa->report, "Tokens per reported window")
       ->check(CLI::Range(1, 1 << 24));
   st->add_flag("--json", sa->c.json, "Print one JSON object");
-  return [pa, p, ra, sa, st] {
+  auto ga = std::make_shared<RagArgs>();
+  CLI::App* g = c->add_subcommand(
+      "rag",
+      "Multi-document QA with every document's KV computed on its own and reused in the "
+      "prompt: accuracy, TTFT and recomputed share per reuse mode, full prefill beside them");
+  g->add_option("-m,--model", ga->c.model, "GGUF model (default: the bundled cachette-tiny)");
+  g->add_option("--threads", ga->c.threads, "Compute threads (0 = one per core)");
+  g->add_option("--kv-type", ga->c.kv_type, "KV element type: f32, f16, q8_0, q4_0");
+  g->add_option("--data", ga->data,
+                "JSONL of {kind, docs, question, answer, hops} (default "
+                "../shared/eval/multidoc-qa.jsonl)");
+  g->add_option("--n", ga->n, "Questions: the first N of the selected kinds (0 = all)")
+      ->check(CLI::Range(0, 1 << 24));
+  g->add_option("--kinds", ga->kinds, "Kinds to keep, comma-separated (facts, kv, needle)")
+      ->delimiter(',');
+  g->add_option("--mode", ga->modes,
+                "Reuse modes, comma-separated: full, prefix, naive, blend, cachecraft, ape "
+                "(default all)")
+      ->delimiter(',');
+  g->add_option("--ratio", ga->ratios, "Blend's recompute ratios, comma-separated (0.15)")
+      ->delimiter(',');
+  g->add_option("--alpha", ga->alphas,
+                "Cache-Craft's alpha (recompute share = alpha x CCI x (1 - overlap)), "
+                "comma-separated (0.2)")
+      ->delimiter(',');
+  g->add_option("--ape-t", ga->ape_t, "APE's attention temperature T (0.9)")
+      ->check(CLI::PositiveNumber);
+  g->add_option("--ape-s", ga->ape_s, "APE's scale S (0.9)")->check(CLI::PositiveNumber);
+  g->add_flag("--details", ga->details, "With --json: every question's answers");
+  g->add_flag("--json", ga->c.json, "Print one JSON object");
+  g->add_flag("-q,--quiet", ga->c.quiet, "No progress on stderr");
+  return [pa, p, ra, sa, st, ga, g] {
     if (p->parsed()) return EvalPpl(*pa);
     if (st->parsed()) return EvalStream(*sa);
+    if (g->parsed()) return EvalRag(*ga);
     return EvalRetrieval(*ra);
   };
 }

@@ -39,19 +39,88 @@ size_t SegmentKv::bytes() const {
   return n;
 }
 
+namespace {
+
+// Adds to inter[i] the attention mass that row i (slot ctx + i, query q[i]) gives to slots
+// [0, ctx), summed over query heads: exp(lse over the context - lse over all it attends to).
+void AddInterAttention(const float* q, int64_t n, int64_t ctx, const kernels::KvView& view,
+                       int n_head, float scale, std::vector<double>& inter, ThreadPool& pool) {
+  std::vector<float> out(n * n_head * view.head_dim), lse_ctx(n * n_head), lse_all(n * n_head);
+  kernels::AttentionLse(q, n, n_head, view, 0, ctx, -1, scale, out.data(), lse_ctx.data(), pool);
+  kernels::AttentionLse(q, n, n_head, view, 0, ctx + n, ctx, scale, out.data(), lse_all.data(),
+                        pool);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int h = 0; h < n_head; ++h) {
+      inter[i] += std::exp(static_cast<double>(lse_ctx[i * n_head + h]) - lse_all[i * n_head + h]);
+    }
+  }
+}
+
+}  // namespace
+
 Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> context,
-                                 std::span<const TokenId> tokens) {
+                                 std::span<const TokenId> tokens,
+                                 std::span<const uint64_t> context_chunks) {
   if (tokens.empty()) return InvalidArgument("segment: no tokens");
+  const ModelConfig& c = engine.model().config();
   const int64_t n_ctx = static_cast<int64_t>(context.size());
   const int64_t n = static_cast<int64_t>(tokens.size());
+  for (TokenId t : tokens) {
+    if (t < 0 || t >= c.n_vocab) {
+      return InvalidArgument("segment: token id " + std::to_string(t) +
+                             " is outside the vocabulary");
+    }
+  }
+  if (n_ctx + n > c.n_ctx_train) {
+    return InvalidArgument("segment: " + std::to_string(n_ctx + n) +
+                           " tokens exceed the model's context of " +
+                           std::to_string(c.n_ctx_train));
+  }
   auto seq = engine.NewSequence(n_ctx + n);
   if (n_ctx > 0) CT_RETURN_IF_ERROR(engine.Forward(*seq, context, nullptr));
-  CT_RETURN_IF_ERROR(engine.Forward(*seq, tokens, nullptr));
   SegmentKv seg;
   seg.tokens.assign(tokens.begin(), tokens.end());
   seg.base_pos = n_ctx;
   seg.context = ContextId(context);
+  seg.context_chunks.assign(context_chunks.begin(), context_chunks.end());
   seg.shape = engine.kv_shape();
+  if (n_ctx == 0) {
+    CT_RETURN_IF_ERROR(engine.Forward(*seq, tokens, nullptr));
+  } else {
+    // A layer at a time, the attention kernel's output as in Forward() plus the profile.
+    CT_RETURN_IF_ERROR(seq->Reserve(n_ctx + n));
+    std::vector<float> x(n * c.d_model);
+    engine.Embed(tokens, x.data());
+    std::vector<int32_t> pos(n);
+    std::iota(pos.begin(), pos.end(), static_cast<int32_t>(n_ctx));
+    const Engine::Run run{seq.get(), n, n_ctx};
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    std::vector<double> inter(n, 0.0);
+    double odds = 0;  // sum over layers of inter / intra mass
+    for (int l = 0; l < c.n_layer; ++l) {
+      std::vector<double> layer_inter(n, 0.0);
+      engine.ForwardLayer(
+          l, x.data(), n, pos.data(), {&run, 1},
+          [&](int layer, const float* q, int64_t m, float* out) {
+            const kernels::KvView view = seq->View(layer, n_ctx + n);
+            kernels::Attention(q, m, c.n_head, n_ctx, view, scale, out, engine.pool());
+            AddInterAttention(q, m, n_ctx, view, c.n_head, scale, layer_inter, engine.pool());
+          });
+      double a = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        inter[i] += layer_inter[i];
+        a += layer_inter[i];
+      }
+      a /= static_cast<double>(n) * c.n_head;
+      odds += a / std::max(1.0 - a, 1e-9);
+    }
+    seq->Append(n);
+    seg.inter.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      seg.inter[i] = static_cast<float>(inter[i] / (static_cast<double>(c.n_layer) * c.n_head));
+    }
+    seg.cci = 1.0 / (1.0 + std::exp(-odds / c.n_layer));
+  }
   const size_t tb = seg.shape.token_bytes();
   seg.k.resize(seg.shape.n_layer);
   seg.v.resize(seg.shape.n_layer);
@@ -66,22 +135,50 @@ Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> contex
   return seg;
 }
 
+double CacheCraftShare(const SegmentKv& seg, std::span<const uint64_t> chunks_before,
+                       double alpha) {
+  const auto& old = seg.context_chunks;
+  double beta = 0, gamma = 0;
+  if (!old.empty()) {
+    // The old context's chunks found now, in their new order.
+    std::vector<size_t> new_rank_of_old;  // for each common chunk in old order: its new index
+    for (uint64_t id : old) {
+      auto it = std::find(chunks_before.begin(), chunks_before.end(), id);
+      if (it != chunks_before.end()) new_rank_of_old.push_back(it - chunks_before.begin());
+    }
+    const size_t k = new_rank_of_old.size();
+    beta = static_cast<double>(k) / old.size();
+    if (k >= 2) {
+      int64_t discordant = 0;
+      for (size_t i = 0; i < k; ++i) {
+        for (size_t j = i + 1; j < k; ++j) discordant += new_rank_of_old[i] > new_rank_of_old[j];
+      }
+      gamma = static_cast<double>(discordant) / (k * (k - 1) / 2);
+    }
+  }
+  const double beta_adj = beta * (1 - gamma);
+  return std::clamp(alpha * seg.cci * (1 - beta_adj), 0.0, 1.0);
+}
+
 std::string_view ReuseModeName(ReuseMode mode) {
   switch (mode) {
     case ReuseMode::kFull: return "full";
     case ReuseMode::kPrefix: return "prefix";
     case ReuseMode::kNaive: return "naive";
     case ReuseMode::kBlend: return "blend";
+    case ReuseMode::kCacheCraft: return "cachecraft";
+    case ReuseMode::kApe: return "ape";
   }
   return "?";
 }
 
 Result<ReuseMode> ParseReuseMode(std::string_view name) {
-  for (ReuseMode m : {ReuseMode::kFull, ReuseMode::kPrefix, ReuseMode::kNaive, ReuseMode::kBlend}) {
+  for (ReuseMode m : {ReuseMode::kFull, ReuseMode::kPrefix, ReuseMode::kNaive, ReuseMode::kBlend,
+                      ReuseMode::kCacheCraft, ReuseMode::kApe}) {
     if (name == ReuseModeName(m)) return m;
   }
   return InvalidArgument("unknown KV reuse mode '" + std::string(name) +
-                         "' (expected full, prefix, naive or blend)");
+                         "' (expected full, prefix, naive, blend, cachecraft or ape)");
 }
 
 namespace {
@@ -129,6 +226,9 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   const int64_t n = static_cast<int64_t>(prompt.size());
   const int64_t n0 = kv.n_tokens();
   ReuseReport rep;
+  if (options.mode == ReuseMode::kApe) {
+    return InvalidArgument("ape lays documents out in parallel: PrefillApe, not this");
+  }
   if (!(options.ratio >= 0 && options.ratio <= 1)) {
     return InvalidArgument("blend ratio " + std::to_string(options.ratio) +
                            " is outside [0, 1]");
@@ -221,7 +321,10 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
 
   // Place the other segments and list the rows to compute: every token after the prefix
   // (blend, where a layer below the check layer needs them all), or those in no segment.
+  // placed[t]: 1 = cached KV placed at t; 2 = placed but recomputed anyway (cachecraft).
   std::vector<char> placed(n, 0);
+  std::vector<uint64_t> chunks_before;  // Cache-Craft's chunks preceding the segment at hand
+  for (size_t j = 0; j < si; ++j) chunks_before.push_back(ContextId(segments[j].kv->tokens));
   for (; si < segments.size(); ++si) {
     const SegmentKv& seg = *segments[si].kv;
     const int64_t at = segments[si].offset;
@@ -230,13 +333,27 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     place(seg, 0, at, count);
     std::fill(placed.begin() + at, placed.begin() + at + count, 1);
     rep.reused_tokens += count;
+    if (options.mode == ReuseMode::kCacheCraft) {
+      // The share CFO of its tokens with the largest inter-attention (in order without one).
+      const int64_t redo = static_cast<int64_t>(
+          std::ceil(CacheCraftShare(seg, chunks_before, options.ratio) * count));
+      std::vector<int64_t> order(count);
+      std::iota(order.begin(), order.end(), 0);
+      if (static_cast<int64_t>(seg.inter.size()) >= count) {
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return seg.inter[a] > seg.inter[b];
+        });
+      }
+      for (int64_t j = 0; j < redo; ++j) placed[at + order[j]] = 2;
+    }
+    chunks_before.push_back(ContextId(seg.tokens));
   }
   const bool blend = options.mode == ReuseMode::kBlend;
   const int64_t target = blend ? static_cast<int64_t>(std::ceil(options.ratio * rep.reused_tokens))
                                : 0;
   Rows rows;
   for (int64_t t = p; t < n; ++t) {
-    if (!placed[t] || blend) rows.at.push_back(t);
+    if (placed[t] != 1 || blend) rows.at.push_back(t);
   }
   rows.Build(kv);
   const int64_t d = c.d_model;
@@ -304,7 +421,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   CT_CHECK(!rows.at.empty() && rows.at.back() == n - 1);
   if (logits != nullptr) engine.RowLogits(x.data() + (rows.at.size() - 1) * d, logits);
-  for (int64_t t : rows.at) rep.recomputed_tokens += placed[t] ? 1 : 0;
+  for (int64_t t : rows.at) rep.recomputed_tokens += placed[t] != 0;
   rep.computed_tokens = n - p - rep.reused_tokens;
   kv.Append(n - p);
   if (report != nullptr) *report = rep;

@@ -20,6 +20,10 @@
 //           ones, the candidates (widen x ratio of them) go on, and the next layer narrows them
 //           to `ratio` by its own deviation (gradual filtering). Tokens in no cache and the
 //           prompt's last token are computed through every layer. Ratio 1 is full prefill.
+//   cachecraft  Cache-Craft (SIGMOD'25): placed as in naive, then each segment's share
+//           CacheCraftShare (from metadata stored with it and how its context changed) of its
+//           tokens, those of largest inter-attention when it was computed, recomputed through
+//           every layer; no check layer, so nothing is computed for the other tokens.
 // In every mode but full, segments in place after their own context are exact and kept as a
 // prefix; only what follows them is approximate.
 //
@@ -46,32 +50,55 @@ void RotateStoredKeys(void* k, int64_t n_tok, const KvShape& shape, int64_t delt
 // The id of the context a segment was computed after: a hash of its tokens (0 tokens: 0).
 uint64_t ContextId(std::span<const TokenId> tokens);
 
-// The KV of a segment computed on its own after `context`.
+// The KV of a segment computed on its own after `context`, with Cache-Craft's metadata.
 struct SegmentKv {
   std::vector<TokenId> tokens;
   int64_t base_pos = 0;  // the RoPE position of its first token (the context's length)
   uint64_t context = 0;  // ContextId of the tokens it was computed after
+  // The segments (ContextId of their tokens) its context held, in order: Cache-Craft's "prefix
+  // chunks" (empty when it was computed after a plain prefix such as BOS).
+  std::vector<uint64_t> context_chunks;
   KvShape shape;
   // [layer]: [n_tokens][n_kv_head][head_dim] elements of shape.type, keys rotated to
   // base_pos, base_pos + 1, ...
   std::vector<std::vector<std::byte>> k, v;
+  // Cache-Craft's attention profile, measured while it was computed: inter[i] = the attention
+  // mass token i gave to the context (outside the segment), averaged over layers and query
+  // heads; cci = sigmoid(mean over layers of inter / intra mass), its context dependence.
+  // Computed after BOS alone, the context is the attention sink: mass a token finds nowhere
+  // in its own segment. Empty inter (and cci 0.5) when no context preceded it.
+  std::vector<float> inter;
+  double cci = 0.5;
 
   size_t bytes() const;
 };
 
-// Computes `context` then `tokens` in a fresh sequence and returns the KV of `tokens`.
+// Computes `context` then `tokens` in a fresh sequence and returns the KV of `tokens` with
+// its attention profile. `context_chunks`: the segments the context held (see SegmentKv).
 // kInvalidArgument for no tokens or what Engine::Forward rejects.
 Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> context,
-                                 std::span<const TokenId> tokens);
+                                 std::span<const TokenId> tokens,
+                                 std::span<const uint64_t> context_chunks = {});
 
-enum class ReuseMode { kFull, kPrefix, kNaive, kBlend };
+// Cache-Craft's share of a placed segment to recompute: CFO = alpha * cci * (1 - beta'),
+// clamped to [0, 1], where beta' = beta * (1 - gamma): beta is the share of the segment's old
+// context chunks found among the chunks before it now, gamma the normalised Kendall-tau
+// distance between their old and new orders (0 same order, 1 reversed).
+double CacheCraftShare(const SegmentKv& seg, std::span<const uint64_t> chunks_before,
+                       double alpha);
+
+// kApe names APE's parallel encoding (engine/ape.h), which lays documents out differently:
+// PrefillWithSegments refuses it; callers dispatch to PrefillApe.
+enum class ReuseMode { kFull, kPrefix, kNaive, kBlend, kCacheCraft, kApe };
 std::string_view ReuseModeName(ReuseMode mode);
-// "full", "prefix", "naive" or "blend"; kInvalidArgument naming the accepted ones otherwise.
+// "full", "prefix", "naive", "blend", "cachecraft" or "ape"; kInvalidArgument naming the
+// accepted ones otherwise.
 Result<ReuseMode> ParseReuseMode(std::string_view name);
 
 struct ReuseOptions {
   ReuseMode mode = ReuseMode::kPrefix;
-  double ratio = 0.15;   // blend: share of the placed tokens recomputed, in [0, 1]
+  // blend: share of the placed tokens recomputed; cachecraft: alpha (CacheCraftShare); [0, 1]
+  double ratio = 0.15;
   int check_layer = 1;   // blend: the layer whose K/V deviation picks them (< n_layer)
   double widen = 2.0;    // blend: candidates at the check layer, as a multiple of ratio (>= 1;
                          // 1 = one-shot selection)
@@ -86,7 +113,8 @@ struct SegmentUse {
 struct ReuseReport {
   int64_t prefix_tokens = 0;      // exact: in the sequence before, or segments in place
   int64_t reused_tokens = 0;      // cached segment tokens placed at a new position/context
-  int64_t recomputed_tokens = 0;  // of those, recomputed through the upper layers (blend)
+  int64_t recomputed_tokens = 0;  // of those, recomputed through the upper (blend) or all
+                                  // (cachecraft) layers
   int64_t computed_tokens = 0;    // tokens in no cache (and the last one), computed in full
 };
 
@@ -94,8 +122,8 @@ struct ReuseReport {
 // null). `kv` holds the exact KV of the prompt's first kv.n_tokens() tokens (fewer than the
 // prompt's; 0 is fine) and has never been compacted. `segments` are sorted and disjoint; a
 // segment that starts before kv.n_tokens() is not used (its later tokens are computed).
-// kInvalidArgument for a segment whose tokens differ from the prompt's or whose KV shape is
-// not the engine's, a ratio outside [0, 1], a check layer outside the model, or what
+// kInvalidArgument for mode kApe, a segment whose tokens differ from the prompt's or whose KV
+// shape is not the engine's, a ratio outside [0, 1], a check layer outside the model, or what
 // Engine::Forward rejects; kResourceExhausted when kv cannot hold the prompt. On error kv
 // keeps its tokens (slots past them may have been written).
 Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,

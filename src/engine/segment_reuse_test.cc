@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <numeric>
 #include <random>
 
 #include "model/synth.h"
@@ -286,6 +287,63 @@ TEST(SegmentReuseTest, BlendRecomputesItsShareAndBeatsNaive) {
   EXPECT_LT(e_blend, e_naive);
 }
 
+TEST(CacheCraftTest, ShareFollowsContextOverlapAndOrder) {
+  SegmentKv seg;
+  seg.cci = 0.8;
+  seg.context_chunks = {11, 22, 33};
+  const uint64_t same[] = {11, 22, 33};
+  const uint64_t reversed_two[] = {33, 22};
+  const uint64_t other[] = {44};
+  EXPECT_DOUBLE_EQ(CacheCraftShare(seg, same, 0.5), 0.0);  // same context: pure reuse
+  // b and c found (beta 2/3) in reverse order (gamma 1): as if nothing overlapped.
+  EXPECT_DOUBLE_EQ(CacheCraftShare(seg, reversed_two, 0.5), 0.4);
+  EXPECT_DOUBLE_EQ(CacheCraftShare(seg, other, 0.5), 0.4);
+  const uint64_t two_in_order[] = {22, 33};
+  EXPECT_NEAR(CacheCraftShare(seg, two_in_order, 0.5), 0.5 * 0.8 / 3, 1e-12);
+  EXPECT_DOUBLE_EQ(CacheCraftShare(seg, other, 5.0), 1.0);  // clamped
+  seg.context_chunks.clear();
+  EXPECT_DOUBLE_EQ(CacheCraftShare(seg, same, 0.5), 0.4);
+}
+
+// Cache-Craft recomputes each moved segment's share CFO of its tokens, those with the largest
+// inter-attention; at alpha 0 it is naive placement bit for bit.
+TEST(CacheCraftTest, RecomputesItsShareOfEachSegment) {
+  const Model& model = Trained();
+  Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF16});
+  const RagCase r = MakeRag(model);
+  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  for (const SegmentKv* s : {&*s1, &*s2}) {
+    ASSERT_EQ(s->inter.size(), s->tokens.size());
+    for (float f : s->inter) EXPECT_TRUE(f >= 0 && f <= 1.0001f) << f;
+    EXPECT_GT(s->cci, 0.5);
+    EXPECT_LT(s->cci, 1.0);
+  }
+  const auto sys = model.tokenizer().Encode("Read the documents.\n", false, false);
+  const auto prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
+  const int64_t o2 = 1 + sys.size(), o1 = o2 + r.doc2.size();
+  const SegmentUse uses[] = {{o2, &*s2}, {o1, &*s1}};
+  const int nv = model.config().n_vocab;
+  auto run = [&](ReuseMode mode, double ratio, ReuseReport* rep) {
+    std::vector<float> out(nv);
+    auto seq = engine.NewSequence();
+    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
+    Status s = PrefillWithSegments(engine, *seq, prompt, uses,
+                                   ReuseOptions{.mode = mode, .ratio = ratio}, out.data(), rep);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return out;
+  };
+  ReuseReport craft, naive, zero;
+  run(ReuseMode::kCacheCraft, 0.5, &craft);
+  const int64_t want = static_cast<int64_t>(std::ceil(0.5 * s2->cci * r.doc2.size())) +
+                       static_cast<int64_t>(std::ceil(0.5 * s1->cci * r.doc1.size()));
+  EXPECT_EQ(craft.recomputed_tokens, want);
+  EXPECT_EQ(craft.reused_tokens, static_cast<int64_t>(r.doc1.size() + r.doc2.size()));
+  EXPECT_EQ(run(ReuseMode::kCacheCraft, 0.0, &zero), run(ReuseMode::kNaive, 0.0, &naive));
+  EXPECT_EQ(zero.recomputed_tokens, 0);
+}
+
 TEST(SegmentReuseTest, RejectsBadInput) {
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 1, .kv_type = KvType::kF16});
@@ -310,7 +368,8 @@ TEST(SegmentReuseTest, RejectsBadInput) {
   const SegmentUse twice[] = {good, good};
   expect_error(twice, ReuseOptions{}, "overlaps");
   EXPECT_EQ(ParseReuseMode("blend").value(), ReuseMode::kBlend);
-  EXPECT_EQ(ParseReuseMode("cachecraft").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseReuseMode("cachecraft").value(), ReuseMode::kCacheCraft);
+  EXPECT_EQ(ParseReuseMode("blend ").status().code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(ComputeSegment(engine, r.bos, {}).status().code() == StatusCode::kInvalidArgument);
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """CI smoke test of `cachette eval`: ppl on 2 KB of text and retrieval on 4 questions (and 3
-synthetic tasks) with the bundled model, checking the JSON fields; bad input gets a clear
+synthetic tasks), rag on 2 multi-document questions in every reuse mode, with the bundled
+model, checking the JSON fields; bad input gets a clear
 error. Seconds, not minutes. Usage: eval_smoke_test.py --binary B --model M --shared DIR"""
 import argparse
 import json
@@ -101,6 +102,25 @@ def main():
     p = run([b, "eval", "ppl", "-m", m, "-f", text, "--bytes", "2048", "--kv-policy", "snapk"],
             want_rc=1)
     check("kv_policy.name" in p.stderr, f"unknown policy named: {p.stderr}")
+    # Segment reuse on multi-document QA: every mode in one run, full prefill beside them.
+    j = json.loads(run([b, "eval", "rag", "-m", m, "--n", "2", "--ratio", "0.15,1", "--json",
+                        "-q"]).stdout)
+    rows = {r["config"]: r for r in j["results"]}
+    check(list(rows) == ["full", "prefix", "naive", "blend@0.15", "blend@1", "cachecraft@0.2",
+                         "ape"], f"rag rows {list(rows)}")
+    check(j["n_items"] == 2 and j["n_scored"] + j["n_skipped"] == 2, "rag counts")
+    for name, r in rows.items():
+        for k in ("accuracy", "groups", "ttft_median_s", "reused_tokens", "recomputed_share",
+                  "agreement_with_full", "first_token_kl_vs_full"):
+            check(k in r, f"rag row {name} has '{k}'")
+    check(rows["blend@1"]["recomputed_share"] == 1.0 and
+          rows["blend@1"]["agreement_with_full"] == 1.0, f"blend@1 is full prefill {rows['blend@1']}")
+    check(rows["naive"]["recomputed_share"] == 0 and rows["naive"]["reused_tokens"] > 0,
+          "naive reuses without recompute")
+    p = run([b, "eval", "rag", "-m", m, "--mode", "blend,shuffle"], want_rc=1)
+    check("shuffle" in p.stderr and "--mode" in p.stderr, f"unknown mode named: {p.stderr}")
+    p = run([b, "eval", "rag", "-m", m, "--ratio", "1.5"], want_rc=1)
+    check("--ratio" in p.stderr, f"bad ratio named: {p.stderr}")
     print("eval smoke: ok")
 
 

@@ -13,6 +13,7 @@
 #include "cache/codecs/codec.h"
 #include "eval/kv_roundtrip.h"
 #include "eval/perplexity.h"
+#include "eval/rag.h"
 #include "eval/retrieval.h"
 #include "eval/synthetic.h"
 #include "model/synth.h"
@@ -369,6 +370,83 @@ TEST(RetrievalTest, RawCodecAndPrefixReuseChangeNothing) {
   const auto by = all->ByKind();
   EXPECT_EQ(by.at("all").n, 4);
   EXPECT_EQ(by.at("kv").n, 4);
+}
+
+TEST(RagTest, ParsesJsonlAndNamesTheBadField) {
+  auto ok = ParseRagJsonl(
+      "{\"kind\": \"facts\", \"docs\": [\"a\", \"b\"], \"question\": \"Q?\\nAnswer:\", "
+      "\"answer\": \"x\", \"hops\": 2}\n\n",
+      "t.jsonl");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  ASSERT_EQ(ok->size(), 1u);
+  EXPECT_EQ((*ok)[0].docs, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ((*ok)[0].hops, 2);
+  EXPECT_EQ((*ok)[0].line, 1);
+  const std::pair<const char*, const char*> bad[] = {
+      {"{\"kind\": \"kv\", \"docs\": [], \"question\": \"q\", \"answer\": \"a\"}", "'docs'"},
+      {"{\"kind\": \"kv\", \"docs\": [\"d\", 3], \"question\": \"q\", \"answer\": \"a\"}",
+       "non-string"},
+      {"{\"kind\": \"kv\", \"docs\": [\"d\"], \"answer\": \"a\"}", "'question'"},
+      {"{\"kind\": \"kv\", \"docs\": [\"d\"], \"question\": \"q\", \"answer\": \"a\", "
+       "\"hops\": 0}",
+       "'hops'"},
+      {"[1]", "not a JSON object"},
+      {"{\"kind\": ", "not valid JSON"},
+  };
+  for (const auto& [line, needle] : bad) {
+    auto r = ParseRagJsonl(std::string("\n") + line, "t.jsonl");
+    ASSERT_FALSE(r.ok()) << line;
+    EXPECT_NE(r.status().message().find("t.jsonl:2: "), std::string::npos) << r.status().ToString();
+    EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status().ToString();
+  }
+}
+
+// On the trained model: blend at ratio 1 recomputes everything, so it answers as full prefill
+// with a first-token KL of float rounding; naive and cachecraft at alpha 0 recompute nothing;
+// the accounting adds up to the prompt in every mode.
+TEST(RagTest, BlendAtOneAnswersAsFullPrefill) {
+  const std::string path = kShared + "/models/cachette-tiny-f32.gguf";
+  std::ifstream f(kShared + "/eval/multidoc-qa.jsonl", std::ios::binary);
+  if (!fs::exists(path) || !f) GTEST_SKIP() << "trained model or multidoc-qa.jsonl not present";
+  auto model = Model::Load(path);
+  ASSERT_TRUE(model.ok());
+  std::stringstream ss;
+  ss << f.rdbuf();
+  auto items = ParseRagJsonl(ss.str(), "multidoc-qa.jsonl");
+  ASSERT_TRUE(items.ok()) << items.status().ToString();
+  items->resize(3);
+  Engine engine(**model, EngineOptions{.kv_type = kernels::KvType::kF32});
+  RagOptions o;
+  o.configs = {{ReuseMode::kFull, 0},       {ReuseMode::kBlend, 1.0}, {ReuseMode::kNaive, 0},
+               {ReuseMode::kCacheCraft, 0}, {ReuseMode::kPrefix, 0},  {ReuseMode::kApe, 0}};
+  auto r = EvalRag(engine, *items, o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->configs, (std::vector<std::string>{"full", "blend@1", "naive", "cachecraft@0",
+                                                  "prefix", "ape"}));
+  EXPECT_EQ(r->full_index, 0);
+  for (const RagOutcome& oc : r->outcomes) {
+    ASSERT_FALSE(oc.skipped);
+    EXPECT_EQ(oc.answers[1], oc.answers[0]);
+    EXPECT_LT(oc.kl_vs_full[1], 1e-6);
+    EXPECT_EQ(oc.kl_vs_full[0], 0);
+    EXPECT_LT(oc.kl_vs_full[4], 1e-6);  // prefix reuse is exact
+    for (size_t i = 0; i < oc.reports.size(); ++i) {
+      const ReuseReport& rep = oc.reports[i];
+      EXPECT_EQ(rep.prefix_tokens + rep.reused_tokens + rep.computed_tokens, oc.prompt_tokens)
+          << r->configs[i];
+    }
+    EXPECT_EQ(oc.reports[1].recomputed_tokens, oc.reports[1].reused_tokens);
+    EXPECT_GT(oc.reports[2].reused_tokens, 0);
+    EXPECT_EQ(oc.reports[2].recomputed_tokens, 0);
+    EXPECT_EQ(oc.reports[3].recomputed_tokens, 0);
+    EXPECT_EQ(oc.reports[4].reused_tokens, 0);
+    EXPECT_GT(oc.reports[5].reused_tokens, 0);
+  }
+  EXPECT_EQ(r->AgreementWithFull()[1], 1.0);
+  o.configs = {{ReuseMode::kBlend, 1.5}};
+  EXPECT_EQ(EvalRag(engine, *items, o).status().code(), StatusCode::kInvalidArgument);
+  o.configs = {{ReuseMode::kApe, 0}, {ReuseMode::kApe, 0}};
+  EXPECT_EQ(EvalRag(engine, *items, o).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

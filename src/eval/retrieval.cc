@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cache/codecs/codec.h"
+#include "core/check.h"
 #include "core/timer.h"
 #include "engine/sampler.h"
 
@@ -109,24 +110,19 @@ void GreedyAnswer::Take(const Tokenizer& tok, std::span<const float> logits) {
   if (text.find('\n') != std::string::npos) done = true;
 }
 
-namespace {
-
-// Greedy decoding of every configuration's sequence in one batch per step, each starting from
-// `first` at the end of its KV. Fills `texts`.
-Status DecodeAnswers(Engine& engine, std::span<const std::unique_ptr<ContiguousKv>> seqs,
-                     TokenId first, int max_tokens, std::vector<std::string>& texts,
-                     int64_t& steps) {
+Status DecodeGreedy(Engine& engine, std::span<SequenceKv* const> seqs,
+                    std::span<GreedyAnswer> answers, int max_tokens, int64_t& steps) {
+  CT_CHECK_EQ(seqs.size(), answers.size());
   const Tokenizer& tok = engine.model().tokenizer();
   const int nv = engine.model().config().n_vocab;
   const size_t k = seqs.size();
-  std::vector<GreedyAnswer> answers(k, GreedyAnswer(first));
   std::vector<float> logits(k * nv);
   for (int step = 0; step < max_tokens; ++step) {
     std::vector<Engine::Item> batch;
     std::vector<size_t> who;
     for (size_t i = 0; i < k; ++i) {
       if (answers[i].done) continue;
-      batch.push_back({seqs[i].get(), std::span<const TokenId>(&answers[i].next, 1),
+      batch.push_back({seqs[i], std::span<const TokenId>(&answers[i].next, 1),
                        Engine::Logits::kLast, logits.data() + i * nv});
       who.push_back(i);
     }
@@ -137,6 +133,20 @@ Status DecodeAnswers(Engine& engine, std::span<const std::unique_ptr<ContiguousK
       answers[i].Take(tok, std::span<const float>(logits.data() + i * nv, static_cast<size_t>(nv)));
     }
   }
+  return Status::Ok();
+}
+
+namespace {
+
+// Greedy decoding of every configuration's sequence in one batch per step, each starting from
+// `first` at the end of its KV. Fills `texts`.
+Status DecodeAnswers(Engine& engine, std::span<const std::unique_ptr<ContiguousKv>> seqs,
+                     TokenId first, int max_tokens, std::vector<std::string>& texts,
+                     int64_t& steps) {
+  std::vector<GreedyAnswer> answers(seqs.size(), GreedyAnswer(first));
+  std::vector<SequenceKv*> ptrs;
+  for (const auto& s : seqs) ptrs.push_back(s.get());
+  CT_RETURN_IF_ERROR(DecodeGreedy(engine, ptrs, answers, max_tokens, steps));
   texts.clear();
   for (GreedyAnswer& a : answers) texts.push_back(std::move(a.text));
   return Status::Ok();

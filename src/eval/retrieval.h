@@ -92,6 +92,12 @@ struct GreedyAnswer {
   void Take(const Tokenizer& tok, std::span<const float> logits);
 };
 
+// Greedy decoding of several sequences in one batch per step: answers[i] goes on from
+// seqs[i]'s end (feeding its `next`) until done or `max_tokens` steps; `steps` counts the
+// batched steps.
+Status DecodeGreedy(Engine& engine, std::span<SequenceKv* const> seqs,
+                    std::span<GreedyAnswer> answers, int max_tokens, int64_t& steps);
+
 struct RetrievalResult {
   std::vector<std::string> configs;       // "" (the exact baseline), then the codec names
   std::vector<double> bytes_per_token;    // per config (baseline: raw KV bytes/token)

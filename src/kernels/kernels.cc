@@ -556,4 +556,60 @@ void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const Kv
   });
 }
 
+void AttentionLse(const float* q, int64_t n_q, int n_head, const KvView& kv, int64_t begin,
+                  int64_t end, int64_t causal_slot0, float score_scale, float* out, float* lse,
+                  ThreadPool& pool) {
+  if (n_q <= 0) return;
+  CT_CHECK(kv.n_kv_head > 0 && n_head % kv.n_kv_head == 0)
+      << "n_head " << n_head << " n_kv_head " << kv.n_kv_head;
+  CT_CHECK(begin >= 0 && end <= kv.n_tokens)
+      << "slots [" << begin << ", " << end << ") but kv holds " << kv.n_tokens;
+  CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
+  CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
+      << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
+  const internal::Ops& ops = ActiveOps();
+  const int hd = kv.head_dim;
+  const int group = n_head / kv.n_kv_head;
+  const size_t head_bytes = KvHeadBytes(kv.type, hd);
+  const size_t tok_bytes = head_bytes * kv.n_kv_head;
+  auto slot = [&](const void* const* blocks, int64_t j, int kvh) {
+    const auto* blk = static_cast<const uint8_t*>(blocks[j / kv.block_tokens]);
+    return blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
+  };
+  // Work units are (query, KV head), as in Attention. Per query head: scores into scratch
+  // [n_keys], exp(s - max) in place, sum in double, then the weighted sum of V.
+  const int64_t max_keys = std::max<int64_t>(end - begin, 0);
+  pool.ParallelFor(n_q * kv.n_kv_head, [&](int64_t u0, int64_t u1, int) {
+    auto* e = static_cast<float*>(internal::ThreadScratch(2, sizeof(float) * (max_keys + 1)));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i = u / kv.n_kv_head;
+      const int kvh = static_cast<int>(u % kv.n_kv_head);
+      const int64_t stop = causal_slot0 < 0 ? end : std::min(end, causal_slot0 + i + 1);
+      const int64_t n_keys = std::max<int64_t>(stop - begin, 0);
+      for (int g = 0; g < group; ++g) {
+        const int64_t row = i * n_head + kvh * group + g;
+        const float* qv = q + row * hd;
+        float* ov = out + row * hd;
+        std::memset(ov, 0, sizeof(float) * hd);
+        if (n_keys == 0) {
+          lse[row] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n_keys; ++j) {
+          e[j] = ops.kv_dot(qv, slot(kv.k_blocks, begin + j, kvh), hd, kv.type) * score_scale;
+          mx = std::max(mx, e[j]);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < n_keys; ++j) sum += (e[j] = std::exp(e[j] - mx));
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t j = 0; j < n_keys; ++j) {
+          ops.kv_axpy(e[j] * inv, slot(kv.v_blocks, begin + j, kvh), hd, kv.type, ov);
+        }
+        lse[row] = mx + static_cast<float>(std::log(sum));
+      }
+    }
+  });
+}
+
 }  // namespace cachette::kernels

@@ -159,4 +159,20 @@ struct KvView {
 void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const KvView& kv,
                float scale, float* out, ThreadPool& pool);
 
+// Attention over one contiguous range of slots that also returns each softmax's log-sum-exp,
+// so that attention split over several ranges can be merged exactly, or reweighted (APE,
+// engine/ape.h). Query i attends slots [begin, end_i) with
+//   end_i = end                                    when causal_slot0 < 0 (every query alike),
+//   end_i = min(end, causal_slot0 + i + 1)         otherwise (query i sits in slot
+//                                                   causal_slot0 + i and sees no later slot).
+//   q   [n_q][n_head][head_dim]
+//   out [n_q][n_head][head_dim]  sum_j p_j v_j, p = softmax_j(s_j), s_j = score_scale * q.k_j
+//   lse [n_q][n_head]            log sum_j exp(s_j), natural log
+// An empty range gives out = 0 and lse = -inf. Requires 0 <= begin and end <= kv.n_tokens.
+// GQA heads as in Attention; K and V are read at the active ISA level (KvDot's order), the
+// softmax is scalar. Parallel over (query, KV head) on `pool`.
+void AttentionLse(const float* q, int64_t n_q, int n_head, const KvView& kv, int64_t begin,
+                  int64_t end, int64_t causal_slot0, float score_scale, float* out, float* lse,
+                  ThreadPool& pool);
+
 }  // namespace cachette::kernels

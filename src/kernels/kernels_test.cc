@@ -695,6 +695,133 @@ TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
   }
 }
 
+// Writes NaN over slots [0, n) of kv's K and V: attention over a later range must not read them.
+void PoisonLeadingSlots(TestKv& kv, int64_t n) {
+  const KvView& v = kv.view;
+  const size_t tok_bytes = KvHeadBytes(v.type, v.head_dim) * v.n_kv_head;
+  std::vector<float> nan_tok(v.n_kv_head * v.head_dim, std::numeric_limits<float>::quiet_NaN());
+  for (int64_t t = 0; t < n; ++t) {
+    for (auto* store : {&kv.k_store, &kv.v_store}) {
+      StoreKv(nan_tok.data(), v.n_kv_head, v.head_dim, v.type,
+              (*store)[t / v.block_tokens].data() + (t % v.block_tokens) * tok_bytes);
+    }
+  }
+}
+
+// AttentionLse against a float64 evaluation of its documented formula: ranges inside blocks
+// and across them, non-causal and causal (with the range's end cutting in, and queries whose
+// causal range is empty), an empty range, and score multipliers other than 1/sqrt(head_dim).
+// Slots before `begin` and after the last valid one hold NaN, so a read outside the range
+// shows.
+TEST_F(IsaTest, AttentionLseMatchesNaiveDouble) {
+  struct Case {
+    int n_head, n_kv_head, hd, block_tokens;
+    int64_t n_q, n_valid, begin, end, causal_slot0;
+    float score_scale;
+    const char* what;
+  };
+  const Case cases[] = {
+      {6, 2, 64, 16, 3, 60, 10, 40, -1, 0.125f, "non-causal, across blocks"},
+      {6, 2, 64, 16, 4, 60, 45, 60, 56, 0.125f, "causal queries at the range's end"},
+      {14, 2, 64, 256, 5, 40, 20, 40, 38, 0.2f, "causal, clamped by end"},
+      {6, 2, 64, 16, 4, 40, 30, 40, 28, 0.14f, "causal, first queries see nothing"},
+      {4, 4, 96, 8, 2, 30, 7, 7, -1, 0.1f, "empty range"},
+      {10, 1, 40, 8, 3, 25, 5, 25, 22, 0.3f, "group > 8 heads, head_dim 40 (float KV only)"},
+      {6, 2, 64, 16, 1, 33, 0, 33, -1, 0.139f, "decode over everything, multiplier 1/(T*8)"},
+  };
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+    for (const Case& c : cases) {
+      if (c.hd % KvTypeBlockElems(type) != 0) continue;
+      SCOPED_TRACE(std::string(KvTypeName(type)) + " " + c.what);
+      TestKv kv = MakeKv(type, c.n_kv_head, c.hd, c.block_tokens, c.n_valid, c.n_valid + 2, rng_);
+      PoisonLeadingSlots(kv, c.begin);
+      std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -2, 2);
+      const int group = c.n_head / c.n_kv_head;
+      std::vector<double> want(q.size(), 0.0), want_lse(c.n_q * c.n_head);
+      for (int64_t i = 0; i < c.n_q; ++i) {
+        const int64_t stop = c.causal_slot0 < 0 ? c.end : std::min(c.end, c.causal_slot0 + i + 1);
+        for (int h = 0; h < c.n_head; ++h) {
+          const int kvh = h / group;
+          std::vector<double> s;
+          double mx = -1e300, sum = 0;
+          for (int64_t j = c.begin; j < stop; ++j) {
+            double dot = 0;
+            for (int d = 0; d < c.hd; ++d) {
+              dot += double(q[(i * c.n_head + h) * c.hd + d]) *
+                     kv.k_f32[(j * c.n_kv_head + kvh) * c.hd + d];
+            }
+            s.push_back(dot * c.score_scale);
+            mx = std::max(mx, s.back());
+          }
+          for (auto& v : s) sum += (v = std::exp(v - mx));
+          want_lse[i * c.n_head + h] =
+              s.empty() ? -std::numeric_limits<double>::infinity() : mx + std::log(sum);
+          for (size_t j = 0; j < s.size(); ++j) {
+            for (int d = 0; d < c.hd; ++d) {
+              want[(i * c.n_head + h) * c.hd + d] +=
+                  s[j] / sum * kv.v_f32[((c.begin + j) * c.n_kv_head + kvh) * c.hd + d];
+            }
+          }
+        }
+      }
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        SCOPED_TRACE(std::string(IsaName(isa)));
+        std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+        std::vector<float> lse(c.n_q * c.n_head, std::numeric_limits<float>::quiet_NaN());
+        AttentionLse(q.data(), c.n_q, c.n_head, kv.view, c.begin, c.end, c.causal_slot0,
+                     c.score_scale, out.data(), lse.data(), pool_);
+        // As for Attention: score errors ~hd * u * |q||k| move probabilities by that much
+        // relative, and the log-sum-exp by that much absolute.
+        for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want[e], 1e-4) << e;
+        for (size_t e = 0; e < lse.size(); ++e) {
+          if (std::isinf(want_lse[e])) {
+            ASSERT_TRUE(std::isinf(lse[e]) && lse[e] < 0) << e << ": " << lse[e];
+          } else {
+            ASSERT_NEAR(lse[e], want_lse[e], 1e-4 * (1 + std::fabs(want_lse[e]))) << e;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Causal attention split at any slot into a non-causal head range and a causal tail range,
+// merged by the two log-sum-exps, is Attention itself: what APE's merge relies on.
+TEST_F(IsaTest, AttentionLseRangesMergeIntoAttention) {
+  const int n_head = 6, n_kv_head = 2, hd = 64, n_q = 5;
+  const int64_t q_pos0 = 27, n = q_pos0 + n_q;
+  const float scale = 0.125f;
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+    TestKv kv = MakeKv(type, n_kv_head, hd, 16, n, n + 1, rng_);
+    std::vector<float> q = RandomFloats(n_q * n_head * hd, -2, 2);
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      std::vector<float> want(q.size());
+      Attention(q.data(), n_q, n_head, q_pos0, kv.view, scale, want.data(), pool_);
+      // Up to q_pos0 + 1: every query sees the whole head range (the first query's tail is
+      // then empty).
+      for (int64_t split : {int64_t{0}, int64_t{1}, int64_t{16}, q_pos0, q_pos0 + 1}) {
+        SCOPED_TRACE(std::string(KvTypeName(type)) + " " + std::string(IsaName(isa)) + " split " +
+                     std::to_string(split));
+        std::vector<float> o1(q.size()), o2(q.size()), l1(n_q * n_head), l2(n_q * n_head);
+        AttentionLse(q.data(), n_q, n_head, kv.view, 0, split, -1, scale, o1.data(), l1.data(),
+                     pool_);
+        AttentionLse(q.data(), n_q, n_head, kv.view, split, n, q_pos0, scale, o2.data(), l2.data(),
+                     pool_);
+        for (int64_t r = 0; r < n_q * n_head; ++r) {
+          const double m = std::max(l1[r], l2[r]);
+          const double w1 = std::exp(l1[r] - m), w2 = std::exp(l2[r] - m);
+          for (int d = 0; d < hd; ++d) {
+            const double got = (w1 * o1[r * hd + d] + w2 * o2[r * hd + d]) / (w1 + w2);
+            ASSERT_NEAR(got, want[r * hd + d], 2e-5) << r << " " << d;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(KernelsDispatchTest, SetIsaClampsAndNamesAreStable) {
   SetIsa(Isa::kAmx);
   EXPECT_EQ(ActiveIsa(), BestIsa());
