@@ -15,15 +15,13 @@ void RotateStoredKeys(void* k, int64_t n_tok, const KvShape& shape, int64_t delt
                       const kernels::RopeParams& rope) {
   if (delta == 0 || n_tok == 0) return;
   CT_CHECK(delta >= INT32_MIN && delta <= INT32_MAX) << "rotation by " << delta;
-  const int32_t d32 = static_cast<int32_t>(delta);
-  const size_t tb = shape.token_bytes();
-  std::vector<float> f(static_cast<size_t>(shape.n_kv_head) * shape.head_dim);
-  auto* bytes = static_cast<std::byte*>(k);
-  for (int64_t t = 0; t < n_tok; ++t) {
-    kernels::LoadKv(bytes + t * tb, shape.n_kv_head, shape.head_dim, shape.type, f.data());
-    kernels::Rope(f.data(), 1, shape.n_kv_head, &d32, rope);
-    kernels::StoreKv(f.data(), shape.n_kv_head, shape.head_dim, shape.type, bytes + t * tb);
-  }
+  const int64_t n_vec = n_tok * shape.n_kv_head;
+  std::vector<float> f(n_vec * shape.head_dim);
+  // One Rope call with every token at position delta: the angles are computed once.
+  const std::vector<int32_t> pos(n_tok, static_cast<int32_t>(delta));
+  kernels::LoadKv(k, n_vec, shape.head_dim, shape.type, f.data());
+  kernels::Rope(f.data(), n_tok, shape.n_kv_head, pos.data(), rope);
+  kernels::StoreKv(f.data(), n_vec, shape.head_dim, shape.type, k);
 }
 
 uint64_t ContextId(std::span<const TokenId> tokens) {
@@ -276,13 +274,18 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   CT_RETURN_IF_ERROR(kv.Reserve(n));
   const size_t tb = shape.token_bytes();
   // Copies `count` tokens of a segment from its token `from` to slot `at`, keys rotated.
+  std::vector<std::byte> keys;
   auto place = [&](const SegmentKv& seg, int64_t from, int64_t at, int64_t count) {
     const int64_t delta = at - (seg.base_pos + from);
     for (int l = 0; l < shape.n_layer; ++l) {
+      const std::byte* k = seg.k[l].data() + from * tb;
+      if (delta != 0) {
+        keys.assign(k, k + count * tb);
+        RotateStoredKeys(keys.data(), count, shape, delta, c.rope);
+        k = keys.data();
+      }
       for (int64_t t = 0; t < count; ++t) {
-        void* k = kv.KSlot(l, at + t);
-        std::memcpy(k, seg.k[l].data() + (from + t) * tb, tb);
-        RotateStoredKeys(k, 1, shape, delta, c.rope);
+        std::memcpy(kv.KSlot(l, at + t), k + t * tb, tb);
         std::memcpy(kv.VSlot(l, at + t), seg.v[l].data() + (from + t) * tb, tb);
       }
     }

@@ -303,8 +303,10 @@ void Add(const float* x, float* y, int64_t n) { ActiveOps().add(x, y, n); }
 // ---- RoPE --------------------------------------------------------------------------------
 
 // One implementation for all ISAs: per token the cos/sin table [head_dim/2] is computed once in
-// double and shared by all heads; the rotation itself is a few flops per element, far below
-// the matmuls around it, so a vector version is not worth its test surface.
+// double and shared by all heads (and by the next tokens while their position is the same: a
+// shift of many cached keys by one delta computes it once); the rotation itself is a few flops
+// per element, far below the matmuls around it, so a vector version is not worth its test
+// surface.
 void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopeParams& p) {
   const int hd = p.head_dim;
   CT_CHECK(hd > 0 && hd % 2 == 0) << "head_dim " << hd;
@@ -317,11 +319,13 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
     inv_freq[i] = std::pow(static_cast<double>(p.theta_base), -2.0 * i / hd);
   }
   for (int64_t t = 0; t < n_tok; ++t) {
-    const double position = static_cast<double>(pos[t]) * p.freq_scale;
-    for (int i = 0; i < half; ++i) {
-      const double angle = position * inv_freq[i];
-      cs[i] = std::cos(angle);
-      sn[i] = std::sin(angle);
+    if (t == 0 || pos[t] != pos[t - 1]) {
+      const double position = static_cast<double>(pos[t]) * p.freq_scale;
+      for (int i = 0; i < half; ++i) {
+        const double angle = position * inv_freq[i];
+        cs[i] = std::cos(angle);
+        sn[i] = std::sin(angle);
+      }
     }
     for (int h = 0; h < n_head; ++h) {
       float* v = x + (t * n_head + h) * hd;
