@@ -55,6 +55,10 @@ class SequenceKv {
   virtual int64_t next_position() const { return n_tokens(); }
   // After a forward pass wrote `count` new tokens after every layer's last slot.
   virtual void Append(int64_t count) { SetTokens(n_tokens() + count); }
+  // Slots from `n` on do not hold the exact KV of their tokens (segment reuse placed or
+  // approximated them, engine/segment_reuse.h): a sequence that feeds an exact cache must not
+  // give them to it. The default has no cache to protect.
+  virtual void MarkInexactFrom(int64_t n) { (void)n; }
 };
 
 struct AttentionStats;  // engine/kv_budget.h

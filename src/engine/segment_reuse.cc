@@ -427,6 +427,8 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   for (int64_t t : rows.at) rep.recomputed_tokens += placed[t] != 0;
   rep.computed_tokens = n - p - rep.reused_tokens;
   kv.Append(n - p);
+  // Everything after the exact prefix is approximate (even blend at ratio 1, to rounding).
+  kv.MarkInexactFrom(p);
   if (report != nullptr) *report = rep;
   return Status::Ok();
 }

@@ -119,7 +119,8 @@ struct ReuseReport {
 };
 
 // Fills `kv` with the KV of `prompt` and writes the last token's logits [n_vocab] (may be
-// null). `kv` holds the exact KV of the prompt's first kv.n_tokens() tokens (fewer than the
+// null). When any segment was placed, kv.MarkInexactFrom(the exact prefix's end) keeps the
+// approximate slots out of exact caches. `kv` holds the exact KV of the prompt's first kv.n_tokens() tokens (fewer than the
 // prompt's; 0 is fine) and has never been compacted. `segments` are sorted and disjoint; a
 // segment that starts before kv.n_tokens() is not used (its later tokens are computed).
 // kInvalidArgument for mode kApe, a segment whose tokens differ from the prompt's or whose KV

@@ -20,6 +20,7 @@
 // several threads (one mutex); a single sequence must not be used by two threads at once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -71,13 +72,15 @@ class PagedSequence final : public SequenceKv {
   int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_tokens_); }
   int64_t next_position() const override { return book_.NextPosition(n_tokens_); }
   void Append(int64_t count) override;
+  void MarkInexactFrom(int64_t n) override { inexact_from_ = std::min(inexact_from_, n); }
 
-  // KV budget policies (KvManager::Compact). Whether one has compacted the sequence; the
-  // leading slots that still hold the exact KV of the first tokens (all of them when never
-  // compacted), which alone may enter the index; tokens read so far; slots per layer held
-  // (summed over layers, divided by their count, rounded up).
+  // KV budget policies (KvManager::Compact) and segment reuse (MarkInexactFrom). Whether a
+  // policy has compacted the sequence; the leading slots that still hold the exact KV of the
+  // first tokens (all of them when neither happened), which alone may enter the index; tokens
+  // read so far; slots per layer held (summed over layers, divided by their count, rounded
+  // up).
   bool compacted() const { return book_.compacted; }
-  int64_t exact_tokens() const { return book_.Exact(n_tokens_); }
+  int64_t exact_tokens() const { return std::min(book_.Exact(n_tokens_), inexact_from_); }
   int64_t tokens_seen() const { return book_.Seen(n_tokens_); }
   int64_t kept_tokens() const;
 
@@ -101,6 +104,7 @@ class PagedSequence final : public SequenceKv {
   std::vector<std::vector<const void*>> k_ptr_;  // [n_layer][block]
   std::vector<std::vector<const void*>> v_ptr_;
   SlotBook book_;  // after a compaction (n_tokens_ is then its longest layer); stride capacity_
+  int64_t inexact_from_ = INT64_MAX;  // MarkInexactFrom's least n
 };
 
 class KvManager {

@@ -10,6 +10,7 @@
 #include "engine/kv_budget.h"
 #include "engine/reference_forward.h"
 #include "engine/sampler.h"
+#include "engine/segment_reuse.h"
 #include "kv/kv_manager.h"
 #include "model/synth.h"
 
@@ -246,6 +247,104 @@ TEST(PagedCompactionTest, IndexStaysExactAndPagesGoBack) {
   const GreedyRun warm = Greedy(engine, *warm_seq, prompt, 6);
   EXPECT_EQ(warm.tokens, cold.tokens);
   for (int i = 0; i < nv; ++i) ASSERT_NEAR(warm.first_logits[i], cold.first_logits[i], 1e-4);
+}
+
+// Segment reuse over a paged sequence that starts from the radix index's cached pages: placing
+// and recomputing writes only the sequence's own slots (a shared partial page is copied
+// first), so the index stays exact; blend at ratio 1 gives full prefill's greedy tokens and
+// logits to float rounding, and naive on paged pages equals naive on a contiguous buffer.
+TEST(PagedSegmentReuseTest, IndexStaysExactAndBlendAtOneIsFullPrefill) {
+  auto model = LoadTiny(kernels::WType::kF32, "llama");
+  Engine engine(*model, EngineOptions{.threads = 2, .kv_type = KvType::kF16});
+  KvManagerOptions ko;
+  ko.shape = engine.kv_shape();
+  ko.page_tokens = 16;
+  ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 128;
+  KvManager kvm(ko);
+  const Hash128 ns = KvNamespace(*model, KvType::kF16);
+  const int nv = model->config().n_vocab;
+  std::mt19937 rng(std::random_device{}());
+  auto random = [&](int n) {
+    std::vector<TokenId> t(n);
+    for (auto& x : t) x = static_cast<TokenId>(rng() % (nv - 1));
+    return t;
+  };
+  auto cat = [](std::initializer_list<std::span<const TokenId>> parts) {
+    std::vector<TokenId> out;
+    for (auto p : parts) out.insert(out.end(), p.begin(), p.end());
+    return out;
+  };
+  const auto sys = random(21), doc_a = random(37), doc_b = random(29), q1 = random(6),
+             q2 = random(9);
+  const auto first = cat({sys, doc_a, q1});
+  const GreedyRun cold_first = [&] {
+    auto kv = engine.NewSequence(first.size() + 9);
+    return Greedy(engine, *kv, first, 8);
+  }();
+  {  // The index learns sys + doc_a (+ q1 and the generated tokens).
+    auto seq = kvm.Start(ns, first, first.size() + 9);
+    GreedyRun r = Greedy(engine, *seq, first, 8);
+    auto all = first;
+    all.insert(all.end(), r.tokens.begin(), r.tokens.end());
+    kvm.Finish(*seq, all);
+  }
+  auto seg_a = ComputeSegment(engine, sys, doc_a);
+  auto seg_b = ComputeSegment(engine, sys, doc_b);
+  ASSERT_TRUE(seg_a.ok() && seg_b.ok());
+  // doc_b now comes first, then doc_a. The index holds sys only; doc_b sits where it was
+  // computed (after sys), so it is exact too; doc_a moves.
+  const auto prompt = cat({sys, doc_b, doc_a, q2});
+  const int64_t ob = sys.size(), oa = ob + doc_b.size();
+  const SegmentUse uses[] = {{ob, &*seg_b}, {oa, &*seg_a}};
+  std::vector<float> full(nv), got(nv), contiguous(nv);
+  auto full_kv = engine.NewSequence(prompt.size() + 9);
+  ASSERT_TRUE(engine.Forward(*full_kv, prompt, full.data()).ok());
+  for (ReuseMode mode : {ReuseMode::kBlend, ReuseMode::kNaive}) {
+    auto seq = kvm.Start(ns, prompt, prompt.size() + 9);
+    // The first run finds sys; the second also doc_b, which the first committed as exact.
+    EXPECT_EQ(seq->cached_tokens(),
+              static_cast<int64_t>(sys.size() + (mode == ReuseMode::kBlend ? 0 : doc_b.size())));
+    ReuseReport rep;
+    const ReuseOptions ro{.mode = mode, .ratio = 1.0};
+    ASSERT_TRUE(PrefillWithSegments(engine, *seq, prompt, uses, ro, got.data(), &rep).ok());
+    EXPECT_EQ(rep.prefix_tokens, static_cast<int64_t>(sys.size() + doc_b.size()));
+    EXPECT_EQ(rep.reused_tokens, static_cast<int64_t>(doc_a.size()));
+    EXPECT_EQ(seq->n_tokens(), static_cast<int64_t>(prompt.size()));
+    if (mode == ReuseMode::kBlend) {
+      double num = 0, den = 0;
+      for (int i = 0; i < nv; ++i) {
+        num += (got[i] - full[i]) * double(got[i] - full[i]);
+        den += double(full[i]) * full[i];
+      }
+      EXPECT_LT(std::sqrt(num / den), 1e-5);
+      // Decoding on from both gives the same greedy tokens.
+      std::vector<TokenId> a, b;
+      std::vector<float> la = got, lb = full;
+      for (int i = 0; i < 6; ++i) {
+        a.push_back(Sampler::Argmax(la));
+        b.push_back(Sampler::Argmax(lb));
+        const TokenId ta[1] = {a.back()}, tb[1] = {b.back()};
+        ASSERT_TRUE(engine.Forward(*seq, ta, la.data()).ok());
+        ASSERT_TRUE(engine.Forward(*full_kv, tb, lb.data()).ok());
+      }
+      EXPECT_EQ(a, b);
+    } else {
+      auto kv = engine.NewSequence(prompt.size() + 9);
+      ASSERT_TRUE(engine.Forward(*kv, std::span(sys), nullptr).ok());
+      ASSERT_TRUE(PrefillWithSegments(engine, *kv, prompt, uses, ro, contiguous.data(), nullptr)
+                      .ok());
+      EXPECT_EQ(got, contiguous) << "naive: paged and contiguous placement differ";
+    }
+    kvm.Finish(*seq, prompt);  // commits only its exact prefix, not the placed document
+    EXPECT_EQ(kvm.CachedPrefix(ns, prompt), rep.prefix_tokens)
+        << "the index took approximate KV for exact";
+  }
+  // The index still gives the first prompt's exact run.
+  auto seq = kvm.Start(ns, first, first.size() + 9);
+  EXPECT_GT(seq->cached_tokens(), static_cast<int64_t>(sys.size()));
+  const GreedyRun warm = Greedy(engine, *seq, first, 8);
+  EXPECT_EQ(warm.tokens, cold_first.tokens);
+  EXPECT_TRUE(warm.first_logits == cold_first.first_logits);
 }
 
 INSTANTIATE_TEST_SUITE_P(KvTypes, PrefixCacheTest, ::testing::Values(KvType::kF32, KvType::kF16),
