@@ -57,6 +57,16 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
        "cake, lacache, elastic, blockwise (default: full KV)");
   Flag(c, p, kSched, "--kv-policy-budget", &ServeConfig::kv_policy_budget,
        "Its budget: below 1 (or \"20%\") a fraction of each prompt, else tokens (0.2)");
+  Flag(c, p, kSched, "--kv-reuse", &ServeConfig::kv_reuse,
+       "Segment reuse of a request that names none: prefix (exact prefixes only), naive, blend "
+       "(CacheBlend) or cachecraft (default: prefix)");
+  Flag(c, p, kSched, "--blend-ratio", &ServeConfig::blend_ratio,
+       "Default blend_ratio in [0, 1]: blend's recomputed share, cachecraft's alpha (0.15)");
+  Flag(c, p, kSched, "--segment-separator", &ServeConfig::segment_separator,
+       "Cut a completions string prompt into segments after each occurrence of STR (default: "
+       "none)");
+  Flag(c, p, kSched, "--segment-cache-mb", &ServeConfig::segment_cache_mb,
+       "Memory for cached segments' KV in MiB (256)");
   Flag(c, p, kSched, "--itl-target-ms", &ServeConfig::itl_target_ms,
        "Inter-token latency objective: each step's prefill share is sized to it (0: off)");
   Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
@@ -217,6 +227,7 @@ sched::SchedulerOptions SchedulerOptionsFor(const ServeConfig& cfg) {
                                         : sched::QueueOrder::kFcfs;
   sopt.preempt = cfg.preempt == "swap" ? sched::PreemptMode::kSwap : sched::PreemptMode::kRecompute;
   sopt.itl_target_ms = cfg.itl_target_ms;
+  sopt.segment_cache_bytes = static_cast<size_t>(cfg.segment_cache_mb) << 20;
   sopt.admission = cfg.admission == "past-future" ? sched::AdmissionPolicy::kPastFuture
                                                   : sched::AdmissionPolicy::kForecast;
   return sopt;
@@ -316,6 +327,9 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   api.max_token_bytes = server::MaxTokenBytes(st->model->tokenizer());
   api.max_messages = cfg.max_messages;
   if (!cfg.kv_policy.empty()) api.default_kv_policy = *server::ServeKvPolicy(cfg);
+  api.default_reuse.mode = *ParseReuseMode(cfg.kv_reuse);         // ValidateConfig checked
+  api.default_reuse.ratio = *server::ParseFraction(cfg.blend_ratio);
+  api.segment_separator = cfg.segment_separator;
   return st;
 }
 

@@ -7,7 +7,9 @@
 //   "Model and engine"  -m/--model, --model-alias, --threads, --kv-budget, --kv-type,
 //                       --chat-template, --max-tokens, --no-prefix-cache
 //   "Scheduler"         --max-running, --max-queue, --step-tokens, --queue-timeout, the pin and
-//                       session bounds, --sched, --admission, --preempt, --itl-target-ms
+//                       session bounds, --sched, --admission, --preempt, --itl-target-ms,
+//                       segment reuse (--kv-reuse, --blend-ratio, --segment-separator,
+//                       --segment-cache-mb)
 //   "Cache store"       --ram-budget, --disk-dir, --disk-budget, --redis, --redis-write, ...
 // Each command adds its own (serve: network and access control; batch: files and order).
 //

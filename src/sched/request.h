@@ -27,9 +27,18 @@
 #include "cachette/types.h"
 #include "engine/generate.h"
 #include "engine/logprobs.h"
+#include "engine/segment_reuse.h"
 #include "kv/kv_policy.h"
 
 namespace cachette::sched {
+
+// A segment of a prompt (a document, a tool's output): its tokens are
+// prompt[offset, offset + length). Segment boundaries are token boundaries (each segment was
+// tokenized on its own).
+struct SegmentSpan {
+  int64_t offset = 0;
+  int64_t length = 0;
+};
 
 struct SchedRequest {
   std::vector<TokenId> prompt;    // BOS and chat template already applied
@@ -50,6 +59,12 @@ struct SchedRequest {
   // logits, so such a request prefills its whole prompt: no reuse from the radix index or the
   // tiers (its KV is still committed for later requests).
   bool prompt_logprobs = false;
+  // Segment reuse (engine/segment_reuse.h, issue 11): the prompt's segments (sorted, disjoint,
+  // non-empty) and how their KV may be reused. Modes naive, blend and cachecraft prefill the
+  // prompt from the segment cache (Scheduler, "Segment reuse"); prefix (the default) and full
+  // ignore the segments; ape is refused (kInvalidArgument).
+  std::vector<SegmentSpan> segments;
+  ReuseOptions reuse;
 };
 
 // Tokens of the prompt that came from one place instead of being prefilled.
@@ -64,7 +79,13 @@ struct RequestUsage {
   // Prompt tokens whose KV was reused (not prefilled). When the whole prompt is cached its last
   // token is still recomputed (its logits are needed), so this is at most prompt_tokens - 1.
   int64_t cached_tokens = 0;
-  std::vector<TierTokens> cached_by_tier;  // sums to cached_tokens
+  std::vector<TierTokens> cached_by_tier;  // sums to cached_tokens ("segment": segment cache)
+  // Of cached_tokens: cached segment tokens placed at a new position (approximate KV); the rest
+  // is exact prefix (radix index, tiers, cached segments in place after their own context).
+  int64_t segment_tokens = 0;
+  // Placed segment tokens recomputed through the upper (blend) or all (cachecraft) layers:
+  // those of segment_tokens and those of segments this request computed itself (a miss).
+  int64_t recomputed_tokens = 0;
   uint64_t pin_id = 0;                     // the cache_control pin taken, if any
   double queue_seconds = 0;                // submit -> admitted
   double ttft_seconds = 0;                 // submit -> first token (or end of prefill)

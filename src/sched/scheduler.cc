@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 
 #include "core/check.h"
 #include "core/map_util.h"
@@ -58,6 +59,9 @@ struct Scheduler::Seq {
   // prefix a (re)admission may reuse: positions past it need their logits computed.
   std::vector<PositionLogprobs> prompt_lp;
   bool prompt_lp_sent = false;
+  // Segment reuse: its prefill is still to be done by SegmentPrefill (which leaves the
+  // sequence's exact_tokens() at the end of the exact prefix: only those may be shared).
+  bool segment_pending = false;
   // Tokens of tokens/prompt read into the KV (the slot count differs once compacted).
   int64_t fed() const { return kv ? kv->tokens_seen() : 0; }
   // Whether the next prefill chunk must compute the logits of every position (kAll).
@@ -65,6 +69,15 @@ struct Scheduler::Seq {
     return req.prompt_logprobs && !prompt_lp_sent &&
            static_cast<int64_t>(prompt_lp.size()) + 1 < orig_prompt_len;
   }
+};
+
+// A PrecomputeSegments call waiting for the loop.
+struct Scheduler::Job {
+  Hash128 ns;
+  std::vector<TokenId> context;
+  std::vector<std::vector<TokenId>> segments;
+  int64_t ttl_ms = 0;
+  std::promise<Result<std::vector<PrecomputedSegment>>> done;
 };
 
 namespace {
@@ -97,6 +110,7 @@ Scheduler::Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& opti
       pins_(kv, PinRegistry::Limits{options.max_pinned_fraction, options.max_pin_ttl_ms,
                                     options.max_sessions, options.max_pins},
             nullptr, source),
+      segments_(SegmentCache::Options{options.segment_cache_bytes, {}}),
       n_ctx_(engine.model().config().n_ctx_train) {
   options_.max_running = std::max(1, options_.max_running);
   options_.step_tokens = std::max<int64_t>(options_.step_tokens, options_.max_running);
@@ -144,6 +158,7 @@ Status Scheduler::ClearTenant(const std::string& cache_salt) {
   const Hash128 ns = Namespace(cache_salt);
   pins_.RemoveTenant(cache_salt, ns);
   kv_.Clear(ns);
+  segments_.Clear(ns);
   return source_->Clear(ns);
 }
 
@@ -166,6 +181,7 @@ size_t Scheduler::ClearAll() {
   for (const Hash128& ns : pins_.RestoredNamespaces()) {
     pins_.RemoveTenant("\x01restored", ns);
     kv_.Clear(ns);
+    segments_.Clear(ns);
     if (Status st = source_->Clear(ns); !st.ok()) {
       CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
     }
@@ -220,6 +236,19 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   }
   CT_RETURN_IF_ERROR(request.gen.sampling.Validate());
   if (request.gen.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
+  if (request.reuse.mode == ReuseMode::kApe) {
+    return InvalidArgument("kv_reuse 'ape' is not served yet (its decode needs APE's attention)");
+  }
+  if (!(request.reuse.ratio >= 0 && request.reuse.ratio <= 1)) {
+    return InvalidArgument("blend_ratio must be in [0, 1]");
+  }
+  int64_t seg_end = 0;
+  for (const SegmentSpan& sp : request.segments) {
+    if (sp.offset < seg_end || sp.length <= 0 || sp.offset + sp.length > n) {
+      return InvalidArgument("segments must be sorted, disjoint, non-empty spans of the prompt");
+    }
+    seg_end = sp.offset + sp.length;
+  }
   std::unique_ptr<KvPolicy> policy;
   int64_t budget = 0, block = 0, capacity = n + request.gen.max_tokens;
   if (!request.kv_policy.name.empty()) {
@@ -265,6 +294,7 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   s->program_ns = s->submit_ns;
   s->program = !s->req.program_id.empty() ? s->req.program_id : s->req.session_id;
   if (s->req.deadline_ms > 0) s->deadline_ns = s->submit_ns + s->req.deadline_ms * 1000000;
+  s->segment_pending = UsesSegments(*s);
   s->stream = std::make_shared<RequestStream>();
   s->stream->set_on_cancel([this] {
     {
@@ -347,13 +377,19 @@ void Scheduler::Loop() {
                                   std::min<int64_t>(kSweepEveryMs, options_.queue_timeout_ms))
                             : std::chrono::milliseconds(kSweepEveryMs);
       cv_.wait_for(lock, wait, [&] {
-        return stop_ || wake_ || !inbox_.empty() || (!running_.empty() && !only_loading) ||
-               (!queue_.empty() && admission_dirty_);
+        return stop_ || wake_ || !inbox_.empty() || !jobs_.empty() ||
+               (!running_.empty() && !only_loading) || (!queue_.empty() && admission_dirty_);
       });
       wake_ = false;
-      if (stop_ && inbox_.empty() && queue_.empty() && running_.empty()) break;
+      if (stop_ && inbox_.empty() && queue_.empty() && running_.empty()) {
+        // Precomputes posted too late are answered, never left waiting.
+        for (auto& j : jobs_) j->done.set_value(Unavailable("the server is shutting down"));
+        jobs_.clear();
+        break;
+      }
     }
     TakeSubmissions();
+    RunJobs();
     ReapCancelled();
     ExpireQueued();
     Admit();
@@ -501,13 +537,189 @@ SeqLoad Scheduler::LoadOf(const Seq& s) const {
   return l;
 }
 
+std::span<const TokenId> Scheduler::ExactTokens(const Seq& s) const {
+  int64_t n = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
+  n = std::min(n, s.kv->exact_tokens());
+  return std::span<const TokenId>(s.tokens.data(), static_cast<size_t>(std::max<int64_t>(0, n)));
+}
+
+bool Scheduler::UsesSegments(const Seq& s) const {
+  const ReuseMode m = s.req.reuse.mode;
+  return options_.prefix_cache && !s.req.segments.empty() && s.policy == nullptr &&
+         !s.req.prompt_logprobs &&
+         (m == ReuseMode::kNaive || m == ReuseMode::kBlend || m == ReuseMode::kCacheCraft);
+}
+
+void Scheduler::SegmentPrefill(Seq& s) {
+  s.segment_pending = false;
+  const std::span<const TokenId> prompt(s.req.prompt);  // resumed: prompt and output
+  const int64_t n = s.prompt_len;
+  // A fully cached prompt still computes its last token (its logits).
+  if (s.fed() >= n) s.kv->SetTokens(n - 1);
+  // Segments are computed after the shared prefix: the tokens before the first segment.
+  const std::span<const TokenId> context =
+      prompt.first(static_cast<size_t>(s.req.segments.front().offset));
+  const uint64_t context_id = ContextId(context);
+  // The shared prefix goes in first (exactly, as any prefill), so that the first segment,
+  // computed after it, follows on in place: exact too.
+  int64_t context_computed = 0;
+  if (s.fed() < static_cast<int64_t>(context.size())) {
+    context_computed = static_cast<int64_t>(context.size()) - s.fed();
+    Status st = s.kv->Reserve(static_cast<int64_t>(context.size()));
+    if (st.ok()) st = engine_.Forward(*s.kv, context.subspan(static_cast<size_t>(s.fed())), nullptr);
+    if (!st.ok()) {
+      Finish(s, Reason::kCancelled, st);
+      return;
+    }
+  }
+  const int64_t n0 = s.fed();
+  std::vector<std::shared_ptr<const SegmentKv>> held;  // keeps them alive through the call
+  std::vector<SegmentUse> uses;
+  std::vector<bool> fresh;  // computed by this request (not reused)
+  int64_t computed = 0;
+  for (const SegmentSpan& sp : s.req.segments) {
+    if (sp.offset < n0) continue;  // inside the exact prefix (or cut by it): not used
+    const std::span<const TokenId> toks =
+        prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
+    std::shared_ptr<const SegmentKv> seg = segments_.Lookup(s.ns, toks, context_id);
+    const bool miss = seg == nullptr;
+    if (miss) {
+      Result<SegmentKv> r = ComputeSegment(engine_, context, toks);
+      if (!r.ok()) {
+        Finish(s, Reason::kCancelled, r.status().WithContext("computing a segment"));
+        return;
+      }
+      computed += sp.length;
+      seg = segments_.Insert(s.ns, std::move(*r));
+    }
+    uses.push_back(SegmentUse{sp.offset, seg.get()});
+    held.push_back(std::move(seg));
+    fresh.push_back(miss);
+  }
+  ReuseReport rep;
+  const Status st =
+      PrefillWithSegments(engine_, *s.kv, prompt, uses, s.req.reuse, s.logits.data(), &rep);
+  if (!st.ok()) {
+    Finish(s, Reason::kCancelled, st);
+    return;
+  }
+  s.cow_pending = false;  // Reserve copied any shared page it writes
+  // What this request computed itself (its segments' misses) was not reused: split it off the
+  // exact prefix (in place) and the placed tokens.
+  int64_t fresh_prefix = 0, fresh_placed = 0;
+  for (size_t i = 0; i < uses.size(); ++i) {
+    if (!fresh[i]) continue;
+    const int64_t at = uses[i].offset;
+    const int64_t c =
+        std::min<int64_t>(static_cast<int64_t>(uses[i].kv->tokens.size()), n - 1 - at);
+    if (c <= 0) continue;
+    (at + c <= rep.prefix_tokens ? fresh_prefix : fresh_placed) += c;
+  }
+  const int64_t exact_reused = std::max<int64_t>(0, rep.prefix_tokens - n0 - fresh_prefix);
+  const int64_t placed_reused = std::max<int64_t>(0, rep.reused_tokens - fresh_placed);
+  if (!s.resumed) {
+    const int64_t reused = exact_reused + placed_reused;
+    if (reused > 0) {
+      s.usage.cached_tokens += reused;
+      s.usage.cached_by_tier.push_back({"segment", reused});
+    }
+    s.usage.segment_tokens += placed_reused;
+    s.usage.recomputed_tokens += rep.recomputed_tokens;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.segment_prefills;
+    if (!s.resumed) {
+      stats_.cached_tokens += static_cast<uint64_t>(exact_reused + placed_reused);
+      stats_.segment_tokens += static_cast<uint64_t>(placed_reused);
+      stats_.recomputed_tokens += static_cast<uint64_t>(rep.recomputed_tokens);
+    }
+    stats_.segment_computed_tokens += static_cast<uint64_t>(computed);
+    stats_.prefill_tokens +=
+        static_cast<uint64_t>(context_computed + computed + rep.computed_tokens +
+                              rep.recomputed_tokens);
+  }
+  s.state = Seq::State::kDecode;
+  if (options_.prefix_cache) {
+    // Only the exact prefix, in whole pages: the pages past it hold approximate KV, and the
+    // page that holds both is never shared (so the decode never writes into a shared page).
+    const std::span<const TokenId> exact = ExactTokens(s);
+    kv_.Commit(*s.kv, exact);
+    if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
+      s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, exact, s.req.pin_ttl_ms).id;
+    }
+  }
+  Emit(s);
+}
+
+Result<std::vector<PrecomputedSegment>> Scheduler::PrecomputeSegments(
+    const std::string& cache_salt, std::vector<TokenId> context,
+    std::vector<std::vector<TokenId>> segments, int64_t ttl_ms) {
+  if (!options_.prefix_cache) {
+    return Unavailable("segment reuse is off on this server (--no-prefix-cache)");
+  }
+  auto job = std::make_shared<Job>();
+  job->ns = Namespace(cache_salt);
+  job->context = std::move(context);
+  job->segments = std::move(segments);
+  job->ttl_ms = ttl_ms;
+  std::future<Result<std::vector<PrecomputedSegment>>> done = job->done.get_future();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_) return Unavailable("the server is shutting down");
+    jobs_.push_back(job);
+    wake_ = true;
+  }
+  cv_.notify_all();
+  return done.get();
+}
+
+void Scheduler::RunJobs() {
+  std::vector<std::shared_ptr<Job>> jobs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    jobs.swap(jobs_);
+  }
+  for (auto& job : jobs) {
+    std::vector<PrecomputedSegment> out;
+    Status failed = Status::Ok();
+    uint64_t computed = 0;
+    const uint64_t context_id = ContextId(job->context);
+    for (size_t i = 0; i < job->segments.size() && failed.ok(); ++i) {
+      const std::vector<TokenId>& toks = job->segments[i];
+      PrecomputedSegment r;
+      r.tokens = static_cast<int64_t>(toks.size());
+      r.cached = !toks.empty() && segments_.Contains(job->ns, toks, context_id);
+      if (!r.cached) {
+        Result<SegmentKv> seg = ComputeSegment(engine_, job->context, toks);
+        if (!seg.ok()) {
+          failed = seg.status().WithContext("segments[" + std::to_string(i) + "]");
+          break;
+        }
+        segments_.Insert(job->ns, std::move(*seg), job->ttl_ms);
+        computed += toks.size();
+      }
+      out.push_back(r);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.segment_computed_tokens += computed;
+    }
+    if (failed.ok()) {
+      job->done.set_value(std::move(out));
+    } else {
+      job->done.set_value(failed);
+    }
+  }
+}
+
 void Scheduler::Preempt(Seq& v) {
   // What the sequence computed goes to the radix index (so the resume is a cache hit while the
   // pages last), its pages are released, and it waits at the front of its priority. With swap,
   // its full chunks are copied to the tiers first (only those not copied before).
   const int64_t fed = std::min<int64_t>(v.fed(), static_cast<int64_t>(v.tokens.size()));
   const std::span<const TokenId> kept(v.tokens.data(), static_cast<size_t>(fed));
-  // Only the exact part of a compacted sequence's KV may be shared.
+  // Only the exact part of a compacted or segment-prefilled sequence's KV may be shared.
   const std::span<const TokenId> exact =
       kept.first(std::min<size_t>(kept.size(), static_cast<size_t>(v.kv->exact_tokens())));
   uint64_t swapped = 0;
@@ -538,6 +750,7 @@ void Scheduler::Preempt(Seq& v) {
   v.state = Seq::State::kQueued;
   v.resumed = true;
   v.cow_pending = false;
+  v.segment_pending = UsesSegments(v);
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.preemptions;
@@ -805,6 +1018,15 @@ void Scheduler::PollLoads() {
 }
 
 void Scheduler::Step() {
+  // A segment prefill is one large synchronous call: one request per step.
+  for (auto& s : running_) {
+    if (s->state == Seq::State::kPrefill && s->segment_pending) {
+      SegmentPrefill(*s);
+      break;
+    }
+  }
+  std::erase_if(running_, [](const auto& s) { return s->state == Seq::State::kFinished; });
+  if (running_.empty()) return;
   struct Planned {
     Seq* seq;
     int64_t n;
@@ -834,7 +1056,7 @@ void Scheduler::Step() {
       std::max<int64_t>(1, kPromptLogitsBytes / (n_vocab * static_cast<int64_t>(sizeof(float))));
   int64_t logit_rows = 0;
   for (auto& s : running_) {
-    if (s->state != Seq::State::kPrefill || left <= 0) continue;
+    if (s->state != Seq::State::kPrefill || left <= 0 || s->segment_pending) continue;
     int64_t done = s->fed();
     if (done >= s->prompt_len) {
       done = s->prompt_len - 1;  // fully cached: recompute the last token for its logits
@@ -1121,9 +1343,8 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   bool program_noted = false;
   if (s.kv) {
     const int64_t fed = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
-    // Only the exact part of a compacted sequence's KV may be shared.
-    const std::span<const TokenId> kept(
-        s.tokens.data(), static_cast<size_t>(std::min(fed, s.kv->exact_tokens())));
+    // Only the exact part of a compacted or segment-prefilled sequence's KV may be shared.
+    const std::span<const TokenId> kept = ExactTokens(s);
     if (s.policy != nullptr) s.usage.kv_tokens_kept = s.kv->kept_tokens();
     if (options_.prefix_cache && error.ok()) {
       s.load.reset();  // a restore still in flight is abandoned (its late chunks are dropped)

@@ -72,8 +72,28 @@
 // kPromptLogitsBytes (chunks are cut to fit), each row reduced to its entry right after the
 // forward. Its KV is committed like any other.
 //
-// Thread-safety: Submit, Stats, Drain and the accessors are safe from any thread; the engine
-// is touched by the loop thread only.
+// Segment reuse (issue 11, engine/segment_reuse.h). A request with segments and reuse mode
+// naive, blend or cachecraft (prefix, the default, and full ignore its segments; so do a request
+// under a KV budget policy, one with prompt logprobs, and every request without the prefix
+// cache) is admitted as any other: the radix index and the tiers give it its exact prefix. When
+// it reaches kPrefill, its whole prefill is ONE synchronous PrefillWithSegments call on its
+// paged sequence, on the loop thread at the start of a step (one such request per step): a
+// large step, during which the running decodes wait. Before that call, its segments missing
+// from the segment cache (segment_cache.h; key: namespace, tokens, context) are computed on
+// their own after the request's shared prefix (the prompt tokens before its first segment:
+// BOS and any system text) with ComputeSegment and stored, so the first request pays about a
+// prefill and later ones reuse. Its first token is sampled from the call's logits; it then
+// decodes as usual. Only its exact prefix (ReuseReport::prefix_tokens) may enter the radix
+// index and the tiers (commits, pins, sessions, swap), as for a compacted KV budget sequence:
+// the KV past it is approximate. A resumed (preempted) one runs the same path on its prompt and
+// output. Reused tokens count in usage.cached_tokens (tier "segment"), the placed ones also in
+// usage.segment_tokens, those recomputed in usage.recomputed_tokens.
+// PrecomputeSegments (POST /v1/cache/segments) posts a job that the loop runs between steps.
+// WART: a PrefillWithSegments that cannot reserve its pages (pins taken since admission) fails
+// the request with kResourceExhausted instead of waiting a step.
+//
+// Thread-safety: Submit, Stats, Drain, PrecomputeSegments and the accessors are safe from any
+// thread; the engine is touched by the loop thread only.
 #pragma once
 
 #include <atomic>
@@ -98,6 +118,7 @@
 #include "sched/prefix_source.h"
 #include "sched/program_ttl.h"
 #include "sched/request.h"
+#include "sched/segment_cache.h"
 #include "sched/step_cost.h"
 
 namespace cachette::sched {
@@ -148,6 +169,8 @@ struct SchedulerOptions {
   // > 0: size each step's prefill share so that a step with decodes takes about this long
   // (Sarathi-Serve's chunked-prefill budget), from the measured step cost; 0: step_tokens.
   double itl_target_ms = 0;
+  // The segment cache's budget (K and V bytes of its segments).
+  size_t segment_cache_bytes = size_t{256} << 20;
 };
 
 struct SchedulerStats {
@@ -164,6 +187,19 @@ struct SchedulerStats {
   uint64_t program_turns = 0;       // turns that followed a tool call of their program
   uint64_t program_pin_hits = 0;    // ... that arrived while the program's pin held
   int64_t prefill_budget = 0;       // prefill tokens the last step with decodes allowed
+  // Segment reuse: requests prefilled from the segment cache, the tokens of cached_tokens that
+  // were placed segments (the rest of cached_tokens is exact prefix), those of them recomputed,
+  // and segment tokens computed on their own for the cache (requests' misses, precompute).
+  uint64_t segment_prefills = 0;
+  uint64_t segment_tokens = 0;
+  uint64_t recomputed_tokens = 0;
+  uint64_t segment_computed_tokens = 0;
+};
+
+// One segment of PrecomputeSegments.
+struct PrecomputedSegment {
+  int64_t tokens = 0;
+  bool cached = false;  // it was in the cache already (not computed again)
 };
 
 class Scheduler {
@@ -201,6 +237,18 @@ class Scheduler {
   // ClearTenant for every remembered tenant and the shared namespace; returns how many.
   size_t ClearAll();
   size_t tenants() const;  // remembered tenants
+
+  // Computes each of `segments` on its own after `context` (BOS and the shared prefix) in the
+  // namespace of `cache_salt` and stores it in the segment cache, expiring after ttl_ms (0:
+  // until evicted); a segment already cached is left as it is. The loop thread runs it between
+  // steps; the caller waits. kInvalidArgument for an empty segment, a token outside the
+  // vocabulary or a context and segment beyond the model's context (naming the segment);
+  // kUnavailable while draining or without the prefix cache. Segments before a failing one stay
+  // stored.
+  Result<std::vector<PrecomputedSegment>> PrecomputeSegments(
+      const std::string& cache_salt, std::vector<TokenId> context,
+      std::vector<std::vector<TokenId>> segments, int64_t ttl_ms);
+  SegmentCache& segment_cache() { return segments_; }
 
  private:
   struct Seq;
@@ -245,6 +293,13 @@ class Scheduler {
   int64_t PolicyCapacity(const KvPolicy& policy, int64_t budget, int64_t block,
                          int64_t prompt_len, int64_t max_tokens) const;
   Status CompactPolicy(Seq& s);
+  // Segment reuse (see the header comment): whether `s` takes that path, and its prefill.
+  bool UsesSegments(const Seq& s) const;
+  void SegmentPrefill(Seq& s);
+  // The tokens of `s` (prompt, then output) whose KV may be shared: its exact part.
+  std::span<const TokenId> ExactTokens(const Seq& s) const;
+  struct Job;
+  void RunJobs();
 
   Engine& engine_;
   KvManager& kv_;
@@ -255,6 +310,7 @@ class Scheduler {
   PastFutureAdmission past_future_;  // loop thread only
   StepCostModel step_cost_;          // loop thread only
   ToolTtlEstimator tool_ttl_;        // loop thread only
+  SegmentCache segments_;
   struct Program {
     int64_t first_ns = 0;        // arrival of its first turn (program-level FCFS)
     int64_t last_seen_ns = 0;
@@ -272,6 +328,7 @@ class Scheduler {
   bool stop_ = false;                          // GUARDED_BY(mu_)
   bool wake_ = false;                          // GUARDED_BY(mu_)
   std::vector<std::unique_ptr<Seq>> inbox_;    // GUARDED_BY(mu_): submitted, not yet queued
+  std::vector<std::shared_ptr<Job>> jobs_;     // GUARDED_BY(mu_): precomputes to run
   struct Tenant {
     Hash128 ns;
     int64_t last_used_ms = 0;

@@ -239,6 +239,79 @@ TEST_P(SchedulerExactTest, PrefixReuseIsExactAndPerTenant) {
 INSTANTIATE_TEST_SUITE_P(WeightTypes, SchedulerExactTest, ::testing::Values("f32", "q8_0", "q4_0"),
                          [](const auto& info) { return std::string(info.param); });
 
+// Segment reuse (issue 11): documents precomputed once are placed in a later prompt; blend at
+// ratio 1 recomputes every placed token (= full prefill), naive none; only the exact prefix
+// (BOS + the first document, in place after its own context) enters the radix index; another
+// tenant reuses nothing; clearing a tenant drops its segments.
+TEST_F(SchedulerTest, SegmentReuseIsPerTenantAndCommitsOnlyTheExactPrefix) {
+  Build(512, {});
+  const Tokenizer& tok = Trained().tokenizer();
+  auto plain = [&](const char* t) { return tok.Encode(t, false, false); };
+  const auto d1 = plain(" The lighthouse on the cape was built in 1871 and electrified in 1951.");
+  const auto d2 = plain(" The town below the cape lived from herring fishing every spring.");
+  const auto q = plain(" When was the lighthouse electrified? It was electrified in");
+  const std::vector<TokenId> bos = {tok.bos()};
+  std::vector<TokenId> prompt = bos;
+  std::vector<SegmentSpan> spans;
+  for (const auto* part : {&d2, &d1, &q}) {
+    spans.push_back({static_cast<int64_t>(prompt.size()), static_cast<int64_t>(part->size())});
+    prompt.insert(prompt.end(), part->begin(), part->end());
+  }
+  auto pre = sched_->PrecomputeSegments("", bos, {d1, d2}, 0);
+  ASSERT_TRUE(pre.ok()) << pre.status().ToString();
+  ASSERT_EQ(pre->size(), 2u);
+  EXPECT_FALSE((*pre)[0].cached);
+  EXPECT_EQ((*pre)[0].tokens, static_cast<int64_t>(d1.size()));
+  EXPECT_TRUE((*sched_->PrecomputeSegments("", bos, {d1}, 0))[0].cached);
+
+  auto run = [&](ReuseMode mode, double ratio, const std::string& salt) {
+    SchedRequest r = Req(prompt, 8, salt);
+    r.segments = spans;
+    r.reuse.mode = mode;
+    r.reuse.ratio = ratio;
+    auto st = sched_->Submit(std::move(r));
+    CT_CHECK(st.ok()) << st.status().ToString();
+    return Collect(**st);
+  };
+  const int64_t exact = 1 + static_cast<int64_t>(d2.size());
+  const Collected blend = run(ReuseMode::kBlend, 1.0, "");
+  ASSERT_EQ(blend.last.kind, StreamEvent::Kind::kDone) << blend.last.error.ToString();
+  EXPECT_EQ(blend.tokens, Reference(prompt, 8));
+  EXPECT_EQ(blend.last.usage.segment_tokens, static_cast<int64_t>(d1.size()));
+  EXPECT_EQ(blend.last.usage.cached_tokens, exact - 1 + static_cast<int64_t>(d1.size()));
+  EXPECT_GE(blend.last.usage.recomputed_tokens, static_cast<int64_t>(d1.size()));
+  // The radix index holds the exact prefix, not the approximate KV after it.
+  EXPECT_EQ(sched_->kv().CachedPrefix(sched_->Namespace(""), prompt), exact);
+
+  const Collected naive = run(ReuseMode::kNaive, 0.15, "");
+  ASSERT_EQ(naive.last.kind, StreamEvent::Kind::kDone) << naive.last.error.ToString();
+  EXPECT_EQ(naive.last.usage.recomputed_tokens, 0);
+  // d1 and the question (stored by the blend request) placed; the exact prefix from memory.
+  EXPECT_EQ(naive.last.usage.segment_tokens,
+            static_cast<int64_t>(d1.size() + q.size()) - 1);
+  EXPECT_EQ(naive.last.usage.cached_by_tier[0].tokens, exact);
+  EXPECT_EQ(sched_->kv().CachedPrefix(sched_->Namespace(""), prompt), exact);
+
+  const Collected other = run(ReuseMode::kNaive, 0.15, "other");
+  EXPECT_EQ(other.last.usage.cached_tokens, 0);
+  EXPECT_EQ(other.last.usage.segment_tokens, 0);
+  EXPECT_EQ(other.tokens, naive.tokens);  // computed afresh, placed the same way
+
+  const size_t before = sched_->segment_cache().GetStats().entries;
+  ASSERT_TRUE(sched_->ClearTenant("").ok());
+  EXPECT_EQ(sched_->segment_cache().GetStats().entries, before - 3);  // d1, d2, q of ""
+  EXPECT_GT(sched_->Stats().segment_tokens, 0u);
+
+  SchedRequest ape = Req(prompt, 1);
+  ape.segments = spans;
+  ape.reuse.mode = ReuseMode::kApe;
+  EXPECT_EQ(sched_->Submit(std::move(ape)).status().code(), StatusCode::kInvalidArgument);
+  SchedRequest overlap = Req(prompt, 1);
+  overlap.segments = {{1, 4}, {3, 2}};
+  overlap.reuse.mode = ReuseMode::kNaive;
+  EXPECT_EQ(sched_->Submit(std::move(overlap)).status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST_F(SchedulerTest, TinyBudgetQueuesInsteadOfFailing) {
   SchedulerOptions so;
   so.max_running = 8;

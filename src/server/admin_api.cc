@@ -18,6 +18,7 @@ void HttpServer::CacheStats(httplib::Response& res) {
   sched::Scheduler& s = *backend_.scheduler;
   const KvManager::Stats k = s.kv().GetStats();
   const sched::SchedulerStats st = s.Stats();
+  const sched::SegmentCache::Stats sc = s.segment_cache().GetStats();
   json pins = json::array();
   for (const auto& p : s.pins().List()) {
     pins.push_back({{"pin_id", p.id},
@@ -68,6 +69,20 @@ void HttpServer::CacheStats(httplib::Response& res) {
                                             static_cast<double>(st.prompt_tokens)
                                       : 0.0}}},
       {"policies", s.SchedJson()},
+      {"segments",
+       {{"entries", sc.entries},
+        {"bytes", sc.bytes},
+        {"budget_bytes", sc.budget_bytes},
+        {"hits", sc.hits},
+        {"misses", sc.misses},
+        {"inserts", sc.inserts},
+        {"evictions", sc.evictions},
+        {"expirations", sc.expirations},
+        {"prefills", st.segment_prefills},
+        {"computed_tokens", st.segment_computed_tokens}}},
+      {"reused_tokens",
+       {{"prefix", st.cached_tokens - st.segment_tokens}, {"segment", st.segment_tokens}}},
+      {"recomputed_tokens", st.recomputed_tokens},
       {"prefix_cache", s.options().prefix_cache},
       {"pins", pins},
       {"sessions", s.pins().sessions()},
@@ -178,6 +193,30 @@ void HttpServer::CacheClear(const httplib::Request& req, httplib::Response& res)
   // Pins, pages and the chunks in every tier (RAM, disk, Redis: other processes' copies too).
   if (Status st = s.ClearTenant(ref->cache_salt); !st.ok()) return Error(res, st, "admin");
   Json(res, 200, Dump({{"cleared", true}, {"namespaces", 1}}), "admin");
+}
+
+void HttpServer::CacheSegments(const httplib::Request& req, httplib::Response& res) {
+  ErrorDetail detail;
+  auto ref = ParseSegmentsRef(req.body, backend_.api, &detail);
+  if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
+  sched::Scheduler& s = *backend_.scheduler;
+  const size_t context_tokens = ref->context.size();
+  // The engine belongs to the scheduler loop: the work runs there, this thread waits.
+  auto done = s.PrecomputeSegments(ref->cache_salt, std::move(ref->context),
+                                   std::move(ref->segments), ref->ttl_ms);
+  if (!done.ok()) {
+    if (done.status().code() == StatusCode::kInvalidArgument) detail.param = "segments";
+    return Error(res, done.status(), "admin", detail);
+  }
+  json segs = json::array();
+  for (const sched::PrecomputedSegment& p : *done) {
+    segs.push_back({{"tokens", p.tokens}, {"cached", p.cached}});
+  }
+  Json(res, 200,
+       Dump({{"segments", segs},
+             {"context_tokens", context_tokens},
+             {"ttl_s", ref->ttl_ms / 1000}}),
+       "admin");
 }
 
 }  // namespace cachette::server

@@ -128,6 +128,10 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"itl_target_ms", Int(&cfg->itl_target_ms)},
       {"kv_policy", Str(&cfg->kv_policy)},
       {"kv_policy_budget", Fraction(&cfg->kv_policy_budget)},
+      {"kv_reuse", Str(&cfg->kv_reuse)},
+      {"blend_ratio", Fraction(&cfg->blend_ratio)},
+      {"segment_separator", Str(&cfg->segment_separator)},
+      {"segment_cache_mb", Int(&cfg->segment_cache_mb)},
       {"load_deadline_ms", Int(&cfg->load_deadline_ms)},
       {"api_key", StrList(&cfg->api_keys)},
       {"api_key_file", Str(&cfg->api_key_file)},
@@ -313,6 +317,15 @@ Status ValidateConfig(const ServeConfig& c) {
   if (!c.kv_policy.empty()) {
     CT_ASSIGN_OR_RETURN(KvPolicyConfig pc, ServeKvPolicy(c));
     CT_RETURN_IF_ERROR(ValidateKvPolicy(pc).WithContext("--kv-policy/--kv-policy-budget"));
+  }
+  if (c.kv_reuse != "prefix" && c.kv_reuse != "naive" && c.kv_reuse != "blend" &&
+      c.kv_reuse != "cachecraft") {
+    return InvalidArgument("--kv-reuse '" + c.kv_reuse +
+                           "' must be prefix, naive, blend or cachecraft (ape is not served yet)");
+  }
+  CT_RETURN_IF_ERROR(ParseFraction(c.blend_ratio).status().WithContext("--blend-ratio"));
+  if (c.segment_cache_mb < 0 || c.segment_cache_mb > 1 << 20) {
+    return InvalidArgument("--segment-cache-mb must be in [0, 1048576]");
   }
   if (c.itl_target_ms < 0 || c.itl_target_ms > 60000) {
     return InvalidArgument("--itl-target-ms must be in [0, 60000] (0: off)");

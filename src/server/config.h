@@ -16,6 +16,8 @@
 //   sched = "fcfs"            admission = "forecast"  preempt = "recompute"  itl_target_ms = 0
 //   # KV budget policy for requests that name none (docs/kv.md "KV budget policies"):
 //   kv_policy = "snapkv"      kv_policy_budget = 0.2 (or "20%", or 512 tokens)
+//   # segment reuse (docs/serving.md "Segment reuse"):
+//   kv_reuse = "prefix"       blend_ratio = 0.15    segment_separator = "\n\n"  segment_cache_mb = 256
 //   # access control and request limits:
 //   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
 //   max_body = "16MiB"        max_messages = 1024
@@ -84,6 +86,13 @@ struct ServeConfig {
   int itl_target_ms = 0;                // > 0: prefill share per step sized to this ITL
   std::string kv_policy;                // "" = full KV; else a KvPolicyNames() name
   std::string kv_policy_budget = "0.2";  // below 1 a fraction of the prompt, else tokens
+  // Segment reuse: the default kv_reuse (prefix | naive | blend | cachecraft) and blend_ratio of
+  // a request, the separator cutting a string prompt into segments ("" = none), and the segment
+  // cache's budget in MiB.
+  std::string kv_reuse = "prefix";
+  std::string blend_ratio = "0.15";
+  std::string segment_separator;
+  int segment_cache_mb = 256;
   // Access control (docs/serving.md "Access control").
   std::vector<std::string> api_keys;  // TOML key and flag: api_key
   std::string api_key_file;           // one key a line; '#' comments and blank lines skipped

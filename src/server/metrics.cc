@@ -88,6 +88,30 @@ std::string Metrics::Render(const Gauges& g) {
     Sample(&out, "cachette_cache_hit_tokens_total", static_cast<double>(n),
            "tier=\"" + tier + "\"");
   }
+  Family(&out, "cachette_reused_tokens_total", "counter",
+         "Prompt tokens whose KV was reused: exact prefix (radix index, tiers, segments in "
+         "place) or cached segments placed at a new position.");
+  Sample(&out, "cachette_reused_tokens_total",
+         static_cast<double>(g.sched.cached_tokens - g.sched.segment_tokens), "kind=\"prefix\"");
+  Sample(&out, "cachette_reused_tokens_total", static_cast<double>(g.sched.segment_tokens),
+         "kind=\"segment\"");
+  Family(&out, "cachette_recomputed_tokens_total", "counter",
+         "Placed segment tokens recomputed (blend, cachecraft).");
+  Sample(&out, "cachette_recomputed_tokens_total", static_cast<double>(g.sched.recomputed_tokens));
+  Family(&out, "cachette_segment_cache_entries", "gauge", "Segments in the segment cache.");
+  Sample(&out, "cachette_segment_cache_entries", static_cast<double>(g.segments.entries));
+  Family(&out, "cachette_segment_cache_bytes", "gauge", "Bytes of the segment cache.");
+  Sample(&out, "cachette_segment_cache_bytes", static_cast<double>(g.segments.bytes));
+  Family(&out, "cachette_segment_cache_lookups_total", "counter",
+         "Segment cache lookups, by result.");
+  Sample(&out, "cachette_segment_cache_lookups_total", static_cast<double>(g.segments.hits),
+         "result=\"hit\"");
+  Sample(&out, "cachette_segment_cache_lookups_total", static_cast<double>(g.segments.misses),
+         "result=\"miss\"");
+  Family(&out, "cachette_segment_computed_tokens_total", "counter",
+         "Segment tokens computed on their own for the segment cache.");
+  Sample(&out, "cachette_segment_computed_tokens_total",
+         static_cast<double>(g.sched.segment_computed_tokens));
   Family(&out, "cachette_prefill_tokens_total", "counter", "Prompt tokens actually computed.");
   Sample(&out, "cachette_prefill_tokens_total", static_cast<double>(g.sched.prefill_tokens));
   ttft_.Render("cachette_time_to_first_token_seconds", "Submit to first token.", &out);

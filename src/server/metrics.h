@@ -46,6 +46,7 @@ class Metrics {
     sched::SchedulerStats sched;
     KvManager::Stats kv;
     size_t pins = 0, sessions = 0;
+    sched::SegmentCache::Stats segments;
     bool ready = false;
   };
   std::string Render(const Gauges& g);

@@ -115,30 +115,118 @@ Result<int64_t> ParseTtlSeconds(const json& v) {
                          "number of seconds (at most a week)");
 }
 
-// Message content: a string, or an array of {"type": "text", "text": ...} parts.
-Result<std::string> ContentText(const json& m, size_t i) {
+// Message content: a string, or an array of {"type": "text", "text": ...} parts (each part a
+// segment).
+struct Content {
+  std::string text;                // the whole content
+  std::vector<std::string> parts;  // given as parts: each one's text
+  bool has_parts = false;
+};
+Result<Content> ContentOf(const json& m, size_t i) {
+  Content c;
   auto it = m.find("content");
-  if (it == m.end() || it->is_null()) return std::string();
-  if (it->is_string()) return it->get<std::string>();
+  if (it == m.end() || it->is_null()) return c;
+  if (it->is_string()) {
+    c.text = it->get<std::string>();
+    return c;
+  }
   if (it->is_array()) {
-    std::string out;
-    for (const json& part : *it) {
-      if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+    c.has_parts = true;
+    for (size_t k = 0; k < it->size(); ++k) {
+      const json& part = (*it)[k];
+      if (!part.is_object() || !part.contains("type") || !part["type"].is_string() ||
+          part["type"].get<std::string>() != "text" || !part.contains("text") ||
           !part["text"].is_string()) {
-        return InvalidArgument("messages[" + std::to_string(i) +
-                               "].content parts must be {\"type\": \"text\", \"text\": string}");
+        return InvalidArgument("messages[" + std::to_string(i) + "].content[" +
+                               std::to_string(k) +
+                               "]: content parts must be {\"type\": \"text\", \"text\": "
+                               "string} (other part types are not supported)");
       }
-      out += part["text"].get<std::string>();
+      c.parts.push_back(part["text"].get<std::string>());
+      c.text += c.parts.back();
     }
-    return out;
+    return c;
   }
   return InvalidArgument("messages[" + std::to_string(i) + "].content must be a string or an "
                          "array of text parts");
 }
 
+// A piece of prompt text: special (control tokens in it parsed) or not, a segment or not.
+struct TextPiece {
+  std::string text;
+  bool special = false;
+  bool segment = false;
+};
+
+// BOS (when the tokenizer adds one), then the pieces: each segment and each special piece
+// tokenized on its own, adjacent plain pieces together (as ChatTemplate::Tokenize does). The
+// segments' token spans go to `spans` (an empty segment has none).
+std::vector<TokenId> TokenizePieces(const Tokenizer& tok, const std::vector<TextPiece>& pieces,
+                                    std::vector<sched::SegmentSpan>* spans) {
+  std::vector<TokenId> ids;
+  if (tok.add_bos() && tok.bos() >= 0) ids.push_back(tok.bos());
+  for (size_t i = 0; i < pieces.size();) {
+    std::string run = pieces[i].text;
+    size_t j = i + 1;
+    const bool joinable = !pieces[i].special && !pieces[i].segment;
+    while (joinable && j < pieces.size() && !pieces[j].special && !pieces[j].segment) {
+      run += pieces[j++].text;
+    }
+    const std::vector<TokenId> part = tok.Encode(run, /*add_bos=*/false, pieces[i].special);
+    if (pieces[i].segment && !part.empty()) {
+      spans->push_back({static_cast<int64_t>(ids.size()), static_cast<int64_t>(part.size())});
+    }
+    ids.insert(ids.end(), part.begin(), part.end());
+    i = j;
+  }
+  return ids;
+}
+
+// Chat: a message given as parts is rendered with a marker in place of its content, so that
+// the rendered text can be cut exactly where the parts go (whatever text the template puts
+// around them). The marker holds a control character no tokenizer input has in practice; a
+// content that holds one is refused.
+constexpr std::string_view kPartsMarker = "\x1f" "cachette-parts:";
+std::string PartsMarker(size_t k) {
+  return std::string(kPartsMarker) + std::to_string(k) + "\x1f";
+}
+
+// The rendered segments with each marker replaced by its message's parts (as segments).
+std::vector<TextPiece> CutParts(const std::vector<ChatTemplate::Segment>& segs,
+                                const std::vector<std::vector<std::string>>& parts) {
+  std::vector<TextPiece> out;
+  auto plain = [&](std::string t) {
+    if (!t.empty()) out.push_back({std::move(t), false, false});
+  };
+  for (const ChatTemplate::Segment& seg : segs) {
+    if (seg.special) {
+      out.push_back({seg.text, true, false});
+      continue;
+    }
+    size_t at = 0;
+    for (;;) {
+      const size_t m = seg.text.find(kPartsMarker, at);
+      if (m == std::string::npos) break;
+      const size_t num = m + kPartsMarker.size();
+      const size_t end = seg.text.find('\x1f', num);
+      const size_t k = std::stoul(seg.text.substr(num, end - num));
+      plain(seg.text.substr(at, m - at));
+      for (const std::string& p : parts[k]) {
+        if (!p.empty()) out.push_back({p, false, true});
+      }
+      at = end + 1;
+    }
+    plain(seg.text.substr(at));
+  }
+  return out;
+}
+
+// The prompt's tokens from "messages", "prompt" or "segments"; the segments' token spans go to
+// `spans`.
 Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, bool* present,
-                                          ErrorDetail* d) {
+                                          ErrorDetail* d, std::vector<sched::SegmentSpan>* spans) {
   *present = false;
+  spans->clear();
   const Tokenizer& tok = *ctx.tokenizer;
   if (auto it = j.find("messages"); it != j.end() && !it->is_null()) {
     *present = true;
@@ -150,6 +238,7 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
                              " are accepted");
     }
     std::vector<ChatTemplate::Message> msgs;
+    std::vector<std::vector<std::string>> parts;  // of the messages rendered with a marker
     size_t content_bytes = 0;
     for (size_t i = 0; i < it->size(); ++i) {
       const json& m = (*it)[i];
@@ -157,9 +246,18 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
         return InvalidArgument("messages[" + std::to_string(i) +
                                "] must be an object with a string 'role'");
       }
-      CT_ASSIGN_OR_RETURN(std::string content, ContentText(m, i));
-      content_bytes += content.size();
-      msgs.push_back({m["role"].get<std::string>(), std::move(content)});
+      CT_ASSIGN_OR_RETURN(Content content, ContentOf(m, i));
+      if (content.text.find(kPartsMarker) != std::string::npos) {
+        return InvalidArgument("messages[" + std::to_string(i) +
+                               "].content holds a reserved control sequence (\\x1f)");
+      }
+      content_bytes += content.text.size();
+      if (content.has_parts && !content.text.empty()) {
+        msgs.push_back({m["role"].get<std::string>(), PartsMarker(parts.size())});
+        parts.push_back(std::move(content.parts));
+      } else {
+        msgs.push_back({m["role"].get<std::string>(), std::move(content.text)});
+      }
     }
     if (Status s = CheckTextBytes(ctx, content_bytes, "messages"); !s.ok()) {
       if (d != nullptr) d->code = "context_length_exceeded";
@@ -167,7 +265,35 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
     }
     CT_ASSIGN_OR_RETURN(auto segs, ctx.chat_template->Render(msgs));
     if (d != nullptr) d->param.clear();
-    return ChatTemplate::Tokenize(tok, segs);
+    if (parts.empty()) return ChatTemplate::Tokenize(tok, segs);
+    return TokenizePieces(tok, CutParts(segs, parts), spans);
+  }
+  if (auto it = j.find("segments"); it != j.end() && !it->is_null()) {
+    *present = true;
+    if (d != nullptr) d->param = "segments";  // every error below is about them
+    if (j.contains("prompt")) {
+      return InvalidArgument("give either 'prompt' or 'segments', not both");
+    }
+    if (!it->is_array() || it->empty()) {
+      return InvalidArgument("'segments' must be a non-empty array of strings");
+    }
+    std::vector<TextPiece> pieces;
+    size_t bytes = 0;
+    for (size_t i = 0; i < it->size(); ++i) {
+      if (!(*it)[i].is_string()) {
+        return InvalidArgument("'segments' must be a non-empty array of strings (segments[" +
+                               std::to_string(i) + "] is not a string)");
+      }
+      pieces.push_back({(*it)[i].get<std::string>(), true, true});
+      bytes += pieces.back().text.size();
+    }
+    if (bytes == 0) return InvalidArgument("'segments' must not be empty (all are empty strings)");
+    if (Status s = CheckTextBytes(ctx, bytes, "segments"); !s.ok()) {
+      if (d != nullptr) d->code = "context_length_exceeded";
+      return s;
+    }
+    if (d != nullptr) d->param.clear();
+    return TokenizePieces(tok, pieces, spans);
   }
   if (auto it = j.find("prompt"); it != j.end() && !it->is_null()) {
     *present = true;
@@ -182,7 +308,17 @@ Result<std::vector<TokenId>> PromptTokens(const json& j, const ApiContext& ctx, 
         return s;
       }
       if (d != nullptr) d->param.clear();
-      return tok.Encode(text, tok.add_bos(), /*parse_special=*/true);
+      const std::string& sep = ctx.segment_separator;
+      if (sep.empty()) return tok.Encode(text, tok.add_bos(), /*parse_special=*/true);
+      // --segment-separator: a segment ends after each occurrence of it.
+      std::vector<TextPiece> pieces;
+      size_t at = 0;
+      for (size_t k = text.find(sep); k != std::string::npos; k = text.find(sep, at)) {
+        pieces.push_back({text.substr(at, k + sep.size() - at), true, true});
+        at = k + sep.size();
+      }
+      if (at < text.size()) pieces.push_back({text.substr(at), true, true});
+      return TokenizePieces(tok, pieces, spans);
     }
     if (p->is_array()) {
       if (ctx.n_ctx > 0 && p->size() >= static_cast<size_t>(ctx.n_ctx)) {
@@ -237,7 +373,10 @@ Status ParseLogprobs(const json& j, Endpoint endpoint, const ApiContext& ctx, Ge
   r.logprobs = static_cast<int>(top);
   CT_RETURN_IF_ERROR(Param(d, "echo", GetBool(j, "echo", &call->echo)));
   r.prompt_logprobs = call->echo && r.logprobs >= 0;
-  if (call->echo) {
+  if (call->echo && !j.contains("prompt")) {
+    // "segments" (checked before the prompt was read): their concatenation.
+    for (const json& seg : j["segments"]) call->prompt_text += seg.get<std::string>();
+  } else if (call->echo) {
     const json* p = &*j.find("prompt");  // present: checked before the prompt was read
     if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
     call->prompt_text =
@@ -265,7 +404,17 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
     return NotFound("the model '" + model + "' does not exist; this server serves '" +
                     ctx.model_id + "'");
   }
-  const char* need = endpoint == Endpoint::kChat ? "messages" : "prompt";
+  const char* need = endpoint == Endpoint::kChat          ? "messages"
+                     : j.contains("segments") && !j.contains("prompt") ? "segments"
+                                                                        : "prompt";
+  if (endpoint == Endpoint::kChat && j.contains("segments")) {
+    return Param(d, "segments",
+                 InvalidArgument("'segments' is for /v1/completions; in chat, give a message's "
+                                 "content as text parts"));
+  }
+  if (endpoint == Endpoint::kCompletion && j.contains("segments") && j.contains("prompt")) {
+    return Param(d, "segments", InvalidArgument("give either 'prompt' or 'segments', not both"));
+  }
   if (!j.contains(need)) {
     return Param(d, need, InvalidArgument(std::string("'") + need + "' is required"));
   }
@@ -329,11 +478,39 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
     past_context = (*policy)->reassigns_positions();
   }
 
+  // kv_reuse and blend_ratio (cachette, issue 11): how the prompt's segments are reused.
+  r.reuse = ctx.default_reuse;
+  if (auto it = j.find("kv_reuse"); it != j.end() && !it->is_null()) {
+    d->param = "kv_reuse";
+    if (!it->is_string()) return InvalidArgument("'kv_reuse' must be a string");
+    const std::string mode = it->get<std::string>();
+    if (mode == "ape") {
+      return InvalidArgument("'kv_reuse' 'ape' is not served yet: its decode needs APE's "
+                             "attention (engine/ape.h DecodeApe); use prefix, naive, blend or "
+                             "cachecraft");
+    }
+    auto m = ParseReuseMode(mode);
+    if (!m.ok() || *m == ReuseMode::kFull) {
+      return InvalidArgument("'kv_reuse' must be one of prefix, naive, blend, cachecraft (got '" +
+                             mode + "')");
+    }
+    r.reuse.mode = *m;
+    d->param.clear();
+  }
+  if (auto it = j.find("blend_ratio"); it != j.end() && !it->is_null()) {
+    d->param = "blend_ratio";
+    if (!it->is_number()) return InvalidArgument("'blend_ratio' must be a number in [0, 1]");
+    const double v = it->get<double>();
+    if (!(v >= 0 && v <= 1)) return InvalidArgument("'blend_ratio' must be in [0, 1]");
+    r.reuse.ratio = v;
+    d->param.clear();
+  }
+
   bool present = false;
   // Past the context, the prompt's text is bounded by the body limit alone.
   ApiContext prompt_ctx = ctx;
   if (past_context) prompt_ctx.max_token_bytes = 0;
-  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, prompt_ctx, &present, d));
+  CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, prompt_ctx, &present, d, &r.segments));
   if (r.prompt.empty()) {
     return Param(d, need, InvalidArgument(std::string("'") + need + "' is empty"));
   }
@@ -450,9 +627,61 @@ Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, b
     CT_RETURN_IF_ERROR(Param(d, "session_id", CheckIdBytes(it->get<std::string>(), "session_id")));
   }
   bool present = false;
-  CT_ASSIGN_OR_RETURN(ref.tokens, PromptTokens(ref.body, ctx, &present, d));
+  std::vector<sched::SegmentSpan> spans;  // cut as a generation request's, then unused
+  CT_ASSIGN_OR_RETURN(ref.tokens, PromptTokens(ref.body, ctx, &present, d, &spans));
   if (required && ref.tokens.empty()) {
     return InvalidArgument("give the prefix as 'prompt' (text or token ids) or 'messages'");
+  }
+  return ref;
+}
+
+Result<SegmentsRef> ParseSegmentsRef(std::string_view body, const ApiContext& ctx,
+                                     ErrorDetail* d) {
+  ErrorDetail unused;
+  if (d == nullptr) d = &unused;
+  CT_ASSIGN_OR_RETURN(json j, ParseJson(body));
+  SegmentsRef ref;
+  CT_RETURN_IF_ERROR(Param(d, "cache_salt", GetString(j, "cache_salt", &ref.cache_salt)));
+  CT_RETURN_IF_ERROR(Param(d, "cache_salt", CheckIdBytes(ref.cache_salt, "cache_salt")));
+  std::string prefix;
+  CT_RETURN_IF_ERROR(Param(d, "prefix", GetString(j, "prefix", &prefix)));
+  int64_t ttl_s = 0;
+  CT_RETURN_IF_ERROR(Param(d, "ttl_s", GetInt(j, "ttl_s", 1, 7 * 24 * 3600, &ttl_s)));
+  ref.ttl_ms = ttl_s * 1000;
+  const Tokenizer& tok = *ctx.tokenizer;
+  if (tok.add_bos() && tok.bos() >= 0) ref.context.push_back(tok.bos());
+  if (!prefix.empty()) {
+    if (Status s = CheckTextBytes(ctx, prefix.size(), "prefix"); !s.ok()) return Param(d, "prefix", s);
+    const std::vector<TokenId> p = tok.Encode(prefix, /*add_bos=*/false, /*parse_special=*/true);
+    ref.context.insert(ref.context.end(), p.begin(), p.end());
+  }
+  auto it = j.find("segments");
+  if (it == j.end() || !it->is_array() || it->empty()) {
+    return Param(d, "segments", InvalidArgument("'segments' must be a non-empty array of strings"));
+  }
+  for (size_t i = 0; i < it->size(); ++i) {
+    const json& v = (*it)[i];
+    if (!v.is_string() || v.get_ref<const std::string&>().empty()) {
+      return Param(d, "segments",
+                   InvalidArgument("'segments' must hold non-empty strings (segments[" +
+                                   std::to_string(i) + "] is not one)"));
+    }
+    const std::string& text = v.get_ref<const std::string&>();
+    if (Status s = CheckTextBytes(ctx, text.size(), "segments"); !s.ok()) {
+      return Param(d, "segments", s);
+    }
+    ref.segments.push_back(tok.Encode(text, /*add_bos=*/false, /*parse_special=*/true));
+    if (ref.segments.back().empty()) {
+      return Param(d, "segments",
+                   InvalidArgument("segments[" + std::to_string(i) + "] has no tokens"));
+    }
+    const int64_t len = static_cast<int64_t>(ref.context.size() + ref.segments.back().size());
+    if (ctx.n_ctx > 0 && len > ctx.n_ctx) {
+      return Param(d, "segments",
+                   InvalidArgument("segments[" + std::to_string(i) + "] with the prefix has " +
+                                   std::to_string(len) + " tokens, more than this model's " +
+                                   "maximum context length of " + std::to_string(ctx.n_ctx)));
+    }
   }
   return ref;
 }
@@ -519,6 +748,9 @@ json UsageJson(const sched::RequestUsage& u) {
               {"decode_ms", u.decode_seconds * 1e3}};
   if (u.pin_id != 0) ext["pin_id"] = u.pin_id;
   if (u.kv_tokens_kept >= 0) ext["kv_tokens_kept"] = u.kv_tokens_kept;
+  ext["reused_tokens"] = {{"prefix", u.cached_tokens - u.segment_tokens},
+                          {"segment", u.segment_tokens}};
+  ext["recomputed_tokens"] = u.recomputed_tokens;
   return {{"prompt_tokens", u.prompt_tokens},
           {"completion_tokens", u.completion_tokens},
           {"total_tokens", u.prompt_tokens + u.completion_tokens},

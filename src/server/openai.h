@@ -12,6 +12,14 @@
 //   cache_control {"ttl_s": N} or {"type": "ephemeral", "ttl": "5m" | "1h" | N}, deadline_ms
 //   (time-to-first-token objective), program_id (agent program; default session_id) and tool
 //   (the tool the program calls after this turn; its result is the next turn).
+// Segment reuse (issue 11; docs/serving.md "Segment reuse"): completions take "segments" (a
+// non-empty array of strings) instead of "prompt" (the prompt is their concatenation); a chat
+// message's content given as {"type": "text", "text"} parts makes each part a segment; with
+// ApiContext::segment_separator a string prompt is split after each occurrence of it. Each
+// segment is tokenized on its own (its boundaries are token boundaries), the text around them
+// as usual; SchedRequest::segments gets their token spans. "kv_reuse" (prefix, naive, blend,
+// cachecraft; ape is refused as not served yet) and "blend_ratio" in [0, 1] (blend's ratio,
+// cachecraft's alpha) fill SchedRequest::reuse, defaulting to ApiContext::default_reuse.
 // A wrong type, an out-of-range value, a prompt longer than the context or max_tokens beyond it
 // gives kInvalidArgument with a message naming the field; an unknown model kNotFound.
 //
@@ -54,6 +62,11 @@ struct ApiContext {
   int max_messages = 1024;
   // The server's KV budget policy for requests that name none (name empty: full KV).
   KvPolicyConfig default_kv_policy;
+  // Segment reuse: kv_reuse and blend_ratio of a request that gives none, and the separator
+  // after each occurrence of which a completions string prompt is cut into segments (empty:
+  // none).
+  ReuseOptions default_reuse;
+  std::string segment_separator;
 };
 
 // Longest cache_salt and session_id accepted.
@@ -95,6 +108,20 @@ struct PromptRef {
 };
 Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required,
                                  ErrorDetail* detail = nullptr);
+
+// POST /v1/cache/segments: {"segments": [str, ...], "prefix": str, "cache_salt": str, "ttl_s": N}.
+// context = BOS + the prefix's tokens; each segment tokenized as a completions segment is (on
+// its own, special tokens parsed). kInvalidArgument naming the field: segments missing, not a
+// non-empty array of non-empty strings, or longer than the context; prefix or cache_salt not a
+// string; ttl_s not an integer in [1, 604800].
+struct SegmentsRef {
+  std::vector<TokenId> context;
+  std::vector<std::vector<TokenId>> segments;
+  std::string cache_salt;
+  int64_t ttl_ms = 0;  // 0: until evicted
+};
+Result<SegmentsRef> ParseSegmentsRef(std::string_view body, const ApiContext& ctx,
+                                     ErrorDetail* detail = nullptr);
 
 // The HTTP status for a Status code (never for its message): InvalidArgument 400, NotFound 404,
 // Cancelled 499, ResourceExhausted 429, Unavailable 503, DeadlineExceeded 504, Unimplemented 501,

@@ -387,6 +387,7 @@ void HttpServer::Routes() {
                  g.kv = backend_.scheduler->kv().GetStats();
                  g.pins = backend_.scheduler->pins().List().size();
                  g.sessions = backend_.scheduler->pins().sessions();
+                 g.segments = backend_.scheduler->segment_cache().GetStats();
                }
                metrics_.CountRequest("metrics", 200);
                r.status = 200;
@@ -414,6 +415,10 @@ void HttpServer::Routes() {
   http_->Post("/v1/cache/unpin",
               guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
                 if (Serving(r, "admin", true)) CacheUnpin(q, r);
+              }));
+  http_->Post("/v1/cache/segments",
+              guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {
+                if (Serving(r, "admin", false)) CacheSegments(q, r);
               }));
   http_->Post("/v1/cache/clear",
               guard("admin", Access::kAdmin, [this](const Request& q, Response& r) {

@@ -8,7 +8,8 @@
 // Stop() then closes the listener and joins its threads (in-flight handlers finish first).
 //
 // Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models, /health, /metrics;
-// GET /v1/cache/stats, /v1/cache/events; POST /v1/cache/lookup, /v1/cache/pin, /v1/cache/unpin, /v1/cache/clear.
+// GET /v1/cache/stats, /v1/cache/events; POST /v1/cache/lookup, /v1/cache/pin, /v1/cache/unpin,
+// /v1/cache/clear, /v1/cache/segments.
 // See docs/serving.md for the bodies.
 //
 // Connections and overload: every accepted connection gets its own thread at once (no hidden queue
@@ -101,6 +102,7 @@ class HttpServer {
   void CacheUnpin(const httplib::Request& req, httplib::Response& res);
   void CacheClear(const httplib::Request& req, httplib::Response& res);
   void CacheEvents(httplib::Response& res);
+  void CacheSegments(const httplib::Request& req, httplib::Response& res);
   // Sets an OpenAI error body and its status; counts it.
   void Error(httplib::Response& res, const Status& s, const std::string& endpoint,
              const ErrorDetail& detail = {});

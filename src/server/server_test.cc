@@ -106,6 +106,59 @@ TEST(OpenAiTest, ParsesAChatRequest) {
   EXPECT_EQ(call->request.gen.stop.size(), 2u);  // "\n\n" and the plain template's "\nUser:"
 }
 
+// Segments are tokenized on their own: each span's tokens are its text's, the prompt their
+// concatenation after BOS; chat parts are cut out of the rendered template text the same way.
+TEST(OpenAiTest, SegmentsAreTokenizedOnTheirOwnAndSpanned) {
+  const Tokenizer& tok = *Ctx().tokenizer;
+  auto enc = [&](const std::string& t, bool special) { return tok.Encode(t, false, special); };
+  auto span_tokens = [](const sched::SchedRequest& r, size_t i) {
+    const sched::SegmentSpan& sp = r.segments[i];
+    return std::vector<TokenId>(r.prompt.begin() + sp.offset,
+                                r.prompt.begin() + sp.offset + sp.length);
+  };
+  auto c = ParseGenerate(R"({"segments":["The cat"," sat on","  the mat."],"max_tokens":1,
+                             "kv_reuse":"blend","blend_ratio":0.5})",
+                         Endpoint::kCompletion, Ctx());
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  const sched::SchedRequest& r = c->request;
+  ASSERT_EQ(r.segments.size(), 3u);
+  EXPECT_EQ(r.reuse.mode, ReuseMode::kBlend);
+  EXPECT_DOUBLE_EQ(r.reuse.ratio, 0.5);
+  EXPECT_EQ(r.segments[0].offset, tok.add_bos() ? 1 : 0);
+  EXPECT_EQ(span_tokens(r, 0), enc("The cat", true));
+  EXPECT_EQ(span_tokens(r, 1), enc(" sat on", true));
+  EXPECT_EQ(span_tokens(r, 2), enc("  the mat.", true));
+  EXPECT_EQ(r.segments[2].offset + r.segments[2].length, static_cast<int64_t>(r.prompt.size()));
+
+  auto chat = ParseGenerate(R"({"messages":[{"role":"user","content":[
+                                 {"type":"text","text":"Doc one."},
+                                 {"type":"text","text":" Doc two?"}]}],"max_tokens":1})",
+                            Endpoint::kChat, Ctx());
+  ASSERT_TRUE(chat.ok()) << chat.status().ToString();
+  const sched::SchedRequest& cr = chat->request;
+  ASSERT_EQ(cr.segments.size(), 2u);
+  EXPECT_EQ(cr.reuse.mode, ReuseMode::kPrefix);  // the default
+  EXPECT_EQ(span_tokens(cr, 0), enc("Doc one.", false));
+  EXPECT_EQ(span_tokens(cr, 1), enc(" Doc two?", false));
+  // The plain template's text around them, tokenized as usual.
+  std::vector<TokenId> want;
+  if (tok.add_bos()) want.push_back(tok.bos());
+  for (const auto& piece : {enc("User: ", false), enc("Doc one.", false), enc(" Doc two?", false),
+                            enc("\nAssistant:", false)}) {
+    want.insert(want.end(), piece.begin(), piece.end());
+  }
+  EXPECT_EQ(cr.prompt, want);
+
+  ApiContext sep = Ctx();
+  sep.segment_separator = "\n\n";
+  auto cut = ParseGenerate(R"({"prompt":"A b.\n\nC d.\n\nE","max_tokens":1})",
+                           Endpoint::kCompletion, sep);
+  ASSERT_TRUE(cut.ok()) << cut.status().ToString();
+  ASSERT_EQ(cut->request.segments.size(), 3u);
+  EXPECT_EQ(span_tokens(cut->request, 0), enc("A b.\n\n", true));
+  EXPECT_EQ(span_tokens(cut->request, 2), enc("E", true));
+}
+
 TEST(OpenAiTest, RejectsBadInputWithTheRightStatus) {
   struct Case {
     const char* body;

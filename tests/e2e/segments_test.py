@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""End-to-end test of segment reuse (issue 11) through `cachette serve` (stdlib only).
+
+Two documents are precomputed (POST /v1/cache/segments) in tenant A. A completion whose
+`segments` are [doc2, doc1, question] then gives, at temperature 0:
+  - in `blend` with blend_ratio 1 (every placed token recomputed), the same text as `prefix`
+    mode (full prefill; run in another tenant so that it shares nothing);
+  - in `naive`, usage reporting the placed segment tokens as reused and none recomputed.
+Another cache_salt gets no segment reuse. Chat content parts and --segment-separator make
+segments too; /v1/cache/stats and /metrics count them. Every bad input is a 400 naming its
+field.
+
+Usage: segments_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
+"""
+import argparse
+import sys
+import time
+
+from e2e_util import Server, check, report
+
+DOC1 = ("The lighthouse on the northern cape was built in 1871 from granite quarried on the "
+        "island itself. Its lamp burned whale oil until 1904, then kerosene, and it was "
+        "electrified in 1951.")
+DOC2 = ("The harbour town below the cape lived from herring fishing. Every spring the boats "
+        "left before dawn and came back at noon, and the whole town gathered on the quay to "
+        "salt the catch.")
+QUESTION = " Question: when was the lighthouse electrified? Answer:"
+SEP = "\n\n"
+
+
+def complete(s, segments, mode, salt, **kw):
+    body = {"segments": segments, "kv_reuse": mode, "cache_salt": salt, "max_tokens": 12,
+            "temperature": 0}
+    body.update(kw)
+    return s.post("/v1/completions", body)
+
+
+def reuse(usage):
+    ext = usage.get("cachette", {})
+    r = ext.get("reused_tokens", {})
+    return r.get("prefix"), r.get("segment"), ext.get("recomputed_tokens")
+
+
+def test_precompute(s):
+    st, body = s.post("/v1/cache/segments", {"segments": [DOC1, DOC2], "cache_salt": "A"})
+    if not check(st == 200, "precompute: 200, got %s %s" % (st, body)):
+        return None
+    segs = body["segments"]
+    check(len(segs) == 2 and all(x["tokens"] > 10 and not x["cached"] for x in segs),
+          "precompute: two segments computed: %s" % body)
+    check(body["context_tokens"] >= 1, "precompute: the context holds BOS: %s" % body)
+    st, again = s.post("/v1/cache/segments", {"segments": [DOC1], "cache_salt": "A"})
+    check(st == 200 and again["segments"][0]["cached"], "precompute again: cached: %s" % again)
+    return segs[0]["tokens"], segs[1]["tokens"]
+
+
+def test_reuse(s, doc1_tokens):
+    segments = [DOC2, DOC1, QUESTION]
+    st, ref = complete(s, segments, "prefix", "ref")
+    if not check(st == 200, "prefix mode: 200, got %s %s" % (st, ref)):
+        return
+    ref_text = ref["choices"][0]["text"]
+    check(reuse(ref["usage"])[1] == 0, "prefix mode reuses no segment: %s" % ref["usage"])
+
+    st, blend = complete(s, segments, "blend", "A", blend_ratio=1)
+    if check(st == 200, "blend: 200, got %s %s" % (st, blend)):
+        check(blend["choices"][0]["text"] == ref_text,
+              "blend with ratio 1 gives full prefill's text: %r vs %r" %
+              (blend["choices"][0]["text"], ref_text))
+        check(blend["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"],
+              "blend: the same prompt tokens as prefix mode: %s vs %s" %
+              (blend["usage"], ref["usage"]))
+        prefix, seg, recomputed = reuse(blend["usage"])
+        check(seg is not None and seg >= doc1_tokens, "blend: doc1 placed: %s" % blend["usage"])
+        # The question was not precomputed: this request computed it on its own, then placed
+        # it, so it is recomputed too without counting as reused.
+        check(recomputed is not None and recomputed >= seg,
+              "blend ratio 1 recomputes every placed token: %s" % blend["usage"])
+
+    st, naive = complete(s, segments, "naive", "A")
+    if check(st == 200, "naive: 200, got %s %s" % (st, naive)):
+        u = naive["usage"]
+        prefix, seg, recomputed = reuse(u)
+        check(seg is not None and seg >= doc1_tokens, "naive: segment tokens reused: %s" % u)
+        check(recomputed == 0, "naive: nothing recomputed: %s" % u)
+        check(u["prompt_tokens_details"]["cached_tokens"] == prefix + seg,
+              "naive: cached_tokens = prefix + segment: %s" % u)
+        check(u["cachette"]["cached_tokens_by_tier"].get("segment", 0) > 0,
+              "naive: a 'segment' tier in cached_tokens_by_tier: %s" % u)
+        check(len(naive["choices"][0]["text"]) > 0, "naive: some text")
+
+    st, other = complete(s, segments, "naive", "B")
+    if check(st == 200, "tenant B: 200, got %s %s" % (st, other)):
+        prefix, seg, recomputed = reuse(other["usage"])
+        check(seg == 0 and other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0,
+              "another cache_salt reuses nothing of tenant A's: %s" % other["usage"])
+
+    st, cachecraft = complete(s, segments, "cachecraft", "A", blend_ratio=0.5)
+    check(st == 200 and reuse(cachecraft["usage"])[1] > 0,
+          "cachecraft: 200 with segment reuse: %s %s" % (st, cachecraft))
+
+
+def test_chat_parts(s):
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": DOC1},
+                                                      {"type": "text", "text": QUESTION}]}],
+            "kv_reuse": "naive", "cache_salt": "chat", "max_tokens": 4, "temperature": 0}
+    st, first = s.post("/v1/chat/completions", body)
+    check(st == 200, "chat parts: 200, got %s %s" % (st, first))
+    st, second = s.post("/v1/chat/completions", body)
+    if check(st == 200, "chat parts again: 200, got %s %s" % (st, second)):
+        check(reuse(second["usage"])[1] > 0, "chat parts: the second request reuses its "
+              "segments: %s" % second["usage"])
+    body["kv_reuse"] = "prefix"
+    st, plain = s.post("/v1/chat/completions", body)
+    check(st == 200 and plain["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"],
+          "chat parts in prefix mode: the same tokens: %s" % plain)
+
+
+def test_separator(s):
+    before = s.get("/v1/cache/stats")[1]["segments"]["computed_tokens"]
+    st, r = s.post("/v1/completions", {"prompt": DOC2 + SEP + DOC1 + SEP + QUESTION,
+                                       "kv_reuse": "naive", "cache_salt": "sep",
+                                       "max_tokens": 2, "temperature": 0})
+    check(st == 200, "separator: 200, got %s %s" % (st, r))
+    after = s.get("/v1/cache/stats")[1]["segments"]["computed_tokens"]
+    check(after > before, "separator: a string prompt's segments were computed: %d -> %d" %
+          (before, after))
+    st, r2 = s.post("/v1/completions", {"prompt": DOC2 + SEP + DOC1 + SEP + QUESTION,
+                                        "kv_reuse": "naive", "cache_salt": "sep",
+                                        "max_tokens": 2, "temperature": 0})
+    check(st == 200 and reuse(r2["usage"])[1] > 0,
+          "separator: the second request places cached segments: %s" % r2)
+
+
+def test_stats(s):
+    st, stats = s.get("/v1/cache/stats")
+    if check(st == 200, "stats: 200"):
+        seg = stats.get("segments", {})
+        check(seg.get("entries", 0) >= 3 and seg.get("hits", 0) > 0 and seg.get("bytes", 0) > 0,
+              "stats: segment cache entries, bytes and hits: %s" % seg)
+        check(stats.get("reused_tokens", {}).get("segment", 0) > 0,
+              "stats: reused segment tokens: %s" % stats.get("reused_tokens"))
+    st, text = s.get("/metrics")
+    line = [l for l in text.splitlines()
+            if l.startswith('cachette_reused_tokens_total{kind="segment"}')]
+    check(line and float(line[0].split()[-1]) > 0, "metrics: reused segment tokens: %s" % line)
+    check("cachette_recomputed_tokens_total" in text and "cachette_segment_cache_entries" in text,
+          "metrics: recomputed tokens and segment cache families")
+
+
+def test_errors(s):
+    def bad(path, body, field, words=None):
+        st, r = s.post(path, body)
+        err = r.get("error", {}) if isinstance(r, dict) else {}
+        ok = st == 400 and err.get("param") == field
+        if words:
+            ok = ok and words in err.get("message", "")
+        check(ok, "%s %s: 400 naming %s, got %s %s" % (path, body, field, st, r))
+
+    c = "/v1/completions"
+    bad(c, {"segments": [DOC1], "prompt": DOC1}, "segments")
+    bad(c, {"segments": []}, "segments")
+    bad(c, {"segments": "text"}, "segments")
+    bad(c, {"segments": [DOC1, 7]}, "segments")
+    bad(c, {"segments": [DOC1], "kv_reuse": "bogus"}, "kv_reuse")
+    bad(c, {"segments": [DOC1], "kv_reuse": 3}, "kv_reuse")
+    bad(c, {"segments": [DOC1], "kv_reuse": "ape"}, "kv_reuse", "not served")
+    bad(c, {"segments": [DOC1], "blend_ratio": 1.5}, "blend_ratio")
+    bad(c, {"segments": [DOC1], "blend_ratio": -0.1}, "blend_ratio")
+    bad(c, {"segments": [DOC1], "blend_ratio": "x"}, "blend_ratio")
+    bad("/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+        "messages", "content")
+    bad("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                 "segments": ["x"]}, "segments")
+    p = "/v1/cache/segments"
+    bad(p, {}, "segments")
+    bad(p, {"segments": []}, "segments")
+    bad(p, {"segments": [1]}, "segments")
+    bad(p, {"segments": [""]}, "segments")
+    bad(p, {"segments": [DOC1], "prefix": 5}, "prefix")
+    bad(p, {"segments": [DOC1], "ttl_s": 0}, "ttl_s")
+    bad(p, {"segments": [DOC1], "cache_salt": 1}, "cache_salt")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--binary", required=True)
+    p.add_argument("--model", required=True)
+    a = p.parse_args()
+    t0 = time.time()
+    s = Server(a.binary, a.model, "--segment-cache-mb", "64", "--segment-separator", SEP)
+    try:
+        counts = test_precompute(s)
+        if counts is not None:
+            test_reuse(s, counts[0])
+        test_chat_parts(s)
+        test_separator(s)
+        test_stats(s)
+        test_errors(s)
+    finally:
+        s.close()
+    return report(t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
