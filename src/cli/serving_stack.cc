@@ -67,6 +67,10 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
        "none)");
   Flag(c, p, kSched, "--segment-cache-mb", &ServeConfig::segment_cache_mb,
        "Memory for cached segments' KV in MiB (256)");
+  c->add_flag("--relay", p->relay,
+              "Keep each finished request's output KV in the segment cache, so a prompt that "
+              "quotes it as a segment reuses it (RelayCaching; TOML: relay = true)")
+      ->group(kSched);
   Flag(c, p, kSched, "--itl-target-ms", &ServeConfig::itl_target_ms,
        "Inter-token latency objective: each step's prefill share is sized to it (0: off)");
   Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
@@ -104,6 +108,7 @@ Result<ServeConfig> ResolveServeConfig(const ServeFlags& f) {
     if (opt->count() > 0) copy(cfg);
   }
   if (f.no_prefix_cache) cfg.prefix_cache = false;
+  if (f.relay) cfg.relay = true;
   if (cfg.model.empty()) cfg.model = DefaultModelPath();
   CT_RETURN_IF_ERROR(server::ValidateConfig(cfg));
   return cfg;
@@ -228,6 +233,7 @@ sched::SchedulerOptions SchedulerOptionsFor(const ServeConfig& cfg) {
   sopt.preempt = cfg.preempt == "swap" ? sched::PreemptMode::kSwap : sched::PreemptMode::kRecompute;
   sopt.itl_target_ms = cfg.itl_target_ms;
   sopt.segment_cache_bytes = static_cast<size_t>(cfg.segment_cache_mb) << 20;
+  sopt.relay = cfg.relay;
   sopt.admission = cfg.admission == "past-future" ? sched::AdmissionPolicy::kPastFuture
                                                   : sched::AdmissionPolicy::kForecast;
   return sopt;

@@ -52,6 +52,7 @@ struct ServeFlags {
   server::ServeConfig values;
   std::string config_path;
   bool no_prefix_cache = false;
+  bool relay = false;
   // Copies the flags given on the command line over the configuration (flags win).
   std::vector<std::pair<CLI::Option*, std::function<void(server::ServeConfig&)>>> apply;
 };

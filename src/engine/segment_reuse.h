@@ -49,6 +49,10 @@ void RotateStoredKeys(void* k, int64_t n_tok, const KvShape& shape, int64_t delt
 
 // The id of the context a segment was computed after: a hash of its tokens (0 tokens: 0).
 uint64_t ContextId(std::span<const TokenId> tokens);
+// The context of a segment that an earlier request generated (RelayCaching): its KV was
+// computed after that request's prompt, which no later prompt names, so such segments are
+// filed under this one id and are never taken for an exact prefix.
+inline constexpr uint64_t kRelayContext = ~uint64_t{0};
 
 // The KV of a segment computed on its own after `context`, with Cache-Craft's metadata.
 struct SegmentKv {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <future>
 
 #include "core/check.h"
@@ -582,6 +583,7 @@ void Scheduler::SegmentPrefill(Seq& s) {
     const std::span<const TokenId> toks =
         prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
     std::shared_ptr<const SegmentKv> seg = segments_.Lookup(s.ns, toks, context_id);
+    if (seg == nullptr && options_.relay) seg = RelayLookup(s.ns, toks);
     const bool miss = seg == nullptr;
     if (miss) {
       Result<SegmentKv> r = ComputeSegment(engine_, context, toks);
@@ -650,6 +652,49 @@ void Scheduler::SegmentPrefill(Seq& s) {
     }
   }
   Emit(s);
+}
+
+std::shared_ptr<const SegmentKv> Scheduler::RelayLookup(const Hash128& ns,
+                                                         std::span<const TokenId> toks) {
+  // The output as generated, or without its last token: a request that ended on max_tokens
+  // (or a stop string cut inside its last token) never fed that token, so its KV lacks it; the
+  // placement then computes the segment's last token itself.
+  for (size_t len : {toks.size(), toks.size() - 1}) {
+    if (len == 0 || !segments_.Contains(ns, toks.first(len), kRelayContext)) continue;
+    std::shared_ptr<const SegmentKv> seg = segments_.Lookup(ns, toks.first(len), kRelayContext);
+    if (seg != nullptr) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.relay_hits;
+      return seg;
+    }
+  }
+  return nullptr;
+}
+
+void Scheduler::SaveRelay(Seq& s) {
+  // The generated tokens whose KV the sequence holds (slots == positions: no budget policy).
+  const int64_t begin = s.orig_prompt_len;
+  const int64_t end = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
+  if (s.policy != nullptr || s.kv->compacted() || end - begin < 1) return;
+  SegmentKv seg;
+  seg.tokens.assign(s.tokens.begin() + begin, s.tokens.begin() + end);
+  seg.base_pos = begin;
+  seg.context = kRelayContext;
+  seg.shape = kv_.shape();
+  const size_t tb = seg.shape.token_bytes();
+  seg.k.resize(seg.shape.n_layer);
+  seg.v.resize(seg.shape.n_layer);
+  for (int l = 0; l < seg.shape.n_layer; ++l) {
+    seg.k[l].resize((end - begin) * tb);
+    seg.v[l].resize((end - begin) * tb);
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(seg.k[l].data() + (t - begin) * tb, s.kv->KSlot(l, t), tb);
+      std::memcpy(seg.v[l].data() + (t - begin) * tb, s.kv->VSlot(l, t), tb);
+    }
+  }
+  segments_.Insert(s.ns, std::move(seg));
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.relay_saved;
 }
 
 Result<std::vector<PrecomputedSegment>> Scheduler::PrecomputeSegments(
@@ -1348,6 +1393,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
     if (s.policy != nullptr) s.usage.kv_tokens_kept = s.kv->kept_tokens();
     if (options_.prefix_cache && error.ok()) {
       s.load.reset();  // a restore still in flight is abandoned (its late chunks are dropped)
+      if (options_.relay && reason != Reason::kCancelled) SaveRelay(s);
       source_->Save(*s.kv, kept, s.tier_tokens);
       kv_.Finish(*s.kv, kept);
       // A program's turn that called a tool gets Continuum's TTL instead of the session's.

@@ -171,6 +171,10 @@ struct SchedulerOptions {
   double itl_target_ms = 0;
   // The segment cache's budget (K and V bytes of its segments).
   size_t segment_cache_bytes = size_t{256} << 20;
+  // Relay (RelayCaching): a finished request's generated tokens' KV goes into the segment
+  // cache (context kRelayContext), so a later prompt that quotes that output as a segment
+  // places it instead of prefilling it (another agent reading this one's answer).
+  bool relay = false;
 };
 
 struct SchedulerStats {
@@ -194,6 +198,10 @@ struct SchedulerStats {
   uint64_t segment_tokens = 0;
   uint64_t recomputed_tokens = 0;
   uint64_t segment_computed_tokens = 0;
+  // Relay: finished requests whose output went into the segment cache, and segments found
+  // there as an earlier request's output.
+  uint64_t relay_saved = 0;
+  uint64_t relay_hits = 0;
 };
 
 // One segment of PrecomputeSegments.
@@ -296,6 +304,10 @@ class Scheduler {
   // Segment reuse (see the header comment): whether `s` takes that path, and its prefill.
   bool UsesSegments(const Seq& s) const;
   void SegmentPrefill(Seq& s);
+  // Relay: a segment an earlier request generated (its tokens, or all but the last), or null.
+  std::shared_ptr<const SegmentKv> RelayLookup(const Hash128& ns, std::span<const TokenId> toks);
+  // Relay: files a finishing request's generated tokens' KV in the segment cache.
+  void SaveRelay(Seq& s);
   // The tokens of `s` (prompt, then output) whose KV may be shared: its exact part.
   std::span<const TokenId> ExactTokens(const Seq& s) const;
   struct Job;

@@ -312,6 +312,61 @@ TEST_F(SchedulerTest, SegmentReuseIsPerTenantAndCommitsOnlyTheExactPrefix) {
   EXPECT_EQ(sched_->Submit(std::move(overlap)).status().code(), StatusCode::kInvalidArgument);
 }
 
+// Relay (RelayCaching): agent A's answer is kept as a segment when A finishes; agent B, whose
+// prompt quotes that answer after other text, places it instead of prefilling it. With blend
+// at ratio 1 B's output is full prefill's; without --relay nothing is kept.
+TEST_F(SchedulerTest, RelayReusesAnEarlierRequestsOutput) {
+  for (bool relay : {true, false}) {
+    SchedulerOptions so;
+    so.relay = relay;
+    Build(512, so);
+    const Tokenizer& tok = Trained().tokenizer();
+    auto plain = [&](const char* t) { return tok.Encode(t, false, false); };
+    std::vector<TokenId> a_prompt = {tok.bos()};
+    const auto a_text = plain(" Write one line about the lighthouse on the cape:");
+    a_prompt.insert(a_prompt.end(), a_text.begin(), a_text.end());
+    SchedRequest a = Req(a_prompt, 12);
+    a.gen.ignore_eos = true;
+    auto sa = sched_->Submit(std::move(a));
+    ASSERT_TRUE(sa.ok());
+    const Collected out = Collect(**sa);
+    ASSERT_EQ(out.tokens.size(), 12u);
+    // B: another agent's prompt quoting A's answer (as generated: A's KV lacks its last
+    // token, which ended on max_tokens), then a question.
+    std::vector<TokenId> b_prompt = {tok.bos()};
+    const auto intro = plain(" Another agent said:");
+    const auto q = plain(" Is that true? Answer:");
+    b_prompt.insert(b_prompt.end(), intro.begin(), intro.end());
+    const int64_t at = static_cast<int64_t>(b_prompt.size());
+    b_prompt.insert(b_prompt.end(), out.tokens.begin(), out.tokens.end());
+    const int64_t q_at = static_cast<int64_t>(b_prompt.size());
+    b_prompt.insert(b_prompt.end(), q.begin(), q.end());
+    auto run = [&](ReuseMode mode, double ratio) {
+      SchedRequest r = Req(b_prompt, 6);
+      r.segments = {{at, static_cast<int64_t>(out.tokens.size())},
+                    {q_at, static_cast<int64_t>(q.size())}};
+      r.reuse.mode = mode;
+      r.reuse.ratio = ratio;
+      auto st = sched_->Submit(std::move(r));
+      CT_CHECK(st.ok()) << st.status().ToString();
+      return Collect(**st);
+    };
+    const Collected naive = run(ReuseMode::kNaive, 0);
+    ASSERT_EQ(naive.last.kind, StreamEvent::Kind::kDone) << naive.last.error.ToString();
+    if (relay) {
+      EXPECT_EQ(naive.last.usage.segment_tokens, 11) << "A's 11 fed tokens placed";
+      EXPECT_EQ(naive.last.usage.recomputed_tokens, 0);
+      EXPECT_EQ(sched_->Stats().relay_saved, 2u);  // A, and B itself when it finished
+      EXPECT_EQ(sched_->Stats().relay_hits, 1u);
+    } else {
+      EXPECT_EQ(naive.last.usage.segment_tokens, 0) << "no relay: computed on its own";
+      EXPECT_EQ(sched_->Stats().relay_saved, 0u);
+    }
+    const Collected blend = run(ReuseMode::kBlend, 1.0);
+    EXPECT_EQ(blend.tokens, Reference(b_prompt, 6));
+  }
+}
+
 TEST_F(SchedulerTest, TinyBudgetQueuesInsteadOfFailing) {
   SchedulerOptions so;
   so.max_running = 8;

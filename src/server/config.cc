@@ -132,6 +132,7 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"blend_ratio", Fraction(&cfg->blend_ratio)},
       {"segment_separator", Str(&cfg->segment_separator)},
       {"segment_cache_mb", Int(&cfg->segment_cache_mb)},
+      {"relay", Bool(&cfg->relay)},
       {"load_deadline_ms", Int(&cfg->load_deadline_ms)},
       {"api_key", StrList(&cfg->api_keys)},
       {"api_key_file", Str(&cfg->api_key_file)},

@@ -18,6 +18,7 @@
 //   kv_policy = "snapkv"      kv_policy_budget = 0.2 (or "20%", or 512 tokens)
 //   # segment reuse (docs/serving.md "Segment reuse"):
 //   kv_reuse = "prefix"       blend_ratio = 0.15    segment_separator = "\n\n"  segment_cache_mb = 256
+//   relay = false             (keep each finished request's output as a segment)
 //   # access control and request limits:
 //   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
 //   max_body = "16MiB"        max_messages = 1024
@@ -93,6 +94,7 @@ struct ServeConfig {
   std::string blend_ratio = "0.15";
   std::string segment_separator;
   int segment_cache_mb = 256;
+  bool relay = false;  // keep each finished request's output KV as a segment (RelayCaching)
   // Access control (docs/serving.md "Access control").
   std::vector<std::string> api_keys;  // TOML key and flag: api_key
   std::string api_key_file;           // one key a line; '#' comments and blank lines skipped

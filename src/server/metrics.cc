@@ -112,6 +112,12 @@ std::string Metrics::Render(const Gauges& g) {
          "Segment tokens computed on their own for the segment cache.");
   Sample(&out, "cachette_segment_computed_tokens_total",
          static_cast<double>(g.sched.segment_computed_tokens));
+  Family(&out, "cachette_relay_saved_total", "counter",
+         "Finished requests whose output's KV went into the segment cache (--relay).");
+  Sample(&out, "cachette_relay_saved_total", static_cast<double>(g.sched.relay_saved));
+  Family(&out, "cachette_relay_hits_total", "counter",
+         "Segments found in the segment cache as an earlier request's output (--relay).");
+  Sample(&out, "cachette_relay_hits_total", static_cast<double>(g.sched.relay_hits));
   Family(&out, "cachette_prefill_tokens_total", "counter", "Prompt tokens actually computed.");
   Sample(&out, "cachette_prefill_tokens_total", static_cast<double>(g.sched.prefill_tokens));
   ttft_.Render("cachette_time_to_first_token_seconds", "Submit to first token.", &out);

@@ -8,7 +8,8 @@ Two documents are precomputed (POST /v1/cache/segments) in tenant A. A completio
   - in `naive`, usage reporting the placed segment tokens as reused and none recomputed.
 Another cache_salt gets no segment reuse. Chat content parts and --segment-separator make
 segments too; /v1/cache/stats and /metrics count them. Every bad input is a 400 naming its
-field.
+field. With --relay, a completion's output quoted as a segment by a later prompt is placed
+from the KV its request kept (RelayCaching).
 
 Usage: segments_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
 """
@@ -183,13 +184,35 @@ def test_errors(s):
     bad(p, {"segments": [DOC1], "cache_salt": 1}, "cache_salt")
 
 
+def test_relay(s):
+    # Agent A answers; agent B's prompt quotes A's answer as a segment after other text. With
+    # --relay, A's output KV was kept when A finished, so B places it instead of computing it.
+    st, a = s.post("/v1/completions", {"prompt": "Write one line about the harbour town:",
+                                       "max_tokens": 12, "temperature": 0, "cache_salt": "R"})
+    if not check(st == 200, "relay: A answered: %s %s" % (st, a)):
+        return
+    answer = a["choices"][0]["text"]
+    st, b = complete(s, ["Another agent wrote:", answer, " Is that so? Answer:"], "naive", "R")
+    if not check(st == 200, "relay: B answered: %s %s" % (st, b)):
+        return
+    _, segment, recomputed = reuse(b["usage"])
+    check(segment is not None and segment >= a["usage"]["completion_tokens"] - 1 and
+          recomputed == 0, "relay: B placed A's output (%s tokens): %s" %
+          (a["usage"]["completion_tokens"], b["usage"]))
+    st, stats = s.get("/v1/cache/stats")
+    seg = stats.get("segments", {})
+    check(seg.get("relay_saved", 0) >= 1 and seg.get("relay_hits", 0) >= 1,
+          "relay: stats count saved outputs and hits: %s" % seg)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", required=True)
     p.add_argument("--model", required=True)
     a = p.parse_args()
     t0 = time.time()
-    s = Server(a.binary, a.model, "--segment-cache-mb", "64", "--segment-separator", SEP)
+    s = Server(a.binary, a.model, "--segment-cache-mb", "64", "--segment-separator", SEP,
+               "--relay")
     try:
         counts = test_precompute(s)
         if counts is not None:
@@ -197,6 +220,7 @@ def main():
         test_chat_parts(s)
         test_separator(s)
         test_stats(s)
+        test_relay(s)
         test_errors(s)
     finally:
         s.close()
