@@ -59,7 +59,7 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
        "Its budget: below 1 (or \"20%\") a fraction of each prompt, else tokens (0.2)");
   Flag(c, p, kSched, "--kv-reuse", &ServeConfig::kv_reuse,
        "Segment reuse of a request that names none: prefix (exact prefixes only), naive, blend "
-       "(CacheBlend) or cachecraft (default: prefix)");
+       "(CacheBlend), cachecraft or ape (default: prefix)");
   Flag(c, p, kSched, "--blend-ratio", &ServeConfig::blend_ratio,
        "Default blend_ratio in [0, 1]: blend's recomputed share, cachecraft's alpha (0.15)");
   Flag(c, p, kSched, "--segment-separator", &ServeConfig::segment_separator,

@@ -23,4 +23,28 @@ void RequestStream::Push(StreamEvent e) {
   cv_.notify_one();
 }
 
+Status ValidateApeLayout(const SchedRequest& r) {
+  if (r.reuse.mode != ReuseMode::kApe || r.segments.empty()) return Status::Ok();
+  const auto& sg = r.segments;
+  const int64_t n = static_cast<int64_t>(r.prompt.size());
+  const size_t docs = sg.size() - (sg.back().offset + sg.back().length == n ? 1 : 0);
+  if (docs == 0) {
+    return InvalidArgument(
+        "kv_reuse 'ape' needs a document segment before the query (the last segment, ending "
+        "the prompt, is the query)");
+  }
+  for (size_t i = 0; i + 1 < docs; ++i) {
+    if (sg[i].offset + sg[i].length != sg[i + 1].offset) {
+      return InvalidArgument("kv_reuse 'ape' needs its document segments adjacent (text between "
+                             "documents " + std::to_string(i) + " and " + std::to_string(i + 1) +
+                             ")");
+    }
+  }
+  const ApeOptions& a = r.ape;
+  if (!(a.temperature > 0 && a.temperature <= 100 && a.scale > 0 && a.scale <= 100)) {
+    return InvalidArgument("ape temperature and scale must be in (0, 100]");
+  }
+  return Status::Ok();
+}
+
 }  // namespace cachette::sched

@@ -27,6 +27,7 @@
 #include "cachette/types.h"
 #include "engine/generate.h"
 #include "engine/logprobs.h"
+#include "engine/ape.h"
 #include "engine/segment_reuse.h"
 #include "kv/kv_policy.h"
 
@@ -60,12 +61,19 @@ struct SchedRequest {
   // tiers (its KV is still committed for later requests).
   bool prompt_logprobs = false;
   // Segment reuse (engine/segment_reuse.h, issue 11): the prompt's segments (sorted, disjoint,
-  // non-empty) and how their KV may be reused. Modes naive, blend and cachecraft prefill the
-  // prompt from the segment cache (Scheduler, "Segment reuse"); prefix (the default) and full
-  // ignore the segments; ape is refused (kInvalidArgument).
+  // non-empty) and how their KV may be reused. Modes naive, blend, cachecraft and ape prefill
+  // the prompt from the segment cache (Scheduler, "Segment reuse"); prefix (the default) and
+  // full ignore the segments. ape (engine/ape.h): the segments but a last one that ends the
+  // prompt are its documents, adjacent; what follows them is the query; `ape` holds T and S.
   std::vector<SegmentSpan> segments;
   ReuseOptions reuse;
+  ApeOptions ape;
 };
+
+// kv_reuse ape's layout: at least one document segment before the query (the segments but a
+// last one that ends the prompt), the documents adjacent, T and S in (0, 100].
+// kInvalidArgument saying which; Ok for any other mode or no segments.
+Status ValidateApeLayout(const SchedRequest& r);
 
 // Tokens of the prompt that came from one place instead of being prefilled.
 struct TierTokens {

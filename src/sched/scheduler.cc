@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <future>
+#include <optional>
 
 #include "core/check.h"
 #include "core/map_util.h"
@@ -63,6 +64,8 @@ struct Scheduler::Seq {
   // Segment reuse: its prefill is still to be done by SegmentPrefill (which leaves the
   // sequence's exact_tokens() at the end of the exact prefix: only those may be shared).
   bool segment_pending = false;
+  // APE: the layout PrefillApe left; set, the sequence decodes through DecodeApe alone.
+  std::optional<ApeState> ape;
   // Tokens of tokens/prompt read into the KV (the slot count differs once compacted).
   int64_t fed() const { return kv ? kv->tokens_seen() : 0; }
   // Whether the next prefill chunk must compute the logits of every position (kAll).
@@ -237,9 +240,7 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   }
   CT_RETURN_IF_ERROR(request.gen.sampling.Validate());
   if (request.gen.max_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
-  if (request.reuse.mode == ReuseMode::kApe) {
-    return InvalidArgument("kv_reuse 'ape' is not served yet (its decode needs APE's attention)");
-  }
+  CT_RETURN_IF_ERROR(ValidateApeLayout(request));
   if (!(request.reuse.ratio >= 0 && request.reuse.ratio <= 1)) {
     return InvalidArgument("blend_ratio must be in [0, 1]");
   }
@@ -548,11 +549,16 @@ bool Scheduler::UsesSegments(const Seq& s) const {
   const ReuseMode m = s.req.reuse.mode;
   return options_.prefix_cache && !s.req.segments.empty() && s.policy == nullptr &&
          !s.req.prompt_logprobs &&
-         (m == ReuseMode::kNaive || m == ReuseMode::kBlend || m == ReuseMode::kCacheCraft);
+         (m == ReuseMode::kNaive || m == ReuseMode::kBlend || m == ReuseMode::kCacheCraft ||
+          m == ReuseMode::kApe);
 }
 
 void Scheduler::SegmentPrefill(Seq& s) {
   s.segment_pending = false;
+  if (s.req.reuse.mode == ReuseMode::kApe) {
+    ApePrefill(s);
+    return;
+  }
   const std::span<const TokenId> prompt(s.req.prompt);  // resumed: prompt and output
   const int64_t n = s.prompt_len;
   // A fully cached prompt still computes its last token (its logits).
@@ -654,6 +660,88 @@ void Scheduler::SegmentPrefill(Seq& s) {
   Emit(s);
 }
 
+void Scheduler::ApePrefill(Seq& s) {
+  const std::span<const TokenId> prompt(s.req.prompt);  // resumed: prompt and output
+  const auto& sg = s.req.segments;
+  const size_t n_docs =
+      sg.size() - (sg.back().offset + sg.back().length == s.orig_prompt_len ? 1 : 0);
+  const int64_t p = sg.front().offset;
+  const int64_t docs_end = sg[n_docs - 1].offset + sg[n_docs - 1].length;
+  const std::span<const TokenId> prefix = prompt.first(static_cast<size_t>(p));
+  // The radix index (or a tier) may have given more than the prefix (the same prompt read in
+  // full before): APE lays the documents out itself, so that part is dropped and uncounted.
+  const int64_t from_index = std::min(s.fed(), p);
+  if (s.fed() > p) {
+    if (!s.resumed) {
+      int64_t drop = std::min(s.fed(), s.prompt_len - 1) - p;
+      s.usage.cached_tokens -= drop;
+      for (auto it = s.usage.cached_by_tier.rbegin(); drop > 0 && it != s.usage.cached_by_tier.rend();
+           ++it) {
+        const int64_t take = std::min(drop, it->tokens);
+        it->tokens -= take;
+        drop -= take;
+      }
+    }
+    s.kv->SetTokens(p);
+  }
+  const uint64_t context_id = ContextId(prefix);
+  std::vector<std::shared_ptr<const SegmentKv>> held;
+  std::vector<const SegmentKv*> docs;
+  int64_t reused = 0, computed = 0;
+  for (size_t i = 0; i < n_docs; ++i) {
+    const std::span<const TokenId> toks =
+        prompt.subspan(static_cast<size_t>(sg[i].offset), static_cast<size_t>(sg[i].length));
+    std::shared_ptr<const SegmentKv> seg = segments_.Lookup(s.ns, toks, context_id);
+    if (seg == nullptr) {
+      Result<SegmentKv> r = ComputeSegment(engine_, prefix, toks);
+      if (!r.ok()) {
+        Finish(s, Reason::kCancelled, r.status().WithContext("computing a document"));
+        return;
+      }
+      computed += sg[i].length;
+      seg = segments_.Insert(s.ns, std::move(*r));
+    } else {
+      reused += sg[i].length;
+    }
+    docs.push_back(seg.get());
+    held.push_back(std::move(seg));
+  }
+  ApeState state;
+  const Status st = PrefillApe(engine_, *s.kv, prefix, docs, prompt.subspan(docs_end), s.req.ape,
+                               s.logits.data(), &state);
+  if (!st.ok()) {
+    Finish(s, Reason::kCancelled, st);
+    return;
+  }
+  s.ape = state;
+  s.kv->MarkInexactFrom(p);  // slots and positions part ways after the prefix
+  if (!s.resumed) {
+    s.usage.cached_tokens += reused;
+    if (reused > 0) s.usage.cached_by_tier.push_back({"segment", reused});
+    s.usage.segment_tokens += reused;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.segment_prefills;
+    if (!s.resumed) {
+      stats_.cached_tokens += static_cast<uint64_t>(reused);
+      stats_.segment_tokens += static_cast<uint64_t>(reused);
+    }
+    stats_.segment_computed_tokens += static_cast<uint64_t>(computed);
+    stats_.prefill_tokens +=
+        static_cast<uint64_t>(p - from_index + computed + s.prompt_len - docs_end);
+  }
+  s.state = Seq::State::kDecode;
+  if (options_.prefix_cache) {
+    const std::span<const TokenId> exact = ExactTokens(s);
+    kv_.Commit(*s.kv, exact);
+    if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
+      s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, exact, s.req.pin_ttl_ms).id;
+    }
+  }
+  Emit(s);
+}
+
 std::shared_ptr<const SegmentKv> Scheduler::RelayLookup(const Hash128& ns,
                                                          std::span<const TokenId> toks) {
   // The output as generated, or without its last token: a request that ended on max_tokens
@@ -675,7 +763,7 @@ void Scheduler::SaveRelay(Seq& s) {
   // The generated tokens whose KV the sequence holds (slots == positions: no budget policy).
   const int64_t begin = s.orig_prompt_len;
   const int64_t end = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
-  if (s.policy != nullptr || s.kv->compacted() || end - begin < 1) return;
+  if (s.policy != nullptr || s.kv->compacted() || s.ape || end - begin < 1) return;
   SegmentKv seg;
   seg.tokens.assign(s.tokens.begin() + begin, s.tokens.begin() + end);
   seg.base_pos = begin;
@@ -796,6 +884,7 @@ void Scheduler::Preempt(Seq& v) {
   v.resumed = true;
   v.cow_pending = false;
   v.segment_pending = UsesSegments(v);
+  v.ape.reset();
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.preemptions;
@@ -1070,6 +1159,20 @@ void Scheduler::Step() {
       break;
     }
   }
+  // APE sequences decode one at a time through DecodeApe (their attention is not Forward's).
+  for (auto& s : running_) {
+    if (s->state != Seq::State::kDecode || !s->ape) continue;
+    Status st = s->kv->Reserve(s->kv->n_tokens() + 1);
+    if (st.ok()) {
+      st = DecodeApe(engine_, *s->kv, *s->ape, std::span<const TokenId>(&s->next, 1),
+                     s->logits.data());
+    }
+    if (!st.ok()) {
+      Finish(*s, Reason::kCancelled, st);
+      continue;
+    }
+    Emit(*s);
+  }
   std::erase_if(running_, [](const auto& s) { return s->state == Seq::State::kFinished; });
   if (running_.empty()) return;
   struct Planned {
@@ -1080,7 +1183,7 @@ void Scheduler::Step() {
   int64_t budget = options_.step_tokens;
   int64_t decodes = 0;
   for (auto& s : running_) {
-    if (s->state == Seq::State::kDecode) {
+    if (s->state == Seq::State::kDecode && !s->ape) {
       plan.push_back({s.get(), 1});
       --budget;
       ++decodes;

@@ -304,6 +304,8 @@ class Scheduler {
   // Segment reuse (see the header comment): whether `s` takes that path, and its prefill.
   bool UsesSegments(const Seq& s) const;
   void SegmentPrefill(Seq& s);
+  // APE's prefill (kv_reuse ape): documents from the segment cache laid out in parallel.
+  void ApePrefill(Seq& s);
   // Relay: a segment an earlier request generated (its tokens, or all but the last), or null.
   std::shared_ptr<const SegmentKv> RelayLookup(const Hash128& ns, std::span<const TokenId> toks);
   // Relay: files a finishing request's generated tokens' KV in the segment cache.

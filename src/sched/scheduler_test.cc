@@ -303,13 +303,76 @@ TEST_F(SchedulerTest, SegmentReuseIsPerTenantAndCommitsOnlyTheExactPrefix) {
   EXPECT_GT(sched_->Stats().segment_tokens, 0u);
 
   SchedRequest ape = Req(prompt, 1);
-  ape.segments = spans;
+  ape.segments = {spans[0], spans[2]};  // text (d1) between the document and the query's end
+  ape.segments[1].offset += 1;
+  ape.segments[1].length -= 1;
   ape.reuse.mode = ReuseMode::kApe;
-  EXPECT_EQ(sched_->Submit(std::move(ape)).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(sched_->Submit(std::move(ape)).status().code(), StatusCode::kOk);
+  SchedRequest ape_one = Req(prompt, 1);
+  ape_one.segments = {spans[2]};  // the query alone: no document
+  ape_one.reuse.mode = ReuseMode::kApe;
+  EXPECT_EQ(sched_->Submit(std::move(ape_one)).status().code(), StatusCode::kInvalidArgument);
+  SchedRequest ape_gap = Req(prompt, 1);
+  ape_gap.segments = {{spans[0].offset, spans[0].length - 1}, spans[1], spans[2]};
+  ape_gap.reuse.mode = ReuseMode::kApe;
+  EXPECT_EQ(sched_->Submit(std::move(ape_gap)).status().code(), StatusCode::kInvalidArgument);
   SchedRequest overlap = Req(prompt, 1);
   overlap.segments = {{1, 4}, {3, 2}};
   overlap.reuse.mode = ReuseMode::kNaive;
   EXPECT_EQ(sched_->Submit(std::move(overlap)).status().code(), StatusCode::kInvalidArgument);
+}
+
+// APE through the scheduler (engine/ape.h): with one document and T = S = 1 its two-part
+// attention is ordinary attention, so the output is full prefill's; with T = S = 0.9 and two
+// documents laid out in parallel the documents come from the segment cache (reused on the
+// second request) and decoding goes on through DecodeApe beside ordinary decodes.
+TEST_F(SchedulerTest, ApeServesDocumentsInParallel) {
+  Build(512, {});
+  const Tokenizer& tok = Trained().tokenizer();
+  auto plain = [&](const char* t) { return tok.Encode(t, false, false); };
+  const auto d1 = plain(" The lighthouse on the cape was built in 1871 and electrified in 1951.");
+  const auto d2 = plain(" The town below the cape lived from herring fishing every spring.");
+  const auto q = plain(" When was the lighthouse electrified? It was electrified in");
+  auto build = [&](std::vector<const std::vector<TokenId>*> docs, std::vector<SegmentSpan>* sp) {
+    std::vector<TokenId> p = {tok.bos()};
+    docs.push_back(&q);
+    for (const auto* part : docs) {
+      sp->push_back({static_cast<int64_t>(p.size()), static_cast<int64_t>(part->size())});
+      p.insert(p.end(), part->begin(), part->end());
+    }
+    return p;
+  };
+  auto run = [&](const std::vector<TokenId>& prompt, const std::vector<SegmentSpan>& spans,
+                 double t, double s) {
+    SchedRequest r = Req(prompt, 8);
+    r.segments = spans;
+    r.reuse.mode = ReuseMode::kApe;
+    r.ape = ApeOptions{t, s};
+    auto st = sched_->Submit(std::move(r));
+    CT_CHECK(st.ok()) << st.status().ToString();
+    return Collect(**st);
+  };
+  std::vector<SegmentSpan> one_spans;
+  const auto one = build({&d1}, &one_spans);
+  const Collected exact = run(one, one_spans, 1.0, 1.0);
+  ASSERT_EQ(exact.last.kind, StreamEvent::Kind::kDone) << exact.last.error.ToString();
+  EXPECT_EQ(exact.tokens, Reference(one, 8));
+
+  std::vector<SegmentSpan> two_spans;
+  const auto two = build({&d2, &d1}, &two_spans);
+  // An ordinary request decoding at the same time.
+  auto other = sched_->Submit(Req(two, 8, "other"));
+  ASSERT_TRUE(other.ok());
+  const Collected first = run(two, two_spans, 0.9, 0.9);
+  const Collected second = run(two, two_spans, 0.9, 0.9);
+  const Collected plain_run = Collect(**other);
+  ASSERT_EQ(second.last.kind, StreamEvent::Kind::kDone) << second.last.error.ToString();
+  EXPECT_EQ(first.tokens.size(), 8u);
+  EXPECT_EQ(second.tokens, first.tokens);
+  EXPECT_EQ(second.last.usage.segment_tokens, static_cast<int64_t>(d1.size() + d2.size()));
+  EXPECT_EQ(plain_run.tokens, Reference(two, 8));
+  // Only BOS (the prefix) is exact: the radix index holds no more of the APE layout.
+  EXPECT_LE(sched_->kv().CachedPrefix(sched_->Namespace(""), two), 1);
 }
 
 // Relay (RelayCaching): agent A's answer is kept as a segment when A finishes; agent B, whose

@@ -320,9 +320,9 @@ Status ValidateConfig(const ServeConfig& c) {
     CT_RETURN_IF_ERROR(ValidateKvPolicy(pc).WithContext("--kv-policy/--kv-policy-budget"));
   }
   if (c.kv_reuse != "prefix" && c.kv_reuse != "naive" && c.kv_reuse != "blend" &&
-      c.kv_reuse != "cachecraft") {
+      c.kv_reuse != "cachecraft" && c.kv_reuse != "ape") {
     return InvalidArgument("--kv-reuse '" + c.kv_reuse +
-                           "' must be prefix, naive, blend or cachecraft (ape is not served yet)");
+                           "' must be prefix, naive, blend, cachecraft or ape");
   }
   CT_RETURN_IF_ERROR(ParseFraction(c.blend_ratio).status().WithContext("--blend-ratio"));
   if (c.segment_cache_mb < 0 || c.segment_cache_mb > 1 << 20) {

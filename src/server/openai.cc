@@ -484,15 +484,10 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
     d->param = "kv_reuse";
     if (!it->is_string()) return InvalidArgument("'kv_reuse' must be a string");
     const std::string mode = it->get<std::string>();
-    if (mode == "ape") {
-      return InvalidArgument("'kv_reuse' 'ape' is not served yet: its decode needs APE's "
-                             "attention (engine/ape.h DecodeApe); use prefix, naive, blend or "
-                             "cachecraft");
-    }
     auto m = ParseReuseMode(mode);
     if (!m.ok() || *m == ReuseMode::kFull) {
-      return InvalidArgument("'kv_reuse' must be one of prefix, naive, blend, cachecraft (got '" +
-                             mode + "')");
+      return InvalidArgument(
+          "'kv_reuse' must be one of prefix, naive, blend, cachecraft, ape (got '" + mode + "')");
     }
     r.reuse.mode = *m;
     d->param.clear();
@@ -505,12 +500,30 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
     r.reuse.ratio = v;
     d->param.clear();
   }
+  // APE's attention temperature T and scale S (engine/ape.h), for kv_reuse ape.
+  for (auto [name, field] : {std::pair{"ape_temperature", &r.ape.temperature},
+                             std::pair{"ape_scale", &r.ape.scale}}) {
+    if (auto it = j.find(name); it != j.end() && !it->is_null()) {
+      d->param = name;
+      if (!it->is_number() || !(it->get<double>() > 0 && it->get<double>() <= 100)) {
+        return InvalidArgument(std::string("'") + name + "' must be a number in (0, 100]");
+      }
+      *field = it->get<double>();
+      d->param.clear();
+    }
+  }
 
   bool present = false;
   // Past the context, the prompt's text is bounded by the body limit alone.
   ApiContext prompt_ctx = ctx;
   if (past_context) prompt_ctx.max_token_bytes = 0;
   CT_ASSIGN_OR_RETURN(r.prompt, PromptTokens(j, prompt_ctx, &present, d, &r.segments));
+  if (r.reuse.mode == ReuseMode::kApe) {
+    const Status layout = sched::ValidateApeLayout(r);
+    // Asked for: a 400; the server's default: this prompt is served by exact prefixes.
+    if (j.contains("kv_reuse")) CT_RETURN_IF_ERROR(Param(d, "kv_reuse", layout));
+    if (!layout.ok()) r.reuse.mode = ReuseMode::kPrefix;
+  }
   if (r.prompt.empty()) {
     return Param(d, need, InvalidArgument(std::string("'") + need + "' is empty"));
   }

@@ -18,8 +18,10 @@
 // ApiContext::segment_separator a string prompt is split after each occurrence of it. Each
 // segment is tokenized on its own (its boundaries are token boundaries), the text around them
 // as usual; SchedRequest::segments gets their token spans. "kv_reuse" (prefix, naive, blend,
-// cachecraft; ape is refused as not served yet) and "blend_ratio" in [0, 1] (blend's ratio,
-// cachecraft's alpha) fill SchedRequest::reuse, defaulting to ApiContext::default_reuse.
+// cachecraft, ape) and "blend_ratio" in [0, 1] (blend's ratio, cachecraft's alpha) fill
+// SchedRequest::reuse, defaulting to ApiContext::default_reuse; "ape_temperature" and
+// "ape_scale" in (0, 100] fill SchedRequest::ape (an ape layout that cannot be served is a 400
+// naming kv_reuse: sched::ValidateApeLayout).
 // A wrong type, an out-of-range value, a prompt longer than the context or max_tokens beyond it
 // gives kInvalidArgument with a message naming the field; an unknown model kNotFound.
 //

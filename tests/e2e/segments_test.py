@@ -8,7 +8,7 @@ Two documents are precomputed (POST /v1/cache/segments) in tenant A. A completio
   - in `naive`, usage reporting the placed segment tokens as reused and none recomputed.
 Another cache_salt gets no segment reuse. Chat content parts and --segment-separator make
 segments too; /v1/cache/stats and /metrics count them. Every bad input is a 400 naming its
-field. With --relay, a completion's output quoted as a segment by a later prompt is placed
+field. APE lays the precomputed documents out in parallel. With --relay, a completion's output quoted as a segment by a later prompt is placed
 from the KV its request kept (RelayCaching).
 
 Usage: segments_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
@@ -165,7 +165,10 @@ def test_errors(s):
     bad(c, {"segments": [DOC1, 7]}, "segments")
     bad(c, {"segments": [DOC1], "kv_reuse": "bogus"}, "kv_reuse")
     bad(c, {"segments": [DOC1], "kv_reuse": 3}, "kv_reuse")
-    bad(c, {"segments": [DOC1], "kv_reuse": "ape"}, "kv_reuse", "not served")
+    bad(c, {"segments": [DOC1], "kv_reuse": "ape"}, "kv_reuse", "document")
+    bad(c, {"segments": [DOC1, QUESTION], "kv_reuse": "ape", "ape_scale": 0}, "ape_scale")
+    bad(c, {"segments": [DOC1, QUESTION], "kv_reuse": "ape", "ape_temperature": "x"},
+        "ape_temperature")
     bad(c, {"segments": [DOC1], "blend_ratio": 1.5}, "blend_ratio")
     bad(c, {"segments": [DOC1], "blend_ratio": -0.1}, "blend_ratio")
     bad(c, {"segments": [DOC1], "blend_ratio": "x"}, "blend_ratio")
@@ -182,6 +185,18 @@ def test_errors(s):
     bad(p, {"segments": [DOC1], "prefix": 5}, "prefix")
     bad(p, {"segments": [DOC1], "ttl_s": 0}, "ttl_s")
     bad(p, {"segments": [DOC1], "cache_salt": 1}, "cache_salt")
+
+
+def test_ape(s, counts):
+    # APE: the precomputed documents (tenant A, after BOS) laid out in parallel, only the
+    # question computed; decoding goes on with APE's attention.
+    st, r = complete(s, [DOC2, DOC1, QUESTION], "ape", "A", ape_temperature=0.9, ape_scale=0.9)
+    if not check(st == 200, "ape: 200, got %s %s" % (st, r)):
+        return
+    _, segment, recomputed = reuse(r["usage"])
+    check(segment == counts[0] + counts[1] and not recomputed,
+          "ape: both documents reused, none recomputed: %s" % r["usage"])
+    check(r["usage"]["completion_tokens"] > 0, "ape: generated: %s" % r["usage"])
 
 
 def test_relay(s):
@@ -217,6 +232,7 @@ def main():
         counts = test_precompute(s)
         if counts is not None:
             test_reuse(s, counts[0])
+            test_ape(s, counts)
         test_chat_parts(s)
         test_separator(s)
         test_stats(s)
