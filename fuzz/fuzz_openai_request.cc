@@ -1,8 +1,8 @@
 // Feeds arbitrary bytes as the body of /v1/chat/completions, /v1/completions and the cache admin
 // API into the OpenAI request parser (src/server/openai.*), with the bundled model's tokenizer
 // (loaded once). The parser must return a request or an error, never crash; an accepted request
-// must stay within the context (or name a valid KV budget policy that reads past it), and every
-// outcome must render to JSON.
+// must stay within the context (or name a valid KV budget policy that reads past it), its
+// segments must be valid spans of its prompt, and every outcome must render to JSON.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -63,6 +63,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     CT_CHECK(r.gen.max_tokens >= 0);
     CT_CHECK(r.cache_salt.size() <= kMaxIdBytes && r.session_id.size() <= kMaxIdBytes);
     for (TokenId t : r.prompt) CT_CHECK(t >= 0 && t < f->ctx.n_vocab);
+    // Segments (issue 11): sorted, disjoint, non-empty spans of the prompt; an ape request
+    // that was accepted has a layout the scheduler can serve; ratios and T, S in range.
+    int64_t seg_end = 0;
+    for (const sched::SegmentSpan& sp : r.segments) {
+      CT_CHECK(sp.offset >= seg_end && sp.length > 0 &&
+               sp.offset + sp.length <= static_cast<int64_t>(r.prompt.size()));
+      seg_end = sp.offset + sp.length;
+    }
+    CT_CHECK(r.reuse.ratio >= 0 && r.reuse.ratio <= 1);
+    if (r.reuse.mode == ReuseMode::kApe) CT_CHECK(sched::ValidateApeLayout(r).ok());
     sched::RequestUsage usage;
     CT_CHECK(!Dump(CompletionJson(*call, "id", 0, "tiny", "text", "stop", usage)).empty());
   }

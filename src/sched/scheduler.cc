@@ -747,6 +747,7 @@ std::shared_ptr<const SegmentKv> Scheduler::RelayLookup(const Hash128& ns,
   // The output as generated, or without its last token: a request that ended on max_tokens
   // (or a stop string cut inside its last token) never fed that token, so its KV lacks it; the
   // placement then computes the segment's last token itself.
+  if (toks.empty()) return nullptr;
   for (size_t len : {toks.size(), toks.size() - 1}) {
     if (len == 0 || !segments_.Contains(ns, toks.first(len), kRelayContext)) continue;
     std::shared_ptr<const SegmentKv> seg = segments_.Lookup(ns, toks.first(len), kRelayContext);
