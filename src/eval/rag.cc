@@ -13,51 +13,35 @@ namespace cachette::eval {
 
 Result<std::vector<RagItem>> ParseRagJsonl(std::string_view text, std::string_view source) {
   std::vector<RagItem> items;
-  int line_no = 0;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t eol = text.find('\n', pos);
-    if (eol == std::string_view::npos) eol = text.size();
-    const std::string_view line = text.substr(pos, eol - pos);
-    pos = eol + 1;
-    ++line_no;
-    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
-    auto where = [&] { return std::string(source) + ":" + std::to_string(line_no) + ": "; };
-    nlohmann::json j;
-    // The JSON library throws; its errors end here, as a Status naming the line.
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      return InvalidArgument(where() + "not valid JSON (" + e.what() + ")");
-    }
-    if (!j.is_object()) return InvalidArgument(where() + "not a JSON object");
+  CT_RETURN_IF_ERROR(ForEachJsonLine(text, source, [&](const nlohmann::json& j, int line) {
     RagItem item;
-    item.line = line_no;
+    item.line = line;
     for (auto [name, field] :
          {std::pair{"kind", &item.kind}, std::pair{"question", &item.question},
           std::pair{"answer", &item.answer}}) {
       auto it = j.find(name);
       if (it == j.end() || !it->is_string()) {
-        return InvalidArgument(where() + "missing string field '" + name + "'");
+        return InvalidArgument(std::string("missing string field '") + name + "'");
       }
       *field = it->get<std::string>();
     }
     auto docs = j.find("docs");
     if (docs == j.end() || !docs->is_array() || docs->empty()) {
-      return InvalidArgument(where() + "'docs' must be a non-empty array of strings");
+      return InvalidArgument("'docs' must be a non-empty array of strings");
     }
     for (const auto& d : *docs) {
-      if (!d.is_string()) return InvalidArgument(where() + "'docs' holds a non-string");
+      if (!d.is_string()) return InvalidArgument("'docs' holds a non-string");
       item.docs.push_back(d.get<std::string>());
     }
     if (auto h = j.find("hops"); h != j.end()) {
       if (!h->is_number_integer() || h->get<int64_t>() < 1 || h->get<int64_t>() > 100) {
-        return InvalidArgument(where() + "'hops' must be an integer from 1 to 100");
+        return InvalidArgument("'hops' must be an integer from 1 to 100");
       }
       item.hops = h->get<int>();
     }
     items.push_back(std::move(item));
-  }
+    return Status::Ok();
+  }));
   return items;
 }
 

@@ -11,8 +11,8 @@
 
 namespace cachette::eval {
 
-Result<std::vector<QaItem>> ParseQaJsonl(std::string_view text, std::string_view source) {
-  std::vector<QaItem> items;
+Status ForEachJsonLine(std::string_view text, std::string_view source,
+                       const std::function<Status(const nlohmann::json&, int)>& item) {
   int line_no = 0;
   size_t pos = 0;
   while (pos < text.size()) {
@@ -22,27 +22,36 @@ Result<std::vector<QaItem>> ParseQaJsonl(std::string_view text, std::string_view
     pos = eol + 1;
     ++line_no;
     if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
-    auto where = [&] { return std::string(source) + ":" + std::to_string(line_no) + ": "; };
+    const std::string where = std::string(source) + ":" + std::to_string(line_no) + ": ";
     nlohmann::json j;
     // The JSON library throws; its errors end here, as a Status naming the line.
     try {
       j = nlohmann::json::parse(line);
     } catch (const nlohmann::json::exception& e) {
-      return InvalidArgument(where() + "not valid JSON (" + e.what() + ")");
+      return InvalidArgument(where + "not valid JSON (" + e.what() + ")");
     }
-    if (!j.is_object()) return InvalidArgument(where() + "not a JSON object");
+    if (!j.is_object()) return InvalidArgument(where + "not a JSON object");
+    if (Status s = item(j, line_no); !s.ok()) return InvalidArgument(where + s.message());
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<QaItem>> ParseQaJsonl(std::string_view text, std::string_view source) {
+  std::vector<QaItem> items;
+  CT_RETURN_IF_ERROR(ForEachJsonLine(text, source, [&](const nlohmann::json& j, int line) {
     QaItem item;
-    item.line = line_no;
+    item.line = line;
     for (auto [name, field] : {std::pair{"kind", &item.kind}, std::pair{"prompt", &item.prompt},
                                std::pair{"answer", &item.answer}}) {
       auto it = j.find(name);
       if (it == j.end() || !it->is_string()) {
-        return InvalidArgument(where() + "missing string field '" + name + "'");
+        return InvalidArgument(std::string("missing string field '") + name + "'");
       }
       *field = it->get<std::string>();
     }
     items.push_back(std::move(item));
-  }
+    return Status::Ok();
+  }));
   return items;
 }
 

@@ -20,6 +20,7 @@
 
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <span>
 #include <string>
 #include <string_view>
@@ -37,6 +38,12 @@ struct QaItem {
   std::string answer;  // the expected text up to the end of the line
   int line = 0;        // 1-based line in its JSONL source (0 for generated items)
 };
+
+// Calls item(object, 1-based line) for each non-blank line of JSON-lines `text`.
+// kInvalidArgument "<source>:<line>: <why>" for the first line that is not a JSON object or
+// that `item` refuses (its message follows the line's name).
+Status ForEachJsonLine(std::string_view text, std::string_view source,
+                       const std::function<Status(const nlohmann::json&, int)>& item);
 
 // Parses JSON lines of objects with string fields `kind`, `prompt` and `answer` (other fields
 // ignored; blank lines skipped). kInvalidArgument "<source>:<line>: <why>" for the first line

@@ -647,17 +647,7 @@ void Scheduler::SegmentPrefill(Seq& s) {
         static_cast<uint64_t>(context_computed + computed + rep.computed_tokens +
                               rep.recomputed_tokens);
   }
-  s.state = Seq::State::kDecode;
-  if (options_.prefix_cache) {
-    // Only the exact prefix, in whole pages: the pages past it hold approximate KV, and the
-    // page that holds both is never shared (so the decode never writes into a shared page).
-    const std::span<const TokenId> exact = ExactTokens(s);
-    kv_.Commit(*s.kv, exact);
-    if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
-      s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, exact, s.req.pin_ttl_ms).id;
-    }
-  }
-  Emit(s);
+  SegmentPrefillDone(s);
 }
 
 void Scheduler::ApePrefill(Seq& s) {
@@ -731,8 +721,14 @@ void Scheduler::ApePrefill(Seq& s) {
     stats_.prefill_tokens +=
         static_cast<uint64_t>(p - from_index + computed + s.prompt_len - docs_end);
   }
+  SegmentPrefillDone(s);
+}
+
+void Scheduler::SegmentPrefillDone(Seq& s) {
   s.state = Seq::State::kDecode;
   if (options_.prefix_cache) {
+    // Only the exact prefix, in whole pages: the pages past it hold approximate KV, and the
+    // page that holds both is never shared (so the decode never writes into a shared page).
     const std::span<const TokenId> exact = ExactTokens(s);
     kv_.Commit(*s.kv, exact);
     if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {

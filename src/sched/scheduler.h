@@ -306,6 +306,8 @@ class Scheduler {
   void SegmentPrefill(Seq& s);
   // APE's prefill (kv_reuse ape): documents from the segment cache laid out in parallel.
   void ApePrefill(Seq& s);
+  // After either: the exact prefix committed (and pinned if asked), the first token emitted.
+  void SegmentPrefillDone(Seq& s);
   // Relay: a segment an earlier request generated (its tokens, or all but the last), or null.
   std::shared_ptr<const SegmentKv> RelayLookup(const Hash128& ns, std::span<const TokenId> toks);
   // Relay: files a finishing request's generated tokens' KV in the segment cache.
