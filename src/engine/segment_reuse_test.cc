@@ -3,74 +3,18 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <filesystem>
-#include <map>
 #include <numeric>
 #include <random>
 
-#include "model/synth.h"
+#include "engine/segment_test_util.h"
 
 namespace cachette {
 namespace {
 
-namespace fs = std::filesystem;
+using namespace segment_test;
 using kernels::KvType;
 using kernels::RopeStyle;
 using kernels::WType;
-
-const std::string kShared = CACHETTE_SHARED_DIR;
-
-// A synthetic tiny model of `arch` (llama: normal RoPE; qwen2: NEOX), once per process.
-const Model& Synthetic(const std::string& arch) {
-  static std::map<std::string, std::unique_ptr<Model>> cache;
-  auto it = cache.find(arch);
-  if (it != cache.end()) return *it->second;
-  const fs::path path =
-      fs::temp_directory_path() / ("cachette_segment_test_" + std::to_string(getpid()) + arch);
-  SynthOptions o;
-  o.arch = arch;
-  o.vocab_path = kShared + "/testdata/tokenizer/ggml-vocab-gpt-2.gguf";
-  Status s = SynthesizeModel(o, path.string());
-  EXPECT_TRUE(s.ok()) << s.ToString();
-  auto m = Model::Load(path.string());
-  EXPECT_TRUE(m.ok()) << m.status().ToString();
-  fs::remove(path);
-  return *(cache[arch] = std::move(*m));
-}
-
-const Model& Trained() {
-  static std::unique_ptr<Model> m = [] {
-    auto r = Model::Load(kShared + "/models/cachette-tiny-f32.gguf");
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return std::move(*r);
-  }();
-  return *m;
-}
-
-std::vector<TokenId> RandomTokens(int n, int vocab, std::mt19937& rng) {
-  std::vector<TokenId> t(n);
-  for (auto& x : t) x = static_cast<TokenId>(rng() % vocab);
-  return t;
-}
-
-std::vector<TokenId> Concat(std::initializer_list<std::span<const TokenId>> parts) {
-  std::vector<TokenId> out;
-  for (auto p : parts) out.insert(out.end(), p.begin(), p.end());
-  return out;
-}
-
-double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * double(a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
-int Argmax(const std::vector<float>& v) {
-  return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
-}
 
 // Greedy continuation of `steps` tokens from a filled sequence whose last logits are given.
 std::vector<TokenId> Greedy(Engine& engine, SequenceKv& kv, std::vector<float> logits,
