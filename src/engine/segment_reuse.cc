@@ -119,18 +119,22 @@ Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> contex
     }
     seg.cci = 1.0 / (1.0 + std::exp(-odds / c.n_layer));
   }
+  CopySegmentKv(*seq, n_ctx, n_ctx + n, seg);
+  return seg;
+}
+
+void CopySegmentKv(SequenceKv& kv, int64_t begin, int64_t end, SegmentKv& seg) {
   const size_t tb = seg.shape.token_bytes();
-  seg.k.resize(seg.shape.n_layer);
-  seg.v.resize(seg.shape.n_layer);
+  seg.k.assign(seg.shape.n_layer, {});
+  seg.v.assign(seg.shape.n_layer, {});
   for (int l = 0; l < seg.shape.n_layer; ++l) {
-    seg.k[l].resize(n * tb);
-    seg.v[l].resize(n * tb);
-    for (int64_t t = 0; t < n; ++t) {
-      std::memcpy(seg.k[l].data() + t * tb, seq->KSlot(l, n_ctx + t), tb);
-      std::memcpy(seg.v[l].data() + t * tb, seq->VSlot(l, n_ctx + t), tb);
+    seg.k[l].resize((end - begin) * tb);
+    seg.v[l].resize((end - begin) * tb);
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(seg.k[l].data() + (t - begin) * tb, kv.KSlot(l, t), tb);
+      std::memcpy(seg.v[l].data() + (t - begin) * tb, kv.VSlot(l, t), tb);
     }
   }
-  return seg;
 }
 
 double CacheCraftShare(const SegmentKv& seg, std::span<const uint64_t> chunks_before,

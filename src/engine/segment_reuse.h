@@ -84,6 +84,10 @@ Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> contex
                                  std::span<const TokenId> tokens,
                                  std::span<const uint64_t> context_chunks = {});
 
+// Copies slots [begin, end) of every layer of `kv` into seg.k and seg.v, laid out as SegmentKv
+// says (seg.shape set first, matching kv's).
+void CopySegmentKv(SequenceKv& kv, int64_t begin, int64_t end, SegmentKv& seg);
+
 // Cache-Craft's share of a placed segment to recompute: CFO = alpha * cci * (1 - beta'),
 // clamped to [0, 1], where beta' = beta * (1 - gamma): beta is the share of the segment's old
 // context chunks found among the chunks before it now, gamma the normalised Kendall-tau

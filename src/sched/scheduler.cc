@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 #include <future>
 #include <optional>
 
@@ -766,17 +765,7 @@ void Scheduler::SaveRelay(Seq& s) {
   seg.base_pos = begin;
   seg.context = kRelayContext;
   seg.shape = kv_.shape();
-  const size_t tb = seg.shape.token_bytes();
-  seg.k.resize(seg.shape.n_layer);
-  seg.v.resize(seg.shape.n_layer);
-  for (int l = 0; l < seg.shape.n_layer; ++l) {
-    seg.k[l].resize((end - begin) * tb);
-    seg.v[l].resize((end - begin) * tb);
-    for (int64_t t = begin; t < end; ++t) {
-      std::memcpy(seg.k[l].data() + (t - begin) * tb, s.kv->KSlot(l, t), tb);
-      std::memcpy(seg.v[l].data() + (t - begin) * tb, s.kv->VSlot(l, t), tb);
-    }
-  }
+  CopySegmentKv(*s.kv, begin, end, seg);
   segments_.Insert(s.ns, std::move(seg));
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.relay_saved;
