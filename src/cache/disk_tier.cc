@@ -1,6 +1,7 @@
 #include "cache/disk_tier.h"
 
 #include "cache/file_io.h"
+#include "core/hash.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -31,22 +32,13 @@ DiskEntry EntryOf(const RecordHeader& h, uint64_t bytes, int64_t mtime_ns) {
 }  // namespace
 
 bool ParseKeyHex(std::string_view hex, ChunkKey* key) {
-  if (hex.size() != 32) return false;
-  uint64_t parts[2] = {0, 0};
-  for (int i = 0; i < 32; ++i) {
-    const char c = hex[i];
-    int v;
-    if (c >= '0' && c <= '9') {
-      v = c - '0';
-    } else if (c >= 'a' && c <= 'f') {
-      v = c - 'a' + 10;
-    } else {
-      return false;
-    }
-    parts[i / 16] = parts[i / 16] << 4 | static_cast<uint64_t>(v);
+  uint64_t hi, lo;
+  if (hex.size() != 32 || !ParseHex64(hex.substr(0, 16), &hi) ||
+      !ParseHex64(hex.substr(16), &lo)) {
+    return false;
   }
-  key->hi = parts[0];
-  key->lo = parts[1];
+  key->hi = hi;
+  key->lo = lo;
   return true;
 }
 

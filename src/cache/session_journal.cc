@@ -10,6 +10,7 @@
 
 #include "cache/executor.h"
 #include "cache/file_io.h"
+#include "core/hash.h"
 #include "core/log.h"
 
 namespace cachette::cache {
@@ -45,21 +46,7 @@ uint64_t Get64(const std::byte* p) {
 
 // The digest in a record's file name, or false.
 bool ParseName(std::string_view name, uint64_t* digest) {
-  if (name.size() != 16 + 4 || !EndsWith(name, kExt)) return false;
-  uint64_t v = 0;
-  for (char c : name.substr(0, 16)) {
-    int d;
-    if (c >= '0' && c <= '9') {
-      d = c - '0';
-    } else if (c >= 'a' && c <= 'f') {
-      d = c - 'a' + 10;
-    } else {
-      return false;
-    }
-    v = v << 4 | static_cast<uint64_t>(d);
-  }
-  *digest = v;
-  return true;
+  return name.size() == 16 + 4 && EndsWith(name, kExt) && ParseHex64(name.substr(0, 16), digest);
 }
 
 Result<std::vector<std::byte>> ReadFile(const std::string& path) {

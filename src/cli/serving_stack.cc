@@ -2,6 +2,7 @@
 
 #include <filesystem>
 
+#include "cache/codecs/codec.h"
 #include "core/log.h"
 #include "core/timer.h"
 #include "core/units.h"
@@ -185,6 +186,10 @@ Status OpenStore(const ServeConfig& cfg, KvManager& kv, KvEventSink* events,
   }
   co.redis_urls = cfg.redis;
   co.codec = cfg.codec;
+  // Each level's codec is checked here so that an unknown one is refused naming its flag.
+  for (const std::string& level : cfg.redis_levels) {
+    CT_RETURN_IF_ERROR(cache::MakeCodec(level).status().WithContext("--redis-levels"));
+  }
   co.remote_levels = cfg.redis_levels;
   co.policy = cfg.policy;
   co.admit_after_hits = static_cast<uint32_t>(cfg.admit_after_hits);

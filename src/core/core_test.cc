@@ -83,6 +83,23 @@ TEST(HashTest, DeterministicAndIncrementalMatchesOneShot) {
   EXPECT_EQ(Hash128Of(bytes).ToHex().size(), 32u);
 }
 
+// ParseHex64 reads back each half of ToHex and nothing but 16 lowercase hex digits.
+TEST(HashTest, ParseHex64ReadsToHexHalvesOnly) {
+  const Hash128 h{0x0123456789abcdefULL, 0xfedcba9876543210ULL};
+  const std::string hex = h.ToHex();
+  uint64_t hi = 0, lo = 0;
+  ASSERT_TRUE(ParseHex64(std::string_view(hex).substr(0, 16), &hi));
+  ASSERT_TRUE(ParseHex64(std::string_view(hex).substr(16), &lo));
+  EXPECT_EQ(hi, h.hi);
+  EXPECT_EQ(lo, h.lo);
+  uint64_t v = 7;
+  for (const char* bad : {"", "0123456789abcde", "0123456789abcdef0", "0123456789ABCDEF",
+                          "0123456789abcdeg", " 123456789abcdef"}) {
+    EXPECT_FALSE(ParseHex64(bad, &v)) << bad;
+    EXPECT_EQ(v, 7u) << bad;
+  }
+}
+
 TEST(ThreadPoolTest, ParallelForCoversRangeOnce) {
   for (int threads : {1, 2, 3, 5}) {
     ThreadPool pool(threads);

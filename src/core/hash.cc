@@ -15,6 +15,24 @@ std::string Hash128::ToHex() const {
   return buf;
 }
 
+bool ParseHex64(std::string_view hex, uint64_t* value) {
+  if (hex.size() != 16) return false;
+  uint64_t v = 0;
+  for (const char c : hex) {
+    int d;
+    if (c >= '0' && c <= '9') {
+      d = c - '0';
+    } else if (c >= 'a' && c <= 'f') {
+      d = c - 'a' + 10;
+    } else {
+      return false;
+    }
+    v = v << 4 | static_cast<uint64_t>(d);
+  }
+  *value = v;
+  return true;
+}
+
 uint64_t Hash64(ByteSpan bytes, uint64_t seed) {
   return XXH3_64bits_withSeed(bytes.data(), bytes.size(), seed);
 }

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include "cachette/types.h"
 
@@ -13,6 +14,10 @@ struct Hash128 {
   auto operator<=>(const Hash128&) const = default;
   std::string ToHex() const;  // 32 lowercase hex digits, hi then lo
 };
+
+// Parses exactly 16 lowercase hex digits (as "%016llx" writes a value) into *value. False for
+// any other text, *value then unchanged.
+bool ParseHex64(std::string_view hex, uint64_t* value);
 
 uint64_t Hash64(ByteSpan bytes, uint64_t seed = 0);
 Hash128 Hash128Of(ByteSpan bytes, uint64_t seed = 0);

@@ -135,10 +135,8 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
   for (size_t i = 0; i < batch.size(); ++i) {
     row0[i] = r;
     pos0[i] = batch[i].kv->next_position();
-    for (int64_t j = 0; j < count[i]; ++j, ++r) {
-      s.pos[r] = static_cast<int32_t>(pos0[i] + j);
-      kernels::DequantizeRow(model_.tok_embd(), batch[i].tokens[begin[i] + j], x + r * d);
-    }
+    Embed(batch[i].tokens.subspan(begin[i], count[i]), x + r * d);
+    for (int64_t j = 0; j < count[i]; ++j, ++r) s.pos[r] = static_cast<int32_t>(pos0[i] + j);
   }
 
   std::vector<Run> runs(batch.size());

@@ -5,53 +5,26 @@
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <fstream>
-#include <map>
 #include <random>
 
 #include "engine/generate.h"
 #include "engine/reference_forward.h"
 #include "engine/sampler.h"
-#include "model/synth.h"
+#include "engine/segment_test_util.h"
 
 namespace cachette {
 namespace {
 
-namespace fs = std::filesystem;
 using kernels::KvType;
 using kernels::WType;
 
-const std::string kShared = CACHETTE_SHARED_DIR;
-
-// Synthesizes (once per process) and loads a tiny model of the given type and architecture.
-const Model& TinyModel(WType type, const std::string& arch = "llama") {
-  static std::map<std::pair<int, std::string>, std::unique_ptr<Model>> cache;
-  auto key = std::make_pair(static_cast<int>(type), arch);
-  auto it = cache.find(key);
-  if (it != cache.end()) return *it->second;
-  const fs::path dir = fs::temp_directory_path() / ("cachette_engine_test_" + std::to_string(getpid()));
-  fs::create_directories(dir);
-  const std::string path =
-      (dir / ("tiny-" + arch + "-" + std::string(kernels::WTypeName(type)) + ".gguf")).string();
-  SynthOptions o;
-  o.shape = "tiny";
-  o.type = type;
-  o.arch = arch;
-  o.vocab_path = kShared + "/testdata/tokenizer/ggml-vocab-gpt-2.gguf";
-  Status s = SynthesizeModel(o, path);
-  EXPECT_TRUE(s.ok()) << s.ToString();
-  auto m = Model::Load(path);
-  EXPECT_TRUE(m.ok()) << m.status().ToString();
-  fs::remove(path);
-  return *(cache[key] = std::move(*m));
-}
+using segment_test::kShared;
+using segment_test::Synthetic;
 
 std::vector<TokenId> RandomTokens(int n, int vocab, uint32_t seed) {
   std::mt19937 rng(seed);
-  std::vector<TokenId> t(n);
-  for (auto& x : t) x = static_cast<TokenId>(rng() % vocab);
-  return t;
+  return segment_test::RandomTokens(n, vocab, rng);
 }
 
 // All-position logits from the engine, prefilled in one call.
@@ -82,7 +55,7 @@ class ReferenceTest : public ::testing::TestWithParam<RefCase> {};
 // and above the engine's micro-batch (so chunked prefill is covered).
 TEST_P(ReferenceTest, LogitsMatchFloat64Reference) {
   const RefCase& rc = GetParam();
-  const Model& model = TinyModel(rc.type, rc.arch);
+  const Model& model = Synthetic(rc.arch, rc.type);
   EngineOptions eo;
   eo.threads = 2;
   eo.kv_type = rc.kv;
@@ -124,7 +97,7 @@ const WType kExactTypes[] = {WType::kF32, WType::kQ8_0, WType::kQ4_0};
 TEST(EngineTest, IncrementalDecodeMatchesPrefillBitForBit) {
   for (WType type : kExactTypes) {
     SCOPED_TRACE(std::string(kernels::WTypeName(type)));
-    const Model& model = TinyModel(type);
+    const Model& model = Synthetic("llama", type);
     EngineOptions eo;
     eo.threads = 2;
     eo.kv_type = KvType::kF32;
@@ -149,7 +122,7 @@ TEST(EngineTest, IncrementalDecodeMatchesPrefillBitForBit) {
 TEST(EngineTest, BatchedForwardMatchesSeparateRunsBitForBit) {
   for (WType type : kExactTypes) {
     SCOPED_TRACE(std::string(kernels::WTypeName(type)));
-    const Model& model = TinyModel(type, "qwen2");
+    const Model& model = Synthetic("qwen2", type);
     const int nv = model.config().n_vocab;
     EngineOptions eo;
     eo.threads = 2;
@@ -176,7 +149,7 @@ TEST(EngineTest, BatchedForwardMatchesSeparateRunsBitForBit) {
 }
 
 TEST(EngineTest, RejectsBadTokensAndOverlongPrompts) {
-  const Model& model = TinyModel(WType::kF32);
+  const Model& model = Synthetic("llama");
   EngineOptions eo;
   eo.threads = 1;
   Engine engine(model, eo);
@@ -300,7 +273,7 @@ TEST(EngineTest, QuantizedKvStaysCloseToF32KvOnTrainedModel) {
 }
 
 TEST(GenerateTest, StopsOnStopStringAndMaxTokens) {
-  const Model& model = TinyModel(WType::kF32);
+  const Model& model = Synthetic("llama");
   EngineOptions eo;
   eo.threads = 2;
   Engine engine(model, eo);

@@ -8,18 +8,12 @@
 #include <random>
 
 #include "engine/engine.h"
+#include "engine/segment_test_util.h"
 
 namespace cachette {
 namespace {
 
-const Model& Trained() {
-  static std::unique_ptr<Model> m = [] {
-    auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-f32.gguf");
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return std::move(*r);
-  }();
-  return *m;
-}
+using segment_test::Trained;
 
 std::vector<TokenId> RandomTokens(int n, uint32_t seed) {
   std::mt19937 rng(seed);

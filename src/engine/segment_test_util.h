@@ -1,5 +1,5 @@
-// Test helpers shared by the segment reuse and APE tests (test code only): the models they run
-// on, random token runs, and the comparisons they make.
+// Test helpers shared by the engine, segment reuse and APE tests (test code only): the models
+// they run on, random token runs, and the comparisons they make.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -14,6 +14,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/model.h"
@@ -23,23 +24,28 @@ namespace cachette::segment_test {
 
 inline const std::string kShared = CACHETTE_SHARED_DIR;
 
-// A synthetic tiny F32 model of `arch` (llama: normal RoPE; qwen2: NEOX and QKV biases) over
-// the GPT-2 vocabulary, synthesized once per process.
-inline const Model& Synthetic(const std::string& arch) {
-  static std::map<std::string, std::unique_ptr<Model>> cache;
-  auto it = cache.find(arch);
+// A synthetic tiny model of `arch` (llama: normal RoPE; qwen2: NEOX and QKV biases) with
+// weights of `type` over the GPT-2 vocabulary, synthesized once per process.
+inline const Model& Synthetic(const std::string& arch,
+                              kernels::WType type = kernels::WType::kF32) {
+  static std::map<std::pair<std::string, kernels::WType>, std::unique_ptr<Model>> cache;
+  const auto key = std::make_pair(arch, type);
+  auto it = cache.find(key);
   if (it != cache.end()) return *it->second;
-  const std::filesystem::path path = std::filesystem::temp_directory_path() /
-                                     ("cachette_segment_test_" + std::to_string(getpid()) + arch);
+  const std::filesystem::path path =
+      std::filesystem::temp_directory_path() /
+      ("cachette_segment_test_" + std::to_string(getpid()) + arch + "-" +
+       std::string(kernels::WTypeName(type)));
   SynthOptions o;
   o.arch = arch;
+  o.type = type;
   o.vocab_path = kShared + "/testdata/tokenizer/ggml-vocab-gpt-2.gguf";
   Status s = SynthesizeModel(o, path.string());
   EXPECT_TRUE(s.ok()) << s.ToString();
   auto m = Model::Load(path.string());
   EXPECT_TRUE(m.ok()) << m.status().ToString();
   std::filesystem::remove(path);
-  return *(cache[arch] = std::move(*m));
+  return *(cache[key] = std::move(*m));
 }
 
 // The trained model in F32 (../shared/models/cachette-tiny-f32.gguf), loaded once.

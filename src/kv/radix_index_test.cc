@@ -176,7 +176,10 @@ class NaiveIndex {
 
 std::string Show(const std::vector<TokenId>& t) {
   std::string s;
-  for (size_t i = 0; i < t.size(); ++i) s += (i && i % kP == 0 ? "|" : "") + std::to_string(t[i]);
+  for (size_t i = 0; i < t.size(); ++i) {
+    if (i && i % kP == 0) s += '|';  // appended, not "|" + ...: GCC 12 warns falsely (-Wrestrict)
+    s += std::to_string(t[i]);
+  }
   return s;
 }
 

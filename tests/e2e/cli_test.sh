@@ -61,6 +61,8 @@ check "bad temperature" 1 'temperature' -- "$bin" run -p hi --temp -1
 check "bad synth type" 1 'unknown weight type' -- "$bin" model synth --type q5 -o "$tmp/x.gguf"
 check "bad shape" 1 'unknown shape' -- "$bin" model synth --shape huge -o "$tmp/x.gguf"
 check "bad budget" 1 'byte size' -- "$bin" bench prefix --kv-budget lots -p 16
+check "bad redis level" 1 '--redis-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
+  --redis redis://127.0.0.1:1 --redis-levels int3
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

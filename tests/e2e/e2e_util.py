@@ -7,8 +7,11 @@ Imported by path: a test script's own directory is on sys.path; scripts/ adds te
 import http.client
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 FAILURES = []
@@ -157,3 +160,48 @@ class Server(Process):
     def __init__(self, binary, model, *extra):
         super().__init__([binary, "serve", "-m", model, "--threads", "2"] + list(extra),
                          "cachette-serve")
+
+
+def graceful_stop(s):
+    """SIGTERM, as an operator stops it: the server drains and flushes its write-behind."""
+    s.proc.send_signal(signal.SIGTERM)
+    try:
+        s.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        s.stop()
+    check(s.proc.returncode == 0, "SIGTERM exit code %s" % s.proc.returncode)
+
+
+class Redis:
+    """A throwaway redis-server on a free loopback port, its files under `tmp`."""
+
+    def __init__(self, tmp):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(dir=tmp)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if subprocess.call(["redis-cli", "-p", str(self.port), "ping"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def url(self):
+        return "redis://127.0.0.1:%d" % self.port
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_redis(tmp):
+    """A fresh redis-server for one test, or None (a failed check) where none is installed."""
+    if shutil.which("redis-server") is None:
+        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+        return None
+    return Redis(tmp)

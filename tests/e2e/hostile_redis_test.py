@@ -27,7 +27,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_test import FAILURES, Server, check  # noqa: E402
-from tiers_test import LONG, Redis, by_tier, complete, graceful_stop  # noqa: E402
+from e2e_util import Redis, graceful_stop  # noqa: E402
+from tiers_test import LONG, by_tier, complete  # noqa: E402
 
 PREFIX = b"ct:"  # RedisTierOptions::key_prefix default (docs/formats/redis-record.md)
 

@@ -29,10 +29,13 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_test import FAILURES, Server, check, free_port  # noqa: E402
+from e2e_util import (FAILURES, Server, check, free_port, graceful_stop,  # noqa: E402
+                      start_redis)
 
 LONG = " ".join(["The history of the world is long and full of stories about kings and "
                  "queens, of rivers and of the cities built beside them."] * 10)
+# A session's first turn; its second follows the answer (uninterrupted_turns).
+TURN1 = LONG + "\nQuestion: what is long?\nAnswer:"
 
 
 def complete(s, prompt, max_tokens=12, **kw):
@@ -47,15 +50,6 @@ def complete(s, prompt, max_tokens=12, **kw):
 
 def by_tier(usage):
     return usage.get("cachette", {}).get("cached_tokens_by_tier", {})
-
-
-def graceful_stop(s):
-    s.proc.send_signal(signal.SIGTERM)
-    try:
-        s.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        s.stop()
-    check(s.proc.returncode == 0, "SIGTERM exit code %s" % s.proc.returncode)
 
 
 def test_restart_hits_disk(binary, model, tmp):
@@ -79,19 +73,24 @@ def test_restart_hits_disk(binary, model, tmp):
         b.stop()
 
 
-def test_session_restored_from_disk(binary, model, tmp):
-    turn1 = LONG + "\nQuestion: what is long?\nAnswer:"
-    # Uninterrupted: both turns on one server with the prefix cache in memory.
-    u = Server(binary, model)
+def uninterrupted_turns(binary, model, session_id, *args):
+    """Both turns of a session on one server that keeps it in memory, the reference for a
+    restored one: the first answer, the second turn's prompt and its answer."""
+    u = Server(binary, model, *args)
     try:
-        a1, _ = complete(u, turn1, 16, session_id="s1")
-        turn2 = turn1 + a1 + "\nQuestion: and what is full?\nAnswer:"
-        want, _ = complete(u, turn2, 16, session_id="s1")
+        a1, _ = complete(u, TURN1, 16, session_id=session_id)
+        turn2 = TURN1 + a1 + "\nQuestion: and what is full?\nAnswer:"
+        want, _ = complete(u, turn2, 16, session_id=session_id)
     finally:
         u.stop()
+    return a1, turn2, want
+
+
+def test_session_restored_from_disk(binary, model, tmp):
+    a1, turn2, want = uninterrupted_turns(binary, model, "s1")
     d = os.path.join(tmp, "disk2")
     r1 = Server(binary, model, "--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw")
-    got1, _ = complete(r1, turn1, 16, session_id="s1")
+    got1, _ = complete(r1, TURN1, 16, session_id="s1")
     check(got1 == a1, "turn 1 matches across servers")
     graceful_stop(r1)
     r2 = Server(binary, model, "--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw")
@@ -112,18 +111,11 @@ def session_pins(s):
 
 def test_q4_session_survives_restart(binary, model, tmp):
     q4 = ("--kv-type", "q4_0")
-    turn1 = LONG + "\nQuestion: what is long?\nAnswer:"
-    u = Server(binary, model, *q4)  # uninterrupted: the reference for the second turn
-    try:
-        a1, _ = complete(u, turn1, 16, session_id="agent-7")
-        turn2 = turn1 + a1 + "\nQuestion: and what is full?\nAnswer:"
-        want, _ = complete(u, turn2, 16, session_id="agent-7")
-    finally:
-        u.stop()
+    a1, turn2, want = uninterrupted_turns(binary, model, "agent-7", *q4)
     d = os.path.join(tmp, "disk-q4")
     args = ("--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw") + q4
     r1 = Server(binary, model, *args)
-    got1, u1 = complete(r1, turn1, 16, session_id="agent-7")
+    got1, u1 = complete(r1, TURN1, 16, session_id="agent-7")
     check(got1 == a1, "turn 1 matches across servers")
     pins = session_pins(r1)
     check(len(pins) == 1 and not pins[0]["restored"], "one live session: %s" % pins)
@@ -176,36 +168,10 @@ def test_q4_session_survives_restart(binary, model, tmp):
         r4.stop()
 
 
-class Redis:
-    def __init__(self, tmp):
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(dir=tmp)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if subprocess.call(["redis-cli", "-p", str(self.port), "ping"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0:
-                return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def url(self):
-        return "redis://127.0.0.1:%d" % self.port
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def test_redis_shared_and_dead(binary, model, tmp):
-    if shutil.which("redis-server") is None:
-        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+    redis = start_redis(tmp)
+    if redis is None:
         return
-    redis = Redis(tmp)
     a = b = None
     try:
         a = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "64")
@@ -232,10 +198,9 @@ def test_redis_shared_and_dead(binary, model, tmp):
 def test_redis_levels(binary, model, tmp):
     """--redis-levels writes each chunk to Redis once per level; a second server (nothing
     measured yet, a generous deadline) restores the best level: the answer is the cold one."""
-    if shutil.which("redis-server") is None:
-        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+    redis = start_redis(tmp)
+    if redis is None:
         return
-    redis = Redis(tmp)
     a = b = None
     try:
         args = ("--redis", redis.url(), "--chunk-tokens", "64", "--redis-levels", "int4")
@@ -325,10 +290,9 @@ def test_frozen_redis_never_stalls_streams(binary, model, tmp):
     """Redis stopped (SIGSTOP) while requests restore from it, between the lookup of their chunks
     and the read: a running stream keeps its inter-token gap, and the restoring requests answer
     like cold ones once their load deadline passes."""
-    if shutil.which("redis-server") is None:
-        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+    redis = start_redis(tmp)
+    if redis is None:
         return
-    redis = Redis(tmp)
     a = b = None
     docs = [LONG + " Document %d says:" % i for i in range(3)]
     try:
@@ -412,10 +376,9 @@ def test_frozen_redis_never_stalls_streams(binary, model, tmp):
 def test_clear_reaches_every_tier(binary, model, tmp):
     """POST /v1/cache/clear removes a tenant's KV from memory, RAM, disk and Redis: neither a
     restarted server nor another server sharing Redis restores it; other tenants keep theirs."""
-    if shutil.which("redis-server") is None:
-        check(False, "redis-server is not installed (scripts/setup.sh installs it)")
+    redis = start_redis(tmp)
+    if redis is None:
         return
-    redis = Redis(tmp)
     d = os.path.join(tmp, "disk-clear")
     a = b = None
     try:
