@@ -123,6 +123,8 @@ class ChunkData {
 
   std::shared_ptr<const std::vector<std::byte>> owner_;  // internal: keeps bytes_ alive
   ByteSpan bytes_;                                        // internal
+  // The aux bytes Put filed with this chunk (empty when none).
+  std::vector<std::byte> aux;
 };
 
 // An asynchronous load (RocksDB SecondaryCache style). Destroying it before it is ready is
@@ -225,8 +227,12 @@ class Cache {
   // are copied before Put returns; RAM takes them at once, slower tiers behind (write-behind
   // on the `io` executor; a full queue drops and counts). kInvalidArgument for a bad layout,
   // size or token count; otherwise OK (a chunk no tier has room for is counted, not an error).
+  // `aux`: empty, or one byte string per chunk (each empty or up to 1 MiB) filed with it in
+  // every tier and codec and returned as ChunkData::aux; the store never reads it. A chunk
+  // already in RAM is not replaced, aux included.
   virtual Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
-                     const ChunkLayout& layout, std::span<const ByteSpan> chunks) = 0;
+                     const ChunkLayout& layout, std::span<const ByteSpan> chunks,
+                     std::span<const ByteSpan> aux = {}) = 0;
 
   // Pins the full chunks of `tokens` (present or put later) in RAM and disk against eviction
   // until Unpin or `ttl` passes (ttl = 0: until Unpin). Pinned chunks count against budgets;

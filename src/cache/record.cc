@@ -65,6 +65,10 @@ Status CheckMeta(const RecordMeta& m, std::span<const TokenId> tokens) {
   if (ChainKey(m.parent, m.ns, tokens) != m.key) {
     return InvalidArgument("record key is not XXH3-128(parent || namespace || tokens)");
   }
+  if (m.aux.size() > kRecordMaxAuxBytes) {
+    return InvalidArgument("record aux: " + std::to_string(m.aux.size()) + " bytes, at most " +
+                           std::to_string(kRecordMaxAuxBytes));
+  }
   return Status::Ok();
 }
 
@@ -88,12 +92,13 @@ Status EncodeRecordInto(const RecordMeta& m, std::span<const TokenId> tokens, By
     return InvalidArgument("record payload: raw codec needs " + std::to_string(m.raw_bytes) +
                            " bytes, got " + std::to_string(payload.size()));
   }
-  const uint64_t header_bytes = RecordHeaderBytes(tokens.size());
+  const uint64_t header_bytes = RecordHeaderBytes(tokens.size(), m.aux.size());
   out.resize(header_bytes + payload.size());
   std::byte* p = out.data();
+  const bool aux = !m.aux.empty();
   std::memcpy(p + kOffMagic, kRecordMagic, 4);
-  PutU16(p + kOffVersion, kRecordVersion);
-  PutU16(p + kOffFlags, 0);
+  PutU16(p + kOffVersion, aux ? kRecordVersionAux : kRecordVersion);
+  PutU16(p + kOffFlags, aux ? kRecordFlagAux : 0);
   PutU32(p + kOffHeaderBytes, static_cast<uint32_t>(header_bytes));
   PutU32(p + kOffNTokens, static_cast<uint32_t>(tokens.size()));
   PutHash(p + kOffNs, m.ns);
@@ -111,7 +116,12 @@ Status EncodeRecordInto(const RecordMeta& m, std::span<const TokenId> tokens, By
   for (size_t i = 0; i < tokens.size(); ++i) {
     PutU32(p + kOffTokens + 4 * i, static_cast<uint32_t>(tokens[i]));
   }
-  const size_t checked = kOffTokens + 4 * tokens.size();
+  if (aux) {
+    std::byte* a = p + kOffTokens + 4 * tokens.size();
+    PutU32(a, static_cast<uint32_t>(m.aux.size()));
+    std::memcpy(a + 4, m.aux.data(), m.aux.size());
+  }
+  const size_t checked = header_bytes - 8;
   PutU64(p + checked, Hash64(ByteSpan(p, checked)));
   if (!payload.empty()) std::memcpy(p + header_bytes, payload.data(), payload.size());
   return Status::Ok();
@@ -125,9 +135,10 @@ Result<std::vector<std::byte>> EncodeRecord(const RecordMeta& meta,
 }
 
 uint64_t RecordHeaderBytesNeeded(ByteSpan prefix) {
-  if (prefix.size() < kOffNTokens + 4) return RecordHeaderBytes(0);
-  const uint32_t n = std::min(GetU32(prefix.data() + kOffNTokens), kRecordMaxTokens);
-  return RecordHeaderBytes(n);
+  if (prefix.size() < kOffHeaderBytes + 4) return RecordHeaderBytes(0);
+  const uint64_t claimed = GetU32(prefix.data() + kOffHeaderBytes);
+  return std::clamp<uint64_t>(claimed, RecordHeaderBytes(0),
+                              RecordHeaderBytes(kRecordMaxTokens, kRecordMaxAuxBytes));
 }
 
 Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
@@ -138,17 +149,24 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
   const std::byte* p = b.data();
   if (std::memcmp(p + kOffMagic, kRecordMagic, 4) != 0) return Bad("magic", "not CTKV");
   const uint16_t version = GetU16(p + kOffVersion);
-  if (version != kRecordVersion) {
-    return Bad("version", std::to_string(version) + " (this reader knows 1)");
+  if (version != kRecordVersion && version != kRecordVersionAux) {
+    return Bad("version", std::to_string(version) + " (this reader knows 1 and 2)");
   }
-  if (GetU16(p + kOffFlags) != 0) return Bad("flags", "reserved bits set");
+  const bool aux = version == kRecordVersionAux;
+  if (GetU16(p + kOffFlags) != (aux ? kRecordFlagAux : 0)) {
+    return Bad("flags", aux ? "version 2 without the aux flag" : "reserved bits set");
+  }
   const uint32_t n_tokens = GetU32(p + kOffNTokens);
   if (n_tokens == 0 || n_tokens > kRecordMaxTokens) {
     return Bad("n_tokens", std::to_string(n_tokens) + " not in 1.." +
                                std::to_string(kRecordMaxTokens));
   }
   const uint64_t header_bytes = GetU32(p + kOffHeaderBytes);
-  if (header_bytes != RecordHeaderBytes(n_tokens)) {
+  // Version 2's aux length is read (below) only once the header checksum covers it; here the
+  // claimed size is only bounded.
+  if (aux ? header_bytes <= RecordHeaderBytes(n_tokens, 0) + 4 ||
+                header_bytes > RecordHeaderBytes(n_tokens, kRecordMaxAuxBytes)
+          : header_bytes != RecordHeaderBytes(n_tokens)) {
     return Bad("header_bytes", std::to_string(header_bytes) + " does not match n_tokens");
   }
   if (record_size < header_bytes) {
@@ -159,13 +177,21 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
     return InvalidArgument("record header: prefix of " + std::to_string(b.size()) +
                            " bytes given, " + std::to_string(header_bytes) + " needed");
   }
-  const size_t checked = kOffTokens + 4 * size_t{n_tokens};
+  const size_t checked = header_bytes - 8;
   if (GetU64(p + checked) != Hash64(ByteSpan(p, checked))) {
     return Bad("header checksum", "mismatch");
   }
 
   RecordHeader h;
   RecordMeta& m = h.meta;
+  if (aux) {
+    const std::byte* a = p + kOffTokens + 4 * size_t{n_tokens};
+    const uint32_t aux_bytes = GetU32(a);
+    if (aux_bytes == 0 || RecordHeaderBytes(n_tokens, aux_bytes) != header_bytes) {
+      return Bad("aux", "length " + std::to_string(aux_bytes) + " does not match header_bytes");
+    }
+    m.aux.assign(a + 4, a + 4 + aux_bytes);
+  }
   m.ns = GetHash(p + kOffNs);
   m.key = GetHash(p + kOffKey);
   m.parent = GetHash(p + kOffParent);

@@ -16,10 +16,16 @@
 namespace cachette::cache {
 
 inline constexpr uint8_t kRecordMagic[4] = {'C', 'T', 'K', 'V'};
+// Version 1: no aux section. Version 2: an aux section (flags bit 0) after the token ids. A
+// writer writes version 1 whenever a record has no aux bytes, so such records read the same
+// everywhere; only records with aux bytes need a reader of version 2.
 inline constexpr uint16_t kRecordVersion = 1;
+inline constexpr uint16_t kRecordVersionAux = 2;
+inline constexpr uint16_t kRecordFlagAux = 1;
 inline constexpr size_t kRecordFixedBytes = 120;  // before the token ids
 inline constexpr uint32_t kRecordMaxTokens = 65536;
 inline constexpr uint64_t kRecordMaxRawBytes = uint64_t{1} << 40;
+inline constexpr uint32_t kRecordMaxAuxBytes = uint32_t{1} << 20;
 
 // Everything in a record but the token ids and the payload.
 struct RecordMeta {
@@ -31,6 +37,9 @@ struct RecordMeta {
   ChunkLayout layout;
   uint32_t chunk_index = 0;
   uint64_t raw_bytes = 0;  // layout.raw_bytes(): the decoded size
+  // Bytes the writer files with the chunk for its own use (0 .. kRecordMaxAuxBytes; the store
+  // never looks inside). Covered by the header checksum; kept through every codec.
+  std::vector<std::byte> aux;
   bool operator==(const RecordMeta&) const = default;
 };
 
@@ -51,8 +60,11 @@ struct RecordView {
   ByteSpan payload;
 };
 
-// Bytes of the record header for `n_tokens` token ids (fixed part + ids + checksum).
-inline uint64_t RecordHeaderBytes(uint64_t n_tokens) { return kRecordFixedBytes + 4 * n_tokens + 8; }
+// Bytes of the record header for `n_tokens` token ids and `aux_bytes` aux bytes (fixed part +
+// ids + [aux length + aux] + checksum).
+inline uint64_t RecordHeaderBytes(uint64_t n_tokens, uint64_t aux_bytes = 0) {
+  return kRecordFixedBytes + 4 * n_tokens + (aux_bytes == 0 ? 0 : 4 + aux_bytes) + 8;
+}
 
 // The key a record must carry: XXH3-128(parent || ns || tokens), as ComputeChunkKeys.
 ChunkKey ChainKey(const ChunkKey& parent, const Hash128& ns, std::span<const TokenId> tokens);
@@ -77,8 +89,8 @@ Result<RecordView> DecodeRecord(ByteSpan bytes);
 Result<RecordHeader> DecodeRecordHeader(ByteSpan prefix, uint64_t record_size);
 
 // How many leading bytes DecodeRecordHeader needs, judged from the first 16 bytes of a record
-// (kRecordFixedBytes + 8 if fewer are given; n_tokens is clamped to kRecordMaxTokens, so the
-// answer is bounded whatever the bytes say).
+// (its header_bytes field; kRecordFixedBytes + 8 if fewer are given). Clamped to the largest
+// valid header, so the answer is bounded whatever the bytes say.
 uint64_t RecordHeaderBytesNeeded(ByteSpan prefix);
 
 }  // namespace cachette::cache

@@ -127,7 +127,9 @@ const CorruptCase kCases[] = {
     {"empty", [](std::vector<std::byte>& r) { r.clear(); }, "record header"},
     {"short_header", [](std::vector<std::byte>& r) { r.resize(100); }, "record header"},
     {"magic", [](std::vector<std::byte>& r) { r[0] = std::byte{'X'}; }, "record magic"},
-    {"version", [](std::vector<std::byte>& r) { r[4] = std::byte{2}; }, "record version"},
+    {"version", [](std::vector<std::byte>& r) { r[4] = std::byte{3}; }, "record version"},
+    {"version_2_without_aux", [](std::vector<std::byte>& r) { r[4] = std::byte{2}; },
+     "record flags"},
     {"flags", [](std::vector<std::byte>& r) { r[6] = std::byte{1}; }, "record flags"},
     {"n_tokens_zero", [](std::vector<std::byte>& r) { SetU32(r, 12, 0, false); },
      "record n_tokens"},
@@ -230,11 +232,16 @@ TEST(RecordTest, HeaderBytesNeededIsBoundedWhateverTheFileSays) {
   Fixture f;
   EXPECT_EQ(RecordHeaderBytesNeeded(f.record), RecordHeaderBytes(16));
   EXPECT_EQ(RecordHeaderBytesNeeded(ByteSpan(f.record).first(10)), RecordHeaderBytes(0));
-  for (uint32_t n : {kRecordMaxTokens, kRecordMaxTokens + 1, 1u << 31, ~0u}) {
+  const uint64_t largest = RecordHeaderBytes(kRecordMaxTokens, kRecordMaxAuxBytes);
+  for (uint32_t n : {static_cast<uint32_t>(largest), static_cast<uint32_t>(largest + 1),
+                     1u << 31, ~0u}) {
     auto r = f.record;
-    SetU32(r, 12, n, false);
-    EXPECT_EQ(RecordHeaderBytesNeeded(r), RecordHeaderBytes(kRecordMaxTokens)) << n;
+    SetU32(r, 8, n, false);
+    EXPECT_EQ(RecordHeaderBytesNeeded(r), largest) << n;
   }
+  auto r = f.record;
+  SetU32(r, 8, 3, false);
+  EXPECT_EQ(RecordHeaderBytesNeeded(r), RecordHeaderBytes(0));
   auto h = DecodeRecordHeader(ByteSpan(f.record).first(RecordHeaderBytes(0)), f.record.size());
   ASSERT_FALSE(h.ok());
   EXPECT_EQ(h.status().code(), StatusCode::kInvalidArgument) << h.status().ToString();
@@ -242,6 +249,51 @@ TEST(RecordTest, HeaderBytesNeededIsBoundedWhateverTheFileSays) {
   h = DecodeRecordHeader(f.record, RecordHeaderBytes(16) - 1);
   ASSERT_FALSE(h.ok());
   EXPECT_EQ(h.status().code(), StatusCode::kCorruption);
+}
+
+// Aux bytes (version 2) travel in the header: round trip, the header-only path, a bounded
+// prefix, and a record without aux still written as version 1, byte for byte as before.
+TEST(RecordTest, AuxBytesRoundTripAsVersion2) {
+  Fixture f;
+  EXPECT_EQ(std::to_integer<int>(f.record[4]), 1);
+  RecordMeta m = f.meta;
+  m.aux = Bytes(37, 8);
+  auto rec = EncodeRecord(m, f.tokens, f.payload);
+  ASSERT_TRUE(rec.ok()) << rec.status().ToString();
+  EXPECT_EQ(std::to_integer<int>((*rec)[4]), 2);
+  EXPECT_EQ(rec->size(), RecordHeaderBytes(16, 37) + f.payload.size());
+  auto v = DecodeRecord(*rec);
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(v->header.meta, m);
+  EXPECT_EQ(v->header.meta.aux, m.aux);
+  EXPECT_EQ(std::memcmp(v->payload.data(), f.payload.data(), f.payload.size()), 0);
+  EXPECT_EQ(RecordHeaderBytesNeeded(ByteSpan(*rec).first(16)), RecordHeaderBytes(16, 37));
+  auto h = DecodeRecordHeader(ByteSpan(*rec).first(RecordHeaderBytes(16, 37)), rec->size());
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  EXPECT_EQ(h->meta.aux, m.aux);
+  // Every flip and every truncation of the aux record is refused.
+  for (size_t i = 0; i < RecordHeaderBytes(16, 37); ++i) {
+    auto bad = *rec;
+    bad[i] ^= std::byte{0x01};
+    EXPECT_FALSE(DecodeRecord(bad).ok()) << "flip at byte " << i;
+  }
+  for (size_t n = 0; n < rec->size(); n += 7) {
+    EXPECT_FALSE(DecodeRecord(ByteSpan(*rec).first(n)).ok()) << "truncated to " << n;
+  }
+  // An aux length that disagrees with header_bytes, with the checksum re-sealed.
+  auto bad = *rec;
+  const size_t at = 120 + 4 * 16;
+  for (int i = 0; i < 4; ++i) bad[at + i] = static_cast<std::byte>(36 >> (8 * i));
+  const uint64_t sum = Hash64(ByteSpan(bad.data(), RecordHeaderBytes(16, 37) - 8));
+  for (int i = 0; i < 8; ++i) {
+    bad[RecordHeaderBytes(16, 37) - 8 + i] = static_cast<std::byte>(sum >> (8 * i));
+  }
+  auto refused = DecodeRecord(bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("record aux"), std::string::npos)
+      << refused.status().ToString();
+  m.aux.assign(kRecordMaxAuxBytes + 1, std::byte{1});
+  EXPECT_EQ(EncodeRecord(m, f.tokens, f.payload).status().code(), StatusCode::kInvalidArgument);
 }
 
 // Every single-byte flip of a record is refused (exhaustive over a small record).

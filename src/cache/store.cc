@@ -83,7 +83,8 @@ int64_t TieredStore::NowNanos() const {
 // ---- Put ---------------------------------------------------------------------------------
 
 Status TieredStore::Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
-                        const ChunkLayout& layout, std::span<const ByteSpan> chunks) {
+                        const ChunkLayout& layout, std::span<const ByteSpan> chunks,
+                        std::span<const ByteSpan> aux) {
   const size_t c = static_cast<size_t>(chunk_tokens_);
   if (layout.n_tokens != c) {
     return InvalidArgument("cache put: layout.n_tokens " + std::to_string(layout.n_tokens) +
@@ -101,6 +102,10 @@ Status TieredStore::Put(const Hash128& ns, std::span<const TokenId> tokens, size
                              " bytes, layout needs " + std::to_string(layout.raw_bytes()));
     }
   }
+  if (!aux.empty() && aux.size() != chunks.size()) {
+    return InvalidArgument("cache put: " + std::to_string(aux.size()) + " aux strings for " +
+                           std::to_string(chunks.size()) + " chunks");
+  }
   const std::vector<ChunkKey> keys = ComputeChunkKeys(ns, tokens.first(end * c), chunk_tokens_);
   // Records are built outside the lock (the copy of the KV bytes is the expensive part).
   std::vector<SharedBytes> records;
@@ -114,10 +119,11 @@ Status TieredStore::Put(const Hash128& ns, std::span<const TokenId> tokens, size
     m.layout = layout;
     m.chunk_index = static_cast<uint32_t>(ci);
     m.raw_bytes = layout.raw_bytes();
+    if (!aux.empty()) m.aux.assign(aux[i].begin(), aux[i].end());
     // Into a recycled buffer of the RAM tier's pool: no page faults once RAM is at its budget.
-    std::vector<std::byte> rec = ram_ != nullptr
-                                     ? ram_->pool().Take(RecordHeaderBytes(c) + chunks[i].size())
-                                     : std::vector<std::byte>();
+    std::vector<std::byte> rec =
+        ram_ != nullptr ? ram_->pool().Take(RecordHeaderBytes(c, m.aux.size()) + chunks[i].size())
+                        : std::vector<std::byte>();
     CT_RETURN_IF_ERROR(EncodeRecordInto(m, tokens.subspan(ci * c, c), chunks[i], rec));
     records.push_back(ram_ != nullptr
                           ? ram_->pool().Share(std::move(rec))

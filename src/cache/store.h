@@ -63,7 +63,8 @@ class TieredStore final : public Cache {
                                   size_t first_chunk, size_t n_chunks,
                                   std::chrono::steady_clock::time_point deadline) override;
   Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
-             const ChunkLayout& layout, std::span<const ByteSpan> chunks) override;
+             const ChunkLayout& layout, std::span<const ByteSpan> chunks,
+             std::span<const ByteSpan> aux = {}) override;
   Result<PinId> Pin(std::span<const TokenId> tokens, const Hash128& ns,
                     std::chrono::milliseconds ttl) override;
   Status Unpin(PinId pin) override;

@@ -158,6 +158,7 @@ Status TieredStore::Accept(const ChunkRequest& r, SharedBytes record, ChunkData*
     return NotFound("collision: the record under this key is another prefix's");
   }
   out->layout = m.layout;
+  out->aux = m.aux;
   if (m.codec_id == 0) {
     out->owner_ = record;
     out->bytes_ = payload;
@@ -408,7 +409,7 @@ std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const 
   if (n_chunks == 0) return handle;
   if (tokens.size() < end * c) {
     st->Resolve(0, ChunkData{InvalidArgument("cache get: tokens do not cover the chunks"),
-                             CacheTier::kNone, {}, nullptr, {}});
+                             CacheTier::kNone, {}, nullptr, {}, {}});
     return handle;
   }
   const std::vector<ChunkKey> keys = ComputeChunkKeys(ns, tokens.first(end * c), chunk_tokens_);
@@ -441,7 +442,8 @@ std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const 
   if (!load_->TrySubmit([this, st, reqs = std::move(reqs), first]() mutable {
         RunLoad(st, std::move(reqs), first);
       })) {
-    st->Resolve(first, ChunkData{Unavailable("load queue full"), CacheTier::kNone, {}, nullptr, {}});
+    st->Resolve(first,
+                ChunkData{Unavailable("load queue full"), CacheTier::kNone, {}, nullptr, {}, {}});
   }
   return handle;
 }
