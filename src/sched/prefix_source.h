@@ -15,6 +15,10 @@
 //      its pages are released: writes the full chunks of `tokens` past the first `skip` tokens
 //      (those the tiers already held, LoadProgress::tier_tokens). Returns how many leading
 //      tokens the tiers hold afterwards (`skip` when nothing was written), the next skip.
+// Segments (issue 11) reach the tiers too (sched/segment_tier.h for how they are filed):
+//   SaveSegment(ns, seg) on the loop after a segment is computed (RAM at once, slower tiers
+//   behind); StartSegmentLoad(ns, refs, deadline) looks the segments up and reads them on the
+//   source's threads; the loop polls PendingSegments::ready() and takes what was found.
 // Pins and clears reach every tier: Pin/Unpin protect a prefix's chunks, Clear(ns) removes a
 // namespace's chunks from every tier (including copies other processes wrote to Redis).
 // The default (NoPrefixSource) does nothing, so the scheduler serves from memory alone.
@@ -24,8 +28,10 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
@@ -34,6 +40,7 @@
 #include "cachette/status.h"
 #include "cachette/types.h"
 #include "core/hash.h"
+#include "engine/segment_reuse.h"
 #include "kv/kv_manager.h"
 #include "sched/request.h"
 
@@ -46,6 +53,49 @@ using SteadyTime = std::chrono::steady_clock::time_point;
 class PendingLoad {
  public:
   virtual ~PendingLoad() = default;
+};
+
+// A segment to look for: its tokens after a context (SegmentKv::context).
+struct SegmentRef {
+  std::vector<TokenId> tokens;
+  uint64_t context = 0;
+};
+
+// Segments being read from the tiers. The reader calls Finish once; the loop (or an HTTP
+// thread) polls ready() or waits, then takes them.
+class PendingSegments {
+ public:
+  explicit PendingSegments(size_t n) : found_(n) {}
+  bool ready() const {
+    std::lock_guard lock(mu_);
+    return done_;
+  }
+  // Waits until ready or `deadline`; returns ready().
+  bool WaitUntil(std::chrono::steady_clock::time_point deadline) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_until(lock, deadline, [&] { return done_; });
+  }
+  // The segments found, in the order of the refs (null: a miss). Empty before ready().
+  std::vector<std::shared_ptr<SegmentKv>> Take() {
+    std::lock_guard lock(mu_);
+    if (!done_) return {};
+    return std::move(found_);
+  }
+  // `found`: one per ref, or empty for none found.
+  void Finish(std::vector<std::shared_ptr<SegmentKv>> found) {
+    {
+      std::lock_guard lock(mu_);
+      if (!found.empty()) found_ = std::move(found);
+      done_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;                               // GUARDED_BY(mu_)
+  std::vector<std::shared_ptr<SegmentKv>> found_;   // GUARDED_BY(mu_)
 };
 
 struct LoadProgress {
@@ -63,6 +113,14 @@ class PrefixSource {
   virtual LoadProgress ApplyLoad(PendingLoad& load, PagedSequence& seq) = 0;
   virtual int64_t Save(PagedSequence& seq, std::span<const TokenId> tokens,
                        int64_t skip_tokens) = 0;
+
+  // Segments: null when the source has no tiers (nothing to look in).
+  virtual std::shared_ptr<PendingSegments> StartSegmentLoad(const Hash128& ns,
+                                                            std::vector<SegmentRef> refs,
+                                                            SteadyTime deadline) {
+    return nullptr;
+  }
+  virtual void SaveSegment(const Hash128& ns, const SegmentKv& seg) {}
 
   // For the admin API: how much of `prompt` each tier could restore (no loading). May wait for
   // a remote tier up to its lookup timeout, so never call it on the scheduler loop.

@@ -63,6 +63,9 @@ struct Scheduler::Seq {
   // Segment reuse: its prefill is still to be done by SegmentPrefill (which leaves the
   // sequence's exact_tokens() at the end of the exact prefix: only those may be shared).
   bool segment_pending = false;
+  // Its segments being read from the tiers (kLoading until they are, or the deadline).
+  std::shared_ptr<PendingSegments> segment_load;
+  SteadyTime segment_deadline;
   // APE: the layout PrefillApe left; set, the sequence decodes through DecodeApe alone.
   std::optional<ApeState> ape;
   // Tokens of tokens/prompt read into the KV (the slot count differs once compacted).
@@ -565,7 +568,6 @@ void Scheduler::SegmentPrefill(Seq& s) {
   // Segments are computed after the shared prefix: the tokens before the first segment.
   const std::span<const TokenId> context =
       prompt.first(static_cast<size_t>(s.req.segments.front().offset));
-  const uint64_t context_id = ContextId(context);
   // The shared prefix goes in first (exactly, as any prefill), so that the first segment,
   // computed after it, follows on in place: exact too.
   int64_t context_computed = 0;
@@ -587,20 +589,16 @@ void Scheduler::SegmentPrefill(Seq& s) {
     if (sp.offset < n0) continue;  // inside the exact prefix (or cut by it): not used
     const std::span<const TokenId> toks =
         prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
-    std::shared_ptr<const SegmentKv> seg = segments_.Lookup(s.ns, toks, context_id);
-    if (seg == nullptr && options_.relay) seg = RelayLookup(s.ns, toks);
-    const bool miss = seg == nullptr;
-    if (miss) {
-      Result<SegmentKv> r = ComputeSegment(engine_, context, toks);
-      if (!r.ok()) {
-        Finish(s, Reason::kCancelled, r.status().WithContext("computing a segment"));
-        return;
-      }
-      computed += sp.length;
-      seg = segments_.Insert(s.ns, std::move(*r));
+    bool miss = false;
+    Result<std::shared_ptr<const SegmentKv>> seg =
+        SegmentFor(s.ns, context, toks, options_.relay, 0, &miss);
+    if (!seg.ok()) {
+      Finish(s, Reason::kCancelled, seg.status().WithContext("computing a segment"));
+      return;
     }
-    uses.push_back(SegmentUse{sp.offset, seg.get()});
-    held.push_back(std::move(seg));
+    if (miss) computed += sp.length;
+    uses.push_back(SegmentUse{sp.offset, seg->get()});
+    held.push_back(std::move(*seg));
     fresh.push_back(miss);
   }
   ReuseReport rep;
@@ -673,27 +671,21 @@ void Scheduler::ApePrefill(Seq& s) {
     }
     s.kv->SetTokens(p);
   }
-  const uint64_t context_id = ContextId(prefix);
   std::vector<std::shared_ptr<const SegmentKv>> held;
   std::vector<const SegmentKv*> docs;
   int64_t reused = 0, computed = 0;
   for (size_t i = 0; i < n_docs; ++i) {
     const std::span<const TokenId> toks =
         prompt.subspan(static_cast<size_t>(sg[i].offset), static_cast<size_t>(sg[i].length));
-    std::shared_ptr<const SegmentKv> seg = segments_.Lookup(s.ns, toks, context_id);
-    if (seg == nullptr) {
-      Result<SegmentKv> r = ComputeSegment(engine_, prefix, toks);
-      if (!r.ok()) {
-        Finish(s, Reason::kCancelled, r.status().WithContext("computing a document"));
-        return;
-      }
-      computed += sg[i].length;
-      seg = segments_.Insert(s.ns, std::move(*r));
-    } else {
-      reused += sg[i].length;
+    bool miss = false;
+    Result<std::shared_ptr<const SegmentKv>> seg = SegmentFor(s.ns, prefix, toks, false, 0, &miss);
+    if (!seg.ok()) {
+      Finish(s, Reason::kCancelled, seg.status().WithContext("computing a document"));
+      return;
     }
-    docs.push_back(seg.get());
-    held.push_back(std::move(seg));
+    (miss ? computed : reused) += sg[i].length;
+    docs.push_back(seg->get());
+    held.push_back(std::move(*seg));
   }
   ApeState state;
   const Status st = PrefillApe(engine_, *s.kv, prefix, docs, prompt.subspan(docs_end), s.req.ape,
@@ -721,6 +713,69 @@ void Scheduler::ApePrefill(Seq& s) {
         static_cast<uint64_t>(p - from_index + computed + s.prompt_len - docs_end);
   }
   SegmentPrefillDone(s);
+}
+
+Result<std::shared_ptr<const SegmentKv>> Scheduler::SegmentFor(const Hash128& ns,
+                                                                std::span<const TokenId> context,
+                                                                std::span<const TokenId> toks,
+                                                                bool relay, int64_t ttl_ms,
+                                                                bool* computed) {
+  *computed = false;
+  std::shared_ptr<const SegmentKv> seg = segments_.Lookup(ns, toks, ContextId(context));
+  if (seg == nullptr && relay) seg = RelayLookup(ns, toks);
+  if (seg != nullptr) return seg;
+  CT_ASSIGN_OR_RETURN(SegmentKv fresh, ComputeSegment(engine_, context, toks));
+  *computed = true;
+  seg = segments_.Insert(ns, std::move(fresh), ttl_ms);
+  source_->SaveSegment(ns, *seg);
+  return seg;
+}
+
+void Scheduler::StartSegmentLoad(Seq& s) {
+  const std::span<const TokenId> prompt(s.req.prompt);
+  const std::span<const TokenId> context =
+      prompt.first(static_cast<size_t>(s.req.segments.front().offset));
+  const uint64_t context_id = ContextId(context);
+  std::vector<SegmentRef> refs;
+  for (const SegmentSpan& sp : s.req.segments) {
+    const std::span<const TokenId> toks =
+        prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
+    if (segments_.Contains(s.ns, toks, context_id)) continue;
+    refs.push_back(SegmentRef{std::vector<TokenId>(toks.begin(), toks.end()), context_id});
+  }
+  if (refs.empty()) return;
+  s.segment_deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms);
+  s.segment_load = source_->StartSegmentLoad(s.ns, std::move(refs), s.segment_deadline);
+}
+
+bool Scheduler::SegmentsArrived(Seq& s) {
+  if (s.segment_load == nullptr) return true;
+  if (!s.segment_load->ready()) {
+    // Past the deadline the request goes on without them (they are computed instead).
+    if (std::chrono::steady_clock::now() < s.segment_deadline) return false;
+    s.segment_load.reset();
+    return true;
+  }
+  AdoptSegments(s.ns, s.segment_load->Take(), 0);
+  s.segment_load.reset();
+  return true;
+}
+
+void Scheduler::AdoptSegments(const Hash128& ns, std::vector<std::shared_ptr<SegmentKv>> found,
+                              int64_t ttl_ms) {
+  uint64_t hits = 0, tokens = 0;
+  for (std::shared_ptr<SegmentKv>& seg : found) {
+    if (seg == nullptr) continue;
+    ++hits;
+    tokens += seg->tokens.size();
+    segments_.Insert(ns, std::move(*seg), ttl_ms);
+  }
+  if (hits > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.segment_tier_hits += hits;
+    stats_.segment_tier_tokens += tokens;
+  }
 }
 
 void Scheduler::SegmentPrefillDone(Seq& s) {
@@ -779,6 +834,24 @@ Result<std::vector<PrecomputedSegment>> Scheduler::PrecomputeSegments(
   }
   auto job = std::make_shared<Job>();
   job->ns = Namespace(cache_salt);
+  // Segments the tiers hold (filed by an earlier run, or another server on the same Redis) are
+  // read back here, on the caller's thread, rather than computed again on the loop.
+  const uint64_t context_id = ContextId(context);
+  std::vector<SegmentRef> refs;
+  for (const std::vector<TokenId>& toks : segments) {
+    if (!toks.empty() && !segments_.Contains(job->ns, toks, context_id)) {
+      refs.push_back(SegmentRef{toks, context_id});
+    }
+  }
+  if (!refs.empty()) {
+    const SteadyTime deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms);
+    std::shared_ptr<PendingSegments> pending =
+        source_->StartSegmentLoad(job->ns, std::move(refs), deadline);
+    if (pending != nullptr && pending->WaitUntil(deadline)) {
+      AdoptSegments(job->ns, pending->Take(), ttl_ms);
+    }
+  }
   job->context = std::move(context);
   job->segments = std::move(segments);
   job->ttl_ms = ttl_ms;
@@ -803,21 +876,19 @@ void Scheduler::RunJobs() {
     std::vector<PrecomputedSegment> out;
     Status failed = Status::Ok();
     uint64_t computed = 0;
-    const uint64_t context_id = ContextId(job->context);
     for (size_t i = 0; i < job->segments.size() && failed.ok(); ++i) {
       const std::vector<TokenId>& toks = job->segments[i];
       PrecomputedSegment r;
       r.tokens = static_cast<int64_t>(toks.size());
-      r.cached = !toks.empty() && segments_.Contains(job->ns, toks, context_id);
-      if (!r.cached) {
-        Result<SegmentKv> seg = ComputeSegment(engine_, job->context, toks);
-        if (!seg.ok()) {
-          failed = seg.status().WithContext("segments[" + std::to_string(i) + "]");
-          break;
-        }
-        segments_.Insert(job->ns, std::move(*seg), job->ttl_ms);
-        computed += toks.size();
+      bool miss = false;
+      Result<std::shared_ptr<const SegmentKv>> seg =
+          SegmentFor(job->ns, job->context, toks, false, job->ttl_ms, &miss);
+      if (!seg.ok()) {
+        failed = seg.status().WithContext("segments[" + std::to_string(i) + "]");
+        break;
       }
+      r.cached = !miss;
+      if (miss) computed += toks.size();
       out.push_back(r);
     }
     {
@@ -852,6 +923,7 @@ void Scheduler::Preempt(Seq& v) {
   kv_.Finish(*v.kv, kept);
   v.kv.reset();
   v.load.reset();
+  v.segment_load.reset();
   if (v.state == Seq::State::kDecode) {
     // tokens = prompt + every sampled token; the last one (next) is not in the KV yet, so the
     // resume's prefill feeds it and its logits give the next token, as a decode step would.
@@ -1060,6 +1132,8 @@ void Scheduler::Admit() {
 void Scheduler::StartTierLoad(Seq& s) {
   s.state = Seq::State::kPrefill;
   if (!options_.prefix_cache) return;
+  if (s.segment_pending) StartSegmentLoad(s);
+  if (s.segment_load != nullptr) s.state = Seq::State::kLoading;
   if (s.NeedsPromptLogits()) return;  // restored KV has no logits either (see Fits)
   // The tiers are asked off this thread; the request waits in kLoading meanwhile.
   std::span<const TokenId> prompt(s.req.prompt);
@@ -1099,6 +1173,11 @@ void Scheduler::PollLoads() {
   for (auto& sp : running_) {
     Seq& s = *sp;
     if (s.state != Seq::State::kLoading) continue;
+    if (s.load == nullptr) {
+      // Only its segments are loading.
+      if (SegmentsArrived(s)) s.state = Seq::State::kPrefill;
+      continue;
+    }
     LoadProgress p = source_->ApplyLoad(*s.load, *s.kv);
     s.tier_tokens = std::max(s.tier_tokens, p.tier_tokens);
     uint64_t restored = 0;
@@ -1132,7 +1211,7 @@ void Scheduler::PollLoads() {
     }
     if (p.done) {
       s.load.reset();
-      s.state = Seq::State::kPrefill;
+      if (SegmentsArrived(s)) s.state = Seq::State::kPrefill;
     }
   }
 }
@@ -1482,6 +1561,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
     if (s.policy != nullptr) s.usage.kv_tokens_kept = s.kv->kept_tokens();
     if (options_.prefix_cache && error.ok()) {
       s.load.reset();  // a restore still in flight is abandoned (its late chunks are dropped)
+      s.segment_load.reset();
       if (options_.relay && reason != Reason::kCancelled) SaveRelay(s);
       source_->Save(*s.kv, kept, s.tier_tokens);
       kv_.Finish(*s.kv, kept);

@@ -202,6 +202,9 @@ struct SchedulerStats {
   // there as an earlier request's output.
   uint64_t relay_saved = 0;
   uint64_t relay_hits = 0;
+  // Segments the segment cache lacked that the tiers (disk, Redis) gave back, and their tokens.
+  uint64_t segment_tier_hits = 0;
+  uint64_t segment_tier_tokens = 0;
 };
 
 // One segment of PrecomputeSegments.
@@ -308,6 +311,22 @@ class Scheduler {
   void ApePrefill(Seq& s);
   // After either: the exact prefix committed (and pinned if asked), the first token emitted.
   void SegmentPrefillDone(Seq& s);
+  // The segment of `toks` computed after `context`: from the segment cache, else (with `relay`)
+  // an earlier request's output, else computed now, filed in the cache (for ttl_ms; 0: no
+  // expiry) and the tiers, with *computed set. Errors are ComputeSegment's.
+  Result<std::shared_ptr<const SegmentKv>> SegmentFor(const Hash128& ns,
+                                                      std::span<const TokenId> context,
+                                                      std::span<const TokenId> toks, bool relay,
+                                                      int64_t ttl_ms, bool* computed);
+  // At admission: starts reading from the tiers the segments of `s` the cache lacks.
+  void StartSegmentLoad(Seq& s);
+  // Whether `s`'s segment load is over (none, arrived, or past its deadline); what arrived is
+  // moved into the segment cache.
+  bool SegmentsArrived(Seq& s);
+  // Files segments the tiers gave back in the segment cache (ttl_ms: as Insert) and counts them.
+  // Any thread.
+  void AdoptSegments(const Hash128& ns, std::vector<std::shared_ptr<SegmentKv>> found,
+                     int64_t ttl_ms);
   // Relay: a segment an earlier request generated (its tokens, or all but the last), or null.
   std::shared_ptr<const SegmentKv> RelayLookup(const Hash128& ns, std::span<const TokenId> toks);
   // Relay: files a finishing request's generated tokens' KV in the segment cache.

@@ -1,5 +1,7 @@
 // The segment cache: KV of segments (documents, tool outputs) computed on their own, kept in
 // memory so that later prompts can place them anywhere (engine/segment_reuse.h, issue 11).
+// It is the segments' first tier: the scheduler also files them in the chunk store (disk,
+// Redis; sched/segment_tier.h) and reads them back from there into this cache.
 //
 // Key: (namespace, the segment's tokens, the context it was computed after). The namespace is
 // the request's KvNamespace (the radix index's: model, KV layout, RoPE, adapter, cache_salt),

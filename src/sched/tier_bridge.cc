@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "core/log.h"
+#include "sched/segment_tier.h"
 
 namespace cachette::sched {
 
@@ -266,7 +267,75 @@ void TierBridge::Unpin(uint64_t pin) {
   if (pin != 0) (void)cache_.Unpin(pin);  // kNotFound once its TTL passed: nothing to do
 }
 
-Status TierBridge::Clear(const Hash128& ns) { return cache_.Clear(ns); }
+Status TierBridge::Clear(const Hash128& ns) {
+  Status prompts = cache_.Clear(ns);
+  Status segments = cache_.Clear(SegmentNamespace(ns));
+  return prompts.ok() ? segments : prompts;
+}
+
+void TierBridge::SaveSegment(const Hash128& ns, const SegmentKv& seg) {
+  // A relay segment's position is the request's; nothing else could place it again.
+  if (seg.context == kRelayContext || seg.tokens.empty()) return;
+  const ChunkLayout layout = Layout();
+  const SegmentChunks packed = PackSegment(seg, layout);
+  const std::vector<TokenId> chain = SegmentChainTokens(seg.tokens, seg.context, chunk_tokens_);
+  std::vector<ByteSpan> chunks, aux;
+  for (size_t i = 0; i < packed.chunks.size(); ++i) {
+    chunks.emplace_back(packed.chunks[i]);
+    aux.emplace_back(packed.aux[i]);
+  }
+  const Status st = cache_.Put(SegmentNamespace(ns), chain, 0, layout, chunks, aux);
+  if (!st.ok()) {
+    CT_LOG(kWarning) << "filing a segment in the tiers: " << st.ToString();
+    return;
+  }
+  segments_saved_.fetch_add(1, std::memory_order_relaxed);
+}
+
+std::shared_ptr<SegmentKv> TierBridge::LoadSegment(const Hash128& sns, const SegmentRef& ref,
+                                                   SteadyTime deadline) {
+  const std::vector<TokenId> chain = SegmentChainTokens(ref.tokens, ref.context, chunk_tokens_);
+  const LookupResult hit = cache_.Lookup(chain, sns);
+  if (hit.tokens < chain.size()) return nullptr;
+  const size_t n = chain.size() / static_cast<size_t>(chunk_tokens_);
+  std::unique_ptr<LoadHandle> load = cache_.Get(sns, chain, 0, n, deadline);
+  load->Wait();
+  std::vector<const ChunkData*> chunks;
+  for (size_t i = 0; i < n; ++i) {
+    if (!load->chunk(i).status.ok()) return nullptr;
+    chunks.push_back(&load->chunk(i));
+  }
+  Result<SegmentKv> seg = UnpackSegment(chunks, ref.tokens, ref.context, kv_.shape());
+  if (!seg.ok()) {
+    CT_LOG(kWarning) << "a segment from the tiers is refused: " << seg.status().ToString();
+    return nullptr;
+  }
+  return std::make_shared<SegmentKv>(std::move(*seg));
+}
+
+std::shared_ptr<PendingSegments> TierBridge::StartSegmentLoad(const Hash128& ns,
+                                                              std::vector<SegmentRef> refs,
+                                                              SteadyTime deadline) {
+  auto pending = std::make_shared<PendingSegments>(refs.size());
+  auto shared_refs = std::make_shared<std::vector<SegmentRef>>(std::move(refs));
+  const bool queued = lookups_->TrySubmit([this, pending, shared_refs, ns, deadline] {
+    // Runs on a lookup thread: the only place a segment load may wait for a tier.
+    const Hash128 sns = SegmentNamespace(ns);
+    std::vector<std::shared_ptr<SegmentKv>> found(shared_refs->size());
+    for (size_t i = 0; i < found.size(); ++i) {
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      found[i] = LoadSegment(sns, (*shared_refs)[i], deadline);
+      (found[i] != nullptr ? segments_loaded_ : segment_misses_)
+          .fetch_add(1, std::memory_order_relaxed);
+    }
+    pending->Finish(std::move(found));
+  });
+  if (!queued) {
+    CT_LOG(kWarning) << "segment load skipped: the lookup queue is full";
+    pending->Finish({});
+  }
+  return pending;
+}
 
 std::string TierBridge::PrometheusText() { return cachette::PrometheusText(cache_.Stats()); }
 
@@ -295,6 +364,9 @@ nlohmann::json TierBridge::Stats() {
   j["remote_recompute_chunks"] = s.remote_recompute_chunks;
   j["io_queue_depth"] = s.io_queue_depth;
   j["lookup_queue_depth"] = lookups_->queued();
+  j["segments"] = {{"saved", segments_saved_.load(std::memory_order_relaxed)},
+                   {"loaded", segments_loaded_.load(std::memory_order_relaxed)},
+                   {"misses", segment_misses_.load(std::memory_order_relaxed)}};
   return j;
 }
 

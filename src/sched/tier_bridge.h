@@ -17,13 +17,18 @@
 //   2. ApplyLoad copies every chunk resolved so far, in order, into the sequence's pages
 //      (reserving them first) and advances the sequence. It is done after the last chunk, at a
 //      miss, a layout mismatch or a failed reservation, or once the deadline passed.
-// Namespaces: the request's one namespace (KvNamespace) is the store namespace too.
+// Namespaces: the request's one namespace (KvNamespace) is the store namespace too; its
+// segments have a namespace of their own (SegmentNamespace), cleared with it.
+// Segments (SaveSegment, StartSegmentLoad): filed as sched/segment_tier.h says; a load looks
+// each segment up and reads it on the `ct-lookup` threads, one after another, until the
+// deadline.
 //
 // Thread-safety: StartLoad/ApplyLoad/Save on the scheduler loop (one caller per sequence);
 // Lookup, Pin, Unpin, Clear and Stats from any thread. The Cache and KvManager are
 // thread-safe on their own.
 #pragma once
 
+#include <atomic>
 #include <memory>
 
 #include "cache/executor.h"
@@ -46,6 +51,10 @@ class TierBridge final : public PrefixSource {
   LoadProgress ApplyLoad(PendingLoad& load, PagedSequence& seq) override;
   int64_t Save(PagedSequence& seq, std::span<const TokenId> tokens,
                int64_t skip_tokens) override;
+  std::shared_ptr<PendingSegments> StartSegmentLoad(const Hash128& ns,
+                                                    std::vector<SegmentRef> refs,
+                                                    SteadyTime deadline) override;
+  void SaveSegment(const Hash128& ns, const SegmentKv& seg) override;
   std::vector<TierTokens> Lookup(const Hash128& ns, std::span<const TokenId> prompt) override;
   uint64_t Pin(const Hash128& ns, std::span<const TokenId> tokens, int64_t ttl_ms) override;
   void Unpin(uint64_t pin) override;
@@ -62,10 +71,14 @@ class TierBridge final : public PrefixSource {
  private:
   struct Load;
   ChunkLayout Layout() const;
+  // One segment from the tiers (segment namespace `sns`), or null (a miss, or not in time).
+  std::shared_ptr<SegmentKv> LoadSegment(const Hash128& sns, const SegmentRef& ref,
+                                         SteadyTime deadline);
 
   KvManager& kv_;
   Cache& cache_;
   const int chunk_tokens_;
+  std::atomic<uint64_t> segments_saved_{0}, segments_loaded_{0}, segment_misses_{0};
   // Declared last: destroyed (drained and joined) first, while the members above are alive.
   std::unique_ptr<cache::ThreadExecutor> lookups_;
 };

@@ -12,6 +12,7 @@
 #include "engine/engine.h"
 #include "engine/reference_forward.h"
 #include "engine/sampler.h"
+#include "engine/segment_reuse.h"
 
 namespace cachette::sched {
 namespace {
@@ -165,6 +166,82 @@ TEST_P(TierBridgeTest, RestoredFromRamAndDiskEqualsCold) {
     auto cleared = again.Start(kv_ns, prompt, 200);
     EXPECT_EQ(Added(t3.RestoreNow(*cleared, prompt, soon())), 0);
   }
+}
+
+// Segments in the tiers (issue 11): a segment computed after a context and filed by one
+// process is read back, byte for byte with its metadata, by a restarted one from disk, placed
+// by the same prefill as the original; another context, another tenant or a cleared tenant
+// finds nothing.
+TEST_P(TierBridgeTest, SegmentsSurviveARestartOnDisk) {
+  const KvType kv_type = GetParam();
+  EngineOptions eo;
+  eo.threads = 2;
+  eo.kv_type = kv_type;
+  Engine engine(*model_, eo);
+  std::mt19937 rng(9);
+  const std::vector<TokenId> context = {1, 300, 301};
+  std::vector<TokenId> doc(77);  // 3 + 77 slots: three chunks of 32, the last one padded
+  for (auto& t : doc) t = static_cast<TokenId>(rng() % 8000);
+  Result<SegmentKv> seg = ComputeSegment(engine, context, doc);
+  ASSERT_TRUE(seg.ok()) << seg.status().ToString();
+  const Hash128 ns = KvNamespace(*model_, kv_type);
+  auto soon = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(5); };
+  const SegmentRef ref{doc, ContextId(context)};
+  auto load = [&](TierBridge& tiers, const Hash128& in, const SegmentRef& r) {
+    std::shared_ptr<PendingSegments> p = tiers.StartSegmentLoad(in, {r}, soon());
+    EXPECT_NE(p, nullptr);
+    EXPECT_TRUE(p->WaitUntil(soon()));
+    std::vector<std::shared_ptr<SegmentKv>> found = p->Take();
+    EXPECT_EQ(found.size(), 1u);
+    return found.empty() ? nullptr : found[0];
+  };
+  {
+    auto cache = OpenCache(64 << 20);
+    KvManager kvm(KvOptions(engine));
+    TierBridge tiers(kvm, *cache);
+    tiers.SaveSegment(ns, *seg);
+    ASSERT_TRUE(cache->Flush().ok());
+    EXPECT_EQ(tiers.Stats()["segments"]["saved"], 1);
+  }
+  auto cache = OpenCache(0);  // no RAM tier: only the disk can answer
+  KvManager kvm(KvOptions(engine));
+  TierBridge tiers(kvm, *cache);
+  std::shared_ptr<SegmentKv> back = load(tiers, ns, ref);
+  ASSERT_NE(back, nullptr);
+  EXPECT_EQ(back->tokens, seg->tokens);
+  EXPECT_EQ(back->base_pos, 3);
+  EXPECT_EQ(back->context, seg->context);
+  EXPECT_EQ(back->inter, seg->inter);
+  EXPECT_EQ(back->cci, seg->cci);
+  ASSERT_EQ(back->k.size(), seg->k.size());
+  for (size_t l = 0; l < seg->k.size(); ++l) {
+    EXPECT_EQ(back->k[l], seg->k[l]) << "layer " << l;
+    EXPECT_EQ(back->v[l], seg->v[l]) << "layer " << l;
+  }
+  // Placed after another prefix, the loaded segment gives what the original gives.
+  std::vector<TokenId> prompt = {1, 500, 501, 502, 503};
+  const int64_t at = static_cast<int64_t>(prompt.size());
+  prompt.insert(prompt.end(), doc.begin(), doc.end());
+  prompt.push_back(42);
+  ReuseOptions blend;
+  blend.mode = ReuseMode::kBlend;
+  std::vector<float> a(model_->config().n_vocab), b(model_->config().n_vocab);
+  for (const SegmentKv* use : {&*seg, back.get()}) {
+    auto kv = engine.NewSequence(200);
+    const SegmentUse u{at, use};
+    ASSERT_TRUE(PrefillWithSegments(engine, *kv, prompt, {&u, 1}, blend,
+                                    (use == back.get() ? b : a).data(), nullptr)
+                    .ok());
+  }
+  EXPECT_EQ(a, b);
+  const std::vector<TokenId> bos = {1};
+  EXPECT_EQ(load(tiers, ns, SegmentRef{doc, ContextId(bos)}), nullptr) << "another context";
+  EXPECT_EQ(load(tiers, KvNamespace(*model_, kv_type, "b"), ref), nullptr) << "another tenant";
+  std::vector<TokenId> shorter(doc.begin(), doc.end() - 1);
+  EXPECT_EQ(load(tiers, ns, SegmentRef{shorter, ref.context}), nullptr) << "a prefix of it";
+  ASSERT_TRUE(tiers.Clear(ns).ok());
+  EXPECT_EQ(load(tiers, ns, ref), nullptr) << "cleared with its tenant";
+  EXPECT_EQ(tiers.Stats()["segments"]["loaded"], 1);
 }
 
 // Without an engine (cheap enough for ThreadSanitizer): pages filled with a known pattern are

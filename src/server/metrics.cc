@@ -112,6 +112,10 @@ std::string Metrics::Render(const Gauges& g) {
          "Segment tokens computed on their own for the segment cache.");
   Sample(&out, "cachette_segment_computed_tokens_total",
          static_cast<double>(g.sched.segment_computed_tokens));
+  Family(&out, "cachette_segment_tier_hits_total", "counter",
+         "Segments the segment cache lacked that the disk or Redis tier gave back.");
+  Sample(&out, "cachette_segment_tier_hits_total",
+         static_cast<double>(g.sched.segment_tier_hits));
   Family(&out, "cachette_relay_saved_total", "counter",
          "Finished requests whose output's KV went into the segment cache (--relay).");
   Sample(&out, "cachette_relay_saved_total", static_cast<double>(g.sched.relay_saved));

@@ -8,16 +8,21 @@ Two documents are precomputed (POST /v1/cache/segments) in tenant A. A completio
   - in `naive`, usage reporting the placed segment tokens as reused and none recomputed.
 Another cache_salt gets no segment reuse. Chat content parts and --segment-separator make
 segments too; /v1/cache/stats and /metrics count them. Every bad input is a 400 naming its
-field. APE lays the precomputed documents out in parallel. With --relay, a completion's output quoted as a segment by a later prompt is placed
-from the KV its request kept (RelayCaching).
+field. APE lays the precomputed documents out in parallel. With --relay, a completion's output
+quoted as a segment by a later prompt is placed from the KV its request kept (RelayCaching).
+With a disk and a Redis tier, precomputed segments survive a restart (precompute finds them
+cached) and another server on the same Redis places them without computing them, answering
+exactly as the server that computed them; a tenant's clear removes them from every tier.
 
 Usage: segments_test.py --binary build/.../cachette --model models/cachette-tiny-q8_0.gguf
 """
 import argparse
+import os
 import sys
+import tempfile
 import time
 
-from e2e_util import Server, check, report
+from e2e_util import Server, check, graceful_stop, report, start_redis
 
 DOC1 = ("The lighthouse on the northern cape was built in 1871 from granite quarried on the "
         "island itself. Its lamp burned whale oil until 1904, then kerosene, and it was "
@@ -220,6 +225,69 @@ def test_relay(s):
           "relay: stats count saved outputs and hits: %s" % seg)
 
 
+def stats_segments(s):
+    st, stats = s.get("/v1/cache/stats")
+    return stats.get("segments", {}) if st == 200 else {}
+
+
+def test_segments_in_tiers(binary, model, tmp):
+    redis = start_redis(tmp)
+    if redis is None:
+        return
+    disk = os.path.join(tmp, "segments-disk")
+    tiers = ("--disk-dir", disk, "--redis", redis.url(), "--chunk-tokens", "32")
+    segments = [DOC2, DOC1, QUESTION]
+    a = b = c = None
+    try:
+        a = Server(binary, model, *tiers)
+        st, pre = a.post("/v1/cache/segments", {"segments": [DOC1, DOC2], "cache_salt": "T"})
+        check(st == 200 and not any(x["cached"] for x in pre["segments"]),
+              "tiers: the first server computes both documents: %s %s" % (st, pre))
+        st, want = complete(a, segments, "blend", "T")
+        if not check(st == 200, "tiers: blend on the first server: %s %s" % (st, want)):
+            return
+        graceful_stop(a)  # write-behind reaches disk and Redis
+        a = None
+
+        b = Server(binary, model, *tiers)  # restarted: its disk tier holds them
+        st, again = b.post("/v1/cache/segments", {"segments": [DOC1, DOC2], "cache_salt": "T"})
+        check(st == 200 and all(x["cached"] for x in again["segments"]),
+              "tiers: after a restart, precompute finds both documents cached: %s" % again)
+        seg = stats_segments(b)
+        check(seg.get("tier_hits", 0) >= 2 and seg.get("computed_tokens", -1) == 0,
+              "tiers: read back from the tiers, not computed: %s" % seg)
+        b.stop()
+        b = None
+
+        c = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32")  # no disk
+        st, got = complete(c, segments, "blend", "T")
+        if check(st == 200, "tiers: blend on another server: %s %s" % (st, got)):
+            check(got["choices"][0]["text"] == want["choices"][0]["text"],
+                  "tiers: segments from Redis answer as where they were computed: %r vs %r" %
+                  (got["choices"][0]["text"], want["choices"][0]["text"]))
+            _, placed, _ = reuse(got["usage"])
+            check(placed is not None and placed >= pre["segments"][0]["tokens"],
+                  "tiers: the documents were placed, not computed: %s" % got["usage"])
+        seg = stats_segments(c)
+        check(seg.get("tier_hits", 0) >= 3 and seg.get("computed_tokens", -1) == 0,
+              "tiers: all three segments came from Redis: %s" % seg)
+        st, other = complete(c, segments, "blend", "U")
+        check(st == 200 and stats_segments(c).get("tier_hits") == seg.get("tier_hits"),
+              "tiers: another tenant finds none of them: %s" % stats_segments(c))
+        st, _ = c.post("/v1/cache/clear", {"cache_salt": "T"})
+        check(st == 200, "tiers: tenant T cleared")
+        c.stop()
+        c = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32")
+        st, pre = c.post("/v1/cache/segments", {"segments": [DOC1, DOC2], "cache_salt": "T"})
+        check(st == 200 and not any(x["cached"] for x in pre["segments"]),
+              "tiers: after the clear, Redis holds none of T's segments: %s" % pre)
+    finally:
+        redis.kill()
+        for x in (a, b, c):
+            if x is not None:
+                x.close()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", required=True)
@@ -240,6 +308,8 @@ def main():
         test_errors(s)
     finally:
         s.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        test_segments_in_tiers(a.binary, a.model, tmp)
     return report(t0)
 
 

@@ -1,0 +1,162 @@
+// How segments are filed in the chunk store (segment_tier.h): the metadata codec refuses every
+// malformed input naming the field; packing into chunks and back is exact for every length
+// around the chunk boundaries; the chain tokens separate contexts, lengths and tenants.
+#include "sched/segment_tier.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+
+namespace cachette::sched {
+namespace {
+
+using kernels::KvType;
+
+SegmentKv RandomSegment(int64_t n, uint32_t seed, KvType type = KvType::kF16) {
+  std::mt19937 rng(seed);
+  SegmentKv s;
+  s.shape = KvShape{3, 2, 32, type};
+  s.tokens.resize(static_cast<size_t>(n));
+  for (auto& t : s.tokens) t = static_cast<TokenId>(rng() % 30000);
+  s.base_pos = 17;
+  s.context = (uint64_t{rng()} << 32) | rng();
+  s.context_chunks = {5, 6, 7};
+  s.inter.resize(static_cast<size_t>(n));
+  for (auto& x : s.inter) x = static_cast<float>(rng() % 1000) / 1000.0f;
+  s.cci = 0.625;
+  const size_t bytes = static_cast<size_t>(n) * s.shape.token_bytes();
+  for (int l = 0; l < s.shape.n_layer; ++l) {
+    s.k.emplace_back(bytes);
+    s.v.emplace_back(bytes);
+    for (auto& b : s.k.back()) b = static_cast<std::byte>(rng());
+    for (auto& b : s.v.back()) b = static_cast<std::byte>(rng());
+  }
+  return s;
+}
+
+ChunkLayout LayoutOf(const KvShape& shape, uint32_t chunk_tokens) {
+  ChunkLayout l;
+  l.n_layer = static_cast<uint32_t>(shape.n_layer);
+  l.n_kv_head = static_cast<uint32_t>(shape.n_kv_head);
+  l.head_dim = static_cast<uint32_t>(shape.head_dim);
+  l.n_tokens = chunk_tokens;
+  l.kv_type = static_cast<uint32_t>(shape.type);
+  return l;
+}
+
+// ChunkData as a load returns them, over packed chunks.
+std::vector<ChunkData> AsLoaded(const SegmentChunks& p, const ChunkLayout& layout) {
+  std::vector<ChunkData> out(p.chunks.size());
+  for (size_t i = 0; i < p.chunks.size(); ++i) {
+    out[i].status = Status::Ok();
+    out[i].layout = layout;
+    out[i].bytes_ = ByteSpan(p.chunks[i]);
+    out[i].aux = p.aux[i];
+  }
+  return out;
+}
+
+std::vector<const ChunkData*> Pointers(const std::vector<ChunkData>& c) {
+  std::vector<const ChunkData*> out;
+  for (const ChunkData& d : c) out.push_back(&d);
+  return out;
+}
+
+TEST(SegmentTierTest, PackAndUnpackAreExactAroundChunkBoundaries) {
+  const uint32_t C = 16;
+  for (int64_t n : {1, 12, 13, 14, 29, 30, 40, 77}) {
+    for (KvType type : {KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+      SegmentKv s = RandomSegment(n, static_cast<uint32_t>(n), type);
+      const ChunkLayout layout = LayoutOf(s.shape, C);
+      const SegmentChunks p = PackSegment(s, layout);
+      ASSERT_EQ(p.chunks.size(), static_cast<size_t>((3 + n + C - 1) / C)) << n;
+      EXPECT_EQ(SegmentChainTokens(s.tokens, s.context, C).size(), p.chunks.size() * C);
+      for (size_t i = 0; i + 1 < p.aux.size(); ++i) EXPECT_TRUE(p.aux[i].empty());
+      // The leading slots of the first chunk are zeros.
+      const size_t tb = s.shape.token_bytes();
+      for (size_t b = 0; b < 3 * tb; ++b) ASSERT_EQ(p.chunks[0][b], std::byte{0});
+      const std::vector<ChunkData> loaded = AsLoaded(p, layout);
+      Result<SegmentKv> back = UnpackSegment(Pointers(loaded), s.tokens, s.context, s.shape);
+      ASSERT_TRUE(back.ok()) << back.status().ToString();
+      EXPECT_EQ(back->k, s.k) << n;
+      EXPECT_EQ(back->v, s.v) << n;
+      EXPECT_EQ(back->inter, s.inter);
+      EXPECT_EQ(back->context_chunks, s.context_chunks);
+      EXPECT_EQ(back->base_pos, s.base_pos);
+      EXPECT_EQ(back->cci, s.cci);
+      // Asked as another segment, or with a chunk missing, it is a miss.
+      std::vector<TokenId> other = s.tokens;
+      other.push_back(1);
+      EXPECT_FALSE(UnpackSegment(Pointers(loaded), other, s.context, s.shape).ok());
+      EXPECT_FALSE(UnpackSegment(Pointers(loaded), s.tokens, s.context + 1, s.shape).ok());
+      std::vector<const ChunkData*> fewer = Pointers(loaded);
+      fewer.pop_back();
+      if (!fewer.empty()) {
+        EXPECT_FALSE(UnpackSegment(fewer, s.tokens, s.context, s.shape).ok());
+      }
+      KvShape wider = s.shape;
+      wider.n_kv_head = 4;
+      EXPECT_FALSE(UnpackSegment(Pointers(loaded), s.tokens, s.context, wider).ok());
+    }
+  }
+}
+
+TEST(SegmentTierTest, ChainTokensSeparateContextsLengthsAndTenants) {
+  const std::vector<TokenId> a = {5, 6, 7};
+  const std::vector<TokenId> ab = {5, 6, 7, 8};
+  EXPECT_NE(SegmentChainTokens(a, 1, 4)[0], SegmentChainTokens(a, 2, 4)[0]);
+  EXPECT_NE(SegmentChainTokens(a, uint64_t{1} << 32, 4), SegmentChainTokens(a, 0, 4));
+  // A segment and a longer one differ in their first chunk already.
+  const auto ka = SegmentChainTokens(a, 1, 8);
+  const auto kab = SegmentChainTokens(ab, 1, 8);
+  EXPECT_FALSE(std::equal(ka.begin(), ka.begin() + 8, kab.begin()));
+  EXPECT_NE(SegmentNamespace(Hash128{1, 2}), SegmentNamespace(Hash128{1, 3}));
+  EXPECT_NE(SegmentNamespace(Hash128{1, 2}), (Hash128{1, 2}));
+}
+
+TEST(SegmentTierTest, MetaRoundTripsAndRefusesMalformedInputNamingTheField) {
+  const SegmentKv s = RandomSegment(9, 3);
+  const std::vector<std::byte> meta = EncodeSegmentMeta(s);
+  Result<SegmentMeta> m = DecodeSegmentMeta(meta);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(m->n_tokens, 9u);
+  EXPECT_EQ(m->inter, s.inter);
+  EXPECT_EQ(m->context_chunks, s.context_chunks);
+  // Without a profile (a segment computed after nothing) it is shorter and still reads.
+  SegmentKv bare = s;
+  bare.inter.clear();
+  bare.context_chunks.clear();
+  ASSERT_TRUE(DecodeSegmentMeta(EncodeSegmentMeta(bare)).ok());
+
+  auto refused = [](std::vector<std::byte> b, const char* field) {
+    Result<SegmentMeta> r = DecodeSegmentMeta(b);
+    ASSERT_FALSE(r.ok()) << field;
+    EXPECT_EQ(r.status().code(), StatusCode::kCorruption);
+    EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().ToString();
+  };
+  for (size_t n = 0; n < meta.size(); ++n) {
+    refused(std::vector<std::byte>(meta.begin(), meta.begin() + n), "segment meta");
+  }
+  auto with = [&](size_t at, uint32_t v) {
+    std::vector<std::byte> b = meta;
+    for (int i = 0; i < 4; ++i) b[at + i] = static_cast<std::byte>(v >> (8 * i));
+    return b;
+  };
+  refused(with(0, 0), "magic");
+  refused(with(4, 2), "version");
+  refused(with(20, 1), "reserved");
+  refused(with(8, 0), "n_tokens");
+  refused(with(8, 70000), "n_tokens");
+  refused(with(12, 5000), "n_context_chunks");
+  refused(with(16, 4), "n_inter");
+  refused(with(28, 1u << 9), "base_pos");  // 2^41
+  refused(with(44, 0x7ff80000), "cci");  // NaN
+  refused(with(48 + 24, 0x7f800000), "inter");  // +inf
+  std::vector<std::byte> longer = meta;
+  longer.push_back(std::byte{0});
+  refused(longer, "size");
+}
+
+}  // namespace
+}  // namespace cachette::sched
