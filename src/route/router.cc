@@ -313,7 +313,10 @@ Status Router::Start() {
   // The first health round before serving, so the first requests have backends to go to.
   for (const auto& b : Snapshot()) CheckBackend(b);
   health_ = std::thread([this] { HealthLoop(); });
-  listener_ = std::thread([this] { http_->listen_after_bind(); });
+  listener_ = std::thread([this] {
+    http_->listen_after_bind();
+    listener_returned_.store(true, std::memory_order_release);
+  });
   return Status::Ok();
 }
 
@@ -325,7 +328,14 @@ void Router::Stop() {
   }
   stop_cv_.notify_all();
   if (health_.joinable()) health_.join();
-  if (http_ != nullptr) http_->stop();
+  if (http_ != nullptr && listener_.joinable()) {
+    // httplib's stop() does nothing before the accept loop begins: wait for it (see
+    // HttpServer::Stop).
+    while (!http_->is_running() && !listener_returned_.load(std::memory_order_acquire)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    http_->stop();
+  }
   if (listener_.joinable()) listener_.join();
   for (const auto& b : Snapshot()) {
     std::lock_guard lock(b->mu);

@@ -146,6 +146,7 @@ class Router {
   RouterOptions options_;
   std::unique_ptr<httplib::Server> http_;
   std::thread listener_, health_;
+  std::atomic<bool> listener_returned_{false};  // its accept loop has returned
   int port_ = 0;
   BlockIndex index_;
 

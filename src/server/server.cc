@@ -278,6 +278,7 @@ Status HttpServer::Start() {
     } catch (const std::exception& e) {
       CT_LOG(kError) << "http listener stopped: " << e.what();
     }
+    listener_returned_.store(true, std::memory_order_release);
   });
   return Status::Ok();
 }
@@ -300,6 +301,12 @@ bool HttpServer::WaitIdle(int64_t timeout_ms) {
 
 void HttpServer::Stop() {
   if (!listener_.joinable()) return;
+  // httplib's stop() does nothing until the accept loop has begun (is_running()): a stop that
+  // came first (a server failing to load its model right after Start) left the listener
+  // accepting forever and this join hanging. So wait for the loop to begin (or to have ended).
+  while (!http_->is_running() && !listener_returned_.load(std::memory_order_acquire)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   http_->stop();
   listener_.join();
 }

@@ -115,6 +115,7 @@ class HttpServer {
   ServerOptions options_;
   std::unique_ptr<httplib::Server> http_;
   std::thread listener_;  // runs httplib's accept loop; joined by Stop()
+  std::atomic<bool> listener_returned_{false};  // its accept loop has returned
   int port_ = 0;
   std::atomic<Phase> phase_{Phase::kLoading};
   Backend backend_;  // written once, before phase_ becomes kReady (release/acquire)
