@@ -576,7 +576,7 @@ void Scheduler::SegmentPrefill(Seq& s) {
     Status st = s.kv->Reserve(static_cast<int64_t>(context.size()));
     if (st.ok()) st = engine_.Forward(*s.kv, context.subspan(static_cast<size_t>(s.fed())), nullptr);
     if (!st.ok()) {
-      Finish(s, Reason::kCancelled, st);
+      if (!RetrySegmentPrefill(s, st)) Finish(s, Reason::kCancelled, st);
       return;
     }
   }
@@ -605,7 +605,7 @@ void Scheduler::SegmentPrefill(Seq& s) {
   const Status st =
       PrefillWithSegments(engine_, *s.kv, prompt, uses, s.req.reuse, s.logits.data(), &rep);
   if (!st.ok()) {
-    Finish(s, Reason::kCancelled, st);
+    if (!RetrySegmentPrefill(s, st)) Finish(s, Reason::kCancelled, st);
     return;
   }
   s.cow_pending = false;  // Reserve copied any shared page it writes
@@ -645,6 +645,21 @@ void Scheduler::SegmentPrefill(Seq& s) {
                               rep.recomputed_tokens);
   }
   SegmentPrefillDone(s);
+}
+
+bool Scheduler::RetrySegmentPrefill(Seq& s, const Status& st) {
+  if (st.code() != StatusCode::kResourceExhausted) return false;
+  // Short of pages (admitted on an estimate, or pins taken since): like a batch prefill that
+  // cannot reserve, it waits for the running decodes to free some, and is given up only when
+  // nothing else runs. Its KV so far stays (exact: the context; the rest is redone).
+  const bool others = std::any_of(running_.begin(), running_.end(), [&](const auto& r) {
+    return r.get() != &s && r->state == Seq::State::kDecode;
+  });
+  if (!others) return false;
+  s.segment_pending = true;
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.reserve_failures;
+  return true;
 }
 
 void Scheduler::ApePrefill(Seq& s) {

@@ -307,6 +307,9 @@ class Scheduler {
   // Segment reuse (see the header comment): whether `s` takes that path, and its prefill.
   bool UsesSegments(const Seq& s) const;
   void SegmentPrefill(Seq& s);
+  // After SegmentPrefill failed with `st`: whether `s` waits to try again next step (short of
+  // pages while decodes run) rather than failing.
+  bool RetrySegmentPrefill(Seq& s, const Status& st);
   // APE's prefill (kv_reuse ape): documents from the segment cache laid out in parallel.
   void ApePrefill(Seq& s);
   // After either: the exact prefix committed (and pinned if asked), the first token emitted.

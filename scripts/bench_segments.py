@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Segments from the tiers (issue 11, docs/benchmarks.md "Segments from disk"), one run on loopback.
+
+A RAG prompt of --docs documents of about --doc-words words each, then a question, is sent as
+`segments` with kv_reuse blend, max_tokens 1 (so latency is time to first token), in these
+situations, each measured --reps times on the same prompt:
+  full       kv_reuse prefix in a fresh tenant of a server without tiers: full prefill (baseline)
+  computed   blend, every document missing: the request computes each one on its own first
+  ram        blend, documents in the segment cache (precomputed)
+  disk       blend, a server restarted on the disk tier that filed them: read back from disk
+             (one restart per repetition, so the segment cache is empty every time)
+It prints the median of each and its ratio to full prefill.
+
+Usage: scripts/bench_segments.py [--binary build/release/src/cli/cachette]
+       [--model models/cachette-tiny-q8_0.gguf] [--docs 8] [--doc-words 150] [--reps 3]
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+from e2e_util import Server, graceful_stop  # noqa: E402
+
+WORDS = ("river city stone harbour lamp winter market bridge tower forest garden road field "
+         "north island boat school letter mountain valley king queen bread salt iron copper "
+         "wheel clock bell window door table summer morning evening light").split()
+
+
+def documents(n, words, seed=7):
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(words))
+        docs.append("Document %d. %s.\n\n" % (i + 1, body.capitalize()))
+    return docs
+
+
+def timed(server, segments, mode, salt):
+    body = {"segments": segments, "kv_reuse": mode, "cache_salt": salt, "max_tokens": 1,
+            "temperature": 0}
+    t0 = time.perf_counter()
+    st, r = server.post("/v1/completions", body)
+    ms = (time.perf_counter() - t0) * 1000
+    if st != 200:
+        raise RuntimeError("request failed: %s %s" % (st, r))
+    return ms, r["usage"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--binary", default=os.path.join(ROOT, "build/release/src/cli/cachette"))
+    p.add_argument("--model", default=os.path.join(ROOT, "models/cachette-tiny-q8_0.gguf"))
+    p.add_argument("--docs", type=int, default=8)
+    p.add_argument("--doc-words", type=int, default=150)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--chunk-tokens", default="256")
+    a = p.parse_args()
+    docs = documents(a.docs, a.doc_words)
+    segments = docs + ["Question: which document names the copper bell first? Answer:"]
+    results = {k: [] for k in ("full", "computed", "ram", "disk")}
+    prompt_tokens = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Server(a.binary, a.model, "--segment-cache-mb", "1024")
+        try:
+            for i in range(a.reps):
+                ms, u = timed(plain, segments, "prefix", "full-%d" % i)
+                results["full"].append(ms)
+                prompt_tokens = u["prompt_tokens"]
+                ms, _ = timed(plain, segments, "blend", "computed-%d" % i)
+                results["computed"].append(ms)
+        finally:
+            plain.close()
+        disk = os.path.join(tmp, "disk")
+        tiers = ("--disk-dir", disk, "--chunk-tokens", a.chunk_tokens, "--segment-cache-mb", "1024")
+        s = Server(a.binary, a.model, *tiers)
+        st, pre = s.post("/v1/cache/segments", {"segments": segments, "cache_salt": "T"})
+        if st != 200:
+            raise RuntimeError("precompute failed: %s %s" % (st, pre))
+        for _ in range(a.reps):
+            results["ram"].append(timed(s, segments, "blend", "T")[0])
+        graceful_stop(s)
+        for _ in range(a.reps):
+            s = Server(a.binary, a.model, *tiers)
+            ms, u = timed(s, segments, "blend", "T")
+            results["disk"].append(ms)
+            st, stats = s.get("/v1/cache/stats")
+            hits = stats.get("segments", {}).get("tier_hits", 0)
+            if hits < len(segments):
+                raise RuntimeError("expected every segment from disk, got %s" % stats["segments"])
+            graceful_stop(s)
+    base = statistics.median(results["full"])
+    print("%d documents of ~%d words, %d prompt tokens, %s, %d reps (median ms, ratio to full)" %
+          (a.docs, a.doc_words, prompt_tokens, os.path.basename(a.model), a.reps))
+    for k, v in results.items():
+        m = statistics.median(v)
+        print("  %-9s %9.1f ms  %6.3fx" % (k, m, m / base))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
