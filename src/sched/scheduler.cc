@@ -66,6 +66,8 @@ struct Scheduler::Seq {
   // Its segments being read from the tiers (kLoading until they are, or the deadline).
   std::shared_ptr<PendingSegments> segment_load;
   SteadyTime segment_deadline;
+  // Its segments (by index) that it computed itself, one per step (ComputeOneSegment).
+  std::vector<bool> segment_fresh;
   // APE: the layout PrefillApe left; set, the sequence decodes through DecodeApe alone.
   std::optional<ApeState> ape;
   // Tokens of tokens/prompt read into the KV (the slot count differs once compacted).
@@ -570,22 +572,25 @@ void Scheduler::SegmentPrefill(Seq& s) {
       prompt.first(static_cast<size_t>(s.req.segments.front().offset));
   // The shared prefix goes in first (exactly, as any prefill), so that the first segment,
   // computed after it, follows on in place: exact too.
-  int64_t context_computed = 0;
   if (s.fed() < static_cast<int64_t>(context.size())) {
-    context_computed = static_cast<int64_t>(context.size()) - s.fed();
+    const int64_t context_computed = static_cast<int64_t>(context.size()) - s.fed();
     Status st = s.kv->Reserve(static_cast<int64_t>(context.size()));
     if (st.ok()) st = engine_.Forward(*s.kv, context.subspan(static_cast<size_t>(s.fed())), nullptr);
     if (!st.ok()) {
       if (!RetrySegmentPrefill(s, st)) Finish(s, Reason::kCancelled, st);
       return;
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.prefill_tokens += static_cast<uint64_t>(context_computed);
   }
   const int64_t n0 = s.fed();
+  if (ComputeOneSegment(s, context, s.req.segments.size(), n0, options_.relay)) return;
   std::vector<std::shared_ptr<const SegmentKv>> held;  // keeps them alive through the call
   std::vector<SegmentUse> uses;
   std::vector<bool> fresh;  // computed by this request (not reused)
   int64_t computed = 0;
-  for (const SegmentSpan& sp : s.req.segments) {
+  for (size_t i = 0; i < s.req.segments.size(); ++i) {
+    const SegmentSpan& sp = s.req.segments[i];
     if (sp.offset < n0) continue;  // inside the exact prefix (or cut by it): not used
     const std::span<const TokenId> toks =
         prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
@@ -596,10 +601,10 @@ void Scheduler::SegmentPrefill(Seq& s) {
       Finish(s, Reason::kCancelled, seg.status().WithContext("computing a segment"));
       return;
     }
-    if (miss) computed += sp.length;
+    if (miss) computed += sp.length;  // computed at an earlier step, then evicted
     uses.push_back(SegmentUse{sp.offset, seg->get()});
     held.push_back(std::move(*seg));
-    fresh.push_back(miss);
+    fresh.push_back(miss || s.segment_fresh[i]);
   }
   ReuseReport rep;
   const Status st =
@@ -641,10 +646,41 @@ void Scheduler::SegmentPrefill(Seq& s) {
     }
     stats_.segment_computed_tokens += static_cast<uint64_t>(computed);
     stats_.prefill_tokens +=
-        static_cast<uint64_t>(context_computed + computed + rep.computed_tokens +
+        static_cast<uint64_t>(computed + rep.computed_tokens +
                               rep.recomputed_tokens);
   }
   SegmentPrefillDone(s);
+}
+
+bool Scheduler::ComputeOneSegment(Seq& s, std::span<const TokenId> context, size_t n_segments,
+                                  int64_t from, bool relay) {
+  s.segment_fresh.resize(s.req.segments.size(), false);
+  const std::span<const TokenId> prompt(s.req.prompt);
+  const uint64_t context_id = ContextId(context);
+  for (size_t i = 0; i < n_segments; ++i) {
+    const SegmentSpan& sp = s.req.segments[i];
+    if (sp.offset < from) continue;
+    const std::span<const TokenId> toks =
+        prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
+    if (segments_.Contains(s.ns, toks, context_id)) continue;
+    if (relay && (segments_.Contains(s.ns, toks, kRelayContext) ||
+                  segments_.Contains(s.ns, toks.first(toks.size() - 1), kRelayContext))) {
+      continue;
+    }
+    bool computed = false;
+    Result<std::shared_ptr<const SegmentKv>> seg = SegmentFor(s.ns, context, toks, false, 0, &computed);
+    if (!seg.ok()) {
+      Finish(s, Reason::kCancelled, seg.status().WithContext("computing a segment"));
+      return true;
+    }
+    s.segment_fresh[i] = s.segment_fresh[i] || computed;
+    s.segment_pending = true;  // the rest at the next steps
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.segment_computed_tokens += static_cast<uint64_t>(sp.length);
+    stats_.prefill_tokens += static_cast<uint64_t>(sp.length);
+    return true;
+  }
+  return false;
 }
 
 bool Scheduler::RetrySegmentPrefill(Seq& s, const Status& st) {
@@ -686,6 +722,7 @@ void Scheduler::ApePrefill(Seq& s) {
     }
     s.kv->SetTokens(p);
   }
+  if (ComputeOneSegment(s, prefix, n_docs, 0, false)) return;
   std::vector<std::shared_ptr<const SegmentKv>> held;
   std::vector<const SegmentKv*> docs;
   int64_t reused = 0, computed = 0;
@@ -698,7 +735,11 @@ void Scheduler::ApePrefill(Seq& s) {
       Finish(s, Reason::kCancelled, seg.status().WithContext("computing a document"));
       return;
     }
-    (miss ? computed : reused) += sg[i].length;
+    if (miss) {
+      computed += sg[i].length;  // computed at an earlier step, then evicted
+    } else if (!s.segment_fresh[i]) {
+      reused += sg[i].length;
+    }
     docs.push_back(seg->get());
     held.push_back(std::move(*seg));
   }

@@ -307,6 +307,13 @@ class Scheduler {
   // Segment reuse (see the header comment): whether `s` takes that path, and its prefill.
   bool UsesSegments(const Seq& s) const;
   void SegmentPrefill(Seq& s);
+  // Part of a segment prefill: computes the first of `s`'s first `n_segments` segments at or
+  // past offset `from` that no cache holds (nor, with `relay`, an earlier output), files it,
+  // leaves `s` pending and returns true, so that a cold RAG prompt takes one loop step per
+  // missing segment and decodes run between them. False when every one is cached. True too
+  // when computing failed (`s` is then finished).
+  bool ComputeOneSegment(Seq& s, std::span<const TokenId> context, size_t n_segments,
+                         int64_t from, bool relay);
   // After SegmentPrefill failed with `st`: whether `s` waits to try again next step (short of
   // pages while decodes run) rather than failing.
   bool RetrySegmentPrefill(Seq& s, const Status& st);
