@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/bytes.h"
 #include "core/hash.h"
 
 namespace cachette::cache {
@@ -15,34 +16,11 @@ constexpr size_t kOffMagic = 0, kOffVersion = 4, kOffFlags = 6, kOffHeaderBytes 
                  kOffCodecVersion = 68, kOffLayout = 72, kOffChunkIndex = 92, kOffRawBytes = 96,
                  kOffPayloadBytes = 104, kOffPayloadXxh3 = 112, kOffTokens = 120;
 
-void PutU16(std::byte* p, uint16_t v) {
-  for (int i = 0; i < 2; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-void PutU32(std::byte* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-void PutU64(std::byte* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
 void PutHash(std::byte* p, const Hash128& h) {
-  PutU64(p, h.lo);
-  PutU64(p + 8, h.hi);
+  PutLe64(p, h.lo);
+  PutLe64(p + 8, h.hi);
 }
-uint16_t GetU16(const std::byte* p) {
-  return static_cast<uint16_t>(std::to_integer<uint16_t>(p[0]) |
-                               (std::to_integer<uint16_t>(p[1]) << 8));
-}
-uint32_t GetU32(const std::byte* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= std::to_integer<uint32_t>(p[i]) << (8 * i);
-  return v;
-}
-uint64_t GetU64(const std::byte* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= std::to_integer<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
-Hash128 GetHash(const std::byte* p) { return Hash128{GetU64(p), GetU64(p + 8)}; }
+Hash128 GetHash(const std::byte* p) { return Hash128{GetLe64(p), GetLe64(p + 8)}; }
 
 Status Bad(const std::string& field, const std::string& why) {
   return Corruption("record " + field + ": " + why);
@@ -80,7 +58,7 @@ ChunkKey ChainKey(const ChunkKey& parent, const Hash128& ns, std::span<const Tok
   PutHash(buf.data(), parent);
   PutHash(buf.data() + 16, ns);
   for (size_t i = 0; i < tokens.size(); ++i) {
-    PutU32(buf.data() + 32 + 4 * i, static_cast<uint32_t>(tokens[i]));
+    PutLe32(buf.data() + 32 + 4 * i, static_cast<uint32_t>(tokens[i]));
   }
   return Hash128Of(ByteSpan(buf.data(), buf.size()));
 }
@@ -97,32 +75,32 @@ Status EncodeRecordInto(const RecordMeta& m, std::span<const TokenId> tokens, By
   std::byte* p = out.data();
   const bool aux = !m.aux.empty();
   std::memcpy(p + kOffMagic, kRecordMagic, 4);
-  PutU16(p + kOffVersion, aux ? kRecordVersionAux : kRecordVersion);
-  PutU16(p + kOffFlags, aux ? kRecordFlagAux : 0);
-  PutU32(p + kOffHeaderBytes, static_cast<uint32_t>(header_bytes));
-  PutU32(p + kOffNTokens, static_cast<uint32_t>(tokens.size()));
+  PutLe16(p + kOffVersion, aux ? kRecordVersionAux : kRecordVersion);
+  PutLe16(p + kOffFlags, aux ? kRecordFlagAux : 0);
+  PutLe32(p + kOffHeaderBytes, static_cast<uint32_t>(header_bytes));
+  PutLe32(p + kOffNTokens, static_cast<uint32_t>(tokens.size()));
   PutHash(p + kOffNs, m.ns);
   PutHash(p + kOffKey, m.key);
   PutHash(p + kOffParent, m.parent);
-  PutU32(p + kOffCodecId, m.codec_id);
-  PutU32(p + kOffCodecVersion, m.codec_version);
+  PutLe32(p + kOffCodecId, m.codec_id);
+  PutLe32(p + kOffCodecVersion, m.codec_version);
   const uint32_t layout[5] = {m.layout.n_layer, m.layout.n_kv_head, m.layout.head_dim,
                               m.layout.n_tokens, m.layout.kv_type};
-  for (int i = 0; i < 5; ++i) PutU32(p + kOffLayout + 4 * i, layout[i]);
-  PutU32(p + kOffChunkIndex, m.chunk_index);
-  PutU64(p + kOffRawBytes, m.raw_bytes);
-  PutU64(p + kOffPayloadBytes, payload.size());
-  PutU64(p + kOffPayloadXxh3, Hash64(payload));
+  for (int i = 0; i < 5; ++i) PutLe32(p + kOffLayout + 4 * i, layout[i]);
+  PutLe32(p + kOffChunkIndex, m.chunk_index);
+  PutLe64(p + kOffRawBytes, m.raw_bytes);
+  PutLe64(p + kOffPayloadBytes, payload.size());
+  PutLe64(p + kOffPayloadXxh3, Hash64(payload));
   for (size_t i = 0; i < tokens.size(); ++i) {
-    PutU32(p + kOffTokens + 4 * i, static_cast<uint32_t>(tokens[i]));
+    PutLe32(p + kOffTokens + 4 * i, static_cast<uint32_t>(tokens[i]));
   }
   if (aux) {
     std::byte* a = p + kOffTokens + 4 * tokens.size();
-    PutU32(a, static_cast<uint32_t>(m.aux.size()));
+    PutLe32(a, static_cast<uint32_t>(m.aux.size()));
     std::memcpy(a + 4, m.aux.data(), m.aux.size());
   }
   const size_t checked = header_bytes - 8;
-  PutU64(p + checked, Hash64(ByteSpan(p, checked)));
+  PutLe64(p + checked, Hash64(ByteSpan(p, checked)));
   if (!payload.empty()) std::memcpy(p + header_bytes, payload.data(), payload.size());
   return Status::Ok();
 }
@@ -136,7 +114,7 @@ Result<std::vector<std::byte>> EncodeRecord(const RecordMeta& meta,
 
 uint64_t RecordHeaderBytesNeeded(ByteSpan prefix) {
   if (prefix.size() < kOffHeaderBytes + 4) return RecordHeaderBytes(0);
-  const uint64_t claimed = GetU32(prefix.data() + kOffHeaderBytes);
+  const uint64_t claimed = GetLe32(prefix.data() + kOffHeaderBytes);
   return std::clamp<uint64_t>(claimed, RecordHeaderBytes(0),
                               RecordHeaderBytes(kRecordMaxTokens, kRecordMaxAuxBytes));
 }
@@ -148,20 +126,20 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
   }
   const std::byte* p = b.data();
   if (std::memcmp(p + kOffMagic, kRecordMagic, 4) != 0) return Bad("magic", "not CTKV");
-  const uint16_t version = GetU16(p + kOffVersion);
+  const uint16_t version = GetLe16(p + kOffVersion);
   if (version != kRecordVersion && version != kRecordVersionAux) {
     return Bad("version", std::to_string(version) + " (this reader knows 1 and 2)");
   }
   const bool aux = version == kRecordVersionAux;
-  if (GetU16(p + kOffFlags) != (aux ? kRecordFlagAux : 0)) {
+  if (GetLe16(p + kOffFlags) != (aux ? kRecordFlagAux : 0)) {
     return Bad("flags", aux ? "version 2 without the aux flag" : "reserved bits set");
   }
-  const uint32_t n_tokens = GetU32(p + kOffNTokens);
+  const uint32_t n_tokens = GetLe32(p + kOffNTokens);
   if (n_tokens == 0 || n_tokens > kRecordMaxTokens) {
     return Bad("n_tokens", std::to_string(n_tokens) + " not in 1.." +
                                std::to_string(kRecordMaxTokens));
   }
-  const uint64_t header_bytes = GetU32(p + kOffHeaderBytes);
+  const uint64_t header_bytes = GetLe32(p + kOffHeaderBytes);
   // Version 2's aux length is read (below) only once the header checksum covers it; here the
   // claimed size is only bounded.
   if (aux ? header_bytes <= RecordHeaderBytes(n_tokens, 0) + 4 ||
@@ -178,7 +156,7 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
                            " bytes given, " + std::to_string(header_bytes) + " needed");
   }
   const size_t checked = header_bytes - 8;
-  if (GetU64(p + checked) != Hash64(ByteSpan(p, checked))) {
+  if (GetLe64(p + checked) != Hash64(ByteSpan(p, checked))) {
     return Bad("header checksum", "mismatch");
   }
 
@@ -186,7 +164,7 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
   RecordMeta& m = h.meta;
   if (aux) {
     const std::byte* a = p + kOffTokens + 4 * size_t{n_tokens};
-    const uint32_t aux_bytes = GetU32(a);
+    const uint32_t aux_bytes = GetLe32(a);
     if (aux_bytes == 0 || RecordHeaderBytes(n_tokens, aux_bytes) != header_bytes) {
       return Bad("aux", "length " + std::to_string(aux_bytes) + " does not match header_bytes");
     }
@@ -195,17 +173,17 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
   m.ns = GetHash(p + kOffNs);
   m.key = GetHash(p + kOffKey);
   m.parent = GetHash(p + kOffParent);
-  m.codec_id = GetU32(p + kOffCodecId);
-  m.codec_version = GetU32(p + kOffCodecVersion);
-  m.layout.n_layer = GetU32(p + kOffLayout);
-  m.layout.n_kv_head = GetU32(p + kOffLayout + 4);
-  m.layout.head_dim = GetU32(p + kOffLayout + 8);
-  m.layout.n_tokens = GetU32(p + kOffLayout + 12);
-  m.layout.kv_type = GetU32(p + kOffLayout + 16);
-  m.chunk_index = GetU32(p + kOffChunkIndex);
-  m.raw_bytes = GetU64(p + kOffRawBytes);
-  h.payload_bytes = GetU64(p + kOffPayloadBytes);
-  h.payload_xxh3 = GetU64(p + kOffPayloadXxh3);
+  m.codec_id = GetLe32(p + kOffCodecId);
+  m.codec_version = GetLe32(p + kOffCodecVersion);
+  m.layout.n_layer = GetLe32(p + kOffLayout);
+  m.layout.n_kv_head = GetLe32(p + kOffLayout + 4);
+  m.layout.head_dim = GetLe32(p + kOffLayout + 8);
+  m.layout.n_tokens = GetLe32(p + kOffLayout + 12);
+  m.layout.kv_type = GetLe32(p + kOffLayout + 16);
+  m.chunk_index = GetLe32(p + kOffChunkIndex);
+  m.raw_bytes = GetLe64(p + kOffRawBytes);
+  h.payload_bytes = GetLe64(p + kOffPayloadBytes);
+  h.payload_xxh3 = GetLe64(p + kOffPayloadXxh3);
   h.header_bytes = header_bytes;
   if (m.layout.n_tokens != n_tokens) {
     return Bad("layout", "n_tokens " + std::to_string(m.layout.n_tokens) + " != " +
@@ -224,7 +202,7 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
   }
   h.tokens.resize(n_tokens);
   for (uint32_t i = 0; i < n_tokens; ++i) {
-    h.tokens[i] = static_cast<TokenId>(GetU32(p + kOffTokens + 4 * size_t{i}));
+    h.tokens[i] = static_cast<TokenId>(GetLe32(p + kOffTokens + 4 * size_t{i}));
   }
   if (ChainKey(m.parent, m.ns, h.tokens) != m.key) {
     return Bad("key", "is not XXH3-128(parent || namespace || tokens)");

@@ -10,6 +10,7 @@
 
 #include "cache/executor.h"
 #include "cache/file_io.h"
+#include "core/bytes.h"
 #include "core/hash.h"
 #include "core/log.h"
 
@@ -25,24 +26,6 @@ constexpr uint64_t kDigestSeed = 0x5e5510;  // the admin API's session digest (s
 constexpr char kExt[] = ".ses";
 constexpr char kTempExt[] = ".tmp";
 
-void Put16(std::byte* p, uint16_t v) { std::memcpy(p, &v, 2); }
-void Put32(std::byte* p, uint32_t v) { std::memcpy(p, &v, 4); }
-void Put64(std::byte* p, uint64_t v) { std::memcpy(p, &v, 8); }
-uint16_t Get16(const std::byte* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-uint32_t Get32(const std::byte* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-uint64_t Get64(const std::byte* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
 
 // The digest in a record's file name, or false.
 bool ParseName(std::string_view name, uint64_t* digest) {
@@ -83,19 +66,19 @@ std::vector<std::byte> EncodeSessionRecord(const SessionRecord& r) {
   const uint32_t n = static_cast<uint32_t>(std::min<size_t>(r.tokens.size(), kMaxSessionTokens));
   std::vector<std::byte> out(kHeaderBytes + size_t{4} * n + kChecksumBytes);
   std::byte* p = out.data();
-  Put32(p, kMagic);
-  Put16(p + 4, kVersion);
-  Put16(p + 6, 0);  // flags
-  Put64(p + 8, r.digest);
-  Put64(p + 16, r.ns.lo);  // 128-bit hashes lo then hi, as in chunk records
-  Put64(p + 24, r.ns.hi);
-  Put64(p + 32, static_cast<uint64_t>(r.updated_unix_ms));
-  Put64(p + 40, static_cast<uint64_t>(r.expires_unix_ms));
-  Put32(p + 48, n);
-  Put32(p + 52, 0);  // reserved
-  for (uint32_t i = 0; i < n; ++i) Put32(p + kHeaderBytes + 4 * i, static_cast<uint32_t>(r.tokens[i]));
+  PutLe32(p, kMagic);
+  PutLe16(p + 4, kVersion);
+  PutLe16(p + 6, 0);  // flags
+  PutLe64(p + 8, r.digest);
+  PutLe64(p + 16, r.ns.lo);  // 128-bit hashes lo then hi, as in chunk records
+  PutLe64(p + 24, r.ns.hi);
+  PutLe64(p + 32, static_cast<uint64_t>(r.updated_unix_ms));
+  PutLe64(p + 40, static_cast<uint64_t>(r.expires_unix_ms));
+  PutLe32(p + 48, n);
+  PutLe32(p + 52, 0);  // reserved
+  for (uint32_t i = 0; i < n; ++i) PutLe32(p + kHeaderBytes + 4 * i, static_cast<uint32_t>(r.tokens[i]));
   const size_t body = kHeaderBytes + size_t{4} * n;
-  Put64(p + body, Hash64(ByteSpan(p, body), kChecksumSeed));
+  PutLe64(p + body, Hash64(ByteSpan(p, body), kChecksumSeed));
   return out;
 }
 
@@ -105,15 +88,15 @@ Result<SessionRecord> DecodeSessionRecord(ByteSpan bytes) {
                       std::to_string(kHeaderBytes + kChecksumBytes) + " (truncated)");
   }
   const std::byte* p = bytes.data();
-  if (Get32(p) != kMagic) return Corruption("session record: bad magic (not a session record)");
-  if (Get16(p + 4) != kVersion) {
-    return Corruption("session record: version " + std::to_string(Get16(p + 4)) +
+  if (GetLe32(p) != kMagic) return Corruption("session record: bad magic (not a session record)");
+  if (GetLe16(p + 4) != kVersion) {
+    return Corruption("session record: version " + std::to_string(GetLe16(p + 4)) +
                       ", this build reads version " + std::to_string(kVersion));
   }
-  if (Get16(p + 6) != 0 || Get32(p + 52) != 0) {
+  if (GetLe16(p + 6) != 0 || GetLe32(p + 52) != 0) {
     return Corruption("session record: nonzero flags or reserved bytes");
   }
-  const uint32_t n = Get32(p + 48);
+  const uint32_t n = GetLe32(p + 48);
   if (n > kMaxSessionTokens) {
     return Corruption("session record: " + std::to_string(n) + " tokens, more than " +
                       std::to_string(kMaxSessionTokens));
@@ -124,21 +107,21 @@ Result<SessionRecord> DecodeSessionRecord(ByteSpan bytes) {
                       std::to_string(n) + " tokens make " +
                       std::to_string(body + kChecksumBytes) + " (truncated or padded)");
   }
-  if (Get64(p + body) != Hash64(ByteSpan(p, body), kChecksumSeed)) {
+  if (GetLe64(p + body) != Hash64(ByteSpan(p, body), kChecksumSeed)) {
     return Corruption("session record: checksum mismatch (torn write or damage)");
   }
   SessionRecord r;
-  r.digest = Get64(p + 8);
-  r.ns.lo = Get64(p + 16);
-  r.ns.hi = Get64(p + 24);
-  r.updated_unix_ms = static_cast<int64_t>(Get64(p + 32));
-  r.expires_unix_ms = static_cast<int64_t>(Get64(p + 40));
+  r.digest = GetLe64(p + 8);
+  r.ns.lo = GetLe64(p + 16);
+  r.ns.hi = GetLe64(p + 24);
+  r.updated_unix_ms = static_cast<int64_t>(GetLe64(p + 32));
+  r.expires_unix_ms = static_cast<int64_t>(GetLe64(p + 40));
   if (r.updated_unix_ms < 0 || r.expires_unix_ms < 0) {
     return Corruption("session record: negative time");
   }
   r.tokens.resize(n);
   for (uint32_t i = 0; i < n; ++i) {
-    const uint32_t t = Get32(p + kHeaderBytes + 4 * i);
+    const uint32_t t = GetLe32(p + kHeaderBytes + 4 * i);
     if (t > static_cast<uint32_t>(INT32_MAX)) {
       return Corruption("session record: token " + std::to_string(i) + " is negative");
     }

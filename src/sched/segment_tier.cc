@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cache/record.h"
+#include "core/bytes.h"
 
 namespace cachette::sched {
 namespace {
@@ -20,22 +21,6 @@ constexpr int64_t kMaxBasePos = int64_t{1} << 40;
 constexpr int64_t kLeadSlots = 3;
 constexpr TokenId kPadToken = -1;
 
-void Put32(std::byte* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-void Put64(std::byte* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-uint32_t Get32(const std::byte* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= std::to_integer<uint32_t>(p[i]) << (8 * i);
-  return v;
-}
-uint64_t Get64(const std::byte* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= std::to_integer<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
 
 Status Bad(const std::string& field, const std::string& why) {
   return Corruption("segment meta " + field + ": " + why);
@@ -58,8 +43,8 @@ void ForEachRun(int64_t n_tokens, int64_t chunk_tokens, Fn&& fn) {
 Hash128 SegmentNamespace(const Hash128& ns) {
   std::byte buf[20 + 16];
   std::memcpy(buf, "cachette-segments-v1", 20);
-  Put64(buf + 20, ns.lo);
-  Put64(buf + 28, ns.hi);
+  PutLe64(buf + 20, ns.lo);
+  PutLe64(buf + 28, ns.hi);
   return Hash128Of(ByteSpan(buf, sizeof(buf)));
 }
 
@@ -81,15 +66,15 @@ std::vector<std::byte> EncodeSegmentMeta(const SegmentKv& seg) {
   std::byte* p = out.data();
   std::memcpy(p, kMetaMagic, 4);
   p[4] = static_cast<std::byte>(kMetaVersion);
-  Put32(p + 8, static_cast<uint32_t>(seg.tokens.size()));
-  Put32(p + 12, static_cast<uint32_t>(n_cc));
-  Put32(p + 16, static_cast<uint32_t>(n_inter));
-  Put64(p + 24, static_cast<uint64_t>(seg.base_pos));
-  Put64(p + 32, seg.context);
-  Put64(p + 40, std::bit_cast<uint64_t>(seg.cci));
-  for (size_t i = 0; i < n_cc; ++i) Put64(p + kMetaFixedBytes + 8 * i, seg.context_chunks[i]);
+  PutLe32(p + 8, static_cast<uint32_t>(seg.tokens.size()));
+  PutLe32(p + 12, static_cast<uint32_t>(n_cc));
+  PutLe32(p + 16, static_cast<uint32_t>(n_inter));
+  PutLe64(p + 24, static_cast<uint64_t>(seg.base_pos));
+  PutLe64(p + 32, seg.context);
+  PutLe64(p + 40, std::bit_cast<uint64_t>(seg.cci));
+  for (size_t i = 0; i < n_cc; ++i) PutLe64(p + kMetaFixedBytes + 8 * i, seg.context_chunks[i]);
   std::byte* q = p + kMetaFixedBytes + 8 * n_cc;
-  for (size_t i = 0; i < n_inter; ++i) Put32(q + 4 * i, std::bit_cast<uint32_t>(seg.inter[i]));
+  for (size_t i = 0; i < n_inter; ++i) PutLe32(q + 4 * i, std::bit_cast<uint32_t>(seg.inter[i]));
   return out;
 }
 
@@ -99,14 +84,14 @@ Result<SegmentMeta> DecodeSegmentMeta(ByteSpan b) {
   }
   const std::byte* p = b.data();
   if (std::memcmp(p, kMetaMagic, 4) != 0) return Bad("magic", "not CTSG");
-  const uint32_t version = Get32(p + 4) & 0xffff;
+  const uint32_t version = GetLe32(p + 4) & 0xffff;
   if (version != kMetaVersion) {
     return Bad("version", std::to_string(version) + " (this reader knows 1)");
   }
-  if ((Get32(p + 4) >> 16) != 0 || Get32(p + 20) != 0) return Bad("reserved", "not zero");
+  if ((GetLe32(p + 4) >> 16) != 0 || GetLe32(p + 20) != 0) return Bad("reserved", "not zero");
   SegmentMeta m;
-  m.n_tokens = Get32(p + 8);
-  const uint32_t n_cc = Get32(p + 12), n_inter = Get32(p + 16);
+  m.n_tokens = GetLe32(p + 8);
+  const uint32_t n_cc = GetLe32(p + 12), n_inter = GetLe32(p + 16);
   if (m.n_tokens == 0 || m.n_tokens > cache::kRecordMaxTokens) {
     return Bad("n_tokens", std::to_string(m.n_tokens) + " not in 1.." +
                                std::to_string(cache::kRecordMaxTokens));
@@ -123,20 +108,20 @@ Result<SegmentMeta> DecodeSegmentMeta(ByteSpan b) {
     return Bad("size", std::to_string(b.size()) + " bytes, the counts need " +
                            std::to_string(want));
   }
-  const uint64_t base = Get64(p + 24);
+  const uint64_t base = GetLe64(p + 24);
   if (base > static_cast<uint64_t>(kMaxBasePos)) {
     return Bad("base_pos", std::to_string(base) + " out of range");
   }
   m.base_pos = static_cast<int64_t>(base);
-  m.context = Get64(p + 32);
-  m.cci = std::bit_cast<double>(Get64(p + 40));
+  m.context = GetLe64(p + 32);
+  m.cci = std::bit_cast<double>(GetLe64(p + 40));
   if (!(m.cci >= 0 && m.cci <= 1)) return Bad("cci", "not in [0, 1]");
   m.context_chunks.resize(n_cc);
-  for (uint32_t i = 0; i < n_cc; ++i) m.context_chunks[i] = Get64(p + kMetaFixedBytes + 8 * i);
+  for (uint32_t i = 0; i < n_cc; ++i) m.context_chunks[i] = GetLe64(p + kMetaFixedBytes + 8 * i);
   const std::byte* q = p + kMetaFixedBytes + 8 * size_t{n_cc};
   m.inter.resize(n_inter);
   for (uint32_t i = 0; i < n_inter; ++i) {
-    m.inter[i] = std::bit_cast<float>(Get32(q + 4 * size_t{i}));
+    m.inter[i] = std::bit_cast<float>(GetLe32(q + 4 * size_t{i}));
     // A share of attention mass, with room for the rounding of its sum.
     if (!(m.inter[i] >= 0 && m.inter[i] <= 1.01f)) {
       return Bad("inter", "value " + std::to_string(i) + " is not a share in [0, 1]");

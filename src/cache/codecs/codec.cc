@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cache/codecs/codec_internal.h"
+#include "core/bytes.h"
 
 namespace cachette::cache {
 namespace codecs {
@@ -11,22 +12,6 @@ namespace {
 
 constexpr std::byte kMagic[4] = {std::byte{'C'}, std::byte{'K'}, std::byte{'V'}, std::byte{'C'}};
 
-void PutU32(std::byte* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-void PutU64(std::byte* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-uint32_t GetU32(const std::byte* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
-  return v;
-}
-uint64_t GetU64(const std::byte* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
 
 std::string Str(std::string_view s) { return std::string(s); }
 
@@ -94,15 +79,15 @@ Status CheckLayout(const ChunkLayout& layout, size_t raw_size, std::string_view 
 void WriteHeader(uint32_t id, uint32_t version, const ChunkLayout& layout, uint64_t body_bytes,
                  std::byte* out) {
   std::memcpy(out, kMagic, 4);
-  PutU32(out + 4, id);
-  PutU32(out + 8, version);
+  PutLe32(out + 4, id);
+  PutLe32(out + 8, version);
   out[12] = static_cast<std::byte>(layout.kv_type);
   out[13] = out[14] = out[15] = std::byte{0};
-  PutU32(out + 16, layout.n_layer);
-  PutU32(out + 20, layout.n_kv_head);
-  PutU32(out + 24, layout.head_dim);
-  PutU32(out + 28, layout.n_tokens);
-  PutU64(out + 32, body_bytes);
+  PutLe32(out + 16, layout.n_layer);
+  PutLe32(out + 20, layout.n_kv_head);
+  PutLe32(out + 24, layout.head_dim);
+  PutLe32(out + 28, layout.n_tokens);
+  PutLe64(out + 32, body_bytes);
 }
 
 Result<std::span<const std::byte>> ParseHeader(std::span<const std::byte> encoded, uint32_t id,
@@ -115,18 +100,18 @@ Result<std::span<const std::byte>> ParseHeader(std::span<const std::byte> encode
   }
   const std::byte* h = encoded.data();
   if (std::memcmp(h, kMagic, 4) != 0) return Corruption(who + "bad magic");
-  if (GetU32(h + 4) != id) {
-    return Corruption(who + "codec id " + std::to_string(GetU32(h + 4)) + ", expected " +
+  if (GetLe32(h + 4) != id) {
+    return Corruption(who + "codec id " + std::to_string(GetLe32(h + 4)) + ", expected " +
                       std::to_string(id));
   }
-  if (GetU32(h + 8) != version) {
-    return Corruption(who + "unsupported version " + std::to_string(GetU32(h + 8)) +
+  if (GetLe32(h + 8) != version) {
+    return Corruption(who + "unsupported version " + std::to_string(GetLe32(h + 8)) +
                       ", expected " + std::to_string(version));
   }
   if (h[13] != std::byte{0} || h[14] != std::byte{0} || h[15] != std::byte{0}) {
     return Corruption(who + "nonzero reserved header bytes");
   }
-  const ChunkLayout stored{GetU32(h + 16), GetU32(h + 20), GetU32(h + 24), GetU32(h + 28),
+  const ChunkLayout stored{GetLe32(h + 16), GetLe32(h + 20), GetLe32(h + 24), GetLe32(h + 28),
                            static_cast<uint32_t>(h[12])};
   if (!(stored == layout)) {
     return Corruption(who + "layout mismatch (payload has n_layer " +
@@ -136,7 +121,7 @@ Result<std::span<const std::byte>> ParseHeader(std::span<const std::byte> encode
                       std::to_string(stored.n_tokens) + " kv_type " +
                       std::to_string(stored.kv_type) + ")");
   }
-  const uint64_t body_bytes = GetU64(h + 32);
+  const uint64_t body_bytes = GetLe64(h + 32);
   if (body_bytes != encoded.size() - kHeaderBytes) {
     return Corruption(who + "wrong length: header says " + std::to_string(body_bytes) +
                       " body bytes, payload has " + std::to_string(encoded.size() - kHeaderBytes));
