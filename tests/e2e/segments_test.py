@@ -271,6 +271,9 @@ def test_segments_in_tiers(binary, model, tmp):
         seg = stats_segments(c)
         check(seg.get("tier_hits", 0) >= 3 and seg.get("computed_tokens", -1) == 0,
               "tiers: all three segments came from Redis: %s" % seg)
+        st, metrics = c.get("/metrics")
+        check(st == 200 and "cachette_segment_tier_hits_total %d" % seg.get("tier_hits", 0)
+              in metrics, "tiers: /metrics counts the tier hits")
         st, other = complete(c, segments, "blend", "U")
         check(st == 200 and stats_segments(c).get("tier_hits") == seg.get("tier_hits"),
               "tiers: another tenant finds none of them: %s" % stats_segments(c))
