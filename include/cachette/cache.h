@@ -86,6 +86,10 @@ struct CacheOptions {
   // recomputes it from its tokens) when even the smallest does not fit. Chunks loaded at a
   // lower level serve that load only: they are not promoted to RAM.
   std::vector<std::string> remote_levels;
+  // The same for the disk tier (at most 8 levels): each chunk's encodings in these codecs are
+  // filed beside its disk record (docs/formats/chunk.md) and leave the disk with it; a load
+  // from disk picks the level by the disk read bandwidth it measured, as above. Empty = off.
+  std::vector<std::string> disk_levels;
   std::string policy = "lru";       // lru | lfu | s3fifo | cost (see src/cache/policy.h)
   uint32_t admit_after_hits = 0;    // slower tiers take a chunk only once it was hit N times
   std::vector<NamespaceQuota> quotas;

@@ -24,12 +24,37 @@ int64_t MtimeNs(const struct stat& st) {
   return int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
 }
 
-DiskEntry EntryOf(const RecordHeader& h, uint64_t bytes, int64_t mtime_ns) {
-  return DiskEntry{h.meta.key,        h.meta.ns, h.meta.layout.n_tokens, h.meta.chunk_index,
-                   h.meta.codec_id, bytes,     mtime_ns};
+DiskEntry EntryOf(const ChunkKey& key, int level, const RecordHeader& h, uint64_t bytes,
+                  int64_t mtime_ns) {
+  return DiskEntry{key,
+                   h.meta.key,
+                   level,
+                   h.meta.ns,
+                   h.meta.layout.n_tokens,
+                   h.meta.chunk_index,
+                   h.meta.codec_id,
+                   bytes,
+                   mtime_ns};
+}
+
+// Which encoding of chunk `chunk` a record filed under `key` is: 0 (its own record), a level
+// j in 1 .. kMaxChunkLevels (key == LevelKey(chunk, j)), or -1 (filed under a wrong name).
+int LevelOf(const ChunkKey& key, const ChunkKey& chunk) {
+  if (key == chunk) return 0;
+  for (int j = 1; j <= kMaxChunkLevels; ++j) {
+    if (LevelKey(chunk, j) == key) return j;
+  }
+  return -1;
 }
 
 }  // namespace
+
+ChunkKey LevelKey(const ChunkKey& key, int level) {
+  if (level == 0) return key;
+  uint64_t words[3] = {key.lo, key.hi, static_cast<uint64_t>(level)};
+  return Hash128Of(ByteSpan(reinterpret_cast<const std::byte*>(words), sizeof words),
+                   /*seed=*/0x1e7e1);
+}
 
 bool ParseKeyHex(std::string_view hex, ChunkKey* key) {
   uint64_t hi, lo;
@@ -158,11 +183,12 @@ Status DiskTier::Recover() {
         if (!n.ok()) return n.status();
       }
       auto h = DecodeRecordHeader(ByteSpan(buf.data(), *n), size);
-      if (!h.ok() || h->meta.key != key) {
+      const int level = h.ok() ? LevelOf(key, h->meta.key) : -1;
+      if (level < 0) {
         corrupt();
         continue;
       }
-      index_.emplace(key, EntryOf(*h, size, MtimeNs(st)));
+      index_.emplace(key, EntryOf(key, level, *h, size, MtimeNs(st)));
       stats_.bytes_used += size;
       ++recovery_.records;
     }
@@ -174,7 +200,8 @@ Status DiskTier::Put(const ChunkKey& key, std::span<const std::byte> record, uin
   if (options_.read_only) return InvalidArgument("disk tier: opened read-only");
   auto h = DecodeRecordHeader(record, record.size());
   if (!h.ok()) return InvalidArgument("disk tier put: " + h.status().message());
-  if (h->meta.key != key) return InvalidArgument("disk tier put: record key != key");
+  const int level = LevelOf(key, h->meta.key);
+  if (level < 0) return InvalidArgument("disk tier put: record key != key or a level key of it");
   const uint64_t size = record.size();
   uint64_t seq;
   {
@@ -218,7 +245,7 @@ Status DiskTier::Put(const ChunkKey& key, std::span<const std::byte> record, uin
     ::stat(final_path.c_str(), &st);
     auto it = index_.find(key);
     if (it != index_.end()) stats_.bytes_used -= it->second.bytes;
-    index_[key] = EntryOf(*h, size, MtimeNs(st));
+    index_[key] = EntryOf(key, level, *h, size, MtimeNs(st));
     stats_.bytes_used += size;
     stats_.bytes_in += size;
     ++stats_.puts;
@@ -320,14 +347,19 @@ Result<std::vector<std::byte>> DiskTier::Get(const ChunkKey& key, Deadline deadl
   bytes.resize(*n);
   auto view = DecodeRecord(bytes);
   Status bad = view.ok() ? Status::Ok() : view.status();
-  if (bad.ok() && view->header.meta.key != key) bad = Corruption("record key != file name");
+  if (bad.ok() && LevelOf(key, view->header.meta.key) < 0) {
+    bad = Corruption("record key != file name");
+  }
   if (!bad.ok()) {
     RemoveCorrupt(key, static_cast<uint64_t>(st.st_ino));
     return Corruption("disk tier " + path + ": " + bad.message());
   }
-  std::lock_guard lock(mu_);
-  ++stats_.hits;
-  stats_.bytes_out += bytes.size();
+  {
+    std::lock_guard lock(mu_);
+    ++stats_.hits;
+    stats_.bytes_out += bytes.size();
+  }
+  if (read_hook_) read_hook_(bytes.size());
   return bytes;
 }
 

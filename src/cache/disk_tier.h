@@ -11,6 +11,7 @@
 // the set of published files always agree.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,9 +33,21 @@ struct DiskTierOptions {
   bool read_only = false;
 };
 
+// Adaptive loading (store.h) may file a chunk's encoding at level j = 1 .. kMaxChunkLevels
+// beside its record, under LevelKey(chunk, j). The record inside is an ordinary chunk record
+// whose own key is the chunk's, so the tier takes a record under its own key or under one of
+// its level keys, tells which (DiskEntry::level), and refuses any other name.
+inline constexpr int kMaxChunkLevels = 8;
+// The key of `key`'s encoding at `level` (level 0: `key` itself): XXH3-128 (seed 0x1e7e1) of
+// the 24 bytes key.lo, key.hi, level, a key no chunk has. The one definition for every tier
+// (docs/formats/chunk.md, docs/formats/redis-record.md).
+ChunkKey LevelKey(const ChunkKey& key, int level);
+
 // What the index knows of a published record (from its header).
 struct DiskEntry {
-  ChunkKey key;
+  ChunkKey key;            // the name the record is filed under
+  ChunkKey chunk;          // the chunk it holds (its header's key): `key` at level 0
+  int level = 0;           // 0: the chunk's record; j: its encoding at level j (LevelKey)
   Hash128 ns;
   uint32_t n_tokens = 0;
   uint32_t chunk_index = 0;
@@ -61,8 +74,9 @@ class DiskTier final : public Tier {
 
   std::string_view name() const override { return "disk"; }
   // Publishes `record` atomically (temp file, fdatasync, rename). The record must be a valid
-  // chunk record for `key` (kInvalidArgument otherwise: the tier never publishes what its reader
-  // would refuse). kResourceExhausted past the budget; kIOError on write errors.
+  // chunk record for `key`, or for a chunk whose level key `key` is (kInvalidArgument
+  // otherwise: the tier never publishes what its reader would refuse). kResourceExhausted
+  // past the budget; kIOError on write errors.
   Status Put(const ChunkKey& key, std::span<const std::byte> record,
              uint32_t ttl_seconds = 0) override;
   // The verified record; kNotFound, or kCorruption (the file is then deleted and counted).
@@ -90,8 +104,13 @@ class DiskTier final : public Tier {
   std::string PathOf(const ChunkKey& key) const;
   // Reads and fully verifies the record of `key` (as Get, counting and removing corruption).
   Status Verify(const ChunkKey& key);
-  // Removes every published record (of namespace `ns` only, if given).
+  // Removes every published record (of namespace `ns` only, if given), levels included.
   Status Clear(const Hash128* ns = nullptr);
+  // Tests: called with the size of every record read, after it was read and verified (a
+  // simulated slow disk sleeps here). Not synchronized: set it before the tier is shared.
+  void SetReadHookForTesting(std::function<void(uint64_t bytes)> hook) {
+    read_hook_ = std::move(hook);
+  }
 
  private:
   explicit DiskTier(DiskTierOptions options) : options_(std::move(options)) {}
@@ -100,6 +119,7 @@ class DiskTier final : public Tier {
   void RemoveCorrupt(const ChunkKey& key, uint64_t ino);
 
   const DiskTierOptions options_;
+  std::function<void(uint64_t bytes)> read_hook_;
   int lock_fd_ = -1;
   DiskRecovery recovery_;
 

@@ -73,6 +73,40 @@ TEST(DiskTierTest, PutGetEraseAndRecoveryAfterReopen) {
   EXPECT_EQ(t->Stats().bytes_used, 0u);
 }
 
+TEST(DiskTierTest, LevelRecordsAreFiledUnderTheirLevelKeyAndRecovered) {
+  TempDir d;
+  ChunkKey k;
+  const auto rec = MakeRecord(Hash128{1, 2}, Tokens(8, 3), 3, &k);
+  const ChunkKey level2 = LevelKey(k, 2);
+  EXPECT_EQ(LevelKey(k, 0), k);
+  EXPECT_NE(level2, k);
+  EXPECT_NE(level2, LevelKey(k, 1));
+  {
+    auto t = OpenDir(d.path());
+    ASSERT_TRUE(t);
+    ASSERT_TRUE(t->Put(k, rec).ok());
+    ASSERT_TRUE(t->Put(level2, rec).ok());  // the record keeps its own (the chunk's) key
+    // Any other name is refused: a level key of another chunk, or one past the last level.
+    EXPECT_EQ(t->Put(LevelKey(Hash128{5, 6}, 1), rec).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(t->Put(LevelKey(k, kMaxChunkLevels + 1), rec).code(), StatusCode::kInvalidArgument);
+    auto got = t->Get(level2, NoDeadline());
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    EXPECT_EQ(*got, rec);
+  }
+  auto t = OpenDir(d.path());
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->recovery().records, 2u);
+  EXPECT_EQ(t->recovery().corrupt_removed, 0u);
+  for (const DiskEntry& e : t->Entries()) {
+    EXPECT_EQ(e.chunk, k);
+    EXPECT_EQ(e.level, e.key == k ? 0 : 2);
+    EXPECT_EQ(e.key == k || e.key == level2, true);
+  }
+  EXPECT_TRUE(t->Verify(level2).ok());
+  const Hash128 ns{1, 2};
+  ASSERT_TRUE(t->Clear(&ns).ok());
+  EXPECT_EQ(CountFiles(d.path() + "/chunks"), 0u);
+}
 TEST(DiskTierTest, RefusesInvalidRecordsAndWrongKeys) {
   TempDir d;
   auto t = OpenDir(d.path());

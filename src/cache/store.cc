@@ -3,6 +3,7 @@
 #include "cache/store.h"
 
 #include <algorithm>
+#include <tuple>
 
 #include "core/check.h"
 #include "core/timer.h"
@@ -33,12 +34,20 @@ Result<std::unique_ptr<TieredStore>> TieredStore::Create(const CacheOptions& opt
   if (options.codec != "raw") {
     CT_ASSIGN_OR_RETURN(s->codec_, MakeCodec(options.codec));
   }
-  for (const std::string& name : options.remote_levels) {
-    auto c = MakeCodec(name);
-    if (!c.ok()) return c.status().WithContext("cache: remote level");
-    s->level_codecs_.push_back(std::move(*c));
+  if (options.disk_levels.size() > static_cast<size_t>(kMaxChunkLevels)) {
+    return InvalidArgument("cache: more than " + std::to_string(kMaxChunkLevels) + " disk levels");
   }
-  s->level_bytes_.assign(1 + s->level_codecs_.size(), 0.0);
+  for (auto [tier, names, what] :
+       {std::tuple{kDisk, &options.disk_levels, "cache: disk level"},
+        std::tuple{kRemote, &options.remote_levels, "cache: remote level"}}) {
+    TierLevels& lv = s->levels_[tier];
+    for (const std::string& name : *names) {
+      auto c = MakeCodec(name);
+      if (!c.ok()) return c.status().WithContext(what);
+      lv.codecs.push_back(std::move(*c));
+    }
+    lv.bytes.assign(1 + lv.codecs.size(), 0.0);
+  }
   if (options.ram_budget_bytes > 0) s->ram_ = std::make_unique<RamTier>(options.ram_budget_bytes);
   if (!options.disk_dir.empty()) {
     DiskTierOptions d;
@@ -46,14 +55,37 @@ Result<std::unique_ptr<TieredStore>> TieredStore::Create(const CacheOptions& opt
     d.budget_bytes = options.disk_budget_bytes;
     d.sync = options.disk_sync;
     CT_ASSIGN_OR_RETURN(s->disk_, DiskTier::Open(d));
-    // The index of the disk's survivors, oldest write first so LRU ticks follow write order.
+    // The index of the disk's survivors, oldest write first so LRU ticks follow write order;
+    // then their level files, charged to their chunk's entry. A level file whose chunk did not
+    // survive, or of a level this store does not read, is removed: nothing would ever read it.
     std::vector<DiskEntry> found = s->disk_->Entries();
     std::sort(found.begin(), found.end(),
               [](const DiskEntry& a, const DiskEntry& b) { return a.mtime_ns < b.mtime_ns; });
     std::lock_guard lock(s->mu_);
     for (const DiskEntry& de : found) {
+      if (de.level != 0) continue;
       Entry& e = s->index_.FindOrCreate(de.key, de.ns, de.n_tokens, de.chunk_index, nullptr);
       s->index_.SetBytes(e, kDisk, de.bytes);
+    }
+    // Their sizes also seed the controller's per-level estimates (mean bytes per level).
+    TierLevels& lv = s->levels_[kDisk];
+    std::vector<double> sum(lv.bytes.size(), 0.0), count(lv.bytes.size(), 0.0);
+    for (const DiskEntry& de : found) {
+      const size_t j = static_cast<size_t>(de.level);
+      if (j == 0) {
+        if (!lv.on()) continue;
+      } else if (Entry* e = s->index_.Find(de.chunk);
+                 e != nullptr && e->ns == de.ns && j < lv.bytes.size()) {
+        s->index_.SetBytes(*e, kDisk, e->disk_bytes() + de.bytes);
+      } else {
+        (void)s->disk_->Erase(de.key);
+        continue;
+      }
+      sum[j] += static_cast<double>(de.bytes);
+      count[j] += 1;
+    }
+    for (size_t j = 0; j < lv.bytes.size(); ++j) {
+      if (count[j] > 0) lv.bytes[j] = sum[j] / count[j];
     }
   }
   if (options.remote_tier != nullptr) {
@@ -209,7 +241,7 @@ Status TieredStore::Erase(std::span<const TokenId> tokens, const Hash128& ns) {
       const Entry e = index_.Remove(k);
       if (e.ram_bytes() != 0) (void)ram_->Erase(k);
       if (e.disk_bytes() != 0) {
-        Status s = disk_->Erase(k);
+        Status s = EraseFromDisk(k);
         if (!s.ok()) result = s;
       }
     }
@@ -217,11 +249,20 @@ Status TieredStore::Erase(std::span<const TokenId> tokens, const Hash128& ns) {
   if (remote_ != nullptr) {
     for (const ChunkKey& k : keys) {
       (void)remote_->EraseIn(ns, k);
-      for (size_t j = 1; j <= level_codecs_.size(); ++j) {
+      for (size_t j = 1; j <= levels_[kRemote].codecs.size(); ++j) {
         (void)remote_->EraseIn(ns, LevelKey(k, static_cast<int>(j)));
       }
     }
     EmitRemote(KvEvent::Kind::kRemoved, keys);
+  }
+  return result;
+}
+
+Status TieredStore::EraseFromDisk(const ChunkKey& key) {
+  Status result = disk_->Erase(key);
+  for (size_t j = 1; j <= levels_[kDisk].codecs.size(); ++j) {
+    Status s = disk_->Erase(LevelKey(key, static_cast<int>(j)));
+    if (!s.ok() && result.ok()) result = s;
   }
   return result;
 }
@@ -251,7 +292,7 @@ Status TieredStore::Clear(const Hash128& ns) {
   }
   Status result;
   for (const ChunkKey& k : disk_keys) {
-    Status s = disk_->Erase(k);
+    Status s = EraseFromDisk(k);
     if (!s.ok()) result = s;
   }
   if (remote_ != nullptr) {

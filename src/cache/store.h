@@ -22,15 +22,24 @@
 //   4. erased from the index once in no local tier and not pending. A write job that finds
 //      its entry gone or re-created (generation mismatch) removes the file it wrote.
 //
+// Adaptive loading (options disk_levels, remote_levels): a slower tier may also hold a chunk's
+// encodings at levels 1.., each an ordinary record filed under LevelKey(key, level)
+// (disk_tier.h). They follow their chunk: written by the same job after its record, charged to
+// its entry (an entry's disk bytes are its record's plus its level files'), and removed with it
+// (EraseFromDisk: Erase, Clear, eviction, a corrupt read). They are never index entries of their
+// own. Before a read from such a tier, PickLevel chooses the encoding from that tier's averages
+// (TierLevels); a chunk read at a level other than 0 serves that load only, never promoted.
+//
 // Namespaces in Redis: the remote tier is reached through Tier's *In methods, so a shared
 // tier (Redis) files every chunk under its namespace and Clear(ns) removes the namespace's
 // chunks whoever wrote them (Tier::ClearNamespace).
 //
 // Threads: callers; `io` (one thread: all disk and Redis writes, so disk eviction planning is
 // serialized); `load` (disk and Redis reads). Lock order: mu_ -> tier locks -> executor locks.
-// No file I/O is done under mu_ except unlinks on Erase and on stale write jobs. The store's
-// own jobs (RunWrite, RunLoad) catch every exception at their boundary: a failure there
-// (std::bad_alloc included) is a failed chunk and a counted error, never the end of a thread.
+// No file I/O is done under mu_ except unlinks on Erase, on stale write jobs and of a disk
+// record found gone or corrupt on a read (with its level files). The store's own jobs
+// (RunWrite, RunLoad) catch every exception at their boundary: a failure there (std::bad_alloc
+// included) is a failed chunk and a counted error, never the end of a thread.
 #pragma once
 
 #include <atomic>
@@ -157,13 +166,20 @@ class TieredStore final : public Cache {
   static void Average(double& mean, double x, double keep, double weight) {
     mean = mean == 0 ? x : keep * mean + weight * x;
   }
-  // Adaptive loading: the remote key of `key`'s encoding at `level` (level 0: `key` itself).
-  static ChunkKey LevelKey(const ChunkKey& key, int level);
-  // The level whose transfer of `r.remaining` chunks fits before `deadline` at the measured
-  // bandwidth (0 while nothing is measured), or -1 when none does.
-  int PickRemoteLevel(const ChunkRequest& r, std::chrono::steady_clock::time_point deadline);
+  // Adaptive loading on `tier` (kDisk or kRemote): the level whose transfer of `r.remaining`
+  // chunks fits before `deadline` at the tier's measured bandwidth (0 while nothing is
+  // measured), or -1 when none does.
+  int PickLevel(int tier, const ChunkRequest& r, std::chrono::steady_clock::time_point deadline);
+  // Folds a read of `bytes` at `level` from `tier`, started at `start_ns`, into its averages.
+  void MeasureRead(int tier, int level, uint64_t bytes, int64_t start_ns);
+  // The records of `raw_record`'s encodings at `tier`'s levels 1.. (element j-1: level j);
+  // null for a level whose codec refused the chunk (loads fall back to level 0 there).
+  std::vector<SharedBytes> EncodeLevels(int tier, const SharedBytes& raw_record);
   // Writes `raw_record`'s encodings at levels 1.. to the remote tier (io thread).
   void WriteRemoteLevels(const WriteJob& job);
+  // Removes `key`'s disk file and its level files (LevelKey); the first error, if any. Takes
+  // no store lock: Erase and a corrupt read call it under mu_ to keep index and files in step.
+  Status EraseFromDisk(const ChunkKey& key);
   // Reports `keys` stored in or removed from Redis by this process (no-op without a sink).
   void EmitRemote(KvEvent::Kind kind, const std::vector<ChunkKey>& keys);
 
@@ -171,8 +187,15 @@ class TieredStore final : public Cache {
   const int chunk_tokens_;
   PolicyKind policy_ = PolicyKind::kLru;
   std::unique_ptr<Codec> codec_;  // null = raw
-  // Adaptive loading: the codecs of levels 1.. (options_.remote_levels); level 0 is codec_.
-  std::vector<std::unique_ptr<Codec>> level_codecs_;
+  // Adaptive loading state of one slower tier: the codecs of its levels 1.. (level 0 is
+  // codec_; none = off) and the estimates the controller picks from, each a moving average.
+  struct TierLevels {
+    std::vector<std::unique_ptr<Codec>> codecs;  // options_.disk_levels / remote_levels
+    std::vector<double> bytes;  // GUARDED_BY(mu_): mean record bytes per level (0 = none seen)
+    double bytes_per_s = 0;     // GUARDED_BY(mu_): read bandwidth (0 = not measured yet)
+    bool on() const { return !codecs.empty(); }
+  };
+  TierLevels levels_[kCacheTierCount];  // by tier; kRam's is always off
   std::unique_ptr<RamTier> ram_;
   std::unique_ptr<DiskTier> disk_;
   std::unique_ptr<Tier> remote_owned_;
@@ -190,10 +213,6 @@ class TieredStore final : public Cache {
   std::deque<ChunkKey> ghost_fifo_;                              // GUARDED_BY(mu_)
   std::unordered_set<ChunkKey, ChunkKeyHash> ghost_;             // GUARDED_BY(mu_)
   CacheStats counters_;                                          // GUARDED_BY(mu_)
-  // Adaptive loading estimates: mean record bytes per level (0 = none seen yet) and the remote
-  // tier's read bandwidth (bytes/s; 0 = not measured yet), each a moving average.
-  std::vector<double> level_bytes_;                              // GUARDED_BY(mu_)
-  double remote_bytes_per_s_ = 0;                                // GUARDED_BY(mu_)
   std::shared_ptr<std::atomic<uint64_t>> deadline_misses_ =
       std::make_shared<std::atomic<uint64_t>>(0);
 

@@ -38,7 +38,9 @@ struct StoreEntry {
   uint32_t n_tokens = 0;
   uint32_t chunk_index = 0;
   uint64_t gen = 0;            // distinguishes re-creations of the same key
-  uint64_t bytes[2] = {0, 0};  // record bytes in RAM, on disk; 0 = absent
+  // Record bytes in RAM, on disk (with disk levels: the record's and its level files'); 0 =
+  // absent.
+  uint64_t bytes[2] = {0, 0};
   bool disk_pending = false;   // a write job for the disk is queued or running
   bool remote_written = false;
   uint64_t hits = 0;

@@ -296,32 +296,34 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
     const Entry* e = index_.Find(r.key);
     if (e == nullptr || e->disk_bytes() == 0) return NotFound("not on disk");
   }
-  // Adaptive loading: which encoding of the chunk to read from the remote tier.
+  // Adaptive loading: which encoding of the chunk to read from this tier.
+  const bool adaptive = levels_[tier].on();
   int level = 0;
-  if (tier == kRemote && !level_codecs_.empty()) {
-    level = PickRemoteLevel(r, deadline);
+  if (adaptive) {
+    level = PickLevel(tier, r, deadline);
     if (level < 0) {
       std::lock_guard lock(mu_);
-      ++counters_.remote_recompute_chunks;
+      if (tier == kRemote) ++counters_.remote_recompute_chunks;
       return DeadlineExceeded("no stored level of the chunk loads before the deadline at the "
                               "measured bandwidth: recomputed instead");
     }
   }
   const int64_t read_start = cachette::NowNanos();
   BufferPool* pool = ram_ != nullptr ? &ram_->pool() : nullptr;
-  auto got = tier == kDisk ? disk_->Get(r.key, deadline, pool)
-                           : remote_->GetIn(r.ns, LevelKey(r.key, level), deadline);
-  if (level > 0 && !got.ok() && got.status().code() == StatusCode::kNotFound) {
-    level = 0;  // that level was not stored (its codec refused the chunk): the primary
-    got = remote_->GetIn(r.ns, r.key, deadline);
+  auto read = [&](int at) {
+    return tier == kDisk ? disk_->Get(LevelKey(r.key, at), deadline, pool)
+                         : remote_->GetIn(r.ns, LevelKey(r.key, at), deadline);
+  };
+  auto got = read(level);
+  if (level > 0 && !got.ok() && (got.status().code() == StatusCode::kNotFound ||
+                                 got.status().code() == StatusCode::kCorruption)) {
+    // That level was not stored (its codec refused the chunk) or is gone: the primary.
+    // WART: a disk level file lost this way stays charged to its chunk's entry until the
+    // chunk leaves the disk (the index keeps one byte count per chunk and tier).
+    level = 0;
+    got = read(0);
   }
-  if (tier == kRemote && !level_codecs_.empty() && got.ok()) {
-    const double bytes = static_cast<double>(got->size());
-    const double s = std::max(1e-6, static_cast<double>(cachette::NowNanos() - read_start) / 1e9);
-    std::lock_guard lock(mu_);
-    Average(level_bytes_[static_cast<size_t>(level)], bytes, 0.9, 0.1);
-    Average(remote_bytes_per_s_, bytes / s, 0.7, 0.3);
-  }
+  if (adaptive && got.ok()) MeasureRead(tier, level, got->size(), read_start);
   if (!got.ok()) {
     const StatusCode code = got.status().code();
     std::lock_guard lock(mu_);
@@ -334,9 +336,11 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
       ++counters_.tier[tier].errors;
     }
     if (tier == kDisk) {
-      // Gone or corrupt (the tier deleted and counted it): forget the disk copy.
+      // Gone or corrupt (the tier deleted and counted it): forget the disk copy, and its
+      // level files with it (unlinked under mu_, so no new write of the key races them).
       if (Entry* e = index_.Find(r.key); e != nullptr && e->disk_bytes() != 0) {
         index_.SetBytes(*e, kDisk, 0);
+        (void)EraseFromDisk(r.key);
         index_.MaybeForget(r.key);
       }
     }
@@ -362,8 +366,8 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
       }
     }
     if (tier == kRemote && s.code() == StatusCode::kCorruption) {
-      (void)remote_->EraseIn(r.ns, r.key);
-      EmitRemote(KvEvent::Kind::kRemoved, {r.key});
+      (void)remote_->EraseIn(r.ns, LevelKey(r.key, level));
+      if (level == 0) EmitRemote(KvEvent::Kind::kRemoved, {r.key});
     }
     return s;
   }
@@ -371,24 +375,34 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
   d->status = Status::Ok();
   if (level == 0) {
     Promote(r, raw);
-  } else {
+  } else if (tier == kRemote) {
     std::lock_guard lock(mu_);
     ++counters_.remote_lower_level_chunks;  // serves this load only: RAM keeps the best
   }
   return Status::Ok();
 }
 
-int TieredStore::PickRemoteLevel(const ChunkRequest& r, SteadyTime deadline) {
+void TieredStore::MeasureRead(int tier, int level, uint64_t bytes, int64_t start_ns) {
+  const double b = static_cast<double>(bytes);
+  const double s = std::max(1e-6, static_cast<double>(cachette::NowNanos() - start_ns) / 1e9);
   std::lock_guard lock(mu_);
-  if (remote_bytes_per_s_ <= 0) return 0;  // nothing measured yet: the best, and measure it
+  TierLevels& lv = levels_[tier];
+  Average(lv.bytes[static_cast<size_t>(level)], b, 0.9, 0.1);
+  Average(lv.bytes_per_s, b / s, 0.7, 0.3);
+}
+
+int TieredStore::PickLevel(int tier, const ChunkRequest& r, SteadyTime deadline) {
+  std::lock_guard lock(mu_);
+  const TierLevels& lv = levels_[tier];
+  if (lv.bytes_per_s <= 0) return 0;  // nothing measured yet: the best, and measure it
   const double left_s =
       std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
-  for (size_t j = 0; j < level_bytes_.size(); ++j) {
-    const double bytes = level_bytes_[j];
-    // A level whose size this process has not seen (another process wrote the chunks) is
-    // tried when the better ones do not fit: reading it measures it.
+  for (size_t j = 0; j < lv.bytes.size(); ++j) {
+    const double bytes = lv.bytes[j];
+    // A level whose size this process has not seen (another process wrote the chunks, or this
+    // one before a restart) is tried when the better ones do not fit: reading it measures it.
     if (bytes == 0) return static_cast<int>(j);
-    if (bytes * static_cast<double>(r.remaining) / remote_bytes_per_s_ <= left_s) {
+    if (bytes * static_cast<double>(r.remaining) / lv.bytes_per_s <= left_s) {
       return static_cast<int>(j);
     }
   }
@@ -465,7 +479,15 @@ void TieredStore::RunLoad(const std::shared_ptr<LoadState>& st, std::vector<Chun
         const Entry* e = index_.Find(key);
         disk_only = e != nullptr && e->ram_bytes() == 0 && e->disk_bytes() != 0;
       }
-      if (disk_only) disk_->Prefetch(key);
+      if (!disk_only) continue;
+      // With disk levels, the one the controller would pick now (a guess: it decides again
+      // when the chunk's turn comes).
+      int level = 0;
+      if (levels_[kDisk].on()) {
+        reqs[prefetched].remaining = reqs.size() - prefetched;
+        level = std::max(0, PickLevel(kDisk, reqs[prefetched], st->deadline));
+      }
+      disk_->Prefetch(LevelKey(key, level));
     }
   };
   size_t i = first;

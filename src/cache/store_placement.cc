@@ -176,7 +176,12 @@ SharedBytes TieredStore::EncodeForSlowTiers(const SharedBytes& raw_record) {
 }
 
 void TieredStore::WriteToDisk(const WriteJob& job, const SharedBytes& bytes) {
-  const uint64_t size = bytes->size();
+  // Adaptive loading: the chunk's level records go with it, planned and charged as one (its
+  // entry's disk bytes are the record's and its levels'), so they leave the disk with it.
+  const std::vector<SharedBytes> level_recs =
+      levels_[kDisk].on() ? EncodeLevels(kDisk, job.raw_record) : std::vector<SharedBytes>();
+  uint64_t size = bytes->size();
+  for (const SharedBytes& rec : level_recs) size += rec != nullptr ? rec->size() : 0;
   std::vector<ChunkKey> victims;
   Hash128 ns;
   {
@@ -197,11 +202,25 @@ void TieredStore::WriteToDisk(const WriteJob& job, const SharedBytes& bytes) {
     ns = e->ns;
     index_.Reserve(ns, kDisk, size);  // until published
   }
-  for (const ChunkKey& v : victims) (void)disk_->Erase(v);
+  for (const ChunkKey& v : victims) (void)EraseFromDisk(v);
+  uint64_t written = 0;
   Status s;
   try {
     s = disk_->Put(job.key, *bytes);
+    if (s.ok()) written = bytes->size();
+    for (size_t j = 0; s.ok() && j < level_recs.size(); ++j) {
+      if (level_recs[j] == nullptr) continue;
+      // A level that fails to write is only a level less: loads fall back to level 0.
+      if (disk_->Put(LevelKey(job.key, static_cast<int>(j + 1)), *level_recs[j]).ok()) {
+        written += level_recs[j]->size();
+      } else {
+        std::lock_guard lock(mu_);
+        ++counters_.tier[kDisk].errors;
+      }
+    }
   } catch (const std::exception& ex) {
+    if (s.ok()) (void)EraseFromDisk(job.key);  // whatever of it was published goes
+    written = 0;
     s = IOError(std::string("disk put threw: ") + ex.what());
     std::lock_guard lock(mu_);
     ++counters_.tier[kDisk].errors;
@@ -213,30 +232,29 @@ void TieredStore::WriteToDisk(const WriteJob& job, const SharedBytes& bytes) {
   if (live) {
     e->disk_pending = false;
     if (s.ok()) {
-      index_.SetBytes(*e, kDisk, size);
+      index_.SetBytes(*e, kDisk, written);
+      TierLevels& lv = levels_[kDisk];
+      if (lv.on()) Average(lv.bytes[0], static_cast<double>(bytes->size()), 0.9, 0.1);
+      for (size_t j = 0; j < level_recs.size(); ++j) {
+        if (level_recs[j] == nullptr) continue;
+        Average(lv.bytes[j + 1], static_cast<double>(level_recs[j]->size()), 0.9, 0.1);
+      }
     } else {
       index_.MaybeForget(job.key);
     }
   } else if (s.ok()) {
-    (void)disk_->Erase(job.key);  // erased or re-created while we wrote: not ours now
+    (void)EraseFromDisk(job.key);  // erased or re-created while we wrote: not ours now
   }
 }
 
-ChunkKey TieredStore::LevelKey(const ChunkKey& key, int level) {
-  if (level == 0) return key;
-  // A key no chunk has: XXH3-128 of the chunk key and the level, under its own seed.
-  uint64_t words[3] = {key.lo, key.hi, static_cast<uint64_t>(level)};
-  const Hash128 h = Hash128Of(ByteSpan(reinterpret_cast<const std::byte*>(words), sizeof words),
-                              /*seed=*/0x1e7e1);
-  return h;
-}
-
-void TieredStore::WriteRemoteLevels(const WriteJob& job) {
-  auto h = DecodeRecordHeader(*job.raw_record, job.raw_record->size());
-  if (!h.ok()) return;
-  const ByteSpan raw = ByteSpan(*job.raw_record).subspan(h->header_bytes);
-  for (size_t j = 0; j < level_codecs_.size(); ++j) {
-    const Codec& codec = *level_codecs_[j];
+std::vector<SharedBytes> TieredStore::EncodeLevels(int tier, const SharedBytes& raw_record) {
+  const TierLevels& lv = levels_[tier];
+  std::vector<SharedBytes> out(lv.codecs.size());
+  auto h = DecodeRecordHeader(*raw_record, raw_record->size());
+  if (!h.ok()) return out;
+  const ByteSpan raw = ByteSpan(*raw_record).subspan(h->header_bytes);
+  for (size_t j = 0; j < lv.codecs.size(); ++j) {
+    const Codec& codec = *lv.codecs[j];
     auto enc = codec.Encode(h->meta.layout, raw);
     if (!enc.ok()) continue;  // a level this chunk cannot take (e.g. its KV type): loads skip it
     RecordMeta m = h->meta;
@@ -244,14 +262,24 @@ void TieredStore::WriteRemoteLevels(const WriteJob& job) {
     m.codec_version = codec.version();
     auto rec = EncodeRecord(m, h->tokens, *enc);
     if (!rec.ok()) continue;
+    out[j] = std::make_shared<const std::vector<std::byte>>(std::move(*rec));
+  }
+  return out;
+}
+
+void TieredStore::WriteRemoteLevels(const WriteJob& job) {
+  const std::vector<SharedBytes> recs = EncodeLevels(kRemote, job.raw_record);
+  for (size_t j = 0; j < recs.size(); ++j) {
+    if (recs[j] == nullptr) continue;
     const int level = static_cast<int>(j + 1);
-    if (!remote_->PutIn(job.ns, LevelKey(job.key, level), *rec, options_.redis_ttl_seconds).ok()) {
+    if (!remote_->PutIn(job.ns, LevelKey(job.key, level), *recs[j], options_.redis_ttl_seconds)
+             .ok()) {
       std::lock_guard lock(mu_);
       ++counters_.tier[kRemote].errors;
       continue;
     }
     std::lock_guard lock(mu_);
-    Average(level_bytes_[static_cast<size_t>(level)], static_cast<double>(rec->size()), 0.9, 0.1);
+    Average(levels_[kRemote].bytes[j + 1], static_cast<double>(recs[j]->size()), 0.9, 0.1);
   }
 }
 
@@ -273,12 +301,12 @@ void TieredStore::RunWrite(const WriteJob& job) {
         std::lock_guard lock(mu_);
         Entry* e = index_.Find(job.key);
         if (e != nullptr && e->gen == job.gen) e->remote_written = true;
-        if (!level_codecs_.empty()) {
-          Average(level_bytes_[0], static_cast<double>(bytes->size()), 0.9, 0.1);
+        if (levels_[kRemote].on()) {
+          Average(levels_[kRemote].bytes[0], static_cast<double>(bytes->size()), 0.9, 0.1);
         }
       }
       EmitRemote(KvEvent::Kind::kStored, {job.key});
-      if (!level_codecs_.empty()) WriteRemoteLevels(job);
+      if (levels_[kRemote].on()) WriteRemoteLevels(job);
     }
   } catch (const std::exception&) {
     std::lock_guard lock(mu_);

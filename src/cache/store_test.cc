@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <set>
 #include <thread>
@@ -441,6 +442,215 @@ TEST(StoreTest, AdaptiveLoadingPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
     EXPECT_GE(c->Stats().remote_recompute_chunks, 1u);
     EXPECT_LT(std::chrono::steady_clock::now() - t0, 25ms) << "decided without reading";
   }
+}
+
+// KV-like chunks big enough for int4 to be ~3.5x smaller than raw: 32 KiB raw each, N(0,1).
+ChunkLayout LevelsLayout() {
+  ChunkLayout l;
+  l.n_layer = 4;
+  l.n_kv_head = 2;
+  l.head_dim = 64;
+  l.n_tokens = kC;
+  l.kv_type = 1;
+  return l;
+}
+
+std::vector<std::vector<std::byte>> NormalChunks(const ChunkLayout& l, size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<std::vector<std::byte>> raw(n);
+  for (auto& r : raw) {
+    std::vector<float> v(l.raw_bytes() / 2);
+    for (float& x : v) x = normal(rng);
+    r = testing::ToRaw(l, v);
+  }
+  return raw;
+}
+
+// The disk tier's files at `level` (0: chunk records).
+size_t DiskFilesAt(TieredStore& c, int level) {
+  size_t n = 0;
+  for (const DiskEntry& e : c.disk_tier()->Entries()) n += e.level == level ? 1 : 0;
+  return n;
+}
+
+// The same controller on the disk tier: a restarted store (RAM empty) restores from a disk
+// that reads at 100 ms a raw chunk (simulated: every read sleeps its bytes / bandwidth).
+TEST(StoreTest, AdaptiveLoadingFromDiskPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
+  const ChunkLayout l = LevelsLayout();
+  constexpr size_t kChunks = 8;
+  const auto t = Tokens(kChunks * kC, 78);
+  const auto raw = NormalChunks(l, kChunks, 78);
+  std::vector<ByteSpan> spans(raw.begin(), raw.end());
+  TempDir dir;
+  auto open = [&] {
+    CacheOptions o;
+    o.chunk_tokens = kC;
+    o.ram_budget_bytes = 64 << 20;
+    o.disk_dir = dir.path();
+    o.disk_budget_bytes = 64 << 20;
+    o.disk_sync = false;
+    o.disk_levels = {"int4"};
+    auto c = Open(o);
+    const double bytes_per_s = static_cast<double>(l.raw_bytes()) / 0.100;
+    if (c != nullptr) {
+      c->disk_tier()->SetReadHookForTesting([bytes_per_s](uint64_t bytes) {
+        std::this_thread::sleep_for(
+            std::chrono::duration<double>(static_cast<double>(bytes) / bytes_per_s));
+      });
+    }
+    return c;
+  };
+  {
+    auto writer = open();
+    ASSERT_NE(writer, nullptr);
+    ASSERT_TRUE(writer->Put(kNs1, t, 0, l, spans).ok());
+    ASSERT_TRUE(writer->Flush().ok());
+    EXPECT_EQ(DiskFilesAt(*writer, 0), kChunks);  // raw and int4 of each chunk
+    EXPECT_EQ(DiskFilesAt(*writer, 1), kChunks);
+  }
+  auto load = [&](Cache& c, size_t first, std::chrono::milliseconds deadline) {
+    auto h = c.Get(kNs1, t, first, kChunks - first, std::chrono::steady_clock::now() + deadline);
+    h->Wait();
+    return h;
+  };
+  {  // Time enough for raw: every chunk exact, from disk, and promoted.
+    auto c = open();
+    ASSERT_NE(c, nullptr);
+    EXPECT_EQ(DiskFilesAt(*c, 1), kChunks) << "a restart keeps the levels";
+    EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(kChunks, CacheTier::kDisk));
+    auto h = load(*c, 0, 5s);
+    ASSERT_EQ(h->ready_tokens(), kChunks * kC);
+    for (size_t i = 0; i < kChunks; ++i) {
+      EXPECT_EQ(h->chunk(i).tier, CacheTier::kDisk);
+      ASSERT_EQ(std::memcmp(h->chunk(i).bytes().data(), raw[i].data(), raw[i].size()), 0) << i;
+    }
+    EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(kChunks, CacheTier::kRam));
+  }
+  auto c = open();
+  ASSERT_NE(c, nullptr);
+  size_t lower = 0;
+  {  // 600 ms where raw needs 800: the first chunk (raw: nothing measured yet) measures the
+     // disk, then int4 until raw fits the time left again. Lower chunks are within int4's
+     // error and stay on disk only; the raw ones are exact and promoted.
+    const auto t0 = std::chrono::steady_clock::now();
+    auto h = load(*c, 0, 600ms);
+    ASSERT_EQ(h->ready_tokens(), kChunks * kC);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 600ms);
+    const LookupResult r = c->Lookup(t, kNs1);
+    ASSERT_EQ(r.chunk_tiers.size(), kChunks);
+    for (size_t i = 0; i < kChunks; ++i) {
+      EXPECT_EQ(h->chunk(i).tier, CacheTier::kDisk);
+      if (std::memcmp(h->chunk(i).bytes().data(), raw[i].data(), raw[i].size()) == 0) {
+        EXPECT_EQ(r.chunk_tiers[i], CacheTier::kRam) << "exact chunk " << i << " promoted";
+        continue;
+      }
+      ++lower;
+      EXPECT_EQ(r.chunk_tiers[i], CacheTier::kDisk) << "lower chunk " << i << " not promoted";
+      const auto want = testing::FromRaw(l, raw[i]);
+      const auto got = testing::FromRaw(l, h->chunk(i).bytes());
+      double worst = 0;
+      for (size_t k = 0; k < want.size(); ++k) {
+        worst = std::max<double>(worst, std::abs(got[k] - want[k]));
+      }
+      EXPECT_LT(worst, 1.0) << "chunk " << i;  // int4 of N(0,1): a step of ~range/15
+    }
+    EXPECT_GE(lower, 1u);
+    const CacheStats s = c->Stats();
+    EXPECT_EQ(s.remote_lower_level_chunks + s.remote_recompute_chunks, 0u) << "not Redis's";
+  }
+  {  // 20 ms for what needs ~28 a chunk even as int4: given up at once, for a recompute.
+    const std::vector<CacheTier> tiers = c->Lookup(t, kNs1).chunk_tiers;
+    const size_t first = static_cast<size_t>(
+        std::find(tiers.begin(), tiers.end(), CacheTier::kDisk) - tiers.begin());
+    ASSERT_LT(first, kChunks);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto h = load(*c, first, 20ms);
+    EXPECT_EQ(h->ready_tokens(), 0u);
+    EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kDeadlineExceeded);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 15ms) << "decided without reading";
+  }
+  // A level file whose chunk record is gone is removed at the next start.
+  const ChunkKey last = ComputeChunkKeys(kNs1, t, kC).back();
+  const std::string last_record = c->disk_tier()->PathOf(last);
+  const std::string last_level = c->disk_tier()->PathOf(LevelKey(last, 1));
+  ASSERT_TRUE(std::filesystem::exists(last_level));
+  c.reset();
+  ASSERT_TRUE(std::filesystem::remove(last_record));
+  c = open();
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(DiskFilesAt(*c, 0), kChunks - 1);
+  EXPECT_EQ(DiskFilesAt(*c, 1), kChunks - 1);
+  EXPECT_FALSE(std::filesystem::exists(last_level));
+  // Clear removes every file of the namespace, levels included.
+  ASSERT_TRUE(c->Clear(kNs1).ok());
+  EXPECT_TRUE(c->disk_tier()->Entries().empty());
+  EXPECT_EQ(c->Stats().tier[1].bytes_used, 0u);
+  size_t files = 0;
+  for (const auto& f : std::filesystem::recursive_directory_iterator(dir.path() + "/chunks")) {
+    files += f.is_regular_file() ? 1 : 0;
+  }
+  EXPECT_EQ(files, 0u);
+}
+
+TEST(StoreTest, DiskLevelsAreChargedToTheirChunkAndEvictedWithIt) {
+  // No RAM tier: every put goes to disk, with its int4 level, into room for about three.
+  const ChunkLayout l = LevelsLayout();
+  constexpr size_t kChunks = 8;
+  const auto t = Tokens(kChunks * kC, 79);
+  const auto raw = NormalChunks(l, kChunks, 79);
+  std::vector<ByteSpan> spans(raw.begin(), raw.end());
+  TempDir dir;
+  const uint64_t record = RecordHeaderBytes(kC) + l.raw_bytes();
+  CacheOptions o;
+  o.chunk_tokens = kC;
+  o.ram_budget_bytes = 0;
+  o.disk_dir = dir.path();
+  // Room for three chunks with their levels (int4 is ~0.3 of a record), not four, and for
+  // four records without levels: a store that forgot the levels would overfill the disk.
+  o.disk_budget_bytes = 4 * record + record / 2;
+  o.disk_sync = false;
+  o.disk_levels = {"int4"};
+  uint64_t used = 0;
+  {
+    auto c = Open(o);
+    ASSERT_NE(c, nullptr);
+    for (size_t i = 0; i < kChunks; ++i) {
+      ASSERT_TRUE(c->Put(kNs1, t, i, l, std::span(spans).subspan(i, 1)).ok());
+      ASSERT_TRUE(c->Flush().ok());
+    }
+    const CacheStats s = c->Stats();
+    used = s.tier[1].bytes_used;
+    EXPECT_LE(used, o.disk_budget_bytes);
+    EXPECT_GE(s.tier[1].evictions, kChunks - 3);
+    EXPECT_EQ(DiskFilesAt(*c, 0), 3u);
+    // Every level file has its chunk's record beside it: none outlived an eviction.
+    std::set<ChunkKey> chunks, levels;
+    for (const DiskEntry& e : c->disk_tier()->Entries()) {
+      (e.level == 0 ? chunks : levels).insert(e.chunk);
+    }
+    EXPECT_EQ(levels, chunks);
+    // The newest chunks are there, and load exactly.
+    auto h = c->Get(kNs1, t, kChunks - 3, 3, std::chrono::steady_clock::now() + 5s);
+    h->Wait();
+    ASSERT_EQ(h->ready_tokens(), 3u * kC);
+    EXPECT_EQ(std::memcmp(h->chunk(2).bytes().data(), raw.back().data(), raw.back().size()), 0);
+  }
+  // After a restart the levels are charged again: a put evicts a whole chunk to fit (had the
+  // store forgotten the levels, it would not evict and the disk tier would refuse the write).
+  auto c = Open(o);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->Stats().tier[1].bytes_used, used);
+  ASSERT_TRUE(c->Put(kNs1, t, 0, l, std::span(spans).subspan(0, 1)).ok());
+  ASSERT_TRUE(c->Flush().ok());
+  const CacheStats s = c->Stats();
+  EXPECT_LE(s.tier[1].bytes_used, o.disk_budget_bytes);
+  EXPECT_EQ(s.tier[1].errors, 0u);
+  EXPECT_EQ(s.tier[1].evictions, 1u);
+  ASSERT_FALSE(c->Lookup(t, kNs1).chunk_tiers.empty());
+  EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers[0], CacheTier::kDisk);
+  EXPECT_EQ(DiskFilesAt(*c, 0), 3u);
+  EXPECT_EQ(DiskFilesAt(*c, 1), 3u);
 }
 
 // Replays the store's KV events into the set of (medium, block) they say is held, counting

@@ -93,6 +93,10 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
        "Adaptive loading: more codecs whose encodings of each chunk go to Redis too, best "
        "first (repeatable, e.g. cachegen cachegen-low); a restore picks per chunk the best that "
        "loads by --load-deadline-ms at the measured bandwidth, else recomputes");
+  Flag(c, p, kStore, "--disk-levels", &ServeConfig::disk_levels,
+       "Adaptive loading on disk: more codecs whose encodings of each chunk go to the disk tier "
+       "too, best first (repeatable); a restore picks per chunk the best that loads by "
+       "--load-deadline-ms at the measured disk bandwidth, else recomputes");
   Flag(c, p, kStore, "--policy", &ServeConfig::policy, "Eviction policy: lru, lfu, s3fifo, cost");
   Flag(c, p, kStore, "--admit-after-hits", &ServeConfig::admit_after_hits,
        "Slower tiers take a chunk once it was hit N times (0)");
@@ -191,6 +195,10 @@ Status OpenStore(const ServeConfig& cfg, KvManager& kv, KvEventSink* events,
     CT_RETURN_IF_ERROR(cache::MakeCodec(level).status().WithContext("--redis-levels"));
   }
   co.remote_levels = cfg.redis_levels;
+  for (const std::string& level : cfg.disk_levels) {
+    CT_RETURN_IF_ERROR(cache::MakeCodec(level).status().WithContext("--disk-levels"));
+  }
+  co.disk_levels = cfg.disk_levels;
   co.policy = cfg.policy;
   co.admit_after_hits = static_cast<uint32_t>(cfg.admit_after_hits);
   co.redis_write =

@@ -109,6 +109,7 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"chunk_tokens", Int(&cfg->chunk_tokens)},
       {"codec", Str(&cfg->codec)},
       {"redis_levels", StrList(&cfg->redis_levels)},
+      {"disk_levels", StrList(&cfg->disk_levels)},
       {"policy", Str(&cfg->policy)},
       {"admit_after_hits", Int(&cfg->admit_after_hits)},
       {"redis_write", Str(&cfg->redis_write)},
@@ -274,6 +275,9 @@ Status ValidateConfig(const ServeConfig& c) {
   if (c.codec.empty()) return InvalidArgument("--codec must not be empty");
   if (!c.redis_levels.empty() && c.redis.empty()) {
     return InvalidArgument("--redis-levels needs --redis (the levels are written to Redis)");
+  }
+  if (!c.disk_levels.empty() && c.disk_dir.empty()) {
+    return InvalidArgument("--disk-levels needs --disk-dir (the levels are written to disk)");
   }
   auto bytes = [](const std::string& v, const char* flag) -> Status {
     if (v.empty()) return Status::Ok();

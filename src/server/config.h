@@ -64,6 +64,8 @@ struct ServeConfig {
   std::string codec = "raw";
   // Adaptive loading: more encodings written to Redis, best first (CacheOptions::remote_levels).
   std::vector<std::string> redis_levels;
+  // The same for the disk tier (CacheOptions::disk_levels).
+  std::vector<std::string> disk_levels;
   std::string policy = "lru";           // lru | lfu | s3fifo | cost
   int admit_after_hits = 0;             // slower tiers take a chunk once it was hit N times
   std::string redis_write = "through";  // through | back (= when RAM evicts the chunk)
