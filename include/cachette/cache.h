@@ -184,10 +184,12 @@ struct CacheStats {
   uint64_t collisions = 0;      // a key's record had other tokens/namespace: served as a miss
   uint64_t corruptions = 0;     // all tiers
   uint64_t deadline_misses = 0;
-  // Adaptive loading (remote_levels): chunks loaded at a level below `codec`, and chunks given
-  // up for recompute because no level's transfer fit the deadline.
+  // Adaptive loading (remote_levels, disk_levels): chunks loaded at a level below `codec`, and
+  // chunks given up for recompute because no level's transfer fit the deadline, per tier.
   uint64_t remote_lower_level_chunks = 0;
   uint64_t remote_recompute_chunks = 0;
+  uint64_t disk_lower_level_chunks = 0;
+  uint64_t disk_recompute_chunks = 0;
   uint64_t pins_active = 0;
   uint64_t io_queue_depth = 0;
   LatencyHistogram load_latency;

@@ -110,6 +110,12 @@ std::string PrometheusText(const CacheStats& s) {
       {"remote_recompute_chunks_total", "counter",
        "Chunks given up for recompute: no stored level fit the deadline (adaptive loading).",
        s.remote_recompute_chunks},
+      {"disk_lower_level_chunks_total", "counter",
+       "Chunks loaded from disk at a level below the codec's (adaptive loading).",
+       s.disk_lower_level_chunks},
+      {"disk_recompute_chunks_total", "counter",
+       "Disk chunks given up for recompute: no stored level fit the deadline.",
+       s.disk_recompute_chunks},
       {"pins_active", "gauge", "Live pins.", s.pins_active},
       {"io_queue_depth", "gauge", "Write-behind jobs queued or running.", s.io_queue_depth},
   };

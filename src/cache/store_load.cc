@@ -303,7 +303,7 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
     level = PickLevel(tier, r, deadline);
     if (level < 0) {
       std::lock_guard lock(mu_);
-      if (tier == kRemote) ++counters_.remote_recompute_chunks;
+      ++(tier == kRemote ? counters_.remote_recompute_chunks : counters_.disk_recompute_chunks);
       return DeadlineExceeded("no stored level of the chunk loads before the deadline at the "
                               "measured bandwidth: recomputed instead");
     }
@@ -375,9 +375,11 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
   d->status = Status::Ok();
   if (level == 0) {
     Promote(r, raw);
-  } else if (tier == kRemote) {
+  } else {
     std::lock_guard lock(mu_);
-    ++counters_.remote_lower_level_chunks;  // serves this load only: RAM keeps the best
+    // Serves this load only: RAM keeps the best.
+    ++(tier == kRemote ? counters_.remote_lower_level_chunks
+                       : counters_.disk_lower_level_chunks);
   }
   return Status::Ok();
 }

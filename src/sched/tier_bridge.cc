@@ -362,6 +362,8 @@ nlohmann::json TierBridge::Stats() {
   j["deadline_misses"] = s.deadline_misses;
   j["remote_lower_level_chunks"] = s.remote_lower_level_chunks;
   j["remote_recompute_chunks"] = s.remote_recompute_chunks;
+  j["disk_lower_level_chunks"] = s.disk_lower_level_chunks;
+  j["disk_recompute_chunks"] = s.disk_recompute_chunks;
   j["io_queue_depth"] = s.io_queue_depth;
   j["lookup_queue_depth"] = lookups_->queued();
   j["segments"] = {{"saved", segments_saved_.load(std::memory_order_relaxed)},
