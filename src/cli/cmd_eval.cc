@@ -71,6 +71,8 @@ struct RagArgs {
   double ape_t = 0.9, ape_s = 0.9;
   std::vector<double> ratios = {0.15};
   std::vector<double> alphas = {0.2};
+  std::vector<std::string> craft_choices = {
+      std::string(CraftChoiceName(ReuseOptions{}.craft_choice))};
   bool details = false;
 };
 
@@ -384,6 +386,29 @@ int EvalStream(const StreamArgs& a) {
   return 0;
 }
 
+// The --details rows of eval retrieval and eval rag, one per question: its kind, prompt length
+// and expected answer, and unless skipped each configuration's answer and whether it was right.
+// more(outcome, row) adds a command's own fields.
+template <typename Outcome, typename Item, typename More>
+nlohmann::json DetailsJson(const std::vector<Outcome>& outcomes, const std::vector<Item>& items,
+                           const More& more) {
+  nlohmann::json details = nlohmann::json::array();
+  for (const Outcome& oc : outcomes) {
+    nlohmann::json d = {{"index", oc.index},
+                        {"kind", oc.kind},
+                        {"prompt_tokens", oc.prompt_tokens},
+                        {"expected", eval::AnswerLine(items[oc.index].answer)},
+                        {"skipped", oc.skipped}};
+    if (!oc.skipped) {
+      d["answers"] = oc.answers;
+      d["correct"] = oc.correct;
+    }
+    more(oc, d);
+    details.push_back(d);
+  }
+  return details;
+}
+
 int EvalRetrieval(const RetrievalArgs& a) {
   auto pcs = PolicyConfigs(a.c);
   if (!pcs.ok()) return Fail(pcs.status());
@@ -461,20 +486,7 @@ int EvalRetrieval(const RetrievalArgs& a) {
     }
     j["results"] = rows;
     if (a.details) {
-      nlohmann::json details = nlohmann::json::array();
-      for (const auto& oc : r->outcomes) {
-        nlohmann::json d = {{"index", oc.index},
-                            {"kind", oc.kind},
-                            {"prompt_tokens", oc.prompt_tokens},
-                            {"expected", eval::AnswerLine(items[oc.index].answer)},
-                            {"skipped", oc.skipped}};
-        if (!oc.skipped) {
-          d["answers"] = oc.answers;
-          d["correct"] = oc.correct;
-        }
-        details.push_back(d);
-      }
-      j["items"] = details;
+      j["items"] = DetailsJson(r->outcomes, items, [](const eval::QaOutcome&, nlohmann::json&) {});
     }
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -515,12 +527,23 @@ int EvalRag(const RagArgs& a) {
       continue;
     }
     const bool blend = *mode == ReuseMode::kBlend;
-    for (double r : blend ? a.ratios : a.alphas) {
-      if (!(r >= 0 && r <= 1)) {
-        return Fail(InvalidArgument(std::string(blend ? "--ratio " : "--alpha ") +
-                                    std::to_string(r) + " is outside [0, 1]"));
+    std::vector<CraftChoice> choices = {ReuseOptions{}.craft_choice};
+    if (!blend) {
+      choices.clear();
+      for (const std::string& name : a.craft_choices) {
+        auto choice = ParseCraftChoice(name);
+        if (!choice.ok()) return Fail(choice.status().WithContext("--craft-choice"));
+        choices.push_back(*choice);
       }
-      configs.push_back({*mode, r});
+    }
+    for (CraftChoice choice : choices) {
+      for (double r : blend ? a.ratios : a.alphas) {
+        if (!(r >= 0 && r <= 1)) {
+          return Fail(InvalidArgument(std::string(blend ? "--ratio " : "--alpha ") +
+                                      std::to_string(r) + " is outside [0, 1]"));
+        }
+        configs.push_back({*mode, r, choice});
+      }
     }
   }
   if (configs.empty()) return Fail(InvalidArgument("--mode: no mode given"));
@@ -587,6 +610,9 @@ int EvalRag(const RagArgs& a) {
            {"alpha", configs[i].mode == ReuseMode::kCacheCraft
                          ? nlohmann::json(configs[i].ratio)
                          : nlohmann::json(nullptr)},
+           {"craft_choice", configs[i].mode == ReuseMode::kCacheCraft
+                                ? nlohmann::json(CraftChoiceName(configs[i].craft))
+                                : nlohmann::json(nullptr)},
            {"baseline", configs[i].mode == ReuseMode::kFull},
            {"accuracy", groups.contains("all") ? groups["all"]["accuracy"] : nlohmann::json(0)},
            {"groups", groups},
@@ -602,22 +628,12 @@ int EvalRag(const RagArgs& a) {
     }
     j["results"] = rows;
     if (a.details) {
-      nlohmann::json details = nlohmann::json::array();
-      for (const auto& oc : r->outcomes) {
-        nlohmann::json d = {{"index", oc.index},
-                            {"kind", oc.kind},
-                            {"hops", oc.hops},
-                            {"prompt_tokens", oc.prompt_tokens},
-                            {"expected", eval::AnswerLine(items[oc.index].answer)},
-                            {"skipped", oc.skipped}};
-        if (!oc.skipped) {
-          d["answers"] = oc.answers;
-          d["correct"] = oc.correct;
-          d["ttft_s"] = oc.ttft_s;
-        }
-        details.push_back(d);
-      }
-      j["items"] = details;
+      auto rag_fields = [](const eval::RagOutcome& oc, nlohmann::json& d) {
+        d["hops"] = oc.hops;
+        if (!oc.skipped) d["ttft_s"] = oc.ttft_s;
+        if (!oc.kl_vs_full.empty()) d["kl_vs_full"] = oc.kl_vs_full;
+      };
+      j["items"] = DetailsJson(r->outcomes, items, rag_fields);
     }
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -768,10 +784,16 @@ Runner AddEvalCommand(CLI::App& app) {
                 "Cache-Craft's alpha (recompute share = alpha x CCI x (1 - overlap)), "
                 "comma-separated (0.2)")
       ->delimiter(',');
+  g->add_option("--craft-choice", ga->craft_choices,
+                "Cache-Craft's choice of tokens: stored (inter-attention stored with the "
+                "document) or prompt (attention to its new context, in layer 0 of the prompt), "
+                "comma-separated (stored)")
+      ->delimiter(',');
   g->add_option("--ape-t", ga->ape_t, "APE's attention temperature T (0.9)")
       ->check(CLI::PositiveNumber);
   g->add_option("--ape-s", ga->ape_s, "APE's scale S (0.9)")->check(CLI::PositiveNumber);
-  g->add_flag("--details", ga->details, "With --json: every question's answers");
+  g->add_flag("--details", ga->details,
+              "With --json: every question's answers (and KL from full prefill)");
   g->add_flag("--json", ga->c.json, "Print one JSON object");
   g->add_flag("-q,--quiet", ga->c.quiet, "No progress on stderr");
   return [pa, p, ra, sa, st, ga, g] {

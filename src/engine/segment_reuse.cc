@@ -183,6 +183,18 @@ Result<ReuseMode> ParseReuseMode(std::string_view name) {
                          "' (expected full, prefix, naive, blend, cachecraft or ape)");
 }
 
+std::string_view CraftChoiceName(CraftChoice choice) {
+  return choice == CraftChoice::kStored ? "stored" : "prompt";
+}
+
+Result<CraftChoice> ParseCraftChoice(std::string_view name) {
+  for (CraftChoice c : {CraftChoice::kStored, CraftChoice::kPrompt}) {
+    if (name == CraftChoiceName(c)) return c;
+  }
+  return InvalidArgument("unknown Cache-Craft token choice '" + std::string(name) +
+                         "' (expected stored or prompt)");
+}
+
 namespace {
 
 // The rows a layer-at-a-time pass computes: prompt positions (slot == position), ascending.
@@ -203,6 +215,59 @@ struct Rows {
     }
   }
 };
+
+// A placed segment whose tokens Cache-Craft chooses in the prompt (CraftChoice::kPrompt).
+struct CraftPart {
+  int64_t at = 0;         // its first slot
+  int64_t count = 0;      // its placed tokens
+  int64_t redo = 0;       // how many of them to recompute (CacheCraftShare)
+  int64_t new_begin = 0;  // its new context: slots [new_begin, at)
+};
+
+// Marks with 2 the `redo` entries of `placed` [score.size()] of largest score (the first of
+// equal ones).
+void MarkLargest(std::span<const float> score, int64_t redo, char* placed) {
+  std::vector<int64_t> order(score.size());
+  std::iota(order.begin(), order.end(), 0);
+  redo = std::min<int64_t>(redo, order.size());
+  std::partial_sort(order.begin(), order.begin() + redo, order.end(), [&](int64_t a, int64_t b) {
+    return score[a] != score[b] ? score[a] > score[b] : a < b;
+  });
+  for (int64_t j = 0; j < redo; ++j) placed[order[j]] = 2;
+}
+
+// The attention mass [part.count] that each of the part's rows (queries q [count][n_head]
+// [head_dim], RoPE applied; row i in slot part.at + i) gives to its new context, summed over
+// query heads. From the log-sum-exps over the new context [new_begin, at) and over the rest it
+// attends to, its old context [0, new_begin) and its own segment up to itself: the new
+// context's share is 1 / (1 + exp(lse rest - lse new)).
+std::vector<float> NewContextAttention(const float* q, const CraftPart& part,
+                                       const kernels::KvView& view, int n_head, float scale,
+                                       ThreadPool& pool) {
+  const int64_t m = part.count;
+  std::vector<float> out(m * n_head * view.head_dim), lse_new(m * n_head), lse_old(m * n_head),
+      lse_own(m * n_head);
+  kernels::AttentionLse(q, m, n_head, view, part.new_begin, part.at, -1, scale, out.data(),
+                        lse_new.data(), pool);
+  kernels::AttentionLse(q, m, n_head, view, 0, part.new_begin, -1, scale, out.data(),
+                        lse_old.data(), pool);
+  kernels::AttentionLse(q, m, n_head, view, part.at, part.at + m, part.at, scale, out.data(),
+                        lse_own.data(), pool);
+  std::vector<float> mass(m, 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    double sum = 0;
+    for (int h = 0; h < n_head; ++h) {
+      const int64_t j = i * n_head + h;
+      // The own range holds the row itself, so lse_rest is finite; lse_new may be -inf.
+      const double hi = std::max(lse_old[j], lse_own[j]);
+      const double lse_rest =
+          hi + std::log(std::exp(lse_old[j] - hi) + std::exp(lse_own[j] - hi));
+      sum += 1.0 / (1.0 + std::exp(lse_rest - lse_new[j]));
+    }
+    mass[i] = static_cast<float>(sum);
+  }
+  return mass;
+}
 
 // Keeps the rows `keep` (indices into rows.at, ascending) and their residual rows of x.
 void KeepRows(Rows& rows, const std::vector<size_t>& keep, std::vector<float>& x, int64_t d,
@@ -327,11 +392,15 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
 
   // Place the other segments and list the rows to compute: every token after the prefix
-  // (blend, where a layer below the check layer needs them all), or those in no segment.
+  // (blend, where a layer below the check layer needs them all, and Cache-Craft choosing in
+  // the prompt, whose layer 0 does), or those in no segment.
   // placed[t]: 1 = cached KV placed at t; 2 = placed but recomputed anyway (cachecraft).
   std::vector<char> placed(n, 0);
   std::vector<uint64_t> chunks_before;  // Cache-Craft's chunks preceding the segment at hand
   for (size_t j = 0; j < si; ++j) chunks_before.push_back(ContextId(segments[j].kv->tokens));
+  const bool craft_in_prompt = options.mode == ReuseMode::kCacheCraft &&
+                               options.craft_choice == CraftChoice::kPrompt;
+  std::vector<CraftPart> parts;  // kPrompt: the placed segments, chosen from after layer 0
   for (; si < segments.size(); ++si) {
     const SegmentKv& seg = *segments[si].kv;
     const int64_t at = segments[si].offset;
@@ -341,26 +410,28 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     std::fill(placed.begin() + at, placed.begin() + at + count, 1);
     rep.reused_tokens += count;
     if (options.mode == ReuseMode::kCacheCraft) {
-      // The share CFO of its tokens with the largest inter-attention (in order without one).
       const int64_t redo = static_cast<int64_t>(
           std::ceil(CacheCraftShare(seg, chunks_before, options.ratio) * count));
-      std::vector<int64_t> order(count);
-      std::iota(order.begin(), order.end(), 0);
-      if (static_cast<int64_t>(seg.inter.size()) >= count) {
-        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-          return seg.inter[a] > seg.inter[b];
-        });
+      if (craft_in_prompt) {
+        // Its old context, when the prompt starts with it, is no news to it.
+        const bool old_context_kept =
+            seg.base_pos <= at && seg.context == ContextId(prompt.first(seg.base_pos));
+        if (redo > 0) parts.push_back({at, count, redo, old_context_kept ? seg.base_pos : 0});
+      } else if (seg.inter.size() >= static_cast<size_t>(count)) {
+        MarkLargest(std::span<const float>(seg.inter).first(count), redo, &placed[at]);
+      } else {
+        std::fill_n(placed.begin() + at, redo, 2);  // no profile: the first tokens
       }
-      for (int64_t j = 0; j < redo; ++j) placed[at + order[j]] = 2;
     }
     chunks_before.push_back(ContextId(seg.tokens));
   }
   const bool blend = options.mode == ReuseMode::kBlend;
+  const bool all_rows = blend || !parts.empty();
   const int64_t target = blend ? static_cast<int64_t>(std::ceil(options.ratio * rep.reused_tokens))
                                : 0;
   Rows rows;
   for (int64_t t = p; t < n; ++t) {
-    if (placed[t] != 1 || blend) rows.at.push_back(t);
+    if (placed[t] != 1 || all_rows) rows.at.push_back(t);
   }
   rows.Build(kv);
   const int64_t d = c.d_model;
@@ -413,6 +484,35 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     KeepRows(rows, kept, x, d, kv);
   };
 
+  // Cache-Craft's choice in the prompt: layer 0 over every row, measuring each placed part's
+  // attention to its new context, then each part's `redo` tokens of largest attention stay
+  // with the rows in no segment and the last.
+  auto forward_layer_zero_and_choose = [&] {
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    const int64_t qd = static_cast<int64_t>(c.n_head) * c.head_dim;
+    std::vector<std::vector<float>> mass(parts.size());
+    engine.ForwardLayer(
+        0, x.data(), static_cast<int64_t>(rows.at.size()), rows.pos.data(), rows.runs,
+        [&](int layer, const float* q, int64_t m, float* out) {
+          // The rows are the slots [p, n), one run.
+          CT_CHECK_EQ(m, n - p);
+          const kernels::KvView view = kv.View(layer, n);
+          kernels::Attention(q, m, c.n_head, p, view, scale, out, engine.pool());
+          for (size_t i = 0; i < parts.size(); ++i) {
+            mass[i] = NewContextAttention(q + (parts[i].at - p) * qd, parts[i], view, c.n_head,
+                                          scale, engine.pool());
+          }
+        });
+    for (size_t i = 0; i < parts.size(); ++i) {
+      MarkLargest(mass[i], parts[i].redo, &placed[parts[i].at]);
+    }
+    std::vector<size_t> kept;
+    for (size_t i = 0; i < rows.at.size(); ++i) {
+      if (placed[rows.at[i]] != 1) kept.push_back(i);
+    }
+    KeepRows(rows, kept, x, d, kv);
+  };
+
   const bool selecting = blend && target < rep.reused_tokens;
   const int64_t widened =
       std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
@@ -423,12 +523,19 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     } else if (selecting && widened > target && layer == options.check_layer + 1) {
       select(layer, target);
     }
+    if (layer == 0 && !parts.empty()) {
+      forward_layer_zero_and_choose();
+      continue;
+    }
     engine.ForwardLayer(layer, x.data(), static_cast<int64_t>(rows.at.size()), rows.pos.data(),
                         rows.runs);
   }
   CT_CHECK(!rows.at.empty() && rows.at.back() == n - 1);
   if (logits != nullptr) engine.RowLogits(x.data() + (rows.at.size() - 1) * d, logits);
-  for (int64_t t : rows.at) rep.recomputed_tokens += placed[t] != 0;
+  for (int64_t t : rows.at) {
+    if (placed[t] != 0) rep.recomputed_slots.push_back(t);
+  }
+  rep.recomputed_tokens = static_cast<int64_t>(rep.recomputed_slots.size());
   rep.computed_tokens = n - p - rep.reused_tokens;
   kv.Append(n - p);
   // Everything after the exact prefix is approximate (even blend at ratio 1, to rounding).

@@ -22,8 +22,11 @@
 //           prompt's last token are computed through every layer. Ratio 1 is full prefill.
 //   cachecraft  Cache-Craft (SIGMOD'25): placed as in naive, then each segment's share
 //           CacheCraftShare (from metadata stored with it and how its context changed) of its
-//           tokens, those of largest inter-attention when it was computed, recomputed through
-//           every layer; no check layer, so nothing is computed for the other tokens.
+//           tokens recomputed through every layer, those of largest inter-attention: as stored
+//           when it was computed (CraftChoice::kStored; no check layer, nothing is computed for
+//           the other tokens), or as measured in this prompt (kPrompt: layer 0, whose keys do
+//           not depend on the context, runs for every token and gives each placed token's
+//           attention to what now precedes its segment and did not when it was computed).
 // In every mode but full, segments in place after their own context are exact and kept as a
 // prefix; only what follows them is approximate.
 //
@@ -103,10 +106,29 @@ std::string_view ReuseModeName(ReuseMode mode);
 // accepted ones otherwise.
 Result<ReuseMode> ParseReuseMode(std::string_view name);
 
+// Which tokens of a placed segment Cache-Craft recomputes (how many: CacheCraftShare).
+enum class CraftChoice {
+  // Those of largest SegmentKv::inter, the attention they gave to their context when the
+  // segment was computed. Costs nothing at reuse; blind to what precedes the segment now.
+  kStored,
+  // Those of largest inter-attention in this prompt: the attention mass their layer-0 queries
+  // give to the slots between the segment's old context (when the prompt starts with it, else
+  // from slot 0) and the segment. Layer 0's keys do not depend on the context, so this is the
+  // attention a full prefill computes there, exactly. Costs layer 0 for every token, which
+  // every selected token needs anyway; the others' layer-0 K/V are rewritten, equal to the
+  // placed ones up to rounding.
+  kPrompt,
+};
+
+std::string_view CraftChoiceName(CraftChoice choice);  // "stored" or "prompt"
+// kInvalidArgument naming the accepted ones for any other name.
+Result<CraftChoice> ParseCraftChoice(std::string_view name);
+
 struct ReuseOptions {
   ReuseMode mode = ReuseMode::kPrefix;
   // blend: share of the placed tokens recomputed; cachecraft: alpha (CacheCraftShare); [0, 1]
   double ratio = 0.15;
+  CraftChoice craft_choice = CraftChoice::kStored;  // cachecraft: which tokens
   int check_layer = 1;   // blend: the layer whose K/V deviation picks them (< n_layer)
   double widen = 2.0;    // blend: candidates at the check layer, as a multiple of ratio (>= 1;
                          // 1 = one-shot selection)
@@ -124,6 +146,8 @@ struct ReuseReport {
   int64_t recomputed_tokens = 0;  // of those, recomputed through the upper (blend) or all
                                   // (cachecraft) layers
   int64_t computed_tokens = 0;    // tokens in no cache (and the last one), computed in full
+  // The slots of the recomputed placed tokens, ascending (recomputed_tokens of them).
+  std::vector<int64_t> recomputed_slots;
 };
 
 // Fills `kv` with the KV of `prompt` and writes the last token's logits [n_vocab] (may be

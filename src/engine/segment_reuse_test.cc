@@ -288,6 +288,117 @@ TEST(CacheCraftTest, RecomputesItsShareOfEachSegment) {
   EXPECT_EQ(zero.recomputed_tokens, 0);
 }
 
+// Layer-0 attention mass of each token t of the prompt's [begin, end) to slots [from, begin),
+// summed over query heads: a float64 twin of CraftChoice::kPrompt's measure, from the queries
+// and keys of a full prefill's layer 0.
+std::vector<double> LayerZeroMassTwin(Engine& engine, std::span<const TokenId> prompt,
+                                      int64_t from, int64_t begin, int64_t end) {
+  const ModelConfig& c = engine.model().config();
+  const int64_t n = static_cast<int64_t>(prompt.size()), qd = int64_t{c.n_head} * c.head_dim;
+  auto seq = engine.NewSequence(n);
+  EXPECT_TRUE(seq->Reserve(n).ok());
+  std::vector<float> x(n * c.d_model), q_all(n * qd);
+  engine.Embed(prompt, x.data());
+  std::vector<int32_t> pos(n);
+  std::iota(pos.begin(), pos.end(), 0);
+  const Engine::Run run{seq.get(), n, 0};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  engine.ForwardLayer(0, x.data(), n, pos.data(), {&run, 1},
+                      [&](int layer, const float* q, int64_t m, float* out) {
+                        std::copy(q, q + m * qd, q_all.begin());
+                        kernels::Attention(q, m, c.n_head, 0, seq->View(layer, n), scale, out,
+                                           engine.pool());
+                      });
+  std::vector<float> k(n * c.kv_dim());
+  for (int64_t t = 0; t < n; ++t) {
+    kernels::LoadKv(seq->KSlot(0, t), c.n_kv_head, c.head_dim, engine.kv_shape().type,
+                    k.data() + t * c.kv_dim());
+  }
+  std::vector<double> mass;
+  for (int64_t t = begin; t < end; ++t) {
+    double sum = 0;
+    for (int h = 0; h < c.n_head; ++h) {
+      const float* qh = q_all.data() + t * qd + int64_t{h} * c.head_dim;
+      const int kh = h / (c.n_head / c.n_kv_head);
+      std::vector<double> s(t + 1);
+      double mx = -INFINITY;
+      for (int64_t j = 0; j <= t; ++j) {
+        const float* kj = k.data() + j * c.kv_dim() + int64_t{kh} * c.head_dim;
+        double dot = 0;
+        for (int e = 0; e < c.head_dim; ++e) dot += double(qh[e]) * kj[e];
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      double z = 0, part = 0;
+      for (int64_t j = 0; j <= t; ++j) {
+        z += std::exp(s[j] - mx);
+        if (j >= from && j < begin) part += std::exp(s[j] - mx);
+      }
+      sum += part / z;
+    }
+    mass.push_back(sum);
+  }
+  return mass;
+}
+
+// Choosing in the prompt, Cache-Craft recomputes, of each moved document, its share of the
+// tokens whose layer-0 attention to what now precedes it (not the BOS it was computed after)
+// is largest: checked against a float64 twin. The stored profile picks other tokens here, and
+// at alpha 0 the choice in the prompt is naive placement bit for bit.
+TEST(CacheCraftTest, PromptChoiceRecomputesTokensAttendingMostToTheirNewContext) {
+  const Model& model = Trained();
+  Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
+  const RagCase r = MakeRag(model);
+  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  const auto sys = model.tokenizer().Encode("Read the documents.\n", false, false);
+  const auto prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
+  const int64_t o2 = 1 + sys.size(), o1 = o2 + r.doc2.size();
+  const SegmentUse uses[] = {{o2, &*s2}, {o1, &*s1}};
+  const int nv = model.config().n_vocab;
+  auto run = [&](double alpha, CraftChoice choice, ReuseReport* rep) {
+    std::vector<float> out(nv);
+    auto seq = engine.NewSequence();
+    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
+    const ReuseOptions o{.mode = ReuseMode::kCacheCraft, .ratio = alpha, .craft_choice = choice};
+    Status s = PrefillWithSegments(engine, *seq, prompt, uses, o, out.data(), rep);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return out;
+  };
+  ReuseReport in_prompt, stored;
+  run(0.5, CraftChoice::kPrompt, &in_prompt);
+  run(0.5, CraftChoice::kStored, &stored);
+  EXPECT_EQ(in_prompt.recomputed_tokens, stored.recomputed_tokens);
+  EXPECT_EQ(in_prompt.recomputed_slots.size(), static_cast<size_t>(in_prompt.recomputed_tokens));
+  EXPECT_NE(in_prompt.recomputed_slots, stored.recomputed_slots);
+  for (const SegmentUse& u : uses) {
+    const int64_t len = static_cast<int64_t>(u.kv->tokens.size());
+    const std::vector<double> mass = LayerZeroMassTwin(engine, prompt, 1, u.offset, u.offset + len);
+    std::vector<bool> chosen(len, false);
+    for (int64_t t : in_prompt.recomputed_slots) {
+      if (t >= u.offset && t < u.offset + len) chosen[t - u.offset] = true;
+    }
+    EXPECT_EQ(std::count(chosen.begin(), chosen.end(), true),
+              static_cast<int64_t>(std::ceil(0.5 * u.kv->cci * len)));
+    double least_chosen = INFINITY, most_passed = -INFINITY;
+    for (int64_t i = 0; i < len; ++i) {
+      if (chosen[i]) {
+        least_chosen = std::min(least_chosen, mass[i]);
+      } else {
+        most_passed = std::max(most_passed, mass[i]);
+      }
+    }
+    EXPECT_GE(least_chosen, most_passed - 1e-5) << "segment at " << u.offset;
+  }
+  // The stored choice at alpha 0 is naive placement (RecomputesItsShareOfEachSegment).
+  ReuseReport zero, stored_zero;
+  EXPECT_EQ(run(0.0, CraftChoice::kPrompt, &zero), run(0.0, CraftChoice::kStored, &stored_zero));
+  EXPECT_TRUE(zero.recomputed_slots.empty());
+  EXPECT_EQ(ParseCraftChoice("prompt").value(), CraftChoice::kPrompt);
+  EXPECT_EQ(ParseCraftChoice("inter").status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST(SegmentReuseTest, RejectsBadInput) {
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 1, .kv_type = KvType::kF16});

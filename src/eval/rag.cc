@@ -47,6 +47,10 @@ Result<std::vector<RagItem>> ParseRagJsonl(std::string_view text, std::string_vi
 
 std::string RagConfig::Name() const {
   std::string name(ReuseModeName(mode));
+  if (mode == ReuseMode::kCacheCraft && craft != ReuseOptions{}.craft_choice) {
+    name += ":";
+    name += CraftChoiceName(craft);
+  }
   if (mode == ReuseMode::kBlend || mode == ReuseMode::kCacheCraft) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "@%g", ratio);
@@ -236,6 +240,7 @@ Result<RagResult> EvalRag(Engine& engine, std::span<const RagItem> items,
           ReuseOptions ro;
           ro.mode = options.configs[i].mode;
           ro.ratio = options.configs[i].ratio;
+          ro.craft_choice = options.configs[i].craft;
           Stopwatch ttft;
           CT_RETURN_IF_ERROR(
               PrefillWithSegments(engine, *seqs.back(), prompt, uses, ro, logits.data(), &rep));

@@ -51,8 +51,11 @@ Result<std::vector<RagItem>> ParseRagJsonl(std::string_view text, std::string_vi
 struct RagConfig {
   ReuseMode mode = ReuseMode::kFull;
   double ratio = 0;  // blend's recompute ratio, cachecraft's alpha
+  CraftChoice craft = ReuseOptions{}.craft_choice;  // cachecraft's choice of tokens
 
-  std::string Name() const;  // "full", "naive", "blend@0.15", "cachecraft@0.2", ...
+  // "full", "naive", "blend@0.15", "cachecraft@0.2", and "cachecraft:prompt@0.2" for a choice
+  // of tokens other than ReuseOptions' default.
+  std::string Name() const;
 };
 
 struct RagOptions {
