@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
+
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -186,33 +188,53 @@ TEST(SegmentReuseTest, SegmentAtPositionZeroIsPrefixReuseInEveryMode) {
 
 // A moved document loses its attention to what now precedes it; blend recomputes the tokens
 // that deviate most and lands closer to full prefill than naive placement.
+// Both documents of MakeRag computed after BOS, then moved: a new system line comes first, so
+// neither sits where it was computed.
+struct MovedDocs {
+  std::vector<TokenId> prompt;
+  SegmentKv s1, s2;
+  int64_t o1 = 0, o2 = 0;
+  std::array<SegmentUse, 2> Uses() const { return {SegmentUse{o2, &s2}, SegmentUse{o1, &s1}}; }
+};
+
+MovedDocs MakeMoved(Engine& engine, const RagCase& r) {
+  MovedDocs m;
+  m.s1 = ComputeSegment(engine, r.bos, r.doc1).value();
+  m.s2 = ComputeSegment(engine, r.bos, r.doc2).value();
+  const auto sys = engine.model().tokenizer().Encode("Read the documents.\n", false, false);
+  m.prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
+  m.o2 = 1 + static_cast<int64_t>(sys.size());
+  m.o1 = m.o2 + static_cast<int64_t>(r.doc2.size());
+  return m;
+}
+
+// The last position's logits of `m.prompt` placed with `o` after a sequence holding BOS (its
+// own exact prefix).
+std::vector<float> PlaceAfterBos(Engine& engine, const MovedDocs& m, const ReuseOptions& o,
+                                 ReuseReport* rep) {
+  std::vector<float> out(engine.model().config().n_vocab);
+  auto seq = engine.NewSequence();
+  const TokenId bos[1] = {m.prompt[0]};
+  EXPECT_TRUE(engine.Forward(*seq, bos, nullptr).ok());
+  const auto uses = m.Uses();
+  Status s = PrefillWithSegments(engine, *seq, m.prompt, uses, o, out.data(), rep);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return out;
+}
+
 TEST(SegmentReuseTest, BlendRecomputesItsShareAndBeatsNaive) {
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
   const RagCase r = MakeRag(model);
-  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
-  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
-  ASSERT_TRUE(s1.ok() && s2.ok());
-  // Neither document in place: a new system line comes first.
-  const auto sys = model.tokenizer().Encode("Read the documents.\n", false, false);
-  const auto prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
-  const int64_t o2 = 1 + sys.size(), o1 = o2 + r.doc2.size();
-  const SegmentUse uses[] = {{o2, &*s2}, {o1, &*s1}};
-  const int nv = model.config().n_vocab;
-  std::vector<float> full(nv);
+  const MovedDocs m = MakeMoved(engine, r);
+  const std::vector<TokenId>& prompt = m.prompt;
+  std::vector<float> full(model.config().n_vocab);
   {
     auto seq = engine.NewSequence();
     ASSERT_TRUE(engine.Forward(*seq, prompt, full.data()).ok());
   }
   auto run = [&](ReuseMode mode, double ratio, ReuseReport* rep) {
-    std::vector<float> out(nv);
-    auto seq = engine.NewSequence();
-    // The BOS is the sequence's own exact prefix here.
-    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
-    Status s = PrefillWithSegments(engine, *seq, prompt, uses,
-                                   ReuseOptions{.mode = mode, .ratio = ratio}, out.data(), rep);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    return out;
+    return PlaceAfterBos(engine, m, ReuseOptions{.mode = mode, .ratio = ratio}, rep);
   };
   ReuseReport naive_rep, blend_rep, prefix_rep;
   const auto naive = run(ReuseMode::kNaive, 0, &naive_rep);
@@ -255,28 +277,17 @@ TEST(CacheCraftTest, RecomputesItsShareOfEachSegment) {
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF16});
   const RagCase r = MakeRag(model);
-  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
-  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
-  ASSERT_TRUE(s1.ok() && s2.ok());
-  for (const SegmentKv* s : {&*s1, &*s2}) {
+  const MovedDocs m = MakeMoved(engine, r);
+  const SegmentKv* s1 = &m.s1;
+  const SegmentKv* s2 = &m.s2;
+  for (const SegmentKv* s : {s1, s2}) {
     ASSERT_EQ(s->inter.size(), s->tokens.size());
     for (float f : s->inter) EXPECT_TRUE(f >= 0 && f <= 1.0001f) << f;
     EXPECT_GT(s->cci, 0.5);
     EXPECT_LT(s->cci, 1.0);
   }
-  const auto sys = model.tokenizer().Encode("Read the documents.\n", false, false);
-  const auto prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
-  const int64_t o2 = 1 + sys.size(), o1 = o2 + r.doc2.size();
-  const SegmentUse uses[] = {{o2, &*s2}, {o1, &*s1}};
-  const int nv = model.config().n_vocab;
   auto run = [&](ReuseMode mode, double ratio, ReuseReport* rep) {
-    std::vector<float> out(nv);
-    auto seq = engine.NewSequence();
-    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
-    Status s = PrefillWithSegments(engine, *seq, prompt, uses,
-                                   ReuseOptions{.mode = mode, .ratio = ratio}, out.data(), rep);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    return out;
+    return PlaceAfterBos(engine, m, ReuseOptions{.mode = mode, .ratio = ratio}, rep);
   };
   ReuseReport craft, naive, zero;
   run(ReuseMode::kCacheCraft, 0.5, &craft);
@@ -349,22 +360,12 @@ TEST(CacheCraftTest, PromptChoiceRecomputesTokensAttendingMostToTheirNewContext)
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
   const RagCase r = MakeRag(model);
-  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
-  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
-  ASSERT_TRUE(s1.ok() && s2.ok());
-  const auto sys = model.tokenizer().Encode("Read the documents.\n", false, false);
-  const auto prompt = Concat({r.bos, sys, r.doc2, r.doc1, r.question});
-  const int64_t o2 = 1 + sys.size(), o1 = o2 + r.doc2.size();
-  const SegmentUse uses[] = {{o2, &*s2}, {o1, &*s1}};
-  const int nv = model.config().n_vocab;
+  const MovedDocs m = MakeMoved(engine, r);
+  const std::vector<TokenId>& prompt = m.prompt;
+  const auto uses = m.Uses();
   auto run = [&](double alpha, CraftChoice choice, ReuseReport* rep) {
-    std::vector<float> out(nv);
-    auto seq = engine.NewSequence();
-    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
     const ReuseOptions o{.mode = ReuseMode::kCacheCraft, .ratio = alpha, .craft_choice = choice};
-    Status s = PrefillWithSegments(engine, *seq, prompt, uses, o, out.data(), rep);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    return out;
+    return PlaceAfterBos(engine, m, o, rep);
   };
   ReuseReport in_prompt, stored;
   run(0.5, CraftChoice::kPrompt, &in_prompt);
