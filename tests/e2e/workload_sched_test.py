@@ -40,7 +40,7 @@ SCHED_FIELDS = ("met_objective", "goodput_req_per_s", "goodput_tok_per_s", "good
 def bench(binary, url, kind, args, out, timeline):
     cmd = [binary, "bench", "workload", "--kind", kind, "--url", url, "--max-tokens", "4",
            "--seed", "5", "--json", "--out", out, "--kv-timeline", timeline,
-           "--metrics-every-ms", "50"] + args
+           "--metrics-every-ms", "10"] + args  # some runs take ~50 ms: sample them often
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if not check(p.returncode == 0, "%s exited %d: %s" % (kind, p.returncode, p.stderr[-2000:])):
         return None, [], []
