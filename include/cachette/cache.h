@@ -235,10 +235,12 @@ class Cache {
   // size or token count; otherwise OK (a chunk no tier has room for is counted, not an error).
   // `aux`: empty, or one byte string per chunk (each empty or up to 1 MiB) filed with it in
   // every tier and codec and returned as ChunkData::aux; the store never reads it. A chunk
-  // already in RAM is not replaced, aux included.
+  // already in RAM is not replaced, aux included. `slower_tiers_only`: the chunks go to disk
+  // and Redis only, not RAM, for a caller that keeps them in memory itself (a chunk already
+  // held locally is not written again); a load promotes them to RAM as any disk or Redis hit.
   virtual Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
                      const ChunkLayout& layout, std::span<const ByteSpan> chunks,
-                     std::span<const ByteSpan> aux = {}) = 0;
+                     std::span<const ByteSpan> aux = {}, bool slower_tiers_only = false) = 0;
 
   // Pins the full chunks of `tokens` (present or put later) in RAM and disk against eviction
   // until Unpin or `ttl` passes (ttl = 0: until Unpin). Pinned chunks count against budgets;

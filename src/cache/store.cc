@@ -116,7 +116,7 @@ int64_t TieredStore::NowNanos() const {
 
 Status TieredStore::Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
                         const ChunkLayout& layout, std::span<const ByteSpan> chunks,
-                        std::span<const ByteSpan> aux) {
+                        std::span<const ByteSpan> aux, bool slower_tiers_only) {
   const size_t c = static_cast<size_t>(chunk_tokens_);
   if (layout.n_tokens != c) {
     return InvalidArgument("cache put: layout.n_tokens " + std::to_string(layout.n_tokens) +
@@ -171,9 +171,13 @@ Status TieredStore::Put(const Hash128& ns, std::span<const TokenId> tokens, size
       e.last_tick = index_.NextTick();  // already hot: a put of the same content is a no-op
       continue;
     }
+    if (slower_tiers_only && !created &&
+        (e.ram_bytes() != 0 || e.disk_bytes() != 0 || e.disk_pending)) {
+      continue;  // held locally already
+    }
     ++counters_.puts;
     if (created && ghost_.erase(key) != 0) e.main_tick = e.insert_tick;  // S3-FIFO: ghost hit
-    const bool in_ram = InsertRam(key, e, records[i]);
+    const bool in_ram = !slower_tiers_only && InsertRam(key, e, records[i]);
     Entry& live = *index_.Find(key);  // InsertRam may have rehashed the index
     SubmitWrite(key, live, records[i], in_ram ? WriteCause::kPut : WriteCause::kPutRamFull);
     if (!in_ram && !live.disk_pending && live.disk_bytes() == 0) ++counters_.puts_rejected;

@@ -73,7 +73,7 @@ class TieredStore final : public Cache {
                                   std::chrono::steady_clock::time_point deadline) override;
   Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
              const ChunkLayout& layout, std::span<const ByteSpan> chunks,
-             std::span<const ByteSpan> aux = {}) override;
+             std::span<const ByteSpan> aux = {}, bool slower_tiers_only = false) override;
   Result<PinId> Pin(std::span<const TokenId> tokens, const Hash128& ns,
                     std::chrono::milliseconds ttl) override;
   Status Unpin(PinId pin) override;

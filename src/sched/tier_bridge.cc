@@ -276,6 +276,12 @@ Status TierBridge::Clear(const Hash128& ns) {
 void TierBridge::SaveSegment(const Hash128& ns, const SegmentKv& seg) {
   // A relay segment's position is the request's; nothing else could place it again.
   if (seg.context == kRelayContext || seg.tokens.empty()) return;
+  // The segment cache holds it in memory: only the disk and Redis tiers take a copy.
+  const CacheStats stats = cache_.Stats();
+  if (!stats.tier[static_cast<int>(CacheTier::kDisk)].enabled &&
+      !stats.tier[static_cast<int>(CacheTier::kRedis)].enabled) {
+    return;
+  }
   const ChunkLayout layout = Layout();
   const SegmentChunks packed = PackSegment(seg, layout);
   const std::vector<TokenId> chain = SegmentChainTokens(seg.tokens, seg.context, chunk_tokens_);
@@ -284,7 +290,8 @@ void TierBridge::SaveSegment(const Hash128& ns, const SegmentKv& seg) {
     chunks.emplace_back(packed.chunks[i]);
     aux.emplace_back(packed.aux[i]);
   }
-  const Status st = cache_.Put(SegmentNamespace(ns), chain, 0, layout, chunks, aux);
+  const Status st = cache_.Put(SegmentNamespace(ns), chain, 0, layout, chunks, aux,
+                               /*slower_tiers_only=*/true);
   if (!st.ok()) {
     CT_LOG(kWarning) << "filing a segment in the tiers: " << st.ToString();
     return;

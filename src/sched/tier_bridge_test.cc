@@ -202,6 +202,10 @@ TEST_P(TierBridgeTest, SegmentsSurviveARestartOnDisk) {
     tiers.SaveSegment(ns, *seg);
     ASSERT_TRUE(cache->Flush().ok());
     EXPECT_EQ(tiers.Stats()["segments"]["saved"], 1);
+    // Filed on disk only: the segment cache is its copy in memory.
+    const CacheStats st = cache->Stats();
+    EXPECT_EQ(st.tier[static_cast<int>(CacheTier::kRam)].entries, 0u);
+    EXPECT_EQ(st.tier[static_cast<int>(CacheTier::kDisk)].entries, 3u);
   }
   auto cache = OpenCache(0);  // no RAM tier: only the disk can answer
   KvManager kvm(KvOptions(engine));
