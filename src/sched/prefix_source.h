@@ -16,9 +16,10 @@
 //      (those the tiers already held, LoadProgress::tier_tokens). Returns how many leading
 //      tokens the tiers hold afterwards (`skip` when nothing was written), the next skip.
 // Segments (issue 11) reach the tiers too (sched/segment_tier.h for how they are filed):
-//   SaveSegment(ns, seg) on the loop after a segment is computed (RAM at once, slower tiers
-//   behind); StartSegmentLoad(ns, refs, deadline) looks the segments up and reads them on the
-//   source's threads; the loop polls PendingSegments::ready() and takes what was found.
+//   SaveSegment(ns, seg) on the loop after a segment is computed (disk and Redis only, behind:
+//   the segment cache is its copy in memory); StartSegmentLoad(ns, refs, deadline) looks the
+//   segments up and reads them on the source's threads (null when it has no such tier); the
+//   loop polls PendingSegments::ready() and takes what was found.
 // Pins and clears reach every tier: Pin/Unpin protect a prefix's chunks, Clear(ns) removes a
 // namespace's chunks from every tier (including copies other processes wrote to Redis).
 // The default (NoPrefixSource) does nothing, so the scheduler serves from memory alone.
@@ -114,7 +115,7 @@ class PrefixSource {
   virtual int64_t Save(PagedSequence& seq, std::span<const TokenId> tokens,
                        int64_t skip_tokens) = 0;
 
-  // Segments: null when the source has no tiers (nothing to look in).
+  // Segments: null when the source has no disk or Redis tier (nothing to look in).
   virtual std::shared_ptr<PendingSegments> StartSegmentLoad(const Hash128& ns,
                                                             std::vector<SegmentRef> refs,
                                                             SteadyTime deadline) {

@@ -663,18 +663,18 @@ bool Scheduler::ComputeOneSegment(Seq& s, std::span<const TokenId> context, size
     const std::span<const TokenId> toks =
         prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
     if (segments_.Contains(s.ns, toks, context_id)) continue;
-    if (relay && (segments_.Contains(s.ns, toks, kRelayContext) ||
-                  segments_.Contains(s.ns, toks.first(toks.size() - 1), kRelayContext))) {
-      continue;
-    }
+    if (relay && RelayLength(s.ns, toks) > 0) continue;
     bool computed = false;
-    Result<std::shared_ptr<const SegmentKv>> seg = SegmentFor(s.ns, context, toks, false, 0, &computed);
+    Result<std::shared_ptr<const SegmentKv>> seg =
+        SegmentFor(s.ns, context, toks, false, 0, &computed);
     if (!seg.ok()) {
       Finish(s, Reason::kCancelled, seg.status().WithContext("computing a segment"));
       return true;
     }
-    s.segment_fresh[i] = s.segment_fresh[i] || computed;
     s.segment_pending = true;  // the rest at the next steps
+    // Not computed: another thread (a precompute reading the tiers) filed it meanwhile.
+    if (!computed) return true;
+    s.segment_fresh[i] = true;
     std::lock_guard<std::mutex> lock(mu_);
     stats_.segment_computed_tokens += static_cast<uint64_t>(sp.length);
     stats_.prefill_tokens += static_cast<uint64_t>(sp.length);
@@ -787,18 +787,26 @@ Result<std::shared_ptr<const SegmentKv>> Scheduler::SegmentFor(const Hash128& ns
   return seg;
 }
 
-void Scheduler::StartSegmentLoad(Seq& s) {
-  const std::span<const TokenId> prompt(s.req.prompt);
-  const std::span<const TokenId> context =
-      prompt.first(static_cast<size_t>(s.req.segments.front().offset));
+std::vector<SegmentRef> Scheduler::UncachedRefs(const Hash128& ns,
+                                                std::span<const TokenId> context,
+                                                std::span<const std::span<const TokenId>> segs) {
   const uint64_t context_id = ContextId(context);
   std::vector<SegmentRef> refs;
-  for (const SegmentSpan& sp : s.req.segments) {
-    const std::span<const TokenId> toks =
-        prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
-    if (segments_.Contains(s.ns, toks, context_id)) continue;
+  for (std::span<const TokenId> toks : segs) {
+    if (toks.empty() || segments_.Contains(ns, toks, context_id)) continue;
     refs.push_back(SegmentRef{std::vector<TokenId>(toks.begin(), toks.end()), context_id});
   }
+  return refs;
+}
+
+void Scheduler::StartSegmentLoad(Seq& s) {
+  const std::span<const TokenId> prompt(s.req.prompt);
+  std::vector<std::span<const TokenId>> segs;
+  for (const SegmentSpan& sp : s.req.segments) {
+    segs.push_back(prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length)));
+  }
+  std::vector<SegmentRef> refs =
+      UncachedRefs(s.ns, prompt.first(static_cast<size_t>(s.req.segments.front().offset)), segs);
   if (refs.empty()) return;
   s.segment_deadline =
       std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms);
@@ -853,17 +861,22 @@ std::shared_ptr<const SegmentKv> Scheduler::RelayLookup(const Hash128& ns,
   // The output as generated, or without its last token: a request that ended on max_tokens
   // (or a stop string cut inside its last token) never fed that token, so its KV lacks it; the
   // placement then computes the segment's last token itself.
-  if (toks.empty()) return nullptr;
-  for (size_t len : {toks.size(), toks.size() - 1}) {
-    if (len == 0 || !segments_.Contains(ns, toks.first(len), kRelayContext)) continue;
-    std::shared_ptr<const SegmentKv> seg = segments_.Lookup(ns, toks.first(len), kRelayContext);
-    if (seg != nullptr) {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++stats_.relay_hits;
-      return seg;
-    }
+  const size_t len = RelayLength(ns, toks);
+  if (len == 0) return nullptr;
+  std::shared_ptr<const SegmentKv> seg = segments_.Lookup(ns, toks.first(len), kRelayContext);
+  if (seg != nullptr) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.relay_hits;
   }
-  return nullptr;
+  return seg;
+}
+
+size_t Scheduler::RelayLength(const Hash128& ns, std::span<const TokenId> toks) {
+  if (toks.empty()) return 0;
+  for (size_t len : {toks.size(), toks.size() - 1}) {
+    if (len > 0 && segments_.Contains(ns, toks.first(len), kRelayContext)) return len;
+  }
+  return 0;
 }
 
 void Scheduler::SaveRelay(Seq& s) {
@@ -892,13 +905,8 @@ Result<std::vector<PrecomputedSegment>> Scheduler::PrecomputeSegments(
   job->ns = Namespace(cache_salt);
   // Segments the tiers hold (filed by an earlier run, or another server on the same Redis) are
   // read back here, on the caller's thread, rather than computed again on the loop.
-  const uint64_t context_id = ContextId(context);
-  std::vector<SegmentRef> refs;
-  for (const std::vector<TokenId>& toks : segments) {
-    if (!toks.empty() && !segments_.Contains(job->ns, toks, context_id)) {
-      refs.push_back(SegmentRef{toks, context_id});
-    }
-  }
+  std::vector<SegmentRef> refs = UncachedRefs(
+      job->ns, context, std::vector<std::span<const TokenId>>(segments.begin(), segments.end()));
   if (!refs.empty()) {
     const SteadyTime deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.load_deadline_ms);

@@ -328,6 +328,10 @@ class Scheduler {
                                                       std::span<const TokenId> context,
                                                       std::span<const TokenId> toks, bool relay,
                                                       int64_t ttl_ms, bool* computed);
+  // The refs of `segs`, computed after `context`, that the segment cache lacks (empty ones
+  // left out).
+  std::vector<SegmentRef> UncachedRefs(const Hash128& ns, std::span<const TokenId> context,
+                                       std::span<const std::span<const TokenId>> segs);
   // At admission: starts reading from the tiers the segments of `s` the cache lacks.
   void StartSegmentLoad(Seq& s);
   // Whether `s`'s segment load is over (none, arrived, or past its deadline); what arrived is
@@ -339,6 +343,9 @@ class Scheduler {
                      int64_t ttl_ms);
   // Relay: a segment an earlier request generated (its tokens, or all but the last), or null.
   std::shared_ptr<const SegmentKv> RelayLookup(const Hash128& ns, std::span<const TokenId> toks);
+  // Relay: the length (all of `toks`, or all but the last) under which an earlier request's
+  // output is cached, 0 for none; counts nothing.
+  size_t RelayLength(const Hash128& ns, std::span<const TokenId> toks);
   // Relay: files a finishing request's generated tokens' KV in the segment cache.
   void SaveRelay(Seq& s);
   // The tokens of `s` (prompt, then output) whose KV may be shared: its exact part.

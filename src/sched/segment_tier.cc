@@ -26,14 +26,24 @@ Status Bad(const std::string& field, const std::string& why) {
   return Corruption("segment meta " + field + ": " + why);
 }
 
-// Visits every run of a segment's token slots that lies in one chunk: (chunk, slot in the
-// chunk, first token, count).
+// Visits each copy between a segment's per-layer K/V arrays and its chunks (layer-major, the
+// token axis chunk_tokens long, after the kLeadSlots leading slots): every run of tokens that
+// lies in one chunk is one copy per layer and K/V, fn(chunk, layer, kv, byte offset in the
+// chunk, byte offset in the segment's array, bytes).
 template <typename Fn>
-void ForEachRun(int64_t n_tokens, int64_t chunk_tokens, Fn&& fn) {
+void ForEachCopy(const KvShape& shape, int64_t n_tokens, int64_t chunk_tokens, Fn&& fn) {
+  const size_t tb = shape.token_bytes();
+  const auto C = static_cast<size_t>(chunk_tokens);
   for (int64_t i = 0; i < n_tokens;) {
-    const int64_t v = kLeadSlots + i;
-    const int64_t run = std::min(n_tokens - i, chunk_tokens - v % chunk_tokens);
-    fn(static_cast<size_t>(v / chunk_tokens), v % chunk_tokens, i, run);
+    const int64_t slot = kLeadSlots + i;
+    const int64_t run = std::min(n_tokens - i, chunk_tokens - slot % chunk_tokens);
+    for (int l = 0; l < shape.n_layer; ++l) {
+      for (int kv = 0; kv < 2; ++kv) {
+        fn(static_cast<size_t>(slot / chunk_tokens), static_cast<size_t>(l), kv,
+           (static_cast<size_t>(2 * l + kv) * C + static_cast<size_t>(slot % chunk_tokens)) * tb,
+           static_cast<size_t>(i) * tb, static_cast<size_t>(run) * tb);
+      }
+    }
     i += run;
   }
 }
@@ -134,23 +144,13 @@ SegmentChunks PackSegment(const SegmentKv& seg, const ChunkLayout& layout) {
   const int64_t C = layout.n_tokens;
   const int64_t n = static_cast<int64_t>(seg.tokens.size());
   const size_t n_chunks = static_cast<size_t>((kLeadSlots + n + C - 1) / C);
-  const size_t tb = seg.shape.token_bytes();
   SegmentChunks out;
   out.chunks.assign(n_chunks, std::vector<std::byte>(layout.raw_bytes()));
   out.aux.resize(n_chunks);
   out.aux.back() = EncodeSegmentMeta(seg);
-  ForEachRun(n, C, [&](size_t chunk, int64_t slot, int64_t first, int64_t run) {
-    for (int l = 0; l < seg.shape.n_layer; ++l) {
-      for (int kv = 0; kv < 2; ++kv) {
-        const std::vector<std::byte>& src = kv == 0 ? seg.k[static_cast<size_t>(l)]
-                                                    : seg.v[static_cast<size_t>(l)];
-        std::byte* dst = out.chunks[chunk].data() +
-                         (static_cast<size_t>(2 * l + kv) * static_cast<size_t>(C) +
-                          static_cast<size_t>(slot)) * tb;
-        std::memcpy(dst, src.data() + static_cast<size_t>(first) * tb,
-                    static_cast<size_t>(run) * tb);
-      }
-    }
+  ForEachCopy(seg.shape, n, C, [&](size_t chunk, size_t l, int kv, size_t at, size_t from,
+                                   size_t bytes) {
+    std::memcpy(out.chunks[chunk].data() + at, (kv == 0 ? seg.k : seg.v)[l].data() + from, bytes);
   });
   return out;
 }
@@ -191,18 +191,9 @@ Result<SegmentKv> UnpackSegment(std::span<const ChunkData* const> chunks,
   const size_t tb = shape.token_bytes();
   seg.k.assign(static_cast<size_t>(shape.n_layer), std::vector<std::byte>(n * tb));
   seg.v.assign(static_cast<size_t>(shape.n_layer), std::vector<std::byte>(n * tb));
-  ForEachRun(n, C, [&](size_t chunk, int64_t slot, int64_t first, int64_t run) {
-    for (int l = 0; l < shape.n_layer; ++l) {
-      for (int kv = 0; kv < 2; ++kv) {
-        std::vector<std::byte>& dst = kv == 0 ? seg.k[static_cast<size_t>(l)]
-                                              : seg.v[static_cast<size_t>(l)];
-        const std::byte* src = chunks[chunk]->bytes().data() +
-                               (static_cast<size_t>(2 * l + kv) * static_cast<size_t>(C) +
-                                static_cast<size_t>(slot)) * tb;
-        std::memcpy(dst.data() + static_cast<size_t>(first) * tb, src,
-                    static_cast<size_t>(run) * tb);
-      }
-    }
+  ForEachCopy(shape, n, C, [&](size_t chunk, size_t l, int kv, size_t at, size_t to, size_t bytes) {
+    std::memcpy((kv == 0 ? seg.k : seg.v)[l].data() + to, chunks[chunk]->bytes().data() + at,
+                bytes);
   });
   return seg;
 }

@@ -58,6 +58,13 @@ void CopyChunk(PagedSequence& seq, const KvShape& shape, int page_tokens, int ch
   }
 }
 
+// Whether the store has a disk or a Redis tier (fixed when it is opened).
+bool HasSlowerTier(const Cache& cache) {
+  const CacheStats stats = cache.Stats();
+  return stats.tier[static_cast<int>(CacheTier::kDisk)].enabled ||
+         stats.tier[static_cast<int>(CacheTier::kRedis)].enabled;
+}
+
 std::vector<TierTokens> ByTier(const int64_t (&tokens)[kCacheTierCount]) {
   std::vector<TierTokens> out;
   for (int t = 0; t < kCacheTierCount; ++t) {
@@ -74,6 +81,7 @@ TierBridge::TierBridge(KvManager& kv, Cache& cache, int lookup_threads)
     : kv_(kv),
       cache_(cache),
       chunk_tokens_(cache.chunk_tokens()),
+      files_segments_(HasSlowerTier(cache)),
       lookups_(std::make_unique<cache::ThreadExecutor>("ct-lookup", std::max(1, lookup_threads),
                                                        1024)) {}
 
@@ -275,13 +283,8 @@ Status TierBridge::Clear(const Hash128& ns) {
 
 void TierBridge::SaveSegment(const Hash128& ns, const SegmentKv& seg) {
   // A relay segment's position is the request's; nothing else could place it again.
-  if (seg.context == kRelayContext || seg.tokens.empty()) return;
   // The segment cache holds it in memory: only the disk and Redis tiers take a copy.
-  const CacheStats stats = cache_.Stats();
-  if (!stats.tier[static_cast<int>(CacheTier::kDisk)].enabled &&
-      !stats.tier[static_cast<int>(CacheTier::kRedis)].enabled) {
-    return;
-  }
+  if (!files_segments_ || seg.context == kRelayContext || seg.tokens.empty()) return;
   const ChunkLayout layout = Layout();
   const SegmentChunks packed = PackSegment(seg, layout);
   const std::vector<TokenId> chain = SegmentChainTokens(seg.tokens, seg.context, chunk_tokens_);
@@ -323,6 +326,7 @@ std::shared_ptr<SegmentKv> TierBridge::LoadSegment(const Hash128& sns, const Seg
 std::shared_ptr<PendingSegments> TierBridge::StartSegmentLoad(const Hash128& ns,
                                                               std::vector<SegmentRef> refs,
                                                               SteadyTime deadline) {
+  if (!files_segments_) return nullptr;  // segments are filed on disk and in Redis only
   auto pending = std::make_shared<PendingSegments>(refs.size());
   auto shared_refs = std::make_shared<std::vector<SegmentRef>>(std::move(refs));
   const bool queued = lookups_->TrySubmit([this, pending, shared_refs, ns, deadline] {

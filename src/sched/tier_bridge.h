@@ -78,6 +78,7 @@ class TierBridge final : public PrefixSource {
   KvManager& kv_;
   Cache& cache_;
   const int chunk_tokens_;
+  const bool files_segments_;  // the store has a disk or Redis tier, where segments are filed
   std::atomic<uint64_t> segments_saved_{0}, segments_loaded_{0}, segment_misses_{0};
   // Declared last: destroyed (drained and joined) first, while the members above are alive.
   std::unique_ptr<cache::ThreadExecutor> lookups_;
