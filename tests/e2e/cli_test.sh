@@ -63,6 +63,9 @@ check "bad shape" 1 'unknown shape' -- "$bin" model synth --shape huge -o "$tmp/
 check "bad budget" 1 'byte size' -- "$bin" bench prefix --kv-budget lots -p 16
 check "bad redis level" 1 '--redis-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
   --redis redis://127.0.0.1:1 --redis-levels int3
+check "bad disk level" 1 '--disk-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
+  --disk-dir "$tmp/levels" --disk-levels int3
+check "disk levels without disk" 1 '--disk-levels' -- "$bin" serve --port 0 --disk-levels int8
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
