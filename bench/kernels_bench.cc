@@ -279,7 +279,8 @@ int main(int argc, char** argv) {
     }
   }
   for (KvType kt : {KvType::kF16, KvType::kQ8_0, KvType::kQ4_0, KvType::kF32}) {
-    for (auto [n_q, ctx] : {std::pair<int64_t, int64_t>{512, 512}, {1, 512}, {1, 4096}}) {
+    for (auto [n_q, ctx] : {std::pair<int64_t, int64_t>{512, 512}, {512, 4096}, {1, 512}, {1, 4096},
+                            {1, 16384}}) {
       const std::string name = "Attention/" + std::string(KvTypeName(kt)) + "/q" +
                                std::to_string(n_q) + "/ctx" + std::to_string(ctx);
       timing(benchmark::RegisterBenchmark(name.c_str(), BM_Attention, kt, n_q, ctx))

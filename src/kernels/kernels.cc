@@ -504,116 +504,145 @@ void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) 
 }
 
 // ---- Attention ---------------------------------------------------------------------------
+//
+// One driver for Attention and AttentionLse. A query's keys are cut at multiples of kAttnSplit
+// into splits; ops.attend_span gives each split's online-softmax state per head, and the states
+// are merged in split order (MergeSplits). Work units are (query, KV head) when there are
+// enough of them to fill the threads; otherwise (a decode step over a long context) they are
+// (query, KV head, split), the states go to one buffer and are merged after. Both ways compute
+// each head's states and merge by the same functions in the same order, so a query's output is
+// the same bits in a decode step, in a prefill chunk of any size and on any number of threads.
 
-void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const KvView& kv,
-               float scale, float* out, ThreadPool& pool) {
-  if (n_q <= 0) return;
-  CT_CHECK(kv.n_kv_head > 0 && n_head % kv.n_kv_head == 0)
-      << "n_head " << n_head << " n_kv_head " << kv.n_kv_head;
-  CT_CHECK(q_pos0 + n_q <= kv.n_tokens)
-      << "queries reach position " << q_pos0 + n_q - 1 << " but kv holds " << kv.n_tokens;
-  CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
-  CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
-      << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
+namespace {
+
+constexpr int64_t kAttnSplit = 2048;
+static_assert(kAttnSplit % internal::kAttnTile == 0);
+
+// Floats of one split's state for `group` heads: m[group], l[group], acc[group][hd].
+size_t StateFloats(int group, int hd) { return static_cast<size_t>(group) * (hd + 2); }
+
+// Merges the states of n_split consecutive splits (each StateFloats apart) into out[group][hd]
+// and, when lse is not null, lse[group]. A head that saw no key gets out = 0, lse = -inf.
+void MergeSplits(const float* states, int64_t n_split, int group, int hd, float* out,
+                 float* lse) {
+  const size_t stride = StateFloats(group, hd);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int g = 0; g < group; ++g) {
+    float* o = out + g * hd;
+    float mx = -inf;
+    for (int64_t s = 0; s < n_split; ++s) mx = std::max(mx, states[s * stride + g]);
+    std::fill(o, o + hd, 0.0f);
+    if (mx == -inf) {
+      if (lse != nullptr) lse[g] = -inf;
+      continue;
+    }
+    float sum = 0;
+    for (int64_t s = 0; s < n_split; ++s) {
+      const float* st = states + s * stride;
+      if (st[g] == -inf) continue;
+      const float w = std::exp(st[g] - mx);
+      sum += w * st[group + g];
+      const float* acc = st + 2 * group + g * hd;
+      for (int d = 0; d < hd; ++d) o[d] += w * acc[d];
+    }
+    const float inv = 1.0f / sum;
+    for (int d = 0; d < hd; ++d) o[d] *= inv;
+    if (lse != nullptr) lse[g] = mx + std::log(sum);
+  }
+}
+
+// Query i attends slots [begin, stop(i)), stop(i) = min(end, causal_slot0 + i + 1) when
+// causal_slot0 >= 0, else end. out [n_q][n_head][hd]; lse [n_q][n_head] or null.
+void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int64_t begin,
+                  int64_t end, int64_t causal_slot0, float scale, float* out, float* lse,
+                  ThreadPool& pool) {
   const internal::Ops& ops = ActiveOps();
   const int hd = kv.head_dim;
   const int group = n_head / kv.n_kv_head;
-  const size_t head_bytes = KvHeadBytes(kv.type, hd);
-  const size_t tok_bytes = head_bytes * kv.n_kv_head;
-  // Work units are (query, KV head): the query heads of one GQA group share every K/V load.
-  // Causal queries late in the chunk see more keys, so units are visited in the order
-  // 0, n-1, 1, n-2, ... of queries to give both halves of the contiguous split equal work.
-  // Per unit: scores into scratch [group][n_keys], softmax, then the weighted sum of V.
-  const int64_t n_units = n_q * kv.n_kv_head;
-  pool.ParallelFor(n_units, [&](int64_t u0, int64_t u1, int) {
-    const int64_t max_keys = q_pos0 + n_q;
-    auto* scores =
-        static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * group * max_keys));
+  const size_t state = StateFloats(group, hd);
+  auto stop = [&](int64_t i) {
+    return causal_slot0 < 0 ? end : std::min(end, causal_slot0 + i + 1);
+  };
+  // Split s of a query covers [max(begin, s * S), min(stop, (s + 1) * S)); its splits are
+  // [begin / S, ceil(stop / S)), none when the range is empty.
+  const int64_t first = begin / kAttnSplit;
+  auto n_splits = [&](int64_t i) {
+    const int64_t e = stop(i);
+    return e <= begin ? int64_t{0} : (e + kAttnSplit - 1) / kAttnSplit - first;
+  };
+  auto run_split = [&](int64_t i, int kvh, int64_t s, float* st) {
+    const int64_t lo = std::max(begin, (first + s) * kAttnSplit);
+    const int64_t hi = std::min(stop(i), (first + s + 1) * kAttnSplit);
+    ops.attend_span(q + (i * n_head + kvh * group) * hd, group, kv, kvh, lo, hi, scale, st);
+  };
+  auto merge = [&](int64_t i, int kvh, const float* states) {
+    const int64_t row = i * n_head + kvh * group;
+    MergeSplits(states, n_splits(i), group, hd, out + row * hd,
+                lse != nullptr ? lse + row : nullptr);
+  };
+  int64_t max_splits = 0;
+  for (int64_t i : {int64_t{0}, n_q - 1}) max_splits = std::max(max_splits, n_splits(i));
+  const int64_t n_rows = n_q * kv.n_kv_head;
+  if (max_splits > 1 && n_rows < 2 * static_cast<int64_t>(pool.size())) {
+    // Few rows over a long range: every (row, split) is a unit.
+    const int64_t n_units = n_rows * max_splits;
+    auto* states =
+        static_cast<float*>(internal::ThreadScratch(3, sizeof(float) * state * n_units));
+    pool.ParallelFor(n_units, [&](int64_t u0, int64_t u1, int) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t r = u / max_splits, s = u % max_splits;
+        const int64_t i = r / kv.n_kv_head;
+        if (s < n_splits(i)) run_split(i, static_cast<int>(r % kv.n_kv_head), s, states + u * state);
+      }
+    });
+    for (int64_t r = 0; r < n_rows; ++r) {
+      merge(r / kv.n_kv_head, static_cast<int>(r % kv.n_kv_head), states + r * max_splits * state);
+    }
+    return;
+  }
+  // Rows as units. Causal queries late in the chunk see more keys, so rows are visited in the
+  // order 0, n-1, 1, n-2, ... of queries to give both halves of the contiguous split equal work.
+  pool.ParallelFor(n_rows, [&](int64_t u0, int64_t u1, int) {
+    auto* states =
+        static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * state * max_splits));
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t k = u / kv.n_kv_head;
       const int64_t i = (k % 2 == 0) ? k / 2 : n_q - 1 - k / 2;
       const int kvh = static_cast<int>(u % kv.n_kv_head);
-      const float* qg = q + (i * n_head + kvh * group) * hd;  // [group][hd]
-      float* og = out + (i * n_head + kvh * group) * hd;
-      const int64_t n_keys = q_pos0 + i + 1;
-      if (ops.attend_group != nullptr) {
-        ops.attend_group(qg, group, kv, kvh, n_keys, scale, scores, og);
-        continue;
-      }
-      for (int g = 0; g < group; ++g) {
-        const float* qv = qg + g * hd;
-        float* ov = og + g * hd;
-        for (int64_t j = 0; j < n_keys; ++j) {
-          const auto* blk = static_cast<const uint8_t*>(kv.k_blocks[j / kv.block_tokens]);
-          const uint8_t* kp = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
-          scores[j] = ops.kv_dot(qv, kp, hd, kv.type) * scale;
-        }
-        ops.softmax(scores, n_keys);
-        std::memset(ov, 0, sizeof(float) * hd);
-        for (int64_t j = 0; j < n_keys; ++j) {
-          const auto* blk = static_cast<const uint8_t*>(kv.v_blocks[j / kv.block_tokens]);
-          const uint8_t* vp = blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
-          ops.kv_axpy(scores[j], vp, hd, kv.type, ov);
-        }
-      }
+      const int64_t ns = n_splits(i);
+      for (int64_t s = 0; s < ns; ++s) run_split(i, kvh, s, states + s * state);
+      merge(i, kvh, states);
     }
   });
+}
+
+void CheckView(const KvView& kv, int n_head) {
+  CT_CHECK(kv.n_kv_head > 0 && n_head % kv.n_kv_head == 0)
+      << "n_head " << n_head << " n_kv_head " << kv.n_kv_head;
+  CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
+  CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
+      << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
+}
+
+}  // namespace
+
+void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const KvView& kv,
+               float scale, float* out, ThreadPool& pool) {
+  if (n_q <= 0) return;
+  CheckView(kv, n_head);
+  CT_CHECK(q_pos0 + n_q <= kv.n_tokens)
+      << "queries reach position " << q_pos0 + n_q - 1 << " but kv holds " << kv.n_tokens;
+  AttendRanges(q, n_q, n_head, kv, 0, q_pos0 + n_q, q_pos0, scale, out, nullptr, pool);
 }
 
 void AttentionLse(const float* q, int64_t n_q, int n_head, const KvView& kv, int64_t begin,
                   int64_t end, int64_t causal_slot0, float score_scale, float* out, float* lse,
                   ThreadPool& pool) {
   if (n_q <= 0) return;
-  CT_CHECK(kv.n_kv_head > 0 && n_head % kv.n_kv_head == 0)
-      << "n_head " << n_head << " n_kv_head " << kv.n_kv_head;
+  CheckView(kv, n_head);
   CT_CHECK(begin >= 0 && end <= kv.n_tokens)
       << "slots [" << begin << ", " << end << ") but kv holds " << kv.n_tokens;
-  CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
-  CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
-      << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
-  const internal::Ops& ops = ActiveOps();
-  const int hd = kv.head_dim;
-  const int group = n_head / kv.n_kv_head;
-  const size_t head_bytes = KvHeadBytes(kv.type, hd);
-  const size_t tok_bytes = head_bytes * kv.n_kv_head;
-  auto slot = [&](const void* const* blocks, int64_t j, int kvh) {
-    const auto* blk = static_cast<const uint8_t*>(blocks[j / kv.block_tokens]);
-    return blk + (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
-  };
-  // Work units are (query, KV head), as in Attention. Per query head: scores into scratch
-  // [n_keys], exp(s - max) in place, sum in double, then the weighted sum of V.
-  const int64_t max_keys = std::max<int64_t>(end - begin, 0);
-  pool.ParallelFor(n_q * kv.n_kv_head, [&](int64_t u0, int64_t u1, int) {
-    auto* e = static_cast<float*>(internal::ThreadScratch(2, sizeof(float) * (max_keys + 1)));
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t i = u / kv.n_kv_head;
-      const int kvh = static_cast<int>(u % kv.n_kv_head);
-      const int64_t stop = causal_slot0 < 0 ? end : std::min(end, causal_slot0 + i + 1);
-      const int64_t n_keys = std::max<int64_t>(stop - begin, 0);
-      for (int g = 0; g < group; ++g) {
-        const int64_t row = i * n_head + kvh * group + g;
-        const float* qv = q + row * hd;
-        float* ov = out + row * hd;
-        std::memset(ov, 0, sizeof(float) * hd);
-        if (n_keys == 0) {
-          lse[row] = -std::numeric_limits<float>::infinity();
-          continue;
-        }
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n_keys; ++j) {
-          e[j] = ops.kv_dot(qv, slot(kv.k_blocks, begin + j, kvh), hd, kv.type) * score_scale;
-          mx = std::max(mx, e[j]);
-        }
-        double sum = 0;
-        for (int64_t j = 0; j < n_keys; ++j) sum += (e[j] = std::exp(e[j] - mx));
-        const float inv = static_cast<float>(1.0 / sum);
-        for (int64_t j = 0; j < n_keys; ++j) {
-          ops.kv_axpy(e[j] * inv, slot(kv.v_blocks, begin + j, kvh), hd, kv.type, ov);
-        }
-        lse[row] = mx + static_cast<float>(std::log(sum));
-      }
-    }
-  });
+  AttendRanges(q, n_q, n_head, kv, begin, end, causal_slot0, score_scale, out, lse, pool);
 }
 
 }  // namespace cachette::kernels

@@ -132,8 +132,9 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
 void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst);
 
 // q . k for one stored head vector k (KvHeadBytes(t, head_dim) bytes) at the active ISA level,
-// read as Attention reads it (for passes that need the scores themselves, e.g. the attention
-// statistics of KV budget policies). The sum's order, so its last bits, depend on the level.
+// elements converted as Attention converts them (for passes that need the scores themselves,
+// e.g. the attention statistics of KV budget policies). The sum's order, so its last bits,
+// depend on the level and may differ from Attention's own scores.
 float KvDot(const float* q, const void* k, int head_dim, KvType t);
 
 // One layer's K and V of one sequence, in blocks of `block_tokens` tokens. Block b holds
@@ -155,7 +156,10 @@ struct KvView {
 //                                 [0, q_pos0 + i] (which must be < kv.n_tokens)
 //   out [n_q][n_head][head_dim]
 // Query head h uses KV head h / (n_head / n_kv_head). scale is usually 1/sqrt(head_dim).
-// Parallel over (query, head) on `pool`.
+// Online softmax over tiles of 64 slots, the range cut into splits of 2,048 merged by their
+// log-sum-exps (docs/kernels.md, "Attention"); parallel over (query, KV head), or over
+// (query, KV head, split) when the step has few queries and a long context. A query's output
+// is the same bits whatever the other queries, the threads or the block size.
 void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const KvView& kv,
                float scale, float* out, ThreadPool& pool);
 
@@ -169,8 +173,8 @@ void Attention(const float* q, int64_t n_q, int n_head, int64_t q_pos0, const Kv
 //   out [n_q][n_head][head_dim]  sum_j p_j v_j, p = softmax_j(s_j), s_j = score_scale * q.k_j
 //   lse [n_q][n_head]            log sum_j exp(s_j), natural log
 // An empty range gives out = 0 and lse = -inf. Requires 0 <= begin and end <= kv.n_tokens.
-// GQA heads as in Attention; K and V are read at the active ISA level (KvDot's order), the
-// softmax is scalar. Parallel over (query, KV head) on `pool`.
+// GQA heads as in Attention, and computed as Attention is (the same bits over the same
+// causal range).
 void AttentionLse(const float* q, int64_t n_q, int n_head, const KvView& kv, int64_t begin,
                   int64_t end, int64_t causal_slot0, float score_scale, float* out, float* lse,
                   ThreadPool& pool);

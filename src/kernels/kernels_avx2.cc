@@ -465,6 +465,112 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
   for (; i < head_dim; ++i) acc[i] += a * KvElem(p, i, t);
 }
 
+// Up to 8 query heads of a GQA group at once (G accumulators stay in registers).
+constexpr int kMaxAttnHeads = 8;
+
+// attend_span for G heads (see kernels_internal.h; the scalar AttendSpan is the definition),
+// built like the AVX-512 one with 8 features per vector: per tile, K read once for all G heads,
+// each head's max, exponentials and sum, then V read once per 8 features with the G
+// accumulators in registers. Features past the last multiple of 8 go through KvElem.
+template <int G>
+void SpanHeads(const float* q, int hd, const KvView& kv, int kvh, int64_t begin, int64_t end,
+               float scale, float* m, float* l, float* acc) {
+  const size_t head_bytes = KvHeadBytes(kv.type, hd);
+  const size_t tok_bytes = head_bytes * kv.n_kv_head;
+  const int nc = hd / 8;
+  const float inf = __builtin_inff();
+  for (int h = 0; h < G; ++h) {
+    m[h] = -inf;
+    l[h] = 0;
+    for (int d = 0; d < hd; ++d) acc[h * hd + d] = 0;
+  }
+  alignas(32) float s[G][kAttnTile];
+  const uint8_t* kp[kAttnTile];
+  const uint8_t* vp[kAttnTile];
+  float corr[G];
+  for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
+    const int64_t j0 = t0 > begin ? t0 : begin;
+    const int n = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
+    int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
+    for (int j = 0; j < n; ++j) {
+      const size_t off = o * tok_bytes + kvh * head_bytes;
+      kp[j] = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
+      vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
+      if (++o == kv.block_tokens) o = 0, ++b;
+    }
+    for (int j = 0; j < n; ++j) {
+      __m256 a[G];
+      for (int h = 0; h < G; ++h) a[h] = _mm256_setzero_ps();
+      for (int c = 0; c < nc; ++c) {
+        const __m256 kc = LoadKv8(kp[j], 8 * c, kv.type);
+        for (int h = 0; h < G; ++h) {
+          a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * hd + 8 * c), kc, a[h]);
+        }
+      }
+      for (int h = 0; h < G; ++h) {
+        float dot = Reduce8(a[h]);
+        for (int i = 8 * nc; i < hd; ++i) dot += q[h * hd + i] * KvElem(kp[j], i, kv.type);
+        s[h][j] = dot * scale;
+      }
+    }
+    for (int h = 0; h < G; ++h) {
+      __m256 vmax = _mm256_set1_ps(-inf);
+      int i = 0;
+      for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s[h] + i));
+      float tile_max = Max8(vmax);
+      for (int t = i; t < n; ++t) tile_max = s[h][t] > tile_max ? s[h][t] : tile_max;
+      const float m_new = m[h] > tile_max ? m[h] : tile_max;
+      corr[h] = __builtin_expf(m[h] - m_new);
+      const __m256 mx = _mm256_set1_ps(m_new);
+      __m256 vsum = _mm256_setzero_ps();
+      for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = Exp(_mm256_sub_ps(_mm256_load_ps(s[h] + i), mx));
+        _mm256_store_ps(s[h] + i, e);
+        vsum = _mm256_add_ps(vsum, e);
+      }
+      float sum = Reduce8(vsum);
+      for (; i < n; ++i) sum += (s[h][i] = Exp1(s[h][i] - m_new));
+      l[h] = l[h] * corr[h] + sum;
+      m[h] = m_new;
+    }
+    for (int c = 0; c < nc; ++c) {
+      __m256 a[G];
+      for (int h = 0; h < G; ++h) {
+        a[h] = _mm256_mul_ps(_mm256_loadu_ps(acc + h * hd + 8 * c), _mm256_set1_ps(corr[h]));
+      }
+      for (int j = 0; j < n; ++j) {
+        const __m256 vc = LoadKv8(vp[j], 8 * c, kv.type);
+        for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(s[h][j]), vc, a[h]);
+      }
+      for (int h = 0; h < G; ++h) _mm256_storeu_ps(acc + h * hd + 8 * c, a[h]);
+    }
+    for (int i = 8 * nc; i < hd; ++i) {
+      for (int h = 0; h < G; ++h) {
+        float x = acc[h * hd + i] * corr[h];
+        for (int j = 0; j < n; ++j) x += s[h][j] * KvElem(vp[j], i, kv.type);
+        acc[h * hd + i] = x;
+      }
+    }
+  }
+}
+
+void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
+                float scale, float* state) {
+  using Fn = void (*)(const float*, int, const KvView&, int, int64_t, int64_t, float, float*,
+                      float*, float*);
+  static constexpr Fn kFns[kMaxAttnHeads] = {SpanHeads<1>, SpanHeads<2>, SpanHeads<3>,
+                                             SpanHeads<4>, SpanHeads<5>, SpanHeads<6>,
+                                             SpanHeads<7>, SpanHeads<8>};
+  const int hd = kv.head_dim;
+  float* m = state;
+  float* l = state + group;
+  float* acc = state + 2 * group;
+  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
+    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
+    kFns[g - 1](q + h0 * hd, hd, kv, kvh, begin, end, scale, m + h0, l + h0, acc + h0 * hd);
+  }
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kAvx2;
@@ -478,6 +584,7 @@ Ops MakeOps() {
   o.add = Add;
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
+  o.attend_span = AttendSpan;
   return o;
 }
 

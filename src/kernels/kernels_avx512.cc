@@ -19,7 +19,7 @@
 //    unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with 4
 //    broadcast activation bytes advances 16 rows at once and no horizontal sums are needed; the
 //    offset is removed with the per-block activation sums precomputed at quantization.
-// Attention handles all query heads of a GQA group per K/V load (AttendGroup).
+// Attention handles all query heads of a GQA group per K/V load (SpanHeads).
 //
 // WART: AMX-INT8 (TDPBUSD on 16x64 tiles) is detected but not used: the VNNI panels already
 // run at 3-5x the prefill target; AMX would need per-block scale handling between tile ops.
@@ -773,74 +773,150 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
 // Up to 8 query heads of a GQA group at once (G accumulators stay in registers).
 constexpr int kMaxAttnHeads = 8;
 
-template <int G>
-void AttendHeads(const float* q, int hd, const KvView& kv, int kvh, int64_t n_keys, float scale,
-                 float* scores, float* out) {
-  const size_t head_bytes = KvHeadBytes(kv.type, hd);
-  const size_t tok_bytes = head_bytes * kv.n_kv_head;
-  const int nc = (hd + 15) / 16;
-  const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
-  // Scores [G][n_keys]: one K load/convert per key for all G heads.
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kv.block_tokens) {
-    const auto* blk =
-        static_cast<const uint8_t*>(kv.k_blocks[j0 / kv.block_tokens]) + kvh * head_bytes;
-    const int64_t jn = Min64(kv.block_tokens, n_keys - j0);
-    for (int64_t jj = 0; jj < jn; ++jj) {
-      const uint8_t* kp = blk + jj * tok_bytes;
-      __m512 acc[G];
-      for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
-      for (int c = 0; c < nc; ++c) {
-        const __mmask16 m = c == nc - 1 ? last : 0xffff;
-        const __m512 kc = LoadKv16(kp, 16 * c, kv.type, m);
-        for (int h = 0; h < G; ++h) {
-          acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + h * hd + 16 * c), kc, acc[h]);
-        }
-      }
-      // Horizontal sums four heads at a time (about half the shuffles of one at a time).
-      float* sj = scores + j0 + jj;
-      int h = 0;
-      for (; h + 4 <= G; h += 4) {
-        alignas(16) float s4[4];
-        _mm_store_ps(s4, _mm_mul_ps(Reduce4(acc[h], acc[h + 1], acc[h + 2], acc[h + 3]),
-                                    _mm_set1_ps(scale)));
-        for (int i = 0; i < 4; ++i) sj[(h + i) * n_keys] = s4[i];
-      }
-      for (; h < G; ++h) sj[h * n_keys] = _mm512_reduce_add_ps(acc[h]) * scale;
+// The V half of a tile for G heads and the 16-feature chunks [c, c + C) (C = 1 or 2): the
+// heads' accumulators, rescaled by corr, gain p[h][j] * v_j; 2C * G independent FMA chains.
+template <int G, int C, KvType kT>
+void SpanValues(const uint8_t* const* vp, int n, const float (*p)[kAttnTile], const float* corr,
+                int c, __mmask16 m0, __mmask16 m1, int hd, float* acc) {
+  __m512 a[C][G];
+  for (int x = 0; x < C; ++x) {
+    const __mmask16 mk = x == 0 ? m0 : m1;
+    for (int h = 0; h < G; ++h) {
+      a[x][h] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + h * hd + 16 * (c + x)),
+                              _mm512_set1_ps(corr[h]));
     }
   }
-  for (int h = 0; h < G; ++h) Softmax(scores + h * n_keys, n_keys);
-  // out[h] = sum_j p[h][j] V[j], 16 features at a time so the G accumulators stay in registers.
-  for (int c = 0; c < nc; ++c) {
-    const __mmask16 m = c == nc - 1 ? last : 0xffff;
-    __m512 acc[G];
-    for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < n_keys; j0 += kv.block_tokens) {
-      const auto* blk =
-          static_cast<const uint8_t*>(kv.v_blocks[j0 / kv.block_tokens]) + kvh * head_bytes;
-      const int64_t jn = Min64(kv.block_tokens, n_keys - j0);
-      for (int64_t jj = 0; jj < jn; ++jj) {
-        const __m512 vc = LoadKv16(blk + jj * tok_bytes, 16 * c, kv.type, m);
-        for (int h = 0; h < G; ++h) {
-          acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * n_keys + j0 + jj]), vc, acc[h]);
-        }
-      }
+  for (int j = 0; j < n; ++j) {
+    __m512 v[C];
+    for (int x = 0; x < C; ++x) v[x] = LoadKv16(vp[j], 16 * (c + x), kT, x == 0 ? m0 : m1);
+    for (int h = 0; h < G; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h][j]);
+      for (int x = 0; x < C; ++x) a[x][h] = _mm512_fmadd_ps(w, v[x], a[x][h]);
     }
-    for (int h = 0; h < G; ++h) _mm512_mask_storeu_ps(out + h * hd + 16 * c, m, acc[h]);
+  }
+  for (int x = 0; x < C; ++x) {
+    for (int h = 0; h < G; ++h) {
+      _mm512_mask_storeu_ps(acc + h * hd + 16 * (c + x), x == 0 ? m0 : m1, a[x][h]);
+    }
   }
 }
 
-void AttendGroup(const float* q, int group, const KvView& kv, int kvh, int64_t n_keys, float scale,
-                 float* scores, float* out) {
-  using Fn = void (*)(const float*, int, const KvView&, int, int64_t, float, float*, float*);
-  static constexpr Fn kFns[kMaxAttnHeads] = {AttendHeads<1>, AttendHeads<2>, AttendHeads<3>,
-                                             AttendHeads<4>, AttendHeads<5>, AttendHeads<6>,
-                                             AttendHeads<7>, AttendHeads<8>};
-  const int hd = kv.head_dim;
-  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
-    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
-    kFns[g - 1](q + h0 * hd, hd, kv, kvh, n_keys, scale, scores, out + h0 * hd);
+// attend_span for G heads (see kernels_internal.h; the scalar AttendSpan is the definition).
+// Per tile: K converted once to f32 rows in L1 scratch (padded to whole 16-feature chunks with
+// zeros); per head, scores four keys at a time (one Reduce4 for four dot products); then each
+// head's max, exponentials and sum; then V read once per two 16-feature chunks for all G heads.
+template <int G, KvType kT>
+void SpanHeads(const float* q, int hd, const KvView& kv, int kvh, int64_t begin, int64_t end,
+               float scale, float* m, float* l, float* acc) {
+  const size_t head_bytes = KvHeadBytes(kT, hd);
+  const size_t tok_bytes = head_bytes * kv.n_kv_head;
+  const int nc = (hd + 15) / 16, ld = 16 * nc;
+  const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
+  const float inf = __builtin_inff();
+  // Scratch: K rows [kAttnTile][ld], then the queries [G][ld], both zero-padded.
+  auto* kt = static_cast<float*>(ThreadScratch(2, sizeof(float) * (kAttnTile + G) * ld));
+  float* qp = kt + kAttnTile * ld;
+  for (int h = 0; h < G; ++h) {
+    for (int c = 0; c < nc; ++c) {
+      _mm512_store_ps(qp + h * ld + 16 * c,
+                      _mm512_maskz_loadu_ps(c == nc - 1 ? last : 0xffff, q + h * hd + 16 * c));
+    }
+    m[h] = -inf;
+    l[h] = 0;
+    for (int d = 0; d < hd; ++d) acc[h * hd + d] = 0;
+  }
+  alignas(64) float s[G][kAttnTile];
+  const uint8_t* kp[kAttnTile];
+  const uint8_t* vp[kAttnTile];
+  float corr[G];
+  for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
+    const int64_t j0 = t0 > begin ? t0 : begin;
+    const int n = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
+    int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
+    for (int j = 0; j < n; ++j) {
+      const size_t off = o * tok_bytes + kvh * head_bytes;
+      kp[j] = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
+      vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
+      if (++o == kv.block_tokens) o = 0, ++b;
+    }
+    const int n4 = (n + 3) & ~3;
+    for (int j = 0; j < n4; ++j) {
+      for (int c = 0; c < nc; ++c) {
+        _mm512_store_ps(kt + j * ld + 16 * c,
+                        j < n ? LoadKv16(kp[j], 16 * c, kT, c == nc - 1 ? last : 0xffff)
+                              : _mm512_setzero_ps());
+      }
+    }
+    for (int h = 0; h < G; ++h) {
+      const float* qh = qp + h * ld;
+      for (int j = 0; j < n4; j += 4) {
+        const float* k0 = kt + j * ld;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < ld; c += 16) {
+          const __m512 qc = _mm512_load_ps(qh + c);
+          a0 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + c), a0);
+          a1 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + ld + c), a1);
+          a2 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 2 * ld + c), a2);
+          a3 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 3 * ld + c), a3);
+        }
+        _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+      }
+      __m512 vmax = _mm512_set1_ps(-inf);
+      int i = 0;
+      for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(s[h] + i));
+      const __mmask16 tail = TailMask(n - i);
+      if (i < n) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_load_ps(tail, s[h] + i));
+      const float tile_max = _mm512_reduce_max_ps(vmax);
+      const float m_new = m[h] > tile_max ? m[h] : tile_max;
+      corr[h] = __builtin_expf(m[h] - m_new);
+      const __m512 mx = _mm512_set1_ps(m_new);
+      __m512 vsum = _mm512_setzero_ps();
+      for (i = 0; i + 16 <= n; i += 16) {
+        const __m512 e = Exp(_mm512_sub_ps(_mm512_load_ps(s[h] + i), mx));
+        _mm512_store_ps(s[h] + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      if (i < n) {
+        const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_load_ps(tail, s[h] + i), mx));
+        _mm512_mask_store_ps(s[h] + i, tail, e);
+        vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+      }
+      l[h] = l[h] * corr[h] + _mm512_reduce_add_ps(vsum);
+      m[h] = m_new;
+    }
+    int c = 0;
+    for (; c + 2 <= nc; c += 2) {
+      SpanValues<G, 2, kT>(vp, n, s, corr, c, 0xffff, c + 2 == nc ? last : 0xffff, hd, acc);
+    }
+    if (c < nc) SpanValues<G, 1, kT>(vp, n, s, corr, c, last, 0, hd, acc);
   }
 }
+
+#define SPAN_HEADS(t)                                                                      \
+  {                                                                                        \
+    SpanHeads<1, t>, SpanHeads<2, t>, SpanHeads<3, t>, SpanHeads<4, t>, SpanHeads<5, t>,   \
+        SpanHeads<6, t>, SpanHeads<7, t>, SpanHeads<8, t>                                  \
+  }
+
+void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
+                float scale, float* state) {
+  using Fn = void (*)(const float*, int, const KvView&, int, int64_t, int64_t, float, float*,
+                      float*, float*);
+  // [KV type][heads - 1]
+  static constexpr Fn kFns[4][kMaxAttnHeads] = {
+      SPAN_HEADS(KvType::kF32), SPAN_HEADS(KvType::kF16), SPAN_HEADS(KvType::kQ8_0),
+      SPAN_HEADS(KvType::kQ4_0)};
+  const int hd = kv.head_dim;
+  float* m = state;
+  float* l = state + group;
+  float* acc = state + 2 * group;
+  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
+    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
+    kFns[static_cast<int>(kv.type)][g - 1](q + h0 * hd, hd, kv, kvh, begin, end, scale, m + h0,
+                                           l + h0, acc + h0 * hd);
+  }
+}
+#undef SPAN_HEADS
 
 Ops MakeOps() {
   Ops o{};
@@ -856,7 +932,7 @@ Ops MakeOps() {
   o.add = Add;
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
-  o.attend_group = AttendGroup;
+  o.attend_span = AttendSpan;
   return o;
 }
 

@@ -65,17 +65,27 @@ struct Ops {
   // Attention inner loops over one stored head vector (KvHeadBytes(t, head_dim) bytes).
   float (*kv_dot)(const float* q, const void* k, int head_dim, KvType t);
   void (*kv_axpy)(float a, const void* v, int head_dim, KvType t, float* acc);
-  // Optional (null: the front end loops over kv_dot / kv_axpy). One query position against
-  // keys [0, n_keys) for the `group` query heads that share KV head `kvh`, so each K/V vector
-  // is loaded and converted once per group:
-  //   q [group][head_dim], out [group][head_dim], scores: scratch [group][n_keys]
-  void (*attend_group)(const float* q, int group, const KvView& kv, int kvh, int64_t n_keys,
-                       float scale, float* scores, float* out);
+  // One query position's `group` heads (those sharing KV head `kvh`) against keys
+  // [begin, end), as each head's online-softmax state (docs/kernels.md, "Attention"):
+  //   m[g]            max_j s_j, s_j = scale * q_g . k_j  (-inf for an empty range)
+  //   l[g]            sum_j exp(s_j - m[g])
+  //   acc[g][hd]      sum_j exp(s_j - m[g]) v_j           (unnormalized)
+  // with q [group][head_dim] and state = { m[group], l[group], acc[group][head_dim] }.
+  // Keys are visited in tiles of kAttnTile slots aligned to multiples of kAttnTile, each K and
+  // V vector loaded and converted once per tile for all heads. A head's state is one fixed
+  // sequence of float operations given (q, the keys, begin, end): the same whatever the
+  // group's other heads, the query's neighbours in a batch or the thread running it.
+  void (*attend_span)(const float* q, int group, const KvView& kv, int kvh, int64_t begin,
+                      int64_t end, float scale, float* state);
 };
 
 const Ops& ScalarOps();
 const Ops& Avx2Ops();
 const Ops& Avx512Ops();
+
+// Key tile of attend_span (slots); the attention front end splits long ranges at multiples of
+// it.
+constexpr int kAttnTile = 64;
 
 // A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across
 // calls (grows, never shrinks). `slot` tells independent buffers of one thread apart:

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "core/check.h"
 #include "core/fp16.h"
@@ -188,6 +189,46 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
   for (int i = 0; i < head_dim; ++i) acc[i] += a * KvElem(v, i, t);
 }
 
+// The definition every level's attend_span follows: per head and per tile, the scores, the
+// tile's max, the exponentials and their sum in slot order, then the running state rescaled
+// and the tile's values added in slot order.
+void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
+                float scale, float* state) {
+  const int hd = kv.head_dim;
+  const size_t head_bytes = KvHeadBytes(kv.type, hd);
+  const size_t tok_bytes = head_bytes * kv.n_kv_head;
+  auto slot = [&](const void* const* blocks, int64_t j) {
+    return static_cast<const uint8_t*>(blocks[j / kv.block_tokens]) +
+           (j % kv.block_tokens) * tok_bytes + kvh * head_bytes;
+  };
+  float* m = state;
+  float* l = state + group;
+  float s[kAttnTile];
+  for (int g = 0; g < group; ++g) {
+    const float* qg = q + g * hd;
+    float* acc = state + 2 * group + g * hd;
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0;
+    std::fill(acc, acc + hd, 0.0f);
+    for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
+      const int64_t j0 = std::max(t0, begin), n = std::min(t0 + kAttnTile, end) - j0;
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = (KvDot)(qg, slot(kv.k_blocks, j0 + j), hd, kv.type) * scale;  // () : no ADL
+        tile_max = std::max(tile_max, s[j]);
+      }
+      const float m_new = std::max(m[g], tile_max);
+      const float corr = std::exp(m[g] - m_new);
+      float sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - m_new));
+      l[g] = l[g] * corr + sum;
+      m[g] = m_new;
+      for (int d = 0; d < hd; ++d) acc[d] *= corr;
+      for (int64_t j = 0; j < n; ++j) (KvAxpy)(s[j], slot(kv.v_blocks, j0 + j), hd, kv.type, acc);
+    }
+  }
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kScalar;
@@ -201,6 +242,7 @@ Ops MakeOps() {
   o.add = Add;
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
+  o.attend_span = AttendSpan;
   return o;
 }
 

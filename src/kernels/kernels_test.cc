@@ -633,6 +633,43 @@ TestKv MakeKv(KvType type, int n_kv_head, int hd, int block_tokens, int64_t n_va
   return kv;
 }
 
+// Attention in float64 by its definition: query i attends slots [begin, stop(i)) with
+// stop(i) = min(end, causal_slot0 + i + 1) when causal_slot0 >= 0, else end. Fills out
+// [n_q][n_head][hd] and lse [n_q][n_head] (-inf for an empty range).
+void NaiveAttention(const std::vector<float>& q, int64_t n_q, int n_head, const TestKv& kv,
+                    int64_t begin, int64_t end, int64_t causal_slot0, double scale,
+                    std::vector<double>& out, std::vector<double>& lse) {
+  const int hd = kv.view.head_dim, n_kv_head = kv.view.n_kv_head;
+  const int group = n_head / n_kv_head;
+  out.assign(n_q * n_head * hd, 0.0);
+  lse.assign(n_q * n_head, -std::numeric_limits<double>::infinity());
+  for (int64_t i = 0; i < n_q; ++i) {
+    const int64_t stop = causal_slot0 < 0 ? end : std::min(end, causal_slot0 + i + 1);
+    for (int h = 0; h < n_head; ++h) {
+      const int kvh = h / group;
+      std::vector<double> s;
+      double mx = -1e300, sum = 0;
+      for (int64_t j = begin; j < stop; ++j) {
+        double dot = 0;
+        for (int d = 0; d < hd; ++d) {
+          dot += double(q[(i * n_head + h) * hd + d]) * kv.k_f32[(j * n_kv_head + kvh) * hd + d];
+        }
+        s.push_back(dot * scale);
+        mx = std::max(mx, s.back());
+      }
+      if (s.empty()) continue;
+      for (auto& v : s) sum += (v = std::exp(v - mx));
+      lse[i * n_head + h] = mx + std::log(sum);
+      for (size_t j = 0; j < s.size(); ++j) {
+        for (int d = 0; d < hd; ++d) {
+          out[(i * n_head + h) * hd + d] +=
+              s[j] / sum * kv.v_f32[((begin + j) * n_kv_head + kvh) * hd + d];
+        }
+      }
+    }
+  }
+}
+
 TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
   struct Case {
     int n_head, n_kv_head, hd, block_tokens;
@@ -655,32 +692,8 @@ TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
       TestKv kv = MakeKv(type, c.n_kv_head, c.hd, c.block_tokens, n_valid, n_valid + 2, rng_);
       std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -2, 2);
       const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
-      const int group = c.n_head / c.n_kv_head;
-      std::vector<double> want(q.size());
-      for (int64_t i = 0; i < c.n_q; ++i) {
-        for (int h = 0; h < c.n_head; ++h) {
-          const int kvh = h / group;
-          const int64_t n_keys = c.q_pos0 + i + 1;
-          std::vector<double> s(n_keys);
-          double mx = -1e300, sum = 0;
-          for (int64_t j = 0; j < n_keys; ++j) {
-            double dot = 0;
-            for (int d = 0; d < c.hd; ++d) {
-              dot += double(q[(i * c.n_head + h) * c.hd + d]) *
-                     kv.k_f32[(j * c.n_kv_head + kvh) * c.hd + d];
-            }
-            s[j] = dot * scale;
-            mx = std::max(mx, s[j]);
-          }
-          for (auto& v : s) sum += (v = std::exp(v - mx));
-          for (int d = 0; d < c.hd; ++d) {
-            double o = 0;
-            for (int64_t j = 0; j < n_keys; ++j)
-              o += s[j] / sum * kv.v_f32[(j * c.n_kv_head + kvh) * c.hd + d];
-            want[(i * c.n_head + h) * c.hd + d] = o;
-          }
-        }
-      }
+      std::vector<double> want, want_lse;
+      NaiveAttention(q, c.n_q, c.n_head, kv, 0, c.q_pos0 + c.n_q, c.q_pos0, scale, want, want_lse);
       for (Isa isa : Levels()) {
         SetIsa(isa);
         SCOPED_TRACE(std::string(IsaName(isa)));
@@ -736,34 +749,9 @@ TEST_F(IsaTest, AttentionLseMatchesNaiveDouble) {
       TestKv kv = MakeKv(type, c.n_kv_head, c.hd, c.block_tokens, c.n_valid, c.n_valid + 2, rng_);
       PoisonLeadingSlots(kv, c.begin);
       std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -2, 2);
-      const int group = c.n_head / c.n_kv_head;
-      std::vector<double> want(q.size(), 0.0), want_lse(c.n_q * c.n_head);
-      for (int64_t i = 0; i < c.n_q; ++i) {
-        const int64_t stop = c.causal_slot0 < 0 ? c.end : std::min(c.end, c.causal_slot0 + i + 1);
-        for (int h = 0; h < c.n_head; ++h) {
-          const int kvh = h / group;
-          std::vector<double> s;
-          double mx = -1e300, sum = 0;
-          for (int64_t j = c.begin; j < stop; ++j) {
-            double dot = 0;
-            for (int d = 0; d < c.hd; ++d) {
-              dot += double(q[(i * c.n_head + h) * c.hd + d]) *
-                     kv.k_f32[(j * c.n_kv_head + kvh) * c.hd + d];
-            }
-            s.push_back(dot * c.score_scale);
-            mx = std::max(mx, s.back());
-          }
-          for (auto& v : s) sum += (v = std::exp(v - mx));
-          want_lse[i * c.n_head + h] =
-              s.empty() ? -std::numeric_limits<double>::infinity() : mx + std::log(sum);
-          for (size_t j = 0; j < s.size(); ++j) {
-            for (int d = 0; d < c.hd; ++d) {
-              want[(i * c.n_head + h) * c.hd + d] +=
-                  s[j] / sum * kv.v_f32[((c.begin + j) * c.n_kv_head + kvh) * c.hd + d];
-            }
-          }
-        }
-      }
+      std::vector<double> want, want_lse;
+      NaiveAttention(q, c.n_q, c.n_head, kv, c.begin, c.end, c.causal_slot0, c.score_scale, want,
+                     want_lse);
       for (Isa isa : Levels()) {
         SetIsa(isa);
         SCOPED_TRACE(std::string(IsaName(isa)));
@@ -818,6 +806,89 @@ TEST_F(IsaTest, AttentionLseRangesMergeIntoAttention) {
           }
         }
       }
+    }
+  }
+}
+
+// Contexts longer than one split (2,048 slots): the per-split states merged in order, both
+// when a decode query's splits run as separate units and when a prefill chunk's rows do,
+// including ranges that start inside a split and queries that straddle a split boundary.
+TEST_F(IsaTest, AttentionOverManySplitsMatchesNaiveDouble) {
+  struct Case {
+    int n_head, n_kv_head, block_tokens;
+    int64_t n_q, begin, end, causal_slot0;
+    const char* what;
+  };
+  const Case cases[] = {
+      {6, 2, 16, 1, 0, 5000, 4999, "decode over three splits"},
+      {14, 2, 32, 9, 0, 4104, 4095, "prefill chunk straddling the second split boundary"},
+      {4, 1, 64, 2, 1000, 4500, -1, "non-causal range starting inside the first split"},
+  };
+  const int hd = 64;
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ4_0}) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(KvTypeName(type)) + " " + c.what);
+      TestKv kv = MakeKv(type, c.n_kv_head, hd, c.block_tokens, c.end, c.end + 1, rng_);
+      PoisonLeadingSlots(kv, c.begin);
+      std::vector<float> q = RandomFloats(c.n_q * c.n_head * hd, -2, 2);
+      std::vector<double> want, want_lse;
+      NaiveAttention(q, c.n_q, c.n_head, kv, c.begin, c.end, c.causal_slot0, 0.125, want,
+                     want_lse);
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        SCOPED_TRACE(std::string(IsaName(isa)));
+        std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+        std::vector<float> lse(c.n_q * c.n_head, std::numeric_limits<float>::quiet_NaN());
+        AttentionLse(q.data(), c.n_q, c.n_head, kv.view, c.begin, c.end, c.causal_slot0, 0.125f,
+                     out.data(), lse.data(), pool_);
+        // Thousands of keys: the softmax spreads thin, so the float sums' relative error is
+        // what remains (about 1e-6 of a convex combination of values in [-1, 1]).
+        for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want[e], 1e-4) << e;
+        for (size_t e = 0; e < lse.size(); ++e) ASSERT_NEAR(lse[e], want_lse[e], 1e-3) << e;
+      }
+    }
+  }
+}
+
+// A query's attention output is the same bits whether it runs alone (a decode step, its
+// splits spread over threads), inside a prefill chunk of any size, or on one thread: the
+// property that makes a cache hit's recompute and a batched decode equal a lone cold run.
+TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
+  const int n_head = 6, n_kv_head = 2, hd = 64;
+  const int64_t q_pos0 = 2030, n_q = 24;  // query 18 is the first past the split at 2,048
+  ThreadPool one(1), three(3);
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0}) {
+    TestKv kv = MakeKv(type, n_kv_head, hd, 16, q_pos0 + n_q, q_pos0 + n_q, rng_);
+    std::vector<float> q = RandomFloats(n_q * n_head * hd, -2, 2);
+    const size_t row = static_cast<size_t>(n_head) * hd;
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      SCOPED_TRACE(std::string(KvTypeName(type)) + " " + std::string(IsaName(isa)));
+      std::vector<float> chunk(q.size());
+      Attention(q.data(), n_q, n_head, q_pos0, kv.view, 0.125f, chunk.data(), pool_);
+      std::vector<float> other(q.size());
+      Attention(q.data(), n_q, n_head, q_pos0, kv.view, 0.125f, other.data(), one);
+      ASSERT_EQ(0, std::memcmp(chunk.data(), other.data(), q.size() * sizeof(float)));
+      for (int64_t cut : {int64_t{1}, int64_t{7}, int64_t{18}, int64_t{21}}) {
+        SCOPED_TRACE("chunks cut at " + std::to_string(cut));
+        Attention(q.data(), cut, n_head, q_pos0, kv.view, 0.125f, other.data(), three);
+        Attention(q.data() + cut * row, n_q - cut, n_head, q_pos0 + cut, kv.view, 0.125f,
+                  other.data() + cut * row, pool_);
+        ASSERT_EQ(0, std::memcmp(chunk.data(), other.data(), q.size() * sizeof(float)));
+      }
+      for (int64_t i : {int64_t{0}, int64_t{17}, int64_t{18}, n_q - 1}) {
+        SCOPED_TRACE("alone: query " + std::to_string(i));
+        std::vector<float> alone(row);
+        Attention(q.data() + i * row, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), pool_);
+        ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
+        Attention(q.data() + i * row, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), one);
+        ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
+      }
+      // AttentionLse over the same causal ranges is the same computation.
+      std::vector<float> lse_out(q.size()), lse(n_q * n_head);
+      AttentionLse(q.data(), n_q, n_head, kv.view, 0, q_pos0 + n_q, q_pos0, 0.125f, lse_out.data(),
+                   lse.data(), three);
+      ASSERT_EQ(0, std::memcmp(chunk.data(), lse_out.data(), q.size() * sizeof(float)));
     }
   }
 }
