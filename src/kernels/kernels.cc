@@ -86,8 +86,10 @@ Isa HardwareIsa(const CpuFeatures& f) {
   // WART: the AVX-512 level requires VNNI (Cascade Lake and later); Skylake-X falls back to
   // AVX2 rather than carrying a third integer dot-product variant.
   const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
-  // AMX is detected (Cpu().amx_int8) but has no kernels of its own yet, so the best level on an
-  // AMX machine is AVX-512: what the kernels run, and what benchmarks report.
+  // AMX is detected (Cpu().amx_int8) but has no kernels of its own, so the best level on an
+  // AMX machine is AVX-512: what the kernels run, and what benchmarks report. AMX-INT8 tile
+  // kernels for Q8_0/Q4_0 prefill were built and measured no faster than the VNNI panels
+  // (docs/benchmarks.md, "AMX"), so they are not kept.
   if (avx512) return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
   return Isa::kScalar;
@@ -117,8 +119,7 @@ const internal::Ops& OpsFor(Isa isa) {
       return internal::ScalarOps();
     case Isa::kAvx2:
       return internal::Avx2Ops();
-    // WART: no AMX kernels yet; the AMX level runs the AVX-512 ones (AMX-INT8 only pays if
-    // it beats VNNI by enough to cover the tile repacking, not measured yet).
+    // WART: the AMX level runs the AVX-512 kernels (see HardwareIsa).
     case Isa::kAvx512:
     case Isa::kAmx:
       return internal::Avx512Ops();
@@ -517,6 +518,8 @@ namespace {
 
 constexpr int64_t kAttnSplit = 2048;
 static_assert(kAttnSplit % internal::kAttnTile == 0);
+// Queries per block of the rows path, where the level has attend_block.
+constexpr int64_t kQueryBlock = 4;
 
 // Floats of one split's state for `group` heads: m[group], l[group], acc[group][hd].
 size_t StateFloats(int group, int hd) { return static_cast<size_t>(group) * (hd + 2); }
@@ -600,18 +603,40 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
     }
     return;
   }
-  // Rows as units. Causal queries late in the chunk see more keys, so rows are visited in the
-  // order 0, n-1, 1, n-2, ... of queries to give both halves of the contiguous split equal work.
-  pool.ParallelFor(n_rows, [&](int64_t u0, int64_t u1, int) {
+  // Rows as units: blocks of kQueryBlock consecutive queries of one KV head when the level has
+  // attend_block (each K/V tile then read once per block), single queries otherwise. Causal
+  // queries late in the chunk see more keys, so blocks are visited in the order 0, n-1, 1,
+  // n-2, ... to give both halves of the contiguous split equal work.
+  const int64_t bq = ops.attend_block != nullptr ? kQueryBlock : 1;
+  const int64_t n_blocks = (n_q + bq - 1) / bq;
+  pool.ParallelFor(n_blocks * kv.n_kv_head, [&](int64_t u0, int64_t u1, int) {
     auto* states =
-        static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * state * max_splits));
+        static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * state * max_splits * bq));
+    int64_t ends[kQueryBlock];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t k = u / kv.n_kv_head;
-      const int64_t i = (k % 2 == 0) ? k / 2 : n_q - 1 - k / 2;
+      const int64_t blk = (k % 2 == 0) ? k / 2 : n_blocks - 1 - k / 2;
       const int kvh = static_cast<int>(u % kv.n_kv_head);
-      const int64_t ns = n_splits(i);
-      for (int64_t s = 0; s < ns; ++s) run_split(i, kvh, s, states + s * state);
-      merge(i, kvh, states);
+      const int64_t i0 = blk * bq, i1 = std::min(n_q, i0 + bq);
+      if (bq == 1) {
+        const int64_t ns = n_splits(i0);
+        for (int64_t s = 0; s < ns; ++s) run_split(i0, kvh, s, states + s * state);
+        merge(i0, kvh, states);
+        continue;
+      }
+      // Split s of the block: the queries with more than s splits, a suffix [ia, i1) of it
+      // (a query's split count grows with i).
+      for (int64_t s = 0, ia = i0; s < n_splits(i1 - 1); ++s) {
+        while (n_splits(ia) <= s) ++ia;
+        const int64_t lo = std::max(begin, (first + s) * kAttnSplit);
+        for (int64_t i = ia; i < i1; ++i) {
+          ends[i - ia] = std::min(stop(i), (first + s + 1) * kAttnSplit);
+        }
+        ops.attend_block(q + (ia * n_head + kvh * group) * hd, static_cast<int>(i1 - ia),
+                         static_cast<int64_t>(n_head) * hd, group, kv, kvh, lo, ends, scale,
+                         states + ((ia - i0) * max_splits + s) * state, max_splits * state);
+      }
+      for (int64_t i = i0; i < i1; ++i) merge(i, kvh, states + (i - i0) * max_splits * state);
     }
   });
 }

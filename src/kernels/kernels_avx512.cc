@@ -19,10 +19,14 @@
 //    unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with 4
 //    broadcast activation bytes advances 16 rows at once and no horizontal sums are needed; the
 //    offset is removed with the per-block activation sums precomputed at quantization.
-// Attention handles all query heads of a GQA group per K/V load (SpanHeads).
+// Attention widens each 64-slot K tile (and, for several queries, V tile) to f32 once for all
+// query heads of a GQA group and a block of up to 4 queries (BlockHeads).
 //
-// WART: AMX-INT8 (TDPBUSD on 16x64 tiles) is detected but not used: the VNNI panels already
-// run at 3-5x the prefill target; AMX would need per-block scale handling between tile ops.
+// WART: AMX-INT8 (TDPBSUD) is detected but not used. Tile kernels for the Q8_0/Q4_0 panels
+// were built (a block's exact int32 dots per 16 tokens x 16 rows, then these panels' float
+// operations, so the same bits) and measured at best level with the VNNI panels: each 32-wide
+// block needs its own tile product, store and scaling, and the scaling, which both paths
+// share, dominates (docs/benchmarks.md, "AMX").
 #include <immintrin.h>
 
 #include <cstdint>
@@ -773,11 +777,14 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
 // Up to 8 query heads of a GQA group at once (G accumulators stay in registers).
 constexpr int kMaxAttnHeads = 8;
 
-// The V half of a tile for G heads and the 16-feature chunks [c, c + C) (C = 1 or 2): the
-// heads' accumulators, rescaled by corr, gain p[h][j] * v_j; 2C * G independent FMA chains.
+// The V half of a tile for G heads of one query and the 16-feature chunks [c, c + C)
+// (C = 1 or 2): the heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n; 2C * G independent FMA chains.
+// V rows come from `vt` (widened, ld apart) when it is not null, else straight from the
+// stored vectors vp[j] (the same values: the widening is exact).
 template <int G, int C, KvType kT>
-void SpanValues(const uint8_t* const* vp, int n, const float (*p)[kAttnTile], const float* corr,
-                int c, __mmask16 m0, __mmask16 m1, int hd, float* acc) {
+void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
+                const float (*p)[kAttnTile], const float* corr, int c, __mmask16 m0, __mmask16 m1,
+                int hd, float* acc) {
   __m512 a[C][G];
   for (int x = 0; x < C; ++x) {
     const __mmask16 mk = x == 0 ? m0 : m1;
@@ -788,7 +795,10 @@ void SpanValues(const uint8_t* const* vp, int n, const float (*p)[kAttnTile], co
   }
   for (int j = 0; j < n; ++j) {
     __m512 v[C];
-    for (int x = 0; x < C; ++x) v[x] = LoadKv16(vp[j], 16 * (c + x), kT, x == 0 ? m0 : m1);
+    for (int x = 0; x < C; ++x) {
+      v[x] = vt != nullptr ? _mm512_load_ps(vt + j * ld + 16 * (c + x))
+                           : LoadKv16(vp[j], 16 * (c + x), kT, x == 0 ? m0 : m1);
+    }
     for (int h = 0; h < G; ++h) {
       const __m512 w = _mm512_set1_ps(p[h][j]);
       for (int x = 0; x < C; ++x) a[x][h] = _mm512_fmadd_ps(w, v[x], a[x][h]);
@@ -801,122 +811,154 @@ void SpanValues(const uint8_t* const* vp, int n, const float (*p)[kAttnTile], co
   }
 }
 
-// attend_span for G heads (see kernels_internal.h; the scalar AttendSpan is the definition).
-// Per tile: K converted once to f32 rows in L1 scratch (padded to whole 16-feature chunks with
-// zeros); per head, scores four keys at a time (one Reduce4 for four dot products); then each
-// head's max, exponentials and sum; then V read once per two 16-feature chunks for all G heads.
+// Where attend_block puts its results: query i's state starts at state + i * stride, heads
+// h0 .. h0 + G of a group of `group` (m[group], l[group], acc[group][hd]).
+struct BlockOut {
+  float* state;
+  size_t stride;
+  int group;
+  int h0;
+};
+
+// attend_block for G heads of nq consecutive queries (see kernels_internal.h; the scalar
+// AttendSpan is the definition of each query's arithmetic). Per tile: K and V widened once to
+// f32 rows in L1 scratch (zero-padded to whole 16-feature chunks) for all the queries; then
+// per query: per head, scores four keys at a time (one Reduce4 for four dot products), the
+// head's max, exponentials and sum over the query's own keys of the tile, and its V sum with
+// the G heads' accumulators in registers, two 16-feature chunks per pass. A query's operations
+// do not depend on the others in the block: a decode step (nq = 1) and any prefill block give
+// the same bits.
 template <int G, KvType kT>
-void SpanHeads(const float* q, int hd, const KvView& kv, int kvh, int64_t begin, int64_t end,
-               float scale, float* m, float* l, float* acc) {
+void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& kv, int kvh,
+                int64_t begin, const int64_t* ends, float scale, const BlockOut& out) {
   const size_t head_bytes = KvHeadBytes(kT, hd);
   const size_t tok_bytes = head_bytes * kv.n_kv_head;
   const int nc = (hd + 15) / 16, ld = 16 * nc;
   const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
   const float inf = __builtin_inff();
-  // Scratch: K rows [kAttnTile][ld], then the queries [G][ld], both zero-padded.
-  auto* kt = static_cast<float*>(ThreadScratch(2, sizeof(float) * (kAttnTile + G) * ld));
-  float* qp = kt + kAttnTile * ld;
-  for (int h = 0; h < G; ++h) {
-    for (int c = 0; c < nc; ++c) {
-      _mm512_store_ps(qp + h * ld + 16 * c,
-                      _mm512_maskz_loadu_ps(c == nc - 1 ? last : 0xffff, q + h * hd + 16 * c));
+  auto m = [&](int i) { return out.state + i * out.stride + out.h0; };
+  auto l = [&](int i) { return out.state + i * out.stride + out.group + out.h0; };
+  auto acc = [&](int i) { return out.state + i * out.stride + 2 * out.group + out.h0 * hd; };
+  int64_t end = begin;
+  for (int i = 0; i < nq; ++i) {
+    end = ends[i] > end ? ends[i] : end;
+    for (int h = 0; h < G; ++h) {
+      m(i)[h] = -inf;
+      l(i)[h] = 0;
     }
-    m[h] = -inf;
-    l[h] = 0;
-    for (int d = 0; d < hd; ++d) acc[h * hd + d] = 0;
+    for (int d = 0; d < G * hd; ++d) acc(i)[d] = 0;
   }
-  alignas(64) float s[G][kAttnTile];
-  const uint8_t* kp[kAttnTile];
+  // Scratch: the K tile [kAttnTile][ld], then the V tile, both zero-padded. A lone query (a
+  // decode step, memory-bound) reads V in place instead of widening it first.
+  auto* kt = static_cast<float*>(ThreadScratch(2, sizeof(float) * 2 * kAttnTile * ld));
+  float* vt = nq > 1 ? kt + kAttnTile * ld : nullptr;
   const uint8_t* vp[kAttnTile];
+  alignas(64) float s[G][kAttnTile];
   float corr[G];
   for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
     const int64_t j0 = t0 > begin ? t0 : begin;
-    const int n = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
+    const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
+    const int n4_all = (n_all + 3) & ~3;
     int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
-    for (int j = 0; j < n; ++j) {
-      const size_t off = o * tok_bytes + kvh * head_bytes;
-      kp[j] = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
-      vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
-      if (++o == kv.block_tokens) o = 0, ++b;
-    }
-    const int n4 = (n + 3) & ~3;
-    for (int j = 0; j < n4; ++j) {
-      for (int c = 0; c < nc; ++c) {
-        _mm512_store_ps(kt + j * ld + 16 * c,
-                        j < n ? LoadKv16(kp[j], 16 * c, kT, c == nc - 1 ? last : 0xffff)
-                              : _mm512_setzero_ps());
-      }
-    }
-    for (int h = 0; h < G; ++h) {
-      const float* qh = qp + h * ld;
-      for (int j = 0; j < n4; j += 4) {
-        const float* k0 = kt + j * ld;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int c = 0; c < ld; c += 16) {
-          const __m512 qc = _mm512_load_ps(qh + c);
-          a0 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + c), a0);
-          a1 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + ld + c), a1);
-          a2 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 2 * ld + c), a2);
-          a3 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 3 * ld + c), a3);
+    for (int j = 0; j < n4_all; ++j) {
+      if (j < n_all) {
+        const size_t off = o * tok_bytes + kvh * head_bytes;
+        const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
+        vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
+        for (int c = 0; c < nc; ++c) {
+          const __mmask16 mk = c == nc - 1 ? last : 0xffff;
+          _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kp, 16 * c, kT, mk));
+          if (vt != nullptr) _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vp[j], 16 * c, kT, mk));
         }
-        _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+        if (++o == kv.block_tokens) o = 0, ++b;
+      } else {
+        for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
       }
-      __m512 vmax = _mm512_set1_ps(-inf);
-      int i = 0;
-      for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(s[h] + i));
-      const __mmask16 tail = TailMask(n - i);
-      if (i < n) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_load_ps(tail, s[h] + i));
-      const float tile_max = _mm512_reduce_max_ps(vmax);
-      const float m_new = m[h] > tile_max ? m[h] : tile_max;
-      corr[h] = __builtin_expf(m[h] - m_new);
-      const __m512 mx = _mm512_set1_ps(m_new);
-      __m512 vsum = _mm512_setzero_ps();
-      for (i = 0; i + 16 <= n; i += 16) {
-        const __m512 e = Exp(_mm512_sub_ps(_mm512_load_ps(s[h] + i), mx));
-        _mm512_store_ps(s[h] + i, e);
-        vsum = _mm512_add_ps(vsum, e);
-      }
-      if (i < n) {
-        const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_load_ps(tail, s[h] + i), mx));
-        _mm512_mask_store_ps(s[h] + i, tail, e);
-        vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
-      }
-      l[h] = l[h] * corr[h] + _mm512_reduce_add_ps(vsum);
-      m[h] = m_new;
     }
-    int c = 0;
-    for (; c + 2 <= nc; c += 2) {
-      SpanValues<G, 2, kT>(vp, n, s, corr, c, 0xffff, c + 2 == nc ? last : 0xffff, hd, acc);
+    for (int qi = 0; qi < nq; ++qi) {
+      if (ends[qi] <= j0) continue;
+      const int n = static_cast<int>(Min64(t0 + kAttnTile, ends[qi]) - j0);
+      const int n4 = (n + 3) & ~3;
+      const float* qq = q + qi * q_stride;
+      float* mq = m(qi);
+      float* lq = l(qi);
+      for (int h = 0; h < G; ++h) {
+        const float* qh = qq + h * hd;
+        for (int j = 0; j < n4; j += 4) {
+          const float* k0 = kt + j * ld;
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int c = 0; c < nc; ++c) {
+            const __m512 qc = _mm512_maskz_loadu_ps(c == nc - 1 ? last : 0xffff, qh + 16 * c);
+            a0 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 16 * c), a0);
+            a1 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + ld + 16 * c), a1);
+            a2 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 2 * ld + 16 * c), a2);
+            a3 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 3 * ld + 16 * c), a3);
+          }
+          _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+        }
+        __m512 vmax = _mm512_set1_ps(-inf);
+        int i = 0;
+        for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(s[h] + i));
+        const __mmask16 tail = TailMask(n - i);
+        if (i < n) {
+          vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_load_ps(tail, s[h] + i));
+        }
+        const float tile_max = _mm512_reduce_max_ps(vmax);
+        const float m_new = mq[h] > tile_max ? mq[h] : tile_max;
+        corr[h] = __builtin_expf(mq[h] - m_new);
+        const __m512 mx = _mm512_set1_ps(m_new);
+        __m512 vsum = _mm512_setzero_ps();
+        for (i = 0; i + 16 <= n; i += 16) {
+          const __m512 e = Exp(_mm512_sub_ps(_mm512_load_ps(s[h] + i), mx));
+          _mm512_store_ps(s[h] + i, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        if (i < n) {
+          const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_load_ps(tail, s[h] + i), mx));
+          _mm512_mask_store_ps(s[h] + i, tail, e);
+          vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+        }
+        lq[h] = lq[h] * corr[h] + _mm512_reduce_add_ps(vsum);
+        mq[h] = m_new;
+      }
+      int c = 0;
+      for (; c + 2 <= nc; c += 2) {
+        TileValues<G, 2, kT>(vt, vp, ld, n, s, corr, c, 0xffff, c + 2 == nc ? last : 0xffff,
+                             hd, acc(qi));
+      }
+      if (c < nc) TileValues<G, 1, kT>(vt, vp, ld, n, s, corr, c, last, 0, hd, acc(qi));
     }
-    if (c < nc) SpanValues<G, 1, kT>(vp, n, s, corr, c, last, 0, hd, acc);
   }
 }
 
-#define SPAN_HEADS(t)                                                                      \
+#define BLOCK_HEADS(t)                                                                     \
   {                                                                                        \
-    SpanHeads<1, t>, SpanHeads<2, t>, SpanHeads<3, t>, SpanHeads<4, t>, SpanHeads<5, t>,   \
-        SpanHeads<6, t>, SpanHeads<7, t>, SpanHeads<8, t>                                  \
+    BlockHeads<1, t>, BlockHeads<2, t>, BlockHeads<3, t>, BlockHeads<4, t>,                \
+        BlockHeads<5, t>, BlockHeads<6, t>, BlockHeads<7, t>, BlockHeads<8, t>             \
   }
+
+void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvView& kv, int kvh,
+                 int64_t begin, const int64_t* ends, float scale, float* state,
+                 size_t state_stride) {
+  using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
+                      const int64_t*, float, const BlockOut&);
+  // [KV type][heads - 1]
+  static constexpr Fn kFns[4][kMaxAttnHeads] = {
+      BLOCK_HEADS(KvType::kF32), BLOCK_HEADS(KvType::kF16), BLOCK_HEADS(KvType::kQ8_0),
+      BLOCK_HEADS(KvType::kQ4_0)};
+  const int hd = kv.head_dim;
+  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
+    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
+    kFns[static_cast<int>(kv.type)][g - 1](q + h0 * hd, nq, q_stride, hd, kv, kvh, begin, ends,
+                                           scale, BlockOut{state, state_stride, group, h0});
+  }
+}
+#undef BLOCK_HEADS
 
 void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
                 float scale, float* state) {
-  using Fn = void (*)(const float*, int, const KvView&, int, int64_t, int64_t, float, float*,
-                      float*, float*);
-  // [KV type][heads - 1]
-  static constexpr Fn kFns[4][kMaxAttnHeads] = {
-      SPAN_HEADS(KvType::kF32), SPAN_HEADS(KvType::kF16), SPAN_HEADS(KvType::kQ8_0),
-      SPAN_HEADS(KvType::kQ4_0)};
-  const int hd = kv.head_dim;
-  float* m = state;
-  float* l = state + group;
-  float* acc = state + 2 * group;
-  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
-    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
-    kFns[static_cast<int>(kv.type)][g - 1](q + h0 * hd, hd, kv, kvh, begin, end, scale, m + h0,
-                                           l + h0, acc + h0 * hd);
-  }
+  AttendBlock(q, 1, 0, group, kv, kvh, begin, &end, scale, state, 0);
 }
-#undef SPAN_HEADS
 
 Ops MakeOps() {
   Ops o{};
@@ -933,6 +975,7 @@ Ops MakeOps() {
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
   o.attend_span = AttendSpan;
+  o.attend_block = AttendBlock;
   return o;
 }
 

@@ -77,6 +77,13 @@ struct Ops {
   // group's other heads, the query's neighbours in a batch or the thread running it.
   void (*attend_span)(const float* q, int group, const KvView& kv, int kvh, int64_t begin,
                       int64_t end, float scale, float* state);
+  // Optional (null: the front end calls attend_span per query). attend_span for nq queries at
+  // once sharing each K/V tile: query i's heads at q + i * q_stride, its keys [begin, ends[i]),
+  // its state at state + i * state_stride. Each query's state is the same bits as attend_span
+  // gives it alone.
+  void (*attend_block)(const float* q, int nq, int64_t q_stride, int group, const KvView& kv,
+                       int kvh, int64_t begin, const int64_t* ends, float scale, float* state,
+                       size_t state_stride);
 };
 
 const Ops& ScalarOps();
