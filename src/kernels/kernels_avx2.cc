@@ -468,107 +468,172 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
 // Up to 8 query heads of a GQA group at once (G accumulators stay in registers).
 constexpr int kMaxAttnHeads = 8;
 
-// attend_span for G heads (see kernels_internal.h; the scalar AttendSpan is the definition),
-// built like the AVX-512 one with 8 features per vector: per tile, K read once for all G heads,
-// each head's max, exponentials and sum, then V read once per 8 features with the G
-// accumulators in registers. Features past the last multiple of 8 go through KvElem.
-template <int G>
-void SpanHeads(const float* q, int hd, const KvView& kv, int kvh, int64_t begin, int64_t end,
-               float scale, float* m, float* l, float* acc) {
-  const size_t head_bytes = KvHeadBytes(kv.type, hd);
+// The sums of four vectors' lanes, one per output lane; each input is reduced by the same tree
+// and never mixed with another (so a sum does not depend on its neighbours).
+__m128 Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// Lanes [0, n) of 8 set (n <= 8), for masked loads and stores of a head's last features.
+__m256i LaneMask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 widened elements [i, i + 8) of a stored head vector of hd features, zeros past hd.
+template <KvType kT>
+__m256 WidenKv8(const uint8_t* p, int i, int hd) {
+  if (i + 8 <= hd) return LoadKv8(p, i, kT);
+  alignas(32) float f[8] = {};
+  for (int e = i; e < hd; ++e) f[e - i] = KvElem(p, e, kT);
+  return _mm256_load_ps(f);
+}
+
+// attend_block for G heads of nq queries (see kernels_internal.h; the scalar AttendSpan is the
+// definition of each query's arithmetic), built like the AVX-512 BlockHeads with 8 lanes: per
+// tile, K and V widened once to f32 rows (zero-padded to whole 8-feature chunks) in L1
+// scratch for all the queries; per query and head, scores four keys at a time (Reduce4x8);
+// then the head's max, exponentials and sum over the query's own keys; then V with the G
+// accumulators in registers, one 8-feature chunk per pass (16 ymm registers). A query's
+// operations do not depend on the others in the block.
+template <int G, KvType kT>
+void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& kv, int kvh,
+                int64_t begin, const int64_t* ends, float scale, float* state,
+                size_t state_stride, int group, int h0) {
+  const size_t head_bytes = KvHeadBytes(kT, hd);
   const size_t tok_bytes = head_bytes * kv.n_kv_head;
-  const int nc = hd / 8;
+  const int nc = (hd + 7) / 8, ld = 8 * nc;
+  const __m256i last = LaneMask(hd - 8 * (nc - 1));
   const float inf = __builtin_inff();
-  for (int h = 0; h < G; ++h) {
-    m[h] = -inf;
-    l[h] = 0;
-    for (int d = 0; d < hd; ++d) acc[h * hd + d] = 0;
+  auto m = [&](int i) { return state + i * state_stride + h0; };
+  auto l = [&](int i) { return state + i * state_stride + group + h0; };
+  auto acc = [&](int i) { return state + i * state_stride + 2 * group + h0 * hd; };
+  int64_t end = begin;
+  for (int i = 0; i < nq; ++i) {
+    end = ends[i] > end ? ends[i] : end;
+    for (int h = 0; h < G; ++h) {
+      m(i)[h] = -inf;
+      l(i)[h] = 0;
+    }
+    for (int d = 0; d < G * hd; ++d) acc(i)[d] = 0;
+  }
+  // Scratch: the K tile [kAttnTile][ld], the V tile, then the queries [nq][G][ld], all
+  // zero-padded.
+  auto* kt = static_cast<float*>(
+      ThreadScratch(2, sizeof(float) * (2 * kAttnTile + nq * G) * ld));
+  float* vt = kt + kAttnTile * ld;
+  float* qp = vt + kAttnTile * ld;
+  for (int i = 0; i < nq; ++i) {
+    for (int h = 0; h < G; ++h) {
+      float* dst = qp + (i * G + h) * ld;
+      for (int d = 0; d < ld; ++d) dst[d] = d < hd ? q[i * q_stride + h * hd + d] : 0.0f;
+    }
   }
   alignas(32) float s[G][kAttnTile];
-  const uint8_t* kp[kAttnTile];
-  const uint8_t* vp[kAttnTile];
   float corr[G];
   for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
     const int64_t j0 = t0 > begin ? t0 : begin;
-    const int n = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
+    const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
+    const int n4_all = (n_all + 3) & ~3;
     int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
-    for (int j = 0; j < n; ++j) {
-      const size_t off = o * tok_bytes + kvh * head_bytes;
-      kp[j] = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
-      vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
-      if (++o == kv.block_tokens) o = 0, ++b;
-    }
-    for (int j = 0; j < n; ++j) {
-      __m256 a[G];
-      for (int h = 0; h < G; ++h) a[h] = _mm256_setzero_ps();
-      for (int c = 0; c < nc; ++c) {
-        const __m256 kc = LoadKv8(kp[j], 8 * c, kv.type);
-        for (int h = 0; h < G; ++h) {
-          a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * hd + 8 * c), kc, a[h]);
+    for (int j = 0; j < n4_all; ++j) {
+      if (j < n_all) {
+        const size_t off = o * tok_bytes + kvh * head_bytes;
+        const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
+        const auto* vp = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
+        for (int c = 0; c < nc; ++c) {
+          _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<kT>(kp, 8 * c, hd));
+          _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<kT>(vp, 8 * c, hd));
         }
-      }
-      for (int h = 0; h < G; ++h) {
-        float dot = Reduce8(a[h]);
-        for (int i = 8 * nc; i < hd; ++i) dot += q[h * hd + i] * KvElem(kp[j], i, kv.type);
-        s[h][j] = dot * scale;
+        if (++o == kv.block_tokens) o = 0, ++b;
+      } else {
+        for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
       }
     }
-    for (int h = 0; h < G; ++h) {
-      __m256 vmax = _mm256_set1_ps(-inf);
-      int i = 0;
-      for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s[h] + i));
-      float tile_max = Max8(vmax);
-      for (int t = i; t < n; ++t) tile_max = s[h][t] > tile_max ? s[h][t] : tile_max;
-      const float m_new = m[h] > tile_max ? m[h] : tile_max;
-      corr[h] = __builtin_expf(m[h] - m_new);
-      const __m256 mx = _mm256_set1_ps(m_new);
-      __m256 vsum = _mm256_setzero_ps();
-      for (i = 0; i + 8 <= n; i += 8) {
-        const __m256 e = Exp(_mm256_sub_ps(_mm256_load_ps(s[h] + i), mx));
-        _mm256_store_ps(s[h] + i, e);
-        vsum = _mm256_add_ps(vsum, e);
-      }
-      float sum = Reduce8(vsum);
-      for (; i < n; ++i) sum += (s[h][i] = Exp1(s[h][i] - m_new));
-      l[h] = l[h] * corr[h] + sum;
-      m[h] = m_new;
-    }
-    for (int c = 0; c < nc; ++c) {
-      __m256 a[G];
+    for (int qi = 0; qi < nq; ++qi) {
+      if (ends[qi] <= j0) continue;
+      const int n = static_cast<int>(Min64(t0 + kAttnTile, ends[qi]) - j0);
+      const int n4 = (n + 3) & ~3;
+      float* mq = m(qi);
+      float* lq = l(qi);
       for (int h = 0; h < G; ++h) {
-        a[h] = _mm256_mul_ps(_mm256_loadu_ps(acc + h * hd + 8 * c), _mm256_set1_ps(corr[h]));
+        const float* qh = qp + (qi * G + h) * ld;
+        for (int j = 0; j < n4; j += 4) {
+          const float* k0 = kt + j * ld;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int c = 0; c < ld; c += 8) {
+            const __m256 qc = _mm256_load_ps(qh + c);
+            a0 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + c), a0);
+            a1 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + ld + c), a1);
+            a2 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + 2 * ld + c), a2);
+            a3 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + 3 * ld + c), a3);
+          }
+          _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4x8(a0, a1, a2, a3), _mm_set1_ps(scale)));
+        }
+        __m256 vmax = _mm256_set1_ps(-inf);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s[h] + i));
+        float tile_max = Max8(vmax);
+        for (int t = i; t < n; ++t) tile_max = s[h][t] > tile_max ? s[h][t] : tile_max;
+        const float m_new = mq[h] > tile_max ? mq[h] : tile_max;
+        corr[h] = __builtin_expf(mq[h] - m_new);
+        const __m256 mx = _mm256_set1_ps(m_new);
+        __m256 vsum = _mm256_setzero_ps();
+        for (i = 0; i + 8 <= n; i += 8) {
+          const __m256 e = Exp(_mm256_sub_ps(_mm256_load_ps(s[h] + i), mx));
+          _mm256_store_ps(s[h] + i, e);
+          vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = Reduce8(vsum);
+        for (; i < n; ++i) sum += (s[h][i] = Exp1(s[h][i] - m_new));
+        lq[h] = lq[h] * corr[h] + sum;
+        mq[h] = m_new;
       }
-      for (int j = 0; j < n; ++j) {
-        const __m256 vc = LoadKv8(vp[j], 8 * c, kv.type);
-        for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(s[h][j]), vc, a[h]);
-      }
-      for (int h = 0; h < G; ++h) _mm256_storeu_ps(acc + h * hd + 8 * c, a[h]);
-    }
-    for (int i = 8 * nc; i < hd; ++i) {
-      for (int h = 0; h < G; ++h) {
-        float x = acc[h * hd + i] * corr[h];
-        for (int j = 0; j < n; ++j) x += s[h][j] * KvElem(vp[j], i, kv.type);
-        acc[h * hd + i] = x;
+      float* aq = acc(qi);
+      for (int c = 0; c < nc; ++c) {
+        const __m256i mk = c == nc - 1 ? last : _mm256_set1_epi32(-1);
+        __m256 a[G];
+        for (int h = 0; h < G; ++h) {
+          a[h] = _mm256_mul_ps(_mm256_maskload_ps(aq + h * hd + 8 * c, mk),
+                               _mm256_set1_ps(corr[h]));
+        }
+        for (int j = 0; j < n; ++j) {
+          const __m256 v = _mm256_load_ps(vt + j * ld + 8 * c);
+          for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(s[h][j]), v, a[h]);
+        }
+        for (int h = 0; h < G; ++h) _mm256_maskstore_ps(aq + h * hd + 8 * c, mk, a[h]);
       }
     }
   }
 }
 
-void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
-                float scale, float* state) {
-  using Fn = void (*)(const float*, int, const KvView&, int, int64_t, int64_t, float, float*,
-                      float*, float*);
-  static constexpr Fn kFns[kMaxAttnHeads] = {SpanHeads<1>, SpanHeads<2>, SpanHeads<3>,
-                                             SpanHeads<4>, SpanHeads<5>, SpanHeads<6>,
-                                             SpanHeads<7>, SpanHeads<8>};
+#define BLOCK_HEADS(t)                                                                     \
+  {                                                                                        \
+    BlockHeads<1, t>, BlockHeads<2, t>, BlockHeads<3, t>, BlockHeads<4, t>,                \
+        BlockHeads<5, t>, BlockHeads<6, t>, BlockHeads<7, t>, BlockHeads<8, t>             \
+  }
+
+void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvView& kv, int kvh,
+                 int64_t begin, const int64_t* ends, float scale, float* state,
+                 size_t state_stride) {
+  using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
+                      const int64_t*, float, float*, size_t, int, int);
+  // [KV type][heads - 1]
+  static constexpr Fn kFns[4][kMaxAttnHeads] = {
+      BLOCK_HEADS(KvType::kF32), BLOCK_HEADS(KvType::kF16), BLOCK_HEADS(KvType::kQ8_0),
+      BLOCK_HEADS(KvType::kQ4_0)};
   const int hd = kv.head_dim;
-  float* m = state;
-  float* l = state + group;
-  float* acc = state + 2 * group;
   for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
     const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
-    kFns[g - 1](q + h0 * hd, hd, kv, kvh, begin, end, scale, m + h0, l + h0, acc + h0 * hd);
+    kFns[static_cast<int>(kv.type)][g - 1](q + h0 * hd, nq, q_stride, hd, kv, kvh, begin, ends,
+                                           scale, state, state_stride, group, h0);
   }
+}
+#undef BLOCK_HEADS
+
+void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
+                float scale, float* state) {
+  AttendBlock(q, 1, 0, group, kv, kvh, begin, &end, scale, state, 0);
 }
 
 Ops MakeOps() {
@@ -585,6 +650,7 @@ Ops MakeOps() {
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
   o.attend_span = AttendSpan;
+  o.attend_block = AttendBlock;
   return o;
 }
 
