@@ -595,7 +595,9 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t r = u / max_splits, s = u % max_splits;
         const int64_t i = r / kv.n_kv_head;
-        if (s < n_splits(i)) run_split(i, static_cast<int>(r % kv.n_kv_head), s, states + u * state);
+        if (s < n_splits(i)) {
+          run_split(i, static_cast<int>(r % kv.n_kv_head), s, states + u * state);
+        }
       }
     });
     for (int64_t r = 0; r < n_rows; ++r) {

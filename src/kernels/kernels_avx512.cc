@@ -44,8 +44,9 @@ constexpr int kQ8 = static_cast<int>(WType::kQ8_0);
 constexpr int kQ4 = static_cast<int>(WType::kQ4_0);
 
 // Quantized weights switch to the repacked kernel at this many tokens: below it the repack
-// (one gather pass over the panel) costs more than the reuse gains. Both give the same bits. Measured on [896 -> 4864]
-// (Sapphire Rapids): q8_0 m=2 dot 225 us vs packed 257 us, m=4 340 vs 275; q4_0 m=2 195 vs 163.
+// (one gather pass over the panel) costs more than the reuse gains. Both give the same bits.
+// Measured on [896 -> 4864] (Sapphire Rapids): q8_0 m=2 dot 225 us vs packed 257 us, m=4 340
+// vs 275; q4_0 m=2 195 vs 163.
 int64_t PackMinM(WType t) { return t == WType::kQ8_0 ? 3 : 2; }
 // K block of the float tiles: [T tokens][kKc] of x stays in L1 while R-row groups sweep a panel.
 constexpr int64_t kKc = 512;
@@ -778,7 +779,8 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
 constexpr int kMaxAttnHeads = 8;
 
 // The V half of a tile for G heads of one query and the 16-feature chunks [c, c + C)
-// (C = 1 or 2): the heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n; 2C * G independent FMA chains.
+// (C = 1 or 2): the heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n;
+// 2C * G independent FMA chains.
 // V rows come from `vt` (widened, ld apart) when it is not null, else straight from the
 // stored vectors vp[j] (the same values: the widening is exact).
 template <int G, int C, KvType kT>
