@@ -507,8 +507,8 @@ void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) 
 // ---- Attention ---------------------------------------------------------------------------
 //
 // One driver for Attention and AttentionLse. A query's keys are cut at multiples of kAttnSplit
-// into splits; ops.attend_span gives each split's online-softmax state per head, and the states
-// are merged in split order (MergeSplits). Work units are (query, KV head) when there are
+// into splits; ops.attend_block gives each split's online-softmax state per head, and the
+// states are merged in split order (MergeSplits). Work units are (query, KV head) when there are
 // enough of them to fill the threads; otherwise (a decode step over a long context) they are
 // (query, KV head, split), the states go to one buffer and are merged after. Both ways compute
 // each head's states and merge by the same functions in the same order, so a query's output is
@@ -518,7 +518,7 @@ namespace {
 
 constexpr int64_t kAttnSplit = 2048;
 static_assert(kAttnSplit % internal::kAttnTile == 0);
-// Queries per block of the rows path, where the level has attend_block.
+// Queries per attend_block call of the rows path.
 constexpr int64_t kQueryBlock = 4;
 
 // Floats of one split's state for `group` heads: m[group], l[group], acc[group][hd].
@@ -573,10 +573,9 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
     const int64_t e = stop(i);
     return e <= begin ? int64_t{0} : (e + kAttnSplit - 1) / kAttnSplit - first;
   };
-  auto run_split = [&](int64_t i, int kvh, int64_t s, float* st) {
-    const int64_t lo = std::max(begin, (first + s) * kAttnSplit);
-    const int64_t hi = std::min(stop(i), (first + s + 1) * kAttnSplit);
-    ops.attend_span(q + (i * n_head + kvh * group) * hd, group, kv, kvh, lo, hi, scale, st);
+  auto split_lo = [&](int64_t s) { return std::max(begin, (first + s) * kAttnSplit); };
+  auto split_hi = [&](int64_t i, int64_t s) {
+    return std::min(stop(i), (first + s + 1) * kAttnSplit);
   };
   auto merge = [&](int64_t i, int kvh, const float* states) {
     const int64_t row = i * n_head + kvh * group;
@@ -595,9 +594,11 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t r = u / max_splits, s = u % max_splits;
         const int64_t i = r / kv.n_kv_head;
-        if (s < n_splits(i)) {
-          run_split(i, static_cast<int>(r % kv.n_kv_head), s, states + u * state);
-        }
+        const int kvh = static_cast<int>(r % kv.n_kv_head);
+        if (s >= n_splits(i)) continue;
+        const int64_t hi = split_hi(i, s);
+        ops.attend_block(q + (i * n_head + kvh * group) * hd, 1, 0, group, kv, kvh, split_lo(s),
+                         &hi, scale, states + u * state, 0);
       }
     });
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -605,38 +606,29 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
     }
     return;
   }
-  // Rows as units: blocks of kQueryBlock consecutive queries of one KV head when the level has
-  // attend_block (each K/V tile then read once per block), single queries otherwise. Causal
-  // queries late in the chunk see more keys, so blocks are visited in the order 0, n-1, 1,
-  // n-2, ... to give both halves of the contiguous split equal work.
-  const int64_t bq = ops.attend_block != nullptr ? kQueryBlock : 1;
-  const int64_t n_blocks = (n_q + bq - 1) / bq;
+  // Rows as units: blocks of kQueryBlock consecutive queries of one KV head (each K/V tile read
+  // once per block at the vector levels). Causal queries late in the chunk see more keys, so
+  // blocks are visited in the order 0, n-1, 1, n-2, ... to give both halves of the contiguous
+  // split equal work.
+  const int64_t n_blocks = (n_q + kQueryBlock - 1) / kQueryBlock;
   pool.ParallelFor(n_blocks * kv.n_kv_head, [&](int64_t u0, int64_t u1, int) {
-    auto* states =
-        static_cast<float*>(internal::ThreadScratch(1, sizeof(float) * state * max_splits * bq));
+    auto* states = static_cast<float*>(
+        internal::ThreadScratch(1, sizeof(float) * state * max_splits * kQueryBlock));
     int64_t ends[kQueryBlock];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t k = u / kv.n_kv_head;
       const int64_t blk = (k % 2 == 0) ? k / 2 : n_blocks - 1 - k / 2;
       const int kvh = static_cast<int>(u % kv.n_kv_head);
-      const int64_t i0 = blk * bq, i1 = std::min(n_q, i0 + bq);
-      if (bq == 1) {
-        const int64_t ns = n_splits(i0);
-        for (int64_t s = 0; s < ns; ++s) run_split(i0, kvh, s, states + s * state);
-        merge(i0, kvh, states);
-        continue;
-      }
+      const int64_t i0 = blk * kQueryBlock, i1 = std::min(n_q, i0 + kQueryBlock);
       // Split s of the block: the queries with more than s splits, a suffix [ia, i1) of it
       // (a query's split count grows with i).
       for (int64_t s = 0, ia = i0; s < n_splits(i1 - 1); ++s) {
         while (n_splits(ia) <= s) ++ia;
-        const int64_t lo = std::max(begin, (first + s) * kAttnSplit);
-        for (int64_t i = ia; i < i1; ++i) {
-          ends[i - ia] = std::min(stop(i), (first + s + 1) * kAttnSplit);
-        }
+        for (int64_t i = ia; i < i1; ++i) ends[i - ia] = split_hi(i, s);
         ops.attend_block(q + (ia * n_head + kvh * group) * hd, static_cast<int>(i1 - ia),
-                         static_cast<int64_t>(n_head) * hd, group, kv, kvh, lo, ends, scale,
-                         states + ((ia - i0) * max_splits + s) * state, max_splits * state);
+                         static_cast<int64_t>(n_head) * hd, group, kv, kvh, split_lo(s), ends,
+                         scale, states + ((ia - i0) * max_splits + s) * state,
+                         max_splits * state);
       }
       for (int64_t i = i0; i < i1; ++i) merge(i, kvh, states + (i - i0) * max_splits * state);
     }

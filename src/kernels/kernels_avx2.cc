@@ -631,11 +631,6 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
 }
 #undef BLOCK_HEADS
 
-void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
-                float scale, float* state) {
-  AttendBlock(q, 1, 0, group, kv, kvh, begin, &end, scale, state, 0);
-}
-
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kAvx2;
@@ -649,7 +644,6 @@ Ops MakeOps() {
   o.add = Add;
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
-  o.attend_span = AttendSpan;
   o.attend_block = AttendBlock;
   return o;
 }

@@ -65,22 +65,19 @@ struct Ops {
   // Attention inner loops over one stored head vector (KvHeadBytes(t, head_dim) bytes).
   float (*kv_dot)(const float* q, const void* k, int head_dim, KvType t);
   void (*kv_axpy)(float a, const void* v, int head_dim, KvType t, float* acc);
-  // One query position's `group` heads (those sharing KV head `kvh`) against keys
-  // [begin, end), as each head's online-softmax state (docs/kernels.md, "Attention"):
+  // Attention for nq query positions, each against keys [begin, ends[i]), for the `group`
+  // heads of each that share KV head `kvh`: query i's heads at q + i * q_stride
+  // ([group][head_dim]), its online-softmax state at state + i * state_stride
+  // (docs/kernels.md, "Attention"):
   //   m[g]            max_j s_j, s_j = scale * q_g . k_j  (-inf for an empty range)
   //   l[g]            sum_j exp(s_j - m[g])
   //   acc[g][hd]      sum_j exp(s_j - m[g]) v_j           (unnormalized)
-  // with q [group][head_dim] and state = { m[group], l[group], acc[group][head_dim] }.
-  // Keys are visited in tiles of kAttnTile slots aligned to multiples of kAttnTile, each K and
-  // V vector loaded and converted once per tile for all heads. A head's state is one fixed
-  // sequence of float operations given (q, the keys, begin, end): the same whatever the
-  // group's other heads, the query's neighbours in a batch or the thread running it.
-  void (*attend_span)(const float* q, int group, const KvView& kv, int kvh, int64_t begin,
-                      int64_t end, float scale, float* state);
-  // Optional (null: the front end calls attend_span per query). attend_span for nq queries at
-  // once sharing each K/V tile: query i's heads at q + i * q_stride, its keys [begin, ends[i]),
-  // its state at state + i * state_stride. Each query's state is the same bits as attend_span
-  // gives it alone.
+  // laid out as { m[group], l[group], acc[group][head_dim] }. Keys are visited in tiles of
+  // kAttnTile slots aligned to multiples of kAttnTile, each K and V vector loaded and converted
+  // once per tile for all heads (and, at the vector levels, for all nq queries). A head's state
+  // is one fixed sequence of float operations given (q, the keys, begin, its end): the same
+  // whatever the group's other heads, the other queries of the call (nq = 1 included) or the
+  // thread running it.
   void (*attend_block)(const float* q, int nq, int64_t q_stride, int group, const KvView& kv,
                        int kvh, int64_t begin, const int64_t* ends, float scale, float* state,
                        size_t state_stride);
@@ -90,8 +87,8 @@ const Ops& ScalarOps();
 const Ops& Avx2Ops();
 const Ops& Avx512Ops();
 
-// Key tile of attend_span (slots); the attention front end splits long ranges at multiples of
-// it.
+// Key tile of attend_block (slots); the attention front end splits long ranges at multiples
+// of it.
 constexpr int kAttnTile = 64;
 
 // A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across

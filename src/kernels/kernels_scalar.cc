@@ -189,9 +189,9 @@ void KvAxpy(float a, const void* v, int head_dim, KvType t, float* acc) {
   for (int i = 0; i < head_dim; ++i) acc[i] += a * KvElem(v, i, t);
 }
 
-// The definition every level's attend_span follows: per head and per tile, the scores, the
-// tile's max, the exponentials and their sum in slot order, then the running state rescaled
-// and the tile's values added in slot order.
+// The definition every level's attend_block follows for one query: per head and per tile, the
+// scores, the tile's max, the exponentials and their sum in slot order, then the running state
+// rescaled and the tile's values added in slot order.
 void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t begin, int64_t end,
                 float scale, float* state) {
   const int hd = kv.head_dim;
@@ -229,6 +229,14 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
   }
 }
 
+void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvView& kv, int kvh,
+                 int64_t begin, const int64_t* ends, float scale, float* state,
+                 size_t state_stride) {
+  for (int i = 0; i < nq; ++i) {
+    AttendSpan(q + i * q_stride, group, kv, kvh, begin, ends[i], scale, state + i * state_stride);
+  }
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kScalar;
@@ -242,7 +250,7 @@ Ops MakeOps() {
   o.add = Add;
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
-  o.attend_span = AttendSpan;
+  o.attend_block = AttendBlock;
   return o;
 }
 
