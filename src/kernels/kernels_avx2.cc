@@ -2,12 +2,13 @@
 // helpers stay in the anonymous namespace and no std template is instantiated here (see
 // kernels_internal.h).
 //
-// MatMul uses "dot" tiles of R rows x T tokens for every weight type: each accumulator is a
-// ymm over 8 input features, reduced horizontally at the end. Quantized weights use the sign
-// trick (|w| unsigned x sign(x, w) signed) for VPMADDUBSW, whose pairwise 16-bit sums cannot
-// saturate since |w| <= 128 and |x| <= 127. Only 16 ymm registers: tiles stay small. Each
-// output's float operations do not depend on m or the tile (docs/kernels.md): float rows sum
-// in 512-wide K chunks whatever the token count.
+// Float weights: "dot" tiles of R rows x T tokens, each accumulator a ymm over 8 input
+// features, reduced horizontally at the end (16 ymm registers: tiles stay small). Quantized
+// weights follow the AVX-512 kernels' order and give their bits: decode tiles of 8 rows read
+// in place (VPMADDUBSW + VPMADDWD per row, integer horizontal sums per block), prefill from
+// panels of 8 rows repacked so that each lane is a row (4 weight bytes times 4 broadcast
+// activation bytes per step). Each output's float operations do not depend on m or the tile
+// (docs/kernels.md).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -49,6 +50,12 @@ float Max8(__m256 v) {
   const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 s2 = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// Lanes [0, n) of 8 set (n <= 8), for masked loads and stores (a head's last features, a tile's
+// last rows).
+__m256i LaneMask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // exp(x): x = n ln2 + r, degree-7 Taylor polynomial for e^r (|r| <= ln2/2, error < 1e-8),
@@ -172,6 +179,19 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
       __m256 wv[R];
       #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
+      if constexpr (T <= 2) {
+        // Decode streams each weight once: fetch the next tile's rows at the same offset (the
+        // next stretch of memory), as rows are too short for the hardware prefetchers. One
+        // prefetch per 64-byte line.
+        if ((k * static_cast<int64_t>(kT == kF32 ? 4 : 2)) % 64 == 0) {
+          #pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes) +
+                             k * static_cast<int64_t>(kT == kF32 ? 4 : 2),
+                         _MM_HINT_T0);
+          }
+        }
+      }
       #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) {
         const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
@@ -234,74 +254,266 @@ void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- Quantized weights: the AVX-512 order ------------------------------------------------
+//
+// For blocks b = 0, 1, ... in order, acc = fma(float(i_b), dw_b * dx_b, acc) from +0, with i_b
+// the block's exact integer dot and one output per accumulator lane (docs/kernels.md). The
+// integer dots are exact whichever way they are summed, so decode tiles (weights read in
+// place, horizontal integer sums) and prefill tiles (repacked panels, one row per lane) give
+// the same bits, and the same bits as the AVX-512 kernels.
+
+// Quantized weights switch to the repacked kernel at this many tokens (both give the same
+// bits): below it the repack costs more than the reuse gains. Measured on [896 -> 4864], one
+// thread (Intel Xeon, AVX2 forced): m = 2 decode tiles 219 us vs packed 305 (q8_0), 212 vs
+// 259 (q4_0); m = 4 435 vs 421, 427 vs 398; m = 8 871 vs 679, 833 vs 574.
+int64_t PackMinM(WType) { return 4; }
+constexpr int kQDotT = 2;       // decode tiles: 8 rows x up to 2 tokens
+constexpr int64_t kQGemvR = 8;
+constexpr int kQPackT = 6;      // packed tiles: 8 rows x up to 6 tokens
+constexpr int64_t kPanelRows = 8;
+
+// Block b of a quantized row as the 32 bytes the integer dot takes: q8_0's signed weights, or
+// q4_0's raw nibbles (w + 8, unsigned) in feature order (low nibbles are features 0-15).
 template <int kT>
-__m256i LoadQBlock(const uint8_t* row, int64_t b) {
+__m256i LoadQRaw(const uint8_t* row, int64_t b) {
   if constexpr (kT == kQ8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 34 + 2));
   } else {
     const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 18 + 2));
     const __m128i lo = _mm_and_si128(qs, _mm_set1_epi8(0x0f));
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
-    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+    return _mm256_set_m128i(hi, lo);
   }
 }
 
-template <int kT, int R, int T>
-void QuantTile(const uint8_t* w0, size_t row_bytes, const ActQ8& act, int64_t t0, float* y,
-               int64_t ldy) {
-  const int64_t nb = act.cols / 32;
-  const int64_t bb = kT == kQ8 ? 34 : 18;
+// 8 lanes of 4-product partial sums of w . x (int32, exact): q8_0 by the sign trick (|w| in the
+// unsigned operand of VPMADDUBSW; pairs of products stay below 2^15), q4_0 from the raw
+// nibbles directly (the offset 8 * sum(x) is taken off by the caller).
+template <int kT>
+__m256i DotParts(__m256i w, __m256i x) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  if constexpr (kT == kQ8) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                             ones);
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+  }
+}
+
+// [sum of p[0]'s lanes, ..., sum of p[7]'s lanes] (integers: exact in any order).
+__m256i RowSums8(const __m256i p[8]) {
+  const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]);
+  const __m256i a1 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]);
+  const __m256i a3 = _mm256_hadd_epi32(p[6], p[7]);
+  // Per 128-bit half: rows 0-3 (b0) and 4-7 (b1), each the sum of that half's four lanes.
+  const __m256i b0 = _mm256_hadd_epi32(a0, a1);
+  const __m256i b1 = _mm256_hadd_epi32(a2, a3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20),
+                          _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+// The f16 scales of block b of 8 rows (at `offs` bytes from w0) as floats.
+template <int kT>
+__m256 RowScales8(const uint8_t* w0, int64_t b, __m256i offs) {
+  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
+  const __m256i bits =
+      _mm256_i32gather_epi32(reinterpret_cast<const int*>(w0 + b * kBB), offs, 1);
+  // The low 16 bits of each lane, packed into the low 128 bits.
+  const __m256i lo16 = _mm256_shuffle_epi8(
+      bits, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4,
+                             5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(lo16, 0x08)));
+}
+
+// Stores lanes [0, n) of v at y (n <= 8).
+void StoreRows(float* y, __m256 v, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(y, v);
+  } else {
+    _mm256_maskstore_ps(y, LaneMask(static_cast<int>(n)), v);
+  }
+}
+
+// Decode tiles (m < PackMinM): 8 rows x T tokens, reading the weights in place. Rows past
+// n_rows repeat the last row and are not stored.
+template <int kT, int T>
+void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ActQ8& act,
+                   int64_t t0, float* y, int64_t ldy) {
+  constexpr int R = 8;
+  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
+  const int64_t nb = act.cols / 32;
+  const uint8_t* rows[R];
+  alignas(32) int32_t offs[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t rr = r < n_rows ? r : n_rows - 1;
+    rows[r] = w0 + rr * row_bytes;
+    offs[r] = static_cast<int32_t>(rr * static_cast<int64_t>(row_bytes));
+  }
+  const __m256i scale_offs = _mm256_load_si256(reinterpret_cast<const __m256i*>(offs));
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i wv[R];
-    float dw[R];
-    for (int r = 0; r < R; ++r) {
-      wv[r] = LoadQBlock<kT>(w0 + r * row_bytes, b);
-      dw[r] = HalfToFloat(w0 + r * row_bytes + b * bb);
-    }
+    const __m256 dw = RowScales8<kT>(w0, b, scale_offs);
     for (int t = 0; t < T; ++t) {
       const __m256i xq = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
-      const float dx = act.d[(t0 + t) * nb + b];
+      __m256i p[R];
       for (int r = 0; r < R; ++r) {
-        const __m256i p16 =
-            _mm256_maddubs_epi16(_mm256_abs_epi8(wv[r]), _mm256_sign_epi8(xq, wv[r]));
-        const __m256i p32 = _mm256_madd_epi16(p16, ones);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
+        // Rows are too short for the hardware prefetchers to ramp up on: fetch the same offset
+        // of the next tile's rows, the next stretch of memory in address order.
+        if (t == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * kBB + R * row_bytes),
+                       _MM_HINT_T0);
+        }
+        p[r] = DotParts<kT>(LoadQRaw<kT>(rows[r], b), xq);
       }
+      __m256i dot = RowSums8(p);
+      if constexpr (kT != kQ8) {
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * act.sum[(t0 + t) * nb + b]));
+      }
+      const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(act.d[(t0 + t) * nb + b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) y[t * ldy + r] = Reduce8(acc[r][t]);
+  for (int t = 0; t < T; ++t) StoreRows(y + t * ldy, acc[t], n_rows);
 }
 
-using QuantTileFn = void (*)(const uint8_t*, size_t, const ActQ8&, int64_t, float*, int64_t);
+using QuantGemvTileFn = void (*)(const uint8_t*, size_t, int64_t, const ActQ8&, int64_t, float*,
+                                 int64_t);
+
+template <int kT>
+void QuantGemvRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  static constexpr QuantGemvTileFn kTiles[kQDotT] = {QuantGemvTile<kT, 1>, QuantGemvTile<kT, 2>};
+  const WeightMatrix& w = *a.w;
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  for (int64_t g = r0; g < r1; g += kQGemvR) {
+    const int64_t nr = Min64(kQGemvR, r1 - g);
+    for (int64_t t0 = 0; t0 < a.m; t0 += kQDotT) {
+      const int64_t nt = Min64(kQDotT, a.m - t0);
+      kTiles[nt - 1](base + g * w.row_bytes, w.row_bytes, nr, a.act, t0, a.y + t0 * w.rows + g,
+                     w.rows);
+    }
+  }
+}
+
+// Repacks rows [p0, p1) (at most 8; missing rows are zero, scale 0) of W into
+//   wp  [nb][8][8] uint32: the 4 weight bytes (LoadQRaw's) of features 4g..4g+3 of each row
+//   dwp [nb][8]    float : block scales
+// by an 8 x 8 transpose of each block's dwords.
+template <int kT>
+void PackQuantPanel(const WeightMatrix& w, int64_t p0, int64_t p1, uint32_t* wp, float* dwp) {
+  constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
+  const int64_t nb = w.cols / 32;
+  const int64_t n = p1 - p0;
+  const auto* base = static_cast<const uint8_t*>(w.data) + p0 * w.row_bytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v[8];
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t* row = base + i * w.row_bytes;
+      v[i] = i < n ? LoadQRaw<kT>(row, b) : _mm256_setzero_si256();
+      dwp[b * 8 + i] = i < n ? HalfToFloat(row + b * kBB) : 0.0f;
+    }
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 0-3, rows 4-7
+      const __m256i* th = t + 4 * h;
+      u[4 * h + 0] = _mm256_unpacklo_epi64(th[0], th[2]);  // dwords 0 | 4
+      u[4 * h + 1] = _mm256_unpackhi_epi64(th[0], th[2]);  // 1 | 5
+      u[4 * h + 2] = _mm256_unpacklo_epi64(th[1], th[3]);  // 2 | 6
+      u[4 * h + 3] = _mm256_unpackhi_epi64(th[1], th[3]);  // 3 | 7
+    }
+    auto* out = reinterpret_cast<__m256i*>(wp + b * 64);
+    for (int g = 0; g < 4; ++g) {
+      _mm256_store_si256(out + g, _mm256_permute2x128_si256(u[g], u[4 + g], 0x20));
+      _mm256_store_si256(out + g + 4, _mm256_permute2x128_si256(u[g], u[4 + g], 0x31));
+    }
+  }
+}
+
+// y[t0 + t][p0 + i] for i < n_rows, t < T from a packed panel. q4_0's block dots are summed
+// in 16-bit lanes over the block's 8 groups (each lane at most 16 * 15 * 127 < 2^15) before
+// widening, and its offset 8 * sum(x_q) is taken off per block.
+template <int kT, int T>
+void QuantPanelTile(const uint32_t* wp, const float* dwp, const ActQ8& act, int64_t t0,
+                    float* y, int64_t ldy, int64_t n_rows) {
+  const int64_t nb = act.cols / 32;
+  const int8_t* xq[T];
+  const float* dx[T];
+  const int32_t* sx[T];
+  for (int t = 0; t < T; ++t) {
+    xq[t] = act.q + (t0 + t) * act.cols;
+    dx[t] = act.d + (t0 + t) * nb;
+    sx[t] = act.sum + (t0 + t) * nb;
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 facc[T];
+  for (int t = 0; t < T; ++t) facc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const auto* wb = reinterpret_cast<const __m256i*>(wp + b * 64);
+    __m256i iacc[T];
+    for (int g = 0; g < 8; ++g) {
+      const __m256i w = _mm256_load_si256(wb + g);
+      if constexpr (kT == kQ8) {
+        const __m256i wa = _mm256_abs_epi8(w);
+        for (int t = 0; t < T; ++t) {
+          int32_t x4;
+          std::memcpy(&x4, xq[t] + b * 32 + g * 4, 4);
+          const __m256i p = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_set1_epi32(x4), w)), ones);
+          iacc[t] = g == 0 ? p : _mm256_add_epi32(iacc[t], p);
+        }
+      } else {
+        for (int t = 0; t < T; ++t) {
+          int32_t x4;
+          std::memcpy(&x4, xq[t] + b * 32 + g * 4, 4);
+          const __m256i p = _mm256_maddubs_epi16(w, _mm256_set1_epi32(x4));
+          iacc[t] = g == 0 ? p : _mm256_add_epi16(iacc[t], p);
+        }
+      }
+    }
+    const __m256 dw = _mm256_load_ps(dwp + b * 8);
+    for (int t = 0; t < T; ++t) {
+      __m256i dot = iacc[t];
+      if constexpr (kT != kQ8) {
+        dot = _mm256_sub_epi32(_mm256_madd_epi16(dot, ones), _mm256_set1_epi32(8 * sx[t][b]));
+      }
+      facc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b])), facc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) StoreRows(y + t * ldy, facc[t], n_rows);
+}
+
+using QuantPanelTileFn = void (*)(const uint32_t*, const float*, const ActQ8&, int64_t, float*,
+                                  int64_t, int64_t);
+
+template <int kT>
+void QuantPackedRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
+  static constexpr QuantPanelTileFn kTiles[kQPackT] = {
+      QuantPanelTile<kT, 1>, QuantPanelTile<kT, 2>, QuantPanelTile<kT, 3>, QuantPanelTile<kT, 4>,
+      QuantPanelTile<kT, 5>, QuantPanelTile<kT, 6>};
+  const WeightMatrix& w = *a.w;
+  const int64_t nb = w.cols / 32;
+  auto* wp = static_cast<uint32_t*>(ThreadScratch(1, nb * 64 * sizeof(uint32_t)));
+  auto* dwp = static_cast<float*>(ThreadScratch(2, nb * 8 * sizeof(float)));
+  for (int64_t p0 = r0; p0 < r1; p0 += kPanelRows) {
+    const int64_t p1 = Min64(r1, p0 + kPanelRows);
+    PackQuantPanel<kT>(w, p0, p1, wp, dwp);
+    for (int64_t t0 = 0; t0 < a.m; t0 += kQPackT) {
+      const int64_t nt = Min64(kQPackT, a.m - t0);
+      kTiles[nt - 1](wp, dwp, a.act, t0, a.y + t0 * w.rows + p0, w.rows, p1 - p0);
+    }
+  }
+}
 
 template <int kT>
 void QuantMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
-  static constexpr QuantTileFn kTiles[kTileR][kTileT] = {
-      {QuantTile<kT, 1, 1>, QuantTile<kT, 1, 2>},
-      {QuantTile<kT, 2, 1>, QuantTile<kT, 2, 2>},
-      {QuantTile<kT, 3, 1>, QuantTile<kT, 3, 2>},
-      {QuantTile<kT, 4, 1>, QuantTile<kT, 4, 2>}};
-  const WeightMatrix& w = *a.w;
-  const auto* base = static_cast<const uint8_t*>(w.data);
-  // Rows in panels of 16 so that a panel's weights stay in L1/L2 while all tokens pass.
-  constexpr int64_t kPanel = 16;
-  for (int64_t p0 = r0; p0 < r1; p0 += kPanel) {
-    const int64_t p1 = Min64(r1, p0 + kPanel);
-    for (int64_t t0 = 0; t0 < a.m; t0 += kTileT) {
-      const int64_t nt = Min64(kTileT, a.m - t0);
-      for (int64_t g = p0; g < p1; g += kTileR) {
-        const int64_t nr = Min64(kTileR, p1 - g);
-        kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.act, t0,
-                               a.y + t0 * w.rows + g, w.rows);
-      }
-    }
-  }
+  constexpr WType kW = static_cast<WType>(kT);
+  return a.m >= PackMinM(kW) ? QuantPackedRows<kT>(a, r0, r1) : QuantGemvRows<kT>(a, r0, r1);
 }
 
 void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
@@ -319,7 +531,10 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-int64_t RowGrain(WType, int64_t m) { return m <= kTileT ? kTileR : 16; }
+int64_t RowGrain(WType t, int64_t m) {
+  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= PackMinM(t) ? kPanelRows : kQGemvR;
+  return m <= kTileT ? kTileR : 16;
+}
 
 // ---- Elementwise -------------------------------------------------------------------------
 
@@ -475,10 +690,6 @@ __m128 Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// Lanes [0, n) of 8 set (n <= 8), for masked loads and stores of a head's last features.
-__m256i LaneMask(int n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 // 8 widened elements [i, i + 8) of a stored head vector of hd features, zeros past hd.
 template <KvType kT>

@@ -305,6 +305,34 @@ TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
   }
 }
 
+// Q8_0/Q4_0 follow one order at both vector levels (docs/kernels.md): exact integer block
+// dots, then one FMA per block per output. So AVX2 and AVX-512 give the same bits, decode
+// tiles and repacked panels alike (m = 1, 2 and 3 cross both levels' PackMinM).
+TEST_F(IsaTest, QuantizedMatMulIsTheSameBitsAtAvx2AndAvx512) {
+  if (BestIsa() < Isa::kAvx512) GTEST_SKIP() << "no AVX-512 here";
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> val(-2.0f, 2.0f);
+  for (WType t : {WType::kQ8_0, WType::kQ4_0}) {
+    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {203, 1056}}) {
+      TestMatrix tm = RandomMatrix(t, rows, cols, rng);
+      for (int64_t m : {1, 2, 3, 7, 40}) {
+        SCOPED_TRACE(std::string(WTypeName(t)) + " rows=" + std::to_string(rows) +
+                     " cols=" + std::to_string(cols) + " m=" + std::to_string(m));
+        std::vector<float> x(m * cols);
+        for (auto& f : x) f = val(rng);
+        std::vector<float> y2(m * rows), y512(m * rows);
+        SetIsa(Isa::kAvx2);
+        MatMul(x.data(), m, tm.w, y2.data(), pool_);
+        SetIsa(Isa::kAvx512);
+        MatMul(x.data(), m, tm.w, y512.data(), pool_);
+        EXPECT_EQ(0, std::memcmp(y2.data(), y512.data(), sizeof(float) * y2.size()));
+      }
+    }
+  }
+}
+
 TEST_F(IsaTest, QuantizedBlockLayoutsDecodeAsDocumented) {
   // q8_0: { f16 d; int8 q[32] }, x = d * q.
   uint8_t q8[34];
