@@ -226,33 +226,77 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
 using FloatTileFn = void (*)(const uint8_t*, size_t, const float*, int64_t, int64_t, int64_t,
                              float*, int64_t, bool);
 
+// Prefill tiles: 3 rows x 4 tokens (12 accumulators, 3 weight vectors and one of x: all 16
+// ymm registers), over panels of kFloatPanel rows and kKc features.
+constexpr int kFloatR = 3, kFloatT = 4;
+constexpr int64_t kFloatPanel = 24;
+// With more tokens than this, f16/bf16 panels are widened to f32 once per panel block so the
+// tiles do pure FMAs instead of converting each weight vector once per token pair.
+constexpr int64_t kWidenMinM = 16;
+
+#define CT_FLOAT_TILES(T, R) \
+  { FloatTile<T, R, 1>, FloatTile<T, R, 2>, FloatTile<T, R, 3>, FloatTile<T, R, 4> }
+
 template <int kT>
 void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
-  static constexpr FloatTileFn kTiles[kTileR][kTileT] = {
-      {FloatTile<kT, 1, 1>, FloatTile<kT, 1, 2>},
-      {FloatTile<kT, 2, 1>, FloatTile<kT, 2, 2>},
-      {FloatTile<kT, 3, 1>, FloatTile<kT, 3, 2>},
-      {FloatTile<kT, 4, 1>, FloatTile<kT, 4, 2>}};
   const WeightMatrix& w = *a.w;
   const auto* base = static_cast<const uint8_t*>(w.data);
   const int64_t cols = w.cols, m = a.m;
-  const int64_t kc = m <= kTileT ? cols : kKc;
-  constexpr int64_t kPanel = 16;
-  for (int64_t k0 = 0; k0 < cols; k0 += kc) {
-    const int64_t k1 = Min64(cols, k0 + kc);
-    for (int64_t p0 = r0; p0 < r1; p0 += kPanel) {
-      const int64_t p1 = Min64(r1, p0 + kPanel);
-      for (int64_t t0 = 0; t0 < m; t0 += kTileT) {
-        const int64_t nt = Min64(kTileT, m - t0);
-        for (int64_t g = p0; g < p1; g += kTileR) {
-          const int64_t nr = Min64(kTileR, p1 - g);
-          kTiles[nr - 1][nt - 1](base + g * w.row_bytes, w.row_bytes, a.x + t0 * cols, cols, k0, k1,
-                                 a.y + t0 * w.rows + g, w.rows, k0 > 0);
+  if (m <= kTileT) {
+    // Decode: each weight row streams contiguously once (the tile chunks K inside).
+    static constexpr FloatTileFn kTiles[kTileR][kTileT] = {
+        {FloatTile<kT, 1, 1>, FloatTile<kT, 1, 2>},
+        {FloatTile<kT, 2, 1>, FloatTile<kT, 2, 2>},
+        {FloatTile<kT, 3, 1>, FloatTile<kT, 3, 2>},
+        {FloatTile<kT, 4, 1>, FloatTile<kT, 4, 2>}};
+    for (int64_t g = r0; g < r1; g += kTileR) {
+      const int64_t nr = Min64(kTileR, r1 - g);
+      kTiles[nr - 1][m - 1](base + g * w.row_bytes, w.row_bytes, a.x, cols, 0, cols, a.y + g,
+                            w.rows, false);
+    }
+    return;
+  }
+  static constexpr FloatTileFn kTiles[kFloatR][kFloatT] = {
+      CT_FLOAT_TILES(kT, 1), CT_FLOAT_TILES(kT, 2), CT_FLOAT_TILES(kT, 3)};
+  static constexpr FloatTileFn kF32Tiles[kFloatR][kFloatT] = {
+      CT_FLOAT_TILES(kF32, 1), CT_FLOAT_TILES(kF32, 2), CT_FLOAT_TILES(kF32, 3)};
+  const bool widen = kT != kF32 && m > kWidenMinM;
+  float* wide =
+      widen ? static_cast<float*>(ThreadScratch(1, kFloatPanel * kKc * sizeof(float))) : nullptr;
+  for (int64_t k0 = 0; k0 < cols; k0 += kKc) {
+    const int64_t k1 = Min64(cols, k0 + kKc), kn = k1 - k0;
+    for (int64_t p0 = r0; p0 < r1; p0 += kFloatPanel) {
+      const int64_t p1 = Min64(r1, p0 + kFloatPanel);
+      const uint8_t* rows = base + p0 * w.row_bytes;
+      size_t ld = w.row_bytes;
+      int64_t tk0 = k0, tk1 = k1;
+      const FloatTileFn(*tiles)[kFloatT] = kTiles;
+      if (widen) {
+        for (int64_t r = 0; r < p1 - p0; ++r) {
+          const uint8_t* row = rows + r * w.row_bytes;
+          float* out = wide + r * kKc;
+          int64_t k = 0;
+          for (; k + 8 <= kn; k += 8) _mm256_store_ps(out + k, LoadW8<kT>(row, k0 + k));
+          for (; k < kn; ++k) out[k] = LoadW1<kT>(row, k0 + k);
+        }
+        rows = reinterpret_cast<const uint8_t*>(wide);
+        ld = kKc * sizeof(float);
+        tk0 = 0;
+        tk1 = kn;
+        tiles = kF32Tiles;
+      }
+      for (int64_t t0 = 0; t0 < m; t0 += kFloatT) {
+        const int64_t nt = Min64(kFloatT, m - t0);
+        for (int64_t g = p0; g < p1; g += kFloatR) {
+          const int64_t nr = Min64(kFloatR, p1 - g);
+          tiles[nr - 1][nt - 1](rows + (g - p0) * ld, ld, a.x + t0 * cols + (k0 - tk0), cols, tk0,
+                                tk1, a.y + t0 * w.rows + g, w.rows, k0 > 0);
         }
       }
     }
   }
 }
+#undef CT_FLOAT_TILES
 
 // ---- Quantized weights: the AVX-512 order ------------------------------------------------
 //
@@ -533,7 +577,7 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 
 int64_t RowGrain(WType t, int64_t m) {
   if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= PackMinM(t) ? kPanelRows : kQGemvR;
-  return m <= kTileT ? kTileR : 16;
+  return m <= kTileT ? kTileR : kFloatPanel;
 }
 
 // ---- Elementwise -------------------------------------------------------------------------
