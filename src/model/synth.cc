@@ -167,6 +167,24 @@ Status CopyVocab(const gguf::GgufFile& v, int cut, gguf::GgufWriter& w, int* n_v
   return Status::Ok();
 }
 
+// general.file_type is llama.cpp's "mostly" enum (llama_ftype), not a tensor type: Q8_0 is 7
+// there and 8 (a tensor type's number) would read as "Q5_0".
+uint32_t LlamaFileType(WType t) {
+  switch (t) {
+    case WType::kF32:
+      return 0;
+    case WType::kF16:
+      return 1;
+    case WType::kQ4_0:
+      return 2;
+    case WType::kQ8_0:
+      return 7;
+    case WType::kBF16:
+      return 32;
+  }
+  return 0;
+}
+
 }  // namespace
 
 Status SynthesizeModel(const SynthOptions& o, const std::string& out_path) {
@@ -187,7 +205,7 @@ Status SynthesizeModel(const SynthOptions& o, const std::string& out_path) {
   const std::string a = sh.arch + ".";
   w.AddString("general.architecture", sh.arch);
   w.AddString("general.name", "cachette-synth-" + o.shape);
-  w.AddUint32("general.file_type", static_cast<uint32_t>(GgufFromWType(o.type)));
+  w.AddUint32("general.file_type", LlamaFileType(o.type));
   w.AddUint32(a + "context_length", sh.n_ctx);
   w.AddUint32(a + "embedding_length", sh.d);
   w.AddUint32(a + "block_count", sh.n_layer);
