@@ -223,10 +223,13 @@ class Cache {
   // them in full; kInvalidArgument chunks otherwise). RAM hits resolve before Get returns;
   // others load on the `load` executor, in order, stopping at the first miss. Each chunk is
   // verified (checksums, namespace, token ids, parent key) and decoded to raw bytes; disk and
-  // Redis hits are promoted to RAM. The caller owns the handle.
+  // Redis hits are promoted to RAM unless `promote` is false: then they serve this load only,
+  // as chunks loaded at a lower level do, for a caller that keeps what it loads in memory
+  // itself (the counterpart of Put's slower_tiers_only). The caller owns the handle.
   virtual std::unique_ptr<LoadHandle> Get(const Hash128& ns, std::span<const TokenId> tokens,
                                           size_t first_chunk, size_t n_chunks,
-                                          std::chrono::steady_clock::time_point deadline) = 0;
+                                          std::chrono::steady_clock::time_point deadline,
+                                          bool promote = true) = 0;
 
   // Stores chunks [first_chunk, first_chunk + chunks.size()) of `tokens`, each chunks[i] being
   // layout.raw_bytes() raw KV bytes of `layout` (layout.n_tokens == chunk_tokens). The bytes
@@ -237,7 +240,8 @@ class Cache {
   // every tier and codec and returned as ChunkData::aux; the store never reads it. A chunk
   // already in RAM is not replaced, aux included. `slower_tiers_only`: the chunks go to disk
   // and Redis only, not RAM, for a caller that keeps them in memory itself (a chunk already
-  // held locally is not written again); a load promotes them to RAM as any disk or Redis hit.
+  // held locally is not written again); a load promotes them to RAM as any disk or Redis hit
+  // unless it asks not to (Get's `promote`).
   virtual Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
                      const ChunkLayout& layout, std::span<const ByteSpan> chunks,
                      std::span<const ByteSpan> aux = {}, bool slower_tiers_only = false) = 0;

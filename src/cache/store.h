@@ -28,7 +28,8 @@
 // its entry (an entry's disk bytes are its record's plus its level files'), and removed with it
 // (EraseFromDisk: Erase, Clear, eviction, a corrupt read). They are never index entries of their
 // own. Before a read from such a tier, PickLevel chooses the encoding from that tier's averages
-// (TierLevels); a chunk read at a level other than 0 serves that load only, never promoted.
+// (TierLevels); a chunk read at a level other than 0 serves that load only, never promoted,
+// as does every chunk of a Get that asks for no promotion.
 //
 // Namespaces in Redis: the remote tier is reached through Tier's *In methods, so a shared
 // tier (Redis) files every chunk under its namespace and Clear(ns) removes the namespace's
@@ -70,7 +71,8 @@ class TieredStore final : public Cache {
   LookupResult Lookup(std::span<const TokenId> tokens, const Hash128& ns) override;
   std::unique_ptr<LoadHandle> Get(const Hash128& ns, std::span<const TokenId> tokens,
                                   size_t first_chunk, size_t n_chunks,
-                                  std::chrono::steady_clock::time_point deadline) override;
+                                  std::chrono::steady_clock::time_point deadline,
+                                  bool promote = true) override;
   Status Put(const Hash128& ns, std::span<const TokenId> tokens, size_t first_chunk,
              const ChunkLayout& layout, std::span<const ByteSpan> chunks,
              std::span<const ByteSpan> aux = {}, bool slower_tiers_only = false) override;
@@ -124,6 +126,7 @@ class TieredStore final : public Cache {
     uint32_t chunk_index = 0;
     std::vector<TokenId> tokens;
     size_t remaining = 1;  // chunks of its load from this one on (the adaptive controller's)
+    bool promote = true;   // a disk or Redis hit is copied to RAM (Get's `promote`)
   };
 
   explicit TieredStore(const CacheOptions& options);

@@ -258,7 +258,7 @@ ChunkData TieredStore::LoadOne(const ChunkRequest& r, SteadyTime deadline) {
     std::lock_guard lock(mu_);
     miss(kRam);
   }
-  // 2. Disk, then 3. Redis: full verification, then promotion to RAM.
+  // 2. Disk, then 3. Redis: full verification, then promotion to RAM (unless r.promote is off).
   for (int tier : {kDisk, kRemote}) {
     if ((tier == kDisk ? static_cast<Tier*>(disk_.get()) : remote_) == nullptr) continue;
     Status s;
@@ -373,13 +373,13 @@ Status TieredStore::LoadFrom(int tier, const ChunkRequest& r, SteadyTime deadlin
   }
   d->tier = tier == kDisk ? CacheTier::kDisk : CacheTier::kRedis;
   d->status = Status::Ok();
-  if (level == 0) {
-    Promote(r, raw);
-  } else {
+  if (level > 0) {
     std::lock_guard lock(mu_);
     // Serves this load only: RAM keeps the best.
     ++(tier == kRemote ? counters_.remote_lower_level_chunks
                        : counters_.disk_lower_level_chunks);
+  } else if (r.promote) {
+    Promote(r, raw);
   }
   return Status::Ok();
 }
@@ -413,7 +413,7 @@ int TieredStore::PickLevel(int tier, const ChunkRequest& r, SteadyTime deadline)
 
 std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const TokenId> tokens,
                                              size_t first_chunk, size_t n_chunks,
-                                             SteadyTime deadline) {
+                                             SteadyTime deadline, bool promote) {
   auto st = std::make_shared<LoadState>();
   st->chunks.resize(n_chunks);
   st->resolved.assign(n_chunks, false);
@@ -437,6 +437,7 @@ std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const 
     reqs[i].parent = ci == 0 ? ChunkKey{} : keys[ci - 1];
     reqs[i].chunk_index = static_cast<uint32_t>(ci);
     reqs[i].tokens.assign(tokens.begin() + ci * c, tokens.begin() + (ci + 1) * c);
+    reqs[i].promote = promote;
   }
   // RAM hits resolve here, in order, without a thread hop; the rest go to the load executor.
   size_t i = 0;

@@ -386,14 +386,14 @@ TEST(StoreTest, AdaptiveLoadingPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
   }
   EXPECT_EQ(remote.ram.Stats().entries, 2 * kChunks);  // raw and int4 of each chunk
 
-  auto load = [&](Cache& c, std::chrono::milliseconds deadline) {
-    auto h = c.Get(kNs1, t, 0, kChunks, std::chrono::steady_clock::now() + deadline);
+  auto load = [&](Cache& c, size_t first, std::chrono::milliseconds deadline) {
+    auto h = c.Get(kNs1, t, first, kChunks - first, std::chrono::steady_clock::now() + deadline);
     h->Wait();
     return h;
   };
   {  // Time enough for raw: every chunk exact, and promoted.
     auto c = Open(options());
-    auto h = load(*c, 5s);
+    auto h = load(*c, 0, 5s);
     ASSERT_EQ(h->ready_tokens(), kChunks * kC);
     for (size_t i = 0; i < kChunks; ++i) {
       ASSERT_EQ(std::memcmp(h->chunk(i).bytes().data(), raw[i].data(), raw[i].size()), 0) << i;
@@ -407,7 +407,7 @@ TEST(StoreTest, AdaptiveLoadingPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
      // best level whose transfer of all the remaining chunks fits). Those read as int4 are
      // within int4's error and not promoted; the raw ones are exact and promoted.
     const auto t0 = std::chrono::steady_clock::now();
-    auto h = load(*c, 600ms);
+    auto h = load(*c, 0, 600ms);
     ASSERT_EQ(h->ready_tokens(), kChunks * kC);
     EXPECT_LT(std::chrono::steady_clock::now() - t0, 600ms);
     const CacheStats s = c->Stats();
@@ -433,14 +433,19 @@ TEST(StoreTest, AdaptiveLoadingPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
                   std::count(r.chunk_tiers.begin(), r.chunk_tiers.end(), CacheTier::kRam)),
               exact);
   }
-  {  // 30 ms for what needs ~200 even as int4: given up at once, for the caller to recompute.
-    const auto t0 = std::chrono::steady_clock::now();
-    auto h = c->Get(kNs1, t, 1, kChunks - 1, t0 + 30ms);  // chunk 0 is in RAM now
-    h->Wait();
+  {  // 100 ms for the ~200 that the seven chunks need even as int4: given up at once, for the
+     // caller to recompute. Told by the counts, as on disk (no clock: a loaded machine is slow).
+    const int kRedis = static_cast<int>(CacheTier::kRedis);
+    const CacheStats before = c->Stats();
+    auto h = load(*c, 1, 100ms);  // chunk 0 is in RAM now
     EXPECT_EQ(h->ready_tokens(), 0u);
     EXPECT_EQ(h->chunk(0).status.code(), StatusCode::kDeadlineExceeded);
-    EXPECT_GE(c->Stats().remote_recompute_chunks, 1u);
-    EXPECT_LT(std::chrono::steady_clock::now() - t0, 25ms) << "decided without reading";
+    const CacheStats after = c->Stats();
+    EXPECT_EQ(after.remote_recompute_chunks, before.remote_recompute_chunks + 1);
+    EXPECT_EQ(after.tier[kRedis].bytes_out, before.tier[kRedis].bytes_out)
+        << "decided without reading";
+    EXPECT_EQ(after.tier[kRedis].hit_chunks, before.tier[kRedis].hit_chunks);
+    EXPECT_EQ(after.deadline_misses, before.deadline_misses) << "given up, not timed out";
   }
 }
 

@@ -308,7 +308,9 @@ std::shared_ptr<SegmentKv> TierBridge::LoadSegment(const Hash128& sns, const Seg
   const LookupResult hit = cache_.Lookup(chain, sns);
   if (hit.tokens < chain.size()) return nullptr;
   const size_t n = chain.size() / static_cast<size_t>(chunk_tokens_);
-  std::unique_ptr<LoadHandle> load = cache_.Get(sns, chain, 0, n, deadline);
+  // Not promoted: the segment cache is its copy in memory (a second, padded one in the RAM
+  // tier would only crowd out prompt prefixes).
+  std::unique_ptr<LoadHandle> load = cache_.Get(sns, chain, 0, n, deadline, /*promote=*/false);
   load->Wait();
   std::vector<const ChunkData*> chunks;
   for (size_t i = 0; i < n; ++i) {

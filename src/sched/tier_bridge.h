@@ -21,7 +21,8 @@
 // segments have a namespace of their own (SegmentNamespace), cleared with it.
 // Segments (SaveSegment, StartSegmentLoad): filed as sched/segment_tier.h says; a load looks
 // each segment up and reads it on the `ct-lookup` threads, one after another, until the
-// deadline.
+// deadline. Segments live in the disk and Redis tiers only, never in RAM: the scheduler's
+// segment cache is their copy in memory, so a save skips RAM and a load does not promote.
 //
 // Thread-safety: StartLoad/ApplyLoad/Save on the scheduler loop (one caller per sequence);
 // Lookup, Pin, Unpin, Clear and Stats from any thread. The Cache and KvManager are

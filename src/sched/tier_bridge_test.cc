@@ -344,6 +344,79 @@ TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
   fs::remove_all(dir);
 }
 
+// Regression: a segment read back from disk went into the RAM tier too (padded to whole
+// chunks) besides the scheduler's segment cache, so a hot segment sat in memory twice. It
+// enters the segment cache only; a prompt prefix read back from disk is still promoted.
+TEST(TierBridgeBytesTest, SegmentsReadBackAreNotPromotedToRam) {
+  const fs::path dir = fs::temp_directory_path() / ("cachette_segram_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  KvManagerOptions ko;
+  ko.shape = KvShape{2, 2, 16, KvType::kF32};
+  ko.page_tokens = 16;
+  ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 32;
+  CacheOptions co;
+  co.chunk_tokens = 32;
+  co.ram_budget_bytes = 8 << 20;
+  co.disk_dir = (dir / "disk").string();
+  const Hash128 ns{7, 1};
+  SegmentKv seg;  // 3 + 40 slots: two chunks of 32, the last one padded
+  seg.shape = ko.shape;
+  seg.base_pos = 1;
+  seg.context = 5;
+  for (int i = 0; i < 40; ++i) seg.tokens.push_back(static_cast<TokenId>(100 + i));
+  for (int l = 0; l < ko.shape.n_layer; ++l) {
+    seg.k.emplace_back(seg.tokens.size() * ko.shape.token_bytes(), std::byte{1});
+    seg.v.emplace_back(seg.tokens.size() * ko.shape.token_bytes(), std::byte{2});
+  }
+  std::vector<TokenId> prompt(64);
+  for (int i = 0; i < 64; ++i) prompt[i] = static_cast<TokenId>(1000 + i);
+  {  // First process: the segment filed on disk, a prompt's two chunks in RAM and on disk.
+    auto cache = Cache::Open(co);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    KvManager kvm(ko);
+    TierBridge bridge(kvm, **cache);
+    bridge.SaveSegment(ns, seg);
+    auto seq = kvm.Start(ns, prompt, 64);
+    ASSERT_TRUE(seq->Reserve(64).ok());
+    seq->SetTokens(64);
+    EXPECT_EQ(bridge.Save(*seq, prompt, 0), 64);
+    ASSERT_TRUE((*cache)->Flush().ok());
+  }
+  // A restarted process: its RAM tier is empty, the disk holds both.
+  auto cache = Cache::Open(co);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  KvManager kvm(ko);
+  TierBridge bridge(kvm, **cache);
+  auto ram = [&] { return (*cache)->Stats().tier[static_cast<int>(CacheTier::kRam)]; };
+  const auto soon = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (int round = 0; round < 2; ++round) {  // the second read comes from disk again
+    std::shared_ptr<PendingSegments> p =
+        bridge.StartSegmentLoad(ns, {SegmentRef{seg.tokens, seg.context}}, soon);
+    ASSERT_NE(p, nullptr);
+    ASSERT_TRUE(p->WaitUntil(soon));
+    const std::vector<std::shared_ptr<SegmentKv>> found = p->Take();
+    ASSERT_EQ(found.size(), 1u);
+    ASSERT_NE(found[0], nullptr) << "round " << round;
+    EXPECT_EQ(found[0]->k, seg.k);
+    EXPECT_EQ(ram().entries, 0u) << "round " << round;
+    EXPECT_EQ(ram().bytes_used, 0u) << "round " << round;
+    EXPECT_EQ((*cache)->Stats().promotions, 0u) << "round " << round;
+  }
+  EXPECT_EQ((*cache)->Stats().tier[static_cast<int>(CacheTier::kDisk)].hit_chunks, 4u);
+  EXPECT_EQ(bridge.Stats()["segments"]["loaded"], 2);
+  // A prompt prefix read back from disk is promoted as before.
+  auto seq = kvm.Start(ns, prompt, 64);
+  const LoadProgress r = bridge.RestoreNow(*seq, prompt, soon);
+  EXPECT_EQ(Added(r, "disk"), 64);
+  EXPECT_EQ((*cache)->Stats().promotions, 2u);
+  EXPECT_EQ(ram().entries, 2u);
+  EXPECT_GT(ram().bytes_used, 0u);
+  seq.reset();
+  cache->reset();
+  fs::remove_all(dir);
+}
+
 // The quantized pools go through the raw codec byte for byte, like the float ones.
 INSTANTIATE_TEST_SUITE_P(KvTypes, TierBridgeTest,
                          ::testing::Values(KvType::kF32, KvType::kF16, KvType::kQ8_0,
