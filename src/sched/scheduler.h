@@ -89,8 +89,10 @@
 // output. Reused tokens count in usage.cached_tokens (tier "segment"), the placed ones also in
 // usage.segment_tokens, those recomputed in usage.recomputed_tokens.
 // PrecomputeSegments (POST /v1/cache/segments) posts a job that the loop runs between steps.
-// WART: a PrefillWithSegments that cannot reserve its pages (pins taken since admission) fails
-// the request with kResourceExhausted instead of waiting a step.
+// A segment prefill that cannot reserve its pages (admitted on an estimate, or pins taken
+// since) waits for the next step while another request decodes and will free some (counted in
+// reserve_failures), as a batch prefill does; when none decodes, it fails with
+// kResourceExhausted.
 //
 // Thread-safety: Submit, Stats, Drain, PrecomputeSegments and the accessors are safe from any
 // thread; the engine is touched by the loop thread only.
@@ -183,7 +185,7 @@ struct SchedulerStats {
   uint64_t steps = 0, prompt_tokens = 0, prefill_tokens = 0, generated_tokens = 0;
   uint64_t cached_tokens = 0;  // prompt tokens reused from memory (+ restored, below)
   uint64_t restored_tokens = 0;
-  uint64_t reserve_failures = 0;
+  uint64_t reserve_failures = 0;  // a prefill, decode or segment prefill put off a step: no pages
   uint64_t preemptions = 0;  // running requests sent back to the queue
   uint64_t swapped_out_tokens = 0;  // written to the tiers by swap preemptions
   uint64_t resume_restored_tokens = 0;  // restored from the tiers by preempted requests

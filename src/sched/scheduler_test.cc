@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -590,6 +591,111 @@ TEST_F(SchedulerTest, LoadingRequestDoesNotStallRunningDecodes) {
   got.insert(got.end(), ca.tokens.begin(), ca.tokens.end());
   EXPECT_EQ(got, Reference(pa, 40));
   EXPECT_EQ(gate.saves.load(), 2);
+}
+
+// RetrySegmentPrefill: a segment prefill that cannot reserve its pages (taken after its
+// admission, here by the test's own sequence) waits a step while another request decodes,
+// counted in reserve_failures like a batch prefill that cannot reserve, and completes exactly
+// once the pages are back; with nothing else running it fails with kResourceExhausted rather
+// than wait for pages no one will free. Each request is admitted while the gate holds it in
+// its (empty) tier load, so the pages go after its admission and before its prefill.
+TEST_F(SchedulerTest, SegmentPrefillShortOfPagesWaitsForRunningDecodes) {
+  GateSource gate;
+  SchedulerOptions so;
+  so.max_running = 4;
+  Build(64, so, &gate);  // 64 pages of 16 tokens
+  const Tokenizer& tok = Trained().tokenizer();
+  auto plain = [&](const char* t) { return tok.Encode(t, false, false); };
+  const auto line = plain(" The lighthouse on the cape was built in 1871 and electrified in 1951.");
+  const std::vector<TokenId> doc = [&] {
+    std::vector<TokenId> d;
+    while (d.size() < 480) d.insert(d.end(), line.begin(), line.end());
+    return d;
+  }();
+  const auto q = plain(" When was the lighthouse electrified? It was electrified in");
+  const std::vector<TokenId> bos = {tok.bos()};
+  std::vector<TokenId> prompt = bos;
+  std::vector<SegmentSpan> spans;
+  for (const auto* part : {&doc, &q}) {
+    spans.push_back({static_cast<int64_t>(prompt.size()), static_cast<int64_t>(part->size())});
+    prompt.insert(prompt.end(), part->begin(), part->end());
+  }
+  const int64_t prompt_pages = (static_cast<int64_t>(prompt.size()) + 15) / 16;
+  ASSERT_TRUE(sched_->PrecomputeSegments("", bos, {doc, q}, 0).ok());
+  auto submit = [&](const std::string& salt) {
+    SchedRequest r = Req(prompt, 8, salt);
+    r.segments = spans;
+    r.reuse.mode = ReuseMode::kBlend;
+    r.reuse.ratio = 1.0;  // every placed token recomputed: full prefill's output
+    auto st = sched_->Submit(std::move(r));
+    CT_CHECK(st.ok()) << st.status().ToString();
+    return *st;
+  };
+  auto wait_for = [](const std::function<bool()>& done) {
+    for (int i = 0; i < 30000 && !done(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return done();
+  };
+  // The test's own sequence takes every page but `keep` (free or evictable).
+  std::unique_ptr<PagedSequence> hog;
+  auto take_all_but = [&](int64_t keep) {
+    hog = kv_->Start(Hash128{99, 99}, {}, 64 * 16);
+    for (int attempt = 0; attempt < 100; ++attempt) {  // a decode may take a page meanwhile
+      const KvManager::Stats ks = kv_->GetStats();
+      const int64_t take = int64_t{ks.pages_free} + ks.pages_cached_unreferenced - keep;
+      if (hog->Reserve(take * 16).ok()) return true;
+    }
+    return false;
+  };
+
+  // 1. Another request decodes: the segment prefill waits, then completes.
+  gate.open = true;
+  const int n_blocker = 300;  // its 20 pages fit in what the test leaves: it never stalls
+  std::shared_ptr<RequestStream> blocker = Blocker(n_blocker);
+  gate.open = false;
+  std::shared_ptr<RequestStream> s = submit("");
+  ASSERT_TRUE(wait_for([&] { return gate.started.load() == 2; })) << "admitted, loading";
+  const int64_t keep = 21;
+  ASSERT_LT(keep, prompt_pages - 1) << "the segment prefill must not fit";
+  ASSERT_TRUE(take_all_but(keep));
+  gate.open = true;
+  ASSERT_TRUE(wait_for([&] {
+    const SchedulerStats t = sched_->Stats();
+    return t.reserve_failures > 0 || t.failed > 0;
+  }));
+  EXPECT_EQ(sched_->Stats().failed, 0u) << "it waits instead";
+  EXPECT_EQ(sched_->Stats().segment_prefills, 0u);
+  hog.reset();
+  const Collected c = Collect(*s);
+  ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+  EXPECT_EQ(c.tokens, Reference(prompt, 8));
+  EXPECT_GT(c.last.usage.segment_tokens, 0) << "placed from the segment cache";
+  const Collected b = Collect(*blocker);
+  ASSERT_EQ(b.last.kind, StreamEvent::Kind::kDone) << b.last.error.ToString();
+  EXPECT_EQ(b.tokens.size() + 1, static_cast<size_t>(n_blocker));  // Blocker took the first
+  SchedulerStats st = sched_->Stats();
+  EXPECT_EQ(st.segment_prefills, 1u);
+  EXPECT_EQ(st.failed, 0u);
+  const uint64_t waits = st.reserve_failures;
+
+  // 2. Nothing else runs: no one would free pages, so it fails at once and is not retried.
+  ASSERT_TRUE(wait_for([&] { return sched_->Stats().running == 0; }));
+  gate.open = false;
+  std::shared_ptr<RequestStream> alone = submit("t2");
+  ASSERT_TRUE(wait_for([&] { return gate.started.load() == 3; }));
+  ASSERT_TRUE(take_all_but(1));
+  gate.open = true;
+  const Collected a = Collect(*alone);
+  EXPECT_EQ(a.last.kind, StreamEvent::Kind::kError);
+  EXPECT_EQ(a.last.error.code(), StatusCode::kResourceExhausted) << a.last.error.ToString();
+  EXPECT_TRUE(a.tokens.empty());
+  hog.reset();
+  // The counts are published after the event is pushed.
+  ASSERT_TRUE(wait_for([&] { return sched_->Stats().failed == 1; }));
+  st = sched_->Stats();
+  EXPECT_EQ(st.reserve_failures, waits);
+  EXPECT_EQ(st.segment_prefills, 1u);
 }
 
 TEST_F(SchedulerTest, QueuedRequestTimesOut) {
