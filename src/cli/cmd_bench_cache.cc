@@ -2,7 +2,7 @@
 // chunk store (RAM, disk, Redis) against a cold prefill, measured in one run. With --link-mbps
 // the Redis reads pass through a simulated link of that bandwidth (the time the bytes would
 // take on it is slept after each read), to show where compressed chunks (--codec, or adaptive
-// --redis-levels under --load-deadline-ms) restore faster than raw ones.
+// --redis-levels and --disk-levels under --load-deadline-ms) restore faster than raw ones.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -33,8 +33,9 @@ struct BenchCacheArgs {
   std::string disk_dir;
   std::vector<std::string> redis;
   std::vector<std::string> redis_levels;
+  std::vector<std::string> disk_levels;
   double link_mbps = 0;        // 0: Redis as it is
-  int load_deadline_ms = 30000;  // the Redis restore's deadline
+  int load_deadline_ms = 30000;  // the Redis restore's deadline (and the disk's, with levels)
   int reps = 3;
   bool json = false;
   int tp_chunks = 64;  // chunks per throughput figure; 0 skips the throughput part
@@ -258,6 +259,8 @@ int BenchCache(const BenchCacheArgs& a) {
     o.ram_budget_bytes = ram ? chunk_bytes_total * 2 + (64 << 20) : 0;
     o.disk_dir = disk ? dir : "";
     o.disk_budget_bytes = chunk_bytes_total * 2 + (64 << 20);
+    // Every store over the directory reads the levels: one without them removes their files.
+    if (disk) o.disk_levels = a.disk_levels;
     if (redis) o.remote_tier = link != nullptr ? link.get() : redis_tier.get();
     if (redis) o.remote_levels = a.redis_levels;
     o.codec = a.codec;
@@ -310,7 +313,9 @@ int BenchCache(const BenchCacheArgs& a) {
       Stopwatch sw;
       auto seq = kvm.Start(kv_ns, prompt, a.n_prompt + 1);
       const int64_t radix = seq->n_tokens();
-      const auto deadline = std::chrono::milliseconds(redis ? a.load_deadline_ms : 30000);
+      // The deadline the adaptive levels are picked against: Redis's, the disk's with levels.
+      const bool bounded = redis || (!ram && disk && !a.disk_levels.empty());
+      const auto deadline = std::chrono::milliseconds(bounded ? a.load_deadline_ms : 30000);
       tiers.RestoreNow(*seq, prompt, std::chrono::steady_clock::now() + deadline);
       restored = seq->n_tokens() - radix;  // what the tier gave; the rest is prefilled
       int64_t from = seq->n_tokens();
@@ -336,8 +341,8 @@ int BenchCache(const BenchCacheArgs& a) {
   if (a.json) {
     nlohmann::json j = {{"model", path}, {"n_prompt", a.n_prompt}, {"kv_type", a.kv_type},
                         {"codec", a.codec}, {"chunk_tokens", a.chunk_tokens},
-                        {"redis_levels", a.redis_levels}, {"link_mbps", a.link_mbps},
-                        {"load_deadline_ms", a.load_deadline_ms},
+                        {"redis_levels", a.redis_levels}, {"disk_levels", a.disk_levels},
+                        {"link_mbps", a.link_mbps}, {"load_deadline_ms", a.load_deadline_ms},
                         {"cold_ttft_ms", cold * 1e3}, {"throughput", throughput}};
     for (const auto& r : rows) {
       j["restored"][r.tier] = {{"ttft_ms", r.ttft_s * 1e3},
@@ -356,6 +361,12 @@ int BenchCache(const BenchCacheArgs& a) {
                   a.link_mbps > 0 ? (std::to_string(a.link_mbps) + " Mbit/s").c_str()
                                   : "loopback",
                   a.codec.c_str(), levels.c_str(), a.load_deadline_ms);
+    }
+    if (!a.disk_levels.empty()) {
+      std::string levels;
+      for (const auto& l : a.disk_levels) levels += " " + l;
+      std::printf("disk levels: %s%s, load deadline %d ms\n", a.codec.c_str(), levels.c_str(),
+                  a.load_deadline_ms);
     }
     std::printf("cold prefill          TTFT %9.1f ms\n", cold * 1e3);
     for (const auto& r : rows) {
@@ -383,11 +394,15 @@ Runner AddBenchCacheSubcommand(CLI::App* bench) {
   c->add_option("--redis-levels", a->redis_levels,
                 "Adaptive loading: more codecs written to Redis, best first")
       ->delimiter(',');
+  c->add_option("--disk-levels", a->disk_levels,
+                "Adaptive loading: more codecs written to disk, best first")
+      ->delimiter(',');
   c->add_option("--link-mbps", a->link_mbps,
                 "Simulated link to Redis, Mbit/s (reads take their bytes' time on it; 0: none)")
       ->check(CLI::Range(0.0, 1e6));
   c->add_option("--load-deadline-ms", a->load_deadline_ms,
-                "Deadline of the Redis restore; what is not restored by then is prefilled")
+                "Deadline of the Redis restore (and of the disk restore with --disk-levels); "
+                "what is not restored by then is prefilled")
       ->check(CLI::Range(1, 3600000));
   c->add_option("--reps", a->reps, "Repetitions (the median is reported)")
       ->check(CLI::Range(1, 100));

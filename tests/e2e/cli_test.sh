@@ -44,6 +44,26 @@ check "hd40 q8_0 kv serve" 1 'head_dim is 40 (use f16)' -- "$bin" serve -m "$tmp
 check "hd40 f16 kv" 0 '"finish_reason"' -- "$bin" run -m "$tmp/hd40.gguf" -p hi -n 2 --json
 check "bench engine" 0 '"decode_tok_s"' -- "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 \
   --reps 1 --json
+# bench cache with adaptive disk levels over a prompt of three chunks: the levels are in the
+# JSON, RAM and disk both restore the whole prompt, and each chunk's record on disk has its two
+# level files beside it (every store the bench opens over the directory keeps them).
+check "bench cache disk levels" 0 'bench cache ok' -- python3 -c '
+import glob, json, subprocess, sys
+binary, d = sys.argv[1], sys.argv[2]
+p = subprocess.run([binary, "bench", "cache", "-p", "96", "--chunk-tokens", "32", "--reps", "1",
+                    "--tp-chunks", "0", "--disk-levels", "int8,int4", "--disk-dir", d, "--json"],
+                   capture_output=True, text=True, timeout=120)
+assert p.returncode == 0, p.stderr
+j = json.loads(p.stdout)
+assert j["disk_levels"] == ["int8", "int4"] and j["redis_levels"] == [], j
+assert j["n_prompt"] == 96 and j["chunk_tokens"] == 32 and j["cold_ttft_ms"] > 0, j
+assert sorted(j["restored"]) == ["disk", "ram"], j
+for tier, r in j["restored"].items():
+    assert r["restored_tokens"] == 96 and r["ttft_ms"] > 0, (tier, r)
+files = glob.glob(d + "/chunks/*/*.ctk")
+assert len(files) == 3 * 3, files
+print("bench cache ok")
+' "$bin" "$tmp/bench-cache"
 
 # Bad input.
 check "missing model" 1 'cannot open' -- "$bin" run -m "$tmp/nope.gguf" -p hi
