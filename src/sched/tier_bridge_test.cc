@@ -255,18 +255,30 @@ float Pattern(uint64_t tenant, int layer, int kv, int64_t pos, int i) {
   return static_cast<float>(tenant * 1000003 + layer * 10007 + kv * 101 + pos * 7 + i);
 }
 
-TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
-  const fs::path dir = fs::temp_directory_path() / ("cachette_bridge_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+// What the byte-level tests share: a fresh temporary directory, a small f32 pool of `pages`
+// pages of 16 tokens, and a store of 32-token chunks in 8 MiB of RAM and a disk tier there.
+struct BytesSetup {
+  fs::path dir;
   KvManagerOptions ko;
-  ko.shape = KvShape{2, 2, 16, KvType::kF32};
-  ko.page_tokens = 16;
-  ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 128;
   CacheOptions co;
-  co.chunk_tokens = 32;
-  co.ram_budget_bytes = 8 << 20;
-  co.disk_dir = (dir / "disk").string();
+};
+
+BytesSetup MakeBytesSetup(const std::string& name, int pages) {
+  BytesSetup b;
+  b.dir = fs::temp_directory_path() / (name + "_" + std::to_string(getpid()));
+  fs::remove_all(b.dir);
+  fs::create_directories(b.dir);
+  b.ko.shape = KvShape{2, 2, 16, KvType::kF32};
+  b.ko.page_tokens = 16;
+  b.ko.budget_bytes = PagePool::PageBytes(b.ko.shape, 16) * pages;
+  b.co.chunk_tokens = 32;
+  b.co.ram_budget_bytes = 8 << 20;
+  b.co.disk_dir = (b.dir / "disk").string();
+  return b;
+}
+
+TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
+  auto [dir, ko, co] = MakeBytesSetup("cachette_bridge", 128);
   auto cache = Cache::Open(co);
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
   const int64_t n = 100;
@@ -348,17 +360,7 @@ TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
 // chunks) besides the scheduler's segment cache, so a hot segment sat in memory twice. It
 // enters the segment cache only; a prompt prefix read back from disk is still promoted.
 TEST(TierBridgeBytesTest, SegmentsReadBackAreNotPromotedToRam) {
-  const fs::path dir = fs::temp_directory_path() / ("cachette_segram_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  KvManagerOptions ko;
-  ko.shape = KvShape{2, 2, 16, KvType::kF32};
-  ko.page_tokens = 16;
-  ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * 32;
-  CacheOptions co;
-  co.chunk_tokens = 32;
-  co.ram_budget_bytes = 8 << 20;
-  co.disk_dir = (dir / "disk").string();
+  auto [dir, ko, co] = MakeBytesSetup("cachette_segram", 32);
   const Hash128 ns{7, 1};
   SegmentKv seg;  // 3 + 40 slots: two chunks of 32, the last one padded
   seg.shape = ko.shape;
