@@ -354,18 +354,20 @@ int BenchCache(const BenchCacheArgs& a) {
     std::printf("model %s, %d-token prompt, %s KV (%s of chunks), codec %s, median of %d\n",
                 path.c_str(), a.n_prompt, a.kv_type.c_str(),
                 FormatBytes(chunk_bytes_total).c_str(), a.codec.c_str(), a.reps);
+    // The codec first, then the extra levels, best first.
+    auto levels = [&](const std::vector<std::string>& extra) {
+      std::string out = a.codec;
+      for (const auto& l : extra) out += " " + l;
+      return out;
+    };
     if (!a.redis.empty() && (a.link_mbps > 0 || !a.redis_levels.empty())) {
-      std::string levels;
-      for (const auto& l : a.redis_levels) levels += " " + l;
-      std::printf("Redis behind a %s link, levels: %s%s, load deadline %d ms\n",
+      std::printf("Redis behind a %s link, levels: %s, load deadline %d ms\n",
                   a.link_mbps > 0 ? (std::to_string(a.link_mbps) + " Mbit/s").c_str()
                                   : "loopback",
-                  a.codec.c_str(), levels.c_str(), a.load_deadline_ms);
+                  levels(a.redis_levels).c_str(), a.load_deadline_ms);
     }
     if (!a.disk_levels.empty()) {
-      std::string levels;
-      for (const auto& l : a.disk_levels) levels += " " + l;
-      std::printf("disk levels: %s%s, load deadline %d ms\n", a.codec.c_str(), levels.c_str(),
+      std::printf("disk levels: %s, load deadline %d ms\n", levels(a.disk_levels).c_str(),
                   a.load_deadline_ms);
     }
     std::printf("cold prefill          TTFT %9.1f ms\n", cold * 1e3);

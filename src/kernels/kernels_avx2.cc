@@ -183,11 +183,11 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
         // Decode streams each weight once: fetch the next tile's rows at the same offset (the
         // next stretch of memory), as rows are too short for the hardware prefetchers. One
         // prefetch per 64-byte line.
-        if ((k * static_cast<int64_t>(kT == kF32 ? 4 : 2)) % 64 == 0) {
+        const int64_t off = k * (kT == kF32 ? 4 : 2);
+        if (off % 64 == 0) {
           #pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes) +
-                             k * static_cast<int64_t>(kT == kF32 ? 4 : 2),
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes + off),
                          _MM_HINT_T0);
           }
         }
@@ -310,7 +310,7 @@ void FloatMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 // bits): below it the repack costs more than the reuse gains. Measured on [896 -> 4864], one
 // thread (Intel Xeon, AVX2 forced): m = 2 decode tiles 219 us vs packed 305 (q8_0), 212 vs
 // 259 (q4_0); m = 4 435 vs 421, 427 vs 398; m = 8 871 vs 679, 833 vs 574.
-int64_t PackMinM(WType) { return 4; }
+constexpr int64_t kPackMinM = 4;
 constexpr int kQDotT = 2;       // decode tiles: 8 rows x up to 2 tokens
 constexpr int64_t kQGemvR = 8;
 constexpr int kQPackT = 6;      // packed tiles: 8 rows x up to 6 tokens
@@ -379,7 +379,7 @@ void StoreRows(float* y, __m256 v, int64_t n) {
   }
 }
 
-// Decode tiles (m < PackMinM): 8 rows x T tokens, reading the weights in place. Rows past
+// Decode tiles (m < kPackMinM): 8 rows x T tokens, reading the weights in place. Rows past
 // n_rows repeat the last row and are not stored.
 template <int kT, int T>
 void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ActQ8& act,
@@ -502,12 +502,10 @@ void QuantPanelTile(const uint32_t* wp, const float* dwp, const ActQ8& act, int6
     for (int g = 0; g < 8; ++g) {
       const __m256i w = _mm256_load_si256(wb + g);
       if constexpr (kT == kQ8) {
-        const __m256i wa = _mm256_abs_epi8(w);
         for (int t = 0; t < T; ++t) {
           int32_t x4;
           std::memcpy(&x4, xq[t] + b * 32 + g * 4, 4);
-          const __m256i p = _mm256_madd_epi16(
-              _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_set1_epi32(x4), w)), ones);
+          const __m256i p = DotParts<kQ8>(w, _mm256_set1_epi32(x4));
           iacc[t] = g == 0 ? p : _mm256_add_epi32(iacc[t], p);
         }
       } else {
@@ -556,8 +554,7 @@ void QuantPackedRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 
 template <int kT>
 void QuantMatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
-  constexpr WType kW = static_cast<WType>(kT);
-  return a.m >= PackMinM(kW) ? QuantPackedRows<kT>(a, r0, r1) : QuantGemvRows<kT>(a, r0, r1);
+  return a.m >= kPackMinM ? QuantPackedRows<kT>(a, r0, r1) : QuantGemvRows<kT>(a, r0, r1);
 }
 
 void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
@@ -576,7 +573,7 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 }
 
 int64_t RowGrain(WType t, int64_t m) {
-  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= PackMinM(t) ? kPanelRows : kQGemvR;
+  if (t == WType::kQ8_0 || t == WType::kQ4_0) return m >= kPackMinM ? kPanelRows : kQGemvR;
   return m <= kTileT ? kTileR : kFloatPanel;
 }
 
@@ -733,7 +730,6 @@ __m128 Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
-
 
 // 8 widened elements [i, i + 8) of a stored head vector of hd features, zeros past hd.
 template <KvType kT>
