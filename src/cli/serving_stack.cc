@@ -21,7 +21,8 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
   Flag(c, p, kModel, "--threads", &ServeConfig::threads, "Compute threads (0 = one per core)");
   Flag(c, p, kModel, "--kv-budget", &ServeConfig::kv_budget,
        "Memory for in-memory KV pages (512MiB)");
-  Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type, "KV element type: f32, f16, q8_0, q4_0");
+  Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type,
+       "KV element type: f32, f16, q8_0, q4_0, kivi4");
   Flag(c, p, kModel, "--chat-template", &ServeConfig::chat_template,
        "plain, chatml, llama3, gemma, llama2 (default: detected from the "
        "model)");
@@ -120,7 +121,12 @@ Result<ServeConfig> ResolveServeConfig(const ServeFlags& f) {
 }
 
 Status CheckStackConfig(const ServeConfig& cfg) {
-  CT_RETURN_IF_ERROR(ParseKvType(cfg.kv_type).status());
+  CT_ASSIGN_OR_RETURN(const kernels::KvType kv_type, ParseKvType(cfg.kv_type));
+  if (kv_type == kernels::KvType::kKivi4) {
+    const KvShape kivi{0, 0, 0, kv_type};
+    if (!cfg.kv_policy.empty()) CT_RETURN_IF_ERROR(CheckKvRewritable(kivi, "--kv-policy"));
+    if (cfg.relay) CT_RETURN_IF_ERROR(CheckKvRewritable(kivi, "--relay"));
+  }
   if (auto b = ParseBytes(cfg.kv_budget); !b.ok()) return b.status().WithContext("--kv-budget");
   if (!cfg.chat_template.empty()) {
     CT_RETURN_IF_ERROR(server::ChatTemplate::ByName(cfg.chat_template).status());
@@ -304,6 +310,8 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   ko.shape = st->engine->kv_shape();
   ko.events = st->events.get();
   ko.budget_bytes = *ParseBytes(cfg.kv_budget);
+  // kivi4 pages hold whole key groups.
+  if (eo.kv_type == kernels::KvType::kKivi4) ko.page_tokens = kernels::kKiviGroup;
   if (Status s = KvManager::Validate(ko); !s.ok()) return s.WithContext("--kv-budget");
   st->kv = std::make_unique<KvManager>(ko);
   const KvManager::Stats ks = st->kv->GetStats();

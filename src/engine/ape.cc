@@ -119,6 +119,7 @@ Status PrefillApe(Engine& engine, SequenceKv& kv, std::span<const TokenId> prefi
   const ModelConfig& c = engine.model().config();
   const KvShape shape = engine.kv_shape();
   const size_t tb = shape.token_bytes();
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "APE"));
   CT_RETURN_IF_ERROR(CheckOptions(options));
   if (query.empty()) return InvalidArgument("APE needs at least one query token");
   CT_RETURN_IF_ERROR(CheckTokens(prefix, c.n_vocab, "prefix"));

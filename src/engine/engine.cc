@@ -234,7 +234,8 @@ void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
   float* gate = s.gate.Get(n * ff);
   float* up = s.up.Get(n * ff);
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  const kernels::KvType kv_type = options_.kv_type;
+  // New K/V go in the sequence's write type (kivi4's newest tokens are f16, KiviTail).
+  const kernels::KvType kv_type = kv_shape().write_type();
 
   const LayerWeights& w = model_.layers()[layer];
   kernels::RmsNorm(x, w.attn_norm, h, n, d, c.norm_eps);
@@ -253,9 +254,9 @@ void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
     for (int64_t j = 0; j < runs[i].count; ++j) {
       const int64_t row = row0[i] + j;
       kernels::StoreKv(k + row * kvd, c.n_kv_head, c.head_dim, kv_type,
-                       kv.KSlot(layer, slot0[i] + j));
+                       kv.KWrite(layer, slot0[i] + j));
       kernels::StoreKv(v + row * kvd, c.n_kv_head, c.head_dim, kv_type,
-                       kv.VSlot(layer, slot0[i] + j));
+                       kv.VWrite(layer, slot0[i] + j));
     }
   }
   if (attention) {

@@ -188,6 +188,7 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
                     const KeepPlan& plan, const kernels::RopeParams& rope,
                     AttentionStats* stats, std::vector<std::vector<float>>& weight,
                     int64_t weight_stride) {
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "a KV budget policy"));
   CT_RETURN_IF_ERROR(plan.Validate(layer_n, shape.n_kv_head));
   const int hd = shape.head_dim;
   const int n_kv = shape.n_kv_head;

@@ -46,9 +46,129 @@ void SlotBook::Restride(int n_kv_head, int64_t old_stride, int64_t stride, int64
   }
 }
 
+Status CheckKvRewritable(const KvShape& shape, std::string_view what) {
+  if (shape.type != kernels::KvType::kKivi4) return Status::Ok();
+  return InvalidArgument(std::string(what) +
+                         " does not work with kivi4 KV (its keys are quantized by groups of 32 "
+                         "tokens): use f16, q8_0 or q4_0");
+}
+
+// ---- KiviTail ------------------------------------------------------------------------------
+
+KiviTail::KiviTail(const KvShape& shape)
+    : shape_(shape),
+      row_(static_cast<size_t>(shape.n_kv_head) * shape.head_dim),
+      k_(shape.n_layer),
+      v_(shape.n_layer) {
+  Resize(kRecent + kernels::kKiviGroup);
+}
+
+void KiviTail::Resize(int64_t cap) {
+  for (auto* rings : {&k_, &v_}) {
+    for (auto& ring : *rings) {
+      std::vector<uint16_t> fresh(static_cast<size_t>(cap) * row_);
+      for (int64_t s = begin_; s < end_; ++s) {
+        std::memcpy(fresh.data() + (s % cap) * row_, ring.data() + (s % cap_) * row_,
+                    row_ * sizeof(uint16_t));
+      }
+      ring = std::move(fresh);
+    }
+  }
+  cap_ = cap;
+}
+
+void KiviTail::Grow(int64_t need) {
+  if (need <= cap_) return;
+  Resize(std::max(need, 2 * cap_));
+}
+
+void* KiviTail::K(int layer, int64_t pos) {
+  CT_CHECK(pos >= begin_) << "kivi4 write at " << pos << " before the window at " << begin_;
+  Grow(pos + 1 - begin_);
+  end_ = std::max(end_, pos + 1);
+  return k_[layer].data() + (pos % cap_) * row_;
+}
+
+void* KiviTail::V(int layer, int64_t pos) {
+  CT_CHECK(pos >= begin_) << "kivi4 write at " << pos << " before the window at " << begin_;
+  Grow(pos + 1 - begin_);
+  end_ = std::max(end_, pos + 1);
+  return v_[layer].data() + (pos % cap_) * row_;
+}
+
+void KiviTail::Fill(int layer, kernels::KvView* view) const {
+  view->tail_begin = begin_;
+  view->tail_cap = cap_;
+  view->tail_k = k_[layer].data();
+  view->tail_v = v_[layer].data();
+}
+
+void KiviTail::Flush(SequenceKv& seq, int64_t n) {
+  const int64_t G = kernels::kKiviGroup;
+  if (begin_ + G + kRecent > n) return;
+  std::vector<float> k(G * row_), v(G * row_);
+  for (; begin_ + G + kRecent <= n; begin_ += G) {
+    for (int l = 0; l < shape_.n_layer; ++l) {
+      for (int64_t t = 0; t < G; ++t) {
+        const size_t at = ((begin_ + t) % cap_) * row_;
+        kernels::LoadKv(k_[l].data() + at, shape_.n_kv_head, shape_.head_dim,
+                        kernels::KvType::kF16, k.data() + t * row_);
+        kernels::LoadKv(v_[l].data() + at, shape_.n_kv_head, shape_.head_dim,
+                        kernels::KvType::kF16, v.data() + t * row_);
+      }
+      // A group lies in one block of the sequence (its pages hold whole groups).
+      kernels::StoreKiviGroup(k.data(), v.data(), shape_.n_kv_head, shape_.head_dim,
+                              seq.KSlot(l, begin_), seq.VSlot(l, begin_), shape_.token_bytes());
+    }
+  }
+  // After a prefill chunk the ring goes back to its steady size.
+  if (cap_ > 2 * (kRecent + G)) Resize(std::max(kRecent + G, end_ - begin_));
+}
+
+void KiviTail::Rebase(SequenceKv& seq, int64_t n) {
+  const int64_t G = kernels::kKiviGroup;
+  const int64_t g = n - n % G;
+  begin_ = end_ = g;
+  if (n == g) return;
+  Grow(n - g);
+  std::vector<float> k(G * row_), v(G * row_);
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    kernels::LoadKiviGroup(seq.KSlot(l, g), seq.VSlot(l, g), shape_.token_bytes(),
+                           shape_.n_kv_head, shape_.head_dim, k.data(), v.data());
+    for (int64_t t = 0; t < n - g; ++t) {
+      const size_t at = ((g + t) % cap_) * row_;
+      kernels::StoreKv(k.data() + t * row_, shape_.n_kv_head, shape_.head_dim,
+                       kernels::KvType::kF16, k_[l].data() + at);
+      kernels::StoreKv(v.data() + t * row_, shape_.n_kv_head, shape_.head_dim,
+                       kernels::KvType::kF16, v_[l].data() + at);
+    }
+  }
+  end_ = n;
+}
+
+void KiviTail::Truncate(SequenceKv& seq, int64_t n) {
+  if (n < begin_) {
+    Rebase(seq, n);
+  } else {
+    end_ = std::min(end_, n);
+  }
+}
+
+// ---- ContiguousKv --------------------------------------------------------------------------
+
+namespace {
+// A kivi4 sequence's one block holds whole key groups.
+int64_t BlockCapacity(const KvShape& shape, int64_t capacity) {
+  const int64_t G = kernels::kKiviGroup;
+  return shape.type == kernels::KvType::kKivi4 ? (capacity + G - 1) / G * G : capacity;
+}
+}  // namespace
+
 ContiguousKv::ContiguousKv(const KvShape& shape, int64_t capacity)
-    : shape_(shape), capacity_(capacity) {
+    : shape_(shape), capacity_(BlockCapacity(shape, capacity)) {
   CT_CHECK(capacity > 0) << "capacity " << capacity;
+  capacity = capacity_;
+  if (shape.type == kernels::KvType::kKivi4) tail_ = std::make_unique<KiviTail>(shape);
   const size_t bytes = shape.token_bytes() * capacity;
   for (int l = 0; l < shape.n_layer; ++l) {
     k_.push_back(std::make_unique<std::byte[]>(bytes));
@@ -74,6 +194,14 @@ void* ContiguousKv::VSlot(int layer, int64_t slot) {
   return v_[layer].get() + shape_.token_bytes() * slot;
 }
 
+void* ContiguousKv::KWrite(int layer, int64_t pos) {
+  return tail_ ? tail_->K(layer, pos) : KSlot(layer, pos);
+}
+
+void* ContiguousKv::VWrite(int layer, int64_t pos) {
+  return tail_ ? tail_->V(layer, pos) : VSlot(layer, pos);
+}
+
 kernels::KvView ContiguousKv::View(int layer, int64_t n) const {
   kernels::KvView v;
   v.type = shape_.type;
@@ -83,6 +211,7 @@ kernels::KvView ContiguousKv::View(int layer, int64_t n) const {
   v.k_blocks = &k_ptr_[layer];
   v.v_blocks = &v_ptr_[layer];
   v.n_tokens = n;
+  if (tail_) tail_->Fill(layer, &v);
   return v;
 }
 
@@ -90,18 +219,23 @@ void ContiguousKv::SetTokens(int64_t n) {
   if (n == 0) {  // a restart, compacted or not
     n_max_ = 0;
     book_.Clear();
+    if (tail_) tail_->Truncate(*this, 0);
     return;
   }
   CT_CHECK(!book_.compacted && n <= capacity_) << "SetTokens(" << n << ") on a compacted sequence";
+  if (tail_ && n > n_max_) tail_->Rebase(*this, n);
+  if (tail_ && n < n_max_) tail_->Truncate(*this, n);
   n_max_ = n;
 }
 
 void ContiguousKv::Append(int64_t count) {
   n_max_ = book_.Append(shape_.n_kv_head, capacity_, n_max_, count);
+  if (tail_) tail_->Flush(*this, n_max_);
 }
 
 Status ContiguousKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
                              AttentionStats* stats) {
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape_, "a KV budget policy"));
   SlotBook book = book_;  // on error nothing changes
   book.Start(shape_, capacity_, n_max_);
   const bool matching = stats != nullptr && stats->capacity == capacity_;
@@ -117,6 +251,7 @@ Status ContiguousKv::Compact(const KeepPlan& plan, const kernels::RopeParams& ro
 }
 
 void ContiguousKv::Grow(int64_t capacity) {
+  capacity = BlockCapacity(shape_, capacity);
   if (capacity <= capacity_) return;
   const size_t tb = shape_.token_bytes();
   for (int l = 0; l < shape_.n_layer; ++l) {
@@ -135,6 +270,7 @@ void ContiguousKv::Grow(int64_t capacity) {
 
 Status ContiguousKv::CopyFrom(const SequenceKv& src, int64_t n) {
   if (n_max_ != 0) return InvalidArgument("CopyFrom into a sequence that is not empty");
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape_, "copying a sequence"));
   if (n > capacity_) return ResourceExhausted("CopyFrom of " + std::to_string(n) + " tokens");
   const size_t tb = shape_.token_bytes();
   for (int l = 0; l < shape_.n_layer; ++l) {

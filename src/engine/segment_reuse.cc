@@ -60,6 +60,7 @@ Result<SegmentKv> ComputeSegment(Engine& engine, std::span<const TokenId> contex
                                  std::span<const TokenId> tokens,
                                  std::span<const uint64_t> context_chunks) {
   if (tokens.empty()) return InvalidArgument("segment: no tokens");
+  CT_RETURN_IF_ERROR(CheckKvRewritable(engine.kv_shape(), "segment reuse"));
   const ModelConfig& c = engine.model().config();
   const int64_t n_ctx = static_cast<int64_t>(context.size());
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -290,6 +291,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                            float* logits, ReuseReport* report) {
   const ModelConfig& c = engine.model().config();
   const KvShape shape = engine.kv_shape();
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "segment reuse"));
   const int64_t n = static_cast<int64_t>(prompt.size());
   const int64_t n0 = kv.n_tokens();
   ReuseReport rep;

@@ -47,6 +47,7 @@ Status RoundTripKv(const cache::Codec& codec, const KvShape& shape, int chunk_to
   if (chunk_tokens <= 0) {
     return InvalidArgument("chunk_tokens must be positive, got " + std::to_string(chunk_tokens));
   }
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "a KV codec round trip (--kv-codec)"));
   if (begin < 0 || begin > end || end > src.n_tokens() || begin > dst.n_tokens()) {
     return InvalidArgument("round-trip range [" + std::to_string(begin) + ", " +
                            std::to_string(end) + ") outside the source (" +

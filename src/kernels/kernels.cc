@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "core/check.h"
 #include "core/fp16.h"
@@ -356,11 +357,13 @@ std::string_view KvTypeName(KvType t) {
       return "q8_0";
     case KvType::kQ4_0:
       return "q4_0";
+    case KvType::kKivi4:
+      return "kivi4";
   }
   return "?";
 }
 
-int KvTypeBlockElems(KvType t) { return t == KvType::kQ8_0 || t == KvType::kQ4_0 ? 32 : 1; }
+int KvTypeBlockElems(KvType t) { return t == KvType::kF32 || t == KvType::kF16 ? 1 : 32; }
 
 size_t KvHeadBytes(KvType t, int head_dim) {
   switch (t) {
@@ -372,11 +375,14 @@ size_t KvHeadBytes(KvType t, int head_dim) {
       return static_cast<size_t>(head_dim / 32) * 34;
     case KvType::kQ4_0:
       return static_cast<size_t>(head_dim / 32) * 18;
+    case KvType::kKivi4:
+      return static_cast<size_t>(head_dim / 32) * 20;
   }
   return 0;
 }
 
 float KvDot(const float* q, const void* k, int head_dim, KvType t) {
+  CT_CHECK(t != KvType::kKivi4) << "kivi4 K is read by groups of tokens";
   return ActiveOps().kv_dot(q, k, head_dim, t);
 }
 
@@ -407,6 +413,7 @@ BlockScan ScanBlock(const float* s) {
 // Scalar at every ISA level: StoreKv converts one token's K/V (n_kv_head * head_dim, ~100s of
 // values) per layer per step, noise next to the matmuls.
 void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst) {
+  CT_CHECK(t != KvType::kKivi4) << "kivi4 K is stored by groups of tokens (StoreKiviGroup)";
   CT_CHECK(head_dim % KvTypeBlockElems(t) == 0)
       << KvTypeName(t) << " KV needs head_dim % " << KvTypeBlockElems(t) << " == 0, got "
       << head_dim;
@@ -463,10 +470,13 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
       }
       return;
     }
+    case KvType::kKivi4:
+      return;  // refused above
   }
 }
 
 void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) {
+  CT_CHECK(t != KvType::kKivi4) << "kivi4 K is read by groups of tokens (LoadKiviGroup)";
   const auto* in = static_cast<const uint8_t*>(src);
   const int64_t n = n_vec * head_dim;
   switch (t) {
@@ -501,8 +511,194 @@ void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) 
         }
       }
       return;
+    case KvType::kKivi4:
+      break;  // refused above
   }
 }
+
+// ---- kivi4 -------------------------------------------------------------------------------
+
+namespace {
+
+constexpr size_t kKiviBlockBytes = 20;  // { f16 scale; f16 min; uint8 qs[16] }
+
+// Scale and min of 32 values x[i * stride] (KIVI's asymmetric 4-bit: min + scale * [0, 15]),
+// as stored (f16) and read back; NaN for both when a value is not finite.
+struct KiviParams {
+  uint16_t scale_h, min_h;
+  float scale, min;
+};
+
+KiviParams KiviParamsOf(const float* x, size_t stride) {
+  float mn = x[0], mx = x[0];
+  bool finite = true;
+  for (int i = 0; i < 32; ++i) {
+    const float v = x[i * stride];
+    finite &= std::isfinite(v);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  KiviParams p;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  p.scale_h = Fp32ToFp16(finite ? (mx - mn) / 15.0f : nan);
+  p.min_h = Fp32ToFp16(finite ? mn : nan);
+  p.scale = Fp16ToFp32(p.scale_h);
+  p.min = Fp16ToFp32(p.min_h);
+  return p;
+}
+
+// The nibble of x under p: round to nearest of (x - min) / scale, clamped to [0, 15] (0 for a
+// zero or NaN scale; the comparisons keep a NaN away from the float -> int cast).
+int KiviNibble(float x, const KiviParams& p) {
+  if (!(p.scale > 0)) return 0;
+  const float c = std::nearbyint((x - p.min) / p.scale);
+  return c >= 0.0f ? (c <= 15.0f ? static_cast<int>(c) : 15) : 0;
+}
+
+void PutNibble(uint8_t* qs, int j, int nib) {
+  if (j < 16) {
+    qs[j] = static_cast<uint8_t>((qs[j] & 0xf0) | nib);
+  } else {
+    qs[j - 16] = static_cast<uint8_t>((qs[j - 16] & 0x0f) | (nib << 4));
+  }
+}
+
+int GetNibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0x0f : qs[j - 16] >> 4; }
+
+}  // namespace
+
+void StoreKiviGroup(const float* k, const float* v, int n_kv_head, int head_dim, void* k_dst,
+                    void* v_dst, size_t dst_stride) {
+  CT_CHECK(head_dim % 32 == 0) << "kivi4 KV needs head_dim % 32 == 0, got " << head_dim;
+  const size_t hb = KvHeadBytes(KvType::kKivi4, head_dim);
+  const size_t row = static_cast<size_t>(n_kv_head) * head_dim;  // floats per token
+  auto* kd = static_cast<uint8_t*>(k_dst);
+  auto* vd = static_cast<uint8_t*>(v_dst);
+  for (int h = 0; h < n_kv_head; ++h) {
+    for (int b = 0; b < head_dim / 32; ++b) {
+      // K: channel 32b + r over the group's tokens; its params go to token r's block header.
+      for (int r = 0; r < kKiviGroup; ++r) {
+        const int c = 32 * b + r;
+        const KiviParams p = KiviParamsOf(k + h * head_dim + c, row);
+        uint8_t* hdr = kd + r * dst_stride + h * hb + b * kKiviBlockBytes;
+        std::memcpy(hdr, &p.scale_h, 2);
+        std::memcpy(hdr + 2, &p.min_h, 2);
+        for (int t = 0; t < kKiviGroup; ++t) {
+          PutNibble(kd + t * dst_stride + h * hb + b * kKiviBlockBytes + 4, r,
+                    KiviNibble(k[t * row + h * head_dim + c], p));
+        }
+      }
+      // V: each token's 32 elements of the block.
+      for (int t = 0; t < kKiviGroup; ++t) {
+        const float* x = v + t * row + h * head_dim + 32 * b;
+        const KiviParams p = KiviParamsOf(x, 1);
+        uint8_t* blk = vd + t * dst_stride + h * hb + b * kKiviBlockBytes;
+        std::memcpy(blk, &p.scale_h, 2);
+        std::memcpy(blk + 2, &p.min_h, 2);
+        for (int j = 0; j < 32; ++j) PutNibble(blk + 4, j, KiviNibble(x[j], p));
+      }
+    }
+  }
+}
+
+void LoadKiviGroup(const void* k_src, const void* v_src, size_t src_stride, int n_kv_head,
+                   int head_dim, float* k, float* v) {
+  CT_CHECK(head_dim % 32 == 0) << "kivi4 KV needs head_dim % 32 == 0, got " << head_dim;
+  const size_t hb = KvHeadBytes(KvType::kKivi4, head_dim);
+  const size_t row = static_cast<size_t>(n_kv_head) * head_dim;
+  const auto* ks = static_cast<const uint8_t*>(k_src);
+  const auto* vs = static_cast<const uint8_t*>(v_src);
+  std::vector<float> scale(head_dim), min(head_dim);
+  for (int h = 0; h < n_kv_head; ++h) {
+    internal::KiviKeyParams(ks + h * hb, src_stride, head_dim, scale.data(), min.data());
+    for (int t = 0; t < kKiviGroup; ++t) {
+      internal::KiviKeyRow(ks + t * src_stride + h * hb, head_dim, scale.data(), min.data(),
+                           k + t * row + h * head_dim);
+      internal::KiviValueRow(vs + t * src_stride + h * hb, head_dim, v + t * row + h * head_dim);
+    }
+  }
+}
+
+namespace internal {
+
+void KiviKeyParams(const void* first, size_t stride, int head_dim, float* scale, float* min) {
+  const auto* p = static_cast<const uint8_t*>(first);
+  for (int r = 0; r < kKiviGroup; ++r) {
+    for (int b = 0; b < head_dim / 32; ++b) {
+      const uint8_t* hdr = p + r * stride + b * kKiviBlockBytes;
+      uint16_t sh, mh;
+      std::memcpy(&sh, hdr, 2);
+      std::memcpy(&mh, hdr + 2, 2);
+      scale[32 * b + r] = Fp16ToFp32(sh);
+      min[32 * b + r] = Fp16ToFp32(mh);
+    }
+  }
+}
+
+void KiviKeyRow(const void* k, int head_dim, const float* scale, const float* min, float* out) {
+  const auto* p = static_cast<const uint8_t*>(k);
+  for (int b = 0; b < head_dim / 32; ++b) {
+    const uint8_t* qs = p + b * kKiviBlockBytes + 4;
+    for (int j = 0; j < 32; ++j) {
+      const int c = 32 * b + j;
+      out[c] = std::fma(scale[c], static_cast<float>(GetNibble(qs, j)), min[c]);
+    }
+  }
+}
+
+void KiviValueRow(const void* v, int head_dim, float* out) {
+  const auto* p = static_cast<const uint8_t*>(v);
+  for (int b = 0; b < head_dim / 32; ++b) {
+    const uint8_t* blk = p + b * kKiviBlockBytes;
+    uint16_t sh, mh;
+    std::memcpy(&sh, blk, 2);
+    std::memcpy(&mh, blk + 2, 2);
+    const float scale = Fp16ToFp32(sh), min = Fp16ToFp32(mh);
+    for (int j = 0; j < 32; ++j) {
+      out[32 * b + j] = std::fma(scale, static_cast<float>(GetNibble(blk + 4, j)), min);
+    }
+  }
+}
+
+const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
+  const size_t hb = KvHeadBytes(kv.type, kv.head_dim);
+  return static_cast<const uint8_t*>((v ? kv.v_blocks : kv.k_blocks)[slot / kv.block_tokens]) +
+         static_cast<size_t>(slot % kv.block_tokens) * hb * kv.n_kv_head + kvh * hb;
+}
+
+const uint16_t* KiviTailSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
+  const size_t row = static_cast<size_t>(kv.n_kv_head) * kv.head_dim;
+  return static_cast<const uint16_t*>(v ? kv.tail_v : kv.tail_k) +
+         static_cast<size_t>(slot % kv.tail_cap) * row + static_cast<size_t>(kvh) * kv.head_dim;
+}
+
+void WidenKiviTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt,
+                   int ld) {
+  const int hd = kv.head_dim;
+  std::vector<float> scale(hd), min(hd);
+  int64_t group = -1;
+  for (int j = 0; j < n; ++j) {
+    const int64_t s = j0 + j;
+    if (s >= kv.tail_begin) {
+      const uint16_t* kh = KiviTailSlot(kv, false, kvh, s);
+      const uint16_t* vh = KiviTailSlot(kv, true, kvh, s);
+      for (int d = 0; d < hd; ++d) {
+        kt[j * ld + d] = Fp16ToFp32(kh[d]);
+        vt[j * ld + d] = Fp16ToFp32(vh[d]);
+      }
+      continue;
+    }
+    if (s / kKiviGroup != group) {
+      group = s / kKiviGroup;
+      KiviKeyParams(KvSlot(kv, false, kvh, group * kKiviGroup),
+                    KvHeadBytes(kv.type, hd) * kv.n_kv_head, hd, scale.data(), min.data());
+    }
+    KiviKeyRow(KvSlot(kv, false, kvh, s), hd, scale.data(), min.data(), kt + j * ld);
+    KiviValueRow(KvSlot(kv, true, kvh, s), hd, vt + j * ld);
+  }
+}
+
+}  // namespace internal
 
 // ---- Attention ---------------------------------------------------------------------------
 //
@@ -641,6 +837,17 @@ void CheckView(const KvView& kv, int n_head) {
   CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
   CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
       << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
+  if (kv.type == KvType::kKivi4 && kv.tail_begin < kv.n_tokens) {
+    CT_CHECK(kv.tail_begin >= 0 && kv.tail_begin % kKiviGroup == 0 &&
+             kv.n_tokens - kv.tail_begin <= kv.tail_cap && kv.tail_k != nullptr &&
+             kv.tail_v != nullptr)
+        << "kivi4 tail from slot " << kv.tail_begin << " of " << kv.tail_cap << " for "
+        << kv.n_tokens << " tokens";
+  }
+  if (kv.type == KvType::kKivi4) {
+    // A kivi4 key group lies in one block (a page), so a group's keys are found together.
+    CT_CHECK(kv.block_tokens % kKiviGroup == 0) << "kivi4 KV in blocks of " << kv.block_tokens;
+  }
 }
 
 }  // namespace

@@ -117,10 +117,19 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
 //                clamped to 15 (ggml's quantize_row_q4_0_ref, bit for bit on finite input;
 //                a NaN makes its whole block NaN). Error <= |d|/2, but up to |d| where an
 //                element of the sign opposite to m clamps at 15.
+//   kKivi4     : KIVI's asymmetric 4-bit layout (docs/kernels.md, "kivi4"), blocks of 32 along
+//                head_dim: { f16 scale; f16 min; uint8 qs[16] }  x = min + scale * nib, nibble
+//                order of kQ4_0 (20 bytes). A V vector is one token's: each block's scale and
+//                min are over its 32 elements. K is quantized per channel over groups of 32
+//                tokens (slots 32g .. 32g + 31): a K block holds the token's nibbles, and the
+//                scale and min of channel 32 * block + slot % 32, which the group's 32 tokens
+//                share. So a K vector is written and read with its group (StoreKiviGroup,
+//                KiviKeyParams), never alone: StoreKv, LoadKv and KvDot refuse kKivi4. The
+//                newest tokens of a kivi4 sequence are f16 outside the blocks (KvView::tail).
 // The values are stable: they are chunk layout ids in the cache layer (cache/chunk.h).
-enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2, kQ4_0 = 3 };
+enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2, kQ4_0 = 3, kKivi4 = 4 };
 std::string_view KvTypeName(KvType t);
-// Elements per block along head_dim: 1 for kF32/kF16, 32 for kQ8_0/kQ4_0. A head_dim that is
+// Elements per block along head_dim: 1 for kF32/kF16, 32 for the others. A head_dim that is
 // not a multiple of it cannot be stored in that type (StoreKv and Attention CHECK-fail).
 int KvTypeBlockElems(KvType t);
 // Bytes of one head vector of `head_dim` elements.
@@ -130,6 +139,18 @@ size_t KvHeadBytes(KvType t, int head_dim);
 void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst);
 // The inverse (for tests, codecs and reference paths).
 void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst);
+
+// Tokens in a kKivi4 key group.
+constexpr int kKiviGroup = 32;
+// Quantizes kKiviGroup tokens' K and V to kKivi4: k and v are [kKiviGroup][n_kv_head][head_dim]
+// f32; token t's stored [n_kv_head] head vectors go to k_dst + t * dst_stride (v_dst likewise).
+// A group holding a NaN or an infinity in a channel (K) or block (V) reads back as NaN there.
+void StoreKiviGroup(const float* k, const float* v, int n_kv_head, int head_dim, void* k_dst,
+                    void* v_dst, size_t dst_stride);
+// The inverse: token t's stored vectors at k_src + t * src_stride to f32 k and v, laid out as
+// StoreKiviGroup's input. Dequantizes as the attention kernels do (up to the last bit).
+void LoadKiviGroup(const void* k_src, const void* v_src, size_t src_stride, int n_kv_head,
+                   int head_dim, float* k, float* v);
 
 // q . k for one stored head vector k (KvHeadBytes(t, head_dim) bytes) at the active ISA level,
 // elements converted as Attention converts them (for passes that need the scores themselves,
@@ -149,6 +170,13 @@ struct KvView {
   const void* const* k_blocks = nullptr;
   const void* const* v_blocks = nullptr;
   int64_t n_tokens = 0;  // valid tokens: the keys attended over are [0, n_tokens)
+  // kKivi4 only: slots from tail_begin (a multiple of kKiviGroup) on are not in the blocks but
+  // f16 [n_kv_head][head_dim] vectors in a ring of tail_cap slots per K and V, slot s at index
+  // s % tail_cap (the sequence's most recent tokens, engine/kv_cache.h, KiviTail).
+  int64_t tail_begin = INT64_MAX;
+  int64_t tail_cap = 0;
+  const void* tail_k = nullptr;
+  const void* tail_v = nullptr;
 };
 
 // Causal attention with grouped-query heads.

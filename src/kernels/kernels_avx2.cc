@@ -666,8 +666,21 @@ float KvElem(const uint8_t* p, int i, KvType t) {
       const int nib = j < 16 ? blk[2 + j] & 0x0f : blk[2 + j - 16] >> 4;
       return HalfToFloat(blk) * static_cast<float>(nib - 8);
     }
+    case KvType::kKivi4: {  // a V vector (head_dim % 32 == 0: never a tail element)
+      const uint8_t* blk = p + (i / 32) * 20;
+      const int j = i % 32;
+      const int nib = j < 16 ? blk[4 + j] & 0x0f : blk[4 + j - 16] >> 4;
+      return __builtin_fmaf(HalfToFloat(blk), static_cast<float>(nib), HalfToFloat(blk + 2));
+    }
   }
   return 0;
+}
+
+// Nibbles [j, j + 8) of a 32-element block's 16 bytes qs (j % 8 == 0), as floats.
+__m256 Nibbles8(const uint8_t* qs, int j) {
+  __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + j % 16));
+  if (j >= 16) q = _mm_srli_epi16(q, 4);
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(q, _mm_set1_epi8(0x0f))));
 }
 
 // 8 elements starting at i (i % 8 == 0).
@@ -696,8 +709,49 @@ __m256 LoadKv8(const uint8_t* p, int i, KvType t) {
       return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)),
                              _mm256_set1_ps(-8.0f * d));
     }
+    case KvType::kKivi4: {
+      // A V vector (a K vector needs its group's parameters: WidenKivi).
+      const uint8_t* blk = p + (i / 32) * 20;
+      return _mm256_fmadd_ps(_mm256_set1_ps(HalfToFloat(blk)), Nibbles8(blk + 4, i % 32),
+                             _mm256_set1_ps(HalfToFloat(blk + 2)));
+    }
   }
   return _mm256_setzero_ps();
+}
+
+// kivi4 slots [j0, j0 + n) of KV head kvh to f32 rows kt and vt (ld apart), the same bits as
+// the reference (internal::WidenKiviTile): tail slots from f16, quantized ones by
+// fma(scale, nib, min) with the key group's per-channel parameters (gathered into par:
+// scale[hd], min[hd], once per group).
+void WidenKivi(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld,
+               float* par) {
+  const int hd = kv.head_dim;
+  const size_t tok_bytes = KvHeadBytes(KvType::kKivi4, hd) * kv.n_kv_head;
+  int64_t group = -1;
+  for (int j = 0; j < n; ++j) {
+    const int64_t s = j0 + j;
+    if (s >= kv.tail_begin) {
+      const auto* kh = reinterpret_cast<const uint8_t*>(KiviTailSlot(kv, false, kvh, s));
+      const auto* vh = reinterpret_cast<const uint8_t*>(KiviTailSlot(kv, true, kvh, s));
+      for (int c = 0; c < hd; c += 8) {
+        _mm256_store_ps(kt + j * ld + c, LoadW8<kF16>(kh, c));
+        _mm256_store_ps(vt + j * ld + c, LoadW8<kF16>(vh, c));
+      }
+      continue;
+    }
+    if (s / kKiviGroup != group) {
+      group = s / kKiviGroup;
+      KiviKeyParams(KvSlot(kv, false, kvh, group * kKiviGroup), tok_bytes, hd, par, par + hd);
+    }
+    const uint8_t* kp = KvSlot(kv, false, kvh, s);
+    const uint8_t* vp = KvSlot(kv, true, kvh, s);
+    for (int c = 0; c < hd; c += 8) {
+      const __m256 nib = Nibbles8(kp + (c / 32) * 20 + 4, c % 32);
+      _mm256_store_ps(kt + j * ld + c, _mm256_fmadd_ps(_mm256_load_ps(par + c), nib,
+                                                       _mm256_load_ps(par + hd + c)));
+      _mm256_store_ps(vt + j * ld + c, LoadKv8(vp, c, KvType::kKivi4));
+    }
+  }
 }
 
 float KvDot(const float* q, const void* k, int head_dim, KvType t) {
@@ -768,10 +822,11 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     }
     for (int d = 0; d < G * hd; ++d) acc(i)[d] = 0;
   }
-  // Scratch: the K tile [kAttnTile][ld], the V tile, then the queries [nq][G][ld], all
-  // zero-padded.
-  auto* kt = static_cast<float*>(
-      ThreadScratch(2, sizeof(float) * (2 * kAttnTile + nq * G) * ld));
+  // Scratch: the K tile [kAttnTile][ld], the V tile, the queries [nq][G][ld], all
+  // zero-padded, then (kivi4) a key group's parameters.
+  constexpr bool kivi = kT == KvType::kKivi4;
+  auto* kt = static_cast<float*>(ThreadScratch(
+      2, sizeof(float) * ((2 * kAttnTile + nq * G) * ld + (kivi ? 2 * hd : 0))));
   float* vt = kt + kAttnTile * ld;
   float* qp = vt + kAttnTile * ld;
   for (int i = 0; i < nq; ++i) {
@@ -787,7 +842,8 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
     int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
-    for (int j = 0; j < n4_all; ++j) {
+    if constexpr (kivi) WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
+    for (int j = kivi ? n_all : 0; j < n4_all; ++j) {
       if (j < n_all) {
         const size_t off = o * tok_bytes + kvh * head_bytes;
         const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
@@ -870,9 +926,9 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
   using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
                       const int64_t*, float, float*, size_t, int, int);
   // [KV type][heads - 1]
-  static constexpr Fn kFns[4][kMaxAttnHeads] = {
+  static constexpr Fn kFns[5][kMaxAttnHeads] = {
       BLOCK_HEADS(KvType::kF32), BLOCK_HEADS(KvType::kF16), BLOCK_HEADS(KvType::kQ8_0),
-      BLOCK_HEADS(KvType::kQ4_0)};
+      BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4)};
   const int hd = kv.head_dim;
   for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
     const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;

@@ -751,8 +751,60 @@ __m512 LoadKv16(const uint8_t* p, int i, KvType t, __mmask16 mask) {
       return _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
                              _mm512_set1_ps(-8.0f * d));
     }
+    case KvType::kKivi4: {
+      // A V vector (a K vector needs its group's parameters: WidenKivi).
+      const uint8_t* blk = p + (i / 32) * 20;
+      __m128i q = _mm_maskz_loadu_epi8(mask, blk + 4);
+      if (i % 32 != 0) q = _mm_srli_epi16(q, 4);
+      q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+      return _mm512_fmadd_ps(_mm512_set1_ps(HalfToFloat(blk)),
+                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
+                             _mm512_set1_ps(HalfToFloat(blk + 2)));
+    }
   }
   return _mm512_setzero_ps();
+}
+
+// kivi4 slots [j0, j0 + n) of KV head kvh to f32 rows kt and vt (ld apart), the same bits as
+// the reference (internal::WidenKiviTile): tail slots from f16, quantized ones by
+// fma(scale, nib, min) with the key group's per-channel parameters (gathered into par:
+// scale[hd], min[hd], once per group).
+void WidenKivi(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld,
+               float* par) {
+  const int hd = kv.head_dim;
+  const size_t tok_bytes = KvHeadBytes(KvType::kKivi4, hd) * kv.n_kv_head;
+  int64_t group = -1;
+  for (int j = 0; j < n; ++j) {
+    const int64_t s = j0 + j;
+    if (s >= kv.tail_begin) {
+      const uint16_t* kh = KiviTailSlot(kv, false, kvh, s);
+      const uint16_t* vh = KiviTailSlot(kv, true, kvh, s);
+      for (int c = 0; c < hd; c += 16) {
+        _mm512_store_ps(kt + j * ld + c, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                             reinterpret_cast<const __m256i*>(kh + c))));
+        _mm512_store_ps(vt + j * ld + c, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                             reinterpret_cast<const __m256i*>(vh + c))));
+      }
+      continue;
+    }
+    if (s / kKiviGroup != group) {
+      group = s / kKiviGroup;
+      KiviKeyParams(KvSlot(kv, false, kvh, group * kKiviGroup), tok_bytes, hd, par, par + hd);
+    }
+    const uint8_t* kp = KvSlot(kv, false, kvh, s);
+    const uint8_t* vp = KvSlot(kv, true, kvh, s);
+    for (int c = 0; c < hd; c += 16) {
+      const uint8_t* kq = kp + (c / 32) * 20 + 4;
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kq));
+      if (c % 32 != 0) q = _mm_srli_epi16(q, 4);
+      q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+      _mm512_store_ps(kt + j * ld + c,
+                      _mm512_fmadd_ps(_mm512_load_ps(par + c),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
+                                      _mm512_load_ps(par + hd + c)));
+      _mm512_store_ps(vt + j * ld + c, LoadKv16(vp, c, KvType::kKivi4, 0xffff));
+    }
+  }
 }
 
 float KvDot(const float* q, const void* k, int head_dim, KvType t) {
@@ -850,10 +902,13 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     }
     for (int d = 0; d < G * hd; ++d) acc(i)[d] = 0;
   }
-  // Scratch: the K tile [kAttnTile][ld], then the V tile, both zero-padded. A lone query (a
-  // decode step, memory-bound) reads V in place instead of widening it first.
-  auto* kt = static_cast<float*>(ThreadScratch(2, sizeof(float) * 2 * kAttnTile * ld));
-  float* vt = nq > 1 ? kt + kAttnTile * ld : nullptr;
+  // Scratch: the K tile [kAttnTile][ld], then the V tile, both zero-padded, then (kivi4) a key
+  // group's parameters. A lone query (a decode step, memory-bound) reads V in place instead of
+  // widening it first, except kivi4's, whose recent slots are not in the blocks.
+  constexpr bool kivi = kT == KvType::kKivi4;
+  auto* kt = static_cast<float*>(
+      ThreadScratch(2, sizeof(float) * (2 * kAttnTile * ld + (kivi ? 2 * hd : 0))));
+  float* vt = nq > 1 || kivi ? kt + kAttnTile * ld : nullptr;
   const uint8_t* vp[kAttnTile];
   alignas(64) float s[G][kAttnTile];
   float corr[G];
@@ -862,7 +917,8 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
     int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
-    for (int j = 0; j < n4_all; ++j) {
+    if constexpr (kivi) WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
+    for (int j = kivi ? n_all : 0; j < n4_all; ++j) {
       if (j < n_all) {
         const size_t off = o * tok_bytes + kvh * head_bytes;
         const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
@@ -945,9 +1001,9 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
   using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
                       const int64_t*, float, const BlockOut&);
   // [KV type][heads - 1]
-  static constexpr Fn kFns[4][kMaxAttnHeads] = {
+  static constexpr Fn kFns[5][kMaxAttnHeads] = {
       BLOCK_HEADS(KvType::kF32), BLOCK_HEADS(KvType::kF16), BLOCK_HEADS(KvType::kQ8_0),
-      BLOCK_HEADS(KvType::kQ4_0)};
+      BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4)};
   const int hd = kv.head_dim;
   for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
     const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;

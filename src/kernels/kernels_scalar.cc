@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "core/check.h"
 #include "core/fp16.h"
@@ -175,7 +176,10 @@ float KvElem(const void* p, int i, KvType t) {
       const int nib = j < 16 ? blk[2 + j] & 0x0f : blk[2 + j - 16] >> 4;
       return Fp16ToFp32(LoadU16(blk)) * static_cast<float>(nib - 8);
     }
+    case KvType::kKivi4:
+      break;  // read with its group: AttendSpan widens kivi4 tiles
   }
+  CT_CHECK(false) << "kivi4 head vectors are read with their key group";
   return 0;
 }
 
@@ -204,6 +208,16 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
   float* m = state;
   float* l = state + group;
   float s[kAttnTile];
+  // kivi4: each tile's K and V widened to f32 rows first (the reference dequantization).
+  const bool kivi = kv.type == KvType::kKivi4;
+  std::vector<float> kt(kivi ? kAttnTile * hd : 0), vt(kt.size());
+  auto key = [&](int64_t j0, int64_t j) -> const void* {
+    return kivi ? static_cast<const void*>(kt.data() + j * hd) : slot(kv.k_blocks, j0 + j);
+  };
+  auto value = [&](int64_t j0, int64_t j) -> const void* {
+    return kivi ? static_cast<const void*>(vt.data() + j * hd) : slot(kv.v_blocks, j0 + j);
+  };
+  const KvType elem = kivi ? KvType::kF32 : kv.type;
   for (int g = 0; g < group; ++g) {
     const float* qg = q + g * hd;
     float* acc = state + 2 * group + g * hd;
@@ -212,9 +226,10 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
     std::fill(acc, acc + hd, 0.0f);
     for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
       const int64_t j0 = std::max(t0, begin), n = std::min(t0 + kAttnTile, end) - j0;
+      if (kivi) WidenKiviTile(kv, kvh, j0, static_cast<int>(n), kt.data(), vt.data(), hd);
       float tile_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        s[j] = (KvDot)(qg, slot(kv.k_blocks, j0 + j), hd, kv.type) * scale;  // () : no ADL
+        s[j] = (KvDot)(qg, key(j0, j), hd, elem) * scale;  // () : no ADL
         tile_max = std::max(tile_max, s[j]);
       }
       const float m_new = std::max(m[g], tile_max);
@@ -224,7 +239,7 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
       l[g] = l[g] * corr + sum;
       m[g] = m_new;
       for (int d = 0; d < hd; ++d) acc[d] *= corr;
-      for (int64_t j = 0; j < n; ++j) (KvAxpy)(s[j], slot(kv.v_blocks, j0 + j), hd, kv.type, acc);
+      for (int64_t j = 0; j < n; ++j) (KvAxpy)(s[j], value(j0, j), hd, elem, acc);
     }
   }
 }

@@ -887,6 +887,168 @@ TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
   }
 }
 
+// kivi4: a group of 32 tokens quantized and read back. Per K channel (over the group's tokens)
+// and per V block (over a token's 32 elements) the values span [min, max]; each reads back
+// within half a step, (max - min) / 30, plus the f16 rounding of scale (relative 2^-11, times
+// up to 15 steps) and of min.
+TEST(KiviTest, GroupRoundTripIsWithinHalfAStepOfItsChannelOrBlock) {
+  std::mt19937 rng(7);
+  const int n_kv_head = 2, hd = 64, G = kKiviGroup;
+  const size_t row = static_cast<size_t>(n_kv_head) * hd, hb = KvHeadBytes(KvType::kKivi4, hd);
+  ASSERT_EQ(hb, 40u);
+  std::vector<float> k(G * row), v(G * row);
+  // Per-channel offsets and scales for K (KIVI's case: outlier channels), plain V.
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (int t = 0; t < G; ++t) {
+    for (size_t c = 0; c < row; ++c) {
+      k[t * row + c] = (c % 7 == 0 ? 20.0f : 1.0f) * u(rng) + (c % 5) * 3.0f;
+      v[t * row + c] = u(rng);
+    }
+  }
+  const size_t stride = hb * n_kv_head + 8;  // slots need not be packed
+  std::vector<uint8_t> ks(stride * G), vs(stride * G);
+  StoreKiviGroup(k.data(), v.data(), n_kv_head, hd, ks.data(), vs.data(), stride);
+  std::vector<float> kb(G * row), vb(G * row);
+  LoadKiviGroup(ks.data(), vs.data(), stride, n_kv_head, hd, kb.data(), vb.data());
+  auto bound = [](float lo, float hi) {
+    return (hi - lo) / 30 + 16 * (hi - lo) / 15 / 2048 + std::fabs(lo) / 2048 + 1e-7f;
+  };
+  for (size_t c = 0; c < row; ++c) {
+    float lo = k[c], hi = k[c];
+    for (int t = 0; t < G; ++t) {
+      lo = std::min(lo, k[t * row + c]);
+      hi = std::max(hi, k[t * row + c]);
+    }
+    for (int t = 0; t < G; ++t) {
+      ASSERT_NEAR(kb[t * row + c], k[t * row + c], bound(lo, hi)) << "K t=" << t << " c=" << c;
+    }
+  }
+  for (int t = 0; t < G; ++t) {
+    for (size_t b = 0; b < row / 32; ++b) {
+      const float* x = v.data() + t * row + 32 * b;
+      const float lo = *std::min_element(x, x + 32), hi = *std::max_element(x, x + 32);
+      for (int j = 0; j < 32; ++j) {
+        ASSERT_NEAR(vb[t * row + 32 * b + j], x[j], bound(lo, hi)) << "V t=" << t;
+      }
+    }
+  }
+  // A channel with a NaN or an infinity reads back NaN there and only there.
+  k[5 * row + 3] = std::numeric_limits<float>::infinity();
+  v[9 * row + 40] = std::numeric_limits<float>::quiet_NaN();
+  StoreKiviGroup(k.data(), v.data(), n_kv_head, hd, ks.data(), vs.data(), stride);
+  LoadKiviGroup(ks.data(), vs.data(), stride, n_kv_head, hd, kb.data(), vb.data());
+  for (int t = 0; t < G; ++t) {
+    for (size_t c = 0; c < row; ++c) {
+      ASSERT_EQ(std::isnan(kb[t * row + c]), c == 3) << t << " " << c;
+      ASSERT_EQ(std::isnan(vb[t * row + c]), t == 9 && c / 32 == 1) << t << " " << c;
+    }
+  }
+}
+
+// A kivi4 layer: slots [0, tail_begin) quantized in blocks of block_tokens, the rest f16 in a
+// ring of tail_cap slots; k_f32 / v_f32 hold what attention must read (dequantized, or f16).
+struct KiviKv {
+  TestKv kv;
+  std::vector<uint16_t> tail_k, tail_v;
+};
+
+KiviKv MakeKiviKv(int n_kv_head, int hd, int block_tokens, int64_t tail_begin, int64_t tail_cap,
+                  int64_t n_tokens, std::mt19937& rng) {
+  KiviKv out;
+  TestKv& kv = out.kv;
+  const int G = kKiviGroup;
+  const size_t row = static_cast<size_t>(n_kv_head) * hd;
+  const size_t tok_bytes = KvHeadBytes(KvType::kKivi4, hd) * n_kv_head;
+  std::uniform_real_distribution<float> dist(-1, 1);
+  std::vector<float> k(n_tokens * row), v(n_tokens * row);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = dist(rng) + (i % row % 9 == 0 ? 4.0f : 0.0f);
+  for (auto& f : v) f = dist(rng);
+  kv.k_f32.resize(k.size());
+  kv.v_f32.resize(v.size());
+  const int64_t n_blocks = (n_tokens + block_tokens - 1) / block_tokens;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    kv.k_store.emplace_back(tok_bytes * block_tokens, 0xff);  // NaN-ish bytes where unused
+    kv.v_store.emplace_back(tok_bytes * block_tokens, 0xff);
+  }
+  for (int64_t g = 0; g < tail_begin; g += G) {
+    const int64_t b = g / block_tokens, o = g % block_tokens;
+    StoreKiviGroup(k.data() + g * row, v.data() + g * row, n_kv_head, hd,
+                   kv.k_store[b].data() + o * tok_bytes, kv.v_store[b].data() + o * tok_bytes,
+                   tok_bytes);
+    LoadKiviGroup(kv.k_store[b].data() + o * tok_bytes, kv.v_store[b].data() + o * tok_bytes,
+                  tok_bytes, n_kv_head, hd, kv.k_f32.data() + g * row, kv.v_f32.data() + g * row);
+  }
+  out.tail_k.assign(tail_cap * row, 0x7e00);  // f16 NaN in unused ring slots
+  out.tail_v.assign(tail_cap * row, 0x7e00);
+  for (int64_t s = tail_begin; s < n_tokens; ++s) {
+    for (size_t e = 0; e < row; ++e) {
+      out.tail_k[(s % tail_cap) * row + e] = Fp32ToFp16(k[s * row + e]);
+      out.tail_v[(s % tail_cap) * row + e] = Fp32ToFp16(v[s * row + e]);
+      kv.k_f32[s * row + e] = Fp16ToFp32(Fp32ToFp16(k[s * row + e]));
+      kv.v_f32[s * row + e] = Fp16ToFp32(Fp32ToFp16(v[s * row + e]));
+    }
+  }
+  for (auto& st : kv.k_store) kv.k_ptrs.push_back(st.data());
+  for (auto& st : kv.v_store) kv.v_ptrs.push_back(st.data());
+  kv.view = KvView{KvType::kKivi4, n_kv_head, hd, block_tokens, kv.k_ptrs.data(),
+                   kv.v_ptrs.data(), n_tokens};
+  kv.view.tail_begin = tail_begin;
+  kv.view.tail_cap = tail_cap;
+  kv.view.tail_k = out.tail_k.data();
+  kv.view.tail_v = out.tail_v.data();
+  return out;
+}
+
+// kivi4 attention at every level against float64 over the values it must read: quantized
+// groups across blocks, the f16 window in a ring that wraps, a prefill chunk straddling the
+// window's start, ranges through AttentionLse, and a context past the 2,048-slot split. The
+// levels dequantize the same bits, and a query's output is the same alone or in a chunk.
+TEST_F(IsaTest, AttentionKivi4MatchesNaiveDouble) {
+  struct Case {
+    int n_head, n_kv_head, hd, block_tokens;
+    int64_t tail_begin, tail_cap, n_tokens, n_q;
+  };
+  const Case cases[] = {
+      {6, 2, 64, 32, 96, 80, 150, 1},      // decode; ring wraps (150 % 80)
+      {6, 2, 64, 64, 64, 128, 140, 40},    // prefill chunk from slot 100, across the window
+      {14, 2, 64, 32, 0, 64, 40, 3},       // nothing quantized yet
+      {4, 4, 128, 256, 256, 64, 300, 2},   // MHA, head_dim 128, one group per block
+      {14, 2, 64, 32, 2144, 96, 2200, 1},  // past the split at 2,048
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE("n_tokens=" + std::to_string(c.n_tokens) + " n_q=" + std::to_string(c.n_q));
+    KiviKv kk = MakeKiviKv(c.n_kv_head, c.hd, c.block_tokens, c.tail_begin, c.tail_cap,
+                           c.n_tokens, rng_);
+    const TestKv& kv = kk.kv;
+    const int64_t q_pos0 = c.n_tokens - c.n_q;
+    std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -1, 1);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+    std::vector<double> want, want_lse;
+    NaiveAttention(q, c.n_q, c.n_head, kv, 0, c.n_tokens, q_pos0, scale, want, want_lse);
+    const size_t row = static_cast<size_t>(c.n_head) * c.hd;
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      SCOPED_TRACE(std::string(IsaName(isa)));
+      std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+      Attention(q.data(), c.n_q, c.n_head, q_pos0, kv.view, scale, out.data(), pool_);
+      for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want[e], 1e-4) << e;
+      std::vector<float> alone(row);
+      Attention(q.data() + (c.n_q - 1) * row, 1, c.n_head, c.n_tokens - 1, kv.view, scale,
+                alone.data(), pool_);
+      ASSERT_EQ(0, std::memcmp(out.data() + (c.n_q - 1) * row, alone.data(), row * 4));
+      // A non-causal range that starts inside a quantized group and ends in the window.
+      const int64_t begin = c.tail_begin > 40 ? c.tail_begin - 37 : 3;
+      std::vector<double> want_r, want_rl;
+      NaiveAttention(q, c.n_q, c.n_head, kv, begin, c.n_tokens, -1, scale, want_r, want_rl);
+      std::vector<float> lse(c.n_q * c.n_head);
+      AttentionLse(q.data(), c.n_q, c.n_head, kv.view, begin, c.n_tokens, -1, scale, out.data(),
+                   lse.data(), pool_);
+      for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want_r[e], 1e-4) << e;
+      for (size_t e = 0; e < lse.size(); ++e) ASSERT_NEAR(lse[e], want_rl[e], 1e-4) << e;
+    }
+  }
+}
+
 TEST(KernelsDispatchTest, SetIsaClampsAndNamesAreStable) {
   SetIsa(Isa::kAmx);
   EXPECT_EQ(ActiveIsa(), BestIsa());

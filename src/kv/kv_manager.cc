@@ -36,6 +36,7 @@ PagedSequence::PagedSequence(KvManager* m, const Hash128& ns, int64_t capacity)
     : manager_(m), ns_(ns), capacity_(capacity) {
   k_ptr_.resize(m->shape().n_layer);
   v_ptr_.resize(m->shape().n_layer);
+  if (m->shape().type == kernels::KvType::kKivi4) tail_ = std::make_unique<KiviTail>(m->shape());
 }
 
 PagedSequence::~PagedSequence() {
@@ -110,6 +111,14 @@ void* PagedSequence::VSlot(int layer, int64_t pos) {
          static_cast<size_t>(pos % P) * manager_->shape().token_bytes();
 }
 
+void* PagedSequence::KWrite(int layer, int64_t pos) {
+  return tail_ ? tail_->K(layer, pos) : KSlot(layer, pos);
+}
+
+void* PagedSequence::VWrite(int layer, int64_t pos) {
+  return tail_ ? tail_->V(layer, pos) : VSlot(layer, pos);
+}
+
 kernels::KvView PagedSequence::View(int layer, int64_t n) const {
   const KvShape& s = manager_->shape();
   kernels::KvView v;
@@ -120,6 +129,7 @@ kernels::KvView PagedSequence::View(int layer, int64_t n) const {
   v.k_blocks = k_ptr_[layer].data();
   v.v_blocks = v_ptr_[layer].data();
   v.n_tokens = n;
+  if (tail_) tail_->Fill(layer, &v);
   return v;
 }
 
@@ -137,11 +147,14 @@ void PagedSequence::SetTokens(int64_t n) {
       for (auto& v : v_ptr_) v.pop_back();
     }
   }
+  if (tail_ && n > n_tokens_) tail_->Rebase(*this, n);
+  if (tail_ && n < n_tokens_) tail_->Truncate(*this, n);
   n_tokens_ = n;
 }
 
 void PagedSequence::Append(int64_t count) {
   n_tokens_ = book_.Append(manager_->shape().n_kv_head, capacity_, n_tokens_, count);
+  if (tail_) tail_->Flush(*this, n_tokens_);
 }
 
 int64_t PagedSequence::kept_tokens() const {
@@ -155,6 +168,7 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
                           const kernels::RopeParams& rope, AttentionStats* stats) {
   CT_CHECK(seq.manager_ == this);
   if (seq.finished_) return InvalidArgument("sequence already finished");
+  CT_RETURN_IF_ERROR(CheckKvRewritable(options_.shape, "a KV budget policy"));
   const KvShape& s = options_.shape;
   SlotBook book = seq.book_;  // on error nothing changes
   book.Start(s, seq.capacity_, seq.n_tokens_);
@@ -211,6 +225,11 @@ Status KvManager::Validate(const KvManagerOptions& o) {
   if (o.page_tokens <= 0 || o.page_tokens > 4096) {
     return InvalidArgument("page size must be in [1, 4096] tokens");
   }
+  if (o.shape.type == kernels::KvType::kKivi4 && o.page_tokens % kernels::kKiviGroup != 0) {
+    return InvalidArgument("kivi4 KV needs a page size that is a multiple of " +
+                           std::to_string(kernels::kKiviGroup) + " tokens (its key groups), got " +
+                           std::to_string(o.page_tokens));
+  }
   const size_t page = PagePool::PageBytes(o.shape, o.page_tokens);
   if (page == 0) return InvalidArgument("KV shape has zero bytes per page");
   if (o.budget_bytes / page < 1) {
@@ -249,6 +268,8 @@ std::unique_ptr<PagedSequence> KvManager::Start(const Hash128& ns,
   for (PageId p : m.pages) seq->SetPage(seq->pages_.size(), p);
   seq->n_tokens_ = m.n_tokens;
   seq->cached_tokens_ = m.n_tokens;
+  // The matched pages hold quantized tokens only (commits stop at the f16 window).
+  if (seq->tail_) seq->tail_->Rebase(*seq, m.n_tokens);
   return seq;
 }
 

@@ -66,8 +66,11 @@ class PagedSequence final : public SequenceKv {
   Status Reserve(int64_t n) override;
   void* KSlot(int layer, int64_t pos) override;
   void* VSlot(int layer, int64_t pos) override;
+  void* KWrite(int layer, int64_t pos) override;
+  void* VWrite(int layer, int64_t pos) override;
   kernels::KvView View(int layer, int64_t n) const override;
-  // Only before a compaction (a compacted sequence's slots are not its first n tokens).
+  // Only before a compaction (a compacted sequence's slots are not its first n tokens). On a
+  // kivi4 sequence, slots added this way hold quantized tokens (a restore from a tier).
   void SetTokens(int64_t n) override;
   int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_tokens_); }
   int64_t next_position() const override { return book_.NextPosition(n_tokens_); }
@@ -76,11 +79,14 @@ class PagedSequence final : public SequenceKv {
 
   // KV budget policies (KvManager::Compact) and segment reuse (MarkInexactFrom). Whether a
   // policy has compacted the sequence; the leading slots that still hold the exact KV of the
-  // first tokens (all of them when neither happened), which alone may enter the index; tokens
+  // first tokens (all of them when neither happened; on a kivi4 sequence, only its quantized
+  // ones: the f16 window is not in the pages), which alone may enter the index; tokens
   // read so far; slots per layer held (summed over layers, divided by their count, rounded
   // up).
   bool compacted() const { return book_.compacted; }
-  int64_t exact_tokens() const { return std::min(book_.Exact(n_tokens_), inexact_from_); }
+  int64_t exact_tokens() const {
+    return std::min({book_.Exact(n_tokens_), inexact_from_, tail_ ? tail_->begin() : INT64_MAX});
+  }
   int64_t tokens_seen() const { return book_.Seen(n_tokens_); }
   int64_t kept_tokens() const;
 
@@ -105,6 +111,7 @@ class PagedSequence final : public SequenceKv {
   std::vector<std::vector<const void*>> v_ptr_;
   SlotBook book_;  // after a compaction (n_tokens_ is then its longest layer); stride capacity_
   int64_t inexact_from_ = INT64_MAX;  // MarkInexactFrom's least n
+  std::unique_ptr<KiviTail> tail_;    // kivi4 only
 };
 
 class KvManager {
@@ -112,7 +119,8 @@ class KvManager {
   explicit KvManager(const KvManagerOptions& options);
   ~KvManager();
 
-  // kInvalidArgument if the budget does not hold one page.
+  // kInvalidArgument if the budget does not hold one page, or for kivi4 KV with pages that do
+  // not hold whole key groups (page_tokens % 32 != 0).
   static Status Validate(const KvManagerOptions& options);
 
   // A sequence of up to `capacity` tokens that starts with the longest cached prefix of

@@ -184,8 +184,14 @@ LoadProgress TierBridge::ApplyLoad(PendingLoad& pending, PagedSequence& seq) {
     }
     const int64_t start = static_cast<int64_t>(first + load.next) * C;
     const int64_t have = seq.n_tokens();
-    const int64_t to = std::min(start + C, seq.capacity());
-    if (start > have || to <= have) {  // not contiguous with the sequence (cannot happen)
+    int64_t to = std::min(start + C, seq.capacity());
+    // kivi4 keys are quantized by groups of 32 tokens: a group is restored whole, from the
+    // chunk alone (its start overwrites the group's copy from the index, which holds the same
+    // tokens), and a group the capacity cuts is left to the prefill.
+    const bool kivi = kv_.shape().type == kernels::KvType::kKivi4;
+    const int64_t from = kivi ? std::max(start, have - have % kernels::kKiviGroup) : have;
+    if (kivi) to -= to % kernels::kKiviGroup;
+    if (start > have || to <= have) {  // not contiguous, or nothing before the capacity
       stop = true;
       break;
     }
@@ -194,7 +200,7 @@ LoadProgress TierBridge::ApplyLoad(PendingLoad& pending, PagedSequence& seq) {
       stop = true;
       break;
     }
-    CopyChunk(seq, kv_.shape(), kv_.page_tokens(), static_cast<int>(C), start, have, to,
+    CopyChunk(seq, kv_.shape(), kv_.page_tokens(), static_cast<int>(C), start, from, to,
               const_cast<std::byte*>(d.bytes().data()), /*to_pages=*/true);
     seq.SetTokens(to);
     added[static_cast<int>(d.tier)] += to - have;
@@ -234,7 +240,8 @@ LoadProgress TierBridge::RestoreNow(PagedSequence& seq, std::span<const TokenId>
 int64_t TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens,
                          int64_t skip_tokens) {
   const int64_t C = chunk_tokens_;
-  const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.n_tokens());
+  // Only slots holding their tokens' exact stored KV (not a kivi4 sequence's f16 window).
+  const int64_t n = std::min<int64_t>(static_cast<int64_t>(tokens.size()), seq.exact_tokens());
   const size_t first = static_cast<size_t>(std::max<int64_t>(0, skip_tokens) / C);
   const size_t last = static_cast<size_t>(n / C);
   if (last <= first) return skip_tokens;
