@@ -62,7 +62,7 @@ typedef struct ct_namespace {
 
 typedef struct ct_chunk_layout {
   uint32_t n_layer, n_kv_head, head_dim, n_tokens;
-  uint32_t kv_type; /* 0 f32, 1 f16, 2 q8_0, 3 q4_0, 4 kivi4 */
+  uint32_t kv_type; /* 0 f32, 1 f16, 2 q8_0, 3 q4_0, 4 kivi4, 5 q4_1 */
 } ct_chunk_layout;
 
 typedef struct ct_cache_options {

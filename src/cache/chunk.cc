@@ -75,14 +75,15 @@ std::vector<ChunkKey> ComputeChunkKeys(const Hash128& ns, std::span<const TokenI
 
 uint64_t ChunkLayout::head_bytes() const {
   // Mirrors kernels::KvHeadBytes without depending on the kernels (the cache layer sees only
-  // core): f32, f16, ggml q8_0 / q4_0 blocks of 32 elements in 34 / 18 bytes, and kivi4's
-  // blocks of 32 in 20 bytes (opaque here: a kivi4 chunk holds whole key groups).
+  // core): f32, f16, ggml q8_0 / q4_0 / q4_1 blocks of 32 elements in 34 / 18 / 20 bytes, and
+  // kivi4's blocks of 32 in 20 bytes (opaque here: a kivi4 chunk holds whole key groups).
   switch (kv_type) {
     case 0: return 4ull * head_dim;
     case 1: return 2ull * head_dim;
     case 2: return head_dim % 32 == 0 ? head_dim / 32 * 34ull : 0;
     case 3: return head_dim % 32 == 0 ? head_dim / 32 * 18ull : 0;
-    case 4: return head_dim % 32 == 0 ? head_dim / 32 * 20ull : 0;
+    case 4:  // kivi4
+    case 5: return head_dim % 32 == 0 ? head_dim / 32 * 20ull : 0;  // q4_1
     default: return 0;
   }
 }

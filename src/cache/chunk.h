@@ -33,7 +33,7 @@ struct NamespaceSpec {
   Hash128 model_fingerprint;  // weights identity (Model::Fingerprint)
   std::string arch;           // "llama", "qwen2"
   uint32_t n_layer = 0, n_kv_head = 0, head_dim = 0;
-  std::string kv_type;        // element type of stored KV: f32, f16, q8_0, q4_0, kivi4
+  std::string kv_type;        // stored KV type: f32, f16, q8_0, q4_0, kivi4, q4_1
   std::string layout = "layer-major-v1";
   std::string rope;           // e.g. "normal theta=10000 scale=1"
   std::string adapter;        // "" when none
@@ -58,7 +58,7 @@ struct ChunkLayout {
   uint32_t n_kv_head = 0;
   uint32_t head_dim = 0;
   uint32_t n_tokens = 0;
-  uint32_t kv_type = 1;  // kernels::KvType value: 0 f32, 1 f16, 2 q8_0, 3 q4_0, 4 kivi4
+  uint32_t kv_type = 1;  // kernels::KvType: 0 f32, 1 f16, 2 q8_0, 3 q4_0, 4 kivi4, 5 q4_1
 
   // Bytes of one head vector of the element type (0 if unknown), and of the whole raw chunk.
   uint64_t head_bytes() const;

@@ -189,7 +189,7 @@ Result<RecordHeader> DecodeRecordHeader(ByteSpan b, uint64_t record_size) {
     return Bad("layout", "n_tokens " + std::to_string(m.layout.n_tokens) + " != " +
                              std::to_string(n_tokens));
   }
-  if (m.layout.kv_type > 4) return Bad("layout", "kv_type " + std::to_string(m.layout.kv_type));
+  if (m.layout.kv_type > 5) return Bad("layout", "kv_type " + std::to_string(m.layout.kv_type));
   // Each dimension is bounded so raw_bytes() cannot overflow 64 bits.
   if (m.layout.n_layer == 0 || m.layout.n_layer > 4096 || m.layout.n_kv_head == 0 ||
       m.layout.n_kv_head > 4096 || m.layout.head_dim == 0 || m.layout.head_dim > 65536 ||

@@ -48,7 +48,7 @@ TEST(RecordTest, RoundTrip) {
 // Every KV type's layout survives a record (q4_0: ggml blocks of 32 in 18 bytes), an unknown
 // kv_type or a head_dim that is not whole blocks does not.
 TEST(RecordTest, RoundTripsEveryKvTypeAndRefusesUnknownOnes) {
-  for (uint32_t kv_type : {0u, 1u, 2u, 3u, 4u}) {
+  for (uint32_t kv_type : {0u, 1u, 2u, 3u, 4u, 5u}) {
     Fixture f;
     f.meta.layout.head_dim = 64;
     f.meta.layout.kv_type = kv_type;
@@ -71,8 +71,10 @@ TEST(RecordTest, RoundTripsEveryKvTypeAndRefusesUnknownOnes) {
   EXPECT_EQ(q4.head_bytes(), 40u);
   q4.head_dim = 48;
   EXPECT_EQ(q4.head_bytes(), 0u);
-  q4.kv_type = 5;
+  q4.kv_type = 5;  // q4_1
   q4.head_dim = 64;
+  EXPECT_EQ(q4.head_bytes(), 40u);
+  q4.kv_type = 6;
   EXPECT_EQ(q4.head_bytes(), 0u);
 }
 

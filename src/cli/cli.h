@@ -23,7 +23,7 @@ std::string DefaultModelPath();
 Result<kernels::WType> ParseWType(const std::string& s);
 
 // The model named by -m (the bundled one when empty) and an engine over it with the given KV
-// type (f32, f16, q8_0, q4_0, kivi4) and threads: what every command that computes starts
+// type (f32, f16, q8_0, q4_0, q4_1, kivi4) and threads: what every command that computes starts
 // with. Errors name the file, the problem in it, the unknown KV type, or a KV type the model's
 // head_dim does not fit.
 struct LoadedEngine {

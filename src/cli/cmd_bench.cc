@@ -513,7 +513,7 @@ Runner AddBenchCommand(CLI::App& app) {
   e->add_option("-n", a->n_gen, "Generated tokens")->check(CLI::Range(0, 1 << 20));
   e->add_option("--reps", a->reps, "Repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000));
-  e->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, kivi4");
+  e->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   e->add_flag("--json", a->json, "Print one JSON object");
   e->add_option("--ctx-depth", a->ctx_depth,
                 "Decode after this many tokens of context (read once, untimed; -p is unused), "
@@ -535,7 +535,7 @@ Runner AddBenchCommand(CLI::App& app) {
   p->add_option("--reps", pa->reps, "Repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000));
   p->add_option("--batches", pa->batches, "Concurrent sequences to measure")->delimiter(',');
-  p->add_option("--kv-type", pa->kv_type, "KV element type: f32, f16, q8_0, q4_0, kivi4");
+  p->add_option("--kv-type", pa->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   p->add_option("--kv-budget", pa->kv_budget, "Paged KV memory, e.g. 512MiB, 4GiB");
   p->add_option("--page-tokens", pa->page_tokens, "Tokens per page")->check(CLI::Range(1, 4096));
   p->add_flag("--json", pa->json, "Print one JSON object");

@@ -389,7 +389,7 @@ Runner AddBenchCacheSubcommand(CLI::App* bench) {
   c->add_option("--threads", a->threads, "Compute threads (0 = one per core)");
   c->add_option("-p", a->n_prompt, "Prompt tokens")->check(CLI::Range(1, 1 << 20));
   c->add_option("--chunk-tokens", a->chunk_tokens, "Tokens per chunk (multiple of 16)");
-  c->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, kivi4");
+  c->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   c->add_option("--codec", a->codec, "Codec for disk and Redis: raw, int8, int4, zstd+raw, ...");
   c->add_option("--disk-dir", a->disk_dir, "Disk tier directory (default: a temporary one)");
   c->add_option("--redis", a->redis, "Redis URL (repeatable; redis+cluster:// for a cluster)");

@@ -683,7 +683,7 @@ void AddCommon(CLI::App* c, CommonArgs& a) {
   c->add_option("-m,--model", a.model, "GGUF model (default: the bundled cachette-tiny)");
   c->add_option("--threads", a.threads, "Compute threads (0 = one per core)");
   c->add_option("--kv-type", a.kv_type,
-                "KV element type: f32, f16, q8_0, q4_0, kivi4 (lossy codecs: f32, f16)");
+                "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4 (lossy codecs: f32, f16)");
   c->add_option("--kv-codec", a.codecs,
                 "Codecs to pass the KV through, comma-separated: raw, int8, int4, int4-g64, "
                 "cachegen-high, cachegen, cachegen-low, zstd+X (the exact-KV baseline always "
@@ -750,7 +750,7 @@ Runner AddEvalCommand(CLI::App& app) {
       "positions (StreamingLLM), the KV never above --cache tokens; per window and peak RSS");
   st->add_option("-m,--model", sa->c.model, "GGUF model (default: the bundled cachette-tiny)");
   st->add_option("--threads", sa->c.threads, "Compute threads (0 = one per core)");
-  st->add_option("--kv-type", sa->c.kv_type, "KV element type: f32, f16, q8_0, q4_0, kivi4");
+  st->add_option("--kv-type", sa->c.kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   st->add_option("-f,--file", sa->text, "Text file")->required();
   st->add_option("--kv-policy", sa->policy, "streamingllm or lacache");
   st->add_option("--cache", sa->cache, "Most KV tokens per layer")->check(CLI::Range(2, 1 << 24));
@@ -766,7 +766,7 @@ Runner AddEvalCommand(CLI::App& app) {
       "prompt: accuracy, TTFT and recomputed share per reuse mode, full prefill beside them");
   g->add_option("-m,--model", ga->c.model, "GGUF model (default: the bundled cachette-tiny)");
   g->add_option("--threads", ga->c.threads, "Compute threads (0 = one per core)");
-  g->add_option("--kv-type", ga->c.kv_type, "KV element type: f32, f16, q8_0, q4_0, kivi4");
+  g->add_option("--kv-type", ga->c.kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   g->add_option("--data", ga->data,
                 "JSONL of {kind, docs, question, answer, hops} (default "
                 "../shared/eval/multidoc-qa.jsonl)");

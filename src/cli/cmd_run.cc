@@ -175,7 +175,7 @@ Runner AddRunCommand(CLI::App& app) {
   c->add_option("--repeat-penalty", a->repeat_penalty, "Repetition penalty (1 = off)");
   c->add_option("--seed", a->seed, "Sampling seed");
   c->add_option("--threads", a->threads, "Compute threads (0 = one per core)");
-  c->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, kivi4");
+  c->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   c->add_option("--stop", a->stop, "Stop string (repeatable)");
   c->add_flag("--json", a->json, "Print prompt ids, generated ids and timings as JSON");
   c->add_flag("--no-bos", a->no_bos, "Do not prepend BOS to a text prompt");

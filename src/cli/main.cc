@@ -37,10 +37,10 @@ Result<kernels::WType> ParseWType(const std::string& s) {
 
 Result<kernels::KvType> ParseKvType(const std::string& s) {
   for (auto t : {kernels::KvType::kF32, kernels::KvType::kF16, kernels::KvType::kQ8_0,
-                 kernels::KvType::kQ4_0, kernels::KvType::kKivi4}) {
+                 kernels::KvType::kQ4_0, kernels::KvType::kQ4_1, kernels::KvType::kKivi4}) {
     if (s == kernels::KvTypeName(t)) return t;
   }
-  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0, q4_0, kivi4)");
+  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0, q4_0, q4_1, kivi4)");
 }
 
 Status CheckKvTypeFits(kernels::KvType t, const Model& model) {

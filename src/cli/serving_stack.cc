@@ -22,7 +22,7 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
   Flag(c, p, kModel, "--kv-budget", &ServeConfig::kv_budget,
        "Memory for in-memory KV pages (512MiB)");
   Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type,
-       "KV element type: f32, f16, q8_0, q4_0, kivi4");
+       "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   Flag(c, p, kModel, "--chat-template", &ServeConfig::chat_template,
        "plain, chatml, llama3, gemma, llama2 (default: detected from the "
        "model)");

@@ -359,6 +359,8 @@ std::string_view KvTypeName(KvType t) {
       return "q4_0";
     case KvType::kKivi4:
       return "kivi4";
+    case KvType::kQ4_1:
+      return "q4_1";
   }
   return "?";
 }
@@ -376,6 +378,7 @@ size_t KvHeadBytes(KvType t, int head_dim) {
     case KvType::kQ4_0:
       return static_cast<size_t>(head_dim / 32) * 18;
     case KvType::kKivi4:
+    case KvType::kQ4_1:
       return static_cast<size_t>(head_dim / 32) * 20;
   }
   return 0;
@@ -470,6 +473,34 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
       }
       return;
     }
+    case KvType::kQ4_1: {
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const float* s = src + b * 32;
+        uint8_t* blk = out + b * 20;
+        float mn = s[0], mx = s[0];
+        bool finite = true;
+        for (int j = 0; j < 32; ++j) {
+          finite &= std::isfinite(s[j]);
+          mn = s[j] < mn ? s[j] : mn;
+          mx = s[j] > mx ? s[j] : mx;
+        }
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        const float d = finite ? (mx - mn) / 15.0f : nan;
+        const float id = finite && d != 0 ? 1.0f / d : 0.0f;
+        const uint16_t dh = Fp32ToFp16(d), mh = Fp32ToFp16(finite ? mn : nan);
+        std::memcpy(blk, &dh, 2);
+        std::memcpy(blk + 2, &mh, 2);
+        // (x - min) * id lies in [0, 15] up to rounding: + 0.5 truncated rounds half up.
+        auto nib = [&](float x) {
+          const float v = finite ? (x - mn) * id + 0.5f : 0.0f;
+          return v < 15.0f ? static_cast<int>(v) : 15;
+        };
+        for (int j = 0; j < 16; ++j) {
+          blk[4 + j] = static_cast<uint8_t>(nib(s[j]) | (nib(s[j + 16]) << 4));
+        }
+      }
+      return;
+    }
     case KvType::kKivi4:
       return;  // refused above
   }
@@ -508,6 +539,19 @@ void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) 
         for (int j = 0; j < 16; ++j) {
           dst[b * 32 + j] = d * ((blk[2 + j] & 0x0f) - 8);
           dst[b * 32 + j + 16] = d * ((blk[2 + j] >> 4) - 8);
+        }
+      }
+      return;
+    case KvType::kQ4_1:
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const uint8_t* blk = in + b * 20;
+        uint16_t dh, mh;
+        std::memcpy(&dh, blk, 2);
+        std::memcpy(&mh, blk + 2, 2);
+        const float d = Fp16ToFp32(dh), m = Fp16ToFp32(mh);
+        for (int j = 0; j < 16; ++j) {
+          dst[b * 32 + j] = std::fma(d, static_cast<float>(blk[4 + j] & 0x0f), m);
+          dst[b * 32 + j + 16] = std::fma(d, static_cast<float>(blk[4 + j] >> 4), m);
         }
       }
       return;

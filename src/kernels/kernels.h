@@ -117,6 +117,12 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
 //                clamped to 15 (ggml's quantize_row_q4_0_ref, bit for bit on finite input;
 //                a NaN makes its whole block NaN). Error <= |d|/2, but up to |d| where an
 //                element of the sign opposite to m clamps at 15.
+//   kQ4_1      : blocks of 32 along head_dim, ggml block_q4_1 layout (head_dim % 32 == 0):
+//                { f16 d; f16 m; uint8 qs[16] }  x = fma(d, nib, m), nibble order of kQ4_0
+//                (20 bytes); d = (max - min) / 15 and m = min of the block, nib = (x - min) / d
+//                rounded half up, clamped to 15 (ggml's quantize_row_q4_1_ref, bit for bit on
+//                finite input; a NaN or an infinity makes its whole block NaN). Per-token
+//                asymmetric 4 bits: error <= d / 2 plus the f16 rounding of d and m.
 //   kKivi4     : KIVI's asymmetric 4-bit layout (docs/kernels.md, "kivi4"), blocks of 32 along
 //                head_dim: { f16 scale; f16 min; uint8 qs[16] }  x = min + scale * nib, nibble
 //                order of kQ4_0 (20 bytes). A V vector is one token's: each block's scale and
@@ -127,7 +133,7 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
 //                KiviKeyParams), never alone: StoreKv, LoadKv and KvDot refuse kKivi4. The
 //                newest tokens of a kivi4 sequence are f16 outside the blocks (KvView::tail).
 // The values are stable: they are chunk layout ids in the cache layer (cache/chunk.h).
-enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2, kQ4_0 = 3, kKivi4 = 4 };
+enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2, kQ4_0 = 3, kKivi4 = 4, kQ4_1 = 5 };
 std::string_view KvTypeName(KvType t);
 // Elements per block along head_dim: 1 for kF32/kF16, 32 for the others. A head_dim that is
 // not a multiple of it cannot be stored in that type (StoreKv and Attention CHECK-fail).

@@ -666,7 +666,8 @@ float KvElem(const uint8_t* p, int i, KvType t) {
       const int nib = j < 16 ? blk[2 + j] & 0x0f : blk[2 + j - 16] >> 4;
       return HalfToFloat(blk) * static_cast<float>(nib - 8);
     }
-    case KvType::kKivi4: {  // a V vector (head_dim % 32 == 0: never a tail element)
+    case KvType::kKivi4:  // a V vector (head_dim % 32 == 0: never a tail element)
+    case KvType::kQ4_1: {  // the same block layout and arithmetic
       const uint8_t* blk = p + (i / 32) * 20;
       const int j = i % 32;
       const int nib = j < 16 ? blk[4 + j] & 0x0f : blk[4 + j - 16] >> 4;
@@ -709,8 +710,8 @@ __m256 LoadKv8(const uint8_t* p, int i, KvType t) {
       return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)),
                              _mm256_set1_ps(-8.0f * d));
     }
-    case KvType::kKivi4: {
-      // A V vector (a K vector needs its group's parameters: WidenKivi).
+    case KvType::kKivi4:  // a V vector (a K vector needs its group's parameters: WidenKivi)
+    case KvType::kQ4_1: {  // the same block layout and arithmetic
       const uint8_t* blk = p + (i / 32) * 20;
       return _mm256_fmadd_ps(_mm256_set1_ps(HalfToFloat(blk)), Nibbles8(blk + 4, i % 32),
                              _mm256_set1_ps(HalfToFloat(blk + 2)));
@@ -926,9 +927,9 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
   using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
                       const int64_t*, float, float*, size_t, int, int);
   // [KV type][heads - 1]
-  static constexpr Fn kFns[5][kMaxAttnHeads] = {
-      BLOCK_HEADS(KvType::kF32), BLOCK_HEADS(KvType::kF16), BLOCK_HEADS(KvType::kQ8_0),
-      BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4)};
+  static constexpr Fn kFns[6][kMaxAttnHeads] = {
+      BLOCK_HEADS(KvType::kF32),  BLOCK_HEADS(KvType::kF16),   BLOCK_HEADS(KvType::kQ8_0),
+      BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4), BLOCK_HEADS(KvType::kQ4_1)};
   const int hd = kv.head_dim;
   for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
     const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;

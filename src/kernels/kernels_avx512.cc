@@ -751,8 +751,8 @@ __m512 LoadKv16(const uint8_t* p, int i, KvType t, __mmask16 mask) {
       return _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)),
                              _mm512_set1_ps(-8.0f * d));
     }
-    case KvType::kKivi4: {
-      // A V vector (a K vector needs its group's parameters: WidenKivi).
+    case KvType::kKivi4:  // a V vector (a K vector needs its group's parameters: WidenKivi)
+    case KvType::kQ4_1: {  // the same block layout and arithmetic
       const uint8_t* blk = p + (i / 32) * 20;
       __m128i q = _mm_maskz_loadu_epi8(mask, blk + 4);
       if (i % 32 != 0) q = _mm_srli_epi16(q, 4);
@@ -1001,9 +1001,9 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
   using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
                       const int64_t*, float, const BlockOut&);
   // [KV type][heads - 1]
-  static constexpr Fn kFns[5][kMaxAttnHeads] = {
-      BLOCK_HEADS(KvType::kF32), BLOCK_HEADS(KvType::kF16), BLOCK_HEADS(KvType::kQ8_0),
-      BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4)};
+  static constexpr Fn kFns[6][kMaxAttnHeads] = {
+      BLOCK_HEADS(KvType::kF32),  BLOCK_HEADS(KvType::kF16),   BLOCK_HEADS(KvType::kQ8_0),
+      BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4), BLOCK_HEADS(KvType::kQ4_1)};
   const int hd = kv.head_dim;
   for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
     const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;

@@ -176,6 +176,13 @@ float KvElem(const void* p, int i, KvType t) {
       const int nib = j < 16 ? blk[2 + j] & 0x0f : blk[2 + j - 16] >> 4;
       return Fp16ToFp32(LoadU16(blk)) * static_cast<float>(nib - 8);
     }
+    case KvType::kQ4_1: {
+      const uint8_t* blk = b + (i / 32) * 20;
+      const int j = i % 32;
+      const int nib = j < 16 ? blk[4 + j] & 0x0f : blk[4 + j - 16] >> 4;
+      return std::fma(Fp16ToFp32(LoadU16(blk)), static_cast<float>(nib),
+                      Fp16ToFp32(LoadU16(blk + 2)));
+    }
     case KvType::kKivi4:
       break;  // read with its group: AttendSpan widens kivi4 tiles
   }

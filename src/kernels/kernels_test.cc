@@ -582,13 +582,84 @@ TEST_F(IsaTest, StoreLoadKvQ4_0IsGgmlBlockQ4_0) {
   for (int j = 0; j < 32; ++j) EXPECT_FALSE(std::isnan(back[4 * 32 + j])) << j;
 }
 
+// ggml's quantize_row_q4_1_ref, transcribed: the bytes StoreKv(kQ4_1) must write.
+void GgmlQuantizeQ4_1(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n / 32; ++i) {
+    float min = std::numeric_limits<float>::max(), max = -std::numeric_limits<float>::max();
+    for (int j = 0; j < 32; ++j) {
+      const float v = x[i * 32 + j];
+      if (v < min) min = v;
+      if (v > max) max = v;
+    }
+    const float d = (max - min) / ((1 << 4) - 1);
+    const float id = d ? 1.0f / d : 0.0f;
+    uint8_t* y = out + i * 20;
+    PutU16(y, Fp32ToFp16(d));
+    PutU16(y + 2, Fp32ToFp16(min));
+    for (int j = 0; j < 16; ++j) {
+      const float x0 = (x[i * 32 + 0 + j] - min) * id;
+      const float x1 = (x[i * 32 + 16 + j] - min) * id;
+      const uint8_t xi0 = std::min<uint8_t>(15, static_cast<int8_t>(x0 + 0.5f));
+      const uint8_t xi1 = std::min<uint8_t>(15, static_cast<int8_t>(x1 + 0.5f));
+      y[4 + j] = static_cast<uint8_t>(xi0 | (xi1 << 4));
+    }
+  }
+}
+
+TEST_F(IsaTest, StoreLoadKvQ4_1IsGgmlBlockQ4_1) {
+  const int hd = 96;
+  const int64_t n_vec = 5;
+  std::vector<float> x = RandomFloats(n_vec * hd, -3, 3);
+  // Edge blocks: constant, all-positive with an offset, ties ((x - min) / d = k + 1/2), tiny.
+  for (int j = 0; j < 32; ++j) x[j] = 1.5f;
+  for (int j = 0; j < 32; ++j) x[32 + j] = 10.0f + 0.1f * j;
+  for (int j = 0; j < 32; ++j) x[96 + j] = (j % 15) * 0.5f + 0.25f - 3.0f;
+  x[96] = -3.0f;
+  x[97] = 4.5f;  // d = 0.5
+  for (int j = 0; j < 32; ++j) x[128 + j] = 1e-6f * (j - 16);
+  ASSERT_EQ(KvHeadBytes(KvType::kQ4_1, hd), 60u);
+  EXPECT_EQ(KvTypeBlockElems(KvType::kQ4_1), 32);
+  EXPECT_EQ(KvTypeName(KvType::kQ4_1), "q4_1");
+  std::vector<uint8_t> buf(KvHeadBytes(KvType::kQ4_1, hd) * n_vec, 0xAA);
+  StoreKv(x.data(), n_vec, hd, KvType::kQ4_1, buf.data());
+  std::vector<uint8_t> want(buf.size());
+  GgmlQuantizeQ4_1(x.data(), n_vec * hd, want.data());
+  ASSERT_EQ(buf, want);
+  // Reads back as fma(d, nib, m), element j < 16 the low nibble of qs[j], j + 16 the high one;
+  // |x - x'| <= d / 2 plus the f16 rounding of d (relative 2^-11, times nib <= 15; absolute
+  // 2^-25 when subnormal) and of m (relative 2^-11).
+  std::vector<float> back(n_vec * hd);
+  LoadKv(buf.data(), n_vec, hd, KvType::kQ4_1, back.data());
+  for (int64_t b = 0; b < n_vec * hd / 32; ++b) {
+    const uint8_t* blk = buf.data() + b * 20;
+    const float d = Fp16ToFp32(GetU16(blk)), m = Fp16ToFp32(GetU16(blk + 2));
+    const double d_err = d / 2048 + 1.0 / (1 << 25), m_err = std::fabs(m) / 2048 + 1e-7;
+    for (int j = 0; j < 32; ++j) {
+      const int nib = j < 16 ? blk[4 + j] & 15 : blk[4 + j - 16] >> 4;
+      ASSERT_EQ(back[b * 32 + j], std::fma(d, static_cast<float>(nib), m)) << b << " " << j;
+      ASSERT_NEAR(back[b * 32 + j], x[b * 32 + j], (d + d_err) / 2 + 15 * d_err + m_err)
+          << b << " " << j;
+    }
+  }
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(back[j], 1.5f);  // a constant block is exact
+  // A NaN or an infinity poisons its block only, without undefined casts.
+  x[3 * 32 + 7] = std::numeric_limits<float>::quiet_NaN();
+  x[4 * 32 + 9] = -std::numeric_limits<float>::infinity();
+  StoreKv(x.data(), n_vec, hd, KvType::kQ4_1, buf.data());
+  LoadKv(buf.data(), n_vec, hd, KvType::kQ4_1, back.data());
+  for (int j = 0; j < 32; ++j) EXPECT_TRUE(std::isnan(back[3 * 32 + j])) << j;
+  for (int j = 0; j < 32; ++j) EXPECT_TRUE(std::isnan(back[4 * 32 + j])) << j;
+  for (int j = 0; j < 32; ++j) EXPECT_FALSE(std::isnan(back[2 * 32 + j])) << j;
+}
+
 // The attention inner loops of every ISA level against the scalar ones, for every KV type, at
 // head sizes with vector tails (float types) and several blocks (quantized types).
 TEST_F(IsaTest, KvDotAndAxpyMatchScalar) {
   std::vector<const internal::Ops*> levels = {&internal::ScalarOps()};
   if (BestIsa() >= Isa::kAvx2) levels.push_back(&internal::Avx2Ops());
   if (BestIsa() >= Isa::kAvx512) levels.push_back(&internal::Avx512Ops());
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0,
+                      KvType::kQ4_1}) {
     for (int hd : {32, 40, 72, 96, 160, 200}) {
       if (hd % KvTypeBlockElems(type) != 0) continue;
       SCOPED_TRACE(std::string(KvTypeName(type)) + " hd=" + std::to_string(hd));
@@ -711,7 +782,8 @@ TEST_F(IsaTest, AttentionMatchesNaiveDouble) {
       {14, 2, 64, 256, 3, 9},  // qwen2.5-0.5b head layout, one contiguous block
       {10, 1, 40, 8, 3, 5},    // group > 8 heads, head_dim not a multiple of 16 (float KV only)
   };
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0,
+                      KvType::kQ4_1}) {
     for (const Case& c : cases) {
       if (c.hd % KvTypeBlockElems(type) != 0) continue;
       SCOPED_TRACE(std::string(KvTypeName(type)) + " n_head=" + std::to_string(c.n_head) +
@@ -776,7 +848,8 @@ TEST_F(IsaTest, AttentionLseMatchesNaiveDouble) {
       {14, 2, 64, 32, 9, 4104, 0, 4104, 4095, 0.125f, "chunk straddling the 2nd split boundary"},
       {4, 1, 64, 64, 2, 4500, 1000, 4500, -1, 0.125f, "non-causal, starting inside a split"},
   };
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0,
+                      KvType::kQ4_1}) {
     for (const Case& c : cases) {
       if (c.hd % KvTypeBlockElems(type) != 0) continue;
       SCOPED_TRACE(std::string(KvTypeName(type)) + " " + c.what);
@@ -814,7 +887,8 @@ TEST_F(IsaTest, AttentionLseRangesMergeIntoAttention) {
   const int n_head = 6, n_kv_head = 2, hd = 64, n_q = 5;
   const int64_t q_pos0 = 27, n = q_pos0 + n_q;
   const float scale = 0.125f;
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0,
+                      KvType::kQ4_1}) {
     TestKv kv = MakeKv(type, n_kv_head, hd, 16, n, n + 1, rng_);
     std::vector<float> q = RandomFloats(n_q * n_head * hd, -2, 2);
     for (Isa isa : Levels()) {
@@ -851,7 +925,7 @@ TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
   const int n_head = 6, n_kv_head = 2, hd = 64;
   const int64_t q_pos0 = 2030, n_q = 24;  // query 18 is the first past the split at 2,048
   ThreadPool one(1), three(3);
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0}) {
+  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_1}) {
     TestKv kv = MakeKv(type, n_kv_head, hd, 16, q_pos0 + n_q, q_pos0 + n_q, rng_);
     std::vector<float> q = RandomFloats(n_q * n_head * hd, -2, 2);
     const size_t row = static_cast<size_t>(n_head) * hd;

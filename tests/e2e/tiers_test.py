@@ -8,6 +8,8 @@
     from its journal before any request, `cachette cache ls` lists it, its next turn restores
     its 4-bit chunks from disk (no prefill) and answers as an uninterrupted server does, and a
     conversation whose prefix changed restores only the part before the change;
+  - a session in KIVI-style 4-bit KV (--kv-type kivi4) reuses its quantized pages, restores
+    them from disk after a restart, and the features kivi4 cannot serve refuse it at start-up;
   - two servers sharing a Redis server share chunks;
   - killing Redis fails no request (it becomes a miss and a counter);
   - clearing a tenant removes its KV from every tier, across a restart and across servers;
@@ -170,6 +172,46 @@ def test_q4_session_survives_restart(binary, model, tmp):
         check(session_pins(r4) == [], "nothing restored after the clear")
     finally:
         r4.stop()
+
+
+def test_kivi4_session_survives_restart(binary, model, tmp):
+    """KIVI-style 4-bit KV (--kv-type kivi4): a session's quantized pages are reused by its next
+    turn, go to disk in whole chunks and come back after a restart; its newest 64 to 95 tokens
+    (the f16 window) are recomputed, not stored. Features that rewrite single slots refuse it at
+    start-up."""
+    kivi = ("--kv-type", "kivi4")
+    d = os.path.join(tmp, "disk-kivi")
+    args = ("--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw") + kivi
+    r1 = Server(binary, model, *args)
+    try:
+        a1, u1 = complete(r1, TURN1, 16, session_id="agent-k")
+        check(len(a1) > 0, "turn 1 answers")
+        turn2 = TURN1 + a1 + "\nQuestion: and what is full?\nAnswer:"
+        want, u2 = complete(r1, turn2, 16, session_id="agent-k")
+        n1 = u1.get("prompt_tokens", 0) + u1.get("completion_tokens", 0)
+        cached = u2.get("prompt_tokens_details", {}).get("cached_tokens", -1)
+        # Only whole key groups with 64 newer tokens after them were quantized and committed.
+        check(cached % 32 == 0 and n1 - 96 - 32 < cached <= n1 - 64,
+              "turn 2 reuses turn 1's quantized tokens (%d of %d): %s" % (cached, n1, u2))
+    finally:
+        graceful_stop(r1)
+    r2 = Server(binary, model, *args)
+    try:
+        got2, usage = complete(r2, turn2, 16, session_id="agent-k")
+        disk = by_tier(usage).get("disk", 0)
+        check(disk >= 256 and disk % 64 == 0, "turn 2 restored from disk: %s" % usage)
+        check(len(got2) > 0, "the restored session answers: %r (uninterrupted: %r)" %
+              (got2, want))
+        status, st = r2.get("/v1/cache/stats")
+        check(status == 200 and st.get("kv", {}).get("page_tokens") == 32,
+              "kivi4 pages hold whole key groups: %s" % st.get("kv"))
+    finally:
+        graceful_stop(r2)
+    for extra in (("--kv-policy", "snapkv"), ("--relay",)):
+        bad = subprocess.run([binary, "serve", "-m", model, "--port", str(free_port())] +
+                             list(kivi + extra), capture_output=True, text=True, timeout=60)
+        check(bad.returncode != 0 and "kivi4" in bad.stderr and extra[0] in bad.stderr,
+              "serve %s with kivi4 is refused by name: %r" % (extra[0], bad.stderr[-300:]))
 
 
 def test_redis_shared_and_dead(binary, model, tmp):
@@ -429,7 +471,8 @@ def main():
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cachette-tiers-")
     tests = [test_restart_hits_disk, test_session_restored_from_disk,
-             test_q4_session_survives_restart, test_redis_shared_and_dead, test_redis_levels,
+             test_q4_session_survives_restart, test_kivi4_session_survives_restart,
+             test_redis_shared_and_dead, test_redis_levels,
              test_frozen_redis_never_stalls_streams, test_clear_reaches_every_tier]
     failed = 0
     try:
