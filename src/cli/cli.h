@@ -32,9 +32,16 @@ struct LoadedEngine {
   kernels::KvType kv_type = kernels::KvType::kF16;
   std::unique_ptr<Engine> engine;
 };
+// kv_recent: --kv-recent (-1: the type's default; CheckKvRecent's rules).
 Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_type,
-                                int threads);
+                                int threads, int kv_recent = -1);
 Result<kernels::KvType> ParseKvType(const std::string& s);
+// --kv-recent N: the newest N tokens of a quantized KV type kept in f16 (KvShape::recent).
+// kInvalidArgument for N < -1 or above 65536, or N > 0 on f32 / f16 KV (nothing to keep).
+Status CheckKvRecent(kernels::KvType t, int kv_recent);
+inline constexpr const char* kKvRecentHelp =
+    "Newest tokens a quantized KV type keeps in f16 (KIVI's residual; default 64 for kivi4, 0 "
+    "for the others)";
 // kInvalidArgument naming both when `model`'s head_dim is not a multiple of the KV type's
 // block (32 for q8_0 and q4_0).
 Status CheckKvTypeFits(kernels::KvType t, const Model& model);

@@ -44,6 +44,7 @@ struct BenchArgs {
   int n_gen = 128;
   int reps = 3;
   std::string kv_type = "f16";
+  int kv_recent = -1;
   bool json = false;
   int ctx_depth = 0;                     // > 0: decode after this many tokens of context
   std::vector<std::string> kv_policies;  // with ctx_depth: policies measured beside full KV
@@ -57,7 +58,7 @@ int BenchEngine(const BenchArgs& a) {
   if (!a.kv_policies.empty()) {
     return Fail(InvalidArgument("--kv-policy is measured at a context depth: add --ctx-depth N"));
   }
-  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads, a.kv_recent);
   if (!loaded.ok()) return Fail(loaded.status());
   const std::string& path = loaded->path;
   const Model& model = *loaded->model;
@@ -203,7 +204,7 @@ double AttentionSecondsPerToken(Engine& engine, const SequenceKv& kv, int rounds
 }
 
 int BenchEngineAtDepth(const BenchArgs& a) {
-  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads, a.kv_recent);
   if (!loaded.ok()) return Fail(loaded.status());
   const Model& model = *loaded->model;
   Engine& engine = *loaded->engine;
@@ -514,6 +515,7 @@ Runner AddBenchCommand(CLI::App& app) {
   e->add_option("--reps", a->reps, "Repetitions (the median is reported)")
       ->check(CLI::Range(1, 1000));
   e->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
+  e->add_option("--kv-recent", a->kv_recent, kKvRecentHelp);
   e->add_flag("--json", a->json, "Print one JSON object");
   e->add_option("--ctx-depth", a->ctx_depth,
                 "Decode after this many tokens of context (read once, untimed; -p is unused), "

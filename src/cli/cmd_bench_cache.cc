@@ -29,6 +29,7 @@ struct BenchCacheArgs {
   int n_prompt = 4096;
   int chunk_tokens = 256;
   std::string kv_type = "f16";
+  int kv_recent = -1;
   std::string codec = "raw";
   std::string disk_dir;
   std::vector<std::string> redis;
@@ -216,7 +217,7 @@ Result<nlohmann::json> Throughput(const BenchCacheArgs& a, const KvShape& shape,
 }
 
 int BenchCache(const BenchCacheArgs& a) {
-  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads, a.kv_recent);
   if (!loaded.ok()) return Fail(loaded.status());
   const std::string& path = loaded->path;
   const Model& model = *loaded->model;
@@ -390,6 +391,7 @@ Runner AddBenchCacheSubcommand(CLI::App* bench) {
   c->add_option("-p", a->n_prompt, "Prompt tokens")->check(CLI::Range(1, 1 << 20));
   c->add_option("--chunk-tokens", a->chunk_tokens, "Tokens per chunk (multiple of 16)");
   c->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
+  c->add_option("--kv-recent", a->kv_recent, kKvRecentHelp);
   c->add_option("--codec", a->codec, "Codec for disk and Redis: raw, int8, int4, zstd+raw, ...");
   c->add_option("--disk-dir", a->disk_dir, "Disk tier directory (default: a temporary one)");
   c->add_option("--redis", a->redis, "Redis URL (repeatable; redis+cluster:// for a cluster)");

@@ -26,6 +26,7 @@ struct CommonArgs {
   std::string model;
   int threads = 0;
   std::string kv_type = "f16";
+  int kv_recent = -1;
   std::vector<std::string> codecs;
   int chunk_tokens = 256;
   std::vector<std::string> kv_policies;
@@ -48,6 +49,7 @@ struct PplArgs {
   CommonArgs c;
   std::string text;
   int ctx = 1024;
+  int score_step = 0;
   uint64_t bytes = 0;
 };
 
@@ -89,7 +91,9 @@ Result<std::string> ReadFile(const std::string& path, uint64_t max_bytes) {
 }
 
 // Loads the model and builds the engine the eval runs on.
-Result<LoadedEngine> Load(const CommonArgs& a) { return LoadEngine(a.model, a.kv_type, a.threads); }
+Result<LoadedEngine> Load(const CommonArgs& a) {
+  return LoadEngine(a.model, a.kv_type, a.threads, a.kv_recent);
+}
 
 // Progress on stderr, only for a person watching a terminal.
 std::function<void(int, int)> Progress(const CommonArgs& a, const char* what) {
@@ -105,6 +109,7 @@ nlohmann::json Header(const LoadedEngine& l, const CommonArgs& a) {
   return {{"model", l.path},
           {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
           {"kv_type", a.kv_type},
+          {"kv_recent", l.engine->kv_shape().recent},
           {"threads", l.engine->pool().size()},
           {"chunk_tokens", a.chunk_tokens}};
 }
@@ -204,6 +209,7 @@ int EvalPpl(const PplArgs& a) {
   if (!pcs->empty()) return EvalPolicyPpl(a, *l, *text, tokens, *pcs);
   eval::PerplexityOptions o;
   o.ctx = a.ctx;
+  o.score_step = a.score_step;
   o.codecs = a.c.codecs;
   o.chunk_tokens = a.c.chunk_tokens;
   o.bos = tok.add_bos() ? tok.bos() : -1;
@@ -219,6 +225,7 @@ int EvalPpl(const PplArgs& a) {
     j["text"] = a.text;
     j["text_bytes"] = text->size();
     j["ctx"] = r->ctx;
+    j["score_step"] = a.score_step;
     j["scoring"] = "second-half";  // llama.cpp perplexity: positions [ctx/2, ctx-1) of a window
     j["n_tokens"] = r->n_input_tokens;
     j["n_windows"] = r->n_windows;
@@ -684,6 +691,7 @@ void AddCommon(CLI::App* c, CommonArgs& a) {
   c->add_option("--threads", a.threads, "Compute threads (0 = one per core)");
   c->add_option("--kv-type", a.kv_type,
                 "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4 (lossy codecs: f32, f16)");
+  c->add_option("--kv-recent", a.kv_recent, kKvRecentHelp);
   c->add_option("--kv-codec", a.codecs,
                 "Codecs to pass the KV through, comma-separated: raw, int8, int4, int4-g64, "
                 "cachegen-high, cachegen, cachegen-low, zstd+X (the exact-KV baseline always "
@@ -719,6 +727,11 @@ Runner AddEvalCommand(CLI::App& app) {
   p->add_option("-f,--file", pa->text, "Text file")->required();
   p->add_option("--ctx", pa->ctx, "Window length in tokens")->check(CLI::Range(4, 1 << 20));
   p->add_option("--bytes", pa->bytes, "Use only the first B bytes of the file (0 = all)");
+  p->add_option("--score-step", pa->score_step,
+                "Scored tokens per forward pass (0 = the second half at once; 1 = as decoding, "
+                "each token attending to the KV as stored, e.g. quantized past a --kv-recent "
+                "window)")
+      ->check(CLI::Range(0, 1 << 20));
   auto ra = std::make_shared<RetrievalArgs>();
   CLI::App* r = c->add_subcommand(
       "retrieval",

@@ -23,6 +23,7 @@ struct RunArgs {
   uint64_t seed = 0;
   int threads = 0;
   std::string kv_type = "f16";
+  int kv_recent = -1;
   std::vector<std::string> stop;
   bool json = false;
   bool no_bos = false;
@@ -51,7 +52,7 @@ Result<std::vector<TokenId>> ParseIds(const std::string& s) {
 }
 
 int Run(const RunArgs& a) {
-  auto loaded = LoadEngine(a.model, a.kv_type, a.threads);
+  auto loaded = LoadEngine(a.model, a.kv_type, a.threads, a.kv_recent);
   if (!loaded.ok()) return Fail(loaded.status());
   const std::string& path = loaded->path;
   const Model& model = *loaded->model;
@@ -176,6 +177,7 @@ Runner AddRunCommand(CLI::App& app) {
   c->add_option("--seed", a->seed, "Sampling seed");
   c->add_option("--threads", a->threads, "Compute threads (0 = one per core)");
   c->add_option("--kv-type", a->kv_type, "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
+  c->add_option("--kv-recent", a->kv_recent, kKvRecentHelp);
   c->add_option("--stop", a->stop, "Stop string (repeatable)");
   c->add_flag("--json", a->json, "Print prompt ids, generated ids and timings as JSON");
   c->add_flag("--no-bos", a->no_bos, "Do not prepend BOS to a text prompt");

@@ -54,16 +54,30 @@ Status CheckKvTypeFits(kernels::KvType t, const Model& model) {
   return Status::Ok();
 }
 
+Status CheckKvRecent(kernels::KvType t, int kv_recent) {
+  if (kv_recent < -1 || kv_recent > 65536) {
+    return InvalidArgument("--kv-recent " + std::to_string(kv_recent) +
+                           " is out of range [0, 65536]");
+  }
+  if (kv_recent > 0 && (t == kernels::KvType::kF32 || t == kernels::KvType::kF16)) {
+    return InvalidArgument("--kv-recent keeps the newest tokens of a quantized KV type in f16; " +
+                           std::string(kernels::KvTypeName(t)) + " KV has nothing to keep");
+  }
+  return Status::Ok();
+}
+
 Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_type,
-                                int threads) {
+                                int threads, int kv_recent) {
   LoadedEngine l;
   l.path = model.empty() ? DefaultModelPath() : model;
   CT_ASSIGN_OR_RETURN(l.kv_type, ParseKvType(kv_type));
+  CT_RETURN_IF_ERROR(CheckKvRecent(l.kv_type, kv_recent));
   CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path));
   CT_RETURN_IF_ERROR(CheckKvTypeFits(l.kv_type, *l.model).WithContext(l.path));
   EngineOptions eo;
   eo.threads = threads;
   eo.kv_type = l.kv_type;
+  eo.kv_recent = kv_recent;
   l.engine = std::make_unique<Engine>(*l.model, eo);
   return l;
 }

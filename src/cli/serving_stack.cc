@@ -23,6 +23,7 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
        "Memory for in-memory KV pages (512MiB)");
   Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type,
        "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
+  Flag(c, p, kModel, "--kv-recent", &ServeConfig::kv_recent, kKvRecentHelp);
   Flag(c, p, kModel, "--chat-template", &ServeConfig::chat_template,
        "plain, chatml, llama3, gemma, llama2 (default: detected from the "
        "model)");
@@ -122,11 +123,11 @@ Result<ServeConfig> ResolveServeConfig(const ServeFlags& f) {
 
 Status CheckStackConfig(const ServeConfig& cfg) {
   CT_ASSIGN_OR_RETURN(const kernels::KvType kv_type, ParseKvType(cfg.kv_type));
-  if (kv_type == kernels::KvType::kKivi4) {
-    const KvShape kivi{0, 0, 0, kv_type};
-    if (!cfg.kv_policy.empty()) CT_RETURN_IF_ERROR(CheckKvRewritable(kivi, "--kv-policy"));
-    if (cfg.relay) CT_RETURN_IF_ERROR(CheckKvRewritable(kivi, "--relay"));
-  }
+  CT_RETURN_IF_ERROR(CheckKvRecent(kv_type, cfg.kv_recent));
+  // A windowed KV type (kivi4, --kv-recent) cannot serve what rewrites single slots.
+  const KvShape shape{0, 0, 0, kv_type, std::max(cfg.kv_recent, 0)};
+  if (!cfg.kv_policy.empty()) CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--kv-policy"));
+  if (cfg.relay) CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--relay"));
   if (auto b = ParseBytes(cfg.kv_budget); !b.ok()) return b.status().WithContext("--kv-budget");
   if (!cfg.chat_template.empty()) {
     CT_RETURN_IF_ERROR(server::ChatTemplate::ByName(cfg.chat_template).status());
@@ -295,6 +296,7 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   EngineOptions eo;
   eo.threads = cfg.threads;
   eo.kv_type = *ParseKvType(cfg.kv_type);  // CheckStackConfig parsed both
+  eo.kv_recent = cfg.kv_recent;
   CT_RETURN_IF_ERROR(CheckKvTypeFits(eo.kv_type, *st->model).WithContext("--kv-type"));
   st->engine = std::make_unique<Engine>(*st->model, eo);
   if (!cfg.kv_events.empty()) {

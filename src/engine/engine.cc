@@ -49,7 +49,9 @@ Engine::~Engine() = default;
 
 KvShape Engine::kv_shape() const {
   const ModelConfig& c = model_.config();
-  return KvShape{c.n_layer, c.n_kv_head, c.head_dim, options_.kv_type};
+  const bool kivi = options_.kv_type == kernels::KvType::kKivi4;
+  const int recent = options_.kv_recent >= 0 ? options_.kv_recent : kivi ? kDefaultKiviRecent : 0;
+  return KvShape{c.n_layer, c.n_kv_head, c.head_dim, options_.kv_type, recent};
 }
 
 std::unique_ptr<ContiguousKv> Engine::NewSequence(int64_t capacity) const {
@@ -234,7 +236,7 @@ void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
   float* gate = s.gate.Get(n * ff);
   float* up = s.up.Get(n * ff);
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  // New K/V go in the sequence's write type (kivi4's newest tokens are f16, KiviTail).
+  // New K/V go in the sequence's write type (a window's newest tokens are f16, KvWindow).
   const kernels::KvType kv_type = kv_shape().write_type();
 
   const LayerWeights& w = model_.layers()[layer];

@@ -28,6 +28,9 @@ namespace cachette {
 struct EngineOptions {
   int threads = 0;                                  // 0 = one per core
   kernels::KvType kv_type = kernels::KvType::kF16;  // element type of stored K/V
+  // Newest tokens a quantized KV type keeps in f16 (KvShape::recent); -1 = the type's default
+  // (kDefaultKiviRecent for kivi4, 0 for the others).
+  int kv_recent = -1;
   int64_t max_batch_tokens = 512;                   // tokens per internal micro-batch
 };
 

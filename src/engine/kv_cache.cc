@@ -47,23 +47,31 @@ void SlotBook::Restride(int n_kv_head, int64_t old_stride, int64_t stride, int64
 }
 
 Status CheckKvRewritable(const KvShape& shape, std::string_view what) {
-  if (shape.type != kernels::KvType::kKivi4) return Status::Ok();
-  return InvalidArgument(std::string(what) +
-                         " does not work with kivi4 KV (its keys are quantized by groups of 32 "
-                         "tokens): use f16, q8_0 or q4_0");
+  if (shape.type == kernels::KvType::kKivi4) {
+    return InvalidArgument(std::string(what) +
+                           " does not work with kivi4 KV (its keys are quantized by groups of 32 "
+                           "tokens): use f16, q8_0, q4_0 or q4_1");
+  }
+  if (shape.windowed()) {
+    return InvalidArgument(std::string(what) + " does not work with " +
+                           std::string(kernels::KvTypeName(shape.type)) +
+                           " KV with a recent f16 window (--kv-recent " +
+                           std::to_string(shape.recent) + "): its newest tokens are not in slots");
+  }
+  return Status::Ok();
 }
 
-// ---- KiviTail ------------------------------------------------------------------------------
+// ---- KvWindow ------------------------------------------------------------------------------
 
-KiviTail::KiviTail(const KvShape& shape)
+KvWindow::KvWindow(const KvShape& shape)
     : shape_(shape),
       row_(static_cast<size_t>(shape.n_kv_head) * shape.head_dim),
       k_(shape.n_layer),
       v_(shape.n_layer) {
-  Resize(kRecent + kernels::kKiviGroup);
+  Resize(shape.recent + kernels::kKiviGroup);
 }
 
-void KiviTail::Resize(int64_t cap) {
+void KvWindow::Resize(int64_t cap) {
   for (auto* rings : {&k_, &v_}) {
     for (auto& ring : *rings) {
       std::vector<uint16_t> fresh(static_cast<size_t>(cap) * row_);
@@ -77,37 +85,38 @@ void KiviTail::Resize(int64_t cap) {
   cap_ = cap;
 }
 
-void KiviTail::Grow(int64_t need) {
+void KvWindow::Grow(int64_t need) {
   if (need <= cap_) return;
   Resize(std::max(need, 2 * cap_));
 }
 
-void* KiviTail::K(int layer, int64_t pos) {
+void* KvWindow::K(int layer, int64_t pos) {
   CT_CHECK(pos >= begin_) << "kivi4 write at " << pos << " before the window at " << begin_;
   Grow(pos + 1 - begin_);
   end_ = std::max(end_, pos + 1);
   return k_[layer].data() + (pos % cap_) * row_;
 }
 
-void* KiviTail::V(int layer, int64_t pos) {
+void* KvWindow::V(int layer, int64_t pos) {
   CT_CHECK(pos >= begin_) << "kivi4 write at " << pos << " before the window at " << begin_;
   Grow(pos + 1 - begin_);
   end_ = std::max(end_, pos + 1);
   return v_[layer].data() + (pos % cap_) * row_;
 }
 
-void KiviTail::Fill(int layer, kernels::KvView* view) const {
+void KvWindow::Fill(int layer, kernels::KvView* view) const {
   view->tail_begin = begin_;
   view->tail_cap = cap_;
   view->tail_k = k_[layer].data();
   view->tail_v = v_[layer].data();
 }
 
-void KiviTail::Flush(SequenceKv& seq, int64_t n) {
-  const int64_t G = kernels::kKiviGroup;
-  if (begin_ + G + kRecent > n) return;
+void KvWindow::Flush(SequenceKv& seq, int64_t n) {
+  const int64_t G = kernels::kKiviGroup, recent = shape_.recent;
+  const bool kivi = shape_.type == kernels::KvType::kKivi4;
+  if (begin_ + G + recent > n) return;
   std::vector<float> k(G * row_), v(G * row_);
-  for (; begin_ + G + kRecent <= n; begin_ += G) {
+  for (; begin_ + G + recent <= n; begin_ += G) {
     for (int l = 0; l < shape_.n_layer; ++l) {
       for (int64_t t = 0; t < G; ++t) {
         const size_t at = ((begin_ + t) % cap_) * row_;
@@ -116,18 +125,28 @@ void KiviTail::Flush(SequenceKv& seq, int64_t n) {
         kernels::LoadKv(v_[l].data() + at, shape_.n_kv_head, shape_.head_dim,
                         kernels::KvType::kF16, v.data() + t * row_);
       }
-      // A group lies in one block of the sequence (its pages hold whole groups).
-      kernels::StoreKiviGroup(k.data(), v.data(), shape_.n_kv_head, shape_.head_dim,
-                              seq.KSlot(l, begin_), seq.VSlot(l, begin_), shape_.token_bytes());
+      if (kivi) {
+        // A group lies in one block of the sequence (its pages hold whole groups).
+        kernels::StoreKiviGroup(k.data(), v.data(), shape_.n_kv_head, shape_.head_dim,
+                                seq.KSlot(l, begin_), seq.VSlot(l, begin_), shape_.token_bytes());
+        continue;
+      }
+      for (int64_t t = 0; t < G; ++t) {
+        kernels::StoreKv(k.data() + t * row_, shape_.n_kv_head, shape_.head_dim, shape_.type,
+                         seq.KSlot(l, begin_ + t));
+        kernels::StoreKv(v.data() + t * row_, shape_.n_kv_head, shape_.head_dim, shape_.type,
+                         seq.VSlot(l, begin_ + t));
+      }
     }
   }
   // After a prefill chunk the ring goes back to its steady size.
-  if (cap_ > 2 * (kRecent + G)) Resize(std::max(kRecent + G, end_ - begin_));
+  if (cap_ > 2 * (recent + G)) Resize(std::max(recent + G, end_ - begin_));
 }
 
-void KiviTail::Rebase(SequenceKv& seq, int64_t n) {
+void KvWindow::Rebase(SequenceKv& seq, int64_t n) {
   const int64_t G = kernels::kKiviGroup;
-  const int64_t g = n - n % G;
+  // Only kivi4 quantizes by aligned groups: other types restart the window at n itself.
+  const int64_t g = shape_.type == kernels::KvType::kKivi4 ? n - n % G : n;
   begin_ = end_ = g;
   if (n == g) return;
   Grow(n - g);
@@ -146,7 +165,7 @@ void KiviTail::Rebase(SequenceKv& seq, int64_t n) {
   end_ = n;
 }
 
-void KiviTail::Truncate(SequenceKv& seq, int64_t n) {
+void KvWindow::Truncate(SequenceKv& seq, int64_t n) {
   if (n < begin_) {
     Rebase(seq, n);
   } else {
@@ -168,7 +187,7 @@ ContiguousKv::ContiguousKv(const KvShape& shape, int64_t capacity)
     : shape_(shape), capacity_(BlockCapacity(shape, capacity)) {
   CT_CHECK(capacity > 0) << "capacity " << capacity;
   capacity = capacity_;
-  if (shape.type == kernels::KvType::kKivi4) tail_ = std::make_unique<KiviTail>(shape);
+  if (shape.windowed()) tail_ = std::make_unique<KvWindow>(shape);
   const size_t bytes = shape.token_bytes() * capacity;
   for (int l = 0; l < shape.n_layer; ++l) {
     k_.push_back(std::make_unique<std::byte[]>(bytes));

@@ -20,34 +20,46 @@ struct KvShape {
   int n_kv_head = 0;
   int head_dim = 0;
   kernels::KvType type = kernels::KvType::kF16;
+  // Newest tokens kept in f16 outside the slots (KvWindow) by a quantized type: 0 = none, except
+  // for kKivi4, which always keeps its key group in progress there (and, by default,
+  // kDefaultKiviRecent more: EngineOptions::kv_recent).
+  int recent = 0;
+
+  // Whether the sequence keeps a KvWindow: kKivi4, or a recent window on q8_0 / q4_0 / q4_1.
+  bool windowed() const {
+    return type == kernels::KvType::kKivi4 ||
+           (recent > 0 && type != kernels::KvType::kF32 && type != kernels::KvType::kF16);
+  }
 
   // Bytes of one token's K (or V) in one layer: [n_kv_head][head_dim] elements.
   size_t token_bytes() const { return n_kv_head * kernels::KvHeadBytes(type, head_dim); }
-  // The type the forward pass writes new K/V in (SequenceKv::KWrite): f16 for kKivi4, whose
-  // newest tokens stay f16 until their key group is quantized (KiviTail), else the type.
-  kernels::KvType write_type() const {
-    return type == kernels::KvType::kKivi4 ? kernels::KvType::kF16 : type;
-  }
+  // The type the forward pass writes new K/V in (SequenceKv::KWrite): f16 when windowed (the
+  // newest tokens stay f16 until the window lets them go, KvWindow), else the type.
+  kernels::KvType write_type() const { return windowed() ? kernels::KvType::kF16 : type; }
 };
 
-// kKivi4 sequences do not combine with the features that rewrite single slots of a sequence
-// (KV budget policies, segment reuse, APE, slot-level copies): kInvalidArgument naming `what`.
+// KIVI's residual length: tokens kept f16 after the newest quantized key group by default.
+constexpr int kDefaultKiviRecent = 64;
+
+// Windowed sequences (kivi4, --kv-recent) do not combine with the features that rewrite single
+// slots of a sequence (KV budget policies, segment reuse, APE, slot-level copies):
+// kInvalidArgument naming `what`.
 Status CheckKvRewritable(const KvShape& shape, std::string_view what);
 
 class SequenceKv;
 
-// The f16 recent window of a kivi4 sequence (kernels.h, KvType::kKivi4; KIVI keeps the newest
+// The f16 recent window of a windowed sequence (KvShape::windowed(): kivi4, whose keys are
+// quantized by groups of 32 tokens, or a GGUF-style type with --kv-recent; KIVI keeps the newest
 // tokens in full precision). Tokens from begin() on are f16 vectors in one ring per layer and
 // per K/V, outside the sequence's slots; the slots before begin() hold the quantized tokens.
-// A key group (32 tokens) moves into the slots once kRecent newer tokens stand after it, so
-// the window holds kRecent to kRecent + 31 tokens between forward passes (more during a
-// prefill chunk: the ring grows for it, and shrinks back after). Its memory is outside the
-// page pool's budget: about (kRecent + 32) tokens of f16 KV per running sequence.
-class KiviTail {
+// Tokens move into the slots 32 at a time (for kivi4, a key group, aligned to 32) once
+// `recent` newer tokens stand after them, so the window holds recent to recent + 31 tokens
+// between forward passes (more during a prefill chunk: the ring grows for it, and shrinks back
+// after). Its memory is outside the page pool's budget: about recent + 32 tokens of f16 KV per
+// running sequence.
+class KvWindow {
  public:
-  static constexpr int64_t kRecent = 64;
-
-  explicit KiviTail(const KvShape& shape);
+  explicit KvWindow(const KvShape& shape);
 
   int64_t begin() const { return begin_; }
   // The f16 slot of `pos` (>= begin()) in layer's K (V) ring, grown to hold it if needed.
@@ -55,12 +67,12 @@ class KiviTail {
   void* V(int layer, int64_t pos);
   // Sets the tail fields of a view of `layer`.
   void Fill(int layer, kernels::KvView* view) const;
-  // After the forward pass stored tokens up to n (the sequence's slots count): quantizes whole
-  // groups into seq's slots while kRecent tokens stay after them.
+  // After the forward pass stored tokens up to n (the sequence's slots count): quantizes 32
+  // tokens at a time into seq's slots while `recent` tokens stay after them.
   void Flush(SequenceKv& seq, int64_t n);
   // The sequence now holds n tokens whose slots are quantized (a cache hit, a restore from a
-  // tier) or was cut to n < begin(): the window restarts at n's key group, its tokens before
-  // n dequantized from seq's slots (which hold that whole group).
+  // tier) or was cut to n < begin(): the window restarts at n (kivi4: at n's key group, its
+  // tokens before n dequantized from seq's slots, which hold that whole group).
   void Rebase(SequenceKv& seq, int64_t n);
   // Cut to n tokens (a shrink or a restart): Rebase when n < begin(), else nothing moves.
   void Truncate(SequenceKv& seq, int64_t n);
@@ -92,7 +104,7 @@ class SequenceKv {
   virtual void* KSlot(int layer, int64_t pos) = 0;
   virtual void* VSlot(int layer, int64_t pos) = 0;
   // Where the forward pass writes K (or V) of `layer` at `pos`, as KvShape::write_type(): the
-  // slot itself, except for the newest tokens of a kivi4 sequence (KiviTail).
+  // slot itself, except for the newest tokens of a kivi4 sequence (KvWindow).
   virtual void* KWrite(int layer, int64_t pos) { return KSlot(layer, pos); }
   virtual void* VWrite(int layer, int64_t pos) { return VSlot(layer, pos); }
   // The attention view of `layer` over positions [0, n).
@@ -168,7 +180,7 @@ class ContiguousKv final : public SequenceKv {
   kernels::KvView View(int layer, int64_t n) const override;
   // Sets every layer to n slots; with n == 0 the sequence restarts (positions from 0).
   // Otherwise only valid on a sequence that has never been compacted. On a kivi4 sequence,
-  // slots added this way hold quantized tokens (KiviTail::Rebase).
+  // slots added this way hold quantized tokens (KvWindow::Rebase).
   void SetTokens(int64_t n) override;
   int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_max_); }
   int64_t next_position() const override { return book_.NextPosition(n_max_); }
@@ -201,7 +213,7 @@ class ContiguousKv final : public SequenceKv {
   SlotBook book_;      // weights strided by capacity_
   std::vector<std::unique_ptr<std::byte[]>> k_, v_;  // [n_layer]
   std::vector<const void*> k_ptr_, v_ptr_;           // [n_layer], one block each
-  std::unique_ptr<KiviTail> tail_;                   // kivi4 only
+  std::unique_ptr<KvWindow> tail_;                   // windowed types only
 };
 
 }  // namespace cachette

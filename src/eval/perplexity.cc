@@ -40,12 +40,16 @@ namespace {
 
 // Forwards `tokens` at the end of `kv` with all-position logits into `logits` and adds the
 // NLL of positions [0, tokens.size() - 1) predicting their successors to `figure`.
-Status ScoreHalf(Engine& engine, SequenceKv& kv, std::span<const TokenId> tokens,
+Status ScoreHalf(Engine& engine, SequenceKv& kv, std::span<const TokenId> tokens, int step,
                  std::vector<float>& logits, PerplexityFigure& figure) {
   const int nv = engine.model().config().n_vocab;
   Stopwatch sw;
-  Engine::Item item{&kv, tokens, Engine::Logits::kAll, logits.data()};
-  CT_RETURN_IF_ERROR(engine.Forward(std::span<Engine::Item>(&item, 1)));
+  const size_t chunk = step > 0 ? static_cast<size_t>(step) : tokens.size();
+  for (size_t at = 0; at < tokens.size(); at += chunk) {
+    Engine::Item item{&kv, tokens.subspan(at, std::min(chunk, tokens.size() - at)),
+                      Engine::Logits::kAll, logits.data() + at * nv};
+    CT_RETURN_IF_ERROR(engine.Forward(std::span<Engine::Item>(&item, 1)));
+  }
   for (size_t j = 0; j + 1 < tokens.size(); ++j) {
     figure.nll_sum += NegLogLikelihood(
         std::span<const float>(logits.data() + j * nv, static_cast<size_t>(nv)), tokens[j + 1]);
@@ -94,7 +98,7 @@ Result<PerplexityResult> EvalPerplexity(Engine& engine, std::span<const TokenId>
     CT_RETURN_IF_ERROR(engine.Forward(*kv, head, nullptr));
     r.prefill_seconds += sw.Seconds();
     if (!codecs.empty()) CopyKvChunk(*kv, shape, 0, first, prefix, /*to_kv=*/false);
-    CT_RETURN_IF_ERROR(ScoreHalf(engine, *kv, tail, logits, r.figures[0]));
+    CT_RETURN_IF_ERROR(ScoreHalf(engine, *kv, tail, options.score_step, logits, r.figures[0]));
 
     for (size_t i = 0; i < codecs.size(); ++i) {
       PerplexityFigure& f = r.figures[1 + i];
@@ -105,7 +109,7 @@ Result<PerplexityResult> EvalPerplexity(Engine& engine, std::span<const TokenId>
       CT_RETURN_IF_ERROR(
           RoundTripKv(*codecs[i], shape, options.chunk_tokens, *kv, *kv, 0, first, &f.roundtrip));
       f.seconds += cs.Seconds();
-      CT_RETURN_IF_ERROR(ScoreHalf(engine, *kv, tail, logits, f));
+      CT_RETURN_IF_ERROR(ScoreHalf(engine, *kv, tail, options.score_step, logits, f));
     }
     if (options.progress) options.progress(w + 1, r.n_windows);
   }

@@ -32,6 +32,11 @@ struct PerplexityOptions {
   std::vector<std::string> codecs;  // MakeCodec names, measured beside the exact baseline
   int chunk_tokens = 256;           // store chunk size the prefix is cut into
   TokenId bos = -1;                 // replaces each window's first token; -1 = keep it
+  // Scored tokens per forward pass (0 = the whole second half at once). 1 scores as decoding
+  // does: each token then attends to the KV as stored after the ones before it, which is what
+  // differs for a KV type with a recent f16 window (--kv-recent, kivi4): in one pass, every
+  // scored token is still in the window.
+  int score_step = 0;
   // Called after each window with (windows done, windows in all).
   std::function<void(int, int)> progress;
 };

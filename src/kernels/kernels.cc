@@ -710,26 +710,31 @@ const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
          static_cast<size_t>(slot % kv.block_tokens) * hb * kv.n_kv_head + kvh * hb;
 }
 
-const uint16_t* KiviTailSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
+const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
   const size_t row = static_cast<size_t>(kv.n_kv_head) * kv.head_dim;
   return static_cast<const uint16_t*>(v ? kv.tail_v : kv.tail_k) +
          static_cast<size_t>(slot % kv.tail_cap) * row + static_cast<size_t>(kvh) * kv.head_dim;
 }
 
-void WidenKiviTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt,
-                   int ld) {
+void WidenTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld) {
   const int hd = kv.head_dim;
-  std::vector<float> scale(hd), min(hd);
+  const bool kivi = kv.type == KvType::kKivi4;
+  std::vector<float> scale(kivi ? hd : 0), min(scale.size());
   int64_t group = -1;
   for (int j = 0; j < n; ++j) {
     const int64_t s = j0 + j;
     if (s >= kv.tail_begin) {
-      const uint16_t* kh = KiviTailSlot(kv, false, kvh, s);
-      const uint16_t* vh = KiviTailSlot(kv, true, kvh, s);
+      const uint16_t* kh = TailSlot(kv, false, kvh, s);
+      const uint16_t* vh = TailSlot(kv, true, kvh, s);
       for (int d = 0; d < hd; ++d) {
         kt[j * ld + d] = Fp16ToFp32(kh[d]);
         vt[j * ld + d] = Fp16ToFp32(vh[d]);
       }
+      continue;
+    }
+    if (!kivi) {
+      LoadKv(KvSlot(kv, false, kvh, s), 1, hd, kv.type, kt + j * ld);
+      LoadKv(KvSlot(kv, true, kvh, s), 1, hd, kv.type, vt + j * ld);
       continue;
     }
     if (s / kKiviGroup != group) {
@@ -881,12 +886,13 @@ void CheckView(const KvView& kv, int n_head) {
   CT_CHECK(kv.block_tokens > 0) << "block_tokens " << kv.block_tokens;
   CT_CHECK(kv.head_dim > 0 && kv.head_dim % KvTypeBlockElems(kv.type) == 0)
       << KvTypeName(kv.type) << " KV with head_dim " << kv.head_dim;
-  if (kv.type == KvType::kKivi4 && kv.tail_begin < kv.n_tokens) {
-    CT_CHECK(kv.tail_begin >= 0 && kv.tail_begin % kKiviGroup == 0 &&
+  if (kv.tail_begin < kv.n_tokens) {
+    CT_CHECK(kv.tail_begin >= 0 &&
+             (kv.type != KvType::kKivi4 || kv.tail_begin % kKiviGroup == 0) &&
              kv.n_tokens - kv.tail_begin <= kv.tail_cap && kv.tail_k != nullptr &&
              kv.tail_v != nullptr)
-        << "kivi4 tail from slot " << kv.tail_begin << " of " << kv.tail_cap << " for "
-        << kv.n_tokens << " tokens";
+        << KvTypeName(kv.type) << " tail from slot " << kv.tail_begin << " of " << kv.tail_cap
+        << " for " << kv.n_tokens << " tokens";
   }
   if (kv.type == KvType::kKivi4) {
     // A kivi4 key group lies in one block (a page), so a group's keys are found together.

@@ -178,7 +178,7 @@ struct KvView {
   int64_t n_tokens = 0;  // valid tokens: the keys attended over are [0, n_tokens)
   // kKivi4 only: slots from tail_begin (a multiple of kKiviGroup) on are not in the blocks but
   // f16 [n_kv_head][head_dim] vectors in a ring of tail_cap slots per K and V, slot s at index
-  // s % tail_cap (the sequence's most recent tokens, engine/kv_cache.h, KiviTail).
+  // s % tail_cap (the sequence's most recent tokens, engine/kv_cache.h, KvWindow).
   int64_t tail_begin = INT64_MAX;
   int64_t tail_cap = 0;
   const void* tail_k = nullptr;

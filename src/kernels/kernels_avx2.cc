@@ -721,7 +721,7 @@ __m256 LoadKv8(const uint8_t* p, int i, KvType t) {
 }
 
 // kivi4 slots [j0, j0 + n) of KV head kvh to f32 rows kt and vt (ld apart), the same bits as
-// the reference (internal::WidenKiviTile): tail slots from f16, quantized ones by
+// the reference (internal::WidenTile): tail slots from f16, quantized ones by
 // fma(scale, nib, min) with the key group's per-channel parameters (gathered into par:
 // scale[hd], min[hd], once per group).
 void WidenKivi(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld,
@@ -732,8 +732,8 @@ void WidenKivi(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* v
   for (int j = 0; j < n; ++j) {
     const int64_t s = j0 + j;
     if (s >= kv.tail_begin) {
-      const auto* kh = reinterpret_cast<const uint8_t*>(KiviTailSlot(kv, false, kvh, s));
-      const auto* vh = reinterpret_cast<const uint8_t*>(KiviTailSlot(kv, true, kvh, s));
+      const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, s));
+      const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, s));
       for (int c = 0; c < hd; c += 8) {
         _mm256_store_ps(kt + j * ld + c, LoadW8<kF16>(kh, c));
         _mm256_store_ps(vt + j * ld + c, LoadW8<kF16>(vh, c));
@@ -845,7 +845,15 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
     if constexpr (kivi) WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
     for (int j = kivi ? n_all : 0; j < n4_all; ++j) {
-      if (j < n_all) {
+      if (j < n_all && j0 + j >= kv.tail_begin) {  // f16, in a window's ring (KvView::tail_*)
+        const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
+        const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
+        for (int c = 0; c < nc; ++c) {
+          _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<KvType::kF16>(kh, 8 * c, hd));
+          _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<KvType::kF16>(vh, 8 * c, hd));
+        }
+        if (++o == kv.block_tokens) o = 0, ++b;
+      } else if (j < n_all) {
         const size_t off = o * tok_bytes + kvh * head_bytes;
         const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
         const auto* vp = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;

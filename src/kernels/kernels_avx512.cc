@@ -766,7 +766,7 @@ __m512 LoadKv16(const uint8_t* p, int i, KvType t, __mmask16 mask) {
 }
 
 // kivi4 slots [j0, j0 + n) of KV head kvh to f32 rows kt and vt (ld apart), the same bits as
-// the reference (internal::WidenKiviTile): tail slots from f16, quantized ones by
+// the reference (internal::WidenTile): tail slots from f16, quantized ones by
 // fma(scale, nib, min) with the key group's per-channel parameters (gathered into par:
 // scale[hd], min[hd], once per group).
 void WidenKivi(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld,
@@ -777,8 +777,8 @@ void WidenKivi(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* v
   for (int j = 0; j < n; ++j) {
     const int64_t s = j0 + j;
     if (s >= kv.tail_begin) {
-      const uint16_t* kh = KiviTailSlot(kv, false, kvh, s);
-      const uint16_t* vh = KiviTailSlot(kv, true, kvh, s);
+      const uint16_t* kh = TailSlot(kv, false, kvh, s);
+      const uint16_t* vh = TailSlot(kv, true, kvh, s);
       for (int c = 0; c < hd; c += 16) {
         _mm512_store_ps(kt + j * ld + c, _mm512_cvtph_ps(_mm256_loadu_si256(
                                              reinterpret_cast<const __m256i*>(kh + c))));
@@ -904,11 +904,12 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   }
   // Scratch: the K tile [kAttnTile][ld], then the V tile, both zero-padded, then (kivi4) a key
   // group's parameters. A lone query (a decode step, memory-bound) reads V in place instead of
-  // widening it first, except kivi4's, whose recent slots are not in the blocks.
+  // widening it first, except in a tile reaching a window's f16 tail (KvView::tail_begin; every
+  // kivi4 tile), whose slots are not all in the blocks.
   constexpr bool kivi = kT == KvType::kKivi4;
   auto* kt = static_cast<float*>(
       ThreadScratch(2, sizeof(float) * (2 * kAttnTile * ld + (kivi ? 2 * hd : 0))));
-  float* vt = nq > 1 || kivi ? kt + kAttnTile * ld : nullptr;
+  float* const vbuf = kt + kAttnTile * ld;
   const uint8_t* vp[kAttnTile];
   alignas(64) float s[G][kAttnTile];
   float corr[G];
@@ -917,9 +918,19 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
     int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
+    float* const vt = nq > 1 || kivi || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
     if constexpr (kivi) WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
     for (int j = kivi ? n_all : 0; j < n4_all; ++j) {
-      if (j < n_all) {
+      if (j < n_all && j0 + j >= kv.tail_begin) {  // f16, in the window's ring (vt is set)
+        const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
+        const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
+        for (int c = 0; c < nc; ++c) {
+          const __mmask16 mk = c == nc - 1 ? last : 0xffff;
+          _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, KvType::kF16, mk));
+          _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, KvType::kF16, mk));
+        }
+        if (++o == kv.block_tokens) o = 0, ++b;
+      } else if (j < n_all) {
         const size_t off = o * tok_bytes + kvh * head_bytes;
         const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
         vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;

@@ -87,19 +87,21 @@ const Ops& ScalarOps();
 const Ops& Avx2Ops();
 const Ops& Avx512Ops();
 
-// kivi4 (kernels.h), defined once in kernels.cc for every level: the reference dequantization,
-// whose results the vector levels reproduce bit for bit (x = fma(scale, nib, min)).
+// kivi4 (kernels.h) and the f16 tail of windowed KV, defined once in kernels.cc for every
+// level: the reference dequantization, whose results the vector levels reproduce bit for bit
+// (kivi4: x = fma(scale, nib, min)).
 //   KiviKeyParams: the per-channel scale and min of a key group from its 32 tokens' head
 //                  vectors (first token at `first`, `stride` bytes apart), [head_dim] each.
 //   KiviKeyRow / KiviValueRow: one stored head vector to head_dim floats.
-//   KvSlot / KiviTailSlot: a head vector's address in the blocks / in the f16 tail ring.
-//   WidenKiviTile: slots [j0, j0 + n) of KV head kvh to f32 rows of K and V, ld floats apart.
+//   KvSlot / TailSlot: a head vector's address in the blocks / in the f16 tail ring.
+//   WidenTile: slots [j0, j0 + n) of KV head kvh to f32 rows of K and V, ld floats apart, for
+//              any KV type, tail slots (KvView::tail_begin) from the f16 ring.
 void KiviKeyParams(const void* first, size_t stride, int head_dim, float* scale, float* min);
 void KiviKeyRow(const void* k, int head_dim, const float* scale, const float* min, float* out);
 void KiviValueRow(const void* v, int head_dim, float* out);
 const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot);
-const uint16_t* KiviTailSlot(const KvView& kv, bool v, int kvh, int64_t slot);
-void WidenKiviTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld);
+const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot);
+void WidenTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld);
 
 // Key tile of attend_block (slots); the attention front end splits long ranges at multiples
 // of it.

@@ -215,16 +215,17 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
   float* m = state;
   float* l = state + group;
   float s[kAttnTile];
-  // kivi4: each tile's K and V widened to f32 rows first (the reference dequantization).
-  const bool kivi = kv.type == KvType::kKivi4;
-  std::vector<float> kt(kivi ? kAttnTile * hd : 0), vt(kt.size());
+  // kivi4, and a range reaching a window's f16 tail: each tile's K and V widened to f32 rows
+  // first (the reference dequantization, the same values as KvElem's).
+  const bool widen = kv.type == KvType::kKivi4 || kv.tail_begin < end;
+  std::vector<float> kt(widen ? kAttnTile * hd : 0), vt(kt.size());
   auto key = [&](int64_t j0, int64_t j) -> const void* {
-    return kivi ? static_cast<const void*>(kt.data() + j * hd) : slot(kv.k_blocks, j0 + j);
+    return widen ? static_cast<const void*>(kt.data() + j * hd) : slot(kv.k_blocks, j0 + j);
   };
   auto value = [&](int64_t j0, int64_t j) -> const void* {
-    return kivi ? static_cast<const void*>(vt.data() + j * hd) : slot(kv.v_blocks, j0 + j);
+    return widen ? static_cast<const void*>(vt.data() + j * hd) : slot(kv.v_blocks, j0 + j);
   };
-  const KvType elem = kivi ? KvType::kF32 : kv.type;
+  const KvType elem = widen ? KvType::kF32 : kv.type;
   for (int g = 0; g < group; ++g) {
     const float* qg = q + g * hd;
     float* acc = state + 2 * group + g * hd;
@@ -233,7 +234,7 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
     std::fill(acc, acc + hd, 0.0f);
     for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
       const int64_t j0 = std::max(t0, begin), n = std::min(t0 + kAttnTile, end) - j0;
-      if (kivi) WidenKiviTile(kv, kvh, j0, static_cast<int>(n), kt.data(), vt.data(), hd);
+      if (widen) WidenTile(kv, kvh, j0, static_cast<int>(n), kt.data(), vt.data(), hd);
       float tile_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
         s[j] = (KvDot)(qg, key(j0, j), hd, elem) * scale;  // () : no ADL

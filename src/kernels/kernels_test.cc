@@ -1019,20 +1019,21 @@ TEST(KiviTest, GroupRoundTripIsWithinHalfAStepOfItsChannelOrBlock) {
   }
 }
 
-// A kivi4 layer: slots [0, tail_begin) quantized in blocks of block_tokens, the rest f16 in a
-// ring of tail_cap slots; k_f32 / v_f32 hold what attention must read (dequantized, or f16).
-struct KiviKv {
+// A windowed layer: slots [0, tail_begin) quantized in `type` in blocks of block_tokens, the
+// rest f16 in a ring of tail_cap slots; k_f32 / v_f32 hold what attention must read
+// (dequantized, or f16).
+struct WindowKv {
   TestKv kv;
   std::vector<uint16_t> tail_k, tail_v;
 };
 
-KiviKv MakeKiviKv(int n_kv_head, int hd, int block_tokens, int64_t tail_begin, int64_t tail_cap,
-                  int64_t n_tokens, std::mt19937& rng) {
-  KiviKv out;
+WindowKv MakeWindowKv(KvType type, int n_kv_head, int hd, int block_tokens, int64_t tail_begin,
+                      int64_t tail_cap, int64_t n_tokens, std::mt19937& rng) {
+  WindowKv out;
   TestKv& kv = out.kv;
   const int G = kKiviGroup;
   const size_t row = static_cast<size_t>(n_kv_head) * hd;
-  const size_t tok_bytes = KvHeadBytes(KvType::kKivi4, hd) * n_kv_head;
+  const size_t tok_bytes = KvHeadBytes(type, hd) * n_kv_head;
   std::uniform_real_distribution<float> dist(-1, 1);
   std::vector<float> k(n_tokens * row), v(n_tokens * row);
   for (size_t i = 0; i < k.size(); ++i) k[i] = dist(rng) + (i % row % 9 == 0 ? 4.0f : 0.0f);
@@ -1044,7 +1045,14 @@ KiviKv MakeKiviKv(int n_kv_head, int hd, int block_tokens, int64_t tail_begin, i
     kv.k_store.emplace_back(tok_bytes * block_tokens, 0xff);  // NaN-ish bytes where unused
     kv.v_store.emplace_back(tok_bytes * block_tokens, 0xff);
   }
-  for (int64_t g = 0; g < tail_begin; g += G) {
+  for (int64_t t = 0; type != KvType::kKivi4 && t < tail_begin; ++t) {
+    const int64_t b = t / block_tokens, o = t % block_tokens;
+    StoreKv(k.data() + t * row, n_kv_head, hd, type, kv.k_store[b].data() + o * tok_bytes);
+    StoreKv(v.data() + t * row, n_kv_head, hd, type, kv.v_store[b].data() + o * tok_bytes);
+    LoadKv(kv.k_store[b].data() + o * tok_bytes, n_kv_head, hd, type, kv.k_f32.data() + t * row);
+    LoadKv(kv.v_store[b].data() + o * tok_bytes, n_kv_head, hd, type, kv.v_f32.data() + t * row);
+  }
+  for (int64_t g = 0; type == KvType::kKivi4 && g < tail_begin; g += G) {
     const int64_t b = g / block_tokens, o = g % block_tokens;
     StoreKiviGroup(k.data() + g * row, v.data() + g * row, n_kv_head, hd,
                    kv.k_store[b].data() + o * tok_bytes, kv.v_store[b].data() + o * tok_bytes,
@@ -1064,8 +1072,8 @@ KiviKv MakeKiviKv(int n_kv_head, int hd, int block_tokens, int64_t tail_begin, i
   }
   for (auto& st : kv.k_store) kv.k_ptrs.push_back(st.data());
   for (auto& st : kv.v_store) kv.v_ptrs.push_back(st.data());
-  kv.view = KvView{KvType::kKivi4, n_kv_head, hd, block_tokens, kv.k_ptrs.data(),
-                   kv.v_ptrs.data(), n_tokens};
+  kv.view = KvView{type, n_kv_head, hd, block_tokens, kv.k_ptrs.data(), kv.v_ptrs.data(),
+                   n_tokens};
   kv.view.tail_begin = tail_begin;
   kv.view.tail_cap = tail_cap;
   kv.view.tail_k = out.tail_k.data();
@@ -1073,11 +1081,12 @@ KiviKv MakeKiviKv(int n_kv_head, int hd, int block_tokens, int64_t tail_begin, i
   return out;
 }
 
-// kivi4 attention at every level against float64 over the values it must read: quantized
-// groups across blocks, the f16 window in a ring that wraps, a prefill chunk straddling the
-// window's start, ranges through AttentionLse, and a context past the 2,048-slot split. The
-// levels dequantize the same bits, and a query's output is the same alone or in a chunk.
-TEST_F(IsaTest, AttentionKivi4MatchesNaiveDouble) {
+// Attention over windowed KV (kivi4, and q8_0 / q4_0 / q4_1 with --kv-recent) at every level
+// against float64 over the values it must read: quantized slots across blocks (kivi4 in key
+// groups), the f16 window in a ring that wraps, a prefill chunk straddling the window's start
+// (for the GGUF types at a slot that is not a multiple of 32), ranges through AttentionLse, and
+// a context past the 2,048-slot split. A query's output is the same alone or in a chunk.
+TEST_F(IsaTest, AttentionOverAnF16WindowMatchesNaiveDouble) {
   struct Case {
     int n_head, n_kv_head, hd, block_tokens;
     int64_t tail_begin, tail_cap, n_tokens, n_q;
@@ -1089,36 +1098,42 @@ TEST_F(IsaTest, AttentionKivi4MatchesNaiveDouble) {
       {4, 4, 128, 256, 256, 64, 300, 2},   // MHA, head_dim 128, one group per block
       {14, 2, 64, 32, 2144, 96, 2200, 1},  // past the split at 2,048
   };
-  for (const Case& c : cases) {
-    SCOPED_TRACE("n_tokens=" + std::to_string(c.n_tokens) + " n_q=" + std::to_string(c.n_q));
-    KiviKv kk = MakeKiviKv(c.n_kv_head, c.hd, c.block_tokens, c.tail_begin, c.tail_cap,
-                           c.n_tokens, rng_);
-    const TestKv& kv = kk.kv;
-    const int64_t q_pos0 = c.n_tokens - c.n_q;
-    std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -1, 1);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
-    std::vector<double> want, want_lse;
-    NaiveAttention(q, c.n_q, c.n_head, kv, 0, c.n_tokens, q_pos0, scale, want, want_lse);
-    const size_t row = static_cast<size_t>(c.n_head) * c.hd;
-    for (Isa isa : Levels()) {
-      SetIsa(isa);
-      SCOPED_TRACE(std::string(IsaName(isa)));
-      std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
-      Attention(q.data(), c.n_q, c.n_head, q_pos0, kv.view, scale, out.data(), pool_);
-      for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want[e], 1e-4) << e;
-      std::vector<float> alone(row);
-      Attention(q.data() + (c.n_q - 1) * row, 1, c.n_head, c.n_tokens - 1, kv.view, scale,
-                alone.data(), pool_);
-      ASSERT_EQ(0, std::memcmp(out.data() + (c.n_q - 1) * row, alone.data(), row * 4));
-      // A non-causal range that starts inside a quantized group and ends in the window.
-      const int64_t begin = c.tail_begin > 40 ? c.tail_begin - 37 : 3;
-      std::vector<double> want_r, want_rl;
-      NaiveAttention(q, c.n_q, c.n_head, kv, begin, c.n_tokens, -1, scale, want_r, want_rl);
-      std::vector<float> lse(c.n_q * c.n_head);
-      AttentionLse(q.data(), c.n_q, c.n_head, kv.view, begin, c.n_tokens, -1, scale, out.data(),
-                   lse.data(), pool_);
-      for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want_r[e], 1e-4) << e;
-      for (size_t e = 0; e < lse.size(); ++e) ASSERT_NEAR(lse[e], want_rl[e], 1e-4) << e;
+  for (KvType type : {KvType::kKivi4, KvType::kQ4_1, KvType::kQ8_0, KvType::kQ4_0}) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(KvTypeName(type)) + " n_tokens=" + std::to_string(c.n_tokens) +
+                   " n_q=" + std::to_string(c.n_q));
+      // kivi4 quantizes whole key groups; the others any prefix.
+      const int64_t tail_begin =
+          type == KvType::kKivi4 || c.tail_begin == 0 ? c.tail_begin : c.tail_begin - 5;
+      WindowKv wk = MakeWindowKv(type, c.n_kv_head, c.hd, c.block_tokens, tail_begin, c.tail_cap,
+                                 c.n_tokens, rng_);
+      const TestKv& kv = wk.kv;
+      const int64_t q_pos0 = c.n_tokens - c.n_q;
+      std::vector<float> q = RandomFloats(c.n_q * c.n_head * c.hd, -1, 1);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+      std::vector<double> want, want_lse;
+      NaiveAttention(q, c.n_q, c.n_head, kv, 0, c.n_tokens, q_pos0, scale, want, want_lse);
+      const size_t row = static_cast<size_t>(c.n_head) * c.hd;
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        SCOPED_TRACE(std::string(IsaName(isa)));
+        std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+        Attention(q.data(), c.n_q, c.n_head, q_pos0, kv.view, scale, out.data(), pool_);
+        for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want[e], 1e-4) << e;
+        std::vector<float> alone(row);
+        Attention(q.data() + (c.n_q - 1) * row, 1, c.n_head, c.n_tokens - 1, kv.view, scale,
+                  alone.data(), pool_);
+        ASSERT_EQ(0, std::memcmp(out.data() + (c.n_q - 1) * row, alone.data(), row * 4));
+        // A non-causal range that starts inside a quantized group and ends in the window.
+        const int64_t begin = c.tail_begin > 40 ? c.tail_begin - 37 : 3;
+        std::vector<double> want_r, want_rl;
+        NaiveAttention(q, c.n_q, c.n_head, kv, begin, c.n_tokens, -1, scale, want_r, want_rl);
+        std::vector<float> lse(c.n_q * c.n_head);
+        AttentionLse(q.data(), c.n_q, c.n_head, kv.view, begin, c.n_tokens, -1, scale, out.data(),
+                     lse.data(), pool_);
+        for (size_t e = 0; e < out.size(); ++e) ASSERT_NEAR(out[e], want_r[e], 1e-4) << e;
+        for (size_t e = 0; e < lse.size(); ++e) ASSERT_NEAR(lse[e], want_rl[e], 1e-4) << e;
+      }
     }
   }
 }

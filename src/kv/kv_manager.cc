@@ -36,7 +36,7 @@ PagedSequence::PagedSequence(KvManager* m, const Hash128& ns, int64_t capacity)
     : manager_(m), ns_(ns), capacity_(capacity) {
   k_ptr_.resize(m->shape().n_layer);
   v_ptr_.resize(m->shape().n_layer);
-  if (m->shape().type == kernels::KvType::kKivi4) tail_ = std::make_unique<KiviTail>(m->shape());
+  if (m->shape().windowed()) tail_ = std::make_unique<KvWindow>(m->shape());
 }
 
 PagedSequence::~PagedSequence() {

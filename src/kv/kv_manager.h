@@ -111,7 +111,7 @@ class PagedSequence final : public SequenceKv {
   std::vector<std::vector<const void*>> v_ptr_;
   SlotBook book_;  // after a compaction (n_tokens_ is then its longest layer); stride capacity_
   int64_t inexact_from_ = INT64_MAX;  // MarkInexactFrom's least n
-  std::unique_ptr<KiviTail> tail_;    // kivi4 only
+  std::unique_ptr<KvWindow> tail_;    // windowed types only (KvShape::windowed())
 };
 
 class KvManager {

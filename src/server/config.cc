@@ -93,6 +93,7 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"threads", Int(&cfg->threads)},
       {"kv_budget", Str(&cfg->kv_budget)},
       {"kv_type", Str(&cfg->kv_type)},
+      {"kv_recent", Int(&cfg->kv_recent)},
       {"max_running", Int(&cfg->max_running)},
       {"max_queue", Int(&cfg->max_queue)},
       {"step_tokens", Int(&cfg->step_tokens)},

@@ -4,6 +4,7 @@
 //   host = "127.0.0.1"        port = 8080           model = "models/x.gguf"   threads = 0
 //   kv_budget = "512MiB"      kv_type = "f16"       max_running = 16          max_queue = 256
 //   step_tokens = 256         max_tokens = 256      chat_template = "chatml"  model_alias = "x"
+//   kv_recent = 64            (-1: the KV type's default, 64 for kivi4, 0 for the others)
 //   prefix_cache = true       session_ttl_s = 300   drain_timeout_s = 30      http_threads = 0
 //   # the tiered store (stored; wired by the cache layer):
 //   ram_budget = "4GiB"       disk_dir = "/var/cache/cachette"                disk_budget = "64GiB"
@@ -46,6 +47,7 @@ struct ServeConfig {
   int threads = 0;
   std::string kv_budget = "512MiB";
   std::string kv_type = "f16";
+  int kv_recent = -1;  // newest tokens a quantized KV type keeps in f16 (-1: the type's default)
   int max_running = 16;
   int max_queue = 256;
   int step_tokens = 256;

@@ -77,6 +77,14 @@ check "bad id text" 1 'is not a token id' -- "$bin" run --prompt-ids 1,x -n 2
 long=$(python3 -c 'print(",".join(["464"] * 2100))')
 check "prompt longer than context" 1 'context' -- "$bin" run --prompt-ids "$long" -n 2
 check "bad kv type" 1 'unknown KV type' -- "$bin" run -p hi --kv-type q3
+check "run kivi4 kv" 0 '"generated_ids"' -- "$bin" run -p "The history of the" -n 8 \
+  --kv-type kivi4 --json
+check "run q4_1 kv, window" 0 '"generated_ids"' -- "$bin" run -p "The history of the" -n 8 \
+  --kv-type q4_1 --kv-recent 32 --json
+check "window on f16" 1 'f16 KV has nothing to keep' -- "$bin" run -p hi --kv-type f16 \
+  --kv-recent 64
+check "hd40 kivi4 kv" 1 'head_dim is 40 (use f16)' -- "$bin" run -m "$tmp/hd40.gguf" -p hi -n 2 \
+  --kv-type kivi4
 check "bad temperature" 1 'temperature' -- "$bin" run -p hi --temp -1
 check "bad synth type" 1 'unknown weight type' -- "$bin" model synth --type q5 -o "$tmp/x.gguf"
 check "bad shape" 1 'unknown shape' -- "$bin" model synth --shape huge -o "$tmp/x.gguf"

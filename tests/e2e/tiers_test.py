@@ -8,8 +8,9 @@
     from its journal before any request, `cachette cache ls` lists it, its next turn restores
     its 4-bit chunks from disk (no prefill) and answers as an uninterrupted server does, and a
     conversation whose prefix changed restores only the part before the change;
-  - a session in KIVI-style 4-bit KV (--kv-type kivi4) reuses its quantized pages, restores
-    them from disk after a restart, and the features kivi4 cannot serve refuse it at start-up;
+  - a session in KIVI-style 4-bit KV (--kv-type kivi4), or in q4_0 with an f16 window
+    (--kv-recent 64), reuses its quantized pages and restores them from disk after a restart,
+    and the features a window cannot serve refuse it at start-up;
   - two servers sharing a Redis server share chunks;
   - killing Redis fails no request (it becomes a miss and a counter);
   - clearing a tenant removes its KV from every tier, across a restart and across servers;
@@ -174,13 +175,18 @@ def test_q4_session_survives_restart(binary, model, tmp):
         r4.stop()
 
 
-def test_kivi4_session_survives_restart(binary, model, tmp):
-    """KIVI-style 4-bit KV (--kv-type kivi4): a session's quantized pages are reused by its next
-    turn, go to disk in whole chunks and come back after a restart; its newest 64 to 95 tokens
-    (the f16 window) are recomputed, not stored. Features that rewrite single slots refuse it at
-    start-up."""
-    kivi = ("--kv-type", "kivi4")
-    d = os.path.join(tmp, "disk-kivi")
+def test_windowed_session_survives_restart(binary, model, tmp):
+    """KIVI-style 4-bit KV (--kv-type kivi4), and q4_0 with an f16 window (--kv-recent 64): a
+    session's quantized pages are reused by its next turn, go to disk in whole chunks and come
+    back after a restart; its newest 64 to 95 tokens (the f16 window) are recomputed, not
+    stored. Features that rewrite single slots refuse both at start-up."""
+    for kv in (("--kv-type", "kivi4"), ("--kv-type", "q4_0", "--kv-recent", "64")):
+        print("   " + " ".join(kv), flush=True)
+        windowed_session(binary, model, tmp, kv)
+
+
+def windowed_session(binary, model, tmp, kivi):
+    d = os.path.join(tmp, "disk-" + kivi[1])
     args = ("--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw") + kivi
     r1 = Server(binary, model, *args)
     try:
@@ -203,15 +209,16 @@ def test_kivi4_session_survives_restart(binary, model, tmp):
         check(len(got2) > 0, "the restored session answers: %r (uninterrupted: %r)" %
               (got2, want))
         status, st = r2.get("/v1/cache/stats")
-        check(status == 200 and st.get("kv", {}).get("page_tokens") == 32,
-              "kivi4 pages hold whole key groups: %s" % st.get("kv"))
+        check(status == 200 and st.get("kv", {}).get("page_tokens") ==
+              (32 if kivi[1] == "kivi4" else 16),
+              "kivi4 pages hold whole key groups (32 tokens), others keep 16: %s" % st.get("kv"))
     finally:
         graceful_stop(r2)
     for extra in (("--kv-policy", "snapkv"), ("--relay",)):
         bad = subprocess.run([binary, "serve", "-m", model, "--port", str(free_port())] +
                              list(kivi + extra), capture_output=True, text=True, timeout=60)
-        check(bad.returncode != 0 and "kivi4" in bad.stderr and extra[0] in bad.stderr,
-              "serve %s with kivi4 is refused by name: %r" % (extra[0], bad.stderr[-300:]))
+        check(bad.returncode != 0 and kivi[1] in bad.stderr and extra[0] in bad.stderr,
+              "serve %s with %s is refused by name: %r" % (extra[0], kivi, bad.stderr[-300:]))
 
 
 def test_redis_shared_and_dead(binary, model, tmp):
@@ -471,7 +478,7 @@ def main():
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cachette-tiers-")
     tests = [test_restart_hits_disk, test_session_restored_from_disk,
-             test_q4_session_survives_restart, test_kivi4_session_survives_restart,
+             test_q4_session_survives_restart, test_windowed_session_survives_restart,
              test_redis_shared_and_dead, test_redis_levels,
              test_frozen_redis_never_stalls_streams, test_clear_reaches_every_tier]
     failed = 0
