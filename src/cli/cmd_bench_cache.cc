@@ -228,8 +228,10 @@ int BenchCache(const BenchCacheArgs& a) {
   }
   KvManagerOptions ko;
   ko.shape = engine.kv_shape();
-  ko.page_tokens = 16;
-  ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * ((a.n_prompt + 15) / 16 * 2 + 4);
+  ko.page_tokens = kv_type == kernels::KvType::kKivi4 ? kernels::kKiviGroup : 16;  // whole groups
+  const int P = ko.page_tokens;
+  ko.budget_bytes = PagePool::PageBytes(ko.shape, P) * ((a.n_prompt + P - 1) / P * 2 + 4);
+  if (Status v = KvManager::Validate(ko); !v.ok()) return Fail(v);
   const auto prompt = PseudoRandomTokens(a.n_prompt, model.config().n_vocab, 424242);
   const Hash128 kv_ns = KvNamespace(model, kv_type);
   std::vector<float> logits(model.config().n_vocab);
@@ -283,6 +285,7 @@ int BenchCache(const BenchCacheArgs& a) {
       cold_s.push_back(sw.Seconds());
       if (rep == 0) {
         sched::TierBridge tiers(kvm, **cache);
+        seq->SealWindow();  // a windowed KV type's f16 tail is stored too
         tiers.Save(*seq, prompt, 0);
       }
     }

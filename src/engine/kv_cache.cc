@@ -113,12 +113,26 @@ void KvWindow::Fill(int layer, kernels::KvView* view) const {
 
 void KvWindow::Flush(SequenceKv& seq, int64_t n) {
   const int64_t G = kernels::kKiviGroup, recent = shape_.recent;
-  const bool kivi = shape_.type == kernels::KvType::kKivi4;
   if (begin_ + G + recent > n) return;
+  Quantize(seq, begin_ + (n - recent - begin_) / G * G);
+  // After a prefill chunk the ring goes back to its steady size.
+  if (cap_ > 2 * (recent + G)) Resize(std::max(recent + G, end_ - begin_));
+}
+
+void KvWindow::Seal(SequenceKv& seq, int64_t n) {
+  const int64_t G = kernels::kKiviGroup;
+  Quantize(seq, shape_.type == kernels::KvType::kKivi4 ? n - n % G : n);
+}
+
+void KvWindow::Quantize(SequenceKv& seq, int64_t end) {
+  const int64_t G = kernels::kKiviGroup;
+  const bool kivi = shape_.type == kernels::KvType::kKivi4;
   std::vector<float> k(G * row_), v(G * row_);
-  for (; begin_ + G + recent <= n; begin_ += G) {
+  for (int64_t len; begin_ < end; begin_ += len) {
+    len = std::min(G, end - begin_);
+    CT_CHECK(!kivi || len == G) << "kivi4 quantizes whole key groups";
     for (int l = 0; l < shape_.n_layer; ++l) {
-      for (int64_t t = 0; t < G; ++t) {
+      for (int64_t t = 0; t < len; ++t) {
         const size_t at = ((begin_ + t) % cap_) * row_;
         kernels::LoadKv(k_[l].data() + at, shape_.n_kv_head, shape_.head_dim,
                         kernels::KvType::kF16, k.data() + t * row_);
@@ -131,7 +145,7 @@ void KvWindow::Flush(SequenceKv& seq, int64_t n) {
                                 seq.KSlot(l, begin_), seq.VSlot(l, begin_), shape_.token_bytes());
         continue;
       }
-      for (int64_t t = 0; t < G; ++t) {
+      for (int64_t t = 0; t < len; ++t) {
         kernels::StoreKv(k.data() + t * row_, shape_.n_kv_head, shape_.head_dim, shape_.type,
                          seq.KSlot(l, begin_ + t));
         kernels::StoreKv(v.data() + t * row_, shape_.n_kv_head, shape_.head_dim, shape_.type,
@@ -139,8 +153,6 @@ void KvWindow::Flush(SequenceKv& seq, int64_t n) {
       }
     }
   }
-  // After a prefill chunk the ring goes back to its steady size.
-  if (cap_ > 2 * (recent + G)) Resize(std::max(recent + G, end_ - begin_));
 }
 
 void KvWindow::Rebase(SequenceKv& seq, int64_t n) {

@@ -76,9 +76,16 @@ class KvWindow {
   void Rebase(SequenceKv& seq, int64_t n);
   // Cut to n tokens (a shrink or a restart): Rebase when n < begin(), else nothing moves.
   void Truncate(SequenceKv& seq, int64_t n);
+  // When the sequence ends (nothing will attend to it again): quantizes its window into seq's
+  // slots, all n tokens (kivi4: its whole key groups; a group in progress stays out), so that
+  // the prefix index and the tiers keep them and the next turn does not recompute them.
+  void Seal(SequenceKv& seq, int64_t n);
 
  private:
   void Grow(int64_t need);  // capacity for tokens [begin_, begin_ + need)
+  // Moves tokens [begin_, end) into seq's slots, 32 at a time (the last run shorter unless
+  // kivi4), and begin_ to end.
+  void Quantize(SequenceKv& seq, int64_t end);
   void Resize(int64_t cap);
 
   KvShape shape_;

@@ -288,6 +288,7 @@ void KvManager::Commit(PagedSequence& seq, std::span<const TokenId> tokens, bool
 
 void KvManager::Finish(PagedSequence& seq, std::span<const TokenId> tokens) {
   if (seq.finished_) return;
+  seq.SealWindow();
   Commit(seq, tokens, /*include_partial=*/true);
   std::lock_guard<std::mutex> lock(mu_);
   for (PageId p : seq.pages_) pool_.Unref(p);

@@ -89,6 +89,13 @@ class PagedSequence final : public SequenceKv {
   }
   int64_t tokens_seen() const { return book_.Seen(n_tokens_); }
   int64_t kept_tokens() const;
+  // The sequence is ending (nothing will attend to it again): its f16 window, if it has one,
+  // goes into its pages (KvWindow::Seal), so exact_tokens() and what Commit and the tiers take
+  // reach its end (kivi4: its last whole key group). KvManager::Finish does it too; callers
+  // that save to the tiers first call it before.
+  void SealWindow() {
+    if (tail_) tail_->Seal(*this, n_tokens_);
+  }
 
   const Hash128& ns() const { return ns_; }
   // Tokens reused from the cache when the sequence started.

@@ -973,6 +973,7 @@ void Scheduler::Preempt(Seq& v) {
   // its full chunks are copied to the tiers first (only those not copied before).
   const int64_t fed = std::min<int64_t>(v.fed(), static_cast<int64_t>(v.tokens.size()));
   const std::span<const TokenId> kept(v.tokens.data(), static_cast<size_t>(fed));
+  v.kv->SealWindow();  // its f16 window (kivi4, --kv-recent) is saved and indexed too
   // Only the exact part of a compacted or segment-prefilled sequence's KV may be shared.
   const std::span<const TokenId> exact =
       kept.first(std::min<size_t>(kept.size(), static_cast<size_t>(v.kv->exact_tokens())));
@@ -1620,6 +1621,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   bool program_noted = false;
   if (s.kv) {
     const int64_t fed = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
+    s.kv->SealWindow();  // its f16 window (kivi4, --kv-recent) is saved and indexed too
     // Only the exact part of a compacted or segment-prefilled sequence's KV may be shared.
     const std::span<const TokenId> kept = ExactTokens(s);
     if (s.policy != nullptr) s.usage.kv_tokens_kept = s.kv->kept_tokens();

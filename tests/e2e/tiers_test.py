@@ -177,9 +177,9 @@ def test_q4_session_survives_restart(binary, model, tmp):
 
 def test_windowed_session_survives_restart(binary, model, tmp):
     """KIVI-style 4-bit KV (--kv-type kivi4), and q4_0 with an f16 window (--kv-recent 64): a
-    session's quantized pages are reused by its next turn, go to disk in whole chunks and come
-    back after a restart; its newest 64 to 95 tokens (the f16 window) are recomputed, not
-    stored. Features that rewrite single slots refuse both at start-up."""
+    session's pages, its f16 window sealed into them when its turn ends, are reused by its next
+    turn, go to disk in whole chunks and come back after a restart. Features that rewrite single
+    slots refuse both at start-up."""
     for kv in (("--kv-type", "kivi4"), ("--kv-type", "q4_0", "--kv-recent", "64")):
         print("   " + " ".join(kv), flush=True)
         windowed_session(binary, model, tmp, kv)
@@ -196,8 +196,9 @@ def windowed_session(binary, model, tmp, kivi):
         want, u2 = complete(r1, turn2, 16, session_id="agent-k")
         n1 = u1.get("prompt_tokens", 0) + u1.get("completion_tokens", 0)
         cached = u2.get("prompt_tokens_details", {}).get("cached_tokens", -1)
-        # Only whole key groups with 64 newer tokens after them were quantized and committed.
-        check(cached % 32 == 0 and n1 - 96 - 32 < cached <= n1 - 64,
+        # The window was sealed into the pages when turn 1 ended: turn 2 reuses all of it but
+        # kivi4's key group in progress (and what re-tokenizing the answer changes).
+        check(n1 - 40 <= cached <= n1 and (kivi[1] != "kivi4" or cached % 32 == 0),
               "turn 2 reuses turn 1's quantized tokens (%d of %d): %s" % (cached, n1, u2))
     finally:
         graceful_stop(r1)
