@@ -705,9 +705,13 @@ void KiviValueRow(const void* v, int head_dim, float* out) {
 }
 
 const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
+  // WART: written without `(v ? a : b)[i]`: GCC 12 at -O1 with -fsanitize=undefined compiled
+  // that subscript as [0] on the k_blocks side (the asan preset; found by kernels_test).
+  const int64_t block = slot / kv.block_tokens, in_block = slot % kv.block_tokens;
+  const void* base = v ? kv.v_blocks[block] : kv.k_blocks[block];
   const size_t hb = KvHeadBytes(kv.type, kv.head_dim);
-  return static_cast<const uint8_t*>((v ? kv.v_blocks : kv.k_blocks)[slot / kv.block_tokens]) +
-         static_cast<size_t>(slot % kv.block_tokens) * hb * kv.n_kv_head + kvh * hb;
+  return static_cast<const uint8_t*>(base) +
+         static_cast<size_t>(in_block) * hb * kv.n_kv_head + static_cast<size_t>(kvh) * hb;
 }
 
 const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
