@@ -128,6 +128,9 @@ Status CheckStackConfig(const ServeConfig& cfg) {
   const KvShape shape{0, 0, 0, kv_type, std::max(cfg.kv_recent, 0)};
   if (!cfg.kv_policy.empty()) CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--kv-policy"));
   if (cfg.relay) CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--relay"));
+  if (cfg.kv_reuse != "prefix" && cfg.kv_reuse != "full") {
+    CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--kv-reuse " + cfg.kv_reuse));
+  }
   if (auto b = ParseBytes(cfg.kv_budget); !b.ok()) return b.status().WithContext("--kv-budget");
   if (!cfg.chat_template.empty()) {
     CT_RETURN_IF_ERROR(server::ChatTemplate::ByName(cfg.chat_template).status());

@@ -255,6 +255,16 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
     }
     seg_end = sp.offset + sp.length;
   }
+  // A windowed KV type (kivi4, --kv-recent) keeps its newest tokens outside the slots that
+  // policies and segment reuse rewrite.
+  if (!request.kv_policy.name.empty()) {
+    CT_RETURN_IF_ERROR(CheckKvRewritable(kv_.shape(), "kv_policy"));
+  }
+  if (!request.segments.empty() && request.reuse.mode != ReuseMode::kPrefix &&
+      request.reuse.mode != ReuseMode::kFull) {
+    CT_RETURN_IF_ERROR(CheckKvRewritable(
+        kv_.shape(), "kv_reuse '" + std::string(ReuseModeName(request.reuse.mode)) + "'"));
+  }
   std::unique_ptr<KvPolicy> policy;
   int64_t budget = 0, block = 0, capacity = n + request.gen.max_tokens;
   if (!request.kv_policy.name.empty()) {

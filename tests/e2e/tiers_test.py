@@ -213,6 +213,13 @@ def windowed_session(binary, model, tmp, kivi):
         check(status == 200 and st.get("kv", {}).get("page_tokens") ==
               (32 if kivi[1] == "kivi4" else 16),
               "kivi4 pages hold whole key groups (32 tokens), others keep 16: %s" % st.get("kv"))
+        # A request asking for a KV budget policy is a 400 naming it, not a crash.
+        status, r = r2.post("/v1/completions", {"model": "cachette-tiny-q8_0", "prompt": LONG,
+                                                "max_tokens": 2,
+                                                "kv_policy": {"name": "snapkv", "budget": 0.5}})
+        check(status == 400 and "kv_policy" in json.dumps(r) and kivi[1] in json.dumps(r),
+              "a per-request kv_policy is refused by name: %s %s" % (status, r))
+        check(r2.healthy(), "the server is still up after it")
     finally:
         graceful_stop(r2)
     for extra in (("--kv-policy", "snapkv"), ("--relay",)):
