@@ -40,7 +40,8 @@ Result<kernels::KvType> ParseKvType(const std::string& s) {
                  kernels::KvType::kQ4_0, kernels::KvType::kQ4_1, kernels::KvType::kKivi4}) {
     if (s == kernels::KvTypeName(t)) return t;
   }
-  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0, q4_0, q4_1, kivi4)");
+  if (s == "q4") return kernels::KvType::kQ4_0;  // the 4-bit type, as the agent-memory papers say
+  return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0, q4_0 or q4, q4_1, kivi4)");
 }
 
 Status CheckKvTypeFits(kernels::KvType t, const Model& model) {

@@ -1,6 +1,7 @@
 #include "cli/serving_stack.h"
 
 #include <filesystem>
+#include <optional>
 
 #include "cache/codecs/codec.h"
 #include "core/log.h"
@@ -24,6 +25,11 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
   Flag(c, p, kModel, "--kv-type", &ServeConfig::kv_type,
        "KV element type: f32, f16, q8_0, q4_0, q4_1, kivi4");
   Flag(c, p, kModel, "--kv-recent", &ServeConfig::kv_recent, kKvRecentHelp);
+  Flag(c, p, kModel, "--session-kv-type", &ServeConfig::session_kv_type,
+       "Keep the KV of requests with a session_id in a pool of its own of this type "
+       "(e.g. q4 = q4_0: agent memory in 4 bits, in memory and at rest)");
+  Flag(c, p, kModel, "--session-kv-budget", &ServeConfig::session_kv_budget,
+       "The session pool's share of --kv-budget (default: half)");
   Flag(c, p, kModel, "--chat-template", &ServeConfig::chat_template,
        "plain, chatml, llama3, gemma, llama2 (default: detected from the "
        "model)");
@@ -123,7 +129,26 @@ Result<ServeConfig> ResolveServeConfig(const ServeFlags& f) {
 
 Status CheckStackConfig(const ServeConfig& cfg) {
   CT_ASSIGN_OR_RETURN(const kernels::KvType kv_type, ParseKvType(cfg.kv_type));
-  CT_RETURN_IF_ERROR(CheckKvRecent(kv_type, cfg.kv_recent));
+  if (!cfg.session_kv_type.empty()) {
+    auto st = ParseKvType(cfg.session_kv_type);
+    if (!st.ok()) return st.status().WithContext("--session-kv-type");
+    // Session requests take the prefix path (sched/scheduler.h): server-wide defaults that
+    // compute KV in the engine's type would refuse every one of them.
+    if (!cfg.kv_policy.empty()) {
+      return InvalidArgument("--kv-policy does not combine with --session-kv-type: the session "
+                             "pool keeps each session's whole KV");
+    }
+    if (cfg.kv_reuse != "prefix" && cfg.kv_reuse != "full") {
+      return InvalidArgument("--kv-reuse " + cfg.kv_reuse + " does not combine with "
+                             "--session-kv-type: sessions reuse exact prefixes only");
+    }
+    // --kv-recent applies to each quantized pool: valid when one is.
+    const bool session_quantized =
+        *st != kernels::KvType::kF16 && *st != kernels::KvType::kF32;
+    CT_RETURN_IF_ERROR(CheckKvRecent(session_quantized ? *st : kv_type, cfg.kv_recent));
+  } else {
+    CT_RETURN_IF_ERROR(CheckKvRecent(kv_type, cfg.kv_recent));
+  }
   // A windowed KV type (kivi4, --kv-recent) cannot serve what rewrites single slots.
   const KvShape shape{0, 0, 0, kv_type, std::max(cfg.kv_recent, 0)};
   if (!cfg.kv_policy.empty()) CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--kv-policy"));
@@ -131,7 +156,17 @@ Status CheckStackConfig(const ServeConfig& cfg) {
   if (cfg.kv_reuse != "prefix" && cfg.kv_reuse != "full") {
     CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "--kv-reuse " + cfg.kv_reuse));
   }
-  if (auto b = ParseBytes(cfg.kv_budget); !b.ok()) return b.status().WithContext("--kv-budget");
+  auto budget = ParseBytes(cfg.kv_budget);
+  if (!budget.ok()) return budget.status().WithContext("--kv-budget");
+  if (!cfg.session_kv_budget.empty()) {
+    auto b = ParseBytes(cfg.session_kv_budget);
+    if (!b.ok()) return b.status().WithContext("--session-kv-budget");
+    if (*b >= *budget) {
+      return InvalidArgument("--session-kv-budget " + cfg.session_kv_budget +
+                             " must be less than --kv-budget " + cfg.kv_budget +
+                             " (the session pool's share of it)");
+    }
+  }
   if (!cfg.chat_template.empty()) {
     CT_RETURN_IF_ERROR(server::ChatTemplate::ByName(cfg.chat_template).status());
   }
@@ -145,6 +180,7 @@ ServingStack::~ServingStack() {
   sessions.reset();  // publishes the last session records
   tiers.reset();
   store.reset();
+  session_kv.reset();
   kv.reset();
   events.reset();  // after everything that reports into it
   engine.reset();
@@ -315,8 +351,23 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   ko.shape = st->engine->kv_shape();
   ko.events = st->events.get();
   ko.budget_bytes = *ParseBytes(cfg.kv_budget);
-  // kivi4 pages hold whole key groups.
-  if (eo.kv_type == kernels::KvType::kKivi4) ko.page_tokens = kernels::kKiviGroup;
+  // The session pool (--session-kv-type): its share of the budget, and the same page size.
+  std::optional<KvManagerOptions> so;
+  if (!cfg.session_kv_type.empty()) {
+    const kernels::KvType t = *ParseKvType(cfg.session_kv_type);
+    CT_RETURN_IF_ERROR(CheckKvTypeFits(t, *st->model).WithContext("--session-kv-type"));
+    so = ko;
+    so->shape = st->engine->kv_shape(t);
+    // The router (--kv-events) knows the main namespace only.
+    so->events = nullptr;
+    so->budget_bytes = cfg.session_kv_budget.empty() ? ko.budget_bytes / 2
+                                                     : *ParseBytes(cfg.session_kv_budget);
+    ko.budget_bytes -= so->budget_bytes;  // CheckStackConfig: less than the whole
+  }
+  // kivi4 pages hold whole key groups (both pools: they share the page size).
+  const bool kivi = eo.kv_type == kernels::KvType::kKivi4 ||
+                    (so && so->shape.type == kernels::KvType::kKivi4);
+  if (kivi) ko.page_tokens = kernels::kKiviGroup;
   if (Status s = KvManager::Validate(ko); !s.ok()) return s.WithContext("--kv-budget");
   st->kv = std::make_unique<KvManager>(ko);
   const KvManager::Stats ks = st->kv->GetStats();
@@ -324,13 +375,25 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
                 << FormatBytes(ks.bytes_reserved) << ", " << kernels::KvTypeName(eo.kv_type)
                 << "), prefix cache " << (cfg.prefix_cache ? "on" : "off")
                 << "; fingerprinting weights";
+  if (so) {
+    so->page_tokens = ko.page_tokens;
+    if (Status s = KvManager::Validate(*so); !s.ok()) return s.WithContext("--session-kv-budget");
+    st->session_kv = std::make_unique<KvManager>(*so);
+    const KvManager::Stats ss = st->session_kv->GetStats();
+    CT_LOG(kInfo) << "session KV pool: " << ss.pages_total << " pages ("
+                  << FormatBytes(ss.bytes_reserved) << ", " << kernels::KvTypeName(so->shape.type)
+                  << (so->shape.windowed()
+                          ? ", the newest " + std::to_string(so->shape.recent) + " tokens in f16"
+                          : std::string())
+                  << ") for requests with a session_id";
+  }
 
   // 5. The tiered chunk store behind the radix index, when any tier is configured.
   CT_RETURN_IF_ERROR(OpenStore(cfg, *st->kv, st->events.get(), &st->store, &st->tiers));
 
   // 6. The scheduler.
   st->scheduler = std::make_unique<sched::Scheduler>(*st->engine, *st->kv, SchedulerOptionsFor(cfg),
-                                                     st->tiers.get());
+                                                     st->tiers.get(), st->session_kv.get());
 
   // 7. Sessions of earlier runs, kept beside the disk tier: registered again before serving.
   if (!cfg.disk_dir.empty() && cfg.prefix_cache) {

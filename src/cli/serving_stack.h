@@ -5,6 +5,7 @@
 // and then from the flags given on the command line (flags win). AddStackFlags registers the
 // three groups both commands take, with the same names, help and TOML keys:
 //   "Model and engine"  -m/--model, --model-alias, --threads, --kv-budget, --kv-type,
+//                       --kv-recent, --session-kv-type, --session-kv-budget,
 //                       --chat-template, --max-tokens, --no-prefix-cache
 //   "Scheduler"         --max-running, --max-queue, --step-tokens, --queue-timeout, the pin and
 //                       session bounds, --sched, --admission, --preempt, --itl-target-ms,
@@ -15,7 +16,8 @@
 //
 // Objects, built by BuildServingStack in this order (each borrows the ones before it):
 //   1. the model (GGUF file), 2. the chat template (forced by --chat-template, else detected
-//   from the model's tokenizer.chat_template, else "plain"), 3. the engine, 4. the KV pool,
+//   from the model's tokenizer.chat_template, else "plain"), 3. the engine, 4. the KV pool
+//   (and the session pool, --session-kv-type, out of the same budget),
 //   4a. the KV event publisher (--kv-events), which the pool and the store report to,
 //   5. the tiered chunk store and its bridge to the scheduler (only when a tier is configured,
 //   or --preempt swap, which keeps preempted KV in the RAM tier; and never without the prefix
@@ -91,6 +93,7 @@ struct ServingStack {
   // outlives both.
   std::unique_ptr<events::KvEventPublisher> events;
   std::unique_ptr<KvManager> kv;
+  std::unique_ptr<KvManager> session_kv;  // --session-kv-type; null: sessions share kv
   std::unique_ptr<Cache> store;              // null: no tier configured
   std::unique_ptr<sched::TierBridge> tiers;  // non-null exactly when store is
   // Sessions kept across restarts (--disk-dir): DIR/sessions, attached to the scheduler's pins.

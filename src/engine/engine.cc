@@ -47,11 +47,13 @@ Engine::Engine(const Model& model, const EngineOptions& options)
 
 Engine::~Engine() = default;
 
-KvShape Engine::kv_shape() const {
+KvShape Engine::kv_shape() const { return kv_shape(options_.kv_type); }
+
+KvShape Engine::kv_shape(kernels::KvType type) const {
   const ModelConfig& c = model_.config();
-  const bool kivi = options_.kv_type == kernels::KvType::kKivi4;
+  const bool kivi = type == kernels::KvType::kKivi4;
   const int recent = options_.kv_recent >= 0 ? options_.kv_recent : kivi ? kDefaultKiviRecent : 0;
-  return KvShape{c.n_layer, c.n_kv_head, c.head_dim, options_.kv_type, recent};
+  return KvShape{c.n_layer, c.n_kv_head, c.head_dim, type, recent};
 }
 
 std::unique_ptr<ContiguousKv> Engine::NewSequence(int64_t capacity) const {
@@ -236,8 +238,6 @@ void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
   float* gate = s.gate.Get(n * ff);
   float* up = s.up.Get(n * ff);
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  // New K/V go in the sequence's write type (a window's newest tokens are f16, KvWindow).
-  const kernels::KvType kv_type = kv_shape().write_type();
 
   const LayerWeights& w = model_.layers()[layer];
   kernels::RmsNorm(x, w.attn_norm, h, n, d, c.norm_eps);
@@ -253,6 +253,9 @@ void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
   CT_CHECK_EQ(r, n);
   for (size_t i = 0; i < runs.size(); ++i) {
     SequenceKv& kv = *runs[i].kv;
+    // New K/V go in the sequence's own write type: its pool's (a server may hold two,
+    // --session-kv-type), f16 for a window's newest tokens (KvWindow).
+    const kernels::KvType kv_type = kv.shape().write_type();
     for (int64_t j = 0; j < runs[i].count; ++j) {
       const int64_t row = row0[i] + j;
       kernels::StoreKv(k + row * kvd, c.n_kv_head, c.head_dim, kv_type,

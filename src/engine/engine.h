@@ -42,7 +42,9 @@ class Engine {
   const Model& model() const { return model_; }
   const EngineOptions& options() const { return options_; }
   ThreadPool& pool() { return *pool_; }
+  // The KV layout of options().kv_type, or of `type` (with options().kv_recent's window).
   KvShape kv_shape() const;
+  KvShape kv_shape(kernels::KvType type) const;
 
   // A fresh contiguous KV cache for one sequence of up to `capacity` tokens
   // (0 = the model's training context).

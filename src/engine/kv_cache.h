@@ -104,6 +104,9 @@ class SequenceKv {
   virtual int64_t n_tokens() const = 0;
   // Most tokens this sequence can hold.
   virtual int64_t capacity() const = 0;
+  // Its KV layout: a server may hold sequences of several KV types (--session-kv-type), and the
+  // forward pass writes each in its own (KvShape::write_type()).
+  virtual const KvShape& shape() const = 0;
   // Makes room for positions [0, n); kResourceExhausted if it cannot. Does not change n_tokens.
   virtual Status Reserve(int64_t n) = 0;
   // Where K (or V) of `layer` at position `pos` (< reserved size) goes:
@@ -193,7 +196,7 @@ class ContiguousKv final : public SequenceKv {
   int64_t next_position() const override { return book_.NextPosition(n_max_); }
   void Append(int64_t count) override;
 
-  const KvShape& shape() const { return shape_; }
+  const KvShape& shape() const override { return shape_; }
   // Tokens read so far (positions handed out), evicted ones included.
   int64_t tokens_seen() const { return book_.Seen(n_max_); }
   // Slots summed over layers (the memory a per-layer budget actually holds).

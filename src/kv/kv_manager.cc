@@ -157,6 +157,8 @@ void PagedSequence::Append(int64_t count) {
   if (tail_) tail_->Flush(*this, n_tokens_);
 }
 
+const KvShape& PagedSequence::shape() const { return manager_->shape(); }
+
 int64_t PagedSequence::kept_tokens() const {
   const int64_t layers = manager_->shape().n_layer;
   return (book_.TotalSlots(static_cast<int>(layers), n_tokens_) + layers - 1) / layers;

@@ -63,6 +63,7 @@ class PagedSequence final : public SequenceKv {
 
   int64_t n_tokens() const override { return n_tokens_; }
   int64_t capacity() const override { return capacity_; }
+  const KvShape& shape() const override;  // its manager's
   Status Reserve(int64_t n) override;
   void* KSlot(int layer, int64_t pos) override;
   void* VSlot(int layer, int64_t pos) override;
@@ -98,6 +99,8 @@ class PagedSequence final : public SequenceKv {
   }
 
   const Hash128& ns() const { return ns_; }
+  // The pool the sequence's pages belong to.
+  KvManager& manager() const { return *manager_; }
   // Tokens reused from the cache when the sequence started.
   int64_t cached_tokens() const { return cached_tokens_; }
   const std::vector<PageId>& block_table() const { return pages_; }

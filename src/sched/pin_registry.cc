@@ -15,7 +15,11 @@ bool Journaled(const std::string& key) { return !key.empty() && key[0] != '\x01'
 }  // namespace
 
 PinRegistry::PinRegistry(KvManager& kv, Limits limits, ClockMs clock, PrefixSource* source)
-    : kv_(kv), limits_(limits), clock_(std::move(clock)), source_(source) {
+    : PinRegistry([&kv](const Hash128&) -> KvManager& { return kv; }, limits, std::move(clock),
+                  source) {}
+
+PinRegistry::PinRegistry(PoolFn pools, Limits limits, ClockMs clock, PrefixSource* source)
+    : pools_(std::move(pools)), limits_(limits), clock_(std::move(clock)), source_(source) {
   if (!clock_) clock_ = [] { return NowNanos() / 1000000; };
   limits_.max_ttl_ms = std::max<int64_t>(1, limits_.max_ttl_ms);
   limits_.max_pinned_fraction = std::clamp(limits_.max_pinned_fraction, 0.0, 1.0);
@@ -63,13 +67,14 @@ PinRegistry::Info PinRegistry::AddPin(const Hash128& ns, const std::string& cach
       return info;
     }
   }
-  KvManager::Pin pin = kv_.PinPrefix(ns, tokens, ttl_ms);
+  KvManager& pool = pools_(ns);
+  KvManager::Pin pin = pool.PinPrefix(ns, tokens, ttl_ms);
   info.tokens = pin.tokens();
   if (info.tokens == 0) {  // nothing cached: the empty pin is released here
     info.status = NotFound("nothing of the prefix is cached");
     return info;
   }
-  const KvManager::Stats st = kv_.GetStats();
+  const KvManager::Stats st = pool.GetStats();
   const double cap = limits_.max_pinned_fraction * static_cast<double>(st.pages_total);
   if (static_cast<double>(st.pages_pinned) > cap) {
     pin.Reset();

@@ -5,8 +5,9 @@
 //
 // Bounds (Limits): TTLs are cut to max_ttl_ms; at most max_pins plain pins (more are refused)
 // and max_sessions sessions (a new one replaces the session that expires first); pinned pages
-// never exceed max_pinned_fraction of the pool (a pin that would pass it is refused: the
-// prefix stays cached, just not protected). A refused pin has id 0 and a non-OK status.
+// never exceed max_pinned_fraction of the pool (of each pool, with --session-kv-type): a pin
+// that would pass it is refused (the prefix stays cached, just not protected). A refused pin
+// has id 0 and a non-OK status.
 //
 // A session (session_id) holds at most one pin: each turn pins the whole conversation so far
 // (prompt + reply) and then drops the previous turn's pin, so the shared prefix is never
@@ -56,8 +57,13 @@ class PinRegistry {
  public:
   using ClockMs = std::function<int64_t()>;  // monotonic milliseconds
   using Limits = PinLimits;
+  // The page pool that holds a namespace's pages (a server with --session-kv-type has two).
+  using PoolFn = std::function<KvManager&(const Hash128& ns)>;
   // `source` (may be null) receives the tier side of every pin; it must outlive the registry.
   explicit PinRegistry(KvManager& kv, Limits limits = {}, ClockMs clock = nullptr,
+                       PrefixSource* source = nullptr);
+  // Pins in the pool `pools` names per namespace; max_pinned_fraction is of that pool.
+  explicit PinRegistry(PoolFn pools, Limits limits = {}, ClockMs clock = nullptr,
                        PrefixSource* source = nullptr);
 
   struct Info {
@@ -129,7 +135,7 @@ class PinRegistry {
                                            Released* out);
   void Release(Released& r);
 
-  KvManager& kv_;
+  PoolFn pools_;
   Limits limits_;
   ClockMs clock_;
   PrefixSource* source_;

@@ -34,6 +34,7 @@ struct Scheduler::Seq {
   int64_t capacity = 0;         // prompt + max_tokens, within the context
   int64_t forecast_blocks = 0;  // pages the block table will have at most
   bool cow_pending = false;     // its first write lands in a shared page (one more page)
+  KvManager* pool = nullptr;    // the page pool of its KV: kv_, or session_kv_ for a session
   std::unique_ptr<PagedSequence> kv;
   std::unique_ptr<PendingLoad> load;  // kLoading: the tier restore in flight
   int64_t tier_tokens = 0;            // leading prompt tokens the tiers hold (Save skips them)
@@ -110,13 +111,15 @@ constexpr int64_t kPromptLogitsBytes = int64_t{32} << 20;
 }  // namespace
 
 Scheduler::Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& options,
-                     PrefixSource* source)
+                     PrefixSource* source, KvManager* session_kv)
     : engine_(engine),
       kv_(kv),
+      session_kv_(session_kv),
       options_(options),
       source_(source != nullptr ? source : &no_source_),
-      pins_(kv, PinRegistry::Limits{options.max_pinned_fraction, options.max_pin_ttl_ms,
-                                    options.max_sessions, options.max_pins},
+      pins_([this](const Hash128& ns) -> KvManager& { return PoolOf(ns); },
+            PinRegistry::Limits{options.max_pinned_fraction, options.max_pin_ttl_ms,
+                                options.max_sessions, options.max_pins},
             nullptr, source),
       segments_(SegmentCache::Options{options.segment_cache_bytes, {}}),
       n_ctx_(engine.model().config().n_ctx_train) {
@@ -136,17 +139,31 @@ Scheduler::~Scheduler() {
 }
 
 Hash128 Scheduler::Namespace(const std::string& cache_salt) {
-  const kernels::KvType type = engine_.options().kv_type;
+  return NamespaceIn(kv_, cache_salt);
+}
+
+Hash128 Scheduler::NamespaceIn(const KvManager& pool, const std::string& cache_salt) {
+  const kernels::KvType type = pool.shape().type;
   if (!options_.prefix_cache) {
     // Nothing is ever committed here, so nothing is ever reused.
     return KvNamespace(engine_.model(), type, std::string("\x01no-prefix-cache|") + cache_salt);
   }
   const Hash128 ns = KvNamespace(engine_.model(), type, cache_salt);
-  RememberTenant(cache_salt, ns);
+  RememberTenant(cache_salt);
   return ns;
 }
 
-void Scheduler::RememberTenant(const std::string& cache_salt, const Hash128& ns) {
+KvManager& Scheduler::PoolOf(const Hash128& ns) {
+  if (session_kv_ == nullptr) return kv_;
+  std::lock_guard<std::mutex> lock(ns_mu_);
+  return session_ns_.contains(ns) ? *session_kv_ : kv_;
+}
+
+void Scheduler::RememberTenant(const std::string& cache_salt) {
+  // The tenant's namespace in each pool (computed here: NamespaceIn calls this).
+  auto ns_in = [&](const KvManager& pool) {
+    return KvNamespace(engine_.model(), pool.shape().type, cache_salt);
+  };
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now_ms = NowNanos() / 1000000;
   auto it = tenants_.find(cache_salt);
@@ -157,9 +174,23 @@ void Scheduler::RememberTenant(const std::string& cache_salt, const Hash128& ns)
   // Bounded: past max_tenants the least recently used tenant is forgotten (its cached pages
   // stay until evicted; ClearAll no longer reaches it by name, but Clear of its salt still does).
   if (tenants_.size() >= std::max<size_t>(1, options_.max_tenants)) {
-    EraseSmallest(tenants_, &Tenant::last_used_ms);
+    auto oldest = std::min_element(tenants_.begin(), tenants_.end(), [](const auto& a,
+                                                                        const auto& b) {
+      return a.second.last_used_ms < b.second.last_used_ms;
+    });
+    if (session_kv_ != nullptr) {
+      // Its session pins, if any, now resolve to the main pool, where they find nothing to
+      // pin (the session's chunks stay in the tiers).
+      std::lock_guard<std::mutex> ns_lock(ns_mu_);
+      session_ns_.erase(ns_in(*session_kv_));
+    }
+    tenants_.erase(oldest);
   }
-  tenants_.emplace(cache_salt, Tenant{ns, now_ms});
+  tenants_.emplace(cache_salt, Tenant{ns_in(kv_), now_ms});
+  if (session_kv_ != nullptr) {
+    std::lock_guard<std::mutex> ns_lock(ns_mu_);
+    session_ns_.insert(ns_in(*session_kv_));
+  }
 }
 
 Status Scheduler::ClearTenant(const std::string& cache_salt) {
@@ -167,7 +198,15 @@ Status Scheduler::ClearTenant(const std::string& cache_salt) {
   pins_.RemoveTenant(cache_salt, ns);
   kv_.Clear(ns);
   segments_.Clear(ns);
-  return source_->Clear(ns);
+  Status st = source_->Clear(ns);
+  if (session_kv_ != nullptr) {
+    // Its sessions' namespace in the session pool.
+    const Hash128 sns = NamespaceIn(*session_kv_, cache_salt);
+    pins_.RemoveTenant(cache_salt, sns);
+    session_kv_->Clear(sns);
+    if (Status ss = source_->Clear(sns); st.ok()) st = ss;
+  }
+  return st;
 }
 
 size_t Scheduler::ClearAll() {
@@ -189,6 +228,7 @@ size_t Scheduler::ClearAll() {
   for (const Hash128& ns : pins_.RestoredNamespaces()) {
     pins_.RemoveTenant("\x01restored", ns);
     kv_.Clear(ns);
+    if (session_kv_ != nullptr) session_kv_->Clear(ns);
     segments_.Clear(ns);
     if (Status st = source_->Clear(ns); !st.ok()) {
       CT_LOG(kWarning) << "clearing a namespace: " << st.ToString();
@@ -225,7 +265,7 @@ Status Scheduler::CompactPolicy(Seq& s) {
   in.stats = have_stats ? &s.stats : nullptr;
   in.tokens_seen = s.kv->tokens_seen();
   const KeepPlan plan = s.policy->Select(in);
-  CT_RETURN_IF_ERROR(kv_.Compact(*s.kv, plan, c.rope, have_stats ? &s.stats : nullptr)
+  CT_RETURN_IF_ERROR(s.kv->manager().Compact(*s.kv, plan, c.rope, have_stats ? &s.stats : nullptr)
                          .WithContext("kv_policy " + std::string(s.policy->name())));
   s.stats.ClearWindow();
   s.since_compaction = 0;
@@ -255,15 +295,25 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
     }
     seg_end = sp.offset + sp.length;
   }
+  // A session's KV goes to the session pool when there is one (--session-kv-type).
+  KvManager& pool = session_kv_ != nullptr && !request.session_id.empty() ? *session_kv_ : kv_;
   // A windowed KV type (kivi4, --kv-recent) keeps its newest tokens outside the slots that
-  // policies and segment reuse rewrite.
-  if (!request.kv_policy.name.empty()) {
-    CT_RETURN_IF_ERROR(CheckKvRewritable(kv_.shape(), "kv_policy"));
-  }
+  // policies and segment reuse rewrite; and both compute KV in the engine's own type, not the
+  // session pool's.
+  auto rewritable = [&](const std::string& what) -> Status {
+    if (&pool != &kv_) {
+      return InvalidArgument(what + " is not available to sessions on this server: their KV is "
+                             "kept as " + std::string(kernels::KvTypeName(pool.shape().type)) +
+                             " (--session-kv-type); send the request without session_id, or "
+                             "without " + what);
+    }
+    return CheckKvRewritable(pool.shape(), what);
+  };
+  if (!request.kv_policy.name.empty()) CT_RETURN_IF_ERROR(rewritable("kv_policy"));
   if (!request.segments.empty() && request.reuse.mode != ReuseMode::kPrefix &&
       request.reuse.mode != ReuseMode::kFull) {
-    CT_RETURN_IF_ERROR(CheckKvRewritable(
-        kv_.shape(), "kv_reuse '" + std::string(ReuseModeName(request.reuse.mode)) + "'"));
+    CT_RETURN_IF_ERROR(
+        rewritable("kv_reuse '" + std::string(ReuseModeName(request.reuse.mode)) + "'"));
   }
   std::unique_ptr<KvPolicy> policy;
   int64_t budget = 0, block = 0, capacity = n + request.gen.max_tokens;
@@ -282,17 +332,21 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
                            " were requested (" + std::to_string(n) + " in the prompt, " +
                            std::to_string(request.gen.max_tokens) + " in the completion)");
   }
-  const int64_t P = kv_.page_tokens();
+  const int64_t P = pool.page_tokens();
   const int64_t blocks = CeilDiv(capacity, P);
-  const uint32_t total = kv_.GetStats().pages_total;
+  const uint32_t total = pool.GetStats().pages_total;
   if (blocks > total) {
     return InvalidArgument("the prompt and max_tokens need " + std::to_string(blocks) +
-                           " pages of KV but the pool holds " + std::to_string(total) +
-                           " (raise --kv-budget or lower max_tokens)");
+                           " pages of KV but the " +
+                           (&pool == &kv_ ? "pool holds " : "session pool holds ") +
+                           std::to_string(total) + " (raise " +
+                           (&pool == &kv_ ? "--kv-budget" : "--session-kv-budget") +
+                           " or lower max_tokens)");
   }
 
   auto s = std::make_unique<Seq>();
-  s->ns = Namespace(request.cache_salt);
+  s->pool = &pool;
+  s->ns = NamespaceIn(pool, request.cache_salt);
   s->req = std::move(request);
   s->prompt_len = n;
   s->orig_prompt_len = n;
@@ -481,10 +535,10 @@ void Scheduler::ProgramTurnEnded(Seq& s, std::span<const TokenId> kept) {
     if (!is_session) pins_.RemoveSession(key);
     return;
   }
-  const KvManager::Stats ks = kv_.GetStats();
+  const KvManager::Stats ks = s.pool->GetStats();
   const double total = std::max<double>(1, ks.pages_total);
   const double pages =
-      static_cast<double>(CeilDiv(static_cast<int64_t>(kept.size()), kv_.page_tokens()));
+      static_cast<double>(CeilDiv(static_cast<int64_t>(kept.size()), s.pool->page_tokens()));
   const double others = static_cast<double>(running_.size() + queue_.size()) - 1;
   const double utilisation = static_cast<double>(ks.pages_used) / total;
   const double hold_rate = pages / total * std::max(0.0, others) * utilisation;
@@ -858,7 +912,7 @@ void Scheduler::SegmentPrefillDone(Seq& s) {
     // Only the exact prefix, in whole pages: the pages past it hold approximate KV, and the
     // page that holds both is never shared (so the decode never writes into a shared page).
     const std::span<const TokenId> exact = ExactTokens(s);
-    kv_.Commit(*s.kv, exact);
+    s.pool->Commit(*s.kv, exact);
     if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
       s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, exact, s.req.pin_ttl_ms).id;
     }
@@ -893,7 +947,10 @@ void Scheduler::SaveRelay(Seq& s) {
   // The generated tokens whose KV the sequence holds (slots == positions: no budget policy).
   const int64_t begin = s.orig_prompt_len;
   const int64_t end = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));
-  if (s.policy != nullptr || s.kv->compacted() || s.ape || end - begin < 1) return;
+  // A session pool's KV is not the engine's type: segments could not place it.
+  if (s.policy != nullptr || s.kv->compacted() || s.ape || end - begin < 1 || s.pool != &kv_) {
+    return;
+  }
   SegmentKv seg;
   seg.tokens.assign(s.tokens.begin() + begin, s.tokens.begin() + end);
   seg.base_pos = begin;
@@ -995,7 +1052,7 @@ void Scheduler::Preempt(Seq& v) {
       v.tier_tokens = held;
     }
   }
-  kv_.Finish(*v.kv, kept);
+  v.pool->Finish(*v.kv, kept);
   v.kv.reset();
   v.load.reset();
   v.segment_load.reset();
@@ -1011,7 +1068,7 @@ void Scheduler::Preempt(Seq& v) {
     v.policy_block = PrefillBlock(*v.policy, v.policy_budget, v.prompt_len, n_ctx_);
     v.capacity = PolicyCapacity(*v.policy, v.policy_budget, v.policy_block, v.prompt_len,
                                 std::max<int64_t>(1, v.req.gen.max_tokens - v.generated));
-    v.forecast_blocks = CeilDiv(v.capacity, kv_.page_tokens());
+    v.forecast_blocks = CeilDiv(v.capacity, v.pool->page_tokens());
   }
   v.state = Seq::State::kQueued;
   v.resumed = true;
@@ -1034,7 +1091,9 @@ bool Scheduler::PreemptFor(const Seq& s, int64_t short_pages) {
   const int64_t now = NowNanos();
   std::vector<Seq*> victims;
   for (auto& r : running_) {
-    if (r->kv != nullptr && r->state != Seq::State::kQueued && Outranks(s, *r, now)) {
+    // Only sequences of s's pool give it room.
+    if (r->kv != nullptr && r->state != Seq::State::kQueued && r->pool == s.pool &&
+        Outranks(s, *r, now)) {
       victims.push_back(r.get());
     }
   }
@@ -1058,8 +1117,9 @@ int64_t Scheduler::Outstanding(const Seq& s) const {
 }
 
 bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
-  const int64_t P = kv_.page_tokens();
-  s.kv = kv_.Start(s.ns, s.req.prompt, s.capacity);
+  KvManager& pool = *s.pool;  // everything below is of s's pool only
+  const int64_t P = pool.page_tokens();
+  s.kv = pool.Start(s.ns, s.req.prompt, s.capacity);
   if (s.policy != nullptr) {
     // The policy's observation window (the prompt's last tokens) is computed, not reused, so
     // that its attention statistics exist; and the statistics start afresh.
@@ -1083,13 +1143,15 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
   const int64_t shared_full = reused / P;
   s.cow_pending = s.kv->n_tokens() > 0 && (s.kv->n_tokens() % P != 0 || reused < s.kv->n_tokens());
   const int64_t need = s.forecast_blocks - shared_full + (s.cow_pending ? 1 : 0);
-  const KvManager::Stats st = kv_.GetStats();
+  const KvManager::Stats st = pool.GetStats();
   int64_t available = static_cast<int64_t>(st.pages_free) +
                       std::max<int64_t>(0, static_cast<int64_t>(st.pages_cached_unreferenced) -
                                                static_cast<int64_t>(st.pages_pinned));
   if (options_.admission == AdmissionPolicy::kPastFuture) {
     std::vector<SeqLoad> loads;
-    for (const auto& r : running_) loads.push_back(LoadOf(*r));
+    for (const auto& r : running_) {
+      if (r->pool == s.pool) loads.push_back(LoadOf(*r));
+    }
     loads.push_back(LoadOf(s));
     const int64_t extra = past_future_.EstimateExtraPages(loads, static_cast<int>(P));
     if (extra >= 0) {  // else: too little history yet, the worst case below decides
@@ -1099,7 +1161,9 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
       return false;
     }
   }
-  for (const auto& r : running_) available -= Outstanding(*r);
+  for (const auto& r : running_) {
+    if (r->pool == s.pool) available -= Outstanding(*r);
+  }
   if (need <= available) return true;
   if (short_pages != nullptr) *short_pages = need - available;
   s.kv.reset();  // drops the references Start took; the cached pages stay cached
@@ -1147,7 +1211,7 @@ size_t Scheduler::PickNext() {
   int64_t best_len = -1;
   for (size_t i = 0; i < queue_.size() && queue_[i]->req.priority == priority; ++i) {
     const Seq& q = *queue_[i];
-    const int64_t len = kv_.CachedPrefix(q.ns, q.req.prompt);
+    const int64_t len = q.pool->CachedPrefix(q.ns, q.req.prompt);
     if (len > best_len && !in_flight(q, len)) {
       best = i;
       best_len = len;
@@ -1394,7 +1458,7 @@ void Scheduler::Step() {
       Seq* victim = nullptr;
       for (auto it = running_.rbegin(); it != running_.rend() && it->get() != &s; ++it) {
         Seq* c = it->get();
-        if (c->kv == nullptr || c->state == Seq::State::kLoading ||
+        if (c->kv == nullptr || c->pool != s.pool || c->state == Seq::State::kLoading ||
             c->state == Seq::State::kQueued ||
             std::find(owners.begin(), owners.end(), c) != owners.end()) {
           continue;
@@ -1474,7 +1538,7 @@ void Scheduler::Step() {
         (items[i].logits == Engine::Logits::kAll && s.fed() < s.prompt_len)) {
       // A prompt part-way through prefill: its full pages are final, so concurrent requests
       // with the same prefix may share them from now on.
-      if (options_.prefix_cache) kv_.Commit(*s.kv, s.req.prompt);
+      if (options_.prefix_cache) s.pool->Commit(*s.kv, s.req.prompt);
       if (s.policy != nullptr && s.policy_block > 0 && s.fed() % s.policy_block == 0) {
         if (Status cs = CompactPolicy(s); !cs.ok()) Finish(s, Reason::kCancelled, cs);
       }
@@ -1486,8 +1550,8 @@ void Scheduler::Step() {
       if (options_.prefix_cache) {
         // A pinned prompt is committed with its last partial page too (so all of it is
         // pinned); the next decode then copies that page before writing (one more page).
-        const bool partial = s.req.pin_ttl_ms > 0 && s.prompt_len % kv_.page_tokens() != 0;
-        kv_.Commit(*s.kv, s.req.prompt, partial);
+        const bool partial = s.req.pin_ttl_ms > 0 && s.prompt_len % s.pool->page_tokens() != 0;
+        s.pool->Commit(*s.kv, s.req.prompt, partial);
         s.cow_pending = partial;
         if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
           s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, s.req.prompt, s.req.pin_ttl_ms).id;
@@ -1640,7 +1704,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
       s.segment_load.reset();
       if (options_.relay && reason != Reason::kCancelled) SaveRelay(s);
       source_->Save(*s.kv, kept, s.tier_tokens);
-      kv_.Finish(*s.kv, kept);
+      s.pool->Finish(*s.kv, kept);
       // A program's turn that called a tool gets Continuum's TTL instead of the session's.
       const bool program_pin = options_.order == QueueOrder::kProgram && !s.req.tool.empty() &&
                                s.req.program_id.empty();

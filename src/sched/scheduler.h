@@ -94,6 +94,17 @@
 // reserve_failures), as a batch prefill does; when none decodes, it fails with
 // kResourceExhausted.
 //
+// Session pool (--session-kv-type, issue 13 item 4). With a second KvManager, every request
+// with a session_id keeps its KV there, in that pool's type (e.g. q4_0: agent memory in 4 bits,
+// 3.5x more sessions in the same bytes), and everything else in the main pool. Each request
+// lives in one pool from admission to finish: its namespace is the pool's (KvNamespace over the
+// pool's KV type, so the tiers keep its chunks in that type, and a restarted server restores
+// them into the same pool), admission and preemption count and free that pool's pages only,
+// and pins resolve a namespace to its pool (PoolOf). The engine writes each sequence in its own
+// type (SequenceKv::shape()). Session requests take the prefix path: kv_policy and the segment
+// reuse modes compute KV in the engine's type and are refused for them (400); relay skips them.
+// The two pools have the same page size.
+//
 // Thread-safety: Submit, Stats, Drain, PrecomputeSegments and the accessors are safe from any
 // thread; the engine is touched by the loop thread only.
 #pragma once
@@ -217,10 +228,11 @@ struct PrecomputedSegment {
 
 class Scheduler {
  public:
-  // `engine`, `kv` and `source` (may be null: nothing beyond memory) must outlive the
+  // `engine`, `kv`, `source` (may be null: nothing beyond memory) and `session_kv` (may be
+  // null: sessions share `kv`; else the session pool, of kv's page size) must outlive the
   // scheduler. The loop thread starts here.
   Scheduler(Engine& engine, KvManager& kv, const SchedulerOptions& options,
-            PrefixSource* source = nullptr);
+            PrefixSource* source = nullptr, KvManager* session_kv = nullptr);
   ~Scheduler();  // Drain()s, then joins the loop
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -240,11 +252,15 @@ class Scheduler {
   nlohmann::json SchedJson() const;
   PinRegistry& pins() { return pins_; }
   KvManager& kv() { return kv_; }
+  KvManager* session_kv() { return session_kv_; }  // null without a session pool
   PrefixSource& source() { return *source_; }
   const SchedulerOptions& options() const { return options_; }
-  // The namespace of a tenant (cache_salt "" = the shared one). Remembers it (up to
-  // max_tenants, least recently used forgotten first) for ClearAll.
+  // The namespace of a tenant (cache_salt "" = the shared one) in the main pool. Remembers the
+  // tenant (up to max_tenants, least recently used forgotten first) for ClearAll.
   Hash128 Namespace(const std::string& cache_salt);
+  // The pool whose pages a namespace's KV is in: the session pool for a tenant's session
+  // namespace, else the main one. Any thread.
+  KvManager& PoolOf(const Hash128& ns);
   // Drops the tenant's pins and its cached KV from memory and from every tier of the source.
   Status ClearTenant(const std::string& cache_salt);
   // ClearTenant for every remembered tenant and the shared namespace; returns how many.
@@ -282,7 +298,9 @@ class Scheduler {
   bool Outranks(const Seq& a, const Seq& b, int64_t now_ns) const;
   void Requeue();
   void PollLoads();
-  void RememberTenant(const std::string& cache_salt, const Hash128& ns);
+  // Namespace() in `pool` (kv_ or *session_kv_).
+  Hash128 NamespaceIn(const KvManager& pool, const std::string& cache_salt);
+  void RememberTenant(const std::string& cache_salt);
   // Whether `s` fits now; else `short_pages` (when given) says by how many pages.
   bool Fits(Seq& s, int64_t* short_pages = nullptr);
   // Continuum: a new turn of a program (tool statistics, pin hit), and the end of one.
@@ -357,6 +375,7 @@ class Scheduler {
 
   Engine& engine_;
   KvManager& kv_;
+  KvManager* session_kv_;  // null: sessions share kv_
   SchedulerOptions options_;
   NoPrefixSource no_source_;
   PrefixSource* source_;
@@ -388,6 +407,9 @@ class Scheduler {
     int64_t last_used_ms = 0;
   };
   std::unordered_map<std::string, Tenant> tenants_;  // GUARDED_BY(mu_)
+  // The remembered tenants' namespaces in the session pool (PoolOf). Taken after mu_.
+  std::mutex ns_mu_;
+  std::set<Hash128> session_ns_;  // GUARDED_BY(ns_mu_)
   uint64_t next_id_ = 1;                       // GUARDED_BY(mu_)
   SchedulerStats stats_;                       // GUARDED_BY(mu_)
   nlohmann::json sched_json_;                  // GUARDED_BY(mu_): SchedJson()'s snapshot

@@ -20,25 +20,21 @@
 #include "engine/generate.h"
 #include "kv/budget_runner.h"
 #include "model/synth.h"
+#include "sched/sched_test_util.h"
 #include "sched/tier_bridge.h"
 
 namespace cachette::sched {
 namespace {
 
 using kernels::KvType;
+using sched_test::Collect;
+using sched_test::Collected;
+using sched_test::Text;
+using sched_test::Trained;
 
 // The F32 file, the default for every test. The matmul is batch-invariant for F32, Q8_0 and
 // Q4_0 weights (docs/kernels.md), so the exactness tests also run on the trained Q8_0 file and
 // on a synthetic Q4_0 model with the same vocabulary (TrainedQ8_0, SynthQ4_0).
-const Model& Trained() {
-  static std::unique_ptr<Model> m = [] {
-    auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-f32.gguf");
-    CT_CHECK(r.ok()) << r.status().ToString();
-    return std::move(*r);
-  }();
-  return *m;
-}
-
 const Model& TrainedQ8_0() {
   static std::unique_ptr<Model> m = [] {
     auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-q8_0.gguf");
@@ -67,34 +63,6 @@ const Model& SynthQ4_0() {
     return std::move(*r);
   }();
   return *m;
-}
-
-std::vector<TokenId> Text(const std::string& s) {
-  return Trained().tokenizer().Encode(s, /*add_bos=*/true, /*parse_special=*/false);
-}
-
-struct Collected {
-  std::vector<TokenId> tokens;
-  std::string text;
-  StreamEvent last;  // the terminal event
-};
-
-Collected Collect(RequestStream& s) {
-  Collected c;
-  StreamEvent e;
-  for (;;) {
-    if (!s.Next(&e, std::chrono::milliseconds(60000))) {
-      ADD_FAILURE() << "no event for 60 s";
-      return c;
-    }
-    if (e.kind == StreamEvent::Kind::kToken) {
-      c.tokens.push_back(e.token);
-      c.text += e.text;
-      continue;
-    }
-    c.last = e;
-    return c;
-  }
 }
 
 class SchedulerTest : public ::testing::Test {

@@ -96,8 +96,7 @@ Status TierBridge::Validate(const Cache& cache, const KvManager& kv) {
   return Status::Ok();
 }
 
-ChunkLayout TierBridge::Layout() const {
-  const KvShape& s = kv_.shape();
+ChunkLayout TierBridge::Layout(const KvShape& s) const {
   ChunkLayout l;
   l.n_layer = static_cast<uint32_t>(s.n_layer);
   l.n_kv_head = static_cast<uint32_t>(s.n_kv_head);
@@ -172,7 +171,7 @@ LoadProgress TierBridge::ApplyLoad(PendingLoad& pending, PagedSequence& seq) {
   }
 
   const int64_t C = chunk_tokens_;
-  const ChunkLayout layout = Layout();
+  const ChunkLayout layout = Layout(seq.shape());
   int64_t added[kCacheTierCount] = {};
   const size_t resolved = handle->resolved_chunks();
   bool stop = false;
@@ -188,7 +187,7 @@ LoadProgress TierBridge::ApplyLoad(PendingLoad& pending, PagedSequence& seq) {
     // kivi4 keys are quantized by groups of 32 tokens: a group is restored whole, from the
     // chunk alone (its start overwrites the group's copy from the index, which holds the same
     // tokens), and a group the capacity cuts is left to the prefill.
-    const bool kivi = kv_.shape().type == kernels::KvType::kKivi4;
+    const bool kivi = seq.shape().type == kernels::KvType::kKivi4;
     const int64_t from = kivi ? std::max(start, have - have % kernels::kKiviGroup) : have;
     if (kivi) to -= to % kernels::kKiviGroup;
     if (start > have || to <= have) {  // not contiguous, or nothing before the capacity
@@ -200,7 +199,7 @@ LoadProgress TierBridge::ApplyLoad(PendingLoad& pending, PagedSequence& seq) {
       stop = true;
       break;
     }
-    CopyChunk(seq, kv_.shape(), kv_.page_tokens(), static_cast<int>(C), start, from, to,
+    CopyChunk(seq, seq.shape(), seq.manager().page_tokens(), static_cast<int>(C), start, from, to,
               const_cast<std::byte*>(d.bytes().data()), /*to_pages=*/true);
     seq.SetTokens(to);
     added[static_cast<int>(d.tier)] += to - have;
@@ -245,14 +244,14 @@ int64_t TierBridge::Save(PagedSequence& seq, std::span<const TokenId> tokens,
   const size_t first = static_cast<size_t>(std::max<int64_t>(0, skip_tokens) / C);
   const size_t last = static_cast<size_t>(n / C);
   if (last <= first) return skip_tokens;
-  const ChunkLayout layout = Layout();
+  const ChunkLayout layout = Layout(seq.shape());
   std::vector<std::vector<std::byte>> bufs(last - first,
                                            std::vector<std::byte>(layout.raw_bytes()));
   std::vector<ByteSpan> spans;
   for (size_t i = first; i < last; ++i) {
     const int64_t start = static_cast<int64_t>(i) * C;
-    CopyChunk(seq, kv_.shape(), kv_.page_tokens(), static_cast<int>(C), start, start, start + C,
-              bufs[i - first].data(), /*to_pages=*/false);
+    CopyChunk(seq, seq.shape(), seq.manager().page_tokens(), static_cast<int>(C), start, start,
+              start + C, bufs[i - first].data(), /*to_pages=*/false);
     spans.emplace_back(bufs[i - first].data(), bufs[i - first].size());
   }
   Status s = cache_.Put(seq.ns(), tokens.first(last * C), first, layout, spans);
@@ -292,7 +291,7 @@ void TierBridge::SaveSegment(const Hash128& ns, const SegmentKv& seg) {
   // A relay segment's position is the request's; nothing else could place it again.
   // The segment cache holds it in memory: only the disk and Redis tiers take a copy.
   if (!files_segments_ || seg.context == kRelayContext || seg.tokens.empty()) return;
-  const ChunkLayout layout = Layout();
+  const ChunkLayout layout = Layout(kv_.shape());
   const SegmentChunks packed = PackSegment(seg, layout);
   const std::vector<TokenId> chain = SegmentChainTokens(seg.tokens, seg.context, chunk_tokens_);
   std::vector<ByteSpan> chunks, aux;

@@ -40,7 +40,9 @@ namespace cachette::sched {
 
 class TierBridge final : public PrefixSource {
  public:
-  // `kv` and `cache` are borrowed and must outlive the bridge. Call Validate first.
+  // `kv` and `cache` are borrowed and must outlive the bridge. Call Validate first. Prompt
+  // chunks take each sequence's own layout (its pool's: --session-kv-type runs a second one,
+  // with the same page size); segments take kv's.
   TierBridge(KvManager& kv, Cache& cache, int lookup_threads = 2);
   ~TierBridge() override;  // lookups already queued run (briefly) before the threads join
 
@@ -71,7 +73,8 @@ class TierBridge final : public PrefixSource {
 
  private:
   struct Load;
-  ChunkLayout Layout() const;
+  // The chunk layout of KV of `shape` (each sequence's own: a server may run two pools).
+  ChunkLayout Layout(const KvShape& shape) const;
   // One segment from the tiers (segment namespace `sns`), or null (a miss, or not in time).
   std::shared_ptr<SegmentKv> LoadSegment(const Hash128& sns, const SegmentRef& ref,
                                          SteadyTime deadline);

@@ -14,9 +14,32 @@ void HttpServer::CacheEvents(httplib::Response& res) {
   Json(res, 200, Dump(j), "admin");
 }
 
+namespace {
+
+// A page pool's figures in the stats.
+json PoolJson(KvManager& pool) {
+  const KvManager::Stats k = pool.GetStats();
+  return {{"kv_type", kernels::KvTypeName(pool.shape().type)},
+          {"page_tokens", pool.page_tokens()},
+          {"page_bytes", k.page_bytes},
+          {"budget_bytes", k.budget_bytes},
+          {"pages_total", k.pages_total},
+          {"pages_free", k.pages_free},
+          {"pages_used", k.pages_used},
+          {"pages_active", k.pages_used - k.pages_cached_unreferenced},
+          {"pages_cached", k.pages_cached_unreferenced},
+          {"pages_pinned", k.pages_pinned},
+          {"evictions", k.evictions},
+          {"cow_copies", k.cow_copies},
+          {"lookups", k.lookups},
+          {"lookup_tokens", k.lookup_tokens},
+          {"hit_tokens", k.hit_tokens}};
+}
+
+}  // namespace
+
 void HttpServer::CacheStats(httplib::Response& res) {
   sched::Scheduler& s = *backend_.scheduler;
-  const KvManager::Stats k = s.kv().GetStats();
   const sched::SchedulerStats st = s.Stats();
   const sched::SegmentCache::Stats sc = s.segment_cache().GetStats();
   json pins = json::array();
@@ -28,21 +51,9 @@ void HttpServer::CacheStats(httplib::Response& res) {
                     {"tokens", p.tokens}});
   }
   json j = {
-      {"kv",
-       {{"page_tokens", s.kv().page_tokens()},
-        {"page_bytes", k.page_bytes},
-        {"budget_bytes", k.budget_bytes},
-        {"pages_total", k.pages_total},
-        {"pages_free", k.pages_free},
-        {"pages_used", k.pages_used},
-        {"pages_active", k.pages_used - k.pages_cached_unreferenced},
-        {"pages_cached", k.pages_cached_unreferenced},
-        {"pages_pinned", k.pages_pinned},
-        {"evictions", k.evictions},
-        {"cow_copies", k.cow_copies},
-        {"lookups", k.lookups},
-        {"lookup_tokens", k.lookup_tokens},
-        {"hit_tokens", k.hit_tokens}}},
+      {"kv", PoolJson(s.kv())},
+      // The session pool (--session-kv-type), null without one.
+      {"session_kv", s.session_kv() != nullptr ? PoolJson(*s.session_kv()) : json(nullptr)},
       {"scheduler",
        {{"queued", st.queued},
         {"running", st.running},

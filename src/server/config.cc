@@ -94,6 +94,8 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"kv_budget", Str(&cfg->kv_budget)},
       {"kv_type", Str(&cfg->kv_type)},
       {"kv_recent", Int(&cfg->kv_recent)},
+      {"session_kv_type", Str(&cfg->session_kv_type)},
+      {"session_kv_budget", Str(&cfg->session_kv_budget)},
       {"max_running", Int(&cfg->max_running)},
       {"max_queue", Int(&cfg->max_queue)},
       {"step_tokens", Int(&cfg->step_tokens)},
@@ -286,6 +288,10 @@ Status ValidateConfig(const ServeConfig& c) {
     return r.ok() ? Status::Ok() : r.status().WithContext(flag);
   };
   CT_RETURN_IF_ERROR(bytes(c.kv_budget, "--kv-budget"));
+  CT_RETURN_IF_ERROR(bytes(c.session_kv_budget, "--session-kv-budget"));
+  if (!c.session_kv_budget.empty() && c.session_kv_type.empty()) {
+    return InvalidArgument("--session-kv-budget needs --session-kv-type (the session pool)");
+  }
   CT_RETURN_IF_ERROR(bytes(c.ram_budget, "--ram-budget"));
   CT_RETURN_IF_ERROR(bytes(c.disk_budget, "--disk-budget"));
   CT_RETURN_IF_ERROR(bytes(c.tenant_quota, "--tenant-quota"));

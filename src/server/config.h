@@ -5,6 +5,7 @@
 //   kv_budget = "512MiB"      kv_type = "f16"       max_running = 16          max_queue = 256
 //   step_tokens = 256         max_tokens = 256      chat_template = "chatml"  model_alias = "x"
 //   kv_recent = 64            (-1: the KV type's default, 64 for kivi4, 0 for the others)
+//   session_kv_type = "q4_0"  session_kv_budget = "256MiB" (a pool of its own for sessions)
 //   prefix_cache = true       session_ttl_s = 300   drain_timeout_s = 30      http_threads = 0
 //   # the tiered store (stored; wired by the cache layer):
 //   ram_budget = "4GiB"       disk_dir = "/var/cache/cachette"                disk_budget = "64GiB"
@@ -48,6 +49,10 @@ struct ServeConfig {
   std::string kv_budget = "512MiB";
   std::string kv_type = "f16";
   int kv_recent = -1;  // newest tokens a quantized KV type keeps in f16 (-1: the type's default)
+  // A pool of its own for the KV of requests with a session_id, in this type ("": sessions
+  // share the main pool), of session_kv_budget bytes taken out of kv_budget ("": half of it).
+  std::string session_kv_type;
+  std::string session_kv_budget;
   int max_running = 16;
   int max_queue = 256;
   int step_tokens = 256;

@@ -177,6 +177,16 @@ std::string Metrics::Render(const Gauges& g) {
   Sample(&out, "cachette_kv_pages", g.kv.pages_cached_unreferenced, "state=\"cached\"");
   Sample(&out, "cachette_kv_pages", g.kv.pages_pinned, "state=\"pinned\"");
   Sample(&out, "cachette_kv_pages", g.kv.pages_free, "state=\"free\"");
+  if (g.session_kv) {
+    const KvManager::Stats& k = *g.session_kv;
+    Family(&out, "cachette_session_kv_pages", "gauge",
+           "Pages of the session pool (--session-kv-type): total, used, cached, pinned, free.");
+    Sample(&out, "cachette_session_kv_pages", k.pages_total, "state=\"total\"");
+    Sample(&out, "cachette_session_kv_pages", k.pages_used, "state=\"used\"");
+    Sample(&out, "cachette_session_kv_pages", k.pages_cached_unreferenced, "state=\"cached\"");
+    Sample(&out, "cachette_session_kv_pages", k.pages_pinned, "state=\"pinned\"");
+    Sample(&out, "cachette_session_kv_pages", k.pages_free, "state=\"free\"");
+  }
   Family(&out, "cachette_kv_evictions_total", "counter", "Cached KV pages evicted.");
   Sample(&out, "cachette_kv_evictions_total", static_cast<double>(g.kv.evictions));
   Family(&out, "cachette_kv_cow_copies_total", "counter", "Shared pages copied before a write.");

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,7 @@ class Metrics {
   struct Gauges {
     sched::SchedulerStats sched;
     KvManager::Stats kv;
+    std::optional<KvManager::Stats> session_kv;  // --session-kv-type's pool
     size_t pins = 0, sessions = 0;
     sched::SegmentCache::Stats segments;
     bool ready = false;

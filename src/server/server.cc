@@ -392,6 +392,9 @@ void HttpServer::Routes() {
                if (p != Phase::kLoading) {
                  g.sched = backend_.scheduler->Stats();
                  g.kv = backend_.scheduler->kv().GetStats();
+                 if (KvManager* sk = backend_.scheduler->session_kv()) {
+                   g.session_kv = sk->GetStats();
+                 }
                  g.pins = backend_.scheduler->pins().List().size();
                  g.sessions = backend_.scheduler->pins().sessions();
                  g.segments = backend_.scheduler->segment_cache().GetStats();

@@ -4,9 +4,10 @@
   - a restarted server finds its disk tier: the same prompt hits on disk and answers the same;
   - a session restored from disk after a restart continues with the same tokens as an
     uninterrupted server (raw codec);
-  - a session in 4-bit KV (--kv-type q4_0) survives a restart: the server registers it again
-    from its journal before any request, `cachette cache ls` lists it, its next turn restores
-    its 4-bit chunks from disk (no prefill) and answers as an uninterrupted server does, and a
+  - a session in 4-bit KV (--kv-type q4_0, or --session-kv-type q4: a q4_0 pool for sessions
+    beside f16 for the rest) survives a restart: the server registers it again from its
+    journal before any request, `cachette cache ls` lists it, its next turn restores its 4-bit
+    chunks from disk (no prefill) and answers as an uninterrupted server does, and a
     conversation whose prefix changed restores only the part before the change;
   - a session in KIVI-style 4-bit KV (--kv-type kivi4), or in q4_0 with an f16 window
     (--kv-recent 64), reuses its quantized pages and restores them from disk after a restart,
@@ -113,9 +114,17 @@ def session_pins(s):
 
 
 def test_q4_session_survives_restart(binary, model, tmp):
-    q4 = ("--kv-type", "q4_0")
+    """Every KV in q4_0 (--kv-type q4_0), and f16 KV with a 4-bit pool for sessions
+    (--session-kv-type q4): the same life of a session."""
+    for q4 in (("--kv-type", "q4_0"), ("--session-kv-type", "q4")):
+        print("   " + " ".join(q4), flush=True)
+        q4_session(binary, model, tmp, q4)
+
+
+def q4_session(binary, model, tmp, q4):
+    pool = q4[0] == "--session-kv-type"
     a1, turn2, want = uninterrupted_turns(binary, model, "agent-7", *q4)
-    d = os.path.join(tmp, "disk-q4")
+    d = os.path.join(tmp, "disk-q4" + ("-pool" if pool else ""))
     args = ("--disk-dir", d, "--chunk-tokens", "64", "--codec", "raw") + q4
     r1 = Server(binary, model, *args)
     got1, u1 = complete(r1, TURN1, 16, session_id="agent-7")
@@ -123,7 +132,32 @@ def test_q4_session_survives_restart(binary, model, tmp):
     pins = session_pins(r1)
     check(len(pins) == 1 and not pins[0]["restored"], "one live session: %s" % pins)
     digest = pins[0]["session"] if pins else ""
+    if pool:
+        # The session's KV is in the session pool, 4-bit; a request without a session_id goes
+        # to the main pool, f16, and answers as a server without a session pool does.
+        status, st = r1.get("/v1/cache/stats")
+        sk, kv = st.get("session_kv") or {}, st.get("kv", {})
+        check(status == 200 and sk.get("kv_type") == "q4_0" and sk.get("pages_pinned", 0) > 0
+              and kv.get("kv_type") == "f16" and kv.get("pages_used") == 0,
+              "the session holds pages of the q4_0 session pool only: %s" % st)
+        check(kv.get("budget_bytes", 0) + sk.get("budget_bytes", 0) <= 512 << 20 and
+              sk.get("budget_bytes", 0) >= 255 << 20,
+              "the two pools share --kv-budget, half each by default: %s %s" % (kv, sk))
+        plain, _ = complete(r1, TURN1, 16)
+        _, st = r1.get("/v1/cache/stats")
+        check(st["kv"]["pages_used"] > 0, "a request without a session uses the main pool")
+        _, metrics = r1.get("/metrics")
+        check('cachette_session_kv_pages{state="pinned"}' in metrics,
+              "/metrics has the session pool's pages")
     graceful_stop(r1)
+    if pool:
+        f16 = Server(binary, model)
+        try:
+            ref, _ = complete(f16, TURN1, 16)
+            check(plain == ref, "outside sessions the server answers in f16: %r vs %r" %
+                  (plain, ref))
+        finally:
+            f16.stop()
 
     ls = subprocess.run([binary, "cache", "ls", "--dir", d, "--sessions"], capture_output=True,
                         text=True, timeout=60)
@@ -173,6 +207,14 @@ def test_q4_session_survives_restart(binary, model, tmp):
         check(session_pins(r4) == [], "nothing restored after the clear")
     finally:
         r4.stop()
+    if pool:
+        for extra in (("--kv-policy", "snapkv"), ("--kv-reuse", "blend")):
+            bad = subprocess.run([binary, "serve", "-m", model, "--port", str(free_port())] +
+                                 list(q4 + extra), capture_output=True, text=True, timeout=60)
+            check(bad.returncode != 0 and extra[0] in bad.stderr and
+                  "--session-kv-type" in bad.stderr,
+                  "serve %s with a session pool is refused by name: %r" %
+                  (extra[0], bad.stderr[-300:]))
 
 
 def test_windowed_session_survives_restart(binary, model, tmp):
