@@ -611,11 +611,16 @@ TEST(ServerMetricsTest, ReadsTheSchedulingSeriesFromPrometheusText) {
       "# TYPE cachette_kv_pages gauge\n"
       "cachette_kv_pages{state=\"total\"} 256\n"
       "cachette_kv_pages{state=\"used\"} 96\n"
-      "cachette_kv_pages{state=\"used_extra\"} 1\n";
+      "cachette_kv_pages{state=\"used_extra\"} 1\n"
+      "cachette_session_kv_pages{state=\"total\"} 900\n"
+      "cachette_session_kv_pages{state=\"used\"} 40\n";
   const MetricsSnapshot m = ParseMetricsSnapshot(text);
   EXPECT_EQ(m.preemptions, 7.0);
   EXPECT_EQ(m.kv_used, 96.0);
   EXPECT_EQ(m.kv_total, 256.0);
+  EXPECT_EQ(m.session_kv_used, 40.0);
+  EXPECT_EQ(m.session_kv_total, 900.0);
+  EXPECT_FALSE(ParseMetricsSnapshot("cachette_kv_pages{state=\"used\"} 5\n").session_kv_used);
 }
 
 TEST(ServerMetricsTest, MalformedTextGivesMissingValuesNotACrash) {
@@ -680,6 +685,16 @@ TEST(ServerMetricsTest, KvSummarySkipsMissingSamples) {
   EXPECT_DOUBLE_EQ(f.kv_used_peak, 30);
   EXPECT_DOUBLE_EQ(f.kv_used_mean, 20);
   EXPECT_DOUBLE_EQ(f.kv_total, 120);
+  EXPECT_EQ(f.session_kv_samples, 0);  // no session pool
+  samples[1].session_used = 4;
+  samples[3].session_used = 8;
+  samples[3].session_total = 50;
+  SummarizeKv(samples, &f);
+  EXPECT_EQ(f.session_kv_samples, 2);
+  EXPECT_DOUBLE_EQ(f.session_kv_used_peak, 8);
+  EXPECT_DOUBLE_EQ(f.session_kv_used_mean, 6);
+  EXPECT_DOUBLE_EQ(f.session_kv_total, 50);
+  EXPECT_EQ(f.kv_samples, 3);
   SummarizeKv({}, &f);
   EXPECT_EQ(f.kv_samples, 0);
   EXPECT_DOUBLE_EQ(f.kv_used_peak, 0);
@@ -795,6 +810,45 @@ TEST(RunnerTest, SendsTheSchedulingFieldsAndReadsMetricsAroundTheRun) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_NE(a->run_nonce, b->run_nonce);
   EXPECT_NE(a->records[0].program_id, b->records[0].program_id);
+}
+
+TEST(RunnerTest, SessionIdsAreOnePerProgramAndOnlyWhenAsked) {
+  FakeServer server(/*with_metrics=*/false);
+  WorkloadOptions o = Small("multi-round-qa");
+  o.users = 3;
+  o.rounds = 2;
+  o.qps = 1000;
+  o.max_tokens = 2;
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok());
+  RunOptions ro;
+  ro.url = server.url();
+  ro.metrics_every_s = 0;
+  ro.run_nonce = "n2";
+  ro.session_ids = true;
+  auto run = RunWorkload(*w, ro);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  std::map<std::string, int> turns_by_session;
+  for (const nlohmann::json& b : server.bodies()) {
+    ASSERT_TRUE(b.contains("session_id"));
+    ++turns_by_session[b.at("session_id").get<std::string>()];
+  }
+  ASSERT_EQ(turns_by_session.size(), 3u);
+  for (const auto& [id, turns] : turns_by_session) {
+    EXPECT_EQ(id.rfind("sess-", 0), 0u) << id;
+    EXPECT_EQ(id.substr(id.size() - 3), "-n2") << id;
+    EXPECT_EQ(turns, 2) << id;
+  }
+  for (const RequestRecord& r : run->records) {
+    EXPECT_EQ(r.session_id, "sess-" + std::to_string(r.program) + "-n2");
+    EXPECT_EQ(RecordJson(r).at("session_id"), r.session_id);
+  }
+  // Off by default.
+  FakeServer plain(/*with_metrics=*/false);
+  ro.url = plain.url();
+  ro.session_ids = false;
+  ASSERT_TRUE(RunWorkload(*w, ro).ok());
+  for (const nlohmann::json& b : plain.bodies()) EXPECT_FALSE(b.contains("session_id"));
 }
 
 TEST(RunnerTest, DeadlineMixSendsPriorityAndDeadlineOnlyOnInteractiveRequests) {

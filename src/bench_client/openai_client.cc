@@ -204,6 +204,7 @@ void StreamChat(const ServerUrl& url, const std::string& model,
     if (r->priority != 0) body["priority"] = r->priority;
     if (r->deadline_ms > 0) body["deadline_ms"] = r->deadline_ms;
     if (!r->program_id.empty()) body["program_id"] = r->program_id;
+    if (!r->session_id.empty()) body["session_id"] = r->session_id;
     if (!r->tool.empty()) body["tool"] = r->tool;
     if (!stop.empty()) body["stop"] = stop;
     httplib::Client cli(url.host, url.port);

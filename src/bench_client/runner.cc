@@ -38,6 +38,7 @@ void RunProgram(const Program& p, int program_index, const ServerUrl& url,
     r.deadline_ms = t.deadline_ms;
     r.tool = t.tool;
     if (!p.id.empty()) r.program_id = p.id + "-" + nonce;
+    if (o.session_ids) r.session_id = "sess-" + std::to_string(program_index) + "-" + nonce;
     r.scheduled_s = t.at_s >= 0 ? phase_start_s + t.at_s : prev_end_s + t.after_prev_s;
     const double send_s = std::max(r.scheduled_s, prev_end_s + t.after_prev_s);
     if (past_cap || (o.duration_s > 0 && send_s > o.duration_s)) {

@@ -26,6 +26,9 @@ struct RunOptions {
   // Appended to every program id sent ("<id>-<nonce>"); empty: a fresh random one per run, so
   // two runs (or the two targets of a comparison) never share a program on the server.
   std::string run_nonce;
+  // Send every turn of program i with session_id "sess-<i>-<nonce>" (cachette keeps a session's
+  // conversation pinned, in the session pool with --session-kv-type).
+  bool session_ids = false;
   // Called after each request from the thread that ran it (serialized by the runner).
   std::function<void(const RequestRecord&)> on_record;
 };

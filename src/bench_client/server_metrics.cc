@@ -26,6 +26,8 @@ MetricsSnapshot ParseMetricsSnapshot(std::string_view text) {
   m.preemptions = FiniteValue(text, kPreemptionsSeries);
   m.kv_used = FiniteValue(text, kKvUsedSeries);
   m.kv_total = FiniteValue(text, kKvTotalSeries);
+  m.session_kv_used = FiniteValue(text, kSessionKvUsedSeries);
+  m.session_kv_total = FiniteValue(text, kSessionKvTotalSeries);
   return m;
 }
 
@@ -83,6 +85,8 @@ void KvSampler::Loop(std::stop_token stop) {
     if (auto m = FetchMetricsSnapshot(url_); m.ok()) {
       k.used = m->kv_used;
       k.total = m->kv_total;
+      k.session_used = m->session_kv_used;
+      k.session_total = m->session_kv_total;
     }
     std::unique_lock<std::mutex> lock(mu_);
     samples_.push_back(k);

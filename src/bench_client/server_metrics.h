@@ -26,11 +26,16 @@ namespace cachette::bench_client {
 inline constexpr std::string_view kPreemptionsSeries = "cachette_preemptions_total";
 inline constexpr std::string_view kKvUsedSeries = "cachette_kv_pages{state=\"used\"}";
 inline constexpr std::string_view kKvTotalSeries = "cachette_kv_pages{state=\"total\"}";
+inline constexpr std::string_view kSessionKvUsedSeries =
+    "cachette_session_kv_pages{state=\"used\"}";
+inline constexpr std::string_view kSessionKvTotalSeries =
+    "cachette_session_kv_pages{state=\"total\"}";
 
 // The series above in one /metrics text; each absent when missing, unparsable or not finite.
 struct MetricsSnapshot {
   std::optional<double> preemptions;
   std::optional<double> kv_used, kv_total;
+  std::optional<double> session_kv_used, session_kv_total;  // --session-kv-type's pool
 };
 MetricsSnapshot ParseMetricsSnapshot(std::string_view text);
 

@@ -34,6 +34,7 @@ nlohmann::json RecordJson(const RequestRecord& r) {
   if (r.priority != 0) j["priority"] = r.priority;
   if (r.deadline_ms > 0) j["deadline_ms"] = r.deadline_ms;
   if (!r.program_id.empty()) j["program_id"] = r.program_id;
+  if (!r.session_id.empty()) j["session_id"] = r.session_id;
   if (!r.tool.empty()) j["tool"] = r.tool;
   if (r.tool_pause_s >= 0) j["tool_pause_ms"] = r.tool_pause_s * 1e3;
   if (r.status != "skipped") j["met_objective"] = r.MetObjective();
@@ -46,17 +47,25 @@ bool RequestRecord::MetObjective() const {
 }
 
 void SummarizeKv(const std::vector<KvSample>& samples, ServerFigures* f) {
-  f->kv_samples = 0;
-  f->kv_used_peak = f->kv_used_mean = f->kv_total = 0;
-  double sum = 0;
-  for (const KvSample& k : samples) {
-    if (k.total) f->kv_total = *k.total;
-    if (!k.used) continue;
-    ++f->kv_samples;
-    sum += *k.used;
-    f->kv_used_peak = std::max(f->kv_used_peak, *k.used);
-  }
-  if (f->kv_samples > 0) f->kv_used_mean = sum / f->kv_samples;
+  using Field = std::optional<double> KvSample::*;
+  auto summarize = [&](Field used, Field total, int* n, double* peak, double* mean,
+                       double* last_total) {
+    *n = 0;
+    *peak = *mean = *last_total = 0;
+    double sum = 0;
+    for (const KvSample& k : samples) {
+      if (k.*total) *last_total = *(k.*total);
+      if (!(k.*used)) continue;
+      ++*n;
+      sum += *(k.*used);
+      *peak = std::max(*peak, *(k.*used));
+    }
+    if (*n > 0) *mean = sum / *n;
+  };
+  summarize(&KvSample::used, &KvSample::total, &f->kv_samples, &f->kv_used_peak,
+            &f->kv_used_mean, &f->kv_total);
+  summarize(&KvSample::session_used, &KvSample::session_total, &f->session_kv_samples,
+            &f->session_kv_used_peak, &f->session_kv_used_mean, &f->session_kv_total);
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -271,6 +280,10 @@ nlohmann::json SummaryJson(const Summary& s) {
           {"kv_used_peak", f.kv_used_peak},
           {"kv_used_mean", f.kv_used_mean},
           {"kv_total", f.kv_total},
+          {"session_kv_samples", f.session_kv_samples},
+          {"session_kv_used_peak", f.session_kv_used_peak},
+          {"session_kv_used_mean", f.session_kv_used_mean},
+          {"session_kv_total", f.session_kv_total},
           {"server_notes", f.notes}};
 }
 

@@ -45,6 +45,7 @@ struct RequestRecord {
   int priority = 0;
   int deadline_ms = 0;
   std::string program_id;     // with the run's nonce
+  std::string session_id;     // RunOptions::session_ids: "sess-<program>-<nonce>"
   std::string tool;
   // For a turn with a tool: the program's pause between this answer and the next turn's send
   // (the tool's run time as the server saw it); < 0 when no next turn was sent.
@@ -86,6 +87,8 @@ struct ToolSummary {
 struct KvSample {
   double t_s = 0;                    // since the run's start
   std::optional<double> used, total; // cachette_kv_pages{state="used"|"total"}; absent: missing
+  // The same of the session pool (cachette_session_kv_pages, --session-kv-type); absent without.
+  std::optional<double> session_used, session_total;
 };
 
 // What the server's /metrics said about the run; every figure is optional because servers other
@@ -96,6 +99,9 @@ struct ServerFigures {
   int kv_samples = 0;                // samples with a used-pages value
   double kv_used_peak = 0, kv_used_mean = 0;
   double kv_total = 0;               // the last total seen; 0 when never seen
+  // The same of the session pool, when the server has one (session_kv_samples > 0).
+  int session_kv_samples = 0;
+  double session_kv_used_peak = 0, session_kv_used_mean = 0, session_kv_total = 0;
   std::vector<std::string> notes;    // why a figure is missing
 };
 

@@ -35,6 +35,7 @@ struct BenchServeArgs {
   std::string out;
   std::string kv_timeline;
   double metrics_every_ms = 250;
+  bool session_ids = false;
   bool json = false;
   CLI::Option* qps_flag = nullptr;  // to tell a given --qps from the default
 };
@@ -130,6 +131,12 @@ void PrintScheduling(const bc::Summary& s) {
     char b[160];
     std::snprintf(b, sizeof(b), " | KV pages used peak %.0f, mean %.1f of %.0f (%d samples)",
                   f.kv_used_peak, f.kv_used_mean, f.kv_total, f.kv_samples);
+    line += b;
+  }
+  if (f.session_kv_samples > 0) {
+    char b[160];
+    std::snprintf(b, sizeof(b), " | session pool pages used peak %.0f, mean %.1f of %.0f",
+                  f.session_kv_used_peak, f.session_kv_used_mean, f.session_kv_total);
     line += b;
   }
   std::printf("%s\n", line.c_str());
@@ -237,6 +244,7 @@ int BenchServe(BenchServeArgs a) {
     ro.duration_s = a.duration_s;
     ro.stop = a.stop;
     ro.metrics_every_s = a.metrics_every_ms / 1e3;
+    ro.session_ids = a.session_ids;
     int done = 0;
     const int total = workload->TurnCount();
     ro.on_record = [&, label = label](const bc::RequestRecord& r) {
@@ -361,6 +369,8 @@ void AddFlags(CLI::App* c, BenchServeArgs* a, bool with_kind) {
                 "Write the KV-pages samples from /metrics, one JSON line each, to this file");
   c->add_option("--metrics-every-ms", a->metrics_every_ms,
                 "Period of the /metrics sampler (0: do not read /metrics)");
+  c->add_flag("--session-ids", a->session_ids,
+              "Send each program's turns with a session_id of its own (cachette sessions)");
   c->add_flag("--json", a->json, "Print one JSON object instead of the table");
 }
 

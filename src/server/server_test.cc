@@ -363,6 +363,14 @@ TEST(ConfigTest, FileThenValidation) {
   EXPECT_TRUE(ValidateConfig(c).ok());
   {
     std::ofstream f(path);
+    f << "session_kv_type = \"q4\"\nsession_kv_budget = \"32MiB\"\n";
+  }
+  ASSERT_TRUE(LoadConfigFile(path, &c).ok());
+  EXPECT_EQ(c.session_kv_type, "q4");
+  EXPECT_EQ(c.session_kv_budget, "32MiB");
+  EXPECT_TRUE(ValidateConfig(c).ok());
+  {
+    std::ofstream f(path);
     f << "prot = 9000\n";
   }
   EXPECT_EQ(LoadConfigFile(path, &c).code(), StatusCode::kInvalidArgument);
@@ -595,6 +603,8 @@ max_messages = 16
       {"itl_target_ms = -1", "--itl-target-ms"},
       {"itl_target_ms = 60001", "--itl-target-ms"},
       {"redis_levels = [\"int4\"]", "--redis-levels"},  // without redis
+      {"session_kv_budget = \"64MiB\"", "--session-kv-type"},  // without its pool
+      {"session_kv_type = \"q4\"\nsession_kv_budget = \"lots\"", "--session-kv-budget"},
   };
   for (const auto& b : bad) {
     ServeConfig x;
