@@ -58,8 +58,8 @@ class SseRecorder {
 // reports them) and status "ok" or "error" with the HTTP status and message. `run_start_s` is
 // the run's origin on the steady clock (seconds). The scheduling fields already set in `*r`
 // are sent as cachette's request fields, each only when set: "priority" (non-zero),
-// "deadline_ms" (> 0), "program_id", "session_id" and "tool" (non-empty). `stop` (when not empty) is sent as
-// the request's stop strings. Never throws.
+// "deadline_ms" (> 0), "program_id", "session_id" and "tool" (non-empty). `stop` (when not
+// empty) is sent as the request's stop strings. Never throws.
 void StreamChat(const ServerUrl& url, const std::string& model,
                 const std::vector<ChatMessage>& messages, int max_tokens, double run_start_s,
                 RequestRecord* r, const std::vector<std::string>& stop = {});
