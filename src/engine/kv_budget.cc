@@ -196,6 +196,9 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
   const bool with_stats = stats != nullptr && stats->n_layer == shape.n_layer &&
                           stats->capacity >= *std::max_element(layer_n.begin(), layer_n.end());
   std::vector<float> a(hd), b(hd);
+  std::vector<int64_t> moved;   // slots whose keys moved to a new position, in one head
+  std::vector<int32_t> shift;   // ... and by how much
+  std::vector<float> rotated;   // [moved][hd]
   for (int l = 0; l < shape.n_layer; ++l) {
     const int64_t n = layer_n[l];
     const int64_t m = plan.kept(l);
@@ -256,13 +259,26 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
             stats->Cum(l, h)[i] = stats->Cum(l, h)[src];
           }
           if (plan.reassign_positions) {
-            // Slot src held position src; its key moves to position i.
-            const int32_t delta = static_cast<int32_t>(i - src);
-            kernels::LoadKv(kp(i, h), 1, hd, shape.type, a.data());
-            kernels::Rope(a.data(), 1, 1, &delta, rope);
-            kernels::StoreKv(a.data(), 1, hd, shape.type, kp(i, h));
+            // Slot src held position src; its key moves to position i (rotated below).
+            moved.push_back(i);
+            shift.push_back(static_cast<int32_t>(i - src));
           }
         }
+      }
+      if (!moved.empty()) {
+        // One Rope call over every moved key of the head: it computes a shift's angles once
+        // for a run of keys with that shift (StreamingLLM moves them all by the same one), not
+        // once per key, and gives each key the bits a call of its own would.
+        rotated.resize(moved.size() * hd);
+        for (size_t j = 0; j < moved.size(); ++j) {
+          kernels::LoadKv(kp(moved[j], h), 1, hd, shape.type, rotated.data() + j * hd);
+        }
+        kernels::Rope(rotated.data(), static_cast<int64_t>(moved.size()), 1, shift.data(), rope);
+        for (size_t j = 0; j < moved.size(); ++j) {
+          kernels::StoreKv(rotated.data() + j * hd, 1, hd, shape.type, kp(moved[j], h));
+        }
+        moved.clear();
+        shift.clear();
       }
       if (with_stats) {
         std::fill(stats->WinSum(l, h) + m, stats->WinSum(l, h) + stats->capacity, 0.0f);

@@ -415,6 +415,27 @@ BlockScan ScanBlock(const float* s) {
 
 // Scalar at every ISA level: StoreKv converts one token's K/V (n_kv_head * head_dim, ~100s of
 // values) per layer per step, noise next to the matmuls.
+namespace internal {
+
+void FixNanHalves(const float* x, uint8_t* out, int n) {
+  for (int j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) {
+      const uint16_t h = Fp32ToFp16(x[j]);
+      std::memcpy(out + 2 * j, &h, 2);
+    }
+  }
+}
+
+void FixNanFloats(const uint8_t* in, float* y, int n) {
+  for (int j = 0; j < n; ++j) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * j, 2);
+    if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu) != 0) y[j] = Fp16ToFp32(h);
+  }
+}
+
+}  // namespace internal
+
 void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst) {
   CT_CHECK(t != KvType::kKivi4) << "kivi4 K is stored by groups of tokens (StoreKiviGroup)";
   CT_CHECK(head_dim % KvTypeBlockElems(t) == 0)
@@ -427,10 +448,7 @@ void StoreKv(const float* src, int64_t n_vec, int head_dim, KvType t, void* dst)
       std::memcpy(dst, src, static_cast<size_t>(n) * 4);
       return;
     case KvType::kF16:
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = Fp32ToFp16(src[i]);
-        std::memcpy(out + 2 * i, &h, 2);
-      }
+      ActiveOps().f32_to_f16(src, out, n);
       return;
     case KvType::kQ8_0: {
       for (int64_t b = 0; b < n / 32; ++b) {
@@ -515,11 +533,7 @@ void LoadKv(const void* src, int64_t n_vec, int head_dim, KvType t, float* dst) 
       std::memcpy(dst, src, static_cast<size_t>(n) * 4);
       return;
     case KvType::kF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, in + 2 * i, 2);
-        dst[i] = Fp16ToFp32(h);
-      }
+      ActiveOps().f16_to_f32(in, dst, n);
       return;
     case KvType::kQ8_0:
       for (int64_t b = 0; b < n / 32; ++b) {

@@ -947,6 +947,54 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
 }
 #undef BLOCK_HEADS
 
+// F16C, 8 at a time; a tail goes through a zero-padded block of 8.
+void F32ToF16(const float* x, void* y, int64_t n) {
+  auto* out = static_cast<uint8_t*>(y);
+  for (int64_t i = 0; i < n; i += 8) {
+    const int m = n - i < 8 ? static_cast<int>(n - i) : 8;
+    alignas(32) float in[8] = {};
+    const float* src = x + i;
+    if (m < 8) {
+      std::memcpy(in, src, sizeof(float) * m);
+      src = in;
+    }
+    const __m256 v = _mm256_loadu_ps(src);
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    if (m == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), h);
+    } else {
+      alignas(16) uint8_t tmp[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+      std::memcpy(out + 2 * i, tmp, 2 * static_cast<size_t>(m));
+    }
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      FixNanHalves(src, out + 2 * i, m);
+    }
+  }
+}
+
+void F16ToF32(const void* x, float* y, int64_t n) {
+  const auto* in = static_cast<const uint8_t*>(x);
+  for (int64_t i = 0; i < n; i += 8) {
+    const int m = n - i < 8 ? static_cast<int>(n - i) : 8;
+    alignas(16) uint8_t tmp[16] = {};
+    const uint8_t* src = in + 2 * i;
+    if (m < 8) {
+      std::memcpy(tmp, src, 2 * static_cast<size_t>(m));
+      src = tmp;
+    }
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    if (m == 8) {
+      _mm256_storeu_ps(y + i, v);
+    } else {
+      alignas(32) float f[8];
+      _mm256_store_ps(f, v);
+      std::memcpy(y + i, f, sizeof(float) * m);
+    }
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) FixNanFloats(src, y + i, m);
+  }
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kAvx2;
@@ -961,6 +1009,8 @@ Ops MakeOps() {
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
   o.attend_block = AttendBlock;
+  o.f32_to_f16 = F32ToF16;
+  o.f16_to_f32 = F16ToF32;
   return o;
 }
 

@@ -1024,6 +1024,30 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
 }
 #undef BLOCK_HEADS
 
+// 16 at a time; the tail with masked loads and stores.
+void F32ToF16(const float* x, void* y, int64_t n) {
+  auto* out = static_cast<uint8_t*>(y);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int m = n - i < 16 ? static_cast<int>(n - i) : 16;
+    const __mmask16 k = static_cast<__mmask16>((1u << m) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(out + 2 * i, k, h);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) FixNanHalves(x + i, out + 2 * i, m);
+  }
+}
+
+void F16ToF32(const void* x, float* y, int64_t n) {
+  const auto* in = static_cast<const uint8_t*>(x);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int m = n - i < 16 ? static_cast<int>(n - i) : 16;
+    const __mmask16 k = static_cast<__mmask16>((1u << m) - 1);
+    const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, in + 2 * i));
+    _mm512_mask_storeu_ps(y + i, k, v);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) FixNanFloats(in + 2 * i, y + i, m);
+  }
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kAvx512;
@@ -1039,6 +1063,8 @@ Ops MakeOps() {
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
   o.attend_block = AttendBlock;
+  o.f32_to_f16 = F32ToF16;
+  o.f16_to_f32 = F16ToF32;
   return o;
 }
 

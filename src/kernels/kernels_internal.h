@@ -81,7 +81,20 @@ struct Ops {
   void (*attend_block)(const float* q, int nq, int64_t q_stride, int group, const KvView& kv,
                        int kvh, int64_t begin, const int64_t* ends, float scale, float* state,
                        size_t state_stride);
+  // n floats to IEEE halves at y (unaligned, 2n bytes), and back: the bits of core/fp16.h's
+  // Fp32ToFp16 / Fp16ToFp32 at every level (the vector levels convert with F16C, which rounds
+  // the same way, and write NaNs as those functions do: a NaN float becomes sign | 0x7e00, a
+  // NaN half keeps its payload and its quiet bit as it is).
+  void (*f32_to_f16)(const float* x, void* y, int64_t n);
+  void (*f16_to_f32)(const void* x, float* y, int64_t n);
 };
+
+// The NaN lanes of n values a vector level converted with F16C, rewritten as the core
+// functions write them (F16C quiets and keeps payloads its own way): a NaN float becomes the
+// half sign | 0x7e00 (FixNanHalves, out unaligned); a NaN half becomes the float
+// sign | 0x7f800000 | payload << 13, its quiet bit as it is (FixNanFloats).
+void FixNanHalves(const float* x, uint8_t* out, int n);
+void FixNanFloats(const uint8_t* in, float* y, int n);
 
 const Ops& ScalarOps();
 const Ops& Avx2Ops();

@@ -260,6 +260,23 @@ void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvVi
   }
 }
 
+void F32ToF16(const float* x, void* y, int64_t n) {
+  auto* out = static_cast<uint8_t*>(y);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = Fp32ToFp16(x[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+}
+
+void F16ToF32(const void* x, float* y, int64_t n) {
+  const auto* in = static_cast<const uint8_t*>(x);
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    y[i] = Fp16ToFp32(h);
+  }
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kScalar;
@@ -274,6 +291,8 @@ Ops MakeOps() {
   o.kv_dot = KvDot;
   o.kv_axpy = KvAxpy;
   o.attend_block = AttendBlock;
+  o.f32_to_f16 = F32ToF16;
+  o.f16_to_f32 = F16ToF32;
   return o;
 }
 

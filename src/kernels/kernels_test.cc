@@ -654,6 +654,70 @@ TEST_F(IsaTest, StoreLoadKvQ4_1IsGgmlBlockQ4_1) {
 
 // The attention inner loops of every ISA level against the scalar ones, for every KV type, at
 // head sizes with vector tails (float types) and several blocks (quantized types).
+TEST_F(IsaTest, HalfConversionsAreTheCoreFunctionsBitForBit) {
+  // Every level converts as core/fp16.h does: random bit patterns (NaNs, infinities,
+  // subnormals, values past the half range and ties included), at every length from 0 to 40
+  // (the vector levels' tails) and at odd offsets.
+  std::vector<const internal::Ops*> levels = {&internal::ScalarOps()};
+  if (BestIsa() >= Isa::kAvx2) levels.push_back(&internal::Avx2Ops());
+  if (BestIsa() >= Isa::kAvx512) levels.push_back(&internal::Avx512Ops());
+  std::uniform_int_distribution<uint32_t> bits;
+  std::vector<float> x(4096 + 3);
+  std::vector<uint16_t> h(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t b = bits(rng_);
+    switch (i % 8) {
+      case 0:  // around the half range: ties, subnormal halves, overflow
+        b = (b & 0x80001fffu) | ((0x33u + (b >> 20) % 0x16u) << 23);
+        break;
+      case 1:  // NaN floats, payloads of every kind
+        b |= 0x7f800000u;
+        break;
+      case 2: {  // a float from a random half (NaN halves included)
+        const uint16_t r = static_cast<uint16_t>(b);
+        const float f = Fp16ToFp32(r);
+        std::memcpy(&b, &f, 4);
+        break;
+      }
+      default:
+        break;
+    }
+    std::memcpy(&x[i], &b, 4);
+    h[i] = static_cast<uint16_t>(bits(rng_));
+  }
+  for (uint16_t special : {0x7c00, 0xfc00, 0x7c01, 0x7e00, 0xfdff, 0x0001, 0x8000, 0x03ff}) {
+    h[special % h.size()] = special;
+  }
+  for (const internal::Ops* ops : levels) {
+    SCOPED_TRACE(std::string(IsaName(ops->isa)));
+    for (int64_t n = 0; n <= 40; ++n) {
+      for (int64_t off : {0, 1, 3}) {
+        std::vector<uint8_t> out(2 * n + 2, 0xa5);
+        ops->f32_to_f16(x.data() + off + 8 * n, out.data(), n);
+        std::vector<float> back(n + 1, -7.0f);
+        ops->f16_to_f32(h.data() + off + 8 * n, back.data(), n);
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(GetU16(out.data() + 2 * i), Fp32ToFp16(x[off + 8 * n + i])) << n << " " << i;
+          const float want = Fp16ToFp32(h[off + 8 * n + i]);
+          ASSERT_EQ(std::memcmp(&back[i], &want, 4), 0) << n << " " << i;
+        }
+        ASSERT_EQ(GetU16(out.data() + 2 * n), 0xa5a5) << "wrote past " << n;
+        ASSERT_EQ(back[n], -7.0f) << "wrote past " << n;
+      }
+    }
+    // A long run, as StoreKv / LoadKv give them.
+    std::vector<uint8_t> out(2 * x.size());
+    ops->f32_to_f16(x.data(), out.data(), static_cast<int64_t>(x.size()));
+    std::vector<float> back(h.size());
+    ops->f16_to_f32(h.data(), back.data(), static_cast<int64_t>(h.size()));
+    for (size_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(GetU16(out.data() + 2 * i), Fp32ToFp16(x[i])) << i;
+      const float want = Fp16ToFp32(h[i]);
+      ASSERT_EQ(std::memcmp(&back[i], &want, 4), 0) << i;
+    }
+  }
+}
+
 TEST_F(IsaTest, KvDotAndAxpyMatchScalar) {
   std::vector<const internal::Ops*> levels = {&internal::ScalarOps()};
   if (BestIsa() >= Isa::kAvx2) levels.push_back(&internal::Avx2Ops());
