@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "core/check.h"
@@ -39,6 +40,45 @@ void AttentionStats::ClearWindow() {
 
 // ---- AccumulateAttention -------------------------------------------------------------------
 
+namespace {
+
+// a . b over n floats, in 8 partial sums (which the compiler keeps in vector registers).
+float Dot(const float* a, const float* b, int n) {
+  float acc[8] = {};
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  float sum = 0;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (float x : acc) sum += x;
+  return sum;
+}
+
+// The weight type whose rows are laid out as stored KV head vectors of `t`, if any: then a
+// KV head's keys are a weight matrix (rows n_kv_head head vectors apart) and MatMul scores
+// every query against them at the active ISA level.
+bool KeysAsWeights(kernels::KvType t, kernels::WType* w) {
+  switch (t) {
+    case kernels::KvType::kF32:
+      *w = kernels::WType::kF32;
+      return true;
+    case kernels::KvType::kF16:
+      *w = kernels::WType::kF16;
+      return true;
+    case kernels::KvType::kQ8_0:
+      *w = kernels::WType::kQ8_0;
+      return true;
+    case kernels::KvType::kQ4_0:
+      *w = kernels::WType::kQ4_0;
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>& rows,
                          int64_t rows_base, int64_t slot0, const kernels::KvView& view,
                          float scale, int layer, bool window, bool cumulative,
@@ -51,35 +91,79 @@ void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>&
   const int64_t n_keys = slot0 + (rows.back() - rows_base) + 1;  // rows are increasing
   CT_CHECK(n_keys <= view.n_tokens && n_keys <= stats.capacity)
       << n_keys << " keys, view " << view.n_tokens << ", stats " << stats.capacity;
-  pool.ParallelFor(n_kv, [&](int64_t begin, int64_t end, int) {
-    std::vector<const void*> keys(static_cast<size_t>(n_keys));
-    std::vector<float> p(static_cast<size_t>(n_keys));
-    for (int64_t g = begin; g < end; ++g) {
-      for (int64_t s = 0; s < n_keys; ++s) {
-        const auto* block = static_cast<const std::byte*>(view.k_blocks[s / view.block_tokens]);
-        keys[s] = block + ((s % view.block_tokens) * n_kv + g) * static_cast<int64_t>(head_bytes);
+  // The scores of every query are held at once: rows go in parts of at most kScoreBytes.
+  constexpr size_t kScoreBytes = size_t{16} << 20;
+  const size_t row_bytes = sizeof(float) * static_cast<size_t>(n_kv * group * n_keys);
+  const size_t part = std::max<size_t>(1, kScoreBytes / row_bytes);
+  if (rows.size() > part) {
+    for (size_t i = 0; i < rows.size(); i += part) {
+      const std::vector<int64_t> some(rows.begin() + i,
+                                      rows.begin() + std::min(rows.size(), i + part));
+      AccumulateAttention(q, n_head, some, rows_base, slot0, view, scale, layer, window,
+                          cumulative, stats, pool);
+    }
+    return;
+  }
+  const int64_t m = static_cast<int64_t>(rows.size()) * group;  // queries per KV head
+  // Scores [n_kv][m][n_keys], scaled below. Statistics, not the forward pass: the test
+  // compares them with a double reference at 1e-5.
+  const std::unique_ptr<float[]> scores(new float[static_cast<size_t>(n_kv * m * n_keys)]);
+  kernels::WType wtype;
+  if (KeysAsWeights(view.type, &wtype) && n_keys <= view.block_tokens) {
+    // One block holds every key (a contiguous sequence): each KV head's keys are a weight
+    // matrix, and one MatMul (parallel over `pool`) scores all the head's queries.
+    std::vector<float> qg(static_cast<size_t>(m * hd));
+    for (int g = 0; g < n_kv; ++g) {
+      for (size_t i = 0; i < rows.size(); ++i) {
+        std::memcpy(qg.data() + i * group * hd, q + (rows[i] * n_head + g * group) * hd,
+                    sizeof(float) * group * hd);
       }
+      kernels::WeightMatrix w;
+      w.type = wtype;
+      w.data = static_cast<const std::byte*>(view.k_blocks[0]) + g * head_bytes;
+      w.rows = n_keys;
+      w.cols = hd;
+      w.row_bytes = n_kv * head_bytes;
+      kernels::MatMul(qg.data(), m, w, scores.get() + g * m * n_keys, pool);
+    }
+  } else {
+    // Any layout: each key widened to f32 once, then dot products.
+    pool.ParallelFor(n_kv, [&](int64_t begin, int64_t end, int) {
+      std::vector<float> kf(static_cast<size_t>(n_keys * hd));
+      for (int64_t g = begin; g < end; ++g) {
+        for (int64_t s = 0; s < n_keys; ++s) {
+          const auto* block =
+              static_cast<const std::byte*>(view.k_blocks[s / view.block_tokens]);
+          kernels::LoadKv(
+              block + ((s % view.block_tokens) * n_kv + g) * static_cast<int64_t>(head_bytes), 1,
+              hd, view.type, kf.data() + s * hd);
+        }
+        for (size_t i = 0; i < rows.size(); ++i) {
+          const int64_t last = slot0 + (rows[i] - rows_base);
+          for (int hq = 0; hq < group; ++hq) {
+            const float* qv = q + (rows[i] * n_head + g * group + hq) * hd;
+            float* p = scores.get() + (g * m + static_cast<int64_t>(i) * group + hq) * n_keys;
+            for (int64_t s = 0; s <= last; ++s) p[s] = Dot(qv, kf.data() + s * hd, hd);
+          }
+        }
+      }
+    });
+  }
+  // Each query's softmax over its causal range (the kernels' own, at the active ISA level),
+  // summed into the head's statistics.
+  pool.ParallelFor(n_kv, [&](int64_t begin, int64_t end, int) {
+    for (int64_t g = begin; g < end; ++g) {
       float* wsum = stats.WinSum(layer, static_cast<int>(g));
       float* wsq = stats.WinSq(layer, static_cast<int>(g));
       float* csum = stats.Cum(layer, static_cast<int>(g));
-      for (int64_t row : rows) {
-        const int64_t last = slot0 + (row - rows_base);  // the query's own slot
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const int64_t last = slot0 + (rows[i] - rows_base);  // the query's own slot
         for (int hq = 0; hq < group; ++hq) {
-          const float* qv = q + (row * n_head + g * group + hq) * hd;
-          // The scores as the attention kernel computes them (the stored keys read directly,
-          // at the active ISA level), the exponentials in float with the maximum subtracted,
-          // their sum in double: statistics, not the forward pass (the test compares with a
-          // double reference at 1e-5).
-          float mx = -INFINITY;
+          float* p = scores.get() + (g * m + static_cast<int64_t>(i) * group + hq) * n_keys;
+          for (int64_t s = 0; s <= last; ++s) p[s] *= scale;
+          kernels::Softmax(p, last + 1);
           for (int64_t s = 0; s <= last; ++s) {
-            p[s] = kernels::KvDot(qv, keys[s], hd, view.type) * scale;
-            mx = std::max(mx, p[s]);
-          }
-          double z = 0;
-          for (int64_t s = 0; s <= last; ++s) z += (p[s] = std::exp(p[s] - mx));
-          const float inv = static_cast<float>(1.0 / z);
-          for (int64_t s = 0; s <= last; ++s) {
-            const float pr = p[s] * inv;
+            const float pr = p[s];
             if (window) {
               wsum[s] += pr;
               wsq[s] += pr * pr;

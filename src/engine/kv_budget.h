@@ -58,9 +58,10 @@ struct AttentionStats {
 
 // Adds the attention of queries q[rows[i]] (each [n_head][head_dim], already rotated) to
 // `stats` for `layer`: query row rows[i] sits in slot slot0 + rows[i] - rows_base and attends
-// to slots [0, that slot]. window/cumulative say which sums it feeds. Scores as the attention
-// kernel computes them (kernels::KvDot), exponentials in float, their sum in double; parallel
-// over KV heads.
+// to slots [0, that slot]. window/cumulative say which sums it feeds. Scores by MatMul over
+// the stored keys when one block holds them all and their type is a weight type (f32, f16,
+// q8_0, q4_0; q8_0 and q4_0 then quantize the queries to 8 bits, as MatMul does), else by f32
+// dot products; then kernels::Softmax. Parallel over `pool`.
 void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>& rows,
                          int64_t rows_base, int64_t slot0, const kernels::KvView& view,
                          float scale, int layer, bool window, bool cumulative,

@@ -203,50 +203,74 @@ TEST(KvBudgetTest, MergeAveragesIntoTheAnchorWeightedByTokens) {
 }
 
 TEST(KvBudgetTest, StatisticsEqualANaiveSoftmax) {
-  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF32});
-  const auto& c = Trained().config();
-  ContiguousKv kv(engine.kv_shape(), 32);
-  ASSERT_TRUE(engine.Forward(kv, RandomTokens(20, 8), nullptr).ok());
-  // Random queries for 3 rows at slots 17..19 against the stored keys of layer 2.
-  std::mt19937 rng(9);
-  std::normal_distribution<float> nd;
-  std::vector<float> q(3 * c.n_head * c.head_dim);
-  for (auto& v : q) v = nd(rng);
-  AttentionStats st;
-  st.Resize(c.n_layer, c.n_kv_head, 32);
-  const float scale = 0.125f;
-  const auto view = kv.View(2, 20);
-  AccumulateAttention(q.data(), c.n_head, {0, 1, 2}, 0, 17, view, scale, 2, true, true, st,
-                      engine.pool());
-  const int group = c.n_head / c.n_kv_head;
-  for (int g = 0; g < c.n_kv_head; ++g) {
-    std::vector<double> want(20, 0), want_sq(20, 0);
-    for (int r = 0; r < 3; ++r) {
-      for (int hq = 0; hq < group; ++hq) {
-        const float* qv = q.data() + (r * c.n_head + g * group + hq) * c.head_dim;
-        std::vector<double> p;
-        for (int s = 0; s <= 17 + r; ++s) {
-          const auto kk = HeadK(kv, 2, s, g);
-          double dot = 0;
-          for (int d = 0; d < c.head_dim; ++d) dot += qv[d] * kk[d];
-          p.push_back(std::exp(dot * scale));
-        }
-        double z = 0;
-        for (double x : p) z += x;
-        for (size_t s = 0; s < p.size(); ++s) {
-          want[s] += p[s] / z;
-          want_sq[s] += (p[s] / z) * (p[s] / z);
+  // f32 and f16 keys in one block (scored by MatMul), and f32 keys seen as blocks of 8 tokens
+  // (scored key by key), against a double reference.
+  struct Case {
+    kernels::KvType type;
+    int block_tokens;  // 0: the sequence's own single block
+  };
+  for (const Case& k : {Case{kernels::KvType::kF32, 0}, Case{kernels::KvType::kF16, 0},
+                        Case{kernels::KvType::kF32, 8}}) {
+    SCOPED_TRACE(std::string(kernels::KvTypeName(k.type)) + " blocks " +
+                 std::to_string(k.block_tokens));
+    Engine engine(Trained(), {.threads = 2, .kv_type = k.type});
+    const auto& c = Trained().config();
+    ContiguousKv kv(engine.kv_shape(), 32);
+    ASSERT_TRUE(engine.Forward(kv, RandomTokens(20, 8), nullptr).ok());
+    // Random queries for 3 rows at slots 17..19 against the stored keys of layer 2.
+    std::mt19937 rng(9);
+    std::normal_distribution<float> nd;
+    std::vector<float> q(3 * c.n_head * c.head_dim);
+    for (auto& v : q) v = nd(rng);
+    AttentionStats st;
+    st.Resize(c.n_layer, c.n_kv_head, 32);
+    const float scale = 0.125f;
+    kernels::KvView view = kv.View(2, 20);
+    std::vector<const void*> k_blocks, v_blocks;
+    if (k.block_tokens > 0) {
+      // The same bytes, cut into blocks: slot s is slot s % 8 of block s / 8.
+      const size_t stride = static_cast<size_t>(k.block_tokens) * c.n_kv_head *
+                            kernels::KvHeadBytes(k.type, c.head_dim);
+      for (int b = 0; b < 4; ++b) {
+        k_blocks.push_back(static_cast<const std::byte*>(view.k_blocks[0]) + b * stride);
+        v_blocks.push_back(static_cast<const std::byte*>(view.v_blocks[0]) + b * stride);
+      }
+      view.block_tokens = k.block_tokens;
+      view.k_blocks = k_blocks.data();
+      view.v_blocks = v_blocks.data();
+    }
+    AccumulateAttention(q.data(), c.n_head, {0, 1, 2}, 0, 17, view, scale, 2, true, true, st,
+                        engine.pool());
+    const int group = c.n_head / c.n_kv_head;
+    for (int g = 0; g < c.n_kv_head; ++g) {
+      std::vector<double> want(20, 0), want_sq(20, 0);
+      for (int r = 0; r < 3; ++r) {
+        for (int hq = 0; hq < group; ++hq) {
+          const float* qv = q.data() + (r * c.n_head + g * group + hq) * c.head_dim;
+          std::vector<double> p;
+          for (int s = 0; s <= 17 + r; ++s) {
+            const auto kk = HeadK(kv, 2, s, g);
+            double dot = 0;
+            for (int d = 0; d < c.head_dim; ++d) dot += qv[d] * kk[d];
+            p.push_back(std::exp(dot * scale));
+          }
+          double z = 0;
+          for (double x : p) z += x;
+          for (size_t s = 0; s < p.size(); ++s) {
+            want[s] += p[s] / z;
+            want_sq[s] += (p[s] / z) * (p[s] / z);
+          }
         }
       }
+      for (int s = 0; s < 20; ++s) {
+        EXPECT_NEAR(st.WinSum(2, g)[s], want[s], 1e-5) << g << " " << s;
+        EXPECT_NEAR(st.WinSq(2, g)[s], want_sq[s], 1e-5);
+        EXPECT_NEAR(st.Cum(2, g)[s], want[s], 1e-5);
+      }
     }
-    for (int s = 0; s < 20; ++s) {
-      EXPECT_NEAR(st.WinSum(2, g)[s], want[s], 1e-5) << g << " " << s;
-      EXPECT_NEAR(st.WinSq(2, g)[s], want_sq[s], 1e-5);
-      EXPECT_NEAR(st.Cum(2, g)[s], want[s], 1e-5);
-    }
+    EXPECT_EQ(st.win_rows[2], 3 * group);
+    EXPECT_EQ(st.win_rows[1], 0);
   }
-  EXPECT_EQ(st.win_rows[2], 3 * group);
-  EXPECT_EQ(st.win_rows[1], 0);
 }
 
 TEST(KvBudgetTest, EngineCollectsTheWindowOfTheLastTokensOnly) {
