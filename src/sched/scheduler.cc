@@ -1142,7 +1142,15 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
   const int64_t reused = std::min(s.kv->n_tokens(), s.prompt_len - 1);
   const int64_t shared_full = reused / P;
   s.cow_pending = s.kv->n_tokens() > 0 && (s.kv->n_tokens() % P != 0 || reused < s.kv->n_tokens());
-  const int64_t need = s.forecast_blocks - shared_full + (s.cow_pending ? 1 : 0);
+  int64_t need = s.forecast_blocks - shared_full + (s.cow_pending ? 1 : 0);
+  if (s.cow_pending && need > static_cast<int64_t>(pool.GetStats().pages_total)) {
+    // Its table takes the whole pool: the partial page it shares with the cache cannot be
+    // kept beside its own copy (one page more than there are). Its tokens are prefilled
+    // again instead, or the request would wait forever.
+    s.kv->SetTokens(shared_full * P);
+    s.cow_pending = false;
+    need = s.forecast_blocks - shared_full;
+  }
   const KvManager::Stats st = pool.GetStats();
   int64_t available = static_cast<int64_t>(st.pages_free) +
                       std::max<int64_t>(0, static_cast<int64_t>(st.pages_cached_unreferenced) -

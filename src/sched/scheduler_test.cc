@@ -423,6 +423,31 @@ TEST_F(SchedulerTest, TinyBudgetQueuesInsteadOfFailing) {
   EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST_F(SchedulerTest, ARequestNeedingTheWholePoolDropsAPartialPageItShares) {
+  // 8 pages of 16 tokens. The first request leaves its prompt cached, the last page partial;
+  // the second shares part of that page and needs all 8 pages: keeping the shared partial page
+  // (copied before its first write) would take a 9th, so it prefills those tokens again
+  // instead of waiting forever.
+  Build(8, {});
+  const auto a = Text("The history of the world is long");
+  auto first = sched_->Submit(Req(a, 1));
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(Collect(**first).last.kind, StreamEvent::Kind::kDone);
+  std::vector<TokenId> b(a.begin(), a.begin() + 5);
+  for (TokenId t : Text(" and a dictionary defines the word")) {
+    if (t != Trained().tokenizer().bos()) b.push_back(t);
+  }
+  const int n = 128 - static_cast<int>(b.size());  // prompt + output: exactly 8 pages
+  SchedRequest r = Req(b, n);
+  r.gen.ignore_eos = true;
+  auto second = sched_->Submit(std::move(r));
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+  const Collected c = Collect(**second);
+  ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+  EXPECT_EQ(c.last.usage.cached_tokens, 0);
+  EXPECT_EQ(c.tokens, Reference(b, n, true));
+}
+
 TEST_F(SchedulerTest, CancelFreesTheSequenceAtOnce) {
   Build(512, {});
   auto s = sched_->Submit(Req(Text("Once upon a time"), 1500));

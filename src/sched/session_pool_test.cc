@@ -35,7 +35,8 @@ class SessionPoolTest : public ::testing::TestWithParam<KvType> {
  protected:
   // Main pool: f32, `main_pages` pages; session pool: GetParam(), `session_pages` pages; pages
   // of 32 tokens (whole kivi4 key groups) in both. With ram_tier, a RAM chunk store behind both.
-  void Build(size_t main_pages, size_t session_pages, bool ram_tier = false) {
+  void Build(size_t main_pages, size_t session_pages, bool ram_tier = false,
+             SchedulerOptions sched_options = {}) {
     EngineOptions eo;
     eo.threads = 2;
     eo.kv_type = KvType::kF32;
@@ -61,7 +62,7 @@ class SessionPoolTest : public ::testing::TestWithParam<KvType> {
       bridge_ = std::make_unique<TierBridge>(*kv_, *store_);
       source = bridge_.get();
     }
-    sched_ = std::make_unique<Scheduler>(*engine_, *kv_, SchedulerOptions{}, source,
+    sched_ = std::make_unique<Scheduler>(*engine_, *kv_, sched_options, source,
                                          session_kv_.get());
   }
   void TearDown() override {
@@ -85,6 +86,18 @@ class SessionPoolTest : public ::testing::TestWithParam<KvType> {
     auto r = Generate(e, *kv, prompt, go);
     CT_CHECK(r.ok()) << r.status().ToString();
     return r->tokens;
+  }
+  std::shared_ptr<RequestStream> Start(std::vector<TokenId> prompt, int n,
+                                       const std::string& session, int priority = 0) {
+    SchedRequest r;
+    r.prompt = std::move(prompt);
+    r.gen.max_tokens = n;
+    r.gen.ignore_eos = true;
+    r.session_id = session;
+    r.priority = priority;
+    auto s = sched_->Submit(std::move(r));
+    CT_CHECK(s.ok()) << s.status().ToString();
+    return *s;
   }
   Collected Run(std::vector<TokenId> prompt, int n, const std::string& session) {
     SchedRequest r;
@@ -191,6 +204,40 @@ TEST_P(SessionPoolTest, EachPoolAdmitsFromItsOwnPages) {
   for (auto& st : streams) {
     const Collected c = Collect(*st);
     EXPECT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+  }
+}
+
+TEST_P(SessionPoolTest, APrioritySessionPreemptsOnlyInItsPool) {
+  // Pages of 32 tokens: 8 in the main pool, 9 in the session pool. A plain request and a
+  // session each hold most of their pool; a high-priority session that needs most of the
+  // session pool (7 pages, and one more to copy the partial page its BOS shares with the cached
+  // session) preempts the session (the newer plain request, lowest ranked by the global order,
+  // must not be touched), and both low-priority requests still give their type's tokens.
+  Build(8, 9);
+  const auto low_prompt = Text(kTurn1);
+  const int n = 100;  // ~85 + 100 tokens: 6 pages
+  auto low_session = Start(low_prompt, n, "agent-low");
+  StreamEvent e;
+  ASSERT_TRUE(low_session->Next(&e, std::chrono::milliseconds(30000)));
+  auto plain = Start(low_prompt, n, "");
+  ASSERT_TRUE(plain->Next(&e, std::chrono::milliseconds(30000)));
+  const auto hi_prompt = Text("Once upon a time there was a king who had three daughters");
+  auto high = Start(hi_prompt, 200, "agent-high", /*priority=*/5);  // 7 pages
+  const Collected h = Collect(*high);
+  const Collected p = Collect(*plain);
+  const Collected l = Collect(*low_session);
+  ASSERT_EQ(h.last.kind, StreamEvent::Kind::kDone) << h.last.error.ToString();
+  ASSERT_EQ(p.last.kind, StreamEvent::Kind::kDone) << p.last.error.ToString();
+  ASSERT_EQ(l.last.kind, StreamEvent::Kind::kDone) << l.last.error.ToString();
+  EXPECT_EQ(sched_->Stats().preemptions, 1u) << "only the session in the session pool";
+  const std::vector<TokenId> plain_ref = Reference(KvType::kF32, low_prompt, n);
+  EXPECT_TRUE(std::equal(p.tokens.begin(), p.tokens.end(), plain_ref.begin() + 1));
+  if (!engine_->kv_shape(GetParam()).windowed()) {
+    // (A windowed type restarts its window at a cache hit: not the bits of a fresh prefill.)
+    EXPECT_EQ(h.tokens, Reference(GetParam(), hi_prompt, 200));
+    // The victim resumes by prefilling its prompt and output again: exactly its type's tokens.
+    const std::vector<TokenId> low_ref = Reference(GetParam(), low_prompt, n);
+    EXPECT_TRUE(std::equal(l.tokens.begin(), l.tokens.end(), low_ref.begin() + 1));
   }
 }
 

@@ -11,6 +11,7 @@ Usage: bench_client_test.py --binary build/.../cachette --model models/cachette-
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main():
         check(p.returncode == 1 and "error" in p.stderr, "unreachable URL: " + p.stderr)
     finally:
         s.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return report(t0)
 
 

@@ -140,18 +140,22 @@ class Process:
         return self.request("GET", "/health")[0] == 200
 
     def stop(self):
-        """SIGKILL: no drain."""
+        """SIGKILL: no drain. The log file goes unless a check failed (logs() still reads it
+        through the open handle)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.drop_log()
+
+    def drop_log(self):
+        if not FAILURES and os.path.exists(self.log.name):
+            os.unlink(self.log.name)
 
     def close(self):
-        """Stops the server; prints the tail of its log if any check failed, else removes it."""
+        """Stops the server; prints the tail of its log if any check failed."""
         self.stop()
         if FAILURES:
             print("---- %s log ----\n%s" % (self.log.name, self.logs()[-6000:]))
-        else:
-            os.unlink(self.log.name)
 
 
 class Server(Process):
@@ -170,6 +174,7 @@ def graceful_stop(s):
     except subprocess.TimeoutExpired:
         s.stop()
     check(s.proc.returncode == 0, "SIGTERM exit code %s" % s.proc.returncode)
+    s.drop_log()
 
 
 class Redis:

@@ -13,6 +13,7 @@ Usage: workload_sched_test.py --binary build/.../cachette --model models/cachett
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def main():
                   "agentic: a second run uses fresh program ids")
     finally:
         s.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return report(t0)
 
 
