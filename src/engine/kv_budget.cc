@@ -42,19 +42,6 @@ void AttentionStats::ClearWindow() {
 
 namespace {
 
-// a . b over n floats, in 8 partial sums (which the compiler keeps in vector registers).
-float Dot(const float* a, const float* b, int n) {
-  float acc[8] = {};
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  float sum = 0;
-  for (; i < n; ++i) sum += a[i] * b[i];
-  for (float x : acc) sum += x;
-  return sum;
-}
-
 // The weight type whose rows are laid out as stored KV head vectors of `t`, if any: then a
 // KV head's keys are a weight matrix (rows n_kv_head head vectors apart) and MatMul scores
 // every query against them at the active ISA level.
@@ -127,7 +114,7 @@ void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>&
       kernels::MatMul(qg.data(), m, w, scores.get() + g * m * n_keys, pool);
     }
   } else {
-    // Any layout: each key widened to f32 once, then dot products.
+    // Any layout: each key widened to f32 once, then the attention kernel's dot product.
     pool.ParallelFor(n_kv, [&](int64_t begin, int64_t end, int) {
       std::vector<float> kf(static_cast<size_t>(n_keys * hd));
       for (int64_t g = begin; g < end; ++g) {
@@ -143,7 +130,9 @@ void AccumulateAttention(const float* q, int n_head, const std::vector<int64_t>&
           for (int hq = 0; hq < group; ++hq) {
             const float* qv = q + (rows[i] * n_head + g * group + hq) * hd;
             float* p = scores.get() + (g * m + static_cast<int64_t>(i) * group + hq) * n_keys;
-            for (int64_t s = 0; s <= last; ++s) p[s] = Dot(qv, kf.data() + s * hd, hd);
+            for (int64_t s = 0; s <= last; ++s) {
+              p[s] = kernels::KvDot(qv, kf.data() + s * hd, hd, kernels::KvType::kF32);
+            }
           }
         }
       }
