@@ -1,5 +1,5 @@
 // Test helpers shared by the scheduler tests (test code only): the trained model, text to
-// tokens, and a request's stream collected to its end.
+// tokens, a RAM-only chunk store, and a request's stream collected to its end.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cachette/cache.h"
 #include "core/check.h"
 #include "model/model.h"
 #include "sched/request.h"
@@ -35,6 +36,16 @@ struct Collected {
   std::string text;
   sched::StreamEvent last;  // the terminal event
 };
+
+// A chunk store with a RAM tier only (64 MiB, chunks of 32 tokens), for a TierBridge.
+inline std::unique_ptr<Cache> RamOnlyStore() {
+  CacheOptions co;
+  co.chunk_tokens = 32;
+  co.ram_budget_bytes = 64 << 20;
+  auto c = Cache::Open(co);
+  CT_CHECK(c.ok()) << c.status().ToString();
+  return std::move(*c);
+}
 
 // Every event of `s` up to its terminal one (a test failure after 60 s without one).
 inline Collected Collect(sched::RequestStream& s) {

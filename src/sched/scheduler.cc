@@ -160,10 +160,6 @@ KvManager& Scheduler::PoolOf(const Hash128& ns) {
 }
 
 void Scheduler::RememberTenant(const std::string& cache_salt) {
-  // The tenant's namespace in each pool (computed here: NamespaceIn calls this).
-  auto ns_in = [&](const KvManager& pool) {
-    return KvNamespace(engine_.model(), pool.shape().type, cache_salt);
-  };
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now_ms = NowNanos() / 1000000;
   auto it = tenants_.find(cache_salt);
@@ -174,23 +170,22 @@ void Scheduler::RememberTenant(const std::string& cache_salt) {
   // Bounded: past max_tenants the least recently used tenant is forgotten (its cached pages
   // stay until evicted; ClearAll no longer reaches it by name, but Clear of its salt still does).
   if (tenants_.size() >= std::max<size_t>(1, options_.max_tenants)) {
-    auto oldest = std::min_element(tenants_.begin(), tenants_.end(), [](const auto& a,
-                                                                        const auto& b) {
-      return a.second.last_used_ms < b.second.last_used_ms;
-    });
+    auto oldest = SmallestBy(tenants_, &Tenant::last_used_ms);
     if (session_kv_ != nullptr) {
       // Its session pins, if any, now resolve to the main pool, where they find nothing to
       // pin (the session's chunks stay in the tiers).
       std::lock_guard<std::mutex> ns_lock(ns_mu_);
-      session_ns_.erase(ns_in(*session_kv_));
+      session_ns_.erase(oldest->second.session_ns);
     }
     tenants_.erase(oldest);
   }
-  tenants_.emplace(cache_salt, Tenant{ns_in(kv_), now_ms});
+  Tenant t{{}, now_ms};
   if (session_kv_ != nullptr) {
+    t.session_ns = KvNamespace(engine_.model(), session_kv_->shape().type, cache_salt);
     std::lock_guard<std::mutex> ns_lock(ns_mu_);
-    session_ns_.insert(ns_in(*session_kv_));
+    session_ns_.insert(t.session_ns);
   }
+  tenants_.emplace(cache_salt, t);
 }
 
 Status Scheduler::ClearTenant(const std::string& cache_salt) {

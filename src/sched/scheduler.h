@@ -403,7 +403,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Seq>> inbox_;    // GUARDED_BY(mu_): submitted, not yet queued
   std::vector<std::shared_ptr<Job>> jobs_;     // GUARDED_BY(mu_): precomputes to run
   struct Tenant {
-    Hash128 ns;
+    Hash128 session_ns;  // its namespace in the session pool (none without one)
     int64_t last_used_ms = 0;
   };
   std::unordered_map<std::string, Tenant> tenants_;  // GUARDED_BY(mu_)

@@ -82,12 +82,7 @@ class SchedulerTest : public ::testing::Test {
     ko.budget_bytes = PagePool::PageBytes(ko.shape, 16) * pages;
     kv_ = std::make_unique<KvManager>(ko);
     if (ram_tier) {
-      CacheOptions co;
-      co.chunk_tokens = 32;
-      co.ram_budget_bytes = 64 << 20;
-      auto c = Cache::Open(co);
-      CT_CHECK(c.ok()) << c.status().ToString();
-      store_ = std::move(*c);
+      store_ = sched_test::RamOnlyStore();
       bridge_ = std::make_unique<TierBridge>(*kv_, *store_);
       source = bridge_.get();
     }

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cachette/cache.h"
@@ -53,12 +54,7 @@ class SessionPoolTest : public ::testing::TestWithParam<KvType> {
     session_kv_ = std::make_unique<KvManager>(so);
     PrefixSource* source = nullptr;
     if (ram_tier) {
-      CacheOptions co;
-      co.chunk_tokens = 32;
-      co.ram_budget_bytes = 64 << 20;
-      auto c = Cache::Open(co);
-      CT_CHECK(c.ok()) << c.status().ToString();
-      store_ = std::move(*c);
+      store_ = sched_test::RamOnlyStore();
       bridge_ = std::make_unique<TierBridge>(*kv_, *store_);
       source = bridge_.get();
     }
@@ -239,6 +235,28 @@ TEST_P(SessionPoolTest, APrioritySessionPreemptsOnlyInItsPool) {
     const std::vector<TokenId> low_ref = Reference(GetParam(), low_prompt, n);
     EXPECT_TRUE(std::equal(l.tokens.begin(), l.tokens.end(), low_ref.begin() + 1));
   }
+}
+
+TEST_P(SessionPoolTest, AForgottenTenantsSessionsResolveToTheMainPool) {
+  // At most 2 remembered tenants: the third forgets the first, whose session namespace then
+  // resolves to the main pool (where a pin finds nothing); the others' stay in the session pool.
+  SchedulerOptions so;
+  so.max_tenants = 2;
+  Build(64, 64, /*ram_tier=*/false, so);
+  auto session_ns = [&](const std::string& salt) {
+    return KvNamespace(Trained(), GetParam(), salt);
+  };
+  for (const std::string salt : {"a", "b"}) {
+    sched_->Namespace(salt);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // "a" is the older by the clock
+  }
+  EXPECT_EQ(&sched_->PoolOf(session_ns("a")), session_kv_.get());
+  EXPECT_EQ(&sched_->PoolOf(session_ns("b")), session_kv_.get());
+  sched_->Namespace("c");
+  EXPECT_EQ(sched_->tenants(), 2u);
+  EXPECT_EQ(&sched_->PoolOf(session_ns("a")), kv_.get());
+  EXPECT_EQ(&sched_->PoolOf(session_ns("b")), session_kv_.get());
+  EXPECT_EQ(&sched_->PoolOf(session_ns("c")), session_kv_.get());
 }
 
 TEST_P(SessionPoolTest, SessionsRefuseWhatComputesKvInTheEnginesType) {
