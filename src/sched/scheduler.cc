@@ -142,6 +142,11 @@ Hash128 Scheduler::Namespace(const std::string& cache_salt) {
   return NamespaceIn(kv_, cache_salt);
 }
 
+Hash128 Scheduler::SessionNamespace(const std::string& cache_salt) {
+  CT_CHECK(session_kv_ != nullptr) << "no session pool";
+  return NamespaceIn(*session_kv_, cache_salt);
+}
+
 Hash128 Scheduler::NamespaceIn(const KvManager& pool, const std::string& cache_salt) {
   const kernels::KvType type = pool.shape().type;
   if (!options_.prefix_cache) {

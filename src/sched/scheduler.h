@@ -258,6 +258,9 @@ class Scheduler {
   // The namespace of a tenant (cache_salt "" = the shared one) in the main pool. Remembers the
   // tenant (up to max_tenants, least recently used forgotten first) for ClearAll.
   Hash128 Namespace(const std::string& cache_salt);
+  // The same tenant's namespace in the session pool, where its sessions' KV is. Only with a
+  // session pool (session_kv() not null).
+  Hash128 SessionNamespace(const std::string& cache_salt);
   // The pool whose pages a namespace's KV is in: the session pool for a tenant's session
   // namespace, else the main one. Any thread.
   KvManager& PoolOf(const Hash128& ns);

@@ -110,8 +110,13 @@ void HttpServer::CacheLookup(const httplib::Request& req, httplib::Response& res
   auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true, &detail);
   if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
   sched::Scheduler& s = *backend_.scheduler;
-  const Hash128 ns = s.Namespace(ref->cache_salt);
-  const int64_t memory = s.kv().CachedPrefix(ns, ref->tokens);
+  // A session's KV is in the session pool when the server has one (--session-kv-type), under
+  // that pool's namespace; in memory and in the tiers alike.
+  const bool session = !ref->session_id.empty() && s.session_kv() != nullptr;
+  const Hash128 ns =
+      session ? s.SessionNamespace(ref->cache_salt) : s.Namespace(ref->cache_salt);
+  KvManager& pool = session ? *s.session_kv() : s.kv();
+  const int64_t memory = pool.CachedPrefix(ns, ref->tokens);
   json tiers = {{"memory", memory}};
   int64_t total = memory;
   for (const auto& t : s.source().Lookup(ns, ref->tokens)) {
@@ -119,7 +124,10 @@ void HttpServer::CacheLookup(const httplib::Request& req, httplib::Response& res
     total = std::max(total, t.tokens);
   }
   Json(res, 200,
-       Dump({{"prompt_tokens", ref->tokens.size()}, {"cached_tokens", total}, {"tiers", tiers}}),
+       Dump({{"prompt_tokens", ref->tokens.size()},
+             {"cached_tokens", total},
+             {"tiers", tiers},
+             {"pool", session ? "session" : "main"}}),
        "admin");
 }
 

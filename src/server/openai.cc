@@ -636,9 +636,8 @@ Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, b
   CT_ASSIGN_OR_RETURN(ref.body, ParseJson(body.empty() ? std::string_view("{}") : body));
   CT_RETURN_IF_ERROR(Param(d, "cache_salt", GetString(ref.body, "cache_salt", &ref.cache_salt)));
   CT_RETURN_IF_ERROR(Param(d, "cache_salt", CheckIdBytes(ref.cache_salt, "cache_salt")));
-  if (auto it = ref.body.find("session_id"); it != ref.body.end() && it->is_string()) {
-    CT_RETURN_IF_ERROR(Param(d, "session_id", CheckIdBytes(it->get<std::string>(), "session_id")));
-  }
+  CT_RETURN_IF_ERROR(Param(d, "session_id", GetString(ref.body, "session_id", &ref.session_id)));
+  CT_RETURN_IF_ERROR(Param(d, "session_id", CheckIdBytes(ref.session_id, "session_id")));
   bool present = false;
   std::vector<sched::SegmentSpan> spans;  // cut as a generation request's, then unused
   CT_ASSIGN_OR_RETURN(ref.tokens, PromptTokens(ref.body, ctx, &present, d, &spans));

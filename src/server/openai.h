@@ -102,11 +102,13 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
                                    ErrorDetail* detail = nullptr);
 
 // Prompt tokens for the admin API: a body with "prompt" (string or ids) or "messages" (rendered
-// with the chat template, generation prompt included), plus its "cache_salt".
+// with the chat template, generation prompt included), plus its "cache_salt" and "session_id"
+// (strings of at most 256 bytes; kInvalidArgument naming the field otherwise).
 struct PromptRef {
   std::vector<TokenId> tokens;
   std::string cache_salt;
-  nlohmann::json body;  // the parsed body, for endpoint-specific fields
+  std::string session_id;  // "" when absent
+  nlohmann::json body;     // the parsed body, for endpoint-specific fields
 };
 Result<PromptRef> ParsePromptRef(std::string_view body, const ApiContext& ctx, bool required,
                                  ErrorDetail* detail = nullptr);

@@ -143,6 +143,17 @@ def q4_session(binary, model, tmp, q4):
         check(kv.get("budget_bytes", 0) + sk.get("budget_bytes", 0) <= 512 << 20 and
               sk.get("budget_bytes", 0) >= 255 << 20,
               "the two pools share --kv-budget, half each by default: %s %s" % (kv, sk))
+        # The admin lookup finds the session in its pool when given its session_id.
+        status, look = r1.post("/v1/cache/lookup", {"prompt": TURN1, "session_id": "agent-7"})
+        check(status == 200 and look["pool"] == "session" and
+              look["tiers"]["memory"] >= u1["prompt_tokens"] - 16,
+              "lookup with the session_id reads the session pool: %s" % look)
+        status, look = r1.post("/v1/cache/lookup", {"prompt": TURN1})
+        check(status == 200 and look["pool"] == "main" and look["tiers"]["memory"] == 0,
+              "lookup without it reads the main pool: %s" % look)
+        status, look = r1.post("/v1/cache/lookup", {"prompt": TURN1, "session_id": 7})
+        check(status == 400 and "session_id" in str(look), "a session_id that is not a "
+              "string is a 400 naming it: %s %s" % (status, look))
         plain, _ = complete(r1, TURN1, 16)
         _, st = r1.get("/v1/cache/stats")
         check(st["kv"]["pages_used"] > 0, "a request without a session uses the main pool")
