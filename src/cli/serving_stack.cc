@@ -196,7 +196,16 @@ nlohmann::json ServingStack::KvEventsInfo() const {
       {"kv_type", kernels::KvTypeName(kv_type)},
       // The shared namespace (no cache_salt): a router that computes another id for the same
       // model and KV type would never match this server's blocks.
-      {"namespace", KvNamespace(*model, kv_type).ToHex()}};
+      {"namespace", KvNamespace(*model, kv_type).ToHex()},
+      // The session pool (--session-kv-type), where requests with a session_id keep their KV,
+      // and its shared namespace; nulls without one.
+      {"session_kv_type", nullptr},
+      {"session_namespace", nullptr}};
+  if (!config.session_kv_type.empty()) {
+    const kernels::KvType t = *ParseKvType(config.session_kv_type);
+    j["session_kv_type"] = kernels::KvTypeName(t);
+    j["session_namespace"] = KvNamespace(*model, t).ToHex();
+  }
   if (events != nullptr) {
     const events::KvEventPublisherStats st = events->stats();
     j["endpoint"] = events->endpoint();
@@ -358,8 +367,8 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
     CT_RETURN_IF_ERROR(CheckKvTypeFits(t, *st->model).WithContext("--session-kv-type"));
     so = ko;
     so->shape = st->engine->kv_shape(t);
-    // The router (--kv-events) knows the main namespace only.
-    so->events = nullptr;
+    // Its pages are published too (--kv-events): a router scores a session's request in the
+    // session pool's namespace, which KvEventsInfo advertises.
     so->budget_bytes = cfg.session_kv_budget.empty() ? ko.budget_bytes / 2
                                                      : *ParseBytes(cfg.session_kv_budget);
     ko.budget_bytes -= so->budget_bytes;  // CheckStackConfig: less than the whole

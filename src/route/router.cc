@@ -9,6 +9,8 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <tuple>
+#include <utility>
 
 #include "bench_client/openai_client.h"  // ParseServerUrl
 #include "cache/chunk.h"
@@ -48,6 +50,9 @@ struct BackendInfo {
   std::atomic<int> chunk_tokens{0};
   std::atomic<int64_t> pages_total{0};
   std::atomic<bool> ns_mismatch{false};  // its blocks are of another model or KV type
+  // The KV type of its session pool (serve --session-kv-type), as an int; -1 without one. The
+  // KV of requests with a session_id is there, under that type's namespace.
+  std::atomic<int> session_kv_type{-1};
   std::atomic<bool> has_events{false};   // a subscription to its KV events is running
 
   std::atomic<uint64_t> requests{0}, retries{0}, errors{0}, prompt_tokens{0};
@@ -412,6 +417,7 @@ void Router::CheckBackend(const std::shared_ptr<BackendInfo>& b) {
                      << ", not this router's " << shared_ns_.ToHex()
                      << " (another model or --kv-type): its cache is never counted";
     }
+    b->session_kv_type = SessionKvTypeOf(info, b->url);
   }
   index_.Reset(b->id);
   if (options_.policy == Policy::kKv && info.is_object() && info.value("enabled", false) &&
@@ -448,17 +454,41 @@ void Router::CheckBackend(const std::shared_ptr<BackendInfo>& b) {
   CT_LOG(kInfo) << "route: backend " << b->url << " up";
 }
 
+int Router::SessionKvTypeOf(const json& info, const std::string& url) {
+  auto type = info.find("session_kv_type");
+  auto ns = info.find("session_namespace");
+  if (type == info.end() || !type->is_string() || ns == info.end() || !ns->is_string()) return -1;
+  for (const kernels::KvType t : {kernels::KvType::kF32, kernels::KvType::kF16,
+                                  kernels::KvType::kQ8_0, kernels::KvType::kQ4_0,
+                                  kernels::KvType::kKivi4, kernels::KvType::kQ4_1}) {
+    if (kernels::KvTypeName(t) != type->get<std::string>()) continue;
+    if (KvNamespace(model_, t).ToHex() == ns->get<std::string>()) return static_cast<int>(t);
+    break;
+  }
+  CT_LOG(kError) << "route: backend " << url << " has a session pool of "
+                 << type->get<std::string>() << " in namespace " << ns->get<std::string>()
+                 << ", which this router does not compute: its sessions' KV is never counted";
+  return -1;
+}
+
 // ---- choosing -------------------------------------------------------------------------------
 
-Hash128 Router::NamespaceFor(const std::string& salt) {
-  if (salt.empty()) return shared_ns_;
+Hash128 Router::NamespaceFor(const std::string& salt, kernels::KvType type) {
+  if (salt.empty() && type == options_.kv_type) return shared_ns_;
   std::lock_guard lock(ns_mu_);
-  auto it = ns_by_salt_.find(salt);
+  const auto key = std::make_pair(static_cast<int>(type), salt);
+  auto it = ns_by_salt_.find(key);
   if (it != ns_by_salt_.end()) return it->second;
   if (ns_by_salt_.size() >= kMaxSalts) ns_by_salt_.clear();  // recomputed on demand
-  const Hash128 ns = KvNamespace(model_, options_.kv_type, salt);
-  ns_by_salt_.emplace(salt, ns);
+  const Hash128 ns = KvNamespace(model_, type, salt);
+  ns_by_salt_.emplace(key, ns);
   return ns;
+}
+
+Hash128 Router::NamespaceAt(const BackendInfo& b, const Parsed& p) {
+  const int session_type = b.session_kv_type.load();
+  if (p.session_id.empty() || session_type < 0) return p.ns;
+  return NamespaceFor(p.cache_salt, static_cast<kernels::KvType>(session_type));
 }
 
 Router::Parsed Router::Parse(const std::string& body, server::Endpoint endpoint) {
@@ -470,7 +500,8 @@ Router::Parsed Router::Parse(const std::string& body, server::Endpoint endpoint)
   }
   p.ok = true;
   p.tokens = std::move(call->request.prompt);
-  p.ns = NamespaceFor(call->request.cache_salt);
+  p.cache_salt = call->request.cache_salt;
+  p.ns = NamespaceFor(p.cache_salt, options_.kv_type);
   p.session_id = std::move(call->request.session_id);
   p.stream = call->stream;
   const double mean = mean_prompt_tokens_.load();
@@ -523,13 +554,14 @@ std::vector<Router::Candidate> Router::Rank(const Parsed& p) {
     return out;
   }
   const std::vector<TokenId>& tokens = p.tokens;
-  const Hash128& ns = p.ns;
 
-  // Hashes per block size (backends normally share one page and chunk size).
-  std::map<int, std::vector<uint64_t>> hashes;
-  auto hashes_of = [&](int size) -> const std::vector<uint64_t>& {
-    auto it = hashes.find(size);
-    if (it == hashes.end()) it = hashes.emplace(size, BlockHashes(ns, tokens, size)).first;
+  // Hashes per namespace and block size (backends normally share one page and chunk size; a
+  // session's namespace is its backend's session pool's, when it has one).
+  std::map<std::tuple<uint64_t, uint64_t, int>, std::vector<uint64_t>> hashes;
+  auto hashes_of = [&](const Hash128& ns, int size) -> const std::vector<uint64_t>& {
+    const auto key = std::make_tuple(ns.hi, ns.lo, size);
+    auto it = hashes.find(key);
+    if (it == hashes.end()) it = hashes.emplace(key, BlockHashes(ns, tokens, size)).first;
     return it->second;
   };
   for (size_t i = 0; i < out.size(); ++i) {
@@ -537,8 +569,9 @@ std::vector<Router::Candidate> Router::Rank(const Parsed& p) {
     const auto& b = *std::find_if(live.begin(), live.end(), [&](const auto& x) { return x->id == c.id; });
     if (!b->ns_mismatch) {
       const int P = b->page_tokens, C = b->chunk_tokens;
+      const Hash128 ns = NamespaceAt(*b, p);
       static const std::vector<uint64_t> kNone;
-      c.overlap = index_.Score(c.id, hashes_of(P), P, C > 0 ? hashes_of(C) : kNone, C,
+      c.overlap = index_.Score(c.id, hashes_of(ns, P), P, C > 0 ? hashes_of(ns, C) : kNone, C,
                                options_.weights);
     }
     c.cost = (static_cast<double>(tokens.size()) - c.overlap.weighted) +
@@ -659,7 +692,8 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
     if (parsed.ok && (options_.policy == Policy::kApprox ||
                       (options_.policy == Policy::kKv && !b->has_events))) {
       const size_t cap = b->pages_total > 0 ? static_cast<size_t>(b->pages_total.load()) : 65536;
-      index_.Record(b->id, BlockHashes(parsed.ns, parsed.tokens, b->page_tokens), cap);
+      index_.Record(b->id, BlockHashes(NamespaceAt(*b, parsed), parsed.tokens, b->page_tokens),
+                    cap);
     }
 
     // Nothing reached the client from b: count the retry, drop b if it failed (not when it
@@ -879,6 +913,11 @@ nlohmann::json Router::BackendsJson() const {
               {"page_tokens", b->page_tokens.load()},
               {"chunk_tokens", b->chunk_tokens.load()},
               {"namespace_mismatch", b->ns_mismatch.load()},
+              {"session_kv_type",
+               b->session_kv_type.load() < 0
+                   ? json(nullptr)
+                   : json(kernels::KvTypeName(
+                         static_cast<kernels::KvType>(b->session_kv_type.load())))},
               {"requests", b->requests.load()},
               {"retries", b->retries.load()},
               {"predicted_hit_tokens", b->predicted_tokens.load()},

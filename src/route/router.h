@@ -9,7 +9,9 @@
 //      it is routed by load alone.
 //   2. Score: the prompt's chained block hashes in its namespace (KvNamespace: model, KV type,
 //      cache_salt, so tenants never share) are looked up in the BlockIndex for every live
-//      backend. Both terms of the cost are prompt tokens of prefill:
+//      backend; for a request with a session_id at a backend with a session pool
+//      (--session-kv-type), in that pool's namespace. Both terms of the cost are prompt tokens
+//      of prefill:
 //        cost(b) = prompt tokens not held by b (held tokens weighted by medium)
 //                + load_weight x load(b),
 //        load(b) = what the router's requests at b still have to prefill (those whose first
@@ -108,6 +110,7 @@ class Router {
     bool ok = false;               // false: the router could not parse it (routed by load)
     std::vector<TokenId> tokens;   // the prompt, chat template applied
     Hash128 ns;                    // its namespace (model, KV type, cache_salt)
+    std::string cache_salt;
     std::string session_id;
     bool stream = false;
   };
@@ -137,7 +140,14 @@ class Router {
   void MarkDown(const std::shared_ptr<BackendInfo>& b, const std::string& why);
   std::vector<std::shared_ptr<BackendInfo>> Snapshot() const;
   Status SetBackends(const std::vector<std::string>& urls);
-  Hash128 NamespaceFor(const std::string& salt);
+  // The namespace of tenant `salt` in KV of `type` (cached, bounded).
+  Hash128 NamespaceFor(const std::string& salt, kernels::KvType type);
+  // Where `p`'s KV is at backend b: its session pool's namespace for a request with a
+  // session_id at a backend with a session pool, else p.ns.
+  Hash128 NamespaceAt(const BackendInfo& b, const Parsed& p);
+  // The session pool's KV type a backend's GET /v1/cache/events advertises (as an int), or -1
+  // without one or when its namespace is not the one this router computes for that type.
+  int SessionKvTypeOf(const nlohmann::json& info, const std::string& url);
   std::string MetricsText() const;
   nlohmann::json BackendsJson() const;
 
@@ -155,7 +165,8 @@ class Router {
   int next_id_ = 0;                                     // GUARDED_BY(backends_mu_)
 
   std::mutex ns_mu_;
-  std::map<std::string, Hash128> ns_by_salt_;  // GUARDED_BY(ns_mu_), bounded
+  // (KV type, salt) -> namespace; GUARDED_BY(ns_mu_), bounded
+  std::map<std::pair<int, std::string>, Hash128> ns_by_salt_;
   Hash128 shared_ns_;                          // the namespace of cache_salt ""
 
   std::mutex sessions_mu_;

@@ -351,6 +351,52 @@ def test_kv_without_events_falls_back_to_its_own_record(binary, model):
             b.close()
 
 
+def test_sessions_in_a_session_pool(binary, model):
+    """Backends with a 4-bit session pool (--session-kv-type q4) publish its pages too; the
+    router scores a request with a session_id in that pool's namespace, so a router that never
+    saw the session (no sticky entry) still finds where its conversation is."""
+    pooled = []
+    for _ in range(2):
+        p = free_port(pair=True)
+        pooled.append(Server(binary, model, "--kv-budget", "32MiB", "--session-kv-type", "q4",
+                             "--kv-events", "tcp://127.0.0.1:%d" % p))
+    first = second = None
+    try:
+        st, info = pooled[0].get("/v1/cache/events")
+        check(st == 200 and info.get("session_kv_type") == "q4_0" and
+              len(info.get("session_namespace") or "") == 32 and
+              info["session_namespace"] != info.get("namespace"),
+              "a backend advertises its session pool and that pool's namespace: %s" % info)
+        first = Router(binary, model, [b.url for b in pooled])
+        check(first.wait_synced(2), "router subscribed to both: %s" % first.backends())
+        check(all(b.get("session_kv_type") == "q4_0" for b in first.backends()),
+              "the router knows both session pools: %s" % first.backends())
+        turn1 = chat(doc(9), session_id="agent-9")
+        before = requests_by_backend(first)
+        st, _ = first.post("/v1/chat/completions", turn1)
+        after = requests_by_backend(first)
+        went = [u for u in after if after[u] != before.get(u, 0)]
+        check(st == 200 and len(went) == 1, "turn 1 of the session answered by one backend")
+        # A second router, which has not seen the session: only the KV events can tell.
+        second = Router(binary, model, [b.url for b in pooled])
+        check(second.wait_synced(2), "second router subscribed to both")
+        turn2 = chat(doc(9) + " and a follow-up", session_id="agent-9")
+        order = settle(second, turn2)["order"]
+        check(order[0]["held_tokens"] >= 160 and order[0]["backend"] == went[0] and
+              order[1]["held_tokens"] == 0,
+              "the session's pages are found in its backend's session pool: %s" % order)
+        plain = explain(second, chat(doc(9) + " and a follow-up"))["order"]
+        check(all(c["held_tokens"] == 0 for c in plain),
+              "without the session_id (main pool, f16) nothing is held: %s" % plain)
+        st, r2 = second.post("/v1/chat/completions", turn2)
+        check(st == 200 and cached(r2) >= 160, "turn 2 through the second router hits: %s" %
+              r2.get("usage"))
+    finally:
+        for x in [first, second] + pooled:
+            if x is not None:
+                x.close()
+
+
 def test_bad_flags(binary, model):
     for args, word in ((["--policy", "random", "--backend", "http://127.0.0.1:1"], "--policy"),
                        (["--backend", "ftp://x"], "http://"),
@@ -389,6 +435,7 @@ def main():
         test_mid_stream_failure_is_visible(a.binary, a.model, tmp)
         test_frozen_backend_is_abandoned_when_its_health_check_fails(a.binary, a.model)
         test_kv_without_events_falls_back_to_its_own_record(a.binary, a.model)
+        test_sessions_in_a_session_pool(a.binary, a.model)
     finally:
         for x in (kv, rr):
             if x is not None:
