@@ -132,6 +132,13 @@ Status CheckStackConfig(const ServeConfig& cfg) {
   if (!cfg.session_kv_type.empty()) {
     auto st = ParseKvType(cfg.session_kv_type);
     if (!st.ok()) return st.status().WithContext("--session-kv-type");
+    // A namespace is the model, the KV type and the tenant: a session pool of the main pool's
+    // type would share every namespace with it, and the pools' pins and events would mix.
+    if (*st == kv_type) {
+      return InvalidArgument("--session-kv-type " + cfg.session_kv_type + " is --kv-type's " +
+                             std::string(kernels::KvTypeName(kv_type)) +
+                             ": a session pool needs a KV type of its own");
+    }
     // Session requests take the prefix path (sched/scheduler.h): server-wide defaults that
     // compute KV in the engine's type would refuse every one of them.
     if (!cfg.kv_policy.empty()) {

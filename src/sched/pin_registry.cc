@@ -50,11 +50,13 @@ void PinRegistry::Release(Released& r) {
 }
 
 PinRegistry::Info PinRegistry::Add(const Hash128& ns, const std::string& cache_salt,
-                                   std::span<const TokenId> tokens, int64_t ttl_ms) {
-  return AddPin(ns, cache_salt, tokens, ttl_ms, /*session=*/false);
+                                   std::span<const TokenId> tokens, int64_t ttl_ms,
+                                   KvManager* pool) {
+  return AddPin(pool, ns, cache_salt, tokens, ttl_ms, /*session=*/false);
 }
 
-PinRegistry::Info PinRegistry::AddPin(const Hash128& ns, const std::string& cache_salt,
+PinRegistry::Info PinRegistry::AddPin(KvManager* in, const Hash128& ns,
+                                      const std::string& cache_salt,
                                       std::span<const TokenId> tokens, int64_t ttl_ms,
                                       bool session) {
   Info info;
@@ -67,7 +69,7 @@ PinRegistry::Info PinRegistry::AddPin(const Hash128& ns, const std::string& cach
       return info;
     }
   }
-  KvManager& pool = pools_(ns);
+  KvManager& pool = in != nullptr ? *in : pools_(ns);
   KvManager::Pin pin = pool.PinPrefix(ns, tokens, ttl_ms);
   info.tokens = pin.tokens();
   if (info.tokens == 0) {  // nothing cached: the empty pin is released here
@@ -97,8 +99,9 @@ PinRegistry::Info PinRegistry::AddPin(const Hash128& ns, const std::string& cach
 
 PinRegistry::Info PinRegistry::SetSession(const std::string& session, const Hash128& ns,
                                           const std::string& cache_salt,
-                                          std::span<const TokenId> tokens, int64_t ttl_ms) {
-  Info info = AddPin(ns, cache_salt, tokens, ttl_ms, /*session=*/true);
+                                          std::span<const TokenId> tokens, int64_t ttl_ms,
+                                          KvManager* pool) {
+  Info info = AddPin(pool, ns, cache_salt, tokens, ttl_ms, /*session=*/true);
   const uint64_t digest = cache::SessionDigest64(session);
   Released old;  // released after the lock, once the new pin holds the shared prefix
   {

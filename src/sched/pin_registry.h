@@ -79,12 +79,13 @@ class PinRegistry {
   };
 
   // Pins the cached part of `tokens` in `ns` for ttl_ms (> 0). Returns the pin's info (id 0 and
-  // tokens 0 when nothing of it is cached: nothing is then held).
+  // tokens 0 when nothing of it is cached: nothing is then held). `pool`: the pool holding the
+  // pages, when the caller knows it (a request's own); null: the one the PoolFn names.
   Info Add(const Hash128& ns, const std::string& cache_salt, std::span<const TokenId> tokens,
-           int64_t ttl_ms);
+           int64_t ttl_ms, KvManager* pool = nullptr);
   // Replaces the pin of `session` by one on `tokens` (the new one is taken first).
   Info SetSession(const std::string& session, const Hash128& ns, const std::string& cache_salt,
-                  std::span<const TokenId> tokens, int64_t ttl_ms);
+                  std::span<const TokenId> tokens, int64_t ttl_ms, KvManager* pool = nullptr);
 
   // false when no such pin (or session) is held.
   bool Remove(uint64_t id);
@@ -128,8 +129,8 @@ class PinRegistry {
   };
   int64_t Now() const { return clock_(); }
   // Add; a session's pin does not count against max_pins (sessions have their own cap).
-  Info AddPin(const Hash128& ns, const std::string& cache_salt, std::span<const TokenId> tokens,
-              int64_t ttl_ms, bool session);
+  Info AddPin(KvManager* pool, const Hash128& ns, const std::string& cache_salt,
+              std::span<const TokenId> tokens, int64_t ttl_ms, bool session);
   // Takes entry `it` out of the maps into `out`. REQUIRES(mu_).
   std::map<uint64_t, Entry>::iterator Take(std::map<uint64_t, Entry>::iterator it,
                                            Released* out);

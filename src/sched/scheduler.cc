@@ -95,6 +95,7 @@ constexpr int64_t kSweepEveryMs = 1000;
 constexpr auto kLoadPoll = std::chrono::milliseconds(1);
 // PickNext: every candidate waits for a page a running request is prefilling.
 constexpr size_t kWaitForPrefill = static_cast<size_t>(-1);
+constexpr size_t kNoneEligible = static_cast<size_t>(-2);  // PickNext: every queued one blocked
 // A program with no turn for this long is forgotten (its statistics stay in the tool's).
 constexpr int64_t kProgramIdleNs = int64_t{600} * 1000000000;
 // Before the step cost model is ready: what re-prefilling one token is assumed to cost.
@@ -177,8 +178,9 @@ void Scheduler::RememberTenant(const std::string& cache_salt) {
   if (tenants_.size() >= std::max<size_t>(1, options_.max_tenants)) {
     auto oldest = SmallestBy(tenants_, &Tenant::last_used_ms);
     if (session_kv_ != nullptr) {
-      // Its session pins, if any, now resolve to the main pool, where they find nothing to
-      // pin (the session's chunks stay in the tiers).
+      // PoolOf now answers the main pool for its session namespace. The scheduler's own pins
+      // name each request's pool, so only pins by namespace (none are made for sessions) would
+      // look there.
       std::lock_guard<std::mutex> ns_lock(ns_mu_);
       session_ns_.erase(oldest->second.session_ns);
     }
@@ -550,7 +552,8 @@ void Scheduler::ProgramTurnEnded(Seq& s, std::span<const TokenId> kept) {
   tool_ttl_.NoteTtl(s.req.tool, ttl);
   if (ttl > 0) {
     const PinRegistry::Info pin =
-        pins_.SetSession(key, s.ns, s.req.cache_salt, kept, static_cast<int64_t>(ttl * 1e3));
+        pins_.SetSession(key, s.ns, s.req.cache_salt, kept, static_cast<int64_t>(ttl * 1e3),
+                         s.pool);
     if (pin.id != 0) p.pin_ttl_s = ttl;
   } else {
     pins_.RemoveSession(key);
@@ -914,7 +917,7 @@ void Scheduler::SegmentPrefillDone(Seq& s) {
     const std::span<const TokenId> exact = ExactTokens(s);
     s.pool->Commit(*s.kv, exact);
     if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
-      s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, exact, s.req.pin_ttl_ms).id;
+      s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, exact, s.req.pin_ttl_ms, s.pool).id;
     }
   }
   Emit(s);
@@ -1178,26 +1181,31 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
   return false;
 }
 
-size_t Scheduler::PickNext() {
-  if (queue_.size() < 2 && options_.order != QueueOrder::kLpm) return 0;
+size_t Scheduler::PickNext(const KvManager* blocked) {
+  // The queue as it is, less the requests of the blocked pool; `front` is its first.
+  auto eligible = [&](size_t i) { return queue_[i]->pool != blocked; };
+  size_t front = 0;
+  while (front < queue_.size() && !eligible(front)) ++front;
+  if (front == queue_.size()) return kNoneEligible;
+  if (blocked == nullptr && queue_.size() < 2 && options_.order != QueueOrder::kLpm) return 0;
   // Earliest deadline first among the front priority's requests that can still meet theirs.
   const int64_t now = NowNanos();
+  const int priority = queue_[front]->req.priority;
   size_t edf = queue_.size();
-  for (size_t i = 0; i < queue_.size() && queue_[i]->req.priority == queue_.front()->req.priority;
-       ++i) {
+  for (size_t i = front; i < queue_.size() && queue_[i]->req.priority == priority; ++i) {
     const Seq& q = *queue_[i];
+    if (!eligible(i)) continue;
     if (q.deadline_ns > now && (edf == queue_.size() || q.deadline_ns < queue_[edf]->deadline_ns)) {
       edf = i;
     }
   }
   if (edf < queue_.size()) return edf;
-  if (options_.order != QueueOrder::kLpm) return 0;
+  if (options_.order != QueueOrder::kLpm) return front;
   // Starvation bound: a request passed over lpm_max_skips times goes next.
-  if (queue_.front()->skips >= options_.lpm_max_skips) return 0;
+  if (queue_[front]->skips >= options_.lpm_max_skips) return front;
   // Longest cached prefix first, among the requests of the front's priority; ties by arrival.
   // A request whose next uncached page a running request is prefilling right now waits for it
   // (the page is committed after that step, see Step) instead of computing it a second time.
-  const int priority = queue_.front()->req.priority;
   const int64_t P = kv_.page_tokens();
   std::vector<const Seq*> prefilling;
   for (const auto& r : running_) {
@@ -1217,8 +1225,9 @@ size_t Scheduler::PickNext() {
   };
   size_t best = queue_.size();
   int64_t best_len = -1;
-  for (size_t i = 0; i < queue_.size() && queue_[i]->req.priority == priority; ++i) {
+  for (size_t i = front; i < queue_.size() && queue_[i]->req.priority == priority; ++i) {
     const Seq& q = *queue_[i];
+    if (!eligible(i)) continue;
     const int64_t len = q.pool->CachedPrefix(q.ns, q.req.prompt);
     if (len > best_len && !in_flight(q, len)) {
       best = i;
@@ -1226,14 +1235,23 @@ size_t Scheduler::PickNext() {
     }
   }
   if (best == queue_.size()) return kWaitForPrefill;
-  for (size_t i = 0; i < best; ++i) ++queue_[i]->skips;
+  for (size_t i = front; i < best; ++i) {
+    if (eligible(i)) ++queue_[i]->skips;
+  }
   return best;
 }
 
 void Scheduler::Admit() {
   if (!admission_dirty_) return;
+  // A pool whose next request does not fit: the other pool's requests may still go (they take
+  // nothing from it), so one full pool never holds up the other.
+  const KvManager* blocked = nullptr;
   while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
-    const size_t pick = PickNext();
+    const size_t pick = PickNext(blocked);
+    if (pick == kNoneEligible) {
+      admission_dirty_ = false;  // retried when a sequence finishes or a pin goes
+      return;
+    }
     if (pick == kWaitForPrefill) return;  // retried after the next step commits its pages
     Seq& s = *queue_[pick];
     int64_t short_pages = 0;
@@ -1241,6 +1259,10 @@ void Scheduler::Admit() {
       // A request that outranks running ones takes their room (they resume later).
       if (short_pages > 0 && PreemptFor(s, short_pages)) {
         Requeue();
+        continue;
+      }
+      if (session_kv_ != nullptr && blocked == nullptr) {
+        blocked = s.pool;
         continue;
       }
       admission_dirty_ = false;  // retried when a sequence finishes or a pin goes
@@ -1515,16 +1537,29 @@ void Scheduler::Step() {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.reserve_failures += reserve_failures;
   }
-  if (items.empty()) {
-    Requeue();
-    if (plan.empty()) return;  // every running request is still loading from the tiers
-    if (running_.empty()) return;
-    // Nothing can progress (pins taken since admission hold the pages): give up the newest.
-    Finish(*running_.back(), Reason::kCancelled,
-           ResourceExhausted("the KV pool is exhausted; retry later"));
-    running_.pop_back();
-    return;
+  // A pool none of whose planned requests could reserve pages cannot progress (pins taken since
+  // admission hold them), and the other pool's progress frees none of its pages: give up its
+  // newest request.
+  std::vector<KvManager*> stalled;
+  for (KvManager* pool : {&kv_, session_kv_}) {
+    if (pool == nullptr) continue;
+    const bool planned = std::any_of(plan.begin(), plan.end(), [&](const Planned& p) {
+      return p.seq->pool == pool && p.seq->state != Seq::State::kQueued;
+    });
+    const bool progressed =
+        std::any_of(owners.begin(), owners.end(), [&](const Seq* o) { return o->pool == pool; });
+    if (planned && !progressed) stalled.push_back(pool);
   }
+  if (items.empty()) Requeue();
+  for (KvManager* pool : stalled) {
+    auto newest = std::find_if(running_.rbegin(), running_.rend(),
+                               [&](const std::unique_ptr<Seq>& r) { return r->pool == pool; });
+    if (newest == running_.rend()) continue;
+    Finish(**newest, Reason::kCancelled,
+           ResourceExhausted("the KV pool is exhausted; retry later"));
+    running_.erase(std::next(newest).base());
+  }
+  if (items.empty()) return;  // also when every running request is still loading
   const int64_t step_start = NowNanos();
   const Status st = engine_.Forward(items);
   uint64_t prefill = 0;
@@ -1562,7 +1597,8 @@ void Scheduler::Step() {
         s.pool->Commit(*s.kv, s.req.prompt, partial);
         s.cow_pending = partial;
         if (s.req.pin_ttl_ms > 0 && s.usage.pin_id == 0) {
-          s.usage.pin_id = pins_.Add(s.ns, s.req.cache_salt, s.req.prompt, s.req.pin_ttl_ms).id;
+          s.usage.pin_id =
+              pins_.Add(s.ns, s.req.cache_salt, s.req.prompt, s.req.pin_ttl_ms, s.pool).id;
         }
       }
       if (s.policy != nullptr) {
@@ -1719,7 +1755,7 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
       if (!s.req.session_id.empty() && fed > 0 && !program_pin) {
         const int64_t ttl =
             s.req.session_ttl_ms > 0 ? s.req.session_ttl_ms : options_.session_ttl_ms;
-        pins_.SetSession(s.req.session_id, s.ns, s.req.cache_salt, kept, ttl);
+        pins_.SetSession(s.req.session_id, s.ns, s.req.cache_salt, kept, ttl, s.pool);
       }
       if (reason != Reason::kCancelled) ProgramTurnEnded(s, kept);
       program_noted = true;

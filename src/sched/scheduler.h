@@ -98,12 +98,14 @@
 // with a session_id keeps its KV there, in that pool's type (e.g. q4_0: agent memory in 4 bits,
 // 3.5x more sessions in the same bytes), and everything else in the main pool. Each request
 // lives in one pool from admission to finish: its namespace is the pool's (KvNamespace over the
-// pool's KV type, so the tiers keep its chunks in that type, and a restarted server restores
-// them into the same pool), admission and preemption count and free that pool's pages only,
-// and pins resolve a namespace to its pool (PoolOf). The engine writes each sequence in its own
-// type (SequenceKv::shape()). Session requests take the prefix path: kv_policy and the segment
-// reuse modes compute KV in the engine's type and are refused for them (400); relay skips them.
-// The two pools have the same page size.
+// pool's KV type, which must differ from the main pool's, so the tiers keep its chunks in that
+// type, and a restarted server restores them into the same pool), admission and preemption
+// count and free that pool's pages only (a request that does not fit blocks only its own pool's
+// queue; a pool stalled on pins gives up its newest request), the scheduler's pins name the
+// request's pool, and pins by namespace resolve it (PoolOf). The engine writes each sequence in
+// its own type (SequenceKv::shape()). Session requests take the prefix path: kv_policy and the
+// segment reuse modes compute KV in the engine's type and are refused for them (400); relay
+// skips them. The two pools have the same page size.
 //
 // Thread-safety: Submit, Stats, Drain, PrecomputeSegments and the accessors are safe from any
 // thread; the engine is touched by the loop thread only.
@@ -289,7 +291,9 @@ class Scheduler {
   void SortQueue();  // priority desc, then id (arrival) asc
   void ReapCancelled();
   void ExpireQueued();
-  size_t PickNext();  // index in queue_ of the request to admit next
+  // Index in queue_ of the request to admit next, passing over those of pool `blocked` (null:
+  // none); kNoneEligible when only blocked ones wait, kWaitForPrefill (scheduler.cc).
+  size_t PickNext(const KvManager* blocked = nullptr);
   void Admit();
   // Admitted `s` (fresh or resumed) starts its restore from the tiers (kLoading) or, with
   // nothing to load, goes straight to kPrefill.

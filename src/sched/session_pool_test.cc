@@ -259,6 +259,54 @@ TEST_P(SessionPoolTest, AForgottenTenantsSessionsResolveToTheMainPool) {
   EXPECT_EQ(&sched_->PoolOf(session_ns("c")), session_kv_.get());
 }
 
+TEST_P(SessionPoolTest, ASessionOfAForgottenTenantStillPinsItsConversation) {
+  // A turn running when its tenant is forgotten (max_tenants 1, another tenant arrives) pins its
+  // conversation in its own pool at the end, not by namespace (which now resolves to the main
+  // pool, where there is nothing to pin).
+  SchedulerOptions so;
+  so.max_tenants = 1;
+  Build(64, 64, /*ram_tier=*/false, so);
+  SchedRequest r;
+  r.prompt = Text(kTurn1);
+  r.gen.max_tokens = 40;
+  r.gen.ignore_eos = true;
+  r.session_id = "agent-a";
+  r.cache_salt = "a";
+  auto stream = sched_->Submit(std::move(r));
+  ASSERT_TRUE(stream.ok()) << stream.status().ToString();
+  StreamEvent e;
+  ASSERT_TRUE((*stream)->Next(&e, std::chrono::milliseconds(30000)));
+  sched_->Namespace("b");  // forgets "a" while its turn runs
+  const Collected c = Collect(**stream);
+  ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+  EXPECT_EQ(&sched_->PoolOf(KvNamespace(Trained(), GetParam(), "a")), kv_.get());
+  EXPECT_EQ(sched_->pins().sessions(), 1u);
+  EXPECT_GT(session_kv_->GetStats().pages_pinned, 0u);
+  EXPECT_EQ(kv_->GetStats().pages_pinned, 0u);
+}
+
+TEST_P(SessionPoolTest, AFullSessionPoolDoesNotHoldUpTheMainPool) {
+  // Pages of 32 tokens: 8 in the main pool, 9 in the session pool. A session holds 6 of its
+  // pool's pages; a second one needing 7 waits for it (same priority: no preemption). A plain
+  // request queued behind that one goes at once into the empty main pool, instead of waiting
+  // with it for the first session to end.
+  Build(8, 9);
+  auto first = Start(Text(kTurn1), 100, "agent-1");  // ~85 + 100 tokens: 6 pages
+  StreamEvent e;
+  ASSERT_TRUE(first->Next(&e, std::chrono::milliseconds(30000)));
+  auto second =
+      Start(Text("Once upon a time there was a king who had three daughters"), 200, "agent-2");
+  auto plain = Start(Text(kTurn1), 8, "");
+  const Collected p = Collect(*plain);
+  ASSERT_EQ(p.last.kind, StreamEvent::Kind::kDone) << p.last.error.ToString();
+  EXPECT_FALSE(second->Next(&e, std::chrono::milliseconds(0)))
+      << "the second session is still waiting for the first to end";
+  EXPECT_EQ(Collect(*first).last.kind, StreamEvent::Kind::kDone);
+  const Collected s2 = Collect(*second);
+  ASSERT_EQ(s2.last.kind, StreamEvent::Kind::kDone) << s2.last.error.ToString();
+  EXPECT_EQ(sched_->Stats().preemptions, 0u);
+}
+
 TEST_P(SessionPoolTest, SessionsRefuseWhatComputesKvInTheEnginesType) {
   Build(64, 64);
   SchedRequest r;

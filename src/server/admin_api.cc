@@ -135,6 +135,15 @@ void HttpServer::CachePin(const httplib::Request& req, httplib::Response& res) {
   ErrorDetail detail;
   auto ref = ParsePromptRef(req.body, backend_.api, /*required=*/true, &detail);
   if (!ref.ok()) return Error(res, ref.status(), "admin", detail);
+  if (!ref->session_id.empty()) {
+    // A session's turns pin its conversation (session_ttl_s) in its own pool; a pin made here
+    // would be a plain one in the main pool.
+    detail.param = "session_id";
+    return Error(res,
+                 InvalidArgument("'session_id': a session's conversation is pinned by its "
+                                 "turns (session_ttl_s); /v1/cache/unpin takes a session_id"),
+                 "admin", detail);
+  }
   const json& b = ref->body;
   int64_t ttl_s = 300;
   if (b.contains("ttl_s")) {

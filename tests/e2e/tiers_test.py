@@ -154,6 +154,9 @@ def q4_session(binary, model, tmp, q4):
         status, look = r1.post("/v1/cache/lookup", {"prompt": TURN1, "session_id": 7})
         check(status == 400 and "session_id" in str(look), "a session_id that is not a "
               "string is a 400 naming it: %s %s" % (status, look))
+        status, pin = r1.post("/v1/cache/pin", {"prompt": TURN1, "session_id": "agent-7"})
+        check(status == 400 and pin.get("error", {}).get("param") == "session_id",
+              "the admin pin refuses a session_id (turns pin sessions): %s %s" % (status, pin))
         plain, _ = complete(r1, TURN1, 16)
         _, st = r1.get("/v1/cache/stats")
         check(st["kv"]["pages_used"] > 0, "a request without a session uses the main pool")
@@ -226,6 +229,15 @@ def q4_session(binary, model, tmp, q4):
             check(bad.returncode != 0 and extra[0] in bad.stderr,
                   "serve %s with a session pool is refused by name: %r" %
                   (extra[0], bad.stderr[-300:]))
+        # A session pool of the main pool's type (f16 by default) would share its namespaces;
+        # an unknown type is named too.
+        for t, word in (("f16", "of its own"), ("q3", "q3")):
+            bad = subprocess.run([binary, "serve", "-m", model, "--port", str(free_port()),
+                                  "--session-kv-type", t], capture_output=True, text=True,
+                                 timeout=60)
+            check(bad.returncode != 0 and "--session-kv-type" in bad.stderr and
+                  word in bad.stderr, "serve --session-kv-type %s is refused: %r" %
+                  (t, bad.stderr[-300:]))
 
 
 def test_windowed_session_survives_restart(binary, model, tmp):
