@@ -307,6 +307,43 @@ TEST_P(SessionPoolTest, AFullSessionPoolDoesNotHoldUpTheMainPool) {
   EXPECT_EQ(sched_->Stats().preemptions, 0u);
 }
 
+TEST_P(SessionPoolTest, APoolStalledOnPinsGivesUpItsNewestWhileTheOtherProgresses) {
+  // Session pool of 9 pages of 32 tokens, pins up to all of it. Session b's 6 pages stay cached
+  // unpinned; session a is admitted counting them, then they are pinned: a runs out of pages
+  // mid-decode while a plain request decodes in the main pool. The session pool gives a up at
+  // once (as a single pool does when nothing progresses), instead of spinning until the pin
+  // expires.
+  SchedulerOptions so;
+  so.max_pinned_fraction = 1.0;
+  Build(64, 9, /*ram_tier=*/false, so);
+  const auto b_prompt = Text(kTurn1);
+  const Collected b = Run(b_prompt, 100, "agent-b");  // ~85 + 100 tokens: 6 pages
+  ASSERT_EQ(b.last.kind, StreamEvent::Kind::kDone) << b.last.error.ToString();
+  ASSERT_TRUE(sched_->pins().RemoveSession("agent-b"));
+  auto plain = Start(Text(kTurn1), 1900, "");  // decodes all through the test (cancelled)
+  auto a = Start(Text("Once upon a time there was a king who had three daughters"), 200,
+                 "agent-a");  // 7 pages
+  StreamEvent e;
+  ASSERT_TRUE(a->Next(&e, std::chrono::milliseconds(30000)));
+  std::vector<TokenId> conversation = b_prompt;
+  conversation.insert(conversation.end(), b.tokens.begin(), b.tokens.end());
+  const auto t0 = std::chrono::steady_clock::now();
+  const PinRegistry::Info pin = sched_->pins().Add(SessionNs(), "", conversation, 20000);
+  ASSERT_NE(pin.id, 0u) << pin.status.ToString();
+  ASSERT_GE(pin.tokens, 160);
+  const Collected ca = Collect(*a);
+  EXPECT_EQ(ca.last.kind, StreamEvent::Kind::kError);
+  EXPECT_EQ(ca.last.error.code(), StatusCode::kResourceExhausted) << ca.last.error.ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(15))
+      << "given up, not left waiting until the pin expired";
+  // ... while the main pool was still decoding: the plain request has not ended by itself.
+  plain->Cancel();
+  const Collected cp = Collect(*plain);
+  EXPECT_EQ(cp.last.kind, StreamEvent::Kind::kDone) << cp.last.error.ToString();
+  EXPECT_EQ(cp.last.finish, GenerateResult::Finish::kCancelled)
+      << "a was given up only when the main pool went idle (" << cp.tokens.size() << " tokens)";
+}
+
 TEST_P(SessionPoolTest, SessionsRefuseWhatComputesKvInTheEnginesType) {
   Build(64, 64);
   SchedRequest r;
