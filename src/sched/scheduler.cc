@@ -754,9 +754,10 @@ bool Scheduler::RetrySegmentPrefill(Seq& s, const Status& st) {
   if (st.code() != StatusCode::kResourceExhausted) return false;
   // Short of pages (admitted on an estimate, or pins taken since): like a batch prefill that
   // cannot reserve, it waits for the running decodes to free some, and is given up only when
-  // nothing else runs. Its KV so far stays (exact: the context; the rest is redone).
+  // nothing else runs in its pool (the other pool's decodes free none of its pages). Its KV so
+  // far stays (exact: the context; the rest is redone).
   const bool others = std::any_of(running_.begin(), running_.end(), [&](const auto& r) {
-    return r.get() != &s && r->state == Seq::State::kDecode;
+    return r.get() != &s && r->pool == s.pool && r->state == Seq::State::kDecode;
   });
   if (!others) return false;
   s.segment_pending = true;
