@@ -36,10 +36,7 @@ Result<kernels::WType> ParseWType(const std::string& s) {
 }
 
 Result<kernels::KvType> ParseKvType(const std::string& s) {
-  for (auto t : {kernels::KvType::kF32, kernels::KvType::kF16, kernels::KvType::kQ8_0,
-                 kernels::KvType::kQ4_0, kernels::KvType::kQ4_1, kernels::KvType::kKivi4}) {
-    if (s == kernels::KvTypeName(t)) return t;
-  }
+  if (const std::optional<kernels::KvType> t = kernels::KvTypeFromName(s)) return *t;
   if (s == "q4") return kernels::KvType::kQ4_0;  // the 4-bit type, as the agent-memory papers say
   return InvalidArgument("unknown KV type '" + s + "' (f32, f16, q8_0, q4_0 or q4, q4_1, kivi4)");
 }

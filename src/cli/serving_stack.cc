@@ -208,8 +208,8 @@ nlohmann::json ServingStack::KvEventsInfo() const {
       // and its shared namespace; nulls without one.
       {"session_kv_type", nullptr},
       {"session_namespace", nullptr}};
-  if (!config.session_kv_type.empty()) {
-    const kernels::KvType t = *ParseKvType(config.session_kv_type);
+  if (session_kv != nullptr) {
+    const kernels::KvType t = session_kv->shape().type;
     j["session_kv_type"] = kernels::KvTypeName(t);
     j["session_namespace"] = KvNamespace(*model, t).ToHex();
   }

@@ -365,6 +365,14 @@ std::string_view KvTypeName(KvType t) {
   return "?";
 }
 
+std::optional<KvType> KvTypeFromName(std::string_view name) {
+  for (const KvType t : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0, KvType::kKivi4,
+                         KvType::kQ4_1}) {
+    if (name == KvTypeName(t)) return t;
+  }
+  return std::nullopt;
+}
+
 int KvTypeBlockElems(KvType t) { return t == KvType::kF32 || t == KvType::kF16 ? 1 : 32; }
 
 size_t KvHeadBytes(KvType t, int head_dim) {

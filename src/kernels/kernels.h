@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 #include "core/thread_pool.h"
@@ -135,6 +136,8 @@ void Rope(float* x, int64_t n_tok, int n_head, const int32_t* pos, const RopePar
 // The values are stable: they are chunk layout ids in the cache layer (cache/chunk.h).
 enum class KvType : int { kF32 = 0, kF16 = 1, kQ8_0 = 2, kQ4_0 = 3, kKivi4 = 4, kQ4_1 = 5 };
 std::string_view KvTypeName(KvType t);
+// The type KvTypeName names `name`, or nullopt for any other string.
+std::optional<KvType> KvTypeFromName(std::string_view name);
 // Elements per block along head_dim: 1 for kF32/kF16, 32 for the others. A head_dim that is
 // not a multiple of it cannot be stored in that type (StoreKv and Attention CHECK-fail).
 int KvTypeBlockElems(KvType t);

@@ -515,6 +515,16 @@ void GgmlQuantizeQ4_0(const float* x, int64_t n, uint8_t* out) {
   }
 }
 
+TEST(KvStoreTest, EveryTypeIsFoundByItsName) {
+  for (const KvType t : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_0, KvType::kKivi4,
+                         KvType::kQ4_1}) {
+    EXPECT_EQ(KvTypeFromName(KvTypeName(t)), t) << KvTypeName(t);
+  }
+  for (const char* other : {"", "q4", "F16", "q4_0 ", "?"}) {
+    EXPECT_EQ(KvTypeFromName(other), std::nullopt) << "'" << other << "'";
+  }
+}
+
 TEST(KvStoreTest, Q8_0NonFiniteBlocksReadBackAsNaNAndSpareTheirNeighbours) {
   for (float bad :
        {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {

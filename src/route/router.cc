@@ -458,13 +458,8 @@ int Router::SessionKvTypeOf(const json& info, const std::string& url) {
   auto type = info.find("session_kv_type");
   auto ns = info.find("session_namespace");
   if (type == info.end() || !type->is_string() || ns == info.end() || !ns->is_string()) return -1;
-  for (const kernels::KvType t : {kernels::KvType::kF32, kernels::KvType::kF16,
-                                  kernels::KvType::kQ8_0, kernels::KvType::kQ4_0,
-                                  kernels::KvType::kKivi4, kernels::KvType::kQ4_1}) {
-    if (kernels::KvTypeName(t) != type->get<std::string>()) continue;
-    if (KvNamespace(model_, t).ToHex() == ns->get<std::string>()) return static_cast<int>(t);
-    break;
-  }
+  const std::optional<kernels::KvType> t = kernels::KvTypeFromName(type->get<std::string>());
+  if (t && KvNamespace(model_, *t).ToHex() == ns->get<std::string>()) return static_cast<int>(*t);
   CT_LOG(kError) << "route: backend " << url << " has a session pool of "
                  << type->get<std::string>() << " in namespace " << ns->get<std::string>()
                  << ", which this router does not compute: its sessions' KV is never counted";
@@ -903,6 +898,7 @@ void Router::Routes() {
 nlohmann::json Router::BackendsJson() const {
   json out = json::array();
   for (const auto& b : Snapshot()) {
+    const int session_kv_type = b->session_kv_type.load();
     json j = {{"url", b->url},
               {"id", b->id},
               {"up", b->up.load()},
@@ -914,10 +910,9 @@ nlohmann::json Router::BackendsJson() const {
               {"chunk_tokens", b->chunk_tokens.load()},
               {"namespace_mismatch", b->ns_mismatch.load()},
               {"session_kv_type",
-               b->session_kv_type.load() < 0
-                   ? json(nullptr)
-                   : json(kernels::KvTypeName(
-                         static_cast<kernels::KvType>(b->session_kv_type.load())))},
+               session_kv_type < 0 ? json(nullptr)
+                                   : json(kernels::KvTypeName(
+                                         static_cast<kernels::KvType>(session_kv_type)))},
               {"requests", b->requests.load()},
               {"retries", b->retries.load()},
               {"predicted_hit_tokens", b->predicted_tokens.load()},

@@ -203,7 +203,7 @@ void HttpServer::CacheUnpin(const httplib::Request& req, httplib::Response& res)
   if (b.contains("pin_id") && b["pin_id"].is_number_unsigned()) {
     removed = s.pins().Remove(b["pin_id"].get<uint64_t>());
   } else if (b.contains("session_id") && b["session_id"].is_string()) {
-    removed = s.pins().RemoveSession(b["session_id"].get<std::string>());
+    removed = s.pins().RemoveSession(ref->session_id);
   } else {
     return Error(res, InvalidArgument("give 'pin_id' (integer) or 'session_id' (string)"),
                  "admin");
