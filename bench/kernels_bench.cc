@@ -94,7 +94,12 @@ void BM_MatMul(benchmark::State& state, WType t, Shape s, int64_t m, Isa isa) {
     return;
   }
   const std::vector<uint8_t> wb = RandomWeights(t, s.rows, s.cols, 1);
-  const WeightMatrix w = Matrix(t, s.rows, s.cols, wb);
+  WeightMatrix w = Matrix(t, s.rows, s.cols, wb);
+  std::vector<uint16_t> scales;  // as a model builds them where the kernels read them
+  if (UsesDecodeScales(t)) {
+    scales = DecodeScales(w);
+    w.scales8 = scales.data();
+  }
   const std::vector<float> x = RandomActivations(m * s.cols);
   std::vector<float> y(m * s.rows);
   for (auto _ : state) {
@@ -118,6 +123,7 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
                           {kD, kFf}, {kD, kFf}, {kFf, kD}};
   struct Layer {
     std::vector<std::vector<uint8_t>> bytes;
+    std::vector<std::vector<uint16_t>> scales;  // the kernels that do not read them ignore them
     std::vector<WeightMatrix> w;
   };
   static std::map<int, std::unique_ptr<std::vector<Layer>>> cache;  // built once per type
@@ -127,7 +133,12 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
     for (int l = 0; l < kLayers; ++l) {
       for (const Shape& s : shapes) {
         (*layers)[l].bytes.push_back(RandomWeights(t, s.rows, s.cols, 100 + l));
-        (*layers)[l].w.push_back(Matrix(t, s.rows, s.cols, (*layers)[l].bytes.back()));
+        Layer& layer = (*layers)[l];
+        layer.w.push_back(Matrix(t, s.rows, s.cols, layer.bytes.back()));
+        if (t == WType::kQ8_0 || t == WType::kQ4_0) {
+          layer.scales.push_back(DecodeScales(layer.w.back()));
+          layer.w.back().scales8 = layer.scales.back().data();
+        }
       }
     }
   }

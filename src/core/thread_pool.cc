@@ -14,6 +14,7 @@
 namespace cachette {
 namespace {
 constexpr int kSpinIterations = 1 << 16;  // ~100-300 us of polling before sleeping
+constexpr int64_t kChunksPerThread = 4;    // ParallelFor's chunks per thread
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
@@ -94,12 +95,21 @@ void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
     fn(0, n, 0);
     return;
   }
-  RunOnAll([&](int t, int nt) {
-    const int64_t per = units / nt, extra = units % nt;
-    const int64_t u0 = t * per + std::min<int64_t>(t, extra);
-    const int64_t u1 = u0 + per + (t < extra ? 1 : 0);
-    const int64_t b = std::min(n, u0 * grain), e = std::min(n, u1 * grain);
-    if (b < e) fn(b, e, t);
+  // Chunks taken from a shared counter, not one fixed range per thread: a thread that the OS
+  // or the hypervisor deschedules mid-call (a 2-vCPU VM with steal time, a busy core) leaves
+  // its chunks to the others instead of holding the whole call up. A few chunks per thread
+  // keep the counter's cost out of sight.
+  const int64_t chunks = std::min<int64_t>(units, int64_t{threads} * kChunksPerThread);
+  const int64_t per = units / chunks, extra = units % chunks;
+  std::atomic<int64_t> next{0};
+  RunOnAll([&](int t, int) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t u0 = c * per + std::min<int64_t>(c, extra);
+      const int64_t u1 = u0 + per + (c < extra ? 1 : 0);
+      const int64_t b = std::min(n, u0 * grain), e = std::min(n, u1 * grain);
+      if (b < e) fn(b, e, t);
+    }
   });
 }
 

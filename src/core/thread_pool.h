@@ -1,6 +1,6 @@
 // A persistent fork-join thread pool for compute kernels.
 //
-// ParallelFor(n, fn) splits [0, n) into one contiguous range per thread and runs
+// ParallelFor(n, fn) splits [0, n) into a few contiguous ranges per thread and runs
 // fn(begin, end, thread_index) on the caller plus the workers, returning when all are done.
 // Workers spin briefly after each job before sleeping, because a decode step issues hundreds
 // of short jobs back to back and a futex wake per job would cost more than the work.
@@ -30,8 +30,9 @@ class ThreadPool {
   int size() const { return n_threads_; }
 
   using RangeFn = std::function<void(int64_t begin, int64_t end, int thread_index)>;
-  // Runs fn over [0, n) split into size() contiguous ranges whose boundaries are multiples of
-  // `grain` (except the last). Ranges may be empty; empty ranges are not called.
+  // Runs fn over [0, n) split into contiguous ranges whose boundaries are multiples of `grain`
+  // (except the last): a few per thread, each taken by whichever thread is free next, so fn
+  // may run several times on one thread (thread_index says which). Empty ranges are not called.
   void ParallelFor(int64_t n, const RangeFn& fn, int64_t grain = 1);
 
   // Runs fn(thread_index, size()) once on every thread.

@@ -209,6 +209,27 @@ size_t WTypeRowBytes(WType t, int64_t cols) {
   return static_cast<size_t>(cols / WTypeBlockElems(t) * WTypeBlockBytes(t));
 }
 
+bool UsesDecodeScales(WType t) {
+  return (t == WType::kQ8_0 || t == WType::kQ4_0) && ActiveIsa() == Isa::kAvx2;
+}
+
+std::vector<uint16_t> DecodeScales(const WeightMatrix& w) {
+  CT_CHECK(w.type == WType::kQ8_0 || w.type == WType::kQ4_0) << WTypeName(w.type);
+  const int64_t nb = w.cols / 32, groups = (w.rows + 7) / 8;
+  const int64_t block_bytes = WTypeBlockBytes(w.type);
+  std::vector<uint16_t> out(static_cast<size_t>(groups * nb * 8));
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int r = 0; r < 8; ++r) {
+      const uint8_t* row = base + std::min(g * 8 + r, w.rows - 1) * w.row_bytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        std::memcpy(&out[static_cast<size_t>((g * nb + b) * 8 + r)], row + b * block_bytes, 2);
+      }
+    }
+  }
+  return out;
+}
+
 // ---- Scratch -----------------------------------------------------------------------------
 
 namespace internal {

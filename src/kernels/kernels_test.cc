@@ -305,6 +305,55 @@ TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
   }
 }
 
+// WeightMatrix::scales8 holds each block's scale regrouped by 8 rows (the last group padded
+// with the last row), and a kernel that reads it gives the bits it gives without it: at every
+// level, for decode tiles and packed panels, on one thread and two.
+TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndChangeNoBits) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> val(-2.0f, 2.0f);
+  ThreadPool single(1);
+  for (WType t : {WType::kQ8_0, WType::kQ4_0}) {
+    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {8, 32}}) {
+      TestMatrix tm = RandomMatrix(t, rows, cols, rng);
+      const std::vector<uint16_t> s8 = DecodeScales(tm.w);
+      const int64_t nb = cols / 32, groups = (rows + 7) / 8;
+      ASSERT_EQ(s8.size(), static_cast<size_t>(groups * nb * 8));
+      const auto* base = static_cast<const uint8_t*>(tm.w.data);
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int64_t r = 0; r < 8; ++r) {
+            const int64_t row = std::min(g * 8 + r, rows - 1);
+            ASSERT_EQ(s8[(g * nb + b) * 8 + r],
+                      GetU16(base + row * tm.w.row_bytes + b * WTypeBlockBytes(t)))
+                << "group " << g << " block " << b << " lane " << r;
+          }
+        }
+      }
+      WeightMatrix with = tm.w;
+      with.scales8 = s8.data();
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        EXPECT_EQ(UsesDecodeScales(t), isa == Isa::kAvx2);
+        for (int64_t m : {1, 2, 3, 7}) {
+          SCOPED_TRACE(std::string(WTypeName(t)) + " " + std::string(IsaName(isa)) + " rows=" +
+                       std::to_string(rows) + " cols=" + std::to_string(cols) +
+                       " m=" + std::to_string(m));
+          std::vector<float> x(m * cols);
+          for (auto& f : x) f = val(rng);
+          for (ThreadPool* pool : {&single, &pool_}) {
+            std::vector<float> y0(m * rows), y1(m * rows);
+            MatMul(x.data(), m, tm.w, y0.data(), *pool);
+            MatMul(x.data(), m, with, y1.data(), *pool);
+            EXPECT_EQ(0, std::memcmp(y0.data(), y1.data(), sizeof(float) * y0.size()));
+          }
+        }
+      }
+    }
+  }
+}
+
 // Q8_0/Q4_0 follow one order at both vector levels (docs/kernels.md): exact integer block
 // dots, then one FMA per block per output. So AVX2 and AVX-512 give the same bits, decode
 // tiles and repacked panels alike (m = 1, 2 and 3 cross both levels' PackMinM).

@@ -82,6 +82,11 @@ Result<kernels::WeightMatrix> Model::Matrix(const std::string& name, int64_t row
     return InvalidArgument("tensor '" + name + "': row length " + std::to_string(cols) +
                            " is not a multiple of the block size");
   }
+  if (kernels::UsesDecodeScales(w.type)) {
+    // Reads every block's scale now (the whole mapping, as the first decode step would).
+    owned_scales_.push_back(kernels::DecodeScales(w));
+    w.scales8 = owned_scales_.back().data();
+  }
   weight_bytes_per_token_ += static_cast<uint64_t>(w.row_bytes) * rows;
   config_.n_params += rows * cols;
   return w;

@@ -100,6 +100,7 @@ class Model {
   const float* output_norm_ = nullptr;
   std::vector<LayerWeights> layers_;
   std::vector<std::unique_ptr<float[]>> owned_vectors_;  // 1-D tensors converted to f32
+  std::vector<std::vector<uint16_t>> owned_scales_;      // WeightMatrix::scales8 arrays
   uint64_t weight_bytes_per_token_ = 0;
 
   mutable std::once_flag fingerprint_once_;
