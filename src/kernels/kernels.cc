@@ -217,7 +217,7 @@ std::vector<uint16_t> DecodeScales(const WeightMatrix& w) {
   CT_CHECK(w.type == WType::kQ8_0 || w.type == WType::kQ4_0) << WTypeName(w.type);
   const int64_t nb = w.cols / 32, groups = (w.rows + 7) / 8;
   const int64_t block_bytes = WTypeBlockBytes(w.type);
-  std::vector<uint16_t> out(static_cast<size_t>(groups * nb * 8));
+  std::vector<uint16_t> out(DecodeScalesCount(w));
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t g = 0; g < groups; ++g) {
     for (int r = 0; r < 8; ++r) {
@@ -228,6 +228,10 @@ std::vector<uint16_t> DecodeScales(const WeightMatrix& w) {
     }
   }
   return out;
+}
+
+size_t DecodeScalesCount(const WeightMatrix& w) {
+  return static_cast<size_t>((w.rows + 7) / 8 * (w.cols / 32) * 8);
 }
 
 // ---- Scratch -----------------------------------------------------------------------------

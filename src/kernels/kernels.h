@@ -73,8 +73,10 @@ struct WeightMatrix {
 // Whether the kernels dispatched now read WeightMatrix::scales8 for weights of type t (so a
 // model builds it only where it pays: 2 bytes per block, 6% of q8_0 and 11% of q4_0).
 bool UsesDecodeScales(WType t);
-// w's scales in WeightMatrix::scales8's layout (w.type q8_0 or q4_0).
+// w's scales in WeightMatrix::scales8's layout (w.type q8_0 or q4_0), and their count:
+// ceil(rows / 8) x (cols / 32) x 8.
 std::vector<uint16_t> DecodeScales(const WeightMatrix& w);
+size_t DecodeScalesCount(const WeightMatrix& w);
 
 // y[m][rows] = x[m][cols] . W^T, i.e. y[i][r] = sum_c x[i][c] * W[r][c].
 // For quantized W the activations are quantized to 8 bits per block of 32 (as ggml does) before

@@ -61,6 +61,14 @@ Result<int> PositiveInt(const gguf::GgufFile& f, const std::string& key, int64_t
   return static_cast<int>(v);
 }
 
+// Bytes one decode step reads of w: every row, and the regrouped block scales where the
+// kernels read those too (WeightMatrix::scales8).
+uint64_t DecodeReadBytes(const kernels::WeightMatrix& w) {
+  uint64_t bytes = static_cast<uint64_t>(w.row_bytes) * w.rows;
+  if (w.scales8 != nullptr) bytes += kernels::DecodeScalesCount(w) * sizeof(uint16_t);
+  return bytes;
+}
+
 }  // namespace
 
 Result<kernels::WeightMatrix> Model::Matrix(const std::string& name, int64_t rows, int64_t cols) {
@@ -87,7 +95,7 @@ Result<kernels::WeightMatrix> Model::Matrix(const std::string& name, int64_t row
     owned_scales_.push_back(kernels::DecodeScales(w));
     w.scales8 = owned_scales_.back().data();
   }
-  weight_bytes_per_token_ += static_cast<uint64_t>(w.row_bytes) * rows;
+  weight_bytes_per_token_ += DecodeReadBytes(w);
   config_.n_params += rows * cols;
   return w;
 }
@@ -214,14 +222,14 @@ Status Model::Init() {
   }
   CT_ASSIGN_OR_RETURN(tok_embd_, Matrix("token_embd.weight", c.n_vocab, c.d_model));
   // The embedding is read one row per token, not streamed per token.
-  weight_bytes_per_token_ -= static_cast<uint64_t>(tok_embd_.row_bytes) * tok_embd_.rows;
+  weight_bytes_per_token_ -= DecodeReadBytes(tok_embd_);
   CT_ASSIGN_OR_RETURN(output_norm_, Vector("output_norm.weight", c.d_model));
   if (f.FindTensor("output.weight") != nullptr) {
     CT_ASSIGN_OR_RETURN(output_, Matrix("output.weight", c.n_vocab, c.d_model));
   } else {
     c.tied_output = true;
     output_ = tok_embd_;
-    weight_bytes_per_token_ += static_cast<uint64_t>(output_.row_bytes) * output_.rows;
+    weight_bytes_per_token_ += DecodeReadBytes(output_);
   }
   const int64_t d = c.d_model, q = c.q_dim(), kv = c.kv_dim(), ff = c.d_ff;
   layers_.resize(c.n_layer);

@@ -101,6 +101,34 @@ TEST_F(ModelLoadTest, TrainedModelLoads) {
   EXPECT_EQ(c.weight_type, kernels::WType::kQ8_0);
 }
 
+// weight_bytes_per_token counts every matrix a decode step streams once (the embedding, read
+// a row per token, aside; here it is tied, so it counts once as the output head), and the
+// regrouped block scales exactly where the dispatched kernels read them.
+TEST_F(ModelLoadTest, WeightBytesPerTokenCountsWhatDecodeReads) {
+  const kernels::Isa best = kernels::BestIsa();
+  for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, best}) {
+    if (isa > best) continue;
+    kernels::SetIsa(isa);
+    auto m = Model::Load(kShared + "/models/cachette-tiny-q8_0.gguf");
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    const bool scales = kernels::UsesDecodeScales(kernels::WType::kQ8_0);
+    uint64_t rows_bytes = 0, scale_bytes = 0;
+    auto add = [&](const kernels::WeightMatrix& w) {
+      EXPECT_EQ(w.scales8 != nullptr, scales) << kernels::IsaName(isa);
+      rows_bytes += static_cast<uint64_t>(w.rows) * w.row_bytes;
+      // ceil(rows / 8) groups of 8 rows, one f16 scale per row and block of 32 columns.
+      if (scales) scale_bytes += static_cast<uint64_t>((w.rows + 7) / 8 * 8 * (w.cols / 32) * 2);
+    };
+    for (const LayerWeights& l : (*m)->layers()) {
+      for (const auto* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) add(*w);
+    }
+    add((*m)->output());
+    EXPECT_EQ((*m)->weight_bytes_per_token(), rows_bytes + scale_bytes) << kernels::IsaName(isa);
+    EXPECT_EQ(scale_bytes > 0, isa == kernels::Isa::kAvx2) << kernels::IsaName(isa);
+  }
+  kernels::SetIsa(best);
+}
+
 TEST_F(ModelLoadTest, FingerprintChangesWithAnyWeightByte) {
   auto a = Model::Load(good_);
   ASSERT_TRUE(a.ok());
