@@ -100,6 +100,7 @@ void BM_MatMul(benchmark::State& state, WType t, Shape s, int64_t m, Isa isa) {
     scales = DecodeScales(w);
     w.scales8 = scales.data();
   }
+  w.cache_resident = FitsInLastLevelCache(wb.size());  // as a model this size would set it
   const std::vector<float> x = RandomActivations(m * s.cols);
   std::vector<float> y(m * s.rows);
   for (auto _ : state) {
@@ -145,6 +146,9 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
   double bytes = 0;
   for (const Layer& l : *layers)
     for (const auto& b : l.bytes) bytes += static_cast<double>(b.size());
+  for (Layer& l : *layers) {  // as a model this size would set it
+    for (WeightMatrix& w : l.w) w.cache_resident = FitsInLastLevelCache(bytes);
+  }
   const std::vector<float> x = RandomActivations(m * kFf);
   std::vector<float> y(m * kFf);
   for (auto _ : state) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -232,6 +233,40 @@ std::vector<uint16_t> DecodeScales(const WeightMatrix& w) {
 
 size_t DecodeScalesCount(const WeightMatrix& w) {
   return static_cast<size_t>((w.rows + 7) / 8 * (w.cols / 32) * 8);
+}
+
+namespace {
+
+// The size of cpu0's highest cache level in bytes, from sysfs (the kernel's reading of CPUID;
+// glibc's sysconf can report the whole package's L3 in a VM), or -1.
+int64_t LastLevelCacheBytes() {
+  int64_t best = -1;
+  int best_level = 0;
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::FILE* f_level = std::fopen((dir + "level").c_str(), "r");
+    if (f_level == nullptr) break;
+    int level = 0;
+    const bool got_level = std::fscanf(f_level, "%d", &level) == 1;
+    std::fclose(f_level);
+    std::FILE* f_size = std::fopen((dir + "size").c_str(), "r");
+    if (f_size == nullptr) continue;
+    long long n = 0;
+    char unit = 0;
+    const int got = std::fscanf(f_size, "%lld%c", &n, &unit);
+    std::fclose(f_size);
+    if (!got_level || got < 1 || n <= 0 || level < best_level) continue;
+    best_level = level;
+    best = n * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+  }
+  return best;
+}
+
+}  // namespace
+
+bool FitsInLastLevelCache(uint64_t bytes) {
+  static const int64_t llc = LastLevelCacheBytes();
+  return llc > 0 && bytes <= static_cast<uint64_t>(llc) / 2;
 }
 
 // ---- Scratch -----------------------------------------------------------------------------

@@ -165,6 +165,7 @@ TEST_F(IsaTest, MatMulMatchesScalarAndDocumentedMath) {
       {97, 160, {1, 2, 3, 7, 17, 64, 129}},
       {1000, 288, {1, 7, 64}},
       {45, 1056, {1, 3, 17}},  // crosses the float kernels' K blocks
+      {13, 2208, {1, 2, 3}},   // 69 quantized blocks: crosses the AVX2 q8_0 decode tile's runs
   };
   ThreadPool single(1);
   for (WType t : kAllTypes) {
@@ -250,8 +251,9 @@ TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
     int64_t rows, float_cols, quant_cols;
   };
   // Odd row counts (partial tiles, panels and thread ranges); float K with a partial vector
-  // tail, quantized K with an odd block count; the larger ones cross the 512-wide K chunks.
-  const Shape shapes[] = {{37, 101, 96}, {75, 547, 544}, {203, 1059, 1056}};
+  // tail, quantized K with an odd block count; the larger ones cross the 512-wide K chunks
+  // and (69 blocks) the AVX2 q8_0 decode tile's runs of 64 blocks.
+  const Shape shapes[] = {{37, 101, 96}, {75, 547, 544}, {203, 1059, 1056}, {21, 2213, 2208}};
   ThreadPool single(1);
   auto bits_equal = [](const float* a, const float* b, int64_t n) {
     return std::memcmp(a, b, sizeof(float) * n) == 0;
@@ -306,16 +308,18 @@ TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
 }
 
 // WeightMatrix::scales8 holds each block's scale regrouped by 8 rows (the last group padded
-// with the last row), and a kernel that reads it gives the bits it gives without it: at every
-// level, for decode tiles and packed panels, on one thread and two.
-TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndChangeNoBits) {
+// with the last row), and a kernel that reads it gives the bits it gives without it, as does
+// one told the weights are cache-resident (the AVX2 q8_0 decode kernel then reads the rows in
+// another order): at every level, for decode tiles and packed panels, on one thread and two.
+TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndTheyAndTheCacheHintChangeNoBits) {
   const uint32_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> val(-2.0f, 2.0f);
   ThreadPool single(1);
   for (WType t : {WType::kQ8_0, WType::kQ4_0}) {
-    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {8, 32}}) {
+    for (const auto& [rows, cols] :
+         {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {8, 32}, {13, 2208}}) {
       TestMatrix tm = RandomMatrix(t, rows, cols, rng);
       const std::vector<uint16_t> s8 = DecodeScales(tm.w);
       const int64_t nb = cols / 32, groups = (rows + 7) / 8;
@@ -333,6 +337,8 @@ TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndChangeNoBits) {
       }
       WeightMatrix with = tm.w;
       with.scales8 = s8.data();
+      WeightMatrix resident = tm.w, resident_with = with;
+      resident.cache_resident = resident_with.cache_resident = true;
       for (Isa isa : Levels()) {
         SetIsa(isa);
         EXPECT_EQ(UsesDecodeScales(t), isa == Isa::kAvx2);
@@ -343,10 +349,15 @@ TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndChangeNoBits) {
           std::vector<float> x(m * cols);
           for (auto& f : x) f = val(rng);
           for (ThreadPool* pool : {&single, &pool_}) {
-            std::vector<float> y0(m * rows), y1(m * rows);
+            std::vector<float> y0(m * rows);
             MatMul(x.data(), m, tm.w, y0.data(), *pool);
-            MatMul(x.data(), m, with, y1.data(), *pool);
-            EXPECT_EQ(0, std::memcmp(y0.data(), y1.data(), sizeof(float) * y0.size()));
+            for (const WeightMatrix* w : {&with, &resident, &resident_with}) {
+              std::vector<float> y1(m * rows);
+              MatMul(x.data(), m, *w, y1.data(), *pool);
+              EXPECT_EQ(0, std::memcmp(y0.data(), y1.data(), sizeof(float) * y0.size()))
+                  << "scales8 " << (w->scales8 != nullptr) << " cache_resident "
+                  << w->cache_resident;
+            }
           }
         }
       }

@@ -252,6 +252,15 @@ Status Model::Init() {
     CT_ASSIGN_OR_RETURN(l.w_down, Matrix(p + "ffn_down.weight", d, ff));
   }
   c.weight_type = layers_[0].wq.type;
+  // A model small enough to stay in the last-level cache is decoded from there.
+  if (kernels::FitsInLastLevelCache(weight_bytes_per_token_)) {
+    for (kernels::WeightMatrix* w : {&tok_embd_, &output_}) w->cache_resident = true;
+    for (LayerWeights& l : layers_) {
+      for (kernels::WeightMatrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+        w->cache_resident = true;
+      }
+    }
+  }
   return Status::Ok();
 }
 

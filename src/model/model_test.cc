@@ -129,6 +129,22 @@ TEST_F(ModelLoadTest, WeightBytesPerTokenCountsWhatDecodeReads) {
   kernels::SetIsa(best);
 }
 
+// Every matrix a decode step streams carries the cache hint its model's size calls for (the
+// 14 MB model fits in half of the 32 MiB and larger last-level caches of the machines this
+// project runs on, where sysfs reports it).
+TEST_F(ModelLoadTest, MatricesCarryTheCacheHintOfTheModelsSize) {
+  auto m = Model::Load(kShared + "/models/cachette-tiny-q8_0.gguf");
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const bool fits = kernels::FitsInLastLevelCache((*m)->weight_bytes_per_token());
+  for (const LayerWeights& l : (*m)->layers()) {
+    for (const auto* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+      EXPECT_EQ(w->cache_resident, fits);
+    }
+  }
+  EXPECT_EQ((*m)->output().cache_resident, fits);
+  EXPECT_FALSE(kernels::FitsInLastLevelCache(uint64_t{1} << 40));
+}
+
 TEST_F(ModelLoadTest, FingerprintChangesWithAnyWeightByte) {
   auto a = Model::Load(good_);
   ASSERT_TRUE(a.ok());
