@@ -18,6 +18,7 @@
 #include "core/prometheus.h"
 #include "events/subscriber.h"
 #include "kv/kv_manager.h"  // KvNamespace
+#include "server/http_listen.h"
 
 namespace cachette::route {
 
@@ -305,16 +306,9 @@ Status Router::Start() {
   http_->set_write_timeout(options_.read_timeout_s, 0);
   http_->set_payload_max_length(size_t{64} << 20);
   Routes();
-  if (options_.port == 0) {
-    port_ = http_->bind_to_any_port(options_.host);
-    if (port_ < 0) return Unavailable("route: cannot bind " + options_.host);
-  } else {
-    if (!http_->bind_to_port(options_.host, options_.port)) {
-      return Unavailable("route: cannot bind " + options_.host + ":" +
-                         std::to_string(options_.port));
-    }
-    port_ = options_.port;
-  }
+  auto port = server::BindHttp(*http_, options_.host, options_.port);
+  if (!port.ok()) return Unavailable("route: " + port.status().message());
+  port_ = *port;
   // The first health round before serving, so the first requests have backends to go to.
   for (const auto& b : Snapshot()) CheckBackend(b);
   health_ = std::thread([this] { HealthLoop(); });
@@ -561,7 +555,8 @@ std::vector<Router::Candidate> Router::Rank(const Parsed& p) {
   };
   for (size_t i = 0; i < out.size(); ++i) {
     Candidate& c = out[i];
-    const auto& b = *std::find_if(live.begin(), live.end(), [&](const auto& x) { return x->id == c.id; });
+    const auto& b =
+        *std::find_if(live.begin(), live.end(), [&](const auto& x) { return x->id == c.id; });
     if (!b->ns_mismatch) {
       const int P = b->page_tokens, C = b->chunk_tokens;
       const Hash128 ns = NamespaceAt(*b, p);
@@ -581,7 +576,8 @@ std::vector<Router::Candidate> Router::Rank(const Parsed& p) {
       auto it = sessions_.find(p.session_id);
       if (it != sessions_.end()) sticky = it->second;
     }
-    auto it = std::find_if(out.begin(), out.end(), [&](const Candidate& c) { return c.id == sticky; });
+    auto it =
+        std::find_if(out.begin(), out.end(), [&](const Candidate& c) { return c.id == sticky; });
     if (it != out.end()) std::rotate(out.begin(), it, it + 1);
   }
   return out;
@@ -865,9 +861,10 @@ void Router::Routes() {
     r.set_content(BackendsJson().dump(2), "application/json");
   });
   http_->Post("/v1/router/explain", [this](const Request& q, Response& r) {
-    const server::Endpoint ep = q.has_param("endpoint") && q.get_param_value("endpoint") == "completions"
-                                    ? server::Endpoint::kCompletion
-                                    : server::Endpoint::kChat;
+    const bool completions =
+        q.has_param("endpoint") && q.get_param_value("endpoint") == "completions";
+    const server::Endpoint ep =
+        completions ? server::Endpoint::kCompletion : server::Endpoint::kChat;
     const Parsed p = Parse(q.body, ep);
     const int64_t n = static_cast<int64_t>(p.tokens.size());
     json out = json::array();
@@ -973,7 +970,8 @@ std::string Router::MetricsText() const {
               [](const BackendInfo& b) { return b.up ? 1 : 0; });
   per_backend("cachette_route_backend_inflight", "gauge", "Requests in flight at the backend.",
               [](const BackendInfo& b) { return b.inflight.load(); });
-  per_backend("cachette_route_backend_requests_total", "counter", "Requests answered by the backend.",
+  per_backend("cachette_route_backend_requests_total", "counter",
+              "Requests answered by the backend.",
               [](const BackendInfo& b) { return b.requests.load(); });
   per_backend("cachette_route_backend_retries_total", "counter",
               "Requests moved to another backend after this one failed before answering.",

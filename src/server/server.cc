@@ -16,6 +16,7 @@
 
 #include "core/log.h"
 #include "core/timer.h"
+#include "server/http_listen.h"
 
 namespace cachette::server {
 
@@ -258,20 +259,9 @@ Status HttpServer::Start() {
   http_->set_write_timeout(10, 0);
   http_->set_keep_alive_timeout(5);
   Routes();
-  try {
-    if (options_.port == 0) {
-      port_ = http_->bind_to_any_port(options_.host);
-      if (port_ < 0) port_ = 0;
-    } else {
-      port_ = http_->bind_to_port(options_.host, options_.port) ? options_.port : 0;
-    }
-  } catch (const std::exception& e) {
-    port_ = 0;
-  }
-  if (port_ <= 0) {
-    return Unavailable("cannot listen on " + options_.host + ":" + std::to_string(options_.port) +
-                       " (address in use or not local?)");
-  }
+  auto port = BindHttp(*http_, options_.host, options_.port);
+  if (!port.ok()) return port.status();
+  port_ = *port;
   listener_ = std::thread([this] {
     try {
       http_->listen_after_bind();

@@ -1,7 +1,16 @@
-// Unit tests for the pieces of the server that need no socket: chat templates, request
-// validation, configuration files and the metrics text. (tests/e2e drives the real binary.)
+// Unit tests for the pieces of the server that need no model running: chat templates, request
+// validation, configuration files, the metrics text and the listening socket. (tests/e2e drives
+// the real binary.)
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <chrono>
+#include <thread>
 #include <tuple>
 
 #include <cstdio>
@@ -11,6 +20,7 @@
 #include "server/auth.h"
 #include "server/chat_template.h"
 #include "server/config.h"
+#include "server/http_listen.h"
 #include "server/metrics.h"
 #include "server/openai.h"
 
@@ -725,11 +735,77 @@ TEST(MetricsTest, RendersPrometheusText) {
   m.ObserveInterToken(0.004);
   m.CountRequest("chat", 200);
   const std::string t = m.Render({});
-  EXPECT_NE(t.find("cachette_requests_total{endpoint=\"chat\",status=\"200\"} 1"), std::string::npos);
+  EXPECT_NE(t.find("cachette_requests_total{endpoint=\"chat\",status=\"200\"} 1"),
+            std::string::npos);
   EXPECT_NE(t.find("cachette_cache_hit_tokens_total{tier=\"memory\"} 7"), std::string::npos);
   EXPECT_NE(t.find("cachette_time_to_first_token_seconds_bucket{le=\"0.025\"} 1"),
             std::string::npos);
   EXPECT_NE(t.find("cachette_inter_token_latency_seconds_count 1"), std::string::npos);
+}
+
+// Connects `n` non-blocking sockets to 127.0.0.1:port at once; returns how many completed their
+// handshake within `ms` (nobody accepts them: the rest wait in or beyond the accept queue).
+int ConnectedWithin(int port, int n, int ms) {
+  std::vector<int> fds;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  for (int i = 0; i < n; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    CT_CHECK(fd >= 0);
+    connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);  // EINPROGRESS
+    fds.push_back(fd);
+  }
+  std::vector<pollfd> pfds;
+  for (int fd : fds) pfds.push_back({fd, POLLOUT, 0});
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+  for (;;) {
+    for (auto& p : pfds) p.revents = 0;
+    poll(pfds.data(), pfds.size(), 0);
+    int done = 0;
+    for (const auto& p : pfds) done += (p.revents & POLLOUT) != 0;
+    if (done == n || std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  int connected = 0;
+  for (int fd : fds) {
+    int err = -1;
+    socklen_t len = sizeof err;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    sockaddr_in peer{};
+    socklen_t plen = sizeof peer;
+    connected += err == 0 && getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &plen) == 0;
+    close(fd);
+  }
+  return connected;
+}
+
+// httplib's compiled library listens with a backlog of 5: the 7th connection of a burst waits
+// for a second (its handshake dropped and resent). BindHttp's backlog takes a burst of 48.
+TEST(HttpListenTest, ABurstOfConnectionsFitsTheBacklogAndTheLibrarysDefaultWouldNot) {
+  httplib::Server plain;
+  const int plain_port = plain.bind_to_any_port("127.0.0.1");
+  ASSERT_GT(plain_port, 0);
+  EXPECT_LT(ConnectedWithin(plain_port, 48, 300), 48) << "the library's own backlog held 48";
+
+  httplib::Server http;
+  auto port = BindHttp(http, "127.0.0.1", 0, 64);
+  ASSERT_TRUE(port.ok()) << port.status().ToString();
+  EXPECT_EQ(ConnectedWithin(*port, 48, 2000), 48);
+}
+
+TEST(HttpListenTest, APortInUseIsAnErrorNamingIt) {
+  httplib::Server first;
+  auto port = BindHttp(first, "127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status().ToString();
+  httplib::Server second;
+  auto again = BindHttp(second, "127.0.0.1", *port);
+  ASSERT_FALSE(again.ok()) << "two servers share port " << *port;
+  EXPECT_EQ(again.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(again.status().message().find("127.0.0.1:" + std::to_string(*port)),
+            std::string::npos)
+      << again.status().message();
 }
 
 }  // namespace
