@@ -278,8 +278,9 @@ void Engine::RunLayer(int layer, float* x, int64_t n, const int32_t* pos,
   kernels::MatMul(att, n, w.wo, h, pool);
   kernels::Add(h, x, n * d);
   kernels::RmsNorm(x, w.ffn_norm, h, n, d, c.norm_eps);
-  kernels::MatMul(h, n, w.w_gate, gate, pool);
-  kernels::MatMul(h, n, w.w_up, up, pool);
+  const kernels::WeightMatrix* gate_up[] = {&w.w_gate, &w.w_up};
+  float* gate_up_out[] = {gate, up};
+  kernels::MatMulGroup(h, n, gate_up, gate_up_out, pool);
   kernels::SwiGlu(gate, up, gate, n * ff);
   kernels::MatMul(gate, n, w.w_down, h, pool);
   kernels::Add(h, x, n * d);
@@ -290,9 +291,15 @@ void Engine::Project(int layer, const float* h, int64_t n, const int32_t* pos, f
   const ModelConfig& c = model_.config();
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   const LayerWeights& w = model_.layers()[layer];
-  if (q != nullptr) kernels::MatMul(h, n, w.wq, q, *pool_);
-  kernels::MatMul(h, n, w.wk, k, *pool_);
-  kernels::MatMul(h, n, w.wv, v, *pool_);
+  if (q != nullptr) {
+    const kernels::WeightMatrix* ws[] = {&w.wq, &w.wk, &w.wv};
+    float* ys[] = {q, k, v};
+    kernels::MatMulGroup(h, n, ws, ys, *pool_);
+  } else {
+    const kernels::WeightMatrix* ws[] = {&w.wk, &w.wv};
+    float* ys[] = {k, v};
+    kernels::MatMulGroup(h, n, ws, ys, *pool_);
+  }
   if (w.bq != nullptr) {
     for (int64_t t = 0; t < n; ++t) {
       if (q != nullptr) kernels::Add(w.bq, q + t * qd, qd);

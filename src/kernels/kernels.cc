@@ -319,30 +319,86 @@ ActQ8 ActQ8View(void* buf, int64_t m, int64_t cols) {
 
 // ---- MatMul ------------------------------------------------------------------------------
 
-void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool) {
-  if (m <= 0 || w.rows <= 0) return;
+namespace {
+
+void CheckMatMulShape(const WeightMatrix& w) {
   CT_CHECK(w.cols % WTypeBlockElems(w.type) == 0)
       << "cols " << w.cols << " for " << WTypeName(w.type);
   CT_CHECK(w.row_bytes >= WTypeRowBytes(w.type, w.cols)) << "row_bytes " << w.row_bytes;
+}
+
+// x quantized to 8 bits per block of `cols` for the quantized weight types, in the caller's
+// scratch (workers only read it); an empty view for the others.
+internal::ActQ8 QuantizeActivations(const float* x, int64_t m, WType type, int64_t cols,
+                                    ThreadPool& pool) {
+  if (type != WType::kQ8_0 && type != WType::kQ4_0) return {};
+  const internal::Ops& ops = ActiveOps();
+  internal::ActQ8 act =
+      internal::ActQ8View(internal::ThreadScratch(0, internal::ActQ8Bytes(m, cols)), m, cols);
+  if (m * cols >= kParallelQuantizeElems && pool.size() > 1) {
+    pool.ParallelFor(m, [&](int64_t t0, int64_t t1, int) { ops.quantize_act(x, t0, t1, act); });
+  } else {
+    ops.quantize_act(x, 0, m, act);
+  }
+  return act;
+}
+
+}  // namespace
+
+void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool) {
+  if (m <= 0 || w.rows <= 0) return;
+  CheckMatMulShape(w);
   const internal::Ops& ops = ActiveOps();
   internal::MatMulArgs a;
   a.x = x;
   a.m = m;
   a.w = &w;
   a.y = y;
-  if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
-    // The caller's thread owns the activation buffer; workers only read it.
-    a.act =
-        internal::ActQ8View(internal::ThreadScratch(0, internal::ActQ8Bytes(m, w.cols)), m, w.cols);
-    if (m * w.cols >= kParallelQuantizeElems && pool.size() > 1) {
-      pool.ParallelFor(m, [&](int64_t t0, int64_t t1, int) { ops.quantize_act(x, t0, t1, a.act); });
-    } else {
-      ops.quantize_act(x, 0, m, a.act);
-    }
-  }
+  a.act = QuantizeActivations(x, m, w.type, w.cols, pool);
   pool.ParallelFor(
       w.rows, [&](int64_t r0, int64_t r1, int) { ops.matmul_rows(a, r0, r1); },
       ops.row_grain(w.type, m));
+}
+
+void MatMulGroup(const float* x, int64_t m, std::span<const WeightMatrix* const> ws,
+                 std::span<float* const> ys, ThreadPool& pool) {
+  CT_CHECK(ws.size() == ys.size()) << ws.size() << " matrices, " << ys.size() << " outputs";
+  constexpr size_t kMaxGroup = 4;
+  bool alike = !ws.empty() && ws.size() <= kMaxGroup;
+  for (const WeightMatrix* w : ws) {
+    alike = alike && w->type == ws[0]->type && w->cols == ws[0]->cols;
+  }
+  if (!alike || m <= 0) {
+    for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, *ws[i], ys[i], pool);
+    return;
+  }
+  const internal::Ops& ops = ActiveOps();
+  const WType type = ws[0]->type;
+  const int64_t grain = ops.row_grain(type, m);
+  const internal::ActQ8 act = QuantizeActivations(x, m, type, ws[0]->cols, pool);
+  // The matrices' rows side by side in units of `grain` rows, each matrix starting a unit, so
+  // every range a thread takes splits each matrix at multiples of grain, as MatMul does.
+  internal::MatMulArgs args[kMaxGroup];
+  int64_t first_unit[kMaxGroup + 1] = {0};
+  for (size_t i = 0; i < ws.size(); ++i) {
+    CheckMatMulShape(*ws[i]);
+    args[i].x = x;
+    args[i].m = m;
+    args[i].w = ws[i];
+    args[i].y = ys[i];
+    args[i].act = act;
+    first_unit[i + 1] = first_unit[i] + (ws[i]->rows + grain - 1) / grain;
+  }
+  const size_t n = ws.size();
+  pool.ParallelFor(first_unit[n], [&](int64_t u0, int64_t u1, int) {
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t b = std::max(u0, first_unit[i]), e = std::min(u1, first_unit[i + 1]);
+      if (b >= e) continue;
+      const int64_t r0 = (b - first_unit[i]) * grain;
+      const int64_t r1 = std::min(ws[i]->rows, (e - first_unit[i]) * grain);
+      ops.matmul_rows(args[i], r0, r1);
+    }
+  });
 }
 
 void DequantizeRow(const WeightMatrix& w, int64_t row, float* out) {

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -92,6 +93,15 @@ size_t DecodeScalesCount(const WeightMatrix& w);
 // the integer dot products, so results differ from the float product by that rounding.
 // m == 1 is the decode (matrix-vector) case. Parallel over `pool`.
 void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool);
+
+// Several matmuls of one input, ys[i] = x . ws[i]^T, as ONE parallel job: a decode step's Q, K
+// and V projections, or its gate and up: one fork-join instead of three or two, with the small K
+// and V rows shared out among the threads together with Q's. The activations are quantized
+// once. Every output is the same bits as MatMul's (each row's sum is computed alike, whatever
+// range it falls in). The matrices must share type and cols; otherwise they run one MatMul
+// after another.
+void MatMulGroup(const float* x, int64_t m, std::span<const WeightMatrix* const> ws,
+                 std::span<float* const> ys, ThreadPool& pool);
 
 // out[cols] = W[row] converted to f32 (embedding lookup).
 void DequantizeRow(const WeightMatrix& w, int64_t row, float* out);

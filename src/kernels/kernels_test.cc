@@ -307,6 +307,61 @@ TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
   }
 }
 
+// MatMulGroup runs several matrices of one input as one parallel job: every output is the bits
+// MatMul gives for its matrix alone, at every level, type and thread count, for decode and
+// prefill batches, with row counts that end in partial tiles and panels; matrices that do not
+// share type or cols run one after another, with the same result.
+TEST_F(IsaTest, MatMulGroupIsEachMatMulsBitsInOneJob) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  ThreadPool three(3);
+  for (WType t : kAllTypes) {
+    const int64_t cols = Quantized(t) ? 288 : 301;
+    // Q, K and V-like: one large and two small, odd row counts.
+    std::vector<TestMatrix> tms;
+    for (int64_t rows : {203, 37, 13}) tms.push_back(RandomMatrix(t, rows, cols, rng));
+    TestMatrix other = RandomMatrix(t == WType::kF32 ? WType::kF16 : WType::kF32, 29,
+                                    Quantized(t) ? 288 : 301, rng);
+    for (Isa isa : Levels()) {
+      SetIsa(isa);
+      for (int64_t m : {1, 3, 17, 64}) {
+        std::vector<float> x = RandomFloats(m * cols, -2.0f, 2.0f);
+        for (ThreadPool* pool : {&pool_, &three}) {
+          SCOPED_TRACE(std::string(WTypeName(t)) + " " + std::string(IsaName(isa)) +
+                       " m=" + std::to_string(m) + " threads=" + std::to_string(pool->size()));
+          std::vector<std::vector<float>> want, got;
+          std::vector<const WeightMatrix*> ws;
+          std::vector<float*> ys;
+          for (TestMatrix* tm : {&tms[0], &tms[1], &tms[2], &other}) {
+            want.emplace_back(m * tm->w.rows);
+            MatMul(x.data(), m, tm->w, want.back().data(), *pool);
+            got.emplace_back(m * tm->w.rows, std::numeric_limits<float>::quiet_NaN());
+          }
+          for (size_t i = 0; i < 3; ++i) {
+            ws.push_back(&tms[i].w);
+            ys.push_back(got[i].data());
+          }
+          MatMulGroup(x.data(), m, ws, ys, *pool);
+          // A mixed group (another type): runs matrix by matrix.
+          const WeightMatrix* mixed[] = {&tms[1].w, &other.w};
+          std::vector<float> got1(m * tms[1].w.rows), got_other(m * other.w.rows);
+          float* mixed_out[] = {got1.data(), got_other.data()};
+          MatMulGroup(x.data(), m, mixed, mixed_out, *pool);
+          for (size_t i = 0; i < 3; ++i) {
+            EXPECT_EQ(std::memcmp(got[i].data(), want[i].data(), sizeof(float) * want[i].size()),
+                      0)
+                << "matrix " << i << " of the group differs from MatMul";
+          }
+          EXPECT_EQ(std::memcmp(got1.data(), want[1].data(), sizeof(float) * got1.size()), 0);
+          EXPECT_EQ(std::memcmp(got_other.data(), want[3].data(), sizeof(float) * got_other.size()),
+                    0);
+        }
+      }
+    }
+  }
+}
+
 // WeightMatrix::scales8 holds each block's scale regrouped by 8 rows (the last group padded
 // with the last row), and a kernel that reads it gives the bits it gives without it, as does
 // one told the weights are cache-resident (the AVX2 q8_0 decode kernel then reads the rows in

@@ -1,6 +1,8 @@
 #include "server/http_listen.h"
 
 #include <httplib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -17,6 +19,7 @@ Result<int> BindHttp(httplib::Server& http, const std::string& host, int port, i
   http.set_socket_options([fd](int sock) {
     const int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &yes, sizeof yes);  // accepted sockets inherit it
     *fd = sock;
   });
   int bound = -1;

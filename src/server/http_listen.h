@@ -7,7 +7,10 @@
 // a 429 or a /health answer then takes a second instead of a millisecond. BindHttp binds through
 // httplib, then listens again on the same socket with the backlog asked for (Linux resizes the
 // queue of a listening socket). It binds with SO_REUSEADDR rather than httplib's SO_REUSEPORT, so
-// that a second server on a port in use fails instead of silently sharing the port.
+// that a second server on a port in use fails instead of silently sharing the port, and sets
+// TCP_NODELAY (httplib's default is off), which every accepted connection inherits: a token
+// stream is a run of small writes, and with Nagle's algorithm each would wait for the ACK of the
+// one before, which a client may delay (40 ms on Linux, 200 ms on Windows).
 #pragma once
 
 #include <string>
