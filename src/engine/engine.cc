@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <span>
 #include <string>
 #include <unordered_set>
 
@@ -291,15 +292,10 @@ void Engine::Project(int layer, const float* h, int64_t n, const int32_t* pos, f
   const ModelConfig& c = model_.config();
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   const LayerWeights& w = model_.layers()[layer];
-  if (q != nullptr) {
-    const kernels::WeightMatrix* ws[] = {&w.wq, &w.wk, &w.wv};
-    float* ys[] = {q, k, v};
-    kernels::MatMulGroup(h, n, ws, ys, *pool_);
-  } else {
-    const kernels::WeightMatrix* ws[] = {&w.wk, &w.wv};
-    float* ys[] = {k, v};
-    kernels::MatMulGroup(h, n, ws, ys, *pool_);
-  }
+  const kernels::WeightMatrix* ws[] = {&w.wq, &w.wk, &w.wv};
+  float* ys[] = {q, k, v};
+  const size_t first = q == nullptr ? 1 : 0;  // K and V only
+  kernels::MatMulGroup(h, n, std::span(ws).subspan(first), std::span(ys).subspan(first), *pool_);
   if (w.bq != nullptr) {
     for (int64_t t = 0; t < n; ++t) {
       if (q != nullptr) kernels::Add(w.bq, q + t * qd, qd);
