@@ -275,16 +275,25 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
   for (int l = 0; l < shape.n_layer; ++l) {
     const int64_t n = layer_n[l];
     const int64_t m = plan.kept(l);
-    auto kp = [&](int64_t slot, int h) { return static_cast<std::byte*>(kv.KSlot(l, slot)) + hb * h; };
-    auto vp = [&](int64_t slot, int h) { return static_cast<std::byte*>(kv.VSlot(l, slot)) + hb * h; };
+    auto kp = [&](int64_t slot, int h) {
+      return static_cast<std::byte*>(kv.KSlot(l, slot)) + hb * h;
+    };
+    auto vp = [&](int64_t slot, int h) {
+      return static_cast<std::byte*>(kv.VSlot(l, slot)) + hb * h;
+    };
     for (int h = 0; h < n_kv; ++h) {
       const std::vector<int64_t>& keep = plan.slots[l][h];
       float* w = weight[l].data() + h * weight_stride;
-      // Merges first, while every slot is still where it was: anchor = weighted mean.
+      // Merges are summed first, while every slot is still where it was (anchor = weighted
+      // mean), and stored after the moves, in the anchor's new slot: the plan writes no slot
+      // at or past its kept count (a paged sequence copies only the pages it writes).
+      std::vector<std::vector<float>> ksum, vsum;  // per kept index, when merged into
+      std::vector<float> wsum;
       if (!plan.merge_into.empty() && !plan.merge_into[l].empty()) {
         const std::vector<int64_t>& into = plan.merge_into[l][h];
-        std::vector<std::vector<float>> ksum(m), vsum(m);  // per kept index, when merged into
-        std::vector<float> wsum(m, 0.0f);
+        ksum.resize(m);
+        vsum.resize(m);
+        wsum.assign(m, 0.0f);
         for (int64_t e = 0; e < n; ++e) {
           const int64_t t = into[e];
           if (t < 0 || std::binary_search(keep.begin(), keep.end(), e)) continue;
@@ -308,16 +317,6 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
           }
           wsum[ti] += w[e];
         }
-        for (int64_t ti = 0; ti < m; ++ti) {
-          if (ksum[ti].empty()) continue;
-          for (int d = 0; d < hd; ++d) {
-            ksum[ti][d] /= wsum[ti];
-            vsum[ti][d] /= wsum[ti];
-          }
-          kernels::StoreKv(ksum[ti].data(), 1, hd, shape.type, kp(keep[ti], h));
-          kernels::StoreKv(vsum[ti].data(), 1, hd, shape.type, vp(keep[ti], h));
-          w[keep[ti]] = wsum[ti];
-        }
       }
       // Move kept slots down in increasing order (destination <= source, so in place).
       for (int64_t i = 0; i < m; ++i) {
@@ -337,6 +336,16 @@ Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& 
             shift.push_back(static_cast<int32_t>(i - src));
           }
         }
+      }
+      for (int64_t ti = 0; ti < static_cast<int64_t>(ksum.size()); ++ti) {
+        if (ksum[ti].empty()) continue;
+        for (int d = 0; d < hd; ++d) {
+          ksum[ti][d] /= wsum[ti];
+          vsum[ti][d] /= wsum[ti];
+        }
+        kernels::StoreKv(ksum[ti].data(), 1, hd, shape.type, kp(ti, h));
+        kernels::StoreKv(vsum[ti].data(), 1, hd, shape.type, vp(ti, h));
+        w[ti] = wsum[ti];
       }
       if (!moved.empty()) {
         // One Rope call over every moved key of the head: it computes a shift's angles once

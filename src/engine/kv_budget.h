@@ -91,7 +91,9 @@ struct KeepPlan {
 // Compacts `kv` by `plan` through KSlot/VSlot (any layout): merges, moves (re-rotating keys
 // when positions are reassigned), `stats` (may be null) moved with the slots. layer_n: slots
 // per layer, updated. weight[layer][head * weight_stride + slot]: tokens each slot stands for
-// (merges weigh by it), updated. Validates the plan first; on error nothing changes.
+// (merges weigh by it), updated. Validates the plan first; on error nothing changes. Writes
+// only slots from the plan's first changed one up to each layer's kept count (a merged anchor
+// is stored in its new slot), so a paged sequence copies only those pages first.
 Status CompactSlots(SequenceKv& kv, const KvShape& shape, std::vector<int64_t>& layer_n,
                     const KeepPlan& plan, const kernels::RopeParams& rope,
                     AttentionStats* stats, std::vector<std::vector<float>>& weight,

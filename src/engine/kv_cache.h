@@ -108,6 +108,7 @@ class SequenceKv {
   // forward pass writes each in its own (KvShape::write_type()).
   virtual const KvShape& shape() const = 0;
   // Makes room for positions [0, n); kResourceExhausted if it cannot. Does not change n_tokens.
+  // Once compacted (below): room for n - n_tokens() more slots after each layer's last.
   virtual Status Reserve(int64_t n) = 0;
   // Where K (or V) of `layer` at position `pos` (< reserved size) goes:
   // [n_kv_head][head_dim] elements of the KV type.

@@ -36,17 +36,30 @@ PagedSequence::PagedSequence(KvManager* m, const Hash128& ns, int64_t capacity)
     : manager_(m), ns_(ns), capacity_(capacity) {
   k_ptr_.resize(m->shape().n_layer);
   v_ptr_.resize(m->shape().n_layer);
+  loc_.resize(m->shape().n_layer);
   if (m->shape().windowed()) tail_ = std::make_unique<KvWindow>(m->shape());
 }
 
 PagedSequence::~PagedSequence() {
   if (finished_) return;
   std::lock_guard<std::mutex> lock(manager_->mu_);
+  ReleaseAllLocked();
+}
+
+void PagedSequence::ReleaseAllLocked() {
   for (PageId p : pages_) manager_->pool_.Unref(p);
+  for (const Spill& s : spill_) manager_->pool_.Unref(s.page);
+  pages_.clear();
+  spill_.clear();
+  free_.clear();
+  for (auto& v : loc_) v.clear();
+  for (auto& v : k_ptr_) v.clear();
+  for (auto& v : v_ptr_) v.clear();
 }
 
 void PagedSequence::SetPage(size_t block, PageId p) {
   if (block == pages_.size()) {
+    CT_CHECK(spill_.empty()) << "the block table grows only before a compaction";
     pages_.push_back(p);
     for (auto& v : k_ptr_) v.push_back(nullptr);
     for (auto& v : v_ptr_) v.push_back(nullptr);
@@ -68,6 +81,7 @@ Status PagedSequence::Reserve(int64_t n) {
   if (n <= n_tokens_) return Status::Ok();
   const int64_t P = manager_->page_tokens();
   std::lock_guard<std::mutex> lock(manager_->mu_);
+  if (book_.compacted) return GrowLayersLocked(n - n_tokens_);
   PagePool& pool = manager_->pool_;
   // The first position written lies in block b; if that page is shared, copy it first.
   const size_t b = static_cast<size_t>(n_tokens_ / P);
@@ -97,6 +111,158 @@ Status PagedSequence::Reserve(int64_t n) {
     SetPage(pages_.size(), p);
   }
   return Status::Ok();
+}
+
+void PagedSequence::Point(int layer, size_t block, Loc loc) {
+  PagePool& pool = manager_->pool_;
+  const PageId p = spill_[loc.spill].page;
+  std::vector<const void*>& k = k_ptr_[layer];
+  std::vector<const void*>& v = v_ptr_[layer];
+  if (block == k.size()) {
+    k.push_back(nullptr);
+    v.push_back(nullptr);
+  }
+  k[block] = pool.K(p, static_cast<int>(loc.slot));
+  v[block] = pool.V(p, static_cast<int>(loc.slot));
+  std::vector<Loc>& locs = loc_[layer];
+  const size_t i = block - pages_.size();
+  if (i == locs.size()) {
+    locs.push_back(loc);
+  } else {
+    locs[i] = loc;
+  }
+}
+
+Status PagedSequence::GrowLayersLocked(int64_t extra) {
+  const int64_t P = manager_->page_tokens();
+  const int L = manager_->shape().n_layer;
+  PagePool& pool = manager_->pool_;
+  std::vector<size_t> blocks(L);
+  size_t need = 0;
+  for (int l = 0; l < L; ++l) {
+    blocks[l] = static_cast<size_t>((book_.layer_n[l] + extra + P - 1) / P);
+    need += blocks[l] > k_ptr_[l].size() ? blocks[l] - k_ptr_[l].size() : 0;
+  }
+  const size_t pages = need > free_.size() ? (need - free_.size() + L - 1) / L : 0;
+  if (pool.pages_free() < pages) {
+    manager_->evictions_ += manager_->index_.Evict(pages - pool.pages_free());
+  }
+  if (pool.pages_free() < pages) {
+    return ResourceExhausted("KV pool exhausted: need " + std::to_string(pages) +
+                             " pages, " + std::to_string(pool.pages_free()) + " free of " +
+                             std::to_string(pool.pages_total()) +
+                             " (the rest are used by running sequences or pinned)");
+  }
+  for (size_t i = 0; i < pages; ++i) {
+    PageId p;
+    CT_CHECK(pool.Allocate(&p));
+    spill_.push_back(Spill{p, 0});
+    const auto s = static_cast<uint32_t>(spill_.size() - 1);
+    for (int slot = L - 1; slot >= 0; --slot) free_.push_back(Loc{s, static_cast<uint32_t>(slot)});
+  }
+  for (int l = 0; l < L; ++l) {
+    while (k_ptr_[l].size() < blocks[l]) {
+      const Loc loc = free_.back();
+      free_.pop_back();
+      ++spill_[loc.spill].used;
+      Point(l, k_ptr_[l].size(), loc);
+    }
+  }
+  return Status::Ok();
+}
+
+void PagedSequence::Repack(size_t natural, std::vector<PageId>* release) {
+  PagePool& pool = manager_->pool_;
+  const int L = manager_->shape().n_layer;
+  const int64_t P = manager_->page_tokens();
+  natural = std::min(natural, pages_.size());
+  // Every page that may hold blocks past `natural`: the block table's from there on (page b
+  // holds block b of layer l in slot l), then the spill pages.
+  std::vector<PageId> cand(pages_.begin() + static_cast<std::ptrdiff_t>(natural), pages_.end());
+  for (const Spill& s : spill_) cand.push_back(s.page);
+  // The blocks the layers keep, where they are now (candidate index, slot).
+  struct Block {
+    int layer;
+    size_t block;
+    size_t cand;
+    uint32_t slot;
+  };
+  std::vector<Block> keep;
+  std::vector<int> count(cand.size(), 0);
+  for (int l = 0; l < L; ++l) {
+    const size_t n = static_cast<size_t>((book_.layer_n[l] + P - 1) / P);
+    for (size_t b = natural; b < n; ++b) {
+      Block k{l, b, 0, 0};
+      if (b < pages_.size()) {
+        k.cand = b - natural;
+        k.slot = static_cast<uint32_t>(l);
+      } else {
+        const Loc loc = loc_[l][b - pages_.size()];
+        k.cand = pages_.size() - natural + loc.spill;
+        k.slot = loc.slot;
+      }
+      ++count[k.cand];
+      keep.push_back(k);
+    }
+  }
+  // Keep the fullest pages, as many as hold every kept block; move the blocks of the others
+  // into their free slots (sources and destinations in different pages).
+  const size_t n_keep = (keep.size() + L - 1) / L;
+  std::vector<size_t> order(cand.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return count[a] > count[b]; });
+  std::vector<int64_t> spill_of(cand.size(), -1);  // candidate -> new spill index
+  std::vector<Spill> spill;
+  for (size_t i = 0; i < n_keep; ++i) {
+    spill_of[order[i]] = static_cast<int64_t>(spill.size());
+    spill.push_back(Spill{cand[order[i]], 0});
+  }
+  std::vector<std::vector<bool>> taken(spill.size(), std::vector<bool>(L, false));
+  for (const Block& k : keep) {
+    if (spill_of[k.cand] >= 0) taken[spill_of[k.cand]][k.slot] = true;
+  }
+  std::vector<Loc> free;
+  for (size_t s = spill.size(); s-- > 0;) {
+    for (int slot = L - 1; slot >= 0; --slot) {
+      if (!taken[s][slot]) {
+        free.push_back(Loc{static_cast<uint32_t>(s), static_cast<uint32_t>(slot)});
+      }
+    }
+  }
+  const size_t bytes = pool.block_bytes();
+  std::vector<std::vector<Loc>> loc(L);
+  for (int l = 0; l < L; ++l) {
+    loc[l].resize(static_cast<size_t>((book_.layer_n[l] + P - 1) / P) - natural);
+  }
+  for (const Block& k : keep) {
+    Loc to;
+    if (spill_of[k.cand] >= 0) {
+      to = Loc{static_cast<uint32_t>(spill_of[k.cand]), k.slot};
+    } else {
+      CT_CHECK(!free.empty());
+      to = free.back();
+      free.pop_back();
+      const PageId src = cand[k.cand];
+      const PageId dst = spill[to.spill].page;
+      std::memcpy(pool.K(dst, static_cast<int>(to.slot)), pool.K(src, static_cast<int>(k.slot)),
+                  bytes);
+      std::memcpy(pool.V(dst, static_cast<int>(to.slot)), pool.V(src, static_cast<int>(k.slot)),
+                  bytes);
+    }
+    ++spill[to.spill].used;
+    loc[k.layer][k.block - natural] = to;
+  }
+  for (size_t i = n_keep; i < order.size(); ++i) release->push_back(cand[order[i]]);
+  pages_.resize(natural);
+  spill_ = std::move(spill);
+  free_ = std::move(free);
+  for (int l = 0; l < L; ++l) {
+    k_ptr_[l].resize(natural + loc[l].size());
+    v_ptr_[l].resize(natural + loc[l].size());
+    loc_[l].clear();
+    for (size_t i = 0; i < loc[l].size(); ++i) Point(l, natural + i, loc[l][i]);
+  }
 }
 
 void* PagedSequence::KSlot(int layer, int64_t pos) {
@@ -178,12 +344,17 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
   const int64_t first = plan.FirstChanged(book.layer_n);
   if (first == INT64_MAX) return Status::Ok();  // keeps everything as it is
   const int64_t P = options_.page_tokens;
+  // The plan writes slots [first, end) only (CompactSlots stores nothing at or past a layer's
+  // kept count); the pages past them are dropped, not written.
+  int64_t end = 0;
+  for (int l = 0; l < s.n_layer; ++l) end = std::max(end, plan.kept(l));
   {
-    // Pages from the one holding `first` on are written: copy those the index (or another
+    // The pages holding slots [first, end) are written: copy those the index (or another
     // sequence) shares, all or nothing.
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<size_t> shared;
-    for (size_t b = static_cast<size_t>(first / P); b < seq.pages_.size(); ++b) {
+    const size_t written = std::min(seq.pages_.size(), static_cast<size_t>((end + P - 1) / P));
+    for (size_t b = static_cast<size_t>(first / P); b < written; ++b) {
       if (pool_.RefCount(seq.pages_[b]) > 1) shared.push_back(b);
     }
     if (pool_.pages_free() < shared.size()) {
@@ -211,15 +382,12 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
   book.exact = std::min(book.exact, first);
   if (plan.reassign_positions) book.next_pos = seq.n_tokens_;
   seq.book_ = std::move(book);
-  // Whole pages past the longest layer go back to the pool.
-  const size_t keep = static_cast<size_t>((seq.n_tokens_ + P - 1) / P);
+  // The exact leading pages stay whole; every layer's other blocks are packed (the sequence's
+  // own pages: no lock needed to move them), and the pages left empty go back to the pool.
+  std::vector<PageId> release;
+  seq.Repack(static_cast<size_t>(seq.book_.exact / P), &release);
   std::lock_guard<std::mutex> lock(mu_);
-  while (seq.pages_.size() > keep) {
-    pool_.Unref(seq.pages_.back());
-    seq.pages_.pop_back();
-    for (auto& v : seq.k_ptr_) v.pop_back();
-    for (auto& v : seq.v_ptr_) v.pop_back();
-  }
+  for (PageId p : release) pool_.Unref(p);
   return Status::Ok();
 }
 
@@ -293,10 +461,7 @@ void KvManager::Finish(PagedSequence& seq, std::span<const TokenId> tokens) {
   seq.SealWindow();
   Commit(seq, tokens, /*include_partial=*/true);
   std::lock_guard<std::mutex> lock(mu_);
-  for (PageId p : seq.pages_) pool_.Unref(p);
-  seq.pages_.clear();
-  for (auto& v : seq.k_ptr_) v.clear();
-  for (auto& v : seq.v_ptr_) v.clear();
+  seq.ReleaseAllLocked();
   seq.n_tokens_ = 0;
   seq.finished_ = true;
 }

@@ -64,6 +64,7 @@ class PagedSequence final : public SequenceKv {
   int64_t n_tokens() const override { return n_tokens_; }
   int64_t capacity() const override { return capacity_; }
   const KvShape& shape() const override;  // its manager's
+  // Compacted: room for n - n_tokens() more slots after each layer's last (SequenceKv).
   Status Reserve(int64_t n) override;
   void* KSlot(int layer, int64_t pos) override;
   void* VSlot(int layer, int64_t pos) override;
@@ -103,12 +104,33 @@ class PagedSequence final : public SequenceKv {
   KvManager& manager() const { return *manager_; }
   // Tokens reused from the cache when the sequence started.
   int64_t cached_tokens() const { return cached_tokens_; }
+  // Pages whose block b holds block b of every layer: all of them until a compaction, then
+  // the exact leading ones (the only ones Commit may hand the index).
   const std::vector<PageId>& block_table() const { return pages_; }
+  // Pages the sequence holds a reference to: the block table and, once compacted, the pages
+  // its layers' other blocks are packed into.
+  int64_t held_pages() const { return static_cast<int64_t>(pages_.size() + spill_.size()); }
 
  private:
   friend class KvManager;
   PagedSequence(KvManager* m, const Hash128& ns, int64_t capacity);
   void SetPage(size_t block, PageId p);  // updates the per-layer pointer tables
+  // Where a layer block past the block table lives: spill_[spill], layer slot `slot` (its K
+  // at PagePool::K(page, slot), its V at PagePool::V(page, slot)).
+  struct Loc {
+    uint32_t spill = 0;
+    uint32_t slot = 0;
+  };
+  void Point(int layer, size_t block, Loc loc);  // k_ptr_/v_ptr_[layer][block] at loc
+  // Compacted only: gives every layer the blocks for `extra` more slots, from free_ first,
+  // then from new pages. REQUIRES manager_->mu_; kResourceExhausted leaves it unchanged.
+  Status GrowLayersLocked(int64_t extra);
+  // Compacted only, after the slots moved: keeps the block table's first `natural` pages,
+  // and packs every layer's blocks past them (those its slot count uses) into as few pages as
+  // hold them, moving blocks out of the pages it gives back. Pages released are returned in
+  // `release` (the caller unrefs them under the manager's lock).
+  void Repack(size_t natural, std::vector<PageId>* release);
+  void ReleaseAllLocked();  // REQUIRES manager_->mu_
 
   KvManager* manager_;
   Hash128 ns_;
@@ -116,9 +138,22 @@ class PagedSequence final : public SequenceKv {
   int64_t n_tokens_ = 0;
   int64_t cached_tokens_ = 0;
   bool finished_ = false;
-  std::vector<PageId> pages_;                    // block table
-  std::vector<std::vector<const void*>> k_ptr_;  // [n_layer][block]
+  std::vector<PageId> pages_;                    // block table (see block_table())
+  // Per-layer block tables, the attention kernel's (View): [n_layer][block]. Block b < the
+  // block table's size is in pages_[b]; past it (compacted sequences), at loc_[layer][b -
+  // pages_.size()]. Layers hold different block counts once a per-layer budget compacted them.
+  std::vector<std::vector<const void*>> k_ptr_;
   std::vector<std::vector<const void*>> v_ptr_;
+  // Pages packed with any layer's blocks (compacted sequences; always the sequence's own, never
+  // in the index), how many of their slots are in use, the per-layer locations, and the free
+  // slots (taken from the back).
+  struct Spill {
+    PageId page;
+    int used = 0;
+  };
+  std::vector<Spill> spill_;
+  std::vector<std::vector<Loc>> loc_;  // [n_layer][block - pages_.size()]
+  std::vector<Loc> free_;
   SlotBook book_;  // after a compaction (n_tokens_ is then its longest layer); stride capacity_
   int64_t inexact_from_ = INT64_MAX;  // MarkInexactFrom's least n
   std::unique_ptr<KvWindow> tail_;    // windowed types only (KvShape::windowed())
@@ -149,8 +184,12 @@ class KvManager {
 
   // Compacts `seq` by a KV budget policy's plan (engine/kv_budget.h). The pages it shares with
   // the index from the plan's first changed slot on are copied first, so the index keeps the
-  // exact KV; then the plan is applied and the pages past the longest layer go back to the
-  // pool. From then on only the exact leading slots (exact_tokens()) are committed.
+  // exact KV; then the plan is applied. The pages holding the exact leading slots stay whole
+  // (every layer's block b in page b); past them each layer keeps only the blocks its slots
+  // use, packed into as few pages as hold them all (a page is n_layer x 2 blocks, any
+  // layer's in any of its slots), so a per-layer budget holds the memory of its total, not
+  // of its longest layer; the rest go back to the pool. From then on only the exact leading
+  // slots (exact_tokens()) are committed.
   // kResourceExhausted when the copies find no free pages, kInvalidArgument for a plan that
   // does not fit; nothing changes on error.
   Status Compact(PagedSequence& seq, const KeepPlan& plan, const kernels::RopeParams& rope,

@@ -43,6 +43,7 @@ class PagePool {
   const KvShape& shape() const { return shape_; }
   int page_tokens() const { return page_tokens_; }
   size_t page_bytes() const { return page_bytes_; }
+  size_t block_bytes() const { return layer_block_bytes_; }  // one layer's K (or V) of a page
   uint32_t pages_total() const { return n_pages_; }
   uint32_t pages_free() const { return static_cast<uint32_t>(free_.size()); }
   uint32_t pages_used() const { return n_pages_ - pages_free(); }
@@ -56,7 +57,8 @@ class PagePool {
   uint32_t RefCount(PageId p) const { return refs_[p.value]; }
 
   std::byte* Data(PageId p) { return base_ + static_cast<size_t>(p.value) * page_bytes_; }
-  // K (or V) of `layer` in page p: [page_tokens][n_kv_head][head_dim].
+  // K (or V) of `layer` in page p: [page_tokens][n_kv_head][head_dim]. (A compacted sequence
+  // may keep any layer's block in any of the n_layer slots: kv/kv_manager.h.)
   std::byte* K(PageId p, int layer) { return Data(p) + (2 * layer) * layer_block_bytes_; }
   std::byte* V(PageId p, int layer) { return Data(p) + (2 * layer + 1) * layer_block_bytes_; }
 

@@ -3,6 +3,8 @@
 // docs/kernels.md), on synthetic models of each exact weight type and on the trained model.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <random>
 
@@ -224,7 +226,9 @@ TEST(PagedCompactionTest, IndexStaysExactAndPagesGoBack) {
   EXPECT_EQ(seq->layer_tokens(c.n_layer - 1), 8 + 24 - (c.n_layer - 1));
   EXPECT_EQ(seq->next_position(), 100);
   EXPECT_EQ(seq->exact_tokens(), 8);
-  EXPECT_EQ(seq->block_table().size(), 2u);
+  // No whole exact page (8 < 16): every layer's 2 blocks are packed, n_layer to a page.
+  EXPECT_EQ(seq->block_table().size(), 0u);
+  EXPECT_EQ(seq->held_pages(), 2);
   EXPECT_GT(kvm.GetStats().cow_copies, 0u);
   // The index keeps its 6 exact pages; the sequence holds its 2 copies; the 7th page (the
   // prompt's partial one) went back to the pool.
@@ -247,6 +251,122 @@ TEST(PagedCompactionTest, IndexStaysExactAndPagesGoBack) {
   const GreedyRun warm = Greedy(engine, *warm_seq, prompt, 6);
   EXPECT_EQ(warm.tokens, cold.tokens);
   for (int i = 0; i < nv; ++i) ASSERT_NEAR(warm.first_logits[i], cold.first_logits[i], 1e-4);
+}
+
+// Per-layer budgets on paged KV: after a compaction that leaves the layers different slot
+// counts, the sequence holds the exact leading pages whole plus its layers' other blocks packed
+// (the pages of their total, not of the longest layer), every kept slot reads back the bytes a
+// contiguous sequence compacted by the same plan holds, and decoding on (layers taking blocks
+// from free slots, then from new pages) and compacting again keep both equal bit for bit.
+TEST(PagedCompactionTest, PerLayerBudgetsHoldThePagesOfTheirTotal) {
+  auto model = Model::Load(kShared + "/models/cachette-tiny-f32.gguf");
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const ModelConfig& c = (*model)->config();
+  const int L = c.n_layer;
+  ASSERT_GE(L, 2);
+  Engine engine(**model, EngineOptions{.threads = 2, .kv_type = KvType::kF16});
+  constexpr int64_t P = 16;
+  KvManagerOptions ko;
+  ko.shape = engine.kv_shape();
+  ko.page_tokens = P;
+  ko.budget_bytes = PagePool::PageBytes(ko.shape, P) * 64;
+  KvManager kvm(ko);
+  const Hash128 ns = KvNamespace(**model, KvType::kF16);
+  const unsigned seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::vector<TokenId> prompt(300);
+  for (auto& t : prompt) t = static_cast<TokenId>(1 + rng() % (c.n_vocab - 2));
+  auto seq = kvm.Start(ns, prompt, 400);
+  ContiguousKv twin(engine.kv_shape(), 400);
+  ASSERT_TRUE(engine.Forward(*seq, prompt, nullptr).ok());
+  ASSERT_TRUE(engine.Forward(twin, prompt, nullptr).ok());
+  kvm.Commit(*seq, prompt);
+  const uint32_t index_pages = 300 / P;
+  // Layer l keeps the first `exact` slots (the same in every layer: they stay exact), then a
+  // random ascending choice per head of the rest, fewer in deeper layers (a pyramid).
+  auto plan_for = [&](const SequenceKv& kv, int64_t exact, int64_t top) {
+    KeepPlan plan;
+    for (int l = 0; l < L; ++l) {
+      const int64_t n = kv.layer_tokens(l);
+      const int64_t keep = std::min(n, exact + std::max<int64_t>(1, (top - exact) * (L - l) / L));
+      plan.slots.emplace_back();
+      for (int h = 0; h < c.n_kv_head; ++h) {
+        std::vector<int64_t> rest;
+        for (int64_t i = exact; i < n; ++i) rest.push_back(i);
+        std::shuffle(rest.begin(), rest.end(), rng);
+        rest.resize(static_cast<size_t>(keep - exact));
+        std::vector<int64_t> k;
+        for (int64_t i = 0; i < exact; ++i) k.push_back(i);
+        std::sort(rest.begin(), rest.end());
+        k.insert(k.end(), rest.begin(), rest.end());
+        plan.slots.back().push_back(k);
+      }
+    }
+    return plan;
+  };
+  // Pages the packing should hold: the exact leading ones, and the other blocks L to a page.
+  auto want_pages = [&](int64_t natural) {
+    int64_t blocks = 0;
+    for (int l = 0; l < L; ++l) blocks += (seq->layer_tokens(l) + P - 1) / P - natural;
+    return natural + (blocks + L - 1) / L;
+  };
+  auto same_slots = [&] {
+    const size_t bytes = engine.kv_shape().token_bytes();
+    for (int l = 0; l < L; ++l) {
+      ASSERT_EQ(seq->layer_tokens(l), twin.layer_tokens(l)) << "layer " << l;
+      for (int64_t i = 0; i < seq->layer_tokens(l); ++i) {
+        ASSERT_EQ(std::memcmp(seq->KSlot(l, i), twin.KSlot(l, i), bytes), 0) << l << " " << i;
+        ASSERT_EQ(std::memcmp(seq->VSlot(l, i), twin.VSlot(l, i), bytes), 0) << l << " " << i;
+      }
+    }
+  };
+  const int nv = c.n_vocab;
+  std::vector<float> la(nv), lb(nv);
+  auto decode = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      const TokenId next[1] = {static_cast<TokenId>(1 + rng() % (nv - 2))};
+      ASSERT_TRUE(engine.Forward(*seq, next, la.data()).ok());
+      ASSERT_TRUE(engine.Forward(twin, next, lb.data()).ok());
+      ASSERT_EQ(la, lb) << "decode step " << i;
+    }
+  };
+
+  // The exact leading slots: the plan's first `exact`, more when the random choice happens to
+  // keep the next ones in place in every layer and head.
+  const KeepPlan first = plan_for(*seq, 40, 200);  // 40 exact: at least 2 whole pages
+  ASSERT_TRUE(kvm.Compact(*seq, first, c.rope, nullptr).ok());
+  ASSERT_TRUE(twin.Compact(first, c.rope, nullptr).ok());
+  EXPECT_GE(seq->exact_tokens(), 40);
+  int64_t natural = seq->exact_tokens() / P;
+  EXPECT_EQ(static_cast<int64_t>(seq->block_table().size()), natural);
+  EXPECT_EQ(seq->held_pages(), want_pages(natural));
+  EXPECT_LT(seq->held_pages(), (seq->n_tokens() + P - 1) / P);  // less than the longest layer
+  // The whole exact pages are the index's too.
+  EXPECT_EQ(kvm.GetStats().pages_used, index_pages + seq->held_pages() - natural);
+  same_slots();
+  // 40 decode steps cross block boundaries in every layer: free slots first, then new pages.
+  decode(40);
+  same_slots();
+  EXPECT_EQ(kvm.GetStats().pages_used, index_pages + seq->held_pages() - natural);
+
+  // Compact again from slot 20 on (the exact part shrinks to 1 whole page, or stays).
+  const KeepPlan second = plan_for(*seq, 20, 120);
+  ASSERT_TRUE(kvm.Compact(*seq, second, c.rope, nullptr).ok());
+  ASSERT_TRUE(twin.Compact(second, c.rope, nullptr).ok());
+  EXPECT_GE(seq->exact_tokens(), 20);
+  natural = seq->exact_tokens() / P;
+  EXPECT_EQ(static_cast<int64_t>(seq->block_table().size()), natural);
+  EXPECT_EQ(seq->held_pages(), want_pages(natural));
+  EXPECT_EQ(kvm.GetStats().pages_used, index_pages + seq->held_pages() - natural);
+  same_slots();
+  decode(20);
+  same_slots();
+
+  // Finishing gives every page back but the index's; the index still holds the exact prompt.
+  kvm.Finish(*seq, prompt);
+  EXPECT_EQ(kvm.GetStats().pages_used, index_pages);
+  EXPECT_EQ(kvm.CachedPrefix(ns, prompt), 300 / P * P);
 }
 
 // Segment reuse over a paged sequence that starts from the radix index's cached pages: placing

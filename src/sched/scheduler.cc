@@ -32,7 +32,7 @@ struct Scheduler::Seq {
   int64_t program_ns = 0;        // its program's arrival (kProgram order), else submit_ns
   int64_t deadline_ns = 0;       // submit + deadline_ms (0: no objective)
   int64_t capacity = 0;         // prompt + max_tokens, within the context
-  int64_t forecast_blocks = 0;  // pages the block table will have at most
+  int64_t forecast_blocks = 0;  // pages it will hold at most (held_pages())
   bool cow_pending = false;     // its first write lands in a shared page (one more page)
   KvManager* pool = nullptr;    // the page pool of its KV: kv_, or session_kv_ for a session
   std::unique_ptr<PagedSequence> kv;
@@ -255,6 +255,13 @@ int64_t Scheduler::PolicyCapacity(const KvPolicy& policy, int64_t budget, int64_
   return std::max<int64_t>(1, std::min(prompt_len + max_tokens, bound));
 }
 
+int64_t Scheduler::CompactionCopies(const KvPolicy* policy, int64_t budget, int64_t capacity,
+                                    int64_t page_tokens) const {
+  if (policy == nullptr) return 0;
+  const int64_t kept = policy->MaxLayerKept(budget, engine_.model().config().n_layer);
+  return CeilDiv(std::min(capacity, kept), page_tokens);
+}
+
 Status Scheduler::CompactPolicy(Seq& s) {
   const ModelConfig& c = engine_.model().config();
   KvPolicyInput in;
@@ -271,6 +278,16 @@ Status Scheduler::CompactPolicy(Seq& s) {
                          .WithContext("kv_policy " + std::string(s.policy->name())));
   s.stats.ClearWindow();
   s.since_compaction = 0;
+  if (s.state == Seq::State::kDecode) {
+    // From the prompt's compaction on, the sequence holds at most its budget per layer on
+    // average (per-layer budgets sum to n_layer x budget; the paged KV packs layers' blocks,
+    // KvManager::Compact) plus the decode tokens until the next compaction: that many pages,
+    // plus one for each layer's partial block (n_layer partial blocks fill at most one page
+    // more), is what it may still need, not its whole prompt.
+    const int64_t P = s.pool->page_tokens();
+    s.forecast_blocks =
+        std::min(s.forecast_blocks, CeilDiv(s.policy_budget + kPolicySlack + 1, P) + 1);
+  }
   return Status::Ok();
 }
 
@@ -335,7 +352,7 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
                            std::to_string(request.gen.max_tokens) + " in the completion)");
   }
   const int64_t P = pool.page_tokens();
-  const int64_t blocks = CeilDiv(capacity, P);
+  const int64_t blocks = CeilDiv(capacity, P) + CompactionCopies(policy.get(), budget, capacity, P);
   const uint32_t total = pool.GetStats().pages_total;
   if (blocks > total) {
     return InvalidArgument("the prompt and max_tokens need " + std::to_string(blocks) +
@@ -360,7 +377,7 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
     s->policy_budget = budget;
     s->policy_block = block;
   }
-  s->forecast_blocks = CeilDiv(s->capacity, P);
+  s->forecast_blocks = blocks;
   s->tokens = s->req.prompt;
   s->submit_ns = NowNanos();
   s->program_ns = s->submit_ns;
@@ -606,7 +623,7 @@ SeqLoad Scheduler::LoadOf(const Seq& s) const {
   l.tokens = std::max(s.kv ? s.kv->n_tokens() : 0, s.prompt_len);
   l.generated = s.generated;
   l.max_output = std::max<int64_t>(s.capacity - s.orig_prompt_len, s.generated + 1);
-  l.held_pages = s.kv ? static_cast<int64_t>(s.kv->block_table().size()) : 0;
+  l.held_pages = s.kv ? s.kv->held_pages() : 0;
   return l;
 }
 
@@ -642,7 +659,9 @@ void Scheduler::SegmentPrefill(Seq& s) {
   if (s.fed() < static_cast<int64_t>(context.size())) {
     const int64_t context_computed = static_cast<int64_t>(context.size()) - s.fed();
     Status st = s.kv->Reserve(static_cast<int64_t>(context.size()));
-    if (st.ok()) st = engine_.Forward(*s.kv, context.subspan(static_cast<size_t>(s.fed())), nullptr);
+    if (st.ok()) {
+      st = engine_.Forward(*s.kv, context.subspan(static_cast<size_t>(s.fed())), nullptr);
+    }
     if (!st.ok()) {
       if (!RetrySegmentPrefill(s, st)) Finish(s, Reason::kCancelled, st);
       return;
@@ -781,8 +800,8 @@ void Scheduler::ApePrefill(Seq& s) {
     if (!s.resumed) {
       int64_t drop = std::min(s.fed(), s.prompt_len - 1) - p;
       s.usage.cached_tokens -= drop;
-      for (auto it = s.usage.cached_by_tier.rbegin(); drop > 0 && it != s.usage.cached_by_tier.rend();
-           ++it) {
+      auto& tiers = s.usage.cached_by_tier;
+      for (auto it = tiers.rbegin(); drop > 0 && it != tiers.rend(); ++it) {
         const int64_t take = std::min(drop, it->tokens);
         it->tokens -= take;
         drop -= take;
@@ -1072,7 +1091,9 @@ void Scheduler::Preempt(Seq& v) {
     v.policy_block = PrefillBlock(*v.policy, v.policy_budget, v.prompt_len, n_ctx_);
     v.capacity = PolicyCapacity(*v.policy, v.policy_budget, v.policy_block, v.prompt_len,
                                 std::max<int64_t>(1, v.req.gen.max_tokens - v.generated));
-    v.forecast_blocks = CeilDiv(v.capacity, v.pool->page_tokens());
+    const int64_t P = v.pool->page_tokens();
+    v.forecast_blocks = CeilDiv(v.capacity, P) +
+                        CompactionCopies(v.policy.get(), v.policy_budget, v.capacity, P);
   }
   v.state = Seq::State::kQueued;
   v.resumed = true;
@@ -1116,7 +1137,7 @@ bool Scheduler::PreemptFor(const Seq& s, int64_t short_pages) {
 }
 
 int64_t Scheduler::Outstanding(const Seq& s) const {
-  const int64_t held = s.kv ? static_cast<int64_t>(s.kv->block_table().size()) : 0;
+  const int64_t held = s.kv ? s.kv->held_pages() : 0;
   return std::max<int64_t>(0, s.forecast_blocks - held) + (s.cow_pending ? 1 : 0);
 }
 
@@ -1449,9 +1470,9 @@ void Scheduler::Step() {
     if (s->policy != nullptr) {
       // A chunk ends at the prompt's end or the block's, and the chunk that ends it holds the
       // whole observation window (finishing it may overrun the step by less than a window).
-      const int64_t end = s->policy_block > 0
-                              ? std::min(s->prompt_len, (done / s->policy_block + 1) * s->policy_block)
-                              : s->prompt_len;
+      const int64_t block = s->policy_block;
+      const int64_t end =
+          block > 0 ? std::min(s->prompt_len, (done / block + 1) * block) : s->prompt_len;
       const int64_t rest = end - done;
       n = rest <= left + s->policy->stats_window() ? rest : left;
     }

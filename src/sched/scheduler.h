@@ -331,6 +331,11 @@ class Scheduler {
   int64_t PolicyCapacity(const KvPolicy& policy, int64_t budget, int64_t block,
                          int64_t prompt_len, int64_t max_tokens) const;
   Status CompactPolicy(Seq& s);
+  // Pages a policy sequence copies, for a moment, when it compacts slots it shares with the
+  // index (its prompt's, committed first): those its longest kept layer is written to
+  // (KvManager::Compact). Its forecast holds them beside its prompt's pages.
+  int64_t CompactionCopies(const KvPolicy* policy, int64_t budget, int64_t capacity,
+                           int64_t page_tokens) const;
   // Segment reuse (see the header comment): whether `s` takes that path, and its prefill.
   bool UsesSegments(const Seq& s) const;
   void SegmentPrefill(Seq& s);

@@ -37,7 +37,7 @@ using sched_test::Trained;
 // on a synthetic Q4_0 model with the same vocabulary (TrainedQ8_0, SynthQ4_0).
 const Model& TrainedQ8_0() {
   static std::unique_ptr<Model> m = [] {
-    auto r = Model::Load(std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-q8_0.gguf");
+    auto r = Model::Load(sched_test::SharedPath("/models/cachette-tiny-q8_0.gguf"));
     CT_CHECK(r.ok()) << r.status().ToString();
     return std::move(*r);
   }();
@@ -53,7 +53,7 @@ const Model& SynthQ4_0() {
     SynthOptions o;
     o.type = kernels::WType::kQ4_0;
     o.arch = "llama";
-    o.vocab_path = std::string(CACHETTE_SHARED_DIR) + "/models/cachette-tiny-vocab.gguf";
+    o.vocab_path = sched_test::SharedPath("/models/cachette-tiny-vocab.gguf");
     o.n_vocab_cut = static_cast<int>(Trained().config().n_vocab);
     Status st = SynthesizeModel(o, path);
     CT_CHECK(st.ok()) << st.ToString();
@@ -1054,7 +1054,8 @@ TEST_F(SchedulerPolicyTest, PolicyRequestsMatchTheRunnerAndLeaveAnExactPrefix) {
   so.step_tokens = 64;  // the prompt is prefilled in chunks; the last holds the window
   Build(512, so);
   const auto prompt = policy_test::LongPrompt(160);
-  for (const char* name : {"snapkv", "h2o", "streamingllm", "pyramidkv", "elastic"}) {
+  for (const char* name : {"snapkv", "h2o", "streamingllm", "pyramidkv", "cake", "lacache",
+                           "elastic"}) {
     KvPolicyConfig pc;
     pc.name = name;
     pc.budget = 0.3;
@@ -1103,6 +1104,52 @@ TEST_F(SchedulerPolicyTest, StreamingReadsAndGeneratesPastTheContext) {
   snap.kv_policy.name = "snapkv";
   EXPECT_NE(sched_->Submit(std::move(snap)).status().message().find("reassigns positions"),
             std::string::npos);
+}
+
+// Admission counts a policy sequence's kept budget once it has compacted its prompt, not its
+// prompt: in a pool of 22 pages, a second 160-token request (10 pages, 4 more for its
+// compaction's copies) runs beside a first one that has compacted its 10 pages to a per-layer
+// budget of 48 tokens (its layers packed into about 4 pages, 6 forecast), where counting the
+// first one's prompt would leave room for about 8. Both give the runner's tokens.
+TEST_F(SchedulerPolicyTest, AdmissionCountsTheKeptBudgetAfterThePrompt) {
+  SchedulerOptions so;
+  so.step_tokens = 64;
+  Build(22, so);
+  const auto prompt = policy_test::LongPrompt(160);
+  KvPolicyConfig pc;
+  pc.name = "pyramidkv";
+  pc.budget = 48;
+  SchedRequest a = Req(prompt, 120, "a");
+  a.gen.ignore_eos = true;
+  a.kv_policy = pc;
+  auto sa = sched_->Submit(std::move(a));
+  ASSERT_TRUE(sa.ok()) << sa.status().ToString();
+  StreamEvent e;
+  ASSERT_TRUE((*sa)->Next(&e, std::chrono::milliseconds(60000)));  // compacted, decoding
+  ASSERT_EQ(e.kind, StreamEvent::Kind::kToken) << e.error.ToString();
+  std::vector<TokenId> a_tokens = {e.token};
+  SchedRequest b = Req(prompt, 4, "b");  // another tenant: nothing shared
+  b.gen.ignore_eos = true;
+  b.kv_policy = pc;
+  auto sb = sched_->Submit(std::move(b));
+  ASSERT_TRUE(sb.ok()) << sb.status().ToString();
+  const Collected cb = Collect(**sb);
+  ASSERT_EQ(cb.last.kind, StreamEvent::Kind::kDone) << cb.last.error.ToString();
+  // The first request (119 tokens to go when the second came) is still running.
+  bool a_done = false;
+  while ((*sa)->Next(&e, std::chrono::milliseconds(0))) {
+    if (e.kind != StreamEvent::Kind::kToken) {
+      a_done = true;
+      break;
+    }
+    a_tokens.push_back(e.token);
+  }
+  EXPECT_FALSE(a_done) << "the second request waited for the first";
+  const Collected ca = a_done ? Collected{} : Collect(**sa);
+  ASSERT_EQ(ca.last.kind, StreamEvent::Kind::kDone) << ca.last.error.ToString();
+  a_tokens.insert(a_tokens.end(), ca.tokens.begin(), ca.tokens.end());
+  EXPECT_EQ(a_tokens, PolicyReference(prompt, 120, pc));
+  EXPECT_EQ(cb.tokens, PolicyReference(prompt, 4, pc));
 }
 
 TEST_F(SchedulerPolicyTest, BadPoliciesAreRefusedNamingTheField) {
