@@ -67,8 +67,123 @@ Status Engine::Forward(SequenceKv& kv, std::span<const TokenId> tokens, float* l
   return Forward(std::span<Item>(&item, 1));
 }
 
-Status Engine::Forward(std::span<Item> batch) {
+Status Engine::CheckTokens(const SequenceKv& kv, std::span<const TokenId> tokens,
+                           const std::string& where) const {
   const ModelConfig& c = model_.config();
+  for (TokenId t : tokens) {
+    if (t < 0 || t >= c.n_vocab) {
+      return InvalidArgument(where + ": token id " + std::to_string(t) +
+                             " is outside the vocabulary [0, " + std::to_string(c.n_vocab) + ")");
+    }
+  }
+  const int64_t last_pos = kv.next_position() + static_cast<int64_t>(tokens.size());
+  if (last_pos > c.n_ctx_train) {
+    return InvalidArgument(where + ": " + std::to_string(last_pos) +
+                           " tokens exceed the model's context of " +
+                           std::to_string(c.n_ctx_train));
+  }
+  return Status::Ok();
+}
+
+void Engine::SizeStats(const SequenceKv& kv, AttentionStats* stats) const {
+  const ModelConfig& c = model_.config();
+  if (stats != nullptr && (stats->capacity != kv.capacity() || stats->n_layer != c.n_layer)) {
+    stats->Resize(c.n_layer, c.n_kv_head, kv.capacity());
+  }
+}
+
+void Engine::AddStats(AttentionStats* stats, int layer, int64_t total, int64_t begin,
+                      int64_t count, int64_t row0, int64_t slot0, const kernels::KvView& view,
+                      const float* q) {
+  if (stats == nullptr || (stats->window == 0 && !stats->cumulative)) return;
+  const ModelConfig& c = model_.config();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<int64_t>& rows = scratch_->stat_rows;
+  // Rows feeding the statistics: all of them for cumulative sums, otherwise those among the
+  // item's last `window` tokens.
+  const int64_t first_win = total - stats->window;
+  rows.clear();
+  bool any_window = false;
+  for (int64_t j = 0; j < count; ++j) {
+    const bool in_window = stats->window > 0 && begin + j >= first_win;
+    any_window |= in_window;
+    if (in_window || stats->cumulative) rows.push_back(row0 + j);
+  }
+  if (rows.empty()) return;
+  // Window rows are a suffix of the slice: accumulate the cumulative sums over every row, then
+  // the window sums over the suffix.
+  if (stats->cumulative) {
+    AccumulateAttention(q, c.n_head, rows, row0, slot0, view, scale, layer, false, true, *stats,
+                        *pool_);
+  }
+  if (any_window) {
+    std::vector<int64_t> win;
+    for (int64_t row : rows) {
+      if (begin + (row - row0) >= first_win) win.push_back(row);
+    }
+    AccumulateAttention(q, c.n_head, win, row0, slot0, view, scale, layer, true, false, *stats,
+                        *pool_);
+  }
+}
+
+Status Engine::ForwardLayerMajor(SequenceKv& kv, std::span<const TokenId> tokens, float* logits,
+                                 AttentionStats* stats,
+                                 const std::function<Status(int layer)>& after_layer) {
+  CT_ASSIGN_OR_RETURN(auto pass, LayerPass::Start(*this, kv, tokens, stats));
+  return pass->Run(model_.config().n_layer, after_layer, logits);
+}
+
+Result<std::unique_ptr<Engine::LayerPass>> Engine::LayerPass::Start(
+    Engine& engine, SequenceKv& kv, std::span<const TokenId> tokens, AttentionStats* stats) {
+  if (tokens.empty()) return InvalidArgument("layer-major pass: no tokens");
+  CT_RETURN_IF_ERROR(engine.CheckTokens(kv, tokens, "layer-major pass"));
+  engine.SizeStats(kv, stats);
+  std::unique_ptr<LayerPass> p(new LayerPass(engine, kv, stats));
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  p->x_.resize(static_cast<size_t>(n * engine.model_.config().d_model));
+  p->pos_.resize(static_cast<size_t>(n));
+  const int64_t pos0 = kv.next_position();
+  for (int64_t j = 0; j < n; ++j) p->pos_[j] = static_cast<int32_t>(pos0 + j);
+  engine.Embed(tokens, p->x_.data());
+  return p;
+}
+
+bool Engine::LayerPass::done() const { return next_ == engine_.model_.config().n_layer; }
+
+Status Engine::LayerPass::Run(int layers, const std::function<Status(int layer)>& after_layer,
+                              float* logits) {
+  Engine& e = engine_;
+  const ModelConfig& c = e.model_.config();
+  const int64_t n = static_cast<int64_t>(pos_.size());
+  const int64_t d = c.d_model;
+  const int64_t step = std::max<int64_t>(1, e.options_.max_batch_tokens);
+  for (int k = 0; k < std::max(1, layers) && !done(); ++k) {
+    const int layer = next_;
+    CT_RETURN_IF_ERROR(kv_.ReserveLayer(layer, n).WithContext("layer-major pass"));
+    const int64_t base = kv_.layer_tokens(layer);
+    // Micro-batches of the layer: each attends to the slots the earlier ones stored.
+    for (int64_t b = 0; b < n; b += step) {
+      const int64_t m = std::min(step, n - b);
+      const Engine::Run run{&kv_, m, base + b};
+      auto after = [&](size_t, int64_t slot0, const kernels::KvView& view, const float* q) {
+        e.AddStats(stats_, layer, n, b, m, 0, slot0, view, q);
+      };
+      e.RunLayer(layer, x_.data() + b * d, m, pos_.data() + b,
+                 std::span<const Engine::Run>(&run, 1), after);
+    }
+    kv_.AppendLayer(layer, n);
+    ++next_;
+    if (after_layer) CT_RETURN_IF_ERROR(after_layer(layer));
+  }
+  if (done()) {
+    kv_.AppendPositions(n);
+    if (logits != nullptr) e.RowLogits(x_.data() + (n - 1) * d, logits);
+    x_ = std::vector<float>();
+  }
+  return Status::Ok();
+}
+
+Status Engine::Forward(std::span<Item> batch) {
   std::unordered_set<SequenceKv*> seen;
   for (size_t i = 0; i < batch.size(); ++i) {
     const Item& it = batch[i];
@@ -79,25 +194,10 @@ Status Engine::Forward(std::span<Item> batch) {
     if (it.logits != Logits::kNone && it.logits_out == nullptr) {
       return InvalidArgument(where + ": logits requested without an output buffer");
     }
-    for (TokenId t : it.tokens) {
-      if (t < 0 || t >= c.n_vocab) {
-        return InvalidArgument(where + ": token id " + std::to_string(t) +
-                               " is outside the vocabulary [0, " + std::to_string(c.n_vocab) +
-                               ")");
-      }
-    }
+    CT_RETURN_IF_ERROR(CheckTokens(*it.kv, it.tokens, where));
     const int64_t n_new = static_cast<int64_t>(it.tokens.size());
-    const int64_t last_pos = it.kv->next_position() + n_new;
-    if (last_pos > c.n_ctx_train) {
-      return InvalidArgument(where + ": " + std::to_string(last_pos) +
-                             " tokens exceed the model's context of " +
-                             std::to_string(c.n_ctx_train));
-    }
     CT_RETURN_IF_ERROR(it.kv->Reserve(it.kv->n_tokens() + n_new).WithContext(where));
-    if (it.stats != nullptr && (it.stats->capacity != it.kv->capacity() ||
-                                it.stats->n_layer != c.n_layer)) {
-      it.stats->Resize(c.n_layer, c.n_kv_head, it.kv->capacity());
-    }
+    SizeStats(*it.kv, it.stats);
   }
   // Split into micro-batches of at most max_batch_tokens, taking items in order and chunking
   // long ones. begin[i]/count[i]: the slice of item i's tokens in this micro-batch.
@@ -146,37 +246,12 @@ Status Engine::ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_
 
   std::vector<Run> runs(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) runs[i] = Run{batch[i].kv, count[i], -1};
-  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   for (int layer = 0; layer < c.n_layer; ++layer) {
     // Attention statistics for a KV budget policy, after each item's attention.
     auto stats = [&](size_t i, int64_t slot0, const kernels::KvView& view, const float* q) {
       const Item& it = batch[i];
-      if (it.stats == nullptr || (it.stats->window == 0 && !it.stats->cumulative)) return;
-      // Rows feeding the statistics: all of them for cumulative sums, otherwise those among
-      // the item's last `window` tokens.
-      const int64_t first_win = static_cast<int64_t>(it.tokens.size()) - it.stats->window;
-      s.stat_rows.clear();
-      bool any_window = false;
-      for (int64_t j = 0; j < count[i]; ++j) {
-        const bool in_window = it.stats->window > 0 && begin[i] + j >= first_win;
-        any_window |= in_window;
-        if (in_window || it.stats->cumulative) s.stat_rows.push_back(row0[i] + j);
-      }
-      if (s.stat_rows.empty()) return;
-      // Window rows are a suffix of the micro-batch slice: accumulate the cumulative sums
-      // over every row, then the window sums over the suffix.
-      if (it.stats->cumulative) {
-        AccumulateAttention(q, c.n_head, s.stat_rows, row0[i], slot0, view, scale, layer, false,
-                            true, *it.stats, pool);
-      }
-      if (any_window) {
-        std::vector<int64_t> win;
-        for (int64_t row : s.stat_rows) {
-          if (begin[i] + (row - row0[i]) >= first_win) win.push_back(row);
-        }
-        AccumulateAttention(q, c.n_head, win, row0[i], slot0, view, scale, layer, true, false,
-                            *it.stats, pool);
-      }
+      AddStats(it.stats, layer, static_cast<int64_t>(it.tokens.size()), begin[i], count[i],
+               row0[i], slot0, view, q);
     };
     RunLayer(layer, x, n, s.pos.data(), runs, stats);
   }

@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "cachette/status.h"
@@ -70,6 +71,46 @@ class Engine {
   // Convenience: one sequence, logits of the last token into `logits` (may be null).
   Status Forward(SequenceKv& kv, std::span<const TokenId> tokens, float* logits);
 
+  // The same pass over one sequence a layer at a time: every token through layer 0 (in
+  // micro-batches), then layer 1, ..., each layer's slots reserved just before it is read
+  // (SequenceKv::ReserveLayer) and `after_layer(l)` (may be empty) called once layer l's KV is
+  // stored and its statistics collected, so the caller may compact layers [0, l] before the
+  // next is read (CAKE's cascade: peak KV the kept total plus one layer). The same logits as
+  // Forward() to float rounding. On error the sequence is left part-read: discard it.
+  Status ForwardLayerMajor(SequenceKv& kv, std::span<const TokenId> tokens, float* logits,
+                           AttentionStats* stats,
+                           const std::function<Status(int layer)>& after_layer);
+
+  // ForwardLayerMajor in steps (the scheduler reads a cascading prompt a few layers per step,
+  // between other requests' batches): the residual rows of every token (tokens x d_model
+  // floats) wait here between steps. The engine, sequence and statistics (may be null) must
+  // outlive it; nothing else may write the sequence until it is done.
+  class LayerPass {
+   public:
+    // Validates and embeds the tokens (kInvalidArgument as Forward would).
+    static Result<std::unique_ptr<LayerPass>> Start(Engine& engine, SequenceKv& kv,
+                                                    std::span<const TokenId> tokens,
+                                                    AttentionStats* stats);
+    // The next layer to read; done() once every layer is.
+    int next_layer() const { return next_; }
+    bool done() const;
+    int64_t tokens() const { return static_cast<int64_t>(pos_.size()); }
+    // Reads the next `layers` layers (at least one), after_layer(l) (may be empty) after each.
+    // Once the last is read, the tokens' positions are appended and `logits` (may be null)
+    // receives the last token's.
+    Status Run(int layers, const std::function<Status(int layer)>& after_layer, float* logits);
+
+   private:
+    LayerPass(Engine& engine, SequenceKv& kv, AttentionStats* stats)
+        : engine_(engine), kv_(kv), stats_(stats) {}
+    Engine& engine_;
+    SequenceKv& kv_;
+    AttentionStats* stats_;
+    std::vector<float> x_;  // [tokens][d_model]
+    std::vector<int32_t> pos_;
+    int next_ = 0;
+  };
+
   // ---- The forward pass a layer at a time, for callers that compute only some of a
   // sequence's tokens, at slots they choose (segment reuse, engine/segment_reuse.h). Forward()
   // is these steps over every new token. The caller validates tokens, reserves slots and, at
@@ -114,6 +155,17 @@ class Engine {
                float* v);
   Status ForwardMicroBatch(std::span<Item> batch, const std::vector<int64_t>& begin,
                            const std::vector<int64_t>& count);
+  // kInvalidArgument (prefixed by `where`) for a token outside the vocabulary or tokens that
+  // would run past the model's context after kv's next position.
+  Status CheckTokens(const SequenceKv& kv, std::span<const TokenId> tokens,
+                     const std::string& where) const;
+  // Sizes `stats` (may be null) to kv's capacity and the model's layers.
+  void SizeStats(const SequenceKv& kv, AttentionStats* stats) const;
+  // Adds to `stats` (may be null) the attention of a layer's rows [row0, row0 + count), which
+  // hold tokens [begin, begin + count) of a run of `total` new tokens: every row's when it
+  // collects cumulative sums, the rows of the run's last stats->window tokens to the window.
+  void AddStats(AttentionStats* stats, int layer, int64_t total, int64_t begin, int64_t count,
+                int64_t row0, int64_t slot0, const kernels::KvView& view, const float* q);
 
   const Model& model_;
   EngineOptions options_;

@@ -1,4 +1,5 @@
-// ContiguousKv under a budget, compaction and attention statistics (engine/kv_budget.h), on the trained model.
+// ContiguousKv under a budget, compaction and attention statistics (engine/kv_budget.h), and
+// the layer-at-a-time pass, on the trained model.
 #include "engine/kv_budget.h"
 
 #include <gtest/gtest.h>
@@ -295,6 +296,93 @@ TEST(KvBudgetTest, EngineCollectsTheWindowOfTheLastTokensOnly) {
     EXPECT_NEAR(total, 20.0 * group * c.n_kv_head, 1e-3);
     for (int h = 0; h < c.n_kv_head; ++h) EXPECT_EQ(st.Cum(l, h)[0], 0.0f);  // not asked
   }
+}
+
+// Engine::ForwardLayerMajor is Forward a layer at a time: with the same micro-batches, the same
+// logits, KV and statistics bit for bit; each layer is reserved just before it is read and
+// reported once stored; a decode step after it is the same too; what it cannot read is refused.
+TEST(KvBudgetTest, ALayerMajorPassIsTheForwardPassALayerAtATime) {
+  Engine engine(Trained(), {.threads = 2, .kv_type = kernels::KvType::kF16,
+                            .max_batch_tokens = 32});  // 4 micro-batches per layer
+  const auto& c = Trained().config();
+  const int L = c.n_layer;
+  const int nv = c.n_vocab;
+  const auto toks = RandomTokens(100, 21);
+  ContiguousKv a(engine.kv_shape(), 128), b(engine.kv_shape(), 128);
+  AttentionStats sa, sb;
+  sa.window = sb.window = 20;
+  sa.cumulative = sb.cumulative = true;
+  std::vector<float> la(nv), lb(nv);
+  Engine::Item item{&a, toks, Engine::Logits::kLast, la.data(), &sa};
+  ASSERT_TRUE(engine.Forward(std::span(&item, 1)).ok());
+  int calls = 0;
+  auto after = [&](int layer) {
+    EXPECT_EQ(layer, calls++);
+    EXPECT_EQ(b.layer_tokens(layer), 100);
+    if (layer + 1 < L) {
+      EXPECT_EQ(b.layer_tokens(layer + 1), 0);
+    }
+    EXPECT_EQ(b.next_position(), 0);  // positions move once every layer is read
+    return Status::Ok();
+  };
+  ASSERT_TRUE(engine.ForwardLayerMajor(b, toks, lb.data(), &sb, after).ok());
+  EXPECT_EQ(calls, L);
+  EXPECT_EQ(la, lb);
+  EXPECT_EQ(b.n_tokens(), 100);
+  EXPECT_EQ(b.next_position(), 100);
+  EXPECT_EQ(b.tokens_seen(), 100);
+  const size_t bytes = engine.kv_shape().token_bytes();
+  for (int l = 0; l < L; ++l) {
+    for (int64_t i = 0; i < 100; ++i) {
+      ASSERT_EQ(std::memcmp(a.KSlot(l, i), b.KSlot(l, i), bytes), 0) << l << " " << i;
+      ASSERT_EQ(std::memcmp(a.VSlot(l, i), b.VSlot(l, i), bytes), 0) << l << " " << i;
+    }
+    EXPECT_EQ(sa.win_rows[l], sb.win_rows[l]);
+    EXPECT_EQ(sa.win_sum[l], sb.win_sum[l]);
+    EXPECT_EQ(sa.win_sq[l], sb.win_sq[l]);
+    EXPECT_EQ(sa.cum[l], sb.cum[l]);
+  }
+  // The same pass in steps of two layers (Engine::LayerPass): the same logits and KV.
+  ContiguousKv stepped(engine.kv_shape(), 128);
+  auto pass = Engine::LayerPass::Start(engine, stepped, toks, nullptr);
+  ASSERT_TRUE(pass.ok()) << pass.status().ToString();
+  std::vector<float> lc(nv);
+  int steps = 0;
+  while (!(*pass)->done()) {
+    EXPECT_EQ((*pass)->next_layer(), 2 * steps);
+    ASSERT_TRUE((*pass)->Run(2, {}, lc.data()).ok());
+    ++steps;
+    EXPECT_EQ(stepped.next_position(), (*pass)->done() ? 100 : 0);
+  }
+  EXPECT_EQ(steps, (L + 1) / 2);
+  EXPECT_EQ(lc, lb);
+  for (int64_t i = 0; i < 100; ++i) {
+    ASSERT_EQ(std::memcmp(stepped.KSlot(L - 1, i), b.KSlot(L - 1, i), bytes), 0) << i;
+  }
+  const TokenId next[1] = {toks[3]};
+  ASSERT_TRUE(engine.Forward(a, next, la.data()).ok());
+  ASSERT_TRUE(engine.Forward(b, next, lb.data()).ok());
+  EXPECT_EQ(la, lb);
+
+  // A token outside the vocabulary, a pass past the context, a windowed KV type: refused.
+  ContiguousKv fresh(engine.kv_shape(), 128);
+  const TokenId bad[2] = {1, static_cast<TokenId>(nv)};
+  Status st = engine.ForwardLayerMajor(fresh, bad, nullptr, nullptr, {});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("vocabulary"), std::string::npos) << st.message();
+  Engine kivi(Trained(), {.threads = 2, .kv_type = kernels::KvType::kKivi4});
+  ContiguousKv windowed(kivi.kv_shape(), 128);
+  st = kivi.ForwardLayerMajor(windowed, toks, nullptr, nullptr, {});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("a layer at a time"), std::string::npos) << st.message();
+  // An error from after_layer stops the pass and comes back.
+  ContiguousKv stopped(engine.kv_shape(), 128);
+  st = engine.ForwardLayerMajor(stopped, toks, nullptr, nullptr,
+                                [](int layer) {
+                                  return layer == 1 ? ResourceExhausted("stop here") : Status::Ok();
+                                });
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(stopped.layer_tokens(2), 0);
 }
 
 TEST(KvBudgetTest, ValidateNamesTheProblem) {

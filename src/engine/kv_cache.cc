@@ -19,18 +19,30 @@ int64_t SlotBook::TotalSlots(int n_layer, int64_t n) const {
 void SlotBook::Start(const KvShape& shape, int64_t stride, int64_t n) {
   if (compacted) return;
   layer_n.assign(shape.n_layer, n);
-  weight.assign(shape.n_layer, std::vector<float>(static_cast<size_t>(shape.n_kv_head * stride), 1.0f));
+  weight.assign(shape.n_layer,
+                std::vector<float>(static_cast<size_t>(shape.n_kv_head * stride), 1.0f));
   next_pos = seen = exact = n;
 }
 
 int64_t SlotBook::Append(int n_kv_head, int64_t stride, int64_t n, int64_t count) {
   if (!compacted) return n + count;
   for (size_t l = 0; l < layer_n.size(); ++l) {
-    for (int h = 0; h < n_kv_head; ++h) {
-      std::fill_n(weight[l].begin() + h * stride + layer_n[l], count, 1.0f);
-    }
-    layer_n[l] += count;
+    AppendLayer(n_kv_head, stride, static_cast<int>(l), count);
   }
+  return AppendPositions(count);
+}
+
+int64_t SlotBook::AppendLayer(int n_kv_head, int64_t stride, int layer, int64_t count) {
+  CT_CHECK(compacted);
+  for (int h = 0; h < n_kv_head; ++h) {
+    std::fill_n(weight[layer].begin() + h * stride + layer_n[layer], count, 1.0f);
+  }
+  layer_n[layer] += count;
+  return *std::max_element(layer_n.begin(), layer_n.end());
+}
+
+int64_t SlotBook::AppendPositions(int64_t count) {
+  CT_CHECK(compacted);
   next_pos += count;
   seen += count;
   return *std::max_element(layer_n.begin(), layer_n.end());
@@ -263,6 +275,26 @@ void ContiguousKv::Append(int64_t count) {
   n_max_ = book_.Append(shape_.n_kv_head, capacity_, n_max_, count);
   if (tail_) tail_->Flush(*this, n_max_);
 }
+
+Status ContiguousKv::ReserveLayer(int layer, int64_t count) {
+  CT_RETURN_IF_ERROR(CheckKvRewritable(shape_, "reading a layer at a time"));
+  if (!book_.compacted) {
+    book_.Start(shape_, capacity_, n_max_);
+    book_.compacted = true;
+  }
+  if (book_.layer_n[layer] + count > capacity_) {
+    return ResourceExhausted("layer " + std::to_string(layer) + " needs " +
+                             std::to_string(book_.layer_n[layer] + count) +
+                             " slots of KV but the sequence holds " + std::to_string(capacity_));
+  }
+  return Status::Ok();
+}
+
+void ContiguousKv::AppendLayer(int layer, int64_t count) {
+  n_max_ = book_.AppendLayer(shape_.n_kv_head, capacity_, layer, count);
+}
+
+void ContiguousKv::AppendPositions(int64_t count) { n_max_ = book_.AppendPositions(count); }
 
 Status ContiguousKv::Compact(const KeepPlan& plan, const kernels::RopeParams& rope,
                              AttentionStats* stats) {

@@ -135,6 +135,21 @@ class SequenceKv {
   virtual int64_t next_position() const { return n_tokens(); }
   // After a forward pass wrote `count` new tokens after every layer's last slot.
   virtual void Append(int64_t count) { SetTokens(n_tokens() + count); }
+  // Reading a layer at a time (Engine::ForwardLayerMajor, for CAKE's cascade: earlier layers
+  // compacted before later ones are read). ReserveLayer makes room for `count` more slots after
+  // `layer`'s last (the first call starts per-layer bookkeeping, as a compaction does);
+  // AppendLayer then records them; AppendPositions(count) once every layer has its `count`.
+  // kInvalidArgument where the sequence cannot (windowed types; the default).
+  virtual Status ReserveLayer(int layer, int64_t count) {
+    (void)layer;
+    (void)count;
+    return InvalidArgument("this sequence cannot be read a layer at a time");
+  }
+  virtual void AppendLayer(int layer, int64_t count) {
+    (void)layer;
+    (void)count;
+  }
+  virtual void AppendPositions(int64_t count) { (void)count; }
   // Slots from `n` on do not hold the exact KV of their tokens (segment reuse placed or
   // approximated them, engine/segment_reuse.h): a sequence that feeds an exact cache must not
   // give them to it. The default has no cache to protect.
@@ -168,6 +183,10 @@ struct SlotBook {
   void Start(const KvShape& shape, int64_t stride, int64_t n);
   // `count` new tokens went after every layer's last slot; returns the new longest layer.
   int64_t Append(int n_kv_head, int64_t stride, int64_t n, int64_t count);
+  // The same a layer at a time (compacted only): `count` slots after `layer`'s last, each one
+  // token; then, once every layer has them, their positions. Returns the longest layer.
+  int64_t AppendLayer(int n_kv_head, int64_t stride, int layer, int64_t count);
+  int64_t AppendPositions(int64_t count);
   // Re-lays the weights of the first n slots for a new stride (a larger capacity).
   void Restride(int n_kv_head, int64_t old_stride, int64_t stride, int64_t n);
   void Clear() { *this = SlotBook(); }
@@ -196,6 +215,9 @@ class ContiguousKv final : public SequenceKv {
   int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_max_); }
   int64_t next_position() const override { return book_.NextPosition(n_max_); }
   void Append(int64_t count) override;
+  Status ReserveLayer(int layer, int64_t count) override;
+  void AppendLayer(int layer, int64_t count) override;
+  void AppendPositions(int64_t count) override;
 
   const KvShape& shape() const override { return shape_; }
   // Tokens read so far (positions handed out), evicted ones included.

@@ -50,10 +50,11 @@ Result<std::vector<std::unique_ptr<BudgetRunner>>> Runners(
 }
 
 // Puts a runner at the end of an exact prefill of `prompt`: from the shared prefill, or, for
-// block-wise prefill (whose compactions happen while reading), by reading it again.
+// block-wise prefill and CAKE's cascade (whose compactions happen while reading), by reading
+// it again.
 Status StartRunner(BudgetRunner& r, const SequenceKv& exact, std::span<const TokenId> prompt,
                    const AttentionStats& stats) {
-  if (r.policy().blockwise_prefill()) return r.Prefill(prompt, nullptr);
+  if (r.policy().blockwise_prefill() || r.policy().cascades()) return r.Prefill(prompt, nullptr);
   return r.StartFrom(exact, static_cast<int64_t>(prompt.size()), &stats);
 }
 

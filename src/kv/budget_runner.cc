@@ -79,7 +79,7 @@ Status BudgetRunner::Forward(std::span<const TokenId> tokens, Engine::Logits mod
   return Status::Ok();
 }
 
-Status BudgetRunner::Compact() {
+Status BudgetRunner::Compact(int layers_seen) {
   KvPolicyInput in;
   in.n_layer = kv_->shape().n_layer;
   in.n_kv_head = kv_->shape().n_kv_head;
@@ -89,10 +89,13 @@ Status BudgetRunner::Compact() {
   const bool have_stats = stats_.n_layer == in.n_layer && stats_.capacity == kv_->capacity();
   in.stats = have_stats ? &stats_ : nullptr;
   in.tokens_seen = kv_->tokens_seen();
+  in.layers_seen = layers_seen;
   const KeepPlan plan = policy_->Select(in);
-  CT_RETURN_IF_ERROR(kv_->Compact(plan, engine_.model().config().rope, have_stats ? &stats_ : nullptr)
+  const kernels::RopeParams& rope = engine_.model().config().rope;
+  CT_RETURN_IF_ERROR(kv_->Compact(plan, rope, have_stats ? &stats_ : nullptr)
                          .WithContext("policy " + std::string(policy_->name())));
-  stats_.ClearWindow();
+  // A cascade's later stages compact the layers read so far again, by the same window.
+  if (layers_seen == 0 || layers_seen == in.n_layer) stats_.ClearWindow();
   since_compaction_ = 0;
   ++compactions_;
   return Status::Ok();
@@ -109,6 +112,17 @@ Status BudgetRunner::Prefill(std::span<const TokenId> prompt, float* last_logits
   budget_ = ResolveBudget(n);
   CT_RETURN_IF_ERROR(CheckPolicyPrompt(*policy_, budget_, n, ctx));
   const int64_t block = PrefillBlock(*policy_, budget_, n, ctx);
+  if (block == 0 && policy_->cascades()) {
+    NewSequence(n + slack_);
+    // Stage l + 1 once layer l is read: the layers read so far share the budget; the last
+    // stage (every layer) is the prompt's compaction.
+    auto stage = [&](int layer) {
+      peak_ = std::max(peak_, kept_tokens());
+      return Compact(layer + 1);
+    };
+    AttentionStats* stats = stats_.window > 0 || stats_.cumulative ? &stats_ : nullptr;
+    return engine_.ForwardLayerMajor(*kv_, prompt, last_logits, stats, stage);
+  }
   if (block == 0) {
     NewSequence(n + slack_);
     CT_RETURN_IF_ERROR(Forward(prompt, last_logits ? Engine::Logits::kLast : Engine::Logits::kNone,

@@ -2,11 +2,13 @@
 // statistics, asks the policy which slots to keep, and compacts the KV.
 //
 //   Prefill(prompt): the budget is fixed: B >= 1 tokens as given, a fraction B < 1 of the
-//     prompt's length. A policy with block-wise prefill, or any prompt longer than the context under a
-//     policy that reassigns positions, is read in blocks of the budget, compacting after each
-//     block (peak KV: budget + block); otherwise the whole prompt is read with full attention
+//     prompt's length. A policy with block-wise prefill, or any prompt longer than the context
+//     under a policy that reassigns positions, is read in blocks of the budget, compacting
+//     after each block (peak KV: budget + block); otherwise the whole prompt is read with full attention
 //     and compacted once at the end (the SnapKV family's observation window is then the
-//     prompt's last tokens).
+//     prompt's last tokens). A cascading policy (CAKE) reads that whole prompt a layer at a
+//     time instead, compacting the layers read so far after each (Engine::ForwardLayerMajor),
+//     so its peak is near the budget too.
 //   Step(tokens): decode (or score) tokens after the prompt; once `slack` tokens have been
 //     added since the last compaction the policy runs again, so the KV stays within budget +
 //     slack.
@@ -82,7 +84,8 @@ class BudgetRunner {
   BudgetRunner(Engine& engine, const KvPolicyConfig& config, std::unique_ptr<KvPolicy> policy,
                int slack);
   Status Forward(std::span<const TokenId> tokens, Engine::Logits mode, float* logits);
-  Status Compact();
+  // layers_seen: a cascade's stage (KvPolicyInput::layers_seen; 0 = every layer).
+  Status Compact(int layers_seen = 0);
   int64_t ResolveBudget(int64_t length) const;
   void NewSequence(int64_t capacity);
 

@@ -81,7 +81,9 @@ Status PagedSequence::Reserve(int64_t n) {
   if (n <= n_tokens_) return Status::Ok();
   const int64_t P = manager_->page_tokens();
   std::lock_guard<std::mutex> lock(manager_->mu_);
-  if (book_.compacted) return GrowLayersLocked(n - n_tokens_);
+  if (book_.compacted) {
+    return GrowLayersLocked(std::vector<int64_t>(manager_->shape().n_layer, n - n_tokens_));
+  }
   PagePool& pool = manager_->pool_;
   // The first position written lies in block b; if that page is shared, copy it first.
   const size_t b = static_cast<size_t>(n_tokens_ / P);
@@ -133,14 +135,44 @@ void PagedSequence::Point(int layer, size_t block, Loc loc) {
   }
 }
 
-Status PagedSequence::GrowLayersLocked(int64_t extra) {
+Status PagedSequence::ReserveLayer(int layer, int64_t count) {
+  if (finished_) return InvalidArgument("sequence already finished");
+  CT_RETURN_IF_ERROR(CheckKvRewritable(manager_->shape(), "reading a layer at a time"));
+  const int64_t P = manager_->page_tokens();
+  std::lock_guard<std::mutex> lock(manager_->mu_);
+  if (!book_.compacted) {
+    if (n_tokens_ % P != 0) {
+      return InvalidArgument("reading a layer at a time needs whole pages: the sequence holds " +
+                             std::to_string(n_tokens_) + " tokens in pages of " +
+                             std::to_string(P));
+    }
+    book_.Start(manager_->shape(), capacity_, n_tokens_);
+    book_.compacted = true;
+  }
+  if (book_.layer_n[layer] + count > capacity_) {
+    return ResourceExhausted("layer " + std::to_string(layer) + " needs " +
+                             std::to_string(book_.layer_n[layer] + count) +
+                             " slots of KV but the sequence holds " + std::to_string(capacity_));
+  }
+  std::vector<int64_t> extra(manager_->shape().n_layer, 0);
+  extra[layer] = count;
+  return GrowLayersLocked(extra);
+}
+
+void PagedSequence::AppendLayer(int layer, int64_t count) {
+  n_tokens_ = book_.AppendLayer(manager_->shape().n_kv_head, capacity_, layer, count);
+}
+
+void PagedSequence::AppendPositions(int64_t count) { n_tokens_ = book_.AppendPositions(count); }
+
+Status PagedSequence::GrowLayersLocked(const std::vector<int64_t>& extra) {
   const int64_t P = manager_->page_tokens();
   const int L = manager_->shape().n_layer;
   PagePool& pool = manager_->pool_;
   std::vector<size_t> blocks(L);
   size_t need = 0;
   for (int l = 0; l < L; ++l) {
-    blocks[l] = static_cast<size_t>((book_.layer_n[l] + extra + P - 1) / P);
+    blocks[l] = static_cast<size_t>((book_.layer_n[l] + extra[l] + P - 1) / P);
     need += blocks[l] > k_ptr_[l].size() ? blocks[l] - k_ptr_[l].size() : 0;
   }
   const size_t pages = need > free_.size() ? (need - free_.size() + L - 1) / L : 0;

@@ -77,6 +77,13 @@ class PagedSequence final : public SequenceKv {
   int64_t layer_tokens(int layer) const override { return book_.LayerTokens(layer, n_tokens_); }
   int64_t next_position() const override { return book_.NextPosition(n_tokens_); }
   void Append(int64_t count) override;
+  // A layer at a time (SequenceKv): each layer takes its own blocks, packed as after a
+  // compaction, so a cascade that compacts each layer once read holds only what it keeps.
+  // The first call needs whole pages (n_tokens() a multiple of the page size; kInvalidArgument
+  // otherwise): they stay the exact leading pages.
+  Status ReserveLayer(int layer, int64_t count) override;
+  void AppendLayer(int layer, int64_t count) override;
+  void AppendPositions(int64_t count) override;
   void MarkInexactFrom(int64_t n) override { inexact_from_ = std::min(inexact_from_, n); }
 
   // KV budget policies (KvManager::Compact) and segment reuse (MarkInexactFrom). Whether a
@@ -122,9 +129,9 @@ class PagedSequence final : public SequenceKv {
     uint32_t slot = 0;
   };
   void Point(int layer, size_t block, Loc loc);  // k_ptr_/v_ptr_[layer][block] at loc
-  // Compacted only: gives every layer the blocks for `extra` more slots, from free_ first,
+  // Compacted only: gives each layer l the blocks for extra[l] more slots, from free_ first,
   // then from new pages. REQUIRES manager_->mu_; kResourceExhausted leaves it unchanged.
-  Status GrowLayersLocked(int64_t extra);
+  Status GrowLayersLocked(const std::vector<int64_t>& extra);
   // Compacted only, after the slots moved: keeps the block table's first `natural` pages,
   // and packs every layer's blocks past them (those its slot count uses) into as few pages as
   // hold them, moving blocks out of the pages it gives back. Pages released are returned in

@@ -1,6 +1,7 @@
 // The KV budget policies declared in kv_policy.h: names, validation, budgets in tokens and one
-// small class per policy. Every Select() is a pure function of its input; the exact rules
-// (and the defaults) are written once, in kv_policy.h's header comment.
+// small class per policy. Every Select() is a pure function of its input, except that CAKE's
+// cascade remembers each layer's preference from the stage that read it; the exact rules (and
+// the defaults) are written once, in kv_policy.h's header comment.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -357,15 +358,18 @@ class CakePolicy final : public KvPolicy {
       : window_(c.window), tau1_(c.tau1), tau2_(c.tau2), gamma_(c.gamma) {}
   std::string_view name() const override { return "cake"; }
   int stats_window() const override { return window_; }
+  bool cascades() const override { return true; }
 
   KeepPlan Select(const KvPolicyInput& in) override {
     CheckInput(in);
     KeepPlan plan = EmptyPlan(in);
     const AttentionStats* stats = UsableStats(in);
-    const std::vector<int64_t> budgets = LayerBudgets(in, stats);
+    const int seen = Seen(in);
+    const std::vector<int64_t> budgets = LayerBudgets(in, stats, seen);
     std::vector<double> score;
     for (int l = 0; l < in.n_layer; ++l) {
-      const int64_t n = in.layer_tokens[l], b = budgets[l];
+      const int64_t n = in.layer_tokens[l];
+      const int64_t b = l < seen ? budgets[l] : n;  // a layer not read yet keeps everything
       const int64_t w = std::min<int64_t>(window_, b);
       const int64_t rows = stats != nullptr ? stats->win_rows[l] : 0;
       for (int h = 0; h < in.n_kv_head; ++h) {
@@ -417,28 +421,44 @@ class CakePolicy final : public KvPolicy {
     return std::pow(entropy, 1 / tau1_) * std::pow(variance, 1 / tau2_);
   }
 
-  std::vector<int64_t> LayerBudgets(const KvPolicyInput& in, const AttentionStats* stats) const {
-    const int n_layer = in.n_layer;
-    std::vector<double> weight(n_layer, 1.0);
+  static int Seen(const KvPolicyInput& in) {
+    return in.layers_seen > 0 ? std::min(in.layers_seen, in.n_layer) : in.n_layer;
+  }
+
+  // Budgets of layers [0, seen): shares of the whole n_layer x budget.
+  std::vector<int64_t> LayerBudgets(const KvPolicyInput& in, const AttentionStats* stats,
+                                    int seen) const {
+    std::vector<double> weight(seen, 1.0);
     if (stats != nullptr) {
+      // A cascade computes a layer's preference at the stage that read it, from its whole
+      // prompt, and keeps it for the later stages (which see the layer compacted).
+      if (in.layers_seen > 0) {
+        if (in.layers_seen == 1) cascade_pref_.clear();
+        while (static_cast<int>(cascade_pref_.size()) < seen) {
+          const int l = static_cast<int>(cascade_pref_.size());
+          cascade_pref_.push_back(Preference(*stats, l, in.layer_tokens[l]));
+        }
+      }
       double total = 0;
       bool usable = true;
-      for (int l = 0; l < n_layer && usable; ++l) {
-        weight[l] = Preference(*stats, l, in.layer_tokens[l]);
+      for (int l = 0; l < seen && usable; ++l) {
+        weight[l] = in.layers_seen > 0 ? cascade_pref_[l]
+                                       : Preference(*stats, l, in.layer_tokens[l]);
         usable = std::isfinite(weight[l]) && weight[l] >= 0;
         total += weight[l];
       }
-      if (!usable || !(total > 0) || !std::isfinite(total)) weight.assign(n_layer, 1.0);
+      if (!usable || !(total > 0) || !std::isfinite(total)) weight.assign(seen, 1.0);
     }
-    std::vector<int64_t> lo(n_layer), hi(in.layer_tokens);
-    for (int l = 0; l < n_layer; ++l) {
+    std::vector<int64_t> lo(seen), hi(in.layer_tokens.begin(), in.layer_tokens.begin() + seen);
+    for (int l = 0; l < seen; ++l) {
       lo[l] = std::min({hi[l], static_cast<int64_t>(window_) + 1, in.budget});
     }
-    return ProportionalBudgets(weight, lo, hi, n_layer * in.budget);
+    return ProportionalBudgets(weight, lo, hi, in.n_layer * in.budget);
   }
 
   int window_;
   double tau1_, tau2_, gamma_;
+  mutable std::vector<double> cascade_pref_;  // [layer] at the stage that read it
 };
 
 // ---- lacache -------------------------------------------------------------------------------

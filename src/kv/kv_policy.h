@@ -43,11 +43,16 @@
 //                 short layer lends its surplus to the others), integers summing to at most
 //                 L x B. Uniform shares when any P is not finite or all are 0 (no window rows).
 //                 Within a layer: the window + the top eviction indicator m_j + gamma x v_j.
-//                 WART: CAKE's cascading (budgets recomputed as each layer is reached during
-//                 prefill, earlier layers compacted on the way) is not reproduced: compaction
-//                 happens after the whole forward pass (of the prompt or the block), so the
-//                 budgets are computed once, from every layer; that is the allocation the
-//                 cascade ends with, but the peak memory during the pass is not bounded by it.
+//                 Cascading (cascades()): the prompt is read a layer at a time
+//                 (Engine::ForwardLayerMajor) and after layer m the layers [0, m] share the
+//                 whole L x B by the same rule (layers_seen = m + 1), each layer's preference
+//                 taken when it is read (from its whole prompt) and kept for later stages. A
+//                 layer's budget only shrinks as later layers join (water-filling over more
+//                 preferences lowers the level), the layers read hold at most L x B slots
+//                 besides the one being read, and the last stage (layers_seen = L) is the
+//                 one-shot allocation (up to integer rounding: an earlier stage may have kept
+//                 one fewer). The scheduler reads a CAKE prompt in batched chunks instead and
+//                 compacts once, after it (the one-shot allocation, full KV until then).
 //   lacache       [sinks=4, lacache_span S (0 = b/4), lacache_overlap O (0 = S/2; < S)] a
 //                 score-free ladder. Every layer keeps the first s = min(sinks, b-1) slots,
 //                 a band of S slots and the most recent r = b - s - S slots (S capped at
@@ -113,6 +118,9 @@ struct KvPolicyInput {
   int64_t budget = 0;                 // tokens per layer and head (average for per-layer ones)
   const AttentionStats* stats = nullptr;  // sized to the sequence; null when none collected
   int64_t tokens_seen = 0;                // positions handed out so far (evicted included)
+  // A cascading prefill (KvPolicy::cascades()) in progress: layers [0, layers_seen) have read
+  // the prompt, the others not yet (they keep everything). 0 = every layer.
+  int layers_seen = 0;
 };
 
 class KvPolicy {
@@ -127,6 +135,9 @@ class KvPolicy {
   virtual bool reassigns_positions() const { return false; }
   // Whether a long prompt is read in blocks of the budget, compacting after each block.
   virtual bool blockwise_prefill() const { return false; }
+  // Whether the prompt is read a layer at a time, the layers read so far compacted after each
+  // (KvPolicyInput::layers_seen), so peak KV stays near the budget (CAKE's cascade).
+  virtual bool cascades() const { return false; }
   // The most slots one layer may keep after a compaction, for a budget of `budget` tokens per
   // layer over n_layer layers (the paged KV sizes a sequence by its longest layer).
   virtual int64_t MaxLayerKept(int64_t budget, int n_layer) const {
