@@ -420,6 +420,8 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
   seq.Repack(static_cast<size_t>(seq.book_.exact / P), &release);
   std::lock_guard<std::mutex> lock(mu_);
   for (PageId p : release) pool_.Unref(p);
+  // Packed pages take any layer's blocks: never one the index (or another sequence) reads.
+  for (const PagedSequence::Spill& sp : seq.spill_) CT_CHECK_EQ(pool_.RefCount(sp.page), 1u);
   return Status::Ok();
 }
 

@@ -355,10 +355,10 @@ class CakePolicy final : public KvPolicy {
   // One layer may take nearly the whole n_layer x budget.
   int64_t MaxLayerKept(int64_t budget, int n_layer) const override { return budget * n_layer; }
   explicit CakePolicy(const KvPolicyConfig& c)
-      : window_(c.window), tau1_(c.tau1), tau2_(c.tau2), gamma_(c.gamma) {}
+      : window_(c.window), tau1_(c.tau1), tau2_(c.tau2), gamma_(c.gamma), cascade_(c.cascade) {}
   std::string_view name() const override { return "cake"; }
   int stats_window() const override { return window_; }
-  bool cascades() const override { return true; }
+  bool cascades() const override { return cascade_; }
 
   KeepPlan Select(const KvPolicyInput& in) override {
     CheckInput(in);
@@ -458,6 +458,7 @@ class CakePolicy final : public KvPolicy {
 
   int window_;
   double tau1_, tau2_, gamma_;
+  bool cascade_;
   mutable std::vector<double> cascade_pref_;  // [layer] at the stage that read it
 };
 

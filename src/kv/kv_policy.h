@@ -51,8 +51,11 @@
 //                 preferences lowers the level), the layers read hold at most L x B slots
 //                 besides the one being read, and the last stage (layers_seen = L) is the
 //                 one-shot allocation (up to integer rounding: an earlier stage may have kept
-//                 one fewer). The scheduler reads a CAKE prompt in batched chunks instead and
-//                 compacts once, after it (the one-shot allocation, full KV until then).
+//                 one fewer). The scheduler reads a cascading prompt a few layers per step.
+//                 No exact KV of the prompt's new tokens exists whole, so none enters the
+//                 prefix cache (a cached prefix is still reused). cascade=false reads the
+//                 prompt whole, leaves its exact KV in the prefix cache and compacts once
+//                 (the one-shot allocation; full KV until then).
 //   lacache       [sinks=4, lacache_span S (0 = b/4), lacache_overlap O (0 = S/2; < S)] a
 //                 score-free ladder. Every layer keeps the first s = min(sinks, b-1) slots,
 //                 a band of S slots and the most recent r = b - s - S slots (S capped at
@@ -97,6 +100,7 @@ struct KvPolicyConfig {
   double tau1 = 1, tau2 = 1, gamma = 200;  // cake
   int lacache_span = 0;     // lacache S (0 = budget / 4)
   int lacache_overlap = 0;  // lacache O (0 = S / 2)
+  bool cascade = true;      // cake: read the prompt a layer at a time (KvPolicy::cascades)
 };
 
 // The names accepted by ValidateKvPolicy/MakeKvPolicy, in documentation order.

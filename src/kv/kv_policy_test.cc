@@ -564,6 +564,44 @@ TEST(Cake, KeepsTheWindowAndTheHighestMeanPlusGammaVariance) {
   }
 }
 
+// The cascade's stages (layers_seen = 1..L, each seen layer compacted to its count, the others
+// not read yet): the seen layers share the whole L x B, a layer's count never grows from one
+// stage to the next, the unread keep their (zero) slots, and the last stage is the one-shot
+// allocation within rounding. cascade=false turns it off.
+TEST(Cake, CascadeStagesShrinkToTheOneShotAllocation) {
+  std::mt19937 rng(std::random_device{}());
+  const int L = 8, heads = 2;
+  const int64_t n = 300, budget = 30;
+  const AttentionStats stats = RandomStats(L, heads, n, false, rng);
+  KvPolicyConfig c = Config("cake", budget);
+  auto policy = Make(c);
+  EXPECT_TRUE(policy->cascades());
+  std::vector<int64_t> counts(L, 0);
+  for (int seen = 1; seen <= L; ++seen) {
+    counts[seen - 1] = n;  // the layer just read
+    KvPolicyInput in = Input(counts, heads, budget, &stats);
+    in.layers_seen = seen;
+    const KeepPlan plan = policy->Select(in);
+    ASSERT_TRUE(plan.Validate(counts, heads).ok());
+    int64_t total = 0;
+    for (int l = 0; l < L; ++l) {
+      if (l < seen) {
+        EXPECT_LE(Kept(plan, l), counts[l]) << "stage " << seen << " layer " << l;
+      } else {
+        EXPECT_EQ(Kept(plan, l), 0);
+      }
+      counts[l] = Kept(plan, l);
+      total += counts[l];
+    }
+    EXPECT_LE(total, L * budget) << "stage " << seen;
+  }
+  const KeepPlan one_shot = Make(c)->Select(Input(std::vector<int64_t>(L, n), heads, budget,
+                                                  &stats));
+  for (int l = 0; l < L; ++l) EXPECT_NEAR(counts[l], Kept(one_shot, l), 2) << "layer " << l;
+  c.cascade = false;
+  EXPECT_FALSE(Make(c)->cascades());
+}
+
 TEST(Cake, ShortLayersKeepEverythingAndLendTheirShare) {
   KvPolicyConfig c = Config("cake");
   c.window = 4;

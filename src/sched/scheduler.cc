@@ -37,6 +37,8 @@ struct Scheduler::Seq {
   KvManager* pool = nullptr;    // the page pool of its KV: kv_, or session_kv_ for a session
   std::unique_ptr<PagedSequence> kv;
   std::unique_ptr<PendingLoad> load;  // kLoading: the tier restore in flight
+  // kPrefill under a cascading policy (CAKE): the prompt read a few layers per step.
+  std::unique_ptr<Engine::LayerPass> cascade;
   int64_t tier_tokens = 0;            // leading prompt tokens the tiers hold (Save skips them)
   std::vector<TokenId> tokens;  // prompt, then generated tokens
   std::vector<float> logits;    // [n_vocab] of the last computed position
@@ -255,6 +257,64 @@ int64_t Scheduler::PolicyCapacity(const KvPolicy& policy, int64_t budget, int64_
   return std::max<int64_t>(1, std::min(prompt_len + max_tokens, bound));
 }
 
+bool Scheduler::Cascades(const KvPolicy* policy, int64_t block, bool prompt_logprobs,
+                         const KvManager& pool) {
+  return policy != nullptr && policy->cascades() && block == 0 && !prompt_logprobs &&
+         !pool.shape().windowed();
+}
+
+bool Scheduler::Cascades(const Seq& s) const {
+  return Cascades(s.policy.get(), s.policy_block, s.req.prompt_logprobs, *s.pool);
+}
+
+int64_t Scheduler::CascadeForecast(int64_t budget, int64_t capacity, int64_t prompt_len,
+                                   int64_t cached, int64_t P) const {
+  // The cached prefix's whole pages; then the layers read hold at most n_layer x budget slots
+  // (a partial block each) besides the one being read (the fresh tokens), n_layer blocks to a
+  // page, one page of slack; and the copies of a stage that writes cached pages (shared with
+  // the index), at most those pages.
+  const int64_t L = engine_.model().config().n_layer;
+  const int64_t fresh = std::max<int64_t>(0, prompt_len - cached);
+  const int64_t blocks = CeilDiv(L * budget, P) + L + CeilDiv(fresh, P);
+  const int64_t copies = std::min(CeilDiv(cached, P), CeilDiv(std::min(capacity, L * budget), P));
+  return std::min(CeilDiv(capacity, P), cached / P + CeilDiv(blocks, L) + 1) + copies;
+}
+
+void Scheduler::StepCascade(Seq& s, int layers) {
+  if (!s.cascade) {
+    s.stats.window = s.policy->stats_window();
+    auto pass = Engine::LayerPass::Start(
+        engine_, *s.kv, std::span<const TokenId>(s.req.prompt).subspan(s.fed()), &s.stats);
+    if (!pass.ok()) {
+      Finish(s, Reason::kCancelled, pass.status());
+      return;
+    }
+    s.cascade = std::move(*pass);
+  }
+  // After layer l, stage l + 1: the layers read so far share the budget (the last stage is
+  // the prompt's compaction).
+  const Status st = s.cascade->Run(
+      layers, [&](int layer) { return CompactPolicy(s, layer + 1); }, s.logits.data());
+  if (!st.ok()) {
+    s.cascade.reset();
+    Finish(s, Reason::kCancelled, st);
+    return;
+  }
+  if (!s.cascade->done()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.prefill_tokens += static_cast<uint64_t>(s.cascade->tokens());
+  }
+  s.cascade.reset();
+  // No exact KV of the fresh tokens ever existed: nothing more enters the index.
+  s.state = Seq::State::kDecode;
+  s.cow_pending = false;
+  const int64_t P = s.pool->page_tokens();
+  s.forecast_blocks =
+      std::min(s.forecast_blocks, CeilDiv(s.policy_budget + kPolicySlack + 1, P) + 1);
+  Emit(s);
+}
+
 int64_t Scheduler::CompactionCopies(const KvPolicy* policy, int64_t budget, int64_t capacity,
                                     int64_t page_tokens) const {
   if (policy == nullptr) return 0;
@@ -262,7 +322,7 @@ int64_t Scheduler::CompactionCopies(const KvPolicy* policy, int64_t budget, int6
   return CeilDiv(std::min(capacity, kept), page_tokens);
 }
 
-Status Scheduler::CompactPolicy(Seq& s) {
+Status Scheduler::CompactPolicy(Seq& s, int layers_seen) {
   const ModelConfig& c = engine_.model().config();
   KvPolicyInput in;
   in.n_layer = c.n_layer;
@@ -273,10 +333,12 @@ Status Scheduler::CompactPolicy(Seq& s) {
   const bool have_stats = s.stats.n_layer == c.n_layer && s.stats.capacity >= s.kv->n_tokens();
   in.stats = have_stats ? &s.stats : nullptr;
   in.tokens_seen = s.kv->tokens_seen();
+  in.layers_seen = layers_seen;
   const KeepPlan plan = s.policy->Select(in);
   CT_RETURN_IF_ERROR(s.kv->manager().Compact(*s.kv, plan, c.rope, have_stats ? &s.stats : nullptr)
                          .WithContext("kv_policy " + std::string(s.policy->name())));
-  s.stats.ClearWindow();
+  // A cascade's later stages compact the layers read so far again, by the same window.
+  if (layers_seen == 0 || layers_seen == c.n_layer) s.stats.ClearWindow();
   s.since_compaction = 0;
   if (s.state == Seq::State::kDecode) {
     // From the prompt's compaction on, the sequence holds at most its budget per layer on
@@ -352,7 +414,11 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
                            std::to_string(request.gen.max_tokens) + " in the completion)");
   }
   const int64_t P = pool.page_tokens();
-  const int64_t blocks = CeilDiv(capacity, P) + CompactionCopies(policy.get(), budget, capacity, P);
+  // A cascade (CAKE) holds about its budget while it reads; Fits() refines it by the cache.
+  const int64_t blocks = Cascades(policy.get(), block, request.prompt_logprobs, pool)
+                             ? CascadeForecast(budget, capacity, n, 0, P)
+                                  : CeilDiv(capacity, P) +
+                                        CompactionCopies(policy.get(), budget, capacity, P);
   const uint32_t total = pool.GetStats().pages_total;
   if (blocks > total) {
     return InvalidArgument("the prompt and max_tokens need " + std::to_string(blocks) +
@@ -1075,6 +1141,7 @@ void Scheduler::Preempt(Seq& v) {
       v.tier_tokens = held;
     }
   }
+  v.cascade.reset();  // a part-read prompt: its exact cached prefix was committed above
   v.pool->Finish(*v.kv, kept);
   v.kv.reset();
   v.load.reset();
@@ -1152,10 +1219,16 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
     int64_t limit = std::max<int64_t>(0, s.prompt_len - window);
     // Read in blocks, the first block must end within budget + block slots.
     if (s.policy_block > 0) limit = std::min(limit, s.policy_budget);
+    // A cascade reads a layer at a time after whole pages (PagedSequence::ReserveLayer).
+    if (Cascades(s)) limit = limit / P * P;
     if (s.kv->n_tokens() > limit) s.kv->SetTokens(limit);
     s.stats = AttentionStats{};
     s.stats.cumulative = s.policy->stats_cumulative();
     s.since_compaction = 0;
+    if (Cascades(s)) {
+      s.forecast_blocks =
+          CascadeForecast(s.policy_budget, s.capacity, s.prompt_len, s.kv->n_tokens(), P);
+    }
   }
   if (s.NeedsPromptLogits()) {
     // Reused KV has no logits: only the positions whose logprobs are known (a resumed request's)
@@ -1459,8 +1532,26 @@ void Scheduler::Step() {
   int64_t logit_rows_left =
       std::max<int64_t>(1, kPromptLogitsBytes / (n_vocab * static_cast<int64_t>(sizeof(float))));
   int64_t logit_rows = 0;
+  struct CascadeStep {
+    Seq* seq;
+    int layers;
+  };
+  std::vector<CascadeStep> cascades;
   for (auto& s : running_) {
     if (s->state != Seq::State::kPrefill || left <= 0 || s->segment_pending) continue;
+    if (Cascades(*s)) {
+      // A layer of the prompt's rest costs about rest / n_layer tokens of a whole pass: as
+      // many layers as the step's prefill budget pays for, at least one.
+      const int L = engine_.model().config().n_layer;
+      const int64_t rest =
+          std::max<int64_t>(1, s->cascade ? s->cascade->tokens() : s->prompt_len - s->fed());
+      const int next = s->cascade ? s->cascade->next_layer() : 0;
+      const int layers =
+          static_cast<int>(std::clamp<int64_t>(left * L / rest, 1, L - next));
+      left -= CeilDiv(rest * layers, L);
+      cascades.push_back({s.get(), layers});
+      continue;
+    }
     int64_t done = s->fed();
     if (done >= s->prompt_len) {
       done = s->prompt_len - 1;  // fully cached: recompute the last token for its logits
@@ -1571,6 +1662,10 @@ void Scheduler::Step() {
     const bool progressed =
         std::any_of(owners.begin(), owners.end(), [&](const Seq* o) { return o->pool == pool; });
     if (planned && !progressed) stalled.push_back(pool);
+  }
+  // Cascading prompts read their layers outside the batch.
+  for (const CascadeStep& c : cascades) {
+    if (c.seq->state == Seq::State::kPrefill) StepCascade(*c.seq, c.layers);
   }
   if (items.empty()) Requeue();
   for (KvManager* pool : stalled) {

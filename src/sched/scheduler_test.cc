@@ -1054,10 +1054,13 @@ TEST_F(SchedulerPolicyTest, PolicyRequestsMatchTheRunnerAndLeaveAnExactPrefix) {
   so.step_tokens = 64;  // the prompt is prefilled in chunks; the last holds the window
   Build(512, so);
   const auto prompt = policy_test::LongPrompt(160);
-  for (const char* name : {"snapkv", "h2o", "streamingllm", "pyramidkv", "cake", "lacache",
-                           "elastic"}) {
+  // "cake" reads the prompt by its cascade (a few layers per step: 64 of 160 tokens pay for 2
+  // of 6 layers); "cake-whole" (cascade off) reads it in chunks and compacts once.
+  for (std::string name : {"snapkv", "h2o", "streamingllm", "pyramidkv", "cake", "cake-whole",
+                           "lacache", "elastic"}) {
     KvPolicyConfig pc;
-    pc.name = name;
+    pc.name = name == "cake-whole" ? "cake" : name;
+    pc.cascade = name != "cake-whole";
     pc.budget = 0.3;
     SchedRequest r = Req(prompt, 20, name);  // a tenant per policy: no sharing between them
     r.gen.ignore_eos = true;
@@ -1073,9 +1076,10 @@ TEST_F(SchedulerPolicyTest, PolicyRequestsMatchTheRunnerAndLeaveAnExactPrefix) {
     EXPECT_LE(c.last.usage.kv_tokens_kept, 48 + 16) << name;
     EXPECT_NE(c.tokens, Reference(prompt, 20, true)) << name << ": eviction changes nothing?";
     // The prompt's exact KV went to the index before the policy touched it: a full-KV request
-    // with the same prompt reuses its full pages and gives the exact tokens.
+    // with the same prompt reuses its full pages and gives the exact tokens. (A cascade never
+    // holds the prompt's exact KV whole: nothing to reuse.)
     const Collected warm = Collect(**sched_->Submit(Req(prompt, 8, name)));
-    EXPECT_EQ(warm.last.usage.cached_tokens, 160 - 1) << name;  // 10 full pages, last recomputed
+    EXPECT_EQ(warm.last.usage.cached_tokens, name == "cake" ? 0 : 160 - 1) << name;
     EXPECT_EQ(warm.tokens, Reference(prompt, 8)) << name;
     EXPECT_EQ(warm.last.usage.kv_tokens_kept, -1);
   }
@@ -1150,6 +1154,36 @@ TEST_F(SchedulerPolicyTest, AdmissionCountsTheKeptBudgetAfterThePrompt) {
   a_tokens.insert(a_tokens.end(), ca.tokens.begin(), ca.tokens.end());
   EXPECT_EQ(a_tokens, PolicyReference(prompt, 120, pc));
   EXPECT_EQ(cb.tokens, PolicyReference(prompt, 4, pc));
+}
+
+// CAKE's cascade holds about its budget while it reads: a 160-token prompt (10 pages at every
+// layer) runs in a pool of 12 pages at 16 tokens per layer, a few layers per step beside a
+// decoding request, and gives the runner's tokens; read whole (cascade off) it is refused.
+TEST_F(SchedulerPolicyTest, ACakePromptLargerThanThePoolReadsByItsCascade) {
+  SchedulerOptions so;
+  so.step_tokens = 32;  // a layer or so per step
+  Build(12, so);
+  const auto blocker = Blocker(40);  // decoding while the cascade reads
+  const auto prompt = policy_test::LongPrompt(160);
+  KvPolicyConfig pc;
+  pc.name = "cake";
+  pc.budget = 16;
+  SchedRequest r = Req(prompt, 12, "cake");
+  r.gen.ignore_eos = true;
+  r.kv_policy = pc;
+  auto s = sched_->Submit(std::move(r));
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  const Collected c = Collect(**s);
+  ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
+  EXPECT_EQ(c.tokens, PolicyReference(prompt, 12, pc));
+  EXPECT_LE(c.last.usage.kv_tokens_kept, 16 + 16);
+  EXPECT_EQ(Collect(*blocker).last.kind, StreamEvent::Kind::kDone);
+  pc.cascade = false;
+  SchedRequest whole = Req(prompt, 12, "cake");
+  whole.kv_policy = pc;
+  const Status st = sched_->Submit(std::move(whole)).status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("pages of KV"), std::string::npos) << st.message();
 }
 
 TEST_F(SchedulerPolicyTest, BadPoliciesAreRefusedNamingTheField) {

@@ -435,8 +435,9 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
   CT_RETURN_IF_ERROR(Param(d, "program_id", CheckIdBytes(r.program_id, "program_id")));
   CT_RETURN_IF_ERROR(Param(d, "tool", GetString(j, "tool", &r.tool)));
   CT_RETURN_IF_ERROR(Param(d, "tool", CheckIdBytes(r.tool, "tool")));
-  // kv_policy (cachette): {"name": NAME, "budget": B} or NAME alone (budget 0.2), "none" or
-  // null for full KV; absent: the server's default. Read before the prompt and the context
+  // kv_policy (cachette): {"name": NAME, "budget": B, "cascade": C} or NAME alone (budget
+  // 0.2), "none" or null for full KV; absent: the server's default. cascade (cake only,
+  // default true): false reads the prompt whole and leaves its exact KV in the prefix cache. Read before the prompt and the context
   // checks: a policy that reassigns positions reads and generates past the context.
   r.kv_policy = ctx.default_kv_policy;
   if (auto it = j.find("kv_policy"); it != j.end()) {
@@ -448,9 +449,9 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
       pc.name = it->get<std::string>();
     } else if (it->is_object()) {
       for (const auto& [key, value] : it->items()) {
-        if (key != "name" && key != "budget") {
+        if (key != "name" && key != "budget" && key != "cascade") {
           return InvalidArgument("'kv_policy' has an unknown field '" + key +
-                                 "' (known: name, budget)");
+                                 "' (known: name, budget, cascade)");
         }
       }
       if (!it->contains("name") || !(*it)["name"].is_string()) {
@@ -462,6 +463,12 @@ Result<GenerateCall> ParseGenerate(std::string_view body, Endpoint endpoint, con
           return InvalidArgument("kv_policy.budget: must be a number");
         }
         pc.budget = (*it)["budget"].get<double>();
+      }
+      if (it->contains("cascade")) {
+        if (!(*it)["cascade"].is_boolean()) {
+          return InvalidArgument("kv_policy.cascade: must be true or false");
+        }
+        pc.cascade = (*it)["cascade"].get<bool>();
       }
     } else {
       return InvalidArgument("'kv_policy' must be an object {\"name\", \"budget\"}, a name or null");

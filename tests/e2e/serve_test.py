@@ -184,6 +184,7 @@ def test_kv_policy(s):
             ("zero budget", {"name": "h2o", "budget": 0}, "kv_policy.budget"),
             ("budget not a number", {"name": "h2o", "budget": "x"}, "kv_policy.budget"),
             ("unknown field", {"name": "h2o", "window": 3}, "unknown field"),
+            ("cascade not a boolean", {"name": "cake", "cascade": "yes"}, "kv_policy.cascade"),
             ("not an object", 7, "kv_policy"),
             ("positions kept past the context", {"name": "snapkv"}, "context")]:
         prompt = long_prompt if name.startswith("positions") else "hi"
