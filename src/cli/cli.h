@@ -66,6 +66,8 @@ Runner AddBenchCacheSubcommand(CLI::App* bench);
 Runner AddBenchServeSubcommands(CLI::App* bench);
 // `bench soak`: the soak test client; same convention as above.
 Runner AddBenchSoakSubcommand(CLI::App* bench);
+// `bench kv-pages`: paged KV memory under KV budget policies; same convention as above.
+Runner AddBenchKvPagesSubcommand(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddBatchCommand(CLI::App& app);

@@ -544,12 +544,14 @@ Runner AddBenchCommand(CLI::App& app) {
   Runner cache = AddBenchCacheSubcommand(c);
   Runner serve = AddBenchServeSubcommands(c);
   Runner soak = AddBenchSoakSubcommand(c);
-  return [a, e, pa, p, cache, serve, soak] {
+  Runner kv_pages = AddBenchKvPagesSubcommand(c);
+  return [a, e, pa, p, cache, serve, soak, kv_pages] {
     if (e->parsed()) return BenchEngine(*a);
     if (p->parsed()) return BenchPrefix(*pa);
     int rc = cache();
     if (rc == -1) rc = serve();
-    return rc != -1 ? rc : soak();
+    if (rc == -1) rc = soak();
+    return rc != -1 ? rc : kv_pages();
   };
 }
 

@@ -89,6 +89,24 @@ check "bad temperature" 1 'temperature' -- "$bin" run -p hi --temp -1
 check "bad synth type" 1 'unknown weight type' -- "$bin" model synth --type q5 -o "$tmp/x.gguf"
 check "bad shape" 1 'unknown shape' -- "$bin" model synth --shape huge -o "$tmp/x.gguf"
 check "bad budget" 1 'byte size' -- "$bin" bench prefix --kv-budget lots -p 16
+# bench kv-pages on the trained model: per-layer budgets hold the pages of their total (fewer
+# than the longest layer's), CAKE's cascade peaks well below full KV, the one-shot read at it.
+check "bench kv-pages" 0 'kv pages ok' -- python3 -c '
+import json, subprocess, sys
+p = subprocess.run([sys.argv[1], "bench", "kv-pages", "-p", "768", "--json",
+                    "--kv-policy", "snapkv,pyramidkv,cake", "--kv-policy-budget", "0.1"],
+                   capture_output=True, text=True, timeout=300)
+assert p.returncode == 0, p.stderr
+c = {x["label"]: x for x in json.loads(p.stdout)["configs"]}
+full = c["full"]["pages"]
+for name in ("pyramidkv", "cake"):
+    assert c[name]["pages"] < c[name]["whole_page_layout_pages"], c[name]
+    assert c[name]["pages"] <= c["snapkv"]["pages"] + 1, (c[name], c["snapkv"])
+assert c["cake"]["peak_pages"] < full / 2, (c["cake"], full)
+assert c["cake (whole)"]["peak_pages"] == full, c["cake (whole)"]
+print("kv pages ok")
+' "$bin"
+check "kv-pages bad policy" 1 'kv_policy.name' -- "$bin" bench kv-pages -p 64 --kv-policy snapk
 check "bad redis level" 1 '--redis-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
   --redis redis://127.0.0.1:1 --redis-levels int3
 check "bad disk level" 1 '--disk-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
