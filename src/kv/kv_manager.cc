@@ -90,15 +90,7 @@ Status PagedSequence::Reserve(int64_t n) {
   const bool cow = b < pages_.size() && pool.RefCount(pages_[b]) > 1;
   const size_t blocks = static_cast<size_t>((n + P - 1) / P);
   const size_t need = (blocks > pages_.size() ? blocks - pages_.size() : 0) + (cow ? 1 : 0);
-  if (pool.pages_free() < need) {
-    manager_->evictions_ += manager_->index_.Evict(need - pool.pages_free());
-  }
-  if (pool.pages_free() < need) {
-    return ResourceExhausted("KV pool exhausted: need " + std::to_string(need) +
-                             " pages, " + std::to_string(pool.pages_free()) + " free of " +
-                             std::to_string(pool.pages_total()) +
-                             " (the rest are used by running sequences or pinned)");
-  }
+  CT_RETURN_IF_ERROR(manager_->EnsureFreeLocked(need, "the sequence"));
   if (cow) {
     PageId fresh;
     CT_CHECK(pool.Allocate(&fresh));
@@ -176,15 +168,7 @@ Status PagedSequence::GrowLayersLocked(const std::vector<int64_t>& extra) {
     need += blocks[l] > k_ptr_[l].size() ? blocks[l] - k_ptr_[l].size() : 0;
   }
   const size_t pages = need > free_.size() ? (need - free_.size() + L - 1) / L : 0;
-  if (pool.pages_free() < pages) {
-    manager_->evictions_ += manager_->index_.Evict(pages - pool.pages_free());
-  }
-  if (pool.pages_free() < pages) {
-    return ResourceExhausted("KV pool exhausted: need " + std::to_string(pages) +
-                             " pages, " + std::to_string(pool.pages_free()) + " free of " +
-                             std::to_string(pool.pages_total()) +
-                             " (the rest are used by running sequences or pinned)");
-  }
+  CT_RETURN_IF_ERROR(manager_->EnsureFreeLocked(pages, "the sequence"));
   for (size_t i = 0; i < pages; ++i) {
     PageId p;
     CT_CHECK(pool.Allocate(&p));
@@ -389,14 +373,7 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
     for (size_t b = static_cast<size_t>(first / P); b < written; ++b) {
       if (pool_.RefCount(seq.pages_[b]) > 1) shared.push_back(b);
     }
-    if (pool_.pages_free() < shared.size()) {
-      evictions_ += index_.Evict(shared.size() - pool_.pages_free());
-    }
-    if (pool_.pages_free() < shared.size()) {
-      return ResourceExhausted("KV pool exhausted: compacting needs " +
-                               std::to_string(shared.size()) + " pages, " +
-                               std::to_string(pool_.pages_free()) + " free");
-    }
+    CT_RETURN_IF_ERROR(EnsureFreeLocked(shared.size(), "compacting"));
     for (size_t b : shared) {
       PageId fresh;
       CT_CHECK(pool_.Allocate(&fresh));
@@ -423,6 +400,15 @@ Status KvManager::Compact(PagedSequence& seq, const KeepPlan& plan,
   // Packed pages take any layer's blocks: never one the index (or another sequence) reads.
   for (const PagedSequence::Spill& sp : seq.spill_) CT_CHECK_EQ(pool_.RefCount(sp.page), 1u);
   return Status::Ok();
+}
+
+Status KvManager::EnsureFreeLocked(size_t need, const char* who) {
+  if (pool_.pages_free() < need) evictions_ += index_.Evict(need - pool_.pages_free());
+  if (pool_.pages_free() >= need) return Status::Ok();
+  return ResourceExhausted("KV pool exhausted: " + std::string(who) + " needs " +
+                           std::to_string(need) + " pages, " + std::to_string(pool_.pages_free()) +
+                           " free of " + std::to_string(pool_.pages_total()) +
+                           " (the rest are used by running sequences or pinned)");
 }
 
 Status KvManager::Validate(const KvManagerOptions& o) {

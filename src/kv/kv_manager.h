@@ -242,8 +242,9 @@ class KvManager {
 
  private:
   friend class PagedSequence;
-  // Allocates a page, evicting cached pages when the pool is empty. REQUIRES mu_.
-  Status AllocateLocked(PageId* out);
+  // Evicts unreferenced cached pages until `need` are free; kResourceExhausted naming `who`
+  // (what needs them) when the rest are in use. REQUIRES mu_.
+  Status EnsureFreeLocked(size_t need, const char* who);
 
   KvManagerOptions options_;
   std::mutex mu_;

@@ -1027,6 +1027,20 @@ std::vector<TokenId> LongPrompt(size_t n_tokens) {
 
 class SchedulerPolicyTest : public SchedulerTest {
  protected:
+  static KvPolicyConfig Policy(const std::string& name, double budget) {
+    KvPolicyConfig pc;
+    pc.name = name;
+    pc.budget = budget;
+    return pc;
+  }
+  // A request of n tokens (no early end) under `pc`, in the tenant `salt`.
+  SchedRequest PolicyReq(const std::vector<TokenId>& prompt, int n, const std::string& salt,
+                         const KvPolicyConfig& pc) {
+    SchedRequest r = Req(prompt, n, salt);
+    r.gen.ignore_eos = true;
+    r.kv_policy = pc;
+    return r;
+  }
   // The same greedy decode through a BudgetRunner on a contiguous sequence.
   std::vector<TokenId> PolicyReference(const std::vector<TokenId>& prompt, int n,
                                        const KvPolicyConfig& pc, int64_t* kept = nullptr) {
@@ -1120,22 +1134,14 @@ TEST_F(SchedulerPolicyTest, AdmissionCountsTheKeptBudgetAfterThePrompt) {
   so.step_tokens = 64;
   Build(22, so);
   const auto prompt = policy_test::LongPrompt(160);
-  KvPolicyConfig pc;
-  pc.name = "pyramidkv";
-  pc.budget = 48;
-  SchedRequest a = Req(prompt, 120, "a");
-  a.gen.ignore_eos = true;
-  a.kv_policy = pc;
-  auto sa = sched_->Submit(std::move(a));
+  const KvPolicyConfig pc = Policy("pyramidkv", 48);
+  auto sa = sched_->Submit(PolicyReq(prompt, 120, "a", pc));
   ASSERT_TRUE(sa.ok()) << sa.status().ToString();
   StreamEvent e;
   ASSERT_TRUE((*sa)->Next(&e, std::chrono::milliseconds(60000)));  // compacted, decoding
   ASSERT_EQ(e.kind, StreamEvent::Kind::kToken) << e.error.ToString();
   std::vector<TokenId> a_tokens = {e.token};
-  SchedRequest b = Req(prompt, 4, "b");  // another tenant: nothing shared
-  b.gen.ignore_eos = true;
-  b.kv_policy = pc;
-  auto sb = sched_->Submit(std::move(b));
+  auto sb = sched_->Submit(PolicyReq(prompt, 4, "b", pc));  // another tenant: nothing shared
   ASSERT_TRUE(sb.ok()) << sb.status().ToString();
   const Collected cb = Collect(**sb);
   ASSERT_EQ(cb.last.kind, StreamEvent::Kind::kDone) << cb.last.error.ToString();
@@ -1165,13 +1171,8 @@ TEST_F(SchedulerPolicyTest, ACakePromptLargerThanThePoolReadsByItsCascade) {
   Build(12, so);
   const auto blocker = Blocker(40);  // decoding while the cascade reads
   const auto prompt = policy_test::LongPrompt(160);
-  KvPolicyConfig pc;
-  pc.name = "cake";
-  pc.budget = 16;
-  SchedRequest r = Req(prompt, 12, "cake");
-  r.gen.ignore_eos = true;
-  r.kv_policy = pc;
-  auto s = sched_->Submit(std::move(r));
+  KvPolicyConfig pc = Policy("cake", 16);
+  auto s = sched_->Submit(PolicyReq(prompt, 12, "cake", pc));
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   const Collected c = Collect(**s);
   ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
@@ -1179,9 +1180,7 @@ TEST_F(SchedulerPolicyTest, ACakePromptLargerThanThePoolReadsByItsCascade) {
   EXPECT_LE(c.last.usage.kv_tokens_kept, 16 + 16);
   EXPECT_EQ(Collect(*blocker).last.kind, StreamEvent::Kind::kDone);
   pc.cascade = false;
-  SchedRequest whole = Req(prompt, 12, "cake");
-  whole.kv_policy = pc;
-  const Status st = sched_->Submit(std::move(whole)).status();
+  const Status st = sched_->Submit(PolicyReq(prompt, 12, "cake", pc)).status();
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("pages of KV"), std::string::npos) << st.message();
 }
