@@ -124,6 +124,60 @@ TEST_F(CakeCascadeTest, PagedKvHoldsAboutTheBudgetAndEqualsContiguousKv) {
   EXPECT_EQ(kvm.GetStats().pages_used, 0u);
 }
 
+// A cascade over a paged sequence that starts from cached pages (an engine caller may; the
+// scheduler reads from the first token): stages that evict inside the cached prefix copy its
+// shared pages before writing, so the index keeps the exact KV (a warm full-KV read gives the
+// cold logits), and the sequence's packed pages are its own (checked by KvManager::Compact).
+TEST_F(CakeCascadeTest, ACascadeFromCachedPagesLeavesTheIndexExact) {
+  const ModelConfig& c = model_->config();
+  KvManagerOptions ko;
+  ko.shape = engine_->kv_shape();
+  ko.page_tokens = kPage;
+  ko.budget_bytes = PagePool::PageBytes(ko.shape, kPage) * 128;
+  KvManager kvm(ko);
+  const Hash128 ns = KvNamespace(*model_, KvType::kF16);
+  const int nv = c.n_vocab;
+  std::vector<float> cold(nv), warm(nv), unused(nv);
+  const std::span<const TokenId> head = std::span<const TokenId>(prompt_).first(160);
+  {
+    auto seq = kvm.Start(ns, head, kPrompt + 32);
+    ASSERT_TRUE(engine_->Forward(*seq, head, cold.data()).ok());
+    kvm.Finish(*seq, head);  // 10 whole pages in the index
+  }
+  auto seq = kvm.Start(ns, prompt_, kPrompt + 32);
+  ASSERT_EQ(seq->n_tokens(), 160);
+  // The rest of the prompt, by the cascade (Cascade reads prompt_, so read its tail here).
+  auto policy = MakeKvPolicy(config_);
+  ASSERT_TRUE(policy.ok());
+  AttentionStats st;
+  st.window = (*policy)->stats_window();
+  auto stage = [&](int layer) {
+    KvPolicyInput in;
+    in.n_layer = c.n_layer;
+    in.n_kv_head = c.n_kv_head;
+    for (int l = 0; l < c.n_layer; ++l) in.layer_tokens.push_back(seq->layer_tokens(l));
+    in.budget = kBudget;
+    in.stats = &st;
+    in.tokens_seen = seq->next_position();
+    in.layers_seen = layer + 1;
+    return kvm.Compact(*seq, (*policy)->Select(in), c.rope, &st);
+  };
+  const Status s = engine_->ForwardLayerMajor(
+      *seq, std::span<const TokenId>(prompt_).subspan(160), unused.data(), &st, stage);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  int64_t total = 0;
+  for (int l = 0; l < c.n_layer; ++l) total += seq->layer_tokens(l);
+  EXPECT_LE(total, c.n_layer * kBudget);
+  EXPECT_GT(kvm.GetStats().cow_copies, 0u);
+  kvm.Finish(*seq, prompt_);
+  // The index still holds the exact 160 tokens.
+  auto again = kvm.Start(ns, head, kPrompt + 32);
+  ASSERT_EQ(again->n_tokens(), 160);
+  again->SetTokens(159);
+  ASSERT_TRUE(engine_->Forward(*again, head.subspan(159), warm.data()).ok());
+  EXPECT_EQ(warm, cold);
+}
+
 // The runner's cascade (BudgetRunner::Prefill) ends near the one-shot allocation of the same
 // prompt (StartFrom an exact prefill): the same last logits, a budget per layer within a few
 // slots of it, the same kept KV where the counts agree, a fraction of its peak.

@@ -52,8 +52,9 @@
 //                 besides the one being read, and the last stage (layers_seen = L) is the
 //                 one-shot allocation (up to integer rounding: an earlier stage may have kept
 //                 one fewer). The scheduler reads a cascading prompt a few layers per step.
-//                 No exact KV of the prompt's new tokens exists whole, so none enters the
-//                 prefix cache (a cached prefix is still reused). cascade=false reads the
+//                 No exact KV of the prompt exists whole, so none enters the prefix cache,
+//                 and the scheduler does not reuse a cached prefix for it either (the first
+//                 stage evicting inside it would copy its pages). cascade=false reads the
 //                 prompt whole, leaves its exact KV in the prefix cache and compacts once
 //                 (the one-shot allocation; full KV until then).
 //   lacache       [sinks=4, lacache_span S (0 = b/4), lacache_overlap O (0 = S/2; < S)] a

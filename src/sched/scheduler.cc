@@ -268,16 +268,12 @@ bool Scheduler::Cascades(const Seq& s) const {
 }
 
 int64_t Scheduler::CascadeForecast(int64_t budget, int64_t capacity, int64_t prompt_len,
-                                   int64_t cached, int64_t P) const {
-  // The cached prefix's whole pages; then the layers read hold at most n_layer x budget slots
-  // (a partial block each) besides the one being read (the fresh tokens), n_layer blocks to a
-  // page, one page of slack; and the copies of a stage that writes cached pages (shared with
-  // the index), at most those pages.
+                                   int64_t P) const {
+  // The layers read hold at most n_layer x budget slots (a partial block each) besides the one
+  // being read (the whole prompt), n_layer blocks to a page, and one page of slack.
   const int64_t L = engine_.model().config().n_layer;
-  const int64_t fresh = std::max<int64_t>(0, prompt_len - cached);
-  const int64_t blocks = CeilDiv(L * budget, P) + L + CeilDiv(fresh, P);
-  const int64_t copies = std::min(CeilDiv(cached, P), CeilDiv(std::min(capacity, L * budget), P));
-  return std::min(CeilDiv(capacity, P), cached / P + CeilDiv(blocks, L) + 1) + copies;
+  const int64_t blocks = CeilDiv(L * budget, P) + L + CeilDiv(prompt_len, P);
+  return std::min(CeilDiv(capacity, P), CeilDiv(blocks, L) + 1);
 }
 
 void Scheduler::StepCascade(Seq& s, int layers) {
@@ -415,10 +411,10 @@ Result<std::shared_ptr<RequestStream>> Scheduler::Submit(SchedRequest request) {
   }
   const int64_t P = pool.page_tokens();
   // A cascade (CAKE) holds about its budget while it reads; Fits() refines it by the cache.
-  const int64_t blocks = Cascades(policy.get(), block, request.prompt_logprobs, pool)
-                             ? CascadeForecast(budget, capacity, n, 0, P)
-                                  : CeilDiv(capacity, P) +
-                                        CompactionCopies(policy.get(), budget, capacity, P);
+  int64_t blocks = CeilDiv(capacity, P) + CompactionCopies(policy.get(), budget, capacity, P);
+  if (Cascades(policy.get(), block, request.prompt_logprobs, pool)) {
+    blocks = CascadeForecast(budget, capacity, n, P);
+  }
   const uint32_t total = pool.GetStats().pages_total;
   if (blocks > total) {
     return InvalidArgument("the prompt and max_tokens need " + std::to_string(blocks) +
@@ -1219,16 +1215,14 @@ bool Scheduler::Fits(Seq& s, int64_t* short_pages) {
     int64_t limit = std::max<int64_t>(0, s.prompt_len - window);
     // Read in blocks, the first block must end within budget + block slots.
     if (s.policy_block > 0) limit = std::min(limit, s.policy_budget);
-    // A cascade reads a layer at a time after whole pages (PagedSequence::ReserveLayer).
-    if (Cascades(s)) limit = limit / P * P;
+    // A cascade reads the whole prompt: a cached prefix would stay in whole pages, and the
+    // first stage that evicts inside it would copy them all (every layer not read yet keeps
+    // its part of them), more pages than the cascade saves. (cascade=false reuses it.)
+    if (Cascades(s)) limit = 0;
     if (s.kv->n_tokens() > limit) s.kv->SetTokens(limit);
     s.stats = AttentionStats{};
     s.stats.cumulative = s.policy->stats_cumulative();
     s.since_compaction = 0;
-    if (Cascades(s)) {
-      s.forecast_blocks =
-          CascadeForecast(s.policy_budget, s.capacity, s.prompt_len, s.kv->n_tokens(), P);
-    }
   }
   if (s.NeedsPromptLogits()) {
     // Reused KV has no logits: only the positions whose logprobs are known (a resumed request's)
@@ -1853,6 +1847,7 @@ bool Scheduler::Emit(Seq& s) {
 
 void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
   if (s.state == Seq::State::kFinished) return;
+  s.cascade.reset();  // a part-read cascade (it refers to s.kv)
   bool program_noted = false;
   if (s.kv) {
     const int64_t fed = std::min<int64_t>(s.fed(), static_cast<int64_t>(s.tokens.size()));

@@ -333,12 +333,12 @@ class Scheduler {
   // Compacts s by its policy; layers_seen: a cascade's stage (KvPolicyInput::layers_seen).
   Status CompactPolicy(Seq& s, int layers_seen = 0);
   // Whether s reads its prompt by its policy's cascade (CAKE, the prompt at once, no prompt
-  // logprobs, a KV type that can be rewritten), a few layers per step (StepCascade), its
-  // forecast then what the cascade holds at most with `cached` tokens reused.
+  // logprobs, a KV type that can be rewritten), a few layers per step (StepCascade), from its
+  // first token; its forecast then what the cascade holds at most (CascadeForecast).
   bool Cascades(const Seq& s) const;
   static bool Cascades(const KvPolicy* policy, int64_t block, bool prompt_logprobs,
                        const KvManager& pool);
-  int64_t CascadeForecast(int64_t budget, int64_t capacity, int64_t prompt_len, int64_t cached,
+  int64_t CascadeForecast(int64_t budget, int64_t capacity, int64_t prompt_len,
                           int64_t page_tokens) const;
   // Reads the next `layers` layers of s's prompt; the last one ends its prefill (Emit).
   void StepCascade(Seq& s, int layers);

@@ -1164,19 +1164,23 @@ TEST_F(SchedulerPolicyTest, AdmissionCountsTheKeptBudgetAfterThePrompt) {
 
 // CAKE's cascade holds about its budget while it reads: a 160-token prompt (10 pages at every
 // layer) runs in a pool of 12 pages at 16 tokens per layer, a few layers per step beside a
-// decoding request, and gives the runner's tokens; read whole (cascade off) it is refused.
+// decoding request, and gives the runner's tokens, reading the prompt from its first token
+// though a full-KV request cached it; read whole (cascade off) it is refused.
 TEST_F(SchedulerPolicyTest, ACakePromptLargerThanThePoolReadsByItsCascade) {
   SchedulerOptions so;
   so.step_tokens = 32;  // a layer or so per step
   Build(12, so);
-  const auto blocker = Blocker(40);  // decoding while the cascade reads
   const auto prompt = policy_test::LongPrompt(160);
+  const Collected full = Collect(**sched_->Submit(Req(prompt, 2, "cake")));
+  ASSERT_EQ(full.last.kind, StreamEvent::Kind::kDone) << full.last.error.ToString();
+  const auto blocker = Blocker(40);  // decoding while the cascade reads
   KvPolicyConfig pc = Policy("cake", 16);
   auto s = sched_->Submit(PolicyReq(prompt, 12, "cake", pc));
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   const Collected c = Collect(**s);
   ASSERT_EQ(c.last.kind, StreamEvent::Kind::kDone) << c.last.error.ToString();
   EXPECT_EQ(c.tokens, PolicyReference(prompt, 12, pc));
+  EXPECT_EQ(c.last.usage.cached_tokens, 0);
   EXPECT_LE(c.last.usage.kv_tokens_kept, 16 + 16);
   EXPECT_EQ(Collect(*blocker).last.kind, StreamEvent::Kind::kDone);
   pc.cascade = false;
