@@ -88,15 +88,8 @@ Result<PagesFigure> RunPolicy(Engine& engine, KvManager& kvm, const Hash128& ns,
   int64_t peak = 0;
   auto compact = [&](int layers_seen) {
     peak = std::max(peak, seq->held_pages());
-    KvPolicyInput in;
-    in.n_layer = c.n_layer;
-    in.n_kv_head = c.n_kv_head;
-    for (int l = 0; l < c.n_layer; ++l) in.layer_tokens.push_back(seq->layer_tokens(l));
-    in.budget = budget;
-    in.stats = &stats;
-    in.tokens_seen = seq->tokens_seen();
-    in.layers_seen = layers_seen;
-    return kvm.Compact(*seq, policy->Select(in), c.rope, &stats);
+    const KeepPlan plan = policy->Select(PolicyInputFor(*seq, budget, &stats, layers_seen));
+    return kvm.Compact(*seq, plan, c.rope, &stats);
   };
   if (policy->cascades()) {
     CT_RETURN_IF_ERROR(engine.ForwardLayerMajor(*seq, prompt, nullptr, &stats,

@@ -133,6 +133,8 @@ class SequenceKv {
   }
   // RoPE position of the next token.
   virtual int64_t next_position() const { return n_tokens(); }
+  // Tokens read so far (positions handed out), evicted ones included.
+  virtual int64_t tokens_seen() const { return n_tokens(); }
   // After a forward pass wrote `count` new tokens after every layer's last slot.
   virtual void Append(int64_t count) { SetTokens(n_tokens() + count); }
   // Reading a layer at a time (Engine::ForwardLayerMajor, for CAKE's cascade: earlier layers
@@ -220,8 +222,7 @@ class ContiguousKv final : public SequenceKv {
   void AppendPositions(int64_t count) override;
 
   const KvShape& shape() const override { return shape_; }
-  // Tokens read so far (positions handed out), evicted ones included.
-  int64_t tokens_seen() const { return book_.Seen(n_max_); }
+  int64_t tokens_seen() const override { return book_.Seen(n_max_); }
   // Slots summed over layers (the memory a per-layer budget actually holds).
   int64_t total_slots() const { return book_.TotalSlots(shape_.n_layer, n_max_); }
   bool compacted() const { return book_.compacted; }

@@ -80,22 +80,15 @@ Status BudgetRunner::Forward(std::span<const TokenId> tokens, Engine::Logits mod
 }
 
 Status BudgetRunner::Compact(int layers_seen) {
-  KvPolicyInput in;
-  in.n_layer = kv_->shape().n_layer;
-  in.n_kv_head = kv_->shape().n_kv_head;
-  in.layer_tokens.resize(in.n_layer);
-  for (int l = 0; l < in.n_layer; ++l) in.layer_tokens[l] = kv_->layer_tokens(l);
-  in.budget = budget_;
-  const bool have_stats = stats_.n_layer == in.n_layer && stats_.capacity == kv_->capacity();
-  in.stats = have_stats ? &stats_ : nullptr;
-  in.tokens_seen = kv_->tokens_seen();
-  in.layers_seen = layers_seen;
-  const KeepPlan plan = policy_->Select(in);
+  const int n_layer = kv_->shape().n_layer;
+  const bool have_stats = stats_.n_layer == n_layer && stats_.capacity == kv_->capacity();
+  const KeepPlan plan =
+      policy_->Select(PolicyInputFor(*kv_, budget_, have_stats ? &stats_ : nullptr, layers_seen));
   const kernels::RopeParams& rope = engine_.model().config().rope;
   CT_RETURN_IF_ERROR(kv_->Compact(plan, rope, have_stats ? &stats_ : nullptr)
                          .WithContext("policy " + std::string(policy_->name())));
   // A cascade's later stages compact the layers read so far again, by the same window.
-  if (layers_seen == 0 || layers_seen == in.n_layer) stats_.ClearWindow();
+  if (layers_seen == 0 || layers_seen == n_layer) stats_.ClearWindow();
   since_compaction_ = 0;
   ++compactions_;
   return Status::Ok();

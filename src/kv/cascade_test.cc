@@ -49,21 +49,21 @@ class CakeCascadeTest : public ::testing::Test {
     ASSERT_TRUE(policy.ok());
     AttentionStats st;
     st.window = (*policy)->stats_window();
-    const ModelConfig& c = model_->config();
     auto stage = [&](int layer) {
       *peak = std::max(*peak, held());
-      KvPolicyInput in;
-      in.n_layer = c.n_layer;
-      in.n_kv_head = c.n_kv_head;
-      for (int l = 0; l < c.n_layer; ++l) in.layer_tokens.push_back(kv.layer_tokens(l));
-      in.budget = kBudget;
-      in.stats = &st;
-      in.tokens_seen = kv.next_position();  // nothing reassigns positions here
-      in.layers_seen = layer + 1;
-      return compact((*policy)->Select(in), &st);
+      return compact((*policy)->Select(PolicyInputFor(kv, kBudget, &st, layer + 1)), &st);
     };
     const Status s = engine_->ForwardLayerMajor(kv, prompt_, logits, &st, stage);
     ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+
+  // A pool of `pages` pages of kPage tokens for the engine's KV.
+  std::unique_ptr<KvManager> Pool(size_t pages) {
+    KvManagerOptions ko;
+    ko.shape = engine_->kv_shape();
+    ko.page_tokens = kPage;
+    ko.budget_bytes = PagePool::PageBytes(ko.shape, kPage) * pages;
+    return std::make_unique<KvManager>(ko);
   }
 
   std::unique_ptr<Model> model_;
@@ -75,11 +75,8 @@ class CakeCascadeTest : public ::testing::Test {
 TEST_F(CakeCascadeTest, PagedKvHoldsAboutTheBudgetAndEqualsContiguousKv) {
   const ModelConfig& c = model_->config();
   const int L = c.n_layer;
-  KvManagerOptions ko;
-  ko.shape = engine_->kv_shape();
-  ko.page_tokens = kPage;
-  ko.budget_bytes = PagePool::PageBytes(ko.shape, kPage) * 128;
-  KvManager kvm(ko);
+  auto pool = Pool(128);
+  KvManager& kvm = *pool;
   const Hash128 ns = KvNamespace(*model_, KvType::kF16);
   auto seq = kvm.Start(ns, {}, kPrompt + 32);
   ContiguousKv twin(engine_->kv_shape(), kPrompt + 32);
@@ -130,11 +127,8 @@ TEST_F(CakeCascadeTest, PagedKvHoldsAboutTheBudgetAndEqualsContiguousKv) {
 // cold logits), and the sequence's packed pages are its own (checked by KvManager::Compact).
 TEST_F(CakeCascadeTest, ACascadeFromCachedPagesLeavesTheIndexExact) {
   const ModelConfig& c = model_->config();
-  KvManagerOptions ko;
-  ko.shape = engine_->kv_shape();
-  ko.page_tokens = kPage;
-  ko.budget_bytes = PagePool::PageBytes(ko.shape, kPage) * 128;
-  KvManager kvm(ko);
+  auto pool = Pool(128);
+  KvManager& kvm = *pool;
   const Hash128 ns = KvNamespace(*model_, KvType::kF16);
   const int nv = c.n_vocab;
   std::vector<float> cold(nv), warm(nv), unused(nv);
@@ -152,15 +146,8 @@ TEST_F(CakeCascadeTest, ACascadeFromCachedPagesLeavesTheIndexExact) {
   AttentionStats st;
   st.window = (*policy)->stats_window();
   auto stage = [&](int layer) {
-    KvPolicyInput in;
-    in.n_layer = c.n_layer;
-    in.n_kv_head = c.n_kv_head;
-    for (int l = 0; l < c.n_layer; ++l) in.layer_tokens.push_back(seq->layer_tokens(l));
-    in.budget = kBudget;
-    in.stats = &st;
-    in.tokens_seen = seq->next_position();
-    in.layers_seen = layer + 1;
-    return kvm.Compact(*seq, (*policy)->Select(in), c.rope, &st);
+    return kvm.Compact(*seq, (*policy)->Select(PolicyInputFor(*seq, kBudget, &st, layer + 1)),
+                       c.rope, &st);
   };
   const Status s = engine_->ForwardLayerMajor(
       *seq, std::span<const TokenId>(prompt_).subspan(160), unused.data(), &st, stage);

@@ -96,7 +96,7 @@ class PagedSequence final : public SequenceKv {
   int64_t exact_tokens() const {
     return std::min({book_.Exact(n_tokens_), inexact_from_, tail_ ? tail_->begin() : INT64_MAX});
   }
-  int64_t tokens_seen() const { return book_.Seen(n_tokens_); }
+  int64_t tokens_seen() const override { return book_.Seen(n_tokens_); }
   int64_t kept_tokens() const;
   // The sequence is ending (nothing will attend to it again): its f16 window, if it has one,
   // goes into its pages (KvWindow::Seal), so exact_tokens() and what Commit and the tiers take

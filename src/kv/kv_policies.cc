@@ -640,6 +640,19 @@ Result<Kind> FindKind(std::string_view name) {
 
 }  // namespace
 
+KvPolicyInput PolicyInputFor(const SequenceKv& kv, int64_t budget, const AttentionStats* stats,
+                             int layers_seen) {
+  KvPolicyInput in;
+  in.n_layer = kv.shape().n_layer;
+  in.n_kv_head = kv.shape().n_kv_head;
+  for (int l = 0; l < in.n_layer; ++l) in.layer_tokens.push_back(kv.layer_tokens(l));
+  in.budget = budget;
+  in.stats = stats;
+  in.tokens_seen = kv.tokens_seen();
+  in.layers_seen = layers_seen;
+  return in;
+}
+
 const std::vector<std::string>& KvPolicyNames() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;

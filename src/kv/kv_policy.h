@@ -128,6 +128,11 @@ struct KvPolicyInput {
   int layers_seen = 0;
 };
 
+// The input for `kv` as it stands: its layers' slot counts and tokens read, `budget` tokens
+// per layer, `stats` (may be null), a cascade's stage.
+KvPolicyInput PolicyInputFor(const SequenceKv& kv, int64_t budget, const AttentionStats* stats,
+                             int layers_seen = 0);
+
 class KvPolicy {
  public:
   virtual ~KvPolicy() = default;

@@ -320,17 +320,9 @@ int64_t Scheduler::CompactionCopies(const KvPolicy* policy, int64_t budget, int6
 
 Status Scheduler::CompactPolicy(Seq& s, int layers_seen) {
   const ModelConfig& c = engine_.model().config();
-  KvPolicyInput in;
-  in.n_layer = c.n_layer;
-  in.n_kv_head = c.n_kv_head;
-  in.layer_tokens.resize(c.n_layer);
-  for (int l = 0; l < c.n_layer; ++l) in.layer_tokens[l] = s.kv->layer_tokens(l);
-  in.budget = s.policy_budget;
   const bool have_stats = s.stats.n_layer == c.n_layer && s.stats.capacity >= s.kv->n_tokens();
-  in.stats = have_stats ? &s.stats : nullptr;
-  in.tokens_seen = s.kv->tokens_seen();
-  in.layers_seen = layers_seen;
-  const KeepPlan plan = s.policy->Select(in);
+  const KeepPlan plan = s.policy->Select(PolicyInputFor(
+      *s.kv, s.policy_budget, have_stats ? &s.stats : nullptr, layers_seen));
   CT_RETURN_IF_ERROR(s.kv->manager().Compact(*s.kv, plan, c.rope, have_stats ? &s.stats : nullptr)
                          .WithContext("kv_policy " + std::string(s.policy->name())));
   // A cascade's later stages compact the layers read so far again, by the same window.
