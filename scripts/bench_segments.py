@@ -7,12 +7,19 @@ situations, each measured --reps times on the same prompt:
   full       kv_reuse prefix in a fresh tenant of a server without tiers: full prefill (baseline)
   computed   blend, every document missing: the request computes each one on its own first
   ram        blend, documents in the segment cache (precomputed)
-  disk       blend, a server restarted on the disk tier that filed them: read back from disk
-             (one restart per repetition, so the segment cache is empty every time)
-It prints the median of each and its ratio to full prefill.
+  disk-whole blend, a server restarted on the disk tier that filed them: read back from disk
+             (one restart per repetition, so the segment cache is empty every time), the
+             whole load before the prefill (--no-segment-pipeline)
+  disk       the same, pipelined (the default): the prefill computes each layer while the
+             next band of layers loads (CacheBlend's pipeline)
+  disk+ctl   pipelined with CacheBlend's loading controller (--blend-controller): blend
+             recomputes above its ratio as much as hides under the load
+  redis-*    the same three from a Redis tier (--redis URL), the disk tier off
+It prints the median of each, its ratio to full prefill, and the recomputed tokens.
 
 Usage: scripts/bench_segments.py [--binary build/release/src/cli/cachette]
        [--model models/cachette-tiny-q8_0.gguf] [--docs 8] [--doc-words 150] [--reps 3]
+       [--redis redis://127.0.0.1:6390]
 """
 import argparse
 import os
@@ -59,10 +66,20 @@ def main():
     p.add_argument("--doc-words", type=int, default=150)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-tokens", default="256")
+    p.add_argument("--redis", default="", help="a Redis URL: also measure loads from Redis")
     a = p.parse_args()
     docs = documents(a.docs, a.doc_words)
     segments = docs + ["Question: which document names the copper bell first? Answer:"]
-    results = {k: [] for k in ("full", "computed", "ram", "disk")}
+    kinds = ("whole", "", "ctl")
+    flags = {"whole": ("--no-segment-pipeline",), "": (), "ctl": ("--blend-controller",)}
+    tiers_of = {"disk": ("disk",)}
+    if a.redis:
+        tiers_of["redis"] = ("redis",)
+    rows = ["full", "computed", "ram"] + ["%s%s" % (t, ("-" + k if k == "whole" else
+                                                         "+" + k if k else ""))
+                                          for t in tiers_of for k in kinds]
+    results = {k: [] for k in rows}
+    recomputed = {k: [] for k in rows}
     prompt_tokens = 0
     with tempfile.TemporaryDirectory() as tmp:
         plain = Server(a.binary, a.model, "--segment-cache-mb", "1024")
@@ -75,30 +92,44 @@ def main():
                 results["computed"].append(ms)
         finally:
             plain.close()
-        disk = os.path.join(tmp, "disk")
-        tiers = ("--disk-dir", disk, "--chunk-tokens", a.chunk_tokens, "--segment-cache-mb", "1024")
-        s = Server(a.binary, a.model, *tiers)
-        st, pre = s.post("/v1/cache/segments", {"segments": segments, "cache_salt": "T"})
-        if st != 200:
-            raise RuntimeError("precompute failed: %s %s" % (st, pre))
-        for _ in range(a.reps):
-            results["ram"].append(timed(s, segments, "blend", "T")[0])
-        graceful_stop(s)
-        for _ in range(a.reps):
+        for tier in tiers_of:
+            where = os.path.join(tmp, tier)
+            if tier == "disk":
+                tiers = ("--disk-dir", where)
+            else:
+                tiers = ("--redis", a.redis)
+            tiers += ("--chunk-tokens", a.chunk_tokens, "--segment-cache-mb", "1024")
+            salt = "T-%d" % os.getpid()
             s = Server(a.binary, a.model, *tiers)
-            ms, u = timed(s, segments, "blend", "T")
-            results["disk"].append(ms)
-            st, stats = s.get("/v1/cache/stats")
-            hits = stats.get("segments", {}).get("tier_hits", 0)
-            if hits < len(segments):
-                raise RuntimeError("expected every segment from disk, got %s" % stats["segments"])
+            st, pre = s.post("/v1/cache/segments", {"segments": segments, "cache_salt": salt})
+            if st != 200:
+                raise RuntimeError("precompute failed: %s %s" % (st, pre))
+            if tier == "disk":
+                for _ in range(a.reps):
+                    ms, u = timed(s, segments, "blend", salt)
+                    results["ram"].append(ms)
+                    recomputed["ram"].append(u.get("cachette", {}).get("recomputed_tokens", 0))
             graceful_stop(s)
+            for _ in range(a.reps):
+                for k in kinds:
+                    row = "%s%s" % (tier, "-" + k if k == "whole" else "+" + k if k else "")
+                    s = Server(a.binary, a.model, *tiers, *flags[k])
+                    ms, u = timed(s, segments, "blend", salt)
+                    results[row].append(ms)
+                    recomputed[row].append(u.get("cachette", {}).get("recomputed_tokens", 0))
+                    st, stats = s.get("/v1/cache/stats")
+                    seg = stats.get("segments", {})
+                    if seg.get("tier_hits", 0) < len(segments):
+                        raise RuntimeError("expected every segment from %s, got %s" % (tier, seg))
+                    graceful_stop(s)
     base = statistics.median(results["full"])
     print("%d documents of ~%d words, %d prompt tokens, %s, %d reps (median ms, ratio to full)" %
           (a.docs, a.doc_words, prompt_tokens, os.path.basename(a.model), a.reps))
     for k, v in results.items():
         m = statistics.median(v)
-        print("  %-9s %9.1f ms  %6.3fx" % (k, m, m / base))
+        r = recomputed[k]
+        print("  %-12s %9.1f ms  %6.3fx  recomputed %s" %
+              (k, m, m / base, int(statistics.median(r)) if r else "-"))
     return 0
 
 

@@ -80,6 +80,15 @@ void AddStackFlags(CLI::App* c, ServeFlags* p) {
               "Keep each finished request's output KV in the segment cache, so a prompt that "
               "quotes it as a segment reuses it (RelayCaching; TOML: relay = true)")
       ->group(kSched);
+  c->add_flag("--no-segment-pipeline", p->no_segment_pipeline,
+              "Read segments from the tiers whole before their prefill, instead of computing each "
+              "layer while the next loads (TOML: segment_pipeline = false)")
+      ->group(kSched);
+  c->add_flag("--blend-controller", p->blend_controller,
+              "CacheBlend's loading controller: a blend whose segments load from the tiers "
+              "recomputes above blend_ratio as much as hides under the load (TOML: "
+              "blend_controller = true)")
+      ->group(kSched);
   Flag(c, p, kSched, "--itl-target-ms", &ServeConfig::itl_target_ms,
        "Inter-token latency objective: each step's prefill share is sized to it (0: off)");
   Flag(c, p, kStore, "--ram-budget", &ServeConfig::ram_budget,
@@ -122,6 +131,8 @@ Result<ServeConfig> ResolveServeConfig(const ServeFlags& f) {
   }
   if (f.no_prefix_cache) cfg.prefix_cache = false;
   if (f.relay) cfg.relay = true;
+  if (f.no_segment_pipeline) cfg.segment_pipeline = false;
+  if (f.blend_controller) cfg.blend_controller = true;
   if (cfg.model.empty()) cfg.model = DefaultModelPath();
   CT_RETURN_IF_ERROR(server::ValidateConfig(cfg));
   return cfg;
@@ -309,6 +320,8 @@ sched::SchedulerOptions SchedulerOptionsFor(const ServeConfig& cfg) {
   sopt.itl_target_ms = cfg.itl_target_ms;
   sopt.segment_cache_bytes = static_cast<size_t>(cfg.segment_cache_mb) << 20;
   sopt.relay = cfg.relay;
+  sopt.pipeline_segment_loads = cfg.segment_pipeline;
+  sopt.blend_load_controller = cfg.blend_controller;
   sopt.admission = cfg.admission == "past-future" ? sched::AdmissionPolicy::kPastFuture
                                                   : sched::AdmissionPolicy::kForecast;
   return sopt;

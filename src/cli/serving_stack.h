@@ -55,6 +55,8 @@ struct ServeFlags {
   std::string config_path;
   bool no_prefix_cache = false;
   bool relay = false;
+  bool no_segment_pipeline = false;
+  bool blend_controller = false;
   // Copies the flags given on the command line over the configuration (flags win).
   std::vector<std::pair<CLI::Option*, std::function<void(server::ServeConfig&)>>> apply;
 };

@@ -1,6 +1,7 @@
 #include "engine/segment_reuse.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -288,7 +289,8 @@ void KeepRows(Rows& rows, const std::vector<size_t>& keep, std::vector<float>& x
 
 Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
                            std::span<const SegmentUse> segments, const ReuseOptions& options,
-                           float* logits, ReuseReport* report) {
+                           float* logits, ReuseReport* report,
+                           const std::function<Status(int)>& await_layer) {
   const ModelConfig& c = engine.model().config();
   const KvShape shape = engine.kv_shape();
   CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "segment reuse"));
@@ -344,22 +346,46 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   CT_RETURN_IF_ERROR(kv.Reserve(n));
   const size_t tb = shape.token_bytes();
-  // Copies `count` tokens of a segment from its token `from` to slot `at`, keys rotated.
+  // Segment tokens to copy into the sequence: `count` tokens of `seg` from its token `from` to
+  // slot `at`, keys rotated. Placed a layer at a time, each layer once `await_layer` says its
+  // KV is there (a load from the tiers may still be filling the later layers).
+  struct Placement {
+    const SegmentKv* seg;
+    int64_t from, at, count;
+  };
+  std::vector<Placement> placements;
   std::vector<std::byte> keys;
-  auto place = [&](const SegmentKv& seg, int64_t from, int64_t at, int64_t count) {
-    const int64_t delta = at - (seg.base_pos + from);
-    for (int l = 0; l < shape.n_layer; ++l) {
-      const std::byte* k = seg.k[l].data() + from * tb;
-      if (delta != 0) {
-        keys.assign(k, k + count * tb);
-        RotateStoredKeys(keys.data(), count, shape, delta, c.rope);
-        k = keys.data();
+  int layers_placed = 0;
+  auto place_through = [&](int end_layer) -> Status {
+    for (; layers_placed < end_layer; ++layers_placed) {
+      const int l = layers_placed;
+      if (await_layer && !placements.empty()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const Status st = await_layer(l);
+        rep.load_wait_us += std::chrono::duration_cast<std::chrono::microseconds>(
+                                std::chrono::steady_clock::now() - t0)
+                                .count();
+        CT_RETURN_IF_ERROR(st);
       }
-      for (int64_t t = 0; t < count; ++t) {
-        std::memcpy(kv.KSlot(l, at + t), k + t * tb, tb);
-        std::memcpy(kv.VSlot(l, at + t), seg.v[l].data() + (from + t) * tb, tb);
+      for (const Placement& pl : placements) {
+        const SegmentKv& seg = *pl.seg;
+        const int64_t delta = pl.at - (seg.base_pos + pl.from);
+        const std::byte* k = seg.k[l].data() + pl.from * tb;
+        if (delta != 0) {
+          keys.assign(k, k + pl.count * tb);
+          RotateStoredKeys(keys.data(), pl.count, shape, delta, c.rope);
+          k = keys.data();
+        }
+        for (int64_t t = 0; t < pl.count; ++t) {
+          std::memcpy(kv.KSlot(l, pl.at + t), k + t * tb, tb);
+          std::memcpy(kv.VSlot(l, pl.at + t), seg.v[l].data() + (pl.from + t) * tb, tb);
+        }
       }
     }
+    return Status::Ok();
+  };
+  auto place = [&](const SegmentKv& seg, int64_t from, int64_t at, int64_t count) {
+    placements.push_back(Placement{&seg, from, at, count});
   };
 
   // The exact prefix: the sequence's own tokens, then segments in place after their own
@@ -384,9 +410,10 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     }
   }
   rep.prefix_tokens = p;
-  if (p > n0) kv.Append(p - n0);
   if (options.mode == ReuseMode::kFull || options.mode == ReuseMode::kPrefix ||
       si == segments.size()) {
+    CT_RETURN_IF_ERROR(place_through(c.n_layer));
+    if (p > n0) kv.Append(p - n0);
     CT_RETURN_IF_ERROR(engine.Forward(kv, prompt.subspan(p), logits));
     rep.computed_tokens = n - p;
     if (report != nullptr) *report = rep;
@@ -520,11 +547,13 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
       std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
                                                options.widen * options.ratio * rep.reused_tokens)));
   for (int layer = 0; layer < c.n_layer; ++layer) {
+    CT_RETURN_IF_ERROR(place_through(layer + 1));
     if (selecting && layer == options.check_layer) {
       select(layer, layer + 1 < c.n_layer ? widened : target);
     } else if (selecting && widened > target && layer == options.check_layer + 1) {
       select(layer, target);
     }
+    rep.row_layers += static_cast<int64_t>(rows.at.size());
     if (layer == 0 && !parts.empty()) {
       forward_layer_zero_and_choose();
       continue;
@@ -539,11 +568,18 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   rep.recomputed_tokens = static_cast<int64_t>(rep.recomputed_slots.size());
   rep.computed_tokens = n - p - rep.reused_tokens;
-  kv.Append(n - p);
+  kv.Append(n - n0);
   // Everything after the exact prefix is approximate (even blend at ratio 1, to rounding).
   kv.MarkInexactFrom(p);
   if (report != nullptr) *report = rep;
   return Status::Ok();
+}
+
+double PipelinedBlendRatio(double min_ratio, int64_t placed_tokens, int64_t other_rows,
+                           double row_layer_us, double layer_load_us) {
+  if (placed_tokens <= 0 || !(row_layer_us > 0) || !(layer_load_us > 0)) return min_ratio;
+  const double rows = layer_load_us / row_layer_us - static_cast<double>(other_rows);
+  return std::clamp(rows / static_cast<double>(placed_tokens), min_ratio, 1.0);
 }
 
 }  // namespace cachette

@@ -34,6 +34,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -148,6 +149,11 @@ struct ReuseReport {
   int64_t computed_tokens = 0;    // tokens in no cache (and the last one), computed in full
   // The slots of the recomputed placed tokens, ascending (recomputed_tokens of them).
   std::vector<int64_t> recomputed_slots;
+  // Rows run through a layer, summed over the layers (the layer-at-a-time pass; 0 when the
+  // prompt went through Engine::Forward): what the prefill cost in token-layers.
+  int64_t row_layers = 0;
+  // Time spent waiting for segment KV still being loaded (await_layer), in microseconds.
+  int64_t load_wait_us = 0;
 };
 
 // Fills `kv` with the KV of `prompt` and writes the last token's logits [n_vocab] (may be
@@ -159,8 +165,28 @@ struct ReuseReport {
 // shape is not the engine's, a ratio outside [0, 1], a check layer outside the model, or what
 // Engine::Forward rejects; kResourceExhausted when kv cannot hold the prompt. On error kv
 // keeps its tokens (slots past them may have been written).
+//
+// Pipelined loading (CacheBlend's): the segments' KV may still be arriving, a layer band at a
+// time, from a tier read running beside this call. Then `await_layer(l)` is called (in
+// ascending l, once each, and only when some segment is placed) before layer l of any segment
+// is read, and returns once layers [0, l] of every segment are filled; its error ends the call
+// with that error (kv keeps its tokens). The placed KV of layer l is copied in just before
+// layer l is computed, so the load of the later layers runs under the compute of the earlier.
+// The result does not depend on when the layers arrive.
 Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
                            std::span<const SegmentUse> segments, const ReuseOptions& options,
-                           float* logits, ReuseReport* report);
+                           float* logits, ReuseReport* report,
+                           const std::function<Status(int)>& await_layer = {});
+
+// CacheBlend's loading controller. When the segments' KV is loaded a layer at a time under the
+// recompute of the previous layer, recomputing more costs nothing until a layer's recompute
+// takes as long as the next layer's load. Given the measured cost of a row through one layer
+// (`row_layer_us`), the load time of one layer of every placed segment (`layer_load_us`), the
+// placed tokens and the rows computed anyway (tokens in no cache and the last), this is the
+// ratio whose rows fill the load time: (layer_load_us / row_layer_us - other_rows) / placed,
+// never below `min_ratio` (the quality floor asked for) nor above 1. `min_ratio` when a cost is
+// unknown (<= 0) or nothing is placed.
+double PipelinedBlendRatio(double min_ratio, int64_t placed_tokens, int64_t other_rows,
+                           double row_layer_us, double layer_load_us);
 
 }  // namespace cachette

@@ -3,10 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <array>
-
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "engine/segment_test_util.h"
 
@@ -398,6 +401,118 @@ TEST(CacheCraftTest, PromptChoiceRecomputesTokensAttendingMostToTheirNewContext)
   EXPECT_TRUE(zero.recomputed_slots.empty());
   EXPECT_EQ(ParseCraftChoice("prompt").value(), CraftChoice::kPrompt);
   EXPECT_EQ(ParseCraftChoice("inter").status().code(), StatusCode::kInvalidArgument);
+}
+
+// The KV of every slot [0, n) of every layer of `kv`, K then V.
+std::vector<std::byte> AllKv(SequenceKv& kv, int64_t n) {
+  const size_t tb = kv.shape().token_bytes();
+  std::vector<std::byte> out;
+  for (int l = 0; l < kv.shape().n_layer; ++l) {
+    for (int64_t t = 0; t < n; ++t) {
+      const auto* k = static_cast<const std::byte*>(kv.KSlot(l, t));
+      const auto* v = static_cast<const std::byte*>(kv.VSlot(l, t));
+      out.insert(out.end(), k, k + tb);
+      out.insert(out.end(), v, v + tb);
+    }
+  }
+  return out;
+}
+
+// Segment KV arriving a layer at a time from another thread (a tier read), while the prefill
+// runs: the same logits and KV, bit for bit, as with every layer there from the start, in
+// every mode; a load that fails ends the prefill with its error and the sequence unchanged.
+TEST(SegmentReuseTest, LayersArrivingDuringThePrefillGiveTheSameResult) {
+  const Model& model = Trained();
+  const int n_layer = model.config().n_layer;
+  Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF16});
+  const RagCase r = MakeRag(model);
+  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  const int64_t n = static_cast<int64_t>(r.prompt.size());
+  const int nv = model.config().n_vocab;
+  const ReuseOptions modes[] = {{.mode = ReuseMode::kPrefix},
+                                {.mode = ReuseMode::kNaive},
+                                {.mode = ReuseMode::kBlend, .ratio = 0.3},
+                                {.mode = ReuseMode::kCacheCraft, .ratio = 0.6},
+                                {.mode = ReuseMode::kCacheCraft, .ratio = 0.6,
+                                 .craft_choice = CraftChoice::kPrompt}};
+  for (const ReuseOptions& o : modes) {
+    SCOPED_TRACE(std::string(ReuseModeName(o.mode)));
+    const SegmentUse uses[] = {{1, &*s2}, {static_cast<int64_t>(1 + r.doc2.size()), &*s1}};
+    std::vector<float> want(nv), got(nv);
+    auto ref = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*ref, r.bos, nullptr).ok());
+    ReuseReport want_rep;
+    ASSERT_TRUE(PrefillWithSegments(engine, *ref, r.prompt, uses, o, want.data(), &want_rep).ok());
+
+    // Copies whose layers are zero until the "loader" fills them, one every 2 ms.
+    SegmentKv l1 = *s1, l2 = *s2;
+    for (SegmentKv* seg : {&l1, &l2}) {
+      for (int l = 0; l < n_layer; ++l) {
+        std::fill(seg->k[l].begin(), seg->k[l].end(), std::byte{0});
+        std::fill(seg->v[l].begin(), seg->v[l].end(), std::byte{0});
+      }
+    }
+    std::mutex mu;
+    std::condition_variable cv;
+    int ready = 0;
+    const SegmentUse loading[] = {{1, &l2}, {static_cast<int64_t>(1 + r.doc2.size()), &l1}};
+    auto seq = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
+    std::thread loader([&] {
+      for (int l = 0; l < n_layer; ++l) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        std::lock_guard<std::mutex> lock(mu);
+        l1.k[l] = s1->k[l], l1.v[l] = s1->v[l], l2.k[l] = s2->k[l], l2.v[l] = s2->v[l];
+        ready = l + 1;
+        cv.notify_all();
+      }
+    });
+    std::vector<int> awaited;
+    auto await_layer = [&](int l) {
+      awaited.push_back(l);
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return ready > l; });
+      return Status::Ok();
+    };
+    ReuseReport rep;
+    const Status st =
+        PrefillWithSegments(engine, *seq, r.prompt, loading, o, got.data(), &rep, await_layer);
+    loader.join();
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    std::vector<int> in_order(n_layer);
+    std::iota(in_order.begin(), in_order.end(), 0);
+    EXPECT_EQ(awaited, in_order);
+    EXPECT_EQ(got, want);
+    EXPECT_EQ(AllKv(*seq, n), AllKv(*ref, n));
+    EXPECT_EQ(rep.recomputed_slots, want_rep.recomputed_slots);
+    EXPECT_EQ(rep.row_layers, want_rep.row_layers);
+    EXPECT_GT(rep.load_wait_us, 0);
+
+    // The load fails at layer 3: its error, and the sequence holds BOS alone.
+    auto failed = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*failed, r.bos, nullptr).ok());
+    const Status bad = PrefillWithSegments(engine, *failed, r.prompt, uses, o, got.data(), &rep,
+                                           [](int l) {
+                                             return l < 3 ? Status::Ok()
+                                                          : Unavailable("layer 3 is lost");
+                                           });
+    EXPECT_EQ(bad.code(), StatusCode::kUnavailable);
+    EXPECT_EQ(failed->n_tokens(), 1);
+  }
+}
+
+TEST(SegmentReuseTest, PipelinedRatioFillsTheLoadTime) {
+  // 100 us to load a layer, 1 us a row: 100 rows per layer hide under the load; 20 of them are
+  // computed anyway, so 80 of the 400 placed tokens (0.2) can be recomputed for nothing.
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 100.0), 0.2);
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.3, 400, 20, 1.0, 100.0), 0.3);   // the floor
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 1e6), 1.0);    // a slow link
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 200, 1.0, 100.0), 0.15);
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 0, 20, 1.0, 100.0), 0.15);   // nothing placed
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 0.0, 100.0), 0.15);  // costs unknown
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 0.0), 0.15);
 }
 
 TEST(SegmentReuseTest, RejectsBadInput) {

@@ -30,14 +30,8 @@ std::vector<TokenId> Iota(int n, int start = 0) {
 }
 
 // A chunk store stand-in that records the pins the registry takes on it.
-class RecordingSource final : public PrefixSource {
+class RecordingSource final : public NoPrefixSource {
  public:
-  std::unique_ptr<PendingLoad> StartLoad(const Hash128&, std::span<const TokenId>, int64_t,
-                                         SteadyTime) override {
-    return nullptr;
-  }
-  LoadProgress ApplyLoad(PendingLoad&, PagedSequence&) override { return {true, {}, 0}; }
-  int64_t Save(PagedSequence&, std::span<const TokenId>, int64_t skip) override { return skip; }
   uint64_t Pin(const Hash128& ns, std::span<const TokenId> tokens, int64_t ttl_ms) override {
     pins[next] = {ns, static_cast<int64_t>(tokens.size()), ttl_ms};
     return next++;

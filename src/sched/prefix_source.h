@@ -18,8 +18,9 @@
 // Segments (issue 11) reach the tiers too (sched/segment_tier.h for how they are filed):
 //   SaveSegment(ns, seg) on the loop after a segment is computed (disk and Redis only, behind:
 //   the segment cache is its copy in memory); StartSegmentLoad(ns, refs, deadline) looks the
-//   segments up and reads them on the source's threads (null when it has no such tier); the
-//   loop polls PendingSegments::ready() and takes what was found.
+//   segments up and reads them on the source's threads, a band of layers at a time (null when
+//   it has no such tier); the loop polls PendingSegments and takes what was found, or starts a
+//   prefill once the first band is in and awaits the rest layer by layer.
 // Pins and clears reach every tier: Pin/Unpin protect a prefix's chunks, Clear(ns) removes a
 // namespace's chunks from every tier (including copies other processes wrote to Redis).
 // The default (NoPrefixSource) does nothing, so the scheduler serves from memory alone.
@@ -28,6 +29,7 @@
 // Clear and Stats may come from any thread.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -62,41 +64,119 @@ struct SegmentRef {
   uint64_t context = 0;
 };
 
-// Segments being read from the tiers. The reader calls Finish once; the loop (or an HTTP
-// thread) polls ready() or waits, then takes them.
+// Segments being read from the tiers, a band of layers at a time (sched/segment_tier.h). The
+// reader calls Publish once the first band of every segment is read (the segments found, each
+// with its first band's layers filled and every layer's arrays allocated), Advance after each
+// later band, Fail when a later band of a found segment could not be read, and Finish once at
+// the end. A consumer either waits for the whole load (ready, WaitUntil, Take) or pipelines a
+// prefill with it: once published() it places the segments Found gives and calls AwaitLayer
+// before reading each layer (PrefillWithSegments' await_layer), so the later bands load while
+// the earlier layers compute.
 class PendingSegments {
  public:
-  explicit PendingSegments(size_t n) : found_(n) {}
+  using Time = std::chrono::steady_clock::time_point;
+
+  PendingSegments(std::vector<SegmentRef> refs, int n_layer)
+      : refs_(std::move(refs)), n_layer_(n_layer), found_(refs_.size()) {}
+  const std::vector<SegmentRef>& refs() const { return refs_; }
+
   bool ready() const {
     std::lock_guard lock(mu_);
     return done_;
   }
   // Waits until ready or `deadline`; returns ready().
-  bool WaitUntil(std::chrono::steady_clock::time_point deadline) {
+  bool WaitUntil(Time deadline) {
     std::unique_lock lock(mu_);
     return cv_.wait_until(lock, deadline, [&] { return done_; });
   }
-  // The segments found, in the order of the refs (null: a miss). Empty before ready().
+  // Whether the first band is in (Found may be used), or the load ended.
+  bool published() const {
+    std::lock_guard lock(mu_);
+    return layers_ > 0 || done_;
+  }
+  // The segment of `tokens` after `context` once published (its layers from layers_ready() on
+  // may still be arriving: AwaitLayer first), or null (not asked for, a miss, not yet in).
+  std::shared_ptr<const SegmentKv> Found(std::span<const TokenId> tokens, uint64_t context) const {
+    std::lock_guard lock(mu_);
+    if (layers_ == 0) return nullptr;
+    for (size_t i = 0; i < refs_.size() && i < found_.size(); ++i) {
+      if (found_[i] != nullptr && refs_[i].context == context &&
+          std::equal(tokens.begin(), tokens.end(), refs_[i].tokens.begin(),
+                     refs_[i].tokens.end())) {
+        return found_[i];
+      }
+    }
+    return nullptr;
+  }
+  // Returns once layer `layer` of every found segment is in: OK; kUnavailable when the load
+  // ended (or failed) short of it; kDeadlineExceeded at `deadline`.
+  Status AwaitLayer(int layer, Time deadline) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_until(lock, deadline, [&] { return layers_ > layer || done_ || failed_; })) {
+      return DeadlineExceeded("segment KV layer " + std::to_string(layer) +
+                              " not loaded by the deadline");
+    }
+    if (layers_ > layer) return Status::Ok();
+    return Unavailable("segment KV layer " + std::to_string(layer) + " could not be loaded");
+  }
+  // The first band's read time per layer, in microseconds (0 before it is in): what loading one
+  // layer of these segments costs, for CacheBlend's loading controller.
+  double layer_load_us() const {
+    std::lock_guard lock(mu_);
+    return layer_load_us_;
+  }
+  // Once ready: the segments found whole, in the order of the refs (null: a miss, or every one
+  // when a band could not be read). Empty before ready() and after a first Take.
   std::vector<std::shared_ptr<SegmentKv>> Take() {
     std::lock_guard lock(mu_);
     if (!done_) return {};
+    if (layers_ < n_layer_ || failed_) found_.assign(found_.size(), nullptr);
     return std::move(found_);
   }
-  // `found`: one per ref, or empty for none found.
-  void Finish(std::vector<std::shared_ptr<SegmentKv>> found) {
+
+  // The reader's side. `found`: one per ref (null: a miss), with `layers` layers filled, read in
+  // `elapsed_us`.
+  void Publish(std::vector<std::shared_ptr<SegmentKv>> found, int layers, double elapsed_us) {
     {
       std::lock_guard lock(mu_);
-      if (!found.empty()) found_ = std::move(found);
+      found_ = std::move(found);
+      layers_ = layers;
+      layer_load_us_ = layers > 0 ? elapsed_us / layers : 0;
+    }
+    cv_.notify_all();
+  }
+  void Advance(int layers) {
+    {
+      std::lock_guard lock(mu_);
+      layers_ = layers;
+    }
+    cv_.notify_all();
+  }
+  void Fail() {
+    {
+      std::lock_guard lock(mu_);
+      failed_ = true;
+    }
+    cv_.notify_all();
+  }
+  void Finish() {
+    {
+      std::lock_guard lock(mu_);
       done_ = true;
     }
     cv_.notify_all();
   }
 
  private:
+  const std::vector<SegmentRef> refs_;
+  const int n_layer_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool done_ = false;                               // GUARDED_BY(mu_)
-  std::vector<std::shared_ptr<SegmentKv>> found_;   // GUARDED_BY(mu_)
+  bool done_ = false;                              // GUARDED_BY(mu_)
+  bool failed_ = false;                            // GUARDED_BY(mu_)
+  int layers_ = 0;                                 // GUARDED_BY(mu_)
+  double layer_load_us_ = 0;                       // GUARDED_BY(mu_)
+  std::vector<std::shared_ptr<SegmentKv>> found_;  // GUARDED_BY(mu_)
 };
 
 struct LoadProgress {
@@ -141,7 +221,8 @@ class PrefixSource {
   virtual std::string PrometheusText() { return {}; }
 };
 
-class NoPrefixSource final : public PrefixSource {
+// Nothing behind the radix index. Test stand-ins derive from it and override what they offer.
+class NoPrefixSource : public PrefixSource {
  public:
   std::unique_ptr<PendingLoad> StartLoad(const Hash128&, std::span<const TokenId>, int64_t,
                                          SteadyTime) override {

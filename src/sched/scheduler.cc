@@ -729,11 +729,22 @@ void Scheduler::SegmentPrefill(Seq& s) {
   std::vector<SegmentUse> uses;
   std::vector<bool> fresh;  // computed by this request (not reused)
   int64_t computed = 0;
+  int64_t loading_tokens = 0;  // of segments whose later layers are still being read
+  const uint64_t context_id = ContextId(context);
   for (size_t i = 0; i < s.req.segments.size(); ++i) {
     const SegmentSpan& sp = s.req.segments[i];
     if (sp.offset < n0) continue;  // inside the exact prefix (or cut by it): not used
     const std::span<const TokenId> toks =
         prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
+    if (s.segment_load != nullptr && !segments_.Contains(s.ns, toks, context_id)) {
+      if (std::shared_ptr<const SegmentKv> f = s.segment_load->Found(toks, context_id)) {
+        loading_tokens += sp.length;
+        uses.push_back(SegmentUse{sp.offset, f.get()});
+        held.push_back(std::move(f));
+        fresh.push_back(false);
+        continue;
+      }
+    }
     bool miss = false;
     Result<std::shared_ptr<const SegmentKv>> seg =
         SegmentFor(s.ns, context, toks, options_.relay, 0, &miss);
@@ -746,12 +757,53 @@ void Scheduler::SegmentPrefill(Seq& s) {
     held.push_back(std::move(*seg));
     fresh.push_back(miss || s.segment_fresh[i]);
   }
+  ReuseOptions reuse = s.req.reuse;
+  std::function<Status(int)> await_layer;
+  bool load_failed = false;
+  if (loading_tokens > 0) {
+    await_layer = [&](int layer) {
+      Status st = s.segment_load->AwaitLayer(layer, s.segment_deadline);
+      load_failed = !st.ok();
+      return st;
+    };
+    if (reuse.mode == ReuseMode::kBlend && options_.blend_load_controller) {
+      int64_t placed = 0;
+      for (const SegmentUse& u : uses) {
+        // A segment where it was computed stays an exact prefix; the others are placed.
+        if (u.offset != u.kv->base_pos) placed += static_cast<int64_t>(u.kv->tokens.size());
+      }
+      const double ratio = PipelinedBlendRatio(reuse.ratio, placed, n - n0 - placed,
+                                               row_layer_us_, s.segment_load->layer_load_us());
+      if (ratio > reuse.ratio) {
+        reuse.ratio = ratio;
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.segment_ratio_raised;
+      }
+    }
+  }
   ReuseReport rep;
-  const Status st =
-      PrefillWithSegments(engine_, *s.kv, prompt, uses, s.req.reuse, s.logits.data(), &rep);
+  const auto t0 = std::chrono::steady_clock::now();
+  const Status st = PrefillWithSegments(engine_, *s.kv, prompt, uses, reuse, s.logits.data(),
+                                        &rep, await_layer);
   if (!st.ok()) {
+    if (load_failed) {
+      // A band did not come (evicted, refused, or past the deadline): the segments it was
+      // reading are computed at the next steps, as misses.
+      CT_LOG(kWarning) << "segment prefill without its load: " << st.ToString();
+      s.segment_load.reset();
+      s.segment_pending = true;
+      return;
+    }
     if (!RetrySegmentPrefill(s, st)) Finish(s, Reason::kCancelled, st);
     return;
+  }
+  if (rep.row_layers > 0) {
+    const double us = std::chrono::duration<double, std::micro>(
+                          std::chrono::steady_clock::now() - t0)
+                          .count() -
+                      static_cast<double>(rep.load_wait_us);
+    const double per_row = std::max(us, 0.0) / static_cast<double>(rep.row_layers);
+    row_layer_us_ = row_layer_us_ == 0 ? per_row : 0.7 * row_layer_us_ + 0.3 * per_row;
   }
   s.cow_pending = false;  // Reserve copied any shared page it writes
   // What this request computed itself (its segments' misses) was not reused: split it off the
@@ -789,6 +841,21 @@ void Scheduler::SegmentPrefill(Seq& s) {
         static_cast<uint64_t>(computed + rep.computed_tokens +
                               rep.recomputed_tokens);
   }
+  if (s.segment_load != nullptr) {
+    // Every layer was awaited: the load is over (or about to be); its segments go to the cache.
+    // A load none of whose segments was used (the cache had them by now) is not waited for.
+    if (loading_tokens > 0) s.segment_load->WaitUntil(s.segment_deadline);
+    // The loaded segments move into the cache: nothing here reads them after.
+    uses.clear();
+    held.clear();
+    AdoptSegments(s.ns, s.segment_load->Take(), 0);
+    s.segment_load.reset();
+    if (loading_tokens > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.segment_pipelined_prefills;
+      stats_.segment_load_wait_us += static_cast<uint64_t>(rep.load_wait_us);
+    }
+  }
   SegmentPrefillDone(s);
 }
 
@@ -804,6 +871,10 @@ bool Scheduler::ComputeOneSegment(Seq& s, std::span<const TokenId> context, size
         prompt.subspan(static_cast<size_t>(sp.offset), static_cast<size_t>(sp.length));
     if (segments_.Contains(s.ns, toks, context_id)) continue;
     if (relay && RelayLength(s.ns, toks) > 0) continue;
+    // Being read from the tiers, its first layers in: the prefill awaits the rest.
+    if (s.segment_load != nullptr && s.segment_load->Found(toks, context_id) != nullptr) {
+      continue;
+    }
     bool computed = false;
     Result<std::shared_ptr<const SegmentKv>> seg =
         SegmentFor(s.ns, context, toks, false, 0, &computed);
@@ -957,6 +1028,12 @@ void Scheduler::StartSegmentLoad(Seq& s) {
 bool Scheduler::SegmentsArrived(Seq& s) {
   if (s.segment_load == nullptr) return true;
   if (!s.segment_load->ready()) {
+    // Pipelined: the prefill starts on the first band and awaits the rest layer by layer
+    // (APE lays documents out whole: it waits).
+    if (options_.pipeline_segment_loads && s.req.reuse.mode != ReuseMode::kApe &&
+        s.segment_load->published()) {
+      return true;
+    }
     // Past the deadline the request goes on without them (they are computed instead).
     if (std::chrono::steady_clock::now() < s.segment_deadline) return false;
     s.segment_load.reset();

@@ -190,6 +190,16 @@ struct SchedulerOptions {
   // cache (context kRelayContext), so a later prompt that quotes that output as a segment
   // places it instead of prefilling it (another agent reading this one's answer).
   bool relay = false;
+  // CacheBlend's pipeline: a segment prefill whose segments come from the tiers starts once the
+  // first band of their layers is in, and computes each layer while the later ones load
+  // (PrefillWithSegments' await_layer); false waits for the whole load first. Same result.
+  bool pipeline_segment_loads = true;
+  // CacheBlend's loading controller: a pipelined blend recomputes more than its blend_ratio
+  // when the load of a layer takes longer than the recompute at that ratio, as much as hides
+  // under the load (PipelinedBlendRatio, from this load's measured read time per layer and the
+  // measured cost of a row through a layer). Raises quality for no time; the ratio then depends
+  // on the tier's speed, so it is opt-in.
+  bool blend_load_controller = false;
 };
 
 struct SchedulerStats {
@@ -220,6 +230,11 @@ struct SchedulerStats {
   // Segments the segment cache lacked that the tiers (disk, Redis) gave back, and their tokens.
   uint64_t segment_tier_hits = 0;
   uint64_t segment_tier_tokens = 0;
+  // Segment prefills pipelined with their load from the tiers, the time they waited for a
+  // layer, and those the loading controller gave a higher ratio.
+  uint64_t segment_pipelined_prefills = 0;
+  uint64_t segment_load_wait_us = 0;
+  uint64_t segment_ratio_raised = 0;
 };
 
 // One segment of PrecomputeSegments.
@@ -407,6 +422,9 @@ class Scheduler {
   StepCostModel step_cost_;          // loop thread only
   ToolTtlEstimator tool_ttl_;        // loop thread only
   SegmentCache segments_;
+  // The measured cost of one row through one layer in a segment prefill, in microseconds
+  // (a moving average; 0 until one ran): the loading controller's recompute cost.
+  double row_layer_us_ = 0;
   struct Program {
     int64_t first_ns = 0;        // arrival of its first turn (program-level FCFS)
     int64_t last_seen_ns = 0;

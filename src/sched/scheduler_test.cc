@@ -203,24 +203,34 @@ TEST_P(SchedulerExactTest, PrefixReuseIsExactAndPerTenant) {
 INSTANTIATE_TEST_SUITE_P(WeightTypes, SchedulerExactTest, ::testing::Values("f32", "q8_0", "q4_0"),
                          [](const auto& info) { return std::string(info.param); });
 
+// BOS, two documents (d2, then d1) and a question about d1, as segments.
+struct LighthouseRag {
+  LighthouseRag() {
+    const Tokenizer& tok = Trained().tokenizer();
+    auto plain = [&](const char* t) { return tok.Encode(t, false, false); };
+    d1 = plain(" The lighthouse on the cape was built in 1871 and electrified in 1951.");
+    d2 = plain(" The town below the cape lived from herring fishing every spring.");
+    q = plain(" When was the lighthouse electrified? It was electrified in");
+    bos = {tok.bos()};
+    prompt = bos;
+    for (const auto* part : {&d2, &d1, &q}) {
+      spans.push_back({static_cast<int64_t>(prompt.size()), static_cast<int64_t>(part->size())});
+      prompt.insert(prompt.end(), part->begin(), part->end());
+    }
+  }
+  std::vector<TokenId> d1, d2, q, bos, prompt;
+  std::vector<SegmentSpan> spans;
+};
+
 // Segment reuse (issue 11): documents precomputed once are placed in a later prompt; blend at
 // ratio 1 recomputes every placed token (= full prefill), naive none; only the exact prefix
 // (BOS + the first document, in place after its own context) enters the radix index; another
 // tenant reuses nothing; clearing a tenant drops its segments.
 TEST_F(SchedulerTest, SegmentReuseIsPerTenantAndCommitsOnlyTheExactPrefix) {
   Build(512, {});
-  const Tokenizer& tok = Trained().tokenizer();
-  auto plain = [&](const char* t) { return tok.Encode(t, false, false); };
-  const auto d1 = plain(" The lighthouse on the cape was built in 1871 and electrified in 1951.");
-  const auto d2 = plain(" The town below the cape lived from herring fishing every spring.");
-  const auto q = plain(" When was the lighthouse electrified? It was electrified in");
-  const std::vector<TokenId> bos = {tok.bos()};
-  std::vector<TokenId> prompt = bos;
-  std::vector<SegmentSpan> spans;
-  for (const auto* part : {&d2, &d1, &q}) {
-    spans.push_back({static_cast<int64_t>(prompt.size()), static_cast<int64_t>(part->size())});
-    prompt.insert(prompt.end(), part->begin(), part->end());
-  }
+  const LighthouseRag rag;
+  const auto &d1 = rag.d1, &d2 = rag.d2, &q = rag.q, &bos = rag.bos, &prompt = rag.prompt;
+  const std::vector<SegmentSpan>& spans = rag.spans;
   auto pre = sched_->PrecomputeSegments("", bos, {d1, d2}, 0);
   ASSERT_TRUE(pre.ok()) << pre.status().ToString();
   ASSERT_EQ(pre->size(), 2u);
@@ -579,6 +589,112 @@ TEST_F(SchedulerTest, LoadingRequestDoesNotStallRunningDecodes) {
   got.insert(got.end(), ca.tokens.begin(), ca.tokens.end());
   EXPECT_EQ(got, Reference(pa, 40));
   EXPECT_EQ(gate.saves.load(), 2);
+}
+
+// Segments read from the tiers band by band (CacheBlend's pipeline), by a source the test
+// drives: the prefill starts on the first layer and awaits the others, so what it computes
+// with them (zeros until the test fills them) is the same as with segments precomputed in
+// memory; a load whose later band never comes is redone at the next step with the segments
+// computed as misses, with the same output.
+class BandSource final : public NoPrefixSource {
+ public:
+  std::shared_ptr<PendingSegments> StartSegmentLoad(const Hash128&, std::vector<SegmentRef> refs,
+                                                    SteadyTime) override {
+    std::lock_guard<std::mutex> lock(mu);
+    pending = std::make_shared<PendingSegments>(std::move(refs), n_layer);
+    return pending;
+  }
+  std::shared_ptr<PendingSegments> Pending() {
+    std::lock_guard<std::mutex> lock(mu);
+    return pending;
+  }
+  int n_layer = 0;
+  std::mutex mu;
+  std::shared_ptr<PendingSegments> pending;
+};
+
+TEST_F(SchedulerTest, SegmentsLoadingBandByBandGiveThePrecomputedOutput) {
+  const LighthouseRag rag;
+  const auto &d1 = rag.d1, &d2 = rag.d2, &q = rag.q, &bos = rag.bos, &prompt = rag.prompt;
+  const std::vector<SegmentSpan>& spans = rag.spans;
+  auto run = [&] {
+    SchedRequest r = Req(prompt, 8);
+    r.segments = spans;
+    r.reuse.mode = ReuseMode::kBlend;
+    r.reuse.ratio = 0.3;
+    auto st = sched_->Submit(std::move(r));
+    CT_CHECK(st.ok()) << st.status().ToString();
+    return *st;
+  };
+  // The reference: every segment precomputed in memory.
+  Build(512, {});
+  ASSERT_TRUE(sched_->PrecomputeSegments("", bos, {d1, d2, q}, 0).ok());
+  const Collected want = Collect(*run());
+  ASSERT_EQ(want.last.kind, StreamEvent::Kind::kDone) << want.last.error.ToString();
+
+  for (const bool lose_a_band : {false, true}) {
+    SCOPED_TRACE(lose_a_band ? "a band lost" : "every band");
+    BandSource source;
+    source.n_layer = Trained().config().n_layer;
+    sched_.reset();
+    SchedulerOptions so;
+    so.load_deadline_ms = 60000;  // the test fills the bands, slowly under the sanitizers
+    Build(512, so, &source);
+    std::shared_ptr<RequestStream> stream = run();
+    std::shared_ptr<PendingSegments> p;
+    for (int i = 0; i < 30000 && (p = source.Pending()) == nullptr; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_NE(p, nullptr);
+    ASSERT_EQ(p->refs().size(), 3u);
+    // What the tiers hold: each segment as computed after BOS, its layers from 1 on zeros until
+    // their band "arrives".
+    std::vector<SegmentKv> full;
+    std::vector<std::shared_ptr<SegmentKv>> found;
+    for (const SegmentRef& ref : p->refs()) {
+      Result<SegmentKv> seg = ComputeSegment(*ref_engine_, bos, ref.tokens);
+      ASSERT_TRUE(seg.ok()) << seg.status().ToString();
+      full.push_back(*seg);
+      for (int l = 1; l < source.n_layer; ++l) {
+        std::fill(seg->k[l].begin(), seg->k[l].end(), std::byte{0});
+        std::fill(seg->v[l].begin(), seg->v[l].end(), std::byte{0});
+      }
+      found.push_back(std::make_shared<SegmentKv>(std::move(*seg)));
+    }
+    p->Publish(found, 1, 1000.0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the prefill waits for layer 1
+    EXPECT_EQ(sched_->Stats().segment_prefills, 0u);
+    if (lose_a_band) {
+      p->Fail();
+    } else {
+      for (size_t i = 0; i < found.size(); ++i) {
+        for (int l = 1; l < source.n_layer; ++l) {
+          found[i]->k[l] = full[i].k[l];
+          found[i]->v[l] = full[i].v[l];
+        }
+      }
+      p->Advance(source.n_layer);
+    }
+    p->Finish();
+    const Collected got = Collect(*stream);
+    ASSERT_EQ(got.last.kind, StreamEvent::Kind::kDone) << got.last.error.ToString();
+    EXPECT_EQ(got.tokens, want.tokens);
+    const SchedulerStats st = sched_->Stats();
+    EXPECT_EQ(st.segment_prefills, 1u);
+    if (lose_a_band) {
+      EXPECT_EQ(st.segment_pipelined_prefills, 0u);
+      EXPECT_EQ(st.segment_tier_hits, 0u);
+      EXPECT_EQ(st.segment_computed_tokens, d1.size() + d2.size() + q.size());
+    } else {
+      EXPECT_EQ(st.segment_pipelined_prefills, 1u);
+      EXPECT_GE(st.segment_load_wait_us, 20000u);
+      EXPECT_EQ(st.segment_tier_hits, 3u);
+      EXPECT_EQ(st.segment_computed_tokens, 0u);
+      EXPECT_EQ(got.last.usage.segment_tokens, want.last.usage.segment_tokens);
+      EXPECT_EQ(got.last.usage.recomputed_tokens, want.last.usage.recomputed_tokens);
+    }
+    sched_.reset();  // before the source it borrows
+  }
 }
 
 // RetrySegmentPrefill: a segment prefill that cannot reserve its pages (taken after its

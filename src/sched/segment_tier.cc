@@ -16,9 +16,11 @@ constexpr uint16_t kMetaVersion = 1;
 constexpr size_t kMetaFixedBytes = 48;
 constexpr uint32_t kMaxContextChunks = 4096;
 constexpr int64_t kMaxBasePos = int64_t{1} << 40;
-// Slots before the segment's first token in its chain: the two words of its context id and its
-// length (so that no chunk key of a segment is also one of a longer segment's).
-constexpr int64_t kLeadSlots = 3;
+// Slots before the segment's first token in its chain: the two words of its context id, its
+// length (so that no chunk key of a segment is also one of a longer segment's) and its band's
+// layers.
+constexpr int64_t kLeadSlots = 4;
+constexpr int kMaxSegmentBands = 4;
 constexpr TokenId kPadToken = -1;
 
 
@@ -26,21 +28,25 @@ Status Bad(const std::string& field, const std::string& why) {
   return Corruption("segment meta " + field + ": " + why);
 }
 
-// Visits each copy between a segment's per-layer K/V arrays and its chunks (layer-major, the
-// token axis chunk_tokens long, after the kLeadSlots leading slots): every run of tokens that
-// lies in one chunk is one copy per layer and K/V, fn(chunk, layer, kv, byte offset in the
-// chunk, byte offset in the segment's array, bytes).
+// Visits each copy between the layers `band` of a segment's per-layer K/V arrays and its
+// chunks (layer-major over the band's layers, the token axis chunk_tokens long, after the
+// kLeadSlots leading slots): every run of tokens that lies in one chunk is one copy per layer
+// and K/V, fn(chunk, layer, kv, byte offset in the chunk, byte offset in the segment's array,
+// bytes).
 template <typename Fn>
-void ForEachCopy(const KvShape& shape, int64_t n_tokens, int64_t chunk_tokens, Fn&& fn) {
+void ForEachCopy(const KvShape& shape, LayerBand band, int64_t n_tokens, int64_t chunk_tokens,
+                 Fn&& fn) {
   const size_t tb = shape.token_bytes();
   const auto C = static_cast<size_t>(chunk_tokens);
   for (int64_t i = 0; i < n_tokens;) {
     const int64_t slot = kLeadSlots + i;
     const int64_t run = std::min(n_tokens - i, chunk_tokens - slot % chunk_tokens);
-    for (int l = 0; l < shape.n_layer; ++l) {
+    for (int l = band.first; l < band.end; ++l) {
       for (int kv = 0; kv < 2; ++kv) {
         fn(static_cast<size_t>(slot / chunk_tokens), static_cast<size_t>(l), kv,
-           (static_cast<size_t>(2 * l + kv) * C + static_cast<size_t>(slot % chunk_tokens)) * tb,
+           (static_cast<size_t>(2 * (l - band.first) + kv) * C +
+            static_cast<size_t>(slot % chunk_tokens)) *
+               tb,
            static_cast<size_t>(i) * tb, static_cast<size_t>(run) * tb);
       }
     }
@@ -52,20 +58,35 @@ void ForEachCopy(const KvShape& shape, int64_t n_tokens, int64_t chunk_tokens, F
 
 Hash128 SegmentNamespace(const Hash128& ns) {
   std::byte buf[20 + 16];
-  std::memcpy(buf, "cachette-segments-v1", 20);
+  std::memcpy(buf, "cachette-segments-v2", 20);
   PutLe64(buf + 20, ns.lo);
   PutLe64(buf + 28, ns.hi);
   return Hash128Of(ByteSpan(buf, sizeof(buf)));
 }
 
+std::vector<LayerBand> SegmentBands(int n_layer) {
+  const int n = std::min(n_layer, kMaxSegmentBands);
+  std::vector<LayerBand> out;
+  for (int b = 0; b < n; ++b) out.push_back({b * n_layer / n, (b + 1) * n_layer / n});
+  return out;
+}
+
+ChunkLayout BandLayout(const ChunkLayout& full, LayerBand band) {
+  ChunkLayout l = full;
+  l.n_layer = static_cast<uint32_t>(band.end - band.first);
+  return l;
+}
+
 std::vector<TokenId> SegmentChainTokens(std::span<const TokenId> tokens, uint64_t context,
-                                        int chunk_tokens) {
+                                        int chunk_tokens, LayerBand band) {
   const size_t used = kLeadSlots + tokens.size();
   const size_t c = static_cast<size_t>(chunk_tokens);
   std::vector<TokenId> out((used + c - 1) / c * c, kPadToken);
   out[0] = static_cast<TokenId>(static_cast<uint32_t>(context));
   out[1] = static_cast<TokenId>(static_cast<uint32_t>(context >> 32));
   out[2] = static_cast<TokenId>(tokens.size());
+  out[3] = static_cast<TokenId>(static_cast<uint32_t>(band.first) |
+                                static_cast<uint32_t>(band.end) << 16);
   std::copy(tokens.begin(), tokens.end(), out.begin() + kLeadSlots);
   return out;
 }
@@ -140,7 +161,7 @@ Result<SegmentMeta> DecodeSegmentMeta(ByteSpan b) {
   return m;
 }
 
-SegmentChunks PackSegment(const SegmentKv& seg, const ChunkLayout& layout) {
+SegmentChunks PackSegment(const SegmentKv& seg, const ChunkLayout& layout, LayerBand band) {
   const int64_t C = layout.n_tokens;
   const int64_t n = static_cast<int64_t>(seg.tokens.size());
   const size_t n_chunks = static_cast<size_t>((kLeadSlots + n + C - 1) / C);
@@ -148,17 +169,20 @@ SegmentChunks PackSegment(const SegmentKv& seg, const ChunkLayout& layout) {
   out.chunks.assign(n_chunks, std::vector<std::byte>(layout.raw_bytes()));
   out.aux.resize(n_chunks);
   out.aux.back() = EncodeSegmentMeta(seg);
-  ForEachCopy(seg.shape, n, C, [&](size_t chunk, size_t l, int kv, size_t at, size_t from,
-                                   size_t bytes) {
+  ForEachCopy(seg.shape, band, n, C, [&](size_t chunk, size_t l, int kv, size_t at, size_t from,
+                                         size_t bytes) {
     std::memcpy(out.chunks[chunk].data() + at, (kv == 0 ? seg.k : seg.v)[l].data() + from, bytes);
   });
   return out;
 }
 
-Result<SegmentKv> UnpackSegment(std::span<const ChunkData* const> chunks,
-                                std::span<const TokenId> tokens, uint64_t context,
-                                const KvShape& shape) {
+Status UnpackSegmentBand(std::span<const ChunkData* const> chunks,
+                         std::span<const TokenId> tokens, uint64_t context, const KvShape& shape,
+                         LayerBand band, SegmentKv& seg) {
   if (chunks.empty() || tokens.empty()) return NotFound("no chunks");
+  if (band.first < 0 || band.end <= band.first || band.end > shape.n_layer) {
+    return NotFound("segment: a band outside the model's layers");
+  }
   const ChunkLayout& layout = chunks.front()->layout;
   const int64_t C = layout.n_tokens;
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -167,7 +191,7 @@ Result<SegmentKv> UnpackSegment(std::span<const ChunkData* const> chunks,
   }
   for (const ChunkData* c : chunks) {
     if (!c->status.ok() || c->layout != layout ||
-        layout.n_layer != static_cast<uint32_t>(shape.n_layer) ||
+        layout.n_layer != static_cast<uint32_t>(band.end - band.first) ||
         layout.n_kv_head != static_cast<uint32_t>(shape.n_kv_head) ||
         layout.head_dim != static_cast<uint32_t>(shape.head_dim) ||
         layout.kv_type != static_cast<uint32_t>(shape.type) ||
@@ -180,22 +204,28 @@ Result<SegmentKv> UnpackSegment(std::span<const ChunkData* const> chunks,
   if (meta->n_tokens != tokens.size() || meta->context != context) {
     return NotFound("segment: its metadata names another segment");
   }
-  SegmentKv seg;
-  seg.tokens.assign(tokens.begin(), tokens.end());
-  seg.base_pos = meta->base_pos;
-  seg.context = context;
-  seg.context_chunks = std::move(meta->context_chunks);
-  seg.inter = std::move(meta->inter);
-  seg.cci = meta->cci;
-  seg.shape = shape;
   const size_t tb = shape.token_bytes();
-  seg.k.assign(static_cast<size_t>(shape.n_layer), std::vector<std::byte>(n * tb));
-  seg.v.assign(static_cast<size_t>(shape.n_layer), std::vector<std::byte>(n * tb));
-  ForEachCopy(shape, n, C, [&](size_t chunk, size_t l, int kv, size_t at, size_t to, size_t bytes) {
-    std::memcpy((kv == 0 ? seg.k : seg.v)[l].data() + to, chunks[chunk]->bytes().data() + at,
-                bytes);
-  });
-  return seg;
+  if (band.first == 0) {
+    seg = SegmentKv{};
+    seg.tokens.assign(tokens.begin(), tokens.end());
+    seg.base_pos = meta->base_pos;
+    seg.context = context;
+    seg.context_chunks = std::move(meta->context_chunks);
+    seg.inter = std::move(meta->inter);
+    seg.cci = meta->cci;
+    seg.shape = shape;
+    seg.k.assign(static_cast<size_t>(shape.n_layer), std::vector<std::byte>(n * tb));
+    seg.v.assign(static_cast<size_t>(shape.n_layer), std::vector<std::byte>(n * tb));
+  } else if (seg.tokens.size() != tokens.size() || seg.context != context ||
+             seg.base_pos != meta->base_pos || seg.k.size() != static_cast<size_t>(shape.n_layer)) {
+    return NotFound("segment: a band of another filing of it (base position differs)");
+  }
+  ForEachCopy(shape, band, n, C,
+              [&](size_t chunk, size_t l, int kv, size_t at, size_t to, size_t bytes) {
+                std::memcpy((kv == 0 ? seg.k : seg.v)[l].data() + to,
+                            chunks[chunk]->bytes().data() + at, bytes);
+              });
+  return Status::Ok();
 }
 
 }  // namespace cachette::sched

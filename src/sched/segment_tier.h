@@ -2,16 +2,20 @@
 // (engine/segment_reuse.h) is filed as chunks and read back, so that a corpus computed once
 // survives a restart and is shared by every server on the same Redis.
 //
-// Filing. A segment computed after context C (SegmentKv::context, a 64-bit id) is stored as the
-// token sequence
-//   [C bits 0..31, C bits 32..63, n_tokens] ++ segment tokens ++ [-1 ...]   (whole chunks)
-// in the namespace SegmentNamespace(ns). The chunk keys, chained over that sequence, so name
-// (tenant namespace, context, tokens) and nothing else: the segment's position is not in them,
-// and its length is in every one (a segment shares no chunk with a longer one).
+// Filing. A segment's layers are filed in bands (SegmentBands: at most 4, as even as the
+// layer count divides), each band its own chain, so that a load hands over band b (its layers
+// of every segment) while band b + 1 is still being read: CacheBlend's pipeline, where the
+// prefill computes a layer while the next one loads. Band [first, end) of a segment computed
+// after context C (SegmentKv::context, a 64-bit id) is stored as the token sequence
+//   [C bits 0..31, C bits 32..63, n_tokens, first | end << 16] ++ segment tokens ++ [-1 ...]
+// (whole chunks, of the band's layers) in the namespace SegmentNamespace(ns). The chunk keys,
+// chained over that sequence, so name (tenant namespace, context, tokens, band) and nothing
+// else: the segment's position is not in them, and its length is in every one (a segment shares
+// no chunk with a longer one).
 // Its own namespace keeps it away from prompt prefixes, and a tenant's clear reaches it
-// (TierBridge::Clear clears both). The slots of the three leading words and of the padding
-// hold zeros. The segment's metadata (segment meta v1, below) is the aux of its last chunk. The
-// store's codec applies as to any chunk: a lossy codec is lossy for segments too.
+// (TierBridge::Clear clears both). The slots of the four leading words and of the padding
+// hold zeros. The segment's metadata (segment meta v1, below) is the aux of each band's last
+// chunk. The store's codec applies as to any chunk: a lossy codec is lossy for segments too.
 //
 // Segment meta v1 (little-endian):
 //   0   4  magic "CTSG"
@@ -44,9 +48,20 @@ namespace cachette::sched {
 // The store namespace of `ns`'s segments.
 Hash128 SegmentNamespace(const Hash128& ns);
 
-// The token sequence a segment is filed under (see above), `chunk_tokens` per chunk.
+// A band of layers [first, end).
+struct LayerBand {
+  int first = 0;
+  int end = 0;
+};
+// The bands a model of `n_layer` layers files its segments in, in order.
+std::vector<LayerBand> SegmentBands(int n_layer);
+// The chunk layout of a band: `full`'s (the model's) with the band's layer count.
+ChunkLayout BandLayout(const ChunkLayout& full, LayerBand band);
+
+// The token sequence band `band` of a segment is filed under (see above), `chunk_tokens` per
+// chunk.
 std::vector<TokenId> SegmentChainTokens(std::span<const TokenId> tokens, uint64_t context,
-                                        int chunk_tokens);
+                                        int chunk_tokens, LayerBand band);
 
 // The metadata of `seg` in segment meta v1, and back (kCorruption naming the field).
 std::vector<std::byte> EncodeSegmentMeta(const SegmentKv& seg);
@@ -60,18 +75,21 @@ struct SegmentMeta {
 };
 Result<SegmentMeta> DecodeSegmentMeta(ByteSpan bytes);
 
-// `seg` as whole chunks of `layout` (layout.n_tokens per chunk, its shape the segment's) and
-// the aux of each (all empty but the last's).
+// Band `band` of `seg` as whole chunks of `layout` (the band's: BandLayout, layout.n_tokens per
+// chunk) and the aux of each (all empty but the last's).
 struct SegmentChunks {
   std::vector<std::vector<std::byte>> chunks;
   std::vector<std::vector<std::byte>> aux;
 };
-SegmentChunks PackSegment(const SegmentKv& seg, const ChunkLayout& layout);
+SegmentChunks PackSegment(const SegmentKv& seg, const ChunkLayout& layout, LayerBand band);
 
-// The segment of `tokens` after `context` from its loaded chunks (in order, every one OK);
-// kNotFound when a chunk's layout or the metadata does not match the request or `shape`.
-Result<SegmentKv> UnpackSegment(std::span<const ChunkData* const> chunks,
-                                std::span<const TokenId> tokens, uint64_t context,
-                                const KvShape& shape);
+// Fills layers `band` of `seg` from the band's loaded chunks (in order, every one OK), for the
+// segment of `tokens` after `context`. The first band (first == 0) builds `seg` from the
+// metadata, with every layer's arrays allocated (so a later band only writes into them);
+// a later band must find `seg` so built. kNotFound when a chunk's layout or the metadata does
+// not match the request or `shape`.
+Status UnpackSegmentBand(std::span<const ChunkData* const> chunks,
+                         std::span<const TokenId> tokens, uint64_t context, const KvShape& shape,
+                         LayerBand band, SegmentKv& seg);
 
 }  // namespace cachette::sched

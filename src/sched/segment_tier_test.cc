@@ -16,7 +16,7 @@ using kernels::KvType;
 SegmentKv RandomSegment(int64_t n, uint32_t seed, KvType type = KvType::kF16) {
   std::mt19937 rng(seed);
   SegmentKv s;
-  s.shape = KvShape{3, 2, 32, type};
+  s.shape = KvShape{5, 2, 32, type};
   s.tokens.resize(static_cast<size_t>(n));
   for (auto& t : s.tokens) t = static_cast<TokenId>(rng() % 30000);
   s.base_pos = 17;
@@ -63,41 +63,82 @@ std::vector<const ChunkData*> Pointers(const std::vector<ChunkData>& c) {
   return out;
 }
 
+TEST(SegmentTierTest, BandsCoverTheLayersInOrder) {
+  EXPECT_EQ(SegmentBands(1).size(), 1u);
+  for (int n_layer : {1, 2, 3, 5, 6, 24, 80}) {
+    const std::vector<LayerBand> bands = SegmentBands(n_layer);
+    ASSERT_EQ(bands.size(), static_cast<size_t>(std::min(n_layer, 4)));
+    int next = 0;
+    for (const LayerBand& b : bands) {
+      EXPECT_EQ(b.first, next);
+      EXPECT_GT(b.end, b.first);
+      EXPECT_LE(b.end - b.first, (n_layer + 3) / 4);
+      next = b.end;
+    }
+    EXPECT_EQ(next, n_layer);
+  }
+}
+
 TEST(SegmentTierTest, PackAndUnpackAreExactAroundChunkBoundaries) {
   const uint32_t C = 16;
-  for (int64_t n : {1, 12, 13, 14, 29, 30, 40, 77}) {
+  for (int64_t n : {1, 11, 12, 13, 28, 29, 40, 77}) {
     for (KvType type : {KvType::kF16, KvType::kQ8_0, KvType::kQ4_0}) {
       SegmentKv s = RandomSegment(n, static_cast<uint32_t>(n), type);
-      const ChunkLayout layout = LayoutOf(s.shape, C);
-      const SegmentChunks p = PackSegment(s, layout);
-      ASSERT_EQ(p.chunks.size(), static_cast<size_t>((3 + n + C - 1) / C)) << n;
-      EXPECT_EQ(SegmentChainTokens(s.tokens, s.context, C).size(), p.chunks.size() * C);
-      for (size_t i = 0; i + 1 < p.aux.size(); ++i) EXPECT_TRUE(p.aux[i].empty());
-      // The leading slots of the first chunk are zeros.
-      const size_t tb = s.shape.token_bytes();
-      for (size_t b = 0; b < 3 * tb; ++b) ASSERT_EQ(p.chunks[0][b], std::byte{0});
-      const std::vector<ChunkData> loaded = AsLoaded(p, layout);
-      Result<SegmentKv> back = UnpackSegment(Pointers(loaded), s.tokens, s.context, s.shape);
-      ASSERT_TRUE(back.ok()) << back.status().ToString();
-      EXPECT_EQ(back->k, s.k) << n;
-      EXPECT_EQ(back->v, s.v) << n;
-      EXPECT_EQ(back->inter, s.inter);
-      EXPECT_EQ(back->context_chunks, s.context_chunks);
-      EXPECT_EQ(back->base_pos, s.base_pos);
-      EXPECT_EQ(back->cci, s.cci);
-      // Asked as another segment, or with a chunk missing, it is a miss.
+      const ChunkLayout full = LayoutOf(s.shape, C);
+      const std::vector<LayerBand> bands = SegmentBands(s.shape.n_layer);
+      ASSERT_EQ(bands.size(), 4u);
+      SegmentKv back;
+      std::vector<std::vector<ChunkData>> loaded;
+      std::vector<SegmentChunks> packed;
+      for (const LayerBand& band : bands) {
+        const ChunkLayout layout = BandLayout(full, band);
+        packed.push_back(PackSegment(s, layout, band));
+        const SegmentChunks& p = packed.back();
+        ASSERT_EQ(p.chunks.size(), static_cast<size_t>((4 + n + C - 1) / C)) << n;
+        EXPECT_EQ(SegmentChainTokens(s.tokens, s.context, C, band).size(), p.chunks.size() * C);
+        for (size_t i = 0; i + 1 < p.aux.size(); ++i) EXPECT_TRUE(p.aux[i].empty());
+        // The leading slots of the first chunk are zeros.
+        const size_t tb = s.shape.token_bytes();
+        for (size_t b = 0; b < 4 * tb; ++b) ASSERT_EQ(p.chunks[0][b], std::byte{0});
+        loaded.push_back(AsLoaded(p, layout));
+        const Status st =
+            UnpackSegmentBand(Pointers(loaded.back()), s.tokens, s.context, s.shape, band, back);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+      }
+      EXPECT_EQ(back.k, s.k) << n;
+      EXPECT_EQ(back.v, s.v) << n;
+      EXPECT_EQ(back.inter, s.inter);
+      EXPECT_EQ(back.context_chunks, s.context_chunks);
+      EXPECT_EQ(back.base_pos, s.base_pos);
+      EXPECT_EQ(back.cci, s.cci);
+      // Asked as another segment, with a chunk missing, as another band, or a later band before
+      // the first, it is a miss.
+      const auto miss = [&](std::span<const ChunkData* const> c, std::span<const TokenId> toks,
+                            uint64_t context, const KvShape& shape, LayerBand band) {
+        SegmentKv into;
+        if (band.first > 0) {
+          EXPECT_TRUE(UnpackSegmentBand(Pointers(loaded[0]), s.tokens, s.context, s.shape,
+                                        bands[0], into)
+                          .ok());
+        }
+        return !UnpackSegmentBand(c, toks, context, shape, band, into).ok();
+      };
       std::vector<TokenId> other = s.tokens;
       other.push_back(1);
-      EXPECT_FALSE(UnpackSegment(Pointers(loaded), other, s.context, s.shape).ok());
-      EXPECT_FALSE(UnpackSegment(Pointers(loaded), s.tokens, s.context + 1, s.shape).ok());
-      std::vector<const ChunkData*> fewer = Pointers(loaded);
+      EXPECT_TRUE(miss(Pointers(loaded[0]), other, s.context, s.shape, bands[0]));
+      EXPECT_TRUE(miss(Pointers(loaded[0]), s.tokens, s.context + 1, s.shape, bands[0]));
+      std::vector<const ChunkData*> fewer = Pointers(loaded[1]);
       fewer.pop_back();
-      if (!fewer.empty()) {
-        EXPECT_FALSE(UnpackSegment(fewer, s.tokens, s.context, s.shape).ok());
-      }
+      if (!fewer.empty()) EXPECT_TRUE(miss(fewer, s.tokens, s.context, s.shape, bands[1]));
+      // Band 3 holds two layers: its chunks are not band 2's.
+      EXPECT_TRUE(miss(Pointers(loaded[3]), s.tokens, s.context, s.shape, bands[2]));
+      SegmentKv fresh;
+      EXPECT_FALSE(UnpackSegmentBand(Pointers(loaded[1]), s.tokens, s.context, s.shape, bands[1],
+                                     fresh)
+                       .ok());
       KvShape wider = s.shape;
       wider.n_kv_head = 4;
-      EXPECT_FALSE(UnpackSegment(Pointers(loaded), s.tokens, s.context, wider).ok());
+      EXPECT_TRUE(miss(Pointers(loaded[0]), s.tokens, s.context, wider, bands[0]));
     }
   }
 }
@@ -105,12 +146,15 @@ TEST(SegmentTierTest, PackAndUnpackAreExactAroundChunkBoundaries) {
 TEST(SegmentTierTest, ChainTokensSeparateContextsLengthsAndTenants) {
   const std::vector<TokenId> a = {5, 6, 7};
   const std::vector<TokenId> ab = {5, 6, 7, 8};
-  EXPECT_NE(SegmentChainTokens(a, 1, 4)[0], SegmentChainTokens(a, 2, 4)[0]);
-  EXPECT_NE(SegmentChainTokens(a, uint64_t{1} << 32, 4), SegmentChainTokens(a, 0, 4));
-  // A segment and a longer one differ in their first chunk already.
-  const auto ka = SegmentChainTokens(a, 1, 8);
-  const auto kab = SegmentChainTokens(ab, 1, 8);
+  const LayerBand b0{0, 2}, b1{2, 4};
+  EXPECT_NE(SegmentChainTokens(a, 1, 4, b0)[0], SegmentChainTokens(a, 2, 4, b0)[0]);
+  EXPECT_NE(SegmentChainTokens(a, uint64_t{1} << 32, 4, b0), SegmentChainTokens(a, 0, 4, b0));
+  // A segment and a longer one, or two bands of one, differ in their first chunk already.
+  const auto ka = SegmentChainTokens(a, 1, 8, b0);
+  const auto kab = SegmentChainTokens(ab, 1, 8, b0);
+  const auto ka1 = SegmentChainTokens(a, 1, 8, b1);
   EXPECT_FALSE(std::equal(ka.begin(), ka.begin() + 8, kab.begin()));
+  EXPECT_FALSE(std::equal(ka.begin(), ka.begin() + 8, ka1.begin()));
   EXPECT_NE(SegmentNamespace(Hash128{1, 2}), SegmentNamespace(Hash128{1, 3}));
   EXPECT_NE(SegmentNamespace(Hash128{1, 2}), (Hash128{1, 2}));
 }

@@ -291,28 +291,33 @@ void TierBridge::SaveSegment(const Hash128& ns, const SegmentKv& seg) {
   // A relay segment's position is the request's; nothing else could place it again.
   // The segment cache holds it in memory: only the disk and Redis tiers take a copy.
   if (!files_segments_ || seg.context == kRelayContext || seg.tokens.empty()) return;
-  const ChunkLayout layout = Layout(kv_.shape());
-  const SegmentChunks packed = PackSegment(seg, layout);
-  const std::vector<TokenId> chain = SegmentChainTokens(seg.tokens, seg.context, chunk_tokens_);
-  std::vector<ByteSpan> chunks, aux;
-  for (size_t i = 0; i < packed.chunks.size(); ++i) {
-    chunks.emplace_back(packed.chunks[i]);
-    aux.emplace_back(packed.aux[i]);
-  }
-  const Status st = cache_.Put(SegmentNamespace(ns), chain, 0, layout, chunks, aux,
-                               /*slower_tiers_only=*/true);
-  if (!st.ok()) {
-    CT_LOG(kWarning) << "filing a segment in the tiers: " << st.ToString();
-    return;
+  const ChunkLayout full = Layout(kv_.shape());
+  for (const LayerBand& band : SegmentBands(kv_.shape().n_layer)) {
+    const ChunkLayout layout = BandLayout(full, band);
+    const SegmentChunks packed = PackSegment(seg, layout, band);
+    const std::vector<TokenId> chain =
+        SegmentChainTokens(seg.tokens, seg.context, chunk_tokens_, band);
+    std::vector<ByteSpan> chunks, aux;
+    for (size_t i = 0; i < packed.chunks.size(); ++i) {
+      chunks.emplace_back(packed.chunks[i]);
+      aux.emplace_back(packed.aux[i]);
+    }
+    const Status st = cache_.Put(SegmentNamespace(ns), chain, 0, layout, chunks, aux,
+                                 /*slower_tiers_only=*/true);
+    if (!st.ok()) {
+      CT_LOG(kWarning) << "filing a segment in the tiers: " << st.ToString();
+      return;
+    }
   }
   segments_saved_.fetch_add(1, std::memory_order_relaxed);
 }
 
-std::shared_ptr<SegmentKv> TierBridge::LoadSegment(const Hash128& sns, const SegmentRef& ref,
-                                                   SteadyTime deadline) {
-  const std::vector<TokenId> chain = SegmentChainTokens(ref.tokens, ref.context, chunk_tokens_);
+bool TierBridge::LoadSegmentBand(const Hash128& sns, const SegmentRef& ref, LayerBand band,
+                                 SteadyTime deadline, SegmentKv& seg) {
+  const std::vector<TokenId> chain =
+      SegmentChainTokens(ref.tokens, ref.context, chunk_tokens_, band);
   const LookupResult hit = cache_.Lookup(chain, sns);
-  if (hit.tokens < chain.size()) return nullptr;
+  if (hit.tokens < chain.size()) return false;
   const size_t n = chain.size() / static_cast<size_t>(chunk_tokens_);
   // Not promoted: the segment cache is its copy in memory (a second, padded one in the RAM
   // tier would only crowd out prompt prefixes).
@@ -320,38 +325,73 @@ std::shared_ptr<SegmentKv> TierBridge::LoadSegment(const Hash128& sns, const Seg
   load->Wait();
   std::vector<const ChunkData*> chunks;
   for (size_t i = 0; i < n; ++i) {
-    if (!load->chunk(i).status.ok()) return nullptr;
+    if (!load->chunk(i).status.ok()) return false;
     chunks.push_back(&load->chunk(i));
   }
-  Result<SegmentKv> seg = UnpackSegment(chunks, ref.tokens, ref.context, kv_.shape());
-  if (!seg.ok()) {
-    CT_LOG(kWarning) << "a segment from the tiers is refused: " << seg.status().ToString();
-    return nullptr;
+  const Status st = UnpackSegmentBand(chunks, ref.tokens, ref.context, kv_.shape(), band, seg);
+  if (!st.ok()) {
+    CT_LOG(kWarning) << "a segment from the tiers is refused: " << st.ToString();
+    return false;
   }
-  return std::make_shared<SegmentKv>(std::move(*seg));
+  return true;
+}
+
+void TierBridge::LoadSegments(const Hash128& ns, PendingSegments& pending,
+                              SteadyTime deadline) {
+  const Hash128 sns = SegmentNamespace(ns);
+  const std::vector<SegmentRef>& refs = pending.refs();
+  std::vector<std::shared_ptr<SegmentKv>> found(refs.size());
+  const std::vector<LayerBand> bands = SegmentBands(kv_.shape().n_layer);
+  const auto t0 = std::chrono::steady_clock::now();
+  // The first band of every segment, then each later band of the segments found.
+  for (size_t i = 0; i < refs.size(); ++i) {
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    auto seg = std::make_shared<SegmentKv>();
+    if (LoadSegmentBand(sns, refs[i], bands[0], deadline, *seg)) found[i] = std::move(seg);
+  }
+  size_t hits = 0;
+  for (const auto& f : found) hits += f != nullptr;
+  segments_loaded_.fetch_add(hits, std::memory_order_relaxed);
+  segment_misses_.fetch_add(refs.size() - hits, std::memory_order_relaxed);
+  if (hits > 0) {
+    const double us = std::chrono::duration<double, std::micro>(
+                          std::chrono::steady_clock::now() - t0)
+                          .count();
+    // The SegmentKv objects are not written but through their layer arrays from here on: the
+    // consumer reads band b's layers only after Advance says they are in.
+    pending.Publish(found, bands[0].end, us);
+    for (size_t b = 1; b < bands.size(); ++b) {
+      for (size_t i = 0; i < refs.size(); ++i) {
+        if (found[i] == nullptr) continue;
+        if (std::chrono::steady_clock::now() >= deadline) {
+          pending.Finish();  // the layers from here on never come: AwaitLayer says so
+          return;
+        }
+        if (!LoadSegmentBand(sns, refs[i], bands[b], deadline, *found[i])) {
+          segment_band_misses_.fetch_add(1, std::memory_order_relaxed);
+          pending.Fail();
+          pending.Finish();
+          return;
+        }
+      }
+      pending.Advance(bands[b].end);
+    }
+  }
+  pending.Finish();
 }
 
 std::shared_ptr<PendingSegments> TierBridge::StartSegmentLoad(const Hash128& ns,
                                                               std::vector<SegmentRef> refs,
                                                               SteadyTime deadline) {
   if (!files_segments_) return nullptr;  // segments are filed on disk and in Redis only
-  auto pending = std::make_shared<PendingSegments>(refs.size());
-  auto shared_refs = std::make_shared<std::vector<SegmentRef>>(std::move(refs));
-  const bool queued = lookups_->TrySubmit([this, pending, shared_refs, ns, deadline] {
+  auto pending = std::make_shared<PendingSegments>(std::move(refs), kv_.shape().n_layer);
+  const bool queued = lookups_->TrySubmit([this, pending, ns, deadline] {
     // Runs on a lookup thread: the only place a segment load may wait for a tier.
-    const Hash128 sns = SegmentNamespace(ns);
-    std::vector<std::shared_ptr<SegmentKv>> found(shared_refs->size());
-    for (size_t i = 0; i < found.size(); ++i) {
-      if (std::chrono::steady_clock::now() >= deadline) break;
-      found[i] = LoadSegment(sns, (*shared_refs)[i], deadline);
-      (found[i] != nullptr ? segments_loaded_ : segment_misses_)
-          .fetch_add(1, std::memory_order_relaxed);
-    }
-    pending->Finish(std::move(found));
+    LoadSegments(ns, *pending, deadline);
   });
   if (!queued) {
     CT_LOG(kWarning) << "segment load skipped: the lookup queue is full";
-    pending->Finish({});
+    pending->Finish();
   }
   return pending;
 }
@@ -387,7 +427,8 @@ nlohmann::json TierBridge::Stats() {
   j["lookup_queue_depth"] = lookups_->queued();
   j["segments"] = {{"saved", segments_saved_.load(std::memory_order_relaxed)},
                    {"loaded", segments_loaded_.load(std::memory_order_relaxed)},
-                   {"misses", segment_misses_.load(std::memory_order_relaxed)}};
+                   {"misses", segment_misses_.load(std::memory_order_relaxed)},
+                   {"band_misses", segment_band_misses_.load(std::memory_order_relaxed)}};
   return j;
 }
 

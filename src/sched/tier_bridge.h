@@ -19,10 +19,12 @@
 //      miss, a layout mismatch or a failed reservation, or once the deadline passed.
 // Namespaces: the request's one namespace (KvNamespace) is the store namespace too; its
 // segments have a namespace of their own (SegmentNamespace), cleared with it.
-// Segments (SaveSegment, StartSegmentLoad): filed as sched/segment_tier.h says; a load looks
-// each segment up and reads it on the `ct-lookup` threads, one after another, until the
-// deadline. Segments live in the disk and Redis tiers only, never in RAM: the scheduler's
-// segment cache is their copy in memory, so a save skips RAM and a load does not promote.
+// Segments (SaveSegment, StartSegmentLoad): filed as sched/segment_tier.h says, in bands of
+// layers; a load reads them on the `ct-lookup` threads, the first band of every segment, then
+// each later band, publishing each band to the PendingSegments as it completes (so a prefill
+// can start on the first layers: CacheBlend's pipeline), until the deadline. Segments live in
+// the disk and Redis tiers only, never in RAM: the scheduler's segment cache is their copy in
+// memory, so a save skips RAM and a load does not promote.
 //
 // Thread-safety: StartLoad/ApplyLoad/Save on the scheduler loop (one caller per sequence);
 // Lookup, Pin, Unpin, Clear and Stats from any thread. The Cache and KvManager are
@@ -35,6 +37,7 @@
 #include "cache/executor.h"
 #include "cachette/cache.h"
 #include "sched/prefix_source.h"
+#include "sched/segment_tier.h"
 
 namespace cachette::sched {
 
@@ -75,15 +78,20 @@ class TierBridge final : public PrefixSource {
   struct Load;
   // The chunk layout of KV of `shape` (each sequence's own: a server may run two pools).
   ChunkLayout Layout(const KvShape& shape) const;
-  // One segment from the tiers (segment namespace `sns`), or null (a miss, or not in time).
-  std::shared_ptr<SegmentKv> LoadSegment(const Hash128& sns, const SegmentRef& ref,
-                                         SteadyTime deadline);
+  // Band `band` of a segment from the tiers (segment namespace `sns`) into `seg`; false for a
+  // miss, a refused chunk, or not in time.
+  bool LoadSegmentBand(const Hash128& sns, const SegmentRef& ref, LayerBand band,
+                       SteadyTime deadline, SegmentKv& seg);
+  // The body of a segment load: band by band, publishing to `pending` as they come.
+  void LoadSegments(const Hash128& ns, PendingSegments& pending, SteadyTime deadline);
 
   KvManager& kv_;
   Cache& cache_;
   const int chunk_tokens_;
   const bool files_segments_;  // the store has a disk or Redis tier, where segments are filed
   std::atomic<uint64_t> segments_saved_{0}, segments_loaded_{0}, segment_misses_{0};
+  // Segments found whose later band could not be read (evicted or refused meanwhile).
+  std::atomic<uint64_t> segment_band_misses_{0};
   // Declared last: destroyed (drained and joined) first, while the members above are alive.
   std::unique_ptr<cache::ThreadExecutor> lookups_;
 };

@@ -180,7 +180,7 @@ TEST_P(TierBridgeTest, SegmentsSurviveARestartOnDisk) {
   Engine engine(*model_, eo);
   std::mt19937 rng(9);
   const std::vector<TokenId> context = {1, 300, 301};
-  std::vector<TokenId> doc(77);  // 3 + 77 slots: three chunks of 32, the last one padded
+  std::vector<TokenId> doc(77);  // 4 + 77 slots: three chunks of 32, the last one padded
   for (auto& t : doc) t = static_cast<TokenId>(rng() % 8000);
   Result<SegmentKv> seg = ComputeSegment(engine, context, doc);
   ASSERT_TRUE(seg.ok()) << seg.status().ToString();
@@ -202,14 +202,34 @@ TEST_P(TierBridgeTest, SegmentsSurviveARestartOnDisk) {
     tiers.SaveSegment(ns, *seg);
     ASSERT_TRUE(cache->Flush().ok());
     EXPECT_EQ(tiers.Stats()["segments"]["saved"], 1);
-    // Filed on disk only: the segment cache is its copy in memory.
+    // Filed on disk only (the segment cache is its copy in memory), in 4 bands of the 6 layers.
     const CacheStats st = cache->Stats();
     EXPECT_EQ(st.tier[static_cast<int>(CacheTier::kRam)].entries, 0u);
-    EXPECT_EQ(st.tier[static_cast<int>(CacheTier::kDisk)].entries, 3u);
+    EXPECT_EQ(st.tier[static_cast<int>(CacheTier::kDisk)].entries, 3u * 4);
   }
   auto cache = OpenCache(0);  // no RAM tier: only the disk can answer
   KvManager kvm(KvOptions(engine));
   TierBridge tiers(kvm, *cache);
+  {
+    // Pipelined: the first band is handed over before the rest, then each layer as it comes.
+    std::shared_ptr<PendingSegments> p = tiers.StartSegmentLoad(ns, {ref}, soon());
+    ASSERT_NE(p, nullptr);
+    while (!p->published()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    std::shared_ptr<const SegmentKv> early = p->Found(doc, ref.context);
+    ASSERT_NE(early, nullptr);
+    EXPECT_EQ(p->Found(doc, ref.context + 1), nullptr);
+    EXPECT_GT(p->layer_load_us(), 0);
+    for (int l = 0; l < model_->config().n_layer; ++l) {
+      ASSERT_TRUE(p->AwaitLayer(l, soon()).ok()) << l;
+      EXPECT_EQ(early->k[l], seg->k[l]) << "layer " << l;
+      EXPECT_EQ(early->v[l], seg->v[l]) << "layer " << l;
+    }
+    EXPECT_EQ(p->AwaitLayer(model_->config().n_layer, soon()).code(), StatusCode::kUnavailable);
+    ASSERT_TRUE(p->WaitUntil(soon()));
+    const std::vector<std::shared_ptr<SegmentKv>> found = p->Take();
+    ASSERT_EQ(found.size(), 1u);
+    EXPECT_EQ(found[0], early);
+  }
   std::shared_ptr<SegmentKv> back = load(tiers, ns, ref);
   ASSERT_NE(back, nullptr);
   EXPECT_EQ(back->tokens, seg->tokens);
@@ -245,7 +265,7 @@ TEST_P(TierBridgeTest, SegmentsSurviveARestartOnDisk) {
   EXPECT_EQ(load(tiers, ns, SegmentRef{shorter, ref.context}), nullptr) << "a prefix of it";
   ASSERT_TRUE(tiers.Clear(ns).ok());
   EXPECT_EQ(load(tiers, ns, ref), nullptr) << "cleared with its tenant";
-  EXPECT_EQ(tiers.Stats()["segments"]["loaded"], 1);
+  EXPECT_EQ(tiers.Stats()["segments"]["loaded"], 2);
 }
 
 // Without an engine (cheap enough for ThreadSanitizer): pages filled with a known pattern are
@@ -362,7 +382,7 @@ TEST(TierBridgeBytesTest, ConcurrentRestoresReturnTheSavedBytes) {
 TEST(TierBridgeBytesTest, SegmentsReadBackAreNotPromotedToRam) {
   auto [dir, ko, co] = MakeBytesSetup("cachette_segram", 32);
   const Hash128 ns{7, 1};
-  SegmentKv seg;  // 3 + 40 slots: two chunks of 32, the last one padded
+  SegmentKv seg;  // 4 + 40 slots: two chunks of 32, the last one padded
   seg.shape = ko.shape;
   seg.base_pos = 1;
   seg.context = 5;
@@ -405,7 +425,8 @@ TEST(TierBridgeBytesTest, SegmentsReadBackAreNotPromotedToRam) {
     EXPECT_EQ(ram().bytes_used, 0u) << "round " << round;
     EXPECT_EQ((*cache)->Stats().promotions, 0u) << "round " << round;
   }
-  EXPECT_EQ((*cache)->Stats().tier[static_cast<int>(CacheTier::kDisk)].hit_chunks, 4u);
+  // Two rounds of two chunks in each of the two bands (one per layer).
+  EXPECT_EQ((*cache)->Stats().tier[static_cast<int>(CacheTier::kDisk)].hit_chunks, 8u);
   EXPECT_EQ(bridge.Stats()["segments"]["loaded"], 2);
   // A prompt prefix read back from disk is promoted as before.
   auto seq = kvm.Start(ns, prompt, 64);

@@ -137,6 +137,8 @@ std::map<std::string, Setter> Keys(ServeConfig* cfg) {
       {"segment_separator", Str(&cfg->segment_separator)},
       {"segment_cache_mb", Int(&cfg->segment_cache_mb)},
       {"relay", Bool(&cfg->relay)},
+      {"segment_pipeline", Bool(&cfg->segment_pipeline)},
+      {"blend_controller", Bool(&cfg->blend_controller)},
       {"load_deadline_ms", Int(&cfg->load_deadline_ms)},
       {"api_key", StrList(&cfg->api_keys)},
       {"api_key_file", Str(&cfg->api_key_file)},

@@ -21,6 +21,7 @@
 //   # segment reuse (docs/serving.md "Segment reuse"):
 //   kv_reuse = "prefix"       blend_ratio = 0.15    segment_separator = "\n\n"  segment_cache_mb = 256
 //   relay = false             (keep each finished request's output as a segment)
+//   segment_pipeline = true   blend_controller = false   (segments loading from the tiers)
 //   # access control and request limits:
 //   api_key = ["k1", "k2"]    api_key_file = "/etc/cachette/keys"             admin_key = "secret"
 //   max_body = "16MiB"        max_messages = 1024
@@ -104,6 +105,10 @@ struct ServeConfig {
   std::string segment_separator;
   int segment_cache_mb = 256;
   bool relay = false;  // keep each finished request's output KV as a segment (RelayCaching)
+  // Segments from the tiers: compute each layer while the next loads (CacheBlend's pipeline),
+  // and let blend recompute more while that hides under the load (its loading controller).
+  bool segment_pipeline = true;
+  bool blend_controller = false;
   // Access control (docs/serving.md "Access control").
   std::vector<std::string> api_keys;  // TOML key and flag: api_key
   std::string api_key_file;           // one key a line; '#' comments and blank lines skipped

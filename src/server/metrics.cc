@@ -116,6 +116,14 @@ std::string Metrics::Render(const Gauges& g) {
          "Segments the segment cache lacked that the disk or Redis tier gave back.");
   Sample(&out, "cachette_segment_tier_hits_total",
          static_cast<double>(g.sched.segment_tier_hits));
+  Family(&out, "cachette_segment_pipelined_prefills_total", "counter",
+         "Segment prefills that computed while their segments' later layers were still loading.");
+  Sample(&out, "cachette_segment_pipelined_prefills_total",
+         static_cast<double>(g.sched.segment_pipelined_prefills));
+  Family(&out, "cachette_segment_load_wait_seconds_total", "counter",
+         "Time pipelined segment prefills waited for a layer of their segments to load.");
+  Sample(&out, "cachette_segment_load_wait_seconds_total",
+         static_cast<double>(g.sched.segment_load_wait_us) / 1e6);
   Family(&out, "cachette_relay_saved_total", "counter",
          "Finished requests whose output's KV went into the segment cache (--relay).");
   Sample(&out, "cachette_relay_saved_total", static_cast<double>(g.sched.relay_saved));

@@ -271,6 +271,21 @@ def test_segments_in_tiers(binary, model, tmp):
         seg = stats_segments(c)
         check(seg.get("tier_hits", 0) >= 3 and seg.get("computed_tokens", -1) == 0,
               "tiers: all three segments came from Redis: %s" % seg)
+        check(seg.get("pipelined_prefills", 0) == 1,
+              "tiers: the prefill computed while the later layers loaded: %s" % seg)
+        # Loaded whole before the prefill (--no-segment-pipeline): the same answer.
+        d = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32",
+                   "--no-segment-pipeline")
+        try:
+            st, whole = complete(d, segments, "blend", "T")
+            if check(st == 200, "tiers: blend loaded whole: %s %s" % (st, whole)):
+                check(whole["choices"][0]["text"] == want["choices"][0]["text"],
+                      "tiers: loaded whole, the same answer: %r" % whole["choices"][0]["text"])
+            sd = stats_segments(d)
+            check(sd.get("tier_hits", 0) >= 3 and sd.get("pipelined_prefills", -1) == 0,
+                  "tiers: --no-segment-pipeline waits for the whole load: %s" % sd)
+        finally:
+            d.close()
         st, metrics = c.get("/metrics")
         check(st == 200 and "cachette_segment_tier_hits_total %d" % seg.get("tier_hits", 0)
               in metrics, "tiers: /metrics counts the tier hits")
