@@ -309,6 +309,9 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                            " is outside the model's " + std::to_string(c.n_layer) + " layers");
   }
   if (!(options.widen >= 1)) return InvalidArgument("widen must be at least 1");
+  if (!(options.layer_load_us >= 0 && std::isfinite(options.layer_load_us))) {
+    return InvalidArgument("layer load time must be a finite number of microseconds >= 0");
+  }
   if (n0 >= n) {
     return InvalidArgument("the sequence already holds " + std::to_string(n0) +
                            " tokens of a " + std::to_string(n) + "-token prompt");
@@ -456,8 +459,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   const bool blend = options.mode == ReuseMode::kBlend;
   const bool all_rows = blend || !parts.empty();
-  const int64_t target = blend ? static_cast<int64_t>(std::ceil(options.ratio * rep.reused_tokens))
-                               : 0;
+  int64_t target = blend ? static_cast<int64_t>(std::ceil(options.ratio * rep.reused_tokens)) : 0;
   Rows rows;
   for (int64_t t = p; t < n; ++t) {
     if (placed[t] != 1 || all_rows) rows.at.push_back(t);
@@ -542,11 +544,34 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     KeepRows(rows, kept, x, d, kv);
   };
 
-  const bool selecting = blend && target < rep.reused_tokens;
-  const int64_t widened =
-      std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
-                                               options.widen * options.ratio * rep.reused_tokens)));
+  rep.ratio = blend ? options.ratio : 0;
+  auto widened_for = [&](double ratio) {
+    return std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
+                                                    options.widen * ratio * rep.reused_tokens)));
+  };
+  bool selecting = blend && target < rep.reused_tokens;
+  int64_t widened = widened_for(options.ratio);
+  const auto loop_start = std::chrono::steady_clock::now();
   for (int layer = 0; layer < c.n_layer; ++layer) {
+    if (selecting && options.layer_load_us > 0 && layer == options.check_layer) {
+      // The loading controller: the rows so far went through every layer below this one; what
+      // one cost there (placing the layer's KV included, waiting for it not) prices the rest.
+      const double us = std::chrono::duration<double, std::micro>(
+                            std::chrono::steady_clock::now() - loop_start)
+                            .count() -
+                        static_cast<double>(rep.load_wait_us);
+      const double row_layer_us =
+          rep.row_layers > 0 ? std::max(us, 0.0) / static_cast<double>(rep.row_layers) : 0;
+      const double ratio =
+          PipelinedBlendRatio(options.ratio, rep.reused_tokens, n - p - rep.reused_tokens,
+                              row_layer_us, options.layer_load_us);
+      if (ratio > options.ratio) {
+        rep.ratio = ratio;
+        target = static_cast<int64_t>(std::ceil(ratio * rep.reused_tokens));
+        selecting = target < rep.reused_tokens;
+        widened = widened_for(ratio);
+      }
+    }
     CT_RETURN_IF_ERROR(place_through(layer + 1));
     if (selecting && layer == options.check_layer) {
       select(layer, layer + 1 < c.n_layer ? widened : target);

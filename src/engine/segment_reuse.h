@@ -133,6 +133,12 @@ struct ReuseOptions {
   int check_layer = 1;   // blend: the layer whose K/V deviation picks them (< n_layer)
   double widen = 2.0;    // blend: candidates at the check layer, as a multiple of ratio (>= 1;
                          // 1 = one-shot selection)
+  // blend pipelined with the load of its segments (CacheBlend's loading controller): the time
+  // one layer of them takes to load, in microseconds. When > 0, the ratio is raised at the check
+  // layer to PipelinedBlendRatio(ratio, ...) with the cost of a row through a layer measured on
+  // the layers below it in this very call: as many rows as a layer can compute while the next
+  // one loads. 0: the ratio as given.
+  double layer_load_us = 0;
 };
 
 // A cached segment in a prompt: its tokens are the prompt's [offset, offset + size).
@@ -154,6 +160,8 @@ struct ReuseReport {
   int64_t row_layers = 0;
   // Time spent waiting for segment KV still being loaded (await_layer), in microseconds.
   int64_t load_wait_us = 0;
+  // blend: the ratio applied (ReuseOptions::ratio, or what the loading controller raised it to).
+  double ratio = 0;
 };
 
 // Fills `kv` with the KV of `prompt` and writes the last token's logits [n_vocab] (may be

@@ -515,6 +515,46 @@ TEST(SegmentReuseTest, PipelinedRatioFillsTheLoadTime) {
   EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 0.0), 0.15);
 }
 
+// The loading controller inside a blend: a load slower than any recompute raises the ratio to
+// 1 (full prefill's logits), a load faster than a row leaves the ratio asked for.
+TEST(SegmentReuseTest, LoadingControllerRaisesTheRatioToWhatTheLoadHides) {
+  const Model& model = Trained();
+  Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
+  const RagCase r = MakeRag(model);
+  auto s1 = ComputeSegment(engine, r.bos, r.doc1);
+  auto s2 = ComputeSegment(engine, r.bos, r.doc2);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  const int nv = model.config().n_vocab;
+  std::vector<float> full(nv), got(nv);
+  {
+    auto seq = engine.NewSequence();
+    ASSERT_TRUE(engine.Forward(*seq, r.prompt, full.data()).ok());
+  }
+  const SegmentUse uses[] = {{1, &*s2}, {static_cast<int64_t>(1 + r.doc2.size()), &*s1}};
+  auto run = [&](double layer_load_us, ReuseReport* rep) {
+    auto seq = engine.NewSequence();
+    EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
+    ReuseOptions o{.mode = ReuseMode::kBlend, .ratio = 0.15, .layer_load_us = layer_load_us};
+    return PrefillWithSegments(engine, *seq, r.prompt, uses, o, got.data(), rep);
+  };
+  ReuseReport slow, fast, off;
+  ASSERT_TRUE(run(1e12, &slow).ok());
+  EXPECT_EQ(slow.ratio, 1.0);
+  EXPECT_EQ(slow.recomputed_tokens, slow.reused_tokens);
+  EXPECT_LT(RelL2(got, full), 1e-5);
+  ASSERT_TRUE(run(1e-9, &fast).ok());
+  ASSERT_TRUE(run(0, &off).ok());
+  EXPECT_EQ(fast.ratio, 0.15);
+  EXPECT_EQ(fast.recomputed_slots, off.recomputed_slots);
+  EXPECT_EQ(off.recomputed_tokens, static_cast<int64_t>(std::ceil(0.15 * off.reused_tokens)));
+  auto seq = engine.NewSequence();
+  EXPECT_EQ(PrefillWithSegments(engine, *seq, r.prompt, uses,
+                                ReuseOptions{.mode = ReuseMode::kBlend, .layer_load_us = -1},
+                                got.data(), nullptr)
+                .code(),
+            StatusCode::kInvalidArgument);
+}
+
 TEST(SegmentReuseTest, RejectsBadInput) {
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 1, .kv_type = KvType::kF16});

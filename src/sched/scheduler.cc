@@ -766,23 +766,9 @@ void Scheduler::SegmentPrefill(Seq& s) {
       load_failed = !st.ok();
       return st;
     };
-    if (reuse.mode == ReuseMode::kBlend && options_.blend_load_controller) {
-      int64_t placed = 0;
-      for (const SegmentUse& u : uses) {
-        // A segment where it was computed stays an exact prefix; the others are placed.
-        if (u.offset != u.kv->base_pos) placed += static_cast<int64_t>(u.kv->tokens.size());
-      }
-      const double ratio = PipelinedBlendRatio(reuse.ratio, placed, n - n0 - placed,
-                                               row_layer_us_, s.segment_load->layer_load_us());
-      if (ratio > reuse.ratio) {
-        reuse.ratio = ratio;
-        std::lock_guard<std::mutex> lock(mu_);
-        ++stats_.segment_ratio_raised;
-      }
-    }
+    if (options_.blend_load_controller) reuse.layer_load_us = s.segment_load->layer_load_us();
   }
   ReuseReport rep;
-  const auto t0 = std::chrono::steady_clock::now();
   const Status st = PrefillWithSegments(engine_, *s.kv, prompt, uses, reuse, s.logits.data(),
                                         &rep, await_layer);
   if (!st.ok()) {
@@ -796,14 +782,6 @@ void Scheduler::SegmentPrefill(Seq& s) {
     }
     if (!RetrySegmentPrefill(s, st)) Finish(s, Reason::kCancelled, st);
     return;
-  }
-  if (rep.row_layers > 0) {
-    const double us = std::chrono::duration<double, std::micro>(
-                          std::chrono::steady_clock::now() - t0)
-                          .count() -
-                      static_cast<double>(rep.load_wait_us);
-    const double per_row = std::max(us, 0.0) / static_cast<double>(rep.row_layers);
-    row_layer_us_ = row_layer_us_ == 0 ? per_row : 0.7 * row_layer_us_ + 0.3 * per_row;
   }
   s.cow_pending = false;  // Reserve copied any shared page it writes
   // What this request computed itself (its segments' misses) was not reused: split it off the
@@ -854,6 +832,7 @@ void Scheduler::SegmentPrefill(Seq& s) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.segment_pipelined_prefills;
       stats_.segment_load_wait_us += static_cast<uint64_t>(rep.load_wait_us);
+      if (rep.ratio > s.req.reuse.ratio) ++stats_.segment_ratio_raised;
     }
   }
   SegmentPrefillDone(s);

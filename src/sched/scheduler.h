@@ -196,9 +196,9 @@ struct SchedulerOptions {
   bool pipeline_segment_loads = true;
   // CacheBlend's loading controller: a pipelined blend recomputes more than its blend_ratio
   // when the load of a layer takes longer than the recompute at that ratio, as much as hides
-  // under the load (PipelinedBlendRatio, from this load's measured read time per layer and the
-  // measured cost of a row through a layer). Raises quality for no time; the ratio then depends
-  // on the tier's speed, so it is opt-in.
+  // under the load (ReuseOptions::layer_load_us: PipelinedBlendRatio from this load's measured
+  // read time per layer and the cost of a row through a layer measured in the prefill itself).
+  // Raises quality for no time; the ratio then depends on the tier's speed, so it is opt-in.
   bool blend_load_controller = false;
 };
 
@@ -422,9 +422,6 @@ class Scheduler {
   StepCostModel step_cost_;          // loop thread only
   ToolTtlEstimator tool_ttl_;        // loop thread only
   SegmentCache segments_;
-  // The measured cost of one row through one layer in a segment prefill, in microseconds
-  // (a moving average; 0 until one ran): the loading controller's recompute cost.
-  double row_layer_us_ = 0;
   struct Program {
     int64_t first_ns = 0;        // arrival of its first turn (program-level FCFS)
     int64_t last_seen_ns = 0;

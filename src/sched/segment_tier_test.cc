@@ -129,7 +129,9 @@ TEST(SegmentTierTest, PackAndUnpackAreExactAroundChunkBoundaries) {
       EXPECT_TRUE(miss(Pointers(loaded[0]), s.tokens, s.context + 1, s.shape, bands[0]));
       std::vector<const ChunkData*> fewer = Pointers(loaded[1]);
       fewer.pop_back();
-      if (!fewer.empty()) EXPECT_TRUE(miss(fewer, s.tokens, s.context, s.shape, bands[1]));
+      if (!fewer.empty()) {
+        EXPECT_TRUE(miss(fewer, s.tokens, s.context, s.shape, bands[1]));
+      }
       // Band 3 holds two layers: its chunks are not band 2's.
       EXPECT_TRUE(miss(Pointers(loaded[3]), s.tokens, s.context, s.shape, bands[2]));
       SegmentKv fresh;
