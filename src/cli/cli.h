@@ -68,6 +68,8 @@ Runner AddBenchServeSubcommands(CLI::App* bench);
 Runner AddBenchSoakSubcommand(CLI::App* bench);
 // `bench kv-pages`: paged KV memory under KV budget policies; same convention as above.
 Runner AddBenchKvPagesSubcommand(CLI::App* bench);
+// `bench segment-load`: segments read from a tier, whole or pipelined; same convention.
+Runner AddBenchSegmentLoadSubcommand(CLI::App* bench);
 Runner AddCacheCommand(CLI::App& app);
 Runner AddServeCommand(CLI::App& app);
 Runner AddBatchCommand(CLI::App& app);

@@ -545,13 +545,15 @@ Runner AddBenchCommand(CLI::App& app) {
   Runner serve = AddBenchServeSubcommands(c);
   Runner soak = AddBenchSoakSubcommand(c);
   Runner kv_pages = AddBenchKvPagesSubcommand(c);
-  return [a, e, pa, p, cache, serve, soak, kv_pages] {
+  Runner segment_load = AddBenchSegmentLoadSubcommand(c);
+  return [a, e, pa, p, cache, serve, soak, kv_pages, segment_load] {
     if (e->parsed()) return BenchEngine(*a);
     if (p->parsed()) return BenchPrefix(*pa);
     int rc = cache();
     if (rc == -1) rc = serve();
     if (rc == -1) rc = soak();
-    return rc != -1 ? rc : kv_pages();
+    rc = rc != -1 ? rc : kv_pages();
+    return rc != -1 ? rc : segment_load();
   };
 }
 

@@ -14,6 +14,7 @@
 
 #include "cache/redis/redis_tier.h"
 #include "cli/cli.h"
+#include "cli/slow_link.h"
 #include "core/fp16.h"
 #include "core/timer.h"
 #include "core/units.h"
@@ -43,48 +44,6 @@ struct BenchCacheArgs {
   std::vector<std::string> tp_codecs = {"raw", "int8", "int4", "zstd+raw"};
 };
 
-// A remote tier whose reads take as long as their bytes would on a link of `bytes_per_s`.
-class SlowLink final : public cache::Tier {
- public:
-  SlowLink(cache::Tier& inner, double bytes_per_s) : inner_(inner), bytes_per_s_(bytes_per_s) {}
-  std::string_view name() const override { return inner_.name(); }
-  Status Put(const cache::ChunkKey& k, std::span<const std::byte> r, uint32_t ttl) override {
-    return inner_.Put(k, r, ttl);
-  }
-  Result<std::vector<std::byte>> Get(const cache::ChunkKey& k, cache::Deadline d) override {
-    return Slow(inner_.Get(k, d));
-  }
-  std::vector<bool> ContainsMany(std::span<const cache::ChunkKey> k, cache::Deadline d) override {
-    return inner_.ContainsMany(k, d);
-  }
-  Status Erase(const cache::ChunkKey& k) override { return inner_.Erase(k); }
-  cache::TierStats Stats() const override { return inner_.Stats(); }
-  Status PutIn(const Hash128& ns, const cache::ChunkKey& k, std::span<const std::byte> r,
-               uint32_t ttl) override {
-    return inner_.PutIn(ns, k, r, ttl);
-  }
-  Result<std::vector<std::byte>> GetIn(const Hash128& ns, const cache::ChunkKey& k,
-                                       cache::Deadline d) override {
-    return Slow(inner_.GetIn(ns, k, d));
-  }
-  std::vector<bool> ContainsManyIn(const Hash128& ns, std::span<const cache::ChunkKey> k,
-                                   cache::Deadline d) override {
-    return inner_.ContainsManyIn(ns, k, d);
-  }
-  Status EraseIn(const Hash128& ns, const cache::ChunkKey& k) override { return inner_.EraseIn(ns, k); }
-  Status ClearNamespace(const Hash128& ns) override { return inner_.ClearNamespace(ns); }
-
- private:
-  Result<std::vector<std::byte>> Slow(Result<std::vector<std::byte>> got) {
-    if (got.ok()) {
-      std::this_thread::sleep_for(
-          std::chrono::duration<double>(static_cast<double>(got->size()) / bytes_per_s_));
-    }
-    return got;
-  }
-  cache::Tier& inner_;
-  const double bytes_per_s_;
-};
 
 // Put/get throughput of each tier and codec over `n` chunks of KV-like f16 data (N(0,1)-ish
 // values with a few outlier channels), beside the limits measured in the same run: memcpy into

@@ -309,9 +309,10 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                            " is outside the model's " + std::to_string(c.n_layer) + " layers");
   }
   if (!(options.widen >= 1)) return InvalidArgument("widen must be at least 1");
-  if (!(options.layer_load_us >= 0 && std::isfinite(options.layer_load_us))) {
-    return InvalidArgument("layer load time must be a finite number of microseconds >= 0");
+  if (!(options.load_left_us >= 0 && std::isfinite(options.load_left_us))) {
+    return InvalidArgument("load time left must be a finite number of microseconds >= 0");
   }
+  const auto call_start = std::chrono::steady_clock::now();
   if (n0 >= n) {
     return InvalidArgument("the sequence already holds " + std::to_string(n0) +
                            " tokens of a " + std::to_string(n) + "-token prompt");
@@ -550,22 +551,29 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                                                     options.widen * ratio * rep.reused_tokens)));
   };
   bool selecting = blend && target < rep.reused_tokens;
+  const int64_t asked_target = target;  // the ratio asked for, before the loading controller
+  bool raised = false;
+  std::vector<int64_t> raised_slots;  // the placed rows the raised ratio carried
   int64_t widened = widened_for(options.ratio);
   const auto loop_start = std::chrono::steady_clock::now();
   for (int layer = 0; layer < c.n_layer; ++layer) {
-    if (selecting && options.layer_load_us > 0 && layer == options.check_layer) {
+    if (selecting && options.load_left_us > 0 && layer == options.check_layer) {
       // The loading controller: the rows so far went through every layer below this one; what
-      // one cost there (placing the layer's KV included, waiting for it not) prices the rest.
-      const double us = std::chrono::duration<double, std::micro>(
-                            std::chrono::steady_clock::now() - loop_start)
-                            .count() -
+      // one cost there (placing the layer's KV included, waiting for it not) prices the rest,
+      // and the load has this much left to run under them.
+      const auto now = std::chrono::steady_clock::now();
+      const double us = std::chrono::duration<double, std::micro>(now - loop_start).count() -
                         static_cast<double>(rep.load_wait_us);
       const double row_layer_us =
           rep.row_layers > 0 ? std::max(us, 0.0) / static_cast<double>(rep.row_layers) : 0;
-      const double ratio =
-          PipelinedBlendRatio(options.ratio, rep.reused_tokens, n - p - rep.reused_tokens,
-                              row_layer_us, options.layer_load_us);
+      const double time_left =
+          options.load_left_us -
+          std::chrono::duration<double, std::micro>(now - call_start).count();
+      const double ratio = PipelinedBlendRatio(
+          options.ratio, rep.reused_tokens, n - p - rep.reused_tokens, c.n_layer - layer - 1,
+          options.widen, row_layer_us, time_left);
       if (ratio > options.ratio) {
+        raised = true;
         rep.ratio = ratio;
         target = static_cast<int64_t>(std::ceil(ratio * rep.reused_tokens));
         selecting = target < rep.reused_tokens;
@@ -575,6 +583,13 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     CT_RETURN_IF_ERROR(place_through(layer + 1));
     if (selecting && layer == options.check_layer) {
       select(layer, layer + 1 < c.n_layer ? widened : target);
+    } else if (raised && layer == c.n_layer - 1) {
+      // The last layer needs the last band, so its compute follows the load: it runs the rows
+      // the ratio asked for would (the raised rows' K/V there are projected fresh all the same).
+      for (int64_t t : rows.at) {
+        if (placed[t] != 0) raised_slots.push_back(t);
+      }
+      select(layer, asked_target);
     } else if (selecting && widened > target && layer == options.check_layer + 1) {
       select(layer, target);
     }
@@ -588,8 +603,12 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   CT_CHECK(!rows.at.empty() && rows.at.back() == n - 1);
   if (logits != nullptr) engine.RowLogits(x.data() + (rows.at.size() - 1) * d, logits);
-  for (int64_t t : rows.at) {
-    if (placed[t] != 0) rep.recomputed_slots.push_back(t);
+  if (raised) {
+    rep.recomputed_slots = std::move(raised_slots);
+  } else {
+    for (int64_t t : rows.at) {
+      if (placed[t] != 0) rep.recomputed_slots.push_back(t);
+    }
   }
   rep.recomputed_tokens = static_cast<int64_t>(rep.recomputed_slots.size());
   rep.computed_tokens = n - p - rep.reused_tokens;
@@ -601,10 +620,15 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
 }
 
 double PipelinedBlendRatio(double min_ratio, int64_t placed_tokens, int64_t other_rows,
-                           double row_layer_us, double layer_load_us) {
-  if (placed_tokens <= 0 || !(row_layer_us > 0) || !(layer_load_us > 0)) return min_ratio;
-  const double rows = layer_load_us / row_layer_us - static_cast<double>(other_rows);
-  return std::clamp(rows / static_cast<double>(placed_tokens), min_ratio, 1.0);
+                           int layers_left, double widen, double row_layer_us,
+                           double time_left_us) {
+  if (placed_tokens <= 0 || layers_left <= 0 || !(row_layer_us > 0) || !(time_left_us > 0)) {
+    return min_ratio;
+  }
+  const double placed_rows =
+      time_left_us / row_layer_us - static_cast<double>(other_rows) * layers_left;
+  const double per_ratio = static_cast<double>(placed_tokens) * (widen + layers_left - 1);
+  return std::clamp(placed_rows / per_ratio, min_ratio, 1.0);
 }
 
 }  // namespace cachette

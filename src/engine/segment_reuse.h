@@ -133,12 +133,14 @@ struct ReuseOptions {
   int check_layer = 1;   // blend: the layer whose K/V deviation picks them (< n_layer)
   double widen = 2.0;    // blend: candidates at the check layer, as a multiple of ratio (>= 1;
                          // 1 = one-shot selection)
-  // blend pipelined with the load of its segments (CacheBlend's loading controller): the time
-  // one layer of them takes to load, in microseconds. When > 0, the ratio is raised at the check
-  // layer to PipelinedBlendRatio(ratio, ...) with the cost of a row through a layer measured on
-  // the layers below it in this very call: as many rows as a layer can compute while the next
-  // one loads. 0: the ratio as given.
-  double layer_load_us = 0;
+  // blend pipelined with the load of its segments (CacheBlend's loading controller): how long
+  // the load still takes when the call starts, in microseconds (the layers not yet in, at the
+  // measured time per layer). When > 0, the ratio is raised at the check layer so that the rows
+  // left to compute take about the load time left then (PipelinedBlendRatio), with the cost of
+  // a row through a layer measured on the layers below the check layer in this very call; the
+  // last layer then computes the rows of the ratio asked for (ReuseReport::recomputed_* count
+  // the raised rows, which went through every layer but the last). 0: the ratio as given.
+  double load_left_us = 0;
 };
 
 // A cached segment in a prompt: its tokens are the prompt's [offset, offset + size).
@@ -187,14 +189,19 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                            const std::function<Status(int)>& await_layer = {});
 
 // CacheBlend's loading controller. When the segments' KV is loaded a layer at a time under the
-// recompute of the previous layer, recomputing more costs nothing until a layer's recompute
-// takes as long as the next layer's load. Given the measured cost of a row through one layer
-// (`row_layer_us`), the load time of one layer of every placed segment (`layer_load_us`), the
-// placed tokens and the rows computed anyway (tokens in no cache and the last), this is the
-// ratio whose rows fill the load time: (layer_load_us / row_layer_us - other_rows) / placed,
-// never below `min_ratio` (the quality floor asked for) nor above 1. `min_ratio` when a cost is
-// unknown (<= 0) or nothing is placed.
+// compute of the earlier layers, recomputing more costs nothing as long as the compute ends no
+// later than the load. The last layer needs the last band, so its compute always follows the
+// load: a raised blend narrows back to the ratio asked for there (PrefillWithSegments), and the
+// layers that can hide under the load are the check layer and those above it but the last.
+// With `layers_left` such layers, `time_left_us` of load still to come, a row through a layer
+// costing `row_layer_us`, `placed` tokens placed and `other_rows` computed anyway (tokens in no
+// cache, the last), blend at ratio r computes r x placed x (widen + layers_left - 1) rows of
+// placed tokens there (widen x r at the check layer, r above it) and other_rows x layers_left
+// others. This is the r whose rows take time_left_us, never below `min_ratio` (the quality
+// floor asked for) nor above 1; `min_ratio` when a cost is unknown (<= 0) or nothing is
+// placed.
 double PipelinedBlendRatio(double min_ratio, int64_t placed_tokens, int64_t other_rows,
-                           double row_layer_us, double layer_load_us);
+                           int layers_left, double widen, double row_layer_us,
+                           double time_left_us);
 
 }  // namespace cachette

@@ -506,17 +506,23 @@ TEST(SegmentReuseTest, LayersArrivingDuringThePrefillGiveTheSameResult) {
 TEST(SegmentReuseTest, PipelinedRatioFillsTheLoadTime) {
   // 100 us to load a layer, 1 us a row: 100 rows per layer hide under the load; 20 of them are
   // computed anyway, so 80 of the 400 placed tokens (0.2) can be recomputed for nothing.
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 100.0), 0.2);
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.3, 400, 20, 1.0, 100.0), 0.3);   // the floor
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 1e6), 1.0);    // a slow link
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 200, 1.0, 100.0), 0.15);
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 0, 20, 1.0, 100.0), 0.15);   // nothing placed
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 0.0, 100.0), 0.15);  // costs unknown
-  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 1.0, 0.0), 0.15);
+  // 4 layers to go, widen 2: ratio r computes r x 400 x 5 placed rows and 4 x 20 others; at
+  // 1 us a row, 480 us of load left pay for r = (480 - 80) / 2000 = 0.2.
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 4, 2.0, 1.0, 480.0), 0.2);
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 4, 1.0, 1.0, 400.0), 0.2);  // one-shot
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.3, 400, 20, 4, 2.0, 1.0, 400.0), 0.3);   // the floor
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 4, 2.0, 1.0, 1e6), 1.0);    // a slow link
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 200, 4, 2.0, 1.0, 400.0), 0.15);
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 0, 20, 4, 2.0, 1.0, 400.0), 0.15);  // none placed
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 4, 2.0, 0.0, 400.0), 0.15);  // unknown
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 4, 2.0, 1.0, -5.0), 0.15);   // load over
+  EXPECT_DOUBLE_EQ(PipelinedBlendRatio(0.15, 400, 20, 0, 2.0, 1.0, 400.0), 0.15);
 }
 
 // The loading controller inside a blend: a load slower than any recompute raises the ratio to
-// 1 (full prefill's logits), a load faster than a row leaves the ratio asked for.
+// 1 (every placed token through every layer but the last, which runs the ratio asked for) and
+// brings the logits closer to full prefill's; a load faster than a row leaves the ratio asked
+// for, as without the controller.
 TEST(SegmentReuseTest, LoadingControllerRaisesTheRatioToWhatTheLoadHides) {
   const Model& model = Trained();
   Engine engine(model, EngineOptions{.threads = 2, .kv_type = KvType::kF32});
@@ -531,25 +537,28 @@ TEST(SegmentReuseTest, LoadingControllerRaisesTheRatioToWhatTheLoadHides) {
     ASSERT_TRUE(engine.Forward(*seq, r.prompt, full.data()).ok());
   }
   const SegmentUse uses[] = {{1, &*s2}, {static_cast<int64_t>(1 + r.doc2.size()), &*s1}};
-  auto run = [&](double layer_load_us, ReuseReport* rep) {
+  auto run = [&](double load_left_us, ReuseReport* rep) {
     auto seq = engine.NewSequence();
     EXPECT_TRUE(engine.Forward(*seq, r.bos, nullptr).ok());
-    ReuseOptions o{.mode = ReuseMode::kBlend, .ratio = 0.15, .layer_load_us = layer_load_us};
+    ReuseOptions o{.mode = ReuseMode::kBlend, .ratio = 0.15, .load_left_us = load_left_us};
     return PrefillWithSegments(engine, *seq, r.prompt, uses, o, got.data(), rep);
   };
   ReuseReport slow, fast, off;
   ASSERT_TRUE(run(1e12, &slow).ok());
+  const std::vector<float> raised = got;
   EXPECT_EQ(slow.ratio, 1.0);
   EXPECT_EQ(slow.recomputed_tokens, slow.reused_tokens);
-  EXPECT_LT(RelL2(got, full), 1e-5);
   ASSERT_TRUE(run(1e-9, &fast).ok());
+  const std::vector<float> asked = got;
   ASSERT_TRUE(run(0, &off).ok());
+  EXPECT_EQ(got, asked);
+  EXPECT_LT(RelL2(raised, full), 0.5 * RelL2(asked, full));
   EXPECT_EQ(fast.ratio, 0.15);
   EXPECT_EQ(fast.recomputed_slots, off.recomputed_slots);
   EXPECT_EQ(off.recomputed_tokens, static_cast<int64_t>(std::ceil(0.15 * off.reused_tokens)));
   auto seq = engine.NewSequence();
   EXPECT_EQ(PrefillWithSegments(engine, *seq, r.prompt, uses,
-                                ReuseOptions{.mode = ReuseMode::kBlend, .layer_load_us = -1},
+                                ReuseOptions{.mode = ReuseMode::kBlend, .load_left_us = -1},
                                 got.data(), nullptr)
                 .code(),
             StatusCode::kInvalidArgument);

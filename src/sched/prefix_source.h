@@ -94,6 +94,11 @@ class PendingSegments {
     std::lock_guard lock(mu_);
     return layers_ > 0 || done_;
   }
+  // Waits until published() or `deadline`; returns published().
+  bool WaitPublished(Time deadline) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_until(lock, deadline, [&] { return layers_ > 0 || done_; });
+  }
   // The segment of `tokens` after `context` once published (its layers from layers_ready() on
   // may still be arriving: AwaitLayer first), or null (not asked for, a miss, not yet in).
   std::shared_ptr<const SegmentKv> Found(std::span<const TokenId> tokens, uint64_t context) const {
@@ -124,6 +129,11 @@ class PendingSegments {
   double layer_load_us() const {
     std::lock_guard lock(mu_);
     return layer_load_us_;
+  }
+  // How long the load has left at that pace: the layers not in yet, times layer_load_us().
+  double load_left_us() const {
+    std::lock_guard lock(mu_);
+    return done_ || failed_ ? 0 : (n_layer_ - layers_) * layer_load_us_;
   }
   // Once ready: the segments found whole, in the order of the refs (null: a miss, or every one
   // when a band could not be read). Empty before ready() and after a first Take.

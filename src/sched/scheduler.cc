@@ -766,7 +766,7 @@ void Scheduler::SegmentPrefill(Seq& s) {
       load_failed = !st.ok();
       return st;
     };
-    if (options_.blend_load_controller) reuse.layer_load_us = s.segment_load->layer_load_us();
+    if (options_.blend_load_controller) reuse.load_left_us = s.segment_load->load_left_us();
   }
   ReuseReport rep;
   const Status st = PrefillWithSegments(engine_, *s.kv, prompt, uses, reuse, s.logits.data(),

@@ -196,7 +196,7 @@ struct SchedulerOptions {
   bool pipeline_segment_loads = true;
   // CacheBlend's loading controller: a pipelined blend recomputes more than its blend_ratio
   // when the load of a layer takes longer than the recompute at that ratio, as much as hides
-  // under the load (ReuseOptions::layer_load_us: PipelinedBlendRatio from this load's measured
+  // under the load (ReuseOptions::load_left_us: PipelinedBlendRatio from this load's measured
   // read time per layer and the cost of a row through a layer measured in the prefill itself).
   // Raises quality for no time; the ratio then depends on the tier's speed, so it is opt-in.
   bool blend_load_controller = false;

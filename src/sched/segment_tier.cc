@@ -20,7 +20,7 @@ constexpr int64_t kMaxBasePos = int64_t{1} << 40;
 // length (so that no chunk key of a segment is also one of a longer segment's) and its band's
 // layers.
 constexpr int64_t kLeadSlots = 4;
-constexpr int kMaxSegmentBands = 4;
+constexpr int kMaxSegmentBands = 6;
 constexpr TokenId kPadToken = -1;
 
 
@@ -65,9 +65,19 @@ Hash128 SegmentNamespace(const Hash128& ns) {
 }
 
 std::vector<LayerBand> SegmentBands(int n_layer) {
-  const int n = std::min(n_layer, kMaxSegmentBands);
   std::vector<LayerBand> out;
-  for (int b = 0; b < n; ++b) out.push_back({b * n_layer / n, (b + 1) * n_layer / n});
+  if (n_layer <= kMaxSegmentBands) {
+    for (int l = 0; l < n_layer; ++l) out.push_back({l, l + 1});
+    return out;
+  }
+  // The first and the last layer alone: the prefill starts after one layer's load, and only
+  // one layer's compute is left once the last band is in. The middle layers evenly.
+  const int middle = kMaxSegmentBands - 2, span = n_layer - 2;
+  out.push_back({0, 1});
+  for (int b = 0; b < middle; ++b) {
+    out.push_back({1 + b * span / middle, 1 + (b + 1) * span / middle});
+  }
+  out.push_back({n_layer - 1, n_layer});
   return out;
 }
 

@@ -2,10 +2,12 @@
 // (engine/segment_reuse.h) is filed as chunks and read back, so that a corpus computed once
 // survives a restart and is shared by every server on the same Redis.
 //
-// Filing. A segment's layers are filed in bands (SegmentBands: at most 4, as even as the
-// layer count divides), each band its own chain, so that a load hands over band b (its layers
-// of every segment) while band b + 1 is still being read: CacheBlend's pipeline, where the
-// prefill computes a layer while the next one loads. Band [first, end) of a segment computed
+// Filing. A segment's layers are filed in bands (SegmentBands: at most 6; the first and the
+// last layer each alone, the others evenly between), each band its own chain, so that a load
+// hands over band b (its layers of every segment) while band b + 1 is still being read:
+// CacheBlend's pipeline, where the prefill computes a layer while the next ones load. A lone
+// first layer lets the prefill start early; a lone last layer leaves one layer's compute after
+// the load. Band [first, end) of a segment computed
 // after context C (SegmentKv::context, a 64-bit id) is stored as the token sequence
 //   [C bits 0..31, C bits 32..63, n_tokens, first | end << 16] ++ segment tokens ++ [-1 ...]
 // (whole chunks, of the band's layers) in the namespace SegmentNamespace(ns). The chunk keys,

@@ -16,7 +16,7 @@ using kernels::KvType;
 SegmentKv RandomSegment(int64_t n, uint32_t seed, KvType type = KvType::kF16) {
   std::mt19937 rng(seed);
   SegmentKv s;
-  s.shape = KvShape{5, 2, 32, type};
+  s.shape = KvShape{8, 2, 32, type};
   s.tokens.resize(static_cast<size_t>(n));
   for (auto& t : s.tokens) t = static_cast<TokenId>(rng() % 30000);
   s.base_pos = 17;
@@ -65,14 +65,16 @@ std::vector<const ChunkData*> Pointers(const std::vector<ChunkData>& c) {
 
 TEST(SegmentTierTest, BandsCoverTheLayersInOrder) {
   EXPECT_EQ(SegmentBands(1).size(), 1u);
-  for (int n_layer : {1, 2, 3, 5, 6, 24, 80}) {
+  for (int n_layer : {1, 2, 3, 5, 6, 7, 8, 24, 80}) {
     const std::vector<LayerBand> bands = SegmentBands(n_layer);
-    ASSERT_EQ(bands.size(), static_cast<size_t>(std::min(n_layer, 4)));
+    ASSERT_EQ(bands.size(), static_cast<size_t>(std::min(n_layer, 6)));
+    EXPECT_EQ(bands.front().end, 1);
+    EXPECT_EQ(bands.back().first, n_layer - 1);
     int next = 0;
     for (const LayerBand& b : bands) {
       EXPECT_EQ(b.first, next);
       EXPECT_GT(b.end, b.first);
-      EXPECT_LE(b.end - b.first, (n_layer + 3) / 4);
+      EXPECT_LE(b.end - b.first, std::max(1, (n_layer - 2 + 3) / 4));
       next = b.end;
     }
     EXPECT_EQ(next, n_layer);
@@ -86,7 +88,7 @@ TEST(SegmentTierTest, PackAndUnpackAreExactAroundChunkBoundaries) {
       SegmentKv s = RandomSegment(n, static_cast<uint32_t>(n), type);
       const ChunkLayout full = LayoutOf(s.shape, C);
       const std::vector<LayerBand> bands = SegmentBands(s.shape.n_layer);
-      ASSERT_EQ(bands.size(), 4u);
+      ASSERT_EQ(bands.size(), 6u);  // 8 layers: [0,1) [1,2) [2,4) [4,5) [5,7) [7,8)
       SegmentKv back;
       std::vector<std::vector<ChunkData>> loaded;
       std::vector<SegmentChunks> packed;
@@ -132,8 +134,8 @@ TEST(SegmentTierTest, PackAndUnpackAreExactAroundChunkBoundaries) {
       if (!fewer.empty()) {
         EXPECT_TRUE(miss(fewer, s.tokens, s.context, s.shape, bands[1]));
       }
-      // Band 3 holds two layers: its chunks are not band 2's.
-      EXPECT_TRUE(miss(Pointers(loaded[3]), s.tokens, s.context, s.shape, bands[2]));
+      // Band 2 holds two layers: its chunks are not band 3's.
+      EXPECT_TRUE(miss(Pointers(loaded[2]), s.tokens, s.context, s.shape, bands[3]));
       SegmentKv fresh;
       EXPECT_FALSE(UnpackSegmentBand(Pointers(loaded[1]), s.tokens, s.context, s.shape, bands[1],
                                      fresh)

@@ -107,6 +107,28 @@ assert c["cake (whole)"]["peak_pages"] == full, c["cake (whole)"]
 print("kv pages ok")
 ' "$bin"
 check "kv-pages bad policy" 1 'kv_policy.name' -- "$bin" bench kv-pages -p 64 --kv-policy snapk
+# bench segment-load from a disk tier: the whole load, the pipelined blend and the controller
+# all find every document and recompute what blend asks for (a disk read is faster than any
+# recompute it could hide), with the same logits (the KL to full prefill is one figure).
+check "bench segment-load" 0 'segment load ok' -- python3 -c '
+import json, subprocess, sys
+p = subprocess.run([sys.argv[1], "bench", "segment-load", "--docs", "3", "--doc-tokens", "96",
+                    "--reps", "1", "--json", "--disk-dir", sys.argv[2]],
+                   capture_output=True, text=True, timeout=300)
+assert p.returncode == 0, p.stderr
+j = json.loads(p.stdout)
+assert j["prompt_tokens"] > 3 * 96 and j["tier"] == "disk", j
+rows = {r["label"]: r for r in j["links"][0]["rows"]}
+mem = rows["blend, in memory"]
+for name in ("whole", "pipelined"):
+    assert rows[name]["recomputed"] == mem["recomputed"] > 0, rows[name]
+    assert rows[name]["kl"] == mem["kl"], (rows[name], mem)
+assert rows["whole"]["load_ms"] > 0, rows["whole"]
+assert rows["controller"]["ratio"] >= 0.15, rows["controller"]
+print("segment load ok")
+' "$bin" "$tmp/segment-load"
+check "segment-load link without redis" 1 '--link-mbps needs --redis' -- "$bin" bench \
+  segment-load --docs 1 --doc-tokens 8 --link-mbps 100
 check "bad redis level" 1 '--redis-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
   --redis redis://127.0.0.1:1 --redis-levels int3
 check "bad disk level" 1 '--disk-levels: unknown codec "int3"' -- "$bin" serve --port 0 \
