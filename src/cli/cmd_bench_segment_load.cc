@@ -5,9 +5,9 @@
 // --ratio, the documents read back from the tier:
 //   whole       the load first (every band of every document), then the blend
 //   pipelined   the blend starts once the first band of layers is in and computes each layer
-//               while the next loads (PrefillWithSegments' await_layer)
+//               while the next loads (PrefillWithSegments' SegmentLoad::await_layer)
 //   controller  pipelined, with the loading controller raising the ratio to what hides under
-//               the load (ReuseOptions::layer_load_us)
+//               the load (SegmentLoad::load_left_us)
 // beside full prefill and the blend with the documents in memory. Reported per row: the
 // median time to the first token's logits, its ratio to full prefill, the load's own time
 // (whole), the time the prefill waited for a layer, the ratio applied, the tokens recomputed,
@@ -207,13 +207,12 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
   };
   // The blend of `seq` with the documents `kv`, timed from `sw`'s start.
   auto blend = [&](Row& row, SequenceKv& seq, std::span<const SegmentKv* const> kv,
-                   const ReuseOptions& o, const std::function<Status(int)>& await,
-                   const Stopwatch& sw) -> Status {
+                   const SegmentLoad* load, const Stopwatch& sw) -> Status {
     std::vector<SegmentUse> uses;
     for (size_t i = 0; i < kv.size(); ++i) uses.push_back({offsets[i], kv[i]});
     ReuseReport rep;
-    CT_RETURN_IF_ERROR(PrefillWithSegments(engine, seq, prompt, uses, o, logits.data(), &rep,
-                                           await));
+    CT_RETURN_IF_ERROR(
+        PrefillWithSegments(engine, seq, prompt, uses, base, logits.data(), &rep, load));
     row.ms.push_back(sw.Seconds() * 1e3);
     row.wait_ms.push_back(static_cast<double>(rep.load_wait_us) / 1e3);
     row.ratio = rep.ratio;
@@ -228,7 +227,7 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
       auto seq = with_bos();
       if (!seq.ok()) return Fail(seq.status());
       Stopwatch sw;
-      if (Status s = blend(ram, **seq, kv, base, {}, sw); !s.ok()) return Fail(s);
+      if (Status s = blend(ram, **seq, kv, nullptr, sw); !s.ok()) return Fail(s);
     }
   }
 
@@ -265,15 +264,16 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
           }
           kv.push_back(held.back().get());
         }
-        ReuseOptions o = base;
-        if (row == &ctl) o.load_left_us = p->load_left_us();
-        std::function<Status(int)> await;
+        SegmentLoad load;
         if (pipelined) {
-          await = [&](int l) {
+          load.await_layer = [&](int l) {
             return p->AwaitLayer(l, std::chrono::steady_clock::now() + deadline_after);
           };
         }
-        if (Status s = blend(*row, **seq, kv, o, await, sw); !s.ok()) return Fail(s);
+        if (row == &ctl) load.load_left_us = [&] { return p->load_left_us(); };
+        if (Status s = blend(*row, **seq, kv, pipelined ? &load : nullptr, sw); !s.ok()) {
+          return Fail(s);
+        }
         p->WaitUntil(std::chrono::steady_clock::now() + deadline_after);
       }
     }

@@ -290,7 +290,7 @@ void KeepRows(Rows& rows, const std::vector<size_t>& keep, std::vector<float>& x
 Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
                            std::span<const SegmentUse> segments, const ReuseOptions& options,
                            float* logits, ReuseReport* report,
-                           const std::function<Status(int)>& await_layer) {
+                           const SegmentLoad* load) {
   const ModelConfig& c = engine.model().config();
   const KvShape shape = engine.kv_shape();
   CT_RETURN_IF_ERROR(CheckKvRewritable(shape, "segment reuse"));
@@ -309,10 +309,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                            " is outside the model's " + std::to_string(c.n_layer) + " layers");
   }
   if (!(options.widen >= 1)) return InvalidArgument("widen must be at least 1");
-  if (!(options.load_left_us >= 0 && std::isfinite(options.load_left_us))) {
-    return InvalidArgument("load time left must be a finite number of microseconds >= 0");
-  }
-  const auto call_start = std::chrono::steady_clock::now();
+  const bool awaiting = load != nullptr && load->await_layer;
   if (n0 >= n) {
     return InvalidArgument("the sequence already holds " + std::to_string(n0) +
                            " tokens of a " + std::to_string(n) + "-token prompt");
@@ -351,8 +348,8 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   CT_RETURN_IF_ERROR(kv.Reserve(n));
   const size_t tb = shape.token_bytes();
   // Segment tokens to copy into the sequence: `count` tokens of `seg` from its token `from` to
-  // slot `at`, keys rotated. Placed a layer at a time, each layer once `await_layer` says its
-  // KV is there (a load from the tiers may still be filling the later layers).
+  // slot `at`, keys rotated. Placed a layer at a time, each layer once load->await_layer says
+  // its KV is there (a load from the tiers may still be filling the later layers).
   struct Placement {
     const SegmentKv* seg;
     int64_t from, at, count;
@@ -363,9 +360,9 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   auto place_through = [&](int end_layer) -> Status {
     for (; layers_placed < end_layer; ++layers_placed) {
       const int l = layers_placed;
-      if (await_layer && !placements.empty()) {
+      if (awaiting && !placements.empty()) {
         const auto t0 = std::chrono::steady_clock::now();
-        const Status st = await_layer(l);
+        const Status st = load->await_layer(l);
         rep.load_wait_us += std::chrono::duration_cast<std::chrono::microseconds>(
                                 std::chrono::steady_clock::now() - t0)
                                 .count();
@@ -557,7 +554,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   int64_t widened = widened_for(options.ratio);
   const auto loop_start = std::chrono::steady_clock::now();
   for (int layer = 0; layer < c.n_layer; ++layer) {
-    if (selecting && options.load_left_us > 0 && layer == options.check_layer) {
+    if (selecting && load != nullptr && load->load_left_us && layer == options.check_layer) {
       // The loading controller: the rows so far went through every layer below this one; what
       // one cost there (placing the layer's KV included, waiting for it not) prices the rest,
       // and the load has this much left to run under them.
@@ -566,9 +563,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
                         static_cast<double>(rep.load_wait_us);
       const double row_layer_us =
           rep.row_layers > 0 ? std::max(us, 0.0) / static_cast<double>(rep.row_layers) : 0;
-      const double time_left =
-          options.load_left_us -
-          std::chrono::duration<double, std::micro>(now - call_start).count();
+      const double time_left = load->load_left_us();
       const double ratio = PipelinedBlendRatio(
           options.ratio, rep.reused_tokens, n - p - rep.reused_tokens, c.n_layer - layer - 1,
           options.widen, row_layer_us, time_left);

@@ -133,14 +133,21 @@ struct ReuseOptions {
   int check_layer = 1;   // blend: the layer whose K/V deviation picks them (< n_layer)
   double widen = 2.0;    // blend: candidates at the check layer, as a multiple of ratio (>= 1;
                          // 1 = one-shot selection)
-  // blend pipelined with the load of its segments (CacheBlend's loading controller): how long
-  // the load still takes when the call starts, in microseconds (the layers not yet in, at the
-  // measured time per layer). When > 0, the ratio is raised at the check layer so that the rows
-  // left to compute take about the load time left then (PipelinedBlendRatio), with the cost of
-  // a row through a layer measured on the layers below the check layer in this very call; the
-  // last layer then computes the rows of the ratio asked for (ReuseReport::recomputed_* count
-  // the raised rows, which went through every layer but the last). 0: the ratio as given.
-  double load_left_us = 0;
+};
+
+// Segment KV still arriving from a tier while PrefillWithSegments runs (CacheBlend's pipeline).
+struct SegmentLoad {
+  // Returns once layers [0, layer] of every segment are in; an error ends the prefill with it.
+  // Called in ascending layer order, once each, before layer `layer` of any segment is read.
+  std::function<Status(int layer)> await_layer;
+  // CacheBlend's loading controller, when set (blend only): how long the load still runs, in
+  // microseconds, at the pace it has kept (0 once done). Read at the check layer, where the
+  // ratio is raised so that the rows left to compute take about that long
+  // (PipelinedBlendRatio), with the cost of a row through a layer measured on the layers below
+  // in this very call; the last layer then computes the rows of the ratio asked for
+  // (ReuseReport::recomputed_* count the raised rows, which went through every layer but the
+  // last).
+  std::function<double()> load_left_us;
 };
 
 // A cached segment in a prompt: its tokens are the prompt's [offset, offset + size).
@@ -176,17 +183,17 @@ struct ReuseReport {
 // Engine::Forward rejects; kResourceExhausted when kv cannot hold the prompt. On error kv
 // keeps its tokens (slots past them may have been written).
 //
-// Pipelined loading (CacheBlend's): the segments' KV may still be arriving, a layer band at a
-// time, from a tier read running beside this call. Then `await_layer(l)` is called (in
-// ascending l, once each, and only when some segment is placed) before layer l of any segment
-// is read, and returns once layers [0, l] of every segment are filled; its error ends the call
-// with that error (kv keeps its tokens). The placed KV of layer l is copied in just before
-// layer l is computed, so the load of the later layers runs under the compute of the earlier.
-// The result does not depend on when the layers arrive.
+// Pipelined loading (CacheBlend's): with `load`, the segments' KV may still be arriving, a
+// layer band at a time, from a tier read running beside this call. Then load->await_layer(l)
+// is called (in ascending l, once each, and only when some segment is placed) before layer l
+// of any segment is read; its error ends the call with that error (kv keeps its tokens). The
+// placed KV of layer l is copied in just before layer l is computed, so the load of the later
+// layers runs under the compute of the earlier. The result does not depend on when the layers
+// arrive; with load->load_left_us set (the loading controller), blend's ratio does.
 Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const TokenId> prompt,
                            std::span<const SegmentUse> segments, const ReuseOptions& options,
                            float* logits, ReuseReport* report,
-                           const std::function<Status(int)>& await_layer = {});
+                           const SegmentLoad* load = nullptr);
 
 // CacheBlend's loading controller. When the segments' KV is loaded a layer at a time under the
 // compute of the earlier layers, recomputing more costs nothing as long as the compute ends no

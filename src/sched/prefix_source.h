@@ -69,124 +69,62 @@ struct SegmentRef {
 // with its first band's layers filled and every layer's arrays allocated), Advance after each
 // later band, Fail when a later band of a found segment could not be read, and Finish once at
 // the end. A consumer either waits for the whole load (ready, WaitUntil, Take) or pipelines a
-// prefill with it: once published() it places the segments Found gives and calls AwaitLayer
-// before reading each layer (PrefillWithSegments' await_layer), so the later bands load while
-// the earlier layers compute.
+// prefill with it: once published() it places the segments Found gives and awaits each layer
+// before reading it (AwaitLayer, for PrefillWithSegments' SegmentLoad), so the later bands load
+// while the earlier layers compute.
 class PendingSegments {
  public:
   using Time = std::chrono::steady_clock::time_point;
 
-  PendingSegments(std::vector<SegmentRef> refs, int n_layer)
-      : refs_(std::move(refs)), n_layer_(n_layer), found_(refs_.size()) {}
+  // `band_ends`: the end layer of each band, ascending, the last the model's layer count.
+  PendingSegments(std::vector<SegmentRef> refs, std::vector<int> band_ends);
   const std::vector<SegmentRef>& refs() const { return refs_; }
 
-  bool ready() const {
-    std::lock_guard lock(mu_);
-    return done_;
-  }
+  bool ready() const;
   // Waits until ready or `deadline`; returns ready().
-  bool WaitUntil(Time deadline) {
-    std::unique_lock lock(mu_);
-    return cv_.wait_until(lock, deadline, [&] { return done_; });
-  }
+  bool WaitUntil(Time deadline);
   // Whether the first band is in (Found may be used), or the load ended.
-  bool published() const {
-    std::lock_guard lock(mu_);
-    return layers_ > 0 || done_;
-  }
+  bool published() const;
   // Waits until published() or `deadline`; returns published().
-  bool WaitPublished(Time deadline) {
-    std::unique_lock lock(mu_);
-    return cv_.wait_until(lock, deadline, [&] { return layers_ > 0 || done_; });
-  }
-  // The segment of `tokens` after `context` once published (its layers from layers_ready() on
-  // may still be arriving: AwaitLayer first), or null (not asked for, a miss, not yet in).
-  std::shared_ptr<const SegmentKv> Found(std::span<const TokenId> tokens, uint64_t context) const {
-    std::lock_guard lock(mu_);
-    if (layers_ == 0) return nullptr;
-    for (size_t i = 0; i < refs_.size() && i < found_.size(); ++i) {
-      if (found_[i] != nullptr && refs_[i].context == context &&
-          std::equal(tokens.begin(), tokens.end(), refs_[i].tokens.begin(),
-                     refs_[i].tokens.end())) {
-        return found_[i];
-      }
-    }
-    return nullptr;
-  }
+  bool WaitPublished(Time deadline);
+  // The segment of `tokens` after `context` once published (its layers past those in may still
+  // be arriving: AwaitLayer first), or null (not asked for, a miss, not yet in).
+  std::shared_ptr<const SegmentKv> Found(std::span<const TokenId> tokens,
+                                         uint64_t context) const;
   // Returns once layer `layer` of every found segment is in: OK; kUnavailable when the load
   // ended (or failed) short of it; kDeadlineExceeded at `deadline`.
-  Status AwaitLayer(int layer, Time deadline) {
-    std::unique_lock lock(mu_);
-    if (!cv_.wait_until(lock, deadline, [&] { return layers_ > layer || done_ || failed_; })) {
-      return DeadlineExceeded("segment KV layer " + std::to_string(layer) +
-                              " not loaded by the deadline");
-    }
-    if (layers_ > layer) return Status::Ok();
-    return Unavailable("segment KV layer " + std::to_string(layer) + " could not be loaded");
-  }
-  // The first band's read time per layer, in microseconds (0 before it is in): what loading one
-  // layer of these segments costs, for CacheBlend's loading controller.
-  double layer_load_us() const {
-    std::lock_guard lock(mu_);
-    return layer_load_us_;
-  }
-  // How long the load has left at that pace: the layers not in yet, times layer_load_us().
-  double load_left_us() const {
-    std::lock_guard lock(mu_);
-    return done_ || failed_ ? 0 : (n_layer_ - layers_) * layer_load_us_;
-  }
+  Status AwaitLayer(int layer, Time deadline);
+  // How long the load still runs, in microseconds (0 once it ended), for CacheBlend's loading
+  // controller: each band left at what the bands in took, fitted (least squares) as a fixed
+  // cost per band (lookups, round trips, queueing) plus a cost per layer, less what the band in
+  // flight has run already. With one band in, all of its time counts as fixed: a low estimate,
+  // never a high one (the first band is one layer, where per-record costs dominate).
+  double load_left_us() const;
   // Once ready: the segments found whole, in the order of the refs (null: a miss, or every one
   // when a band could not be read). Empty before ready() and after a first Take.
-  std::vector<std::shared_ptr<SegmentKv>> Take() {
-    std::lock_guard lock(mu_);
-    if (!done_) return {};
-    if (layers_ < n_layer_ || failed_) found_.assign(found_.size(), nullptr);
-    return std::move(found_);
-  }
+  std::vector<std::shared_ptr<SegmentKv>> Take();
 
-  // The reader's side. `found`: one per ref (null: a miss), with `layers` layers filled, read in
-  // `elapsed_us`.
-  void Publish(std::vector<std::shared_ptr<SegmentKv>> found, int layers, double elapsed_us) {
-    {
-      std::lock_guard lock(mu_);
-      found_ = std::move(found);
-      layers_ = layers;
-      layer_load_us_ = layers > 0 ? elapsed_us / layers : 0;
-    }
-    cv_.notify_all();
-  }
-  void Advance(int layers) {
-    {
-      std::lock_guard lock(mu_);
-      layers_ = layers;
-    }
-    cv_.notify_all();
-  }
-  void Fail() {
-    {
-      std::lock_guard lock(mu_);
-      failed_ = true;
-    }
-    cv_.notify_all();
-  }
-  void Finish() {
-    {
-      std::lock_guard lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-  }
+  // The reader's side. `found`: one per ref (null: a miss), the first band's layers filled;
+  // `elapsed_us`: since the load started, when this band was in.
+  void Publish(std::vector<std::shared_ptr<SegmentKv>> found, double elapsed_us);
+  void Advance(double elapsed_us);  // the next band is in
+  void Fail();
+  void Finish();
 
  private:
   const std::vector<SegmentRef> refs_;
-  const int n_layer_;
+  const std::vector<int> band_ends_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;                              // GUARDED_BY(mu_)
   bool failed_ = false;                            // GUARDED_BY(mu_)
-  int layers_ = 0;                                 // GUARDED_BY(mu_)
-  double layer_load_us_ = 0;                       // GUARDED_BY(mu_)
+  std::vector<double> band_done_us_;               // GUARDED_BY(mu_): per band in, when
+  Time updated_{};                                 // GUARDED_BY(mu_): the last band's arrival
   std::vector<std::shared_ptr<SegmentKv>> found_;  // GUARDED_BY(mu_)
+
+  int LayersLocked() const {
+    return band_done_us_.empty() ? 0 : band_ends_[band_done_us_.size() - 1];
+  }
 };
 
 struct LoadProgress {

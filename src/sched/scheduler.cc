@@ -757,20 +757,22 @@ void Scheduler::SegmentPrefill(Seq& s) {
     held.push_back(std::move(*seg));
     fresh.push_back(miss || s.segment_fresh[i]);
   }
-  ReuseOptions reuse = s.req.reuse;
-  std::function<Status(int)> await_layer;
+  const ReuseOptions& reuse = s.req.reuse;
+  SegmentLoad load;
   bool load_failed = false;
   if (loading_tokens > 0) {
-    await_layer = [&](int layer) {
+    load.await_layer = [&](int layer) {
       Status st = s.segment_load->AwaitLayer(layer, s.segment_deadline);
       load_failed = !st.ok();
       return st;
     };
-    if (options_.blend_load_controller) reuse.load_left_us = s.segment_load->load_left_us();
+    if (options_.blend_load_controller) {
+      load.load_left_us = [&] { return s.segment_load->load_left_us(); };
+    }
   }
   ReuseReport rep;
   const Status st = PrefillWithSegments(engine_, *s.kv, prompt, uses, reuse, s.logits.data(),
-                                        &rep, await_layer);
+                                        &rep, loading_tokens > 0 ? &load : nullptr);
   if (!st.ok()) {
     if (load_failed) {
       // A band did not come (evicted, refused, or past the deadline): the segments it was

@@ -601,7 +601,7 @@ class BandSource final : public NoPrefixSource {
   std::shared_ptr<PendingSegments> StartSegmentLoad(const Hash128&, std::vector<SegmentRef> refs,
                                                     SteadyTime) override {
     std::lock_guard<std::mutex> lock(mu);
-    pending = std::make_shared<PendingSegments>(std::move(refs), n_layer);
+    pending = std::make_shared<PendingSegments>(std::move(refs), std::vector<int>{1, n_layer});
     return pending;
   }
   std::shared_ptr<PendingSegments> Pending() {
@@ -661,7 +661,7 @@ TEST_F(SchedulerTest, SegmentsLoadingBandByBandGiveThePrecomputedOutput) {
       }
       found.push_back(std::make_shared<SegmentKv>(std::move(*seg)));
     }
-    p->Publish(found, 1, 1000.0);
+    p->Publish(found, 1000.0);
     std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the prefill waits for layer 1
     EXPECT_EQ(sched_->Stats().segment_prefills, 0u);
     if (lose_a_band) {
@@ -673,7 +673,7 @@ TEST_F(SchedulerTest, SegmentsLoadingBandByBandGiveThePrecomputedOutput) {
           found[i]->v[l] = full[i].v[l];
         }
       }
-      p->Advance(source.n_layer);
+      p->Advance(60000.0);
     }
     p->Finish();
     const Collected got = Collect(*stream);

@@ -1,12 +1,17 @@
 // How segments are filed in the chunk store (segment_tier.h): the metadata codec refuses every
 // malformed input naming the field; packing into chunks and back is exact for every length
-// around the chunk boundaries; the chain tokens separate contexts, lengths and tenants.
+// around the chunk boundaries; the chain tokens separate contexts, lengths, tenants and bands;
+// a load in bands hands over its layers band by band (PendingSegments, prefix_source.h).
 #include "sched/segment_tier.h"
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
+#include <memory>
 #include <random>
+
+#include "sched/prefix_source.h"
 
 namespace cachette::sched {
 namespace {
@@ -204,6 +209,43 @@ TEST(SegmentTierTest, MetaRoundTripsAndRefusesMalformedInputNamingTheField) {
   std::vector<std::byte> longer = meta;
   longer.push_back(std::byte{0});
   refused(longer, "size");
+}
+
+// A load in bands as the pipeline sees it: layers become readable band by band, the time left is
+// fitted from the bands in (a fixed cost per band plus one per layer; with one band in, all
+// fixed), a lost band ends the wait and leaves nothing to take.
+TEST(PendingSegmentsTest, LayersArriveBandByBandAndTheTimeLeftFollowsThePace) {
+  using Clock = std::chrono::steady_clock;
+  const SegmentRef ref{{5, 6, 7}, 9};
+  PendingSegments p({ref}, {1, 4, 7, 8});
+  EXPECT_FALSE(p.published());
+  EXPECT_EQ(p.Found(ref.tokens, ref.context), nullptr);
+  EXPECT_EQ(p.load_left_us(), 0);
+  auto seg = std::make_shared<SegmentKv>();
+  // Band 0 (1 layer) took 40 ms: with one band in, all of it counts as a cost per band, so the
+  // three bands left take 3 x 40 ms (a low estimate).
+  p.Publish({seg}, 40000);
+  EXPECT_TRUE(p.published());
+  EXPECT_EQ(p.Found(ref.tokens, ref.context), seg);
+  EXPECT_EQ(p.Found(ref.tokens, ref.context + 1), nullptr);
+  EXPECT_NEAR(p.load_left_us(), 120000, 10000);
+  EXPECT_TRUE(p.AwaitLayer(0, Clock::now()).ok());
+  EXPECT_EQ(p.AwaitLayer(1, Clock::now() + std::chrono::milliseconds(1)).code(),
+            StatusCode::kDeadlineExceeded);
+  // Band 1 (3 layers) took 100 ms: 10 ms a band and 30 a layer fit both, so bands 2 and 3 (3
+  // layers and 1) take 100 + 40 ms more.
+  p.Advance(140000);
+  EXPECT_NEAR(p.load_left_us(), 140000, 10000);
+  EXPECT_TRUE(p.AwaitLayer(3, Clock::now()).ok());
+  EXPECT_TRUE(p.Take().empty()) << "not ready";
+  p.Fail();
+  EXPECT_EQ(p.AwaitLayer(4, Clock::now() + std::chrono::seconds(10)).code(),
+            StatusCode::kUnavailable);
+  EXPECT_EQ(p.load_left_us(), 0);
+  p.Finish();
+  const auto taken = p.Take();
+  ASSERT_EQ(taken.size(), 1u);
+  EXPECT_EQ(taken[0], nullptr) << "a band was lost";
 }
 
 }  // namespace

@@ -343,6 +343,10 @@ void TierBridge::LoadSegments(const Hash128& ns, PendingSegments& pending,
   std::vector<std::shared_ptr<SegmentKv>> found(refs.size());
   const std::vector<LayerBand> bands = SegmentBands(kv_.shape().n_layer);
   const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed_us = [&] {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0)
+        .count();
+  };
   // The first band of every segment, then each later band of the segments found.
   for (size_t i = 0; i < refs.size(); ++i) {
     if (std::chrono::steady_clock::now() >= deadline) break;
@@ -354,12 +358,9 @@ void TierBridge::LoadSegments(const Hash128& ns, PendingSegments& pending,
   segments_loaded_.fetch_add(hits, std::memory_order_relaxed);
   segment_misses_.fetch_add(refs.size() - hits, std::memory_order_relaxed);
   if (hits > 0) {
-    const double us = std::chrono::duration<double, std::micro>(
-                          std::chrono::steady_clock::now() - t0)
-                          .count();
     // The SegmentKv objects are not written but through their layer arrays from here on: the
     // consumer reads band b's layers only after Advance says they are in.
-    pending.Publish(found, bands[0].end, us);
+    pending.Publish(found, elapsed_us());
     for (size_t b = 1; b < bands.size(); ++b) {
       for (size_t i = 0; i < refs.size(); ++i) {
         if (found[i] == nullptr) continue;
@@ -374,7 +375,7 @@ void TierBridge::LoadSegments(const Hash128& ns, PendingSegments& pending,
           return;
         }
       }
-      pending.Advance(bands[b].end);
+      pending.Advance(elapsed_us());
     }
   }
   pending.Finish();
@@ -384,7 +385,9 @@ std::shared_ptr<PendingSegments> TierBridge::StartSegmentLoad(const Hash128& ns,
                                                               std::vector<SegmentRef> refs,
                                                               SteadyTime deadline) {
   if (!files_segments_) return nullptr;  // segments are filed on disk and in Redis only
-  auto pending = std::make_shared<PendingSegments>(std::move(refs), kv_.shape().n_layer);
+  std::vector<int> band_ends;
+  for (const LayerBand& b : SegmentBands(kv_.shape().n_layer)) band_ends.push_back(b.end);
+  auto pending = std::make_shared<PendingSegments>(std::move(refs), std::move(band_ends));
   const bool queued = lookups_->TrySubmit([this, pending, ns, deadline] {
     // Runs on a lookup thread: the only place a segment load may wait for a tier.
     LoadSegments(ns, *pending, deadline);
