@@ -8,9 +8,9 @@ situations, each measured --reps times on the same prompt:
   computed   blend, every document missing: the request computes each one on its own first
   ram        blend, documents in the segment cache (precomputed)
   disk-whole blend, a server restarted on the disk tier that filed them: read back from disk
-             (one restart per repetition, so the segment cache is empty every time; one short
-             request in another tenant first, so the weights are paged in), the whole load
-             before the prefill (--no-segment-pipeline)
+             (one restart per repetition, so the segment cache is empty every time; a full
+             prefill of the same prompt in another tenant first, so the server is warm), the
+             whole load before the prefill (--no-segment-pipeline)
   disk       the same, pipelined (the default): the prefill computes each layer while the
              next band of layers loads (CacheBlend's pipeline)
   disk+ctl   pipelined with CacheBlend's loading controller (--blend-controller): blend
@@ -59,12 +59,15 @@ def timed(server, segments, mode, salt):
     return ms, r["usage"]
 
 
-def warm_up(server):
-    """One short request in another tenant, so the timed one finds the weights paged in."""
-    st, r = server.post("/v1/completions", {"prompt": "Document 1. River city.", "max_tokens": 2,
+def warm_up(server, segments):
+    """A full prefill of the same prompt in another tenant, so the timed request finds the
+    weights paged in and the KV pages and scratch buffers touched (a fresh server's first long
+    prefill is slower by about the time the tiers take here); then a pause for its write-behind."""
+    st, r = server.post("/v1/completions", {"prompt": "".join(segments), "max_tokens": 1,
                                             "cache_salt": "warm-up", "temperature": 0})
     if st != 200:
         raise RuntimeError("warm-up failed: %s %s" % (st, r))
+    time.sleep(0.5)
 
 
 def main():
@@ -123,7 +126,7 @@ def main():
                 for k in kinds:
                     row = "%s%s" % (tier, "-" + k if k == "whole" else "+" + k if k else "")
                     s = Server(a.binary, a.model, *tiers, *flags[k])
-                    warm_up(s)
+                    warm_up(s, segments)
                     ms, u = timed(s, segments, "blend", salt)
                     results[row].append(ms)
                     recomputed[row].append(u.get("cachette", {}).get("recomputed_tokens", 0))
