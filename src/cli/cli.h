@@ -46,8 +46,9 @@ inline constexpr const char* kKvRecentHelp =
 // block (32 for q8_0 and q4_0).
 Status CheckKvTypeFits(kernels::KvType t, const Model& model);
 
-// Benchmark helpers: the median of `v` (mean of the middle two for even sizes), and a fixed
-// pseudo-random prompt of ids in [0, vocab - 1) (the last id, often end-of-text, excluded).
+// Benchmark helpers: the median of `v` (mean of the middle two for even sizes; 0 for none),
+// and a fixed pseudo-random prompt of ids in [0, vocab - 1) (the last id, often end-of-text,
+// excluded).
 double Median(std::vector<double> v);
 std::vector<TokenId> PseudoRandomTokens(int n, int vocab, uint64_t seed);
 

@@ -208,12 +208,9 @@ int BenchCache(const BenchCacheArgs& a) {
   // Redis, behind the simulated link when asked for.
   std::unique_ptr<cache::Tier> redis_tier, link;
   if (!a.redis.empty()) {
-    cache::RedisTierOptions ro;
-    ro.urls = a.redis;
-    auto r = cache::RedisTier::Open(ro);
+    auto r = OpenBenchRedis(a.redis, a.link_mbps, &redis_tier);
     if (!r.ok()) return Fail(r.status());
-    redis_tier = std::move(*r);
-    if (a.link_mbps > 0) link = std::make_unique<SlowLink>(*redis_tier, a.link_mbps * 1e6 / 8);
+    link = std::move(*r);
   }
   auto open = [&](bool ram, bool disk, bool redis) -> Result<std::unique_ptr<Cache>> {
     CacheOptions o;

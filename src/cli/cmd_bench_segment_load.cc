@@ -27,7 +27,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include "cache/redis/redis_tier.h"
 #include "cli/cli.h"
 #include "cli/slow_link.h"
 #include "core/timer.h"
@@ -61,13 +60,6 @@ struct Row {
   int64_t recomputed = 0;
   double kl = 0;
 };
-
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 std::vector<double> LogSoftmax(const std::vector<float>& logits) {
   const float hi = *std::max_element(logits.begin(), logits.end());
@@ -152,11 +144,8 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
   }
   std::unique_ptr<cache::Tier> redis_tier;
   if (!a.redis.empty()) {
-    cache::RedisTierOptions ro;
-    ro.urls = a.redis;
-    auto r = cache::RedisTier::Open(ro);
+    auto r = OpenBenchRedis(a.redis, 0, &redis_tier);
     if (!r.ok()) return Fail(r.status());
-    redis_tier = std::move(*r);
   }
   const uint64_t kv_bytes = static_cast<uint64_t>(n) * ko.shape.token_bytes() * 2 *
                             static_cast<uint64_t>(c.n_layer);

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "cache/redis/redis_tier.h"
 #include "cache/tier.h"
 
 namespace cachette::cli {
@@ -59,5 +60,18 @@ class SlowLink final : public cache::Tier {
   cache::Tier& inner_;
   const double bytes_per_s_;
 };
+
+// The Redis tier at `urls` (a standalone server, or cluster seeds), for a benchmark to read
+// from, wrapped in a SlowLink of `link_mbps` Mbit/s when that is > 0 (*inner then holds the
+// tier itself, which must outlive the link).
+inline Result<std::unique_ptr<cache::Tier>> OpenBenchRedis(const std::vector<std::string>& urls,
+                                                           double link_mbps,
+                                                           std::unique_ptr<cache::Tier>* inner) {
+  cache::RedisTierOptions ro;
+  ro.urls = urls;
+  CT_ASSIGN_OR_RETURN(*inner, cache::RedisTier::Open(ro));
+  if (link_mbps <= 0) return std::unique_ptr<cache::Tier>();
+  return std::unique_ptr<cache::Tier>(std::make_unique<SlowLink>(**inner, link_mbps * 1e6 / 8));
+}
 
 }  // namespace cachette::cli
