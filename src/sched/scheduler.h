@@ -78,11 +78,14 @@
 // cache) is admitted as any other: the radix index and the tiers give it its exact prefix. When
 // it reaches kPrefill, its whole prefill is ONE synchronous PrefillWithSegments call on its
 // paged sequence, on the loop thread at the start of a step (one such request per step): a
-// large step, during which the running decodes wait. Before that call, its segments missing
-// from the segment cache (segment_cache.h; key: namespace, tokens, context) are computed on
-// their own after the request's shared prefix (the prompt tokens before its first segment:
-// BOS and any system text) with ComputeSegment and stored, so the first request pays about a
-// prefill and later ones reuse. Its first token is sampled from the call's logits; it then
+// large step, during which the running decodes wait. Segments missing from the segment cache
+// (segment_cache.h; key: namespace, tokens, context) are first looked for in the tiers, off
+// the loop (TierBridge, in bands of layers); with pipeline_segment_loads the prefill starts
+// once the first band is in and awaits each later layer inside the call (CacheBlend's
+// pipeline: the loop computes while the rest loads), else once the whole load is in. Those the
+// tiers lack are computed on their own after the request's shared prefix (the prompt tokens
+// before its first segment: BOS and any system text) with ComputeSegment and stored, so the
+// first request pays about a prefill and later ones reuse. Its first token is sampled from the call's logits; it then
 // decodes as usual. Only its exact prefix (ReuseReport::prefix_tokens) may enter the radix
 // index and the tiers (commits, pins, sessions, swap), as for a compacted KV budget sequence:
 // the KV past it is approximate. A resumed (preempted) one runs the same path on its prompt and
