@@ -31,6 +31,7 @@
 #include "cli/slow_link.h"
 #include "core/timer.h"
 #include "engine/segment_reuse.h"
+#include "eval/rag.h"
 #include "sched/tier_bridge.h"
 
 namespace cachette::cli {
@@ -60,22 +61,6 @@ struct Row {
   int64_t recomputed = 0;
   double kl = 0;
 };
-
-std::vector<double> LogSoftmax(const std::vector<float>& logits) {
-  const float hi = *std::max_element(logits.begin(), logits.end());
-  double sum = 0;
-  for (float x : logits) sum += std::exp(static_cast<double>(x - hi));
-  const double lse = hi + std::log(sum);
-  std::vector<double> out(logits.size());
-  for (size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - lse;
-  return out;
-}
-
-double Kl(const std::vector<double>& p, const std::vector<double>& q) {
-  double kl = 0;
-  for (size_t i = 0; i < p.size(); ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
-  return std::max(kl, 0.0);
-}
 
 int BenchSegmentLoad(const SegmentLoadArgs& a) {
   if (a.redis.empty()) {
@@ -164,7 +149,7 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
   };
 
   std::vector<float> logits(c.n_vocab);
-  auto full_logp = std::vector<double>();
+  std::vector<double> full_logp, row_logp;  // log-softmax of full prefill's and a row's
   nlohmann::json out;
   out["model"] = loaded->path;
   out["prompt_tokens"] = n;
@@ -186,7 +171,7 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
     if (Status s = engine.Forward(*seq, prompt, logits.data()); !s.ok()) return Fail(s);
     if (rep > 0) full.ms.push_back(sw.Seconds() * 1e3);
   }
-  full_logp = LogSoftmax(logits);
+  eval::LogSoftmax(logits, full_logp);
   full.ratio = 1;
   // A sequence holding BOS (in every row it is there before the clock starts).
   auto with_bos = [&]() -> Result<std::unique_ptr<SequenceKv>> {
@@ -206,7 +191,8 @@ int BenchSegmentLoad(const SegmentLoadArgs& a) {
     row.wait_ms.push_back(static_cast<double>(rep.load_wait_us) / 1e3);
     row.ratio = rep.ratio;
     row.recomputed = rep.recomputed_tokens;
-    row.kl = Kl(full_logp, LogSoftmax(logits));
+    eval::LogSoftmax(logits, row_logp);
+    row.kl = eval::KlDivergence(full_logp, row_logp);
     return Status::Ok();
   };
   {

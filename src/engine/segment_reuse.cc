@@ -457,7 +457,15 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   const bool blend = options.mode == ReuseMode::kBlend;
   const bool all_rows = blend || !parts.empty();
-  int64_t target = blend ? static_cast<int64_t>(std::ceil(options.ratio * rep.reused_tokens)) : 0;
+  // Blend's placed rows carried to the end at `ratio`, and through the check layer.
+  auto target_for = [&](double ratio) {
+    return static_cast<int64_t>(std::ceil(ratio * rep.reused_tokens));
+  };
+  auto widened_for = [&](double ratio) {
+    return std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
+                                                    options.widen * ratio * rep.reused_tokens)));
+  };
+  int64_t target = blend ? target_for(options.ratio) : 0;
   Rows rows;
   for (int64_t t = p; t < n; ++t) {
     if (placed[t] != 1 || all_rows) rows.at.push_back(t);
@@ -543,9 +551,13 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   };
 
   rep.ratio = blend ? options.ratio : 0;
-  auto widened_for = [&](double ratio) {
-    return std::min<int64_t>(rep.reused_tokens, static_cast<int64_t>(std::ceil(
-                                                    options.widen * ratio * rep.reused_tokens)));
+  // The slots of the placed tokens among the rows being computed, ascending.
+  auto placed_rows = [&] {
+    std::vector<int64_t> out;
+    for (int64_t t : rows.at) {
+      if (placed[t] != 0) out.push_back(t);
+    }
+    return out;
   };
   bool selecting = blend && target < rep.reused_tokens;
   const int64_t asked_target = target;  // the ratio asked for, before the loading controller
@@ -570,7 +582,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
       if (ratio > options.ratio) {
         raised = true;
         rep.ratio = ratio;
-        target = static_cast<int64_t>(std::ceil(ratio * rep.reused_tokens));
+        target = target_for(ratio);
         selecting = target < rep.reused_tokens;
         widened = widened_for(ratio);
       }
@@ -581,9 +593,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
     } else if (raised && layer == c.n_layer - 1) {
       // The last layer needs the last band, so its compute follows the load: it runs the rows
       // the ratio asked for would (the raised rows' K/V there are projected fresh all the same).
-      for (int64_t t : rows.at) {
-        if (placed[t] != 0) raised_slots.push_back(t);
-      }
+      raised_slots = placed_rows();
       select(layer, asked_target);
     } else if (selecting && widened > target && layer == options.check_layer + 1) {
       select(layer, target);
@@ -598,13 +608,7 @@ Status PrefillWithSegments(Engine& engine, SequenceKv& kv, std::span<const Token
   }
   CT_CHECK(!rows.at.empty() && rows.at.back() == n - 1);
   if (logits != nullptr) engine.RowLogits(x.data() + (rows.at.size() - 1) * d, logits);
-  if (raised) {
-    rep.recomputed_slots = std::move(raised_slots);
-  } else {
-    for (int64_t t : rows.at) {
-      if (placed[t] != 0) rep.recomputed_slots.push_back(t);
-    }
-  }
+  rep.recomputed_slots = raised ? std::move(raised_slots) : placed_rows();
   rep.recomputed_tokens = static_cast<int64_t>(rep.recomputed_slots.size());
   rep.computed_tokens = n - p - rep.reused_tokens;
   kv.Append(n - n0);

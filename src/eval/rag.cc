@@ -107,9 +107,6 @@ std::vector<ReuseReport> RagResult::Totals() const {
   return tot;
 }
 
-namespace {
-
-// log-softmax of logits into out (double).
 void LogSoftmax(std::span<const float> logits, std::vector<double>& out) {
   out.resize(logits.size());
   double mx = -INFINITY;
@@ -120,7 +117,11 @@ void LogSoftmax(std::span<const float> logits, std::vector<double>& out) {
   for (size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - lz;
 }
 
-}  // namespace
+double KlDivergence(std::span<const double> log_p, std::span<const double> log_q) {
+  double kl = 0;
+  for (size_t t = 0; t < log_p.size(); ++t) kl += std::exp(log_p[t]) * (log_p[t] - log_q[t]);
+  return std::max(kl, 0.0);
+}
 
 std::vector<double> RagResult::AgreementWithFull() const {
   std::vector<double> agree;
@@ -252,11 +253,7 @@ Result<RagResult> EvalRag(Engine& engine, std::span<const RagItem> items,
       }
       if (r.full_index >= 0) {
         const std::vector<double>& p = first_logp[r.full_index];
-        for (size_t i = 0; i < k; ++i) {
-          double kl = 0;
-          for (int t = 0; t < nv; ++t) kl += std::exp(p[t]) * (p[t] - first_logp[i][t]);
-          o.kl_vs_full.push_back(std::max(kl, 0.0));
-        }
+        for (size_t i = 0; i < k; ++i) o.kl_vs_full.push_back(KlDivergence(p, first_logp[i]));
       }
       // APE decodes on its own (its attention is not Forward's); the others in one batch.
       if (ape_index >= 0) {

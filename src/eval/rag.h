@@ -47,6 +47,12 @@ struct RagItem {
 // kInvalidArgument "<source>:<line>: <why>" naming the field for the first bad line.
 Result<std::vector<RagItem>> ParseRagJsonl(std::string_view text, std::string_view source);
 
+// The log-softmax of `logits` into `out` (resized), in double.
+void LogSoftmax(std::span<const float> logits, std::vector<double>& out);
+// KL(p || q) in nats from two log-probability vectors of one size (LogSoftmax's), never below
+// 0 (rounding): how far a reuse mode's next-token distribution q is from full prefill's p.
+double KlDivergence(std::span<const double> log_p, std::span<const double> log_q);
+
 // One measured configuration.
 struct RagConfig {
   ReuseMode mode = ReuseMode::kFull;

@@ -757,7 +757,6 @@ void Scheduler::SegmentPrefill(Seq& s) {
     held.push_back(std::move(*seg));
     fresh.push_back(miss || s.segment_fresh[i]);
   }
-  const ReuseOptions& reuse = s.req.reuse;
   SegmentLoad load;
   bool load_failed = false;
   if (loading_tokens > 0) {
@@ -771,8 +770,9 @@ void Scheduler::SegmentPrefill(Seq& s) {
     }
   }
   ReuseReport rep;
-  const Status st = PrefillWithSegments(engine_, *s.kv, prompt, uses, reuse, s.logits.data(),
-                                        &rep, loading_tokens > 0 ? &load : nullptr);
+  const Status st = PrefillWithSegments(engine_, *s.kv, prompt, uses, s.req.reuse,
+                                        s.logits.data(), &rep,
+                                        loading_tokens > 0 ? &load : nullptr);
   if (!st.ok()) {
     if (load_failed) {
       // A band did not come (evicted, refused, or past the deadline): the segments it was
