@@ -267,12 +267,16 @@ void KvEventPublisher::ServeRequest(const internal::ZmqMessage& request) {
   if (*start == kSnapshotRequestSeq || (*start >= 0 && *start < oldest) || *start > last_seq_ + 1) {
     SendSnapshot(identity);
   } else if (*start >= 0) {
+    {
+      // Counted before the answer goes out, so a client that has it sees it counted (the
+      // ROUTER never blocks: an answer it cannot deliver is dropped either way).
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.replays;
+    }
     for (const auto& [seq, payload] : replay_buffer_) {
       if (seq < *start) continue;
       internal::SendZmq(router_.get(), {identity, "", EncodeSeq(seq), payload});
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    ++stats_.replays;
   } else {
     // Another negative start_seq means nothing here; the end marker alone tells the client.
     std::lock_guard<std::mutex> lock(mu_);
@@ -291,9 +295,11 @@ void KvEventPublisher::SendSnapshot(const std::string& identity) {
     batch.events = mirror_.SnapshotEvents();
   }
   const int64_t seq = last_seq_ >= 0 ? last_seq_ : kSnapshotBeforeFirstSeq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.snapshots;  // before the send, as replays are
+  }
   internal::SendZmq(router_.get(), {identity, "", EncodeSeq(seq), EncodeBatch(batch)});
-  std::lock_guard<std::mutex> lock(mu_);
-  ++stats_.snapshots;
 }
 
 }  // namespace cachette::events
