@@ -211,7 +211,7 @@ size_t WTypeRowBytes(WType t, int64_t cols) {
 }
 
 bool UsesDecodeScales(WType t) {
-  return (t == WType::kQ8_0 || t == WType::kQ4_0) && ActiveIsa() == Isa::kAvx2;
+  return (t == WType::kQ8_0 || t == WType::kQ4_0) && ActiveIsa() != Isa::kScalar;
 }
 
 std::vector<uint16_t> DecodeScales(const WeightMatrix& w) {

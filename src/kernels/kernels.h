@@ -66,8 +66,8 @@ struct WeightMatrix {
   size_t row_bytes = 0;
   // Optional, q8_0/q4_0 only: the blocks' f16 scales regrouped by 8 rows, laid out
   // [ceil(rows / 8)][cols / 32][8] (a last group's missing rows repeat the matrix's last row),
-  // as DecodeScales() builds them. The AVX2 decode kernel then takes a block's 8 scales with
-  // one load instead of 8 inserts; the results are the same bits with or without it.
+  // as DecodeScales() builds them. The AVX2 and AVX-512 decode kernels then take a block's 8
+  // scales with one load instead of 8 inserts or a gather; the same bits with or without it.
   const uint16_t* scales8 = nullptr;
   // Optional hint: the weights a decode step streams fit in the last-level cache
   // (FitsInLastLevelCache), so the kernels find them there rather than in memory. The AVX2 q8_0

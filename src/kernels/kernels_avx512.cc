@@ -368,10 +368,13 @@ __m512i BlockSums8x2(const __m512i P[8]) {
 // integer dot is exact, so the per-output float sequence is the packed panels' one
 // (QuantPanelTile): acc = fma(float(dot_b), dw_b * dx_b, acc) for b = 0, 1, ... with one
 // output per lane; the horizontal work is integer (BlockSums8x2), once per 2 blocks x 8 rows.
-// Rows past n_rows repeat the last row and are not stored.
+// Rows past n_rows repeat the last row and are not stored. s8 is the tile's
+// WeightMatrix::scales8 group (one load per 2 blocks), or null: the scales are then gathered
+// from the rows, which on AMD's Zen 5 costs 4-8% of a decode step's matmul time (a microcoded
+// gather that is the first to touch each row's next lines; docs/benchmarks.md).
 template <int kT, int T>
-void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ActQ8& act,
-                   int64_t t0, float* y, int64_t ldy) {
+void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const uint16_t* s8,
+                   const ActQ8& act, int64_t t0, float* y, int64_t ldy) {
   constexpr int R = 8;
   constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
   const int64_t nb = act.cols / 32;
@@ -392,8 +395,11 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const Ac
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    const __m512i hbits = _mm512_i32gather_epi32(scale_offs, w0 + b * kBB, 1);
-    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hbits));
+    const __m512 dw =
+        s8 != nullptr
+            ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s8 + b * 8)))
+            : _mm512_cvtph_ps(
+                  _mm512_cvtepi32_epi16(_mm512_i32gather_epi32(scale_offs, w0 + b * kBB, 1)));
     __m512i wv[R];
     __mmask64 neg[R];
     for (int r = 0; r < R; ++r) {
@@ -443,9 +449,12 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const Ac
     }
   }
   if (b < nb) {  // odd block count: the last block alone, in lanes 0-7 (8-15 stay zero)
-    const __m512i hbits =
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0x00ff, scale_offs, w0 + b * kBB, 1);
-    const __m256 dw = _mm512_castps512_ps256(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(hbits)));
+    const __m256 dw =
+        s8 != nullptr
+            ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s8 + b * 8)))
+            : _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_i32gather_epi32(
+                  reinterpret_cast<const int*>(w0 + b * kBB), _mm512_castsi512_si256(scale_offs),
+                  1)));
     __m512i wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm512_castsi256_si512(LoadQBlock<kT>(rows[r], b));
     for (int t = 0; t < T; ++t) {
@@ -471,8 +480,8 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const Ac
   }
 }
 
-using QuantGemvTileFn = void (*)(const uint8_t*, size_t, int64_t, const ActQ8&, int64_t, float*,
-                                 int64_t);
+using QuantGemvTileFn = void (*)(const uint8_t*, size_t, int64_t, const uint16_t*,
+                                 const ActQ8&, int64_t, float*, int64_t);
 constexpr int64_t kQGemvR = 8;
 
 template <int kT>
@@ -482,10 +491,12 @@ void QuantGemvRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t g = r0; g < r1; g += kQGemvR) {
     const int64_t nr = Min64(kQGemvR, r1 - g);
+    const uint16_t* s8 =
+        w.scales8 != nullptr && g % 8 == 0 ? w.scales8 + g / 8 * (w.cols / 32) * 8 : nullptr;
     for (int64_t t0 = 0; t0 < a.m; t0 += kQDotT) {
       const int64_t nt = Min64(kQDotT, a.m - t0);
-      kTiles[nt - 1](base + g * w.row_bytes, w.row_bytes, nr, a.act, t0, a.y + t0 * w.rows + g,
-                     w.rows);
+      kTiles[nt - 1](base + g * w.row_bytes, w.row_bytes, nr, s8, a.act, t0,
+                     a.y + t0 * w.rows + g, w.rows);
     }
   }
 }

@@ -80,7 +80,7 @@ class Model {
   const std::vector<LayerWeights>& layers() const { return layers_; }
 
   // Bytes of weights read per decoded token (every matrix once, the embedding row aside; with
-  // the block scales the AVX2 decode kernels read beside the rows, WeightMatrix::scales8).
+  // the block scales the vector decode kernels read beside the rows, WeightMatrix::scales8).
   uint64_t weight_bytes_per_token() const { return weight_bytes_per_token_; }
 
   // Identity of the weights: XXH3-128 over the architecture, hyperparameters, every tensor's
