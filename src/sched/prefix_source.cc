@@ -49,13 +49,21 @@ std::shared_ptr<const SegmentKv> PendingSegments::Found(std::span<const TokenId>
 
 Status PendingSegments::AwaitLayer(int layer, Time deadline) {
   std::unique_lock lock(mu_);
-  if (!cv_.wait_until(lock, deadline,
-                      [&] { return LayersLocked() > layer || done_ || failed_; })) {
+  ++waiting_;
+  const bool in_time = cv_.wait_until(
+      lock, deadline, [&] { return LayersLocked() > layer || done_ || failed_; });
+  --waiting_;
+  if (!in_time) {
     return DeadlineExceeded("segment KV layer " + std::to_string(layer) +
                             " not loaded by the deadline");
   }
   if (LayersLocked() > layer) return Status::Ok();
   return Unavailable("segment KV layer " + std::to_string(layer) + " could not be loaded");
+}
+
+int PendingSegments::waiting() const {
+  std::lock_guard lock(mu_);
+  return waiting_;
 }
 
 double PendingSegments::load_left_us() const {

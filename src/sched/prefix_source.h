@@ -94,6 +94,8 @@ class PendingSegments {
   // Returns once layer `layer` of every found segment is in: OK; kUnavailable when the load
   // ended (or failed) short of it; kDeadlineExceeded at `deadline`.
   Status AwaitLayer(int layer, Time deadline);
+  // How many AwaitLayer calls are blocked now (a prefill held up by this load).
+  int waiting() const;
   // How long the load still runs, in microseconds (0 once it ended), for CacheBlend's loading
   // controller: each band left at what the bands in took, fitted (least squares) as a fixed
   // cost per band (lookups, round trips, queueing) plus a cost per layer, less what the band in
@@ -118,6 +120,7 @@ class PendingSegments {
   std::condition_variable cv_;
   bool done_ = false;                              // GUARDED_BY(mu_)
   bool failed_ = false;                            // GUARDED_BY(mu_)
+  int waiting_ = 0;                                // GUARDED_BY(mu_): AwaitLayer calls blocked
   std::vector<double> band_done_us_;               // GUARDED_BY(mu_): per band in, when
   Time updated_{};                                 // GUARDED_BY(mu_): the last band's arrival
   std::vector<std::shared_ptr<SegmentKv>> found_;  // GUARDED_BY(mu_)

@@ -662,7 +662,13 @@ TEST_F(SchedulerTest, SegmentsLoadingBandByBandGiveThePrecomputedOutput) {
       found.push_back(std::make_shared<SegmentKv>(std::move(*seg)));
     }
     p->Publish(found, 1000.0);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the prefill waits for layer 1
+    // The prefill starts on layer 0 and waits for layer 1; held there at least 50 ms (the
+    // scheduler's step may start late under the sanitizers, so wait for it to be waiting).
+    for (int i = 0; i < 30000 && p->waiting() == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_EQ(p->waiting(), 1) << "the prefill never waited for layer 1";
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
     EXPECT_EQ(sched_->Stats().segment_prefills, 0u);
     if (lose_a_band) {
       p->Fail();
