@@ -212,18 +212,19 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
         for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
       }
     }
-    if (T == 4 && k == c1) {
-      // No tail: each row's 4 tokens reduced at once (the prefill tiles' common case; the
-      // reductions are a sixth of a 512-wide chunk's instructions otherwise).
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        alignas(16) float v[4];
-        _mm_store_ps(v, Reduce8x4(acc[r][0], acc[r][T > 1 ? 1 : 0], acc[r][T > 2 ? 2 : 0],
-                                  acc[r][T > 3 ? 3 : 0]));
+    if constexpr (T == 4) {
+      if (k == c1) {
+        // No tail: each row's 4 tokens reduced at once (the prefill tiles' common case; the
+        // reductions are a sixth of a 512-wide chunk's instructions otherwise).
         #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) sum[r][t] = c0 == k0 ? v[t] : sum[r][t] + v[t];
+        for (int r = 0; r < R; ++r) {
+          alignas(16) float v[4];
+          _mm_store_ps(v, Reduce8x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+          #pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) sum[r][t] = c0 == k0 ? v[t] : sum[r][t] + v[t];
+        }
+        continue;
       }
-      continue;
     }
     #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
