@@ -251,8 +251,9 @@ TEST_F(IsaTest, MatMulIsBatchInvariantBitForBit) {
     int64_t rows, float_cols, quant_cols;
   };
   // Odd row counts (partial tiles, panels and thread ranges); float K with a partial vector
-  // tail, quantized K with an odd block count; the larger ones cross the 512-wide K chunks
-  // and (69 blocks) the AVX2 q8_0 decode tile's runs of 64 blocks.
+  // tail, quantized K with an odd block count; the larger ones cross the float K chunks
+  // (512 wide at AVX-512, 1024 at AVX2) and (69 blocks) the AVX2 q8_0 decode tile's runs of
+  // 64 blocks.
   const Shape shapes[] = {{37, 101, 96}, {75, 547, 544}, {203, 1059, 1056}, {21, 2213, 2208}};
   ThreadPool single(1);
   auto bits_equal = [](const float* a, const float* b, int64_t n) {
