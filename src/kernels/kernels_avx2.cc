@@ -218,8 +218,8 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
     }
     if constexpr (T == 4) {
       if (k == c1) {
-        // No tail: each row's 4 tokens reduced at once (the prefill tiles' common case; the
-        // reductions are a sixth of a 512-wide chunk's instructions otherwise).
+        // No tail: each row's 4 tokens reduced at once (the prefill tiles' common case): one
+        // Reduce8x4 per row instead of four Reduce8s.
         #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           alignas(16) float v[4];
