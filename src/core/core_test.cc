@@ -2,7 +2,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <immintrin.h>
@@ -136,6 +138,81 @@ TEST(ThreadPoolTest, AStalledThreadLeavesItsRangesToTheOthers) {
   });
   // With one fixed range per thread the caller would cover exactly half.
   EXPECT_GE(by_caller.load(), kN * 3 / 4);
+}
+
+TEST(ThreadPoolTest, ParallelForStreamingCoversRangeOnce) {
+  for (int threads : {1, 2, 3, 5}) {
+    ThreadPool pool(threads);
+    for (int64_t n : {0, 1, 7, 64, 1000, 4864}) {
+      for (int64_t grain : {1, 4, 16}) {
+        std::vector<std::atomic<int>> hits(n);
+        pool.ParallelForStreaming(
+            n,
+            [&](int64_t b, int64_t e, int t) {
+              EXPECT_TRUE(b % grain == 0);
+              EXPECT_TRUE(e % grain == 0 || e == n) << e;
+              EXPECT_LT(b, e);
+              EXPECT_TRUE(t >= 0 && t < threads) << t;
+              for (int64_t i = b; i < e; ++i) hits[i]++;
+            },
+            grain);
+        for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << i;
+      }
+    }
+  }
+}
+
+// Each thread reads its own share front to back in one run: its calls inside its share are
+// contiguous and ascending from the share's start (others only take from the back).
+TEST(ThreadPoolTest, ParallelForStreamingTakesEachShareInAddressOrder) {
+  constexpr int kThreads = 3;
+  constexpr int64_t kN = 3000, kGrain = 4;
+  ThreadPool pool(kThreads);
+  const int64_t units = kN / kGrain;
+  for (int rep = 0; rep < 50; ++rep) {
+    std::mutex mu;
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> calls(kThreads);
+    pool.ParallelForStreaming(
+        kN,
+        [&](int64_t b, int64_t e, int t) {
+          std::lock_guard<std::mutex> lock(mu);
+          calls[t].push_back({b, e});
+        },
+        kGrain);
+    for (int t = 0; t < kThreads; ++t) {
+      const int64_t lo = units * t / kThreads * kGrain, hi = units * (t + 1) / kThreads * kGrain;
+      int64_t at = lo;
+      for (auto [b, e] : calls[t]) {
+        if (b < lo || b >= hi) continue;  // taken from another share's back
+        ASSERT_EQ(b, at) << "thread " << t << " rep " << rep;
+        at = e;
+      }
+    }
+  }
+}
+
+// As with ParallelFor, a stalled thread holds up only the piece it is in.
+TEST(ThreadPoolTest, ParallelForStreamingLeavesAStalledThreadsShareToTheOthers) {
+  ThreadPool pool(2);
+  constexpr int64_t kN = 800;
+  std::atomic<int64_t> by_caller{0};
+  std::atomic<bool> stalled{false};
+  const auto start = std::chrono::steady_clock::now();
+  pool.ParallelForStreaming(kN, [&](int64_t b, int64_t e, int t) {
+    if (t == 0) {
+      // Let the worker take its first piece (and stall in it) before going on.
+      const auto limit = start + std::chrono::seconds(2);
+      while (!stalled.load() && std::chrono::steady_clock::now() < limit) {
+        std::this_thread::yield();
+      }
+      by_caller += e - b;
+    } else if (!stalled.exchange(true)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+  ASSERT_TRUE(stalled.load());
+  // The worker's first piece is a quarter of its half; the caller takes the rest.
+  EXPECT_EQ(by_caller.load(), kN - kN / 2 / 4);
 }
 
 TEST(ThreadPoolTest, ManyShortJobs) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -15,6 +16,14 @@ namespace cachette {
 namespace {
 constexpr int kSpinIterations = 1 << 16;  // ~100-300 us of polling before sleeping
 constexpr int64_t kChunksPerThread = 4;    // ParallelFor's chunks per thread
+
+// [0, n) in units of grain (grain >= 1 after the call), and how many of n_threads share them:
+// at most one per unit.
+std::pair<int64_t, int> Split(int64_t n, int64_t& grain, int n_threads) {
+  grain = std::max<int64_t>(1, grain);
+  const int64_t units = (n + grain - 1) / grain;
+  return {units, static_cast<int>(std::min<int64_t>(n_threads, units))};
+}
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
@@ -88,9 +97,7 @@ void ThreadPool::RunOnAll(const std::function<void(int, int)>& fn) {
 
 void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
   if (n <= 0) return;
-  grain = std::max<int64_t>(1, grain);
-  const int64_t units = (n + grain - 1) / grain;
-  const int threads = static_cast<int>(std::min<int64_t>(n_threads_, units));
+  const auto [units, threads] = Split(n, grain, n_threads_);
   if (threads <= 1) {
     fn(0, n, 0);
     return;
@@ -109,6 +116,71 @@ void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
       const int64_t u1 = u0 + per + (c < extra ? 1 : 0);
       const int64_t b = std::min(n, u0 * grain), e = std::min(n, u1 * grain);
       if (b < e) fn(b, e, t);
+    }
+  });
+}
+
+void ThreadPool::ParallelForStreaming(int64_t n, const RangeFn& fn, int64_t grain) {
+  if (n <= 0) return;
+  const auto [units, threads] = Split(n, grain, n_threads_);
+  if (threads <= 1) {
+    fn(0, n, 0);
+    return;
+  }
+  if (units > int64_t{0xffffffff}) {  // the packed bounds below hold 32 bits
+    ParallelFor(n, fn, grain);
+    return;
+  }
+  // Each share's unclaimed units [lo, hi) packed in one word (lo high, hi low) so that the
+  // owner (lo up) and the others (hi down) claim with one compare-and-swap and never overlap.
+  struct alignas(64) Share {
+    std::atomic<uint64_t> span;
+  };
+  constexpr int kLocal = 8;
+  Share local[kLocal];
+  std::unique_ptr<Share[]> heap;
+  Share* shares = local;
+  if (threads > kLocal) {
+    heap = std::make_unique<Share[]>(threads);
+    shares = heap.get();
+  }
+  for (int t = 0; t < threads; ++t) {
+    const uint64_t lo = static_cast<uint64_t>(units * t / threads);
+    const uint64_t hi = static_cast<uint64_t>(units * (t + 1) / threads);
+    shares[t].span.store(lo << 32 | hi, std::memory_order_relaxed);
+  }
+  // Claims a quarter of what is left of share s (at least one unit), from the front or the
+  // back; false once it is empty.
+  auto claim = [&](int s, bool front, int64_t* u0, int64_t* u1) {
+    uint64_t w = shares[s].span.load(std::memory_order_relaxed);
+    for (;;) {
+      const auto lo = static_cast<int64_t>(w >> 32);
+      const auto hi = static_cast<int64_t>(w & 0xffffffffu);
+      if (lo >= hi) return false;
+      const int64_t take = std::max<int64_t>(1, (hi - lo) / 4);
+      const int64_t nlo = front ? lo + take : lo, nhi = front ? hi : hi - take;
+      const uint64_t nw = static_cast<uint64_t>(nlo) << 32 | static_cast<uint64_t>(nhi);
+      if (shares[s].span.compare_exchange_weak(w, nw, std::memory_order_relaxed)) {
+        *u0 = front ? lo : nhi;
+        *u1 = front ? nlo : hi;
+        return true;
+      }
+    }
+  };
+  auto run = [&](int64_t u0, int64_t u1, int t) {
+    const int64_t b = u0 * grain, e = std::min(n, u1 * grain);
+    if (b < e) fn(b, e, t);
+  };
+  RunOnAll([&](int t, int) {
+    int64_t u0 = 0, u1 = 0;
+    if (t < threads) {
+      while (claim(t, true, &u0, &u1)) run(u0, u1, t);
+    }
+    // Then the others' shares from the back; a thread without a share (more threads than
+    // units) visits them all.
+    for (int k = t < threads ? 1 : 0; k < threads; ++k) {
+      const int s = (t + k) % threads;
+      while (claim(s, false, &u0, &u1)) run(u0, u1, t);
     }
   });
 }
