@@ -344,7 +344,7 @@ internal::ActQ8 QuantizeActivations(const float* x, int64_t m, WType type, int64
 }
 
 // A few tokens (decode): the weights stream from memory once and each thread's rows should
-// be one run in address order, the threads finishing together (ParallelForStreaming: 8-12%
+// be one run in address order, the threads finishing together (ParallelForStreaming: 6-9%
 // off a decode step's matmuls on a 2-vCPU Zen 5, where the threads had waited for each other
 // about a tenth of the step). More tokens: fewer, larger ranges, each reusing x's blocks.
 constexpr int64_t kStreamingMaxM = 4;
