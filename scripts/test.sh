@@ -15,11 +15,12 @@ fi
 if [ "${SKIP_FUZZ:-0}" != 1 ]; then
   cmake --preset fuzz >/dev/null && cmake --build --preset fuzz -j "$(nproc)" --target fuzzers || exit 1
 fi
-# The components with threads of their own (paged KV manager, chunk store, Redis tier,
-# scheduler, the scheduler-store bridge): their tests under ThreadSanitizer. The bridge's
-# engine-free test only (its model tests would take minutes under TSan).
-TSAN_TESTS=(src/kv/kv_test src/cache/cache_store_test src/cache/redis/redis_test src/sched/sched_test
-            src/sched/tier_bridge_test)
+# The components with threads of their own (the compute thread pool, paged KV manager, chunk
+# store, Redis tier, scheduler, the scheduler-store bridge): their tests under ThreadSanitizer.
+# The pool's tests only of core_test, and the bridge's engine-free test only (its model tests
+# would take minutes under TSan).
+TSAN_TESTS=(src/core/core_test src/kv/kv_test src/cache/cache_store_test src/cache/redis/redis_test
+            src/sched/sched_test src/sched/tier_bridge_test)
 if [ "${SKIP_TSAN:-0}" != 1 ]; then
   cmake --preset tsan >/dev/null &&
     cmake --build --preset tsan -j "$(nproc)" --target "${TSAN_TESTS[@]##*/}" || exit 1
@@ -88,6 +89,7 @@ if [ "${SKIP_TSAN:-0}" != 1 ]; then
   for t in "${TSAN_TESTS[@]}"; do
     filter="*"
     [ "${t##*/}" = tier_bridge_test ] && filter="TierBridgeBytesTest.*"
+    [ "${t##*/}" = core_test ] && filter="ThreadPoolTest.*"
     if ! TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "build/tsan/$t" \
         --gtest_brief=1 --gtest_filter="$filter" >"/tmp/tsan_${t##*/}.log" 2>&1; then
       echo "tsan: ${t##*/} FAILED"; tail -n 60 "/tmp/tsan_${t##*/}.log"; failed=1
