@@ -97,7 +97,9 @@ void ThreadPool::RunOnAll(const std::function<void(int, int)>& fn) {
 
 void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
   if (n <= 0) return;
-  const auto [units, threads] = Split(n, grain, n_threads_);
+  const std::pair<int64_t, int> split = Split(n, grain, n_threads_);
+  const int64_t units = split.first;
+  const int threads = split.second;
   if (threads <= 1) {
     fn(0, n, 0);
     return;
@@ -122,7 +124,9 @@ void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
 
 void ThreadPool::ParallelForStreaming(int64_t n, const RangeFn& fn, int64_t grain) {
   if (n <= 0) return;
-  const auto [units, threads] = Split(n, grain, n_threads_);
+  const std::pair<int64_t, int> split = Split(n, grain, n_threads_);
+  const int64_t units = split.first;
+  const int threads = split.second;
   if (threads <= 1) {
     fn(0, n, 0);
     return;
