@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
-#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -16,14 +15,6 @@ namespace cachette {
 namespace {
 constexpr int kSpinIterations = 1 << 16;  // ~100-300 us of polling before sleeping
 constexpr int64_t kChunksPerThread = 4;    // ParallelFor's chunks per thread
-
-// [0, n) in units of grain (grain >= 1 after the call), and how many of n_threads share them:
-// at most one per unit.
-std::pair<int64_t, int> Split(int64_t n, int64_t& grain, int n_threads) {
-  grain = std::max<int64_t>(1, grain);
-  const int64_t units = (n + grain - 1) / grain;
-  return {units, static_cast<int>(std::min<int64_t>(n_threads, units))};
-}
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
@@ -96,14 +87,29 @@ void ThreadPool::RunOnAll(const std::function<void(int, int)>& fn) {
 }
 
 void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
+  ParallelRanges(n, fn, grain, false);
+}
+
+void ThreadPool::ParallelForStreaming(int64_t n, const RangeFn& fn, int64_t grain) {
+  ParallelRanges(n, fn, grain, true);
+}
+
+void ThreadPool::ParallelRanges(int64_t n, const RangeFn& fn, int64_t grain, bool streaming) {
   if (n <= 0) return;
-  const std::pair<int64_t, int> split = Split(n, grain, n_threads_);
-  const int64_t units = split.first;
-  const int threads = split.second;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t units = (n + grain - 1) / grain;
+  const int threads = static_cast<int>(std::min<int64_t>(n_threads_, units));
   if (threads <= 1) {
     fn(0, n, 0);
-    return;
+  } else if (streaming && units <= int64_t{0xffffffff}) {  // RunShares packs 32-bit bounds
+    RunShares(n, fn, grain, units, threads);
+  } else {
+    RunChunks(n, fn, grain, units, threads);
   }
+}
+
+void ThreadPool::RunChunks(int64_t n, const RangeFn& fn, int64_t grain, int64_t units,
+                           int threads) {
   // Chunks taken from a shared counter, not one fixed range per thread: a thread that the OS
   // or the hypervisor deschedules mid-call (a 2-vCPU VM with steal time, a busy core) leaves
   // its chunks to the others instead of holding the whole call up. A few chunks per thread
@@ -122,19 +128,8 @@ void ThreadPool::ParallelFor(int64_t n, const RangeFn& fn, int64_t grain) {
   });
 }
 
-void ThreadPool::ParallelForStreaming(int64_t n, const RangeFn& fn, int64_t grain) {
-  if (n <= 0) return;
-  const std::pair<int64_t, int> split = Split(n, grain, n_threads_);
-  const int64_t units = split.first;
-  const int threads = split.second;
-  if (threads <= 1) {
-    fn(0, n, 0);
-    return;
-  }
-  if (units > int64_t{0xffffffff}) {  // the packed bounds below hold 32 bits
-    ParallelFor(n, fn, grain);
-    return;
-  }
+void ThreadPool::RunShares(int64_t n, const RangeFn& fn, int64_t grain, int64_t units,
+                           int threads) {
   // Each share's unclaimed units [lo, hi) packed in one word (lo high, hi low) so that the
   // owner (lo up) and the others (hi down) claim with one compare-and-swap and never overlap.
   struct alignas(64) Share {

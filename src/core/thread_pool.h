@@ -49,6 +49,11 @@ class ThreadPool {
 
  private:
   void WorkerLoop(int index);
+  // ParallelFor and ParallelForStreaming: [0, n) in units of grain, run inline when one
+  // thread is enough, else by RunChunks or RunShares over `threads` threads.
+  void ParallelRanges(int64_t n, const RangeFn& fn, int64_t grain, bool streaming);
+  void RunChunks(int64_t n, const RangeFn& fn, int64_t grain, int64_t units, int threads);
+  void RunShares(int64_t n, const RangeFn& fn, int64_t grain, int64_t units, int threads);
 
   int n_threads_;
   std::vector<std::thread> workers_;
