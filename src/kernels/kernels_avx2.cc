@@ -144,15 +144,67 @@ void QuantizeAct(const float* x, int64_t t0, int64_t t1, const ActQ8& a) {
 
 // ---- MatMul tiles ------------------------------------------------------------------------
 
+// 8 weights of a row as stored (RawW8) and widened to f32 (Widen8): LoadW8 = Widen8(LoadRawW8).
 template <int kT>
-__m256 LoadW8(const uint8_t* row, int64_t k) {
+struct RawW8Type {
+  using type = __m128i;
+};
+template <>
+struct RawW8Type<kF32> {
+  using type = __m256;
+};
+template <int kT>
+using RawW8 = typename RawW8Type<kT>::type;
+
+template <int kT>
+RawW8<kT> LoadRawW8(const uint8_t* row, int64_t k) {
   if constexpr (kT == kF32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(row + 4 * k));
-  } else if constexpr (kT == kF16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
   } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+  }
+}
+
+template <int kT>
+__m256 Widen8(RawW8<kT> w) {
+  if constexpr (kT == kF32) {
+    return w;
+  } else if constexpr (kT == kF16) {
+    return _mm256_cvtph_ps(w);
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16));
+  }
+}
+
+template <int kT>
+__m256 LoadW8(const uint8_t* row, int64_t k) {
+  return Widen8<kT>(LoadRawW8<kT>(row, k));
+}
+
+// Decode streams each weight once: fetch the next tile's rows at the same offset (the next
+// stretch of memory), as rows are too short for the hardware prefetchers. One prefetch per
+// 64-byte line, spread evenly over the steps: a full tile of 16-bit weights fetches row
+// (k / 8) mod 4 each step, of f32 two rows. A burst of R every few steps was slower (the AVX-512
+// tile measured it on a Zen 5, kernels_avx512.cc).
+template <int kT, int R>
+void PrefetchNextTile8(const uint8_t* w0, size_t row_bytes, int64_t k) {
+  const int64_t off = k * (kT == kF32 ? 4 : 2);
+  if constexpr (R == 4) {
+    const int64_t step = k >> 3;
+    if constexpr (kT == kF32) {
+      const int64_t r0 = (step & 1) * 2;
+      const uint8_t* next = w0 + (r0 + R) * row_bytes + off;
+      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + row_bytes), _MM_HINT_T0);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + ((step & 3) + R) * row_bytes + off),
+                   _MM_HINT_T0);
+    }
+  } else if (off % 64 == 0) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes + off), _MM_HINT_T0);
+    }
   }
 }
 
@@ -192,41 +244,46 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
       #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
     int64_t k = c0;
-    for (; k + 8 <= c1; k += 8) {
-      __m256 wv[R];
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
-      if constexpr (T <= 2) {
-        // Decode streams each weight once: fetch the next tile's rows at the same offset (the
-        // next stretch of memory), as rows are too short for the hardware prefetchers. One
-        // prefetch per 64-byte line, spread evenly over the steps: a full tile of 16-bit
-        // weights fetches row (k / 8) mod 4 each step, of f32 two rows. A burst of R every
-        // few steps was slower (the AVX-512 tile measured it on a Zen 5, kernels_avx512.cc).
-        const int64_t off = k * (kT == kF32 ? 4 : 2);
-        if constexpr (R == 4) {
-          const int64_t step = k >> 3;
-          if constexpr (kT == kF32) {
-            const int64_t r0 = (step & 1) * 2;
-            const uint8_t* next = w0 + (r0 + R) * row_bytes + off;
-            _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(next + row_bytes), _MM_HINT_T0);
-          } else {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + ((step & 3) + R) * row_bytes + off),
-                         _MM_HINT_T0);
-          }
-        } else if (off % 64 == 0) {
-          #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + R) * row_bytes + off),
-                         _MM_HINT_T0);
-          }
-        }
-      }
-      #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {
-        const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
+    if constexpr (T <= 2) {
+      // Decode: the loads of step k + 8 are issued before step k's widening and FMAs, so that
+      // the uops which wait for a load that missed do not fill the scheduler and hold back the
+      // loads behind them (kernels_avx512.cc measured it). The same FMAs in the same order.
+      auto step = [&](const RawW8<kT>* w, int64_t kk) {
         #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        for (int t = 0; t < T; ++t) {
+          const __m256 xv = _mm256_loadu_ps(x + t * ldx + kk);
+          #pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(Widen8<kT>(w[r]), xv, acc[r][t]);
+        }
+      };
+      if (k + 8 <= c1) {
+        RawW8<kT> cur[R];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) cur[r] = LoadRawW8<kT>(w0 + r * row_bytes, k);
+        for (; k + 16 <= c1; k += 8) {
+          PrefetchNextTile8<kT, R>(w0, row_bytes, k);
+          RawW8<kT> next[R];
+          #pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) next[r] = LoadRawW8<kT>(w0 + r * row_bytes, k + 8);
+          step(cur, k);
+          #pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) cur[r] = next[r];
+        }
+        PrefetchNextTile8<kT, R>(w0, row_bytes, k);
+        step(cur, k);
+        k += 8;
+      }
+    } else {
+      for (; k + 8 <= c1; k += 8) {
+        __m256 wv[R];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
+        #pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
+          #pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
       }
     }
     if constexpr (T == 4) {
