@@ -247,7 +247,8 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
     if constexpr (T <= 2) {
       // Decode: the loads of step k + 8 are issued before step k's widening and FMAs, so that
       // the uops which wait for a load that missed do not fill the scheduler and hold back the
-      // loads behind them (kernels_avx512.cc measured it). The same FMAs in the same order.
+      // loads behind them: an f16 model's decode matmuls 17-22% faster on a Zen 5 at this level
+      // (kernels_avx512.cc). The same FMAs in the same order.
       auto step = [&](const RawW8<kT>* w, int64_t kk) {
         #pragma GCC unroll 8
         for (int t = 0; t < T; ++t) {
