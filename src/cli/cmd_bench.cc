@@ -119,9 +119,15 @@ int BenchEngine(const BenchArgs& a) {
                 a.kv_type.c_str(), engine.pool().size(), CpuModelName().c_str(), isa.c_str(),
                 a.reps);
     std::printf("prefill %5d tokens: %8.1f tok/s\n", a.n_prompt, p_tps);
-    std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s = %.0f%% of measured memory "
-                "read bandwidth %.2f GB/s\n",
-                a.n_gen, d_tps, d_gbs, 100.0 * d_gbs / mem_gbs, mem_gbs);
+    if (mem_gbs > 0) {
+      std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s = %.0f%% of measured "
+                  "memory read bandwidth %.2f GB/s\n",
+                  a.n_gen, d_tps, d_gbs, 100.0 * d_gbs / mem_gbs, mem_gbs);
+    } else {
+      std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s (memory read bandwidth "
+                  "not measured: no room for the probe's 1 GiB buffer)\n",
+                  a.n_gen, d_tps, d_gbs);
+    }
   }
   return 0;
 }

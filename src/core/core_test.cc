@@ -13,6 +13,7 @@
 #include "core/fp16.h"
 #include "core/hash.h"
 #include "core/thread_pool.h"
+#include "core/timer.h"
 
 namespace cachette {
 namespace {
@@ -213,6 +214,14 @@ TEST(ThreadPoolTest, ParallelForStreamingLeavesAStalledThreadsShareToTheOthers) 
   ASSERT_TRUE(stalled.load());
   // The worker's first piece is a quarter of its half; the caller takes the rest.
   EXPECT_EQ(by_caller.load(), kN - kN / 2 / 4);
+}
+
+TEST(TimerTest, MemoryReadBandwidthIsPositiveOrZeroWhenItCannotMeasure) {
+  const double bw = MeasureMemoryReadBandwidth(size_t{32} << 20, 2);
+  EXPECT_GT(bw, 1e8);  // any machine reads more than 100 MB/s
+  EXPECT_LT(bw, 1e13);
+  // 8 words over 4 threads: less than a 16-word pass each, nothing to measure.
+  EXPECT_EQ(MeasureMemoryReadBandwidth(64, 4), 0.0);
 }
 
 TEST(ThreadPoolTest, ManyShortJobs) {

@@ -32,6 +32,7 @@ class Stopwatch {
 
 // Measures this machine's memory read bandwidth in bytes/s: the best of several passes that
 // sum a buffer far larger than the last-level cache, read by `threads` threads (0 = all).
+// 0 when it could not measure (no room for the buffer, or a buffer too small to split).
 double MeasureMemoryReadBandwidth(size_t buffer_bytes = size_t{1} << 30, int threads = 0);
 
 }  // namespace cachette
