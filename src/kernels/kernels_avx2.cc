@@ -243,20 +243,24 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
     for (int r = 0; r < R; ++r)
       #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    // One step: R rows' raw weights, widened once, times T tokens' x at k.
+    auto step = [&](const RawW8<kT>* w, int64_t kk) {
+      __m256 wv[R];
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = Widen8<kT>(w[r]);
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m256 xv = _mm256_loadu_ps(x + t * ldx + kk);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+      }
+    };
     int64_t k = c0;
     if constexpr (T <= 2) {
       // Decode: the loads of step k + 8 are issued before step k's widening and FMAs, so that
       // the uops which wait for a load that missed do not fill the scheduler and hold back the
       // loads behind them: an f16 model's decode matmuls 17-22% faster on a Zen 5 at this level
       // (kernels_avx512.cc). The same FMAs in the same order.
-      auto step = [&](const RawW8<kT>* w, int64_t kk) {
-        #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) {
-          const __m256 xv = _mm256_loadu_ps(x + t * ldx + kk);
-          #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(Widen8<kT>(w[r]), xv, acc[r][t]);
-        }
-      };
       if (k + 8 <= c1) {
         RawW8<kT> cur[R];
         #pragma GCC unroll 8
@@ -276,15 +280,10 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
       }
     } else {
       for (; k + 8 <= c1; k += 8) {
-        __m256 wv[R];
+        RawW8<kT> w[R];
         #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) wv[r] = LoadW8<kT>(w0 + r * row_bytes, k);
-        #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) {
-          const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
-          #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
+        for (int r = 0; r < R; ++r) w[r] = LoadRawW8<kT>(w0 + r * row_bytes, k);
+        step(w, k);
       }
     }
     if constexpr (T == 4) {

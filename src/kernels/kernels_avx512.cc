@@ -221,6 +221,18 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
     for (int r = 0; r < 4; ++r)
       #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    // One step: R rows' raw weights, widened once, times T tokens' x at k.
+    auto step = [&](const RawW<kT>* w, int64_t kk) {
+      __m512 wv[R];
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = Widen<kT>(w[r]);
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_loadu_ps(x + t * ldx + kk);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+      }
+    };
     int64_t k = c0;
     if constexpr (T <= 2) {
       // Decode streams each weight once. The loads of step k + 16 are issued before step k's
@@ -228,14 +240,6 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
       // scheduler and hold back the loads behind them: an f16 model's decode matmuls 11-15%
       // faster on AMD's Zen 5, bf16 and f32 alike (the same FMAs in the same order). Loading
       // two to four steps ahead was slower than one.
-      auto step = [&](const RawW<kT>* w, int64_t kk) {
-        #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) {
-          const __m512 xv = _mm512_loadu_ps(x + t * ldx + kk);
-          #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(Widen<kT>(w[r]), xv, acc[r][t]);
-        }
-      };
       if (k + 16 <= c1) {
         RawW<kT> cur[R];
         #pragma GCC unroll 8
@@ -255,15 +259,10 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
       }
     } else {
       for (; k + 16 <= c1; k += 16) {
-        __m512 wv[R];
+        RawW<kT> w[R];
         #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) wv[r] = LoadW<kT>(w0 + r * row_bytes, k);
-        #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) {
-          const __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
-          #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
+        for (int r = 0; r < R; ++r) w[r] = LoadRawW<kT>(w0 + r * row_bytes, k);
+        step(w, k);
       }
     }
     if (k < c1) {
