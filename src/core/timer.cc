@@ -1,6 +1,7 @@
 #include "core/timer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -42,48 +43,70 @@ uint64_t Sum(const uint64_t* p, size_t n) {
   return s;
 }
 
+// One pass: `threads` threads each sum their share of raw `sweeps` times, starting together once
+// all exist (creating them is not timed); the pass runs from that start to the last one's end.
+// Bytes/s, or 0 if the clock did not move.
+double ReadPass(const uint64_t* raw, size_t per, int threads, int sweeps) {
+  std::vector<std::thread> ts;
+  std::vector<uint64_t> sums(threads);
+  std::vector<int64_t> ends(threads);
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      uint64_t s = 0;
+      for (int k = 0; k < sweeps; ++k) s += Sum(raw + t * per, per);
+      sums[t] = s;
+      ends[t] = NowNanos();
+    });
+  }
+  while (ready.load() < threads) std::this_thread::yield();
+  const int64_t start = NowNanos();
+  go.store(true, std::memory_order_release);
+  for (auto& t : ts) t.join();
+  const int64_t end = *std::max_element(ends.begin(), ends.end());
+  volatile uint64_t sink = 0;
+  for (uint64_t v : sums) sink = sink + v;
+  (void)sink;
+  const double seconds = static_cast<double>(end - start) * 1e-9;
+  return seconds > 0 ? static_cast<double>(per * threads * sizeof(uint64_t)) * sweeps / seconds
+                     : 0;
+}
+
 }  // namespace
 
-double MeasureMemoryReadBandwidth(size_t buffer_bytes, int threads) {
+ReadBandwidth MeasureMemoryReadBandwidth(size_t buffer_bytes, int threads, double pass_seconds) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const size_t n = buffer_bytes / sizeof(uint64_t);
   const size_t per = (n / threads) & ~size_t{15};
-  if (per == 0) return 0;
+  if (per == 0) return {};
   // aligned_alloc wants a size that is a multiple of the alignment.
   auto* raw =
       static_cast<uint64_t*>(std::aligned_alloc(64, (n * sizeof(uint64_t) + 63) / 64 * 64));
-  if (raw == nullptr) return 0;  // no room for the buffer: not measured
+  if (raw == nullptr) return {};  // no room for the buffer: not measured
   std::unique_ptr<uint64_t, decltype(&std::free)> buf(raw, &std::free);
   for (size_t i = 0; i < n; ++i) raw[i] = i;  // touch every page
-  double best = 0;
-  volatile uint64_t sink = 0;
-  for (int pass = 0; pass < 5; ++pass) {
-    // The threads start together once all exist, and a pass runs from that start to the last
-    // one's end: creating the threads is not part of it.
-    std::vector<std::thread> ts;
-    std::vector<uint64_t> sums(threads);
-    std::vector<int64_t> ends(threads);
-    std::atomic<int> ready{0};
-    std::atomic<bool> go{false};
-    for (int t = 0; t < threads; ++t) {
-      ts.emplace_back([&, t] {
-        ready.fetch_add(1);
-        while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
-        sums[t] = Sum(raw + t * per, per);
-        ends[t] = NowNanos();
-      });
+  // Sweeps per pass: one, or as many as fill pass_seconds at the rate of a first, untimed
+  // sweep (capped so that a slow first sweep cannot make the passes run for minutes).
+  int sweeps = 1;
+  if (pass_seconds > 0) {
+    const double first = ReadPass(raw, per, threads, 1);
+    const double bytes = static_cast<double>(per * threads * sizeof(uint64_t));
+    if (first > 0) {
+      sweeps = static_cast<int>(std::clamp(std::ceil(pass_seconds * first / bytes), 1.0, 1000.0));
     }
-    while (ready.load() < threads) std::this_thread::yield();
-    const int64_t start = NowNanos();
-    go.store(true, std::memory_order_release);
-    for (auto& t : ts) t.join();
-    const int64_t end = *std::max_element(ends.begin(), ends.end());
-    const double s = static_cast<double>(end - start) * 1e-9;
-    for (uint64_t v : sums) sink = sink + v;
-    if (s > 0) best = std::max(best, static_cast<double>(per * threads * sizeof(uint64_t)) / s);
   }
-  (void)sink;
-  return best;
+  constexpr int kPasses = 5;
+  std::vector<double> rates;
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const double rate = ReadPass(raw, per, threads, sweeps);
+    if (rate > 0) rates.push_back(rate);
+  }
+  if (rates.empty()) return {};
+  std::sort(rates.begin(), rates.end());
+  return {rates.back(), rates[rates.size() / 2]};
 }
 
 }  // namespace cachette

@@ -30,9 +30,21 @@ class Stopwatch {
   int64_t start_;
 };
 
-// Measures this machine's memory read bandwidth in bytes/s: the best of several passes that
-// sum a buffer far larger than the last-level cache, read by `threads` threads (0 = all).
-// 0 when it could not measure (no room for the buffer, or a buffer too small to split).
-double MeasureMemoryReadBandwidth(size_t buffer_bytes = size_t{1} << 30, int threads = 0);
+// Memory read bandwidth in bytes/s over several passes: the best pass, and the median one. On a
+// shared machine the two can differ by 10-20% (the best catches a quiet moment); a benchmark
+// quoting a median of its own repetitions should show both.
+struct ReadBandwidth {
+  double best = 0;
+  double median = 0;
+};
+
+// Measures this machine's memory read bandwidth: five passes that sum a buffer far larger than
+// the last-level cache, read by `threads` threads (0 = all). A pass sweeps the buffer once, or
+// as many times as take about pass_seconds: on a shared VM one-sweep passes (20 ms for 1 GiB)
+// catch moments of other tenants' load and swing by 30% within one measurement, where passes as
+// long as a benchmark's repetitions agree within a few percent. Zeros when it could not measure
+// (no room for the buffer, or a buffer too small to split).
+ReadBandwidth MeasureMemoryReadBandwidth(size_t buffer_bytes = size_t{1} << 30, int threads = 0,
+                                         double pass_seconds = 0);
 
 }  // namespace cachette
