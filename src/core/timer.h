@@ -31,8 +31,9 @@ class Stopwatch {
 };
 
 // Memory read bandwidth in bytes/s over several passes: the best pass, and the median one. On a
-// shared machine the two can differ by 10-20% (the best catches a quiet moment); a benchmark
-// quoting a median of its own repetitions should show both.
+// shared machine the two can differ by 40% with short passes, a few percent with long ones (the
+// best catches a quiet moment); a benchmark quoting a median of its own repetitions should show
+// both.
 struct ReadBandwidth {
   double best = 0;
   double median = 0;
