@@ -166,26 +166,41 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
 
 // One layer's attention for qwen2.5-0.5b heads (14 query heads, 2 KV heads, head_dim 64) over a
 // paged cache of 32-token blocks: n_q queries ending at position ctx - 1.
-void BM_Attention(benchmark::State& state, KvType type, int64_t n_q, int64_t ctx) {
-  constexpr int kHead = 14, kKvHead = 2, kHd = 64, kBlock = 32;
+// One layer's attention at a depth (qwen2.5-0.5b heads, 32-slot blocks), or with layers > 1
+// a decode step's attention over that many layers laid out as the engine's page pool lays
+// them (kv/page_pool.h: a 16-slot page holds every layer's K and V blocks, pages in address
+// order). 24 layers at 4,096 slots hold 48 MiB of f16 KV, more than a last-level cache, so
+// the K and V vectors come from memory in blocks 196 KiB apart, as in a decode step; one
+// layer's KV stays in cache across iterations.
+void BM_Attention(benchmark::State& state, KvType type, int64_t n_q, int64_t ctx, int layers) {
+  constexpr int kHead = 14, kKvHead = 2, kHd = 64;
+  const int block = layers > 1 ? 16 : 32;
   const size_t tok_bytes = KvHeadBytes(type, kHd) * kKvHead;
-  const int64_t n_blocks = (ctx + kBlock - 1) / kBlock;
-  std::vector<std::vector<uint8_t>> k(n_blocks), v(n_blocks);
-  std::vector<const void*> kp, vp;
-  const std::vector<float> vals = RandomActivations(kBlock * kKvHead * kHd);
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    for (auto* s : {&k[b], &v[b]}) {
-      s->resize(tok_bytes * kBlock);
-      StoreKv(vals.data(), kBlock * kKvHead, kHd, type, s->data());
+  const size_t block_bytes = tok_bytes * block, page_bytes = 2 * layers * block_bytes;
+  const int64_t n_pages = (ctx + block - 1) / block;
+  std::vector<uint8_t> pool(n_pages * page_bytes);
+  std::vector<const void*> kp(layers * n_pages), vp(layers * n_pages);
+  const std::vector<float> vals = RandomActivations(block * kKvHead * kHd);
+  for (int64_t p = 0; p < n_pages; ++p) {
+    for (int l = 0; l < layers; ++l) {
+      uint8_t* k = pool.data() + p * page_bytes + 2 * l * block_bytes;
+      StoreKv(vals.data(), block * kKvHead, kHd, type, k);
+      StoreKv(vals.data(), block * kKvHead, kHd, type, k + block_bytes);
+      kp[l * n_pages + p] = k;
+      vp[l * n_pages + p] = k + block_bytes;
     }
-    kp.push_back(k[b].data());
-    vp.push_back(v[b].data());
   }
-  const KvView kv{type, kKvHead, kHd, kBlock, kp.data(), vp.data(), ctx};
+  std::vector<KvView> kv;
+  for (int l = 0; l < layers; ++l) {
+    kv.push_back(KvView{type, kKvHead, kHd, block, kp.data() + l * n_pages,
+                        vp.data() + l * n_pages, ctx});
+  }
   const std::vector<float> q = RandomActivations(n_q * kHead * kHd);
   std::vector<float> out(q.size());
   for (auto _ : state) {
-    Attention(q.data(), n_q, kHead, ctx - n_q, kv, 0.125f, out.data(), Pool());
+    for (const KvView& v : kv) {
+      Attention(q.data(), n_q, kHead, ctx - n_q, v, 0.125f, out.data(), Pool());
+    }
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["tok/s"] =
@@ -298,9 +313,14 @@ int main(int argc, char** argv) {
                             {1, 16384}}) {
       const std::string name = "Attention/" + std::string(KvTypeName(kt)) + "/q" +
                                std::to_string(n_q) + "/ctx" + std::to_string(ctx);
-      timing(benchmark::RegisterBenchmark(name.c_str(), BM_Attention, kt, n_q, ctx))
+      timing(benchmark::RegisterBenchmark(name.c_str(), BM_Attention, kt, n_q, ctx, 1))
           ->Unit(benchmark::kMicrosecond);
     }
+  }
+  for (KvType kt : {KvType::kF16, KvType::kQ8_0}) {
+    const std::string name = "Attention/" + std::string(KvTypeName(kt)) + "/q1/ctx4096/layers24";
+    timing(benchmark::RegisterBenchmark(name.c_str(), BM_Attention, kt, 1, 4096, 24))
+        ->Unit(benchmark::kMicrosecond);
   }
   timing(benchmark::RegisterBenchmark("Rope/neox/512x14x64", BM_Rope))
       ->Unit(benchmark::kMicrosecond);

@@ -867,6 +867,40 @@ const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
          static_cast<size_t>(in_block) * hb * kv.n_kv_head + static_cast<size_t>(kvh) * hb;
 }
 
+void TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
+               const uint8_t** vp) {
+  const size_t hb = KvHeadBytes(kv.type, kv.head_dim);
+  const size_t tok_bytes = hb * kv.n_kv_head;
+  int64_t block = j0 / kv.block_tokens, in_block = j0 % kv.block_tokens;
+  for (int j = 0; j < n; ++block, in_block = 0) {
+    const size_t off = static_cast<size_t>(in_block) * tok_bytes + static_cast<size_t>(kvh) * hb;
+    const uint8_t* k = static_cast<const uint8_t*>(kv.k_blocks[block]) + off;
+    const uint8_t* v = static_cast<const uint8_t*>(kv.v_blocks[block]) + off;
+    for (int64_t r = in_block; r < kv.block_tokens && j < n; ++r, ++j) {
+      kp[j] = k;
+      vp[j] = v;
+      k += tok_bytes;
+      v += tok_bytes;
+    }
+  }
+}
+
+TilePrefetch::TilePrefetch(const KvView& kv, int kvh, int64_t first, int64_t stop)
+    : head_bytes_(KvHeadBytes(kv.type, kv.head_dim)) {
+  const int64_t n = std::min<int64_t>(kAttnTile, stop - first);
+  if (n <= 0) return;
+  n_ = static_cast<int>(n);
+  TileSlots(kv, kvh, first, n_, k_, v_);
+}
+
+void TilePrefetch::Prefetch(int j) const {
+  if (j >= n_) return;
+  for (size_t x = 0; x < head_bytes_; x += 64) {
+    __builtin_prefetch(k_[j] + x, 0, 3);
+    __builtin_prefetch(v_[j] + x, 0, 3);
+  }
+}
+
 const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
   const size_t row = static_cast<size_t>(kv.n_kv_head) * kv.head_dim;
   return static_cast<const uint16_t*>(v ? kv.tail_v : kv.tail_k) +

@@ -1035,6 +1035,40 @@ __m128 Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// Scores of HB heads of one query over keys [0, n4) of the widened K tile, four keys at a time
+// (qp: the heads' zero-padded q rows, ld apart): per 8-feature chunk each K row chunk is
+// loaded once for the HB heads, 4 * HB accumulators. Per (head, key) the same FMAs in the same
+// order and the same Reduce4x8 as one head at a time, so the same bits.
+template <int HB>
+void ScoreHeads(const float* qp, int ld, const float* kt, int n4, float scale,
+                float (*s)[kAttnTile]) {
+  const __m128 sc = _mm_set1_ps(scale);
+  for (int j = 0; j < n4; j += 4) {
+    const float* k0 = kt + j * ld;
+    __m256 a[HB][4];
+    #pragma GCC unroll 4
+    for (int h = 0; h < HB; ++h) {
+      #pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) a[h][x] = _mm256_setzero_ps();
+    }
+    for (int c = 0; c < ld; c += 8) {
+      __m256 qc[HB];
+      #pragma GCC unroll 4
+      for (int h = 0; h < HB; ++h) qc[h] = _mm256_load_ps(qp + h * ld + c);
+      #pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) {
+        const __m256 kv = _mm256_load_ps(k0 + x * ld + c);
+        #pragma GCC unroll 4
+        for (int h = 0; h < HB; ++h) a[h][x] = _mm256_fmadd_ps(qc[h], kv, a[h][x]);
+      }
+    }
+    #pragma GCC unroll 4
+    for (int h = 0; h < HB; ++h) {
+      _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4x8(a[h][0], a[h][1], a[h][2], a[h][3]), sc));
+    }
+  }
+}
+
 // 8 widened elements [i, i + 8) of a stored head vector of hd features, zeros past hd.
 template <KvType kT>
 __m256 WidenKv8(const uint8_t* p, int i, int hd) {
@@ -1044,19 +1078,66 @@ __m256 WidenKv8(const uint8_t* p, int i, int hd) {
   return _mm256_load_ps(f);
 }
 
+// The V half of a tile for G heads of one query and the 8-feature chunks [c, c + C): the
+// heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n in slot order
+// (C * G accumulators in registers; C = 2 while 2G + 3 registers fit in 16). V rows come from
+// `vt` (widened, ld apart) when it is not null, else straight from the stored vectors vp[j]
+// (the same values: the widening is exact).
+template <int G, int C, KvType kT>
+void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
+                const float (*p)[kAttnTile], const float* corr, int c, const __m256i* masks,
+                int hd, float* acc) {
+  __m256 a[C][G];
+  #pragma GCC unroll 2
+  for (int x = 0; x < C; ++x) {
+    #pragma GCC unroll 8
+    for (int h = 0; h < G; ++h) {
+      a[x][h] = _mm256_mul_ps(_mm256_maskload_ps(acc + h * hd + 8 * (c + x), masks[x]),
+                              _mm256_set1_ps(corr[h]));
+    }
+  }
+  // One loop per source of V, so that no choice is left inside it.
+  auto run = [&](auto load) {
+    for (int j = 0; j < n; ++j) {
+      __m256 v[C];
+      #pragma GCC unroll 2
+      for (int x = 0; x < C; ++x) v[x] = load(j, 8 * (c + x));
+      #pragma GCC unroll 8
+      for (int h = 0; h < G; ++h) {
+        const __m256 w = _mm256_set1_ps(p[h][j]);
+        #pragma GCC unroll 2
+        for (int x = 0; x < C; ++x) a[x][h] = _mm256_fmadd_ps(w, v[x], a[x][h]);
+      }
+    }
+  };
+  if (vt != nullptr) {
+    run([&](int j, int i) { return _mm256_load_ps(vt + j * ld + i); });
+  } else if (8 * (c + C) > hd) {  // the last chunk is not whole
+    run([&](int j, int i) { return WidenKv8<kT>(vp[j], i, hd); });
+  } else {
+    run([&](int j, int i) { return LoadKv8(vp[j], i, kT); });
+  }
+  #pragma GCC unroll 2
+  for (int x = 0; x < C; ++x) {
+    #pragma GCC unroll 8
+    for (int h = 0; h < G; ++h) {
+      _mm256_maskstore_ps(acc + h * hd + 8 * (c + x), masks[x], a[x][h]);
+    }
+  }
+}
+
 // attend_block for G heads of nq queries (see kernels_internal.h; the scalar AttendSpan is the
 // definition of each query's arithmetic), built like the AVX-512 BlockHeads with 8 lanes: per
-// tile, K and V widened once to f32 rows (zero-padded to whole 8-feature chunks) in L1
-// scratch for all the queries; per query and head, scores four keys at a time (Reduce4x8);
-// then the head's max, exponentials and sum over the query's own keys; then V with the G
-// accumulators in registers, one 8-feature chunk per pass (16 ymm registers). A query's
-// operations do not depend on the others in the block.
+// tile, K (and for several queries V) widened once to f32 rows (zero-padded to whole 8-feature
+// chunks) in L1 scratch for all the queries, the next tile's vectors prefetched meanwhile;
+// per query, the scores of two heads per pass, four keys at a time (Reduce4x8; ScoreHeads);
+// per head, the max, exponentials and sum over the query's own keys; then V with the G
+// accumulators in registers, one or two 8-feature chunks per pass (16 ymm registers;
+// TileValues). A query's operations do not depend on the others in the block.
 template <int G, KvType kT>
 void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& kv, int kvh,
                 int64_t begin, const int64_t* ends, float scale, float* state,
                 size_t state_stride, int group, int h0) {
-  const size_t head_bytes = KvHeadBytes(kT, hd);
-  const size_t tok_bytes = head_bytes * kv.n_kv_head;
   const int nc = (hd + 7) / 8, ld = 8 * nc;
   const __m256i last = LaneMask(hd - 8 * (nc - 1));
   const float inf = __builtin_inff();
@@ -1077,43 +1158,67 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   constexpr bool kivi = kT == KvType::kKivi4;
   auto* kt = static_cast<float*>(ThreadScratch(
       2, sizeof(float) * ((2 * kAttnTile + nq * G) * ld + (kivi ? 2 * hd : 0))));
-  float* vt = kt + kAttnTile * ld;
-  float* qp = vt + kAttnTile * ld;
+  float* const vbuf = kt + kAttnTile * ld;
+  float* qp = vbuf + kAttnTile * ld;
   for (int i = 0; i < nq; ++i) {
     for (int h = 0; h < G; ++h) {
       float* dst = qp + (i * G + h) * ld;
       for (int d = 0; d < ld; ++d) dst[d] = d < hd ? q[i * q_stride + h * hd + d] : 0.0f;
     }
   }
+  // The tile's K and V vectors in the blocks.
+  const uint8_t *kp[kAttnTile], *vp[kAttnTile];
   alignas(32) float s[G][kAttnTile];
   float corr[G];
   for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
     const int64_t j0 = t0 > begin ? t0 : begin;
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
-    int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
-    if constexpr (kivi) WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
-    for (int j = kivi ? n_all : 0; j < n4_all; ++j) {
-      if (j < n_all && j0 + j >= kv.tail_begin) {  // f16, in a window's ring (KvView::tail_*)
-        const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
-        const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
-        for (int c = 0; c < nc; ++c) {
-          _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<KvType::kF16>(kh, 8 * c, hd));
-          _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<KvType::kF16>(vh, 8 * c, hd));
-        }
-        if (++o == kv.block_tokens) o = 0, ++b;
-      } else if (j < n_all) {
-        const size_t off = o * tok_bytes + kvh * head_bytes;
-        const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
-        const auto* vp = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
-        for (int c = 0; c < nc; ++c) {
-          _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<kT>(kp, 8 * c, hd));
-          _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<kT>(vp, 8 * c, hd));
-        }
-        if (++o == kv.block_tokens) o = 0, ++b;
-      } else {
-        for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
+    // A lone query (a decode step) reads V in place instead of widening it first, except in a
+    // tile reaching a window's f16 tail (every kivi4 tile), whose slots are not all in the
+    // blocks.
+    float* const vt = nq > 1 || kivi || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
+    // The next tile's slots in the blocks, prefetched one per widened slot (TilePrefetch).
+    const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
+    if constexpr (kivi) {
+      WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
+    } else if (j0 + n_all <= kv.tail_begin) {
+      TileSlots(kv, kvh, j0, n_all, kp, vp);
+      for (int j = 0; j < n_all; ++j) {
+        next.Prefetch(j);
+        float* const kr = kt + j * ld;
+        int c = 0;
+        for (; c < nc - 1; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
+        _mm256_store_ps(kr + 8 * c, WidenKv8<kT>(kp[j], 8 * c, hd));
+        if (vt == nullptr) continue;  // a lone query reads V in place
+        float* const vr = vt + j * ld;
+        for (c = 0; c < nc - 1; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
+        _mm256_store_ps(vr + 8 * c, WidenKv8<kT>(vp[j], 8 * c, hd));
       }
+    } else {
+      // The tile reaches a window's f16 ring (KvView::tail_*).
+      for (int j = 0; j < n_all; ++j) {
+        next.Prefetch(j);
+        const int64_t slot = j0 + j;
+        if (slot >= kv.tail_begin) {
+          const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, slot));
+          const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, slot));
+          for (int c = 0; c < nc; ++c) {
+            _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<KvType::kF16>(kh, 8 * c, hd));
+            _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<KvType::kF16>(vh, 8 * c, hd));
+          }
+        } else {
+          const uint8_t* kh = KvSlot(kv, false, kvh, slot);
+          const uint8_t* vh = KvSlot(kv, true, kvh, slot);
+          for (int c = 0; c < nc; ++c) {
+            _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<kT>(kh, 8 * c, hd));
+            _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<kT>(vh, 8 * c, hd));
+          }
+        }
+      }
+    }
+    for (int j = n_all; j < n4_all; ++j) {
+      for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
     }
     for (int qi = 0; qi < nq; ++qi) {
       if (ends[qi] <= j0) continue;
@@ -1121,20 +1226,13 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       const int n4 = (n + 3) & ~3;
       float* mq = m(qi);
       float* lq = l(qi);
+      {
+        const float* qi0 = qp + qi * G * ld;
+        int h = 0;
+        for (; h + 2 <= G; h += 2) ScoreHeads<2>(qi0 + h * ld, ld, kt, n4, scale, s + h);
+        if (h < G) ScoreHeads<1>(qi0 + h * ld, ld, kt, n4, scale, s + h);
+      }
       for (int h = 0; h < G; ++h) {
-        const float* qh = qp + (qi * G + h) * ld;
-        for (int j = 0; j < n4; j += 4) {
-          const float* k0 = kt + j * ld;
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          for (int c = 0; c < ld; c += 8) {
-            const __m256 qc = _mm256_load_ps(qh + c);
-            a0 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + c), a0);
-            a1 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + ld + c), a1);
-            a2 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + 2 * ld + c), a2);
-            a3 = _mm256_fmadd_ps(qc, _mm256_load_ps(k0 + 3 * ld + c), a3);
-          }
-          _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4x8(a0, a1, a2, a3), _mm_set1_ps(scale)));
-        }
         __m256 vmax = _mm256_set1_ps(-inf);
         int i = 0;
         for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s[h] + i));
@@ -1155,18 +1253,17 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
         mq[h] = m_new;
       }
       float* aq = acc(qi);
-      for (int c = 0; c < nc; ++c) {
-        const __m256i mk = c == nc - 1 ? last : _mm256_set1_epi32(-1);
-        __m256 a[G];
-        for (int h = 0; h < G; ++h) {
-          a[h] = _mm256_mul_ps(_mm256_maskload_ps(aq + h * hd + 8 * c, mk),
-                               _mm256_set1_ps(corr[h]));
+      const __m256i all = _mm256_set1_epi32(-1);
+      int c = 0;
+      if constexpr (2 * G + 3 <= 16) {
+        for (; c + 2 <= nc; c += 2) {
+          const __m256i masks[2] = {all, c + 2 == nc ? last : all};
+          TileValues<G, 2, kT>(vt, vp, ld, n, s, corr, c, masks, hd, aq);
         }
-        for (int j = 0; j < n; ++j) {
-          const __m256 v = _mm256_load_ps(vt + j * ld + 8 * c);
-          for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(s[h][j]), v, a[h]);
-        }
-        for (int h = 0; h < G; ++h) _mm256_maskstore_ps(aq + h * hd + 8 * c, mk, a[h]);
+      }
+      for (; c < nc; ++c) {
+        const __m256i masks[1] = {c == nc - 1 ? last : all};
+        TileValues<G, 1, kT>(vt, vp, ld, n, s, corr, c, masks, hd, aq);
       }
     }
   }

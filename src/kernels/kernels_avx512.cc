@@ -20,7 +20,9 @@
 //    broadcast activation bytes advances 16 rows at once and no horizontal sums are needed; the
 //    offset is removed with the per-block activation sums precomputed at quantization.
 // Attention widens each 64-slot K tile (and, for several queries, V tile) to f32 once for all
-// query heads of a GQA group and a block of up to 4 queries (BlockHeads).
+// query heads of a GQA group and a block of up to 4 queries (BlockHeads), scores up to 4 heads
+// per pass over the tile with their q in registers (ScoreHeads), and prefetches the next
+// tile's K and V vectors while this one computes.
 //
 // WART: AMX-INT8 (TDPBSUD) is detected but not used. Tile kernels for the Q8_0/Q4_0 panels
 // were built (a block's exact int32 dots per 16 tokens x 16 rows, then these panels' float
@@ -965,6 +967,84 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   }
 }
 
+// Scores of HB heads of one query over keys [0, n4) of a widened K tile, four keys at a time:
+// the heads' NC q chunks stay in registers and each K chunk is loaded once for the HB heads.
+// Per (head, key) the same FMAs over the chunks in order and the same Reduce4 as one head at a
+// time, so the same bits. HB * (NC + 4) zmm registers.
+template <int NC, int HB>
+void ScoreHeads(const float* qh, int hd, const float* kt, int ld, int n4, __mmask16 last,
+                float scale, float (*s)[kAttnTile]) {
+  __m512 qv[HB][NC];
+  #pragma GCC unroll 16
+  for (int h = 0; h < HB; ++h) {
+    #pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      qv[h][c] = _mm512_maskz_loadu_ps(c == NC - 1 ? last : 0xffff, qh + h * hd + 16 * c);
+    }
+  }
+  const __m128 sc = _mm_set1_ps(scale);
+  for (int j = 0; j < n4; j += 4) {
+    const float* k0 = kt + j * ld;
+    __m512 a[HB][4];
+    #pragma GCC unroll 16
+    for (int h = 0; h < HB; ++h) {
+      #pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) a[h][x] = _mm512_setzero_ps();
+    }
+    #pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      #pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) {
+        const __m512 kv = _mm512_load_ps(k0 + x * ld + 16 * c);
+        #pragma GCC unroll 4
+        for (int h = 0; h < HB; ++h) a[h][x] = _mm512_fmadd_ps(qv[h][c], kv, a[h][x]);
+      }
+    }
+    #pragma GCC unroll 4
+    for (int h = 0; h < HB; ++h) {
+      _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4(a[h][0], a[h][1], a[h][2], a[h][3]), sc));
+    }
+  }
+}
+
+// Heads per ScoreHeads pass: as many as fit HB * (NC + 4) <= 24 registers, at most 4.
+constexpr int ScoreBlock(int nc) {
+  return 24 / (nc + 4) < 1 ? 1 : (24 / (nc + 4) > 4 ? 4 : 24 / (nc + 4));
+}
+
+// Scores of all g heads of one query (head h's q at q + h * hd, its scores in s[h]).
+template <int NC>
+void TileScores(const float* q, int g, int hd, const float* kt, int ld, int n4, __mmask16 last,
+                float scale, float (*s)[kAttnTile]) {
+  constexpr int kHb = ScoreBlock(NC);
+  int h = 0;
+  for (; h + kHb <= g; h += kHb) {
+    ScoreHeads<NC, kHb>(q + h * hd, hd, kt, ld, n4, last, scale, s + h);
+  }
+  switch (g - h) {
+    case 1: ScoreHeads<NC, 1>(q + h * hd, hd, kt, ld, n4, last, scale, s + h); break;
+    case 2:
+      if constexpr (kHb > 2) ScoreHeads<NC, 2>(q + h * hd, hd, kt, ld, n4, last, scale, s + h);
+      break;
+    case 3:
+      if constexpr (kHb > 3) ScoreHeads<NC, 3>(q + h * hd, hd, kt, ld, n4, last, scale, s + h);
+      break;
+    default: break;
+  }
+}
+
+using TileScoresFn = void (*)(const float*, int, int, const float*, int, int, __mmask16, float,
+                              float (*)[kAttnTile]);
+// By the number of 16-feature chunks of a head (head_dim up to 128; 256 also); null: the
+// generic loop in BlockHeads.
+TileScoresFn TileScoresFor(int nc) {
+  static constexpr TileScoresFn kFns[9] = {nullptr,        TileScores<1>, TileScores<2>,
+                                           TileScores<3>, TileScores<4>, TileScores<5>,
+                                           TileScores<6>, TileScores<7>, TileScores<8>};
+  if (nc <= 8) return kFns[nc];
+  return nc == 16 ? TileScores<16> : nullptr;
+}
+
 // Where attend_block puts its results: query i's state starts at state + i * stride, heads
 // h0 .. h0 + G of a group of `group` (m[group], l[group], acc[group][hd]).
 struct BlockOut {
@@ -976,17 +1056,16 @@ struct BlockOut {
 
 // attend_block for G heads of nq consecutive queries (see kernels_internal.h; the scalar
 // AttendSpan is the definition of each query's arithmetic). Per tile: K and V widened once to
-// f32 rows in L1 scratch (zero-padded to whole 16-feature chunks) for all the queries; then
-// per query: per head, scores four keys at a time (one Reduce4 for four dot products), the
-// head's max, exponentials and sum over the query's own keys of the tile, and its V sum with
-// the G heads' accumulators in registers, two 16-feature chunks per pass. A query's operations
-// do not depend on the others in the block: a decode step (nq = 1) and any prefill block give
+// f32 rows in L1 scratch (zero-padded to whole 16-feature chunks) for all the queries, the
+// next tile's vectors prefetched meanwhile; then per query: the scores of up to 4 heads per
+// pass, four keys at a time (one Reduce4 for four dot products; TileScores); per head, the
+// max, exponentials and sum over the query's own keys of the tile; and the V sum with the G
+// heads' accumulators in registers, two 16-feature chunks per pass. A query's operations do
+// not depend on the others in the block: a decode step (nq = 1) and any prefill block give
 // the same bits.
 template <int G, KvType kT>
 void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& kv, int kvh,
                 int64_t begin, const int64_t* ends, float scale, const BlockOut& out) {
-  const size_t head_bytes = KvHeadBytes(kT, hd);
-  const size_t tok_bytes = head_bytes * kv.n_kv_head;
   const int nc = (hd + 15) / 16, ld = 16 * nc;
   const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
   const float inf = __builtin_inff();
@@ -1010,39 +1089,57 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   auto* kt = static_cast<float*>(
       ThreadScratch(2, sizeof(float) * (2 * kAttnTile * ld + (kivi ? 2 * hd : 0))));
   float* const vbuf = kt + kAttnTile * ld;
-  const uint8_t* vp[kAttnTile];
+  // The tile's K and V vectors in the blocks.
+  const uint8_t *kp[kAttnTile], *vp[kAttnTile];
   alignas(64) float s[G][kAttnTile];
   float corr[G];
+  const TileScoresFn scores = TileScoresFor(nc);
   for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
     const int64_t j0 = t0 > begin ? t0 : begin;
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
-    int64_t b = j0 / kv.block_tokens, o = j0 % kv.block_tokens;
     float* const vt = nq > 1 || kivi || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
-    if constexpr (kivi) WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
-    for (int j = kivi ? n_all : 0; j < n4_all; ++j) {
-      if (j < n_all && j0 + j >= kv.tail_begin) {  // f16, in the window's ring (vt is set)
-        const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
-        const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
-        for (int c = 0; c < nc; ++c) {
-          const __mmask16 mk = c == nc - 1 ? last : 0xffff;
-          _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, KvType::kF16, mk));
-          _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, KvType::kF16, mk));
+    // The next tile's slots in the blocks, prefetched one per widened slot (TilePrefetch).
+    const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
+    if constexpr (kivi) {
+      WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
+    } else if (j0 + n_all <= kv.tail_begin) {
+      TileSlots(kv, kvh, j0, n_all, kp, vp);
+      for (int j = 0; j < n_all; ++j) {
+        next.Prefetch(j);
+        float* const kr = kt + j * ld;
+        int c = 0;
+        for (; c < nc - 1; ++c) {
+          _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, 0xffff));
         }
-        if (++o == kv.block_tokens) o = 0, ++b;
-      } else if (j < n_all) {
-        const size_t off = o * tok_bytes + kvh * head_bytes;
-        const auto* kp = static_cast<const uint8_t*>(kv.k_blocks[b]) + off;
-        vp[j] = static_cast<const uint8_t*>(kv.v_blocks[b]) + off;
-        for (int c = 0; c < nc; ++c) {
-          const __mmask16 mk = c == nc - 1 ? last : 0xffff;
-          _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kp, 16 * c, kT, mk));
-          if (vt != nullptr) _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vp[j], 16 * c, kT, mk));
+        _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, last));
+        if (vt == nullptr) continue;  // a lone query reads V in place
+        float* const vr = vt + j * ld;
+        for (c = 0; c < nc - 1; ++c) {
+          _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, 0xffff));
         }
-        if (++o == kv.block_tokens) o = 0, ++b;
-      } else {
-        for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
+        _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, last));
       }
+    } else {
+      // The tile reaches a window's f16 ring (vt is set).
+      for (int j = 0; j < n_all; ++j) {
+        next.Prefetch(j);
+        const int64_t slot = j0 + j;
+        const bool ring = slot >= kv.tail_begin;
+        const auto* kh = ring ? reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, slot))
+                              : KvSlot(kv, false, kvh, slot);
+        const auto* vh = ring ? reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, slot))
+                              : KvSlot(kv, true, kvh, slot);
+        const KvType t = ring ? KvType::kF16 : kT;
+        for (int c = 0; c < nc; ++c) {
+          const __mmask16 mk = c == nc - 1 ? last : 0xffff;
+          _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, t, mk));
+          _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, t, mk));
+        }
+      }
+    }
+    for (int j = n_all; j < n4_all; ++j) {
+      for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
     }
     for (int qi = 0; qi < nq; ++qi) {
       if (ends[qi] <= j0) continue;
@@ -1051,9 +1148,10 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       const float* qq = q + qi * q_stride;
       float* mq = m(qi);
       float* lq = l(qi);
+      if (scores != nullptr) scores(qq, G, hd, kt, ld, n4, last, scale, s);
       for (int h = 0; h < G; ++h) {
         const float* qh = qq + h * hd;
-        for (int j = 0; j < n4; j += 4) {
+        for (int j = 0; j < (scores != nullptr ? 0 : n4); j += 4) {
           const float* k0 = kt + j * ld;
           __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
           for (int c = 0; c < nc; ++c) {

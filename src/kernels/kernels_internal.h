@@ -109,16 +109,39 @@ const Ops& Avx512Ops();
 //   KvSlot / TailSlot: a head vector's address in the blocks / in the f16 tail ring.
 //   WidenTile: slots [j0, j0 + n) of KV head kvh to f32 rows of K and V, ld floats apart, for
 //              any KV type, tail slots (KvView::tail_begin) from the f16 ring.
+//   TileSlots: the addresses of KV head kvh's K and V vectors for slots [j0, j0 + n), all in
+//              the blocks (below tail_begin): a block's consecutive slots without a division
+//              each.
 void KiviKeyParams(const void* first, size_t stride, int head_dim, float* scale, float* min);
 void KiviKeyRow(const void* k, int head_dim, const float* scale, const float* min, float* out);
 void KiviValueRow(const void* v, int head_dim, float* out);
 const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot);
 const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot);
 void WidenTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld);
+void TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
+               const uint8_t** vp);
 
 // Key tile of attend_block (slots); the attention front end splits long ranges at multiples
 // of it.
 constexpr int kAttnTile = 64;
+
+// attend_block's look-ahead: the K and V vectors of KV head kvh for the tile of slots from
+// `first` (up to kAttnTile of them, below `stop`), prefetched one slot per Prefetch(j) while
+// the tile before is widened, so that they arrive from memory while it computes. The engine's
+// 16-slot pages put each block of a layer in another 4 KiB page, where hardware prefetchers
+// stop (docs/benchmarks.md, "Attention over long contexts"). Defined in kernels.cc (no
+// vector code).
+class TilePrefetch {
+ public:
+  TilePrefetch(const KvView& kv, int kvh, int64_t first, int64_t stop);
+  void Prefetch(int j) const;
+
+ private:
+  int n_ = 0;
+  size_t head_bytes_ = 0;
+  const uint8_t* k_[kAttnTile];
+  const uint8_t* v_[kAttnTile];
+};
 
 // A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across
 // calls (grows, never shrinks). `slot` tells independent buffers of one thread apart:

@@ -1110,42 +1110,53 @@ TEST_F(IsaTest, AttentionLseRangesMergeIntoAttention) {
 // A query's attention output is the same bits whether it runs alone (a decode step, its
 // splits spread over threads), inside a prefill chunk of any size, or on one thread: the
 // property that makes a cache hit's recompute and a batched decode equal a lone cold run.
+// Shapes: 3 query heads per KV head; 7 (more than one pass of the score and value loops); a
+// head_dim of 36, whose last chunk is partial at both vector widths (float KV only).
 TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
-  const int n_head = 6, n_kv_head = 2, hd = 64;
+  struct Shape {
+    int n_head, n_kv_head, hd;
+  };
   const int64_t q_pos0 = 2030, n_q = 24;  // query 18 is the first past the split at 2,048
   ThreadPool one(1), three(3);
-  for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_1}) {
-    TestKv kv = MakeKv(type, n_kv_head, hd, 16, q_pos0 + n_q, q_pos0 + n_q, rng_);
-    std::vector<float> q = RandomFloats(n_q * n_head * hd, -2, 2);
-    const size_t row = static_cast<size_t>(n_head) * hd;
-    for (Isa isa : Levels()) {
-      SetIsa(isa);
-      SCOPED_TRACE(std::string(KvTypeName(type)) + " " + std::string(IsaName(isa)));
-      std::vector<float> chunk(q.size());
-      Attention(q.data(), n_q, n_head, q_pos0, kv.view, 0.125f, chunk.data(), pool_);
-      std::vector<float> other(q.size());
-      Attention(q.data(), n_q, n_head, q_pos0, kv.view, 0.125f, other.data(), one);
-      ASSERT_EQ(0, std::memcmp(chunk.data(), other.data(), q.size() * sizeof(float)));
-      for (int64_t cut : {int64_t{1}, int64_t{7}, int64_t{18}, int64_t{21}}) {
-        SCOPED_TRACE("chunks cut at " + std::to_string(cut));
-        Attention(q.data(), cut, n_head, q_pos0, kv.view, 0.125f, other.data(), three);
-        Attention(q.data() + cut * row, n_q - cut, n_head, q_pos0 + cut, kv.view, 0.125f,
-                  other.data() + cut * row, pool_);
+  for (const Shape& shape : {Shape{6, 2, 64}, Shape{14, 2, 64}, Shape{4, 1, 36}}) {
+    for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_1}) {
+      if (shape.hd % KvTypeBlockElems(type) != 0) continue;
+      const int n_head = shape.n_head, n_kv_head = shape.n_kv_head, hd = shape.hd;
+      SCOPED_TRACE(std::to_string(n_head) + " heads, " + std::to_string(n_kv_head) +
+                   " KV heads of " + std::to_string(hd));
+      TestKv kv = MakeKv(type, n_kv_head, hd, 16, q_pos0 + n_q, q_pos0 + n_q, rng_);
+      std::vector<float> q = RandomFloats(n_q * n_head * hd, -2, 2);
+      const size_t row = static_cast<size_t>(n_head) * hd;
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        SCOPED_TRACE(std::string(KvTypeName(type)) + " " + std::string(IsaName(isa)));
+        std::vector<float> chunk(q.size());
+        Attention(q.data(), n_q, n_head, q_pos0, kv.view, 0.125f, chunk.data(), pool_);
+        std::vector<float> other(q.size());
+        Attention(q.data(), n_q, n_head, q_pos0, kv.view, 0.125f, other.data(), one);
         ASSERT_EQ(0, std::memcmp(chunk.data(), other.data(), q.size() * sizeof(float)));
+        for (int64_t cut : {int64_t{1}, int64_t{7}, int64_t{18}, int64_t{21}}) {
+          SCOPED_TRACE("chunks cut at " + std::to_string(cut));
+          Attention(q.data(), cut, n_head, q_pos0, kv.view, 0.125f, other.data(), three);
+          Attention(q.data() + cut * row, n_q - cut, n_head, q_pos0 + cut, kv.view, 0.125f,
+                    other.data() + cut * row, pool_);
+          ASSERT_EQ(0, std::memcmp(chunk.data(), other.data(), q.size() * sizeof(float)));
+        }
+        for (int64_t i : {int64_t{0}, int64_t{17}, int64_t{18}, n_q - 1}) {
+          SCOPED_TRACE("alone: query " + std::to_string(i));
+          std::vector<float> alone(row);
+          const float* qi = q.data() + i * row;
+          Attention(qi, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), pool_);
+          ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
+          Attention(qi, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), one);
+          ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
+        }
+        // AttentionLse over the same causal ranges is the same computation.
+        std::vector<float> lse_out(q.size()), lse(n_q * n_head);
+        AttentionLse(q.data(), n_q, n_head, kv.view, 0, q_pos0 + n_q, q_pos0, 0.125f,
+                     lse_out.data(), lse.data(), three);
+        ASSERT_EQ(0, std::memcmp(chunk.data(), lse_out.data(), q.size() * sizeof(float)));
       }
-      for (int64_t i : {int64_t{0}, int64_t{17}, int64_t{18}, n_q - 1}) {
-        SCOPED_TRACE("alone: query " + std::to_string(i));
-        std::vector<float> alone(row);
-        Attention(q.data() + i * row, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), pool_);
-        ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
-        Attention(q.data() + i * row, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), one);
-        ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
-      }
-      // AttentionLse over the same causal ranges is the same computation.
-      std::vector<float> lse_out(q.size()), lse(n_q * n_head);
-      AttentionLse(q.data(), n_q, n_head, kv.view, 0, q_pos0 + n_q, q_pos0, 0.125f, lse_out.data(),
-                   lse.data(), three);
-      ASSERT_EQ(0, std::memcmp(chunk.data(), lse_out.data(), q.size() * sizeof(float)));
     }
   }
 }
