@@ -1184,16 +1184,16 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
     } else if (j0 + n_all <= kv.tail_begin) {
       TileSlots(kv, kvh, j0, n_all, kp, vp);
+      const int whole = hd / 8;  // chunks read straight; a partial last one is padded
       for (int j = 0; j < n_all; ++j) {
         next.Prefetch(j);
         float* const kr = kt + j * ld;
-        int c = 0;
-        for (; c < nc - 1; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
-        _mm256_store_ps(kr + 8 * c, WidenKv8<kT>(kp[j], 8 * c, hd));
+        for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
+        if (whole < nc) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(kp[j], 8 * whole, hd));
         if (vt == nullptr) continue;  // a lone query reads V in place
         float* const vr = vt + j * ld;
-        for (c = 0; c < nc - 1; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
-        _mm256_store_ps(vr + 8 * c, WidenKv8<kT>(vp[j], 8 * c, hd));
+        for (int c = 0; c < whole; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
+        if (whole < nc) _mm256_store_ps(vr + 8 * whole, WidenKv8<kT>(vp[j], 8 * whole, hd));
       }
     } else {
       // The tile reaches a window's f16 ring (KvView::tail_*).
