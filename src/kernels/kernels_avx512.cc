@@ -1125,16 +1125,22 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       for (int j = 0; j < n_all; ++j) {
         next.Prefetch(j);
         const int64_t slot = j0 + j;
-        const bool ring = slot >= kv.tail_begin;
-        const auto* kh = ring ? reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, slot))
-                              : KvSlot(kv, false, kvh, slot);
-        const auto* vh = ring ? reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, slot))
-                              : KvSlot(kv, true, kvh, slot);
-        const KvType t = ring ? KvType::kF16 : kT;
-        for (int c = 0; c < nc; ++c) {
-          const __mmask16 mk = c == nc - 1 ? last : 0xffff;
-          _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, t, mk));
-          _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, t, mk));
+        if (slot >= kv.tail_begin) {
+          const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, slot));
+          const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, slot));
+          for (int c = 0; c < nc; ++c) {
+            const __mmask16 mk = c == nc - 1 ? last : 0xffff;
+            _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, KvType::kF16, mk));
+            _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, KvType::kF16, mk));
+          }
+        } else {
+          const uint8_t* kh = KvSlot(kv, false, kvh, slot);
+          const uint8_t* vh = KvSlot(kv, true, kvh, slot);
+          for (int c = 0; c < nc; ++c) {
+            const __mmask16 mk = c == nc - 1 ? last : 0xffff;
+            _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, kT, mk));
+            _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, kT, mk));
+          }
         }
       }
     }
