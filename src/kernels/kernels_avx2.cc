@@ -1082,7 +1082,7 @@ __m256 WidenKv8(const uint8_t* p, int i, int hd) {
 // heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n in slot order
 // (C * G accumulators in registers; C = 2 while 2G + 3 registers fit in 16). V rows come from
 // `vt` (widened, ld apart) when it is not null, else straight from the stored vectors vp[j]
-// (the same values: the widening is exact).
+// (the same values: the widening is exact; only when head_dim is whole 8-feature chunks).
 template <int G, int C, KvType kT>
 void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
                 const float (*p)[kAttnTile], const float* corr, int c, const __m256i* masks,
@@ -1112,8 +1112,6 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   };
   if (vt != nullptr) {
     run([&](int j, int i) { return _mm256_load_ps(vt + j * ld + i); });
-  } else if (8 * (c + C) > hd) {  // the last chunk is not whole
-    run([&](int j, int i) { return WidenKv8<kT>(vp[j], i, hd); });
   } else {
     run([&](int j, int i) { return LoadKv8(vp[j], i, kT); });
   }
@@ -1176,8 +1174,9 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const int n4_all = (n_all + 3) & ~3;
     // A lone query (a decode step) reads V in place instead of widening it first, except in a
     // tile reaching a window's f16 tail (every kivi4 tile), whose slots are not all in the
-    // blocks.
-    float* const vt = nq > 1 || kivi || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
+    // blocks, and with a partial last chunk.
+    float* const vt =
+        nq > 1 || kivi || hd % 8 != 0 || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
     // The next tile's slots in the blocks, prefetched one per widened slot (TilePrefetch).
     const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
     if constexpr (kivi) {
