@@ -164,9 +164,8 @@ void BM_Model(benchmark::State& state, WType t, int64_t m, Isa isa) {
   SetIsa(BestIsa());
 }
 
-// One layer's attention for qwen2.5-0.5b heads (14 query heads, 2 KV heads, head_dim 64) over a
-// paged cache of 32-token blocks: n_q queries ending at position ctx - 1.
-// One layer's attention at a depth (qwen2.5-0.5b heads, 32-slot blocks), or with layers > 1
+// n_q queries ending at position ctx - 1, qwen2.5-0.5b heads (14 query heads, 2 KV heads,
+// head_dim 64): one layer's attention over a paged cache of 32-slot blocks, or with layers > 1
 // a decode step's attention over that many layers laid out as the engine's page pool lays
 // them (kv/page_pool.h: a 16-slot page holds every layer's K and V blocks, pages in address
 // order). 24 layers at 4,096 slots hold 48 MiB of f16 KV, more than a last-level cache, so

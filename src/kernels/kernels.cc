@@ -867,22 +867,28 @@ const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
          static_cast<size_t>(in_block) * hb * kv.n_kv_head + static_cast<size_t>(kvh) * hb;
 }
 
-void TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
-               const uint8_t** vp) {
+int TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
+              const uint8_t** vp) {
   const size_t hb = KvHeadBytes(kv.type, kv.head_dim);
   const size_t tok_bytes = hb * kv.n_kv_head;
+  const int n_blocks = static_cast<int>(std::clamp<int64_t>(kv.tail_begin - j0, 0, n));
   int64_t block = j0 / kv.block_tokens, in_block = j0 % kv.block_tokens;
-  for (int j = 0; j < n; ++block, in_block = 0) {
+  for (int j = 0; j < n_blocks; ++block, in_block = 0) {
     const size_t off = static_cast<size_t>(in_block) * tok_bytes + static_cast<size_t>(kvh) * hb;
     const uint8_t* k = static_cast<const uint8_t*>(kv.k_blocks[block]) + off;
     const uint8_t* v = static_cast<const uint8_t*>(kv.v_blocks[block]) + off;
-    for (int64_t r = in_block; r < kv.block_tokens && j < n; ++r, ++j) {
+    for (int64_t r = in_block; r < kv.block_tokens && j < n_blocks; ++r, ++j) {
       kp[j] = k;
       vp[j] = v;
       k += tok_bytes;
       v += tok_bytes;
     }
   }
+  for (int j = n_blocks; j < n; ++j) {
+    kp[j] = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
+    vp[j] = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
+  }
+  return n_blocks;
 }
 
 TilePrefetch::TilePrefetch(const KvView& kv, int kvh, int64_t first, int64_t stop)

@@ -1078,6 +1078,25 @@ __m256 WidenKv8(const uint8_t* p, int i, int hd) {
   return _mm256_load_ps(f);
 }
 
+// Rows [j_from, j_to) of the K tile, and of the V tile when vt is set, widened from the stored
+// vectors kp[j], vp[j] of type kT (whole 8-feature chunks straight, a partial last one
+// zero-padded), the next tile prefetched one slot per row.
+template <KvType kT>
+void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, int j_to, int hd,
+               int ld, float* kt, float* vt, const TilePrefetch& next) {
+  const int whole = hd / 8;
+  for (int j = j_from; j < j_to; ++j) {
+    next.Prefetch(j);
+    float* const kr = kt + j * ld;
+    for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
+    if (8 * whole < ld) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(kp[j], 8 * whole, hd));
+    if (vt == nullptr) continue;  // a lone query reads V in place
+    float* const vr = vt + j * ld;
+    for (int c = 0; c < whole; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
+    if (8 * whole < ld) _mm256_store_ps(vr + 8 * whole, WidenKv8<kT>(vp[j], 8 * whole, hd));
+  }
+}
+
 // The V half of a tile for G heads of one query and the 8-feature chunks [c, c + C): the
 // heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n in slot order
 // (C * G accumulators in registers; C = 2 while 2G + 3 registers fit in 16). V rows come from
@@ -1164,7 +1183,7 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       for (int d = 0; d < ld; ++d) dst[d] = d < hd ? q[i * q_stride + h * hd + d] : 0.0f;
     }
   }
-  // The tile's K and V vectors in the blocks.
+  // The tile's stored K and V vectors.
   const uint8_t *kp[kAttnTile], *vp[kAttnTile];
   alignas(32) float s[G][kAttnTile];
   float corr[G];
@@ -1181,40 +1200,10 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
     if constexpr (kivi) {
       WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
-    } else if (j0 + n_all <= kv.tail_begin) {
-      TileSlots(kv, kvh, j0, n_all, kp, vp);
-      const int whole = hd / 8;  // chunks read straight; a partial last one is padded
-      for (int j = 0; j < n_all; ++j) {
-        next.Prefetch(j);
-        float* const kr = kt + j * ld;
-        for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
-        if (whole < nc) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(kp[j], 8 * whole, hd));
-        if (vt == nullptr) continue;  // a lone query reads V in place
-        float* const vr = vt + j * ld;
-        for (int c = 0; c < whole; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
-        if (whole < nc) _mm256_store_ps(vr + 8 * whole, WidenKv8<kT>(vp[j], 8 * whole, hd));
-      }
     } else {
-      // The tile reaches a window's f16 ring (KvView::tail_*).
-      for (int j = 0; j < n_all; ++j) {
-        next.Prefetch(j);
-        const int64_t slot = j0 + j;
-        if (slot >= kv.tail_begin) {
-          const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, slot));
-          const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, slot));
-          for (int c = 0; c < nc; ++c) {
-            _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<KvType::kF16>(kh, 8 * c, hd));
-            _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<KvType::kF16>(vh, 8 * c, hd));
-          }
-        } else {
-          const uint8_t* kh = KvSlot(kv, false, kvh, slot);
-          const uint8_t* vh = KvSlot(kv, true, kvh, slot);
-          for (int c = 0; c < nc; ++c) {
-            _mm256_store_ps(kt + j * ld + 8 * c, WidenKv8<kT>(kh, 8 * c, hd));
-            _mm256_store_ps(vt + j * ld + 8 * c, WidenKv8<kT>(vh, 8 * c, hd));
-          }
-        }
-      }
+      const int n_blocks = TileSlots(kv, kvh, j0, n_all, kp, vp);  // the rest in the f16 ring
+      WidenRows<kT>(kp, vp, 0, n_blocks, hd, ld, kt, vt, next);
+      WidenRows<KvType::kF16>(kp, vp, n_blocks, n_all, hd, ld, kt, vt, next);
     }
     for (int j = n_all; j < n4_all; ++j) {
       for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());

@@ -967,6 +967,47 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   }
 }
 
+// Rows [j_from, j_to) of the K tile, and of the V tile when vt is set, widened from the stored
+// vectors kp[j], vp[j] of type kT (zero-padded to whole 16-feature chunks), the next tile
+// prefetched one slot per row.
+template <KvType kT>
+void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, int j_to,
+               int nc, __mmask16 last, int ld, float* kt, float* vt, const TilePrefetch& next) {
+  for (int j = j_from; j < j_to; ++j) {
+    next.Prefetch(j);
+    float* const kr = kt + j * ld;
+    int c = 0;
+    for (; c < nc - 1; ++c) _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, 0xffff));
+    _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, last));
+    if (vt == nullptr) continue;  // a lone query reads V in place
+    float* const vr = vt + j * ld;
+    for (c = 0; c < nc - 1; ++c) _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, 0xffff));
+    _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, last));
+  }
+}
+
+// Scores of each of the g heads of one query in turn, four keys at a time, for any number of
+// chunks (the head_dims TileScoresFor has no ScoreHeads for): the same FMAs and Reduce4.
+void TileScoresAny(const float* q, int g, int hd, const float* kt, int ld, int n4,
+                   __mmask16 last, float scale, float (*s)[kAttnTile]) {
+  const int nc = ld / 16;
+  for (int h = 0; h < g; ++h) {
+    const float* qh = q + h * hd;
+    for (int j = 0; j < n4; j += 4) {
+      const float* k0 = kt + j * ld;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int c = 0; c < nc; ++c) {
+        const __m512 qc = _mm512_maskz_loadu_ps(c == nc - 1 ? last : 0xffff, qh + 16 * c);
+        a0 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 16 * c), a0);
+        a1 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + ld + 16 * c), a1);
+        a2 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 2 * ld + 16 * c), a2);
+        a3 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 3 * ld + 16 * c), a3);
+      }
+      _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+    }
+  }
+}
+
 // Scores of HB heads of one query over keys [0, n4) of a widened K tile, four keys at a time:
 // the heads' NC q chunks stay in registers and each K chunk is loaded once for the HB heads.
 // Per (head, key) the same FMAs over the chunks in order and the same Reduce4 as one head at a
@@ -1035,14 +1076,14 @@ void TileScores(const float* q, int g, int hd, const float* kt, int ld, int n4, 
 
 using TileScoresFn = void (*)(const float*, int, int, const float*, int, int, __mmask16, float,
                               float (*)[kAttnTile]);
-// By the number of 16-feature chunks of a head (head_dim up to 128; 256 also); null: the
-// generic loop in BlockHeads.
+// By the number of 16-feature chunks of a head: ScoreHeads passes for head_dim up to 128 and
+// 256, TileScoresAny for the others.
 TileScoresFn TileScoresFor(int nc) {
-  static constexpr TileScoresFn kFns[9] = {nullptr,        TileScores<1>, TileScores<2>,
+  static constexpr TileScoresFn kFns[9] = {TileScoresAny, TileScores<1>, TileScores<2>,
                                            TileScores<3>, TileScores<4>, TileScores<5>,
                                            TileScores<6>, TileScores<7>, TileScores<8>};
   if (nc <= 8) return kFns[nc];
-  return nc == 16 ? TileScores<16> : nullptr;
+  return nc == 16 ? TileScores<16> : TileScoresAny;
 }
 
 // Where attend_block puts its results: query i's state starts at state + i * stride, heads
@@ -1089,7 +1130,7 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   auto* kt = static_cast<float*>(
       ThreadScratch(2, sizeof(float) * (2 * kAttnTile * ld + (kivi ? 2 * hd : 0))));
   float* const vbuf = kt + kAttnTile * ld;
-  // The tile's K and V vectors in the blocks.
+  // The tile's stored K and V vectors.
   const uint8_t *kp[kAttnTile], *vp[kAttnTile];
   alignas(64) float s[G][kAttnTile];
   float corr[G];
@@ -1103,46 +1144,10 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
     if constexpr (kivi) {
       WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
-    } else if (j0 + n_all <= kv.tail_begin) {
-      TileSlots(kv, kvh, j0, n_all, kp, vp);
-      for (int j = 0; j < n_all; ++j) {
-        next.Prefetch(j);
-        float* const kr = kt + j * ld;
-        int c = 0;
-        for (; c < nc - 1; ++c) {
-          _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, 0xffff));
-        }
-        _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, last));
-        if (vt == nullptr) continue;  // a lone query reads V in place
-        float* const vr = vt + j * ld;
-        for (c = 0; c < nc - 1; ++c) {
-          _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, 0xffff));
-        }
-        _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, last));
-      }
     } else {
-      // The tile reaches a window's f16 ring (vt is set).
-      for (int j = 0; j < n_all; ++j) {
-        next.Prefetch(j);
-        const int64_t slot = j0 + j;
-        if (slot >= kv.tail_begin) {
-          const auto* kh = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, slot));
-          const auto* vh = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, slot));
-          for (int c = 0; c < nc; ++c) {
-            const __mmask16 mk = c == nc - 1 ? last : 0xffff;
-            _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, KvType::kF16, mk));
-            _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, KvType::kF16, mk));
-          }
-        } else {
-          const uint8_t* kh = KvSlot(kv, false, kvh, slot);
-          const uint8_t* vh = KvSlot(kv, true, kvh, slot);
-          for (int c = 0; c < nc; ++c) {
-            const __mmask16 mk = c == nc - 1 ? last : 0xffff;
-            _mm512_store_ps(kt + j * ld + 16 * c, LoadKv16(kh, 16 * c, kT, mk));
-            _mm512_store_ps(vt + j * ld + 16 * c, LoadKv16(vh, 16 * c, kT, mk));
-          }
-        }
-      }
+      const int n_blocks = TileSlots(kv, kvh, j0, n_all, kp, vp);  // the rest in the f16 ring
+      WidenRows<kT>(kp, vp, 0, n_blocks, nc, last, ld, kt, vt, next);
+      WidenRows<KvType::kF16>(kp, vp, n_blocks, n_all, nc, last, ld, kt, vt, next);
     }
     for (int j = n_all; j < n4_all; ++j) {
       for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
@@ -1154,21 +1159,8 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       const float* qq = q + qi * q_stride;
       float* mq = m(qi);
       float* lq = l(qi);
-      if (scores != nullptr) scores(qq, G, hd, kt, ld, n4, last, scale, s);
+      scores(qq, G, hd, kt, ld, n4, last, scale, s);
       for (int h = 0; h < G; ++h) {
-        const float* qh = qq + h * hd;
-        for (int j = 0; j < (scores != nullptr ? 0 : n4); j += 4) {
-          const float* k0 = kt + j * ld;
-          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          for (int c = 0; c < nc; ++c) {
-            const __m512 qc = _mm512_maskz_loadu_ps(c == nc - 1 ? last : 0xffff, qh + 16 * c);
-            a0 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 16 * c), a0);
-            a1 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + ld + 16 * c), a1);
-            a2 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 2 * ld + 16 * c), a2);
-            a3 = _mm512_fmadd_ps(qc, _mm512_load_ps(k0 + 3 * ld + 16 * c), a3);
-          }
-          _mm_store_ps(s[h] + j, _mm_mul_ps(Reduce4(a0, a1, a2, a3), _mm_set1_ps(scale)));
-        }
         __m512 vmax = _mm512_set1_ps(-inf);
         int i = 0;
         for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(s[h] + i));

@@ -109,17 +109,18 @@ const Ops& Avx512Ops();
 //   KvSlot / TailSlot: a head vector's address in the blocks / in the f16 tail ring.
 //   WidenTile: slots [j0, j0 + n) of KV head kvh to f32 rows of K and V, ld floats apart, for
 //              any KV type, tail slots (KvView::tail_begin) from the f16 ring.
-//   TileSlots: the addresses of KV head kvh's K and V vectors for slots [j0, j0 + n), all in
-//              the blocks (below tail_begin): a block's consecutive slots without a division
-//              each.
+//   TileSlots: the addresses of KV head kvh's K and V vectors for slots [j0, j0 + n): those
+//              in the blocks first (a block's consecutive slots without a division each),
+//              then those in the f16 ring (from tail_begin on; not for kivi4, whose blocks
+//              need WidenKivi); returns how many are in the blocks.
 void KiviKeyParams(const void* first, size_t stride, int head_dim, float* scale, float* min);
 void KiviKeyRow(const void* k, int head_dim, const float* scale, const float* min, float* out);
 void KiviValueRow(const void* v, int head_dim, float* out);
 const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot);
 const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot);
 void WidenTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld);
-void TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
-               const uint8_t** vp);
+int TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
+              const uint8_t** vp);
 
 // Key tile of attend_block (slots); the attention front end splits long ranges at multiples
 // of it.
