@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/fp16.h"
+#include "core/huge_pages.h"
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
 
@@ -177,12 +178,12 @@ void BM_Attention(benchmark::State& state, KvType type, int64_t n_q, int64_t ctx
   const size_t tok_bytes = KvHeadBytes(type, kHd) * kKvHead;
   const size_t block_bytes = tok_bytes * block, page_bytes = 2 * layers * block_bytes;
   const int64_t n_pages = (ctx + block - 1) / block;
-  std::vector<uint8_t> pool(n_pages * page_bytes);
+  ZeroedBuffer pool(n_pages * page_bytes);  // as the page pool's: huge pages from 2 MiB up
   std::vector<const void*> kp(layers * n_pages), vp(layers * n_pages);
   const std::vector<float> vals = RandomActivations(block * kKvHead * kHd);
   for (int64_t p = 0; p < n_pages; ++p) {
     for (int l = 0; l < layers; ++l) {
-      uint8_t* k = pool.data() + p * page_bytes + 2 * l * block_bytes;
+      auto* k = reinterpret_cast<uint8_t*>(pool.get()) + p * page_bytes + 2 * l * block_bytes;
       StoreKv(vals.data(), block * kKvHead, kHd, type, k);
       StoreKv(vals.data(), block * kKvHead, kHd, type, k + block_bytes);
       kp[l * n_pages + p] = k;

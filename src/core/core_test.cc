@@ -12,6 +12,7 @@
 #include "cachette/status.h"
 #include "core/fp16.h"
 #include "core/hash.h"
+#include "core/huge_pages.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
 
@@ -42,6 +43,43 @@ __attribute__((target("f16c"))) uint16_t HwToHalf(float f) {
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
 __attribute__((target("f16c"))) float HwFromHalf(uint16_t h) { return _cvtsh_ss(h); }
+
+// Both kinds of ZeroedBuffer: zeroed, page-aligned (a mapped one on a huge page), writable to
+// the last byte, and owned by exactly one object through moves (ASan would catch a double
+// free or a leak of the heap kind).
+TEST(ZeroedBufferTest, HeapAndMappedBuffersAreZeroedAlignedAndMoveOwnership) {
+  for (size_t bytes : {size_t{2}, size_t{4097}, (size_t{2} << 20) - 1, size_t{2} << 20,
+                       (size_t{5} << 20) + 123}) {
+    SCOPED_TRACE(bytes);
+    ZeroedBuffer b(bytes);
+    ASSERT_NE(b.get(), nullptr);
+    EXPECT_EQ(b.size(), bytes);
+    EXPECT_EQ(b.mapped(), bytes >= (size_t{2} << 20));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(b.get()) % (b.mapped() ? size_t{2} << 20 : 4096), 0u);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < bytes; ++i) nonzero += b.get()[i] != std::byte{0};
+    EXPECT_EQ(nonzero, 0u);
+    b.get()[0] = std::byte{1};
+    b.get()[bytes - 1] = std::byte{2};
+    std::byte* p = b.get();
+    ZeroedBuffer moved(std::move(b));
+    EXPECT_EQ(b.get(), nullptr);
+    EXPECT_EQ(b.size(), 0u);
+    EXPECT_EQ(moved.get(), p);
+    EXPECT_EQ(moved.get()[bytes - 1], std::byte{2});
+    ZeroedBuffer assigned(64);
+    assigned = std::move(moved);
+    EXPECT_EQ(assigned.get(), p);
+    EXPECT_EQ(assigned.get()[0], std::byte{1});
+  }
+  ZeroedBuffer empty(0);
+  EXPECT_EQ(empty.get(), nullptr);
+}
+
+TEST(ZeroedBufferTest, HugePageAdviceNeedsAWholeHugePage) {
+  ZeroedBuffer small(4096);
+  EXPECT_FALSE(AdviseHugePages(small.get(), 4096));
+}
 
 TEST(Fp16Test, AllHalvesRoundTripAndMatchHardware) {
   if (!__builtin_cpu_supports("f16c")) GTEST_SKIP() << "no F16C on this CPU";

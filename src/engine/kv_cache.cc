@@ -212,12 +212,19 @@ ContiguousKv::ContiguousKv(const KvShape& shape, int64_t capacity)
   CT_CHECK(capacity > 0) << "capacity " << capacity;
   capacity = capacity_;
   if (shape.windowed()) tail_ = std::make_unique<KvWindow>(shape);
-  const size_t bytes = shape.token_bytes() * capacity;
-  for (int l = 0; l < shape.n_layer; ++l) {
-    k_.push_back(std::make_unique<std::byte[]>(bytes));
-    v_.push_back(std::make_unique<std::byte[]>(bytes));
-    k_ptr_.push_back(k_.back().get());
-    v_ptr_.push_back(v_.back().get());
+  k_ptr_.resize(shape.n_layer);
+  v_ptr_.resize(shape.n_layer);
+  Allocate(capacity);
+}
+
+void ContiguousKv::Allocate(int64_t capacity) {
+  // One buffer for every layer's K and V, so that it starts on a huge page and is huge pages
+  // through (a layer's K alone is under 2 MiB up to 8K tokens of a 0.5B model).
+  layer_bytes_ = shape_.token_bytes() * static_cast<size_t>(capacity);
+  mem_ = ZeroedBuffer(2 * layer_bytes_ * static_cast<size_t>(shape_.n_layer));
+  for (int l = 0; l < shape_.n_layer; ++l) {
+    k_ptr_[l] = K(l);
+    v_ptr_[l] = V(l);
   }
 }
 
@@ -230,11 +237,11 @@ Status ContiguousKv::Reserve(int64_t n) {
 }
 
 void* ContiguousKv::KSlot(int layer, int64_t slot) {
-  return k_[layer].get() + shape_.token_bytes() * slot;
+  return K(layer) + shape_.token_bytes() * slot;
 }
 
 void* ContiguousKv::VSlot(int layer, int64_t slot) {
-  return v_[layer].get() + shape_.token_bytes() * slot;
+  return V(layer) + shape_.token_bytes() * slot;
 }
 
 void* ContiguousKv::KWrite(int layer, int64_t pos) {
@@ -317,15 +324,12 @@ void ContiguousKv::Grow(int64_t capacity) {
   capacity = BlockCapacity(shape_, capacity);
   if (capacity <= capacity_) return;
   const size_t tb = shape_.token_bytes();
+  ZeroedBuffer old = std::move(mem_);
+  const size_t old_layer_bytes = layer_bytes_;
+  Allocate(capacity);
   for (int l = 0; l < shape_.n_layer; ++l) {
-    auto k = std::make_unique<std::byte[]>(tb * capacity);
-    auto v = std::make_unique<std::byte[]>(tb * capacity);
-    std::memcpy(k.get(), k_[l].get(), tb * n_max_);
-    std::memcpy(v.get(), v_[l].get(), tb * n_max_);
-    k_[l] = std::move(k);
-    v_[l] = std::move(v);
-    k_ptr_[l] = k_[l].get();
-    v_ptr_[l] = v_[l].get();
+    std::memcpy(K(l), old.get() + 2 * l * old_layer_bytes, tb * n_max_);
+    std::memcpy(V(l), old.get() + (2 * l + 1) * old_layer_bytes, tb * n_max_);
   }
   book_.Restride(shape_.n_kv_head, capacity_, capacity, n_max_);
   capacity_ = capacity;
@@ -341,9 +345,9 @@ Status ContiguousKv::CopyFrom(const SequenceKv& src, int64_t n) {
     const kernels::KvView view = src.View(l, n);
     for (int64_t s = 0; s < n; ++s) {
       const int64_t off = static_cast<int64_t>(tb) * (s % view.block_tokens);
-      std::memcpy(k_[l].get() + tb * s,
+      std::memcpy(K(l) + tb * s,
                   static_cast<const std::byte*>(view.k_blocks[s / view.block_tokens]) + off, tb);
-      std::memcpy(v_[l].get() + tb * s,
+      std::memcpy(V(l) + tb * s,
                   static_cast<const std::byte*>(view.v_blocks[s / view.block_tokens]) + off, tb);
     }
   }

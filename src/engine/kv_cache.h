@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cachette/status.h"
+#include "core/huge_pages.h"
 #include "kernels/kernels.h"
 
 namespace cachette {
@@ -245,8 +246,14 @@ class ContiguousKv final : public SequenceKv {
   int64_t capacity_;
   int64_t n_max_ = 0;  // the longest layer's slots
   SlotBook book_;      // weights strided by capacity_
-  std::vector<std::unique_ptr<std::byte[]>> k_, v_;  // [n_layer]
-  std::vector<const void*> k_ptr_, v_ptr_;           // [n_layer], one block each
+  // (Re)allocates mem_ for `capacity` slots a layer, zeroed, and points k_ptr_/v_ptr_ at it.
+  void Allocate(int64_t capacity);
+  std::byte* K(int layer) const { return mem_.get() + 2 * layer_bytes_ * layer; }
+  std::byte* V(int layer) const { return K(layer) + layer_bytes_; }
+
+  size_t layer_bytes_ = 0;                  // one layer's K (or V): capacity_ slots
+  ZeroedBuffer mem_;                        // [n_layer][K, V][capacity_][token_bytes]
+  std::vector<const void*> k_ptr_, v_ptr_;  // [n_layer], one block each
   std::unique_ptr<KvWindow> tail_;                   // windowed types only
 };
 

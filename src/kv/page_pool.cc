@@ -1,8 +1,9 @@
 #include "kv/page_pool.h"
 
-#include <sys/mman.h>
+#include <new>
 
 #include "core/check.h"
+#include "core/huge_pages.h"
 
 namespace cachette {
 
@@ -20,17 +21,24 @@ PagePool::PagePool(const KvShape& shape, int page_tokens, size_t budget_bytes)
   CT_CHECK(n >= 1 && n < (size_t{1} << 31)) << "budget of " << budget_bytes << " bytes gives "
                                             << n << " pages of " << page_bytes_ << " bytes";
   n_pages_ = static_cast<uint32_t>(n);
-  // An anonymous mapping: the OS backs it lazily, so budget never touched costs no memory.
-  void* m = mmap(nullptr, n_pages_ * page_bytes_, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  CT_CHECK(m != MAP_FAILED) << "cannot map " << n_pages_ * page_bytes_ << " bytes of KV pages";
-  base_ = static_cast<std::byte*>(m);
+  // Zeroed memory the OS backs lazily, so budget never touched costs no memory; on huge pages
+  // (core/huge_pages.h): a decode step reads every page of its sequence, each layer's block
+  // of a page in 4 KiB pages of its own, far more pages than the TLB holds. Pages are handed
+  // out lowest first and freed ones reused first, so the memory touched stays compact and huge
+  // pages add at most 2 MiB to it.
+  try {
+    mem_ = ZeroedBuffer(static_cast<size_t>(n_pages_) * page_bytes_);
+  } catch (const std::bad_alloc&) {
+    CT_CHECK(false) << "cannot map " << static_cast<size_t>(n_pages_) * page_bytes_
+                    << " bytes of KV pages";
+  }
+  base_ = mem_.get();
   refs_.assign(n_pages_, 0);
   free_.reserve(n_pages_);
   for (uint32_t i = n_pages_; i-- > 0;) free_.push_back(PageId(i));  // page 0 handed out first
 }
 
-PagePool::~PagePool() { munmap(base_, static_cast<size_t>(n_pages_) * page_bytes_); }
+PagePool::~PagePool() = default;
 
 bool PagePool::Allocate(PageId* out) {
   if (free_.empty()) return false;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cachette/types.h"
+#include "core/huge_pages.h"
 #include "engine/kv_cache.h"
 
 namespace cachette {
@@ -68,7 +69,8 @@ class PagePool {
   size_t page_bytes_;
   size_t layer_block_bytes_;  // one layer's K (or V) of one page
   uint32_t n_pages_;
-  std::byte* base_ = nullptr;  // anonymous mapping of n_pages_ * page_bytes_
+  ZeroedBuffer mem_;           // n_pages_ * page_bytes_
+  std::byte* base_ = nullptr;  // mem_.get()
   std::vector<uint32_t> refs_;
   std::vector<PageId> free_;
 };
