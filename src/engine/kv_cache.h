@@ -242,19 +242,19 @@ class ContiguousKv final : public SequenceKv {
   Status CopyFrom(const SequenceKv& src, int64_t n);
 
  private:
-  KvShape shape_;
-  int64_t capacity_;
-  int64_t n_max_ = 0;  // the longest layer's slots
-  SlotBook book_;      // weights strided by capacity_
   // (Re)allocates mem_ for `capacity` slots a layer, zeroed, and points k_ptr_/v_ptr_ at it.
   void Allocate(int64_t capacity);
   std::byte* K(int layer) const { return mem_.get() + 2 * layer_bytes_ * layer; }
   std::byte* V(int layer) const { return K(layer) + layer_bytes_; }
 
+  KvShape shape_;
+  int64_t capacity_;
+  int64_t n_max_ = 0;                       // the longest layer's slots
+  SlotBook book_;                           // weights strided by capacity_
   size_t layer_bytes_ = 0;                  // one layer's K (or V): capacity_ slots
   ZeroedBuffer mem_;                        // [n_layer][K, V][capacity_][token_bytes]
   std::vector<const void*> k_ptr_, v_ptr_;  // [n_layer], one block each
-  std::unique_ptr<KvWindow> tail_;                   // windowed types only
+  std::unique_ptr<KvWindow> tail_;          // windowed types only
 };
 
 }  // namespace cachette

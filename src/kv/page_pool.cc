@@ -32,7 +32,6 @@ PagePool::PagePool(const KvShape& shape, int page_tokens, size_t budget_bytes)
     CT_CHECK(false) << "cannot map " << static_cast<size_t>(n_pages_) * page_bytes_
                     << " bytes of KV pages";
   }
-  base_ = mem_.get();
   refs_.assign(n_pages_, 0);
   free_.reserve(n_pages_);
   for (uint32_t i = n_pages_; i-- > 0;) free_.push_back(PageId(i));  // page 0 handed out first

@@ -57,7 +57,7 @@ class PagePool {
   void Unref(PageId p);
   uint32_t RefCount(PageId p) const { return refs_[p.value]; }
 
-  std::byte* Data(PageId p) { return base_ + static_cast<size_t>(p.value) * page_bytes_; }
+  std::byte* Data(PageId p) { return mem_.get() + static_cast<size_t>(p.value) * page_bytes_; }
   // K (or V) of `layer` in page p: [page_tokens][n_kv_head][head_dim]. (A compacted sequence
   // may keep any layer's block in any of the n_layer slots: kv/kv_manager.h.)
   std::byte* K(PageId p, int layer) { return Data(p) + (2 * layer) * layer_block_bytes_; }
@@ -69,8 +69,7 @@ class PagePool {
   size_t page_bytes_;
   size_t layer_block_bytes_;  // one layer's K (or V) of one page
   uint32_t n_pages_;
-  ZeroedBuffer mem_;           // n_pages_ * page_bytes_
-  std::byte* base_ = nullptr;  // mem_.get()
+  ZeroedBuffer mem_;  // n_pages_ * page_bytes_
   std::vector<uint32_t> refs_;
   std::vector<PageId> free_;
 };
