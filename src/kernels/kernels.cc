@@ -36,7 +36,12 @@ uint64_t ReadXcr0() {
 CpuFeatures DetectCpu() {
   CpuFeatures f;
   unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    f.amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "Auth" "enti" "cAMD"
+  }
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  f.family = static_cast<int>((a >> 8) & 0xf);
+  if (f.family == 0xf) f.family += static_cast<int>((a >> 20) & 0xff);
   const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
   if (!osxsave || !avx) return f;
   const uint64_t xcr0 = ReadXcr0();
@@ -129,6 +134,20 @@ const internal::Ops& OpsFor(Isa isa) {
   return internal::ScalarOps();
 }
 
+// internal::Q8DecodeOrder()'s choice where CACHETTE_Q8_DECODE does not make it.
+internal::Q8Order DefaultQ8DecodeOrder() {
+  using internal::Q8Order;
+  if (const char* env = std::getenv("CACHETTE_Q8_DECODE")) {
+    const std::string s(env);
+    if (s == "rows") return Q8Order::kRows;
+    if (s == "step") return Q8Order::kStep;
+    if (s == "wide") return Q8Order::kWide;
+  }
+  if (!Cpu().amd) return Q8Order::kWide;
+  return Cpu().family < 0x1a ? Q8Order::kRows : Q8Order::kStep;
+}
+
+std::atomic<internal::Q8Order> g_q8_order{DefaultQ8DecodeOrder()};
 std::atomic<Isa> g_active{BestIsa()};
 std::atomic<const internal::Ops*> g_ops{&OpsFor(BestIsa())};
 
@@ -272,6 +291,9 @@ bool FitsInLastLevelCache(uint64_t bytes) {
 // ---- Scratch -----------------------------------------------------------------------------
 
 namespace internal {
+Q8Order Q8DecodeOrder() { return g_q8_order.load(std::memory_order_relaxed); }
+void SetQ8DecodeOrder(Q8Order order) { g_q8_order.store(order); }
+
 namespace {
 struct ScratchSlot {
   void* p = nullptr;

@@ -29,6 +29,8 @@ struct CpuFeatures {
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avx512fp16 = false, avxvnni = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;  // and OS permission granted
+  bool amd = false;  // vendor "AuthenticAMD"
+  int family = 0;    // display family (base + extended): 0x19 Zen 3/4, 0x1a Zen 5; 6 Intel
 };
 const CpuFeatures& Cpu();
 
@@ -70,9 +72,10 @@ struct WeightMatrix {
   // scales with one load instead of 8 inserts or a gather; the same bits with or without it.
   const uint16_t* scales8 = nullptr;
   // Optional hint: the weights a decode step streams fit in the last-level cache
-  // (FitsInLastLevelCache), so the kernels find them there rather than in memory. The AVX2 q8_0
-  // decode kernel then reads 8 rows block by block in step (fewer instructions per byte);
-  // otherwise it reads row by row, in address order (faster from memory). Same bits either way.
+  // (FitsInLastLevelCache), so the kernels find them there rather than in memory. The q8_0
+  // decode kernels then take their tile with the fewest instructions per byte; otherwise the
+  // one that streams fastest from memory on this processor (row by row on AMD's Zen 3, one
+  // block per step in 256-bit registers on Zen 5; kernels_internal.h). Same bits either way.
   bool cache_resident = false;
 };
 

@@ -417,6 +417,21 @@ constexpr int64_t kQGemvR = 8;
 constexpr int kQPackT = 6;      // packed tiles: 8 rows x up to 6 tokens
 constexpr int64_t kPanelRows = 8;
 
+// Prefetches the lines in which the kStep bytes at p end: called once per step of kStep bytes
+// (64 < kStep <= 128), every line of a stream exactly once. One prefetch per 34-byte q8_0 block
+// touched each line twice; once per line, the in-step q8_0 decode tile streamed the 24 layers
+// of qwen2.5-0.5b's matmuls at 87-94% of a two-thread read of the same bytes, against 77-94%
+// (12 paired rounds on Zen 5, AVX2 forced; docs/benchmarks.md).
+template <int64_t kStep>
+void PrefetchStep(const uint8_t* p) {
+  static_assert(kStep > 64 && kStep <= 128, "one or two new lines a step");
+  const uint8_t* end = p + kStep - 1;
+  _mm_prefetch(reinterpret_cast<const char*>(end), _MM_HINT_T0);
+  if ((reinterpret_cast<uintptr_t>(end) & 63) + 64 < kStep) {
+    _mm_prefetch(reinterpret_cast<const char*>(end - 64), _MM_HINT_T0);
+  }
+}
+
 // Block b of a quantized row as the 32 bytes the integer dot takes: q8_0's signed weights, or
 // q4_0's raw nibbles (w + 8, unsigned) in feature order (low nibbles are features 0-15).
 template <int kT>
@@ -533,11 +548,19 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ui
       const __m256i xq = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
       // Rows are too short for the hardware prefetchers to ramp up on: fetch the same offset
-      // of the next tile's rows, the next stretch of memory in address order.
+      // of the next tile's rows, the next stretch of memory in address order. q8_0: each line
+      // once, per 2 blocks (PrefetchStep); q4_0: a prefetch per block (18 bytes), as each line
+      // once measured within the noise of it.
       if (t == 0) {
-        for (int r = 0; r < R; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * kBB + R * row_bytes),
-                       _MM_HINT_T0);
+        if constexpr (kT == kQ8) {
+          if (b % 2 == 0) {
+            for (int r = 0; r < R; ++r) PrefetchStep<2 * kBB>(rows[r] + b * kBB + R * row_bytes);
+          }
+        } else {
+          for (int r = 0; r < R; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * kBB + R * row_bytes),
+                         _MM_HINT_T0);
+          }
         }
       }
       __m256i dot;
@@ -595,11 +618,12 @@ template <int T, bool kFull>
       continue;
     }
     // Rows are too short for the hardware prefetchers to ramp up on: fetch 8 KiB ahead in
-    // address order (the next rows of this tile, then of the next ones). On Zen 3, 512 B, 1 KiB
-    // and 2 KiB ahead and one prefetch per 64 bytes measured the same; on a Zen 5 VM, whose
-    // memory is further away, 8 KiB made the decode matmuls 8-13% faster than 1 KiB (2 KiB
-    // 4-7%, 16 KiB no more than 8).
-    _mm_prefetch(reinterpret_cast<const char*>(row + (b + j) * 34 + 8192), _MM_HINT_T0);
+    // address order (the next rows of this tile, then of the next ones), each line once (b is
+    // even). On Zen 3, 512 B, 1 KiB and 2 KiB ahead and one prefetch per 64 bytes measured the
+    // same; on a Zen 5 VM, whose memory is further away, 8 KiB made the decode matmuls 8-13%
+    // faster than 1 KiB (2 KiB 4-7%, 16 KiB no more than 8), and each line once instead of
+    // once per block 5% faster.
+    if (j % 2 == 0) PrefetchStep<68>(row + (b + j) * 34 + 8192);
     const __m256i wv = LoadQRaw<kQ8>(row, b + j);
     for (int t = 0; t < T; ++t) {
       const __m256i xq = _mm256_loadu_si256(
@@ -622,12 +646,13 @@ template <int T, bool kFull>
 // leaves each block's exact integer dot in a small buffer; pass 2 adds the blocks in order with
 // one row per lane, as the other tiles do. The integer dots are exact in any order, so the bits
 // are those of QuantGemvTile, which reads the 8 rows block by block in step: 8 streams, which
-// Zen 3 fetches from memory more slowly. Measured on qwen2.5-0.5b's shape (AMD EPYC,
-// docs/benchmarks.md): decode 1-15% faster end to end on 2 threads, 10-17% on one. From the
-// cache the extra loads cost more than the order gains (a 14 MB model decodes 35% slower this
-// way), hence the hint. q4_0 keeps the one-pass tile: its single-row unpacking costs more
-// than the order gains (15% slower from memory). Rows past n_rows are not read and their lanes
-// not stored.
+// Zen 3 fetches from memory more slowly. Measured on qwen2.5-0.5b's shape (AMD EPYC Zen 3,
+// docs/benchmarks.md): decode 1-15% faster end to end on 2 threads, 10-17% on one. On Zen 5
+// (AVX2 forced) the other way round: the in-step tile streams 34% faster, hence
+// Q8DecodeOrder(). From the cache the extra loads cost more than the order gains (a 14 MB
+// model decodes 35% slower this way), hence the hint. q4_0 keeps the one-pass tile: its
+// single-row unpacking costs more than the order gains (15% slower from memory). Rows past
+// n_rows are not read and their lanes not stored.
 template <int T>
 void Q8GemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const uint16_t* s8,
                 const ActQ8& act, int64_t t0, float* y, int64_t ldy) {
@@ -690,7 +715,8 @@ void QuantGemvRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   static constexpr QuantGemvTileFn kTiles[kQDotT] = {QuantGemvTile<kT, 1>, QuantGemvTile<kT, 2>};
   static constexpr QuantGemvTileFn kRowTiles[kQDotT] = {Q8GemvTile<1>, Q8GemvTile<2>};
   const WeightMatrix& w = *a.w;
-  const QuantGemvTileFn* tiles = kT == kQ8 && !w.cache_resident ? kRowTiles : kTiles;
+  const QuantGemvTileFn* tiles =
+      kT == kQ8 && !w.cache_resident && Q8DecodeOrder() == Q8Order::kRows ? kRowTiles : kTiles;
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t g = r0; g < r1; g += kQGemvR) {
     const int64_t nr = Min64(kQGemvR, r1 - g);

@@ -364,9 +364,11 @@ TEST_F(IsaTest, MatMulGroupIsEachMatMulsBitsInOneJob) {
 
 // WeightMatrix::scales8 holds each block's scale regrouped by 8 rows (the last group padded
 // with the last row), and a kernel that reads it gives the bits it gives without it, as does
-// one told the weights are cache-resident (the AVX2 q8_0 decode kernel then reads the rows in
-// another order): at every level, for decode tiles and packed panels, on one thread and two.
+// one told the weights are cache-resident, and either order of the AVX2 q8_0 decode tiles from
+// memory (internal::Q8DecodeOrder): at every level, for decode tiles and packed panels, on one
+// thread and two.
 TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndTheyAndTheCacheHintChangeNoBits) {
+  const internal::Q8Order default_order = internal::Q8DecodeOrder();
   const uint32_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
@@ -404,20 +406,26 @@ TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndTheyAndTheCacheHintChangeNoBits) 
           std::vector<float> x(m * cols);
           for (auto& f : x) f = val(rng);
           for (ThreadPool* pool : {&single, &pool_}) {
+            internal::SetQ8DecodeOrder(default_order);
             std::vector<float> y0(m * rows);
             MatMul(x.data(), m, tm.w, y0.data(), *pool);
-            for (const WeightMatrix* w : {&with, &resident, &resident_with}) {
-              std::vector<float> y1(m * rows);
-              MatMul(x.data(), m, *w, y1.data(), *pool);
-              EXPECT_EQ(0, std::memcmp(y0.data(), y1.data(), sizeof(float) * y0.size()))
-                  << "scales8 " << (w->scales8 != nullptr) << " cache_resident "
-                  << w->cache_resident;
+            for (internal::Q8Order order : {internal::Q8Order::kRows, internal::Q8Order::kStep,
+                                            internal::Q8Order::kWide}) {
+              internal::SetQ8DecodeOrder(order);
+              for (const WeightMatrix* w : {&tm.w, &with, &resident, &resident_with}) {
+                std::vector<float> y1(m * rows);
+                MatMul(x.data(), m, *w, y1.data(), *pool);
+                EXPECT_EQ(0, std::memcmp(y0.data(), y1.data(), sizeof(float) * y0.size()))
+                    << "scales8 " << (w->scales8 != nullptr) << " cache_resident "
+                    << w->cache_resident << " q8_0 decode order " << static_cast<int>(order);
+              }
             }
           }
         }
       }
     }
   }
+  internal::SetQ8DecodeOrder(default_order);
 }
 
 // Q8_0/Q4_0 follow one order at both vector levels (docs/kernels.md): exact integer block
