@@ -141,10 +141,8 @@ internal::Q8Order DefaultQ8DecodeOrder() {
     const std::string s(env);
     if (s == "rows") return Q8Order::kRows;
     if (s == "step") return Q8Order::kStep;
-    if (s == "wide") return Q8Order::kWide;
   }
-  if (!Cpu().amd) return Q8Order::kWide;
-  return Cpu().family < 0x1a ? Q8Order::kRows : Q8Order::kStep;
+  return Cpu().amd && Cpu().family < 0x1a ? Q8Order::kRows : Q8Order::kStep;
 }
 
 std::atomic<internal::Q8Order> g_q8_order{DefaultQ8DecodeOrder()};

@@ -72,10 +72,10 @@ struct WeightMatrix {
   // scales with one load instead of 8 inserts or a gather; the same bits with or without it.
   const uint16_t* scales8 = nullptr;
   // Optional hint: the weights a decode step streams fit in the last-level cache
-  // (FitsInLastLevelCache), so the kernels find them there rather than in memory. The q8_0
-  // decode kernels then take their tile with the fewest instructions per byte; otherwise the
-  // one that streams fastest from memory on this processor (row by row on AMD's Zen 3, one
-  // block per step in 256-bit registers on Zen 5; kernels_internal.h). Same bits either way.
+  // (FitsInLastLevelCache), so the kernels find them there rather than in memory. The AVX2 q8_0
+  // decode kernel then reads 8 rows block by block in step (fewest instructions per byte);
+  // otherwise so too, except on AMD processors before Zen 5, where it reads row by row in
+  // address order (faster from memory there; kernels_internal.h). Same bits either way.
   bool cache_resident = false;
 };
 

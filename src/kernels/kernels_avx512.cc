@@ -565,78 +565,6 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ui
   }
 }
 
-// [sum of p[0]'s lanes, ..., sum of p[7]'s lanes] (integers: exact in any order).
-__m256i RowSums8(const __m256i p[8]) {
-  const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]);
-  const __m256i a1 = _mm256_hadd_epi32(p[2], p[3]);
-  const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]);
-  const __m256i a3 = _mm256_hadd_epi32(p[6], p[7]);
-  // Per 128-bit half: rows 0-3 (b0) and 4-7 (b1), each the sum of that half's four lanes.
-  const __m256i b0 = _mm256_hadd_epi32(a0, a1);
-  const __m256i b1 = _mm256_hadd_epi32(a2, a3);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20),
-                          _mm256_permute2x128_si256(b0, b1, 0x31));
-}
-
-// The f16 scales of q8_0 block b of 8 rows as floats.
-__m256 Q8RowScales8(const uint8_t* const rows[8], int64_t b) {
-  alignas(16) uint16_t h[8];
-  for (int r = 0; r < 8; ++r) std::memcpy(&h[r], rows[r] + b * 34, 2);
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
-}
-
-// Decode tiles for q8_0 weights streamed from memory (not WeightMatrix::cache_resident) unless
-// Q8DecodeOrder() is kWide: 8 rows x T tokens, one block per step in 256-bit registers, with
-// the same integer dots and FMAs as QuantGemvTile (so the same bits). On AMD's Zen 5 it
-// streams qwen2.5-0.5b's matmuls 22% faster than QuantGemvTile's two blocks per step in
-// 512-bit registers (59-62 against 48-50 GB/s), which is faster from the cache (88-92 against
-// 70-71 GB/s): docs/benchmarks.md. Rows past n_rows repeat the last row and are not stored.
-template <int T>
-void Q8StepTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const uint16_t* s8,
-                const ActQ8& act, int64_t t0, float* y, int64_t ldy) {
-  constexpr int R = 8;
-  constexpr int64_t kBB = 34;
-  const int64_t nb = act.cols / 32;
-  const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = w0 + (r < n_rows ? r : n_rows - 1) * row_bytes;
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256 dw =
-        s8 != nullptr
-            ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s8 + b * 8)))
-            : Q8RowScales8(rows, b);
-    // The next tile's rows at the same offset, each line once (see QuantGemvTile).
-    if (b % 2 == 0) {
-      for (int r = 0; r < R; ++r) PrefetchStep<2 * kBB>(rows[r] + b * kBB + R * row_bytes);
-    }
-    // w + 128, unsigned, for VPDPBUSD; each block's first lane starts at -128 * sum(x_q).
-    __m256i wv[R];
-    for (int r = 0; r < R; ++r) {
-      wv[r] = _mm256_xor_si256(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + b * kBB + 2)),
-          _mm256_set1_epi8(-128));
-    }
-    for (int t = 0; t < T; ++t) {
-      const __m256i xq = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
-      const __m256i init =
-          _mm256_zextsi128_si256(_mm_cvtsi32_si128(-128 * act.sum[(t0 + t) * nb + b]));
-      __m256i p[R];
-      for (int r = 0; r < R; ++r) p[r] = _mm256_dpbusd_epi32(init, wv[r], xq);
-      const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(act.d[(t0 + t) * nb + b]));
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(RowSums8(p)), s, acc[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) {
-    if (n_rows >= R) {
-      _mm256_storeu_ps(y + t * ldy, acc[t]);
-    } else {
-      _mm256_mask_storeu_ps(y + t * ldy, static_cast<__mmask8>((1u << n_rows) - 1), acc[t]);
-    }
-  }
-}
-
 using QuantGemvTileFn = void (*)(const uint8_t*, size_t, int64_t, const uint16_t*,
                                  const ActQ8&, int64_t, float*, int64_t);
 constexpr int64_t kQGemvR = 8;
@@ -644,10 +572,7 @@ constexpr int64_t kQGemvR = 8;
 template <int kT>
 void QuantGemvRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   static constexpr QuantGemvTileFn kTiles[kQDotT] = {QuantGemvTile<kT, 1>, QuantGemvTile<kT, 2>};
-  static constexpr QuantGemvTileFn kStepTiles[kQDotT] = {Q8StepTile<1>, Q8StepTile<2>};
   const WeightMatrix& w = *a.w;
-  const QuantGemvTileFn* tiles =
-      kT == kQ8 && !w.cache_resident && Q8DecodeOrder() != Q8Order::kWide ? kStepTiles : kTiles;
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t g = r0; g < r1; g += kQGemvR) {
     const int64_t nr = Min64(kQGemvR, r1 - g);
@@ -655,8 +580,8 @@ void QuantGemvRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
         w.scales8 != nullptr && g % 8 == 0 ? w.scales8 + g / 8 * (w.cols / 32) * 8 : nullptr;
     for (int64_t t0 = 0; t0 < a.m; t0 += kQDotT) {
       const int64_t nt = Min64(kQDotT, a.m - t0);
-      tiles[nt - 1](base + g * w.row_bytes, w.row_bytes, nr, s8, a.act, t0,
-                    a.y + t0 * w.rows + g, w.rows);
+      kTiles[nt - 1](base + g * w.row_bytes, w.row_bytes, nr, s8, a.act, t0,
+                     a.y + t0 * w.rows + g, w.rows);
     }
   }
 }

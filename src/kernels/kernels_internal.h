@@ -149,17 +149,15 @@ class TilePrefetch {
 // slot 0 is the MatMul front end's activation buffer, 1..3 are free for kernels.
 void* ThreadScratch(int slot, size_t bytes);
 
-// How the q8_0 decode tiles (m < PackMinM) read weights streamed from memory (not
-// WeightMatrix::cache_resident, where each level takes its fastest tile from the cache):
-//   kRows  AVX2: rows one after another in address order, in two passes (Q8GemvTile);
-//          AVX-512: as kStep
-//   kStep  8 rows block by block in step, one block per step in 256-bit registers
-//   kWide  AVX2: as kStep; AVX-512: two blocks per step in 512-bit registers
-// The same bits whichever. Which is fastest depends on the processor: CACHETTE_Q8_DECODE=
-// rows|step|wide, else kRows on AMD before Zen 5 (measured on Zen 3), kStep on AMD from Zen 5
-// (measured there), kWide elsewhere (the order the AVX-512 kernels were tuned in on Intel).
+// How the AVX2 level's q8_0 decode tiles (m < kPackMinM) read weights streamed from memory (not
+// WeightMatrix::cache_resident, which always takes kStep, the fewest instructions per byte):
+//   kRows  rows one after another in address order, in two passes (Q8GemvTile)
+//   kStep  8 rows block by block in step (QuantGemvTile)
+// The same bits either way. Which streams faster depends on the processor:
+// CACHETTE_Q8_DECODE=rows|step, else kRows on AMD before Zen 5 (measured faster on Zen 3),
+// kStep elsewhere (measured 50-60% faster on Zen 5; unmeasured on Intel's AVX2-only parts).
 // The setter is for tests and benchmarks (not thread-safe against kernel calls).
-enum class Q8Order : int { kRows, kStep, kWide };
+enum class Q8Order : int { kRows, kStep };
 Q8Order Q8DecodeOrder();
 void SetQ8DecodeOrder(Q8Order order);
 
