@@ -420,8 +420,8 @@ constexpr int64_t kPanelRows = 8;
 // Prefetches the lines in which the kStep bytes at p end: called once per step of kStep bytes
 // (64 < kStep <= 128), every line of a stream exactly once. One prefetch per 34-byte q8_0 block
 // touched each line twice; once per line, the in-step q8_0 decode tile streamed the 24 layers
-// of qwen2.5-0.5b's matmuls at 87-94% of a two-thread read of the same bytes, against 77-94%
-// (12 paired rounds on Zen 5, AVX2 forced; docs/benchmarks.md).
+// of qwen2.5-0.5b's matmuls at 91% of a two-thread read of the same bytes, against 81%
+// (medians of 12 paired rounds on Zen 5, AVX2 forced; docs/benchmarks.md).
 template <int64_t kStep>
 void PrefetchStep(const uint8_t* p) {
   static_assert(kStep > 64 && kStep <= 128, "one or two new lines a step");
@@ -648,11 +648,11 @@ template <int T, bool kFull>
 // are those of QuantGemvTile, which reads the 8 rows block by block in step: 8 streams, which
 // Zen 3 fetches from memory more slowly. Measured on qwen2.5-0.5b's shape (AMD EPYC Zen 3,
 // docs/benchmarks.md): decode 1-15% faster end to end on 2 threads, 10-17% on one. On Zen 5
-// (AVX2 forced) the other way round: the in-step tile streams 34% faster, hence
-// Q8DecodeOrder(). From the cache the extra loads cost more than the order gains (a 14 MB
-// model decodes 35% slower this way), hence the hint. q4_0 keeps the one-pass tile: its
-// single-row unpacking costs more than the order gains (15% slower from memory). Rows past
-// n_rows are not read and their lanes not stored.
+// (AVX2 forced) the other way round: the in-step tile streams 50-60% faster (decode 1.49x end
+// to end), hence Q8DecodeOrder(). From the cache the extra loads cost more than the order
+// gains (a 14 MB model decodes 35% slower this way), hence the hint. q4_0 keeps the one-pass
+// tile: its single-row unpacking costs more than the order gains (15% slower from memory).
+// Rows past n_rows are not read and their lanes not stored.
 template <int T>
 void Q8GemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const uint16_t* s8,
                 const ActQ8& act, int64_t t0, float* y, int64_t ldy) {
