@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <utility>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 #include "cli/cli.h"
@@ -74,6 +76,13 @@ int BenchEngine(const BenchArgs& a) {
   const std::vector<TokenId> prompt = PseudoRandomTokens(a.n_prompt, c.n_vocab, 12345);
   std::vector<float> logits(c.n_vocab);
   std::vector<double> prefill_tps, decode_tps;
+  // Right after each decode repetition a pass of the memory read probe as long as it (within
+  // [0.25 s, 2 s]): the repetition's share of the bandwidth is taken against the bandwidth of
+  // that moment. On a shared VM the probe reads 40 GB/s in one quarter hour and 65 in the next;
+  // a figure and a bandwidth measured minutes apart are then not comparable, one repetition and
+  // the pass right after it are. The probe's 1 GiB is allocated before the repetitions.
+  MemoryReadProbe probe(size_t{1} << 30, engine.pool().size());
+  std::vector<double> paired_gbs, paired_share;
   // One untimed warm-up pass pages the weights in and sizes the scratch buffers.
   for (int rep = -1; rep < a.reps; ++rep) {
     auto kv = engine.NewSequence(a.n_prompt + a.n_gen + 1);
@@ -88,19 +97,31 @@ int BenchEngine(const BenchArgs& a) {
       if (!s.ok()) return Fail(s);
     }
     const double td = sw.Seconds();
+    const double bw =
+        a.n_gen > 0 && probe.ok() ? probe.Pass(rep < 0 ? 0 : std::clamp(td, 0.25, 2.0)) : 0;
     if (rep < 0) continue;
     prefill_tps.push_back(a.n_prompt / tp);
     if (a.n_gen > 0) decode_tps.push_back(a.n_gen / td);
+    if (bw > 0) {
+      paired_gbs.push_back(bw / 1e9);
+      paired_share.push_back(a.n_gen / td * static_cast<double>(model.weight_bytes_per_token()) /
+                             bw);
+    }
   }
   const double p_tps = Median(prefill_tps);
   const double d_tps = decode_tps.empty() ? 0 : Median(decode_tps);
   const double d_gbs = d_tps * static_cast<double>(model.weight_bytes_per_token()) / 1e9;
+  const double paired_median = Median(paired_share);
+  const auto [paired_min, paired_max] =
+      paired_share.empty() ? std::pair<double, double>{0, 0}
+                           : std::pair<double, double>{
+                                 *std::min_element(paired_share.begin(), paired_share.end()),
+                                 *std::max_element(paired_share.begin(), paired_share.end())};
   // The probe's passes last about as long as a decode repetition (within [0.25 s, 2 s]): a
   // median of second-long repetitions is compared with passes of the same length, not with the
   // luckiest 20 ms sweep of a shared machine.
   const double rep_seconds = d_tps > 0 ? a.n_gen / d_tps : 0;
-  const ReadBandwidth mem = MeasureMemoryReadBandwidth(size_t{1} << 30, engine.pool().size(),
-                                                       std::clamp(rep_seconds, 0.25, 2.0));
+  const ReadBandwidth mem = MeasureMemoryReadBandwidth(probe, std::clamp(rep_seconds, 0.25, 2.0));
   const double mem_gbs = mem.best / 1e9, mem_median_gbs = mem.median / 1e9;
   const std::string isa(kernels::IsaName(kernels::ActiveIsa()));
   if (a.json) {
@@ -118,6 +139,9 @@ int BenchEngine(const BenchArgs& a) {
                         {"decode_gb_s", d_gbs},
                         {"mem_read_gb_s", mem_gbs},
                         {"mem_read_median_gb_s", mem_median_gbs},
+                        {"mem_read_paired_gb_s", paired_gbs},
+                        {"decode_share_paired", paired_share},
+                        {"decode_share_paired_median", paired_median},
                         {"weight_bytes_per_token", model.weight_bytes_per_token()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
@@ -135,6 +159,12 @@ int BenchEngine(const BenchArgs& a) {
       std::printf("  (the probe's best of 5 passes as long as a repetition; its median pass "
                   "read %.2f GB/s, of which the weights are %.0f%%)\n",
                   mem_median_gbs, 100.0 * d_gbs / mem_median_gbs);
+      if (!paired_share.empty()) {
+        std::printf("  paired: each repetition against a probe pass right after it: median %.0f%% "
+                    "(%.0f-%.0f%%) of %.2f GB/s (median pass)\n",
+                    100.0 * paired_median, 100.0 * paired_min, 100.0 * paired_max,
+                    Median(paired_gbs));
+      }
     } else {
       std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s (memory read bandwidth "
                   "not measured: no room for the probe's 1 GiB buffer)\n",

@@ -270,6 +270,29 @@ TEST(TimerTest, MemoryReadBandwidthIsPositiveOrZeroWhenItCannotMeasure) {
   EXPECT_EQ(none.median, 0.0);
 }
 
+TEST(TimerTest, MemoryReadProbePassesLastAboutAsLongAsAskedAndReadTheSameKindOfFigure) {
+  MemoryReadProbe probe(size_t{32} << 20, 2);
+  ASSERT_TRUE(probe.ok());
+  const double first = probe.Pass(0);  // one sweep
+  EXPECT_GT(first, 1e8);
+  EXPECT_LT(first, 1e13);
+  // A pass of 50 ms is as many sweeps as the last rate fits into 50 ms: it lasts at least about
+  // one sweep and, on any machine not stalled for the whole pass, not many times 50 ms.
+  Stopwatch sw;
+  const double longer = probe.Pass(0.05);
+  const double took = sw.Seconds();
+  EXPECT_GT(longer, 1e8);
+  EXPECT_LT(longer, 1e13);
+  EXPECT_LT(took, 5.0);
+  // 8 words over 4 threads: nothing to split, no buffer, no figure.
+  MemoryReadProbe none(64, 4);
+  EXPECT_FALSE(none.ok());
+  EXPECT_EQ(none.Pass(1.0), 0.0);
+  const ReadBandwidth over = MeasureMemoryReadBandwidth(probe, 0.01);
+  EXPECT_GT(over.median, 1e8);
+  EXPECT_GE(over.best, over.median);
+}
+
 TEST(ThreadPoolTest, ManyShortJobs) {
   ThreadPool pool(2);
   std::atomic<int64_t> total{0};

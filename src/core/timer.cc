@@ -77,31 +77,46 @@ double ReadPass(const uint64_t* raw, size_t per, int threads, int sweeps) {
 
 }  // namespace
 
-ReadBandwidth MeasureMemoryReadBandwidth(size_t buffer_bytes, int threads, double pass_seconds) {
+MemoryReadProbe::MemoryReadProbe(size_t buffer_bytes, int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  threads_ = threads;
   const size_t n = buffer_bytes / sizeof(uint64_t);
-  const size_t per = (n / threads) & ~size_t{15};
-  if (per == 0) return {};
+  per_ = (n / threads) & ~size_t{15};
+  if (per_ == 0) return;
   // aligned_alloc wants a size that is a multiple of the alignment.
-  auto* raw =
-      static_cast<uint64_t*>(std::aligned_alloc(64, (n * sizeof(uint64_t) + 63) / 64 * 64));
-  if (raw == nullptr) return {};  // no room for the buffer: not measured
-  std::unique_ptr<uint64_t, decltype(&std::free)> buf(raw, &std::free);
-  for (size_t i = 0; i < n; ++i) raw[i] = i;  // touch every page
-  // Sweeps per pass: one, or as many as fill pass_seconds at the rate of a first, untimed
-  // sweep (capped so that a slow first sweep cannot make the passes run for minutes).
+  buf_ = static_cast<uint64_t*>(std::aligned_alloc(64, (n * sizeof(uint64_t) + 63) / 64 * 64));
+  if (buf_ == nullptr) return;  // no room for the buffer: not measured
+  for (size_t i = 0; i < n; ++i) buf_[i] = i;  // touch every page
+}
+
+MemoryReadProbe::~MemoryReadProbe() { std::free(buf_); }
+
+double MemoryReadProbe::Pass(double seconds) {
+  if (!ok()) return 0;
   int sweeps = 1;
-  if (pass_seconds > 0) {
-    const double first = ReadPass(raw, per, threads, 1);
-    const double bytes = static_cast<double>(per * threads * sizeof(uint64_t));
-    if (first > 0) {
-      sweeps = static_cast<int>(std::clamp(std::ceil(pass_seconds * first / bytes), 1.0, 1000.0));
-    }
+  if (seconds > 0 && last_rate_ > 0) {
+    const double bytes = static_cast<double>(per_ * threads_ * sizeof(uint64_t));
+    // Capped so that a slow last pass cannot make the next one run for minutes.
+    sweeps = static_cast<int>(std::clamp(std::ceil(seconds * last_rate_ / bytes), 1.0, 1000.0));
   }
+  const double rate = ReadPass(buf_, per_, threads_, sweeps);
+  if (rate > 0) last_rate_ = rate;
+  return rate;
+}
+
+ReadBandwidth MeasureMemoryReadBandwidth(size_t buffer_bytes, int threads, double pass_seconds) {
+  MemoryReadProbe probe(buffer_bytes, threads);
+  return MeasureMemoryReadBandwidth(probe, pass_seconds);
+}
+
+ReadBandwidth MeasureMemoryReadBandwidth(MemoryReadProbe& probe, double pass_seconds) {
+  if (!probe.ok()) return {};
+  // A first, untimed sweep sets the rate from which the passes' sweeps are counted.
+  if (pass_seconds > 0) probe.Pass(0);
   constexpr int kPasses = 5;
   std::vector<double> rates;
   for (int pass = 0; pass < kPasses; ++pass) {
-    const double rate = ReadPass(raw, per, threads, sweeps);
+    const double rate = probe.Pass(pass_seconds);
     if (rate > 0) rates.push_back(rate);
   }
   if (rates.empty()) return {};

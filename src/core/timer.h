@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 
 namespace cachette {
@@ -39,6 +40,31 @@ struct ReadBandwidth {
   double median = 0;
 };
 
+// A memory read probe: a buffer far larger than the last-level cache, allocated and touched once,
+// that `threads` threads (0 = all) sum in passes on demand. A benchmark can then time a pass
+// right after each of its repetitions, so that its figure and the bandwidth it is compared with
+// see the same minute of a shared machine (MeasureMemoryReadBandwidth's passes come after all
+// of them). ok() is false when there was no room for the buffer, or it is too small to split.
+class MemoryReadProbe {
+ public:
+  MemoryReadProbe(size_t buffer_bytes, int threads);
+  ~MemoryReadProbe();
+  MemoryReadProbe(const MemoryReadProbe&) = delete;
+  MemoryReadProbe& operator=(const MemoryReadProbe&) = delete;
+
+  bool ok() const { return buf_ != nullptr; }
+  // One pass of as many sweeps over the buffer as take about `seconds` at the rate of the last
+  // pass (one sweep for the first pass, or seconds <= 0; at most 1000): bytes/s, 0 if !ok() or
+  // the clock did not move.
+  double Pass(double seconds);
+
+ private:
+  uint64_t* buf_ = nullptr;
+  size_t per_ = 0;  // words per thread
+  int threads_ = 1;
+  double last_rate_ = 0;
+};
+
 // Measures this machine's memory read bandwidth: five passes that sum a buffer far larger than
 // the last-level cache, read by `threads` threads (0 = all). A pass sweeps the buffer once, or
 // as many times as take about pass_seconds: on a shared VM one-sweep passes (20 ms for 1 GiB)
@@ -47,5 +73,7 @@ struct ReadBandwidth {
 // (no room for the buffer, or a buffer too small to split).
 ReadBandwidth MeasureMemoryReadBandwidth(size_t buffer_bytes = size_t{1} << 30, int threads = 0,
                                          double pass_seconds = 0);
+// The same five passes over a probe's buffer (a benchmark's, after its paired passes).
+ReadBandwidth MeasureMemoryReadBandwidth(MemoryReadProbe& probe, double pass_seconds);
 
 }  // namespace cachette

@@ -44,6 +44,9 @@ check "hd40 q8_0 kv serve" 1 'head_dim is 40 (use f16)' -- "$bin" serve -m "$tmp
 check "hd40 f16 kv" 0 '"finish_reason"' -- "$bin" run -m "$tmp/hd40.gguf" -p hi -n 2 --json
 check "bench engine" 0 '"decode_tok_s"' -- "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 \
   --reps 1 --json
+# Each decode repetition is paired with a probe pass right after it.
+check "bench engine paired" 0 'paired: each repetition against a probe pass right after it' -- \
+  "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 --reps 2
 # bench cache with adaptive disk levels over a prompt of three chunks: the levels are in the
 # JSON, RAM and disk both restore the whole prompt, and each chunk's record on disk has its two
 # level files beside it (every store the bench opens over the directory keeps them).
