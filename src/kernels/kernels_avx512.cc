@@ -428,26 +428,109 @@ __m512 PairDx(const float* d, __m512i pair_idx) {
   return _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(d2))));
 }
 
+// Per 128-bit quarter q of the 8 rows' partial sums P[r] (4 lanes each): r03 holds rows 0-3's
+// sums of that quarter's lanes, r47 rows 4-7's (integer sums: exact in any order).
+[[gnu::always_inline]] inline void QuarterSums8(const __m512i P[8], __m512i* r03, __m512i* r47) {
+  __m512i a[4];
+  for (int i = 0; i < 4; ++i) {
+    // Per quarter: [P2i lanes 0+2, P2i+1 lanes 0+2, P2i lanes 1+3, P2i+1 lanes 1+3].
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(P[2 * i], P[2 * i + 1]),
+                            _mm512_unpackhi_epi32(P[2 * i], P[2 * i + 1]));
+  }
+  *r03 = _mm512_add_epi32(_mm512_unpacklo_epi64(a[0], a[1]), _mm512_unpackhi_epi64(a[0], a[1]));
+  *r47 = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2], a[3]), _mm512_unpackhi_epi64(a[2], a[3]));
+}
+
 // The integer block dots of 8 rows for two blocks: P[r] holds row r's 4-product partial sums
 // of block b in lanes 0-7 and of block b + 1 in lanes 8-15. Returns
 // [row 0..7 of block b, row 0..7 of block b + 1] (integer sums: exact in any order).
 __m512i BlockSums8x2(const __m512i P[8]) {
-  __m512i a[4];
-  for (int i = 0; i < 4; ++i) {
-    // Per 128-bit quarter: [P2i even pair, P2i+1 even pair, P2i odd pair, P2i+1 odd pair].
-    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(P[2 * i], P[2 * i + 1]),
-                            _mm512_unpackhi_epi32(P[2 * i], P[2 * i + 1]));
-  }
-  // Per quarter q: [row 0, 1, 2, 3] (b0) and [row 4, 5, 6, 7] (b1) sums of that quarter.
-  const __m512i b0 = _mm512_add_epi32(_mm512_unpacklo_epi64(a[0], a[1]),
-                                      _mm512_unpackhi_epi64(a[0], a[1]));
-  const __m512i b1 = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2], a[3]),
-                                      _mm512_unpackhi_epi64(a[2], a[3]));
+  __m512i b0, b1;
+  QuarterSums8(P, &b0, &b1);
   // Quarters 0 + 1 are block b, 2 + 3 block b + 1.
   const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
   const __m512i hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
   return _mm512_add_epi32(_mm512_permutex2var_epi64(b0, lo, b1),
                           _mm512_permutex2var_epi64(b0, hi, b1));
+}
+
+// The q4_0 decode tile's main loop, 4 blocks a step (QuantGemvTile's callee; s8 required):
+// returns the number of blocks it did (a multiple of 4), acc updated as QuantGemvTile would,
+// block by block. Each row's 4 x 16 nibble bytes go in one register, low nibbles (elements
+// 0-15 of each block) and high nibbles (16-31) apart, and the activations are rearranged to
+// match (16-byte lanes), so no weight shuffles: two VPDPBUSD a row leave block b + q's sums in
+// 128-bit quarter q, and one reduction serves 4 blocks. Per block and 8 rows that is about 28
+// instructions against 46 at 2 blocks a step, where q4_0 decode is short of instructions
+// rather than bandwidth (docs/benchmarks.md).
+template <int T>
+int64_t Q4Steps4(const uint8_t* const rows[8], size_t row_bytes, const uint16_t* s8,
+                 const ActQ8& act, int64_t t0, __m256 acc[T]) {
+  constexpr int R = 8;
+  constexpr int64_t kBB = 18;
+  const int64_t nb = act.cols / 32;
+  const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  // x's 16-byte lanes: block j's elements 0-15 are lane 2j, 16-31 lane 2j + 1.
+  const __m512i x_lo = _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13);
+  const __m512i x_hi = _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15);
+  // [rows 0-3 | rows 4-7] per quarter -> [block b rows 0-7 | block b + 1 rows 0-7], and b + 2, 3.
+  const __m512i blocks01 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i blocks23 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    const __m512 dw01 =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s8 + b * 8)));
+    const __m512 dw23 =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s8 + b * 8 + 16)));
+    __m512i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      // The next tile's rows, as in QuantGemvTile: each line once (72-byte steps).
+      PrefetchStep<4 * kBB>(rows[r] + b * kBB + R * row_bytes);
+      const uint8_t* q = rows[r] + b * kBB + 2;
+      __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kBB)), 1);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * kBB)),
+                             2);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 3 * kBB)),
+                             3);
+      lo[r] = _mm512_and_si512(v, nib);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    }
+    for (int t = 0; t < T; ++t) {
+      const int8_t* xt = act.q + (t0 + t) * act.cols + b * 32;
+      const __m512i x0 = _mm512_loadu_si512(xt), x1 = _mm512_loadu_si512(xt + 64);
+      const __m512i xl = _mm512_permutex2var_epi64(x0, x_lo, x1);
+      const __m512i xh = _mm512_permutex2var_epi64(x0, x_hi, x1);
+      // Lane 0 of each quarter starts at -8 * sum(x_q) of its block (the raw nibbles are w + 8).
+      const __m128i sums =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(act.sum + (t0 + t) * nb + b));
+      const __m512i init = _mm512_maskz_permutexvar_epi32(
+          0x1111, quad_idx,
+          _mm512_castsi128_si512(_mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(sums, 3))));
+      __m512i p[R];
+      for (int r = 0; r < R; ++r) {
+        p[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[r], xl), hi[r], xh);
+      }
+      __m512i r03, r47;  // per quarter (block b + q): rows 0-3, rows 4-7
+      QuarterSums8(p, &r03, &r47);
+      const __m512 dot01 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi64(r03, blocks01, r47));
+      const __m512 dot23 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi64(r03, blocks23, r47));
+      const float* dx = act.d + (t0 + t) * nb + b;
+      const __m512 s01 = _mm512_mul_ps(dw01, PairDx(dx, pair_idx));
+      const __m512 s23 = _mm512_mul_ps(dw23, PairDx(dx + 2, pair_idx));
+      // Blocks in order, as QuantGemvTile adds them.
+      acc[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot01), _mm512_castps512_ps256(s01),
+                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot01, 1), _mm512_extractf32x8_ps(s01, 1),
+                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot23), _mm512_castps512_ps256(s23),
+                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot23, 1), _mm512_extractf32x8_ps(s23, 1),
+                               acc[t]);
+    }
+  }
+  return b;
 }
 
 // Decode tiles (m < PackMinM): 8 rows x T tokens, reading the weights in place. Each block's
@@ -480,6 +563,9 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ui
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   int64_t b = 0;
+  if constexpr (kT == kQ4) {
+    if (s8 != nullptr) b = Q4Steps4<T>(rows, row_bytes, s8, act, t0, acc);
+  }
   for (; b + 2 <= nb; b += 2) {
     const __m512 dw =
         s8 != nullptr

@@ -376,7 +376,8 @@ TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndTheyAndTheCacheHintChangeNoBits) 
   ThreadPool single(1);
   for (WType t : {WType::kQ8_0, WType::kQ4_0}) {
     for (const auto& [rows, cols] :
-         {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {8, 32}, {13, 2208}}) {
+         {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {8, 32}, {13, 2208}, {16, 192},
+          {21, 224}}) {
       TestMatrix tm = RandomMatrix(t, rows, cols, rng);
       const std::vector<uint16_t> s8 = DecodeScales(tm.w);
       const int64_t nb = cols / 32, groups = (rows + 7) / 8;
