@@ -10,10 +10,11 @@
 //    each weight once; for many tokens each [16 rows][512] panel block is widened to f32 once
 //    into scratch and reused by all token tiles.
 //  * Quantized weights, m < PackMinM() (decode): tiles of 8 rows over pairs of blocks (64
-//    weights per zmm); q8_0 uses the sign trick (|w| unsigned x sign(x, w) signed) for
-//    VPDPBUSD, q4_0 feeds the raw nibbles as the unsigned operand and starts each block's sum
-//    at -8 * sum(x_q); integer horizontal sums give each row's block dot, then one FMA per
-//    block with one row per lane, as the packed panels do.
+//    weights per zmm), q4_0 over 4 blocks a step where the rows' scales are regrouped
+//    (Q4Steps4); VPDPBUSD takes unsigned weights (w + 128 for q8_0, the raw nibbles, w + 8, for
+//    q4_0) and each block's sum starts at minus the offset times sum(x_q); integer horizontal
+//    sums give each row's block dot, then one FMA per block with one row per lane, as the
+//    packed panels do.
 //  * Quantized weights, m >= PackMinM() (prefill): a panel of 32 rows is repacked once per call
 //    (gathers) into the VNNI layout [block][group of 4 features][32 rows][4 bytes] with
 //    unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with 4
