@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -80,8 +81,12 @@ int BenchEngine(const BenchArgs& a) {
   // [0.25 s, 2 s]): the repetition's share of the bandwidth is taken against the bandwidth of
   // that moment. On a shared VM the probe reads 40 GB/s in one quarter hour and 65 in the next;
   // a figure and a bandwidth measured minutes apart are then not comparable, one repetition and
-  // the pass right after it are. The probe's 1 GiB is allocated before the repetitions.
-  MemoryReadProbe probe(size_t{1} << 30, engine.pool().size());
+  // the pass right after it are. The probe's buffer (1 GiB, less where memory is short) is
+  // allocated before the repetitions.
+  std::error_code ec;
+  const uintmax_t model_bytes = std::filesystem::file_size(path, ec);
+  MemoryReadProbe probe(ProbeBufferBytes(MemAvailableBytes(), ec ? 0 : model_bytes),
+                        engine.pool().size());
   std::vector<double> paired_gbs, paired_share;
   // One untimed warm-up pass pages the weights in and sizes the scratch buffers.
   for (int rep = -1; rep < a.reps; ++rep) {
@@ -112,11 +117,12 @@ int BenchEngine(const BenchArgs& a) {
   const double d_tps = decode_tps.empty() ? 0 : Median(decode_tps);
   const double d_gbs = d_tps * static_cast<double>(model.weight_bytes_per_token()) / 1e9;
   const double paired_median = Median(paired_share);
-  const auto [paired_min, paired_max] =
-      paired_share.empty() ? std::pair<double, double>{0, 0}
-                           : std::pair<double, double>{
-                                 *std::min_element(paired_share.begin(), paired_share.end()),
-                                 *std::max_element(paired_share.begin(), paired_share.end())};
+  double paired_min = 0, paired_max = 0;
+  if (!paired_share.empty()) {
+    const auto [lo, hi] = std::minmax_element(paired_share.begin(), paired_share.end());
+    paired_min = *lo;
+    paired_max = *hi;
+  }
   // The probe's passes last about as long as a decode repetition (within [0.25 s, 2 s]): a
   // median of second-long repetitions is compared with passes of the same length, not with the
   // luckiest 20 ms sweep of a shared machine.
@@ -167,7 +173,7 @@ int BenchEngine(const BenchArgs& a) {
       }
     } else {
       std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s (memory read bandwidth "
-                  "not measured: no room for the probe's 1 GiB buffer)\n",
+                  "not measured: no room for the probe's buffer)\n",
                   a.n_gen, d_tps, d_gbs);
     }
   }

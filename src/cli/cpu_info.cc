@@ -1,6 +1,9 @@
 #include "cli/cpu_info.h"
 
+#include <algorithm>
+#include <charconv>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 namespace cachette::cli {
@@ -14,29 +17,59 @@ std::string_view Trim(std::string_view s) {
   return s;
 }
 
+// The trimmed value of the first "key: value" line of a /proc text whose key, without its
+// padding, is `key`; nullopt when there is none.
+std::optional<std::string_view> FindValue(std::string_view text, std::string_view key) {
+  while (!text.empty()) {
+    const size_t eol = text.find('\n');
+    const std::string_view line = text.substr(0, eol);
+    text.remove_prefix(eol == std::string_view::npos ? text.size() : eol + 1);
+    const size_t colon = line.find(':');
+    if (colon == std::string_view::npos) continue;
+    if (Trim(line.substr(0, colon)) == key) return Trim(line.substr(colon + 1));
+  }
+  return std::nullopt;
+}
+
+std::string ReadProcFile(const char* path) {
+  std::ifstream in(path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return in ? text.str() : "";
+}
+
 }  // namespace
 
 std::string ParseCpuModelName(std::string_view cpuinfo) {
-  // Lines read "key<tabs>: value"; the key is compared without its padding.
-  while (!cpuinfo.empty()) {
-    const size_t eol = cpuinfo.find('\n');
-    const std::string_view line = cpuinfo.substr(0, eol);
-    cpuinfo.remove_prefix(eol == std::string_view::npos ? cpuinfo.size() : eol + 1);
-    const size_t colon = line.find(':');
-    if (colon == std::string_view::npos) continue;
-    if (Trim(line.substr(0, colon)) == "model name") {
-      return std::string(Trim(line.substr(colon + 1)));
-    }
-  }
-  return "";
+  // Lines read "key<tabs>: value".
+  return std::string(FindValue(cpuinfo, "model name").value_or(""));
 }
 
 std::string CpuModelName() {
-  std::ifstream in("/proc/cpuinfo");
-  std::ostringstream text;
-  text << in.rdbuf();
-  const std::string name = in ? ParseCpuModelName(text.str()) : "";
+  const std::string name = ParseCpuModelName(ReadProcFile("/proc/cpuinfo"));
   return name.empty() ? "unknown" : name;
+}
+
+uint64_t ParseMemAvailable(std::string_view meminfo) {
+  const std::optional<std::string_view> v = FindValue(meminfo, "MemAvailable");
+  if (!v) return 0;
+  uint64_t kb = 0;
+  const auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), kb);
+  if (ec != std::errc() || Trim(std::string_view(end, v->data() + v->size() - end)) != "kB" ||
+      kb > (uint64_t{1} << 50)) {
+    return 0;
+  }
+  return kb * 1024;
+}
+
+uint64_t MemAvailableBytes() { return ParseMemAvailable(ReadProcFile("/proc/meminfo")); }
+
+size_t ProbeBufferBytes(uint64_t mem_available, uint64_t model_bytes) {
+  constexpr uint64_t kMax = uint64_t{1} << 30, kMin = uint64_t{256} << 20;
+  if (mem_available == 0) return kMax;
+  const uint64_t room = mem_available > model_bytes ? (mem_available - model_bytes) / 2 : 0;
+  const uint64_t bytes = std::min(kMax, room);
+  return bytes < kMin ? 0 : static_cast<size_t>(bytes);
 }
 
 }  // namespace cachette::cli

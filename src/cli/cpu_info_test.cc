@@ -34,5 +34,38 @@ TEST(ParseCpuModelName, ValueWithColonsAndNoTrailingNewline) {
 
 TEST(CpuModelName, NeverEmpty) { EXPECT_FALSE(CpuModelName().empty()); }
 
+TEST(ParseMemAvailable, ReadsTheKilobytesOfItsLine) {
+  const char* text =
+      "MemTotal:       24568316 kB\n"
+      "MemFree:         1023456 kB\n"
+      "MemAvailable:   20971520 kB\n"
+      "Buffers:          123456 kB\n";
+  EXPECT_EQ(ParseMemAvailable(text), uint64_t{20971520} * 1024);
+  EXPECT_EQ(ParseMemAvailable("MemAvailable: 1 kB"), 1024u);
+}
+
+TEST(ParseMemAvailable, ZeroWhenAbsentOrMalformed) {
+  EXPECT_EQ(ParseMemAvailable(""), 0u);
+  EXPECT_EQ(ParseMemAvailable("MemTotal: 1000 kB\nMemFree: 10 kB\n"), 0u);
+  EXPECT_EQ(ParseMemAvailable("MemAvailable: lots kB\n"), 0u);
+  EXPECT_EQ(ParseMemAvailable("MemAvailable: 1000 MB\n"), 0u);
+  EXPECT_EQ(ParseMemAvailable("MemAvailable: 1000\n"), 0u);
+  EXPECT_EQ(ParseMemAvailable("MemAvailable: -5 kB\n"), 0u);
+  EXPECT_EQ(ParseMemAvailable("MemAvailable: 99999999999999999999999 kB\n"), 0u);
+}
+
+TEST(MemAvailableBytes, ThisMachineHasSome) { EXPECT_GT(MemAvailableBytes(), 0u); }
+
+TEST(ProbeBufferBytes, OneGibibyteWhereThereIsRoomElseHalfTheRestElseNone) {
+  constexpr uint64_t kMiB = uint64_t{1} << 20, kGiB = uint64_t{1} << 30;
+  EXPECT_EQ(ProbeBufferBytes(20 * kGiB, 500 * kMiB), kGiB);
+  EXPECT_EQ(ProbeBufferBytes(0, 500 * kMiB), kGiB);  // unknown: as before
+  // 1.5 GiB beside a 500 MiB model: half of the 1 GiB left.
+  EXPECT_EQ(ProbeBufferBytes(1536 * kMiB, 512 * kMiB), 512 * kMiB);
+  EXPECT_EQ(ProbeBufferBytes(512 * kMiB + 512 * kMiB, 512 * kMiB), 256 * kMiB);
+  EXPECT_EQ(ProbeBufferBytes(1000 * kMiB, 512 * kMiB), 0u);  // 244 MiB: too small to measure
+  EXPECT_EQ(ProbeBufferBytes(100 * kMiB, 512 * kMiB), 0u);   // less than the model
+}
+
 }  // namespace
 }  // namespace cachette::cli

@@ -455,6 +455,13 @@ __m512i BlockSums8x2(const __m512i P[8]) {
                           _mm512_permutex2var_epi64(b0, hi, b1));
 }
 
+// acc += dot * s for two blocks in order: lanes 0-7 (block b), then lanes 8-15 (block b + 1),
+// one output per lane of acc; the two FMAs every decode tile adds a pair of blocks with.
+[[gnu::always_inline]] inline __m256 AddBlockPair(__m256 acc, __m512 dot, __m512 s) {
+  acc = _mm256_fmadd_ps(_mm512_castps512_ps256(dot), _mm512_castps512_ps256(s), acc);
+  return _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot, 1), _mm512_extractf32x8_ps(s, 1), acc);
+}
+
 // The q4_0 decode tile's main loop, 4 blocks a step (QuantGemvTile's callee; s8 required):
 // returns the number of blocks it did (a multiple of 4), acc updated as QuantGemvTile would,
 // block by block. Each row's 4 x 16 nibble bytes go in one register, low nibbles (elements
@@ -521,14 +528,7 @@ int64_t Q4Steps4(const uint8_t* const rows[8], size_t row_bytes, const uint16_t*
       const __m512 s01 = _mm512_mul_ps(dw01, PairDx(dx, pair_idx));
       const __m512 s23 = _mm512_mul_ps(dw23, PairDx(dx + 2, pair_idx));
       // Blocks in order, as QuantGemvTile adds them.
-      acc[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot01), _mm512_castps512_ps256(s01),
-                               acc[t]);
-      acc[t] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot01, 1), _mm512_extractf32x8_ps(s01, 1),
-                               acc[t]);
-      acc[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot23), _mm512_castps512_ps256(s23),
-                               acc[t]);
-      acc[t] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot23, 1), _mm512_extractf32x8_ps(s23, 1),
-                               acc[t]);
+      acc[t] = AddBlockPair(AddBlockPair(acc[t], dot01, s01), dot23, s23);
     }
   }
   return b;
@@ -615,9 +615,7 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ui
       for (int r = 0; r < R; ++r) p[r] = _mm512_dpbusd_epi32(init, wv[r], xq);
       const __m512 dot = _mm512_cvtepi32_ps(BlockSums8x2(p));
       const __m512 s = _mm512_mul_ps(dw, PairDx(act.d + (t0 + t) * nb + b, pair_idx));
-      acc[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot), _mm512_castps512_ps256(s), acc[t]);
-      acc[t] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot, 1), _mm512_extractf32x8_ps(s, 1),
-                               acc[t]);
+      acc[t] = AddBlockPair(acc[t], dot, s);
     }
   }
   if (b < nb) {  // odd block count: the last block alone, in lanes 0-7 (8-15 stay zero)
