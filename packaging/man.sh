@@ -43,6 +43,23 @@ installed binary, or \\fB\$CACHETTE_MODEL\\fR.
 HEAD
 section
 cat <<'TAIL'
+.SH ENVIRONMENT
+.TP
+.B CACHETTE_MODEL
+The model used where a command is given no \-m.
+.TP
+.B CACHETTE_LOG
+debug, info (the default), warning or error: the least severe log lines printed.
+.TP
+.B CACHETTE_ISA
+scalar, avx2, avx512 or amx: the highest kernel level used, at most what the processor has
+(for measuring a lower level's kernels; every level gives the same bits). Another value is
+ignored with a warning.
+.TP
+.B CACHETTE_Q8_DECODE
+rows or step: the order in which the AVX2 level's Q8_0 decode tile reads its 8 rows (one after
+another, or block by block in step; the same bits). The default is rows on AMD processors
+before Zen 5 and step elsewhere. Another value is ignored with a warning.
 .SH EXIT STATUS
 0 on success; 1 when a command fails (the reason is printed as "error: ..."); other non-zero
 values for command-line errors (an unknown flag, a missing \-\-config file).

@@ -23,9 +23,15 @@ llama.cpp is built beside the project, never inside it (docs/benchmarks.md "Mode
   cmake -S /tmp/llama -B /tmp/llama/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
   cmake --build /tmp/llama/build -j2 --target llama-bench llama-batched-bench
 
+With --q8-orders rows,step, each round also decodes the Q8_0 model with each order of the AVX2
+level's Q8_0 decode tile (CACHETTE_Q8_DECODE: the 8 rows one after another, or block by block in
+step), right after the default run, and prints which was faster: the default is rows on AMD
+before Zen 5 and step elsewhere (src/kernels/kernels.cc, DefaultQ8DecodeOrder), measured on Zen 3
+and Zen 5 only. The orders give the same bits; at the AVX-512 level they change nothing.
+
 Usage: scripts/vs_llamacpp.py --llama-bin /tmp/llama/build/bin [--isa avx2] [--rounds 3]
        [--threads 2] [--types q8_0,q4_0,f16] [--models-dir /tmp] [--depth 16384]
-       [--binary build/release/src/cli/cachette] [--json out.json]
+       [--q8-orders rows,step] [--binary build/release/src/cli/cachette] [--json out.json]
 """
 import argparse
 import json
@@ -117,10 +123,16 @@ class Bench:
             fail("llama-bench gave no pp%d/tg%d rows" % (PROMPT, GEN))
         return pp[0], tg[0]
 
-    def engine(self, m, *flags):
+    def engine(self, m, *flags, env=None):
         return last_json(run([self.a.binary, "bench", "engine", "-m", m, "--threads",
-                              str(self.a.threads), "--json", *flags], env=self.env),
+                              str(self.a.threads), "--json", *flags], env=env or self.env),
                          "bench engine")
+
+    def q8_order(self, m, order):
+        """Decode tok/s and paired share with the Q8_0 decode tile's order forced."""
+        env = dict(self.env, CACHETTE_Q8_DECODE=order)
+        dec = self.engine(m, "-p", "16", "-n", str(GEN), "--reps", str(REPS), env=env)
+        return dec["decode_tok_s"], dec.get("decode_share_paired_median", 0) or float("nan")
 
     def cachette(self, m):
         pre = self.engine(m, "-p", str(PROMPT), "-n", "0", "--reps", str(REPS))
@@ -163,6 +175,8 @@ def main():
     ap.add_argument("--types", default="q8_0,q4_0,f16")
     ap.add_argument("--models-dir", default="/tmp")
     ap.add_argument("--depth", type=int, default=0, help="also decode after this many tokens")
+    ap.add_argument("--q8-orders", default="",
+                    help="also decode Q8_0 with each of these tile orders (rows,step)")
     ap.add_argument("--json", default="", help="write every figure to this file")
     a = ap.parse_args()
     if a.rounds < 1 or a.threads < 1 or a.depth < 0:
@@ -171,9 +185,16 @@ def main():
     for t in types:
         if t not in ("q8_0", "q4_0", "f16", "bf16", "f32"):
             fail("unknown weight type %r (q8_0, q4_0, f16, bf16, f32)" % t)
+    orders = [o for o in a.q8_orders.split(",") if o]
+    for o in orders:
+        if o not in ("rows", "step"):
+            fail("unknown Q8_0 decode order %r (rows, step)" % o)
+    if orders and "q8_0" not in types:
+        fail("--q8-orders needs q8_0 among --types")
     b = Bench(a)
     models = {t: b.model(t) for t in types}
     res = {t: [] for t in types}
+    by_order = {o: [] for o in orders}  # (tok/s, paired share) per round
     info = {}
     for r in range(a.rounds):
         for t in types:
@@ -187,6 +208,12 @@ def main():
             print("round %d %-5s prefill %7.1f / %7.1f  decode %6.1f / %6.1f  share %3.0f%% "
                   "(best pass %3.0f%%)" % (r + 1, t, cpp, lpp, ctg, ltg, 100 * share[0],
                                            100 * share[1]), file=sys.stderr)
+            if t == "q8_0":
+                for o in orders:
+                    by_order[o].append(b.q8_order(models[t], o))
+                    print("round %d q8_0  decode with the %s order %6.1f, share %3.0f%%"
+                          % (r + 1, o, by_order[o][-1][0], 100 * by_order[o][-1][1]),
+                          file=sys.stderr)
     deep = {}
     if a.depth:
         for t in types:
@@ -232,6 +259,25 @@ def main():
             verdicts.append(("%s decode at depth %d >= %.1fx llama.cpp"
                              % (t, a.depth, DEPTH_TARGET), ours / theirs,
                              ours / theirs >= DEPTH_TARGET))
+    if orders:
+        print()
+        print("| Q8_0 decode tile order (CACHETTE_Q8_DECODE) | decode tok/s (range) "
+              "| against the default run of the same round (range) | paired share (range) |")
+        print("|---|---:|---:|---:|")
+        for o in orders:
+            tps = [x[0] for x in by_order[o]]
+            rel = [x[0] / y["tg"] for x, y in zip(by_order[o], res["q8_0"])]
+            print("| %s | %s | %s | %s |" % (o, cell(tps, "%.1f"), cell(rel, "%.2fx"),
+                                             cell([100 * x[1] for x in by_order[o]], "%.0f%%")))
+        print()
+        if info.get("isa") != "avx2":
+            print("The orders are the AVX2 level's; this run's kernels were %s, where they "
+                  "change nothing (add --isa avx2)." % info.get("isa"))
+        elif len(orders) > 1:
+            best = max(orders, key=lambda o: med([x[0] for x in by_order[o]]))
+            print("Faster Q8_0 decode order here: %s (the default run uses one of them; "
+                  "DefaultQ8DecodeOrder in src/kernels/kernels.cc picks it per processor)."
+                  % best)
     print()
     for what, value, ok in verdicts:
         print("- %s: %.2f, %s" % (what, value, "met" if ok else "NOT met"))
@@ -239,6 +285,8 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"info": info, "threads": a.threads, "isa_env": a.isa,
                        "llama_bin": a.llama_bin, "rounds": res,
+                       "q8_orders": {o: [{"tok_s": x[0], "share_paired": x[1]} for x in v]
+                                     for o, v in by_order.items()},
                        "depth": {t: {"tok_s": v[0], "attention_share": v[1],
                                      "llama_tok_s": v[2]} for t, v in deep.items()},
                        "targets": [{"target": w, "value": v, "met": ok}

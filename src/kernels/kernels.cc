@@ -15,6 +15,7 @@
 
 #include "core/check.h"
 #include "core/fp16.h"
+#include "core/log.h"
 #include "kernels/kernels_internal.h"
 
 #if defined(__x86_64__)
@@ -107,14 +108,18 @@ Isa ComputeBestIsa() {
   if (const char* env = std::getenv("CACHETTE_ISA")) {
     std::string s(env);
     Isa cap = isa;
-    if (s == "scalar")
+    if (s == "scalar") {
       cap = Isa::kScalar;
-    else if (s == "avx2")
+    } else if (s == "avx2") {
       cap = Isa::kAvx2;
-    else if (s == "avx512")
+    } else if (s == "avx512") {
       cap = Isa::kAvx512;
-    else if (s == "amx")
+    } else if (s == "amx") {
       cap = Isa::kAmx;
+    } else {
+      CT_LOG(kWarning) << "CACHETTE_ISA=" << s
+                       << " is not one of scalar, avx2, avx512, amx: ignored";
+    }
     isa = std::min(isa, cap);
   }
   return isa;
@@ -141,6 +146,7 @@ internal::Q8Order DefaultQ8DecodeOrder() {
     const std::string s(env);
     if (s == "rows") return Q8Order::kRows;
     if (s == "step") return Q8Order::kStep;
+    CT_LOG(kWarning) << "CACHETTE_Q8_DECODE=" << s << " is not one of rows, step: ignored";
   }
   return Cpu().amd && Cpu().family < 0x1a ? Q8Order::kRows : Q8Order::kStep;
 }

@@ -32,6 +32,11 @@ check "run prompt ids" 0 '"prompt_ids":[8191,464,2106,286,262]' -- \
   "$bin" run --prompt-ids 8191,464,2106,286,262 -n 4 --json
 check "tokenize ids" 0 '[464, 2106, 286, 262]' -- "$bin" tokenize --ids -p "The history of the"
 check "tokenize with bos" 0 '[8191, 464' -- "$bin" tokenize --ids --bos -p "The history"
+# An environment setting the kernels do not know is named in a warning, not silently dropped.
+check "bad CACHETTE_ISA" 0 'CACHETTE_ISA=AVX2 is not one of scalar, avx2, avx512, amx' -- \
+  env CACHETTE_ISA=AVX2 "$bin" tokenize --ids -p "The history"
+check "bad CACHETTE_Q8_DECODE" 0 'CACHETTE_Q8_DECODE=row is not one of rows, step' -- \
+  env CACHETTE_Q8_DECODE=row "$bin" tokenize --ids -p "The history"
 check "synth tiny" 0 'wrote' -- "$bin" model synth --shape tiny --type q8_0 -o "$tmp/tiny.gguf"
 check "info synth" 0 'arch llama' -- "$bin" model info -m "$tmp/tiny.gguf"
 check "run synth" 0 '"finish_reason"' -- "$bin" run -m "$tmp/tiny.gguf" -p "hello" -n 4 --json
