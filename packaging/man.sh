@@ -49,7 +49,8 @@ cat <<'TAIL'
 The model used where a command is given no \-m.
 .TP
 .B CACHETTE_LOG
-debug, info (the default), warning or error: the least severe log lines printed.
+debug, info (the default), warning or error: the least severe log lines printed. Another value
+is taken as info, with a warning.
 .TP
 .B CACHETTE_ISA
 scalar, avx2, avx512 or amx: the highest kernel level used, at most what the processor has

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cli/cli.h"
+#include "core/log.h"
 
 namespace cachette::cli {
 
@@ -89,6 +90,10 @@ int Fail(const Status& s) {
 
 int main(int argc, char** argv) {
   using namespace cachette::cli;
+  // CACHETTE_LOG is read when something first logs; read it now, so that a value it does not
+  // know is named at once whatever the command (CACHETTE_ISA and CACHETTE_Q8_DECODE are read
+  // at start-up by the kernels).
+  (void)cachette::MinLogLevel();
   CLI::App app{"cachette: an LLM inference server whose heart is a KV-cache engine"};
   app.require_subcommand(1);
   std::vector<std::pair<CLI::App*, Runner>> commands;

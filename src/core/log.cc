@@ -16,6 +16,10 @@ LogLevel LevelFromEnv() {
   if (std::strcmp(e, "debug") == 0) return LogLevel::kDebug;
   if (std::strcmp(e, "warning") == 0) return LogLevel::kWarning;
   if (std::strcmp(e, "error") == 0) return LogLevel::kError;
+  // Written directly: CT_LOG would ask for the level being decided here.
+  if (std::strcmp(e, "info") != 0) {
+    std::fprintf(stderr, "W CACHETTE_LOG=%s is not one of debug, info, warning, error: info\n", e);
+  }
   return LogLevel::kInfo;
 }
 

@@ -37,6 +37,8 @@ check "bad CACHETTE_ISA" 0 'CACHETTE_ISA=AVX2 is not one of scalar, avx2, avx512
   env CACHETTE_ISA=AVX2 "$bin" tokenize --ids -p "The history"
 check "bad CACHETTE_Q8_DECODE" 0 'CACHETTE_Q8_DECODE=row is not one of rows, step' -- \
   env CACHETTE_Q8_DECODE=row "$bin" tokenize --ids -p "The history"
+check "bad CACHETTE_LOG" 0 'CACHETTE_LOG=verbose is not one of debug, info, warning, error' -- \
+  env CACHETTE_LOG=verbose "$bin" tokenize --ids -p "The history"
 check "synth tiny" 0 'wrote' -- "$bin" model synth --shape tiny --type q8_0 -o "$tmp/tiny.gguf"
 check "info synth" 0 'arch llama' -- "$bin" model info -m "$tmp/tiny.gguf"
 check "run synth" 0 '"finish_reason"' -- "$bin" run -m "$tmp/tiny.gguf" -p "hello" -n 4 --json
