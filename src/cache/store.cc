@@ -241,7 +241,9 @@ Status TieredStore::Erase(std::span<const TokenId> tokens, const Hash128& ns) {
   {
     std::lock_guard lock(mu_);
     for (const ChunkKey& k : keys) {
-      // A pending write finds its generation gone and removes its file.
+      // A pending write finds its generation gone and removes its file, and finds the key
+      // erased (ErasedSince) and leaves Redis without it.
+      NoteErased(&k, nullptr);
       const Entry e = index_.Remove(k);
       if (e.ram_bytes() != 0) (void)ram_->Erase(k);
       if (e.disk_bytes() != 0) {
@@ -251,15 +253,31 @@ Status TieredStore::Erase(std::span<const TokenId> tokens, const Hash128& ns) {
     }
   }
   if (remote_ != nullptr) {
-    for (const ChunkKey& k : keys) {
-      (void)remote_->EraseIn(ns, k);
-      for (size_t j = 1; j <= levels_[kRemote].codecs.size(); ++j) {
-        (void)remote_->EraseIn(ns, LevelKey(k, static_cast<int>(j)));
-      }
-    }
+    for (const ChunkKey& k : keys) EraseFromRemote(ns, k);
     EmitRemote(KvEvent::Kind::kRemoved, keys);
   }
   return result;
+}
+
+void TieredStore::EraseFromRemote(const Hash128& ns, const ChunkKey& key) {
+  (void)remote_->EraseIn(ns, key);
+  for (size_t j = 1; j <= levels_[kRemote].codecs.size(); ++j) {
+    (void)remote_->EraseIn(ns, LevelKey(key, static_cast<int>(j)));
+  }
+}
+
+void TieredStore::NoteErased(const ChunkKey* key, const Hash128* ns) {
+  ++erase_seq_;
+  if (writes_in_flight_ == 0) return;  // a write queued from now on sees the erasure itself
+  if (key != nullptr) key_erased_at_[*key] = erase_seq_;
+  if (ns != nullptr) ns_cleared_at_[*ns] = erase_seq_;
+}
+
+bool TieredStore::ErasedSince(const WriteJob& job) const {
+  const auto k = key_erased_at_.find(job.key);
+  if (k != key_erased_at_.end() && k->second > job.erase_seq) return true;
+  const auto n = ns_cleared_at_.find(job.ns);
+  return n != ns_cleared_at_.end() && n->second > job.erase_seq;
 }
 
 Status TieredStore::EraseFromDisk(const ChunkKey& key) {
@@ -287,7 +305,10 @@ Status TieredStore::Clear(const Hash128& ns) {
     std::lock_guard lock(mu_);
     // Pins stay: they name keys, so a chunk of `ns` put again is protected again.
     // A pending write of `ns` finds its generation gone, releases its reservation and removes
-    // the file it wrote.
+    // the file it wrote; it finds `ns` cleared (ErasedSince) and leaves Redis without it.
+    // Noted before the remote tier is cleared below: a write landing in between is erased
+    // again by its job.
+    NoteErased(nullptr, &ns);
     for (const auto& [key, e] : index_.RemoveNamespace(ns)) {
       if (e.ram_bytes() != 0) (void)ram_->Erase(key);
       if (e.disk_bytes() != 0) disk_keys.push_back(key);

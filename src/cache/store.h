@@ -118,6 +118,7 @@ class TieredStore final : public Cache {
     uint64_t gen = 0;
     SharedBytes raw_record;  // the RAM form (codec raw)
     WriteTargets to;
+    uint64_t erase_seq = 0;  // erase_seq_ when it was queued (ErasedSince)
   };
   // One chunk to load, with what verifies it.
   struct ChunkRequest {
@@ -146,6 +147,15 @@ class TieredStore final : public Cache {
   void SubmitWrite(const ChunkKey& key, Entry& e, const SharedBytes& record, WriteCause cause);
 
   void RunWrite(const WriteJob& job);  // on the io executor; never throws
+  // Whether an Erase or Clear took job's chunk after the job was queued. Its remote copy is
+  // then not written, or erased again once written: a write queued before a tenant's clear
+  // and landing in Redis after it would bring the cleared KV back for every server. (The disk
+  // copy has the entry's generation for this.) REQUIRES(mu_).
+  bool ErasedSince(const WriteJob& job) const;
+  // Notes an Erase of `key` or a Clear of `ns` for the writes in flight. REQUIRES(mu_).
+  void NoteErased(const ChunkKey* key, const Hash128* ns);
+  // Removes `key` and its level keys (LevelKey) from the remote tier.
+  void EraseFromRemote(const Hash128& ns, const ChunkKey& key);
   SharedBytes EncodeForSlowTiers(const SharedBytes& raw_record);
   void WriteToDisk(const WriteJob& job, const SharedBytes& bytes);
   void RunLoad(const std::shared_ptr<LoadState>& st, std::vector<ChunkRequest> reqs,
@@ -216,6 +226,13 @@ class TieredStore final : public Cache {
   std::deque<ChunkKey> ghost_fifo_;                              // GUARDED_BY(mu_)
   std::unordered_set<ChunkKey, ChunkKeyHash> ghost_;             // GUARDED_BY(mu_)
   CacheStats counters_;                                          // GUARDED_BY(mu_)
+  // Erasures the writes in flight must see (ErasedSince): each Erase and Clear takes the next
+  // erase_seq_ and, while writes are queued or running, is noted by key or namespace; the
+  // notes go when the last write in flight ends, so they stay few.
+  uint64_t erase_seq_ = 0;                                       // GUARDED_BY(mu_)
+  uint64_t writes_in_flight_ = 0;                                // GUARDED_BY(mu_)
+  std::unordered_map<ChunkKey, uint64_t, ChunkKeyHash> key_erased_at_;  // GUARDED_BY(mu_)
+  std::unordered_map<Hash128, uint64_t, ChunkKeyHash> ns_cleared_at_;   // GUARDED_BY(mu_)
   std::shared_ptr<std::atomic<uint64_t>> deadline_misses_ =
       std::make_shared<std::atomic<uint64_t>>(0);
 

@@ -58,8 +58,11 @@ void TieredStore::SubmitWrite(const ChunkKey& key, Entry& e, const SharedBytes& 
   const WriteTargets to = WriteTargetsFor(e, cause);
   if (!to.any()) return;
   if (cause == WriteCause::kDemoted) ++counters_.demotions;
-  WriteJob job{e.ns, key, e.gen, record, to};
+  WriteJob job{e.ns, key, e.gen, record, to, erase_seq_};
+  // Counted before it is queued: the job may run (and end) before TrySubmit returns.
+  ++writes_in_flight_;
   if (!io_->TrySubmit([this, job = std::move(job)] { RunWrite(job); })) {
+    --writes_in_flight_;
     ++counters_.puts_dropped;
     return;
   }
@@ -296,17 +299,31 @@ void TieredStore::RunWrite(const WriteJob& job) {
     }
     if (job.to.disk) WriteToDisk(job, bytes);
     tier = kRemote;
-    if (job.to.remote && remote_->PutIn(job.ns, job.key, *bytes, options_.redis_ttl_seconds).ok()) {
+    bool to_remote = job.to.remote;
+    if (to_remote) {
+      std::lock_guard lock(mu_);
+      to_remote = !ErasedSince(job);  // erased or cleared while queued: not written at all
+    }
+    if (to_remote && remote_->PutIn(job.ns, job.key, *bytes, options_.redis_ttl_seconds).ok()) {
+      if (levels_[kRemote].on()) WriteRemoteLevels(job);
+      bool erased = false;
       {
         std::lock_guard lock(mu_);
+        // An Erase or Clear noted now came while the copy was being written, and may have
+        // cleared the remote tier before it landed: it is erased again below. One noted after
+        // this check clears the remote tier after the copy landed.
+        erased = ErasedSince(job);
         Entry* e = index_.Find(job.key);
-        if (e != nullptr && e->gen == job.gen) e->remote_written = true;
-        if (levels_[kRemote].on()) {
+        if (!erased && e != nullptr && e->gen == job.gen) e->remote_written = true;
+        if (!erased && levels_[kRemote].on()) {
           Average(levels_[kRemote].bytes[0], static_cast<double>(bytes->size()), 0.9, 0.1);
         }
       }
-      EmitRemote(KvEvent::Kind::kStored, {job.key});
-      if (levels_[kRemote].on()) WriteRemoteLevels(job);
+      if (erased) {
+        EraseFromRemote(job.ns, job.key);
+      } else {
+        EmitRemote(KvEvent::Kind::kStored, {job.key});
+      }
     }
   } catch (const std::exception&) {
     std::lock_guard lock(mu_);
@@ -317,6 +334,11 @@ void TieredStore::RunWrite(const WriteJob& job) {
       e->disk_pending = false;
       index_.MaybeForget(job.key);
     }
+  }
+  std::lock_guard lock(mu_);
+  if (--writes_in_flight_ == 0) {
+    key_erased_at_.clear();
+    ns_cleared_at_.clear();
   }
 }
 

@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <thread>
@@ -321,6 +324,103 @@ TEST(StoreTest, RemoteTierIsSharedAndPromotes) {
   EXPECT_EQ(GetAndCheck(*c, kNs1, t, 0, 3), std::vector<CacheTier>(3, CacheTier::kRedis));
   EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers, std::vector<CacheTier>(3, CacheTier::kRam));
   EXPECT_EQ(c->Stats().tier[2].hit_chunks, 3u);
+}
+
+// A remote tier like Redis (records by namespace, ClearNamespace) whose writes can be held: a
+// held write blocks until Release(), so that a test can erase or clear while it is in flight.
+class HeldRemote final : public Tier {
+ public:
+  std::string_view name() const override { return "held-redis"; }
+  Status Put(const ChunkKey& k, std::span<const std::byte> r, uint32_t ttl) override {
+    return PutIn(Hash128{}, k, r, ttl);
+  }
+  Status PutIn(const Hash128& ns, const ChunkKey& k, std::span<const std::byte> r,
+               uint32_t) override {
+    std::unique_lock lock(mu_);
+    ++puts_started_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return !held_; });
+    records_[k] = {ns, std::vector<std::byte>(r.begin(), r.end())};
+    return Status::Ok();
+  }
+  Result<std::vector<std::byte>> Get(const ChunkKey& k, Deadline) override {
+    std::lock_guard lock(mu_);
+    const auto it = records_.find(k);
+    if (it == records_.end()) return NotFound("no such record");
+    return it->second.second;
+  }
+  std::vector<bool> ContainsMany(std::span<const ChunkKey> keys, Deadline) override {
+    std::lock_guard lock(mu_);
+    std::vector<bool> out;
+    for (const ChunkKey& k : keys) out.push_back(records_.count(k) != 0);
+    return out;
+  }
+  Status Erase(const ChunkKey& k) override {
+    std::lock_guard lock(mu_);
+    records_.erase(k);
+    return Status::Ok();
+  }
+  Status ClearNamespace(const Hash128& ns) override {
+    std::lock_guard lock(mu_);
+    std::erase_if(records_, [&](const auto& kv) { return kv.second.first == ns; });
+    return Status::Ok();
+  }
+  TierStats Stats() const override {
+    std::lock_guard lock(mu_);
+    TierStats st;
+    st.entries = records_.size();
+    return st;
+  }
+  void Hold() {
+    std::lock_guard lock(mu_);
+    held_ = true;
+  }
+  void Release() {
+    std::lock_guard lock(mu_);
+    held_ = false;
+    cv_.notify_all();
+  }
+  // Waits until `n` writes have started (each held, if Hold() was called).
+  void WaitForPuts(int n) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return puts_started_ >= n; });
+  }
+  size_t Count() const { return Stats().entries; }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool held_ = false;
+  int puts_started_ = 0;
+  std::map<ChunkKey, std::pair<Hash128, std::vector<std::byte>>> records_;
+};
+
+// A write-through to the remote tier queued before a tenant's clear (or an Erase) and landing
+// after it must not bring the cleared KV back for every server sharing the tier; a write
+// queued after the clear lands as usual.
+TEST(StoreTest, AWriteInFlightDuringAClearOrEraseLeavesTheRemoteTierWithoutIt) {
+  for (const bool clear : {true, false}) {
+    SCOPED_TRACE(clear ? "clear" : "erase");
+    HeldRemote remote;
+    CacheOptions o = Options(10);
+    o.remote_tier = &remote;
+    auto c = Open(o);
+    const auto t = Tokens(3 * kC, 40);
+    const auto other = Tokens(2 * kC, 41);
+    remote.Hold();
+    ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 3).ok());  // 3 writes: the first held in the tier
+    remote.WaitForPuts(1);
+    ASSERT_TRUE((clear ? c->Clear(kNs1) : c->Erase(t, kNs1)).ok());
+    ASSERT_TRUE(PutChunks(*c, kNs2, other, 0, 2).ok());  // queued after: not affected
+    remote.Release();
+    ASSERT_TRUE(c->Flush().ok());
+    EXPECT_EQ(remote.Count(), 2u) << "only the other namespace's 2 chunks";
+    EXPECT_EQ(c->Lookup(t, kNs1).chunk_tiers.size(), 0u);
+    // The same chunks put again are written again.
+    ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 3).ok());
+    ASSERT_TRUE(c->Flush().ok());
+    EXPECT_EQ(remote.Count(), 5u);
+  }
 }
 
 // A remote tier behind a slow link: every read takes its bytes / bytes_per_s.
