@@ -268,16 +268,24 @@ void TieredStore::EraseFromRemote(const Hash128& ns, const ChunkKey& key) {
 
 void TieredStore::NoteErased(const ChunkKey* key, const Hash128* ns) {
   ++erase_seq_;
-  if (writes_in_flight_ == 0) return;  // a write queued from now on sees the erasure itself
+  if (jobs_in_flight_ == 0) return;  // a job queued from now on sees the erasure itself
   if (key != nullptr) key_erased_at_[*key] = erase_seq_;
   if (ns != nullptr) ns_cleared_at_[*ns] = erase_seq_;
 }
 
-bool TieredStore::ErasedSince(const WriteJob& job) const {
-  const auto k = key_erased_at_.find(job.key);
-  if (k != key_erased_at_.end() && k->second > job.erase_seq) return true;
-  const auto n = ns_cleared_at_.find(job.ns);
-  return n != ns_cleared_at_.end() && n->second > job.erase_seq;
+bool TieredStore::ErasedSince(const Hash128& ns, const ChunkKey& key, uint64_t seq) const {
+  const auto k = key_erased_at_.find(key);
+  if (k != key_erased_at_.end() && k->second > seq) return true;
+  const auto n = ns_cleared_at_.find(ns);
+  return n != ns_cleared_at_.end() && n->second > seq;
+}
+
+void TieredStore::EndJob() {
+  std::lock_guard lock(mu_);
+  if (--jobs_in_flight_ == 0) {
+    key_erased_at_.clear();
+    ns_cleared_at_.clear();
+  }
 }
 
 Status TieredStore::EraseFromDisk(const ChunkKey& key) {

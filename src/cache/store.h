@@ -128,6 +128,7 @@ class TieredStore final : public Cache {
     std::vector<TokenId> tokens;
     size_t remaining = 1;  // chunks of its load from this one on (the adaptive controller's)
     bool promote = true;   // a disk or Redis hit is copied to RAM (Get's `promote`)
+    uint64_t erase_seq = 0;  // erase_seq_ when the load was queued (Promote, ErasedSince)
   };
 
   explicit TieredStore(const CacheOptions& options);
@@ -147,13 +148,16 @@ class TieredStore final : public Cache {
   void SubmitWrite(const ChunkKey& key, Entry& e, const SharedBytes& record, WriteCause cause);
 
   void RunWrite(const WriteJob& job);  // on the io executor; never throws
-  // Whether an Erase or Clear took job's chunk after the job was queued. Its remote copy is
-  // then not written, or erased again once written: a write queued before a tenant's clear
-  // and landing in Redis after it would bring the cleared KV back for every server. (The disk
-  // copy has the entry's generation for this.) REQUIRES(mu_).
-  bool ErasedSince(const WriteJob& job) const;
-  // Notes an Erase of `key` or a Clear of `ns` for the writes in flight. REQUIRES(mu_).
+  // Whether an Erase or Clear took chunk `key` of `ns` after erase sequence number `seq`, when
+  // a job (write or load) touching it was queued. A write's remote copy is then not made, or
+  // erased again once made: a write queued before a tenant's clear and landing in Redis after
+  // it would bring the cleared KV back for every server (the disk copy has the entry's
+  // generation for this). A load's chunk is then not promoted to RAM. REQUIRES(mu_).
+  bool ErasedSince(const Hash128& ns, const ChunkKey& key, uint64_t seq) const;
+  // Notes an Erase of `key` or a Clear of `ns` for the jobs in flight. REQUIRES(mu_).
   void NoteErased(const ChunkKey* key, const Hash128* ns);
+  // Ends a job counted in jobs_in_flight_; the erasure notes go with the last one. Takes mu_.
+  void EndJob();
   // Removes `key` and its level keys (LevelKey) from the remote tier.
   void EraseFromRemote(const Hash128& ns, const ChunkKey& key);
   SharedBytes EncodeForSlowTiers(const SharedBytes& raw_record);
@@ -226,11 +230,11 @@ class TieredStore final : public Cache {
   std::deque<ChunkKey> ghost_fifo_;                              // GUARDED_BY(mu_)
   std::unordered_set<ChunkKey, ChunkKeyHash> ghost_;             // GUARDED_BY(mu_)
   CacheStats counters_;                                          // GUARDED_BY(mu_)
-  // Erasures the writes in flight must see (ErasedSince): each Erase and Clear takes the next
-  // erase_seq_ and, while writes are queued or running, is noted by key or namespace; the
-  // notes go when the last write in flight ends, so they stay few.
+  // Erasures the jobs in flight must see (ErasedSince): each Erase and Clear takes the next
+  // erase_seq_ and, while writes or loads are queued or running, is noted by key or namespace;
+  // the notes go when the last job in flight ends, so they stay few.
   uint64_t erase_seq_ = 0;                                       // GUARDED_BY(mu_)
-  uint64_t writes_in_flight_ = 0;                                // GUARDED_BY(mu_)
+  uint64_t jobs_in_flight_ = 0;                                  // GUARDED_BY(mu_)
   std::unordered_map<ChunkKey, uint64_t, ChunkKeyHash> key_erased_at_;  // GUARDED_BY(mu_)
   std::unordered_map<Hash128, uint64_t, ChunkKeyHash> ns_cleared_at_;   // GUARDED_BY(mu_)
   std::shared_ptr<std::atomic<uint64_t>> deadline_misses_ =

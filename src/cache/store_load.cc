@@ -198,6 +198,9 @@ Status TieredStore::Accept(const ChunkRequest& r, SharedBytes record, ChunkData*
 void TieredStore::Promote(const ChunkRequest& r, const SharedBytes& raw_record) {
   if (ram_ == nullptr) return;
   std::lock_guard lock(mu_);
+  // Erased or cleared since the load was queued (a tenant's clear while its chunks were being
+  // read): the bytes serve this load, RAM does not take them back.
+  if (ErasedSince(r.ns, r.key, r.erase_seq)) return;
   bool created = false;
   Entry& e = index_.FindOrCreate(r.key, r.ns, static_cast<uint32_t>(r.tokens.size()),
                                  r.chunk_index, &created);
@@ -456,9 +459,15 @@ std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const 
   }
   if (i == n_chunks) return handle;
   const size_t first = i;
+  {
+    std::lock_guard lock(mu_);
+    for (ChunkRequest& r : reqs) r.erase_seq = erase_seq_;
+    ++jobs_in_flight_;  // ended by RunLoad (EndJob)
+  }
   if (!load_->TrySubmit([this, st, reqs = std::move(reqs), first]() mutable {
         RunLoad(st, std::move(reqs), first);
       })) {
+    EndJob();
     st->Resolve(first,
                 ChunkData{Unavailable("load queue full"), CacheTier::kNone, {}, nullptr, {}, {}});
   }
@@ -467,6 +476,10 @@ std::unique_ptr<LoadHandle> TieredStore::Get(const Hash128& ns, std::span<const 
 
 void TieredStore::RunLoad(const std::shared_ptr<LoadState>& st, std::vector<ChunkRequest> reqs,
                           size_t first) {
+  struct Ended {  // however the job returns
+    TieredStore* store;
+    ~Ended() { store->EndJob(); }
+  } ended{this};
   // Read-ahead across files: chunks are still read, verified and resolved one at a time in
   // prefix order (so the first miss stops the load), but the next kReadAheadChunks disk-only
   // chunks are already being read by the kernel (WILLNEED), so the disk has several requests

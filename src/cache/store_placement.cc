@@ -59,10 +59,9 @@ void TieredStore::SubmitWrite(const ChunkKey& key, Entry& e, const SharedBytes& 
   if (!to.any()) return;
   if (cause == WriteCause::kDemoted) ++counters_.demotions;
   WriteJob job{e.ns, key, e.gen, record, to, erase_seq_};
-  // Counted before it is queued: the job may run (and end) before TrySubmit returns.
-  ++writes_in_flight_;
+  ++jobs_in_flight_;  // ended by RunWrite (EndJob)
   if (!io_->TrySubmit([this, job = std::move(job)] { RunWrite(job); })) {
-    --writes_in_flight_;
+    --jobs_in_flight_;
     ++counters_.puts_dropped;
     return;
   }
@@ -302,7 +301,8 @@ void TieredStore::RunWrite(const WriteJob& job) {
     bool to_remote = job.to.remote;
     if (to_remote) {
       std::lock_guard lock(mu_);
-      to_remote = !ErasedSince(job);  // erased or cleared while queued: not written at all
+      // Erased or cleared while queued: not written at all.
+      to_remote = !ErasedSince(job.ns, job.key, job.erase_seq);
     }
     if (to_remote && remote_->PutIn(job.ns, job.key, *bytes, options_.redis_ttl_seconds).ok()) {
       if (levels_[kRemote].on()) WriteRemoteLevels(job);
@@ -312,7 +312,7 @@ void TieredStore::RunWrite(const WriteJob& job) {
         // An Erase or Clear noted now came while the copy was being written, and may have
         // cleared the remote tier before it landed: it is erased again below. One noted after
         // this check clears the remote tier after the copy landed.
-        erased = ErasedSince(job);
+        erased = ErasedSince(job.ns, job.key, job.erase_seq);
         Entry* e = index_.Find(job.key);
         if (!erased && e != nullptr && e->gen == job.gen) e->remote_written = true;
         if (!erased && levels_[kRemote].on()) {
@@ -335,11 +335,7 @@ void TieredStore::RunWrite(const WriteJob& job) {
       index_.MaybeForget(job.key);
     }
   }
-  std::lock_guard lock(mu_);
-  if (--writes_in_flight_ == 0) {
-    key_erased_at_.clear();
-    ns_cleared_at_.clear();
-  }
+  EndJob();
 }
 
 }  // namespace cachette::cache

@@ -326,8 +326,9 @@ TEST(StoreTest, RemoteTierIsSharedAndPromotes) {
   EXPECT_EQ(c->Stats().tier[2].hit_chunks, 3u);
 }
 
-// A remote tier like Redis (records by namespace, ClearNamespace) whose writes can be held: a
-// held write blocks until Release(), so that a test can erase or clear while it is in flight.
+// A remote tier like Redis (records by namespace, ClearNamespace) whose writes and reads can be
+// held: a held write blocks until Release(), a held read finds its record and then blocks, so
+// that a test can erase or clear while one is in flight.
 class HeldRemote final : public Tier {
  public:
   std::string_view name() const override { return "held-redis"; }
@@ -344,10 +345,14 @@ class HeldRemote final : public Tier {
     return Status::Ok();
   }
   Result<std::vector<std::byte>> Get(const ChunkKey& k, Deadline) override {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     const auto it = records_.find(k);
     if (it == records_.end()) return NotFound("no such record");
-    return it->second.second;
+    std::vector<std::byte> record = it->second.second;
+    ++gets_started_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return !gets_held_; });
+    return record;
   }
   std::vector<bool> ContainsMany(std::span<const ChunkKey> keys, Deadline) override {
     std::lock_guard lock(mu_);
@@ -375,23 +380,32 @@ class HeldRemote final : public Tier {
     std::lock_guard lock(mu_);
     held_ = true;
   }
+  void HoldReads() {
+    std::lock_guard lock(mu_);
+    gets_held_ = true;
+  }
   void Release() {
     std::lock_guard lock(mu_);
-    held_ = false;
+    held_ = gets_held_ = false;
     cv_.notify_all();
   }
-  // Waits until `n` writes have started (each held, if Hold() was called).
+  // Wait until `n` writes (reads that found their record) have started, each held if Hold()
+  // (HoldReads()) was called.
   void WaitForPuts(int n) {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [&] { return puts_started_ >= n; });
+  }
+  void WaitForReads(int n) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return gets_started_ >= n; });
   }
   size_t Count() const { return Stats().entries; }
 
  private:
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool held_ = false;
-  int puts_started_ = 0;
+  bool held_ = false, gets_held_ = false;
+  int puts_started_ = 0, gets_started_ = 0;
   std::map<ChunkKey, std::pair<Hash128, std::vector<std::byte>>> records_;
 };
 
@@ -420,6 +434,40 @@ TEST(StoreTest, AWriteInFlightDuringAClearOrEraseLeavesTheRemoteTierWithoutIt) {
     ASSERT_TRUE(PutChunks(*c, kNs1, t, 0, 3).ok());
     ASSERT_TRUE(c->Flush().ok());
     EXPECT_EQ(remote.Count(), 5u);
+  }
+}
+
+// Likewise a load: a chunk read from the remote tier before a clear (or an Erase) and
+// arriving after it serves that load, but RAM does not take it back.
+TEST(StoreTest, ALoadInFlightDuringAClearOrEraseDoesNotPromoteIt) {
+  for (const bool clear : {true, false}) {
+    SCOPED_TRACE(clear ? "clear" : "erase");
+    HeldRemote remote;
+    CacheOptions o = Options(10);
+    o.remote_tier = &remote;
+    const auto t = Tokens(2 * kC, 42);
+    {
+      auto writer = Open(o);  // another server, which wrote the chunks
+      ASSERT_TRUE(PutChunks(*writer, kNs1, t, 0, 2).ok());
+      ASSERT_TRUE(writer->Flush().ok());
+    }
+    ASSERT_EQ(remote.Count(), 2u);
+    auto c = Open(o);
+    remote.HoldReads();
+    auto h = c->Get(kNs1, t, 0, 2, std::chrono::steady_clock::now() + 30s);
+    remote.WaitForReads(1);  // chunk 0 read, not yet back
+    ASSERT_TRUE((clear ? c->Clear(kNs1) : c->Erase(t, kNs1)).ok());
+    remote.Release();
+    h->Wait();
+    EXPECT_TRUE(h->chunk(0).status.ok()) << "the load in flight is served";
+    const LookupResult r = c->Lookup(t, kNs1);
+    EXPECT_EQ(r.chunk_tiers.size(), 0u) << "nothing came back into RAM";
+    // Loads queued after the erasure promote as usual.
+    ASSERT_TRUE(PutChunks(*c, kNs2, t, 0, 2).ok());
+    ASSERT_TRUE(c->Flush().ok());
+    auto c2 = Open(o);
+    EXPECT_EQ(GetAndCheck(*c2, kNs2, t, 0, 2), std::vector<CacheTier>(2, CacheTier::kRedis));
+    EXPECT_EQ(c2->Lookup(t, kNs2).chunk_tiers, std::vector<CacheTier>(2, CacheTier::kRam));
   }
 }
 
