@@ -230,6 +230,23 @@ def stats_segments(s):
     return stats.get("segments", {}) if st == 200 else {}
 
 
+def pipelined_in_a_retry(binary, model, redis, segments, tries=3):
+    """Whether a fresh server on `redis` computes its prefill while the segments' later layers
+    load, in one of `tries` requests. On a loaded machine the load (121 tokens of a small model)
+    can end before the scheduler starts the prefill, which then has nothing to overlap with (a
+    case the scheduler's unit tests cover); three more tries make that a rare way to fail, while
+    a server that never pipelines fails every one."""
+    for _ in range(tries):
+        x = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32")
+        try:
+            st, _ = complete(x, segments, "blend", "T")
+            if st == 200 and stats_segments(x).get("pipelined_prefills", 0) == 1:
+                return True
+        finally:
+            x.close()
+    return False
+
+
 def test_segments_in_tiers(binary, model, tmp):
     redis = start_redis(tmp)
     if redis is None:
@@ -271,8 +288,9 @@ def test_segments_in_tiers(binary, model, tmp):
         seg = stats_segments(c)
         check(seg.get("tier_hits", 0) >= 3 and seg.get("computed_tokens", -1) == 0,
               "tiers: all three segments came from Redis: %s" % seg)
-        check(seg.get("pipelined_prefills", 0) == 1,
-              "tiers: the prefill computed while the later layers loaded: %s" % seg)
+        check(seg.get("pipelined_prefills", 0) == 1 or
+              pipelined_in_a_retry(binary, model, redis, segments),
+              "tiers: the prefill computed while the later layers loaded (in 4 tries): %s" % seg)
         # Loaded whole before the prefill (--no-segment-pipeline): the same answer.
         d = Server(binary, model, "--redis", redis.url(), "--chunk-tokens", "32",
                    "--no-segment-pipeline")
