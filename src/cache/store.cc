@@ -333,7 +333,7 @@ Status TieredStore::Clear(const Hash128& ns) {
     // namespace (ClearNamespace kUnimplemented) loses the copies this process knows of.
     Status s = remote_->ClearNamespace(ns);
     if (s.code() == StatusCode::kUnimplemented) {
-      for (const ChunkKey& k : remote_keys) (void)remote_->EraseIn(ns, k);
+      for (const ChunkKey& k : remote_keys) EraseFromRemote(ns, k);
     } else if (!s.ok() && result.ok()) {
       result = s.WithContext("cache clear: remote tier");
     }

@@ -595,6 +595,14 @@ TEST(StoreTest, AdaptiveLoadingPicksTheLevelThatFitsTheDeadlineOrGivesUp) {
     EXPECT_EQ(after.tier[kRedis].hit_chunks, before.tier[kRedis].hit_chunks);
     EXPECT_EQ(after.deadline_misses, before.deadline_misses) << "given up, not timed out";
   }
+  {  // A clear takes each chunk's level records with it, also from a tier that cannot list a
+     // namespace (the chunks this process wrote, as Erase does).
+    auto writer = Open(options());
+    ASSERT_TRUE(writer->Put(kNs1, t, 0, l, spans).ok());
+    ASSERT_TRUE(writer->Flush().ok());
+    ASSERT_TRUE(writer->Clear(kNs1).ok());
+    EXPECT_EQ(remote.ram.Stats().entries, 0u);
+  }
 }
 
 // KV-like chunks big enough for int4 to be ~3.5x smaller than raw: 32 KiB raw each, N(0,1).
