@@ -128,18 +128,21 @@ class Bench:
                               str(self.a.threads), "--json", *flags], env=env or self.env),
                          "bench engine")
 
+    def decode(self, m, env=None):
+        """bench engine's decode run (GEN tokens after 16 of context) and its paired share."""
+        dec = self.engine(m, "-p", "16", "-n", str(GEN), "--reps", str(REPS), env=env)
+        return dec, dec.get("decode_share_paired_median", 0) or float("nan")
+
     def q8_order(self, m, order):
         """Decode tok/s and paired share with the Q8_0 decode tile's order forced."""
-        env = dict(self.env, CACHETTE_Q8_DECODE=order)
-        dec = self.engine(m, "-p", "16", "-n", str(GEN), "--reps", str(REPS), env=env)
-        return dec["decode_tok_s"], dec.get("decode_share_paired_median", 0) or float("nan")
+        dec, paired = self.decode(m, env=dict(self.env, CACHETTE_Q8_DECODE=order))
+        return dec["decode_tok_s"], paired
 
     def cachette(self, m):
         pre = self.engine(m, "-p", str(PROMPT), "-n", "0", "--reps", str(REPS))
-        dec = self.engine(m, "-p", "16", "-n", str(GEN), "--reps", str(REPS))
+        dec, paired = self.decode(m)
         bw = dec["mem_read_gb_s"]
         best = dec["decode_gb_s"] / bw if bw > 0 else float("nan")
-        paired = dec.get("decode_share_paired_median", 0) or float("nan")
         return pre["prefill_tok_s"], dec["decode_tok_s"], (paired, best), dec
 
     def depth(self, m):
