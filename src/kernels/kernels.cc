@@ -893,43 +893,26 @@ const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot) {
          static_cast<size_t>(in_block) * hb * kv.n_kv_head + static_cast<size_t>(kvh) * hb;
 }
 
-int TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
-              const uint8_t** vp) {
+void FindTile(const KvView& kv, int kvh, int64_t j0, int n, TileAddrs* t) {
   const size_t hb = KvHeadBytes(kv.type, kv.head_dim);
   const size_t tok_bytes = hb * kv.n_kv_head;
-  const int n_blocks = static_cast<int>(std::clamp<int64_t>(kv.tail_begin - j0, 0, n));
+  t->n = n;
+  t->n_blocks = static_cast<int>(std::clamp<int64_t>(kv.tail_begin - j0, 0, n));
   int64_t block = j0 / kv.block_tokens, in_block = j0 % kv.block_tokens;
-  for (int j = 0; j < n_blocks; ++block, in_block = 0) {
+  for (int j = 0; j < t->n_blocks; ++block, in_block = 0) {
     const size_t off = static_cast<size_t>(in_block) * tok_bytes + static_cast<size_t>(kvh) * hb;
     const uint8_t* k = static_cast<const uint8_t*>(kv.k_blocks[block]) + off;
     const uint8_t* v = static_cast<const uint8_t*>(kv.v_blocks[block]) + off;
-    for (int64_t r = in_block; r < kv.block_tokens && j < n_blocks; ++r, ++j) {
-      kp[j] = k;
-      vp[j] = v;
+    for (int64_t r = in_block; r < kv.block_tokens && j < t->n_blocks; ++r, ++j) {
+      t->k[j] = k;
+      t->v[j] = v;
       k += tok_bytes;
       v += tok_bytes;
     }
   }
-  for (int j = n_blocks; j < n; ++j) {
-    kp[j] = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
-    vp[j] = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
-  }
-  return n_blocks;
-}
-
-TilePrefetch::TilePrefetch(const KvView& kv, int kvh, int64_t first, int64_t stop)
-    : head_bytes_(KvHeadBytes(kv.type, kv.head_dim)) {
-  const int64_t n = std::min<int64_t>(kAttnTile, stop - first);
-  if (n <= 0) return;
-  n_ = static_cast<int>(n);
-  TileSlots(kv, kvh, first, n_, k_, v_);
-}
-
-void TilePrefetch::Prefetch(int j) const {
-  if (j >= n_) return;
-  for (size_t x = 0; x < head_bytes_; x += 64) {
-    __builtin_prefetch(k_[j] + x, 0, 3);
-    __builtin_prefetch(v_[j] + x, 0, 3);
+  for (int j = t->n_blocks; j < n; ++j) {
+    t->k[j] = reinterpret_cast<const uint8_t*>(TailSlot(kv, false, kvh, j0 + j));
+    t->v[j] = reinterpret_cast<const uint8_t*>(TailSlot(kv, true, kvh, j0 + j));
   }
 }
 

@@ -1061,16 +1061,20 @@ __m128 Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// Scores of HB heads of one query over keys [0, n4) of the widened K tile, four keys at a time
-// (qp: the heads' zero-padded q rows, ld apart): per 8-feature chunk each K row chunk is
-// loaded once for the HB heads, 4 * HB accumulators. Per (head, key) the same FMAs in the same
+// ScoreHeads' K source: the widened tile rather than stored vectors of a KV type.
+constexpr auto kWidened = static_cast<KvType>(-1);
+
+// Scores of HB heads of one query over keys [0, n4) of a K tile, four keys at a time (qp: the
+// heads' zero-padded q rows, ld apart): per 8-feature chunk each K row chunk is loaded once for
+// the HB heads, 4 * HB accumulators. The K tile is the widened one (kt, rows ld apart) when
+// kSrc is kWidened, else key j's stored kSrc vector kp[j], read in place (the same values: the
+// widening is exact; whole 8-feature chunks only). Per (head, key) the same FMAs in the same
 // order and the same Reduce4x8 as one head at a time, so the same bits.
-template <int HB>
-void ScoreHeads(const float* qp, int ld, const float* kt, int n4, float scale,
-                float (*s)[kAttnTile]) {
+template <int HB, KvType kSrc>
+void ScoreHeads(const float* qp, int ld, const float* kt, const uint8_t* const* kp, int n4,
+                float scale, float (*s)[kAttnTile]) {
   const __m128 sc = _mm_set1_ps(scale);
   for (int j = 0; j < n4; j += 4) {
-    const float* k0 = kt + j * ld;
     __m256 a[HB][4];
     #pragma GCC unroll 4
     for (int h = 0; h < HB; ++h) {
@@ -1083,7 +1087,12 @@ void ScoreHeads(const float* qp, int ld, const float* kt, int n4, float scale,
       for (int h = 0; h < HB; ++h) qc[h] = _mm256_load_ps(qp + h * ld + c);
       #pragma GCC unroll 4
       for (int x = 0; x < 4; ++x) {
-        const __m256 kv = _mm256_load_ps(k0 + x * ld + c);
+        __m256 kv;
+        if constexpr (kSrc == kWidened) {
+          kv = _mm256_load_ps(kt + (j + x) * ld + c);
+        } else {
+          kv = LoadKv8(kp[j + x], c, kSrc);
+        }
         #pragma GCC unroll 4
         for (int h = 0; h < HB; ++h) a[h][x] = _mm256_fmadd_ps(qc[h], kv, a[h][x]);
       }
@@ -1095,6 +1104,15 @@ void ScoreHeads(const float* qp, int ld, const float* kt, int n4, float scale,
   }
 }
 
+// Scores of the G heads of one query (their q rows at qp, ld apart), two heads a pass.
+template <int G, KvType kSrc>
+void TileScores(const float* qp, int ld, const float* kt, const uint8_t* const* kp, int n4,
+                float scale, float (*s)[kAttnTile]) {
+  int h = 0;
+  for (; h + 2 <= G; h += 2) ScoreHeads<2, kSrc>(qp + h * ld, ld, kt, kp, n4, scale, s + h);
+  if (h < G) ScoreHeads<1, kSrc>(qp + h * ld, ld, kt, kp, n4, scale, s + h);
+}
+
 // 8 widened elements [i, i + 8) of a stored head vector of hd features, zeros past hd.
 template <KvType kT>
 __m256 WidenKv8(const uint8_t* p, int i, int hd) {
@@ -1104,18 +1122,20 @@ __m256 WidenKv8(const uint8_t* p, int i, int hd) {
   return _mm256_load_ps(f);
 }
 
-// Rows [j_from, j_to) of the K tile, and of the V tile when vt is set, widened from the stored
-// vectors kp[j], vp[j] of type kT (whole 8-feature chunks straight, a partial last one
-// zero-padded), the next tile prefetched one slot per row.
+// Rows [j_from, j_to) of the K tile when kt is set, and of the V tile when vt is set, widened
+// from the stored vectors kp[j], vp[j] of type kT (whole 8-feature chunks straight, a partial
+// last one zero-padded), the next tile prefetched one slot per row (hb bytes a vector).
 template <KvType kT>
 void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, int j_to, int hd,
-               int ld, float* kt, float* vt, const TilePrefetch& next) {
+               int ld, float* kt, float* vt, const TileAddrs& next, size_t hb) {
   const int whole = hd / 8;
   for (int j = j_from; j < j_to; ++j) {
-    next.Prefetch(j);
-    float* const kr = kt + j * ld;
-    for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
-    if (8 * whole < ld) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(kp[j], 8 * whole, hd));
+    PrefetchSlot(next, j, hb);
+    if (kt != nullptr) {  // else the scores read K in place
+      float* const kr = kt + j * ld;
+      for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
+      if (8 * whole < ld) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(kp[j], 8 * whole, hd));
+    }
     if (vt == nullptr) continue;  // a lone query reads V in place
     float* const vr = vt + j * ld;
     for (int c = 0; c < whole; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
@@ -1209,11 +1229,20 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       for (int d = 0; d < ld; ++d) dst[d] = d < hd ? q[i * q_stride + h * hd + d] : 0.0f;
     }
   }
-  // The tile's stored K and V vectors.
-  const uint8_t *kp[kAttnTile], *vp[kAttnTile];
+  // The stored K and V vectors of this tile and the next (TileAddrs; none for kivi4).
+  TileAddrs tiles[2];
+  const size_t hb = KvHeadBytes(kT, hd);
   alignas(32) float s[G][kAttnTile];
   float corr[G];
-  for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
+  const int64_t t_first = begin - begin % kAttnTile;
+  if (!kivi && t_first < end) {
+    FindTile(kv, kvh, begin, static_cast<int>(Min64(t_first + kAttnTile, end) - begin), tiles);
+  }
+  // Scores from K in place where V is read in place too (f16 and f32 KV: one conversion a
+  // chunk), instead of widening K first.
+  constexpr bool kInPlaceType = kT == KvType::kF16 || kT == KvType::kF32;
+  int x = 0;  // tiles[x]: this tile's
+  for (int64_t t0 = t_first; t0 < end; t0 += kAttnTile, x ^= 1) {
     const int64_t j0 = t0 > begin ? t0 : begin;
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
@@ -1222,16 +1251,31 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     // blocks, and with a partial last chunk.
     float* const vt =
         nq > 1 || kivi || hd % 8 != 0 || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
-    // The next tile's slots in the blocks, prefetched one per widened slot (TilePrefetch).
-    const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
+    TileAddrs& cur = tiles[x];
+    const bool in_place = kInPlaceType && vt == nullptr;
     if constexpr (kivi) {
       WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
     } else {
-      const int n_blocks = TileSlots(kv, kvh, j0, n_all, kp, vp);  // the rest in the f16 ring
-      WidenRows<kT>(kp, vp, 0, n_blocks, hd, ld, kt, vt, next);
-      WidenRows<KvType::kF16>(kp, vp, n_blocks, n_all, hd, ld, kt, vt, next);
+      // The next tile found now, its slots in the blocks prefetched one per widened slot (the
+      // rest of them after).
+      TileAddrs& next = tiles[x ^ 1];
+      next.n = next.n_blocks = 0;
+      if (t0 + kAttnTile < end) {
+        const int64_t t1 = t0 + kAttnTile;
+        FindTile(kv, kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
+      }
+      float* const kw = in_place ? nullptr : kt;
+      WidenRows<kT>(cur.k, cur.v, 0, cur.n_blocks, hd, ld, kw, vt, next, hb);
+      WidenRows<KvType::kF16>(cur.k, cur.v, cur.n_blocks, n_all, hd, ld, kw, vt, next, hb);
+      for (int j = n_all; j < next.n_blocks; ++j) PrefetchSlot(next, j, hb);
     }
+    // Keys [n_all, n4_all) round the last group of four up: zeros in the widened tile, or
+    // the last key again in place; their scores are not used.
     for (int j = n_all; j < n4_all; ++j) {
+      if (in_place) {
+        cur.k[j] = cur.k[n_all - 1];
+        continue;
+      }
       for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
     }
     for (int qi = 0; qi < nq; ++qi) {
@@ -1240,11 +1284,12 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       const int n4 = (n + 3) & ~3;
       float* mq = m(qi);
       float* lq = l(qi);
-      {
-        const float* qi0 = qp + qi * G * ld;
-        int h = 0;
-        for (; h + 2 <= G; h += 2) ScoreHeads<2>(qi0 + h * ld, ld, kt, n4, scale, s + h);
-        if (h < G) ScoreHeads<1>(qi0 + h * ld, ld, kt, n4, scale, s + h);
+      if (in_place) {
+        if constexpr (kInPlaceType) {
+          TileScores<G, kT>(qp + qi * G * ld, ld, nullptr, cur.k, n4, scale, s);
+        }
+      } else {
+        TileScores<G, kWidened>(qp + qi * G * ld, ld, kt, nullptr, n4, scale, s);
       }
       for (int h = 0; h < G; ++h) {
         __m256 vmax = _mm256_set1_ps(-inf);
@@ -1272,12 +1317,12 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       if constexpr (2 * G + 3 <= 16) {
         for (; c + 2 <= nc; c += 2) {
           const __m256i masks[2] = {all, c + 2 == nc ? last : all};
-          TileValues<G, 2, kT>(vt, vp, ld, n, s, corr, c, masks, hd, aq);
+          TileValues<G, 2, kT>(vt, cur.v, ld, n, s, corr, c, masks, hd, aq);
         }
       }
       for (; c < nc; ++c) {
         const __m256i masks[1] = {c == nc - 1 ? last : all};
-        TileValues<G, 1, kT>(vt, vp, ld, n, s, corr, c, masks, hd, aq);
+        TileValues<G, 1, kT>(vt, cur.v, ld, n, s, corr, c, masks, hd, aq);
       }
     }
   }

@@ -1046,18 +1046,21 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   }
 }
 
-// Rows [j_from, j_to) of the K tile, and of the V tile when vt is set, widened from the stored
-// vectors kp[j], vp[j] of type kT (zero-padded to whole 16-feature chunks), the next tile
-// prefetched one slot per row.
+// Rows [j_from, j_to) of the K tile when kt is set, and of the V tile when vt is set, widened
+// from the stored vectors kp[j], vp[j] of type kT (zero-padded to whole 16-feature chunks), the
+// next tile prefetched one slot per row (hb bytes a vector).
 template <KvType kT>
 void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, int j_to,
-               int nc, __mmask16 last, int ld, float* kt, float* vt, const TilePrefetch& next) {
+               int nc, __mmask16 last, int ld, float* kt, float* vt, const TileAddrs& next,
+               size_t hb) {
   for (int j = j_from; j < j_to; ++j) {
-    next.Prefetch(j);
-    float* const kr = kt + j * ld;
+    PrefetchSlot(next, j, hb);
     int c = 0;
-    for (; c < nc - 1; ++c) _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, 0xffff));
-    _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, last));
+    if (kt != nullptr) {  // else the scores read K in place
+      float* const kr = kt + j * ld;
+      for (; c < nc - 1; ++c) _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, 0xffff));
+      _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, last));
+    }
     if (vt == nullptr) continue;  // a lone query reads V in place
     float* const vr = vt + j * ld;
     for (c = 0; c < nc - 1; ++c) _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, 0xffff));
@@ -1087,13 +1090,18 @@ void TileScoresAny(const float* q, int g, int hd, const float* kt, int ld, int n
   }
 }
 
-// Scores of HB heads of one query over keys [0, n4) of a widened K tile, four keys at a time:
-// the heads' NC q chunks stay in registers and each K chunk is loaded once for the HB heads.
-// Per (head, key) the same FMAs over the chunks in order and the same Reduce4 as one head at a
-// time, so the same bits. HB * (NC + 4) zmm registers.
-template <int NC, int HB>
-void ScoreHeads(const float* qh, int hd, const float* kt, int ld, int n4, __mmask16 last,
-                float scale, float (*s)[kAttnTile]) {
+// ScoreHeads' K source: the widened tile rather than stored vectors of a KV type.
+constexpr auto kWidened = static_cast<KvType>(-1);
+
+// Scores of HB heads of one query over keys [0, n4) of a K tile, four keys at a time: the
+// heads' NC q chunks stay in registers and each K chunk is loaded once for the HB heads. The K
+// tile is the widened one (kt, rows ld apart) when kSrc is kWidened, else key j's stored kSrc
+// vector kp[j], read in place (the same values: the widening is exact). Per (head, key) the
+// same FMAs over the chunks in order and the same Reduce4 as one head at a time, so the same
+// bits. HB * (NC + 4) zmm registers.
+template <int NC, int HB, KvType kSrc>
+void ScoreHeads(const float* qh, int hd, const float* kt, const uint8_t* const* kp, int ld,
+                int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
   __m512 qv[HB][NC];
   #pragma GCC unroll 16
   for (int h = 0; h < HB; ++h) {
@@ -1104,7 +1112,6 @@ void ScoreHeads(const float* qh, int hd, const float* kt, int ld, int n4, __mmas
   }
   const __m128 sc = _mm_set1_ps(scale);
   for (int j = 0; j < n4; j += 4) {
-    const float* k0 = kt + j * ld;
     __m512 a[HB][4];
     #pragma GCC unroll 16
     for (int h = 0; h < HB; ++h) {
@@ -1115,7 +1122,12 @@ void ScoreHeads(const float* qh, int hd, const float* kt, int ld, int n4, __mmas
     for (int c = 0; c < NC; ++c) {
       #pragma GCC unroll 4
       for (int x = 0; x < 4; ++x) {
-        const __m512 kv = _mm512_load_ps(k0 + x * ld + 16 * c);
+        __m512 kv;
+        if constexpr (kSrc == kWidened) {
+          kv = _mm512_load_ps(kt + (j + x) * ld + 16 * c);
+        } else {
+          kv = LoadKv16(kp[j + x], 16 * c, kSrc, c == NC - 1 ? last : 0xffff);
+        }
         #pragma GCC unroll 4
         for (int h = 0; h < HB; ++h) a[h][x] = _mm512_fmadd_ps(qv[h][c], kv, a[h][x]);
       }
@@ -1132,37 +1144,53 @@ constexpr int ScoreBlock(int nc) {
   return 24 / (nc + 4) < 1 ? 1 : (24 / (nc + 4) > 4 ? 4 : 24 / (nc + 4));
 }
 
-// Scores of all g heads of one query (head h's q at q + h * hd, its scores in s[h]).
-template <int NC>
-void TileScores(const float* q, int g, int hd, const float* kt, int ld, int n4, __mmask16 last,
-                float scale, float (*s)[kAttnTile]) {
+// Scores of all g heads of one query (head h's q at q + h * hd, its scores in s[h]), from the
+// widened K tile (kSrc kWidened) or the stored vectors in place (ScoreHeads).
+template <int NC, KvType kSrc>
+void TileScores(const float* q, int g, int hd, const float* kt, const uint8_t* const* kp,
+                int ld, int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
   constexpr int kHb = ScoreBlock(NC);
   int h = 0;
   for (; h + kHb <= g; h += kHb) {
-    ScoreHeads<NC, kHb>(q + h * hd, hd, kt, ld, n4, last, scale, s + h);
+    ScoreHeads<NC, kHb, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h);
   }
   switch (g - h) {
-    case 1: ScoreHeads<NC, 1>(q + h * hd, hd, kt, ld, n4, last, scale, s + h); break;
+    case 1: ScoreHeads<NC, 1, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h); break;
     case 2:
-      if constexpr (kHb > 2) ScoreHeads<NC, 2>(q + h * hd, hd, kt, ld, n4, last, scale, s + h);
+      if constexpr (kHb > 2) {
+        ScoreHeads<NC, 2, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h);
+      }
       break;
     case 3:
-      if constexpr (kHb > 3) ScoreHeads<NC, 3>(q + h * hd, hd, kt, ld, n4, last, scale, s + h);
+      if constexpr (kHb > 3) {
+        ScoreHeads<NC, 3, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h);
+      }
       break;
     default: break;
   }
 }
 
-using TileScoresFn = void (*)(const float*, int, int, const float*, int, int, __mmask16, float,
-                              float (*)[kAttnTile]);
+using TileScoresFn = void (*)(const float*, int, int, const float*, const uint8_t* const*, int,
+                              int, __mmask16, float, float (*)[kAttnTile]);
+
+// TileScoresAny with TileScoresFn's arguments (always from the widened tile).
+void TileScoresAnyFn(const float* q, int g, int hd, const float* kt, const uint8_t* const*,
+                     int ld, int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
+  TileScoresAny(q, g, hd, kt, ld, n4, last, scale, s);
+}
+
 // By the number of 16-feature chunks of a head: ScoreHeads passes for head_dim up to 128 and
-// 256, TileScoresAny for the others.
+// 256, TileScoresAny for the others. kSrc: the widened tile (kWidened), or stored vectors of
+// that type in place (null where there is no such pass: the tile must be widened).
+template <KvType kSrc>
 TileScoresFn TileScoresFor(int nc) {
-  static constexpr TileScoresFn kFns[9] = {TileScoresAny, TileScores<1>, TileScores<2>,
-                                           TileScores<3>, TileScores<4>, TileScores<5>,
-                                           TileScores<6>, TileScores<7>, TileScores<8>};
+  static constexpr TileScoresFn kFns[9] = {
+      kSrc == kWidened ? TileScoresAnyFn : nullptr, TileScores<1, kSrc>,
+      TileScores<2, kSrc>, TileScores<3, kSrc>, TileScores<4, kSrc>, TileScores<5, kSrc>,
+      TileScores<6, kSrc>, TileScores<7, kSrc>, TileScores<8, kSrc>};
   if (nc <= 8) return kFns[nc];
-  return nc == 16 ? TileScores<16> : TileScoresAny;
+  if (nc == 16) return TileScores<16, kSrc>;
+  return kSrc == kWidened ? TileScoresAnyFn : nullptr;
 }
 
 // Where attend_block puts its results: query i's state starts at state + i * stride, heads
@@ -1209,26 +1237,51 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   auto* kt = static_cast<float*>(
       ThreadScratch(2, sizeof(float) * (2 * kAttnTile * ld + (kivi ? 2 * hd : 0))));
   float* const vbuf = kt + kAttnTile * ld;
-  // The tile's stored K and V vectors.
-  const uint8_t *kp[kAttnTile], *vp[kAttnTile];
+  // The stored K and V vectors of this tile and the next (TileAddrs; none for kivi4).
+  TileAddrs tiles[2];
+  const size_t hb = KvHeadBytes(kT, hd);
   alignas(64) float s[G][kAttnTile];
   float corr[G];
-  const TileScoresFn scores = TileScoresFor(nc);
-  for (int64_t t0 = begin - begin % kAttnTile; t0 < end; t0 += kAttnTile) {
+  const TileScoresFn scores = TileScoresFor<kWidened>(nc);
+  // Scores from K in place, where a lone query reads V in place too (f16 and f32 KV: one
+  // conversion a chunk): widening K cost a lone query more than the scores' repeated reads.
+  TileScoresFn k_in_place = nullptr;
+  if constexpr (kT == KvType::kF16 || kT == KvType::kF32) k_in_place = TileScoresFor<kT>(nc);
+  const int64_t t_first = begin - begin % kAttnTile;
+  if (!kivi && t_first < end) {
+    FindTile(kv, kvh, begin, static_cast<int>(Min64(t_first + kAttnTile, end) - begin), tiles);
+  }
+  int x = 0;  // tiles[x]: this tile's
+  for (int64_t t0 = t_first; t0 < end; t0 += kAttnTile, x ^= 1) {
     const int64_t j0 = t0 > begin ? t0 : begin;
     const int n_all = static_cast<int>(Min64(t0 + kAttnTile, end) - j0);
     const int n4_all = (n_all + 3) & ~3;
     float* const vt = nq > 1 || kivi || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
-    // The next tile's slots in the blocks, prefetched one per widened slot (TilePrefetch).
-    const TilePrefetch next(kv, kvh, t0 + kAttnTile, kivi ? 0 : Min64(end, kv.tail_begin));
+    TileAddrs& cur = tiles[x];
+    const bool in_place = vt == nullptr && k_in_place != nullptr;
     if constexpr (kivi) {
       WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
     } else {
-      const int n_blocks = TileSlots(kv, kvh, j0, n_all, kp, vp);  // the rest in the f16 ring
-      WidenRows<kT>(kp, vp, 0, n_blocks, nc, last, ld, kt, vt, next);
-      WidenRows<KvType::kF16>(kp, vp, n_blocks, n_all, nc, last, ld, kt, vt, next);
+      // The next tile found now, its slots in the blocks prefetched one per widened slot (the
+      // rest of them after).
+      TileAddrs& next = tiles[x ^ 1];
+      next.n = next.n_blocks = 0;
+      if (t0 + kAttnTile < end) {
+        const int64_t t1 = t0 + kAttnTile;
+        FindTile(kv, kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
+      }
+      float* const kw = in_place ? nullptr : kt;
+      WidenRows<kT>(cur.k, cur.v, 0, cur.n_blocks, nc, last, ld, kw, vt, next, hb);
+      WidenRows<KvType::kF16>(cur.k, cur.v, cur.n_blocks, n_all, nc, last, ld, kw, vt, next, hb);
+      for (int j = n_all; j < next.n_blocks; ++j) PrefetchSlot(next, j, hb);
     }
+    // Keys [n_all, n4_all) round the last group of four up: zeros in the widened tile, or
+    // the last key again in place; their scores are not used.
     for (int j = n_all; j < n4_all; ++j) {
+      if (in_place) {
+        cur.k[j] = cur.k[n_all - 1];
+        continue;
+      }
       for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
     }
     for (int qi = 0; qi < nq; ++qi) {
@@ -1238,7 +1291,11 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       const float* qq = q + qi * q_stride;
       float* mq = m(qi);
       float* lq = l(qi);
-      scores(qq, G, hd, kt, ld, n4, last, scale, s);
+      if (in_place) {
+        k_in_place(qq, G, hd, nullptr, cur.k, ld, n4, last, scale, s);
+      } else {
+        scores(qq, G, hd, kt, nullptr, ld, n4, last, scale, s);
+      }
       for (int h = 0; h < G; ++h) {
         __m512 vmax = _mm512_set1_ps(-inf);
         int i = 0;
@@ -1267,10 +1324,10 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
       }
       int c = 0;
       for (; c + 2 <= nc; c += 2) {
-        TileValues<G, 2, kT>(vt, vp, ld, n, s, corr, c, 0xffff, c + 2 == nc ? last : 0xffff,
+        TileValues<G, 2, kT>(vt, cur.v, ld, n, s, corr, c, 0xffff, c + 2 == nc ? last : 0xffff,
                              hd, acc(qi));
       }
-      if (c < nc) TileValues<G, 1, kT>(vt, vp, ld, n, s, corr, c, last, 0, hd, acc(qi));
+      if (c < nc) TileValues<G, 1, kT>(vt, cur.v, ld, n, s, corr, c, last, 0, hd, acc(qi));
     }
   }
 }

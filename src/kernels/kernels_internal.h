@@ -109,40 +109,48 @@ const Ops& Avx512Ops();
 //   KvSlot / TailSlot: a head vector's address in the blocks / in the f16 tail ring.
 //   WidenTile: slots [j0, j0 + n) of KV head kvh to f32 rows of K and V, ld floats apart, for
 //              any KV type, tail slots (KvView::tail_begin) from the f16 ring.
-//   TileSlots: the addresses of KV head kvh's K and V vectors for slots [j0, j0 + n): those
-//              in the blocks first (a block's consecutive slots without a division each),
-//              then those in the f16 ring (from tail_begin on; not for kivi4, whose blocks
-//              need WidenKivi); returns how many are in the blocks.
 void KiviKeyParams(const void* first, size_t stride, int head_dim, float* scale, float* min);
 void KiviKeyRow(const void* k, int head_dim, const float* scale, const float* min, float* out);
 void KiviValueRow(const void* v, int head_dim, float* out);
 const uint8_t* KvSlot(const KvView& kv, bool v, int kvh, int64_t slot);
 const uint16_t* TailSlot(const KvView& kv, bool v, int kvh, int64_t slot);
 void WidenTile(const KvView& kv, int kvh, int64_t j0, int n, float* kt, float* vt, int ld);
-int TileSlots(const KvView& kv, int kvh, int64_t j0, int n, const uint8_t** kp,
-              const uint8_t** vp);
 
 // Key tile of attend_block (slots); the attention front end splits long ranges at multiples
 // of it.
 constexpr int kAttnTile = 64;
 
-// attend_block's look-ahead: the K and V vectors of KV head kvh for the tile of slots from
-// `first` (up to kAttnTile of them, below `stop`), prefetched one slot per Prefetch(j) while
-// the tile before is widened, so that they arrive from memory while it computes. The engine's
-// 16-slot pages put each block of a layer in another 4 KiB page, where hardware prefetchers
-// stop (docs/benchmarks.md, "Attention over long contexts"). Defined in kernels.cc (no
-// vector code).
-class TilePrefetch {
- public:
-  TilePrefetch(const KvView& kv, int kvh, int64_t first, int64_t stop);
-  void Prefetch(int j) const;
-
- private:
-  int n_ = 0;
-  size_t head_bytes_ = 0;
-  const uint8_t* k_[kAttnTile];
-  const uint8_t* v_[kAttnTile];
+// The stored K and V vectors of KV head kvh for the slots [j0, j0 + n) of an attend_block tile:
+// k[j], v[j] for j < n, the first n_blocks of them in the blocks (a block's consecutive slots
+// found without a division each), the rest in the f16 ring (from KvView::tail_begin on). Found
+// once per tile (FindTile), while the tile before is computed, so that its vectors can be
+// prefetched (PrefetchSlot) as that tile is widened. Not for kivi4, whose blocks need
+// WidenKivi. Defined in kernels.cc (no vector code).
+struct TileAddrs {
+  int n = 0;
+  int n_blocks = 0;
+  const uint8_t* k[kAttnTile];
+  const uint8_t* v[kAttnTile];
 };
+void FindTile(const KvView& kv, int kvh, int64_t j0, int n, TileAddrs* t);
+
+// attend_block's look-ahead: the lines of slot j's K and V vectors (head_bytes each) of a tile
+// found ahead, when j is in its blocks: one slot per widened slot of the tile before, so that
+// they arrive from memory while it computes. The engine's 16-slot pages put each block of a
+// layer in another 4 KiB page, where hardware prefetchers stop (docs/benchmarks.md, "Attention
+// over long contexts"). Every line of a vector, its last byte's included. Internal linkage:
+// each ISA's translation unit inlines its own copy.
+[[gnu::always_inline]] static inline void PrefetchLines(const uint8_t* p, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t span = ((a + bytes - 1) & ~uintptr_t{63}) - (a & ~uintptr_t{63});
+  for (uintptr_t x = 0; x <= span; x += 64) __builtin_prefetch(p + x, 0, 3);
+}
+[[gnu::always_inline]] static inline void PrefetchSlot(const TileAddrs& t, int j,
+                                                       size_t head_bytes) {
+  if (j >= t.n_blocks) return;
+  PrefetchLines(t.k[j], head_bytes);
+  PrefetchLines(t.v[j], head_bytes);
+}
 
 // A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across
 // calls (grows, never shrinks). `slot` tells independent buffers of one thread apart:
