@@ -1037,19 +1037,36 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
   for (int64_t i : {int64_t{0}, n_q - 1}) max_splits = std::max(max_splits, n_splits(i));
   const int64_t n_rows = n_q * kv.n_kv_head;
   if (max_splits > 1 && n_rows < 2 * static_cast<int64_t>(pool.size())) {
-    // Few rows over a long range: every (row, split) is a unit.
-    const int64_t n_units = n_rows * max_splits;
-    auto* states =
-        static_cast<float*>(internal::ThreadScratch(3, sizeof(float) * state * n_units));
-    pool.ParallelFor(n_units, [&](int64_t u0, int64_t u1, int) {
+    // Few rows over a long range: every (query, KV heads, split) is a unit, with as many KV
+    // heads as leave a unit for each thread (all of them, at depth): a unit reads each slot's
+    // record of its KV heads whole (docs/kernels.md, "Attention").
+    int nk = kv.n_kv_head;
+    while (nk > 1 && n_q * (kv.n_kv_head / nk) * max_splits < pool.size()) {
+      do --nk; while (kv.n_kv_head % nk != 0);
+    }
+    const int n_groups = kv.n_kv_head / nk;
+    auto* states = static_cast<float*>(
+        internal::ThreadScratch(3, sizeof(float) * state * n_rows * max_splits));
+    pool.ParallelFor(n_q * n_groups * max_splits, [&](int64_t u0, int64_t u1, int) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t r = u / max_splits, s = u % max_splits;
-        const int64_t i = r / kv.n_kv_head;
-        const int kvh = static_cast<int>(r % kv.n_kv_head);
+        const int64_t i = r / n_groups;
+        const int kvh = static_cast<int>(r % n_groups) * nk;
         if (s >= n_splits(i)) continue;
         const int64_t hi = split_hi(i, s);
-        ops.attend_block(q + (i * n_head + kvh * group) * hd, 1, 0, group, kv, kvh, split_lo(s),
-                         &hi, scale, states + u * state, 0);
+        internal::AttendJob job;
+        job.q = q + (i * n_head + kvh * group) * hd;
+        job.nq = 1;
+        job.q_kvh_stride = static_cast<int64_t>(group) * hd;
+        job.group = group;
+        job.kvh = kvh;
+        job.n_kvh = nk;
+        job.begin = split_lo(s);
+        job.ends = &hi;
+        job.scale = scale;
+        job.state = states + ((i * kv.n_kv_head + kvh) * max_splits + s) * state;
+        job.state_kvh_stride = max_splits * state;
+        ops.attend_block(kv, job);
       }
     });
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -1076,10 +1093,18 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
       for (int64_t s = 0, ia = i0; s < n_splits(i1 - 1); ++s) {
         while (n_splits(ia) <= s) ++ia;
         for (int64_t i = ia; i < i1; ++i) ends[i - ia] = split_hi(i, s);
-        ops.attend_block(q + (ia * n_head + kvh * group) * hd, static_cast<int>(i1 - ia),
-                         static_cast<int64_t>(n_head) * hd, group, kv, kvh, split_lo(s), ends,
-                         scale, states + ((ia - i0) * max_splits + s) * state,
-                         max_splits * state);
+        internal::AttendJob job;
+        job.q = q + (ia * n_head + kvh * group) * hd;
+        job.nq = static_cast<int>(i1 - ia);
+        job.q_stride = static_cast<int64_t>(n_head) * hd;
+        job.group = group;
+        job.kvh = kvh;
+        job.begin = split_lo(s);
+        job.ends = ends;
+        job.scale = scale;
+        job.state = states + ((ia - i0) * max_splits + s) * state;
+        job.state_stride = max_splits * state;
+        ops.attend_block(kv, job);
       }
       for (int64_t i = i0; i < i1; ++i) merge(i, kvh, states + (i - i0) * max_splits * state);
     }

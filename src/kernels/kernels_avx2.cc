@@ -1068,11 +1068,11 @@ constexpr auto kWidened = static_cast<KvType>(-1);
 // heads' zero-padded q rows, ld apart): per 8-feature chunk each K row chunk is loaded once for
 // the HB heads, 4 * HB accumulators. The K tile is the widened one (kt, rows ld apart) when
 // kSrc is kWidened, else key j's stored kSrc vector kp[j], read in place (the same values: the
-// widening is exact; whole 8-feature chunks only). Per (head, key) the same FMAs in the same
+// widening is exact; whole 8-feature chunks only), at kp[j] + off. Per (head, key) the same FMAs in the same
 // order and the same Reduce4x8 as one head at a time, so the same bits.
 template <int HB, KvType kSrc>
-void ScoreHeads(const float* qp, int ld, const float* kt, const uint8_t* const* kp, int n4,
-                float scale, float (*s)[kAttnTile]) {
+void ScoreHeads(const float* qp, int ld, const float* kt, const uint8_t* const* kp, size_t off,
+                int n4, float scale, float (*s)[kAttnTile]) {
   const __m128 sc = _mm_set1_ps(scale);
   for (int j = 0; j < n4; j += 4) {
     __m256 a[HB][4];
@@ -1091,7 +1091,7 @@ void ScoreHeads(const float* qp, int ld, const float* kt, const uint8_t* const* 
         if constexpr (kSrc == kWidened) {
           kv = _mm256_load_ps(kt + (j + x) * ld + c);
         } else {
-          kv = LoadKv8(kp[j + x], c, kSrc);
+          kv = LoadKv8(kp[j + x] + off, c, kSrc);
         }
         #pragma GCC unroll 4
         for (int h = 0; h < HB; ++h) a[h][x] = _mm256_fmadd_ps(qc[h], kv, a[h][x]);
@@ -1106,11 +1106,11 @@ void ScoreHeads(const float* qp, int ld, const float* kt, const uint8_t* const* 
 
 // Scores of the G heads of one query (their q rows at qp, ld apart), two heads a pass.
 template <int G, KvType kSrc>
-void TileScores(const float* qp, int ld, const float* kt, const uint8_t* const* kp, int n4,
-                float scale, float (*s)[kAttnTile]) {
+void TileScores(const float* qp, int ld, const float* kt, const uint8_t* const* kp, size_t off,
+                int n4, float scale, float (*s)[kAttnTile]) {
   int h = 0;
-  for (; h + 2 <= G; h += 2) ScoreHeads<2, kSrc>(qp + h * ld, ld, kt, kp, n4, scale, s + h);
-  if (h < G) ScoreHeads<1, kSrc>(qp + h * ld, ld, kt, kp, n4, scale, s + h);
+  for (; h + 2 <= G; h += 2) ScoreHeads<2, kSrc>(qp + h * ld, ld, kt, kp, off, n4, scale, s + h);
+  if (h < G) ScoreHeads<1, kSrc>(qp + h * ld, ld, kt, kp, off, n4, scale, s + h);
 }
 
 // 8 widened elements [i, i + 8) of a stored head vector of hd features, zeros past hd.
@@ -1122,24 +1122,35 @@ __m256 WidenKv8(const uint8_t* p, int i, int hd) {
   return _mm256_load_ps(f);
 }
 
+// Where a pass over a tile prefetches the next pass's K and V vectors, one slot per widened
+// slot: `tile`'s, hb bytes each, off bytes on.
+struct PassPrefetch {
+  const TileAddrs* tile;
+  size_t hb;
+  size_t off;
+};
+
 // Rows [j_from, j_to) of the K tile when kt is set, and of the V tile when vt is set, widened
-// from the stored vectors kp[j], vp[j] of type kT (whole 8-feature chunks straight, a partial
-// last one zero-padded), the next tile prefetched one slot per row (hb bytes a vector).
+// from the stored vectors at kp[j] + off, vp[j] + off of type kT (whole 8-feature chunks
+// straight, a partial last one zero-padded), the next pass's vectors prefetched one slot per
+// row.
 template <KvType kT>
-void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, int j_to, int hd,
-               int ld, float* kt, float* vt, const TileAddrs& next, size_t hb) {
+void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, size_t off, int j_from,
+               int j_to, int hd, int ld, float* kt, float* vt, const PassPrefetch& pf) {
   const int whole = hd / 8;
   for (int j = j_from; j < j_to; ++j) {
-    PrefetchSlot(next, j, hb);
+    PrefetchSlot(*pf.tile, j, pf.hb, pf.off);
     if (kt != nullptr) {  // else the scores read K in place
+      const uint8_t* const k = kp[j] + off;
       float* const kr = kt + j * ld;
-      for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(kp[j], 8 * c, kT));
-      if (8 * whole < ld) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(kp[j], 8 * whole, hd));
+      for (int c = 0; c < whole; ++c) _mm256_store_ps(kr + 8 * c, LoadKv8(k, 8 * c, kT));
+      if (8 * whole < ld) _mm256_store_ps(kr + 8 * whole, WidenKv8<kT>(k, 8 * whole, hd));
     }
     if (vt == nullptr) continue;  // a lone query reads V in place
+    const uint8_t* const v = vp[j] + off;
     float* const vr = vt + j * ld;
-    for (int c = 0; c < whole; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(vp[j], 8 * c, kT));
-    if (8 * whole < ld) _mm256_store_ps(vr + 8 * whole, WidenKv8<kT>(vp[j], 8 * whole, hd));
+    for (int c = 0; c < whole; ++c) _mm256_store_ps(vr + 8 * c, LoadKv8(v, 8 * c, kT));
+    if (8 * whole < ld) _mm256_store_ps(vr + 8 * whole, WidenKv8<kT>(v, 8 * whole, hd));
   }
 }
 
@@ -1149,7 +1160,7 @@ void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, i
 // `vt` (widened, ld apart) when it is not null, else straight from the stored vectors vp[j]
 // (the same values: the widening is exact; only when head_dim is whole 8-feature chunks).
 template <int G, int C, KvType kT>
-void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
+void TileValues(const float* vt, const uint8_t* const* vp, size_t off, int ld, int n,
                 const float (*p)[kAttnTile], const float* corr, int c, const __m256i* masks,
                 int hd, float* acc) {
   __m256 a[C][G];
@@ -1178,7 +1189,7 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   if (vt != nullptr) {
     run([&](int j, int i) { return _mm256_load_ps(vt + j * ld + i); });
   } else {
-    run([&](int j, int i) { return LoadKv8(vp[j], i, kT); });
+    run([&](int j, int i) { return LoadKv8(vp[j] + off, i, kT); });
   }
   #pragma GCC unroll 2
   for (int x = 0; x < C; ++x) {
@@ -1189,54 +1200,66 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   }
 }
 
-// attend_block for G heads of nq queries (see kernels_internal.h; the scalar AttendSpan is the
-// definition of each query's arithmetic), built like the AVX-512 BlockHeads with 8 lanes: per
-// tile, K (and for several queries V) widened once to f32 rows (zero-padded to whole 8-feature
-// chunks) in L1 scratch for all the queries, the next tile's vectors prefetched meanwhile;
-// per query, the scores of two heads per pass, four keys at a time (Reduce4x8; ScoreHeads);
-// per head, the max, exponentials and sum over the query's own keys; then V with the G
+// attend_block for heads h0 .. h0 + G of each query's group, for nq queries and the job's KV
+// heads (see kernels_internal.h; the scalar AttendSpan is the definition of each query's
+// arithmetic), built like the AVX-512 BlockHeads with 8 lanes: per tile, per KV head in turn,
+// K (and for several queries V) widened once to f32 rows (zero-padded to whole 8-feature
+// chunks) in L1 scratch for all the queries, the next pass's vectors prefetched meanwhile; per
+// query, the scores of two heads per pass, four keys at a time (Reduce4x8; ScoreHeads); per
+// head, the max, exponentials and sum over the query's own keys; then V with the G
 // accumulators in registers, one or two 8-feature chunks per pass (16 ymm registers;
-// TileValues). A query's operations do not depend on the others in the block.
+// TileValues). A query's operations do not depend on the others in the block, nor on the
+// other KV heads.
 template <int G, KvType kT>
-void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& kv, int kvh,
-                int64_t begin, const int64_t* ends, float scale, float* state,
-                size_t state_stride, int group, int h0) {
+void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
+  const int hd = kv.head_dim, nq = job.nq, group = job.group, nk = job.n_kvh;
   const int nc = (hd + 7) / 8, ld = 8 * nc;
   const __m256i last = LaneMask(hd - 8 * (nc - 1));
   const float inf = __builtin_inff();
-  auto m = [&](int i) { return state + i * state_stride + h0; };
-  auto l = [&](int i) { return state + i * state_stride + group + h0; };
-  auto acc = [&](int i) { return state + i * state_stride + 2 * group + h0 * hd; };
-  int64_t end = begin;
-  for (int i = 0; i < nq; ++i) {
-    end = ends[i] > end ? ends[i] : end;
-    for (int h = 0; h < G; ++h) {
-      m(i)[h] = -inf;
-      l(i)[h] = 0;
+  auto base = [&](int k, int i) {
+    return job.state + k * job.state_kvh_stride + i * job.state_stride;
+  };
+  auto m = [&](int k, int i) { return base(k, i) + h0; };
+  auto l = [&](int k, int i) { return base(k, i) + group + h0; };
+  auto acc = [&](int k, int i) { return base(k, i) + 2 * group + h0 * hd; };
+  int64_t end = job.begin;
+  for (int i = 0; i < nq; ++i) end = job.ends[i] > end ? job.ends[i] : end;
+  for (int k = 0; k < nk; ++k) {
+    for (int i = 0; i < nq; ++i) {
+      for (int h = 0; h < G; ++h) {
+        m(k, i)[h] = -inf;
+        l(k, i)[h] = 0;
+      }
+      for (int d = 0; d < G * hd; ++d) acc(k, i)[d] = 0;
     }
-    for (int d = 0; d < G * hd; ++d) acc(i)[d] = 0;
   }
-  // Scratch: the K tile [kAttnTile][ld], the V tile, the queries [nq][G][ld], all
+  // Scratch: the K tile [kAttnTile][ld], the V tile, the queries [n_kvh][nq][G][ld], all
   // zero-padded, then (kivi4) a key group's parameters.
   constexpr bool kivi = kT == KvType::kKivi4;
   auto* kt = static_cast<float*>(ThreadScratch(
-      2, sizeof(float) * ((2 * kAttnTile + nq * G) * ld + (kivi ? 2 * hd : 0))));
+      2, sizeof(float) * ((2 * kAttnTile + nk * nq * G) * ld + (kivi ? 2 * hd : 0))));
   float* const vbuf = kt + kAttnTile * ld;
   float* qp = vbuf + kAttnTile * ld;
-  for (int i = 0; i < nq; ++i) {
-    for (int h = 0; h < G; ++h) {
-      float* dst = qp + (i * G + h) * ld;
-      for (int d = 0; d < ld; ++d) dst[d] = d < hd ? q[i * q_stride + h * hd + d] : 0.0f;
+  for (int k = 0; k < nk; ++k) {
+    for (int i = 0; i < nq; ++i) {
+      const float* src = job.q + k * job.q_kvh_stride + i * job.q_stride + h0 * hd;
+      for (int h = 0; h < G; ++h) {
+        float* dst = qp + ((k * nq + i) * G + h) * ld;
+        for (int d = 0; d < ld; ++d) dst[d] = d < hd ? src[h * hd + d] : 0.0f;
+      }
     }
   }
-  // The stored K and V vectors of this tile and the next (TileAddrs; none for kivi4).
+  // The stored K and V vectors of the first KV head for this tile and the next (TileAddrs;
+  // none for kivi4); KV head kvh + k's are hb * k bytes on in the blocks, 2 * hd * k in the
+  // f16 ring.
   TileAddrs tiles[2];
   const size_t hb = KvHeadBytes(kT, hd);
   alignas(32) float s[G][kAttnTile];
   float corr[G];
-  const int64_t t_first = begin - begin % kAttnTile;
+  const int64_t begin = job.begin, t_first = begin - begin % kAttnTile;
   if (!kivi && t_first < end) {
-    FindTile(kv, kvh, begin, static_cast<int>(Min64(t_first + kAttnTile, end) - begin), tiles);
+    FindTile(kv, job.kvh, begin, static_cast<int>(Min64(t_first + kAttnTile, end) - begin),
+             tiles);
   }
   // Scores from K in place where V is read in place too (f16 and f32 KV: one conversion a
   // chunk), instead of widening K first.
@@ -1252,77 +1275,81 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     float* const vt =
         nq > 1 || kivi || hd % 8 != 0 || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
     TileAddrs& cur = tiles[x];
+    TileAddrs& next = tiles[x ^ 1];
     const bool in_place = kInPlaceType && vt == nullptr;
-    if constexpr (kivi) {
-      WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, qp + nq * G * ld);
-    } else {
-      // The next tile found now, its slots in the blocks prefetched one per widened slot (the
-      // rest of them after).
-      TileAddrs& next = tiles[x ^ 1];
+    if constexpr (!kivi) {
       next.n = next.n_blocks = 0;
       if (t0 + kAttnTile < end) {
         const int64_t t1 = t0 + kAttnTile;
-        FindTile(kv, kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
+        FindTile(kv, job.kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
       }
-      float* const kw = in_place ? nullptr : kt;
-      WidenRows<kT>(cur.k, cur.v, 0, cur.n_blocks, hd, ld, kw, vt, next, hb);
-      WidenRows<KvType::kF16>(cur.k, cur.v, cur.n_blocks, n_all, hd, ld, kw, vt, next, hb);
-      for (int j = n_all; j < next.n_blocks; ++j) PrefetchSlot(next, j, hb);
+      // Keys [n_all, n4_all) round the last group of four up: read in place, the last key
+      // again (the widened tile has zeros there); their scores are not used.
+      for (int j = n_all; in_place && j < n4_all; ++j) cur.k[j] = cur.k[n_all - 1];
     }
-    // Keys [n_all, n4_all) round the last group of four up: zeros in the widened tile, or
-    // the last key again in place; their scores are not used.
-    for (int j = n_all; j < n4_all; ++j) {
-      if (in_place) {
-        cur.k[j] = cur.k[n_all - 1];
-        continue;
-      }
-      for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
-    }
-    for (int qi = 0; qi < nq; ++qi) {
-      if (ends[qi] <= j0) continue;
-      const int n = static_cast<int>(Min64(t0 + kAttnTile, ends[qi]) - j0);
-      const int n4 = (n + 3) & ~3;
-      float* mq = m(qi);
-      float* lq = l(qi);
-      if (in_place) {
-        if constexpr (kInPlaceType) {
-          TileScores<G, kT>(qp + qi * G * ld, ld, nullptr, cur.k, n4, scale, s);
-        }
+    for (int k = 0; k < nk; ++k) {
+      const size_t off = k * hb;
+      if constexpr (kivi) {
+        WidenKivi(kv, job.kvh + k, j0, n_all, kt, vt, ld, qp + nk * nq * G * ld);
       } else {
-        TileScores<G, kWidened>(qp + qi * G * ld, ld, kt, nullptr, n4, scale, s);
+        const bool last_kvh = k + 1 == nk;
+        const PassPrefetch pf{last_kvh ? &next : &cur, hb, last_kvh ? 0 : off + hb};
+        float* const kw = in_place ? nullptr : kt;
+        WidenRows<kT>(cur.k, cur.v, off, 0, cur.n_blocks, hd, ld, kw, vt, pf);
+        WidenRows<KvType::kF16>(cur.k, cur.v, 2 * hd * k, cur.n_blocks, n_all, hd, ld, kw, vt,
+                                pf);
+        for (int j = n_all; j < pf.tile->n_blocks; ++j) PrefetchSlot(*pf.tile, j, hb, pf.off);
       }
-      for (int h = 0; h < G; ++h) {
-        __m256 vmax = _mm256_set1_ps(-inf);
-        int i = 0;
-        for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s[h] + i));
-        float tile_max = Max8(vmax);
-        for (int t = i; t < n; ++t) tile_max = s[h][t] > tile_max ? s[h][t] : tile_max;
-        const float m_new = mq[h] > tile_max ? mq[h] : tile_max;
-        corr[h] = __builtin_expf(mq[h] - m_new);
-        const __m256 mx = _mm256_set1_ps(m_new);
-        __m256 vsum = _mm256_setzero_ps();
-        for (i = 0; i + 8 <= n; i += 8) {
-          const __m256 e = Exp(_mm256_sub_ps(_mm256_load_ps(s[h] + i), mx));
-          _mm256_store_ps(s[h] + i, e);
-          vsum = _mm256_add_ps(vsum, e);
+      for (int j = n_all; !in_place && j < n4_all; ++j) {
+        for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
+      }
+      for (int qi = 0; qi < nq; ++qi) {
+        if (job.ends[qi] <= j0) continue;
+        const int n = static_cast<int>(Min64(t0 + kAttnTile, job.ends[qi]) - j0);
+        const int n4 = (n + 3) & ~3;
+        float* mq = m(k, qi);
+        float* lq = l(k, qi);
+        const float* qq = qp + (k * nq + qi) * G * ld;
+        if (in_place) {
+          if constexpr (kInPlaceType) {
+            TileScores<G, kT>(qq, ld, nullptr, cur.k, off, n4, job.scale, s);
+          }
+        } else {
+          TileScores<G, kWidened>(qq, ld, kt, nullptr, 0, n4, job.scale, s);
         }
-        float sum = Reduce8(vsum);
-        for (; i < n; ++i) sum += (s[h][i] = Exp1(s[h][i] - m_new));
-        lq[h] = lq[h] * corr[h] + sum;
-        mq[h] = m_new;
-      }
-      float* aq = acc(qi);
-      const __m256i all = _mm256_set1_epi32(-1);
-      int c = 0;
-      if constexpr (2 * G + 3 <= 16) {
-        for (; c + 2 <= nc; c += 2) {
-          const __m256i masks[2] = {all, c + 2 == nc ? last : all};
-          TileValues<G, 2, kT>(vt, cur.v, ld, n, s, corr, c, masks, hd, aq);
+        for (int h = 0; h < G; ++h) {
+          __m256 vmax = _mm256_set1_ps(-inf);
+          int i = 0;
+          for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s[h] + i));
+          float tile_max = Max8(vmax);
+          for (int t = i; t < n; ++t) tile_max = s[h][t] > tile_max ? s[h][t] : tile_max;
+          const float m_new = mq[h] > tile_max ? mq[h] : tile_max;
+          corr[h] = __builtin_expf(mq[h] - m_new);
+          const __m256 mx = _mm256_set1_ps(m_new);
+          __m256 vsum = _mm256_setzero_ps();
+          for (i = 0; i + 8 <= n; i += 8) {
+            const __m256 e = Exp(_mm256_sub_ps(_mm256_load_ps(s[h] + i), mx));
+            _mm256_store_ps(s[h] + i, e);
+            vsum = _mm256_add_ps(vsum, e);
+          }
+          float sum = Reduce8(vsum);
+          for (; i < n; ++i) sum += (s[h][i] = Exp1(s[h][i] - m_new));
+          lq[h] = lq[h] * corr[h] + sum;
+          mq[h] = m_new;
         }
-      }
-      for (; c < nc; ++c) {
-        const __m256i masks[1] = {c == nc - 1 ? last : all};
-        TileValues<G, 1, kT>(vt, cur.v, ld, n, s, corr, c, masks, hd, aq);
+        float* aq = acc(k, qi);
+        const __m256i all = _mm256_set1_epi32(-1);
+        int c = 0;
+        if constexpr (2 * G + 3 <= 16) {
+          for (; c + 2 <= nc; c += 2) {
+            const __m256i masks[2] = {all, c + 2 == nc ? last : all};
+            TileValues<G, 2, kT>(vt, cur.v, off, ld, n, s, corr, c, masks, hd, aq);
+          }
+        }
+        for (; c < nc; ++c) {
+          const __m256i masks[1] = {c == nc - 1 ? last : all};
+          TileValues<G, 1, kT>(vt, cur.v, off, ld, n, s, corr, c, masks, hd, aq);
+        }
       }
     }
   }
@@ -1334,20 +1361,15 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
         BlockHeads<5, t>, BlockHeads<6, t>, BlockHeads<7, t>, BlockHeads<8, t>             \
   }
 
-void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvView& kv, int kvh,
-                 int64_t begin, const int64_t* ends, float scale, float* state,
-                 size_t state_stride) {
-  using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
-                      const int64_t*, float, float*, size_t, int, int);
+void AttendBlock(const KvView& kv, const AttendJob& job) {
+  using Fn = void (*)(const KvView&, const AttendJob&, int);
   // [KV type][heads - 1]
   static constexpr Fn kFns[6][kMaxAttnHeads] = {
       BLOCK_HEADS(KvType::kF32),  BLOCK_HEADS(KvType::kF16),   BLOCK_HEADS(KvType::kQ8_0),
       BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4), BLOCK_HEADS(KvType::kQ4_1)};
-  const int hd = kv.head_dim;
-  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
-    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
-    kFns[static_cast<int>(kv.type)][g - 1](q + h0 * hd, nq, q_stride, hd, kv, kvh, begin, ends,
-                                           scale, state, state_stride, group, h0);
+  for (int h0 = 0; h0 < job.group; h0 += kMaxAttnHeads) {
+    const int g = job.group - h0 < kMaxAttnHeads ? job.group - h0 : kMaxAttnHeads;
+    kFns[static_cast<int>(kv.type)][g - 1](kv, job, h0);
   }
 }
 #undef BLOCK_HEADS

@@ -1015,9 +1015,9 @@ constexpr int kMaxAttnHeads = 8;
 // (C = 1 or 2): the heads' accumulators, rescaled by corr, gain p[h][j] * v_j for j < n;
 // 2C * G independent FMA chains.
 // V rows come from `vt` (widened, ld apart) when it is not null, else straight from the
-// stored vectors vp[j] (the same values: the widening is exact).
+// stored vectors at vp[j] + off (the same values: the widening is exact).
 template <int G, int C, KvType kT>
-void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
+void TileValues(const float* vt, const uint8_t* const* vp, size_t off, int ld, int n,
                 const float (*p)[kAttnTile], const float* corr, int c, __mmask16 m0, __mmask16 m1,
                 int hd, float* acc) {
   __m512 a[C][G];
@@ -1032,7 +1032,7 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
     __m512 v[C];
     for (int x = 0; x < C; ++x) {
       v[x] = vt != nullptr ? _mm512_load_ps(vt + j * ld + 16 * (c + x))
-                           : LoadKv16(vp[j], 16 * (c + x), kT, x == 0 ? m0 : m1);
+                           : LoadKv16(vp[j] + off, 16 * (c + x), kT, x == 0 ? m0 : m1);
     }
     for (int h = 0; h < G; ++h) {
       const __m512 w = _mm512_set1_ps(p[h][j]);
@@ -1046,25 +1046,35 @@ void TileValues(const float* vt, const uint8_t* const* vp, int ld, int n,
   }
 }
 
+// Where a pass over a tile prefetches the next pass's K and V vectors, one slot per widened
+// slot: `tile`'s, hb bytes each, off bytes on.
+struct PassPrefetch {
+  const TileAddrs* tile;
+  size_t hb;
+  size_t off;
+};
+
 // Rows [j_from, j_to) of the K tile when kt is set, and of the V tile when vt is set, widened
-// from the stored vectors kp[j], vp[j] of type kT (zero-padded to whole 16-feature chunks), the
-// next tile prefetched one slot per row (hb bytes a vector).
+// from the stored vectors at kp[j] + off, vp[j] + off of type kT (zero-padded to whole
+// 16-feature chunks), the next pass's vectors prefetched one slot per row.
 template <KvType kT>
-void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, int j_from, int j_to,
-               int nc, __mmask16 last, int ld, float* kt, float* vt, const TileAddrs& next,
-               size_t hb) {
+void WidenRows(const uint8_t* const* kp, const uint8_t* const* vp, size_t off, int j_from,
+               int j_to, int nc, __mmask16 last, int ld, float* kt, float* vt,
+               const PassPrefetch& pf) {
   for (int j = j_from; j < j_to; ++j) {
-    PrefetchSlot(next, j, hb);
+    PrefetchSlot(*pf.tile, j, pf.hb, pf.off);
     int c = 0;
     if (kt != nullptr) {  // else the scores read K in place
+      const uint8_t* const k = kp[j] + off;
       float* const kr = kt + j * ld;
-      for (; c < nc - 1; ++c) _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, 0xffff));
-      _mm512_store_ps(kr + 16 * c, LoadKv16(kp[j], 16 * c, kT, last));
+      for (; c < nc - 1; ++c) _mm512_store_ps(kr + 16 * c, LoadKv16(k, 16 * c, kT, 0xffff));
+      _mm512_store_ps(kr + 16 * c, LoadKv16(k, 16 * c, kT, last));
     }
     if (vt == nullptr) continue;  // a lone query reads V in place
+    const uint8_t* const v = vp[j] + off;
     float* const vr = vt + j * ld;
-    for (c = 0; c < nc - 1; ++c) _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, 0xffff));
-    _mm512_store_ps(vr + 16 * c, LoadKv16(vp[j], 16 * c, kT, last));
+    for (c = 0; c < nc - 1; ++c) _mm512_store_ps(vr + 16 * c, LoadKv16(v, 16 * c, kT, 0xffff));
+    _mm512_store_ps(vr + 16 * c, LoadKv16(v, 16 * c, kT, last));
   }
 }
 
@@ -1096,12 +1106,12 @@ constexpr auto kWidened = static_cast<KvType>(-1);
 // Scores of HB heads of one query over keys [0, n4) of a K tile, four keys at a time: the
 // heads' NC q chunks stay in registers and each K chunk is loaded once for the HB heads. The K
 // tile is the widened one (kt, rows ld apart) when kSrc is kWidened, else key j's stored kSrc
-// vector kp[j], read in place (the same values: the widening is exact). Per (head, key) the
+// vector at kp[j] + off, read in place (the same values: the widening is exact). Per (head, key) the
 // same FMAs over the chunks in order and the same Reduce4 as one head at a time, so the same
 // bits. HB * (NC + 4) zmm registers.
 template <int NC, int HB, KvType kSrc>
-void ScoreHeads(const float* qh, int hd, const float* kt, const uint8_t* const* kp, int ld,
-                int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
+void ScoreHeads(const float* qh, int hd, const float* kt, const uint8_t* const* kp, size_t off,
+                int ld, int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
   __m512 qv[HB][NC];
   #pragma GCC unroll 16
   for (int h = 0; h < HB; ++h) {
@@ -1126,7 +1136,7 @@ void ScoreHeads(const float* qh, int hd, const float* kt, const uint8_t* const* 
         if constexpr (kSrc == kWidened) {
           kv = _mm512_load_ps(kt + (j + x) * ld + 16 * c);
         } else {
-          kv = LoadKv16(kp[j + x], 16 * c, kSrc, c == NC - 1 ? last : 0xffff);
+          kv = LoadKv16(kp[j + x] + off, 16 * c, kSrc, c == NC - 1 ? last : 0xffff);
         }
         #pragma GCC unroll 4
         for (int h = 0; h < HB; ++h) a[h][x] = _mm512_fmadd_ps(qv[h][c], kv, a[h][x]);
@@ -1148,34 +1158,33 @@ constexpr int ScoreBlock(int nc) {
 // widened K tile (kSrc kWidened) or the stored vectors in place (ScoreHeads).
 template <int NC, KvType kSrc>
 void TileScores(const float* q, int g, int hd, const float* kt, const uint8_t* const* kp,
-                int ld, int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
+                size_t off, int ld, int n4, __mmask16 last, float scale,
+                float (*s)[kAttnTile]) {
   constexpr int kHb = ScoreBlock(NC);
+#define CT_SCORE_HEADS(HB) \
+  ScoreHeads<NC, HB, kSrc>(q + h * hd, hd, kt, kp, off, ld, n4, last, scale, s + h)
   int h = 0;
-  for (; h + kHb <= g; h += kHb) {
-    ScoreHeads<NC, kHb, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h);
-  }
+  for (; h + kHb <= g; h += kHb) CT_SCORE_HEADS(kHb);
   switch (g - h) {
-    case 1: ScoreHeads<NC, 1, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h); break;
+    case 1: CT_SCORE_HEADS(1); break;
     case 2:
-      if constexpr (kHb > 2) {
-        ScoreHeads<NC, 2, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h);
-      }
+      if constexpr (kHb > 2) CT_SCORE_HEADS(2);
       break;
     case 3:
-      if constexpr (kHb > 3) {
-        ScoreHeads<NC, 3, kSrc>(q + h * hd, hd, kt, kp, ld, n4, last, scale, s + h);
-      }
+      if constexpr (kHb > 3) CT_SCORE_HEADS(3);
       break;
     default: break;
   }
+#undef CT_SCORE_HEADS
 }
 
-using TileScoresFn = void (*)(const float*, int, int, const float*, const uint8_t* const*, int,
-                              int, __mmask16, float, float (*)[kAttnTile]);
+using TileScoresFn = void (*)(const float*, int, int, const float*, const uint8_t* const*,
+                              size_t, int, int, __mmask16, float, float (*)[kAttnTile]);
 
 // TileScoresAny with TileScoresFn's arguments (always from the widened tile).
 void TileScoresAnyFn(const float* q, int g, int hd, const float* kt, const uint8_t* const*,
-                     int ld, int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
+                     size_t, int ld, int n4, __mmask16 last, float scale,
+                     float (*s)[kAttnTile]) {
   TileScoresAny(q, g, hd, kt, ld, n4, last, scale, s);
 }
 
@@ -1193,41 +1202,41 @@ TileScoresFn TileScoresFor(int nc) {
   return kSrc == kWidened ? TileScoresAnyFn : nullptr;
 }
 
-// Where attend_block puts its results: query i's state starts at state + i * stride, heads
-// h0 .. h0 + G of a group of `group` (m[group], l[group], acc[group][hd]).
-struct BlockOut {
-  float* state;
-  size_t stride;
-  int group;
-  int h0;
-};
-
-// attend_block for G heads of nq consecutive queries (see kernels_internal.h; the scalar
-// AttendSpan is the definition of each query's arithmetic). Per tile: K and V widened once to
-// f32 rows in L1 scratch (zero-padded to whole 16-feature chunks) for all the queries, the
-// next tile's vectors prefetched meanwhile; then per query: the scores of up to 4 heads per
-// pass, four keys at a time (one Reduce4 for four dot products; TileScores); per head, the
-// max, exponentials and sum over the query's own keys of the tile; and the V sum with the G
-// heads' accumulators in registers, two 16-feature chunks per pass. A query's operations do
-// not depend on the others in the block: a decode step (nq = 1) and any prefill block give
-// the same bits.
+// attend_block for heads h0 .. h0 + G of each query's group, for nq consecutive queries and
+// the job's KV heads (see kernels_internal.h; the scalar AttendSpan is the definition of each
+// query's arithmetic). Per tile, per KV head in turn: K and V widened once to f32 rows in L1
+// scratch (zero-padded to whole 16-feature chunks) for all the queries, the next pass's
+// vectors (the next KV head's in this tile, or the first's in the next tile) prefetched
+// meanwhile; then per query: the scores of up to 4 heads per pass, four keys at a time (one
+// Reduce4 for four dot products; TileScores); per head, the max, exponentials and sum over the
+// query's own keys of the tile; and the V sum with the G heads' accumulators in registers, two
+// 16-feature chunks per pass. A query's operations do not depend on the others in the block,
+// nor on the other KV heads: a decode step (nq = 1) and any prefill block give the same bits.
+// The KV heads of one thread go in turn within each tile so that it reads each slot's record
+// of them whole: one KV head's vectors are a strided half (or less) of each record, which
+// streamed from memory at a third of the rate (docs/benchmarks.md).
 template <int G, KvType kT>
-void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& kv, int kvh,
-                int64_t begin, const int64_t* ends, float scale, const BlockOut& out) {
+void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
+  const int hd = kv.head_dim, nq = job.nq, group = job.group;
   const int nc = (hd + 15) / 16, ld = 16 * nc;
   const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
   const float inf = __builtin_inff();
-  auto m = [&](int i) { return out.state + i * out.stride + out.h0; };
-  auto l = [&](int i) { return out.state + i * out.stride + out.group + out.h0; };
-  auto acc = [&](int i) { return out.state + i * out.stride + 2 * out.group + out.h0 * hd; };
-  int64_t end = begin;
-  for (int i = 0; i < nq; ++i) {
-    end = ends[i] > end ? ends[i] : end;
-    for (int h = 0; h < G; ++h) {
-      m(i)[h] = -inf;
-      l(i)[h] = 0;
+  auto base = [&](int k, int i) {
+    return job.state + k * job.state_kvh_stride + i * job.state_stride;
+  };
+  auto m = [&](int k, int i) { return base(k, i) + h0; };
+  auto l = [&](int k, int i) { return base(k, i) + group + h0; };
+  auto acc = [&](int k, int i) { return base(k, i) + 2 * group + h0 * hd; };
+  int64_t end = job.begin;
+  for (int i = 0; i < nq; ++i) end = job.ends[i] > end ? job.ends[i] : end;
+  for (int k = 0; k < job.n_kvh; ++k) {
+    for (int i = 0; i < nq; ++i) {
+      for (int h = 0; h < G; ++h) {
+        m(k, i)[h] = -inf;
+        l(k, i)[h] = 0;
+      }
+      for (int d = 0; d < G * hd; ++d) acc(k, i)[d] = 0;
     }
-    for (int d = 0; d < G * hd; ++d) acc(i)[d] = 0;
   }
   // Scratch: the K tile [kAttnTile][ld], then the V tile, both zero-padded, then (kivi4) a key
   // group's parameters. A lone query (a decode step, memory-bound) reads V in place instead of
@@ -1237,7 +1246,9 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   auto* kt = static_cast<float*>(
       ThreadScratch(2, sizeof(float) * (2 * kAttnTile * ld + (kivi ? 2 * hd : 0))));
   float* const vbuf = kt + kAttnTile * ld;
-  // The stored K and V vectors of this tile and the next (TileAddrs; none for kivi4).
+  // The stored K and V vectors of the first KV head for this tile and the next (TileAddrs;
+  // none for kivi4); KV head kvh + k's are hb * k bytes on in the blocks, 2 * hd * k in the
+  // f16 ring.
   TileAddrs tiles[2];
   const size_t hb = KvHeadBytes(kT, hd);
   alignas(64) float s[G][kAttnTile];
@@ -1247,9 +1258,10 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
   // conversion a chunk): widening K cost a lone query more than the scores' repeated reads.
   TileScoresFn k_in_place = nullptr;
   if constexpr (kT == KvType::kF16 || kT == KvType::kF32) k_in_place = TileScoresFor<kT>(nc);
-  const int64_t t_first = begin - begin % kAttnTile;
+  const int64_t begin = job.begin, t_first = begin - begin % kAttnTile;
   if (!kivi && t_first < end) {
-    FindTile(kv, kvh, begin, static_cast<int>(Min64(t_first + kAttnTile, end) - begin), tiles);
+    FindTile(kv, job.kvh, begin, static_cast<int>(Min64(t_first + kAttnTile, end) - begin),
+             tiles);
   }
   int x = 0;  // tiles[x]: this tile's
   for (int64_t t0 = t_first; t0 < end; t0 += kAttnTile, x ^= 1) {
@@ -1258,76 +1270,81 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
     const int n4_all = (n_all + 3) & ~3;
     float* const vt = nq > 1 || kivi || t0 + kAttnTile > kv.tail_begin ? vbuf : nullptr;
     TileAddrs& cur = tiles[x];
+    TileAddrs& next = tiles[x ^ 1];
     const bool in_place = vt == nullptr && k_in_place != nullptr;
-    if constexpr (kivi) {
-      WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
-    } else {
-      // The next tile found now, its slots in the blocks prefetched one per widened slot (the
-      // rest of them after).
-      TileAddrs& next = tiles[x ^ 1];
+    if constexpr (!kivi) {
       next.n = next.n_blocks = 0;
       if (t0 + kAttnTile < end) {
         const int64_t t1 = t0 + kAttnTile;
-        FindTile(kv, kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
+        FindTile(kv, job.kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
       }
-      float* const kw = in_place ? nullptr : kt;
-      WidenRows<kT>(cur.k, cur.v, 0, cur.n_blocks, nc, last, ld, kw, vt, next, hb);
-      WidenRows<KvType::kF16>(cur.k, cur.v, cur.n_blocks, n_all, nc, last, ld, kw, vt, next, hb);
-      for (int j = n_all; j < next.n_blocks; ++j) PrefetchSlot(next, j, hb);
+      // Keys [n_all, n4_all) round the last group of four up: read in place, the last key
+      // again (the widened tile has zeros there); their scores are not used.
+      for (int j = n_all; in_place && j < n4_all; ++j) cur.k[j] = cur.k[n_all - 1];
     }
-    // Keys [n_all, n4_all) round the last group of four up: zeros in the widened tile, or
-    // the last key again in place; their scores are not used.
-    for (int j = n_all; j < n4_all; ++j) {
-      if (in_place) {
-        cur.k[j] = cur.k[n_all - 1];
-        continue;
-      }
-      for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
-    }
-    for (int qi = 0; qi < nq; ++qi) {
-      if (ends[qi] <= j0) continue;
-      const int n = static_cast<int>(Min64(t0 + kAttnTile, ends[qi]) - j0);
-      const int n4 = (n + 3) & ~3;
-      const float* qq = q + qi * q_stride;
-      float* mq = m(qi);
-      float* lq = l(qi);
-      if (in_place) {
-        k_in_place(qq, G, hd, nullptr, cur.k, ld, n4, last, scale, s);
+    for (int k = 0; k < job.n_kvh; ++k) {
+      const int kvh = job.kvh + k;
+      const size_t off = k * hb;
+      if constexpr (kivi) {
+        WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
       } else {
-        scores(qq, G, hd, kt, nullptr, ld, n4, last, scale, s);
+        const bool last_kvh = k + 1 == job.n_kvh;
+        const PassPrefetch pf{last_kvh ? &next : &cur, hb, last_kvh ? 0 : off + hb};
+        float* const kw = in_place ? nullptr : kt;
+        WidenRows<kT>(cur.k, cur.v, off, 0, cur.n_blocks, nc, last, ld, kw, vt, pf);
+        WidenRows<KvType::kF16>(cur.k, cur.v, 2 * hd * k, cur.n_blocks, n_all, nc, last, ld, kw,
+                                vt, pf);
+        for (int j = n_all; j < pf.tile->n_blocks; ++j) PrefetchSlot(*pf.tile, j, hb, pf.off);
       }
-      for (int h = 0; h < G; ++h) {
-        __m512 vmax = _mm512_set1_ps(-inf);
-        int i = 0;
-        for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(s[h] + i));
-        const __mmask16 tail = TailMask(n - i);
-        if (i < n) {
-          vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_load_ps(tail, s[h] + i));
-        }
-        const float tile_max = _mm512_reduce_max_ps(vmax);
-        const float m_new = mq[h] > tile_max ? mq[h] : tile_max;
-        corr[h] = __builtin_expf(mq[h] - m_new);
-        const __m512 mx = _mm512_set1_ps(m_new);
-        __m512 vsum = _mm512_setzero_ps();
-        for (i = 0; i + 16 <= n; i += 16) {
-          const __m512 e = Exp(_mm512_sub_ps(_mm512_load_ps(s[h] + i), mx));
-          _mm512_store_ps(s[h] + i, e);
-          vsum = _mm512_add_ps(vsum, e);
-        }
-        if (i < n) {
-          const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_load_ps(tail, s[h] + i), mx));
-          _mm512_mask_store_ps(s[h] + i, tail, e);
-          vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
-        }
-        lq[h] = lq[h] * corr[h] + _mm512_reduce_add_ps(vsum);
-        mq[h] = m_new;
+      for (int j = n_all; !in_place && j < n4_all; ++j) {
+        for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
       }
-      int c = 0;
-      for (; c + 2 <= nc; c += 2) {
-        TileValues<G, 2, kT>(vt, cur.v, ld, n, s, corr, c, 0xffff, c + 2 == nc ? last : 0xffff,
-                             hd, acc(qi));
+      for (int qi = 0; qi < nq; ++qi) {
+        if (job.ends[qi] <= j0) continue;
+        const int n = static_cast<int>(Min64(t0 + kAttnTile, job.ends[qi]) - j0);
+        const int n4 = (n + 3) & ~3;
+        const float* qq = job.q + k * job.q_kvh_stride + qi * job.q_stride + h0 * hd;
+        float* mq = m(k, qi);
+        float* lq = l(k, qi);
+        if (in_place) {
+          k_in_place(qq, G, hd, nullptr, cur.k, off, ld, n4, last, job.scale, s);
+        } else {
+          scores(qq, G, hd, kt, nullptr, 0, ld, n4, last, job.scale, s);
+        }
+        for (int h = 0; h < G; ++h) {
+          __m512 vmax = _mm512_set1_ps(-inf);
+          int i = 0;
+          for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(s[h] + i));
+          const __mmask16 tail = TailMask(n - i);
+          if (i < n) {
+            vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_load_ps(tail, s[h] + i));
+          }
+          const float tile_max = _mm512_reduce_max_ps(vmax);
+          const float m_new = mq[h] > tile_max ? mq[h] : tile_max;
+          corr[h] = __builtin_expf(mq[h] - m_new);
+          const __m512 mx = _mm512_set1_ps(m_new);
+          __m512 vsum = _mm512_setzero_ps();
+          for (i = 0; i + 16 <= n; i += 16) {
+            const __m512 e = Exp(_mm512_sub_ps(_mm512_load_ps(s[h] + i), mx));
+            _mm512_store_ps(s[h] + i, e);
+            vsum = _mm512_add_ps(vsum, e);
+          }
+          if (i < n) {
+            const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_load_ps(tail, s[h] + i), mx));
+            _mm512_mask_store_ps(s[h] + i, tail, e);
+            vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+          }
+          lq[h] = lq[h] * corr[h] + _mm512_reduce_add_ps(vsum);
+          mq[h] = m_new;
+        }
+        float* const aq = acc(k, qi);
+        int c = 0;
+        for (; c + 2 <= nc; c += 2) {
+          TileValues<G, 2, kT>(vt, cur.v, off, ld, n, s, corr, c, 0xffff,
+                               c + 2 == nc ? last : 0xffff, hd, aq);
+        }
+        if (c < nc) TileValues<G, 1, kT>(vt, cur.v, off, ld, n, s, corr, c, last, 0, hd, aq);
       }
-      if (c < nc) TileValues<G, 1, kT>(vt, cur.v, ld, n, s, corr, c, last, 0, hd, acc(qi));
     }
   }
 }
@@ -1338,20 +1355,15 @@ void BlockHeads(const float* q, int nq, int64_t q_stride, int hd, const KvView& 
         BlockHeads<5, t>, BlockHeads<6, t>, BlockHeads<7, t>, BlockHeads<8, t>             \
   }
 
-void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvView& kv, int kvh,
-                 int64_t begin, const int64_t* ends, float scale, float* state,
-                 size_t state_stride) {
-  using Fn = void (*)(const float*, int, int64_t, int, const KvView&, int, int64_t,
-                      const int64_t*, float, const BlockOut&);
+void AttendBlock(const KvView& kv, const AttendJob& job) {
+  using Fn = void (*)(const KvView&, const AttendJob&, int);
   // [KV type][heads - 1]
   static constexpr Fn kFns[6][kMaxAttnHeads] = {
       BLOCK_HEADS(KvType::kF32),  BLOCK_HEADS(KvType::kF16),   BLOCK_HEADS(KvType::kQ8_0),
       BLOCK_HEADS(KvType::kQ4_0), BLOCK_HEADS(KvType::kKivi4), BLOCK_HEADS(KvType::kQ4_1)};
-  const int hd = kv.head_dim;
-  for (int h0 = 0; h0 < group; h0 += kMaxAttnHeads) {
-    const int g = group - h0 < kMaxAttnHeads ? group - h0 : kMaxAttnHeads;
-    kFns[static_cast<int>(kv.type)][g - 1](q + h0 * hd, nq, q_stride, hd, kv, kvh, begin, ends,
-                                           scale, BlockOut{state, state_stride, group, h0});
+  for (int h0 = 0; h0 < job.group; h0 += kMaxAttnHeads) {
+    const int g = job.group - h0 < kMaxAttnHeads ? job.group - h0 : kMaxAttnHeads;
+    kFns[static_cast<int>(kv.type)][g - 1](kv, job, h0);
   }
 }
 #undef BLOCK_HEADS

@@ -45,6 +45,26 @@ struct MatMulArgs {
   float* y = nullptr;  // [m][rows]
 };
 
+// One attend_block call: nq consecutive queries, each against keys [begin, ends[i]), for the
+// `group` query heads of each of the KV heads [kvh, kvh + n_kvh). Query i's heads of KV head
+// kvh + k ([group][head_dim]) are at q + k * q_kvh_stride + i * q_stride, and their state
+// (Ops::attend_block) at state + k * state_kvh_stride + i * state_stride.
+struct AttendJob {
+  const float* q = nullptr;
+  int nq = 0;
+  int64_t q_stride = 0;
+  int64_t q_kvh_stride = 0;
+  int group = 0;
+  int kvh = 0;
+  int n_kvh = 1;
+  int64_t begin = 0;
+  const int64_t* ends = nullptr;
+  float scale = 0;
+  float* state = nullptr;
+  size_t state_stride = 0;
+  size_t state_kvh_stride = 0;
+};
+
 // An aggregate without member initializers on purpose: a non-trivial constructor would be an
 // inline function emitted by every TU that builds a table, ISA TUs included. Build with Ops{}.
 struct Ops {
@@ -66,21 +86,20 @@ struct Ops {
   float (*kv_dot)(const float* q, const void* k, int head_dim, KvType t);
   void (*kv_axpy)(float a, const void* v, int head_dim, KvType t, float* acc);
   // Attention for nq query positions, each against keys [begin, ends[i]), for the `group`
-  // heads of each that share KV head `kvh`: query i's heads at q + i * q_stride
-  // ([group][head_dim]), its online-softmax state at state + i * state_stride
-  // (docs/kernels.md, "Attention"):
+  // heads of each that share a KV head, for each of the KV heads [kvh, kvh + n_kvh)
+  // (AttendJob); the online-softmax state of each (query, KV head) (docs/kernels.md,
+  // "Attention"):
   //   m[g]            max_j s_j, s_j = scale * q_g . k_j  (-inf for an empty range)
   //   l[g]            sum_j exp(s_j - m[g])
   //   acc[g][hd]      sum_j exp(s_j - m[g]) v_j           (unnormalized)
   // laid out as { m[group], l[group], acc[group][head_dim] }. Keys are visited in tiles of
   // kAttnTile slots aligned to multiples of kAttnTile, each K and V vector loaded and converted
-  // once per tile for all heads (and, at the vector levels, for all nq queries). A head's state
-  // is one fixed sequence of float operations given (q, the keys, begin, its end): the same
-  // whatever the group's other heads, the other queries of the call (nq = 1 included) or the
-  // thread running it.
-  void (*attend_block)(const float* q, int nq, int64_t q_stride, int group, const KvView& kv,
-                       int kvh, int64_t begin, const int64_t* ends, float scale, float* state,
-                       size_t state_stride);
+  // once per tile for all heads (and, at the vector levels, for all nq queries); the vector
+  // levels visit the KV heads in turn within each tile, so that a thread reads each slot's
+  // record of KV heads whole. A head's state is one fixed sequence of float operations given
+  // (q, the keys, begin, its end): the same whatever the group's other heads, the other
+  // queries or KV heads of the call (nq = n_kvh = 1 included) or the thread running it.
+  void (*attend_block)(const KvView& kv, const AttendJob& job);
   // n floats to IEEE halves at y (unaligned, 2n bytes), and back: the bits of core/fp16.h's
   // Fp32ToFp16 / Fp16ToFp32 at every level (the vector levels convert with F16C, which rounds
   // the same way, and write NaNs as those functions do: a NaN float becomes sign | 0x7e00, a
@@ -134,8 +153,8 @@ struct TileAddrs {
 };
 void FindTile(const KvView& kv, int kvh, int64_t j0, int n, TileAddrs* t);
 
-// attend_block's look-ahead: the lines of slot j's K and V vectors (head_bytes each) of a tile
-// found ahead, when j is in its blocks: one slot per widened slot of the tile before, so that
+// attend_block's look-ahead: the lines of slot j's K and V vectors (head_bytes each, `off`
+// bytes on: another KV head's) of a tile found ahead, when j is in its blocks: one slot per widened slot of the tile before, so that
 // they arrive from memory while it computes. The engine's 16-slot pages put each block of a
 // layer in another 4 KiB page, where hardware prefetchers stop (docs/benchmarks.md, "Attention
 // over long contexts"). Every line of a vector, its last byte's included. Internal linkage:
@@ -146,10 +165,10 @@ void FindTile(const KvView& kv, int kvh, int64_t j0, int n, TileAddrs* t);
   for (uintptr_t x = 0; x <= span; x += 64) __builtin_prefetch(p + x, 0, 3);
 }
 [[gnu::always_inline]] static inline void PrefetchSlot(const TileAddrs& t, int j,
-                                                       size_t head_bytes) {
+                                                       size_t head_bytes, size_t off = 0) {
   if (j >= t.n_blocks) return;
-  PrefetchLines(t.k[j], head_bytes);
-  PrefetchLines(t.v[j], head_bytes);
+  PrefetchLines(t.k[j] + off, head_bytes);
+  PrefetchLines(t.v[j] + off, head_bytes);
 }
 
 // A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across

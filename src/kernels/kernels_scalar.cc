@@ -252,11 +252,13 @@ void AttendSpan(const float* q, int group, const KvView& kv, int kvh, int64_t be
   }
 }
 
-void AttendBlock(const float* q, int nq, int64_t q_stride, int group, const KvView& kv, int kvh,
-                 int64_t begin, const int64_t* ends, float scale, float* state,
-                 size_t state_stride) {
-  for (int i = 0; i < nq; ++i) {
-    AttendSpan(q + i * q_stride, group, kv, kvh, begin, ends[i], scale, state + i * state_stride);
+void AttendBlock(const KvView& kv, const AttendJob& job) {
+  for (int k = 0; k < job.n_kvh; ++k) {
+    for (int i = 0; i < job.nq; ++i) {
+      AttendSpan(job.q + k * job.q_kvh_stride + i * job.q_stride, job.group, kv, job.kvh + k,
+                 job.begin, job.ends[i], job.scale,
+                 job.state + k * job.state_kvh_stride + i * job.state_stride);
+    }
   }
 }
 
