@@ -1065,10 +1065,10 @@ __m128 Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
 constexpr auto kWidened = static_cast<KvType>(-1);
 
 // Scores of HB heads of one query over keys [0, n4) of a K tile, four keys at a time (qp: the
-// heads' zero-padded q rows, ld apart): per 8-feature chunk each K row chunk is loaded once for
-// the HB heads, 4 * HB accumulators. The K tile is the widened one (kt, rows ld apart) when
-// kSrc is kWidened, else key j's stored kSrc vector kp[j], read in place (the same values: the
-// widening is exact; whole 8-feature chunks only), at kp[j] + off. Per (head, key) the same FMAs in the same
+// heads' zero-padded q rows, ld apart): per 8-feature chunk each K row chunk is loaded once for the
+// HB heads, 4 * HB accumulators. The K tile is the widened one (kt, rows ld apart) when kSrc is
+// kWidened, else key j's stored kSrc vector kp[j], read in place (the same values: the widening is
+// exact; whole 8-feature chunks only), at kp[j] + off. Per (head, key) the same FMAs in the same
 // order and the same Reduce4x8 as one head at a time, so the same bits.
 template <int HB, KvType kSrc>
 void ScoreHeads(const float* qp, int ld, const float* kt, const uint8_t* const* kp, size_t off,
@@ -1278,14 +1278,7 @@ void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
     TileAddrs& next = tiles[x ^ 1];
     const bool in_place = kInPlaceType && vt == nullptr;
     if constexpr (!kivi) {
-      next.n = next.n_blocks = 0;
-      if (t0 + kAttnTile < end) {
-        const int64_t t1 = t0 + kAttnTile;
-        FindTile(kv, job.kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
-      }
-      // Keys [n_all, n4_all) round the last group of four up: read in place, the last key
-      // again (the widened tile has zeros there); their scores are not used.
-      for (int j = n_all; in_place && j < n4_all; ++j) cur.k[j] = cur.k[n_all - 1];
+      StepTiles(kv, job.kvh, t0, end, in_place, n_all, n4_all, cur, next);
     }
     for (int k = 0; k < nk; ++k) {
       const size_t off = k * hb;

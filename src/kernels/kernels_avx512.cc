@@ -1103,12 +1103,12 @@ void TileScoresAny(const float* q, int g, int hd, const float* kt, int ld, int n
 // ScoreHeads' K source: the widened tile rather than stored vectors of a KV type.
 constexpr auto kWidened = static_cast<KvType>(-1);
 
-// Scores of HB heads of one query over keys [0, n4) of a K tile, four keys at a time: the
-// heads' NC q chunks stay in registers and each K chunk is loaded once for the HB heads. The K
-// tile is the widened one (kt, rows ld apart) when kSrc is kWidened, else key j's stored kSrc
-// vector at kp[j] + off, read in place (the same values: the widening is exact). Per (head, key) the
-// same FMAs over the chunks in order and the same Reduce4 as one head at a time, so the same
-// bits. HB * (NC + 4) zmm registers.
+// Scores of HB heads of one query over keys [0, n4) of a K tile, four keys at a time: the heads' NC
+// q chunks stay in registers and each K chunk is loaded once for the HB heads. The K tile is the
+// widened one (kt, rows ld apart) when kSrc is kWidened, else key j's stored kSrc vector at kp[j] +
+// off, read in place (the same values: the widening is exact). Per (head, key) the same FMAs over
+// the chunks in order and the same Reduce4 as one head at a time, so the same bits. HB * (NC + 4)
+// zmm registers.
 template <int NC, int HB, KvType kSrc>
 void ScoreHeads(const float* qh, int hd, const float* kt, const uint8_t* const* kp, size_t off,
                 int ld, int n4, __mmask16 last, float scale, float (*s)[kAttnTile]) {
@@ -1273,14 +1273,7 @@ void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
     TileAddrs& next = tiles[x ^ 1];
     const bool in_place = vt == nullptr && k_in_place != nullptr;
     if constexpr (!kivi) {
-      next.n = next.n_blocks = 0;
-      if (t0 + kAttnTile < end) {
-        const int64_t t1 = t0 + kAttnTile;
-        FindTile(kv, job.kvh, t1, static_cast<int>(Min64(kAttnTile, end - t1)), &next);
-      }
-      // Keys [n_all, n4_all) round the last group of four up: read in place, the last key
-      // again (the widened tile has zeros there); their scores are not used.
-      for (int j = n_all; in_place && j < n4_all; ++j) cur.k[j] = cur.k[n_all - 1];
+      StepTiles(kv, job.kvh, t0, end, in_place, n_all, n4_all, cur, next);
     }
     for (int k = 0; k < job.n_kvh; ++k) {
       const int kvh = job.kvh + k;

@@ -153,12 +153,26 @@ struct TileAddrs {
 };
 void FindTile(const KvView& kv, int kvh, int64_t j0, int n, TileAddrs* t);
 
-// attend_block's look-ahead: the lines of slot j's K and V vectors (head_bytes each, `off`
-// bytes on: another KV head's) of a tile found ahead, when j is in its blocks: one slot per widened slot of the tile before, so that
-// they arrive from memory while it computes. The engine's 16-slot pages put each block of a
-// layer in another 4 KiB page, where hardware prefetchers stop (docs/benchmarks.md, "Attention
-// over long contexts"). Every line of a vector, its last byte's included. Internal linkage:
-// each ISA's translation unit inlines its own copy.
+// attend_block's step into the tile of slots from t0 (j0 = max(t0, begin), n_all of them): the
+// next tile's addresses found into `next` (none past end); and where K is read in place, the
+// keys [n_all, n4_all) that round the last group of four up pointing at the last key again (a
+// widened tile has zeros there; their scores are not used). Internal linkage, as below.
+static inline void StepTiles(const KvView& kv, int kvh, int64_t t0, int64_t end, bool in_place,
+                             int n_all, int n4_all, TileAddrs& cur, TileAddrs& next) {
+  next.n = next.n_blocks = 0;
+  const int64_t t1 = t0 + kAttnTile;
+  if (t1 < end) {
+    FindTile(kv, kvh, t1, static_cast<int>(end - t1 < kAttnTile ? end - t1 : kAttnTile), &next);
+  }
+  for (int j = n_all; in_place && j < n4_all; ++j) cur.k[j] = cur.k[n_all - 1];
+}
+
+// attend_block's look-ahead: the lines of slot j's K and V vectors (head_bytes each, `off` bytes
+// on: another KV head's) of a tile found ahead, when j is in its blocks: one slot per widened slot
+// of the tile before, so that they arrive from memory while it computes. The engine's 16-slot pages
+// put each block of a layer in another 4 KiB page, where hardware prefetchers stop
+// (docs/benchmarks.md, "Attention over long contexts"). Every line of a vector, its last byte's
+// included. Internal linkage: each ISA's translation unit inlines its own copy.
 [[gnu::always_inline]] static inline void PrefetchLines(const uint8_t* p, size_t bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   const uintptr_t span = ((a + bytes - 1) & ~uintptr_t{63}) - (a & ~uintptr_t{63});
