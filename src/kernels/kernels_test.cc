@@ -1119,14 +1119,17 @@ TEST_F(IsaTest, AttentionLseRangesMergeIntoAttention) {
 // splits spread over threads), inside a prefill chunk of any size, or on one thread: the
 // property that makes a cache hit's recompute and a batched decode equal a lone cold run.
 // Shapes: 3 query heads per KV head; 7 (more than one pass of the score and value loops); a
-// head_dim of 36, whose last chunk is partial at both vector widths (float KV only).
+// head_dim of 36, whose last chunk is partial at both vector widths (float KV only); 4 KV
+// heads, which a decode step past the split takes 4, 2 or 1 at a time depending on the threads
+// (1, 2, 3 here; a chunk always 1).
 TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
   struct Shape {
     int n_head, n_kv_head, hd;
   };
   const int64_t q_pos0 = 2030, n_q = 24;  // query 18 is the first past the split at 2,048
   ThreadPool one(1), three(3);
-  for (const Shape& shape : {Shape{6, 2, 64}, Shape{14, 2, 64}, Shape{4, 1, 36}}) {
+  for (const Shape& shape :
+       {Shape{6, 2, 64}, Shape{14, 2, 64}, Shape{4, 1, 36}, Shape{8, 4, 32}}) {
     for (KvType type : {KvType::kF32, KvType::kF16, KvType::kQ8_0, KvType::kQ4_1}) {
       if (shape.hd % KvTypeBlockElems(type) != 0) continue;
       const int n_head = shape.n_head, n_kv_head = shape.n_kv_head, hd = shape.hd;
@@ -1157,6 +1160,8 @@ TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
           Attention(qi, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), pool_);
           ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
           Attention(qi, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), one);
+          ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
+          Attention(qi, 1, n_head, q_pos0 + i, kv.view, 0.125f, alone.data(), three);
           ASSERT_EQ(0, std::memcmp(chunk.data() + i * row, alone.data(), row * sizeof(float)));
         }
         // AttentionLse over the same causal ranges is the same computation.
