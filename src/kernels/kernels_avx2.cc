@@ -1122,14 +1122,6 @@ __m256 WidenKv8(const uint8_t* p, int i, int hd) {
   return _mm256_load_ps(f);
 }
 
-// Where a pass over a tile prefetches the next pass's K and V vectors, one slot per widened
-// slot: `tile`'s, hb bytes each, off bytes on.
-struct PassPrefetch {
-  const TileAddrs* tile;
-  size_t hb;
-  size_t off;
-};
-
 // Rows [j_from, j_to) of the K tile when kt is set, and of the V tile when vt is set, widened
 // from the stored vectors at kp[j] + off, vp[j] + off of type kT (whole 8-feature chunks
 // straight, a partial last one zero-padded), the next pass's vectors prefetched one slot per
@@ -1216,23 +1208,10 @@ void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
   const int nc = (hd + 7) / 8, ld = 8 * nc;
   const __m256i last = LaneMask(hd - 8 * (nc - 1));
   const float inf = __builtin_inff();
-  auto base = [&](int k, int i) {
-    return job.state + k * job.state_kvh_stride + i * job.state_stride;
-  };
-  auto m = [&](int k, int i) { return base(k, i) + h0; };
-  auto l = [&](int k, int i) { return base(k, i) + group + h0; };
-  auto acc = [&](int k, int i) { return base(k, i) + 2 * group + h0 * hd; };
-  int64_t end = job.begin;
-  for (int i = 0; i < nq; ++i) end = job.ends[i] > end ? job.ends[i] : end;
-  for (int k = 0; k < nk; ++k) {
-    for (int i = 0; i < nq; ++i) {
-      for (int h = 0; h < G; ++h) {
-        m(k, i)[h] = -inf;
-        l(k, i)[h] = 0;
-      }
-      for (int d = 0; d < G * hd; ++d) acc(k, i)[d] = 0;
-    }
-  }
+  auto m = [&](int k, int i) { return job.State(k, i) + h0; };
+  auto l = [&](int k, int i) { return job.State(k, i) + group + h0; };
+  auto acc = [&](int k, int i) { return job.State(k, i) + 2 * group + h0 * hd; };
+  const int64_t end = StartJob(job, h0, G, hd);
   // Scratch: the K tile [kAttnTile][ld], the V tile, the queries [n_kvh][nq][G][ld], all
   // zero-padded, then (kivi4) a key group's parameters.
   constexpr bool kivi = kT == KvType::kKivi4;
@@ -1280,21 +1259,21 @@ void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
     if constexpr (!kivi) {
       StepTiles(kv, job.kvh, t0, end, in_place, n_all, n4_all, cur, next);
     }
+    // The widened K tile's rows [n_all, n4_all) stay zeros through the KV heads' passes.
+    for (int j = n_all; !in_place && j < n4_all; ++j) {
+      for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
+    }
     for (int k = 0; k < nk; ++k) {
       const size_t off = k * hb;
       if constexpr (kivi) {
         WidenKivi(kv, job.kvh + k, j0, n_all, kt, vt, ld, qp + nk * nq * G * ld);
       } else {
-        const bool last_kvh = k + 1 == nk;
-        const PassPrefetch pf{last_kvh ? &next : &cur, hb, last_kvh ? 0 : off + hb};
+        const PassPrefetch pf = NextPass(cur, next, k, nk, hb);
         float* const kw = in_place ? nullptr : kt;
         WidenRows<kT>(cur.k, cur.v, off, 0, cur.n_blocks, hd, ld, kw, vt, pf);
         WidenRows<KvType::kF16>(cur.k, cur.v, 2 * hd * k, cur.n_blocks, n_all, hd, ld, kw, vt,
                                 pf);
         for (int j = n_all; j < pf.tile->n_blocks; ++j) PrefetchSlot(*pf.tile, j, hb, pf.off);
-      }
-      for (int j = n_all; !in_place && j < n4_all; ++j) {
-        for (int c = 0; c < ld; c += 8) _mm256_store_ps(kt + j * ld + c, _mm256_setzero_ps());
       }
       for (int qi = 0; qi < nq; ++qi) {
         if (job.ends[qi] <= j0) continue;

@@ -1046,14 +1046,6 @@ void TileValues(const float* vt, const uint8_t* const* vp, size_t off, int ld, i
   }
 }
 
-// Where a pass over a tile prefetches the next pass's K and V vectors, one slot per widened
-// slot: `tile`'s, hb bytes each, off bytes on.
-struct PassPrefetch {
-  const TileAddrs* tile;
-  size_t hb;
-  size_t off;
-};
-
 // Rows [j_from, j_to) of the K tile when kt is set, and of the V tile when vt is set, widened
 // from the stored vectors at kp[j] + off, vp[j] + off of type kT (zero-padded to whole
 // 16-feature chunks), the next pass's vectors prefetched one slot per row.
@@ -1221,23 +1213,10 @@ void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
   const int nc = (hd + 15) / 16, ld = 16 * nc;
   const __mmask16 last = hd % 16 == 0 ? 0xffff : TailMask(hd % 16);
   const float inf = __builtin_inff();
-  auto base = [&](int k, int i) {
-    return job.state + k * job.state_kvh_stride + i * job.state_stride;
-  };
-  auto m = [&](int k, int i) { return base(k, i) + h0; };
-  auto l = [&](int k, int i) { return base(k, i) + group + h0; };
-  auto acc = [&](int k, int i) { return base(k, i) + 2 * group + h0 * hd; };
-  int64_t end = job.begin;
-  for (int i = 0; i < nq; ++i) end = job.ends[i] > end ? job.ends[i] : end;
-  for (int k = 0; k < job.n_kvh; ++k) {
-    for (int i = 0; i < nq; ++i) {
-      for (int h = 0; h < G; ++h) {
-        m(k, i)[h] = -inf;
-        l(k, i)[h] = 0;
-      }
-      for (int d = 0; d < G * hd; ++d) acc(k, i)[d] = 0;
-    }
-  }
+  auto m = [&](int k, int i) { return job.State(k, i) + h0; };
+  auto l = [&](int k, int i) { return job.State(k, i) + group + h0; };
+  auto acc = [&](int k, int i) { return job.State(k, i) + 2 * group + h0 * hd; };
+  const int64_t end = StartJob(job, h0, G, hd);
   // Scratch: the K tile [kAttnTile][ld], then the V tile, both zero-padded, then (kivi4) a key
   // group's parameters. A lone query (a decode step, memory-bound) reads V in place instead of
   // widening it first, except in a tile reaching a window's f16 tail (KvView::tail_begin; every
@@ -1275,22 +1254,22 @@ void BlockHeads(const KvView& kv, const AttendJob& job, int h0) {
     if constexpr (!kivi) {
       StepTiles(kv, job.kvh, t0, end, in_place, n_all, n4_all, cur, next);
     }
+    // The widened K tile's rows [n_all, n4_all) stay zeros through the KV heads' passes.
+    for (int j = n_all; !in_place && j < n4_all; ++j) {
+      for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
+    }
     for (int k = 0; k < job.n_kvh; ++k) {
       const int kvh = job.kvh + k;
       const size_t off = k * hb;
       if constexpr (kivi) {
         WidenKivi(kv, kvh, j0, n_all, kt, vt, ld, kt + 2 * kAttnTile * ld);
       } else {
-        const bool last_kvh = k + 1 == job.n_kvh;
-        const PassPrefetch pf{last_kvh ? &next : &cur, hb, last_kvh ? 0 : off + hb};
+        const PassPrefetch pf = NextPass(cur, next, k, job.n_kvh, hb);
         float* const kw = in_place ? nullptr : kt;
         WidenRows<kT>(cur.k, cur.v, off, 0, cur.n_blocks, nc, last, ld, kw, vt, pf);
         WidenRows<KvType::kF16>(cur.k, cur.v, 2 * hd * k, cur.n_blocks, n_all, nc, last, ld, kw,
                                 vt, pf);
         for (int j = n_all; j < pf.tile->n_blocks; ++j) PrefetchSlot(*pf.tile, j, hb, pf.off);
-      }
-      for (int j = n_all; !in_place && j < n4_all; ++j) {
-        for (int c = 0; c < ld; c += 16) _mm512_store_ps(kt + j * ld + c, _mm512_setzero_ps());
       }
       for (int qi = 0; qi < nq; ++qi) {
         if (job.ends[qi] <= j0) continue;

@@ -63,6 +63,9 @@ struct AttendJob {
   float* state = nullptr;
   size_t state_stride = 0;
   size_t state_kvh_stride = 0;
+
+  // The state of query i and KV head kvh + k.
+  float* State(int k, int i) const { return state + k * state_kvh_stride + i * state_stride; }
 };
 
 // An aggregate without member initializers on purpose: a non-trivial constructor would be an
@@ -183,6 +186,39 @@ static inline void StepTiles(const KvView& kv, int kvh, int64_t t0, int64_t end,
   if (j >= t.n_blocks) return;
   PrefetchLines(t.k[j] + off, head_bytes);
   PrefetchLines(t.v[j] + off, head_bytes);
+}
+
+// attend_block's start for heads h0 .. h0 + g of each (query, KV head) of the job: their states
+// emptied (m = -inf, l = 0, acc = 0); returns the end of the longest range. Internal linkage, as
+// above.
+static inline int64_t StartJob(const AttendJob& job, int h0, int g, int hd) {
+  int64_t end = job.begin;
+  for (int i = 0; i < job.nq; ++i) end = job.ends[i] > end ? job.ends[i] : end;
+  for (int k = 0; k < job.n_kvh; ++k) {
+    for (int i = 0; i < job.nq; ++i) {
+      float* const st = job.State(k, i);
+      for (int h = h0; h < h0 + g; ++h) {
+        st[h] = -__builtin_inff();
+        st[job.group + h] = 0;
+      }
+      for (int d = h0 * hd; d < (h0 + g) * hd; ++d) st[2 * job.group + d] = 0;
+    }
+  }
+  return end;
+}
+
+// Where attend_block's pass over a tile for one of its KV heads prefetches the next pass's K
+// and V vectors, one slot per widened slot: `tile`'s, hb bytes each, off bytes on. The next
+// pass is KV head k + 1's over this tile (`cur`), or after the last, the first KV head's over
+// the next tile. Internal linkage, as above.
+struct PassPrefetch {
+  const TileAddrs* tile;
+  size_t hb;
+  size_t off;
+};
+static inline PassPrefetch NextPass(const TileAddrs& cur, const TileAddrs& next, int k,
+                                    int n_kvh, size_t hb) {
+  return k + 1 == n_kvh ? PassPrefetch{&next, hb, 0} : PassPrefetch{&cur, hb, (k + 1) * hb};
 }
 
 // A 64-byte aligned buffer of at least `bytes`, owned by the calling thread and reused across
