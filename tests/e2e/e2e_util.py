@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 FAILURES = []
@@ -202,6 +203,72 @@ class Redis:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class RedisProxy:
+    """A TCP proxy on a free loopback port in front of a real Redis. `on_request(data)` sees each
+    read from a client before it is passed on (a subclass stops or delays Redis there)."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self):
+        return "redis://127.0.0.1:%d" % self.port
+
+    def on_request(self, data):
+        pass
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.redis.port))
+            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+
+    def _pipe(self, src, dst, to_redis):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if to_redis:
+                    self.on_request(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (src, dst):
+                try:
+                    x.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+class SlowRedisProxy(RedisProxy):
+    """Holds each read that carries a GET for `delay_s` before Redis sees it: a far Redis, whose
+    records arrive one after another while the server goes on."""
+
+    def __init__(self, redis, delay_s):
+        super().__init__(redis)
+        self.delay_s = delay_s
+        self.delayed = 0
+
+    def on_request(self, data):
+        if b"$3\r\nGET\r\n" in data:
+            self.delayed += 1
+            time.sleep(self.delay_s)
 
 
 def start_redis(tmp):

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_util import (FAILURES, Server, check, free_port, graceful_stop,  # noqa: E402
-                      start_redis)
+from e2e_util import (FAILURES, RedisProxy, Server, check, free_port,  # noqa: E402
+                      graceful_stop, start_redis)
 
 LONG = " ".join(["The history of the world is long and full of stories about kings and "
                  "queens, of rivers and of the cities built beside them."] * 10)
@@ -359,57 +358,21 @@ def test_redis_levels(binary, model, tmp):
                 s.stop()
 
 
-class FreezingProxy:
-    """A TCP proxy in front of a real Redis that stops it (SIGSTOP) at the moment the first
-    GET of a record passes through once armed: the restore has looked its chunks up (EXISTS)
-    and is reading them when Redis freezes, the worst moment for a loop that would wait."""
+class FreezingProxy(RedisProxy):
+    """A proxy in front of a real Redis that stops it (SIGSTOP) at the moment the first GET of a
+    record passes through once armed: the restore has looked its chunks up (EXISTS) and is
+    reading them when Redis freezes, the worst moment for a loop that would wait."""
 
     def __init__(self, redis):
-        self.redis = redis
+        super().__init__(redis)
         self.armed = False
         self.frozen_at = None
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def url(self):
-        return "redis://127.0.0.1:%d" % self.port
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.redis.port))
-            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
-
-    def _pipe(self, src, dst, to_redis):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if to_redis and self.armed and b"$3\r\nGET\r\n" in data:
-                    self.armed = False
-                    os.kill(self.redis.proc.pid, signal.SIGSTOP)
-                    self.frozen_at = time.time()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for x in (src, dst):
-                try:
-                    x.close()
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
+    def on_request(self, data):
+        if self.armed and b"$3\r\nGET\r\n" in data:
+            self.armed = False
+            os.kill(self.redis.proc.pid, signal.SIGSTOP)
+            self.frozen_at = time.time()
 
 
 def test_frozen_redis_never_stalls_streams(binary, model, tmp):
