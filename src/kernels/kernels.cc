@@ -969,8 +969,10 @@ namespace {
 
 constexpr int64_t kAttnSplit = 2048;
 static_assert(kAttnSplit % internal::kAttnTile == 0);
-// Queries per attend_block call of the rows path.
-constexpr int64_t kQueryBlock = 4;
+// Queries per attend_block call of the rows path, at most: each K/V tile is widened once per
+// block and its slots read from L2/L3 once per block. 16 against 4 took 12-15% off a 512-query
+// chunk over 4,096 slots (AVX-512, Zen 5; docs/benchmarks.md); 32 and 64 measured no better.
+constexpr int64_t kQueryBlock = 16;
 
 // Floats of one split's state for `group` heads: m[group], l[group], acc[group][hd].
 size_t StateFloats(int group, int hd) { return static_cast<size_t>(group) * (hd + 2); }
@@ -1074,20 +1076,25 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
     }
     return;
   }
-  // Rows as units: blocks of kQueryBlock consecutive queries of one KV head (each K/V tile read
-  // once per block at the vector levels). Causal queries late in the chunk see more keys, so
-  // blocks are visited in the order 0, n-1, 1, n-2, ... to give both halves of the contiguous
-  // split equal work.
-  const int64_t n_blocks = (n_q + kQueryBlock - 1) / kQueryBlock;
+  // Rows as units: blocks of up to kQueryBlock consecutive queries of one KV head (each K/V
+  // tile read once per block at the vector levels), smaller where that leaves fewer than four
+  // units a thread. A query's arithmetic does not depend on its block, so neither do its bits.
+  // Causal queries late in the chunk see more keys, so blocks are visited in the order 0, n-1,
+  // 1, n-2, ... to give both halves of the contiguous split equal work.
+  int64_t qb = kQueryBlock;
+  while (qb > 1 && (n_q + qb - 1) / qb * kv.n_kv_head < 4 * static_cast<int64_t>(pool.size())) {
+    qb /= 2;
+  }
+  const int64_t n_blocks = (n_q + qb - 1) / qb;
   pool.ParallelFor(n_blocks * kv.n_kv_head, [&](int64_t u0, int64_t u1, int) {
     auto* states = static_cast<float*>(
-        internal::ThreadScratch(1, sizeof(float) * state * max_splits * kQueryBlock));
+        internal::ThreadScratch(1, sizeof(float) * state * max_splits * qb));
     int64_t ends[kQueryBlock];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t k = u / kv.n_kv_head;
       const int64_t blk = (k % 2 == 0) ? k / 2 : n_blocks - 1 - k / 2;
       const int kvh = static_cast<int>(u % kv.n_kv_head);
-      const int64_t i0 = blk * kQueryBlock, i1 = std::min(n_q, i0 + kQueryBlock);
+      const int64_t i0 = blk * qb, i1 = std::min(n_q, i0 + qb);
       // Split s of the block: the queries with more than s splits, a suffix [ia, i1) of it
       // (a query's split count grows with i).
       for (int64_t s = 0, ia = i0; s < n_splits(i1 - 1); ++s) {

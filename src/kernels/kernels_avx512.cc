@@ -21,7 +21,7 @@
 //    broadcast activation bytes advances 16 rows at once and no horizontal sums are needed; the
 //    offset is removed with the per-block activation sums precomputed at quantization.
 // Attention widens each 64-slot K tile (and, for several queries, V tile) to f32 once for all
-// query heads of a GQA group and a block of up to 4 queries (BlockHeads), scores up to 4 heads
+// query heads of a GQA group and a block of queries (BlockHeads), scores up to 4 heads
 // per pass over the tile with their q in registers (ScoreHeads), and prefetches the next
 // tile's K and V vectors while this one computes.
 //
