@@ -1077,15 +1077,17 @@ void AttendRanges(const float* q, int64_t n_q, int n_head, const KvView& kv, int
     return;
   }
   // Rows as units: blocks of up to kQueryBlock consecutive queries of one KV head (each K/V
-  // tile read once per block at the vector levels), smaller where that leaves fewer than four
-  // units a thread. A query's arithmetic does not depend on its block, so neither do its bits.
-  // Causal queries late in the chunk see more keys, so blocks are visited in the order 0, n-1,
-  // 1, n-2, ... to give both halves of the contiguous split equal work.
-  int64_t qb = kQueryBlock;
-  while (qb > 1 && (n_q + qb - 1) / qb * kv.n_kv_head < 4 * static_cast<int64_t>(pool.size())) {
-    qb /= 2;
-  }
-  const int64_t n_blocks = (n_q + qb - 1) / qb;
+  // tile read once per block at the vector levels), of even sizes, smaller where that would
+  // leave fewer than two units a thread (a short chunk after a long cached prefix). A query's
+  // arithmetic does not depend on its block, so neither do its bits. Causal queries late in
+  // the chunk see more keys, so blocks are visited in the order 0, n-1, 1, n-2, ... to give
+  // both halves of the contiguous split equal work.
+  int64_t n_blocks = (n_q + kQueryBlock - 1) / kQueryBlock;
+  const int64_t min_blocks = (2 * static_cast<int64_t>(pool.size()) + kv.n_kv_head - 1) /
+                             kv.n_kv_head;
+  n_blocks = std::min(n_q, std::max(n_blocks, min_blocks));
+  const int64_t qb = (n_q + n_blocks - 1) / n_blocks;
+  n_blocks = (n_q + qb - 1) / qb;
   pool.ParallelFor(n_blocks * kv.n_kv_head, [&](int64_t u0, int64_t u1, int) {
     auto* states = static_cast<float*>(
         internal::ThreadScratch(1, sizeof(float) * state * max_splits * qb));
