@@ -679,42 +679,106 @@ constexpr int64_t kPanelBlockBytes = 32 * kPanelRows;  // [8 groups][32 rows][4 
 // Repacks rows [p0, p1) (p1 - p0 <= 32; missing rows are zero) of W into
 //   wp  [nb][8][32] uint32: 4 unsigned weight bytes of features 4g..4g+3 of each row
 //   dwp [nb][32]    float : block scales
-// with gathers of one dword from each of 16 rows, i.e. a transpose at dword granularity.
+// a transpose at dword granularity of each block, 16 rows at a time: each row's block loaded
+// whole, then unpacks and lane permutes. It replaced a VPGATHERDD per dword group (9 a block
+// for q8_0), which Zen 5 runs microcoded: the packing was a fifth of a q8_0 prefill matmul there
+// (docs/benchmarks.md). The scales come from WeightMatrix::scales8 where it is built, else one
+// gather a block.
 template <int kT>
 void PackQuantPanel(const WeightMatrix& w, int64_t p0, int64_t p1, uint32_t* wp, float* dwp) {
   constexpr int64_t kBB = kT == kQ8 ? 34 : 18;
   const int64_t nb = w.cols / 32;
   const auto* base = static_cast<const uint8_t*>(w.data);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(w.row_bytes)));
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i low4 = _mm512_set1_epi8(0x0f);
+  // Quadword indices that gather 128-bit lanes 0 and 2 (lo) or 1 and 3 (hi) of a, b as
+  // [a.0, b.0, a.2, b.2] and [a.1, b.1, a.3, b.3].
+  const __m512i lanes_lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i lanes_hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
   for (int half = 0; half < 2; ++half) {
     const int64_t h0 = p0 + 16 * half;
-    const int64_t n = p1 - h0;
-    const __mmask16 valid = n >= 16 ? 0xffff : n <= 0 ? 0 : TailMask(n);
-    const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(w.row_bytes)));
-    // Rows past p1 gather nothing and stay zero (scale 0, weights 0).
-    const uint8_t* rows = base + (valid ? h0 * w.row_bytes : 0);
+    const int n = static_cast<int>(p1 - h0 >= 16 ? 16 : p1 - h0 <= 0 ? 0 : p1 - h0);
+    const __mmask16 valid = TailMask(n);
+    const uint8_t* const rows = base + (n > 0 ? h0 * w.row_bytes : 0);
+    // scales8's groups of 8 rows for this half (h0 is a multiple of 16): the second only where
+    // a row of it is in the panel.
+    const uint16_t* s8 = w.scales8 != nullptr && n > 0 ? w.scales8 + h0 / 8 * nb * 8 : nullptr;
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = rows + b * kBB;
-      uint32_t* out = wp + b * 8 * kPanelRows + 16 * half;
-      const __m512i zero = _mm512_setzero_si512();
-      const __m512i dbits = _mm512_mask_i32gather_epi32(zero, valid, offs, blk, 1);
-      _mm512_store_ps(dwp + b * kPanelRows + 16 * half,
-                      _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dbits)));
+      uint32_t* const out = wp + b * 8 * kPanelRows + 16 * half;
+      __m256i sc;
+      if (s8 != nullptr) {
+        const __m128i g0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s8 + b * 8));
+        const __m128i g1 =
+            n > 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s8 + (nb + b) * 8))
+                  : _mm_setzero_si128();
+        sc = _mm256_maskz_mov_epi16(valid, _mm256_set_m128i(g1, g0));
+      } else {
+        sc = _mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid,
+                                                               offs, rows + b * kBB, 1));
+      }
+      _mm512_store_ps(dwp + b * kPanelRows + 16 * half, _mm512_cvtph_ps(sc));
+      const uint8_t* const blk = rows + b * kBB + 2;
       if constexpr (kT == kQ8) {
-        for (int g = 0; g < 8; ++g) {
-          const __m512i q = _mm512_mask_i32gather_epi32(zero, valid, offs, blk + 2 + 4 * g, 1);
+        // v[i]: row i's 8 dwords in the low 256 bits, row i + 8's in the high (zero past n).
+        __m512i v[8];
+        for (int i = 0; i < 8; ++i) {
+          const __m256i lo = i < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                         blk + i * w.row_bytes))
+                                   : _mm256_setzero_si256();
+          const __m256i hi = i + 8 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                             blk + (i + 8) * w.row_bytes))
+                                       : _mm256_setzero_si256();
+          v[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+        // An 8 x 8 dword transpose in each 256-bit half: t[g] = dword g of rows 0-7 | 8-15.
+        __m512i t[8], u[8];
+        for (int i = 0; i < 4; ++i) {
+          t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+          t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        for (int h = 0; h < 2; ++h) {  // rows 0-3 (of each half), rows 4-7
+          const __m512i* th = t + 4 * h;
+          u[4 * h + 0] = _mm512_unpacklo_epi64(th[0], th[2]);  // dwords 0 | 4
+          u[4 * h + 1] = _mm512_unpackhi_epi64(th[0], th[2]);  // 1 | 5
+          u[4 * h + 2] = _mm512_unpacklo_epi64(th[1], th[3]);  // 2 | 6
+          u[4 * h + 3] = _mm512_unpackhi_epi64(th[1], th[3]);  // 3 | 7
+        }
+        for (int g = 0; g < 4; ++g) {
+          const __m512i d0 = _mm512_permutex2var_epi64(u[g], lanes_lo, u[4 + g]);
+          const __m512i d1 = _mm512_permutex2var_epi64(u[g], lanes_hi, u[4 + g]);
           // q + 128 as unsigned bytes; padded rows stay 0.
-          _mm512_store_si512(out + g * kPanelRows, _mm512_maskz_xor_epi32(valid, q, bias));
+          _mm512_store_si512(out + g * kPanelRows, _mm512_maskz_xor_epi32(valid, d0, bias));
+          _mm512_store_si512(out + (g + 4) * kPanelRows, _mm512_maskz_xor_epi32(valid, d1, bias));
         }
       } else {
+        // v[i]: rows i, i + 4, i + 8, i + 12 in its 128-bit lanes (their 4 dwords of nibbles).
+        __m512i v[4];
+        for (int i = 0; i < 4; ++i) {
+          __m512i x = _mm512_setzero_si512();
+          for (int l = 0; l < 4; ++l) {
+            const int r = i + 4 * l;
+            if (r < n) {
+              x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                            blk + r * w.row_bytes)),
+                                     l);
+            }
+          }
+          v[i] = x;
+        }
+        // A 4 x 4 dword transpose in each lane: t[g] = dword g of rows 0-3 | 4-7 | 8-11 | 12-15.
+        const __m512i a0 = _mm512_unpacklo_epi32(v[0], v[1]);
+        const __m512i a1 = _mm512_unpackhi_epi32(v[0], v[1]);
+        const __m512i a2 = _mm512_unpacklo_epi32(v[2], v[3]);
+        const __m512i a3 = _mm512_unpackhi_epi32(v[2], v[3]);
+        const __m512i t[4] = {_mm512_unpacklo_epi64(a0, a2), _mm512_unpackhi_epi64(a0, a2),
+                              _mm512_unpacklo_epi64(a1, a3), _mm512_unpackhi_epi64(a1, a3)};
         for (int g = 0; g < 4; ++g) {
-          const __m512i qs = _mm512_mask_i32gather_epi32(zero, valid, offs, blk + 2 + 4 * g, 1);
           // Features 4g.. are the low nibbles, 16 + 4g.. the high ones: raw nibble = q + 8.
-          _mm512_store_si512(out + g * kPanelRows, _mm512_and_si512(qs, low4));
+          _mm512_store_si512(out + g * kPanelRows, _mm512_and_si512(t[g], low4));
           _mm512_store_si512(out + (g + 4) * kPanelRows,
-                             _mm512_and_si512(_mm512_srli_epi16(qs, 4), low4));
+                             _mm512_and_si512(_mm512_srli_epi16(t[g], 4), low4));
         }
       }
     }
