@@ -16,10 +16,11 @@
 //    sums give each row's block dot, then one FMA per block with one row per lane, as the
 //    packed panels do.
 //  * Quantized weights, m >= PackMinM() (prefill): a panel of 32 rows is repacked once per call
-//    (gathers) into the VNNI layout [block][group of 4 features][32 rows][4 bytes] with
-//    unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one VPDPBUSD with 4
-//    broadcast activation bytes advances 16 rows at once and no horizontal sums are needed; the
-//    offset is removed with the per-block activation sums precomputed at quantization.
+//    (loads and a dword transpose) into the VNNI layout [block][group of 4 features][32 rows]
+//    [4 bytes] with unsigned weights (q + 128 for q8_0, the raw nibble for q4_0), so one
+//    VPDPBUSD with 4 broadcast activation bytes advances 16 rows at once and no horizontal sums
+//    are needed; the offset is removed with the per-block activation sums precomputed at
+//    quantization.
 // Attention widens each 64-slot K tile (and, for several queries, V tile) to f32 once for all
 // query heads of a GQA group and a block of queries (BlockHeads), scores up to 4 heads
 // per pass over the tile with their q in registers (ScoreHeads), and prefetches the next
