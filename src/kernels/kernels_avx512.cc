@@ -48,9 +48,9 @@ constexpr int kQ8 = static_cast<int>(WType::kQ8_0);
 constexpr int kQ4 = static_cast<int>(WType::kQ4_0);
 
 // Quantized weights switch to the repacked kernel at this many tokens: below it the repack
-// (one gather pass over the panel) costs more than the reuse gains. Both give the same bits.
-// Measured on [896 -> 4864] (Sapphire Rapids): q8_0 m=2 dot 225 us vs packed 257 us, m=4 340
-// vs 275; q4_0 m=2 195 vs 163.
+// (one pass over the panel) costs more than the reuse gains. Both give the same bits.
+// Measured on [896 -> 4864] (Sapphire Rapids, when the panels were packed by gathers): q8_0
+// m=2 dot 225 us vs packed 257 us, m=4 340 vs 275; q4_0 m=2 195 vs 163.
 int64_t PackMinM(WType t) { return t == WType::kQ8_0 ? 3 : 2; }
 // K block of the float tiles: [T tokens][kKc] of x stays in L1 while R-row groups sweep a panel.
 constexpr int64_t kKc = 512;
