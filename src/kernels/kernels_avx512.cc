@@ -755,18 +755,15 @@ void PackQuantPanel(const WeightMatrix& w, int64_t p0, int64_t p1, uint32_t* wp,
         }
       } else {
         // v[i]: rows i, i + 4, i + 8, i + 12 in its 128-bit lanes (their 4 dwords of nibbles).
+        auto row = [&](int r) {
+          return r < n ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + r * w.row_bytes))
+                       : _mm_setzero_si128();
+        };
         __m512i v[4];
-        for (int i = 0; i < 4; ++i) {
-          __m512i x = _mm512_setzero_si512();
-          for (int l = 0; l < 4; ++l) {
-            const int r = i + 4 * l;
-            if (r < n) {
-              x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                                            blk + r * w.row_bytes)),
-                                     l);
-            }
-          }
-          v[i] = x;
+        for (int i = 0; i < 4; ++i) {  // the lane indices are immediates, whatever the unrolling
+          v[i] = _mm512_inserti32x4(_mm512_castsi128_si512(row(i)), row(i + 4), 1);
+          v[i] = _mm512_inserti32x4(v[i], row(i + 8), 2);
+          v[i] = _mm512_inserti32x4(v[i], row(i + 12), 3);
         }
         // A 4 x 4 dword transpose in each lane: t[g] = dword g of rows 0-3 | 4-7 | 8-11 | 12-15.
         const __m512i a0 = _mm512_unpacklo_epi32(v[0], v[1]);
