@@ -1126,7 +1126,9 @@ TEST_F(IsaTest, AttentionIsBatchInvariantBitForBit) {
   struct Shape {
     int n_head, n_kv_head, hd;
   };
-  const int64_t q_pos0 = 2030, n_q = 24;  // query 18 is the first past the split at 2,048
+  // Query 18 is the first past the split at 2,048. The whole chunk goes in blocks of 16
+  // queries; the chunks cut below in blocks of 3 to 15.
+  const int64_t q_pos0 = 2030, n_q = 48;
   ThreadPool one(1), three(3);
   for (const Shape& shape :
        {Shape{6, 2, 64}, Shape{14, 2, 64}, Shape{4, 1, 36}, Shape{8, 4, 32}}) {
