@@ -22,9 +22,9 @@ constexpr auto kIdleWait = std::chrono::milliseconds(2);
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-class Run {
+class BatchRun {
  public:
-  Run(sched::Scheduler& scheduler, std::vector<sched::SchedRequest> jobs,
+  BatchRun(sched::Scheduler& scheduler, std::vector<sched::SchedRequest> jobs,
       const BatchRunOptions& options, const std::function<void(size_t, JobResult)>& on_done)
       : scheduler_(scheduler),
         jobs_(std::move(jobs)),
@@ -308,7 +308,7 @@ class Run {
 BatchRunStats RunBatch(sched::Scheduler& scheduler, std::vector<sched::SchedRequest> jobs,
                        const BatchRunOptions& options,
                        const std::function<void(size_t, JobResult)>& on_done) {
-  return Run(scheduler, std::move(jobs), options, on_done).Go();
+  return BatchRun(scheduler, std::move(jobs), options, on_done).Go();
 }
 
 }  // namespace cachette::cli

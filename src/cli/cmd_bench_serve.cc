@@ -40,7 +40,7 @@ struct BenchServeArgs {
   CLI::Option* qps_flag = nullptr;  // to tell a given --qps from the default
 };
 
-struct Run {
+struct ServeRun {
   std::string label;
   std::string url;
   bc::RunResult result;
@@ -143,7 +143,7 @@ void PrintScheduling(const bc::Summary& s) {
   for (const auto& n : f.notes) std::printf("  note: %s\n", n.c_str());
 }
 
-void PrintRun(const Run& r) {
+void PrintRun(const ServeRun& r) {
   const bc::Summary& s = r.summary;
   std::printf("[%s] %s (model %s): %d requests, %d ok, %d errors, %d skipped, %.1f s\n",
               r.label.c_str(), r.url.c_str(), r.result.model.c_str(), s.requests, s.ok, s.errors,
@@ -196,7 +196,7 @@ double Ratio(double b, double a) {
                                                     : std::numeric_limits<double>::quiet_NaN();
 }
 
-void PrintComparison(const Run& a, const Run& b) {
+void PrintComparison(const ServeRun& a, const ServeRun& b) {
   std::printf("%-18s %14s %14s %10s\n", "figure", a.label.c_str(), b.label.c_str(),
               (b.label + "/" + a.label).c_str());
   for (const Figure& f : kFigures) {
@@ -209,7 +209,7 @@ void PrintComparison(const Run& a, const Run& b) {
   }
 }
 
-nlohmann::json RunJson(const Run& r) {
+nlohmann::json RunJson(const ServeRun& r) {
   return {{"label", r.label}, {"url", r.url}, {"model", r.result.model},
           {"run_nonce", r.result.run_nonce}, {"summary", bc::SummaryJson(r.summary)}};
 }
@@ -236,7 +236,7 @@ int BenchServe(BenchServeArgs a) {
   std::fprintf(stderr, "workload %s seed %llu: %d requests in %zu programs\n", a.w.kind.c_str(),
                static_cast<unsigned long long>(a.w.seed), workload->TurnCount(),
                workload->programs.size());
-  std::vector<Run> runs;
+  std::vector<ServeRun> runs;
   for (const auto& [label, url] : targets) {
     bc::RunOptions ro;
     ro.url = url;
@@ -257,7 +257,7 @@ int BenchServe(BenchServeArgs a) {
     std::fprintf(stderr, "[%s] running against %s\n", label.c_str(), url.c_str());
     auto result = bc::RunWorkload(*workload, ro);
     if (!result.ok()) return Fail(result.status().WithContext(url));
-    Run run{label, url, std::move(*result), {}};
+    ServeRun run{label, url, std::move(*result), {}};
     run.summary = bc::Summarize(run.result.records, run.result.server);
     if (out.is_open()) {
       for (const auto& rec : run.result.records) {
@@ -287,7 +287,7 @@ int BenchServe(BenchServeArgs a) {
   }
   if (a.json) {
     nlohmann::json j = {{"workload", OptionsJson(a.w)}, {"runs", nlohmann::json::array()}};
-    for (const Run& r : runs) j["runs"].push_back(RunJson(r));
+    for (const ServeRun& r : runs) j["runs"].push_back(RunJson(r));
     if (runs.size() == 2) {
       nlohmann::json ratio;
       for (const Figure& f : kFigures) {
@@ -298,11 +298,11 @@ int BenchServe(BenchServeArgs a) {
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("workload %s\n", OptionsJson(a.w).dump().c_str());
-    for (const Run& r : runs) PrintRun(r);
+    for (const ServeRun& r : runs) PrintRun(r);
     if (runs.size() == 2) PrintComparison(runs[0], runs[1]);
   }
   // Failed requests are figures, not a failed benchmark; a run where nothing succeeded is.
-  for (const Run& r : runs) {
+  for (const ServeRun& r : runs) {
     if (r.summary.requests > 0 && r.summary.ok == 0) return 1;
   }
   return 0;

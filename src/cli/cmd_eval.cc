@@ -96,7 +96,7 @@ Result<LoadedEngine> Load(const CommonArgs& a) {
 }
 
 // Progress on stderr, only for a person watching a terminal.
-std::function<void(int, int)> Progress(const CommonArgs& a, const char* what) {
+std::function<void(int, int)> ProgressPrinter(const CommonArgs& a, const char* what) {
   if (a.quiet || !isatty(2)) return nullptr;
   return [what](int done, int total) {
     std::fprintf(stderr, "\r%s %d/%d", what, done, total);
@@ -146,7 +146,7 @@ int EvalPolicyPpl(const PplArgs& a, const LoadedEngine& l, const std::string& te
   o.policies = pcs;
   o.step = a.c.step;
   o.bos = tok.add_bos() ? tok.bos() : -1;
-  o.progress = Progress(a.c, "windows");
+  o.progress = ProgressPrinter(a.c, "windows");
   Stopwatch sw;
   auto r = eval::EvalPolicyPerplexity(*l.engine, tokens, o);
   if (!r.ok()) return Fail(r.status());
@@ -213,7 +213,7 @@ int EvalPpl(const PplArgs& a) {
   o.codecs = a.c.codecs;
   o.chunk_tokens = a.c.chunk_tokens;
   o.bos = tok.add_bos() ? tok.bos() : -1;
-  o.progress = Progress(a.c, "windows");
+  o.progress = ProgressPrinter(a.c, "windows");
   Stopwatch sw;
   auto r = eval::EvalPerplexity(*l->engine, tokens, o);
   if (!r.ok()) return Fail(r.status());
@@ -277,7 +277,7 @@ int EvalPolicyRetrieval(const RetrievalArgs& a, const LoadedEngine& l,
                         const std::vector<KvPolicyConfig>& pcs) {
   eval::PolicyRetrievalOptions o;
   o.policies = pcs;
-  o.progress = Progress(a.c, "questions");
+  o.progress = ProgressPrinter(a.c, "questions");
   auto res = eval::EvalPolicyRetrieval(*l.engine, items, o);
   if (!res.ok()) return Fail(res.status());
   const eval::RetrievalResult& r = res->r;
@@ -459,7 +459,7 @@ int EvalRetrieval(const RetrievalArgs& a) {
   eval::RetrievalOptions o;
   o.codecs = a.c.codecs;
   o.chunk_tokens = a.c.chunk_tokens;
-  o.progress = Progress(a.c, "questions");
+  o.progress = ProgressPrinter(a.c, "questions");
   auto r = eval::EvalRetrieval(*l->engine, items, o);
   if (!r.ok()) return Fail(r.status());
   const auto by = r->ByKind();
@@ -574,7 +574,7 @@ int EvalRag(const RagArgs& a) {
   o.configs = configs;
   o.ape.temperature = a.ape_t;
   o.ape.scale = a.ape_s;
-  o.progress = Progress(a.c, "questions");
+  o.progress = ProgressPrinter(a.c, "questions");
   auto r = eval::EvalRag(*l->engine, items, o);
   if (!r.ok()) return Fail(r.status());
   const auto scores = r->Scores();
