@@ -267,7 +267,7 @@ void FloatTile(const uint8_t* w0, size_t row_bytes, const float* x, int64_t ldx,
           // Each step reads a new 64-byte line of each row: fetch the line two steps ahead.
           // One thread on Zen 5, m = 512, four rounds: f32 weights (read in place) 31.0-32.9
           // -> 29.9-30.8 ms, f16/bf16 (panels widened into L2) 1-2% faster; four or sixteen
-          // lines ahead were slower than none.
+          // lines ahead read slower than none in one round each.
           #pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
             _mm_prefetch(reinterpret_cast<const char*>(w0 + r * row_bytes + 4 * k + 128),
