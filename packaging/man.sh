@@ -59,8 +59,8 @@ ignored with a warning.
 .TP
 .B CACHETTE_Q8_DECODE
 rows or step: the order in which the AVX2 level's Q8_0 decode tile reads its 8 rows (one after
-another, or block by block in step; the same bits). The default is rows on AMD processors
-before Zen 5 and step elsewhere. Another value is ignored with a warning.
+another, or block by block in step; the same bits). The default is step, the faster on every
+processor measured. Another value is ignored with a warning.
 .SH EXIT STATUS
 0 on success; 1 when a command fails (the reason is printed as "error: ..."); other non-zero
 values for command-line errors (an unknown flag, a missing \-\-config file).

@@ -25,9 +25,9 @@ llama.cpp is built beside the project, never inside it (docs/benchmarks.md "Mode
 
 With --q8-orders rows,step, each round also decodes the Q8_0 model with each order of the AVX2
 level's Q8_0 decode tile (CACHETTE_Q8_DECODE: the 8 rows one after another, or block by block in
-step), right after the default run, and prints which was faster: the default is rows on AMD
-before Zen 5 and step elsewhere (src/kernels/kernels.cc, DefaultQ8DecodeOrder), measured on Zen 3
-and Zen 5 only. The orders give the same bits; at the AVX-512 level they change nothing.
+step), right after the default run, and prints which was faster: the default is step
+(src/kernels/kernels.cc, DefaultQ8DecodeOrder), faster on Zen 3 and Zen 5, the processors
+measured. The orders give the same bits; at the AVX-512 level they change nothing.
 
 Usage: scripts/vs_llamacpp.py --llama-bin /tmp/llama/build/bin [--isa avx2] [--rounds 3]
        [--threads 2] [--types q8_0,q4_0,f16] [--models-dir /tmp] [--depth 16384]

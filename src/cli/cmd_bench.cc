@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <numeric>
 #include <utility>
 #include <vector>
 #include <nlohmann/json.hpp>
@@ -56,6 +57,32 @@ struct BenchArgs {
 };
 
 int BenchEngineAtDepth(const BenchArgs& a);
+
+// Floating-point operations of a prefill of n tokens from an empty context: every layer's
+// matmuls for each token (2 per weight), the attention's scores and weighted values over the
+// causal prefix (2 x 2 x n_head x head_dim per query and key), and the output matrix for the
+// last token only (the engine computes no other logits).
+double PrefillFlops(const Model& model, int64_t n) {
+  const ModelConfig& c = model.config();
+  double per_token = 0;
+  for (const LayerWeights& l : model.layers()) {
+    for (const kernels::WeightMatrix* w :
+         {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+      per_token += 2.0 * static_cast<double>(w->rows) * static_cast<double>(w->cols);
+    }
+  }
+  const double pairs = 0.5 * static_cast<double>(n) * static_cast<double>(n + 1);
+  const double attention = 4.0 * c.n_head * c.head_dim * pairs * c.n_layer;
+  return per_token * static_cast<double>(n) + attention + 2.0 * c.n_vocab * c.d_model;
+}
+
+// The FMA peak of all of the pool's threads at once (kernels::FmaPeakFlops on each, summed):
+// the ceiling of a compute-bound prefill with these threads.
+double PoolFmaPeakFlops(ThreadPool& pool, double seconds) {
+  std::vector<double> per_thread(pool.size());
+  pool.RunOnAll([&](int i, int) { per_thread[i] = kernels::FmaPeakFlops(seconds); });
+  return std::accumulate(per_thread.begin(), per_thread.end(), 0.0);
+}
 
 int BenchEngine(const BenchArgs& a) {
   if (a.ctx_depth > 0) return BenchEngineAtDepth(a);
@@ -130,6 +157,11 @@ int BenchEngine(const BenchArgs& a) {
   const ReadBandwidth mem = MeasureMemoryReadBandwidth(probe, std::clamp(rep_seconds, 0.25, 2.0));
   const double mem_gbs = mem.best / 1e9, mem_median_gbs = mem.median / 1e9;
   const std::string isa(kernels::IsaName(kernels::ActiveIsa()));
+  // Prefill is compute-bound: its rate against the threads' FMA peak, as decode's against the
+  // read bandwidth.
+  const double p_gflops = p_tps * PrefillFlops(model, a.n_prompt) / a.n_prompt / 1e9;
+  const double fma_gflops = a.n_prompt > 0 ? PoolFmaPeakFlops(engine.pool(), 0.25) / 1e9 : 0;
+  const double p_share = fma_gflops > 0 ? p_gflops / fma_gflops : 0;
   if (a.json) {
     nlohmann::json j = {{"model", path},
                         {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
@@ -141,6 +173,9 @@ int BenchEngine(const BenchArgs& a) {
                         {"n_gen", a.n_gen},
                         {"reps", a.reps},
                         {"prefill_tok_s", p_tps},
+                        {"prefill_gflop_s", p_gflops},
+                        {"fma_peak_gflop_s", fma_gflops},
+                        {"prefill_share_of_fma_peak", p_share},
                         {"decode_tok_s", d_tps},
                         {"decode_gb_s", d_gbs},
                         {"mem_read_gb_s", mem_gbs},
@@ -155,7 +190,9 @@ int BenchEngine(const BenchArgs& a) {
                 path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
                 a.kv_type.c_str(), engine.pool().size(), CpuModelName().c_str(), isa.c_str(),
                 a.reps);
-    std::printf("prefill %5d tokens: %8.1f tok/s\n", a.n_prompt, p_tps);
+    std::printf("prefill %5d tokens: %8.1f tok/s  %.1f GFLOP/s = %.0f%% of the measured FMA peak "
+                "of %d threads %.1f GFLOP/s\n",
+                a.n_prompt, p_tps, p_gflops, 100.0 * p_share, engine.pool().size(), fma_gflops);
     if (mem_gbs > 0) {
       std::printf("decode  %5d tokens: %8.1f tok/s  weights %.2f GB/s = %.0f%% of measured "
                   "memory read bandwidth %.2f GB/s\n",

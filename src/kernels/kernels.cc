@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -148,7 +149,9 @@ internal::Q8Order DefaultQ8DecodeOrder() {
     if (s == "step") return Q8Order::kStep;
     CT_LOG(kWarning) << "CACHETTE_Q8_DECODE=" << s << " is not one of rows, step: ignored";
   }
-  return Cpu().amd && Cpu().family < 0x1a ? Q8Order::kRows : Q8Order::kStep;
+  // In step on every processor measured: on Zen 5 50-60% faster than rows, on Zen 3 (since
+  // the in-step tile prefetches each line once) 5-13% (docs/benchmarks.md, 2026-12-06).
+  return Q8Order::kStep;
 }
 
 std::atomic<internal::Q8Order> g_q8_order{DefaultQ8DecodeOrder()};
@@ -188,6 +191,27 @@ Isa BestIsa() {
 }
 
 Isa ActiveIsa() { return g_active.load(std::memory_order_relaxed); }
+
+double FmaPeakFlops(double seconds) {
+  const internal::Ops& ops = ActiveOps();
+  using Clock = std::chrono::steady_clock;
+  // About 0.1 ms a call on a core doing two vector FMAs a cycle.
+  constexpr int64_t kSteps = int64_t{1} << 16;
+  float sink = 0;
+  const auto run_for = [&](double s) {
+    int64_t flops = 0;
+    const Clock::time_point t0 = Clock::now();
+    double elapsed = 0;
+    do {
+      flops += ops.fma_chains(kSteps, &sink);
+      elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    } while (elapsed < s);
+    return flops / elapsed;
+  };
+  // Untimed: wide vector units and clocks that wake up on first use.
+  run_for(std::min(0.05, seconds / 4));
+  return run_for(seconds);
+}
 
 void SetIsa(Isa isa) {
   isa = std::min(isa, BestIsa());

@@ -42,6 +42,13 @@ Isa ActiveIsa();
 // against concurrent kernel calls.
 void SetIsa(Isa isa);
 
+// The compute ceiling of the active level on the calling thread, in floating-point operations
+// per second: 12 independent chains of multiply-adds on the level's widest float vectors
+// (FMA at the vector levels), timed over about `seconds` after a short untimed warm-up. No
+// matmul at this level computes faster on this core. Run on every thread of a pool at once it
+// gives the machine's ceiling for that many threads (two vCPUs on one physical core share it).
+double FmaPeakFlops(double seconds);
+
 // ---- Weight matrices -------------------------------------------------------------------
 
 // Weight element types, with ggml's block layouts:
@@ -73,9 +80,9 @@ struct WeightMatrix {
   const uint16_t* scales8 = nullptr;
   // Optional hint: the weights a decode step streams fit in the last-level cache
   // (FitsInLastLevelCache), so the kernels find them there rather than in memory. The AVX2 q8_0
-  // decode kernel then reads 8 rows block by block in step (fewest instructions per byte);
-  // otherwise so too, except on AMD processors before Zen 5, where it reads row by row in
-  // address order (faster from memory there; kernels_internal.h). Same bits either way.
+  // decode kernel then reads 8 rows block by block in step (fewest instructions per byte),
+  // whatever CACHETTE_Q8_DECODE asks for weights streamed from memory (kernels_internal.h).
+  // Same bits either way.
   bool cache_resident = false;
 };
 

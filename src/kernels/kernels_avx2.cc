@@ -1394,6 +1394,22 @@ void F16ToF32(const void* x, float* y, int64_t n) {
   }
 }
 
+// Ops::fma_chains: 12 chains, enough to cover the FMA latency (4-5 cycles) times the two FMA
+// ports of the cores this level runs on.
+int64_t FmaChains(int64_t steps, float* sink) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (int64_t s = 0; s < steps; ++s) {
+    #pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  }
+  __m256 sum = acc[0];
+  for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  *sink = Reduce8(sum);
+  return steps * 12 * 8 * 2;
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kAvx2;
@@ -1410,6 +1426,7 @@ Ops MakeOps() {
   o.attend_block = AttendBlock;
   o.f32_to_f16 = F32ToF16;
   o.f16_to_f32 = F16ToF32;
+  o.fma_chains = FmaChains;
   return o;
 }
 

@@ -109,6 +109,11 @@ struct Ops {
   // NaN half keeps its payload and its quiet bit as it is).
   void (*f32_to_f16)(const float* x, void* y, int64_t n);
   void (*f16_to_f32)(const void* x, float* y, int64_t n);
+  // The level's float arithmetic at its peak: `steps` rounds of 12 independent multiply-add
+  // chains on the level's widest float vectors (FMA at the vector levels; the scalar level's
+  // a * b + c as the compiler emits it), the chains' sum into *sink so none is dropped.
+  // Returns the floating-point operations done (2 per lane per multiply-add).
+  int64_t (*fma_chains)(int64_t steps, float* sink);
 };
 
 // The NaN lanes of n values a vector level converted with F16C, rewritten as the core
@@ -230,9 +235,11 @@ void* ThreadScratch(int slot, size_t bytes);
 // WeightMatrix::cache_resident, which always takes kStep, the fewest instructions per byte):
 //   kRows  rows one after another in address order, in two passes (Q8GemvTile)
 //   kStep  8 rows block by block in step (QuantGemvTile)
-// The same bits either way. Which streams faster depends on the processor:
-// CACHETTE_Q8_DECODE=rows|step, else kRows on AMD before Zen 5 (measured faster on Zen 3),
-// kStep elsewhere (measured 50-60% faster on Zen 5; unmeasured on Intel's AVX2-only parts).
+// The same bits either way. CACHETTE_Q8_DECODE=rows|step, else kStep: faster on both
+// processors measured (Zen 5: 50-60%; Zen 3: 5-13% since 2026-12-06, when the in-step tile
+// had learned to prefetch each line once; rows had been 1-15% faster there before). kRows
+// stays for processors not yet measured (Intel's AVX2-only parts): vs_llamacpp.py
+// --q8-orders rows,step.
 // The setter is for tests and benchmarks (not thread-safe against kernel calls).
 enum class Q8Order : int { kRows, kStep };
 Q8Order Q8DecodeOrder();

@@ -279,6 +279,20 @@ void F16ToF32(const void* x, float* y, int64_t n) {
   }
 }
 
+// Ops::fma_chains: 12 chains of a * b + c on floats, as the baseline compiler emits them.
+int64_t FmaChains(int64_t steps, float* sink) {
+  float acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = static_cast<float>(i);
+  const float a = 0.999999f, b = 1e-7f;
+  for (int64_t s = 0; s < steps; ++s) {
+    for (float& v : acc) v = v * a + b;
+  }
+  float sum = 0;
+  for (float v : acc) sum += v;
+  *sink = sum;
+  return steps * 12 * 2;
+}
+
 Ops MakeOps() {
   Ops o{};
   o.isa = Isa::kScalar;
@@ -295,6 +309,7 @@ Ops MakeOps() {
   o.attend_block = AttendBlock;
   o.f32_to_f16 = F32ToF16;
   o.f16_to_f32 = F16ToF32;
+  o.fma_chains = FmaChains;
   return o;
 }
 

@@ -50,6 +50,38 @@ class IsaTest : public ::testing::Test {
   }
 };
 
+// Ops::fma_chains computes its 12 chains (the sink is their lanes' sum, so none was dropped)
+// and counts 2 flops per lane and multiply-add; FmaPeakFlops gives a finite positive rate at
+// every level.
+TEST_F(IsaTest, FmaChainsComputeTheirChainsAndCountTheirFlops) {
+  std::vector<const internal::Ops*> ops = {&internal::ScalarOps()};
+  if (BestIsa() >= Isa::kAvx2) ops.push_back(&internal::Avx2Ops());
+  if (BestIsa() >= Isa::kAvx512) ops.push_back(&internal::Avx512Ops());
+  for (const internal::Ops* o : ops) {
+    const int lanes = o->isa == Isa::kScalar ? 1 : o->isa == Isa::kAvx2 ? 8 : 16;
+    for (int64_t steps : {0, 1, 7, 1000}) {
+      SCOPED_TRACE(std::string(IsaName(o->isa)) + " steps " + std::to_string(steps));
+      float sink = -1;
+      EXPECT_EQ(o->fma_chains(steps, &sink), steps * 12 * lanes * 2);
+      double want = 0;
+      for (int i = 0; i < 12; ++i) {
+        float v = static_cast<float>(i);
+        for (int64_t k = 0; k < steps; ++k) {
+          v = o->isa == Isa::kScalar ? v * 0.999999f + 1e-7f : std::fma(v, 0.999999f, 1e-7f);
+        }
+        want += lanes * static_cast<double>(v);
+      }
+      EXPECT_NEAR(sink, want, 1e-6 * want);
+    }
+  }
+  for (Isa isa : Levels()) {
+    SetIsa(isa);
+    const double flops = FmaPeakFlops(0.01);
+    EXPECT_TRUE(std::isfinite(flops)) << IsaName(isa);
+    EXPECT_GT(flops, 1e6) << IsaName(isa);
+  }
+}
+
 void PutU16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 uint16_t GetU16(const uint8_t* p) {
   uint16_t v;

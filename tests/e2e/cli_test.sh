@@ -54,6 +54,9 @@ check "bench engine" 0 '"decode_tok_s"' -- "$bin" bench engine -m "$tmp/tiny.ggu
 # Each decode repetition is paired with a probe pass right after it.
 check "bench engine paired" 0 'paired: each repetition against a probe pass right after it' -- \
   "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 --reps 2
+# Prefill against the FMA peak of the threads, measured in the same run.
+check "bench engine fma peak" 0 'of the measured FMA peak of 2 threads' -- \
+  "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 --reps 1 --threads 2
 # bench cache with adaptive disk levels over a prompt of three chunks: the levels are in the
 # JSON, RAM and disk both restore the whole prompt, and each chunk's record on disk has its two
 # level files beside it (every store the bench opens over the directory keeps them).
