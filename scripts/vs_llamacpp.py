@@ -11,11 +11,14 @@ one more pass measures decode after N tokens of context: `bench engine --ctx-dep
 cores).
 
 Prints one Markdown table: the median over rounds of each figure, the median of the per-round
-ratios with their range, and the decode's share of the memory read bandwidth that bench engine
-measured in the same run: paired (the median over its repetitions of each one's weight-read rate
-against a probe pass right after it, the figure the target is judged on) and against the best of
-the probe's five passes after all repetitions (stricter: a quiet moment's bandwidth against the
-median repetition); then each of issue 10's targets as met or not met. Ratios of
+ratios with their range, cachette's prefill against the FMA peak of its threads measured in
+the same run (bench engine's prefill_share_of_fma_peak; float weights only, as Q8_0 and Q4_0
+multiply in 8-bit integers, which that peak does not bound), and the decode's share of the memory
+read bandwidth that bench engine measured in the same run: paired (the median over its
+repetitions of each one's weight-read rate against a probe pass right after it, the figure the
+target is judged on) and against the best of the probe's five passes after all repetitions
+(stricter: a quiet moment's bandwidth against the median repetition); then each of issue 10's
+targets as met or not met. Ratios of
 figures taken minutes apart on a shared VM swing by 10-20%; read the medians of 3 or more
 rounds.
 
@@ -143,7 +146,10 @@ class Bench:
         dec, paired = self.decode(m)
         bw = dec["mem_read_gb_s"]
         best = dec["decode_gb_s"] / bw if bw > 0 else float("nan")
-        return pre["prefill_tok_s"], dec["decode_tok_s"], (paired, best), dec
+        # The float FMA peak is no ceiling of the quantized types' 8-bit integer products.
+        fma = (pre.get("prefill_share_of_fma_peak", float("nan"))
+               if pre.get("fma_peak_is_prefill_ceiling") else float("nan"))
+        return pre["prefill_tok_s"], fma, dec["decode_tok_s"], (paired, best), dec
 
     def depth(self, m):
         d = self.a.depth
@@ -160,6 +166,12 @@ class Bench:
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def share_cell(xs):
+    """cell() of percentages, or "-" where there are none (NaN: not measured or not a ceiling)."""
+    xs = [x for x in xs if x == x]
+    return cell(xs, "%.0f%%") if xs else "-"
 
 
 def cell(xs, fmt):
@@ -202,9 +214,10 @@ def main():
     for r in range(a.rounds):
         for t in types:
             lpp, ltg = b.llama(models[t])
-            cpp, ctg, share, dec = b.cachette(models[t])
+            cpp, cfma, ctg, share, dec = b.cachette(models[t])
             info = {"cpu": dec.get("cpu", "?"), "isa": dec.get("isa", "?")}
-            res[t].append({"llama_pp": lpp, "llama_tg": ltg, "pp": cpp, "tg": ctg,
+            res[t].append({"llama_pp": lpp, "llama_tg": ltg, "pp": cpp, "pp_fma": cfma,
+                           "tg": ctg,
                            "share": share[0], "share_best": share[1],
                            "bw_gb_s": dec["mem_read_gb_s"],
                            "bw_paired_gb_s": dec.get("mem_read_paired_gb_s", [])})
@@ -229,9 +242,10 @@ def main():
              time.strftime("%Y-%m-%d"), a.rounds))
     print()
     print("| weights | prefill %d tok/s: cachette / llama.cpp | ratio (range) "
+          "| cachette's prefill share of the FMA peak (range) "
           "| decode tok/s: cachette / llama.cpp | ratio (range) | decode share of read "
           "bandwidth, paired (range) | against the best pass (range) |" % PROMPT)
-    print("|---|---|---:|---|---:|---:|---:|")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
     verdicts = []
     for t in types:
         xs = res[t]
@@ -239,9 +253,10 @@ def main():
         rt = [x["tg"] / x["llama_tg"] for x in xs]
         sh = [100 * x["share"] for x in xs]
         sb = [100 * x["share_best"] for x in xs]
-        print("| %s | %.1f / %.1f | %s | %.1f / %.1f | %s | %s | %s |"
+        print("| %s | %.1f / %.1f | %s | %s | %.1f / %.1f | %s | %s | %s |"
               % (t.upper(), med([x["pp"] for x in xs]), med([x["llama_pp"] for x in xs]),
-                 cell(rp, "%.2fx"), med([x["tg"] for x in xs]),
+                 cell(rp, "%.2fx"), share_cell([100 * x["pp_fma"] for x in xs]),
+                 med([x["tg"] for x in xs]),
                  med([x["llama_tg"] for x in xs]), cell(rt, "%.2fx"), cell(sh, "%.0f%%"),
                  cell(sb, "%.0f%%")))
         verdicts.append(("%s prefill >= %.1fx llama.cpp" % (t, SPEED_TARGET), med(rp),
@@ -278,9 +293,8 @@ def main():
                   "change nothing (add --isa avx2)." % info.get("isa"))
         elif len(orders) > 1:
             best = max(orders, key=lambda o: med([x[0] for x in by_order[o]]))
-            print("Faster Q8_0 decode order here: %s (the default run uses one of them; "
-                  "DefaultQ8DecodeOrder in src/kernels/kernels.cc picks it per processor)."
-                  % best)
+            print("Faster Q8_0 decode order here: %s (the default run uses step; "
+                  "DefaultQ8DecodeOrder in src/kernels/kernels.cc)." % best)
     print()
     for what, value, ok in verdicts:
         print("- %s: %.2f, %s" % (what, value, "met" if ok else "NOT met"))

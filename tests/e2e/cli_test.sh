@@ -54,8 +54,12 @@ check "bench engine" 0 '"decode_tok_s"' -- "$bin" bench engine -m "$tmp/tiny.ggu
 # Each decode repetition is paired with a probe pass right after it.
 check "bench engine paired" 0 'paired: each repetition against a probe pass right after it' -- \
   "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 --reps 2
-# Prefill against the FMA peak of the threads, measured in the same run.
+# Prefill against the FMA peak of the threads, measured in the same run: the ceiling of f16
+# weights, not of q8_0's integer products.
+check "synth tiny f16" 0 'wrote' -- "$bin" model synth --shape tiny --type f16 -o "$tmp/tiny16.gguf"
 check "bench engine fma peak" 0 'of the measured FMA peak of 2 threads' -- \
+  "$bin" bench engine -m "$tmp/tiny16.gguf" -p 16 -n 4 --reps 1 --threads 2
+check "bench engine int8 prefill" 0 'is not their ceiling' -- \
   "$bin" bench engine -m "$tmp/tiny.gguf" -p 16 -n 4 --reps 1 --threads 2
 # bench cache with adaptive disk levels over a prompt of three chunks: the levels are in the
 # JSON, RAM and disk both restore the whole prompt, and each chunk's record on disk has its two
