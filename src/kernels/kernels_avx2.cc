@@ -181,11 +181,12 @@ __m256 LoadW8(const uint8_t* row, int64_t k) {
   return Widen8<kT>(LoadRawW8<kT>(row, k));
 }
 
-// Decode streams each weight once: fetch the next tile's rows at the same offset (the next
-// stretch of memory), as rows are too short for the hardware prefetchers. One prefetch per
-// 64-byte line, spread evenly over the steps: a full tile of 16-bit weights fetches row
-// (k / 8) mod 4 each step, of f32 two rows. A burst of R every few steps was slower (the AVX-512
-// tile measured it on a Zen 5, kernels_avx512.cc).
+// Decode streams each weight once: fetch the next tile's rows (the next stretch of memory), as
+// rows are too short for the hardware prefetchers. One prefetch per 64-byte line, spread evenly
+// over the steps: a full tile of 16-bit weights fetches the next tile's bytes in address order,
+// one line a step; of f32, two rows at the current offset; a partial tile, each of its rows at
+// the current offset once per line. A burst of R every few steps was slower (the AVX-512 tile
+// measured it on a Zen 5, kernels_avx512.cc).
 template <int kT, int R>
 void PrefetchNextTile8(const uint8_t* w0, size_t row_bytes, int64_t k) {
   const int64_t off = k * (kT == kF32 ? 4 : 2);
