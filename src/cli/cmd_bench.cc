@@ -161,9 +161,7 @@ int BenchEngine(const BenchArgs& a) {
   // read bandwidth. That peak is the ceiling of the float weight types' kernels only: Q8_0 and
   // Q4_0 multiply in 8-bit integers (VPMADDUBSW: 4 times the multiply-adds of a float FMA a
   // vector), so their share can pass 100% and is printed as no ceiling's.
-  const bool float_weights = c.weight_type == kernels::WType::kF32 ||
-                             c.weight_type == kernels::WType::kF16 ||
-                             c.weight_type == kernels::WType::kBF16;
+  const bool float_weights = kernels::WTypeBlockElems(c.weight_type) == 1;  // f32, f16, bf16
   const double p_gflops = p_tps * PrefillFlops(model, a.n_prompt) / a.n_prompt / 1e9;
   const double fma_gflops = PoolFmaPeakFlops(engine.pool(), 0.25) / 1e9;
   const double p_share = fma_gflops > 0 ? p_gflops / fma_gflops : 0;

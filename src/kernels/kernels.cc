@@ -38,12 +38,7 @@ uint64_t ReadXcr0() {
 CpuFeatures DetectCpu() {
   CpuFeatures f;
   unsigned a = 0, b = 0, c = 0, d = 0;
-  if (__get_cpuid(0, &a, &b, &c, &d)) {
-    f.amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "Auth" "enti" "cAMD"
-  }
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  f.family = static_cast<int>((a >> 8) & 0xf);
-  if (f.family == 0xf) f.family += static_cast<int>((a >> 20) & 0xff);
   const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
   if (!osxsave || !avx) return f;
   const uint64_t xcr0 = ReadXcr0();

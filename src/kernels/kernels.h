@@ -29,8 +29,6 @@ struct CpuFeatures {
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avx512fp16 = false, avxvnni = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;  // and OS permission granted
-  bool amd = false;  // vendor "AuthenticAMD"
-  int family = 0;    // display family (base + extended): 0x19 Zen 3/4, 0x1a Zen 5; 6 Intel
 };
 const CpuFeatures& Cpu();
 
