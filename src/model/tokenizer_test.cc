@@ -780,13 +780,18 @@ double FastestEncodeSeconds(const Tokenizer& tok, const std::string& text, bool 
 // input; quadratic work takes ~16x. The bound of 10x leaves room for a noisy machine; each size
 // is the fastest of two runs, and the small input is timed alone first so a quadratic
 // regression fails quickly instead of running for minutes. The inputs are large enough
-// (256 KiB) that both sizes miss the caches alike. Skipped under sanitizers, whose overhead
-// is not proportional to the work.
+// (256 KiB) that both sizes miss the caches alike. Noise only ever adds time, so a ratio over
+// the bound is measured again (up to kAttempts times, keeping each size's fastest): under
+// ctest -j2 one 1 MiB run once took 13x its 256 KiB run (SPM, shape 2, CI at 4950664) on a
+// tokenizer that measures linear alone (106-125 ns a byte from 64 KiB to 4 MiB). Quadratic
+// work stays at 16x however often it is timed. Skipped under sanitizers, whose overhead is not
+// proportional to the work.
 TEST(TokenizerTest, PathologicalInputIsNotQuadratic) {
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   GTEST_SKIP() << "ratios are meaningless under sanitizers";
 #endif
   const size_t kSmall = 256 << 10;
+  constexpr int kAttempts = 4;
   // One vocabulary per algorithm: the bundled model's BPE (qwen2 pre-tokenizer) and SPM.
   for (const std::string& path : {kTinyVocab, kSpmVocab}) {
     const Tokenizer& tok = Load(path);
@@ -795,18 +800,25 @@ TEST(TokenizerTest, PathologicalInputIsNotQuadratic) {
       // parse_special changes the work only for the special-token shapes.
       for (bool parse_special : {false, true}) {
         if (parse_special && !IsSpecialShape(shape)) continue;
-        const double small =
-            FastestEncodeSeconds(tok, Pathological(shape, kSmall, special), parse_special);
+        const std::string small_text = Pathological(shape, kSmall, special);
+        const std::string large_text = Pathological(shape, 4 * kSmall, special);
+        double small = FastestEncodeSeconds(tok, small_text, parse_special);
         ASSERT_LT(small, 5.0) << path << " shape " << shape;
-        const double large =
-            FastestEncodeSeconds(tok, Pathological(shape, 4 * kSmall, special), parse_special);
+        double large = 1e9;
         // The floor: for the cheap shapes (~20 ns a byte) the 256 KiB working set fits the
         // caches and the 1 MiB one does not, which alone gives ~12x. Any quadratic term at
         // 256 KiB (3.4e10 pair steps; even a memmove of the rest per token moves 34 GB) costs
         // seconds, so a 20 ms floor keeps the test able to fail.
+        for (int attempt = 0; attempt < kAttempts; ++attempt) {
+          if (attempt > 0) small = std::min(small, FastestEncodeSeconds(tok, small_text,
+                                                                        parse_special));
+          large = std::min(large, FastestEncodeSeconds(tok, large_text, parse_special));
+          if (large < 10 * std::max(small, 20e-3)) break;
+        }
         EXPECT_LT(large, 10 * std::max(small, 20e-3))
             << path << " shape " << shape << " parse_special " << parse_special << ": "
-            << small * 1e3 << " ms for 256 KiB, " << large * 1e3 << " ms for 1 MiB";
+            << small * 1e3 << " ms for 256 KiB, " << large * 1e3 << " ms for 1 MiB, fastest of "
+            << kAttempts << " attempts";
       }
     }
   }
