@@ -422,10 +422,12 @@ constexpr int kQPackT = 6;      // packed tiles: 8 rows x up to 6 tokens
 constexpr int64_t kPanelRows = 8;
 
 // Prefetches the lines in which the kStep bytes at p end: called once per step of kStep bytes
-// (64 < kStep <= 128), every line of a stream exactly once. One prefetch per 34-byte q8_0 block
-// touched each line twice; once per line, the in-step q8_0 decode tile streamed the 24 layers
-// of qwen2.5-0.5b's matmuls at 91% of a two-thread read of the same bytes, against 81%
-// (medians of 12 paired rounds on Zen 5, AVX2 forced; docs/benchmarks.md).
+// (64 < kStep <= 128), every line of a stream exactly once: the rows-order q8_0 tile
+// (Q8GemvDots). One prefetch per 34-byte q8_0 block touched each line twice; once per line,
+// the in-step tile, then prefetching each row's next-tile line this way, streamed the 24
+// layers of qwen2.5-0.5b's matmuls at 91% of a two-thread read of the same bytes, against 81%
+// (medians of 12 paired rounds on Zen 5, AVX2 forced; docs/benchmarks.md). It now fetches the
+// next tile in address order instead (PrefetchLinesIn), measured on Zen 3 only.
 template <int64_t kStep>
 void PrefetchStep(const uint8_t* p) {
   static_assert(kStep > 64 && kStep <= 128, "one or two new lines a step");
@@ -433,6 +435,16 @@ void PrefetchStep(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(end), _MM_HINT_T0);
   if ((reinterpret_cast<uintptr_t>(end) & 63) + 64 < kStep) {
     _mm_prefetch(reinterpret_cast<const char*>(end - 64), _MM_HINT_T0);
+  }
+}
+
+// Prefetches each line that starts in [p, p + kBytes): called for consecutive stretches of
+// kBytes, it fetches every line of the whole span once, in address order.
+template <int64_t kBytes>
+void PrefetchLinesIn(const uint8_t* p) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + kBytes;
+  for (uintptr_t a = (reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63}; a < end; a += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
   }
 }
 
@@ -529,7 +541,7 @@ void StoreRows(float* y, __m256 v, int64_t n) {
 // Decode tiles (m < kPackMinM): 8 rows x T tokens, reading the weights in place, the 8 rows
 // block by block in step. Rows past n_rows repeat the last row and are not stored. s8 is the
 // tile's WeightMatrix::scales8 group, or null (scales read from the rows). q4_0 always, q8_0
-// where the weights are cache-resident (Q8GemvTile).
+// unless Q8DecodeOrder() asks for rows and the weights are streamed from memory (Q8GemvTile).
 template <int kT, int T>
 void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const uint16_t* s8,
                    const ActQ8& act, int64_t t0, float* y, int64_t ldy) {
@@ -551,22 +563,15 @@ void QuantGemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const ui
     for (int t = 0; t < T; ++t) {
       const __m256i xq = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(act.q + (t0 + t) * act.cols + b * 32));
-      // Rows are too short for the hardware prefetchers to ramp up on: fetch the same offset
-      // of the next tile's rows, the next stretch of memory in address order. q8_0: each line
-      // once, per 2 blocks (PrefetchStep); q4_0: a prefetch per block (18 bytes), as each line
-      // once measured within the noise of it.
-      if (t == 0) {
-        if constexpr (kT == kQ8) {
-          if (b % 2 == 0) {
-            for (int r = 0; r < R; ++r) PrefetchStep<2 * kBB>(rows[r] + b * kBB + R * row_bytes);
-          }
-        } else {
-          for (int r = 0; r < R; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b * kBB + R * row_bytes),
-                         _MM_HINT_T0);
-          }
-        }
-      }
+      // Rows are too short for the hardware prefetchers to ramp up on: fetch the next tile
+      // (the next stretch of memory), its bytes in address order spread evenly over the
+      // blocks, each line once. On a Zen 3 the 24 layers' decode matmuls of qwen2.5-0.5b
+      // (kernels_bench Model/*/m1, 2 threads, medians of 5 interleaved rounds) ran 1.20x
+      // faster for q8_0 and 1.29x for q4_0 than with each row's next-tile line at the same
+      // offset (8 streams); a stand-alone loop of this tile read 1 GiB at 26-31 GB/s against
+      // 20-22 that way and 30-37 for a plain sum. Prefetching the scales8 stream as well
+      // measured the same.
+      if (t == 0) PrefetchLinesIn<R * kBB>(w0 + R * row_bytes + b * (R * kBB));
       __m256i dot;
       if constexpr (kT == kQ8) {
         __m256i p[R];
@@ -656,6 +661,7 @@ template <int T, bool kFull>
 // to end), hence Q8DecodeOrder(). From the cache the extra loads cost more than the order
 // gains (a 14 MB model decodes 35% slower this way), hence the hint. q4_0 keeps the one-pass
 // tile: its single-row unpacking costs more than the order gains (15% slower from memory).
+// The default nowhere since 842f830 (DefaultQ8DecodeOrder); CACHETTE_Q8_DECODE=rows asks for it.
 // Rows past n_rows are not read and their lanes not stored.
 template <int T>
 void Q8GemvTile(const uint8_t* w0, size_t row_bytes, int64_t n_rows, const uint16_t* s8,
