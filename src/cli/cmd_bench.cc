@@ -168,6 +168,7 @@ int BenchEngine(const BenchArgs& a) {
   if (a.json) {
     nlohmann::json j = {{"model", path},
                         {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
+                        {"weights_on", std::string(ResidenceName(model.file().residence()))},
                         {"kv_type", a.kv_type},
                         {"threads", engine.pool().size()},
                         {"cpu", CpuModelName()},
@@ -190,10 +191,10 @@ int BenchEngine(const BenchArgs& a) {
                         {"weight_bytes_per_token", model.weight_bytes_per_token()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("model %s (%s weights, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
+    std::printf("model %s (%s weights on %s, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
                 path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
-                a.kv_type.c_str(), engine.pool().size(), CpuModelName().c_str(), isa.c_str(),
-                a.reps);
+                std::string(ResidenceName(model.file().residence())).c_str(), a.kv_type.c_str(),
+                engine.pool().size(), CpuModelName().c_str(), isa.c_str(), a.reps);
     if (float_weights) {
       std::printf("prefill %5d tokens: %8.1f tok/s  %.1f GFLOP/s = %.0f%% of the measured FMA "
                   "peak of %d threads %.1f GFLOP/s\n",
@@ -438,6 +439,7 @@ int BenchEngineAtDepth(const BenchArgs& a) {
     }
     nlohmann::json j = {{"model", loaded->path},
                         {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
+                        {"weights_on", std::string(ResidenceName(model.file().residence()))},
                         {"kv_type", a.kv_type},
                         {"threads", engine.pool().size()},
                         {"cpu", CpuModelName()},
@@ -452,10 +454,10 @@ int BenchEngineAtDepth(const BenchArgs& a) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  std::printf("model %s (%s weights, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
+  std::printf("model %s (%s weights on %s, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
               loaded->path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
-              a.kv_type.c_str(), engine.pool().size(), CpuModelName().c_str(), isa.c_str(),
-              a.reps);
+              std::string(ResidenceName(model.file().residence())).c_str(), a.kv_type.c_str(),
+              engine.pool().size(), CpuModelName().c_str(), isa.c_str(), a.reps);
   std::printf("context of %lld tokens read once in %.1f s (full attention, not a figure)\n",
               static_cast<long long>(depth), fill_s);
   std::printf("decode %d tokens:\n", n);

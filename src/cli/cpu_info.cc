@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -70,6 +72,35 @@ size_t ProbeBufferBytes(uint64_t mem_available, uint64_t model_bytes) {
   const uint64_t room = mem_available > model_bytes ? (mem_available - model_bytes) / 2 : 0;
   const uint64_t bytes = std::min(kMax, room);
   return bytes < kMin ? 0 : static_cast<size_t>(bytes);
+}
+
+Result<gguf::Residence> ChooseWeightResidence(std::string_view choice, std::string_view thp,
+                                              uint64_t mem_available, uint64_t file_bytes) {
+  if (choice == "mmap") return gguf::Residence::kMapped;
+  if (choice == "huge-pages") return gguf::Residence::kHugePages;
+  if (!choice.empty()) {
+    return InvalidArgument("CACHETTE_WEIGHTS=" + std::string(choice) +
+                           " is not one of mmap, huge-pages (or unset: automatic)");
+  }
+  const bool advised = thp.find("[always]") != std::string_view::npos ||
+                       thp.find("[madvise]") != std::string_view::npos;
+  if (advised && file_bytes > 0 && mem_available > 0 && file_bytes <= mem_available / 2) {
+    return gguf::Residence::kHugePages;
+  }
+  return gguf::Residence::kMapped;
+}
+
+Result<gguf::Residence> WeightResidence(const std::string& path) {
+  const char* env = std::getenv("CACHETTE_WEIGHTS");
+  std::error_code ec;
+  const uintmax_t bytes = std::filesystem::file_size(path, ec);
+  return ChooseWeightResidence(env != nullptr ? env : "",
+                               ReadProcFile("/sys/kernel/mm/transparent_hugepage/enabled"),
+                               MemAvailableBytes(), ec ? 0 : static_cast<uint64_t>(bytes));
+}
+
+std::string_view ResidenceName(gguf::Residence r) {
+  return r == gguf::Residence::kHugePages ? "huge pages" : "mmap";
 }
 
 }  // namespace cachette::cli

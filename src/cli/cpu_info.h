@@ -7,6 +7,9 @@
 #include <string>
 #include <string_view>
 
+#include "cachette/status.h"
+#include "model/gguf.h"
+
 namespace cachette::cli {
 
 // The value of the first "model name" line of a /proc/cpuinfo text ("Intel(R) Xeon(R) ..."),
@@ -31,5 +34,21 @@ uint64_t MemAvailableBytes();
 // the last-level cache of large processors to measure memory. mem_available = 0 (unknown):
 // 1 GiB.
 size_t ProbeBufferBytes(uint64_t mem_available, uint64_t model_bytes);
+
+// Where a model's weights are kept (gguf::Residence). `choice` is CACHETTE_WEIGHTS: "mmap",
+// "huge-pages", or empty for automatic; anything else is an error that names the choices.
+// Automatic: huge pages where the kernel gives them to an advised range (`thp`, the text of
+// /sys/kernel/mm/transparent_hugepage/enabled, selects "[always]" or "[madvise]") and the file
+// takes at most half of mem_available (the rest stays for the KV cache, the cache tiers and the
+// page cache); else the file mapping, as also when mem_available or file_bytes is 0 (unknown).
+Result<gguf::Residence> ChooseWeightResidence(std::string_view choice, std::string_view thp,
+                                              uint64_t mem_available, uint64_t file_bytes);
+
+// ChooseWeightResidence for the model file at `path` on this machine, with CACHETTE_WEIGHTS
+// from the environment.
+Result<gguf::Residence> WeightResidence(const std::string& path);
+
+// "huge pages" or "mmap", as `bench engine` and the server's log print it.
+std::string_view ResidenceName(gguf::Residence r);
 
 }  // namespace cachette::cli

@@ -67,5 +67,28 @@ TEST(ProbeBufferBytes, OneGibibyteWhereThereIsRoomElseHalfTheRestElseNone) {
   EXPECT_EQ(ProbeBufferBytes(100 * kMiB, 512 * kMiB), 0u);   // less than the model
 }
 
+TEST(ChooseWeightResidence, HugePagesWhereTheKernelGivesThemAndTheFileFitsTwice) {
+  using gguf::Residence;
+  constexpr uint64_t kGiB = uint64_t{1} << 30;
+  const char* madvise = "always [madvise] never\n";
+  EXPECT_EQ(*ChooseWeightResidence("", madvise, 8 * kGiB, 4 * kGiB), Residence::kHugePages);
+  EXPECT_EQ(*ChooseWeightResidence("", "[always] madvise never", 8 * kGiB, kGiB),
+            Residence::kHugePages);
+  EXPECT_EQ(*ChooseWeightResidence("", madvise, 8 * kGiB, 4 * kGiB + 1), Residence::kMapped);
+  EXPECT_EQ(*ChooseWeightResidence("", "always madvise [never]", 8 * kGiB, kGiB),
+            Residence::kMapped);
+  EXPECT_EQ(*ChooseWeightResidence("", "", 8 * kGiB, kGiB), Residence::kMapped);  // no THP
+  EXPECT_EQ(*ChooseWeightResidence("", madvise, 0, kGiB), Residence::kMapped);    // unknown
+  EXPECT_EQ(*ChooseWeightResidence("", madvise, 8 * kGiB, 0), Residence::kMapped);
+  // CACHETTE_WEIGHTS decides whatever the machine.
+  EXPECT_EQ(*ChooseWeightResidence("mmap", madvise, 8 * kGiB, kGiB), Residence::kMapped);
+  EXPECT_EQ(*ChooseWeightResidence("huge-pages", "", 0, 0), Residence::kHugePages);
+  const auto bad = ChooseWeightResidence("hugepages", madvise, 8 * kGiB, kGiB);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("CACHETTE_WEIGHTS=hugepages"), std::string::npos);
+  EXPECT_NE(bad.status().message().find("mmap, huge-pages"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace cachette::cli

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cli/cli.h"
+#include "cli/cpu_info.h"
 #include "core/log.h"
 
 namespace cachette::cli {
@@ -71,7 +72,8 @@ Result<LoadedEngine> LoadEngine(const std::string& model, const std::string& kv_
   l.path = model.empty() ? DefaultModelPath() : model;
   CT_ASSIGN_OR_RETURN(l.kv_type, ParseKvType(kv_type));
   CT_RETURN_IF_ERROR(CheckKvRecent(l.kv_type, kv_recent));
-  CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path));
+  CT_ASSIGN_OR_RETURN(const gguf::Residence residence, WeightResidence(l.path));
+  CT_ASSIGN_OR_RETURN(l.model, Model::Load(l.path, residence));
   CT_RETURN_IF_ERROR(CheckKvTypeFits(l.kv_type, *l.model).WithContext(l.path));
   EngineOptions eo;
   eo.threads = threads;

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "cache/codecs/codec.h"
+#include "cli/cpu_info.h"
 #include "core/log.h"
 #include "core/timer.h"
 #include "core/units.h"
@@ -340,11 +341,13 @@ Result<std::unique_ptr<ServingStack>> BuildServingStack(const ServeConfig& cfg) 
   CT_LOG(kInfo) << "loading model " << cfg.model << " ("
                 << (ec ? std::string("size unknown") : FormatBytes(file_bytes)) << ")";
   Stopwatch sw;
-  CT_ASSIGN_OR_RETURN(st->model, Model::Load(cfg.model));
+  CT_ASSIGN_OR_RETURN(const gguf::Residence residence, WeightResidence(cfg.model));
+  CT_ASSIGN_OR_RETURN(st->model, Model::Load(cfg.model, residence));
   const ModelConfig& mc = st->model->config();
   CT_LOG(kInfo) << "loaded " << mc.arch_name << ": " << mc.n_layer << " layers, d_model "
                 << mc.d_model << ", vocab " << mc.n_vocab << ", context " << mc.n_ctx_train << ", "
-                << mc.n_params << " parameters in " << sw.Millis() << " ms";
+                << mc.n_params << " parameters in " << sw.Millis() << " ms (weights: "
+                << ResidenceName(residence) << ")";
 
   // 2. The chat template.
   const bool forced = !cfg.chat_template.empty();

@@ -354,7 +354,27 @@ GgufFile::~GgufFile() {
   if (map_ != nullptr) munmap(map_, map_size_);
 }
 
-Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
+namespace {
+
+// Reads all `size` bytes of fd into dst; an error names the file and what went wrong.
+Status ReadWhole(int fd, const std::string& path, std::byte* dst, size_t size) {
+  constexpr size_t kChunk = size_t{64} << 20;
+  for (size_t off = 0; off < size;) {
+    const ssize_t n = pread(fd, dst + off, std::min(size - off, kChunk), static_cast<off_t>(off));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return IOError("GGUF: cannot read '" + path + "': " + std::strerror(errno));
+    if (n == 0) {
+      return IOError("GGUF: '" + path + "' ended at byte " + std::to_string(off) + " of " +
+                     std::to_string(size) + " (changed while being read)");
+    }
+    off += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, Residence residence) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return IOError("GGUF: cannot open '" + path + "': " + std::strerror(errno));
   struct stat st;
@@ -371,7 +391,19 @@ Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
   file->path_ = path;
   size_t size = static_cast<size_t>(st.st_size);
   // mmap rejects length 0; an empty file still goes through Parse() for its error.
-  if (size > 0) {
+  if (size > 0 && residence == Residence::kHugePages) {
+    try {
+      file->copy_ = std::make_unique<ZeroedBuffer>(size);
+    } catch (const std::bad_alloc&) {
+      ::close(fd);
+      return IOError("GGUF: no memory to read '" + path + "' (" + std::to_string(size) +
+                     " bytes) into");
+    }
+    Status s = ReadWhole(fd, path, file->copy_->get(), size);
+    ::close(fd);
+    if (!s.ok()) return s;
+    file->bytes_ = ByteSpan(file->copy_->get(), size);
+  } else if (size > 0) {
     void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
       int err = errno;
@@ -381,8 +413,10 @@ Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
     file->map_ = p;
     file->map_size_ = size;
     file->bytes_ = ByteSpan(static_cast<const std::byte*>(p), size);
+    ::close(fd);  // the mapping keeps the file alive
+  } else {
+    ::close(fd);
   }
-  ::close(fd);  // the mapping keeps the file alive
   Status s = file->Parse();
   if (!s.ok()) return s.WithContext(path);
   return file;

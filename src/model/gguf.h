@@ -34,6 +34,7 @@
 
 #include "cachette/status.h"
 #include "cachette/types.h"
+#include "core/huge_pages.h"
 
 namespace cachette::gguf {
 
@@ -131,10 +132,22 @@ struct TensorInfo {
   int64_t n_elements() const;
 };
 
+// Where GgufFile::Open keeps the file's bytes.
+enum class Residence {
+  kMapped,     // an mmap of the file: shares the page cache, pages come in on first touch
+  // Read at open into anonymous memory on 2 MiB pages where the kernel gives them
+  // (AdviseHugePages): a decode step streams every weight, and on 4 KiB pages that is a page
+  // walk (in a VM a two-dimensional one) per 4 KiB. Costs the read at open and memory that is
+  // not shared with the page cache or other processes.
+  kHugePages,
+};
+
 class GgufFile {
  public:
-  // Maps and validates the file at `path`. kIOError if it cannot be opened or mapped.
-  static Result<std::unique_ptr<GgufFile>> Open(const std::string& path);
+  // Maps (or reads, as `residence` says) and validates the file at `path`. kIOError if it
+  // cannot be opened, mapped or read.
+  static Result<std::unique_ptr<GgufFile>> Open(const std::string& path,
+                                                Residence residence = Residence::kMapped);
   // Validates `bytes` (not copied: they must outlive the returned object). For fuzzing/tests.
   static Result<std::unique_ptr<GgufFile>> FromMemory(ByteSpan bytes);
 
@@ -145,6 +158,9 @@ class GgufFile {
   uint32_t version() const { return version_; }
   uint64_t alignment() const { return alignment_; }
   uint64_t file_size() const { return bytes_.size(); }
+  Residence residence() const {
+    return copy_ != nullptr ? Residence::kHugePages : Residence::kMapped;
+  }
   ByteSpan bytes() const { return bytes_; }  // the whole file
   const std::string& path() const { return path_; }  // empty for FromMemory
 
@@ -176,6 +192,7 @@ class GgufFile {
   std::string path_;
   void* map_ = nullptr;  // munmap on destruction when non-null
   size_t map_size_ = 0;
+  std::unique_ptr<ZeroedBuffer> copy_;  // the bytes, for Residence::kHugePages
   ByteSpan bytes_;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;

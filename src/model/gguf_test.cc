@@ -387,6 +387,48 @@ TEST(GgufRoundTrip, WriteFileThenOpen) {
   EXPECT_NE(e.status().message().find(empty), std::string::npos);
 }
 
+// Residence::kHugePages reads the file into memory of its own: the same bytes and tensors as the
+// mapping, at and above the 2 MiB from which the buffer is an anonymous huge-page mapping, and
+// the same errors.
+TEST(GgufRoundTrip, ReadIntoHugePagesGivesTheMappedBytes) {
+  TempDir dir;
+  for (const size_t payload : {size_t{4096}, size_t{3} << 20}) {
+    SCOPED_TRACE(payload);
+    GgufWriter w;
+    w.AddString("general.architecture", "llama");
+    std::vector<std::byte> data(payload);
+    for (size_t i = 0; i < payload; ++i) data[i] = static_cast<std::byte>(i * 131 + 7);
+    ASSERT_TRUE(
+        w.AddTensor("t", TensorType::kF32, {static_cast<int64_t>(payload / 4)}, data).ok());
+    const std::string path = (dir.path() / "m.gguf").string();
+    ASSERT_TRUE(w.WriteFile(path).ok());
+    auto mapped = GgufFile::Open(path, Residence::kMapped);
+    auto read = GgufFile::Open(path, Residence::kHugePages);
+    ASSERT_TRUE(mapped.ok()) << mapped.status().ToString();
+    ASSERT_TRUE(read.ok()) << read.status().ToString();
+    EXPECT_EQ((*mapped)->residence(), Residence::kMapped);
+    EXPECT_EQ((*read)->residence(), Residence::kHugePages);
+    EXPECT_NE((*read)->bytes().data(), (*mapped)->bytes().data());
+    ASSERT_EQ((*read)->file_size(), (*mapped)->file_size());
+    EXPECT_EQ(std::memcmp((*read)->bytes().data(), (*mapped)->bytes().data(),
+                          (*read)->file_size()), 0);
+    const TensorInfo* t = (*read)->FindTensor("t");
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t->data) % (*read)->alignment(), 0u);
+    ASSERT_EQ(t->n_bytes, payload);
+    EXPECT_EQ(std::memcmp(t->data, data.data(), payload), 0);
+  }
+  EXPECT_EQ(GgufFile::Open((dir.path() / "missing.gguf").string(), Residence::kHugePages)
+                .status().code(),
+            StatusCode::kIOError);
+  EXPECT_EQ(GgufFile::Open(dir.path().string(), Residence::kHugePages).status().code(),
+            StatusCode::kIOError);
+  const std::string empty = (dir.path() / "empty.gguf").string();
+  fclose(fopen(empty.c_str(), "w"));
+  EXPECT_EQ(GgufFile::Open(empty, Residence::kHugePages).status().code(),
+            StatusCode::kCorruption);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real files.
 

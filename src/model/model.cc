@@ -34,9 +34,9 @@ gguf::TensorType GgufFromWType(WType t) {
   return gguf::TensorType::kF32;
 }
 
-Result<std::unique_ptr<Model>> Model::Load(const std::string& path) {
+Result<std::unique_ptr<Model>> Model::Load(const std::string& path, gguf::Residence residence) {
   std::unique_ptr<Model> m(new Model());
-  CT_ASSIGN_OR_RETURN(m->file_, gguf::GgufFile::Open(path));
+  CT_ASSIGN_OR_RETURN(m->file_, gguf::GgufFile::Open(path, residence));
   Status s = m->Init();
   if (!s.ok()) return s.WithContext(path);
   return m;

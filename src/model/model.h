@@ -68,7 +68,9 @@ struct LayerWeights {
 
 class Model {
  public:
-  static Result<std::unique_ptr<Model>> Load(const std::string& path);
+  // The weights stay where `residence` puts the file (gguf::GgufFile::Open).
+  static Result<std::unique_ptr<Model>> Load(
+      const std::string& path, gguf::Residence residence = gguf::Residence::kMapped);
 
   const ModelConfig& config() const { return config_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
