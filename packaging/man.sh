@@ -61,6 +61,13 @@ ignored with a warning.
 rows or step: the order in which the AVX2 level's Q8_0 decode tile reads its 8 rows (one after
 another, or block by block in step; the same bits). The default is step, the faster on every
 processor measured. Another value is ignored with a warning.
+.TP
+.B CACHETTE_WEIGHTS
+mmap or huge-pages: where a loaded model's weights live. mmap maps the GGUF file (shared with
+the page cache and other processes, paged in on first touch); huge-pages reads it at load into
+memory of its own on 2 MiB pages, which a decode step, streaming every weight, reads faster.
+Unset: huge-pages where transparent huge pages are "always" or "madvise" and the file takes at
+most half of MemAvailable, else mmap. Another value is an error.
 .SH EXIT STATUS
 0 on success; 1 when a command fails (the reason is printed as "error: ..."); other non-zero
 values for command-line errors (an unknown flag, a missing \-\-config file).

@@ -42,6 +42,20 @@ check "bad CACHETTE_LOG" 0 'CACHETTE_LOG=verbose is not one of debug, info, warn
 check "synth tiny" 0 'wrote' -- "$bin" model synth --shape tiny --type q8_0 -o "$tmp/tiny.gguf"
 check "info synth" 0 'arch llama' -- "$bin" model info -m "$tmp/tiny.gguf"
 check "run synth" 0 '"finish_reason"' -- "$bin" run -m "$tmp/tiny.gguf" -p "hello" -n 4 --json
+# Where the weights live: either way the same tokens; a value it does not know is an error.
+check "weights mmap" 0 '(q8_0 weights on mmap, ' -- \
+  env CACHETTE_WEIGHTS=mmap "$bin" bench engine -m "$tmp/tiny.gguf" -p 8 -n 2 --reps 1
+check "weights huge pages" 0 '(q8_0 weights on huge pages, ' -- \
+  env CACHETTE_WEIGHTS=huge-pages "$bin" bench engine -m "$tmp/tiny.gguf" -p 8 -n 2 --reps 1
+# The bundled model (14 MB: huge pages, not the heap that takes files under 2 MiB).
+mmap_ids=$(CACHETTE_WEIGHTS=mmap "$bin" run -p "The history of the" -n 12 --json |
+  grep -o '"generated_ids":\[[0-9,]*\]')
+huge_ids=$(CACHETTE_WEIGHTS=huge-pages "$bin" run -p "The history of the" -n 12 --json |
+  grep -o '"generated_ids":\[[0-9,]*\]')
+check "weights same tokens" 0 '"generated_ids":[' -- \
+  bash -c '[ "$1" = "$2" ] && echo "$1"' _ "$mmap_ids" "$huge_ids"
+check "bad CACHETTE_WEIGHTS" 1 'CACHETTE_WEIGHTS=huge is not one of mmap, huge-pages' -- \
+  env CACHETTE_WEIGHTS=huge "$bin" run -m "$tmp/tiny.gguf" -p hi -n 2
 # Heads of 40 do not fill the 32-element blocks of the q8_0/q4_0 KV types: refused, f16 fine.
 check "synth hd40" 0 'wrote' -- "$bin" model synth --shape tiny-hd40 --type q8_0 -o "$tmp/hd40.gguf"
 check "hd40 q4_0 kv" 1 'head_dim is 40 (use f16)' -- "$bin" run -m "$tmp/hd40.gguf" -p hi -n 2 \
