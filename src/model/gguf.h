@@ -135,10 +135,10 @@ struct TensorInfo {
 // Where GgufFile::Open keeps the file's bytes.
 enum class Residence {
   kMapped,     // an mmap of the file: shares the page cache, pages come in on first touch
-  // Read at open into anonymous memory on 2 MiB pages where the kernel gives them
-  // (AdviseHugePages): a decode step streams every weight, and on 4 KiB pages that is a page
-  // walk (in a VM a two-dimensional one) per 4 KiB. Costs the read at open and memory that is
-  // not shared with the page cache or other processes.
+  // Read at open into memory of its own: from 2 MiB up an anonymous mapping on 2 MiB pages
+  // where the kernel gives them (ZeroedBuffer), below that the heap. A decode step streams
+  // every weight, and on 4 KiB pages that is a page walk (in a VM a two-dimensional one) per
+  // 4 KiB. Costs the read at open and memory not shared with the page cache or other processes.
   kHugePages,
 };
 
