@@ -40,13 +40,7 @@ struct BackendInfo {
   // prompt tokens the router expects them to prefill (not held by the backend).
   std::atomic<int64_t> prefilling{0};
   std::atomic<int64_t> prefill_tokens{0};
-  std::atomic<double> reported{0};      // running + queued, from its /metrics
-  // Router requests that ended there, and how many had ended when the /metrics request behind
-  // `reported` was sent: those that ended since may still be counted in it. (Taking the mark when
-  // the sample is stored instead would forget a request that ended while the sample was in
-  // transit, and count it as phantom load until the next sample.)
-  std::atomic<int64_t> finished{0};
-  std::atomic<int64_t> finished_at_sample{0};
+  ReportedLoad reported;                 // running + queued, from its /metrics
   std::atomic<int> page_tokens{16};
   std::atomic<int> chunk_tokens{0};
   std::atomic<int64_t> pages_total{0};
@@ -384,12 +378,11 @@ void Router::CheckBackend(const std::shared_ptr<BackendInfo>& b) {
     if (!health) AbortCalls(*b);
     return;
   }
-  const int64_t finished_before = b->finished.load();
+  const int64_t mark = b->reported.Sending();
   if (auto m = c->Get(b->addr.base_path + "/metrics"); m && m->status == 200) {
     const double running = PrometheusValue(m->body, "cachette_running_sequences").value_or(0);
     const double queued = PrometheusValue(m->body, "cachette_queue_length").value_or(0);
-    b->finished_at_sample = finished_before;
-    b->reported = running + queued;
+    b->reported.Sampled(mark, running + queued);
   }
   if (b->up) {
     // A subscriber that lost its publisher for good (a restart on another port) is renewed
@@ -510,17 +503,14 @@ std::vector<Router::Candidate> Router::Rank(const Parsed& p) {
     Candidate c;
     c.id = b->id;
     c.url = b->url;
-    c.requests = std::max<double>(static_cast<double>(b->inflight.load()), b->reported.load());
+    c.requests = std::max<double>(static_cast<double>(b->inflight.load()), b->reported.reported());
     // The work ahead of a newcomer at b, in prompt tokens: what the router's requests there
     // still have to prefill, a page's worth per decoding one, and a mean prompt for each
     // request b reports that this router did not send (other routers, direct clients).
     const int64_t inflight = b->inflight.load(), prefilling = b->prefilling.load();
     c.load = static_cast<double>(std::max<int64_t>(0, b->prefill_tokens.load())) +
              kDecodeTokens * static_cast<double>(std::max<int64_t>(0, inflight - prefilling)) +
-             std::max(0.0, b->reported.load() - static_cast<double>(inflight) -
-                               static_cast<double>(b->finished.load() -
-                                                   b->finished_at_sample.load())) *
-                 mean;
+             b->reported.Foreign(inflight) * mean;
     out.push_back(c);
   }
   auto by_cost = [](const Candidate& a, const Candidate& b) {
@@ -661,7 +651,7 @@ void Router::Proxy(const httplib::Request& req, httplib::Response& res,
     };
     auto finish = [this, b, prompt_tokens, cand, session_id](int64_t cached) {
       b->inflight--;
-      b->finished++;
+      b->reported.Finished();
       b->requests++;
       b->prompt_tokens += static_cast<uint64_t>(prompt_tokens);
       b->predicted_tokens += static_cast<uint64_t>(cand.overlap.tokens);
@@ -902,7 +892,7 @@ nlohmann::json Router::BackendsJson() const {
               {"inflight", b->inflight.load()},
               {"prefilling", b->prefilling.load()},
               {"prefill_tokens", b->prefill_tokens.load()},
-              {"reported_load", b->reported.load()},
+              {"reported_load", b->reported.reported()},
               {"page_tokens", b->page_tokens.load()},
               {"chunk_tokens", b->chunk_tokens.load()},
               {"namespace_mismatch", b->ns_mismatch.load()},

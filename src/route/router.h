@@ -41,6 +41,7 @@
 // subscribers' threads update backends; every shared field is atomic or behind a mutex.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -87,6 +88,40 @@ struct RouterOptions {
   int max_attempts = 3;                // backends tried per request
   int http_threads = 256;
   kernels::KvType kv_type = kernels::KvType::kF16;  // the backends' --kv-type
+};
+
+// A backend's own count of its requests (running + queued, from its /metrics) and how many of
+// them this router did not send: the load other clients put there. A sample may still count
+// requests of this router that have ended: those that ended while it was in transit, and those
+// that ended shortly before it was sent, as a backend's count can lag its answers. So the
+// router's requests that ended since the sample BEFORE this one was sent are not taken as
+// foreign: a lag of up to one health interval is forgiven, at the price of hiding as many
+// foreign requests for that long. (Counting them made a lagging sample put a mean prompt of
+// phantom load on the backend that had just answered, and the follow-up that should hit its
+// cache went elsewhere.) Thread-safe: one thread samples, any thread finishes and reads; a read
+// racing a sample may mix the two samples' figures, which only an estimate sees.
+class ReportedLoad {
+ public:
+  // One of this router's requests there ended (its answer is complete).
+  void Finished() { finished_.fetch_add(1); }
+  // Before sending a sample request: the mark to pass to Sampled with its answer.
+  int64_t Sending() const { return finished_.load(); }
+  void Sampled(int64_t mark, double reported) {
+    forgive_from_ = sent_at_.exchange(mark);
+    reported_ = reported;
+  }
+  double reported() const { return reported_.load(); }
+  // The requests the last sample counted beyond this router's `inflight` ones (>= 0).
+  double Foreign(int64_t inflight) const {
+    const int64_t ended = finished_.load() - forgive_from_.load();
+    return std::max(0.0, reported_.load() - static_cast<double>(inflight + ended));
+  }
+
+ private:
+  std::atomic<int64_t> finished_{0};
+  std::atomic<int64_t> sent_at_{0};       // finished_ when the last sample was sent
+  std::atomic<int64_t> forgive_from_{0};  // ... and when the one before it was
+  std::atomic<double> reported_{0};
 };
 
 struct BackendInfo;  // router.cc

@@ -1942,19 +1942,33 @@ void Scheduler::Finish(Seq& s, Reason reason, const Status& error) {
     e.error = error;
     e.usage = s.usage;
   }
-  s.stream->Push(std::move(e));
+  {
+    // Counted before the client can see its end: the published running and queued counts
+    // (cachette_running_sequences, which a router takes as a backend's load) never include a
+    // request whose answer is complete. The loop's end resets them from the lists; until then
+    // this one comes off the count its state is in (a request admitted in this iteration is
+    // still in the queued one).
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t* first = s.state == Seq::State::kQueued ? &stats_.queued : &stats_.running;
+    int64_t* second = first == &stats_.queued ? &stats_.running : &stats_.queued;
+    if (*first > 0) {
+      --*first;
+    } else if (*second > 0) {
+      --*second;
+    }
+    if (!error.ok()) {
+      ++stats_.failed;
+    } else if (reason == Reason::kCancelled) {
+      ++stats_.cancelled;
+    } else {
+      ++stats_.finished;
+      past_future_.Finished(s.generated);  // the past the admission estimates from
+    }
+    stats_.generated_tokens += static_cast<uint64_t>(s.generated);
+  }
   s.state = Seq::State::kFinished;
   admission_dirty_ = true;
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!error.ok()) {
-    ++stats_.failed;
-  } else if (reason == Reason::kCancelled) {
-    ++stats_.cancelled;
-  } else {
-    ++stats_.finished;
-    past_future_.Finished(s.generated);  // the past the admission estimates from
-  }
-  stats_.generated_tokens += static_cast<uint64_t>(s.generated);
+  s.stream->Push(std::move(e));
 }
 
 }  // namespace cachette::sched
