@@ -1,8 +1,5 @@
 #include "cache/disk_tier.h"
 
-#include "cache/file_io.h"
-#include "core/hash.h"
-
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
@@ -12,6 +9,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+
+#include "core/file_io.h"
+#include "core/hash.h"
 
 namespace cachette::cache {
 namespace {

@@ -9,8 +9,8 @@
 #include <cstring>
 
 #include "cache/executor.h"
-#include "cache/file_io.h"
 #include "core/bytes.h"
+#include "core/file_io.h"
 #include "core/hash.h"
 #include "core/log.h"
 

@@ -20,6 +20,8 @@
 #include <string>
 #include <utility>
 
+#include "core/file_io.h"
+
 namespace cachette::gguf {
 
 static_assert(std::endian::native == std::endian::little,
@@ -354,39 +356,14 @@ GgufFile::~GgufFile() {
   if (map_ != nullptr) munmap(map_, map_size_);
 }
 
-namespace {
-
-// Reads all `size` bytes of fd into dst; an error names the file and what went wrong.
-Status ReadWhole(int fd, const std::string& path, std::byte* dst, size_t size) {
-  constexpr size_t kChunk = size_t{64} << 20;
-  for (size_t off = 0; off < size;) {
-    const ssize_t n = pread(fd, dst + off, std::min(size - off, kChunk), static_cast<off_t>(off));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return IOError("GGUF: cannot read '" + path + "': " + std::strerror(errno));
-    if (n == 0) {
-      return IOError("GGUF: '" + path + "' ended at byte " + std::to_string(off) + " of " +
-                     std::to_string(size) + " (changed while being read)");
-    }
-    off += static_cast<size_t>(n);
-  }
-  return Status::Ok();
-}
-
-}  // namespace
-
 Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, Residence residence) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return IOError("GGUF: cannot open '" + path + "': " + std::strerror(errno));
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return IOError("GGUF: cannot open '" + path + "': " + std::strerror(errno));
   struct stat st;
-  if (fstat(fd, &st) != 0) {
-    int err = errno;
-    ::close(fd);
-    return IOError("GGUF: cannot stat '" + path + "': " + std::strerror(err));
+  if (fstat(fd.get(), &st) != 0) {
+    return IOError("GGUF: cannot stat '" + path + "': " + std::strerror(errno));
   }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return IOError("GGUF: '" + path + "' is not a regular file");
-  }
+  if (!S_ISREG(st.st_mode)) return IOError("GGUF: '" + path + "' is not a regular file");
   std::unique_ptr<GgufFile> file(new GgufFile());
   file->path_ = path;
   size_t size = static_cast<size_t>(st.st_size);
@@ -395,27 +372,24 @@ Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, Reside
     try {
       file->copy_ = std::make_unique<ZeroedBuffer>(size);
     } catch (const std::bad_alloc&) {
-      ::close(fd);
       return IOError("GGUF: no memory to read '" + path + "' (" + std::to_string(size) +
                      " bytes) into");
     }
-    Status s = ReadWhole(fd, path, file->copy_->get(), size);
-    ::close(fd);
-    if (!s.ok()) return s;
+    auto got = ReadAt(fd.get(), file->copy_->get(), size, 0, path);
+    if (!got.ok()) return got.status().WithContext("GGUF");
+    if (*got < size) {
+      return IOError("GGUF: '" + path + "' ended at byte " + std::to_string(*got) + " of " +
+                     std::to_string(size) + " (changed while being read)");
+    }
     file->bytes_ = ByteSpan(file->copy_->get(), size);
   } else if (size > 0) {
-    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
     if (p == MAP_FAILED) {
-      int err = errno;
-      ::close(fd);
-      return IOError("GGUF: cannot mmap '" + path + "': " + std::strerror(err));
+      return IOError("GGUF: cannot mmap '" + path + "': " + std::strerror(errno));
     }
-    file->map_ = p;
+    file->map_ = p;  // the mapping keeps the file alive once fd is closed
     file->map_size_ = size;
     file->bytes_ = ByteSpan(static_cast<const std::byte*>(p), size);
-    ::close(fd);  // the mapping keeps the file alive
-  } else {
-    ::close(fd);
   }
   Status s = file->Parse();
   if (!s.ok()) return s.WithContext(path);

@@ -1,4 +1,4 @@
-#include "cache/file_io.h"
+#include "core/file_io.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -8,7 +8,7 @@
 #include <cerrno>
 #include <cstring>
 
-namespace cachette::cache {
+namespace cachette {
 
 Status Errno(const std::string& what, const std::string& path) {
   return IOError(what + " " + path + ": " + std::strerror(errno));
@@ -71,4 +71,4 @@ bool EndsWith(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
-}  // namespace cachette::cache
+}  // namespace cachette

@@ -1,6 +1,6 @@
-// Small POSIX file helpers shared by the files the cache layer owns on disk (the disk tier's
-// chunk records, the session journal). Every error is a kIOError naming the call and the path.
-// Internal to the cache layer; not installed.
+// Small POSIX file helpers: the files the cache layer owns on disk (the disk tier's chunk
+// records, the session journal) and the model files read whole. Every error is a kIOError
+// naming the call and the path. Internal; not installed.
 #pragma once
 
 #include <unistd.h>
@@ -14,7 +14,7 @@
 #include "cachette/status.h"
 #include "cachette/types.h"
 
-namespace cachette::cache {
+namespace cachette {
 
 // kIOError "<what> <path>: <strerror(errno)>".
 Status Errno(const std::string& what, const std::string& path);
@@ -51,4 +51,4 @@ Status FsyncDir(const std::string& path);
 Result<std::vector<std::string>> ListDir(const std::string& dir);
 bool EndsWith(std::string_view s, std::string_view suffix);
 
-}  // namespace cachette::cache
+}  // namespace cachette
