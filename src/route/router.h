@@ -17,7 +17,7 @@
 //        load(b) = what the router's requests at b still have to prefill (those whose first
 //                  bytes have not come back) + 16 per request of them decoding + a mean
 //                  prompt per request b's /metrics shows running or queued beyond the
-//                  router's own (other clients).
+//                  router's own (other clients; ReportedLoad).
 //      Lowest cost wins. --policy approx scores from the router's own record of where
 //      it sent what (and so does kv for a backend that publishes no events: the fallback);
 //      round-robin and least-loaded ignore the cache (baselines).
