@@ -62,6 +62,12 @@ rows or step: the order in which the AVX2 level's Q8_0 decode tile reads its 8 r
 another, or block by block in step; the same bits). The default is step, the faster on every
 processor measured. Another value is ignored with a warning.
 .TP
+.B CACHETTE_WEIGHT_LAYOUT
+rows or interleaved: how Q8_0 and Q4_0 weights read into memory of their own (huge-pages) are
+laid out at the AVX2 level: as in the file, or rows in groups of 8 with their blocks
+interleaved, which a decode step streams faster (the same bits). The default is interleaved.
+Another value is ignored with a warning.
+.TP
 .B CACHETTE_WEIGHTS
 mmap or huge-pages: where a loaded model's weights live. mmap maps the GGUF file (shared with
 the page cache and other processes, paged in on first touch); huge-pages reads it at load into

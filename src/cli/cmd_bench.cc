@@ -42,6 +42,14 @@ std::vector<TokenId> PseudoRandomTokens(int n, int vocab, uint64_t seed) {
 
 namespace {
 
+// Where the weights are, for the header line: "huge pages" or "mmap", and how they are laid out
+// where the model rearranged them.
+std::string WeightsWhere(const Model& model) {
+  std::string s(ResidenceName(model.file().residence()));
+  if (model.interleaved()) s += ", rows interleaved by 8";
+  return s;
+}
+
 struct BenchArgs {
   std::string model;
   int threads = 0;
@@ -169,6 +177,7 @@ int BenchEngine(const BenchArgs& a) {
     nlohmann::json j = {{"model", path},
                         {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
                         {"weights_on", std::string(ResidenceName(model.file().residence()))},
+                        {"weights_interleaved", model.interleaved()},
                         {"kv_type", a.kv_type},
                         {"threads", engine.pool().size()},
                         {"cpu", CpuModelName()},
@@ -193,7 +202,7 @@ int BenchEngine(const BenchArgs& a) {
   } else {
     std::printf("model %s (%s weights on %s, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
                 path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
-                std::string(ResidenceName(model.file().residence())).c_str(), a.kv_type.c_str(),
+                WeightsWhere(model).c_str(), a.kv_type.c_str(),
                 engine.pool().size(), CpuModelName().c_str(), isa.c_str(), a.reps);
     if (float_weights) {
       std::printf("prefill %5d tokens: %8.1f tok/s  %.1f GFLOP/s = %.0f%% of the measured FMA "
@@ -440,6 +449,7 @@ int BenchEngineAtDepth(const BenchArgs& a) {
     nlohmann::json j = {{"model", loaded->path},
                         {"weight_type", std::string(kernels::WTypeName(c.weight_type))},
                         {"weights_on", std::string(ResidenceName(model.file().residence()))},
+                        {"weights_interleaved", model.interleaved()},
                         {"kv_type", a.kv_type},
                         {"threads", engine.pool().size()},
                         {"cpu", CpuModelName()},
@@ -456,7 +466,7 @@ int BenchEngineAtDepth(const BenchArgs& a) {
   }
   std::printf("model %s (%s weights on %s, %s KV), %d threads, cpu %s, isa %s, median of %d\n",
               loaded->path.c_str(), std::string(kernels::WTypeName(c.weight_type)).c_str(),
-              std::string(ResidenceName(model.file().residence())).c_str(), a.kv_type.c_str(),
+              WeightsWhere(model).c_str(), a.kv_type.c_str(),
               engine.pool().size(), CpuModelName().c_str(), isa.c_str(), a.reps);
   std::printf("context of %lld tokens read once in %.1f s (full attention, not a figure)\n",
               static_cast<long long>(depth), fill_s);

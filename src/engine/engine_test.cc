@@ -1,10 +1,12 @@
 #include "engine/engine.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <random>
 
@@ -114,6 +116,58 @@ TEST(EngineTest, IncrementalDecodeMatchesPrefillBitForBit) {
       }
       EXPECT_EQ(kv->n_tokens(), 70);
     }
+  }
+}
+
+// A q8_0/q4_0 model read into memory (gguf::Residence::kHugePages) at the AVX2 level has its
+// matrices' rows interleaved by 8 (kernels::WeightMatrix::interleaved8); mapped, it keeps the
+// row layout. Both give the same logits bits, prefill and decode, at AVX2 and at the best
+// level (which hands interleaved matrices to its AVX2 kernels), and the same fingerprint.
+TEST(EngineTest, InterleavedWeightsGiveTheLogitsBitsOfTheFileLayout) {
+  if (kernels::BestIsa() < kernels::Isa::kAvx2) GTEST_SKIP() << "no AVX2 here";
+  for (WType type : {WType::kQ8_0, WType::kQ4_0}) {
+    SCOPED_TRACE(std::string(kernels::WTypeName(type)));
+    const std::filesystem::path path =
+        std::filesystem::temp_directory_path() /
+        ("cachette_interleave_test_" + std::to_string(getpid()) + "-" +
+         std::string(kernels::WTypeName(type)));
+    SynthOptions o;
+    o.arch = "qwen2";
+    o.type = type;
+    o.vocab_path = kShared + "/testdata/tokenizer/ggml-vocab-gpt-2.gguf";
+    ASSERT_TRUE(SynthesizeModel(o, path.string()).ok());
+    kernels::SetIsa(kernels::Isa::kAvx2);
+    auto mapped = Model::Load(path.string(), gguf::Residence::kMapped);
+    auto read = Model::Load(path.string(), gguf::Residence::kHugePages);
+    std::filesystem::remove(path);
+    ASSERT_TRUE(mapped.ok() && read.ok());
+    EXPECT_FALSE((*mapped)->layers()[0].wq.interleaved8);
+    EXPECT_TRUE((*read)->layers()[0].wq.interleaved8);
+    EXPECT_TRUE((*read)->layers()[0].w_down.interleaved8);
+    EXPECT_TRUE((*read)->output().interleaved8);
+    EXPECT_EQ((*mapped)->Fingerprint(), (*read)->Fingerprint());
+    const auto toks = RandomTokens(40, (*mapped)->config().n_vocab, 11);
+    for (kernels::Isa isa : {kernels::Isa::kAvx2, kernels::BestIsa()}) {
+      kernels::SetIsa(isa);
+      SCOPED_TRACE(std::string(kernels::IsaName(isa)));
+      std::vector<std::vector<float>> logits[2];
+      for (int i = 0; i < 2; ++i) {
+        const Model& model = i == 0 ? **mapped : **read;
+        EngineOptions eo;
+        eo.threads = 2;
+        eo.kv_type = KvType::kF32;
+        Engine engine(model, eo);
+        logits[i] = EngineLogits(engine, toks);  // prefill: packed panels
+        auto kv = engine.NewSequence(64);        // decode: one token at a time
+        std::vector<float> l(model.config().n_vocab);
+        for (TokenId t : std::span(toks).first(8)) {
+          ASSERT_TRUE(engine.Forward(*kv, std::span(&t, 1), l.data()).ok());
+          logits[i].push_back(l);
+        }
+      }
+      EXPECT_TRUE(logits[0] == logits[1]);
+    }
+    kernels::SetIsa(kernels::BestIsa());
   }
 }
 

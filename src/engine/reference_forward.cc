@@ -16,7 +16,8 @@ float Half(const unsigned char* p) {
   return Fp16ToFp32(h);
 }
 
-// Dequantizes the whole matrix, straight from the GGUF block layouts.
+// Dequantizes the whole matrix, straight from the GGUF block layouts (rows interleaved by 8
+// where the model interleaved them: kernels::QuantBlockAt).
 Mat Dequantize(const kernels::WeightMatrix& w) {
   Mat m(w.rows, std::vector<double>(w.cols));
   for (int64_t r = 0; r < w.rows; ++r) {
@@ -38,12 +39,12 @@ Mat Dequantize(const kernels::WeightMatrix& w) {
           break;
         }
         case kernels::WType::kQ8_0: {
-          const unsigned char* blk = row + (c / 32) * 34;
+          const unsigned char* blk = kernels::QuantBlockAt(w, r, c / 32);
           v = static_cast<double>(Half(blk)) * static_cast<int8_t>(blk[2 + c % 32]);
           break;
         }
         case kernels::WType::kQ4_0: {
-          const unsigned char* blk = row + (c / 32) * 18;
+          const unsigned char* blk = kernels::QuantBlockAt(w, r, c / 32);
           const int j = static_cast<int>(c % 32);
           const int nib = j < 16 ? (blk[2 + j] & 0xf) : (blk[2 + j - 16] >> 4);
           v = static_cast<double>(Half(blk)) * (nib - 8);

@@ -259,18 +259,45 @@ bool UsesDecodeScales(WType t) {
 std::vector<uint16_t> DecodeScales(const WeightMatrix& w) {
   CT_CHECK(w.type == WType::kQ8_0 || w.type == WType::kQ4_0) << WTypeName(w.type);
   const int64_t nb = w.cols / 32, groups = (w.rows + 7) / 8;
-  const int64_t block_bytes = WTypeBlockBytes(w.type);
   std::vector<uint16_t> out(DecodeScalesCount(w));
-  const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t g = 0; g < groups; ++g) {
     for (int r = 0; r < 8; ++r) {
-      const uint8_t* row = base + std::min(g * 8 + r, w.rows - 1) * w.row_bytes;
+      const int64_t row = std::min(g * 8 + r, w.rows - 1);
       for (int64_t b = 0; b < nb; ++b) {
-        std::memcpy(&out[static_cast<size_t>((g * nb + b) * 8 + r)], row + b * block_bytes, 2);
+        std::memcpy(&out[static_cast<size_t>((g * nb + b) * 8 + r)], QuantBlockAt(w, row, b), 2);
       }
     }
   }
   return out;
+}
+
+void InterleaveRows8(WType t, int64_t rows, int64_t cols, void* data) {
+  CT_CHECK(t == WType::kQ8_0 || t == WType::kQ4_0) << WTypeName(t);
+  const size_t bb = static_cast<size_t>(WTypeBlockBytes(t));
+  const size_t nb = static_cast<size_t>(cols / 32), row_bytes = nb * bb;
+  std::vector<uint8_t> group(8 * row_bytes);
+  for (int64_t g = 0; g + 8 <= rows; g += 8) {
+    uint8_t* p = static_cast<uint8_t*>(data) + static_cast<size_t>(g) * row_bytes;
+    std::memcpy(group.data(), p, group.size());
+    for (size_t r = 0; r < 8; ++r) {
+      for (size_t b = 0; b < nb; ++b) {
+        std::memcpy(p + (b * 8 + r) * bb, group.data() + r * row_bytes + b * bb, bb);
+      }
+    }
+  }
+}
+
+bool PrefersInterleaved8(WType t) {
+  // CACHETTE_WEIGHT_LAYOUT=rows keeps the row layout (to measure one against the other).
+  static const bool allowed = [] {
+    const char* env = std::getenv("CACHETTE_WEIGHT_LAYOUT");
+    if (env == nullptr || std::string_view(env) == "interleaved") return true;
+    if (std::string_view(env) == "rows") return false;
+    CT_LOG(kWarning) << "CACHETTE_WEIGHT_LAYOUT=" << env
+                     << " is not one of rows, interleaved: ignored";
+    return true;
+  }();
+  return allowed && (t == WType::kQ8_0 || t == WType::kQ4_0) && ActiveIsa() == Isa::kAvx2;
 }
 
 size_t DecodeScalesCount(const WeightMatrix& w) {
@@ -370,6 +397,17 @@ void CheckMatMulShape(const WeightMatrix& w) {
   CT_CHECK(w.cols % WTypeBlockElems(w.type) == 0)
       << "cols " << w.cols << " for " << WTypeName(w.type);
   CT_CHECK(w.row_bytes >= WTypeRowBytes(w.type, w.cols)) << "row_bytes " << w.row_bytes;
+  CT_CHECK(!w.interleaved8 || ((w.type == WType::kQ8_0 || w.type == WType::kQ4_0) &&
+                               w.row_bytes == WTypeRowBytes(w.type, w.cols)))
+      << "interleaved " << WTypeName(w.type) << " with row_bytes " << w.row_bytes;
+}
+
+// The kernels for a matmul: the active level's, except that the AVX-512 level hands
+// interleaved weights (WeightMatrix::interleaved8) to its AVX2 kernels, which give the same
+// bits for q8_0 and q4_0 (docs/kernels.md) and read that layout.
+const internal::Ops& MatMulOps(bool interleaved) {
+  const internal::Ops& ops = ActiveOps();
+  return interleaved && ops.isa >= Isa::kAvx512 ? internal::Avx2Ops() : ops;
 }
 
 // x quantized to 8 bits per block of `cols` for the quantized weight types, in the caller's
@@ -408,7 +446,7 @@ void ParallelRows(ThreadPool& pool, int64_t m, int64_t n, const ThreadPool::Rang
 void MatMul(const float* x, int64_t m, const WeightMatrix& w, float* y, ThreadPool& pool) {
   if (m <= 0 || w.rows <= 0) return;
   CheckMatMulShape(w);
-  const internal::Ops& ops = ActiveOps();
+  const internal::Ops& ops = MatMulOps(w.interleaved8);
   internal::MatMulArgs a;
   a.x = x;
   a.m = m;
@@ -432,7 +470,9 @@ void MatMulGroup(const float* x, int64_t m, std::span<const WeightMatrix* const>
     for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, *ws[i], ys[i], pool);
     return;
   }
-  const internal::Ops& ops = ActiveOps();
+  bool interleaved = false;
+  for (const WeightMatrix* w : ws) interleaved = interleaved || w->interleaved8;
+  const internal::Ops& ops = MatMulOps(interleaved);
   const WType type = ws[0]->type;
   const int64_t grain = ops.row_grain(type, m);
   const internal::ActQ8 act = QuantizeActivations(x, m, type, ws[0]->cols, pool);

@@ -41,15 +41,14 @@ float FloatWeight(const WeightMatrix& w, const uint8_t* row, int64_t c) {
   }
 }
 
-// The 32 integer weights of block b of a quantized row, and its scale.
-void QuantBlock(WType t, const uint8_t* row, int64_t b, int8_t q[32], float* d) {
-  if (t == WType::kQ8_0) {
-    const uint8_t* blk = row + b * 34;
-    *d = Fp16ToFp32(LoadU16(blk));
+// The 32 integer weights of block b of row r of a quantized matrix (either layout), and its
+// scale.
+void QuantBlock(const WeightMatrix& w, int64_t r, int64_t b, int8_t q[32], float* d) {
+  const uint8_t* blk = QuantBlockAt(w, r, b);
+  *d = Fp16ToFp32(LoadU16(blk));
+  if (w.type == WType::kQ8_0) {
     for (int j = 0; j < 32; ++j) q[j] = static_cast<int8_t>(blk[2 + j]);
   } else {
-    const uint8_t* blk = row + b * 18;
-    *d = Fp16ToFp32(LoadU16(blk));
     for (int j = 0; j < 16; ++j) {
       q[j] = static_cast<int8_t>((blk[2 + j] & 0x0f) - 8);
       q[j + 16] = static_cast<int8_t>((blk[2 + j] >> 4) - 8);
@@ -82,7 +81,7 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
   const WeightMatrix& w = *a.w;
   const int64_t cols = w.cols;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = RowPtr(w, r);
+    const uint8_t* row = RowPtr(w, r);  // float types
     for (int64_t t = 0; t < a.m; ++t) {
       float acc = 0;
       if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
@@ -90,7 +89,7 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
         for (int64_t b = 0; b < nb; ++b) {
           int8_t q[32];
           float dw;
-          QuantBlock(w.type, row, b, q, &dw);
+          QuantBlock(w, r, b, q, &dw);
           const int8_t* xq = a.act.q + t * cols + b * 32;
           int32_t dot = 0;
           for (int j = 0; j < 32; ++j) dot += q[j] * xq[j];
@@ -108,12 +107,12 @@ void MatMulRows(const MatMulArgs& a, int64_t r0, int64_t r1) {
 int64_t RowGrain(WType, int64_t) { return 1; }
 
 void DequantizeRow(const WeightMatrix& w, int64_t r, float* out) {
-  const uint8_t* row = RowPtr(w, r);
+  const uint8_t* row = RowPtr(w, r);  // float types
   if (w.type == WType::kQ8_0 || w.type == WType::kQ4_0) {
     for (int64_t b = 0; b < w.cols / 32; ++b) {
       int8_t q[32];
       float d;
-      QuantBlock(w.type, row, b, q, &d);
+      QuantBlock(w, r, b, q, &d);
       for (int j = 0; j < 32; ++j) out[b * 32 + j] = d * q[j];
     }
   } else {

@@ -394,6 +394,11 @@ TEST_F(IsaTest, MatMulGroupIsEachMatMulsBitsInOneJob) {
   }
 }
 
+// Quantized matrices [rows, cols] for the layout tests: rows not a multiple of 8 and fewer
+// than 8, whole groups of 8, one block a row and many.
+const std::pair<int64_t, int64_t> kOddQuantShapes[] = {{37, 96}, {75, 544}, {8, 32}, {13, 2208},
+                                                       {16, 192}, {21, 224}, {5, 64}, {24, 896}};
+
 // WeightMatrix::scales8 holds each block's scale regrouped by 8 rows (the last group padded
 // with the last row), and a kernel that reads it gives the bits it gives without it, as does
 // one told the weights are cache-resident, and either order of the AVX2 q8_0 decode tiles from
@@ -407,9 +412,7 @@ TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndTheyAndTheCacheHintChangeNoBits) 
   std::uniform_real_distribution<float> val(-2.0f, 2.0f);
   ThreadPool single(1);
   for (WType t : {WType::kQ8_0, WType::kQ4_0}) {
-    for (const auto& [rows, cols] :
-         {std::pair<int64_t, int64_t>{37, 96}, {75, 544}, {8, 32}, {13, 2208}, {16, 192},
-          {21, 224}}) {
+    for (const auto& [rows, cols] : kOddQuantShapes) {
       TestMatrix tm = RandomMatrix(t, rows, cols, rng);
       const std::vector<uint16_t> s8 = DecodeScales(tm.w);
       const int64_t nb = cols / 32, groups = (rows + 7) / 8;
@@ -458,6 +461,89 @@ TEST_F(IsaTest, DecodeScalesAreTheRowsScalesAndTheyAndTheCacheHintChangeNoBits) 
     }
   }
   internal::SetQ8DecodeOrder(default_order);
+}
+
+// WeightMatrix::interleaved8: InterleaveRows8 moves every block to where QuantBlockAt says,
+// rows past the last whole group of 8 staying put, and every level's matmul (decode tiles and
+// packed panels, alone and grouped, one thread and two), DequantizeRow and DecodeScales give
+// the bits they give in the row layout. PrefersInterleaved8 only at the AVX2 level.
+TEST_F(IsaTest, InterleavedRowsGiveTheBitsOfTheRowLayout) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> val(-2.0f, 2.0f);
+  ThreadPool single(1);
+  for (WType t : {WType::kQ8_0, WType::kQ4_0}) {
+    for (const auto& [rows, cols] : kOddQuantShapes) {
+      const TestMatrix padded = RandomMatrix(t, rows, cols, rng);
+      // The row layout without padding (interleaving needs row_bytes = WTypeRowBytes).
+      const size_t rb = WTypeRowBytes(t, cols);
+      std::vector<uint8_t> plain_bytes(rows * rb), inter_bytes;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(plain_bytes.data() + r * rb, padded.bytes.data() + r * padded.w.row_bytes,
+                    rb);
+      }
+      inter_bytes = plain_bytes;
+      InterleaveRows8(t, rows, cols, inter_bytes.data());
+      WeightMatrix plain = padded.w;
+      plain.data = plain_bytes.data();
+      plain.row_bytes = rb;
+      WeightMatrix inter = plain;
+      inter.data = inter_bytes.data();
+      inter.interleaved8 = true;
+      const int64_t nb = cols / 32, bb = WTypeBlockBytes(t);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t b = 0; b < nb; ++b) {
+          ASSERT_EQ(0, std::memcmp(QuantBlockAt(inter, r, b), QuantBlockAt(plain, r, b), bb))
+              << "row " << r << " block " << b;
+        }
+      }
+      if (rows >= 8 && nb > 1) {  // (one block a row is laid out alike both ways)
+        ASSERT_NE(inter_bytes, plain_bytes);
+      }
+      for (int64_t r = rows / 8 * 8; r < rows; ++r) {  // the last rows keep the row layout
+        ASSERT_EQ(0, std::memcmp(inter_bytes.data() + r * rb, plain_bytes.data() + r * rb, rb));
+      }
+      const std::vector<uint16_t> s8 = DecodeScales(plain);
+      ASSERT_EQ(DecodeScales(inter), s8);
+      WeightMatrix plain_s8 = plain, inter_s8 = inter;
+      plain_s8.scales8 = inter_s8.scales8 = s8.data();
+      for (Isa isa : Levels()) {
+        SetIsa(isa);
+        EXPECT_EQ(PrefersInterleaved8(t), isa == Isa::kAvx2);
+        std::vector<float> d0(cols), d1(cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          DequantizeRow(plain, r, d0.data());
+          DequantizeRow(inter, r, d1.data());
+          ASSERT_EQ(0, std::memcmp(d0.data(), d1.data(), sizeof(float) * cols)) << "row " << r;
+        }
+        for (int64_t m : {1, 2, 3, 7, 9}) {
+          SCOPED_TRACE(std::string(WTypeName(t)) + " " + std::string(IsaName(isa)) + " rows=" +
+                       std::to_string(rows) + " cols=" + std::to_string(cols) +
+                       " m=" + std::to_string(m));
+          std::vector<float> x(m * cols);
+          for (auto& f : x) f = val(rng);
+          for (ThreadPool* pool : {&single, &pool_}) {
+            std::vector<float> want(m * rows);
+            MatMul(x.data(), m, plain, want.data(), *pool);
+            for (const WeightMatrix* w : {&inter, &inter_s8, &plain_s8}) {
+              std::vector<float> got(m * rows);
+              MatMul(x.data(), m, *w, got.data(), *pool);
+              EXPECT_EQ(0, std::memcmp(want.data(), got.data(), sizeof(float) * want.size()))
+                  << "interleaved " << w->interleaved8 << " scales8 " << (w->scales8 != nullptr);
+            }
+            // Grouped with a matrix of the other layout, as a decode step's Q, K and V.
+            std::vector<float> g0(m * rows), g1(m * rows);
+            const WeightMatrix* ws[] = {&inter_s8, &plain};
+            float* ys[] = {g0.data(), g1.data()};
+            MatMulGroup(x.data(), m, ws, ys, *pool);
+            EXPECT_EQ(0, std::memcmp(want.data(), g0.data(), sizeof(float) * want.size()));
+            EXPECT_EQ(0, std::memcmp(want.data(), g1.data(), sizeof(float) * want.size()));
+          }
+        }
+      }
+    }
+  }
 }
 
 // Q8_0/Q4_0 follow one order at both vector levels (docs/kernels.md): exact integer block

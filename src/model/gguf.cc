@@ -396,6 +396,11 @@ Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, Reside
   return file;
 }
 
+std::byte* GgufFile::WritableData(const TensorInfo& t) {
+  if (copy_ == nullptr) return nullptr;
+  return copy_->get() + (t.data - bytes_.data());
+}
+
 Result<std::unique_ptr<GgufFile>> GgufFile::FromMemory(ByteSpan bytes) {
   std::unique_ptr<GgufFile> file(new GgufFile());
   file->bytes_ = bytes;

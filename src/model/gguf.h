@@ -163,6 +163,9 @@ class GgufFile {
   }
   ByteSpan bytes() const { return bytes_; }  // the whole file
   const std::string& path() const { return path_; }  // empty for FromMemory
+  // t's bytes, writable, where the file was read into memory of its own (kHugePages): the
+  // model rearranges weights there (kernels::InterleaveRows8). Null where it is mapped.
+  std::byte* WritableData(const TensorInfo& t);
 
   const std::vector<KeyValue>& metadata() const { return kvs_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }

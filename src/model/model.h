@@ -15,6 +15,7 @@
 
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -84,10 +85,13 @@ class Model {
   // Bytes of weights read per decoded token (every matrix once, the embedding row aside; with
   // the block scales the vector decode kernels read beside the rows, WeightMatrix::scales8).
   uint64_t weight_bytes_per_token() const { return weight_bytes_per_token_; }
+  // Whether the model interleaved some matrices' rows in memory (WeightMatrix::interleaved8).
+  bool interleaved() const { return !interleaved_.empty(); }
 
   // Identity of the weights: XXH3-128 over the architecture, hyperparameters, every tensor's
-  // name, type and dims, and all tensor data bytes. Changing any weight byte changes it.
-  // Computed on first call (reads the whole file once), then cached. Thread-safe.
+  // name, type and dims, and all tensor data bytes as the file has them. Changing any weight
+  // byte changes it. Computed on first call (reads the whole file once), or at load where the
+  // model rearranges weights in memory (WeightMatrix::interleaved8), then cached. Thread-safe.
   Hash128 Fingerprint() const;
 
  private:
@@ -104,6 +108,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   std::vector<std::unique_ptr<float[]>> owned_vectors_;  // 1-D tensors converted to f32
   std::vector<std::vector<uint16_t>> owned_scales_;      // WeightMatrix::scales8 arrays
+  std::set<const std::byte*> interleaved_;               // tensors rearranged in place
   uint64_t weight_bytes_per_token_ = 0;
 
   mutable std::once_flag fingerprint_once_;

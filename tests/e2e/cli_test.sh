@@ -54,6 +54,24 @@ huge_ids=$(CACHETTE_WEIGHTS=huge-pages "$bin" run -p "The history of the" -n 12 
   grep -o '"generated_ids":\[[0-9,]*\]')
 check "weights same tokens" 0 '"generated_ids":[' -- \
   bash -c '[ "$1" = "$2" ] && echo "$1"' _ "$mmap_ids" "$huge_ids"
+# Q8_0 rows interleaved by 8 in memory at the AVX2 level (where the processor has it): the
+# same tokens as the file's layout; a layout it does not know is named in a warning.
+if grep -qw avx2 /proc/cpuinfo; then
+  check "weights interleaved" 0 'huge pages, rows interleaved by 8, ' -- \
+    env CACHETTE_WEIGHTS=huge-pages CACHETTE_ISA=avx2 "$bin" bench engine -m "$tmp/tiny.gguf" \
+    -p 8 -n 2 --reps 1
+  rows_ids=$(CACHETTE_WEIGHTS=huge-pages CACHETTE_ISA=avx2 CACHETTE_WEIGHT_LAYOUT=rows \
+    "$bin" run -m "$tmp/tiny.gguf" -p "The history of the" -n 12 --json |
+    grep -o '"generated_ids":\[[0-9,]*\]')
+  inter_ids=$(CACHETTE_WEIGHTS=huge-pages CACHETTE_ISA=avx2 \
+    "$bin" run -m "$tmp/tiny.gguf" -p "The history of the" -n 12 --json |
+    grep -o '"generated_ids":\[[0-9,]*\]')
+  check "interleaved same tokens" 0 '"generated_ids":[' -- \
+    bash -c '[ "$1" = "$2" ] && echo "$1"' _ "$rows_ids" "$inter_ids"
+fi
+check "bad CACHETTE_WEIGHT_LAYOUT" 0 'CACHETTE_WEIGHT_LAYOUT=row is not one of rows, interleaved' \
+  -- env CACHETTE_WEIGHT_LAYOUT=row CACHETTE_WEIGHTS=huge-pages "$bin" run -m "$tmp/tiny.gguf" \
+  -p hi -n 2
 check "bad CACHETTE_WEIGHTS" 1 'CACHETTE_WEIGHTS=huge is not one of mmap, huge-pages' -- \
   env CACHETTE_WEIGHTS=huge "$bin" run -m "$tmp/tiny.gguf" -p hi -n 2
 # Heads of 40 do not fill the 32-element blocks of the q8_0/q4_0 KV types: refused, f16 fine.
