@@ -92,7 +92,8 @@ struct WeightMatrix {
 
 // Where block b of row r of a q8_0/q4_0 matrix starts, in either layout. Always inlined: the
 // ISA translation units call it too, and must not lend their code to the others.
-[[gnu::always_inline]] inline const uint8_t* QuantBlockAt(const WeightMatrix& w, int64_t r, int64_t b) {
+[[gnu::always_inline]] inline const uint8_t* QuantBlockAt(const WeightMatrix& w, int64_t r,
+                                                          int64_t b) {
   const auto* base = static_cast<const uint8_t*>(w.data);
   const int64_t bb = w.type == WType::kQ8_0 ? 34 : 18;
   if (w.interleaved8 && r < w.rows / 8 * 8) {

@@ -510,8 +510,8 @@ __m256 RowScales8(const uint8_t* const rows[8], int64_t off) {
 // [w_r . x for r in 0..7] of the q4_0 blocks at rows[r] + off, with w the raw nibbles (w + 8):
 // rows r and r + 4 share a register (16 bytes each), so a block of 8 rows takes 4 unpacks, 8
 // VPMADDUBSW whose int16 pairs (at most 2 * 15 * 128) add without overflow, 4 VPMADDWD and 3
-// VPHADDD, instead of 8 unpacks, 8 VPMADDWD and 6 VPHADDD. Forced inline: GCC 12 calls it otherwise,
-// passing the rows through memory (a third of decode time in a profile on Zen 3).
+// VPHADDD, instead of 8 unpacks, 8 VPMADDWD and 6 VPHADDD. Forced inline: GCC 12 calls it
+// otherwise, passing the rows through memory (a third of decode time in a profile on Zen 3).
 [[gnu::always_inline]] inline __m256i Q4RowDots8(const uint8_t* const rows[8], int64_t off,
                                                   __m256i xq) {
   const __m256i x_lo = _mm256_permute2x128_si256(xq, xq, 0x00);  // features 0-15, twice
