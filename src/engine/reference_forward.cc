@@ -152,7 +152,9 @@ std::vector<std::vector<double>> ReferenceForward(const Model& model,
   }
   const Mat out = Dequantize(model.output());
   std::vector<std::vector<double>> logits(n);
-  for (int t = 0; t < n; ++t) logits[t] = MatVec(out, RmsNorm(x[t], model.output_norm(), c.norm_eps));
+  for (int t = 0; t < n; ++t) {
+    logits[t] = MatVec(out, RmsNorm(x[t], model.output_norm(), c.norm_eps));
+  }
   return logits;
 }
 

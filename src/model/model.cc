@@ -55,8 +55,8 @@ std::string DimsString(const std::vector<int64_t>& d) {
 Result<int> PositiveInt(const gguf::GgufFile& f, const std::string& key, int64_t max) {
   CT_ASSIGN_OR_RETURN(int64_t v, f.GetInt(key));
   if (v <= 0 || v > max) {
-    return InvalidArgument("metadata '" + key + "' = " + std::to_string(v) + " is out of range [1, " +
-                           std::to_string(max) + "]");
+    return InvalidArgument("metadata '" + key + "' = " + std::to_string(v) +
+                           " is out of range [1, " + std::to_string(max) + "]");
   }
   return static_cast<int>(v);
 }
@@ -75,8 +75,9 @@ Result<kernels::WeightMatrix> Model::Matrix(const std::string& name, int64_t row
   const gguf::TensorInfo* t = file_->FindTensor(name);
   if (t == nullptr) return InvalidArgument("missing tensor '" + name + "'");
   if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows) {
-    return InvalidArgument("tensor '" + name + "' has dims " + DimsString(t->dims) + ", expected {" +
-                           std::to_string(cols) + ", " + std::to_string(rows) + "}");
+    return InvalidArgument("tensor '" + name + "' has dims " + DimsString(t->dims) +
+                           ", expected {" + std::to_string(cols) + ", " + std::to_string(rows) +
+                           "}");
   }
   auto wt = WTypeFromGguf(t->type);
   if (!wt.ok()) return wt.status().WithContext("tensor '" + name + "'");
@@ -189,7 +190,8 @@ Status Model::Init() {
   }
   CT_ASSIGN_OR_RETURN(double eps, f.GetFloatOr(a + "attention.layer_norm_rms_epsilon", 1e-5));
   if (!(eps > 0 && eps < 1)) {
-    return InvalidArgument("metadata '" + a + "attention.layer_norm_rms_epsilon' must be in (0, 1)");
+    return InvalidArgument("metadata '" + a +
+                           "attention.layer_norm_rms_epsilon' must be in (0, 1)");
   }
   c.norm_eps = static_cast<float>(eps);
   CT_ASSIGN_OR_RETURN(double theta, f.GetFloatOr(a + "rope.freq_base", 10000.0));
