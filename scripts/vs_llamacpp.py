@@ -32,9 +32,15 @@ step), right after the default run, and prints which was faster: the default is 
 (src/kernels/kernels.cc, DefaultQ8DecodeOrder), faster on Zen 3 and Zen 5, the processors
 measured. The orders give the same bits; at the AVX-512 level they change nothing.
 
+With --rows-layout, each round also decodes the Q8_0 and Q4_0 models with their rows as the file
+has them (CACHETTE_WEIGHT_LAYOUT=rows) right after the default run, which at the AVX2 level with
+the weights on huge pages interleaves them by 8 (docs/kernels.md), and prints the default's
+speed against that. The layouts give the same bits.
+
 Usage: scripts/vs_llamacpp.py --llama-bin /tmp/llama/build/bin [--isa avx2] [--rounds 3]
        [--threads 2] [--types q8_0,q4_0,f16] [--models-dir /tmp] [--depth 16384]
-       [--q8-orders rows,step] [--binary build/release/src/cli/cachette] [--json out.json]
+       [--q8-orders rows,step] [--rows-layout] [--binary build/release/src/cli/cachette]
+       [--json out.json]
 """
 import argparse
 import json
@@ -141,6 +147,11 @@ class Bench:
         dec, paired = self.decode(m, env=dict(self.env, CACHETTE_Q8_DECODE=order))
         return dec["decode_tok_s"], paired
 
+    def rows_layout(self, m):
+        """Decode tok/s and paired share with the weights in the file's row layout."""
+        dec, paired = self.decode(m, env=dict(self.env, CACHETTE_WEIGHT_LAYOUT="rows"))
+        return dec["decode_tok_s"], paired
+
     def cachette(self, m):
         pre = self.engine(m, "-p", str(PROMPT), "-n", "0", "--reps", str(REPS))
         dec, paired = self.decode(m)
@@ -192,6 +203,8 @@ def main():
     ap.add_argument("--depth", type=int, default=0, help="also decode after this many tokens")
     ap.add_argument("--q8-orders", default="",
                     help="also decode Q8_0 with each of these tile orders (rows,step)")
+    ap.add_argument("--rows-layout", action="store_true",
+                    help="also decode Q8_0 and Q4_0 with the file's row layout")
     ap.add_argument("--json", default="", help="write every figure to this file")
     a = ap.parse_args()
     if a.rounds < 1 or a.threads < 1 or a.depth < 0:
@@ -210,12 +223,16 @@ def main():
     models = {t: b.model(t) for t in types}
     res = {t: [] for t in types}
     by_order = {o: [] for o in orders}  # (tok/s, paired share) per round
+    layout_types = [t for t in types if a.rows_layout and t in ("q8_0", "q4_0")]
+    by_layout = {t: [] for t in layout_types}  # (tok/s, paired share) per round, row layout
+    interleaved = {}
     info = {}
     for r in range(a.rounds):
         for t in types:
             lpp, ltg = b.llama(models[t])
             cpp, cfma, ctg, share, dec = b.cachette(models[t])
             info = {"cpu": dec.get("cpu", "?"), "isa": dec.get("isa", "?")}
+            interleaved[t] = dec.get("weights_interleaved", False)
             res[t].append({"llama_pp": lpp, "llama_tg": ltg, "pp": cpp, "pp_fma": cfma,
                            "tg": ctg,
                            "share": share[0], "share_best": share[1],
@@ -224,6 +241,11 @@ def main():
             print("round %d %-5s prefill %7.1f / %7.1f  decode %6.1f / %6.1f  share %3.0f%% "
                   "(best pass %3.0f%%)" % (r + 1, t, cpp, lpp, ctg, ltg, 100 * share[0],
                                            100 * share[1]), file=sys.stderr)
+            if t in by_layout:
+                by_layout[t].append(b.rows_layout(models[t]))
+                print("round %d %-5s decode in the row layout %6.1f, share %3.0f%%"
+                      % (r + 1, t, by_layout[t][-1][0], 100 * by_layout[t][-1][1]),
+                      file=sys.stderr)
             if t == "q8_0":
                 for o in orders:
                     by_order[o].append(b.q8_order(models[t], o))
@@ -295,6 +317,18 @@ def main():
             best = max(orders, key=lambda o: med([x[0] for x in by_order[o]]))
             print("Faster Q8_0 decode order here: %s (the default run uses step; "
                   "DefaultQ8DecodeOrder in src/kernels/kernels.cc)." % best)
+    if by_layout:
+        print()
+        print("| weights | default layout | decode tok/s in the row layout (range) "
+              "| default run against it (range) | paired share in the row layout (range) |")
+        print("|---|---|---:|---:|---:|")
+        for t, v in by_layout.items():
+            tps = [x[0] for x in v]
+            rel = [y["tg"] / x[0] for x, y in zip(v, res[t])]
+            print("| %s | %s | %s | %s | %s |"
+                  % (t.upper(), "rows interleaved by 8" if interleaved.get(t) else "rows",
+                     cell(tps, "%.1f"), cell(rel, "%.2fx"),
+                     cell([100 * x[1] for x in v], "%.0f%%")))
     print()
     for what, value, ok in verdicts:
         print("- %s: %.2f, %s" % (what, value, "met" if ok else "NOT met"))
@@ -304,6 +338,9 @@ def main():
                        "llama_bin": a.llama_bin, "rounds": res,
                        "q8_orders": {o: [{"tok_s": x[0], "share_paired": x[1]} for x in v]
                                      for o, v in by_order.items()},
+                       "rows_layout": {t: [{"tok_s": x[0], "share_paired": x[1]} for x in v]
+                                       for t, v in by_layout.items()},
+                       "weights_interleaved": interleaved,
                        "depth": {t: {"tok_s": v[0], "attention_share": v[1],
                                      "llama_tok_s": v[2]} for t, v in deep.items()},
                        "targets": [{"target": w, "value": v, "met": ok}
