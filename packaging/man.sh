@@ -59,8 +59,9 @@ ignored with a warning.
 .TP
 .B CACHETTE_Q8_DECODE
 rows or step: the order in which the AVX2 level's Q8_0 decode tile reads its 8 rows (one after
-another, or block by block in step; the same bits). The default is step, the faster on every
-processor measured. Another value is ignored with a warning.
+another, or block by block in step; the same bits) where they are in the file's layout (rows
+interleaved by 8, see CACHETTE_WEIGHT_LAYOUT, are read in step). The default is step, the
+faster on every processor measured. Another value is ignored with a warning.
 .TP
 .B CACHETTE_WEIGHT_LAYOUT
 rows or interleaved: how Q8_0 and Q4_0 weights read into memory of their own (huge-pages) are
