@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "core/check.h"
+#include "core/file_io.h"
 
 namespace cachette::bench_client {
 
@@ -609,21 +610,6 @@ void Configure(httplib::Client& cli, double timeout_s) {
   cli.set_keep_alive(false);
 }
 
-// Closes a file descriptor when it leaves scope.
-class Socket {
- public:
-  explicit Socket(int fd) : fd_(fd) {}
-  ~Socket() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Socket(const Socket&) = delete;
-  Socket& operator=(const Socket&) = delete;
-  int fd() const { return fd_; }
-
- private:
-  int fd_;
-};
-
 Result<int> Connect(const ServerUrl& url, double timeout_s) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -661,10 +647,10 @@ SoakOutcome SendRaw(const ServerUrl& url, const std::string& raw, bool abandon, 
     out.detail = fd.status().message();
     return out;
   }
-  Socket sock(*fd);
+  Fd sock(*fd);  // closed on every way out
   size_t sent = 0;
   while (sent < raw.size()) {
-    const ssize_t n = ::send(sock.fd(), raw.data() + sent, raw.size() - sent, MSG_NOSIGNAL);
+    const ssize_t n = ::send(sock.get(), raw.data() + sent, raw.size() - sent, MSG_NOSIGNAL);
     if (n <= 0) break;  // the server may answer (413, 400) and close before reading it all
     sent += static_cast<size_t>(n);
   }
@@ -675,7 +661,7 @@ SoakOutcome SendRaw(const ServerUrl& url, const std::string& raw, bool abandon, 
   std::string got;
   char buf[16384];
   for (;;) {
-    const ssize_t n = ::recv(sock.fd(), buf, sizeof buf, 0);
+    const ssize_t n = ::recv(sock.get(), buf, sizeof buf, 0);
     if (n <= 0) {
       if (n < 0 && got.empty()) out.detail = "read failed or timed out";
       break;
